@@ -1,0 +1,39 @@
+# The two commands: `make run` (build, embedded PostgreSQL, server) and
+# `make test` (everything the tests need, then the whole suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+EXT    := anbao/_fastpath$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test install build memcached bench clean
+
+run: build
+	$(BIN)/anbao serve $(ARGS)
+
+test: build memcached
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py client/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "Cython>=3.0" "setuptools>=68" wheel
+	$(BIN)/pip install --quiet -e ./client -e '.[test,bench]'
+	touch $@
+
+build: install $(EXT)
+
+$(EXT): anbao/_fastpath.pyx setup.py $(VENV)/.installed
+	$(BIN)/python setup.py --quiet build_ext --inplace
+
+# Debian's memcached, for the admission layer and its tests.
+memcached:
+	@command -v memcached >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq memcached; }
+
+bench: build
+	$(BIN)/python -m bench $(ARGS)
+
+clean:
+	rm -rf build $(VENV) anbao/_fastpath.c anbao/*.so .pytest_cache

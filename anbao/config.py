@@ -1,0 +1,58 @@
+"""Every limit the server enforces, in one place, with units in the names."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_frame_bytes: int = 65536
+    max_connections: int = 10_000
+    max_inflight_per_connection: int = 1024   # reading pauses past this: TCP pushes back
+    hello_timeout_ms: int = 10_000
+    idle_timeout_ms: int = 300_000
+    max_total_cents: int = 100_000_000          # 1,000,000.00 per packet
+    max_share_count: int = 10_000
+    min_share_cents: int = 1
+    max_deposit_cents: int = 1_000_000_000_000
+    max_members: int = 8000                     # a member list must fit in one frame
+    default_expiry_s: int = 86_400
+    min_expiry_s: int = 1
+    max_expiry_s: int = 7 * 86_400
+    # Group commit: a batch goes as soon as the previous one has committed,
+    # carrying at most batch_max_grabs; grabs beyond max_queued_grabs get BUSY.
+    batch_max_grabs: int = 4096
+    max_queued_grabs: int = 65_536
+    max_packets_in_memory: int = 500_000
+    max_known_users_cached: int = 2_000_000
+    db_pool_size: int = 8
+    commit_resolve_timeout_ms: int = 60_000
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            assert getattr(self, f.name) > 0, f"{f.name} must be positive"
+        assert 64 <= self.max_frame_bytes <= 16 * 1024 * 1024
+        assert self.min_expiry_s <= self.default_expiry_s <= self.max_expiry_s
+        assert self.max_members * 8 + 128 <= self.max_frame_bytes
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 7878
+    data_dir: Path = Path(".anbao")
+    dsn: str | None = None          # external PostgreSQL; None starts the embedded one
+    set_id: int = 0                 # which set (worker group + database) this node serves
+    worker_id: int = 0
+    worker_count: int = 1
+    tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    limits: Limits = Limits()
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.set_id < 2**15
+        assert 0 <= self.worker_id < self.worker_count <= 1024
+        assert 0 <= self.port < 65536

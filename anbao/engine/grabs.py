@@ -1,0 +1,281 @@
+"""The owner's grab path: in-memory packet states, a FIFO per packet, and
+group commit.
+
+Every grab for a packet this worker owns passes through on_grab() on the
+event loop thread. PacketState.take() decides it synchronously, in arrival
+order (that is the packet's queue; it needs no lock), and an accepted share
+joins the open batch. One batch is in flight at a time: while it commits,
+the next one fills. A grab is answered only after the batch that carries it
+has committed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from .. import _fastpath as fp
+from ..storage.ledger import GrabCommitter, Ledger, now_ms
+
+log = logging.getLogger("anbao.grabs")
+
+_ERROR_TEXT = {
+    fp.SOLD_OUT: "every share has been taken",
+    fp.EXPIRED: "the packet has expired",
+    fp.NOT_ELIGIBLE: "this user may not open this packet",
+}
+
+
+class Replier:
+    """What the engine needs of a connection: somewhere to put an answer."""
+
+    def answer(self, frame: bytes) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class Batch:
+    packets: list = field(default_factory=list)
+    seqs: list = field(default_factory=list)
+    users: list = field(default_factory=list)
+    amounts: list = field(default_factory=list)
+    replies: list = field(default_factory=list)     # (replier, request_id, state) per grab
+    followers: list = field(default_factory=list)   # (replier, request_id, state, user_id): retries of a pending grab
+
+    def __len__(self) -> int:
+        return len(self.packets)
+
+    def drop_packets(self, packet_ids: set[int]) -> list:
+        """Removes the entries of these packets; returns their repliers."""
+        keep = [i for i, p in enumerate(self.packets) if p not in packet_ids]
+        dropped = [r for i, r in enumerate(self.replies) if self.packets[i] in packet_ids]
+        dropped += [f[:3] for f in self.followers if f[2].packet_id in packet_ids]
+        for name in ("packets", "seqs", "users", "amounts", "replies"):
+            col = getattr(self, name)
+            setattr(self, name, [col[i] for i in keep])
+        self.followers = [f for f in self.followers if f[2].packet_id not in packet_ids]
+        return dropped
+
+
+class GrabEngine:
+    def __init__(self, ledger: Ledger, committer: GrabCommitter, worker_id: int, *,
+                 batch_max_grabs: int, max_queued_grabs: int, max_packets_in_memory: int,
+                 max_known_users: int):
+        assert 0 < batch_max_grabs <= max_queued_grabs
+        self.ledger = ledger
+        self.committer = committer
+        self.worker_id = worker_id
+        self.batch_max_grabs = batch_max_grabs
+        self.max_queued_grabs = max_queued_grabs
+        self.max_packets_in_memory = max_packets_in_memory
+        self.max_known_users = max_known_users
+        self.rng = fp.Rng()
+        self.states: dict[int, fp.PacketState] = {}
+        self._loading: dict[int, list] = {}          # packet id -> grabs waiting for its load, in order
+        self._known_users: set[int] = set()
+        self._user_checks: dict[int, list] = {}      # user id -> grabs waiting for the check
+        self._user_check_scheduled = False
+        self._open = Batch()
+        self._queued: list[Batch] = []               # full batches waiting behind the open one
+        self._in_flight: Batch | None = None
+        self._queued_grabs = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._flush_task: asyncio.Task | None = None
+        self.commits = 0
+        self.committed_grabs = 0
+        self.failed_batches = 0
+
+    # ------------------------------------------------------------ entry
+
+    def on_grab(self, replier: Replier, rid: int, packet_id: int, user_id: int) -> None:
+        state = self.states.get(packet_id)
+        if state is None:
+            waiting = self._loading.get(packet_id)
+            if waiting is None:
+                self._loading[packet_id] = [(replier, rid, user_id)]
+                asyncio.get_running_loop().create_task(self._load(packet_id))
+            else:
+                waiting.append((replier, rid, user_id))
+            return
+        if (state.open_audience and user_id not in self._known_users and not state.sold_out
+                and state.claim_of(user_id) is None):
+            self._check_user(replier, rid, packet_id, user_id)
+            return
+        self._decide(state, replier, rid, user_id)
+
+    def _decide(self, state: fp.PacketState, replier: Replier, rid: int, user_id: int) -> None:
+        if self._queued_grabs >= self.max_queued_grabs:
+            replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.BUSY, self.worker_id, "grab queue full"))
+            return
+        status = state.take(user_id, now_ms(), self.rng)
+        if status == fp.OK:
+            b = self._open
+            b.packets.append(state.packet_id)
+            b.seqs.append(state.last_seq)
+            b.users.append(user_id)
+            b.amounts.append(state.last_amount_cents)
+            b.replies.append((replier, rid, state))
+            self._queued_grabs += 1
+            if len(b) >= self.batch_max_grabs:
+                self._queued.append(b)
+                self._open = Batch()
+            self._kick()
+        elif status == fp.ALREADY_CLAIMED:
+            if state.is_pending(state.last_seq):
+                # The first grab is not durable yet: this retry is answered
+                # with it, after the batch that carries it commits.
+                self._open.followers.append((replier, rid, state, user_id))
+                self._kick()
+            else:
+                replier.answer(fp.encode_grab(rid, fp.ALREADY_CLAIMED, self.worker_id, state.last_amount_cents,
+                                              state.last_seq, state.remaining_count))
+        else:
+            replier.answer(fp.encode_error(fp.OP_GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
+
+    # ------------------------------------------------------------ loading
+
+    async def _load(self, packet_id: int) -> None:
+        try:
+            state = await self.ledger.load_packet(packet_id)
+        except Exception as exc:  # the database is the truth; without it, nobody is served
+            log.warning("loading packet %d failed: %r", packet_id, exc)
+            for replier, rid, _ in self._loading.pop(packet_id, []):
+                replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.worker_id,
+                                               "packet state unavailable; retry"))
+            return
+        waiting = self._loading.pop(packet_id, [])
+        if state is None:
+            for replier, rid, _ in waiting:
+                replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.NOT_FOUND, self.worker_id,
+                                               f"unknown packet {packet_id}"))
+            return
+        self.adopt(state)
+        for replier, rid, user_id in waiting:
+            self.on_grab(replier, rid, packet_id, user_id)
+
+    def adopt(self, state: fp.PacketState) -> None:
+        """Takes ownership of a packet's state (new from SEND, or loaded)."""
+        assert state.packet_id not in self.states
+        if len(self.states) >= self.max_packets_in_memory:
+            self._evict_settled()
+        self.states[state.packet_id] = state
+
+    def _evict_settled(self) -> None:
+        # Only states with nothing pending may go: a pending share lives
+        # nowhere else until its batch commits.
+        settled = [pid for pid, s in self.states.items() if s.committed_count == s.taken_count]
+        for pid in settled[: max(1, len(self.states) // 4)]:
+            del self.states[pid]
+
+    # ------------------------------------------------------------ user checks
+
+    def _check_user(self, replier: Replier, rid: int, packet_id: int, user_id: int) -> None:
+        # An unregistered grabber would make the whole batch fail its join;
+        # check once per user per worker, many users in one query.
+        self._user_checks.setdefault(user_id, []).append((replier, rid, packet_id))
+        if not self._user_check_scheduled:
+            self._user_check_scheduled = True
+            asyncio.get_running_loop().create_task(self._run_user_checks())
+
+    async def _run_user_checks(self) -> None:
+        await asyncio.sleep(0)
+        pending, self._user_checks = self._user_checks, {}
+        self._user_check_scheduled = False
+        try:
+            known = await self.ledger.known_users(list(pending))
+        except Exception as exc:
+            log.warning("user check failed: %r", exc)
+            for waits in pending.values():
+                for replier, rid, _ in waits:
+                    replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.worker_id, "retry"))
+            return
+        if len(self._known_users) + len(known) > self.max_known_users:
+            self._known_users.clear()
+        self._known_users |= known
+        for user_id, waits in pending.items():
+            for replier, rid, packet_id in waits:
+                if user_id in known:
+                    self.on_grab(replier, rid, packet_id, user_id)
+                else:
+                    replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNKNOWN_USER, self.worker_id,
+                                                   f"unknown user {user_id}"))
+
+    def note_known_users(self, user_ids) -> None:
+        if len(self._known_users) < self.max_known_users:
+            self._known_users.update(user_ids)
+
+    # ------------------------------------------------------------ group commit
+
+    def _kick(self) -> None:
+        if self._flush_task is None:
+            self._idle.clear()
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    def _take_next(self) -> Batch | None:
+        if self._queued:
+            return self._queued.pop(0)
+        if len(self._open) or self._open.followers:
+            b, self._open = self._open, Batch()
+            return b
+        return None
+
+    async def _flush_loop(self) -> None:
+        try:
+            # One turn of the loop lets the grabs already read off sockets
+            # join the first batch.
+            await asyncio.sleep(0)
+            while (batch := self._take_next()) is not None:
+                self._in_flight = batch
+                await self._commit(batch)
+                self._in_flight = None
+        finally:
+            self._flush_task = None
+            self._idle.set()
+
+    async def _commit(self, batch: Batch) -> None:
+        ok = True
+        if len(batch):
+            try:
+                batch_id = await self.committer.next_batch_id()
+                ok = await self.committer.commit(batch_id, batch.packets, batch.seqs, batch.users, batch.amounts)
+            except Exception as exc:
+                log.error("batch of %d grabs failed: %r", len(batch), exc)
+                ok = False
+        self._queued_grabs -= len(batch)
+        assert self._queued_grabs >= 0
+        wid = self.worker_id
+        if ok:
+            self.commits += 1
+            self.committed_grabs += len(batch)
+            for (replier, rid, state), seq, amount in zip(batch.replies, batch.seqs, batch.amounts):
+                state.mark_committed(seq)
+                replier.answer(fp.encode_grab(rid, fp.OK, wid, amount, seq, state.count - seq))
+            for replier, rid, state, user_id in batch.followers:
+                amount, seq = state.claim_of(user_id)
+                replier.answer(fp.encode_grab(rid, fp.ALREADY_CLAIMED, wid, amount, seq, state.count - seq))
+            return
+        # Memory ran ahead of the database for these packets: forget them, so
+        # the next grab reloads the truth, and fail what was built on them.
+        self.failed_batches += 1
+        touched = set(batch.packets) | {f[2].packet_id for f in batch.followers}
+        failed = [r for r in batch.replies] + [f[:3] for f in batch.followers]
+        for later in [self._open, *self._queued]:
+            n_before = len(later)
+            failed += later.drop_packets(touched)
+            self._queued_grabs -= n_before - len(later)
+        for pid in touched:
+            self.states.pop(pid, None)
+        for replier, rid, _ in failed:
+            replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, wid,
+                                           "commit failed; nothing was taken, retry"))
+
+    async def drain(self) -> None:
+        """Waits until every accepted grab is committed and answered."""
+        while self._flush_task is not None or len(self._open) or self._queued:
+            self._kick()
+            await self._idle.wait()
+
+    @property
+    def queued_grabs(self) -> int:
+        return self._queued_grabs

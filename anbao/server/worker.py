@@ -1,0 +1,226 @@
+"""One worker process: a listening socket, its connections, the grab engine
+for the packets it owns, and the handlers for everything off the hot path."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+
+import asyncpg
+
+from .. import _fastpath as fp
+from ..auth import SCOPE_ADMIN, TokenBook
+from ..config import Limits, Settings
+from ..engine.grabs import GrabEngine
+from ..storage.ledger import GrabCommitter, Ledger, Refused, now_ms
+from ..storage.migrate import migrate
+from .connection import Connection
+
+log = logging.getLogger("anbao.worker")
+
+IDLE_SWEEP_S = 1.0
+
+
+class Worker:
+    def __init__(self, settings: Settings, dsn: str, tokens: TokenBook):
+        self.settings = settings
+        self.limits: Limits = settings.limits
+        self.worker_id = settings.worker_id
+        self.worker_count = settings.worker_count
+        self.dsn = dsn
+        self.tokens = tokens
+        self.connections: set[Connection] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.ledger: Ledger | None = None
+        self.engine: GrabEngine | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        lim = self.limits
+        await migrate(self.dsn)
+        self.ledger = await Ledger.open(self.dsn, self.settings.set_id, lim.db_pool_size)
+        committer = GrabCommitter(self.dsn, lim.commit_resolve_timeout_ms)
+        self.engine = GrabEngine(self.ledger, committer, self.worker_id,
+                                 batch_max_grabs=lim.batch_max_grabs, max_queued_grabs=lim.max_queued_grabs,
+                                 max_packets_in_memory=lim.max_packets_in_memory,
+                                 max_known_users=lim.max_known_users_cached)
+        tls = None
+        if self.settings.tls_cert:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        self._server = await self.loop.create_server(
+            lambda: Connection(self), self.settings.host, self.settings.port,
+            reuse_port=True, backlog=4096, ssl=tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = self.loop.create_task(self._sweep_idle())
+        log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Stops accepting, commits and answers every accepted grab, then closes."""
+        if self._server is not None:
+            self._server.close()
+        if self.engine is not None:
+            try:
+                await asyncio.wait_for(self.engine.drain(), drain_timeout_s)
+            except asyncio.TimeoutError:
+                log.error("drain timed out with %d grabs queued", self.engine.queued_grabs)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=drain_timeout_s)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for c in list(self.connections):
+            c.close()
+        if self.engine is not None:
+            await self.engine.committer.close()
+        if self.ledger is not None:
+            await self.ledger.close()
+
+    async def _sweep_idle(self) -> None:
+        lim = self.limits
+        while True:
+            await asyncio.sleep(IDLE_SWEEP_S)
+            now = self.loop.time()
+            for c in list(self.connections):
+                if c.inflight:
+                    continue
+                if c.scope is None and now - c.opened_at > lim.hello_timeout_ms / 1000:
+                    c.close()
+                elif now - c.last_seen > lim.idle_timeout_ms / 1000:
+                    c.close()
+
+    # ------------------------------------------------------------ dispatch
+
+    def dispatch(self, conn: Connection, opcode: int, rid: int, args: tuple) -> None:
+        handler = self._handlers.get(opcode)
+        if handler is None:
+            if opcode == fp.OP_HELLO:
+                conn.answer(fp.encode_error(opcode, rid, fp.INVALID, self.worker_id, "already authenticated"))
+                return
+            conn.answer(fp.encode_error(opcode, rid, fp.UNKNOWN_OPCODE, self.worker_id, f"opcode 0x{opcode:02x}"))
+            return
+        needs_admin = opcode in self._admin_ops
+        if needs_admin and conn.scope != SCOPE_ADMIN:
+            conn.answer(fp.encode_error(opcode, rid, fp.FORBIDDEN, self.worker_id, "needs the admin scope"))
+            return
+        task = self.loop.create_task(self._run(handler, conn, opcode, rid, args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, handler, conn: Connection, opcode: int, rid: int, args: tuple) -> None:
+        wid = self.worker_id
+        try:
+            frame = await handler(self, rid, *args)
+        except Refused as exc:
+            frame = fp.encode_error(opcode, rid, exc.status, wid, str(exc))
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("opcode 0x%02x: database unavailable: %r", opcode, exc)
+            frame = fp.encode_error(opcode, rid, fp.UNAVAILABLE, wid, "database unavailable; retry")
+        except Exception:
+            log.exception("opcode 0x%02x failed", opcode)
+            frame = fp.encode_error(opcode, rid, fp.INTERNAL, wid, "internal error")
+        conn.answer(frame)
+
+    def _reply_stored(self, opcode: int, rid: int, answer) -> bytes:
+        if answer.status == fp.OK:
+            return fp.encode_raw(opcode, rid, fp.OK, self.worker_id, answer.body)
+        return fp.encode_error(opcode, rid, answer.status, self.worker_id, answer.body.decode("utf-8", "replace"))
+
+    # ------------------------------------------------------------ handlers
+
+    async def _register(self, rid: int, user_ids: list) -> bytes:
+        created = await self.ledger.register(user_ids)
+        self.engine.note_known_users(user_ids)
+        return fp.encode_ok(fp.OP_REGISTER, rid, self.worker_id, "H", (created,))
+
+    async def _deposit(self, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
+        if amount_cents > self.limits.max_deposit_cents:
+            raise Refused(fp.INVALID, f"amount_cents above the limit {self.limits.max_deposit_cents}")
+
+        async def body(conn) -> bytes:
+            balance, tid = await Ledger.deposit(conn, user_id, amount_cents)
+            return fp.encode_ok(fp.OP_DEPOSIT, 0, 0, "qQ", (balance, tid))[fp.RESPONSE_HEADER_BYTES:]
+
+        answer = await self.ledger.idempotent(key, fp.OP_DEPOSIT, (user_id, amount_cents), body)
+        return self._reply_stored(fp.OP_DEPOSIT, rid, answer)
+
+    async def _balance(self, rid: int, user_id: int) -> bytes:
+        return fp.encode_ok(fp.OP_BALANCE, rid, self.worker_id, "q", (await self.ledger.balance(user_id),))
+
+    def _validate_send(self, sender: int, total: int, count: int, mode: int, expiry_s: int,
+                       audience: int, members: list) -> int:
+        lim = self.limits
+        if mode not in (fp.MODE_RANDOM, fp.MODE_FIXED):
+            raise Refused(fp.INVALID, "mode must be 1 (random) or 2 (fixed)")
+        if not 1 <= count <= lim.max_share_count:
+            raise Refused(fp.INVALID, f"count must be 1..{lim.max_share_count}")
+        if total > lim.max_total_cents:
+            raise Refused(fp.INVALID, f"total_cents above the limit {lim.max_total_cents}")
+        if total < count * lim.min_share_cents:
+            raise Refused(fp.INVALID, f"total_cents below count x {lim.min_share_cents} cent minimum share")
+        expiry_s = expiry_s or lim.default_expiry_s
+        if not lim.min_expiry_s <= expiry_s <= lim.max_expiry_s:
+            raise Refused(fp.INVALID, f"expiry must be {lim.min_expiry_s}..{lim.max_expiry_s} s")
+        if audience == fp.AUDIENCE_OPEN:
+            if members:
+                raise Refused(fp.INVALID, "an open packet takes no member list")
+        elif audience == fp.AUDIENCE_DIRECT:
+            if len(members) != 1 or count != 1:
+                raise Refused(fp.INVALID, "a packet to one person names one user and has one share")
+        elif audience == fp.AUDIENCE_MEMBERS:
+            if not 1 <= len(members) <= lim.max_members:
+                raise Refused(fp.INVALID, f"member list must hold 1..{lim.max_members} users")
+            if len(set(members)) != len(members):
+                raise Refused(fp.INVALID, "member list repeats a user")
+            if count > len(members):
+                raise Refused(fp.INVALID, "more shares than members: the packet could never sell out")
+        else:
+            raise Refused(fp.INVALID, "audience must be 0 (open), 1 (direct) or 2 (members)")
+        if sender in members:
+            raise Refused(fp.INVALID, "a sender cannot open their own packet")
+        return expiry_s
+
+    async def _send(self, rid: int, key: bytes, sender: int, total: int, count: int, mode: int, expiry_s: int,
+                    audience: int, members: list, greeting: str) -> bytes:
+        expiry_s = self._validate_send(sender, total, count, mode, expiry_s, audience, members)
+        min_share = self.limits.min_share_cents
+        adopted = []
+
+        async def body(conn) -> bytes:
+            expires_at_ms = now_ms() + expiry_s * 1000
+            packet_id, balance = await self.ledger.send(conn, sender, total, count, mode, min_share,
+                                                        expires_at_ms, audience, members, greeting)
+            adopted.append(fp.PacketState(packet_id, sender, total, count, mode, min_share, expires_at_ms,
+                                          members if audience != fp.AUDIENCE_OPEN else None))
+            return fp.encode_ok(fp.OP_SEND, 0, 0, "Qqq", (packet_id, balance, expires_at_ms))[fp.RESPONSE_HEADER_BYTES:]
+
+        fields = (sender, total, count, mode, expiry_s, audience, tuple(members), greeting)
+        answer = await self.ledger.idempotent(key, fp.OP_SEND, fields, body)
+        if adopted and not answer.replayed:
+            state = adopted[0]
+            # A grab that guessed the id may already have loaded it from the database.
+            if state.packet_id not in self.engine.states:
+                self.engine.adopt(state)
+        return self._reply_stored(fp.OP_SEND, rid, answer)
+
+    async def _packet(self, rid: int, packet_id: int, offset: int, limit: int) -> bytes:
+        if not 0 < limit <= fp.MAX_CLAIMS_PAGE:
+            raise Refused(fp.INVALID, f"claims_limit must be 1..{fp.MAX_CLAIMS_PAGE}")
+        info = await self.ledger.packet_info(packet_id, offset, limit)
+        if info is None:
+            raise Refused(fp.NOT_FOUND, f"unknown packet {packet_id}")
+        head, greeting, claims = info
+        return fp.encode_packet(rid, self.worker_id, head, greeting, claims)
+
+    _handlers = {
+        fp.OP_REGISTER: _register,
+        fp.OP_DEPOSIT: _deposit,
+        fp.OP_BALANCE: _balance,
+        fp.OP_SEND: _send,
+        fp.OP_PACKET: _packet,
+    }
+    _admin_ops = frozenset({fp.OP_DEPOSIT})
+

@@ -1,0 +1,113 @@
+"""The audit: recomputes every money invariant of DESIGN.md from the tables.
+
+Each check is one query that returns the rows that break it, so a clean
+ledger returns nothing and a broken one names what is wrong.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+
+CHECKS: list[tuple[str, str]] = [
+    ("balance equals the sum of its transfers",
+     """SELECT a.account_id, a.kind, a.owner_id, a.balance_cents,
+               COALESCE(c.s, 0) - COALESCE(d.s, 0) AS from_transfers
+        FROM accounts a
+        LEFT JOIN (SELECT credit_account AS id, sum(amount_cents) AS s FROM transfers GROUP BY 1) c
+               ON c.id = a.account_id
+        LEFT JOIN (SELECT debit_account AS id, sum(amount_cents) AS s FROM transfers GROUP BY 1) d
+               ON d.id = a.account_id
+        WHERE a.balance_cents <> COALESCE(c.s, 0) - COALESCE(d.s, 0)"""),
+    ("no wallet or escrow below zero",
+     "SELECT account_id, kind, owner_id, balance_cents FROM accounts WHERE kind <> 0 AND balance_cents < 0"),
+    ("all balances sum to deposits minus withdrawals",
+     """SELECT inside, deposits - withdrawals AS expected FROM (
+          SELECT (SELECT COALESCE(sum(balance_cents), 0) FROM accounts WHERE kind <> 0) AS inside,
+                 (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = 1) AS deposits,
+                 (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = 2) AS withdrawals) t
+        WHERE inside <> deposits - withdrawals
+           OR (SELECT sum(balance_cents) FROM accounts) <> 0"""),
+    ("packet counters equal its claims, never above its count",
+     """SELECT p.packet_id, p.share_count, p.claimed_count, p.claimed_cents, c.n, c.s, c.max_seq
+        FROM packets p
+        LEFT JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s, max(seq) AS max_seq
+                   FROM claims GROUP BY 1) c ON c.packet_id = p.packet_id
+        WHERE p.claimed_count <> COALESCE(c.n, 0) OR p.claimed_cents <> COALESCE(c.s, 0)
+           OR COALESCE(c.n, 0) > p.share_count OR COALESCE(c.max_seq, 0) <> COALESCE(c.n, 0)"""),
+    ("escrow holds exactly total - claimed - refunded",
+     """SELECT p.packet_id, p.total_cents, p.claimed_cents, p.refunded_cents, a.balance_cents
+        FROM packets p JOIN accounts a ON a.account_id = p.escrow_account_id
+        WHERE a.balance_cents <> p.total_cents - p.claimed_cents - p.refunded_cents"""),
+    ("a sold-out packet gave out its whole total; a refunded one claimed + refunded = total",
+     """SELECT packet_id, status, total_cents, claimed_cents, refunded_cents FROM packets
+        WHERE (claimed_count = share_count AND claimed_cents + refunded_cents <> total_cents)
+           OR (status = 3 AND claimed_cents + refunded_cents <> total_cents)
+           OR (status = 1 AND claimed_count <> share_count)"""),
+    ("every share at least the minimum, and the sender funded the escrow exactly once",
+     """SELECT p.packet_id, 'share below minimum' AS what FROM packets p JOIN claims c USING (packet_id)
+        WHERE c.amount_cents < p.min_share_cents
+        UNION ALL
+        SELECT p.packet_id, 'send transfers: ' || COALESCE(t.n, 0) FROM packets p
+        LEFT JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 3
+                   GROUP BY 1) t ON t.packet_id = p.packet_id
+        WHERE COALESCE(t.n, 0) <> 1 OR t.s <> p.total_cents"""),
+    ("grab transfers match the claims one for one",
+     """SELECT c.packet_id, c.n, c.s, t.n AS transfers, t.s AS transferred FROM
+          (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM claims GROUP BY 1) c
+        FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 4
+                   GROUP BY 1) t ON t.packet_id = c.packet_id
+        WHERE c.n IS DISTINCT FROM t.n OR c.s IS DISTINCT FROM t.s"""),
+    ("no user claims a packet twice",
+     "SELECT packet_id, user_id, count(*) FROM claims GROUP BY 1, 2 HAVING count(*) > 1"),
+    ("only eligible users claimed",
+     """SELECT c.packet_id, c.user_id FROM claims c JOIN packets p USING (packet_id)
+        WHERE (p.audience <> 0 AND NOT EXISTS (SELECT 1 FROM packet_members m
+                                               WHERE m.packet_id = c.packet_id AND m.user_id = c.user_id))
+           OR c.user_id = p.sender_id"""),
+]
+
+
+@dataclass
+class AuditReport:
+    counts: dict = field(default_factory=dict)
+    violations: dict = field(default_factory=dict)   # check name -> offending rows (first 20)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def text(self) -> str:
+        lines = ["anbao audit: " + ("OK" if self.ok else f"{len(self.violations)} invariant(s) VIOLATED")]
+        lines += [f"  {k:>22}: {v}" for k, v in self.counts.items()]
+        for name, _ in CHECKS:
+            mark = "FAIL" if name in self.violations else "ok"
+            lines.append(f"  [{mark:>4}] {name}")
+            for row in self.violations.get(name, []):
+                lines.append(f"         {row}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "counts": self.counts, "violations": self.violations}
+
+
+async def audit(dsn: str) -> AuditReport:
+    conn = await asyncpg.connect(dsn)
+    try:
+        report = AuditReport()
+        # One snapshot for every check, so a live server cannot make two
+        # checks disagree with each other.
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            for name, sql in [("accounts", "SELECT count(*) FROM accounts WHERE kind = 1"),
+                              ("packets", "SELECT count(*) FROM packets"),
+                              ("claims", "SELECT count(*) FROM claims"),
+                              ("transfers", "SELECT count(*) FROM transfers"),
+                              ("deposited_cents", "SELECT COALESCE(sum(amount_cents), 0)::bigint FROM transfers WHERE kind = 1")]:
+                report.counts[name] = await conn.fetchval(sql)
+            for name, sql in CHECKS:
+                rows = await conn.fetch(sql + " LIMIT 20")
+                if rows:
+                    report.violations[name] = [dict(r) for r in rows]
+        return report
+    finally:
+        await conn.close()

@@ -1,0 +1,182 @@
+"""The asyncio client: one TCP connection, many requests in flight on it.
+
+Answers may arrive in any order; each is matched to its request by id.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl as ssl_module
+import struct
+
+from . import wire
+from .errors import AlreadyClaimed, ConnectionLost, RequestTimeout, error_for
+from .wire import Op, Status
+
+DEFAULT_TIMEOUT_MS = 10_000
+MAX_INFLIGHT_DEFAULT = 4096
+
+
+def new_idempotency_key() -> bytes:
+    return os.urandom(wire.IDEMPOTENCY_KEY_BYTES)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: "Client"):
+        self._client = client
+        self._frames = wire.FrameBuffer()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            responses = self._frames.feed(data)
+        except ValueError as exc:
+            self._client._fail_all(ConnectionLost(str(exc)))
+            self._client._transport.close()
+            return
+        for r in responses:
+            self._client._deliver(r)
+
+    def connection_lost(self, exc) -> None:
+        self._client._fail_all(ConnectionLost(str(exc) if exc else "connection closed by server"))
+
+
+class Client:
+    """Use `await Client.connect(host, port, token)`; close with `await c.close()`."""
+
+    def __init__(self, timeout_ms: int, max_inflight: int):
+        assert timeout_ms > 0 and max_inflight > 0
+        self.timeout_ms = timeout_ms
+        self._pending: dict[int, asyncio.Future] = {}
+        self._next_id = 1
+        self._transport: asyncio.Transport | None = None
+        self._closed_error: Exception | None = None
+        self._slots = asyncio.Semaphore(max_inflight)
+        self.hello: wire.Hello | None = None
+
+    @classmethod
+    async def connect(cls, host: str, port: int, token: str | bytes, *,
+                      timeout_ms: int = DEFAULT_TIMEOUT_MS, max_inflight: int = MAX_INFLIGHT_DEFAULT,
+                      ssl: ssl_module.SSLContext | None = None, local_port: int | None = None) -> "Client":
+        self = cls(timeout_ms, max_inflight)
+        loop = asyncio.get_running_loop()
+        local_addr = (host, local_port) if local_port else None
+        self._transport, _ = await asyncio.wait_for(
+            loop.create_connection(lambda: _Protocol(self), host, port, ssl=ssl, local_addr=local_addr),
+            timeout_ms / 1000)
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        token_bytes = token.encode() if isinstance(token, str) else token
+        r = await self._call(lambda rid: wire.hello(rid, token_bytes))
+        self.hello = wire.decode_hello(r.body)
+        return self
+
+    async def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        await asyncio.sleep(0)
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _take_id(self) -> int:
+        rid = self._next_id
+        while rid in self._pending:
+            rid = rid % 0xFFFFFFFF + 1
+        self._next_id = rid % 0xFFFFFFFF + 1
+        return rid
+
+    async def _call(self, build, *, ok=(Status.OK,)) -> wire.Response:
+        """Sends one request and waits for its answer; statuses outside `ok`
+        raise their typed error."""
+        if self._closed_error is not None:
+            raise self._closed_error
+        if self._transport is None:
+            raise ConnectionLost("client is closed")
+        async with self._slots:
+            rid = self._take_id()
+            fut = asyncio.get_running_loop().create_future()
+            self._pending[rid] = fut
+            self._transport.write(build(rid))
+            try:
+                r = await asyncio.wait_for(fut, self.timeout_ms / 1000)
+            except asyncio.TimeoutError:
+                raise RequestTimeout(f"no answer in {self.timeout_ms} ms (request {rid})") from None
+            finally:
+                self._pending.pop(rid, None)
+        if r.status not in ok:
+            raise error_for(r.status, wire.error_message(r.body), r.worker_id)
+        return r
+
+    def _deliver(self, r: wire.Response) -> None:
+        fut = self._pending.pop(r.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(r)
+
+    def _fail_all(self, exc: Exception) -> None:
+        self._closed_error = exc
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    # ------------------------------------------------------------ operations
+
+    async def ping(self) -> int:
+        r = await self._call(wire.ping)
+        return r.worker_id
+
+    async def register(self, user_ids: list[int]) -> int:
+        """Opens wallets for these user ids; returns how many were new."""
+        r = await self._call(lambda rid: wire.register(rid, user_ids))
+        return struct.unpack(">H", r.body)[0]
+
+    async def deposit(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Deposited:
+        key = key or new_idempotency_key()
+        r = await self._call(lambda rid: wire.deposit(rid, key, user_id, amount_cents))
+        return wire.Deposited(*struct.unpack(">qQ", r.body))
+
+    async def balance(self, user_id: int) -> int:
+        r = await self._call(lambda rid: wire.balance(rid, user_id))
+        return struct.unpack(">q", r.body)[0]
+
+    async def send(self, sender_id: int, total_cents: int, count: int, *,
+                   mode: wire.Mode = wire.Mode.RANDOM, members: list[int] | None = None,
+                   to_user: int | None = None, greeting: str = "", expiry_seconds: int = 0,
+                   key: bytes | None = None) -> wire.Sent:
+        """Sends a packet: to one user (to_user), to a member list (members),
+        or, with neither, to any registered user."""
+        key = key or new_idempotency_key()
+        if to_user is not None:
+            assert members is None
+            audience, ids = wire.Audience.DIRECT, [to_user]
+        elif members is not None:
+            audience, ids = wire.Audience.MEMBERS, list(members)
+        else:
+            audience, ids = wire.Audience.OPEN, []
+        r = await self._call(lambda rid: wire.send(rid, key, sender_id, total_cents, count, mode,
+                                                   expiry_seconds, audience, ids, greeting))
+        return wire.Sent(*struct.unpack(">Qqq", r.body))
+
+    async def grab(self, packet_id: int, user_id: int) -> wire.Grabbed:
+        """Takes a share. A retry after an unknown outcome is safe: it raises
+        AlreadyClaimed carrying the first grab's share (`.grabbed`)."""
+        r = await self._call(lambda rid: wire.grab(rid, packet_id, user_id),
+                             ok=(Status.OK, Status.ALREADY_CLAIMED))
+        g = wire.decode_grab(r)
+        if g.already_claimed:
+            err = AlreadyClaimed("user already holds a share of this packet", worker_id=r.worker_id)
+            err.grabbed = g
+            raise err
+        return g
+
+    async def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
+        r = await self._call(lambda rid: wire.packet(rid, packet_id, claims_offset, claims_limit))
+        return wire.decode_packet(r.body)

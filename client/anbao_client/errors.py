@@ -1,0 +1,60 @@
+"""One exception class per status code, so callers can `except SoldOut:`."""
+from __future__ import annotations
+
+from .wire import Status
+
+
+class AnbaoError(Exception):
+    """Base of every error the server answers with a status code."""
+    status: Status = Status.INTERNAL
+    retryable = False
+
+    def __init__(self, message: str = "", *, worker_id: int | None = None):
+        super().__init__(message or self.status.name)
+        self.message = message
+        self.worker_id = worker_id
+
+
+class SoldOut(AnbaoError): status = Status.SOLD_OUT
+class AlreadyClaimed(AnbaoError): status = Status.ALREADY_CLAIMED
+class Expired(AnbaoError): status = Status.EXPIRED
+class NotEligible(AnbaoError): status = Status.NOT_ELIGIBLE
+class InsufficientFunds(AnbaoError): status = Status.INSUFFICIENT_FUNDS
+class Invalid(AnbaoError): status = Status.INVALID
+class Busy(AnbaoError):
+    status = Status.BUSY
+    retryable = True
+class Unavailable(AnbaoError):
+    status = Status.UNAVAILABLE
+    retryable = True
+class Unauthenticated(AnbaoError): status = Status.UNAUTHENTICATED
+class Forbidden(AnbaoError): status = Status.FORBIDDEN
+class NotFound(AnbaoError): status = Status.NOT_FOUND
+class UnknownUser(AnbaoError): status = Status.UNKNOWN_USER
+class IdempotencyConflict(AnbaoError): status = Status.IDEMPOTENCY_CONFLICT
+class UnsupportedVersion(AnbaoError): status = Status.UNSUPPORTED_VERSION
+class UnknownOpcode(AnbaoError): status = Status.UNKNOWN_OPCODE
+class FrameTooLarge(AnbaoError): status = Status.FRAME_TOO_LARGE
+class Internal(AnbaoError): status = Status.INTERNAL
+
+
+class ConnectionLost(Exception):
+    """The connection closed with this request unanswered: its outcome is
+    unknown. Every money-moving call is safe to retry with the same
+    idempotency key (GRAB: the same packet and user)."""
+
+
+class RequestTimeout(Exception):
+    """No answer within the request timeout; the outcome is unknown, as
+    with ConnectionLost, and a retry with the same key is safe."""
+
+
+BY_STATUS: dict[int, type[AnbaoError]] = {
+    cls.status: cls for cls in AnbaoError.__subclasses__()
+}
+BY_STATUS[Status.INTERNAL] = Internal
+
+
+def error_for(status: int, message: str, worker_id: int | None = None) -> AnbaoError:
+    cls = BY_STATUS.get(status, AnbaoError)
+    return cls(message, worker_id=worker_id)

@@ -1,0 +1,262 @@
+"""Pure-Python codec for anbao protocol v1 (see PROTOCOL.md).
+
+The server speaks through its Cython codec (anbao/_fastpath.pyx); this is a
+second, independent implementation so the SDK installs without a compiler.
+The tests hold both to the hex vectors in PROTOCOL.md.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">IBI")            # length, opcode, request id
+RESPONSE_HEADER = struct.Struct(">IBIBH")  # + status, worker id
+RESPONSE_BIT = 0x80
+DEFAULT_MAX_FRAME_BYTES = 65536
+IDEMPOTENCY_KEY_BYTES = 16
+MAX_ID = 2**63 - 1
+
+
+class Op(enum.IntEnum):
+    HELLO = 0x01
+    PING = 0x02
+    REGISTER = 0x10
+    DEPOSIT = 0x11
+    BALANCE = 0x12
+    SEND = 0x20
+    GRAB = 0x21
+    PACKET = 0x22
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    SOLD_OUT = 1
+    ALREADY_CLAIMED = 2
+    EXPIRED = 3
+    NOT_ELIGIBLE = 4
+    INSUFFICIENT_FUNDS = 5
+    INVALID = 6
+    BUSY = 7
+    UNAVAILABLE = 8
+    UNAUTHENTICATED = 9
+    FORBIDDEN = 10
+    NOT_FOUND = 11
+    UNKNOWN_USER = 12
+    IDEMPOTENCY_CONFLICT = 13
+    UNSUPPORTED_VERSION = 14
+    UNKNOWN_OPCODE = 15
+    FRAME_TOO_LARGE = 16
+    INTERNAL = 255
+
+
+class Mode(enum.IntEnum):
+    RANDOM = 1
+    FIXED = 2
+
+
+class Audience(enum.IntEnum):
+    OPEN = 0      # any registered user
+    DIRECT = 1    # one named user, one share
+    MEMBERS = 2   # the member list given at send time
+
+
+class PacketStatus(enum.IntEnum):
+    OPEN = 0
+    SOLD_OUT = 1
+    EXPIRED = 2
+    REFUNDED = 3
+
+
+class Scope(enum.IntEnum):
+    APP = 1
+    ADMIN = 2
+
+
+def frame(opcode: int, request_id: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(5 + len(payload), opcode, request_id) + payload
+
+
+# ---------------------------------------------------------------- requests
+
+def hello(request_id: int, token: bytes, version: int = PROTOCOL_VERSION) -> bytes:
+    return frame(Op.HELLO, request_id, struct.pack(">HH", version, len(token)) + token)
+
+
+def ping(request_id: int) -> bytes:
+    return frame(Op.PING, request_id)
+
+
+def register(request_id: int, user_ids: list[int]) -> bytes:
+    return frame(Op.REGISTER, request_id,
+                 struct.pack(">H", len(user_ids)) + b"".join(struct.pack(">Q", u) for u in user_ids))
+
+
+def deposit(request_id: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
+    assert len(key) == IDEMPOTENCY_KEY_BYTES
+    return frame(Op.DEPOSIT, request_id, key + struct.pack(">Qq", user_id, amount_cents))
+
+
+def balance(request_id: int, user_id: int) -> bytes:
+    return frame(Op.BALANCE, request_id, struct.pack(">Q", user_id))
+
+
+def send(request_id: int, key: bytes, sender_id: int, total_cents: int, count: int,
+         mode: int, expiry_seconds: int, audience: int, members: list[int], greeting: str) -> bytes:
+    assert len(key) == IDEMPOTENCY_KEY_BYTES
+    g = greeting.encode("utf-8")
+    payload = (key + struct.pack(">QqIBIBI", sender_id, total_cents, count, mode, expiry_seconds,
+                                 audience, len(members))
+               + b"".join(struct.pack(">Q", m) for m in members)
+               + struct.pack(">H", len(g)) + g)
+    return frame(Op.SEND, request_id, payload)
+
+
+def grab(request_id: int, packet_id: int, user_id: int) -> bytes:
+    return frame(Op.GRAB, request_id, struct.pack(">QQ", packet_id, user_id))
+
+
+def packet(request_id: int, packet_id: int, claims_offset: int = 0, claims_limit: int = 100) -> bytes:
+    return frame(Op.PACKET, request_id, struct.pack(">QIH", packet_id, claims_offset, claims_limit))
+
+
+# ---------------------------------------------------------------- responses
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    opcode: int
+    request_id: int
+    status: int
+    worker_id: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    scope: Scope
+    worker_count: int
+    max_frame_bytes: int
+    max_inflight: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deposited:
+    balance_cents: int
+    transfer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    packet_id: int
+    sender_balance_cents: int
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Grabbed:
+    amount_cents: int
+    seq: int
+    remaining_count: int
+    worker_id: int
+    already_claimed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    seq: int
+    user_id: int
+    amount_cents: int
+
+
+@dataclass(frozen=True, slots=True)
+class PacketInfo:
+    sender_id: int
+    total_cents: int
+    count: int
+    mode: Mode
+    status: PacketStatus
+    audience: Audience
+    created_at_ms: int
+    expires_at_ms: int
+    claimed_cents: int
+    claimed_count: int
+    refunded_cents: int
+    luckiest_seq: int           # 0 until the packet is sold out
+    greeting: str
+    claims: list[Claim]
+
+    @property
+    def remaining_cents(self) -> int:
+        return self.total_cents - self.claimed_cents - self.refunded_cents
+
+    @property
+    def luckiest(self) -> Claim | None:
+        return next((c for c in self.claims if c.seq == self.luckiest_seq), None)
+
+
+class FrameBuffer:
+    """Splits the server's byte stream into Response frames."""
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES):
+        self._buf = bytearray()
+        self._max = max_frame_bytes
+
+    def feed(self, data: bytes) -> list[Response]:
+        self._buf += data
+        out = []
+        view = memoryview(self._buf)
+        pos = 0
+        try:
+            while len(self._buf) - pos >= 4:
+                (length,) = struct.unpack_from(">I", view, pos)
+                if length < 8 or length + 4 > self._max:
+                    raise ValueError(f"bad response frame length {length}")
+                if len(self._buf) - pos < 4 + length:
+                    break
+                _, opcode, rid, status, worker = RESPONSE_HEADER.unpack_from(view, pos)
+                body = bytes(view[pos + RESPONSE_HEADER.size: pos + 4 + length])
+                out.append(Response(opcode & ~RESPONSE_BIT, rid, status, worker, body))
+                pos += 4 + length
+        finally:
+            view.release()
+        del self._buf[:pos]
+        return out
+
+
+def error_message(body: bytes) -> str:
+    if len(body) < 2:
+        return ""
+    (n,) = struct.unpack_from(">H", body)
+    return body[2:2 + n].decode("utf-8", "replace")
+
+
+def decode_hello(body: bytes) -> Hello:
+    v, scope, workers, max_frame, max_inflight = struct.unpack(">HBHII", body)
+    return Hello(v, Scope(scope), workers, max_frame, max_inflight)
+
+
+def decode_grab(r: Response) -> Grabbed:
+    amount, seq, remaining = struct.unpack(">qII", r.body)
+    return Grabbed(amount, seq, remaining, r.worker_id, r.status == Status.ALREADY_CLAIMED)
+
+
+_PACKET_HEAD = struct.Struct(">QqIBBBqqqIqI")
+
+
+def decode_packet(body: bytes) -> PacketInfo:
+    head = _PACKET_HEAD.unpack_from(body)
+    pos = _PACKET_HEAD.size
+    (glen,) = struct.unpack_from(">H", body, pos)
+    greeting = body[pos + 2: pos + 2 + glen].decode("utf-8")
+    pos += 2 + glen
+    (n,) = struct.unpack_from(">H", body, pos)
+    pos += 2
+    claims = [Claim(*struct.unpack_from(">IQq", body, pos + 20 * i)) for i in range(n)]
+    assert pos + 20 * n == len(body), "PACKET body length mismatch"
+    (sender, total, count, mode, state, audience, created, expires,
+     claimed_cents, claimed_count, refunded, luckiest) = head
+    return PacketInfo(sender, total, count, Mode(mode), PacketStatus(state), Audience(audience),
+                      created, expires, claimed_cents, claimed_count, refunded, luckiest,
+                      greeting, claims)
