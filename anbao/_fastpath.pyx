@@ -608,7 +608,7 @@ cdef class PacketState:
             self.last_amount_cents = prior[0]
             self.last_seq = prior[1]
             return S_ALREADY_CLAIMED
-        if self._eligible is not None and user_id not in self._eligible:
+        if user_id == self.sender_id or (self._eligible is not None and user_id not in self._eligible):
             return S_NOT_ELIGIBLE
         if self.taken_count >= self.count:
             return S_SOLD_OUT

@@ -240,7 +240,7 @@ class GrabEngine:
                 batch_id = await self.committer.next_batch_id()
                 ok = await self.committer.commit(batch_id, batch.packets, batch.seqs, batch.users, batch.amounts)
             except Exception as exc:
-                log.error("batch of %d grabs failed: %r", len(batch), exc)
+                log.exception("batch of %d grabs failed: %r", len(batch), exc)
                 ok = False
         self._queued_grabs -= len(batch)
         assert self._queued_grabs >= 0

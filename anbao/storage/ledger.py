@@ -24,11 +24,13 @@ T_DEPOSIT, T_WITHDRAW, T_SEND, T_GRAB, T_REFUND = 1, 2, 3, 4, 5
 PACKET_ID_SET_SHIFT = 48          # packet id = set id << 48 | sequence: routable without a lookup
 BATCH_BLOCK_BITS = 20
 
-# Errors after which a COMMIT may or may not have happened.
-UNKNOWN_OUTCOME_ERRORS = (asyncpg.exceptions.ConnectionDoesNotExistError,
-                          asyncpg.exceptions.InterfaceError, asyncpg.exceptions.AdminShutdownError,
-                          asyncpg.exceptions.CrashShutdownError, ConnectionError, OSError,
-                          asyncio.TimeoutError)
+# Server errors that mean the backend is going away, not that it refused
+# the statement: a COMMIT under them may or may not have happened.
+SERVER_GONE_ERRORS = (asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
+                      asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.PostgresConnectionError)
+# Errors that reaching the database again may cure.
+CONNECT_ERRORS = (asyncpg.exceptions.InterfaceError, asyncpg.PostgresError, ConnectionError, OSError,
+                  asyncio.TimeoutError, TimeoutError)
 
 
 class Refused(Exception):
@@ -257,18 +259,29 @@ class GrabCommitter:
 
     async def commit(self, batch_id: int, packets, seqs, users, amounts) -> bool:
         """True when the batch is durable, False when it is known not to be.
-        Raises only on errors that leave nothing written (the caller fails
-        the batch); blocks while the outcome is unknown."""
+        Raises when PostgreSQL refused the statement (nothing was written);
+        while the outcome is unknown it keeps resolving and does not return."""
         conn = await self._connection()
         backend_pid = conn.get_server_pid()
         try:
             await conn.fetchval("SELECT anbao_commit_grabs($1, $2, $3, $4, $5)",
                                 batch_id, packets, seqs, users, amounts)
             return True
-        except UNKNOWN_OUTCOME_ERRORS as exc:
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, SERVER_GONE_ERRORS):
+                raise  # the server refused the statement: its transaction rolled back
+            # The connection broke somewhere between sending the statement
+            # and reading its answer: the COMMIT may or may not have happened.
             log.warning("batch %d: outcome unknown (%r); resolving by read-back", batch_id, exc)
+        return await self._resolve(batch_id, backend_pid)
+
+    def _discard(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
             self._conn = None
-            return await self._resolve(batch_id, backend_pid)
 
     async def _resolve(self, batch_id: int, backend_pid: int) -> bool:
         deadline = time.monotonic() + self.resolve_timeout_ms / 1000
@@ -293,7 +306,7 @@ class GrabCommitter:
                     return bool(found)
                 finally:
                     await conn.close()
-            except (*UNKNOWN_OUTCOME_ERRORS, TimeoutError) as exc:
+            except CONNECT_ERRORS as exc:
                 if time.monotonic() > deadline:
                     log.error("batch %d: still unresolved after %d ms (%r); still holding its answers",
                               batch_id, self.resolve_timeout_ms, exc)

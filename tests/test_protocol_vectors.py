@@ -1,0 +1,128 @@
+"""PROTOCOL.md's hex vectors, checked against both codecs: the server's
+Cython one and the SDK's pure-Python one."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import anbao._fastpath as fp
+from anbao_client import wire
+
+DOC = Path(__file__).resolve().parent.parent / "PROTOCOL.md"
+KEY16 = bytes(range(16))
+
+
+def _vectors():
+    blocks = re.findall(r"```vector\n(.*?)```", DOC.read_text(), re.S)
+    assert len(blocks) >= 14, "PROTOCOL.md lost its vectors"
+    return [json.loads(b) for b in blocks]
+
+
+def _value(v):
+    if v == "key16":
+        return KEY16
+    if isinstance(v, str) and v.startswith("b:"):
+        return v[2:].encode()
+    if isinstance(v, list):
+        return [_value(x) for x in v]
+    return v
+
+
+def _tuplify(v):
+    return tuple(_tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+
+VECTORS = _vectors()
+
+
+@pytest.mark.parametrize("vec", [v for v in VECTORS if v["kind"] == "request"], ids=lambda v: v["name"])
+def test_request_vector(vec):
+    raw = bytes.fromhex(vec["hex"])
+    fn, args = vec["sdk"]
+    assert getattr(wire, fn)(*_value(args)) == raw, "SDK encoder disagrees with the document"
+    opcode, rid, fields = vec["server"]
+    [(got_op, got_rid, got_args)] = fp.FrameDecoder().feed(raw)
+    assert (got_op, got_rid) == (opcode, rid)
+    assert _tuplify(got_args) == _tuplify(_value(fields)), "server decoder disagrees with the document"
+
+
+@pytest.mark.parametrize("vec", [v for v in VECTORS if v["kind"] == "response"], ids=lambda v: v["name"])
+def test_response_vector(vec):
+    raw = bytes.fromhex(vec["hex"])
+    fn, args = vec["server"]
+    args = _value(args)
+    if fn == "encode_ok":
+        args[4] = tuple(args[4])
+    if fn == "encode_packet":
+        args[2] = tuple(args[2])
+        args[4] = [tuple(c) for c in args[4]]
+    assert getattr(fp, fn)(*args) == raw, "server encoder disagrees with the document"
+    [r] = wire.FrameBuffer().feed(raw)
+    want = vec["sdk"]
+    assert (r.opcode, r.request_id, r.status, r.worker_id) == (
+        want["opcode"], want["request_id"], want["status"], want["worker_id"])
+    if "hello" in want:
+        h = wire.decode_hello(r.body)
+        assert {k: getattr(h, k) for k in want["hello"]} == want["hello"]
+    if "grab" in want:
+        g = wire.decode_grab(r)
+        assert {k: getattr(g, k) for k in want["grab"]} == want["grab"]
+        assert g.already_claimed == (r.status == wire.Status.ALREADY_CLAIMED)
+    if "message" in want:
+        assert wire.error_message(r.body) == want["message"]
+    if "sent" in want:
+        import struct
+        assert dict(zip(want["sent"], struct.unpack(">Qqq", r.body))) == want["sent"]
+    if "packet" in want:
+        p = wire.decode_packet(r.body)
+        for k, v in want["packet"].items():
+            got = getattr(p, k)
+            if k == "claims":
+                got = [[c.seq, c.user_id, c.amount_cents] for c in got]
+            assert got == v, k
+
+
+def test_status_and_opcode_tables_agree():
+    for s in wire.Status:
+        assert getattr(fp, s.name) == s.value, s.name
+    for op in wire.Op:
+        assert getattr(fp, "OP_" + op.name) == op.value, op.name
+
+
+def test_frames_split_anywhere_decode_the_same():
+    stream = b"".join(bytes.fromhex(v["hex"]) for v in VECTORS if v["kind"] == "request")
+    whole = fp.FrameDecoder().feed(stream)
+    for cut in range(1, len(stream), 7):
+        d = fp.FrameDecoder()
+        assert d.feed(stream[:cut]) + d.feed(stream[cut:]) == whole
+    one_by_one = fp.FrameDecoder()
+    assert [f for i in range(len(stream)) for f in one_by_one.feed(stream[i:i + 1])] == whole
+
+
+@pytest.mark.parametrize("payload,what", [
+    (bytes.fromhex("00000000000000010000000000000002ff"), "trailing bytes"),
+    (bytes.fromhex("000000000000000100000000000000"), "too short"),
+    (bytes.fromhex("00000000000000000000000000000002"), "out of range"),
+    (bytes.fromhex("80000000000000010000000000000002"), "out of range"),
+])
+def test_bad_grab_payload_is_a_typed_error(payload, what):
+    [(op, rid, err)] = fp.FrameDecoder().feed(wire.frame(wire.Op.GRAB, 9, payload))
+    assert (op, rid) == (wire.Op.GRAB, 9)
+    assert isinstance(err, fp.BadRequest) and err.status == fp.INVALID and what in str(err)
+
+
+def test_negative_and_zero_amounts_are_rejected_by_the_decoder():
+    for amount in (0, -1, -(2**63)):
+        [(_, _, err)] = fp.FrameDecoder().feed(wire.deposit(1, KEY16, 5, amount))
+        assert isinstance(err, fp.BadRequest) and "positive" in str(err)
+
+
+def test_unknown_opcode_and_framing_errors():
+    [(op, rid, err)] = fp.FrameDecoder().feed(wire.frame(0x7E, 3, b"xyz"))
+    assert err.status == fp.UNKNOWN_OPCODE
+    with pytest.raises(fp.FramingError) as e:
+        fp.FrameDecoder(1024).feed((2000).to_bytes(4, "big") + b"\x21")
+    assert e.value.status == fp.FRAME_TOO_LARGE
+    with pytest.raises(fp.FramingError):
+        fp.FrameDecoder().feed(b"\x00\x00\x00\x02\x21\x00")
