@@ -1,0 +1,73 @@
+"""`anbao serve` as `make run` starts it: embedded PostgreSQL, tokens on
+first run, the banner, a working server, a graceful stop; then `anbao audit`."""
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from anbao_client import SyncClient
+
+ANBAO = [sys.executable, "-m", "anbao.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_prints_where_tokens_are_and_serves(tmp_path):
+    data = tmp_path / "data"
+    port = free_port()
+    proc = subprocess.Popen(ANBAO + ["serve", "--data-dir", str(data), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        banner = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "server exited early:\n" + "".join(banner)
+            banner.append(line)
+            if "stop with Ctrl-C" in line:
+                break
+        text = "".join(banner)
+        assert f"127.0.0.1:{port}" in text and str(data / "tokens.json") in text
+        tokens_path = data / "tokens.json"
+        assert stat.S_IMODE(tokens_path.stat().st_mode) == 0o600
+        tokens = {t["scope"]: t["token"] for t in json.loads(tokens_path.read_text())["tokens"]}
+        assert set(tokens) == {"admin", "app"} and len(set(tokens.values())) == 2
+        with SyncClient("127.0.0.1", port, tokens["admin"]) as c:
+            c.register([1, 2])
+            c.deposit(1, 1_000)
+            sent = c.send(1, 500, 1)
+            assert c.grab(sent.packet_id, 2).amount_cents == 500
+            assert c.balance(2) == 500
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    audit = subprocess.run(ANBAO + ["audit", "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
+    assert audit.returncode == 0 and "anbao audit: OK" in audit.stdout, audit.stdout + audit.stderr
+    subprocess.run(["pkill", "-f", str(data / "pgdata")], check=False)
+
+
+def test_audit_exits_nonzero_on_a_broken_ledger(tmp_path):
+    data = tmp_path / "data"
+    subprocess.run(ANBAO + ["migrate", "--data-dir", str(data)], check=True, capture_output=True, timeout=60)
+    from anbao.storage import embedded
+    server, dsn = embedded.start(data)
+    try:
+        server.psql("INSERT INTO accounts (kind, owner_id, balance_cents) VALUES (1, 5, 100);")
+        audit = subprocess.run(ANBAO + ["audit", "--data-dir", str(data), "--json"], capture_output=True, text=True,
+                               timeout=60)
+        assert audit.returncode == 1
+        report = json.loads(audit.stdout)
+        assert not report["ok"]
+        assert "balance equals the sum of its transfers" in report["violations"]
+    finally:
+        embedded.stop(server)
