@@ -45,6 +45,8 @@ cdef enum:
     C_OP_SEND = 0x20
     C_OP_GRAB = 0x21
     C_OP_PACKET = 0x22
+    C_OP_TOPOLOGY = 0x50
+    C_OP_STATS = 0x51
 
 OP_HELLO = C_OP_HELLO
 OP_PING = C_OP_PING
@@ -54,6 +56,8 @@ OP_BALANCE = C_OP_BALANCE
 OP_SEND = C_OP_SEND
 OP_GRAB = C_OP_GRAB
 OP_PACKET = C_OP_PACKET
+OP_TOPOLOGY = C_OP_TOPOLOGY
+OP_STATS = C_OP_STATS
 RESPONSE_BIT = 0x80
 
 cdef enum:
@@ -135,17 +139,17 @@ cdef inline uint32_t rd_u32(const unsigned char* p) nogil:
 cdef inline uint64_t rd_u64(const unsigned char* p) nogil:
     return (<uint64_t>rd_u32(p) << 32) | rd_u32(p + 4)
 
-cdef inline void wr_u16(unsigned char* p, uint16_t v) nogil:
+cdef inline void wr_u16(unsigned char* p, uint16_t v) noexcept nogil:
     p[0] = v >> 8
     p[1] = v & 0xFF
 
-cdef inline void wr_u32(unsigned char* p, uint32_t v) nogil:
+cdef inline void wr_u32(unsigned char* p, uint32_t v) noexcept nogil:
     p[0] = v >> 24
     p[1] = (v >> 16) & 0xFF
     p[2] = (v >> 8) & 0xFF
     p[3] = v & 0xFF
 
-cdef inline void wr_u64(unsigned char* p, uint64_t v) nogil:
+cdef inline void wr_u64(unsigned char* p, uint64_t v) noexcept nogil:
     wr_u32(p, <uint32_t>(v >> 32))
     wr_u32(p + 4, <uint32_t>(v & <uint64_t>0xFFFFFFFFU))
 
@@ -231,7 +235,7 @@ cdef tuple decode_payload(int opcode, const unsigned char* p, Py_ssize_t start, 
     cdef tuple out
     if opcode == C_OP_GRAB:
         out = (take_id(&c, "packet_id"), take_id(&c, "user_id"))
-    elif opcode == C_OP_PING:
+    elif opcode == C_OP_PING or opcode == C_OP_TOPOLOGY or opcode == C_OP_STATS:
         out = ()
     elif opcode == C_OP_HELLO:
         version = take_u16(&c)
@@ -659,3 +663,54 @@ cpdef bytes encode_raw(int opcode, uint32_t rid, int status, uint16_t worker, by
     cdef bytes out = new_frame(opcode, rid, status, worker, len(body), &b)
     memcpy(b, PyBytes_AS_STRING(body), len(body))
     return out
+
+
+# ---------------------------------------------------------------- forwarding
+
+cpdef bytes encode_grab_request(uint32_t rid, int64_t packet_id, int64_t user_id):
+    """A GRAB request frame, for relaying to the owning worker."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, C_HEADER_BYTES + 16)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    wr_u32(p, 5 + 16)
+    p[4] = C_OP_GRAB
+    wr_u32(p + 5, rid)
+    wr_u64(p + 9, <uint64_t>packet_id)
+    wr_u64(p + 17, <uint64_t>user_id)
+    return out
+
+
+cpdef bytes with_request_id(bytes frame, uint32_t rid):
+    """The same answer under the client's own request id."""
+    assert PyBytes_GET_SIZE(frame) >= C_RESPONSE_HEADER_BYTES
+    cdef bytes out = PyBytes_FromStringAndSize(PyBytes_AS_STRING(frame), PyBytes_GET_SIZE(frame))
+    wr_u32(<unsigned char*>PyBytes_AS_STRING(out) + 5, rid)
+    return out
+
+
+cdef class ResponseSplitter:
+    """Splits a peer's answers into (request_id, status, frame) without
+    decoding bodies: a forwarded answer goes back to its client as it is."""
+    cdef bytes _carry
+    cdef Py_ssize_t max_frame_bytes
+
+    def __cinit__(self, Py_ssize_t max_frame_bytes=65536):
+        self._carry = b""
+        self.max_frame_bytes = max_frame_bytes
+
+    def feed(self, bytes data):
+        cdef bytes buf = self._carry + data if PyBytes_GET_SIZE(self._carry) else data
+        cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(buf)
+        cdef Py_ssize_t pos = 0
+        cdef uint32_t length
+        cdef list out = []
+        while size - pos >= 4:
+            length = rd_u32(p + pos)
+            if length < C_RESPONSE_HEADER_BYTES - 4 or <Py_ssize_t>length + 4 > self.max_frame_bytes:
+                raise FramingError(S_INVALID, "bad response frame length %d" % length)
+            if size - pos < <Py_ssize_t>length + 4:
+                break
+            out.append((rd_u32(p + pos + 5), p[pos + 9], buf[pos:pos + 4 + length]))
+            pos += 4 + length
+        self._carry = buf[pos:] if pos < size else b""
+        return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 SCOPE_APP = 1     # send, grab, query
 SCOPE_ADMIN = 2   # also deposit, withdraw, audit
+SCOPE_PEER = 3    # another worker of this set; granted only on the workers' private Unix sockets
 SCOPES = {"app": SCOPE_APP, "admin": SCOPE_ADMIN}
 
 
@@ -25,6 +26,9 @@ class TokenBook:
             if hmac.compare_digest(known, token):
                 found = scope
         return found
+
+    def with_token(self, token: bytes, scope: int) -> "TokenBook":
+        return TokenBook(self.entries + ((token, scope),))
 
     @classmethod
     def load(cls, path: Path) -> "TokenBook":

@@ -5,8 +5,9 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
+import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .auth import ensure_tokens_file
@@ -32,32 +33,27 @@ def _settings(args) -> Settings:
 
 
 def cmd_serve(args) -> int:
-    import uvloop
+    import asyncio as _asyncio
 
-    from .auth import TokenBook
-    from .server.worker import Worker
-    settings = _settings(args)
+    from .server.supervisor import Supervisor
+    from .storage.migrate import migrate
+    workers = args.workers or os.cpu_count() or 1
+    settings = replace(_settings(args), worker_count=workers)
     tokens_path = settings.tokens_file or ensure_tokens_file(settings.data_dir / "tokens.json")
     dsn, embedded_server = _database(args)
-    tokens = TokenBook.load(tokens_path)
-
-    async def main() -> None:
-        worker = Worker(settings, dsn, tokens)
-        await worker.start()
-        print(f"anbao serving on {settings.host}:{worker.port} (protocol v1, 1 worker)", flush=True)
+    try:
+        _asyncio.run(migrate(dsn))  # once, before the workers fork
+        sup = Supervisor(settings, dsn, tokens_path, args.memcached, start_local_memcached=not args.no_memcached)
+        sup.start()
+        admission = f"memcached at {sup.memcached}" if sup.memcached else "in-process counters (no memcached)"
+        print(f"anbao serving on {settings.host}:{sup.port} (protocol v1, {workers} worker"
+              f"{'s' if workers > 1 else ''}, SO_REUSEPORT steered by source port)", flush=True)
         print(f"  database: {'embedded PostgreSQL in ' + str(settings.data_dir / 'pgdata') if embedded_server else dsn}",
               flush=True)
         print(f"  tokens:   {tokens_path} (admin and app scopes; owner-only file)", flush=True)
+        print(f"  admission: {admission}; worker pids in {sup.run_dir / 'workers.json'}", flush=True)
         print("  stop with Ctrl-C: accepted grabs are committed and answered first", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await worker.stop()
-
-    try:
-        uvloop.run(main())
+        sup.run_forever()
     finally:
         if embedded_server is not None and not args.keep_db:
             from .storage import embedded
@@ -104,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
     s.add_argument("--keep-db", action="store_true", help="leave the embedded PostgreSQL running on exit")
+    s.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU)")
+    s.add_argument("--memcached", help="HOST:PORT of the admission memcached (default: start a local one)")
+    s.add_argument("--no-memcached", action="store_true", help="admission by in-process counters only")
     s.set_defaults(func=cmd_serve)
     common(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
     a = common(sub.add_parser("audit", help="check every money invariant; exit 1 on a violation"))

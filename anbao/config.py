@@ -28,6 +28,10 @@ class Limits:
     max_packets_in_memory: int = 500_000
     max_known_users_cached: int = 2_000_000
     db_pool_size: int = 8
+    admission_slack: int = 16                   # permits beyond the unreserved shares
+    max_relayed_per_peer: int = 65_536           # GRABs in flight to one owner worker
+    max_final_packets_cached: int = 1_000_000
+    max_final_claims_cached: int = 2_000_000
     commit_resolve_timeout_ms: int = 60_000
 
     def __post_init__(self) -> None:

@@ -82,6 +82,7 @@ class GrabEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         self._flush_task: asyncio.Task | None = None
+        self.on_adopt = None                         # callback(state): admission seeds its counter
         self.commits = 0
         self.committed_grabs = 0
         self.failed_batches = 0
@@ -160,6 +161,8 @@ class GrabEngine:
         if len(self.states) >= self.max_packets_in_memory:
             self._evict_settled()
         self.states[state.packet_id] = state
+        if self.on_adopt is not None:
+            self.on_adopt(state)
 
     def _evict_settled(self) -> None:
         # Only states with nothing pending may go: a pending share lives

@@ -12,6 +12,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from .. import _fastpath as fp
+from ..auth import SCOPE_PEER
 from ..engine.grabs import Replier
 
 if TYPE_CHECKING:
@@ -64,11 +65,14 @@ class Connection(asyncio.Protocol, Replier):
             self.transport.write(fp.encode_error(0, 0, exc.status, self.wid, str(exc)))
             self.close()
             return
-        engine = self.worker.engine
+        router = self.worker.router
         for opcode, rid, args in frames:
             self.inflight += 1
             if opcode == fp.OP_GRAB and self.scope is not None and type(args) is tuple:
-                engine.on_grab(self, rid, args[0], args[1])
+                if self.scope == SCOPE_PEER:
+                    router.on_relayed(self, rid, args[0], args[1])
+                else:
+                    router.on_grab(self, rid, args[0], args[1])
             elif type(args) is not tuple:
                 self.answer(fp.encode_error(opcode, rid, args.status, self.wid, str(args)))
             elif self.scope is None:

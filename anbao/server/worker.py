@@ -3,32 +3,55 @@ for the packets it owns, and the handlers for everything off the hot path."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import ssl
+from pathlib import Path
 
 import asyncpg
 
 from .. import _fastpath as fp
-from ..auth import SCOPE_ADMIN, TokenBook
+from .. import routing
+from ..admission import FinalStates, Permits
+from ..auth import SCOPE_ADMIN, SCOPE_PEER, TokenBook
 from ..config import Limits, Settings
 from ..engine.grabs import GrabEngine
 from ..storage.ledger import GrabCommitter, Ledger, Refused, now_ms
 from ..storage.migrate import migrate
 from .connection import Connection
+from .peers import PeerLink
+from .router import Router
 
 log = logging.getLogger("anbao.worker")
 
 IDLE_SWEEP_S = 1.0
+STEERING_CBPF_SOURCE_PORT = 1  # TOPOLOGY: listener = TCP source port % worker_count
 
 
 class Worker:
-    def __init__(self, settings: Settings, dsn: str, tokens: TokenBook):
+    """In a supervised deployment the supervisor hands each worker its
+    listening socket (listen_sock), a directory for the workers' private
+    Unix sockets (peer_dir) and the token they use on them (peer_token);
+    alone (tests, one worker) it opens its own."""
+
+    def __init__(self, settings: Settings, dsn: str, tokens: TokenBook, *, listen_sock=None,
+                 peer_dir: Path | None = None, peer_token: bytes | None = None, permits: Permits | None = None):
+        assert settings.worker_count == 1 or (peer_dir is not None and peer_token), "peers need a channel"
         self.settings = settings
         self.limits: Limits = settings.limits
         self.worker_id = settings.worker_id
         self.worker_count = settings.worker_count
         self.dsn = dsn
-        self.tokens = tokens
+        self.tokens = tokens.with_token(peer_token, SCOPE_PEER) if peer_token else tokens
+        self.listen_sock = listen_sock
+        self.peer_dir = peer_dir
+        self.peer_token = peer_token
+        self.permits = permits or Permits()
+        self.router: Router | None = None
+        self._peer_server = None
+        self._own_shards = routing.shards_of(settings.worker_id, settings.worker_count)
+        self._next_shard = 0
         self.connections: set[Connection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.ledger: Ledger | None = None
@@ -48,14 +71,32 @@ class Worker:
                                  batch_max_grabs=lim.batch_max_grabs, max_queued_grabs=lim.max_queued_grabs,
                                  max_packets_in_memory=lim.max_packets_in_memory,
                                  max_known_users=lim.max_known_users_cached)
+        peers = {}
+        if self.worker_count > 1:
+            peers = {w: PeerLink(self.worker_id, w, self.peer_dir / f"worker-{w}.sock", self.peer_token,
+                                 lim.max_relayed_per_peer)
+                     for w in range(self.worker_count) if w != self.worker_id}
+        self.router = Router(self.worker_id, self.worker_count, self.engine, self.permits,
+                             FinalStates(lim.max_final_packets_cached, lim.max_final_claims_cached), peers,
+                             lim.admission_slack)
+        self.router.start()
         tls = None
         if self.settings.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
-        self._server = await self.loop.create_server(
-            lambda: Connection(self), self.settings.host, self.settings.port,
-            reuse_port=True, backlog=4096, ssl=tls)
+        if self.listen_sock is not None:
+            self._server = await self.loop.create_server(lambda: Connection(self), sock=self.listen_sock,
+                                                         backlog=4096, ssl=tls)
+        else:
+            self._server = await self.loop.create_server(
+                lambda: Connection(self), self.settings.host, self.settings.port,
+                reuse_port=True, backlog=4096, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.peer_dir is not None:
+            path = self.peer_dir / f"worker-{self.worker_id}.sock"
+            path.unlink(missing_ok=True)
+            self._peer_server = await self.loop.create_unix_server(lambda: Connection(self), str(path))
+            path.chmod(0o600)
         self._sweeper = self.loop.create_task(self._sweep_idle())
         log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
 
@@ -63,6 +104,8 @@ class Worker:
         """Stops accepting, commits and answers every accepted grab, then closes."""
         if self._server is not None:
             self._server.close()
+        if self.router is not None:
+            self.router.stop()
         if self.engine is not None:
             try:
                 await asyncio.wait_for(self.engine.drain(), drain_timeout_s)
@@ -74,6 +117,12 @@ class Worker:
             self._sweeper.cancel()
         for c in list(self.connections):
             c.close()
+        if self._peer_server is not None:
+            self._peer_server.close()
+        if self.router is not None:
+            for link in self.router.peers.values():
+                link.close()
+        await self.permits.close()
         if self.engine is not None:
             await self.engine.committer.close()
         if self.ledger is not None:
@@ -189,9 +238,13 @@ class Worker:
         min_share = self.limits.min_share_cents
         adopted = []
 
+        # The new packet takes one of this worker's shards, so this worker owns it.
+        shard = self._own_shards[self._next_shard]
+        self._next_shard = (self._next_shard + 1) % len(self._own_shards)
+
         async def body(conn) -> bytes:
             expires_at_ms = now_ms() + expiry_s * 1000
-            packet_id, balance = await self.ledger.send(conn, sender, total, count, mode, min_share,
+            packet_id, balance = await self.ledger.send(conn, shard, sender, total, count, mode, min_share,
                                                         expires_at_ms, audience, members, greeting)
             adopted.append(fp.PacketState(packet_id, sender, total, count, mode, min_share, expires_at_ms,
                                           members if audience != fp.AUDIENCE_OPEN else None))
@@ -202,6 +255,7 @@ class Worker:
         if adopted and not answer.replayed:
             state = adopted[0]
             # A grab that guessed the id may already have loaded it from the database.
+            assert self.router.owns(state.packet_id)
             if state.packet_id not in self.engine.states:
                 self.engine.adopt(state)
         return self._reply_stored(fp.OP_SEND, rid, answer)
@@ -215,7 +269,27 @@ class Worker:
         head, greeting, claims = info
         return fp.encode_packet(rid, self.worker_id, head, greeting, claims)
 
+    async def _topology(self, rid: int) -> bytes:
+        return fp.encode_ok(fp.OP_TOPOLOGY, rid, self.worker_id, "HHBH",
+                            (self.worker_count, routing.SHARD_COUNT, STEERING_CBPF_SOURCE_PORT if
+                             self.worker_count > 1 else 0, self.settings.set_id))
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {"worker_id": self.worker_id, "pid": os.getpid(), "connections": len(self.connections),
+                "packets_in_memory": len(e.states), "queued_grabs": e.queued_grabs, "commits": e.commits,
+                "committed_grabs": e.committed_grabs, "failed_batches": e.failed_batches,
+                "admission": self.permits.mode, "admission_errors": getattr(self.permits, "errors", 0),
+                **self.router.stats,
+                "relayed_by_peer": {str(w): link.forwarded for w, link in self.router.peers.items()}}
+
+    async def _stats(self, rid: int) -> bytes:
+        doc = json.dumps(self.stats(), sort_keys=True).encode()
+        return fp.encode_raw(fp.OP_STATS, rid, fp.OK, self.worker_id, len(doc).to_bytes(4, "big") + doc)
+
     _handlers = {
+        fp.OP_TOPOLOGY: _topology,
+        fp.OP_STATS: _stats,
         fp.OP_REGISTER: _register,
         fp.OP_DEPOSIT: _deposit,
         fp.OP_BALANCE: _balance,

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import asyncpg
 
 from .. import _fastpath as fp
+from .. import routing
 
 log = logging.getLogger("anbao.ledger")
 
 ACCOUNT_EXTERNAL, ACCOUNT_USER, ACCOUNT_ESCROW = 0, 1, 2
 T_DEPOSIT, T_WITHDRAW, T_SEND, T_GRAB, T_REFUND = 1, 2, 3, 4, 5
-PACKET_ID_SET_SHIFT = 48          # packet id = set id << 48 | sequence: routable without a lookup
 BATCH_BLOCK_BITS = 20
 
 # Server errors that mean the backend is going away, not that it refused
@@ -40,10 +40,6 @@ class Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def packet_set(packet_id: int) -> int:
-    return packet_id >> PACKET_ID_SET_SHIFT
 
 
 def request_hash(opcode: int, fields: tuple) -> bytes:
@@ -159,9 +155,11 @@ class Ledger:
 
     # ------------------------------------------------------------ packets
 
-    async def send(self, conn, sender_id: int, total_cents: int, count: int, mode: int, min_share_cents: int,
-                   expires_at_ms: int, audience: int, members: list[int], greeting: str) -> tuple[int, int]:
-        """sender -> new escrow, and the packet row. Returns (packet_id, sender balance)."""
+    async def send(self, conn, shard: int, sender_id: int, total_cents: int, count: int, mode: int,
+                   min_share_cents: int, expires_at_ms: int, audience: int, members: list[int],
+                   greeting: str) -> tuple[int, int]:
+        """sender -> new escrow, and the packet row, with an id in `shard`.
+        Returns (packet_id, sender balance)."""
         sender = await conn.fetchrow(
             "SELECT account_id, balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1 FOR UPDATE", sender_id)
         if sender is None:
@@ -173,9 +171,7 @@ class Ledger:
                                         members)
             if found != len(members):
                 raise Refused(fp.UNKNOWN_USER, f"{len(members) - found} member(s) are not registered")
-        seq = await conn.fetchval("SELECT nextval('packet_seq')")
-        assert seq < (1 << PACKET_ID_SET_SHIFT)
-        packet_id = (self.set_id << PACKET_ID_SET_SHIFT) | seq
+        packet_id = routing.make_packet_id(self.set_id, await conn.fetchval("SELECT nextval('packet_seq')"), shard)
         escrow = await conn.fetchval("INSERT INTO accounts (kind, owner_id) VALUES (2, $1) RETURNING account_id",
                                      packet_id)
         await conn.execute(

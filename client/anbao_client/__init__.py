@@ -1,10 +1,11 @@
 """anbao_client: the Python SDK for the anbao red-packet service."""
 from .client import Client, new_idempotency_key
+from .cluster import Cluster
 from .errors import *  # noqa: F401,F403 - one class per status code
 from .errors import AnbaoError, ConnectionLost, RequestTimeout
 from .sync import SyncClient
 from .wire import Audience, Claim, Deposited, Grabbed, Mode, PacketInfo, PacketStatus, Scope, Sent, Status
 
-__all__ = ["Client", "SyncClient", "new_idempotency_key", "AnbaoError", "ConnectionLost", "RequestTimeout",
+__all__ = ["Client", "Cluster", "SyncClient", "new_idempotency_key", "AnbaoError", "ConnectionLost", "RequestTimeout",
            "Audience", "Claim", "Deposited", "Grabbed", "Mode", "PacketInfo", "PacketStatus", "Scope",
            "Sent", "Status"]

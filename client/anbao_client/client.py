@@ -177,6 +177,15 @@ class Client:
             raise err
         return g
 
+    async def topology(self) -> wire.Topology:
+        return wire.decode_topology(await self._call(wire.topology))
+
+    async def stats(self) -> dict:
+        import json
+        r = await self._call(wire.stats)
+        (n,) = struct.unpack_from(">I", r.body)
+        return json.loads(r.body[4:4 + n])
+
     async def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
         r = await self._call(lambda rid: wire.packet(rid, packet_id, claims_offset, claims_limit))
         return wire.decode_packet(r.body)

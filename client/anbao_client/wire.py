@@ -28,6 +28,8 @@ class Op(enum.IntEnum):
     SEND = 0x20
     GRAB = 0x21
     PACKET = 0x22
+    TOPOLOGY = 0x50
+    STATS = 0x51
 
 
 class Status(enum.IntEnum):
@@ -72,6 +74,7 @@ class PacketStatus(enum.IntEnum):
 class Scope(enum.IntEnum):
     APP = 1
     ADMIN = 2
+    PEER = 3      # another worker of the same set, relaying GRABs
 
 
 def frame(opcode: int, request_id: int, payload: bytes = b"") -> bytes:
@@ -115,6 +118,14 @@ def send(request_id: int, key: bytes, sender_id: int, total_cents: int, count: i
 
 def grab(request_id: int, packet_id: int, user_id: int) -> bytes:
     return frame(Op.GRAB, request_id, struct.pack(">QQ", packet_id, user_id))
+
+
+def topology(request_id: int) -> bytes:
+    return frame(Op.TOPOLOGY, request_id)
+
+
+def stats(request_id: int) -> bytes:
+    return frame(Op.STATS, request_id)
 
 
 def packet(request_id: int, packet_id: int, claims_offset: int = 0, claims_limit: int = 100) -> bytes:
@@ -194,6 +205,19 @@ class PacketInfo:
     @property
     def luckiest(self) -> Claim | None:
         return next((c for c in self.claims if c.seq == self.luckiest_seq), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    worker_id: int          # the worker that answered
+    worker_count: int
+    shard_count: int
+    steering: int           # 1: reuseport BPF on the TCP source port, modulo worker_count
+    set_id: int
+
+
+def decode_topology(r: "Response") -> Topology:
+    return Topology(r.worker_id, *struct.unpack(">HHBH", r.body))
 
 
 class FrameBuffer:

@@ -1,0 +1,198 @@
+"""The supervisor: one listening socket per worker (held open for life, so
+steering survives restarts), N worker processes, a local memcached, restarts
+of dead workers, and a graceful drain on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..config import Settings
+from .listener import open_listeners
+
+log = logging.getLogger("anbao.supervisor")
+
+READY_TIMEOUT_S = 60
+DRAIN_TIMEOUT_S = 30
+RESTART_WINDOW_S = 10
+MAX_RESTARTS_PER_WINDOW = 5
+POLL_S = 0.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_memcached() -> tuple[subprocess.Popen, str] | None:
+    binary = shutil.which("memcached")
+    if binary is None:
+        return None
+    port = _free_port()
+    args = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64", "-c", "4096", "-t", "1"]
+    if os.geteuid() == 0:
+        args += ["-u", "nobody"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("memcached did not start")
+
+
+def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.socket, peer_dir: str,
+                 peer_token: bytes, memcached: str | None, ready) -> None:
+    """Runs in the forked child."""
+    import asyncio
+
+    import uvloop
+
+    from ..admission import InProcessPermits, MemcachedPermits
+    from ..auth import TokenBook
+    from .worker import Worker
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains us in order
+
+    async def main() -> None:
+        if memcached:
+            host, port = memcached.rsplit(":", 1)
+            permits = MemcachedPermits(host, int(port), settings.set_id)
+        else:
+            permits = InProcessPermits(settings.limits.max_packets_in_memory)
+        worker = Worker(settings, dsn, TokenBook.load(Path(tokens_path)), listen_sock=sock,
+                        peer_dir=Path(peer_dir), peer_token=peer_token, permits=permits)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await worker.start()
+        ready.put((settings.worker_id, os.getpid()))
+        await stop.wait()
+        await worker.stop(drain_timeout_s=DRAIN_TIMEOUT_S - 5)
+
+    uvloop.run(main())
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, dsn: str, tokens_path: Path, memcached: str | None,
+                 start_local_memcached: bool):
+        self.settings = settings
+        self.dsn = dsn
+        self.tokens_path = tokens_path
+        self.memcached = memcached
+        self.start_local_memcached = start_local_memcached and memcached is None
+        self.run_dir = Path(settings.data_dir) / "run"
+        self.procs: dict[int, mp.Process] = {}
+        self.restarts: dict[int, list[float]] = {}
+        self.total_restarts = 0
+        self._stopping = False
+        self._ctx = mp.get_context("fork")
+        self._ready = self._ctx.Queue()
+        self._memcached_proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def start(self) -> None:
+        n = self.settings.worker_count
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.start_local_memcached:
+            started = start_memcached()
+            if started is None:
+                log.warning("no memcached binary and no --memcached address: admission falls back to an "
+                            "in-process counter per worker")
+            else:
+                self._memcached_proc, self.memcached = started
+        elif self.memcached is None:
+            log.warning("admission without memcached: in-process counters per worker")
+        self.socks = open_listeners(self.settings.host, self.settings.port, n)
+        self.port = self.socks[0].getsockname()[1]
+        self.peer_token = secrets.token_hex(32).encode()
+        for i in range(n):
+            self._spawn(i)
+        self._await_ready(set(range(n)))
+        self._write_pids()
+
+    def _spawn(self, i: int) -> None:
+        settings = replace(self.settings, worker_id=i, port=self.port)
+        p = self._ctx.Process(target=_worker_main, name=f"anbao-worker-{i}",
+                              args=(settings, self.dsn, str(self.tokens_path), self.socks[i], str(self.run_dir),
+                                    self.peer_token, self.memcached, self._ready))
+        p.start()
+        self.procs[i] = p
+
+    def _await_ready(self, waiting: set[int]) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"workers {sorted(waiting)} did not start")
+            try:
+                wid, _ = self._ready.get(timeout=min(left, 1))
+                waiting.discard(wid)
+            except Exception:
+                for i in waiting:
+                    if not self.procs[i].is_alive():
+                        raise RuntimeError(f"worker {i} exited during start (code {self.procs[i].exitcode})")
+
+    def _write_pids(self) -> None:
+        doc = {"supervisor": os.getpid(), "port": self.port, "memcached": self.memcached,
+               "workers": {str(i): p.pid for i, p in self.procs.items()}, "restarts": self.total_restarts}
+        tmp = self.run_dir / "workers.json.tmp"
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(self.run_dir / "workers.json")
+
+    def request_stop(self, *_) -> None:
+        self._stopping = True
+
+    def run_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        while not self._stopping:
+            time.sleep(POLL_S)
+            for i, p in list(self.procs.items()):
+                if p.is_alive() or self._stopping:
+                    continue
+                p.join()
+                # Slot i is reaped before its replacement starts: one live owner per shard.
+                log.error("worker %d (pid %d) died with code %s; restarting", i, p.pid, p.exitcode)
+                now = time.monotonic()
+                recent = [t for t in self.restarts.get(i, []) if now - t < RESTART_WINDOW_S]
+                if len(recent) >= MAX_RESTARTS_PER_WINDOW:
+                    time.sleep(1.0)  # a crash loop: slow down rather than spin
+                self.restarts[i] = recent + [now]
+                self.total_restarts += 1
+                self._spawn(i)
+                try:
+                    self._await_ready({i})
+                except RuntimeError as exc:
+                    log.error("%s", exc)
+                self._write_pids()
+        self.stop()
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.is_alive():
+                p.terminate()  # SIGTERM: the worker stops accepting, commits and answers, then exits
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        for p in self.procs.values():
+            p.join(max(0.1, deadline - time.monotonic()))
+            if p.is_alive():
+                log.error("worker pid %d did not drain in time; killing it", p.pid)
+                p.kill()
+                p.join()
+        if self._memcached_proc is not None:
+            self._memcached_proc.terminate()
+            self._memcached_proc.wait(10)
+        for s in self.socks:
+            s.close()
