@@ -27,13 +27,18 @@ class Permits:
     def reseed(self, packet_id: int, permits: int) -> None:
         """Overwrites the counter (owner, repairing leaks)."""
 
+    def observe(self, packet_id: int, permits: int) -> None:
+        """The owner's answer to a relayed grab said how many shares remain."""
+
     async def close(self) -> None:
         pass
 
 
 class InProcessPermits(Permits):
-    """Without memcached: counters for the packets this worker owns; other
-    packets are admitted and left to their owner."""
+    """Without memcached: each worker keeps its own counter for the packets
+    it relays, set from the remaining-share count in the owner's answers.
+    Workers cannot see each other's attempts, so each may admit up to the
+    whole remainder: a looser filter than memcached's, never a tighter one."""
     mode = "in-process"
 
     def __init__(self, max_packets: int):
@@ -60,6 +65,8 @@ class InProcessPermits(Permits):
     def reseed(self, packet_id: int, permits: int) -> None:
         if packet_id in self._permits or len(self._permits) < self.max_packets:
             self._permits[packet_id] = permits
+
+    observe = reseed
 
 
 class MemcachedPermits(Permits):

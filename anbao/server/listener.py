@@ -18,6 +18,7 @@ SO_ATTACH_REUSEPORT_CBPF = 51
 SKF_NET_OFF = -0x100000
 # Classic BPF opcodes.
 BPF_LD_H_ABS = 0x28   # A = half-word at k
+BPF_ALU_RSH_K = 0x74  # A >>= k
 BPF_ALU_MOD_K = 0x94  # A %= k
 BPF_RET_A = 0x16      # return A
 IPV4_HEADER_BYTES = 20  # connections come from loopback/LAN SYNs without IP options
@@ -28,12 +29,23 @@ class _SockFilter(ctypes.Structure):
 
 
 def steering_program(worker_count: int) -> list[tuple[int, int, int, int]]:
-    """socket index = TCP source port % worker_count. The program reads the
-    port through the network-header offset: the TCP header starts right
-    after a 20-byte IPv4 header, and its first half-word is the source port."""
+    """socket index = (TCP source port >> 1) % worker_count.
+
+    The program reads the port through the network-header offset: the TCP
+    header starts right after a 20-byte IPv4 header, and its first half-word
+    is the source port. The shift is there because Linux gives connect()'s
+    ephemeral ports one parity (even first): with a plain modulo, every
+    client that lets the kernel choose its port would land on the same
+    worker. The SDK chooses its ports to match (anbao_client.routing)."""
     return [(BPF_LD_H_ABS, 0, 0, (SKF_NET_OFF + IPV4_HEADER_BYTES) & 0xFFFFFFFF),
+            (BPF_ALU_RSH_K, 0, 0, 1),
             (BPF_ALU_MOD_K, 0, 0, worker_count),
             (BPF_RET_A, 0, 0, 0)]
+
+
+def steered_worker(source_port: int, worker_count: int) -> int:
+    """What steering_program computes, for tests and documentation."""
+    return (source_port >> 1) % worker_count
 
 
 def attach_steering(sock: socket.socket, worker_count: int) -> None:

@@ -19,28 +19,28 @@ PROBE_INTERVAL_S = 0.05   # at most one attempt a packet per interval passes a s
 
 
 class _Routed(Replier):
-    """Watches the answer of a grab on its way back to the client: gives an
-    unused permit back, and remembers final answers of other workers' packets."""
-    __slots__ = ("router", "conn", "packet_id", "user_id", "permit", "remote")
+    """Watches the owner's answer to a relayed grab on its way back to the
+    client: gives an unused permit back, and remembers final answers."""
+    __slots__ = ("router", "conn", "packet_id", "user_id", "permit")
 
-    def __init__(self, router: "Router", conn: Replier, packet_id: int, user_id: int, permit: bool, remote: bool):
+    def __init__(self, router: "Router", conn: Replier, packet_id: int, user_id: int, permit: bool):
         self.router = router
         self.conn = conn
         self.packet_id = packet_id
         self.user_id = user_id
         self.permit = permit
-        self.remote = remote
 
     def answer(self, frame: bytes) -> None:
         status = frame[9]
         r = self.router
         if self.permit and status != fp.OK:
             r.permits.give_back(self.packet_id)
-        if self.remote:
-            if status == fp.SOLD_OUT or status == fp.EXPIRED:
-                r.final.note_closed(self.packet_id, status)
-            elif status == fp.OK or status == fp.ALREADY_CLAIMED:
-                r.final.note_claim(self.packet_id, self.user_id, frame[fp.RESPONSE_HEADER_BYTES:])
+        if status == fp.SOLD_OUT or status == fp.EXPIRED:
+            r.final.note_closed(self.packet_id, status)
+        elif status == fp.OK or status == fp.ALREADY_CLAIMED:
+            body = frame[fp.RESPONSE_HEADER_BYTES:]
+            r.final.note_claim(self.packet_id, self.user_id, body)
+            r.permits.observe(self.packet_id, int.from_bytes(body[12:16], "big") + r.slack)
         self.conn.answer(frame)
 
 
@@ -78,26 +78,26 @@ class Router:
     def on_grab(self, conn: Replier, rid: int, packet_id: int, user_id: int) -> None:
         owner = routing.owner_of(packet_id, self.worker_count)
         if owner == self.worker_id:
-            state = self.engine.states.get(packet_id)
-            # Settled answers from the owner's own state cost nothing: no permit.
-            if state is not None and (state.sold_out or state.claim_of(user_id) is not None):
-                self.engine.on_grab(conn, rid, packet_id, user_id)
-                return
-        else:
-            body = self.final.claims.get((packet_id, user_id))
-            if body is not None:
-                self.stats["final_cache_hits"] += 1
-                conn.answer(fp.encode_raw(fp.OP_GRAB, rid, fp.ALREADY_CLAIMED, self.worker_id, body))
-                return
-            closed = self.final.closed.get(packet_id)
-            if closed is not None:
-                self.stats["final_cache_hits"] += 1
-                conn.answer(fp.encode_error(fp.OP_GRAB, rid, closed, self.worker_id,
-                                            "every share has been taken" if closed == fp.SOLD_OUT
-                                            else "the packet has expired"))
-                return
+            # The owner decides in memory, exactly and in about a microsecond:
+            # cheaper than any counter, so its own grabs take no permit.
+            self._active.add(packet_id)
+            self.stats["local"] += 1
+            self.engine.on_grab(conn, rid, packet_id, user_id)
+            return
+        body = self.final.claims.get((packet_id, user_id))
+        if body is not None:
+            self.stats["final_cache_hits"] += 1
+            conn.answer(fp.encode_raw(fp.OP_GRAB, rid, fp.ALREADY_CLAIMED, self.worker_id, body))
+            return
+        closed = self.final.closed.get(packet_id)
+        if closed is not None:
+            self.stats["final_cache_hits"] += 1
+            conn.answer(fp.encode_error(fp.OP_GRAB, rid, closed, self.worker_id,
+                                        "every share has been taken" if closed == fp.SOLD_OUT
+                                        else "the packet has expired"))
+            return
         if self.permits.mode == "none":
-            self._route(conn, rid, packet_id, user_id, owner, False)
+            self._relay(conn, rid, packet_id, user_id, owner, False)
         else:
             asyncio.get_running_loop().create_task(self._admit(conn, rid, packet_id, user_id, owner))
 
@@ -116,7 +116,7 @@ class Router:
     async def _admit(self, conn: Replier, rid: int, packet_id: int, user_id: int, owner: int) -> None:
         if await self.permits.admit(packet_id):
             self.stats["admitted"] += 1
-            self._route(conn, rid, packet_id, user_id, owner, True)
+            self._relay(conn, rid, packet_id, user_id, owner, True)
             return
         now = asyncio.get_running_loop().time()
         if now - self._last_probe.get(packet_id, -1e9) >= PROBE_INTERVAL_S:
@@ -127,22 +127,15 @@ class Router:
                 self._last_probe.clear()
             self._last_probe[packet_id] = now
             self.stats["probes"] += 1
-            self._route(conn, rid, packet_id, user_id, owner, False)
+            self._relay(conn, rid, packet_id, user_id, owner, False)
             return
         self.stats["admission_rejects"] += 1
         conn.answer(fp.encode_error(fp.OP_GRAB, rid, fp.SOLD_OUT, self.worker_id,
                                     "every share is taken or held by a grab in flight"))
 
-    def _route(self, conn: Replier, rid: int, packet_id: int, user_id: int, owner: int, permit: bool) -> None:
-        remote = owner != self.worker_id
-        replier = _Routed(self, conn, packet_id, user_id, permit, remote) if (permit or remote) else conn
-        if remote:
-            self.stats["forwarded"] += 1
-            self.peers[owner].forward(replier, rid, packet_id, user_id)
-        else:
-            self.stats["local"] += 1
-            self._active.add(packet_id)
-            self.engine.on_grab(replier, rid, packet_id, user_id)
+    def _relay(self, conn: Replier, rid: int, packet_id: int, user_id: int, owner: int, permit: bool) -> None:
+        self.stats["forwarded"] += 1
+        self.peers[owner].forward(_Routed(self, conn, packet_id, user_id, permit), rid, packet_id, user_id)
 
     # ------------------------------------------------------------ counters
 

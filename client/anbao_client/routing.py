@@ -13,7 +13,8 @@ def owner_of(packet_id: int, worker_count: int) -> int:
 
 def local_port_for(worker_id: int, worker_count: int) -> int:
     """A random client source port that the server's reuseport BPF program
-    (TCP source port modulo worker_count) hands to `worker_id`'s socket."""
+    ((TCP source port >> 1) modulo worker_count) hands to `worker_id`'s socket."""
     assert 0 <= worker_id < worker_count
-    port = random.randrange(EPHEMERAL_LOW, EPHEMERAL_HIGH)
-    return port - port % worker_count + worker_id
+    half = random.randrange(EPHEMERAL_LOW // 2, EPHEMERAL_HIGH // 2)
+    half = half - half % worker_count + worker_id
+    return 2 * half + random.getrandbits(1)

@@ -1,0 +1,367 @@
+"""Every core: real `anbao serve --workers 2` processes, real memcached, real
+PostgreSQL. Steering, relaying, admission, and crashes: kill -9 of a worker
+and of memcached mid-storm. Every test ends with the audit."""
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from anbao_client import Client, Cluster, SoldOut, Unavailable, wire
+from anbao_client.errors import AlreadyClaimed, Busy, ConnectionLost, NotEligible, RequestTimeout
+from anbao_client.routing import owner_of
+from conftest import ADMIN_TOKEN, APP_TOKEN, funded_users
+
+RETRYABLE = (ConnectionLost, RequestTimeout, Unavailable, Busy, OSError)
+
+
+class Served:
+    """`anbao serve` in its own process group, on a fresh database."""
+
+    def __init__(self, dsn: str, data_dir: Path, tokens_file: Path, workers: int, extra: list[str]):
+        self.dsn, self.data_dir, self.workers = dsn, data_dir, workers
+        self.args = [sys.executable, "-m", "anbao.cli", "serve", "--dsn", dsn, "--data-dir", str(data_dir),
+                     "--tokens-file", str(tokens_file), "--port", "0", "--workers", str(workers), *extra]
+        self.proc = None
+        self.port = None
+        self.banner = ""
+
+    def start(self) -> "Served":
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 60
+        lines = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            assert line, "server exited:\n" + "".join(lines)
+            lines.append(line)
+            if "stop with Ctrl-C" in line:
+                break
+        self.banner = "".join(lines)
+        self.port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", self.banner).group(1))
+        # Keep draining the output so the server never blocks on a full pipe.
+        self._drain = asyncio.get_event_loop().run_in_executor(None, self.proc.stdout.read)
+        return self
+
+    def run_info(self) -> dict:
+        return json.loads((self.data_dir / "run" / "workers.json").read_text())
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(60)
+
+
+@pytest.fixture
+def serve(fresh_dsn, tmp_path, tokens_file):
+    started = []
+
+    def start(workers=2, extra=()):
+        s = Served(fresh_dsn, tmp_path / "data", tokens_file, workers, list(extra)).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.stop(signal.SIGKILL)
+            info = s.run_info()
+            for pid in info["workers"].values():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        memcached = s.run_info().get("memcached")
+        if memcached:
+            subprocess.run(["pkill", "-f", f"memcached -l 127.0.0.1 -p {memcached.rsplit(':', 1)[1]}"], check=False)
+
+
+async def audit_clean(dsn: str):
+    from anbao.storage.audit import audit
+    report = await audit(dsn)
+    assert report.ok, report.text()
+
+
+async def claims_of(dsn: str, packet_id: int) -> dict:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims WHERE packet_id = $1", packet_id)
+    finally:
+        await conn.close()
+    return {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows}
+
+
+class Grabber:
+    """A plain client that reconnects and retries until it has an answer
+    that is final: a share (OK or ALREADY_CLAIMED with the first share), or
+    SOLD_OUT. Retrying is safe: (packet, user) is the grab's idempotency key."""
+
+    def __init__(self, port: int, token: str, routed: bool):
+        self.port, self.token, self.routed = port, token, routed
+        self.client = None
+
+    async def _client(self):
+        if self.client is None:
+            self.client = await (Cluster if self.routed else Client).connect("127.0.0.1", self.port, self.token,
+                                                                             timeout_ms=5_000)
+        return self.client
+
+    async def grab(self, packet_id: int, user_id: int, deadline: float):
+        while time.monotonic() < deadline:
+            try:
+                c = await self._client()
+                return "ok", await c.grab(packet_id, user_id)
+            except SoldOut:
+                return "sold_out", None
+            except AlreadyClaimed as e:
+                return "ok", e.grabbed
+            except RETRYABLE:
+                if self.client is not None:
+                    await self.client.close()
+                self.client = None
+                await asyncio.sleep(0.05)
+        return "gave_up", None
+
+    async def close(self):
+        if self.client is not None:
+            await self.client.close()
+
+
+async def storm(port: int, packet_id: int, users: list[int], grabbers: list[Grabber], timeout_s: float = 90):
+    deadline = time.monotonic() + timeout_s
+    won, outcomes = {}, []
+
+    async def one(i, u):
+        outcome, g = await grabbers[i % len(grabbers)].grab(packet_id, u, deadline)
+        outcomes.append(outcome)
+        if g is not None:
+            won[u] = g
+
+    await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
+    return won, outcomes
+
+
+async def setup_packet(port: int, n_users: int, total: int, count: int, *, members=None):
+    admin = await Cluster.connect("127.0.0.1", port, ADMIN_TOKEN)
+    sender, = await funded_users(admin, 1, 1, 10_000_000)
+    users = await funded_users(admin, 1000, n_users)
+    sent = await admin.send(sender, total, count, members=members(users) if members else None)
+    return admin, users, sent
+
+
+async def test_steering_topology_and_stats(serve):
+    s = serve(workers=2)
+    assert "2 workers" in s.banner and "memcached at 127.0.0.1:" in s.banner
+    cluster = await Cluster.connect("127.0.0.1", s.port, APP_TOKEN)
+    try:
+        assert cluster.topology.worker_count == 2 and cluster.topology.shard_count == 1024
+        assert cluster.topology.steering == 1
+        # Each steered connection is served by the worker its source port names.
+        assert await cluster.steered_workers() == [0, 1]
+        stats = [await c.stats() for c in cluster.clients]
+        assert [st["worker_id"] for st in stats] == [0, 1]
+        assert {st["pid"] for st in stats} == set(s.run_info()["workers"].values())
+        assert all(st["admission"] == "memcached" for st in stats)
+    finally:
+        await cluster.close()
+    assert s.stop() == 0
+
+
+async def test_routed_and_unaware_clients_together_exactly_500(serve, fresh_dsn):
+    """2,000 grabbers on one 500-share packet, half through the routing SDK,
+    half through plain clients that land on either worker and get relayed."""
+    s = serve(workers=2)
+    admin, users, sent = await setup_packet(s.port, 2000, 250_000, 500)
+    owner = owner_of(sent.packet_id, 2)
+    grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(40)]
+    won, outcomes = await storm(s.port, sent.packet_id, users, grabbers)
+    assert len(won) == 500 and outcomes.count("sold_out") == 1500 and "gave_up" not in outcomes
+    assert all(g.worker_id == owner for g in won.values()), "a share was served by a worker that does not own it"
+    in_db = await claims_of(fresh_dsn, sent.packet_id)
+    assert in_db == {u: (g.seq, g.amount_cents) for u, g in won.items()}
+    assert sum(a for _, a in in_db.values()) == 250_000
+    relayed = sum(st["forwarded"] for st in [await c.stats() for c in admin.clients])
+    assert relayed > 0, "the unaware clients should have needed relaying"
+    for g in grabbers:
+        await g.close()
+    await admin.close()
+    assert s.stop() == 0
+    await audit_clean(fresh_dsn)
+
+
+@pytest.mark.parametrize("admission", ["memcached", "in-process"])
+async def test_admission_never_undersells(serve, fresh_dsn, admission):
+    """Attempts that cannot take a share (repeats, non-members) give their
+    permit back, so every share goes to an eligible grabber in the end."""
+    s = serve(workers=2, extra=["--no-memcached"] if admission == "in-process" else [])
+    assert admission in s.banner
+    admin, users, sent = await setup_packet(s.port, 900, 30_000, 300, members=lambda u: u[:600])
+    members, outsiders = users[:600], users[600:]
+    first_wave = members[:150]
+    grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 3 == 0)) for i in range(30)]
+    won, _ = await storm(s.port, sent.packet_id, first_wave, grabbers)
+    assert len(won) == 150
+
+    async def noise():
+        # Non-members and repeat grabbers: none of them can take a share.
+        for u in outsiders:
+            with pytest.raises(NotEligible):
+                await admin.grab(sent.packet_id, u)
+        for u in first_wave:
+            with pytest.raises(AlreadyClaimed):
+                await admin.grab(sent.packet_id, u)
+
+    rest = members[150:]
+    (won2, outcomes2), _ = await asyncio.gather(storm(s.port, sent.packet_id, rest, grabbers), noise())
+    assert len(won) + len(won2) == 300, "undersale: a share was left while grabbers were turned away"
+    assert outcomes2.count("sold_out") == len(rest) - 150
+    assert len(await claims_of(fresh_dsn, sent.packet_id)) == 300
+    for g in grabbers:
+        await g.close()
+    await admin.close()
+    assert s.stop() == 0
+    await audit_clean(fresh_dsn)
+
+
+async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
+    """kill -9 the packet's owner during a storm: every grab any client saw
+    acknowledged is in the database, the supervisor brings the worker back,
+    the packet is finished, and the invariants hold."""
+    s = serve(workers=2)
+    admin, users, sent = await setup_packet(s.port, 1500, 200_000, 1000)
+    owner = owner_of(sent.packet_id, 2)
+    victim = s.run_info()["workers"][str(owner)]
+    grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(30)]
+
+    claims_at_kill = []
+
+    async def killer():
+        conn = await asyncpg.connect(fresh_dsn)
+        try:
+            for _ in range(2000):  # bounded: until 100 claims are committed
+                n = await conn.fetchval("SELECT count(*) FROM claims WHERE packet_id = $1", sent.packet_id)
+                if n >= 100:
+                    break
+                await asyncio.sleep(0.002)
+            os.kill(victim, signal.SIGKILL)
+            claims_at_kill.append(await conn.fetchval("SELECT count(*) FROM claims WHERE packet_id = $1",
+                                                      sent.packet_id))
+        finally:
+            await conn.close()
+
+    (won, outcomes), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers, timeout_s=120),
+                                              killer())
+    assert "gave_up" not in outcomes
+    assert claims_at_kill[0] < 1000, "the kill must land mid-storm"
+    in_db = await claims_of(fresh_dsn, sent.packet_id)
+    for u, g in won.items():
+        assert in_db.get(u) == (g.seq, g.amount_cents), f"acknowledged grab of {u} lost"
+    assert len(in_db) == 1000 and len(won) == 1000, "the packet must be finished after the restart"
+    info = s.run_info()
+    assert info["restarts"] >= 1 and info["workers"][str(owner)] != victim
+    for g in grabbers:
+        await g.close()
+    await admin.close()
+    assert s.stop() == 0
+    await audit_clean(fresh_dsn)
+
+
+async def test_memcached_flushed_then_killed_mid_storm(serve, fresh_dsn):
+    s = serve(workers=2)
+    mc_port = int(s.run_info()["memcached"].rsplit(":", 1)[1])
+    admin, users, sent = await setup_packet(s.port, 2000, 400_000, 800)
+    grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(30)]
+
+    async def chaos():
+        await asyncio.sleep(0.05)
+        r, w = await asyncio.open_connection("127.0.0.1", mc_port)
+        w.write(b"flush_all\r\n")
+        await w.drain()
+        assert (await r.readline()).strip() == b"OK"
+        w.close()
+        await asyncio.sleep(0.1)
+        subprocess.run(["pkill", "-9", "-f", f"memcached -l 127.0.0.1 -p {mc_port}"], check=True)
+
+    (won, outcomes), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers), chaos())
+    assert len(won) == 800 and outcomes.count("sold_out") == 1200 and "gave_up" not in outcomes
+    in_db = await claims_of(fresh_dsn, sent.packet_id)
+    assert in_db == {u: (g.seq, g.amount_cents) for u, g in won.items()}
+    # Grabs keep succeeding with memcached gone.
+    admin2, users2, sent2 = await setup_packet(s.port, 50, 5_000, 10)
+    won2, _ = await storm(s.port, sent2.packet_id, users2[40:], grabbers)
+    assert len(won2) == 10
+    stats = [await c.stats() for c in admin.clients]
+    assert sum(st["admission_errors"] for st in stats) > 0
+    for g in grabbers:
+        await g.close()
+    await admin.close()
+    await admin2.close()
+    assert s.stop() == 0
+    await audit_clean(fresh_dsn)
+
+
+async def test_sigterm_drains_then_exits(serve, fresh_dsn):
+    s = serve(workers=2)
+    admin, users, sent = await setup_packet(s.port, 800, 80_000, 400)
+    grabbers = [Grabber(s.port, APP_TOKEN, routed=True) for _ in range(10)]
+    won = {}
+
+    async def grab(i, u):
+        try:
+            c = await grabbers[i % 10]._client()
+            won[u] = await c.grab(sent.packet_id, u)
+        except (SoldOut, *RETRYABLE):
+            pass
+
+    tasks = [asyncio.ensure_future(grab(i, u)) for i, u in enumerate(users)]
+    await asyncio.sleep(0.2)
+    assert s.stop(signal.SIGTERM) == 0
+    await asyncio.gather(*tasks)
+    in_db = await claims_of(fresh_dsn, sent.packet_id)
+    for u, g in won.items():
+        assert in_db.get(u) == (g.seq, g.amount_cents)
+    await audit_clean(fresh_dsn)
+
+
+def test_routing_rules_agree():
+    from anbao import routing
+    from anbao_client import routing as sdk
+    for pid in [1, 1023, 1024, 123456789, 2**62 + 77]:
+        for n in (1, 2, 3, 8):
+            assert routing.owner_of(pid, n) == sdk.owner_of(pid, n)
+    from anbao.server.listener import steered_worker
+    for w in range(4):
+        assert all(steered_worker(sdk.local_port_for(w, 4), 4) == w for _ in range(50))
+        assert all(routing.owner_of(routing.make_packet_id(0, 5, sh), 4) == w for sh in routing.shards_of(w, 4))
+
+
+def test_steering_program_steers_real_connections():
+    """The BPF program on a real reuseport group: 40 connections from chosen
+    source ports each land on the listener the rule names."""
+    import socket
+    from anbao.server.listener import open_listeners, steered_worker
+    socks = open_listeners("127.0.0.1", 0, 3)
+    port = socks[0].getsockname()[1]
+    try:
+        for s_ in socks:
+            s_.settimeout(0.5)
+        for i in range(40):
+            c = socket.socket()
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            src = 30_000 + 13 * i
+            c.bind(("127.0.0.1", src))
+            c.connect(("127.0.0.1", port))
+            want = steered_worker(src, 3)
+            conn, _ = socks[want].accept()
+            assert conn.getpeername()[1] == src
+            conn.close()
+            c.close()
+    finally:
+        for s_ in socks:
+            s_.close()
