@@ -43,7 +43,8 @@ def cmd_serve(args) -> int:
     dsn, embedded_server = _database(args)
     try:
         _asyncio.run(migrate(dsn))  # once, before the workers fork
-        sup = Supervisor(settings, dsn, tokens_path, args.memcached, start_local_memcached=not args.no_memcached)
+        sup = Supervisor(settings, dsn, tokens_path, args.memcached, start_local_memcached=not args.no_memcached,
+                         metrics_port=args.metrics_port)
         sup.start()
         admission = f"memcached at {sup.memcached}" if sup.memcached else "in-process counters (no memcached)"
         print(f"anbao serving on {settings.host}:{sup.port} (protocol v1, {workers} worker"
@@ -52,6 +53,9 @@ def cmd_serve(args) -> int:
               flush=True)
         print(f"  tokens:   {tokens_path} (admin and app scopes; owner-only file)", flush=True)
         print(f"  admission: {admission}; worker pids in {sup.run_dir / 'workers.json'}", flush=True)
+        if args.metrics_port:
+            print(f"  metrics:  http://{settings.host}:{args.metrics_port}/metrics (Prometheus, all workers)",
+                  flush=True)
         print("  stop with Ctrl-C: accepted grabs are committed and answered first", flush=True)
         sup.run_forever()
     finally:
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU)")
     s.add_argument("--memcached", help="HOST:PORT of the admission memcached (default: start a local one)")
     s.add_argument("--no-memcached", action="store_true", help="admission by in-process counters only")
+    s.add_argument("--metrics-port", type=int, default=7879, help="Prometheus endpoint port (0: off)")
     s.set_defaults(func=cmd_serve)
     common(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
     a = common(sub.add_parser("audit", help="check every money invariant; exit 1 on a violation"))

@@ -24,7 +24,8 @@ def free_port() -> int:
 def test_serve_prints_where_tokens_are_and_serves(tmp_path):
     data = tmp_path / "data"
     port = free_port()
-    proc = subprocess.Popen(ANBAO + ["serve", "--data-dir", str(data), "--port", str(port)],
+    proc = subprocess.Popen(ANBAO + ["serve", "--data-dir", str(data), "--port", str(port),
+                             "--metrics-port", str(free_port())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         banner = []

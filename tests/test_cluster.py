@@ -22,13 +22,35 @@ from conftest import ADMIN_TOKEN, APP_TOKEN, funded_users
 RETRYABLE = (ConnectionLost, RequestTimeout, Unavailable, Busy, OSError)
 
 
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict:
+    """The endpoint's samples, summed over label sets, keyed by name and labels."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "pid")))
+            out[key] = out.get(key, 0) + sample.value
+    return out
+
+
 class Served:
     """`anbao serve` in its own process group, on a fresh database."""
 
     def __init__(self, dsn: str, data_dir: Path, tokens_file: Path, workers: int, extra: list[str]):
         self.dsn, self.data_dir, self.workers = dsn, data_dir, workers
+        self.metrics_port = free_port()
         self.args = [sys.executable, "-m", "anbao.cli", "serve", "--dsn", dsn, "--data-dir", str(data_dir),
-                     "--tokens-file", str(tokens_file), "--port", "0", "--workers", str(workers), *extra]
+                     "--tokens-file", str(tokens_file), "--port", "0", "--workers", str(workers),
+                     "--metrics-port", str(self.metrics_port), *extra]
         self.proc = None
         self.port = None
         self.banner = ""
@@ -365,3 +387,32 @@ def test_steering_program_steers_real_connections():
     finally:
         for s_ in socks:
             s_.close()
+
+
+async def test_metrics_endpoint_during_a_storm(serve, fresh_dsn):
+    s = serve(workers=2)
+    admin, users, sent = await setup_packet(s.port, 1200, 100_000, 600)
+    grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(20)]
+    storm_task = asyncio.ensure_future(storm(s.port, sent.packet_id, users, grabbers))
+    await asyncio.sleep(0.2)
+    during = await asyncio.get_running_loop().run_in_executor(None, scrape, s.metrics_port)
+    assert during, "the endpoint answers while the storm runs"
+    won, _ = await storm_task
+    assert len(won) == 600
+    await asyncio.sleep(1.5)  # one flush interval
+    after = await asyncio.get_running_loop().run_in_executor(None, scrape, s.metrics_port)
+    assert {dict(labels).get("worker") for name, labels in after if name == "anbao_queue_depth"} == {"0", "1"}
+    ok_grabs = after[("anbao_requests_total", (("opcode", "grab"), ("status", "0")))]
+    assert ok_grabs >= 600
+    assert after[("anbao_requests_total", (("opcode", "grab"), ("status", "1")))] >= 1  # some SOLD_OUT
+    assert after[("anbao_batch_grabs_count", ())] >= 1
+    assert after[("anbao_batch_grabs_sum", ())] == 600, "every committed grab is in exactly one batch"
+    assert after[("anbao_commit_seconds_count", ())] == after[("anbao_batch_grabs_count", ())]
+    assert after[("anbao_router_total", (("outcome", "local"),))] >= 1
+    workers = {dict(labels).get("worker") for name, labels in after if name == "anbao_connections"}
+    assert workers == {"0", "1"}
+    for g in grabbers:
+        await g.close()
+    await admin.close()
+    assert s.stop() == 0
+    await audit_clean(fresh_dsn)

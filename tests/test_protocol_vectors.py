@@ -69,6 +69,9 @@ def test_response_vector(vec):
         g = wire.decode_grab(r)
         assert {k: getattr(g, k) for k in want["grab"]} == want["grab"]
         assert g.already_claimed == (r.status == wire.Status.ALREADY_CLAIMED)
+    if "topology" in want:
+        t = wire.decode_topology(r)
+        assert {k: getattr(t, k) for k in want["topology"]} == want["topology"]
     if "message" in want:
         assert wire.error_message(r.body) == want["message"]
     if "sent" in want:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 from .. import _fastpath as fp
@@ -83,6 +84,7 @@ class GrabEngine:
         self._idle.set()
         self._flush_task: asyncio.Task | None = None
         self.on_adopt = None                         # callback(state): admission seeds its counter
+        self.on_commit = None                        # callback(grabs, seconds): metrics
         self.commits = 0
         self.committed_grabs = 0
         self.failed_batches = 0
@@ -239,9 +241,12 @@ class GrabEngine:
     async def _commit(self, batch: Batch) -> None:
         ok = True
         if len(batch):
+            started = time.perf_counter()
             try:
                 batch_id = await self.committer.next_batch_id()
                 ok = await self.committer.commit(batch_id, batch.packets, batch.seqs, batch.users, batch.amounts)
+                if self.on_commit is not None:
+                    self.on_commit(len(batch), time.perf_counter() - started)
             except Exception as exc:
                 log.exception("batch of %d grabs failed: %r", len(batch), exc)
                 ok = False

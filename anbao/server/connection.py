@@ -33,6 +33,7 @@ class Connection(asyncio.Protocol, Replier):
         self.wid = worker.worker_id
         self.last_seen = self.opened_at = 0.0
         self.peer = None
+        self.answered = worker.metrics.answered if worker.metrics is not None else None
 
     # ------------------------------------------------------------ asyncio
 
@@ -92,6 +93,9 @@ class Connection(asyncio.Protocol, Replier):
 
     def answer(self, frame: bytes) -> None:
         self.inflight -= 1
+        if self.answered is not None:
+            key = (frame[4] & 0x7F) << 8 | frame[9]
+            self.answered[key] = self.answered.get(key, 0) + 1
         t = self.transport
         if t is None:
             return  # the client left; its grab, if any, is committed all the same

@@ -55,7 +55,7 @@ def start_memcached() -> tuple[subprocess.Popen, str] | None:
 
 
 def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.socket, peer_dir: str,
-                 peer_token: bytes, memcached: str | None, ready) -> None:
+                 peer_token: bytes, memcached: str | None, with_metrics: bool, ready) -> None:
     """Runs in the forked child."""
     import asyncio
 
@@ -73,8 +73,12 @@ def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.so
             permits = MemcachedPermits(host, int(port), settings.set_id)
         else:
             permits = InProcessPermits(settings.limits.max_packets_in_memory)
+        metrics = None
+        if with_metrics:
+            from ..metrics import WorkerMetrics
+            metrics = WorkerMetrics(settings.worker_id)
         worker = Worker(settings, dsn, TokenBook.load(Path(tokens_path)), listen_sock=sock,
-                        peer_dir=Path(peer_dir), peer_token=peer_token, permits=permits)
+                        peer_dir=Path(peer_dir), peer_token=peer_token, permits=permits, metrics=metrics)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await worker.start()
@@ -87,7 +91,7 @@ def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.so
 
 class Supervisor:
     def __init__(self, settings: Settings, dsn: str, tokens_path: Path, memcached: str | None,
-                 start_local_memcached: bool):
+                 start_local_memcached: bool, metrics_port: int = 0):
         self.settings = settings
         self.dsn = dsn
         self.tokens_path = tokens_path
@@ -102,10 +106,17 @@ class Supervisor:
         self._ready = self._ctx.Queue()
         self._memcached_proc: subprocess.Popen | None = None
         self.port: int | None = None
+        self.metrics_port = metrics_port
+        self._metrics = None
 
     def start(self) -> None:
         n = self.settings.worker_count
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.metrics_port:
+            from .. import metrics
+            metrics.prepare_dir(self.run_dir)
+            self._metrics_server = metrics.serve_endpoint(self.metrics_port, self.settings.host)
+            self._metrics = metrics.SupervisorMetrics()
         if self.start_local_memcached:
             started = start_memcached()
             if started is None:
@@ -127,7 +138,7 @@ class Supervisor:
         settings = replace(self.settings, worker_id=i, port=self.port)
         p = self._ctx.Process(target=_worker_main, name=f"anbao-worker-{i}",
                               args=(settings, self.dsn, str(self.tokens_path), self.socks[i], str(self.run_dir),
-                                    self.peer_token, self.memcached, self._ready))
+                                    self.peer_token, self.memcached, bool(self.metrics_port), self._ready))
         p.start()
         self.procs[i] = p
 
@@ -147,6 +158,7 @@ class Supervisor:
 
     def _write_pids(self) -> None:
         doc = {"supervisor": os.getpid(), "port": self.port, "memcached": self.memcached,
+               "metrics_port": self.metrics_port,
                "workers": {str(i): p.pid for i, p in self.procs.items()}, "restarts": self.total_restarts}
         tmp = self.run_dir / "workers.json.tmp"
         tmp.write_text(json.dumps(doc))
@@ -172,6 +184,10 @@ class Supervisor:
                     time.sleep(1.0)  # a crash loop: slow down rather than spin
                 self.restarts[i] = recent + [now]
                 self.total_restarts += 1
+                if self._metrics is not None:
+                    from .. import metrics
+                    metrics.worker_died(p.pid)
+                    self._metrics.restarts.labels(str(i)).inc()
                 self._spawn(i)
                 try:
                     self._await_ready({i})

@@ -36,7 +36,8 @@ class Worker:
     alone (tests, one worker) it opens its own."""
 
     def __init__(self, settings: Settings, dsn: str, tokens: TokenBook, *, listen_sock=None,
-                 peer_dir: Path | None = None, peer_token: bytes | None = None, permits: Permits | None = None):
+                 peer_dir: Path | None = None, peer_token: bytes | None = None, permits: Permits | None = None,
+                 metrics=None):
         assert settings.worker_count == 1 or (peer_dir is not None and peer_token), "peers need a channel"
         self.settings = settings
         self.limits: Limits = settings.limits
@@ -49,6 +50,7 @@ class Worker:
         self.peer_token = peer_token
         self.permits = permits or Permits()
         self.router: Router | None = None
+        self.metrics = metrics                       # WorkerMetrics when a supervisor serves /metrics
         self._peer_server = None
         self._own_shards = routing.shards_of(settings.worker_id, settings.worker_count)
         self._next_shard = 0
@@ -80,6 +82,9 @@ class Worker:
                              FinalStates(lim.max_final_packets_cached, lim.max_final_claims_cached), peers,
                              lim.admission_slack)
         self.router.start()
+        if self.metrics is not None:
+            self.engine.on_commit = self.metrics.observe_commit
+            self.metrics.start(self)
         tls = None
         if self.settings.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -106,6 +111,8 @@ class Worker:
             self._server.close()
         if self.router is not None:
             self.router.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.engine is not None:
             try:
                 await asyncio.wait_for(self.engine.drain(), drain_timeout_s)

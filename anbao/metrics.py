@@ -1,0 +1,95 @@
+"""Prometheus metrics, aggregated across worker processes.
+
+prometheus_client's multiprocess mode: every process writes its samples to
+files in PROMETHEUS_MULTIPROC_DIR, and the supervisor's HTTP endpoint sums
+them. The hot path never touches prometheus_client: a worker counts answers
+in a dict and flushes the counts once a second.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+FLUSH_INTERVAL_S = 1.0
+OPCODE_NAMES = {0x00: "framing", 0x01: "hello", 0x02: "ping", 0x10: "register", 0x11: "deposit", 0x12: "balance",
+                0x20: "send", 0x21: "grab", 0x22: "packet", 0x50: "topology", 0x51: "stats"}
+
+
+def prepare_dir(run_dir: Path) -> Path:
+    """Called by the supervisor before anything imports prometheus_client."""
+    path = run_dir / "metrics"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
+def serve_endpoint(port: int, host: str = "127.0.0.1"):
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return start_http_server(port, addr=host, registry=registry)
+
+
+def worker_died(pid: int) -> None:
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(pid)
+
+
+class SupervisorMetrics:
+    def __init__(self):
+        from prometheus_client import Counter
+        self.restarts = Counter("anbao_worker_restarts", "Worker processes restarted after dying", ["worker"])
+
+
+class WorkerMetrics:
+    def __init__(self, worker_id: int):
+        from prometheus_client import Counter, Gauge, Histogram
+        self.worker = str(worker_id)
+        self.requests = Counter("anbao_requests", "Answers sent, by operation and status", ["opcode", "status"])
+        self.batch_grabs = Histogram("anbao_batch_grabs", "Grabs per committed batch",
+                                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4096))
+        self.commit_seconds = Histogram("anbao_commit_seconds", "Time to commit one grab batch",
+                                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5))
+        self.queue_depth = Gauge("anbao_queue_depth", "Grabs accepted and not yet committed", ["worker"],
+                                 multiprocess_mode="liveall")
+        self.connections = Gauge("anbao_connections", "Open client connections", ["worker"],
+                                 multiprocess_mode="liveall")
+        self.router = Counter("anbao_router", "GRAB routing outcomes (local, forwarded, admitted, "
+                              "admission_rejects, probes, final_cache_hits)", ["outcome"])
+        self.answered: dict[int, int] = {}   # opcode << 8 | status -> count, filled by connections
+        self._router_seen: dict[str, int] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self, worker) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._flush_loop(worker))
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def observe_commit(self, grabs: int, seconds: float) -> None:
+        self.batch_grabs.observe(grabs)
+        self.commit_seconds.observe(seconds)
+
+    async def _flush_loop(self, worker) -> None:
+        from .server.connection import Connection  # noqa: F401 - the counts come from there
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            self.flush(worker)
+
+    def flush(self, worker) -> None:
+        answered, self.answered = self.answered, {}
+        for key, n in answered.items():
+            op, status = key >> 8, key & 0xFF
+            self.requests.labels(OPCODE_NAMES.get(op, hex(op)), str(status)).inc(n)
+        self.queue_depth.labels(self.worker).set(worker.engine.queued_grabs)
+        self.connections.labels(self.worker).set(len(worker.connections))
+        for name, value in worker.router.stats.items():
+            delta = value - self._router_seen.get(name, 0)
+            if delta:
+                self.router.labels(name).inc(delta)
+            self._router_seen[name] = value
