@@ -34,6 +34,7 @@ class Connection(asyncio.Protocol, Replier):
         self.last_seen = self.opened_at = 0.0
         self.peer = None
         self.answered = worker.metrics.answered if worker.metrics is not None else None
+        self._out: list[bytes] = []
 
     # ------------------------------------------------------------ asyncio
 
@@ -96,10 +97,20 @@ class Connection(asyncio.Protocol, Replier):
         if self.answered is not None:
             key = (frame[4] & 0x7F) << 8 | frame[9]
             self.answered[key] = self.answered.get(key, 0) + 1
-        t = self.transport
-        if t is None:
+        if self.transport is None:
             return  # the client left; its grab, if any, is committed all the same
-        t.write(frame)
+        # Answers of one loop turn (a committed batch, a pipelined burst of
+        # rejects) leave in one write: one syscall, not one per answer.
+        if not self._out:
+            self.worker.loop.call_soon(self._flush)
+        self._out.append(frame)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        t = self.transport
+        if t is None or not out:
+            return
+        t.write(out[0] if len(out) == 1 else b"".join(out))
         if self.paused and self.inflight <= self.max_inflight // 2:
             self.paused = False
             t.resume_reading()
