@@ -117,6 +117,7 @@ class Connection(asyncio.Protocol, Replier):
 
     def close(self) -> None:
         if self.transport is not None:
+            self._flush()  # answers already given leave before the close
             self.transport.close()
             self.transport = None
 
