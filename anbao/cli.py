@@ -43,10 +43,11 @@ def cmd_serve(args) -> int:
     dsn, embedded_server = _database(args)
     try:
         _asyncio.run(migrate(dsn))  # once, before the workers fork
-        sup = Supervisor(settings, dsn, tokens_path, args.memcached, start_local_memcached=not args.no_memcached,
+        sup = Supervisor(settings, dsn, tokens_path, args.memcached, admission=args.admission,
                          metrics_port=args.metrics_port)
         sup.start()
-        admission = f"memcached at {sup.memcached}" if sup.memcached else "in-process counters (no memcached)"
+        admission = {"memcached": f"memcached at {sup.memcached}", "in-process": "in-process counters",
+                     "off": "off"}[sup.admission]
         print(f"anbao serving on {settings.host}:{sup.port} (protocol v1, {workers} worker"
               f"{'s' if workers > 1 else ''}, SO_REUSEPORT steered by source port)", flush=True)
         print(f"  database: {'embedded PostgreSQL in ' + str(settings.data_dir / 'pgdata') if embedded_server else dsn}",
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--keep-db", action="store_true", help="leave the embedded PostgreSQL running on exit")
     s.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU)")
     s.add_argument("--memcached", help="HOST:PORT of the admission memcached (default: start a local one)")
-    s.add_argument("--no-memcached", action="store_true", help="admission by in-process counters only")
+    s.add_argument("--admission", choices=["memcached", "in-process", "off"], default="memcached",
+                   help="how relayed grabs are admitted (default memcached; in-process when it cannot start)")
     s.add_argument("--metrics-port", type=int, default=7879, help="Prometheus endpoint port (0: off)")
     s.set_defaults(func=cmd_serve)
     common(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)

@@ -221,7 +221,7 @@ async def test_routed_and_unaware_clients_together_exactly_500(serve, fresh_dsn)
 async def test_admission_never_undersells(serve, fresh_dsn, admission):
     """Attempts that cannot take a share (repeats, non-members) give their
     permit back, so every share goes to an eligible grabber in the end."""
-    s = serve(workers=2, extra=["--no-memcached"] if admission == "in-process" else [])
+    s = serve(workers=2, extra=["--admission", admission])
     assert admission in s.banner
     admin, users, sent = await setup_packet(s.port, 900, 30_000, 300, members=lambda u: u[:600])
     members, outsiders = users[:600], users[600:]

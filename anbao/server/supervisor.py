@@ -55,24 +55,26 @@ def start_memcached() -> tuple[subprocess.Popen, str] | None:
 
 
 def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.socket, peer_dir: str,
-                 peer_token: bytes, memcached: str | None, with_metrics: bool, ready) -> None:
+                 peer_token: bytes, admission: str, memcached: str | None, with_metrics: bool, ready) -> None:
     """Runs in the forked child."""
     import asyncio
 
     import uvloop
 
-    from ..admission import InProcessPermits, MemcachedPermits
+    from ..admission import InProcessPermits, MemcachedPermits, Permits
     from ..auth import TokenBook
     from .worker import Worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains us in order
 
     async def main() -> None:
-        if memcached:
+        if admission == "memcached":
             host, port = memcached.rsplit(":", 1)
             permits = MemcachedPermits(host, int(port), settings.set_id)
-        else:
+        elif admission == "in-process":
             permits = InProcessPermits(settings.limits.max_packets_in_memory)
+        else:
+            permits = Permits()
         metrics = None
         if with_metrics:
             from ..metrics import WorkerMetrics
@@ -91,12 +93,13 @@ def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.so
 
 class Supervisor:
     def __init__(self, settings: Settings, dsn: str, tokens_path: Path, memcached: str | None,
-                 start_local_memcached: bool, metrics_port: int = 0):
+                 admission: str = "memcached", metrics_port: int = 0):
+        assert admission in ("memcached", "in-process", "off")
         self.settings = settings
         self.dsn = dsn
         self.tokens_path = tokens_path
-        self.memcached = memcached
-        self.start_local_memcached = start_local_memcached and memcached is None
+        self.memcached = memcached if admission == "memcached" else None
+        self.admission = admission
         self.run_dir = Path(settings.data_dir) / "run"
         self.procs: dict[int, mp.Process] = {}
         self.restarts: dict[int, list[float]] = {}
@@ -117,15 +120,14 @@ class Supervisor:
             metrics.prepare_dir(self.run_dir)
             self._metrics_server = metrics.serve_endpoint(self.metrics_port, self.settings.host)
             self._metrics = metrics.SupervisorMetrics()
-        if self.start_local_memcached:
+        if self.admission == "memcached" and self.memcached is None:
             started = start_memcached()
             if started is None:
                 log.warning("no memcached binary and no --memcached address: admission falls back to an "
                             "in-process counter per worker")
+                self.admission = "in-process"
             else:
                 self._memcached_proc, self.memcached = started
-        elif self.memcached is None:
-            log.warning("admission without memcached: in-process counters per worker")
         self.socks = open_listeners(self.settings.host, self.settings.port, n)
         self.port = self.socks[0].getsockname()[1]
         self.peer_token = secrets.token_hex(32).encode()
@@ -138,7 +140,8 @@ class Supervisor:
         settings = replace(self.settings, worker_id=i, port=self.port)
         p = self._ctx.Process(target=_worker_main, name=f"anbao-worker-{i}",
                               args=(settings, self.dsn, str(self.tokens_path), self.socks[i], str(self.run_dir),
-                                    self.peer_token, self.memcached, bool(self.metrics_port), self._ready))
+                                    self.peer_token, self.admission, self.memcached, bool(self.metrics_port),
+                                    self._ready))
         p.start()
         self.procs[i] = p
 
