@@ -108,6 +108,10 @@ class PeerLink(asyncio.Protocol):
         for replier, rid in pending.values():
             replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.own_id, why))
 
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()

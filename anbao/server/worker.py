@@ -120,6 +120,14 @@ class Worker:
                 log.error("drain timed out with %d grabs queued", self.engine.queued_grabs)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=drain_timeout_s)
+        # Grabs relayed to their owners (which drain too) get their answers
+        # to the clients before the connections close.
+        deadline = self.loop.time() + drain_timeout_s
+        while self.router is not None and any(link.pending for link in self.router.peers.values()):
+            if self.loop.time() > deadline:
+                log.error("drain: relayed grabs still unanswered")
+                break
+            await asyncio.sleep(0.01)
         if self._sweeper is not None:
             self._sweeper.cancel()
         for c in list(self.connections):
