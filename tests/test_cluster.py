@@ -287,6 +287,10 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
     assert len(in_db) == 1000 and len(won) == 1000, "the packet must be finished after the restart"
     info = s.run_info()
     assert info["restarts"] >= 1 and info["workers"][str(owner)] != victim
+    # The replacement inherited its slot's socket: steering still lands right.
+    fresh = await Cluster.connect("127.0.0.1", s.port, APP_TOKEN)
+    assert await fresh.steered_workers() == [0, 1]
+    await fresh.close()
     for g in grabbers:
         await g.close()
     await admin.close()
