@@ -38,6 +38,7 @@ async def test_sent_packets_newest_first_paged(anbao):
         PacketStatus.OPEN, 1, 2, Audience.MEMBERS)
     assert fourth.expires_at_ms == sent[3].expires_at_ms and fourth.created_at_ms < fourth.expires_at_ms
     assert (await admin.sent(a)).items == [] and (await admin.sent(a)).next_cursor == 0
+    await anbao.assert_audit_clean()
 
 
 async def test_received_shares_newest_grab_first(anbao):
@@ -54,6 +55,7 @@ async def test_received_shares_newest_grab_first(anbao):
     assert [r.sender_id for r in items] == [(s1, s2, s1, s2, s1)[i] for i in reversed(order)]
     assert all(r.seq == 1 and r.amount_cents == 500 and r.claimed_at_ms > 0 for r in items)
     assert sum(g.amount_cents for g in grabbed) == await admin.balance(me)
+    await anbao.assert_audit_clean()
 
 
 async def test_statement_signed_newest_first_and_adds_up(anbao):
@@ -77,6 +79,7 @@ async def test_statement_signed_newest_first_and_adds_up(anbao):
     head = await admin.statement(me, limit=1)
     assert head.balance_cents == sum(e.amount_cents for e in entries) == await admin.balance(me)
     assert len(head.entries) == 1 and head.next_cursor == head.entries[0].transfer_id
+    await anbao.assert_audit_clean()
 
 
 async def test_claims_paged_and_luckiest(anbao):
@@ -98,6 +101,7 @@ async def test_claims_paged_and_luckiest(anbao):
     open_one = await admin.send(sender, 1_000, 3, mode=Mode.FIXED)
     await admin.grab(open_one.packet_id, users[0])
     assert (await admin.packet(open_one.packet_id)).luckiest_seq == 0
+    await anbao.assert_audit_clean()
 
 
 async def test_query_refusals(anbao):

@@ -234,6 +234,9 @@ class GrabEngine:
             if state is not None:
                 state.close()
             fut = asyncio.get_running_loop().create_future()
+            # Whoever asked may be gone (a sweep cancelled by stop()): a failure
+            # is logged in _commit_refunds, not again as "never retrieved".
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._expiring[packet_id] = fut
             self._open.refunds.append(packet_id)
             self._kick()
