@@ -242,18 +242,24 @@ class GrabEngine:
             self._kick()
         return fut
 
+    def _refunds_failed(self, packet_ids: list[int], exc: BaseException) -> None:
+        # Nothing was refunded: the packets stay closed here, and the next
+        # sweep finds them still open in the database and asks again.
+        if packet_ids:
+            log.warning("refund of %d packet(s) failed: %r", len(packet_ids), exc)
+        self.refunds_failed += len(packet_ids)
+        for pid in packet_ids:
+            fut = self._expiring.pop(pid)
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+
     async def _commit_refunds(self, packet_ids: list[int]) -> None:
         try:
             done = await self.committer.refund(packet_ids)
-        except Exception as exc:
-            # Nothing was refunded: the packets stay closed here, and the
-            # next sweep finds them still open in the database and asks again.
-            log.warning("refund of %d packet(s) failed: %r", len(packet_ids), exc)
-            self.refunds_failed += len(packet_ids)
-            for pid in packet_ids:
-                fut = self._expiring.pop(pid)
-                if not fut.done():
-                    fut.set_exception(exc)
+        except BaseException as exc:
+            self._refunds_failed(packet_ids, exc)
+            if not isinstance(exc, Exception):
+                raise
             return
         for pid in packet_ids:
             refunded, refunded_now = done[pid]
@@ -300,7 +306,11 @@ class GrabEngine:
             self._idle.set()
 
     async def _commit(self, batch: Batch) -> None:
-        await self._commit_grabs(batch)
+        try:
+            await self._commit_grabs(batch)
+        except BaseException as exc:  # cancelled: the refunds were not even tried
+            self._refunds_failed(batch.refunds, exc)
+            raise
         if batch.refunds:
             # After the grabs, whether they committed or failed: either way
             # the database now holds every claim these packets will ever get.
