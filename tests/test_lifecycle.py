@@ -9,12 +9,10 @@ import time
 import asyncpg
 import pytest
 
-from anbao import _fastpath as fp
 from anbao.config import Limits
 from anbao.engine.grabs import Replier
 from anbao.storage.audit import audit
-from anbao_client import (Expired, Invalid, Mode, NotEligible, PacketStatus, SoldOut, TransferKind,
-                          Unavailable)
+from anbao_client import AlreadyClaimed, Expired, Invalid, Mode, PacketStatus, TransferKind
 from anbao_client import wire
 from conftest import Anbao, funded_users
 
@@ -138,6 +136,9 @@ async def test_grabs_in_the_same_tick_as_the_expiry(anbao):
     info = await admin.packet(sent.packet_id)
     assert (info.status, info.claimed_cents, info.refunded_cents) == (PacketStatus.REFUNDED, taken, refunded)
     # A retry of a landed grab still answers with its share; a newcomer is EXPIRED.
+    with pytest.raises(AlreadyClaimed) as again:
+        await admin.grab(sent.packet_id, users[5])
+    assert again.value.grabbed.amount_cents == wire.decode_grab(out.frames[5]).amount_cents
     with pytest.raises(Expired):
         await admin.grab(sent.packet_id, users[10])
     await audit_strict(anbao.dsn)

@@ -53,7 +53,10 @@ class ExpirySweeper:
         if not mine:
             return 0
         engine = self.worker.engine
-        results = await asyncio.gather(*(engine.expire(pid) for pid in mine), return_exceptions=True)
+        # Shielded: a sweep cancelled by stop() must not cancel the refunds
+        # themselves, which the engine commits (and drain() waits for) anyway.
+        results = await asyncio.gather(*(asyncio.shield(engine.expire(pid)) for pid in mine),
+                                       return_exceptions=True)
         settled = 0
         for pid, r in zip(mine, results):
             if isinstance(r, BaseException):
