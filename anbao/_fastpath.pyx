@@ -23,6 +23,7 @@ MAX_REGISTER_IDS = 1024
 MAX_TOKEN_BYTES = 256
 MAX_GREETING_BYTES = 256
 MAX_CLAIMS_PAGE = 1000
+MAX_GROUP_NAME_BYTES = 128
 MAX_ID = 0x7FFFFFFFFFFFFFFF  # ids live in PostgreSQL BIGINT
 cdef uint64_t C_MAX_ID = 0x7FFFFFFFFFFFFFFFULL
 cdef enum:
@@ -33,6 +34,7 @@ cdef enum:
     C_MAX_TOKEN_BYTES = 256
     C_MAX_GREETING_BYTES = 256
     C_MAX_CLAIMS_PAGE = 1000
+    C_MAX_GROUP_NAME_BYTES = 128
     C_MODE_RANDOM = 1
     C_MODE_FIXED = 2
 
@@ -42,11 +44,20 @@ cdef enum:
     C_OP_REGISTER = 0x10
     C_OP_DEPOSIT = 0x11
     C_OP_BALANCE = 0x12
+    C_OP_WITHDRAW = 0x13
+    C_OP_STATEMENT = 0x14
+    C_OP_AUDIT = 0x15
     C_OP_SEND = 0x20
     C_OP_GRAB = 0x21
     C_OP_PACKET = 0x22
     C_OP_TOPOLOGY = 0x50
     C_OP_STATS = 0x51
+    C_OP_SENT_LIST = 0x24
+    C_OP_RECEIVED_LIST = 0x25
+    C_OP_GROUP_CREATE = 0x30
+    C_OP_GROUP_ADD = 0x31
+    C_OP_GROUP_REMOVE = 0x32
+    C_OP_GROUP_INFO = 0x33
 
 OP_HELLO = C_OP_HELLO
 OP_PING = C_OP_PING
@@ -58,6 +69,15 @@ OP_GRAB = C_OP_GRAB
 OP_PACKET = C_OP_PACKET
 OP_TOPOLOGY = C_OP_TOPOLOGY
 OP_STATS = C_OP_STATS
+OP_WITHDRAW = C_OP_WITHDRAW
+OP_STATEMENT = C_OP_STATEMENT
+OP_AUDIT = C_OP_AUDIT
+OP_SENT_LIST = C_OP_SENT_LIST
+OP_RECEIVED_LIST = C_OP_RECEIVED_LIST
+OP_GROUP_CREATE = C_OP_GROUP_CREATE
+OP_GROUP_ADD = C_OP_GROUP_ADD
+OP_GROUP_REMOVE = C_OP_GROUP_REMOVE
+OP_GROUP_INFO = C_OP_GROUP_INFO
 RESPONSE_BIT = 0x80
 
 cdef enum:
@@ -78,6 +98,7 @@ cdef enum:
     S_UNSUPPORTED_VERSION = 14
     S_UNKNOWN_OPCODE = 15
     S_FRAME_TOO_LARGE = 16
+    S_UNKNOWN_GROUP = 17
     S_INTERNAL = 255
 
 OK = S_OK
@@ -97,6 +118,7 @@ IDEMPOTENCY_CONFLICT = S_IDEMPOTENCY_CONFLICT
 UNSUPPORTED_VERSION = S_UNSUPPORTED_VERSION
 UNKNOWN_OPCODE = S_UNKNOWN_OPCODE
 FRAME_TOO_LARGE = S_FRAME_TOO_LARGE
+UNKNOWN_GROUP = S_UNKNOWN_GROUP
 INTERNAL = S_INTERNAL
 
 MODE_RANDOM = 1
@@ -104,6 +126,7 @@ MODE_FIXED = 2
 AUDIENCE_OPEN = 0       # any registered user
 AUDIENCE_DIRECT = 1     # exactly one named user, one share
 AUDIENCE_MEMBERS = 2    # the member list given at send time
+AUDIENCE_GROUP = 3      # a group's members, snapshotted at send time
 
 PACKET_OPEN = 0
 PACKET_SOLD_OUT = 1
@@ -172,6 +195,26 @@ cdef inline int64_t take_id(Cursor* c, str what) except -1:
     if v == 0 or v > C_MAX_ID:
         raise BadRequest(S_INVALID, what + " out of range")
     return <int64_t>v
+
+cdef inline int64_t take_cursor(Cursor* c) except -1:
+    # A page cursor: 0 starts from the newest row, anything else is an
+    # opaque position the previous answer gave (an id, so within BIGINT).
+    need(c, 8)
+    cdef uint64_t v = rd_u64(c.p + c.pos)
+    c.pos += 8
+    if v > C_MAX_ID:
+        raise BadRequest(S_INVALID, "cursor out of range")
+    return <int64_t>v
+
+cdef inline list take_ids(Cursor* c, uint32_t n, str what):
+    # Bounded by the frame itself: each id is 8 bytes of this payload.
+    if <Py_ssize_t>n * 8 > c.end - c.pos:
+        raise BadRequest(S_INVALID, what + " list longer than the frame")
+    cdef list ids = []
+    cdef uint32_t i
+    for i in range(n):
+        ids.append(take_id(c, what))
+    return ids
 
 cdef inline int64_t take_amount(Cursor* c) except? -1:
     # Signed on the wire so that a negative amount is visible as such and
@@ -275,6 +318,24 @@ cdef tuple decode_payload(int opcode, const unsigned char* p, Py_ssize_t start, 
         out = (key, sender, total, count, mode, expiry_s, audience, ids, greeting)
     elif opcode == C_OP_PACKET:
         out = (take_id(&c, "packet_id"), take_u32(&c), take_u16(&c))
+    elif opcode == C_OP_WITHDRAW:
+        key = take_bytes(&c, C_KEY_BYTES)
+        out = (key, take_id(&c, "user_id"), take_amount(&c))
+    elif opcode == C_OP_STATEMENT or opcode == C_OP_SENT_LIST or opcode == C_OP_RECEIVED_LIST:
+        out = (take_id(&c, "user_id"), take_cursor(&c), take_u16(&c))
+    elif opcode == C_OP_AUDIT:
+        out = ()
+    elif opcode == C_OP_GROUP_CREATE:
+        group = take_id(&c, "group_id")
+        name = take_text(&c, C_MAX_GROUP_NAME_BYTES, "group name")
+        n = take_u16(&c)
+        out = (group, name, take_ids(&c, n, "member_id"))
+    elif opcode == C_OP_GROUP_ADD or opcode == C_OP_GROUP_REMOVE:
+        group = take_id(&c, "group_id")
+        n = take_u16(&c)
+        out = (group, take_ids(&c, n, "user_id"))
+    elif opcode == C_OP_GROUP_INFO:
+        out = (take_id(&c, "group_id"), take_cursor(&c), take_u16(&c))
     else:
         raise BadRequest(S_UNKNOWN_OPCODE, "unknown opcode 0x%02x" % opcode)
     done(&c)
@@ -375,24 +436,28 @@ cpdef bytes encode_grab(uint32_t rid, int status, uint16_t worker, int64_t amoun
     return out
 
 
-cpdef bytes encode_ok(int opcode, uint32_t rid, uint16_t worker, str layout, tuple values):
-    """Encodes an OK answer whose body is a fixed sequence of integers.
-
-    layout is one letter a field: B u8, H u16, I u32, Q u64, q i64.
-    Used for the small answers off the hot path (HELLO, DEPOSIT, SEND...).
-    """
+cdef Py_ssize_t layout_bytes(str layout, tuple values) except -1:
+    """Body bytes of values laid out by letter: B u8, H u16, I u32, Q u64,
+    q i64, s text (u16 length + UTF-8)."""
     cdef Py_ssize_t n = 0
     cdef Py_ssize_t i
     cdef str ch
     assert len(layout) == len(values)
-    for ch in layout:
+    for i in range(len(layout)):
+        ch = layout[i]
         if ch == "B": n += 1
         elif ch == "H": n += 2
         elif ch == "I": n += 4
         elif ch == "Q" or ch == "q": n += 8
+        elif ch == "s": n += 2 + len((<str>values[i]).encode("utf-8"))
         else: raise ValueError("bad layout letter " + ch)
-    cdef unsigned char* b
-    cdef bytes out = new_frame(opcode, rid, S_OK, worker, n, &b)
+    return n
+
+
+cdef unsigned char* write_layout(unsigned char* b, str layout, tuple values) except NULL:
+    cdef Py_ssize_t i
+    cdef str ch
+    cdef bytes raw
     for i in range(len(layout)):
         ch = layout[i]
         v = values[i]
@@ -412,10 +477,47 @@ cpdef bytes encode_ok(int opcode, uint32_t rid, uint16_t worker, str layout, tup
             assert 0 <= v <= 0xFFFFFFFFFFFFFFFF
             wr_u64(b, <uint64_t>v)
             b += 8
-        else:
+        elif ch == "q":
             assert -0x8000000000000000 <= v <= 0x7FFFFFFFFFFFFFFF
             wr_u64(b, <uint64_t>(<int64_t>v))
             b += 8
+        else:
+            raw = (<str>v).encode("utf-8")
+            assert len(raw) <= 0xFFFF
+            wr_u16(b, len(raw))
+            memcpy(b + 2, PyBytes_AS_STRING(raw), len(raw))
+            b += 2 + len(raw)
+    return b
+
+
+cpdef bytes encode_ok(int opcode, uint32_t rid, uint16_t worker, str layout, tuple values):
+    """Encodes an OK answer whose body is a fixed sequence of fields.
+
+    layout is one letter a field: B u8, H u16, I u32, Q u64, q i64, s text.
+    Used for the small answers off the hot path (HELLO, DEPOSIT, SEND...).
+    """
+    cdef unsigned char* b
+    cdef bytes out = new_frame(opcode, rid, S_OK, worker, layout_bytes(layout, values), &b)
+    write_layout(b, layout, values)
+    return out
+
+
+cpdef bytes encode_list(int opcode, uint32_t rid, uint16_t worker, str head_layout, tuple head,
+                        str row_layout, list rows):
+    """An OK answer that is a head, then u16 n, then n rows of one layout:
+    the paged queries (statement, sent and received packets, group members)."""
+    assert len(rows) <= 0xFFFF
+    cdef Py_ssize_t n = layout_bytes(head_layout, head) + 2
+    cdef tuple row
+    for row in rows:
+        n += layout_bytes(row_layout, row)
+    cdef unsigned char* b
+    cdef bytes out = new_frame(opcode, rid, S_OK, worker, n, &b)
+    b = write_layout(b, head_layout, head)
+    wr_u16(b, len(rows))
+    b += 2
+    for row in rows:
+        b = write_layout(b, row_layout, row)
     return out
 
 

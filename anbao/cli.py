@@ -1,4 +1,12 @@
-"""`anbao` command line: serve, migrate, audit, tokens."""
+"""`anbao` command line.
+
+Server side: serve, migrate, audit (reads the database), tokens.
+Client side, for people and scripts, talking to a running server through
+the SDK: register, deposit, withdraw, send, grab, packet, balance,
+statement, sent, received, group ..., demo. Amounts are typed and shown in
+yuan with two decimals ("12.34"); `--json` prints one JSON document with
+amounts in integer cents.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +16,7 @@ import logging
 import os
 import sys
 from dataclasses import replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .auth import ensure_tokens_file
@@ -77,7 +86,8 @@ def cmd_migrate(args) -> int:
 def cmd_audit(args) -> int:
     from .storage.audit import audit
     dsn, _ = _database(args)
-    report = asyncio.run(audit(dsn))
+    grace_ms = None if args.refund_grace_s is None else int(args.refund_grace_s * 1000)
+    report = asyncio.run(audit(dsn, refund_grace_ms=grace_ms))
     print(json.dumps(report.as_dict(), default=str, indent=2) if args.json else report.text())
     return 0 if report.ok else 1
 
@@ -86,6 +96,273 @@ def cmd_tokens(args) -> int:
     path = Path(args.tokens_file) if args.tokens_file else ensure_tokens_file(Path(args.data_dir) / "tokens.json")
     print(path.read_text() if args.show else path)
     return 0
+
+
+# ---------------------------------------------------------------- client side
+
+# Exit codes: 0 done, 1 the audit (or the demo's check) found a violation,
+# 2 bad command line (argparse), then these.
+EXIT_REFUSED = 3       # the server answered with an error status
+EXIT_UNREACHABLE = 4   # no answer: cannot connect, connection lost, timeout
+
+
+def cents(text: str) -> int:
+    """'12.34' (yuan) -> 1234 cents; exact, never through a float."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount: {text!r}") from None
+    if not value.is_finite() or value <= 0 or value != value.quantize(Decimal("0.01")):
+        raise argparse.ArgumentTypeError(f"an amount is positive with at most two decimals: {text!r}")
+    return int(value * 100)
+
+
+def yuan(amount_cents: int) -> str:
+    sign = "-" if amount_cents < 0 else ""
+    return f"{sign}{abs(amount_cents) // 100:,}.{abs(amount_cents) % 100:02d}"
+
+
+def id_list(text: str) -> list[int]:
+    """'1,2,5-9' -> [1, 2, 5, 6, 7, 8, 9]"""
+    out = []
+    try:
+        for part in filter(None, text.split(",")):
+            lo, _, hi = part.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of ids: {text!r}") from None
+    return out
+
+
+def key_arg(text: str) -> bytes:
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        raise argparse.ArgumentTypeError("an idempotency key is 32 hex digits")
+    return key
+
+
+def _ms_text(ms: int) -> str:
+    import datetime
+    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _token(args) -> str:
+    if args.token:
+        return args.token
+    from .auth import token_for
+    path = Path(args.tokens_file) if args.tokens_file else Path(args.data_dir) / "tokens.json"
+    if not path.exists():
+        raise SystemExit(f"anbao: no token: pass --token, or --tokens-file / --data-dir where {path.name} is"
+                         f" (the server creates {path} on its first run)")
+    return token_for(path, args.scope)
+
+
+class Out:
+    """Prints for people (rich) or, with --json, one JSON document."""
+
+    def __init__(self, as_json: bool):
+        self.json = as_json
+        from rich.console import Console
+        self.console = Console(highlight=False)
+
+    def done(self, doc: dict, text=None) -> None:
+        if self.json:
+            print(json.dumps(doc, ensure_ascii=False, default=str))
+        elif text is not None:
+            for part in (text if isinstance(text, list) else [text]):
+                self.console.print(part)
+
+
+def _client_command(run):
+    """Wraps an async command body: connects, runs, maps errors to exit codes."""
+    def command(args) -> int:
+        from anbao_client import AnbaoError, Client, ConnectionLost, RequestTimeout
+        out = Out(args.json)
+
+        async def main() -> int:
+            client = await Client.connect(args.host, args.port, _token(args), timeout_ms=args.timeout_ms)
+            try:
+                return await run(client, args, out) or 0
+            finally:
+                await client.close()
+
+        try:
+            return asyncio.run(main())
+        except AnbaoError as exc:
+            name = exc.status.name
+            out.done({"error": name, "status": int(exc.status), "message": exc.message})
+            if not out.json:
+                print(f"anbao: {name}: {exc.message}", file=sys.stderr)
+            return EXIT_REFUSED
+        except (ConnectionLost, RequestTimeout, OSError, asyncio.TimeoutError) as exc:
+            out.done({"error": "UNREACHABLE", "message": str(exc)})
+            if not out.json:
+                print(f"anbao: no answer from {args.host}:{args.port}: {exc or type(exc).__name__}",
+                      file=sys.stderr)
+            return EXIT_UNREACHABLE
+    return command
+
+
+async def run_register(c, args, out):
+    new = 0
+    for i in range(0, len(args.users), 1024):
+        new += await c.register(args.users[i:i + 1024])
+    out.done({"registered": len(args.users), "new": new}, f"{len(args.users)} user(s) registered, {new} new")
+
+
+async def run_deposit(c, args, out):
+    from anbao_client import new_idempotency_key
+    key = args.key or new_idempotency_key()
+    d = await c.deposit(args.user, args.amount, key=key)
+    out.done({"user_id": args.user, "amount_cents": args.amount, "balance_cents": d.balance_cents,
+              "transfer_id": d.transfer_id, "idempotency_key": key.hex()},
+             f"deposited {yuan(args.amount)} to user {args.user}: balance {yuan(d.balance_cents)}"
+             f" (transfer {d.transfer_id})")
+
+
+async def run_withdraw(c, args, out):
+    from anbao_client import new_idempotency_key
+    key = args.key or new_idempotency_key()
+    w = await c.withdraw(args.user, args.amount, key=key)
+    out.done({"user_id": args.user, "amount_cents": args.amount, "balance_cents": w.balance_cents,
+              "transfer_id": w.transfer_id, "idempotency_key": key.hex()},
+             f"withdrew {yuan(args.amount)} from user {args.user}: balance {yuan(w.balance_cents)}"
+             f" (transfer {w.transfer_id})")
+
+
+async def run_send(c, args, out):
+    from anbao_client import Mode, new_idempotency_key
+    key = args.key or new_idempotency_key()
+    s = await c.send(args.sender, args.amount, args.count, mode=Mode.FIXED if args.fixed else Mode.RANDOM,
+                     to_user=args.to, members=args.members, group=args.group, greeting=args.greeting,
+                     expiry_seconds=args.expiry, key=key)
+    to = (f"user {args.to}" if args.to else f"group {args.group}" if args.group
+          else f"{len(args.members)} members" if args.members else "anyone")
+    out.done({"packet_id": s.packet_id, "sender_balance_cents": s.sender_balance_cents,
+              "expires_at_ms": s.expires_at_ms, "idempotency_key": key.hex()},
+             f"packet {s.packet_id}: {yuan(args.amount)} in {args.count} share(s) for {to},"
+             f" expires {_ms_text(s.expires_at_ms)}; sender's balance {yuan(s.sender_balance_cents)}")
+
+
+async def run_grab(c, args, out):
+    from anbao_client import AlreadyClaimed
+    try:
+        g, again = await c.grab(args.packet, args.user), False
+    except AlreadyClaimed as exc:  # the first grab's answer: nothing moved now
+        g, again = exc.grabbed, True
+    out.done({"packet_id": args.packet, "user_id": args.user, "amount_cents": g.amount_cents, "seq": g.seq,
+              "remaining_count": g.remaining_count, "already_claimed": again},
+             f"user {args.user} {'had already grabbed' if again else 'grabbed'} {yuan(g.amount_cents)}"
+             f" (share #{g.seq}; {g.remaining_count} left after it)")
+
+
+async def run_packet(c, args, out):
+    from rich.table import Table
+    info = await c.packet(args.packet, claims_offset=args.offset, claims_limit=args.limit)
+    doc = {"packet_id": args.packet, "sender_id": info.sender_id, "total_cents": info.total_cents,
+           "count": info.count, "mode": info.mode.name.lower(), "status": info.status.name.lower(),
+           "audience": info.audience.name.lower(), "greeting": info.greeting,
+           "created_at_ms": info.created_at_ms, "expires_at_ms": info.expires_at_ms,
+           "claimed_cents": info.claimed_cents, "claimed_count": info.claimed_count,
+           "refunded_cents": info.refunded_cents, "luckiest_seq": info.luckiest_seq,
+           "claims": [{"seq": x.seq, "user_id": x.user_id, "amount_cents": x.amount_cents} for x in info.claims]}
+    audience = {0: "anyone", 1: "one person", 2: "a member list", 3: "a group's members"}[info.audience]
+    head = (f"packet {args.packet} from user {info.sender_id}: {yuan(info.total_cents)} in {info.count} "
+            f"{info.mode.name.lower()} share(s) for {audience}"
+            + (f" — “{info.greeting}”" if info.greeting else ""))
+    state = (f"{info.status.name.replace('_', ' ').lower()}: {info.claimed_count}/{info.count} claimed"
+             f" ({yuan(info.claimed_cents)}), refunded {yuan(info.refunded_cents)};"
+             f" expires {_ms_text(info.expires_at_ms)}")
+    table = Table("seq", "user", "amount", "", title=f"claims from #{args.offset + 1}")
+    for x in info.claims:
+        table.add_row(str(x.seq), str(x.user_id), yuan(x.amount_cents),
+                      "luckiest" if x.seq == info.luckiest_seq else "")
+    out.done(doc, [head, state] + ([table] if info.claims else []))
+
+
+async def run_balance(c, args, out):
+    balances = {u: await c.balance(u) for u in args.users}
+    out.done({"balances_cents": {str(u): b for u, b in balances.items()}},
+             [f"user {u}: {yuan(b)}" for u, b in balances.items()])
+
+
+async def run_statement(c, args, out):
+    from rich.table import Table
+    st = await c.statement(args.user, cursor=args.cursor, limit=args.limit)
+    doc = {"user_id": args.user, "balance_cents": st.balance_cents, "next_cursor": st.next_cursor,
+           "entries": [{"transfer_id": e.transfer_id, "kind": e.kind.name.lower(), "amount_cents": e.amount_cents,
+                        "packet_id": e.packet_id or None, "at_ms": e.at_ms} for e in st.entries]}
+    table = Table("transfer", "when", "what", "amount", "packet")
+    for e in st.entries:
+        table.add_row(str(e.transfer_id), _ms_text(e.at_ms), e.kind.name.lower(),
+                      ("+" if e.amount_cents > 0 else "") + yuan(e.amount_cents), str(e.packet_id or ""))
+    more = f"older entries: --cursor {st.next_cursor}" if st.next_cursor else "no older entries"
+    out.done(doc, [f"user {args.user}: balance {yuan(st.balance_cents)}", table, more])
+
+
+async def run_sent(c, args, out):
+    from rich.table import Table
+    page = await c.sent(args.user, cursor=args.cursor, limit=args.limit)
+    doc = {"user_id": args.user, "next_cursor": page.next_cursor,
+           "packets": [{"packet_id": p.packet_id, "total_cents": p.total_cents, "count": p.count,
+                        "claimed_count": p.claimed_count, "claimed_cents": p.claimed_cents,
+                        "refunded_cents": p.refunded_cents, "status": p.status.name.lower(),
+                        "audience": p.audience.name.lower(), "created_at_ms": p.created_at_ms,
+                        "expires_at_ms": p.expires_at_ms} for p in page.items]}
+    table = Table("packet", "sent", "total", "claimed", "refunded", "status")
+    for p in page.items:
+        table.add_row(str(p.packet_id), _ms_text(p.created_at_ms), yuan(p.total_cents),
+                      f"{p.claimed_count}/{p.count} {yuan(p.claimed_cents)}", yuan(p.refunded_cents),
+                      p.status.name.replace("_", " ").lower())
+    more = f"older packets: --cursor {page.next_cursor}" if page.next_cursor else "no older packets"
+    out.done(doc, [f"packets sent by user {args.user}", table, more])
+
+
+async def run_received(c, args, out):
+    from rich.table import Table
+    page = await c.received(args.user, cursor=args.cursor, limit=args.limit)
+    doc = {"user_id": args.user, "next_cursor": page.next_cursor,
+           "shares": [{"packet_id": r.packet_id, "sender_id": r.sender_id, "seq": r.seq,
+                       "amount_cents": r.amount_cents, "claimed_at_ms": r.claimed_at_ms} for r in page.items]}
+    table = Table("packet", "from", "share", "amount", "when")
+    for r in page.items:
+        table.add_row(str(r.packet_id), str(r.sender_id), f"#{r.seq}", yuan(r.amount_cents),
+                      _ms_text(r.claimed_at_ms))
+    more = f"older shares: --cursor {page.next_cursor}" if page.next_cursor else "no older shares"
+    out.done(doc, [f"shares grabbed by user {args.user}", table, more])
+
+
+async def run_group(c, args, out):
+    if args.group_command == "create":
+        members = args.members or []
+        made = await c.group_create(args.group, members[:8000], name=args.name)
+        for i in range(8000, len(members), 1024):
+            if made.created:
+                await c.group_add(args.group, members[i:i + 1024])
+        n = (await c.group_info(args.group, limit=1)).member_count
+        out.done({"group_id": args.group, "created": made.created, "member_count": n},
+                 f"group {args.group} {'created' if made.created else 'exists already, unchanged'}:"
+                 f" {n} member(s)")
+    elif args.group_command in ("add", "remove"):
+        change = await (c.group_add if args.group_command == "add" else c.group_remove)(args.group, args.users)
+        verb = "added" if args.group_command == "add" else "removed"
+        out.done({"group_id": args.group, verb: change.changed, "member_count": change.member_count},
+                 f"group {args.group}: {change.changed} {verb}, {change.member_count} member(s)")
+    else:
+        info = await c.group_info(args.group, cursor=args.cursor, limit=args.limit)
+        more = f"more: --cursor {info.next_cursor}" if info.next_cursor else ""
+        out.done({"group_id": args.group, "name": info.name, "member_count": info.member_count,
+                  "members": info.members, "next_cursor": info.next_cursor},
+                 [f"group {args.group} “{info.name}”: {info.member_count} member(s)",
+                  ", ".join(map(str, info.members))] + ([more] if more else []))
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return _client_command(run_demo)(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,12 +389,96 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--metrics-port", type=int, default=7879, help="Prometheus endpoint port (0: off)")
     s.set_defaults(func=cmd_serve)
     common(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
-    a = common(sub.add_parser("audit", help="check every money invariant; exit 1 on a violation"))
+    a = common(sub.add_parser("audit", help="check every money invariant on the database; exit 1 on a violation"))
     a.add_argument("--json", action="store_true")
+    a.add_argument("--refund-grace-s", type=float, default=None,
+                   help="how long past expiry an unrefunded packet is not yet a violation (default 300)")
     a.set_defaults(func=cmd_audit)
     t = common(sub.add_parser("tokens", help="print where the tokens are (create them on first run)"))
     t.add_argument("--show", action="store_true", help="print the tokens themselves")
     t.set_defaults(func=cmd_tokens)
+
+    # The client options sit on the leaf commands (so they go anywhere on
+    # the line, `anbao group add 7 1,2 --port 9000` included).
+    client_opts = argparse.ArgumentParser(add_help=False)
+    client_opts.add_argument("--host", default="127.0.0.1")
+    client_opts.add_argument("--port", type=int, default=7878)
+    client_opts.add_argument("--token", help="a token (default: from the tokens file)")
+    client_opts.add_argument("--scope", choices=["admin", "app"], default="admin",
+                             help="which token of the tokens file to use (default admin)")
+    client_opts.add_argument("--data-dir", default=".anbao", help="where tokens.json is (default .anbao)")
+    client_opts.add_argument("--tokens-file", help="JSON file of tokens (default DATA_DIR/tokens.json)")
+    client_opts.add_argument("--timeout-ms", type=int, default=10_000)
+    client_opts.add_argument("--json", action="store_true", help="one JSON document, amounts in cents")
+
+    def client(name, help, run, parent=sub):
+        p = parent.add_parser(name, help=help, parents=[client_opts])
+        p.set_defaults(func=_client_command(run) if run else cmd_demo)
+        return p
+
+    def paged(p):
+        p.add_argument("--limit", type=int, default=20)
+        p.add_argument("--cursor", type=int, default=0, help="next_cursor of the previous page")
+        return p
+
+    amount_help = "yuan, two decimals at most (12.34)"
+    p = client("register", "open wallets for user ids", run_register)
+    p.add_argument("users", type=id_list, help="ids: 1,2,10-20")
+    p = client("deposit", "money in from outside (admin)", run_deposit)
+    p.add_argument("user", type=int)
+    p.add_argument("amount", type=cents, help=amount_help)
+    p.add_argument("--key", type=key_arg, help="idempotency key, 32 hex digits (default random)")
+    p = client("withdraw", "money out to outside (admin)", run_withdraw)
+    p.add_argument("user", type=int)
+    p.add_argument("amount", type=cents, help=amount_help)
+    p.add_argument("--key", type=key_arg, help="idempotency key, 32 hex digits (default random)")
+    p = client("send", "send a red packet", run_send)
+    p.add_argument("sender", type=int)
+    p.add_argument("amount", type=cents, help=amount_help)
+    p.add_argument("count", type=int, help="number of shares")
+    to = p.add_mutually_exclusive_group()
+    to.add_argument("--to", type=int, help="one person, who takes it all (count 1)")
+    to.add_argument("--members", type=id_list, help="these users only")
+    to.add_argument("--group", type=int, help="the group's members at this moment")
+    p.add_argument("--fixed", action="store_true", help="equal shares (default: random, WeChat's lucky split)")
+    p.add_argument("--expiry", type=int, default=0, help="seconds (default 24 h)")
+    p.add_argument("--greeting", default="")
+    p.add_argument("--key", type=key_arg, help="idempotency key, 32 hex digits (default random)")
+    p = client("grab", "grab a share of a packet", run_grab)
+    p.add_argument("packet", type=int)
+    p.add_argument("user", type=int)
+    p = client("packet", "show a packet and its claims", run_packet)
+    p.add_argument("packet", type=int)
+    p.add_argument("--offset", type=int, default=0, help="first claim shown (0-based)")
+    p.add_argument("--limit", type=int, default=100)
+    p = client("balance", "show balances", run_balance)
+    p.add_argument("users", type=id_list)
+    p = paged(client("statement", "a wallet's transfers, newest first", run_statement))
+    p.add_argument("user", type=int)
+    p = paged(client("sent", "packets a user sent, newest first", run_sent))
+    p.add_argument("user", type=int)
+    p = paged(client("received", "shares a user grabbed, newest first", run_received))
+    p.add_argument("user", type=int)
+    g = sub.add_parser("group", help="create a group, add or remove members, show it")
+    gsub = g.add_subparsers(dest="group_command", required=True)
+    p = client("create", "create a group (an existing id is left unchanged)", run_group, gsub)
+    p.add_argument("group", type=int)
+    p.add_argument("--name", default="")
+    p.add_argument("--members", type=id_list)
+    for verb in ("add", "remove"):
+        p = client(verb, f"{verb} members", run_group, gsub)
+        p.add_argument("group", type=int)
+        p.add_argument("users", type=id_list)
+    p = paged(client("show", "the group's name, size and members", run_group, gsub))
+    p.add_argument("group", type=int)
+    p = client("demo", "a packet in a group of thousands, grabbed at once; who got what; the audit", None)
+    p.add_argument("--members", type=int, default=3000, help="simulated group members (default 3000)")
+    p.add_argument("--shares", type=int, default=200)
+    p.add_argument("--amount", type=cents, default=cents("888.88"), help=amount_help)
+    p.add_argument("--fixed", action="store_true")
+    p.add_argument("--connections", type=int, default=8, help="grabbers' connections (default 8)")
+    p.add_argument("--top", type=int, default=10, help="rows of the winners' table (default 10)")
+    p.add_argument("--greeting", default="恭喜发财，大吉大利")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

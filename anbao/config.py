@@ -17,10 +17,21 @@ class Limits:
     max_share_count: int = 10_000
     min_share_cents: int = 1
     max_deposit_cents: int = 1_000_000_000_000
+    max_withdraw_cents: int = 1_000_000_000_000
     max_members: int = 8000                     # a member list must fit in one frame
+    max_group_members: int = 10_000             # a group grows past one frame by GROUP_ADD
+    max_page_rows: int = 1000                   # statement, sent, received, group members per answer
     default_expiry_s: int = 86_400
     min_expiry_s: int = 1
     max_expiry_s: int = 7 * 86_400
+    # Expiry: the sweeper asks the database for expired open packets this
+    # often (and at start-up), at most expiry_sweep_batch at a time. The
+    # audit calls an expired packet unrefunded only after refund_grace_ms:
+    # a live server refunds within about one sweep interval plus the commit
+    # of the batch in flight, but a database outage holds refunds back too.
+    expiry_sweep_interval_ms: int = 1000
+    expiry_sweep_batch: int = 1000
+    refund_grace_ms: int = 300_000
     # Group commit: a batch goes as soon as the previous one has committed,
     # carrying at most batch_max_grabs; grabs beyond max_queued_grabs get BUSY.
     batch_max_grabs: int = 4096
@@ -40,6 +51,10 @@ class Limits:
         assert 64 <= self.max_frame_bytes <= 16 * 1024 * 1024
         assert self.min_expiry_s <= self.default_expiry_s <= self.max_expiry_s
         assert self.max_members * 8 + 128 <= self.max_frame_bytes
+        assert self.max_members <= self.max_group_members <= 2**31
+        # A page of the widest rows (SENT_LIST's, 58 bytes) must fit in one answer frame.
+        assert self.max_page_rows * 58 + 64 <= self.max_frame_bytes
+        assert self.refund_grace_ms >= 2 * self.expiry_sweep_interval_ms
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """PROTOCOL.md's hex vectors, checked against both codecs: the server's
 Cython one and the SDK's pure-Python one."""
+import dataclasses
+import enum
 import json
+import struct
 import re
 from pathlib import Path
 
@@ -15,7 +18,7 @@ KEY16 = bytes(range(16))
 
 def _vectors():
     blocks = re.findall(r"```vector\n(.*?)```", DOC.read_text(), re.S)
-    assert len(blocks) >= 14, "PROTOCOL.md lost its vectors"
+    assert len(blocks) >= 34, "PROTOCOL.md lost its vectors"
     return [json.loads(b) for b in blocks]
 
 
@@ -24,8 +27,23 @@ def _value(v):
         return KEY16
     if isinstance(v, str) and v.startswith("b:"):
         return v[2:].encode()
+    if isinstance(v, str) and v.startswith("hex:"):
+        return bytes.fromhex(v[4:])
     if isinstance(v, list):
         return [_value(x) for x in v]
+    return v
+
+
+def _plain(v):
+    """A decoded answer as the document writes it: dataclasses as dicts, enums as numbers."""
+    if dataclasses.is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, enum.Enum):
+        return v.value
     return v
 
 
@@ -57,6 +75,9 @@ def test_response_vector(vec):
     if fn == "encode_packet":
         args[2] = tuple(args[2])
         args[4] = [tuple(c) for c in args[4]]
+    if fn == "encode_list":
+        args[4] = tuple(args[4])
+        args[6] = [tuple(row) for row in args[6]]
     assert getattr(fp, fn)(*args) == raw, "server encoder disagrees with the document"
     [r] = wire.FrameBuffer().feed(raw)
     want = vec["sdk"]
@@ -69,14 +90,19 @@ def test_response_vector(vec):
         g = wire.decode_grab(r)
         assert {k: getattr(g, k) for k in want["grab"]} == want["grab"]
         assert g.already_claimed == (r.status == wire.Status.ALREADY_CLAIMED)
+    if "stats" in want:
+        (n,) = struct.unpack_from(">I", r.body)
+        assert json.loads(r.body[4:4 + n]) == want["stats"]
     if "topology" in want:
         t = wire.decode_topology(r)
         assert {k: getattr(t, k) for k in want["topology"]} == want["topology"]
     if "message" in want:
         assert wire.error_message(r.body) == want["message"]
     if "sent" in want:
-        import struct
         assert dict(zip(want["sent"], struct.unpack(">Qqq", r.body))) == want["sent"]
+    if "decoded" in want:
+        decoder, fields = want["decoded"]
+        assert _plain(getattr(wire, decoder)(r.body)) == fields, "SDK decoder disagrees with the document"
     if "packet" in want:
         p = wire.decode_packet(r.body)
         for k, v in want["packet"].items():
@@ -129,3 +155,13 @@ def test_unknown_opcode_and_framing_errors():
     assert e.value.status == fp.FRAME_TOO_LARGE
     with pytest.raises(fp.FramingError):
         fp.FrameDecoder().feed(b"\x00\x00\x00\x02\x21\x00")
+
+
+def test_every_operation_has_vectors():
+    """Every opcode has a request vector; every one whose answer is more
+    than a few integers has an answer vector too."""
+    requests = {bytes.fromhex(v["hex"])[4] for v in VECTORS if v["kind"] == "request"}
+    answers = {v["sdk"]["opcode"] for v in VECTORS if v["kind"] == "response"}
+    assert set(wire.Op) <= requests, set(wire.Op) - requests
+    plain_integers = {wire.Op.PING, wire.Op.REGISTER, wire.Op.DEPOSIT, wire.Op.BALANCE}
+    assert set(wire.Op) - plain_integers <= answers, set(wire.Op) - plain_integers - answers

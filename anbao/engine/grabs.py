@@ -7,6 +7,11 @@ order (that is the packet's queue; it needs no lock), and an accepted share
 joins the open batch. One batch is in flight at a time: while it commits,
 the next one fills. A grab is answered only after the batch that carries it
 has committed.
+
+Expiry goes through the same queue: expire() closes the packet's state at
+once (every grab decided after it answers EXPIRED) and puts the refund in
+the open batch, behind every grab accepted before it, so the refund is
+committed after them and returns exactly what they left.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ class Batch:
     amounts: list = field(default_factory=list)
     replies: list = field(default_factory=list)     # (replier, request_id, state) per grab
     followers: list = field(default_factory=list)   # (replier, request_id, state, user_id): retries of a pending grab
+    refunds: list = field(default_factory=list)     # packet ids to refund once this batch's grabs are settled
 
     def __len__(self) -> int:
         return len(self.packets)
@@ -85,6 +91,9 @@ class GrabEngine:
         self._flush_task: asyncio.Task | None = None
         self.on_adopt = None                         # callback(state): admission seeds its counter
         self.on_commit = None                        # callback(grabs, seconds): metrics
+        self._expiring: dict[int, asyncio.Future] = {}   # packet id -> its refund, until committed
+        self.refunds_committed = 0
+        self.refunds_failed = 0
         self.commits = 0
         self.committed_grabs = 0
         self.failed_batches = 0
@@ -131,8 +140,9 @@ class GrabEngine:
                 self._open.followers.append((replier, rid, state, user_id))
                 self._kick()
             else:
+                # The first answer's body, byte for byte: remaining_count as it was after that share.
                 replier.answer(fp.encode_grab(rid, fp.ALREADY_CLAIMED, self.worker_id, state.last_amount_cents,
-                                              state.last_seq, state.remaining_count))
+                                              state.last_seq, state.count - state.last_seq))
         else:
             replier.answer(fp.encode_error(fp.OP_GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
 
@@ -162,6 +172,8 @@ class GrabEngine:
         assert state.packet_id not in self.states
         if len(self.states) >= self.max_packets_in_memory:
             self._evict_settled()
+        if state.packet_id in self._expiring:
+            state.close()  # reloaded while its refund is on the way: it stays closed
         self.states[state.packet_id] = state
         if self.on_adopt is not None:
             self.on_adopt(state)
@@ -210,6 +222,66 @@ class GrabEngine:
         if len(self._known_users) < self.max_known_users:
             self._known_users.update(user_ids)
 
+    # ------------------------------------------------------------ expiry
+
+    def expire(self, packet_id: int) -> asyncio.Future:
+        """Closes the packet and refunds its remainder to the sender, in the
+        packet's queue order. Synchronously, the state is closed: any grab
+        decided after this call answers EXPIRED. The refund joins the open
+        batch, which commits after every batch holding a grab accepted
+        before this call, so the remainder it returns is what those grabs
+        left. The future gives (refunded_cents, refunded_now) once committed;
+        the database refunds at most once whoever asks, so calling this again
+        (another sweep, another process, after a restart) is safe."""
+        fut = self._expiring.get(packet_id)
+        if fut is None:
+            state = self.states.get(packet_id)
+            if state is not None:
+                state.close()
+            fut = asyncio.get_running_loop().create_future()
+            # Whoever asked may be gone (a sweep cancelled by stop()): a failure
+            # is logged in _commit_refunds, not again as "never retrieved".
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._expiring[packet_id] = fut
+            self._open.refunds.append(packet_id)
+            self._kick()
+        return fut
+
+    def _refunds_failed(self, packet_ids: list[int], exc: BaseException) -> None:
+        # Nothing was refunded: the packets stay closed here, and the next
+        # sweep finds them still open in the database and asks again.
+        if packet_ids:
+            log.warning("refund of %d packet(s) failed: %r", len(packet_ids), exc)
+        self.refunds_failed += len(packet_ids)
+        for pid in packet_ids:
+            fut = self._expiring.pop(pid)
+            if not fut.done():
+                fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+
+    async def _commit_refunds(self, packet_ids: list[int]) -> None:
+        try:
+            done = await self.committer.refund(packet_ids)
+        except BaseException as exc:
+            self._refunds_failed(packet_ids, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for pid in packet_ids:
+            refunded, refunded_now = done[pid]
+            self.refunds_committed += refunded_now
+            state = self.states.get(pid)
+            if state is not None:
+                state.close()
+                # With every accepted grab committed, memory and database
+                # must agree on what was left; if not, the database is the truth.
+                if state.committed_count == state.taken_count and refunded != state.remaining_cents:
+                    log.critical("packet %d: refunded %d but memory holds %d; reloading it",
+                                 pid, refunded, state.remaining_cents)
+                    del self.states[pid]
+            fut = self._expiring.pop(pid)
+            if not fut.done():
+                fut.set_result((refunded, refunded_now))
+
     # ------------------------------------------------------------ group commit
 
     def _kick(self) -> None:
@@ -220,7 +292,7 @@ class GrabEngine:
     def _take_next(self) -> Batch | None:
         if self._queued:
             return self._queued.pop(0)
-        if len(self._open) or self._open.followers:
+        if len(self._open) or self._open.followers or self._open.refunds:
             b, self._open = self._open, Batch()
             return b
         return None
@@ -239,6 +311,17 @@ class GrabEngine:
             self._idle.set()
 
     async def _commit(self, batch: Batch) -> None:
+        try:
+            await self._commit_grabs(batch)
+        except BaseException as exc:  # cancelled: the refunds were not even tried
+            self._refunds_failed(batch.refunds, exc)
+            raise
+        if batch.refunds:
+            # After the grabs, whether they committed or failed: either way
+            # the database now holds every claim these packets will ever get.
+            await self._commit_refunds(batch.refunds)
+
+    async def _commit_grabs(self, batch: Batch) -> None:
         ok = True
         if len(batch):
             started = time.perf_counter()
@@ -280,7 +363,7 @@ class GrabEngine:
 
     async def drain(self) -> None:
         """Waits until every accepted grab is committed and answered."""
-        while self._flush_task is not None or len(self._open) or self._queued:
+        while self._flush_task is not None or len(self._open) or self._open.refunds or self._queued:
             self._kick()
             await self._idle.wait()
 

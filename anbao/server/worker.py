@@ -16,7 +16,9 @@ from .. import routing
 from ..admission import FinalStates, Permits
 from ..auth import SCOPE_ADMIN, SCOPE_PEER, TokenBook
 from ..config import Limits, Settings
+from ..engine.expiry import ExpirySweeper
 from ..engine.grabs import GrabEngine
+from ..storage.audit import audit
 from ..storage.ledger import GrabCommitter, Ledger, Refused, now_ms
 from ..storage.migrate import migrate
 from .connection import Connection
@@ -61,6 +63,8 @@ class Worker:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self.expiry: ExpirySweeper | None = None
+        self._expiry_task: asyncio.Task | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -103,6 +107,8 @@ class Worker:
             self._peer_server = await self.loop.create_unix_server(lambda: Connection(self), str(path))
             path.chmod(0o600)
         self._sweeper = self.loop.create_task(self._sweep_idle())
+        self.expiry = ExpirySweeper(self, lim.expiry_sweep_interval_ms, lim.expiry_sweep_batch)
+        self._expiry_task = self.loop.create_task(self.expiry.run())
         log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
@@ -113,6 +119,10 @@ class Worker:
             self.router.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        if self._expiry_task is not None:
+            # No new refunds; one already in the queue is committed by the drain.
+            self._expiry_task.cancel()
+            await asyncio.gather(self._expiry_task, return_exceptions=True)
         if self.engine is not None:
             try:
                 await asyncio.wait_for(self.engine.drain(), drain_timeout_s)
@@ -142,6 +152,10 @@ class Worker:
             await self.engine.committer.close()
         if self.ledger is not None:
             await self.ledger.close()
+
+    def owns(self, packet_id: int) -> bool:
+        """Whether this worker owns the packet: its grab queue, its refund."""
+        return routing.owner_of(packet_id, self.worker_count) == self.worker_id
 
     async def _sweep_idle(self) -> None:
         lim = self.limits
@@ -214,6 +228,70 @@ class Worker:
     async def _balance(self, rid: int, user_id: int) -> bytes:
         return fp.encode_ok(fp.OP_BALANCE, rid, self.worker_id, "q", (await self.ledger.balance(user_id),))
 
+    async def _withdraw(self, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
+        if amount_cents > self.limits.max_withdraw_cents:
+            raise Refused(fp.INVALID, f"amount_cents above the limit {self.limits.max_withdraw_cents}")
+
+        async def body(conn) -> bytes:
+            balance, tid = await Ledger.withdraw(conn, user_id, amount_cents)
+            return fp.encode_ok(fp.OP_WITHDRAW, 0, 0, "qQ", (balance, tid))[fp.RESPONSE_HEADER_BYTES:]
+
+        answer = await self.ledger.idempotent(key, fp.OP_WITHDRAW, (user_id, amount_cents), body)
+        return self._reply_stored(fp.OP_WITHDRAW, rid, answer)
+
+    def _page_limit(self, limit: int) -> int:
+        if not 0 < limit <= self.limits.max_page_rows:
+            raise Refused(fp.INVALID, f"limit must be 1..{self.limits.max_page_rows}")
+        return limit
+
+    async def _statement(self, rid: int, user_id: int, before: int, limit: int) -> bytes:
+        balance, rows, cursor = await self.ledger.statement(user_id, before, self._page_limit(limit))
+        return fp.encode_list(fp.OP_STATEMENT, rid, self.worker_id, "qQ", (balance, cursor), "QBqQq", rows)
+
+    async def _sent_list(self, rid: int, user_id: int, before: int, limit: int) -> bytes:
+        rows, cursor = await self.ledger.sent_packets(user_id, before, self._page_limit(limit))
+        return fp.encode_list(fp.OP_SENT_LIST, rid, self.worker_id, "Q", (cursor,), "QqIIqqBBqq", rows)
+
+    async def _received_list(self, rid: int, user_id: int, before: int, limit: int) -> bytes:
+        rows, cursor = await self.ledger.received_shares(user_id, before, self._page_limit(limit))
+        return fp.encode_list(fp.OP_RECEIVED_LIST, rid, self.worker_id, "Q", (cursor,), "QQIqq", rows)
+
+    async def _audit(self, rid: int) -> bytes:
+        report = await audit(self.dsn, refund_grace_ms=self.limits.refund_grace_ms)
+        rows = [(0, name, int(value)) for name, value in report.counts.items()]
+        rows += [(1, name, len(report.violations.get(name, ()))) for name in report.check_names]
+        return fp.encode_list(fp.OP_AUDIT, rid, self.worker_id, "B", (int(report.ok),), "Bsq", rows)
+
+    # ------------------------------------------------------------ groups
+
+    def _member_list(self, user_ids: list, least: int) -> list:
+        lim = self.limits
+        if not least <= len(user_ids) <= lim.max_members:
+            raise Refused(fp.INVALID, f"a member list holds {least}..{lim.max_members} users")
+        if len(set(user_ids)) != len(user_ids):
+            raise Refused(fp.INVALID, "member list repeats a user")
+        return user_ids
+
+    async def _group_create(self, rid: int, group_id: int, name: str, members: list) -> bytes:
+        self._member_list(members, 0)
+        created, n = await self.ledger.group_create(group_id, name, members, self.limits.max_group_members)
+        return fp.encode_ok(fp.OP_GROUP_CREATE, rid, self.worker_id, "BI", (int(created), n))
+
+    async def _group_add(self, rid: int, group_id: int, user_ids: list) -> bytes:
+        self._member_list(user_ids, 1)
+        added, n = await self.ledger.group_add(group_id, user_ids, self.limits.max_group_members)
+        return fp.encode_ok(fp.OP_GROUP_ADD, rid, self.worker_id, "II", (added, n))
+
+    async def _group_remove(self, rid: int, group_id: int, user_ids: list) -> bytes:
+        self._member_list(user_ids, 1)
+        removed, n = await self.ledger.group_remove(group_id, user_ids)
+        return fp.encode_ok(fp.OP_GROUP_REMOVE, rid, self.worker_id, "II", (removed, n))
+
+    async def _group_info(self, rid: int, group_id: int, after: int, limit: int) -> bytes:
+        name, n, members, cursor = await self.ledger.group_info(group_id, after, self._page_limit(limit))
+        return fp.encode_list(fp.OP_GROUP_INFO, rid, self.worker_id, "IQs", (n, cursor, name), "Q",
+                              [(m,) for m in members])
+
     def _validate_send(self, sender: int, total: int, count: int, mode: int, expiry_s: int,
                        audience: int, members: list) -> int:
         lim = self.limits
@@ -241,8 +319,14 @@ class Worker:
                 raise Refused(fp.INVALID, "member list repeats a user")
             if count > len(members):
                 raise Refused(fp.INVALID, "more shares than members: the packet could never sell out")
+        elif audience == fp.AUDIENCE_GROUP:
+            # The group's id travels in the member list's place; its members
+            # (but the sender) are snapshotted inside the SEND transaction.
+            if len(members) != 1:
+                raise Refused(fp.INVALID, "a packet to a group names exactly one group id")
+            return expiry_s
         else:
-            raise Refused(fp.INVALID, "audience must be 0 (open), 1 (direct) or 2 (members)")
+            raise Refused(fp.INVALID, "audience must be 0 (open), 1 (direct), 2 (members) or 3 (group)")
         if sender in members:
             raise Refused(fp.INVALID, "a sender cannot open their own packet")
         return expiry_s
@@ -259,10 +343,11 @@ class Worker:
 
         async def body(conn) -> bytes:
             expires_at_ms = now_ms() + expiry_s * 1000
-            packet_id, balance = await self.ledger.send(conn, shard, sender, total, count, mode, min_share,
-                                                        expires_at_ms, audience, members, greeting)
+            packet_id, balance, eligible = await self.ledger.send(conn, shard, sender, total, count, mode,
+                                                                  min_share, expires_at_ms, audience, members,
+                                                                  greeting)
             adopted.append(fp.PacketState(packet_id, sender, total, count, mode, min_share, expires_at_ms,
-                                          members if audience != fp.AUDIENCE_OPEN else None))
+                                          eligible))
             return fp.encode_ok(fp.OP_SEND, 0, 0, "Qqq", (packet_id, balance, expires_at_ms))[fp.RESPONSE_HEADER_BYTES:]
 
         fields = (sender, total, count, mode, expiry_s, audience, tuple(members), greeting)
@@ -270,7 +355,7 @@ class Worker:
         if adopted and not answer.replayed:
             state = adopted[0]
             # A grab that guessed the id may already have loaded it from the database.
-            assert self.router.owns(state.packet_id)
+            assert self.owns(state.packet_id)
             if state.packet_id not in self.engine.states:
                 self.engine.adopt(state)
         return self._reply_stored(fp.OP_SEND, rid, answer)
@@ -310,6 +395,16 @@ class Worker:
         fp.OP_BALANCE: _balance,
         fp.OP_SEND: _send,
         fp.OP_PACKET: _packet,
+        fp.OP_WITHDRAW: _withdraw,
+        fp.OP_STATEMENT: _statement,
+        fp.OP_AUDIT: _audit,
+        fp.OP_SENT_LIST: _sent_list,
+        fp.OP_RECEIVED_LIST: _received_list,
+        fp.OP_GROUP_CREATE: _group_create,
+        fp.OP_GROUP_ADD: _group_add,
+        fp.OP_GROUP_REMOVE: _group_remove,
+        fp.OP_GROUP_INFO: _group_info,
     }
-    _admin_ops = frozenset({fp.OP_DEPOSIT})
+    # Money in and out of the system, and the audit, need the admin scope.
+    _admin_ops = frozenset({fp.OP_DEPOSIT, fp.OP_WITHDRAW, fp.OP_AUDIT})
 

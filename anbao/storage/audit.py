@@ -1,7 +1,14 @@
 """The audit: recomputes every money invariant of DESIGN.md from the tables.
 
 Each check is one query that returns the rows that break it, so a clean
-ledger returns nothing and a broken one names what is wrong.
+ledger returns nothing and a broken one names what is wrong. All of them
+read one snapshot, so a live server cannot make two checks disagree.
+
+"Every expired packet refunded" needs a grace: a live server refunds a
+packet within about one sweep interval of its expiry (plus the batch in
+flight), and holds refunds back while its database is away. A packet past
+expiry by more than the grace and still not refunded is a violation; with a
+grace of 0 (after the refunds are known to be done) every one is.
 """
 from __future__ import annotations
 
@@ -58,6 +65,32 @@ CHECKS: list[tuple[str, str]] = [
         FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 4
                    GROUP BY 1) t ON t.packet_id = c.packet_id
         WHERE c.n IS DISTINCT FROM t.n OR c.s IS DISTINCT FROM t.s"""),
+    ("every expired packet refunded (after the grace)",
+     """SELECT packet_id, status, expires_at, total_cents - claimed_cents - refunded_cents AS unrefunded_cents
+        FROM packets
+        WHERE status IN (0, 2) AND expires_at < now() - make_interval(secs => :grace_ms / 1000.0)"""),
+    ("a refunded packet has exactly one refund, of its remainder, to its sender",
+     """SELECT COALESCE(p.packet_id, t.packet_id) AS packet_id, p.status, p.refunded_cents, t.n, t.s
+        FROM packets p
+        FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 5
+                   GROUP BY 1) t ON t.packet_id = p.packet_id
+        WHERE p.packet_id IS NULL OR COALESCE(t.s, 0) <> p.refunded_cents
+           OR (p.status = 3) <> (COALESCE(t.n, 0) = 1) OR COALESCE(t.n, 0) > 1"""),
+    ("every transfer moves between the accounts its kind allows",
+     """SELECT t.transfer_id, t.kind, t.packet_id, d.kind AS debit_kind, c.kind AS credit_kind
+        FROM transfers t
+        JOIN accounts d ON d.account_id = t.debit_account
+        JOIN accounts c ON c.account_id = t.credit_account
+        LEFT JOIN packets p ON p.packet_id = t.packet_id
+        WHERE ((t.kind = 1 AND d.kind = 0 AND c.kind = 1 AND t.packet_id IS NULL)       -- deposit
+            OR (t.kind = 2 AND d.kind = 1 AND c.kind = 0 AND t.packet_id IS NULL)       -- withdraw
+            OR (t.kind = 3 AND d.kind = 1 AND d.owner_id = p.sender_id
+                           AND c.account_id = p.escrow_account_id)                      -- send
+            OR (t.kind = 4 AND d.account_id = p.escrow_account_id AND c.kind = 1)       -- grab
+            OR (t.kind = 5 AND d.account_id = p.escrow_account_id AND c.kind = 1
+                           AND c.owner_id = p.sender_id)) IS NOT TRUE"""),
+    ("every idempotency key holds its answer",
+     "SELECT encode(key, 'hex') AS key, opcode FROM idempotency_keys WHERE status IS NULL OR response IS NULL"),
     ("no user claims a packet twice",
      "SELECT packet_id, user_id, count(*) FROM claims GROUP BY 1, 2 HAVING count(*) > 1"),
     ("only eligible users claimed",
@@ -68,17 +101,26 @@ CHECKS: list[tuple[str, str]] = [
 ]
 
 
+MAX_ROWS_SHOWN = 20
+
+
 @dataclass
 class AuditReport:
     counts: dict = field(default_factory=dict)
     violations: dict = field(default_factory=dict)   # check name -> offending rows (first 20)
+    refund_grace_ms: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.violations
 
+    @property
+    def check_names(self) -> list[str]:
+        return [name for name, _ in CHECKS]
+
     def text(self) -> str:
-        lines = ["anbao audit: " + ("OK" if self.ok else f"{len(self.violations)} invariant(s) VIOLATED")]
+        lines = ["anbao audit: " + ("OK" if self.ok else f"{len(self.violations)} invariant(s) VIOLATED")
+                 + f" ({len(CHECKS)} checks, refund grace {self.refund_grace_ms / 1000:g} s)"]
         lines += [f"  {k:>22}: {v}" for k, v in self.counts.items()]
         for name, _ in CHECKS:
             mark = "FAIL" if name in self.violations else "ok"
@@ -88,13 +130,19 @@ class AuditReport:
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "counts": self.counts, "violations": self.violations}
+        return {"ok": self.ok, "counts": self.counts, "violations": self.violations,
+                "checks": self.check_names, "refund_grace_ms": self.refund_grace_ms}
 
 
-async def audit(dsn: str) -> AuditReport:
+async def audit(dsn: str, refund_grace_ms: int | None = None) -> AuditReport:
+    """Runs every check; refund_grace_ms defaults to Limits().refund_grace_ms."""
+    if refund_grace_ms is None:
+        from ..config import Limits
+        refund_grace_ms = Limits().refund_grace_ms
+    assert refund_grace_ms >= 0
     conn = await asyncpg.connect(dsn)
     try:
-        report = AuditReport()
+        report = AuditReport(refund_grace_ms=refund_grace_ms)
         # One snapshot for every check, so a live server cannot make two
         # checks disagree with each other.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
@@ -102,10 +150,15 @@ async def audit(dsn: str) -> AuditReport:
                               ("packets", "SELECT count(*) FROM packets"),
                               ("claims", "SELECT count(*) FROM claims"),
                               ("transfers", "SELECT count(*) FROM transfers"),
-                              ("deposited_cents", "SELECT COALESCE(sum(amount_cents), 0)::bigint FROM transfers WHERE kind = 1")]:
+                              ("deposited_cents", "SELECT COALESCE(sum(amount_cents), 0)::bigint FROM transfers WHERE kind = 1"),
+                              ("withdrawn_cents", "SELECT COALESCE(sum(amount_cents), 0)::bigint FROM transfers WHERE kind = 2"),
+                              ("refunded_packets", "SELECT count(*) FROM packets WHERE status = 3"),
+                              ("refunded_cents", "SELECT COALESCE(sum(refunded_cents), 0)::bigint FROM packets"),
+                              ("groups", "SELECT count(*) FROM groups")]:
                 report.counts[name] = await conn.fetchval(sql)
             for name, sql in CHECKS:
-                rows = await conn.fetch(sql + " LIMIT 20")
+                sql = sql.replace(":grace_ms", str(int(refund_grace_ms)))
+                rows = await conn.fetch(sql + f" LIMIT {MAX_ROWS_SHOWN}")
                 if rows:
                     report.violations[name] = [dict(r) for r in rows]
         return report

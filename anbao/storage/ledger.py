@@ -78,7 +78,8 @@ class Ledger:
 
         The key is claimed by INSERT under its primary key: a concurrent
         duplicate waits on the first one's row lock and, once that commits,
-        reads its answer. A failed transaction releases the key with it.
+        reads its answer. A failed transaction releases the key with it. A
+        refusal (Refused) is an answer too: it is stored, and replayed.
         """
         assert len(key) == fp.IDEMPOTENCY_KEY_BYTES
         digest = request_hash(opcode, fields)
@@ -96,7 +97,10 @@ class Ledger:
                                       "idempotency key reused with different parameters")
                     return StoredAnswer(row["status"], row["response"], True)
                 try:
-                    status, answer = fp.OK, await body(conn)
+                    # A savepoint around the body: a refusal undoes whatever
+                    # the body wrote before it, and only the answer is kept.
+                    async with conn.transaction():
+                        status, answer = fp.OK, await body(conn)
                 except Refused as refusal:
                     status, answer = refusal.status, str(refusal).encode()
                 await conn.execute("UPDATE idempotency_keys SET status = $2, response = $3 WHERE key = $1",
@@ -136,6 +140,34 @@ class Ledger:
                                   row[0], amount_cents, None)
 
     @staticmethod
+    async def withdraw(conn, user_id: int, amount_cents: int) -> tuple[int, int]:
+        """user -> external. Returns (balance_cents, transfer_id); a balance
+        below the amount is INSUFFICIENT_FUNDS, decided under the wallet's
+        row lock, so concurrent withdrawals, sends and grabs can never take
+        it below zero (the CHECK accounts_no_overdraft is only the last line)."""
+        assert amount_cents > 0
+        # The external account first, then the wallet: the order deposits
+        # take them in. NO KEY UPDATE, not UPDATE: the transfers' foreign-key
+        # checks take KEY SHARE on these rows, and must not deadlock with us.
+        external = await conn.fetchval("SELECT account_id FROM accounts WHERE kind = 0 FOR NO KEY UPDATE")
+        wallet = await conn.fetchrow("SELECT account_id, balance_cents FROM accounts"
+                                     " WHERE kind = 1 AND owner_id = $1 FOR NO KEY UPDATE", user_id)
+        if wallet is None:
+            raise Refused(fp.UNKNOWN_USER, f"unknown user {user_id}")
+        if wallet["balance_cents"] < amount_cents:
+            raise Refused(fp.INSUFFICIENT_FUNDS, f"balance {wallet['balance_cents']} below {amount_cents}")
+        tid = await conn.fetchval(
+            "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)"
+            " VALUES ($1, $2, $3, $4) RETURNING transfer_id", T_WITHDRAW, wallet["account_id"], external, amount_cents)
+        await conn.execute("UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1",
+                           external, amount_cents)
+        balance = await conn.fetchval("UPDATE accounts SET balance_cents = balance_cents - $2"
+                                      " WHERE account_id = $1 RETURNING balance_cents", wallet["account_id"],
+                                      amount_cents)
+        assert balance == wallet["balance_cents"] - amount_cents >= 0
+        return balance, tid
+
+    @staticmethod
     async def _move(conn, kind: int, debit_sql: str, credit: int, amount_cents: int,
                     packet_id: int | None) -> tuple[int, int]:
         """One transfer and its two balance changes; returns the credited
@@ -157,16 +189,31 @@ class Ledger:
 
     async def send(self, conn, shard: int, sender_id: int, total_cents: int, count: int, mode: int,
                    min_share_cents: int, expires_at_ms: int, audience: int, members: list[int],
-                   greeting: str) -> tuple[int, int]:
+                   greeting: str) -> tuple[int, int, list[int] | None]:
         """sender -> new escrow, and the packet row, with an id in `shard`.
-        Returns (packet_id, sender balance)."""
+        Returns (packet_id, sender balance, the eligible users or None for an
+        open packet). For a group, `members` is [group_id] and the group's
+        members other than the sender are snapshotted into packet_members:
+        membership at send time counts."""
         sender = await conn.fetchrow(
             "SELECT account_id, balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1 FOR UPDATE", sender_id)
         if sender is None:
             raise Refused(fp.UNKNOWN_USER, f"unknown sender {sender_id}")
         if sender["balance_cents"] < total_cents:
             raise Refused(fp.INSUFFICIENT_FUNDS, f"balance {sender['balance_cents']} below {total_cents}")
-        if members:
+        group_id = None
+        if audience == fp.AUDIENCE_GROUP:
+            [group_id] = members
+            # FOR SHARE: a membership change (which locks the group row FOR
+            # UPDATE) lands wholly before or wholly after this snapshot.
+            if await conn.fetchval("SELECT 1 FROM groups WHERE group_id = $1 FOR SHARE", group_id) is None:
+                raise Refused(fp.UNKNOWN_GROUP, f"unknown group {group_id}")
+            members = [r[0] for r in await conn.fetch(
+                "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id <> $2", group_id, sender_id)]
+            if count > len(members):
+                raise Refused(fp.INVALID, f"{count} shares for {len(members)} group members besides the sender:"
+                                          " the packet could never sell out")
+        elif members:
             found = await conn.fetchval("SELECT count(*) FROM accounts WHERE kind = 1 AND owner_id = ANY($1::bigint[])",
                                         members)
             if found != len(members):
@@ -176,15 +223,15 @@ class Ledger:
                                      packet_id)
         await conn.execute(
             "INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count, mode,"
-            " min_share_cents, audience, greeting, expires_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::float8 / 1000))",
+            " min_share_cents, audience, greeting, expires_at, group_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::float8 / 1000), $11)",
             packet_id, sender_id, escrow, total_cents, count, mode, min_share_cents, audience, greeting,
-            expires_at_ms)
+            expires_at_ms, group_id)
         if members:
             await conn.execute("INSERT INTO packet_members (packet_id, user_id) SELECT $1, unnest($2::bigint[])",
                                packet_id, members)
         await self._move(conn, T_SEND, str(int(sender["account_id"])), escrow, total_cents, packet_id)
-        return packet_id, sender["balance_cents"] - total_cents
+        return packet_id, sender["balance_cents"] - total_cents, (None if audience == fp.AUDIENCE_OPEN else members)
 
     async def load_packet(self, packet_id: int):
         """The packet's durable state, for rebuilding its in-memory state."""
@@ -207,22 +254,189 @@ class Ledger:
     async def packet_info(self, packet_id: int, offset: int, limit: int):
         async with self.pool.acquire() as conn:
             p = await conn.fetchrow(
-                "SELECT sender_id, total_cents, share_count, mode, status, audience, greeting,"
+                f"SELECT sender_id, total_cents, share_count, mode, {_SHOWN_STATUS} AS status, audience, greeting,"
                 " (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,"
                 " (extract(epoch FROM expires_at) * 1000)::bigint AS expires_ms,"
-                " claimed_cents, claimed_count, refunded_cents FROM packets WHERE packet_id = $1", packet_id)
+                " claimed_cents, claimed_count, refunded_cents FROM packets WHERE packet_id = $2", now_ms(), packet_id)
             if p is None:
                 return None
             claims = await conn.fetch("SELECT seq, user_id, amount_cents FROM claims WHERE packet_id = $1"
                                       " ORDER BY seq OFFSET $2 LIMIT $3", packet_id, offset, limit)
             luckiest = 0
-            if p["claimed_count"] == p["share_count"]:
+            # The luckiest claim is named once the claim list is final: sold
+            # out, or refunded after expiry.
+            if p["status"] in (fp.PACKET_SOLD_OUT, fp.PACKET_REFUNDED) and p["claimed_count"]:
                 luckiest = await conn.fetchval("SELECT seq FROM claims WHERE packet_id = $1"
                                                " ORDER BY amount_cents DESC, seq LIMIT 1", packet_id)
         head = (p["sender_id"], p["total_cents"], p["share_count"], p["mode"], p["status"], p["audience"],
                 p["created_ms"], p["expires_ms"], p["claimed_cents"], p["claimed_count"], p["refunded_cents"],
                 luckiest)
         return head, p["greeting"], [tuple(c) for c in claims]
+
+    # ------------------------------------------------------------ history
+
+    async def _wallet(self, conn, user_id: int):
+        row = await conn.fetchrow("SELECT account_id, balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1",
+                                  user_id)
+        if row is None:
+            raise Refused(fp.UNKNOWN_USER, f"unknown user {user_id}")
+        return row
+
+    async def statement(self, user_id: int, before: int, limit: int) -> tuple[int, list[tuple], int]:
+        """(balance, up to `limit` transfers touching the wallet newest first as
+        (transfer_id, kind, signed amount, packet_id or 0, at_ms), next cursor
+        or 0). Balance and rows are one snapshot, so the newest page adds up."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                wallet = await self._wallet(conn, user_id)
+                rows = await conn.fetch(
+                    "SELECT * FROM ("
+                    " (SELECT transfer_id, kind, amount_cents AS signed, packet_id, created_at FROM transfers"
+                    "  WHERE credit_account = $1 AND transfer_id < $2 ORDER BY transfer_id DESC LIMIT $3)"
+                    " UNION ALL"
+                    " (SELECT transfer_id, kind, -amount_cents, packet_id, created_at FROM transfers"
+                    "  WHERE debit_account = $1 AND kind IN (2, 3) AND transfer_id < $2"
+                    "  ORDER BY transfer_id DESC LIMIT $3)) t"
+                    " ORDER BY transfer_id DESC LIMIT $3",
+                    wallet["account_id"], before or _NEWEST, limit + 1)
+        page = [(r[0], r[1], r[2], r[3] or 0, _ms(r[4])) for r in rows[:limit]]
+        return wallet["balance_cents"], page, (page[-1][0] if len(rows) > limit else 0)
+
+    async def sent_packets(self, user_id: int, before: int, limit: int) -> tuple[list[tuple], int]:
+        """A sender's packets newest first: (packet_id, total_cents, count,
+        claimed_count, claimed_cents, refunded_cents, status, audience,
+        created_at_ms, expires_at_ms), and the next cursor or 0."""
+        async with self.pool.acquire() as conn:
+            await self._wallet(conn, user_id)
+            rows = await conn.fetch(
+                "SELECT packet_id, total_cents, share_count, claimed_count, claimed_cents, refunded_cents,"
+                f" {_SHOWN_STATUS}, audience,"
+                " (extract(epoch FROM created_at) * 1000)::bigint, (extract(epoch FROM expires_at) * 1000)::bigint"
+                " FROM packets WHERE sender_id = $2 AND packet_id < $3 ORDER BY packet_id DESC LIMIT $4",
+                now_ms(), user_id, before or _NEWEST, limit + 1)
+        page = [tuple(r) for r in rows[:limit]]
+        return page, (page[-1][0] if len(rows) > limit else 0)
+
+    async def received_shares(self, user_id: int, before: int, limit: int) -> tuple[list[tuple], int]:
+        """The shares a user grabbed, newest grab first: (packet_id,
+        sender_id, seq, amount_cents, claimed_at_ms), and the next cursor (a
+        transfer id) or 0."""
+        async with self.pool.acquire() as conn:
+            wallet = await self._wallet(conn, user_id)
+            rows = await conn.fetch(
+                "SELECT t.transfer_id, t.packet_id, p.sender_id, c.seq, t.amount_cents, t.created_at"
+                " FROM transfers t"
+                " JOIN claims c ON c.packet_id = t.packet_id AND c.user_id = $4"
+                " JOIN packets p ON p.packet_id = t.packet_id"
+                " WHERE t.credit_account = $1 AND t.kind = 4 AND t.transfer_id < $2"
+                " ORDER BY t.transfer_id DESC LIMIT $3",
+                wallet["account_id"], before or _NEWEST, limit + 1, user_id)
+        page = [(r[1], r[2], r[3], r[4], _ms(r[5])) for r in rows[:limit]]
+        return page, (rows[limit - 1][0] if len(rows) > limit else 0)
+
+    # ------------------------------------------------------------ groups
+
+    async def _check_registered(self, conn, user_ids: list[int]) -> None:
+        found = await conn.fetchval("SELECT count(*) FROM accounts WHERE kind = 1 AND owner_id = ANY($1::bigint[])",
+                                    user_ids)
+        if found != len(set(user_ids)):
+            raise Refused(fp.UNKNOWN_USER, f"{len(set(user_ids)) - found} user(s) are not registered")
+
+    async def _lock_group(self, conn, group_id: int) -> None:
+        # Membership changes of one group are serialized on its row, and a
+        # SEND snapshots under FOR SHARE of the same row.
+        if await conn.fetchval("SELECT 1 FROM groups WHERE group_id = $1 FOR UPDATE", group_id) is None:
+            raise Refused(fp.UNKNOWN_GROUP, f"unknown group {group_id}")
+
+    async def group_create(self, group_id: int, name: str, members: list[int],
+                           max_members: int) -> tuple[bool, int]:
+        """Creates the group with these members; returns (created, member
+        count). An id that exists already is left as it is (created False),
+        so a retry after a lost answer changes nothing."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                if members:
+                    await self._check_registered(conn, members)
+                created = await conn.fetchval("INSERT INTO groups (group_id, name) VALUES ($1, $2)"
+                                              " ON CONFLICT DO NOTHING RETURNING true", group_id, name)
+                if created and members:
+                    assert len(members) <= max_members
+                    await conn.execute("INSERT INTO group_members (group_id, user_id)"
+                                       " SELECT $1, u FROM unnest($2::bigint[]) AS u ON CONFLICT DO NOTHING",
+                                       group_id, members)
+                n = await conn.fetchval("SELECT count(*) FROM group_members WHERE group_id = $1", group_id)
+        return bool(created), n
+
+    async def group_add(self, group_id: int, user_ids: list[int], max_members: int) -> tuple[int, int]:
+        """Adds members; returns (newly added, member count). Above
+        max_members the whole change is refused."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await self._lock_group(conn, group_id)
+                await self._check_registered(conn, user_ids)
+                added = await conn.fetchval(
+                    "WITH ins AS (INSERT INTO group_members (group_id, user_id)"
+                    " SELECT $1, u FROM unnest($2::bigint[]) AS u ON CONFLICT DO NOTHING RETURNING 1)"
+                    " SELECT count(*) FROM ins", group_id, user_ids)
+                n = await conn.fetchval("SELECT count(*) FROM group_members WHERE group_id = $1", group_id)
+                if n > max_members:
+                    raise Refused(fp.INVALID, f"a group holds at most {max_members} members")
+        return added, n
+
+    async def group_remove(self, group_id: int, user_ids: list[int]) -> tuple[int, int]:
+        """Removes members; returns (removed, member count). Packets sent
+        before keep the members they were sent to."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await self._lock_group(conn, group_id)
+                await self._check_registered(conn, user_ids)
+                removed = await conn.fetchval(
+                    "WITH del AS (DELETE FROM group_members WHERE group_id = $1 AND user_id = ANY($2::bigint[])"
+                    " RETURNING 1) SELECT count(*) FROM del", group_id, user_ids)
+                n = await conn.fetchval("SELECT count(*) FROM group_members WHERE group_id = $1", group_id)
+        return removed, n
+
+    async def group_info(self, group_id: int, after: int, limit: int) -> tuple[str, int, list[int], int]:
+        """(name, member count, up to `limit` member ids above `after` in
+        id order, next cursor or 0)."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                name = await conn.fetchval("SELECT name FROM groups WHERE group_id = $1", group_id)
+                if name is None:
+                    raise Refused(fp.UNKNOWN_GROUP, f"unknown group {group_id}")
+                n = await conn.fetchval("SELECT count(*) FROM group_members WHERE group_id = $1", group_id)
+                ids = [r[0] for r in await conn.fetch(
+                    "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id > $2"
+                    " ORDER BY user_id LIMIT $3", group_id, after, limit + 1)]
+        page = ids[:limit]
+        return name, n, page, (page[-1] if len(ids) > limit else 0)
+
+    # ------------------------------------------------------------ expiry
+
+    async def expired_packets(self, at_ms: int, limit: int, worker_id: int = 0, worker_count: int = 1) -> list[int]:
+        """Packets still open (not sold out, not refunded) whose expiry is at
+        or before at_ms and that worker_id owns, oldest expiry first. The
+        ownership rule (anbao/routing.py) is applied in the query, so one
+        worker's backlog never hides another's."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT packet_id FROM packets WHERE status IN (0, 2)"
+                " AND expires_at <= to_timestamp($1::float8 / 1000)"
+                " AND ((packet_id & $4) % $5) = $3"
+                " ORDER BY expires_at LIMIT $2", at_ms, limit, worker_id, routing.SHARD_COUNT - 1, worker_count)
+        return [r[0] for r in rows]
+
+
+# Paging from the top: below every id.
+_NEWEST = 2**63 - 1
+# What a reader is shown as the status: an open packet past its expiry is
+# "expired" (2) until its refund commits; $1 is the server's clock in ms,
+# the clock GRAB decides expiry by.
+_SHOWN_STATUS = "CASE WHEN status = 0 AND expires_at <= to_timestamp($1::float8 / 1000) THEN 2 ELSE status END"
+
+
+def _ms(ts) -> int:
+    return int(ts.timestamp() * 1000)
 
 
 class GrabCommitter:
@@ -273,6 +487,20 @@ class GrabCommitter:
             # and reading its answer: the COMMIT may or may not have happened.
             log.warning("batch %d: outcome unknown (%r); resolving by read-back", batch_id, exc)
         return await self._resolve(batch_id, backend_pid)
+
+    async def refund(self, packet_ids: list[int]) -> dict[int, tuple[int, bool]]:
+        """Refunds these packets' remainders (exactly once each, by the
+        database's own check); returns {packet_id: (refunded_cents,
+        refunded_now)}. Safe to repeat after any failure, so an unknown
+        outcome needs no read-back: the next sweep simply asks again."""
+        conn = await self._connection()
+        try:
+            rows = await conn.fetch("SELECT * FROM anbao_refund_packets($1::bigint[])", packet_ids)
+        except BaseException as exc:
+            if not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, SERVER_GONE_ERRORS):
+                self._discard()
+            raise
+        return {r[0]: (r[1], r[2]) for r in rows}
 
     def _discard(self) -> None:
         if self._conn is not None:

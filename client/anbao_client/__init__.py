@@ -4,8 +4,11 @@ from .cluster import Cluster
 from .errors import *  # noqa: F401,F403 - one class per status code
 from .errors import AnbaoError, ConnectionLost, RequestTimeout
 from .sync import SyncClient
-from .wire import Audience, Claim, Deposited, Grabbed, Mode, PacketInfo, PacketStatus, Scope, Sent, Status
+from .wire import (AuditResult, Audience, Claim, Deposited, Grabbed, GroupChange, GroupCreated, GroupInfo, Mode,
+                   PacketInfo, PacketStatus, Page, ReceivedShare, Scope, Sent, SentPacket, Statement,
+                   StatementEntry, Status, TransferKind, Withdrawn)
 
 __all__ = ["Client", "Cluster", "SyncClient", "new_idempotency_key", "AnbaoError", "ConnectionLost", "RequestTimeout",
-           "Audience", "Claim", "Deposited", "Grabbed", "Mode", "PacketInfo", "PacketStatus", "Scope",
-           "Sent", "Status"]
+           "AuditResult", "Audience", "Claim", "Deposited", "Grabbed", "GroupChange", "GroupCreated", "GroupInfo",
+           "Mode", "PacketInfo", "PacketStatus", "Page", "ReceivedShare", "Scope", "Sent", "SentPacket",
+           "Statement", "StatementEntry", "Status", "TransferKind", "Withdrawn"]

@@ -35,6 +35,7 @@ class IdempotencyConflict(AnbaoError): status = Status.IDEMPOTENCY_CONFLICT
 class UnsupportedVersion(AnbaoError): status = Status.UNSUPPORTED_VERSION
 class UnknownOpcode(AnbaoError): status = Status.UNKNOWN_OPCODE
 class FrameTooLarge(AnbaoError): status = Status.FRAME_TOO_LARGE
+class UnknownGroup(AnbaoError): status = Status.UNKNOWN_GROUP
 class Internal(AnbaoError): status = Status.INTERNAL
 
 

@@ -25,11 +25,20 @@ class Op(enum.IntEnum):
     REGISTER = 0x10
     DEPOSIT = 0x11
     BALANCE = 0x12
+    WITHDRAW = 0x13
+    STATEMENT = 0x14
+    AUDIT = 0x15
     SEND = 0x20
     GRAB = 0x21
     PACKET = 0x22
     TOPOLOGY = 0x50
     STATS = 0x51
+    SENT_LIST = 0x24
+    RECEIVED_LIST = 0x25
+    GROUP_CREATE = 0x30
+    GROUP_ADD = 0x31
+    GROUP_REMOVE = 0x32
+    GROUP_INFO = 0x33
 
 
 class Status(enum.IntEnum):
@@ -50,6 +59,7 @@ class Status(enum.IntEnum):
     UNSUPPORTED_VERSION = 14
     UNKNOWN_OPCODE = 15
     FRAME_TOO_LARGE = 16
+    UNKNOWN_GROUP = 17
     INTERNAL = 255
 
 
@@ -62,6 +72,7 @@ class Audience(enum.IntEnum):
     OPEN = 0      # any registered user
     DIRECT = 1    # one named user, one share
     MEMBERS = 2   # the member list given at send time
+    GROUP = 3     # a group's members (but the sender) at send time
 
 
 class PacketStatus(enum.IntEnum):
@@ -69,6 +80,14 @@ class PacketStatus(enum.IntEnum):
     SOLD_OUT = 1
     EXPIRED = 2
     REFUNDED = 3
+
+
+class TransferKind(enum.IntEnum):
+    DEPOSIT = 1    # external -> wallet
+    WITHDRAW = 2   # wallet -> external
+    SEND = 3       # sender's wallet -> packet escrow
+    GRAB = 4       # escrow -> grabber's wallet
+    REFUND = 5     # escrow -> sender's wallet, the remainder after expiry
 
 
 class Scope(enum.IntEnum):
@@ -116,6 +135,52 @@ def send(request_id: int, key: bytes, sender_id: int, total_cents: int, count: i
     return frame(Op.SEND, request_id, payload)
 
 
+def withdraw(request_id: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
+    assert len(key) == IDEMPOTENCY_KEY_BYTES
+    return frame(Op.WITHDRAW, request_id, key + struct.pack(">Qq", user_id, amount_cents))
+
+
+def statement(request_id: int, user_id: int, cursor: int = 0, limit: int = 100) -> bytes:
+    return frame(Op.STATEMENT, request_id, struct.pack(">QQH", user_id, cursor, limit))
+
+
+def audit(request_id: int) -> bytes:
+    return frame(Op.AUDIT, request_id)
+
+
+def sent_list(request_id: int, user_id: int, cursor: int = 0, limit: int = 100) -> bytes:
+    return frame(Op.SENT_LIST, request_id, struct.pack(">QQH", user_id, cursor, limit))
+
+
+def received_list(request_id: int, user_id: int, cursor: int = 0, limit: int = 100) -> bytes:
+    return frame(Op.RECEIVED_LIST, request_id, struct.pack(">QQH", user_id, cursor, limit))
+
+
+def _text(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return struct.pack(">H", len(b)) + b
+
+
+def _ids16(ids: list[int]) -> bytes:
+    return struct.pack(">H", len(ids)) + b"".join(struct.pack(">Q", u) for u in ids)
+
+
+def group_create(request_id: int, group_id: int, name: str, members: list[int]) -> bytes:
+    return frame(Op.GROUP_CREATE, request_id, struct.pack(">Q", group_id) + _text(name) + _ids16(members))
+
+
+def group_add(request_id: int, group_id: int, user_ids: list[int]) -> bytes:
+    return frame(Op.GROUP_ADD, request_id, struct.pack(">Q", group_id) + _ids16(user_ids))
+
+
+def group_remove(request_id: int, group_id: int, user_ids: list[int]) -> bytes:
+    return frame(Op.GROUP_REMOVE, request_id, struct.pack(">Q", group_id) + _ids16(user_ids))
+
+
+def group_info(request_id: int, group_id: int, cursor: int = 0, limit: int = 1000) -> bytes:
+    return frame(Op.GROUP_INFO, request_id, struct.pack(">QQH", group_id, cursor, limit))
+
+
 def grab(request_id: int, packet_id: int, user_id: int) -> bytes:
     return frame(Op.GRAB, request_id, struct.pack(">QQ", packet_id, user_id))
 
@@ -154,6 +219,12 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class Deposited:
+    balance_cents: int
+    transfer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Withdrawn:
     balance_cents: int
     transfer_id: int
 
@@ -284,3 +355,161 @@ def decode_packet(body: bytes) -> PacketInfo:
     return PacketInfo(sender, total, count, Mode(mode), PacketStatus(state), Audience(audience),
                       created, expires, claimed_cents, claimed_count, refunded, luckiest,
                       greeting, claims)
+
+
+# ---------------------------------------------------------------- lifecycle answers
+
+@dataclass(frozen=True, slots=True)
+class StatementEntry:
+    transfer_id: int
+    kind: TransferKind
+    amount_cents: int        # signed: + into the wallet, - out of it
+    packet_id: int           # 0 for deposits and withdrawals
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    balance_cents: int
+    entries: list[StatementEntry]   # newest first
+    next_cursor: int                # 0: no older entries
+
+
+@dataclass(frozen=True, slots=True)
+class SentPacket:
+    packet_id: int
+    total_cents: int
+    count: int
+    claimed_count: int
+    claimed_cents: int
+    refunded_cents: int
+    status: PacketStatus
+    audience: Audience
+    created_at_ms: int
+    expires_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedShare:
+    packet_id: int
+    sender_id: int
+    seq: int
+    amount_cents: int
+    claimed_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list
+    next_cursor: int                # 0: this was the last page
+
+
+@dataclass(frozen=True, slots=True)
+class GroupCreated:
+    created: bool                   # False: the id existed, nothing changed
+    member_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupChange:
+    changed: int                    # members added (GROUP_ADD) or removed (GROUP_REMOVE)
+    member_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    name: str
+    member_count: int
+    members: list[int]              # this page, in id order
+    next_cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditResult:
+    ok: bool
+    counts: dict                    # name -> value
+    checks: dict                    # invariant -> offending rows found (0: it holds; at most 20 counted)
+
+    @property
+    def violated(self) -> list[str]:
+        return [name for name, n in self.checks.items() if n]
+
+
+def _rows(body: bytes, pos: int, row: struct.Struct) -> tuple[list[tuple], int]:
+    (n,) = struct.unpack_from(">H", body, pos)
+    pos += 2
+    rows = [row.unpack_from(body, pos + row.size * i) for i in range(n)]
+    return rows, pos + row.size * n
+
+
+def _read_text(body: bytes, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from(">H", body, pos)
+    return body[pos + 2: pos + 2 + n].decode("utf-8"), pos + 2 + n
+
+
+def decode_withdrawn(body: bytes) -> Withdrawn:
+    return Withdrawn(*struct.unpack(">qQ", body))
+
+
+_STATEMENT_ROW = struct.Struct(">QBqQq")
+
+
+def decode_statement(body: bytes) -> Statement:
+    balance, cursor = struct.unpack_from(">qQ", body)
+    rows, end = _rows(body, 16, _STATEMENT_ROW)
+    assert end == len(body), "STATEMENT body length mismatch"
+    return Statement(balance, [StatementEntry(t, TransferKind(k), a, p, ms) for t, k, a, p, ms in rows], cursor)
+
+
+_SENT_ROW = struct.Struct(">QqIIqqBBqq")
+
+
+def decode_sent_list(body: bytes) -> Page:
+    (cursor,) = struct.unpack_from(">Q", body)
+    rows, end = _rows(body, 8, _SENT_ROW)
+    assert end == len(body), "SENT_LIST body length mismatch"
+    items = [SentPacket(pid, total, count, cc, cents, refunded, PacketStatus(st), Audience(aud), created, expires)
+             for pid, total, count, cc, cents, refunded, st, aud, created, expires in rows]
+    return Page(items, cursor)
+
+
+_RECEIVED_ROW = struct.Struct(">QQIqq")
+
+
+def decode_received_list(body: bytes) -> Page:
+    (cursor,) = struct.unpack_from(">Q", body)
+    rows, end = _rows(body, 8, _RECEIVED_ROW)
+    assert end == len(body), "RECEIVED_LIST body length mismatch"
+    return Page([ReceivedShare(*r) for r in rows], cursor)
+
+
+def decode_group_created(body: bytes) -> GroupCreated:
+    created, n = struct.unpack(">BI", body)
+    return GroupCreated(bool(created), n)
+
+
+def decode_group_change(body: bytes) -> GroupChange:
+    return GroupChange(*struct.unpack(">II", body))
+
+
+def decode_group_info(body: bytes) -> GroupInfo:
+    n, cursor = struct.unpack_from(">IQ", body)
+    name, pos = _read_text(body, 12)
+    rows, end = _rows(body, pos, struct.Struct(">Q"))
+    assert end == len(body), "GROUP_INFO body length mismatch"
+    return GroupInfo(name, n, [r[0] for r in rows], cursor)
+
+
+def decode_audit(body: bytes) -> AuditResult:
+    ok = body[0]
+    (n,) = struct.unpack_from(">H", body, 1)
+    pos = 3
+    counts, checks = {}, {}
+    for _ in range(n):
+        kind = body[pos]
+        name, pos = _read_text(body, pos + 1)
+        (value,) = struct.unpack_from(">q", body, pos)
+        pos += 8
+        (checks if kind == 1 else counts)[name] = value
+    assert pos == len(body), "AUDIT body length mismatch"
+    return AuditResult(bool(ok), counts, checks)
