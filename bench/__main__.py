@@ -1,0 +1,327 @@
+"""python -m bench storm|soldout|spread|mixed|all [options]
+
+Starts `anbao serve` on a fresh data directory (or uses --server HOST:PORT
+with --data-dir DIR), prepares users and packets through the SDK, drives
+load from several load-generator processes, checks that the answers match
+what is durable in the database, runs `anbao audit`, runs the baselines,
+and writes DIR/LABEL.json and DIR/LABEL.png. Exits 1 if any run is INVALID.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncpg
+from rich.console import Console
+
+from . import baselines, report, scenarios
+from .runner import run_load
+from .server import AnbaoServer, is_loopback, metrics_delta
+
+DEFAULTS = {"connections": 200, "depth": 4, "procs": 2, "duration_s": 300.0, "shares": 10_000,
+            "packets": 100_000, "packet_shares": 10}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="wrk/wrk2-style load on anbao's binary protocol, with baselines; see BENCHMARKS.md",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("scenario", choices=[*scenarios.SCENARIOS, "all"])
+    p.add_argument("--connections", type=int, default=DEFAULTS["connections"],
+                   help="TCP connections in total, split between the load-generator processes")
+    p.add_argument("--depth", type=int, default=DEFAULTS["depth"],
+                   help="requests in flight per connection (closed loop); the cap per connection in open loop")
+    p.add_argument("--attempts", type=int, default=None,
+                   help="requests per scenario; when unset: storm 100,000, soldout 200,000,"
+                        " spread packets x packet-shares, mixed 100,000")
+    p.add_argument("--shares", type=int, default=DEFAULTS["shares"], help="shares of the storm/soldout packet")
+    p.add_argument("--packets", type=int, default=DEFAULTS["packets"], help="packets in spread")
+    p.add_argument("--packet-shares", type=int, default=DEFAULTS["packet_shares"],
+                   help="shares per packet in spread")
+    p.add_argument("--users", type=int, default=None,
+                   help="grabbers to register; when unset: one per storm attempt, at least 100,000 when needed")
+    p.add_argument("--rate", type=float, default=None,
+                   help="open loop (wrk2): requests per second in total, on a timetable; omit for closed loop")
+    p.add_argument("--duration-s", type=float, default=DEFAULTS["duration_s"],
+                   help="time cap of each load run; it stops by itself at this or when its attempts are done")
+    p.add_argument("--routing", choices=["steered", "any"], default="steered",
+                   help="steered: like the SDK's Cluster, each connection is steered to a worker by its source"
+                        " port and every grab goes to its packet's owner; any: plain connections, the kernel"
+                        " spreads them and the server relays grabs to the owner")
+    p.add_argument("--procs", type=int, default=DEFAULTS["procs"], help="load-generator processes")
+    p.add_argument("--baseline", default="",
+                   help="comma list of baselines to run in the same run: naive, echo")
+    p.add_argument("--naive-pool", type=int, default=baselines.NAIVE_POOL_DEFAULT,
+                   help="PostgreSQL connections of the naive baseline server")
+    p.add_argument("--echo-procs", type=int, default=1,
+                   help="processes of the echo baseline, on one SO_REUSEPORT port")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                   help="directory for LABEL.json and LABEL.png")
+    p.add_argument("--label", default=None, help="file name stem for the JSON and PNG (default: the scenario)")
+    p.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help="use this running anbao server (loopback only) instead of starting one; needs --data-dir")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="the server's data directory (tokens.json, embedded PostgreSQL);"
+                        " without --server, start the server on it instead of a fresh temporary one")
+    p.add_argument("--workers", type=int, default=None, help="passed to `anbao serve --workers` when given")
+    p.add_argument("--anbao-src", type=Path, default=None,
+                   help="run `anbao serve`/`anbao audit` from this source tree (extension built in place,"
+                        " e.g. a `git archive` of another commit) instead of the installed anbao")
+    p.add_argument("--keep-data", action="store_true", help="keep the temporary data directory")
+    p.add_argument("--seed", type=int, default=1, help="seed of the random orders (spread, mixed)")
+    args = p.parse_args(argv)
+    args.baselines = [b.strip() for b in args.baseline.split(",") if b.strip() and b.strip() != "none"]
+    for b in args.baselines:
+        if b not in ("naive", "echo"):
+            p.error(f"unknown baseline {b!r} (naive, echo)")
+    if args.procs < 1 or args.connections < args.procs:
+        p.error("need --procs >= 1 and at least one connection per process")
+    if not 1 <= args.depth <= 1024:
+        p.error("--depth must be 1..1024 (the server pauses a connection past 1024 in flight)")
+    if args.duration_s <= 0 or (args.rate is not None and args.rate <= 0):
+        p.error("--duration-s and --rate must be positive")
+    if args.attempts is not None and args.attempts < 1:
+        p.error("--attempts must be positive")
+    if args.server:
+        host, _, port = args.server.rpartition(":")
+        if not host or not port.isdigit():
+            p.error("--server takes HOST:PORT")
+        if not is_loopback(host):
+            p.error(f"load goes to loopback addresses only (127.0.0.1), not {host}")
+        if args.data_dir is None:
+            p.error("--server needs --data-dir (its tokens.json and database, for the audit)")
+        args.server_host, args.server_port = host, int(port)
+    return args
+
+
+async def _pg_info(dsn: str) -> dict:
+    conn = await asyncpg.connect(dsn)
+    try:
+        info = {"version": await conn.fetchval("SELECT version()")}
+        for name in ("fsync", "synchronous_commit", "shared_buffers", "max_connections", "wal_level"):
+            info[name] = await conn.fetchval(f"SELECT current_setting('{name}')")
+        return info
+    finally:
+        await conn.close()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, console: Console):
+        self.args = args
+        self.console = console
+        self.loop = asyncio.get_running_loop()
+        self.runs: list[dict] = []
+        self.sizes = scenarios.Sizes(attempts=args.attempts, shares=args.shares, packets=args.packets,
+                                     packet_shares=args.packet_shares, users=args.users)
+
+    async def load(self, **kw):
+        a = self.args
+        call = functools.partial(run_load, self.console, connections=a.connections, depth=a.depth, rate=a.rate,
+                                 duration_s=a.duration_s, **kw)
+        return await self.loop.run_in_executor(None, call)
+
+    async def anbao(self, server: AnbaoServer, names: list[str]) -> None:
+        a, console = self.args, self.console
+        dsn = server.dsn()
+        async with scenarios.Setup(console, server.host, server.port, server.tokens["admin"],
+                                   routing=a.routing) as setup:
+            if not setup.setup_steering_ok:
+                console.print("[yellow]warning: connections do not reach the worker their source port asks for;"
+                              " the server relays, so results are right but slower[/]")
+            t = time.monotonic()
+            users = scenarios.grabbers_needed(self.sizes, names)
+            await scenarios.register_grabbers(setup, users)
+            console.print(f"registered {users:,} grabbers in {time.monotonic() - t:.1f} s")
+            for name in names:
+                plan = await scenarios.prepare(name, setup, self.sizes, a.procs, a.seed)
+                console.print(f"[bold]{name}[/]: set up in {plan.setup_s:.1f} s; {plan.attempts:,} attempts")
+                await scenarios.snapshot(plan, dsn)
+                before = server.metrics()
+                result = await self.load(target="anbao", scenario=name, host=server.host, port=server.port,
+                                         token=server.tokens["app"], workloads=plan.workloads,
+                                         worker_count=setup.worker_count if setup.steer else None)
+                problems = await scenarios.verify(plan, result, dsn)
+                rec = report.run_record(result, plan.info, problems, plan.allowed, plan.setup_s)
+                rec["server_metrics"] = metrics_delta(before, server.metrics())
+                self.runs.append(rec)
+                self._line(rec)
+
+    async def naive(self, server: AnbaoServer) -> None:
+        a = self.args
+        n, shares = self.sizes.attempts_for("storm"), self.sizes.shares
+        total = shares * scenarios.CENTS_PER_SHARE
+        dsn = server.dsn(baselines.NAIVE_DATABASE)
+        t = time.monotonic()
+        await baselines.naive_prepare(server.dsn("postgres"), dsn, n, shares, total)
+        setup_s = round(time.monotonic() - t, 2)
+        work = [[{"worker": None, "workload": {"kind": "grab_range", "packet_id": baselines.NAIVE_PACKET_ID,
+                                               "user_first": 1, "user_mod": n, "lo": lo, "hi": hi}}]
+                for lo, hi in scenarios.split_evenly(n, a.procs)]
+        srv = baselines.BaselineServer("naive", dsn=dsn, pool_size=a.naive_pool)
+        try:
+            result = await self.load(target="naive", scenario="storm", host=srv.host, port=srv.port,
+                                     token="naive", workloads=work)
+        finally:
+            srv.stop()
+        capped = result.capped
+        problems = []
+        if not capped and (result.unanswered or result.answered != n):
+            problems.append(f"{n - result.answered:,} of {n:,} requests never answered")
+        if not capped and result.ok != min(n, shares):
+            problems.append(f"{result.ok:,} OK grabs, expected exactly {min(n, shares):,}")
+        allowed = {"GRAB": {"OK", "SOLD_OUT"}}
+        for status, k in result.counts.get("GRAB", {}).items():
+            if status not in allowed["GRAB"] and not (capped and status == "UNANSWERED"):
+                problems.append(f"{k:,} GRAB answers with status {status}")
+        problems += await baselines.naive_verify(dsn, result.ok, result.unanswered if capped else 0, shares, total)
+        await baselines.naive_drop(server.dsn("postgres"))   # leave a reused server as we found it
+        rec = report.run_record(result, {"database": baselines.NAIVE_DATABASE, "pool_size": a.naive_pool,
+                                         "shares": shares, "total_cents": total, "distinct_users": n,
+                                         "transaction": "SELECT ... FOR UPDATE on the packet row, check,"
+                                                        " insert claim + transfer, credit wallet,"
+                                                        " update packet, COMMIT"},
+                                problems, allowed, setup_s)
+        self.runs.append(rec)
+        self._line(rec)
+
+    async def echo(self) -> None:
+        a = self.args
+        n = self.sizes.attempts_for("storm")
+        work = [[{"worker": None, "workload": {"kind": "grab_range", "packet_id": 1, "user_first": 1,
+                                               "user_mod": n, "lo": lo, "hi": hi}}]
+                for lo, hi in scenarios.split_evenly(n, a.procs)]
+        srv = baselines.BaselineServer("echo", processes=a.echo_procs)
+        try:
+            result = await self.load(target="echo", scenario="storm", host=srv.host, port=srv.port,
+                                     token="echo", workloads=work)
+        finally:
+            srv.stop()
+        problems = []
+        if not result.capped and (result.answered != n or result.ok != n):
+            problems.append(f"echo answered {result.answered:,} of {n:,} ({result.ok:,} OK)")
+        rec = report.run_record(result, {"server": "uvloop + anbao._fastpath frame codec, no work",
+                                         "processes": a.echo_procs},
+                                problems, {"GRAB": {"OK"}}, 0.0)
+        self.runs.append(rec)
+        self._line(rec)
+
+    def _line(self, r: dict) -> None:
+        lat = r["latency_ms"]
+        verdict = {"valid": "[green]valid[/]", "CAPPED": "[yellow]CAPPED[/] (hit --duration-s; partial)"}.get(
+            r["verdict"], "[bold red]INVALID[/] " + "; ".join(r["problems"]))
+        self.console.print(f"  {r['name']}: {r['answered']:,} answers in {r['wall_s']:.2f} s,"
+                           f" {r['ok']:,} OK ({r['ok_per_s']:,.0f} durable OK/s),"
+                           f" {r['answers_per_s']:,.0f} answers/s, p50 {lat['p50']} ms,"
+                           f" p99 {lat['p99']} ms, p99.9 {lat['p99.9']} ms  {verdict}")
+
+
+def _audit_failure(audit: dict) -> str:
+    if audit.get("violations"):
+        return "anbao audit found a money-invariant violation: " + ", ".join(audit["violations"])
+    lines = str(audit.get("error") or "").strip().splitlines()
+    return (f"anbao audit could not check the ledger (exit {audit.get('exit_code')})"
+            + (f": {lines[-1][:200]}" if lines else ""))
+
+
+async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
+    names = list(scenarios.SCENARIOS) if args.scenario == "all" else [args.scenario]
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    git_at_start = report.git_state()
+    bench = Bench(args, console)
+    loadavg = [round(x, 2) for x in os.getloadavg()]
+    busy = report.cpu_busy(1.0)
+    if busy is not None and busy > 0.15:
+        console.print(f"[yellow]warning: the machine was {busy:.0%} busy before the bench started;"
+                      f" other load disturbs every figure[/]")
+    if args.server:
+        server = AnbaoServer.attach(args.server_host, args.server_port, args.data_dir, src=args.anbao_src)
+        console.print(f"using the running server at {server.host}:{server.port}")
+    else:
+        with console.status("starting anbao serve (embedded PostgreSQL) ..."):
+            server = AnbaoServer.start(args.data_dir, workers=args.workers, src=args.anbao_src)
+        console.print(f"started: {server.banner}  (data in {server.data_dir})")
+    audit = None
+    pg = None
+    try:
+        pg = await _pg_info(server.dsn())
+        await bench.anbao(server, names)
+        with console.status("anbao audit ..."):
+            audit = server.audit()
+        if not audit["ok"]:
+            why = _audit_failure(audit)
+            for r in bench.runs:
+                r["problems"].append(why)
+                r["valid"] = False
+                r["verdict"] = "INVALID"
+        if "naive" in args.baselines:
+            await bench.naive(server)
+        if "echo" in args.baselines:
+            await bench.echo()
+    finally:
+        if server.owned:
+            with console.status("stopping anbao serve ..."):
+                code = server.stop()
+            if code not in (0, None):
+                console.print(f"[yellow]anbao serve exited with {code}; log in {server.log_path}[/]")
+            if not args.keep_data and args.data_dir is None:
+                server.remove_data()
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["command"] = "python -m bench " + " ".join(sys.argv[1:])
+    doc = {
+        "benchmark": "anbao bench",
+        "started_at": started_at,
+        "settings": settings,
+        "environment": {**report.environment(server.banner or f"attached to {server.host}:{server.port}", pg),
+                        "cpu_busy_before_start": busy, "loadavg_before_start": loadavg,
+                        "git_at_start": git_at_start,
+                        "anbao_source": str(args.anbao_src) if args.anbao_src else "installed (this repository)"},
+        "definitions": {
+            "durable OK/s": "OK answers / seconds from the first request sent to the last OK answer;"
+                            " anbao and naive answer OK only after the claim is committed",
+            "answers/s": "all answers / seconds from the first request sent to the last answer",
+            "rejects/s": "SOLD_OUT, ALREADY_CLAIMED, EXPIRED, NOT_ELIGIBLE answers / the same wall time",
+            "latency": "closed loop: from the moment each request was written; open loop: from its scheduled"
+                       " send time (coordinated omission corrected)",
+        },
+        "audit": audit,
+        "runs": bench.runs,
+        "ratios": report.ratios(bench.runs),
+    }
+    doc["valid"] = bool(bench.runs) and all(r["valid"] for r in bench.runs) and bool(audit and audit["ok"])
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvloop
+    args = parse_args(argv)
+    if args.anbao_src is not None:
+        # The baselines' codec and the embedded-PostgreSQL helper come from the same tree.
+        args.anbao_src = args.anbao_src.resolve()
+        sys.path.insert(0, str(args.anbao_src))
+        if (args.anbao_src / "client" / "anbao_client").is_dir():   # and the SDK the load generators use
+            sys.path.insert(0, str(args.anbao_src / "client"))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)   # a log file gets the whole table
+    doc = uvloop.run(orchestrate(args, console))
+    args.out.mkdir(parents=True, exist_ok=True)
+    label = args.label or args.scenario
+    json_path, png_path = args.out / f"{label}.json", args.out / f"{label}.png"
+    report.print_report(console, doc)
+    doc["files"] = {"json": str(json_path), "png": str(png_path)}
+    report.write_json(json_path, doc)
+    mode = "closed loop" if args.rate is None else f"open loop, {args.rate:,.0f} requests/s"
+    report.write_plot(png_path, doc["runs"], f"latency by percentile: {label}, {mode}")
+    console.print(f"wrote {json_path} and {png_path}")
+    return 0 if doc["valid"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

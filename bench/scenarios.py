@@ -1,0 +1,358 @@
+"""The scenarios: their setup through the SDK (before the clock starts),
+what each load-generator process grabs, and what the answers must add up to.
+
+User ids (disjoint ranges, so scenarios can share one server):
+  1 ..                     grabbers, each attempt of `storm` a distinct one
+  800_000_001 ..           users who sell out the `soldout` packet in setup
+  900_000_001 ..           senders (one block per scenario)
+
+- storm:   one open packet of S shares (default 10,000); N attempts
+           (default 100,000), each from a distinct registered user.
+- soldout: one open packet, sold out during setup; N attempts after that
+           (the rejection path).
+- spread:  P packets (default 100,000) x K shares (default 10), grabbed in a
+           random order; attempt i takes a share that exists, so every
+           answer should be OK (P x K attempts by default).
+- mixed:   SEND (10%), GRAB (60%) on a pool of packets, PACKET queries
+           (20%) and BALANCE (10%), interleaved at random.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from array import array
+from dataclasses import dataclass, field
+
+import asyncpg
+import numpy as np
+from anbao_client import Cluster
+from anbao_client.routing import SHARD_COUNT, owner_of
+from rich.console import Console
+
+from .runner import progress_bar
+
+GRABBER_FIRST = 1
+CLAIMER_FIRST = 800_000_001
+SENDER_FIRST = {"storm": 900_000_001, "soldout": 901_000_001, "spread": 902_000_001, "mixed": 903_000_001}
+CENTS_PER_SHARE = 100
+REGISTER_CHUNK = 1024
+SETUP_CLUSTERS = 4              # each one connection per worker, steered like the SDK's Cluster
+SETUP_CONCURRENCY = 256
+MIXED_WEIGHTS = {"SEND": 0.10, "GRAB": 0.60, "PACKET": 0.20, "BALANCE": 0.10}
+MIXED_POOL_SHARES = 100
+MIXED_SENDERS = 200
+MIXED_SEND_SHARES = 10
+SCENARIOS = ("storm", "soldout", "spread", "mixed")
+DEFAULT_ATTEMPTS = {"storm": 100_000, "soldout": 200_000, "mixed": 100_000}   # spread: packets x shares
+
+
+@dataclass
+class Sizes:
+    attempts: int | None = None     # None: each scenario's default
+    shares: int = 10_000
+    packets: int = 100_000
+    packet_shares: int = 10
+    users: int | None = None        # registered grabbers; None: as many as the largest need
+
+    def attempts_for(self, scenario: str) -> int:
+        if self.attempts is not None:
+            return self.attempts
+        if scenario == "spread":
+            return self.packets * self.packet_shares
+        return DEFAULT_ATTEMPTS[scenario]
+
+
+@dataclass
+class Plan:
+    scenario: str
+    workloads: list[list[dict]]      # per load-generator process: groups {"worker": w | None, "workload": {...}}
+    attempts: int
+    packets: list[int] = field(default_factory=list)   # the packets whose claims must match the OK answers
+    expect_ok: int | None = None     # exact OK count the answers must show, when known
+    allowed: dict = field(default_factory=dict)         # op -> statuses that are not errors
+    setup_s: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class Setup:
+    """Prepares a server through the SDK (Cluster: one steered connection per
+    worker) with an admin token, and knows how to route the load."""
+
+    def __init__(self, console: Console, host: str, port: int, admin_token: str, routing: str = "steered"):
+        self.console = console
+        self.host, self.port, self.token = host, port, admin_token
+        self.routing = routing
+        self.clusters: list[Cluster] = []
+        self.registered: set[tuple[int, int]] = set()
+        self.users = 0                  # grabbers registered: GRABBER_FIRST .. GRABBER_FIRST + users - 1
+        self.worker_count = 1
+        self.steering = 0
+        self.setup_steering_ok = True
+
+    async def __aenter__(self) -> "Setup":
+        self.clusters = [await Cluster.connect(self.host, self.port, self.token, timeout_ms=120_000)
+                         for _ in range(SETUP_CLUSTERS)]
+        topo = self.clusters[0].topology
+        self.worker_count, self.steering = topo.worker_count, topo.steering
+        if self.worker_count > 1:
+            for cl in self.clusters:
+                if await cl.steered_workers() != list(range(self.worker_count)):
+                    self.setup_steering_ok = False
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for c in self.clusters:
+            await c.close()
+
+    @property
+    def steer(self) -> bool:
+        """Whether the load goes to each packet's owner on steered connections."""
+        return self.routing == "steered" and self.worker_count > 1 and bool(self.steering)
+
+    def owner(self, packet_id: int) -> int | None:
+        return owner_of(packet_id, self.worker_count) if self.steer else None
+
+    def routing_info(self) -> dict:
+        return {"workers": self.worker_count, "routing": "steered to the owner" if self.steer else "any worker",
+                "server_steering": self.steering, "setup_connections_steered": self.setup_steering_ok}
+
+    async def _each(self, label: str, items, fn) -> list:
+        """Runs fn(client, item) over items, many at once, with a progress bar."""
+        items = list(items)
+        out = [None] * len(items)
+        next_i = 0
+        with progress_bar(self.console) as bar:
+            task = bar.add_task(label, total=len(items), info="setup")
+
+            async def worker(k: int) -> None:
+                nonlocal next_i
+                client = self.clusters[k % len(self.clusters)]
+                while next_i < len(items):
+                    i = next_i
+                    next_i += 1
+                    out[i] = await fn(client, items[i])
+                    bar.advance(task)
+
+            await asyncio.gather(*(worker(k) for k in range(min(SETUP_CONCURRENCY, max(1, len(items))))))
+        return out
+
+    async def register(self, first: int, n: int) -> None:
+        """Through every worker, so that each one knows these users (its
+        registered-user cache is warm, as for users who have been around)."""
+        if n <= 0 or (first, n) in self.registered:
+            return
+        chunks = [list(range(s, min(s + REGISTER_CHUNK, first + n))) for s in range(first, first + n, REGISTER_CHUNK)]
+
+        async def everywhere(cluster: Cluster, ids: list[int]) -> None:
+            await asyncio.gather(*(c.register(ids) for c in cluster.clients))
+        await self._each(f"register {n:,} users", chunks, everywhere)
+        self.registered.add((first, n))
+
+    async def fund(self, users: list[int], cents: int) -> None:
+        await self._each(f"deposit to {len(users):,} senders", users, lambda c, u: c.clients[0].deposit(u, cents))
+
+    async def send(self, senders: list[int], n: int, total_cents: int, count: int) -> list[int]:
+        """n open packets, sender i % len(senders) for the i-th (so that sends
+        in flight together debit different wallets), spread over the workers
+        (whoever takes a SEND owns the packet)."""
+        async def one(c: Cluster, i: int) -> int:
+            sent = await c.send(senders[i % len(senders)], total_cents, count)
+            return sent.packet_id
+        label = f"send {n:,} packet{'s' if n != 1 else ''} of {count:,} shares"
+        return await self._each(label, range(n), one)
+
+    async def sell_out(self, packet_id: int, users: list[int]) -> None:  # Cluster.grab goes to the owner
+        await self._each(f"sell out packet {packet_id}", users, lambda c, u: c.grab(packet_id, u))
+
+
+async def prepare(scenario: str, setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
+    started = time.monotonic()
+    plan = await _PREPARE[scenario](setup, sizes, procs, seed)
+    plan.setup_s = round(time.monotonic() - started, 2)
+    return plan
+
+
+def grabbers_needed(sizes: Sizes, scenarios: list[str]) -> int:
+    """storm needs one user per attempt; the others cycle through at most
+    100,000 (enough that nobody in `spread` grabs the same packet twice)."""
+    if sizes.users is not None:
+        return sizes.users
+    need = min(100_000, max(sizes.attempts_for(s) for s in scenarios))
+    if "storm" in scenarios:
+        need = max(need, sizes.attempts_for("storm"))
+    return max(need, sizes.packet_shares, 1)
+
+
+async def _storm(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
+    n, shares = sizes.attempts_for("storm"), sizes.shares
+    users = setup.users
+    if users < n:
+        raise ValueError(f"storm needs {n:,} distinct users, only {users:,} registered (--users)")
+    sender = SENDER_FIRST["storm"]
+    await setup.register(sender, 1)
+    await setup.fund([sender], shares * CENTS_PER_SHARE)
+    [packet] = await setup.send([sender], 1, shares * CENTS_PER_SHARE, shares)
+    work = [[{"worker": setup.owner(packet),
+              "workload": {"kind": "grab_range", "packet_id": packet, "user_first": GRABBER_FIRST,
+                           "user_mod": users, "lo": lo, "hi": hi}}] for lo, hi in split_evenly(n, procs)]
+    return Plan("storm", work, n, [packet], expect_ok=min(n, shares),
+                allowed={"GRAB": {"OK", "SOLD_OUT"}},
+                info={"packet_id": packet, "owner": setup.owner(packet), "shares": shares,
+                      "total_cents": shares * CENTS_PER_SHARE, "distinct_users": n, **setup.routing_info()})
+
+
+async def _soldout(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
+    n, shares = sizes.attempts_for("soldout"), sizes.shares
+    sender = SENDER_FIRST["soldout"]
+    await setup.register(sender, 1)
+    await setup.register(CLAIMER_FIRST, shares)
+    await setup.fund([sender], shares * CENTS_PER_SHARE)
+    [packet] = await setup.send([sender], 1, shares * CENTS_PER_SHARE, shares)
+    await setup.sell_out(packet, list(range(CLAIMER_FIRST, CLAIMER_FIRST + shares)))
+    work = [[{"worker": setup.owner(packet),
+              "workload": {"kind": "grab_range", "packet_id": packet, "user_first": GRABBER_FIRST,
+                           "user_mod": setup.users, "lo": lo, "hi": hi}}] for lo, hi in split_evenly(n, procs)]
+    return Plan("soldout", work, n, [packet], expect_ok=0, allowed={"GRAB": {"SOLD_OUT"}},
+                info={"packet_id": packet, "owner": setup.owner(packet), "shares": shares,
+                      "claimed_in_setup": shares, "distinct_users": min(n, setup.users), **setup.routing_info()})
+
+
+async def _spread(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
+    p, k = sizes.packets, sizes.packet_shares
+    n = min(sizes.attempts_for("spread"), p * k)
+    if setup.users < k:
+        raise ValueError(f"spread needs at least {k} registered users")
+    n_senders = max(1, min(1000, p // 10))
+    senders = list(range(SENDER_FIRST["spread"], SENDER_FIRST["spread"] + n_senders))
+    await setup.register(senders[0], n_senders)
+    per_sender = -(-p // n_senders)
+    await setup.fund(senders, per_sender * k * CENTS_PER_SHARE)
+    packets = await setup.send(senders, p, k * CENTS_PER_SHARE, k)
+    # Every (packet, slot) pair once, in a random order: attempt i takes a
+    # share that exists, from a user who holds none of that packet yet.
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(p * k)[:n]
+    pidx, slot = order // k, order % k
+    pkt = np.asarray(packets, dtype=np.int64)[pidx]
+    usr = GRABBER_FIRST + (pidx * k + slot) % setup.users
+    owners = (pkt & (SHARD_COUNT - 1)) % setup.worker_count
+    work = []
+    for lo, hi in split_evenly(n, procs):
+        groups = []
+        for w in (range(setup.worker_count) if setup.steer else [None]):
+            sel = slice(lo, hi) if w is None else np.nonzero(owners[lo:hi] == w)[0] + lo
+            a, b = array("q"), array("q")
+            a.frombytes(pkt[sel].astype(np.int64).tobytes())
+            b.frombytes(usr[sel].astype(np.int64).tobytes())
+            groups.append({"worker": w, "workload": {"kind": "grab_pairs", "packets": a, "users": b}})
+        work.append(groups)
+    per_worker = np.bincount(owners, minlength=setup.worker_count).tolist()
+    return Plan("spread", work, n, packets, expect_ok=n, allowed={"GRAB": {"OK"}},
+                info={"packets": p, "shares_per_packet": k, "senders": n_senders,
+                      "grabs_per_owner": per_worker, **setup.routing_info()})
+
+
+async def _mixed(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
+    n = sizes.attempts_for("mixed")
+    pool = max(1, min(1000, n // 100))
+    senders = list(range(SENDER_FIRST["mixed"], SENDER_FIRST["mixed"] + MIXED_SENDERS))
+    await setup.register(senders[0], MIXED_SENDERS)
+    sends_each = int(n * MIXED_WEIGHTS["SEND"] / MIXED_SENDERS * 2) + 10
+    pool_each = -(-pool // MIXED_SENDERS)
+    await setup.fund(senders, (sends_each * MIXED_SEND_SHARES + pool_each * MIXED_POOL_SHARES) * CENTS_PER_SHARE)
+    packets = await setup.send(senders, pool, MIXED_POOL_SHARES * CENTS_PER_SHARE, MIXED_POOL_SHARES)
+    workers = list(range(setup.worker_count)) if setup.steer else [None]
+    owned = {w: [q for q in packets if w is None or setup.owner(q) == w] for w in workers}
+    work = []
+    for i, (lo, hi) in enumerate(split_evenly(n, procs)):
+        groups = []
+        for j, (a, b) in enumerate(split_evenly(hi - lo, len(workers))):
+            w = workers[j]
+            groups.append({"worker": w if owned[w] else None,
+                           "workload": {"kind": "mixed", "n": b - a, "seed": seed * 1000 + i * 16 + j,
+                                        "weights": MIXED_WEIGHTS, "senders": senders,
+                                        "send_cents": MIXED_SEND_SHARES * CENTS_PER_SHARE,
+                                        "send_shares": MIXED_SEND_SHARES, "grab_packets": owned[w] or packets,
+                                        "user_first": GRABBER_FIRST, "user_count": setup.users}})
+        work.append(groups)
+    return Plan("mixed", work, n, packets, expect_ok=None,
+                allowed={"GRAB": {"OK", "SOLD_OUT", "ALREADY_CLAIMED"}, "SEND": {"OK"}, "PACKET": {"OK"},
+                         "BALANCE": {"OK"}},
+                info={"weights": MIXED_WEIGHTS, "pool_packets": pool, "pool_shares": MIXED_POOL_SHARES,
+                      "senders": MIXED_SENDERS, "sender_ids": [senders[0], senders[-1]], **setup.routing_info()})
+
+
+_PREPARE = {"storm": _storm, "soldout": _soldout, "spread": _spread, "mixed": _mixed}
+
+
+# ---------------------------------------------------------------- checks
+
+async def snapshot(plan: Plan, dsn: str | None) -> None:
+    """What the database holds before the load, for verify() to subtract."""
+    if dsn is None or plan.scenario != "mixed":
+        return
+    lo, hi = plan.info["sender_ids"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        plan.info["packets_before"] = await conn.fetchval(
+            "SELECT count(*) FROM packets WHERE sender_id BETWEEN $1 AND $2", lo, hi)
+    finally:
+        await conn.close()
+
+
+async def verify(plan: Plan, result, dsn: str | None) -> list[str]:
+    """What must add up after a scenario: the answers against the plan, and
+    the answers against the claims that are durable in the database.
+
+    A run stopped by the --duration-s cap is partial (the report says
+    CAPPED): its OK count is only bounded, and a grab accepted just before
+    the stop may be durable with its answer never read."""
+    wrong = []
+    capped = result.capped
+    if not capped and (result.unanswered or result.answered != plan.attempts):
+        wrong.append(f"{plan.attempts - result.answered:,} of {plan.attempts:,} requests never answered")
+    grab_ok = result.counts.get("GRAB", {}).get("OK", 0)
+    if plan.expect_ok is not None:
+        if not capped and grab_ok != plan.expect_ok:
+            wrong.append(f"{grab_ok:,} OK grabs, expected exactly {plan.expect_ok:,}")
+        if capped and grab_ok > plan.expect_ok:
+            wrong.append(f"{grab_ok:,} OK grabs, more than the {plan.expect_ok:,} possible")
+    for op, by_status in result.counts.items():
+        allowed = plan.allowed.get(op, set())
+        for status, n in by_status.items():
+            if status not in allowed and not (capped and status == "UNANSWERED"):
+                wrong.append(f"{n:,} {op} answers with status {status}")
+    unknown = result.unanswered if capped else 0
+    if dsn is None:
+        return wrong
+    conn = await asyncpg.connect(dsn)
+    try:
+        claims = await conn.fetchval("SELECT count(*) FROM claims WHERE packet_id = ANY($1::bigint[])", plan.packets)
+        already = plan.info.get("claimed_in_setup", 0)
+        if not grab_ok <= claims - already <= grab_ok + unknown:
+            wrong.append(f"{claims - already:,} claims durable in the database, {grab_ok:,} OK grabs answered"
+                         + (f" ({unknown:,} unanswered)" if unknown else ""))
+        if plan.scenario == "storm" and not capped:
+            status = await conn.fetchval("SELECT status FROM packets WHERE packet_id = $1", plan.packets[0])
+            if plan.expect_ok == plan.info["shares"] and status != 1:
+                wrong.append(f"storm packet has status {status}, not sold out")
+        if plan.scenario == "mixed":
+            lo, hi = plan.info["sender_ids"]
+            sent = await conn.fetchval("SELECT count(*) FROM packets WHERE sender_id BETWEEN $1 AND $2", lo, hi)
+            send_ok = result.counts.get("SEND", {}).get("OK", 0)
+            new = sent - plan.info["packets_before"]
+            if not send_ok <= new <= send_ok + unknown:
+                wrong.append(f"{new:,} packets sent in the database, {send_ok:,} OK sends answered")
+    finally:
+        await conn.close()
+    return wrong
+
+
+async def register_grabbers(setup: Setup, n: int) -> None:
+    await setup.register(GRABBER_FIRST, n)
+    setup.users = n
