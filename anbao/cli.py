@@ -34,6 +34,19 @@ def _database(args) -> tuple[str, object | None]:
     return dsn, server
 
 
+def _one_off_database(args, work) -> int:
+    """Runs work(dsn) against the database; an embedded PostgreSQL started
+    just for this command is stopped afterwards, one already up is left up."""
+    from .storage import embedded
+    was_up = args.dsn is not None or embedded.already_running(Path(args.data_dir))
+    dsn, server = _database(args)
+    try:
+        return work(dsn)
+    finally:
+        if server is not None and not was_up:
+            embedded.stop(server)
+
+
 def _settings(args) -> Settings:
     return Settings(host=args.host, port=args.port, data_dir=Path(args.data_dir), dsn=args.dsn,
                     tokens_file=Path(args.tokens_file) if args.tokens_file else None,
@@ -77,19 +90,21 @@ def cmd_serve(args) -> int:
 
 def cmd_migrate(args) -> int:
     from .storage.migrate import migrate
-    dsn, _ = _database(args)
-    version = asyncio.run(migrate(dsn))
-    print(f"schema at version {version}")
-    return 0
+    def work(dsn: str) -> int:
+        print(f"schema at version {asyncio.run(migrate(dsn))}")
+        return 0
+    return _one_off_database(args, work)
 
 
 def cmd_audit(args) -> int:
     from .storage.audit import audit
-    dsn, _ = _database(args)
     grace_ms = None if args.refund_grace_s is None else int(args.refund_grace_s * 1000)
-    report = asyncio.run(audit(dsn, refund_grace_ms=grace_ms))
-    print(json.dumps(report.as_dict(), default=str, indent=2) if args.json else report.text())
-    return 0 if report.ok else 1
+
+    def work(dsn: str) -> int:
+        report = asyncio.run(audit(dsn, refund_grace_ms=grace_ms))
+        print(json.dumps(report.as_dict(), default=str, indent=2) if args.json else report.text())
+        return 0 if report.ok else 1
+    return _one_off_database(args, work)
 
 
 def cmd_tokens(args) -> int:

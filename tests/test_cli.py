@@ -54,7 +54,8 @@ def test_serve_prints_where_tokens_are_and_serves(tmp_path):
     assert proc.returncode == 0, rest
     audit = subprocess.run(ANBAO + ["audit", "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
     assert audit.returncode == 0 and "anbao audit: OK" in audit.stdout, audit.stdout + audit.stderr
-    subprocess.run(["pkill", "-f", str(data / "pgdata")], check=False)
+    from anbao.storage import embedded
+    assert not embedded.already_running(data), "a one-off audit leaves no PostgreSQL behind"
 
 
 def test_audit_exits_nonzero_on_a_broken_ledger(tmp_path):

