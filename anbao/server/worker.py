@@ -214,30 +214,30 @@ class Worker:
         self.engine.note_known_users(user_ids)
         return fp.encode_ok(fp.OP_REGISTER, rid, self.worker_id, "H", (created,))
 
-    async def _deposit(self, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
-        if amount_cents > self.limits.max_deposit_cents:
-            raise Refused(fp.INVALID, f"amount_cents above the limit {self.limits.max_deposit_cents}")
+    async def _external_move(self, opcode: int, rid: int, key: bytes, user_id: int, amount_cents: int,
+                             limit_cents: int, move) -> bytes:
+        """DEPOSIT and WITHDRAW: one transfer between the outside world and a
+        wallet, idempotent by key, answered (balance_cents, transfer_id)."""
+        if amount_cents > limit_cents:
+            raise Refused(fp.INVALID, f"amount_cents above the limit {limit_cents}")
 
         async def body(conn) -> bytes:
-            balance, tid = await Ledger.deposit(conn, user_id, amount_cents)
-            return fp.encode_ok(fp.OP_DEPOSIT, 0, 0, "qQ", (balance, tid))[fp.RESPONSE_HEADER_BYTES:]
+            balance, tid = await move(conn, user_id, amount_cents)
+            return fp.encode_ok(opcode, 0, 0, "qQ", (balance, tid))[fp.RESPONSE_HEADER_BYTES:]
 
-        answer = await self.ledger.idempotent(key, fp.OP_DEPOSIT, (user_id, amount_cents), body)
-        return self._reply_stored(fp.OP_DEPOSIT, rid, answer)
+        answer = await self.ledger.idempotent(key, opcode, (user_id, amount_cents), body)
+        return self._reply_stored(opcode, rid, answer)
+
+    async def _deposit(self, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
+        return await self._external_move(fp.OP_DEPOSIT, rid, key, user_id, amount_cents,
+                                         self.limits.max_deposit_cents, Ledger.deposit)
 
     async def _balance(self, rid: int, user_id: int) -> bytes:
         return fp.encode_ok(fp.OP_BALANCE, rid, self.worker_id, "q", (await self.ledger.balance(user_id),))
 
     async def _withdraw(self, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
-        if amount_cents > self.limits.max_withdraw_cents:
-            raise Refused(fp.INVALID, f"amount_cents above the limit {self.limits.max_withdraw_cents}")
-
-        async def body(conn) -> bytes:
-            balance, tid = await Ledger.withdraw(conn, user_id, amount_cents)
-            return fp.encode_ok(fp.OP_WITHDRAW, 0, 0, "qQ", (balance, tid))[fp.RESPONSE_HEADER_BYTES:]
-
-        answer = await self.ledger.idempotent(key, fp.OP_WITHDRAW, (user_id, amount_cents), body)
-        return self._reply_stored(fp.OP_WITHDRAW, rid, answer)
+        return await self._external_move(fp.OP_WITHDRAW, rid, key, user_id, amount_cents,
+                                         self.limits.max_withdraw_cents, Ledger.withdraw)
 
     def _page_limit(self, limit: int) -> int:
         if not 0 < limit <= self.limits.max_page_rows:
