@@ -32,10 +32,19 @@ class Limits:
     expiry_sweep_interval_ms: int = 1000
     expiry_sweep_batch: int = 1000
     refund_grace_ms: int = 300_000
-    # Group commit: a batch goes as soon as the previous one has committed,
-    # carrying at most batch_max_grabs; grabs beyond max_queued_grabs get BUSY.
+    # Group commit: a batch goes as soon as one of commit_slots connections
+    # is free, carrying at most batch_max_grabs; batches commit in the order
+    # they were built. Grabs beyond max_queued_grabs get BUSY.
     batch_max_grabs: int = 4096
+    commit_slots: int = 2
     max_queued_grabs: int = 65_536
+    # Roll-up behind the commit: at most rollup_batches_per_pass batches a
+    # transaction; it polls this often when nothing wakes it. Past
+    # max_rollup_backlog_grabs committed grabs waiting for it, batches stop
+    # going out (and the queue fills to BUSY) until it catches up.
+    rollup_batches_per_pass: int = 64
+    rollup_idle_poll_ms: int = 1000
+    max_rollup_backlog_grabs: int = 2_000_000
     max_packets_in_memory: int = 500_000
     max_known_users_cached: int = 2_000_000
     db_pool_size: int = 8

@@ -15,7 +15,7 @@ from conftest import funded_users
 from test_bad_input import Raw
 
 TABLES = ["accounts", "transfers", "packets", "packet_members", "claims", "groups", "group_members",
-          "grab_batches"]
+          "grab_rollups"]
 
 
 async def snapshot(dsn: str) -> dict:

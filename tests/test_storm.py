@@ -192,8 +192,12 @@ async def test_commit_connection_killed_outcome_resolved_by_read_back(anbao):
             if stop.is_set() or kills >= 25:
                 return
             kills += await killer_conn.fetchval(
+                # Any of the grab committers' backends, whatever it is doing:
+                # inserting a batch, idle in its transaction waiting for the
+                # batch before it, or inside COMMIT.
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE query LIKE '%anbao_commit_grabs%' AND pid <> pg_backend_pid() AND state = 'active'")
+                " WHERE application_name = 'anbao-grab-commit' AND pid <> pg_backend_pid()"
+                " AND state IN ('active', 'idle in transaction')")
             await asyncio.sleep(0.001 if kills == 0 else 0.01)
 
     k = asyncio.ensure_future(killer())

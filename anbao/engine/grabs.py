@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 
 from .. import _fastpath as fp
-from ..storage.ledger import GrabCommitter, Ledger, now_ms
+from ..storage.commit import GrabCommitter, Roller
+from ..storage.ledger import Ledger, now_ms
 
 log = logging.getLogger("anbao.grabs")
 
@@ -48,6 +49,10 @@ class Batch:
     replies: list = field(default_factory=list)     # (replier, request_id, state) per grab
     followers: list = field(default_factory=list)   # (replier, request_id, state, user_id): retries of a pending grab
     refunds: list = field(default_factory=list)     # packet ids to refund once this batch's grabs are settled
+    slot: int = -1                                  # the committer's connection carrying it
+    before: asyncio.Future | None = None            # the outcome of the batch built before it
+    outcome: asyncio.Future | None = None           # True once durable, False once known not to be
+    doomed: bool = False                            # built on a batch that failed: it will roll back
 
     def __len__(self) -> int:
         return len(self.packets)
@@ -67,10 +72,14 @@ class Batch:
 class GrabEngine:
     def __init__(self, ledger: Ledger, committer: GrabCommitter, worker_id: int, *,
                  batch_max_grabs: int, max_queued_grabs: int, max_packets_in_memory: int,
-                 max_known_users: int):
-        assert 0 < batch_max_grabs <= max_queued_grabs
+                 max_known_users: int, roller: Roller | None = None, max_rollup_backlog: int = 1 << 62):
+        assert 0 < batch_max_grabs <= max_queued_grabs and max_rollup_backlog > 0
         self.ledger = ledger
         self.committer = committer
+        self.roller = roller
+        self.max_rollup_backlog = max_rollup_backlog
+        if roller is not None:
+            roller.on_progress = self._kick_if_waiting
         self.worker_id = worker_id
         self.batch_max_grabs = batch_max_grabs
         self.max_queued_grabs = max_queued_grabs
@@ -84,11 +93,12 @@ class GrabEngine:
         self._user_check_scheduled = False
         self._open = Batch()
         self._queued: list[Batch] = []               # full batches waiting behind the open one
-        self._in_flight: Batch | None = None
+        self._in_flight: list[Batch] = []            # batches committing, in the order they were built
+        self._chain_tail: asyncio.Future | None = None   # outcome of the newest batch in flight
+        self._pump_scheduled = False
         self._queued_grabs = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._flush_task: asyncio.Task | None = None
         self.on_adopt = None                         # callback(state): admission seeds its counter
         self.on_commit = None                        # callback(grabs, seconds): metrics
         self._expiring: dict[int, asyncio.Future] = {}   # packet id -> its refund, until committed
@@ -258,9 +268,9 @@ class GrabEngine:
             if not fut.done():
                 fut.set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
 
-    async def _commit_refunds(self, packet_ids: list[int]) -> None:
+    async def _commit_refunds(self, slot: int, packet_ids: list[int]) -> None:
         try:
-            done = await self.committer.refund(packet_ids)
+            done = await self.committer.settle_then_refund(slot, packet_ids)
         except BaseException as exc:
             self._refunds_failed(packet_ids, exc)
             if not isinstance(exc, Exception):
@@ -285,85 +295,135 @@ class GrabEngine:
     # ------------------------------------------------------------ group commit
 
     def _kick(self) -> None:
-        if self._flush_task is None:
+        if not self._pump_scheduled:
+            self._pump_scheduled = True
             self._idle.clear()
-            self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop())
+            # One turn of the loop lets the grabs already read off sockets
+            # join the batch before it goes.
+            asyncio.get_running_loop().call_soon(self._pump)
 
-    def _take_next(self) -> Batch | None:
+    def _kick_if_waiting(self) -> None:
+        if self._has_work():
+            self._kick()
+
+    def _has_work(self) -> bool:
+        return bool(self._queued or len(self._open) or self._open.followers or self._open.refunds)
+
+    def _take_next(self) -> Batch:
         if self._queued:
             return self._queued.pop(0)
-        if len(self._open) or self._open.followers or self._open.refunds:
-            b, self._open = self._open, Batch()
-            return b
-        return None
+        b, self._open = self._open, Batch()
+        return b
 
-    async def _flush_loop(self) -> None:
-        try:
-            # One turn of the loop lets the grabs already read off sockets
-            # join the first batch.
-            await asyncio.sleep(0)
-            while (batch := self._take_next()) is not None:
-                self._in_flight = batch
-                await self._commit(batch)
-                self._in_flight = None
-        finally:
-            self._flush_task = None
+    def _pump(self) -> None:
+        """Starts a batch on every free slot while there is work. The batch
+        size follows the load: when quiet, a grab goes alone at once; under
+        load, grabs gather while every slot is busy."""
+        self._pump_scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._has_work() and self.committer.free_slots and self._rollup_backlog_ok():
+            batch = self._take_next()
+            batch.slot = self.committer.acquire()
+            batch.before = self._chain_tail
+            batch.outcome = loop.create_future()
+            self._chain_tail = batch.outcome
+            self._in_flight.append(batch)
+            loop.create_task(self._run(batch))
+        if not self._in_flight and not self._has_work():
             self._idle.set()
+
+    def _rollup_backlog_ok(self) -> bool:
+        # Committed grabs not yet rolled up are bounded: past the limit the
+        # queue stops draining, and once it is full, grabs get BUSY.
+        return self.roller is None or self.roller.backlog_claims < self.max_rollup_backlog
+
+    async def _run(self, batch: Batch) -> None:
+        try:
+            await self._commit(batch)
+        finally:
+            self._in_flight.remove(batch)
+            self.committer.release(batch.slot)
+            if self._chain_tail is batch.outcome:
+                self._chain_tail = None
+            if not batch.outcome.done():  # cancelled: what follows must not commit on it
+                batch.outcome.set_result(False)
+            self._pump()
 
     async def _commit(self, batch: Batch) -> None:
         try:
-            await self._commit_grabs(batch)
+            ok = await self._commit_grabs(batch)
         except BaseException as exc:  # cancelled: the refunds were not even tried
             self._refunds_failed(batch.refunds, exc)
             raise
         if batch.refunds:
             # After the grabs, whether they committed or failed: either way
             # the database now holds every claim these packets will ever get.
-            await self._commit_refunds(batch.refunds)
+            await self._commit_refunds(batch.slot, batch.refunds)
 
-    async def _commit_grabs(self, batch: Batch) -> None:
+    async def _commit_grabs(self, batch: Batch) -> bool:
+        """Commits the batch in its turn; answers its grabs; returns whether it landed."""
         ok = True
         if len(batch):
             started = time.perf_counter()
             try:
-                batch_id = await self.committer.next_batch_id()
-                ok = await self.committer.commit(batch_id, batch.packets, batch.seqs, batch.users, batch.amounts)
-                if self.on_commit is not None:
-                    self.on_commit(len(batch), time.perf_counter() - started)
+                batch_id = await self.committer.next_batch_id(batch.slot)
             except Exception as exc:
-                log.exception("batch of %d grabs failed: %r", len(batch), exc)
+                log.warning("no batch id: %r", exc)
                 ok = False
+                if batch.before is not None:
+                    await asyncio.shield(batch.before)  # failures are handled in build order
+            else:
+                ok = await self.committer.commit(batch.slot, batch_id, batch.packets, batch.seqs, batch.users,
+                                                 batch.amounts, batch.before)
+            if ok and self.on_commit is not None:
+                self.on_commit(len(batch), time.perf_counter() - started)
+        elif batch.before is not None:
+            ok = await asyncio.shield(batch.before)   # followers only: answered in their turn
+        batch.outcome.set_result(ok)
         self._queued_grabs -= len(batch)
         assert self._queued_grabs >= 0
         wid = self.worker_id
         if ok:
-            self.commits += 1
+            self.commits += len(batch) > 0
             self.committed_grabs += len(batch)
+            if self.roller is not None and len(batch):
+                self.roller.committed(len(batch))
             for (replier, rid, state), seq, amount in zip(batch.replies, batch.seqs, batch.amounts):
                 state.mark_committed(seq)
                 replier.answer(fp.encode_grab(rid, fp.OK, wid, amount, seq, state.count - seq))
             for replier, rid, state, user_id in batch.followers:
                 amount, seq = state.claim_of(user_id)
                 replier.answer(fp.encode_grab(rid, fp.ALREADY_CLAIMED, wid, amount, seq, state.count - seq))
-            return
-        # Memory ran ahead of the database for these packets: forget them, so
-        # the next grab reloads the truth, and fail what was built on them.
-        self.failed_batches += 1
-        touched = set(batch.packets) | {f[2].packet_id for f in batch.followers}
+            return True
         failed = [r for r in batch.replies] + [f[:3] for f in batch.followers]
-        for later in [self._open, *self._queued]:
-            n_before = len(later)
-            failed += later.drop_packets(touched)
-            self._queued_grabs -= n_before - len(later)
-        for pid in touched:
-            self.states.pop(pid, None)
+        if not batch.doomed:
+            # The first failure in a chain. Every batch built after this one
+            # is in flight on top of it and will roll back (it commits only
+            # if this one did): memory ran ahead of the database for all
+            # their packets. Forget those states, so the next grab reloads
+            # the truth, and fail what waits to be built on them. Batches
+            # built from now on do not wait for the doomed ones.
+            self.failed_batches += 1
+            touched = set(batch.packets) | {f[2].packet_id for f in batch.followers}
+            for later in self._in_flight:
+                if later is not batch and later.outcome is not None and not later.outcome.done():
+                    later.doomed = True
+                    touched |= set(later.packets) | {f[2].packet_id for f in later.followers}
+            for later in [self._open, *self._queued]:
+                n_before = len(later)
+                failed += later.drop_packets(touched)
+                self._queued_grabs -= n_before - len(later)
+            for pid in touched:
+                self.states.pop(pid, None)
+            self._chain_tail = None
         for replier, rid, _ in failed:
             replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, wid,
                                            "commit failed; nothing was taken, retry"))
+        return False
 
     async def drain(self) -> None:
         """Waits until every accepted grab is committed and answered."""
-        while self._flush_task is not None or len(self._open) or self._open.refunds or self._queued:
+        while self._in_flight or self._has_work():
             self._kick()
             await self._idle.wait()
 

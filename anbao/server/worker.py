@@ -19,7 +19,8 @@ from ..config import Limits, Settings
 from ..engine.expiry import ExpirySweeper
 from ..engine.grabs import GrabEngine
 from ..storage.audit import audit
-from ..storage.ledger import GrabCommitter, Ledger, Refused, now_ms
+from ..storage.commit import GrabCommitter, Roller
+from ..storage.ledger import Ledger, Refused, now_ms
 from ..storage.migrate import migrate
 from .connection import Connection
 from .peers import PeerLink
@@ -65,6 +66,8 @@ class Worker:
         self._sweeper: asyncio.Task | None = None
         self.expiry: ExpirySweeper | None = None
         self._expiry_task: asyncio.Task | None = None
+        self.roller: Roller | None = None
+        self._roller_task: asyncio.Task | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
@@ -72,11 +75,13 @@ class Worker:
         lim = self.limits
         await migrate(self.dsn)
         self.ledger = await Ledger.open(self.dsn, self.settings.set_id, lim.db_pool_size)
-        committer = GrabCommitter(self.dsn, lim.commit_resolve_timeout_ms)
+        committer = GrabCommitter(self.dsn, self.worker_id, lim.commit_slots, lim.commit_resolve_timeout_ms)
+        self.roller = Roller(self.dsn, self.worker_id, lim.rollup_batches_per_pass, lim.rollup_idle_poll_ms)
         self.engine = GrabEngine(self.ledger, committer, self.worker_id,
                                  batch_max_grabs=lim.batch_max_grabs, max_queued_grabs=lim.max_queued_grabs,
                                  max_packets_in_memory=lim.max_packets_in_memory,
-                                 max_known_users=lim.max_known_users_cached)
+                                 max_known_users=lim.max_known_users_cached, roller=self.roller,
+                                 max_rollup_backlog=lim.max_rollup_backlog_grabs)
         peers = {}
         if self.worker_count > 1:
             peers = {w: PeerLink(self.worker_id, w, self.peer_dir / f"worker-{w}.sock", self.peer_token,
@@ -109,6 +114,7 @@ class Worker:
         self._sweeper = self.loop.create_task(self._sweep_idle())
         self.expiry = ExpirySweeper(self, lim.expiry_sweep_interval_ms, lim.expiry_sweep_batch)
         self._expiry_task = self.loop.create_task(self.expiry.run())
+        self._roller_task = self.loop.create_task(self.roller.run())
         log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
@@ -148,6 +154,11 @@ class Worker:
             for link in self.router.peers.values():
                 link.close()
         await self.permits.close()
+        if self._roller_task is not None:
+            # What it has not rolled up is durable and rolled up by the next start.
+            self._roller_task.cancel()
+            await asyncio.gather(self._roller_task, return_exceptions=True)
+            await self.roller.close()
         if self.engine is not None:
             await self.engine.committer.close()
         if self.ledger is not None:
@@ -220,6 +231,8 @@ class Worker:
         wallet, idempotent by key, answered (balance_cents, transfer_id)."""
         if amount_cents > limit_cents:
             raise Refused(fp.INVALID, f"amount_cents above the limit {limit_cents}")
+
+        await self.ledger.settle(user_id)
 
         async def body(conn) -> bytes:
             balance, tid = await move(conn, user_id, amount_cents)
@@ -341,6 +354,8 @@ class Worker:
         shard = self._own_shards[self._next_shard]
         self._next_shard = (self._next_shard + 1) % len(self._own_shards)
 
+        await self.ledger.settle(sender)
+
         async def body(conn) -> bytes:
             expires_at_ms = now_ms() + expiry_s * 1000
             packet_id, balance, eligible = await self.ledger.send(conn, shard, sender, total, count, mode,
@@ -379,6 +394,8 @@ class Worker:
         return {"worker_id": self.worker_id, "pid": os.getpid(), "connections": len(self.connections),
                 "packets_in_memory": len(e.states), "queued_grabs": e.queued_grabs, "commits": e.commits,
                 "committed_grabs": e.committed_grabs, "failed_batches": e.failed_batches,
+                "rolled_up_claims": self.roller.rolled_claims, "rollup_backlog_claims": self.roller.backlog_claims,
+                "rollup_failures": self.roller.failures,
                 "admission": self.permits.mode, "admission_errors": getattr(self.permits, "errors", 0),
                 **self.router.stats,
                 "relayed_by_peer": {str(w): link.forwarded for w, link in self.router.peers.items()}}

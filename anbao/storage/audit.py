@@ -1,5 +1,12 @@
 """The audit: recomputes every money invariant of DESIGN.md from the tables.
 
+A committed grab is first a claim row plus its batch's grab_rollups row,
+and only later (the roll-up) a transfer and balance changes; until then its
+money is still in the packet's escrow. So balances and packet counters are
+checked against the rolled-up claims, and every claim must be either
+rolled up (its transfer exists, its batch row is gone) or pending (in
+exactly its batch's row), never both and never neither.
+
 Each check is one query that returns the rows that break it, so a clean
 ledger returns nothing and a broken one names what is wrong. All of them
 read one snapshot, so a live server cannot make two checks disagree.
@@ -35,13 +42,28 @@ CHECKS: list[tuple[str, str]] = [
                  (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = 2) AS withdrawals) t
         WHERE inside <> deposits - withdrawals
            OR (SELECT sum(balance_cents) FROM accounts) <> 0"""),
-    ("packet counters equal its claims, never above its count",
-     """SELECT p.packet_id, p.share_count, p.claimed_count, p.claimed_cents, c.n, c.s, c.max_seq
+    ("packet counters equal its rolled-up claims; claims never above its count, numbered 1..n",
+     """SELECT p.packet_id, p.share_count, p.claimed_count, p.claimed_cents, c.n, c.s, c.max_seq, c.rolled_n
         FROM packets p
-        LEFT JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s, max(seq) AS max_seq
-                   FROM claims GROUP BY 1) c ON c.packet_id = p.packet_id
-        WHERE p.claimed_count <> COALESCE(c.n, 0) OR p.claimed_cents <> COALESCE(c.s, 0)
-           OR COALESCE(c.n, 0) > p.share_count OR COALESCE(c.max_seq, 0) <> COALESCE(c.n, 0)"""),
+        LEFT JOIN (SELECT packet_id, count(*) AS n, max(seq) AS max_seq,
+                          count(*) FILTER (WHERE NOT pending) AS rolled_n,
+                          COALESCE(sum(amount_cents) FILTER (WHERE NOT pending), 0) AS s
+                   FROM (SELECT cl.*, cl.batch_id IN (SELECT batch_id FROM grab_rollups) AS pending
+                         FROM claims cl) x GROUP BY 1) c ON c.packet_id = p.packet_id
+        WHERE p.claimed_count <> COALESCE(c.rolled_n, 0) OR p.claimed_cents <> COALESCE(c.s, 0)
+           OR COALESCE(c.n, 0) > p.share_count OR COALESCE(c.max_seq, 0) <> COALESCE(c.n, 0)
+           OR (p.status = 1 AND c.n <> p.share_count)"""),
+    ("every claim is rolled up once or waits in exactly the roll-up row of its batch",
+     """SELECT COALESCE(c.packet_id, r.packet_id) AS packet_id, COALESCE(c.seq, r.seq) AS seq,
+               c.batch_id, r.batch_id AS pending_batch, c.user_id, r.user_id AS pending_user,
+               c.amount_cents, r.amount_cents AS pending_cents
+        FROM (SELECT * FROM claims WHERE batch_id IN (SELECT batch_id FROM grab_rollups)) c
+        FULL JOIN (SELECT g.*, b.batch_id FROM grab_rollups b
+                   CROSS JOIN LATERAL unnest(b.packets, b.seqs, b.users, b.amounts)
+                   AS g(packet_id, seq, user_id, amount_cents)) r
+               ON r.packet_id = c.packet_id AND r.seq = c.seq
+        WHERE c.batch_id IS DISTINCT FROM r.batch_id OR c.user_id IS DISTINCT FROM r.user_id
+           OR c.amount_cents IS DISTINCT FROM r.amount_cents"""),
     ("escrow holds exactly total - claimed - refunded",
      """SELECT p.packet_id, p.total_cents, p.claimed_cents, p.refunded_cents, a.balance_cents
         FROM packets p JOIN accounts a ON a.account_id = p.escrow_account_id
@@ -59,9 +81,10 @@ CHECKS: list[tuple[str, str]] = [
         LEFT JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 3
                    GROUP BY 1) t ON t.packet_id = p.packet_id
         WHERE COALESCE(t.n, 0) <> 1 OR t.s <> p.total_cents"""),
-    ("grab transfers match the claims one for one",
+    ("grab transfers match the rolled-up claims one for one",
      """SELECT c.packet_id, c.n, c.s, t.n AS transfers, t.s AS transferred FROM
-          (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM claims GROUP BY 1) c
+          (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM claims
+           WHERE batch_id NOT IN (SELECT batch_id FROM grab_rollups) GROUP BY 1) c
         FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 4
                    GROUP BY 1) t ON t.packet_id = c.packet_id
         WHERE c.n IS DISTINCT FROM t.n OR c.s IS DISTINCT FROM t.s"""),
@@ -79,8 +102,8 @@ CHECKS: list[tuple[str, str]] = [
     ("every transfer moves between the accounts its kind allows",
      """SELECT t.transfer_id, t.kind, t.packet_id, d.kind AS debit_kind, c.kind AS credit_kind
         FROM transfers t
-        JOIN accounts d ON d.account_id = t.debit_account
-        JOIN accounts c ON c.account_id = t.credit_account
+        LEFT JOIN accounts d ON d.account_id = t.debit_account   -- no foreign keys: a dangling id shows here
+        LEFT JOIN accounts c ON c.account_id = t.credit_account
         LEFT JOIN packets p ON p.packet_id = t.packet_id
         WHERE ((t.kind = 1 AND d.kind = 0 AND c.kind = 1 AND t.packet_id IS NULL)       -- deposit
             OR (t.kind = 2 AND d.kind = 1 AND c.kind = 0 AND t.packet_id IS NULL)       -- withdraw
@@ -149,6 +172,8 @@ async def audit(dsn: str, refund_grace_ms: int | None = None) -> AuditReport:
             for name, sql in [("accounts", "SELECT count(*) FROM accounts WHERE kind = 1"),
                               ("packets", "SELECT count(*) FROM packets"),
                               ("claims", "SELECT count(*) FROM claims"),
+                              ("claims_awaiting_rollup",
+                               "SELECT COALESCE(sum(cardinality(packets)), 0)::bigint FROM grab_rollups"),
                               ("transfers", "SELECT count(*) FROM transfers"),
                               ("deposited_cents", "SELECT COALESCE(sum(amount_cents), 0)::bigint FROM transfers WHERE kind = 1"),
                               ("withdrawn_cents", "SELECT COALESCE(sum(amount_cents), 0)::bigint FROM transfers WHERE kind = 2"),

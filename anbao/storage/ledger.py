@@ -17,20 +17,13 @@ import asyncpg
 
 from .. import _fastpath as fp
 from .. import routing
+from .commit import settle_user
 
 log = logging.getLogger("anbao.ledger")
 
 ACCOUNT_EXTERNAL, ACCOUNT_USER, ACCOUNT_ESCROW = 0, 1, 2
 T_DEPOSIT, T_WITHDRAW, T_SEND, T_GRAB, T_REFUND = 1, 2, 3, 4, 5
-BATCH_BLOCK_BITS = 20
-
-# Server errors that mean the backend is going away, not that it refused
-# the statement: a COMMIT under them may or may not have happened.
-SERVER_GONE_ERRORS = (asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
-                      asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.PostgresConnectionError)
-# Errors that reaching the database again may cure.
-CONNECT_ERRORS = (asyncpg.exceptions.InterfaceError, asyncpg.PostgresError, ConnectionError, OSError,
-                  asyncio.TimeoutError, TimeoutError)
+PACKET_OPEN, PACKET_SOLD_OUT, PACKET_EXPIRED, PACKET_REFUNDED = 0, 1, 2, 3
 
 
 class Refused(Exception):
@@ -122,8 +115,16 @@ class Ledger:
                                     user_ids)
         return {r[0] for r in rows}
 
+    async def settle(self, user_id: int) -> None:
+        """Rolls up the user's committed grabs, so that what they were told
+        OK for is in their balance and statement (read-your-writes), and
+        SEND and WITHDRAW can spend it."""
+        async with self.pool.acquire() as conn:
+            await settle_user(conn, user_id)
+
     async def balance(self, user_id: int) -> int:
         async with self.pool.acquire() as conn:
+            await settle_user(conn, user_id)
             bal = await conn.fetchval("SELECT balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1", user_id)
         if bal is None:
             raise Refused(fp.UNKNOWN_USER, f"unknown user {user_id}")
@@ -252,25 +253,34 @@ class Ledger:
                               [tuple(c) for c in claims], p["status"] == fp.PACKET_REFUNDED)
 
     async def packet_info(self, packet_id: int, offset: int, limit: int):
+        """The packet as its claims show it: counters and status come from
+        the claims themselves, so a claim is shown the moment its grab is
+        acknowledged, before its roll-up."""
         async with self.pool.acquire() as conn:
-            p = await conn.fetchrow(
-                f"SELECT sender_id, total_cents, share_count, mode, {_SHOWN_STATUS} AS status, audience, greeting,"
-                " (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,"
-                " (extract(epoch FROM expires_at) * 1000)::bigint AS expires_ms,"
-                " claimed_cents, claimed_count, refunded_cents FROM packets WHERE packet_id = $2", now_ms(), packet_id)
-            if p is None:
-                return None
-            claims = await conn.fetch("SELECT seq, user_id, amount_cents FROM claims WHERE packet_id = $1"
-                                      " ORDER BY seq OFFSET $2 LIMIT $3", packet_id, offset, limit)
-            luckiest = 0
-            # The luckiest claim is named once the claim list is final: sold
-            # out, or refunded after expiry.
-            if p["status"] in (fp.PACKET_SOLD_OUT, fp.PACKET_REFUNDED) and p["claimed_count"]:
-                luckiest = await conn.fetchval("SELECT seq FROM claims WHERE packet_id = $1"
-                                               " ORDER BY amount_cents DESC, seq LIMIT 1", packet_id)
-        head = (p["sender_id"], p["total_cents"], p["share_count"], p["mode"], p["status"], p["audience"],
-                p["created_ms"], p["expires_ms"], p["claimed_cents"], p["claimed_count"], p["refunded_cents"],
-                luckiest)
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                p = await conn.fetchrow(
+                    f"SELECT sender_id, total_cents, share_count, mode, {_SHOWN_STATUS} AS status, audience,"
+                    " greeting, (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,"
+                    " (extract(epoch FROM expires_at) * 1000)::bigint AS expires_ms, refunded_cents"
+                    " FROM packets WHERE packet_id = $2", now_ms(), packet_id)
+                if p is None:
+                    return None
+                claimed_count, claimed_cents = await conn.fetchrow(
+                    "SELECT count(*)::int, COALESCE(sum(amount_cents), 0)::bigint FROM claims WHERE packet_id = $1",
+                    packet_id)
+                status = p["status"]
+                if status != PACKET_REFUNDED and claimed_count == p["share_count"]:
+                    status = PACKET_SOLD_OUT
+                claims = await conn.fetch("SELECT seq, user_id, amount_cents FROM claims WHERE packet_id = $1"
+                                          " ORDER BY seq OFFSET $2 LIMIT $3", packet_id, offset, limit)
+                luckiest = 0
+                # The luckiest claim is named once the claim list is final: sold
+                # out, or refunded after expiry.
+                if status in (PACKET_SOLD_OUT, PACKET_REFUNDED) and claimed_count:
+                    luckiest = await conn.fetchval("SELECT seq FROM claims WHERE packet_id = $1"
+                                                   " ORDER BY amount_cents DESC, seq LIMIT 1", packet_id)
+        head = (p["sender_id"], p["total_cents"], p["share_count"], p["mode"], status, p["audience"],
+                p["created_ms"], p["expires_ms"], claimed_cents, claimed_count, p["refunded_cents"], luckiest)
         return head, p["greeting"], [tuple(c) for c in claims]
 
     # ------------------------------------------------------------ history
@@ -287,6 +297,7 @@ class Ledger:
         (transfer_id, kind, signed amount, packet_id or 0, at_ms), next cursor
         or 0). Balance and rows are one snapshot, so the newest page adds up."""
         async with self.pool.acquire() as conn:
+            await settle_user(conn, user_id)
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 wallet = await self._wallet(conn, user_id)
                 rows = await conn.fetch(
@@ -309,10 +320,14 @@ class Ledger:
         async with self.pool.acquire() as conn:
             await self._wallet(conn, user_id)
             rows = await conn.fetch(
-                "SELECT packet_id, total_cents, share_count, claimed_count, claimed_cents, refunded_cents,"
-                f" {_SHOWN_STATUS}, audience,"
+                # Counters from the claims, as PACKET shows them: a claim
+                # counts from its acknowledgement, before its roll-up.
+                "SELECT packet_id, total_cents, share_count, c.n, c.s, refunded_cents,"
+                f" CASE WHEN status <> 3 AND c.n = share_count THEN 1 ELSE {_SHOWN_STATUS} END, audience,"
                 " (extract(epoch FROM created_at) * 1000)::bigint, (extract(epoch FROM expires_at) * 1000)::bigint"
-                " FROM packets WHERE sender_id = $2 AND packet_id < $3 ORDER BY packet_id DESC LIMIT $4",
+                " FROM packets CROSS JOIN LATERAL (SELECT count(*)::int AS n, COALESCE(sum(amount_cents), 0)::bigint"
+                " AS s FROM claims WHERE claims.packet_id = packets.packet_id) c"
+                " WHERE sender_id = $2 AND packet_id < $3 ORDER BY packet_id DESC LIMIT $4",
                 now_ms(), user_id, before or _NEWEST, limit + 1)
         page = [tuple(r) for r in rows[:limit]]
         return page, (page[-1][0] if len(rows) > limit else 0)
@@ -322,9 +337,10 @@ class Ledger:
         sender_id, seq, amount_cents, claimed_at_ms), and the next cursor (a
         transfer id) or 0."""
         async with self.pool.acquire() as conn:
+            await settle_user(conn, user_id)
             wallet = await self._wallet(conn, user_id)
             rows = await conn.fetch(
-                "SELECT t.transfer_id, t.packet_id, p.sender_id, c.seq, t.amount_cents, t.created_at"
+                "SELECT t.transfer_id, t.packet_id, p.sender_id, c.seq, t.amount_cents, c.created_at"
                 " FROM transfers t"
                 " JOIN claims c ON c.packet_id = t.packet_id AND c.user_id = $4"
                 " JOIN packets p ON p.packet_id = t.packet_id"
@@ -437,107 +453,3 @@ _SHOWN_STATUS = "CASE WHEN status = 0 AND expires_at <= to_timestamp($1::float8 
 
 def _ms(ts) -> int:
     return int(ts.timestamp() * 1000)
-
-
-class GrabCommitter:
-    """Commits grab batches on one dedicated connection, one at a time.
-
-    A batch whose COMMIT outcome is unknown (the connection died under it)
-    is resolved by reading back its grab_batches row after making sure the
-    old backend is gone; it is never run again.
-    """
-
-    def __init__(self, dsn: str, resolve_timeout_ms: int):
-        self.dsn = dsn
-        self.resolve_timeout_ms = resolve_timeout_ms
-        self._conn: asyncpg.Connection | None = None
-        self._block = 0
-        self._next_in_block = 1 << BATCH_BLOCK_BITS  # forces a block on first use
-
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn)
-        return self._conn
-
-    async def next_batch_id(self) -> int:
-        if self._next_in_block >= (1 << BATCH_BLOCK_BITS):
-            conn = await self._connection()
-            self._block = await conn.fetchval("SELECT nextval('grab_batch_block_seq')")
-            self._next_in_block = 0
-        self._next_in_block += 1
-        return (self._block << BATCH_BLOCK_BITS) | self._next_in_block
-
-    async def commit(self, batch_id: int, packets, seqs, users, amounts) -> bool:
-        """True when the batch is durable, False when it is known not to be.
-        Raises when PostgreSQL refused the statement (nothing was written);
-        while the outcome is unknown it keeps resolving and does not return."""
-        conn = await self._connection()
-        backend_pid = conn.get_server_pid()
-        try:
-            await conn.fetchval("SELECT anbao_commit_grabs($1, $2, $3, $4, $5)",
-                                batch_id, packets, seqs, users, amounts)
-            return True
-        except BaseException as exc:
-            self._discard()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, SERVER_GONE_ERRORS):
-                raise  # the server refused the statement: its transaction rolled back
-            # The connection broke somewhere between sending the statement
-            # and reading its answer: the COMMIT may or may not have happened.
-            log.warning("batch %d: outcome unknown (%r); resolving by read-back", batch_id, exc)
-        return await self._resolve(batch_id, backend_pid)
-
-    async def refund(self, packet_ids: list[int]) -> dict[int, tuple[int, bool]]:
-        """Refunds these packets' remainders (exactly once each, by the
-        database's own check); returns {packet_id: (refunded_cents,
-        refunded_now)}. Safe to repeat after any failure, so an unknown
-        outcome needs no read-back: the next sweep simply asks again."""
-        conn = await self._connection()
-        try:
-            rows = await conn.fetch("SELECT * FROM anbao_refund_packets($1::bigint[])", packet_ids)
-        except BaseException as exc:
-            if not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, SERVER_GONE_ERRORS):
-                self._discard()
-            raise
-        return {r[0]: (r[1], r[2]) for r in rows}
-
-    def _discard(self) -> None:
-        if self._conn is not None:
-            self._conn.terminate()
-            self._conn = None
-
-    async def _resolve(self, batch_id: int, backend_pid: int) -> bool:
-        deadline = time.monotonic() + self.resolve_timeout_ms / 1000
-        delay_s = 0.05
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
-                try:
-                    # The old backend may still be inside COMMIT: end it and
-                    # wait until it is gone, so the read-back is final.
-                    await conn.execute("SELECT pg_terminate_backend($1)", backend_pid)
-                    for _ in range(200):
-                        alive = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                                                    backend_pid)
-                        if not alive:
-                            break
-                        await asyncio.sleep(0.01)
-                    else:
-                        raise TimeoutError("old backend still alive")
-                    found = await conn.fetchval("SELECT count(*) FROM grab_batches WHERE batch_id = $1", batch_id)
-                    log.warning("batch %d resolved: %s", batch_id, "committed" if found else "not committed")
-                    return bool(found)
-                finally:
-                    await conn.close()
-            except CONNECT_ERRORS as exc:
-                if time.monotonic() > deadline:
-                    log.error("batch %d: still unresolved after %d ms (%r); still holding its answers",
-                              batch_id, self.resolve_timeout_ms, exc)
-                    deadline = time.monotonic() + self.resolve_timeout_ms / 1000
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 2.0)
-
-    async def close(self) -> None:
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()

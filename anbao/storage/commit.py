@@ -1,0 +1,277 @@
+"""Where a grab becomes durable: the append-only batch commit, and the
+roll-up that turns committed claims into balances behind it.
+
+A batch commit is one transaction on one of a few dedicated connections
+(slots): BEGIN, one INSERT of the claim rows plus the batch's roll-up row,
+then COMMIT. Several batches run at once, each on its own slot, but they
+commit in the order they were built: a batch's COMMIT waits for the outcome
+of the batch before it, and if that one did not land, this one rolls back.
+So no batch is ever durable on top of a share that never landed, and
+PostgreSQL's work (the INSERTs) still overlaps.
+
+A COMMIT whose outcome is unknown (the connection broke under it) is
+resolved by reading back the batch's first claim after making sure the old
+backend is gone; the batch is never run again.
+
+The roll-up (anbao_rollup, migration 0003) is exactly once by construction:
+it deletes the batch's grab_rollups row in the transaction that applies it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+
+log = logging.getLogger("anbao.commit")
+
+BATCH_BLOCK_BITS = 20
+APPLICATION_NAME = "anbao-grab-commit"
+
+# Server errors that mean the backend is going away, not that it refused
+# the statement: a COMMIT under them may or may not have happened.
+SERVER_GONE_ERRORS = (asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
+                      asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.PostgresConnectionError)
+# Errors that reaching the database again may cure.
+CONNECT_ERRORS = (asyncpg.exceptions.InterfaceError, asyncpg.PostgresError, ConnectionError, OSError,
+                  asyncio.TimeoutError, TimeoutError)
+
+# The claims, and the row the roll-up will consume, in one statement: one
+# round trip, and nothing shared by two batches is written.
+_INSERT_BATCH = (
+    "/* anbao_commit_grabs */ WITH r AS ("
+    " INSERT INTO grab_rollups (batch_id, worker_id, packets, seqs, users, amounts)"
+    " VALUES ($1, $2, $3::bigint[], $4::int[], $5::bigint[], $6::bigint[]))"
+    " INSERT INTO claims (packet_id, seq, user_id, amount_cents, batch_id)"
+    " SELECT g.p, g.s, g.u, g.a, $1 FROM unnest($3::bigint[], $4::int[], $5::bigint[], $6::bigint[])"
+    " AS g(p, s, u, a)")
+_ROLLUP = "SELECT anbao_rollup($1, $2, $3::bigint[], $4, $5::smallint)"
+
+
+class GrabCommitter:
+    """Commits grab batches on `slots` dedicated connections."""
+
+    def __init__(self, dsn: str, worker_id: int, slots: int, resolve_timeout_ms: int):
+        assert 1 <= slots <= 16 and resolve_timeout_ms > 0
+        self.dsn = dsn
+        self.worker_id = worker_id
+        self.resolve_timeout_ms = resolve_timeout_ms
+        self._conns: list[asyncpg.Connection | None] = [None] * slots
+        self._free = list(range(slots))
+        self._block = 0
+        self._next_in_block = 1 << BATCH_BLOCK_BITS  # forces a block on first use
+
+    @property
+    def slots(self) -> int:
+        return len(self._conns)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int:
+        assert self._free, "no free slot"
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        assert slot not in self._free
+        self._free.append(slot)
+
+    async def _connection(self, slot: int) -> asyncpg.Connection:
+        conn = self._conns[slot]
+        if conn is None or conn.is_closed():
+            conn = await asyncpg.connect(self.dsn, server_settings={"application_name": APPLICATION_NAME})
+            self._conns[slot] = conn
+        return conn
+
+    def _discard(self, slot: int) -> None:
+        conn, self._conns[slot] = self._conns[slot], None
+        if conn is not None:
+            conn.terminate()
+
+    async def next_batch_id(self, slot: int) -> int:
+        if self._next_in_block >= (1 << BATCH_BLOCK_BITS):
+            conn = await self._connection(slot)
+            self._block = await conn.fetchval("SELECT nextval('grab_batch_block_seq')")
+            self._next_in_block = 0
+        self._next_in_block += 1
+        return (self._block << BATCH_BLOCK_BITS) | self._next_in_block
+
+    async def commit(self, slot: int, batch_id: int, packets: list, seqs: list, users: list, amounts: list,
+                     before: asyncio.Future | None) -> bool:
+        """True when the batch is durable, False when it is known not to be.
+        `before` is the outcome of the batch built just before this one:
+        this one commits only if that one did. While an outcome is unknown
+        this keeps resolving and does not return."""
+        assert len(packets) == len(seqs) == len(users) == len(amounts) > 0
+        conn = await self._connection(slot)
+        backend_pid = conn.get_server_pid()
+        try:
+            await conn.execute("BEGIN")
+            await conn.execute(_INSERT_BATCH, batch_id, self.worker_id, packets, seqs, users, amounts)
+        except BaseException as exc:
+            # Nothing was committed: no COMMIT was sent.
+            self._discard(slot)
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("batch %d not committed: %r", batch_id, exc)
+            if before is not None:
+                await asyncio.shield(before)  # failures are handled in build order
+            return False
+        if before is not None and not await asyncio.shield(before):
+            await self._rollback(slot)
+            return False
+        try:
+            await conn.execute("COMMIT")
+            return True
+        except BaseException as exc:
+            self._discard(slot)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, SERVER_GONE_ERRORS):
+                return False  # the server refused the COMMIT: it rolled back
+            log.warning("batch %d: outcome unknown (%r); resolving by read-back", batch_id, exc)
+        return await self._resolve(batch_id, packets[0], seqs[0], backend_pid)
+
+    async def _rollback(self, slot: int) -> None:
+        try:
+            await self._conns[slot].execute("ROLLBACK")
+        except Exception:
+            self._discard(slot)
+
+    async def settle_then_refund(self, slot: int, packet_ids: list[int]) -> dict[int, tuple[int, bool]]:
+        """Rolls up every pending claim of these packets, then refunds their
+        remainders (exactly once each, by the database's own check); returns
+        {packet_id: (refunded_cents, refunded_now)}. Safe to repeat after any
+        failure, so an unknown outcome needs no read-back."""
+        conn = await self._connection(slot)
+        try:
+            await conn.fetchval(_ROLLUP, 2**31 - 1, None, packet_ids, False, None)
+            rows = await conn.fetch("SELECT * FROM anbao_refund_packets($1::bigint[])", packet_ids)
+        except BaseException as exc:
+            if not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, SERVER_GONE_ERRORS):
+                self._discard(slot)
+            raise
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    async def _resolve(self, batch_id: int, packet_id: int, seq: int, backend_pid: int) -> bool:
+        deadline = time.monotonic() + self.resolve_timeout_ms / 1000
+        delay_s = 0.05
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn, timeout=5)
+                try:
+                    # The old backend may still be inside COMMIT: end it and
+                    # wait until it is gone, so the read-back is final.
+                    await conn.execute("SELECT pg_terminate_backend($1)", backend_pid)
+                    for _ in range(200):
+                        alive = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                                                    backend_pid)
+                        if not alive:
+                            break
+                        await asyncio.sleep(0.01)
+                    else:
+                        raise TimeoutError("old backend still alive")
+                    # The batch is one transaction: its first claim is there
+                    # under its id exactly when the whole batch is.
+                    found = await conn.fetchval("SELECT batch_id FROM claims WHERE packet_id = $1 AND seq = $2",
+                                                packet_id, seq)
+                    landed = found == batch_id
+                    log.warning("batch %d resolved: %s", batch_id, "committed" if landed else "not committed")
+                    return landed
+                finally:
+                    await conn.close()
+            except CONNECT_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    log.error("batch %d: still unresolved after %d ms (%r); still holding its answers",
+                              batch_id, self.resolve_timeout_ms, exc)
+                    deadline = time.monotonic() + self.resolve_timeout_ms / 1000
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
+
+    async def close(self) -> None:
+        for slot, conn in enumerate(self._conns):
+            if conn is not None and not conn.is_closed():
+                try:
+                    await asyncio.wait_for(conn.close(), 5)
+                except Exception:
+                    self._discard(slot)
+
+
+class Roller:
+    """Rolls committed claims up into transfers, balances and packet
+    counters, behind the grab path, on its own connection.
+
+    It wakes when told a batch committed (nudge) and rolls up at most
+    `batches_per_pass` batches a transaction, passing over batches another
+    roll-up holds. Readers that need a wallet's credits rolled up call
+    settle_user, which waits for any roll-up in progress instead.
+    """
+
+    def __init__(self, dsn: str, worker_id: int, batches_per_pass: int, idle_poll_ms: int):
+        assert batches_per_pass > 0 and idle_poll_ms > 0
+        self.dsn = dsn
+        self.worker_id = worker_id
+        self.batches_per_pass = batches_per_pass
+        self.idle_poll_ms = idle_poll_ms
+        self.rolled_claims = 0
+        self.failures = 0
+        # This worker's committed claims not yet rolled up: read from the
+        # database after each pass (other workers' readers roll up some of
+        # them too), counted up as batches commit in between.
+        self.backlog_claims = 0
+        self.on_progress = None                      # callback(): the engine may commit again
+        self._wake = asyncio.Event()
+        self._conn: asyncpg.Connection | None = None
+
+    def committed(self, claims: int) -> None:
+        self.backlog_claims += claims
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                n = await self.pass_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database is away: try again later
+                self.failures += 1
+                if self._conn is not None:
+                    self._conn.terminate()
+                    self._conn = None
+                log.warning("roll-up failed: %r", exc)
+                n = 0
+            if n == 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.idle_poll_ms / 1000)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def pass_once(self) -> int:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self.dsn)
+        # Its own worker's batches first: two workers' rollers then touch
+        # disjoint packets and never wait on each other's row locks. Then
+        # anyone's, for batches whose worker is gone (a smaller restart).
+        n = await self._conn.fetchval(_ROLLUP, self.batches_per_pass, None, None, True, self.worker_id)
+        if n == 0:
+            n = await self._conn.fetchval(_ROLLUP, self.batches_per_pass, None, None, True, None)
+        self.rolled_claims += n
+        self.backlog_claims = await self._conn.fetchval(
+            "SELECT COALESCE(sum(cardinality(packets)), 0) FROM grab_rollups WHERE worker_id = $1", self.worker_id)
+        if self.on_progress is not None:
+            self.on_progress()
+        return n
+
+    async def close(self) -> None:
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+
+
+async def settle_user(conn, user_id: int) -> int:
+    """Rolls up every committed claim that credits this user, waiting for a
+    roll-up already under way: what a reader of the wallet must see first
+    (read-your-writes). Returns the claims rolled up here."""
+    return await conn.fetchval(_ROLLUP, 2**31 - 1, user_id, None, False, None)
