@@ -39,11 +39,15 @@ class Limits:
     commit_slots: int = 2
     max_queued_grabs: int = 65_536
     # Roll-up behind the commit: at most rollup_batches_per_pass batches a
-    # transaction; it polls this often when nothing wakes it. Past
-    # max_rollup_backlog_grabs committed grabs waiting for it, batches stop
-    # going out (and the queue fills to BUSY) until it catches up.
-    rollup_batches_per_pass: int = 64
+    # transaction; it polls this often when nothing wakes it. While grabs
+    # are committing it waits (up to rollup_defer_max_ms at a time) unless
+    # rollup_defer_below_grabs are waiting for it. Past
+    # max_rollup_backlog_grabs, batches stop going out (and the queue fills
+    # to BUSY) until it catches up.
+    rollup_batches_per_pass: int = 16
     rollup_idle_poll_ms: int = 1000
+    rollup_defer_below_grabs: int = 200_000
+    rollup_defer_max_ms: int = 2000
     max_rollup_backlog_grabs: int = 2_000_000
     max_packets_in_memory: int = 500_000
     max_known_users_cached: int = 2_000_000

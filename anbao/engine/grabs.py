@@ -80,6 +80,7 @@ class GrabEngine:
         self.max_rollup_backlog = max_rollup_backlog
         if roller is not None:
             roller.on_progress = self._kick_if_waiting
+            roller.busy = lambda: bool(self._in_flight)
         self.worker_id = worker_id
         self.batch_max_grabs = batch_max_grabs
         self.max_queued_grabs = max_queued_grabs

@@ -46,7 +46,7 @@ _INSERT_BATCH = (
     " INSERT INTO claims (packet_id, seq, user_id, amount_cents, batch_id)"
     " SELECT g.p, g.s, g.u, g.a, $1 FROM unnest($3::bigint[], $4::int[], $5::bigint[], $6::bigint[])"
     " AS g(p, s, u, a)")
-_ROLLUP = "SELECT anbao_rollup($1, $2, $3::bigint[], $4, $5::smallint)"
+_ROLLUP = "SELECT anbao_rollup($1, $2, $3::bigint[], $4::smallint, $5::smallint)"
 
 
 class GrabCommitter:
@@ -147,7 +147,7 @@ class GrabCommitter:
         failure, so an unknown outcome needs no read-back."""
         conn = await self._connection(slot)
         try:
-            await conn.fetchval(_ROLLUP, 2**31 - 1, None, packet_ids, False, None)
+            await conn.fetchval(_ROLLUP, 2**31 - 1, None, packet_ids, None, None)
             rows = await conn.fetch("SELECT * FROM anbao_refund_packets($1::bigint[])", packet_ids)
         except BaseException as exc:
             if not isinstance(exc, asyncpg.PostgresError) or isinstance(exc, SERVER_GONE_ERRORS):
@@ -203,25 +203,32 @@ class Roller:
     """Rolls committed claims up into transfers, balances and packet
     counters, behind the grab path, on its own connection.
 
-    It wakes when told a batch committed (nudge) and rolls up at most
-    `batches_per_pass` batches a transaction, passing over batches another
-    roll-up holds. Readers that need a wallet's credits rolled up call
-    settle_user, which waits for any roll-up in progress instead.
+    It yields to the grab path: while this worker has batches committing,
+    it waits (up to defer_max_ms at a time) unless its backlog has passed
+    defer_below_claims. So a burst is acknowledged at the speed of the
+    append-only commit, and rolled up right after it. Readers that need a
+    wallet's credits rolled up call settle_user, which does not wait.
     """
 
-    def __init__(self, dsn: str, worker_id: int, batches_per_pass: int, idle_poll_ms: int):
-        assert batches_per_pass > 0 and idle_poll_ms > 0
+    def __init__(self, dsn: str, worker_id: int, worker_count: int, batches_per_pass: int, idle_poll_ms: int,
+                 defer_below_claims: int, defer_max_ms: int):
+        assert batches_per_pass > 0 and idle_poll_ms > 0 and defer_max_ms > 0
+        assert 0 <= worker_id < worker_count
         self.dsn = dsn
         self.worker_id = worker_id
+        self.worker_count = worker_count
         self.batches_per_pass = batches_per_pass
         self.idle_poll_ms = idle_poll_ms
+        self.defer_below_claims = defer_below_claims
+        self.defer_max_ms = defer_max_ms
         self.rolled_claims = 0
         self.failures = 0
         # This worker's committed claims not yet rolled up: read from the
-        # database after each pass (other workers' readers roll up some of
-        # them too), counted up as batches commit in between.
+        # database after each pass (readers roll some of them up too),
+        # counted up as batches commit in between.
         self.backlog_claims = 0
         self.on_progress = None                      # callback(): the engine may commit again
+        self.busy = None                             # callable: is the grab path committing?
         self._wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
 
@@ -232,6 +239,7 @@ class Roller:
     async def run(self) -> None:
         while True:
             try:
+                await self._yield_to_grabs()
                 n = await self.pass_once()
             except asyncio.CancelledError:
                 raise
@@ -249,15 +257,17 @@ class Roller:
                 except asyncio.TimeoutError:
                     pass
 
+    async def _yield_to_grabs(self) -> None:
+        waited_ms = 0
+        while (self.busy is not None and self.busy() and self.backlog_claims < self.defer_below_claims
+               and waited_ms < self.defer_max_ms):
+            await asyncio.sleep(0.005)
+            waited_ms += 5
+
     async def pass_once(self) -> int:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(self.dsn)
-        # Its own worker's batches first: two workers' rollers then touch
-        # disjoint packets and never wait on each other's row locks. Then
-        # anyone's, for batches whose worker is gone (a smaller restart).
-        n = await self._conn.fetchval(_ROLLUP, self.batches_per_pass, None, None, True, self.worker_id)
-        if n == 0:
-            n = await self._conn.fetchval(_ROLLUP, self.batches_per_pass, None, None, True, None)
+        n = await self._conn.fetchval(_ROLLUP, self.batches_per_pass, None, None, self.worker_id, self.worker_count)
         self.rolled_claims += n
         self.backlog_claims = await self._conn.fetchval(
             "SELECT COALESCE(sum(cardinality(packets)), 0) FROM grab_rollups WHERE worker_id = $1", self.worker_id)
@@ -274,4 +284,4 @@ async def settle_user(conn, user_id: int) -> int:
     """Rolls up every committed claim that credits this user, waiting for a
     roll-up already under way: what a reader of the wallet must see first
     (read-your-writes). Returns the claims rolled up here."""
-    return await conn.fetchval(_ROLLUP, 2**31 - 1, user_id, None, False, None)
+    return await conn.fetchval(_ROLLUP, 2**31 - 1, user_id, None, None, None)

@@ -49,38 +49,34 @@ DROP FUNCTION anbao_commit_grabs(BIGINT, BIGINT[], INTEGER[], BIGINT[], BIGINT[]
 DROP TABLE grab_batches;
 
 -- ------------------------------------------------------------ roll-up
--- Rolls up up to p_limit pending batches, oldest first: all of them, or
--- only those of worker p_worker, or holding p_user's or p_packets' claims. A batch
--- locked by another roll-up is waited for (p_skip_locked false: a reader
--- that needs its own credits rolled up must not pass them) or passed over
--- (true: the background roller). Returns the claims rolled up.
+-- Rolls up to p_limit pending batches, oldest first: any, or only those of
+-- worker p_worker (worker 0 also takes those of workers >= p_worker_count,
+-- left by a larger deployment), or holding p_user's or p_packets' claims.
+-- Returns the claims rolled up.
 --
--- Locks: grab_rollups rows in batch order, then accounts in id order, then
--- packets in id order; refunds take accounts and packets in the same
--- orders, so no two of these ever deadlock.
-CREATE FUNCTION anbao_rollup(p_limit INTEGER, p_user BIGINT, p_packets BIGINT[], p_skip_locked BOOLEAN,
-                             p_worker SMALLINT)
+-- Roll-ups of one database run one at a time (a transaction-scoped
+-- advisory lock): they then never deadlock on each other's wallet, escrow
+-- and packet rows, whatever order their UPDATEs take rows in, and need not
+-- lock every row up front. The other writers of those rows (SEND,
+-- DEPOSIT, WITHDRAW, refunds) hold at most one row a roll-up may want
+-- while they wait for another, or none. A reader that needs its own
+-- credits rolled up waits for the roll-up under way, then finds its
+-- batches done or does them.
+CREATE FUNCTION anbao_rollup(p_limit INTEGER, p_user BIGINT, p_packets BIGINT[], p_worker SMALLINT,
+                             p_worker_count SMALLINT)
 RETURNS INTEGER
 LANGUAGE plpgsql AS $$
 DECLARE
     ids BIGINT[];
     n INTEGER;
 BEGIN
-    IF p_skip_locked THEN
-        SELECT array_agg(batch_id) INTO ids FROM (
-            SELECT r.batch_id FROM grab_rollups r
-            WHERE (p_user IS NULL OR p_user = ANY(r.users))
-              AND (p_packets IS NULL OR r.packets && p_packets)
-              AND (p_worker IS NULL OR r.worker_id = p_worker)
-            ORDER BY r.batch_id LIMIT p_limit FOR UPDATE SKIP LOCKED) s;
-    ELSE
-        SELECT array_agg(batch_id) INTO ids FROM (
-            SELECT r.batch_id FROM grab_rollups r
-            WHERE (p_user IS NULL OR p_user = ANY(r.users))
-              AND (p_packets IS NULL OR r.packets && p_packets)
-              AND (p_worker IS NULL OR r.worker_id = p_worker)
-            ORDER BY r.batch_id LIMIT p_limit FOR UPDATE) s;
-    END IF;
+    PERFORM pg_advisory_xact_lock(7020657039738302316);   -- the bytes 'anbaorol': one key for every roll-up
+    SELECT array_agg(batch_id) INTO ids FROM (
+        SELECT r.batch_id FROM grab_rollups r
+        WHERE (p_user IS NULL OR p_user = ANY(r.users))
+          AND (p_packets IS NULL OR r.packets && p_packets)
+          AND (p_worker IS NULL OR r.worker_id = p_worker OR (p_worker = 0 AND r.worker_id >= p_worker_count))
+        ORDER BY r.batch_id LIMIT p_limit) s;
     IF ids IS NULL THEN
         RETURN 0;
     END IF;
@@ -102,12 +98,6 @@ BEGIN
     IF EXISTS (SELECT 1 FROM g_rollup WHERE escrow IS NULL OR wallet IS NULL) THEN
         RAISE EXCEPTION 'anbao_rollup: a pending claim names an unknown packet or user (batches %)', ids;
     END IF;
-
-    PERFORM 1 FROM accounts
-        WHERE account_id IN (SELECT escrow FROM g_rollup UNION SELECT wallet FROM g_rollup)
-        ORDER BY account_id FOR UPDATE;
-    PERFORM 1 FROM packets WHERE packet_id IN (SELECT packet_id FROM g_rollup)
-        ORDER BY packet_id FOR UPDATE;
 
     -- Transfer ids in the order the grabs were decided, as statements list them.
     INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)
