@@ -108,6 +108,7 @@ class GrabEngine:
         self.commits = 0
         self.committed_grabs = 0
         self.failed_batches = 0
+        self.doomed_batches = 0                      # failed because a batch before them did
 
     # ------------------------------------------------------------ entry
 
@@ -409,6 +410,7 @@ class GrabEngine:
             for later in self._in_flight:
                 if later is not batch and later.outcome is not None and not later.outcome.done():
                     later.doomed = True
+                    self.doomed_batches += 1
                     touched |= set(later.packets) | {f[2].packet_id for f in later.followers}
             for later in [self._open, *self._queued]:
                 n_before = len(later)

@@ -79,8 +79,10 @@ class Router:
         owner = routing.owner_of(packet_id, self.worker_count)
         if owner == self.worker_id:
             # The owner decides in memory, exactly and in about a microsecond:
-            # cheaper than any counter, so its own grabs take no permit.
-            self._active.add(packet_id)
+            # cheaper than any counter, so its own grabs take no permit. Nor
+            # do they mark the packet for reseeding: only relayed grabs read
+            # its counter, and a counter that lags high is safe (the owner
+            # still decides).
             self.stats["local"] += 1
             self.engine.on_grab(conn, rid, packet_id, user_id)
             return

@@ -1,0 +1,250 @@
+"""The append-only grab commit and the roll-up behind it (migration 0003).
+
+A grab is durable (and acknowledged) once its claim row and its batch's
+roll-up row commit; the roll-up moves the money into balances later,
+exactly once. These tests hold the roll-up back, crash around it, fail
+batches in the middle of a chain of batches in flight, and upgrade a
+database from the schema before it. Every one ends with the audit."""
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from anbao.config import Limits
+from anbao.storage import migrate as migrate_mod
+from anbao.storage.audit import audit
+from anbao_client import Client, Unavailable, wire
+from anbao_client.errors import AlreadyClaimed, ConnectionLost, RequestTimeout, SoldOut
+from conftest import ADMIN_TOKEN, APP_TOKEN, Anbao, dsn_for, funded_users
+from test_lifecycle import Collector
+from test_storm import assert_claims_match, grab_outcomes
+
+# The key every roll-up takes (migration 0003): holding it holds them all back.
+ROLLUP_LOCK_KEY = int.from_bytes(b"anbaorol", "big")
+
+
+async def pending_claims(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT COALESCE(sum(cardinality(packets)), 0) FROM grab_rollups")
+    finally:
+        await conn.close()
+
+
+async def test_a_grab_is_read_back_at_once_before_its_rollup(anbao):
+    """Read-your-writes: with the background roll-up stopped, a user told OK
+    sees the share in BALANCE, STATEMENT and RECEIVED, the packet shows the
+    claim and its counters, and the money can be withdrawn and sent on."""
+    anbao.worker._roller_task.cancel()
+    admin = await anbao.client("admin")
+    sender, = await funded_users(admin, 1, 1, 10_000)
+    users = await funded_users(admin, 10, 4)
+    sent = await admin.send(sender, 1_000, 4)
+    won = {u: await admin.grab(sent.packet_id, u) for u in users[:3]}
+    assert await pending_claims(anbao.dsn) == 3, "the claims must still wait for their roll-up"
+    report = await anbao.assert_audit_clean()
+    assert report.counts["claims_awaiting_rollup"] == 3
+
+    info = await admin.packet(sent.packet_id)
+    assert (info.claimed_count, info.claimed_cents) == (3, sum(g.amount_cents for g in won.values()))
+    assert sorted(c.user_id for c in info.claims) == sorted(won)
+    sent_page = await admin.sent(sender)
+    assert sent_page.items[0].claimed_count == 3
+
+    u = users[0]
+    assert await admin.balance(u) == won[u].amount_cents      # rolls up u's batch first
+    page = await admin.statement(u)
+    assert page.balance_cents == won[u].amount_cents
+    assert [e.amount_cents for e in page.entries] == [won[u].amount_cents]
+    received = await admin.received(users[1])
+    assert [r.amount_cents for r in received.items] == [won[users[1]].amount_cents]
+    # SEND and WITHDRAW spend what the grab brought in.
+    await admin.withdraw(users[1], won[users[1]].amount_cents)
+    assert await admin.balance(users[1]) == 0
+    await admin.send(users[2], won[users[2]].amount_cents, 1, to_user=users[3])
+    await anbao.assert_audit_clean()
+
+
+@pytest.mark.parametrize("limits", [Limits(commit_slots=2, batch_max_grabs=8)])
+async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
+    """Batch N is refused at COMMIT while batch N+1, built on N's shares, is
+    already in PostgreSQL on the other connection: N+1 must roll back too,
+    so no share lands on top of one that never did, and nobody is told OK
+    for a grab that is not durable. Once the fault is gone the packet sells
+    out exactly, and every grab acknowledged before answers the same."""
+    admin = await anbao.client("admin")
+    sender, = await funded_users(admin, 1, 1, 1_000_000)
+    users = await funded_users(admin, 1000, 150)
+    sent = await admin.send(sender, 20_000, 100)
+    victim = users[3]
+    conn = await asyncpg.connect(anbao.dsn)
+    try:
+        # Deferred: the INSERT succeeds and the COMMIT fails, slowly, so the
+        # next batch is in flight behind it all along.
+        await conn.execute(f"""
+            CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.user_id = {victim} AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_in') THEN
+                    PERFORM pg_sleep(0.3);
+                    RAISE EXCEPTION 'refused at commit for the test';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON claims DEFERRABLE INITIALLY DEFERRED
+                FOR EACH ROW EXECUTE FUNCTION refuse_victim();""")
+        engine = anbao.worker.engine
+        out = Collector()
+        for rid, u in enumerate(users[:16], 1):     # two full batches, decided in one tick
+            engine.on_grab(out, rid, sent.packet_id, u)
+        for _ in range(20):
+            if len(engine._in_flight) == 2:
+                break
+            await asyncio.sleep(0)
+        assert [len(b) for b in engine._in_flight] == [8, 8], "both batches must be in flight together"
+        for _ in range(200):
+            if len(out.frames) == 16:
+                break
+            await asyncio.sleep(0.01)
+        assert {f.status for f in out.frames.values()} == {wire.Status.UNAVAILABLE}
+        assert engine.failed_batches == 1 and engine.doomed_batches == 1
+        assert await conn.fetchval("SELECT count(*) FROM claims WHERE packet_id = $1", sent.packet_id) == 0, \
+            "the batch built on the failed one must not land"
+        await anbao.assert_audit_clean()
+
+        # Over the network, with the fault still there: the victim's batches
+        # keep failing, everything else lands, with no hole in the shares.
+        clients = [await anbao.client("app") for _ in range(10)]
+        won, other = await grab_outcomes(clients, sent.packet_id, users[:60])
+        assert victim not in won and "unavailable" in other
+        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims WHERE packet_id = $1", sent.packet_id)
+        assert sorted(r["seq"] for r in rows) == list(range(1, len(rows) + 1)), "a hole in the shares"
+        assert {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows} == {
+            u: (g.seq, g.amount_cents) for u, g in won.items()}
+        await anbao.assert_audit_clean()
+
+        await conn.execute("CREATE TABLE let_in ()")
+        won2, other2 = await grab_outcomes(clients, sent.packet_id, users, retry_unavailable=True)
+        assert len(won2) == 100 and other2.count("sold_out") == 50
+        for user, g in won.items():
+            assert (won2[user].seq, won2[user].amount_cents) == (g.seq, g.amount_cents)
+        await assert_claims_match(anbao, sent.packet_id, won2, 100, 20_000)
+    finally:
+        await conn.close()
+    await anbao.assert_audit_clean()
+
+
+async def test_kill9_between_commit_and_rollup_rolls_up_exactly_once(fresh_dsn, tmp_path, tokens_file):
+    """The roll-up is held back (its lock held by the test), grabs are
+    acknowledged, then every process of the server is killed -9. After a
+    restart each acknowledged grab is rolled up exactly once: one transfer
+    each, balances equal to what was won, and a second restart adds nothing."""
+    from test_cluster import Served
+    holder = await asyncpg.connect(fresh_dsn)
+    served = Served(fresh_dsn, tmp_path / "data", tokens_file, 2, []).start()
+    try:
+        admin = await Client.connect("127.0.0.1", served.port, ADMIN_TOKEN)
+        sender, = await funded_users(admin, 1, 1, 1_000_000)
+        users = await funded_users(admin, 100, 400)
+        sent = await admin.send(sender, 77_777, 300)
+        await holder.execute("SELECT pg_advisory_lock($1)", ROLLUP_LOCK_KEY)
+        clients = [await Client.connect("127.0.0.1", served.port, APP_TOKEN) for _ in range(10)]
+        won, other = await grab_outcomes(clients, sent.packet_id, users)
+        assert len(won) == 300 and other.count("sold_out") == 100
+        assert await pending_claims(fresh_dsn) == 300
+        for c in [admin, *clients]:
+            await c.close()
+        for pid in [*served.run_info()["workers"].values(), served.proc.pid]:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        served.proc.wait(30)
+        # Roll-ups the dead workers left waiting for the lock die with them.
+        await holder.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                             " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'")
+        await holder.execute("SELECT pg_advisory_unlock($1)", ROLLUP_LOCK_KEY)
+        assert await pending_claims(fresh_dsn) == 300, "nothing is rolled up while the lock is held"
+
+        for restart in range(2):
+            served = Served(fresh_dsn, tmp_path / "data", tokens_file, 2, []).start()
+            try:
+                for _ in range(200):
+                    if await pending_claims(fresh_dsn) == 0:
+                        break
+                    await asyncio.sleep(0.05)
+                assert await pending_claims(fresh_dsn) == 0
+                transfers = await holder.fetchval("SELECT count(*) FROM transfers WHERE kind = 4")
+                assert transfers == 300, f"restart {restart}: {transfers} grab transfers for 300 grabs"
+                for user, g in won.items():
+                    bal = await holder.fetchval("SELECT balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1",
+                                                user)
+                    assert bal == g.amount_cents
+                report = await audit(fresh_dsn)
+                assert report.ok, report.text()
+            finally:
+                served.stop()
+    finally:
+        if served.proc.poll() is None:
+            served.stop(signal.SIGKILL)
+        await holder.close()
+
+
+async def test_upgrade_from_schema_v2_in_place(pg, tokens_file):
+    """A database at schema v2, with grabs committed the old way (inside the
+    batch commit), upgrades to v3 in place; the audit (of v3) holds after it,
+    and the same packet then sells out through the new path."""
+    name = f"v2_{os.getpid()}"
+    root = await asyncpg.connect(dsn_for(pg, "postgres"))
+    try:
+        await root.execute(f"DROP DATABASE IF EXISTS {name}")
+        await root.execute(f"CREATE DATABASE {name}")
+    finally:
+        await root.close()
+    dsn = dsn_for(pg, name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        for v, path in migrate_mod.migrations()[:2]:
+            await conn.execute(Path(path).read_text())
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", v)
+        # What a v2 server wrote: a sender's deposit and send, then one batch of grabs.
+        await conn.execute("INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM generate_series(1, 30) u")
+        ext, wallet = 1, await conn.fetchval("SELECT account_id FROM accounts WHERE kind = 1 AND owner_id = 1")
+        await conn.execute("INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)"
+                           " VALUES (1, $1, $2, 5000)", ext, wallet)
+        await conn.execute("UPDATE accounts SET balance_cents = -5000 WHERE account_id = $1", ext)
+        await conn.execute("UPDATE accounts SET balance_cents = 5000 WHERE account_id = $1", wallet)
+        packet_id = 1 << 10
+        escrow = await conn.fetchval("INSERT INTO accounts (kind, owner_id) VALUES (2, $1) RETURNING account_id",
+                                     packet_id)
+        await conn.execute("INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count,"
+                           " mode, min_share_cents, audience, expires_at) VALUES ($1, 1, $2, 1000, 10, 2, 1, 0,"
+                           " now() + interval '1 hour')", packet_id, escrow)
+        await conn.execute("INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)"
+                           " VALUES (3, $1, $2, 1000, $3)", wallet, escrow, packet_id)
+        await conn.execute("UPDATE accounts SET balance_cents = balance_cents - 1000 WHERE account_id = $1", wallet)
+        await conn.execute("UPDATE accounts SET balance_cents = 1000 WHERE account_id = $1", escrow)
+        await conn.fetchval("SELECT anbao_commit_grabs(7, $1, $2, $3, $4)", [packet_id] * 4, [1, 2, 3, 4],
+                            [2, 3, 4, 5], [100] * 4)
+    finally:
+        await conn.close()
+    assert await migrate_mod.migrate(dsn) == len(migrate_mod.migrations())
+    after = await audit(dsn)
+    assert after.ok, after.text()
+    assert after.counts["claims"] == 4 and after.counts["claims_awaiting_rollup"] == 0
+
+    server = Anbao(dsn, tokens_file, Limits())
+    await server.start()
+    try:
+        clients = [await server.client("app") for _ in range(3)]
+        won, other = await grab_outcomes(clients, packet_id, list(range(2, 31)))
+        assert len(won) == 10 and other.count("sold_out") == 19
+        assert [won[u].seq for u in (2, 3, 4, 5)] == [1, 2, 3, 4], "the v2 claims answer as landed"
+        await assert_claims_match(server, packet_id, won, 10, 1000)
+        await server.assert_audit_clean()
+    finally:
+        await server.stop()
