@@ -165,6 +165,9 @@ class Bench:
         rec["cpu_busy_before_load"] = self.busy_before
         self.runs.append(rec)
         self._line(rec)
+        if self.busy_before is not None and self.busy_before >= QUIET_BUSY:
+            self.console.print(f"  [yellow]warning: the machine was {self.busy_before:.0%} busy just before this"
+                               f" load (--settle-s {self.args.settle_s:g} ran out); other load disturbs it[/]")
         return rec
 
     async def anbao(self, server: AnbaoServer, names: list[str]) -> None:
