@@ -438,7 +438,8 @@ async def verify(plan: Plan, result, dsn: str | None) -> list[str]:
             status = await conn.fetchval("SELECT status FROM packets WHERE packet_id = $1", plan.packets[0])
             if plan.expect_ok == plan.info["shares"] and status != 1:
                 wrong.append(f"storm packet has status {status}, not sold out")
-        if plan.scenario == "hot" and not capped and plan.attempts == plan.info["packets"] * plan.info["shares_per_packet"]:
+        every_share = plan.scenario == "hot" and plan.attempts == plan.info["packets"] * plan.info["shares_per_packet"]
+        if every_share and not capped:
             still_open = await conn.fetchval("SELECT count(*) FROM packets WHERE packet_id = ANY($1::bigint[])"
                                              " AND status <> 1", plan.packets)
             if still_open:
