@@ -256,10 +256,9 @@ class Bench:
         problems += await baselines.naive_verify(dsn, result.ok, result.unanswered if capped else 0, shares, total)
         await baselines.naive_drop(server.dsn("postgres"))   # leave a reused server as we found it
         self.record(result, {"database": baselines.NAIVE_DATABASE, "pool_size": a.naive_pool,
-                                         "shares": shares, "total_cents": total, "distinct_users": n,
-                                         "transaction": "SELECT ... FOR UPDATE on the packet row, check,"
-                                                        " insert claim + transfer, credit wallet,"
-                                                        " update packet, COMMIT"},
+                             "shares": shares, "total_cents": total, "distinct_users": n,
+                             "transaction": "SELECT ... FOR UPDATE on the packet row, check,"
+                                            " insert claim + transfer, credit wallet, update packet, COMMIT"},
                     problems, allowed, setup_s)
 
     async def echo(self) -> None:

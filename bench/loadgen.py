@@ -28,9 +28,11 @@ baseline) the same generator speaks RESP2 straight to redis-server: each
 grab is an EVALSHA of the grab script, pipelined `depth` deep per
 connection, a PING instead of HELLO, replies matched in order; each reply
 must be an amount (OK), ALREADY_CLAIMED or SOLD_OUT, anything else is
-counted as INTERNAL (an error reply) or BAD_REPLY. Latencies go into HdrHistograms (1 us to
-1 h, 3 significant digits) which travel back to the parent encoded, with the
-count of every (opcode, status) pair. Every run is bounded twice: by its
+counted as INTERNAL (an error reply) or BAD_REPLY.
+
+Latencies go into HdrHistograms (1 us to 1 h, 3 significant digits) which
+travel back to the parent encoded, with the count of every (opcode, status)
+pair. Every run is bounded twice: by its
 attempts and by `duration_s`; after the deadline nothing new is sent, and
 answers still missing after `grace_s` are counted as unanswered.
 """
