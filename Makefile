@@ -6,12 +6,12 @@ BIN    := $(VENV)/bin
 EXT    := anbao/_fastpath$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install build memcached bench clean
+.PHONY: run test install build memcached redis bench clean
 
 run: build
 	$(BIN)/anbao serve $(ARGS)
 
-test: build memcached
+test: build memcached redis
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
@@ -32,7 +32,12 @@ $(EXT): anbao/_fastpath.pyx setup.py $(VENV)/.installed
 memcached:
 	@command -v memcached >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq memcached; }
 
-bench: build
+# Debian's redis-server, for the bench's Redis baseline (`--baseline redis`);
+# the bench starts and stops its own instance, never the system's service.
+redis:
+	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+
+bench: build memcached redis
 	$(BIN)/python -m bench $(ARGS)
 
 clean:

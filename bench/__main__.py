@@ -1,10 +1,12 @@
-"""python -m bench storm|soldout|spread|mixed|all [options]
+"""python -m bench hot|storm|soldout|spread|mixed|all [options]
 
 Starts `anbao serve` on a fresh data directory (or uses --server HOST:PORT
 with --data-dir DIR), prepares users and packets through the SDK, drives
 load from several load-generator processes, checks that the answers match
-what is durable in the database, runs `anbao audit`, runs the baselines,
-and writes DIR/LABEL.json and DIR/LABEL.png. Exits 1 if any run is INVALID.
+what is durable in the database, runs `anbao audit`, runs the baselines
+(redis: the same scenarios against a redis-server of its own, AOF fsync
+always, with the same load generator speaking RESP), and writes
+DIR/LABEL.json and DIR/LABEL.png. Exits 1 if any run is INVALID.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import argparse
 import asyncio
 import functools
 import os
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -20,12 +23,14 @@ from pathlib import Path
 import asyncpg
 from rich.console import Console
 
-from . import baselines, report, scenarios
+from . import baselines, redis_baseline, report, scenarios
 from .runner import run_load
 from .server import AnbaoServer, is_loopback, metrics_delta
 
 DEFAULTS = {"connections": 200, "depth": 4, "procs": 2, "duration_s": 300.0, "shares": 10_000,
-            "packets": 100_000, "packet_shares": 10}
+            "packets": 100_000, "packet_shares": 10, "hot_packets": 10}
+BASELINES = ("redis", "naive", "echo")
+QUIET_BUSY = 0.15
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,8 +45,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="requests in flight per connection (closed loop); the cap per connection in open loop")
     p.add_argument("--attempts", type=int, default=None,
                    help="requests per scenario; when unset: storm 100,000, soldout 200,000,"
-                        " spread packets x packet-shares, mixed 100,000")
-    p.add_argument("--shares", type=int, default=DEFAULTS["shares"], help="shares of the storm/soldout packet")
+                        " spread packets x packet-shares, mixed 100,000, hot every share (hot never takes more)")
+    p.add_argument("--shares", type=int, default=DEFAULTS["shares"],
+                   help="shares of the storm/soldout packet and of each hot packet")
+    p.add_argument("--hot-packets", type=int, default=DEFAULTS["hot_packets"],
+                   help="packets in hot, each of --shares shares")
     p.add_argument("--packets", type=int, default=DEFAULTS["packets"], help="packets in spread")
     p.add_argument("--packet-shares", type=int, default=DEFAULTS["packet_shares"],
                    help="shares per packet in spread")
@@ -57,7 +65,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         " spreads them and the server relays grabs to the owner")
     p.add_argument("--procs", type=int, default=DEFAULTS["procs"], help="load-generator processes")
     p.add_argument("--baseline", default="",
-                   help="comma list of baselines to run in the same run: naive, echo")
+                   help="comma list of baselines to run in the same run: redis (each scenario it has a shape"
+                        " for: hot, storm, soldout, spread), naive and echo (storm-shaped)")
+    p.add_argument("--redis-server", default="redis-server", metavar="PATH",
+                   help="the redis-server binary of the redis baseline (Debian's; `make redis` installs it)")
+    p.add_argument("--settle-s", type=float, default=10.0,
+                   help=f"before each load, wait up to this long for the machine to be under {QUIET_BUSY * 100:.0f}%%"
+                        " busy (what the previous run left behind: checkpoints, roll-ups); 0: do not wait")
     p.add_argument("--naive-pool", type=int, default=baselines.NAIVE_POOL_DEFAULT,
                    help="PostgreSQL connections of the naive baseline server")
     p.add_argument("--echo-procs", type=int, default=1,
@@ -79,8 +93,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.baselines = [b.strip() for b in args.baseline.split(",") if b.strip() and b.strip() != "none"]
     for b in args.baselines:
-        if b not in ("naive", "echo"):
-            p.error(f"unknown baseline {b!r} (naive, echo)")
+        if b not in BASELINES:
+            p.error(f"unknown baseline {b!r} ({', '.join(BASELINES)})")
+    if "redis" in args.baselines and shutil.which(args.redis_server) is None:
+        p.error(f"--baseline redis needs {args.redis_server!r}: not found (`make redis` installs Debian's)")
+    if args.hot_packets < 1 or args.shares < 1:
+        p.error("--hot-packets and --shares must be positive")
+    if args.settle_s < 0:
+        p.error("--settle-s must be 0 or more")
     if args.procs < 1 or args.connections < args.procs:
         p.error("need --procs >= 1 and at least one connection per process")
     if not 1 <= args.depth <= 1024:
@@ -119,13 +139,36 @@ class Bench:
         self.loop = asyncio.get_running_loop()
         self.runs: list[dict] = []
         self.sizes = scenarios.Sizes(attempts=args.attempts, shares=args.shares, packets=args.packets,
-                                     packet_shares=args.packet_shares, users=args.users)
+                                     packet_shares=args.packet_shares, users=args.users,
+                                     hot_packets=args.hot_packets)
+        self.users = 0                  # grabbers registered on anbao (the baselines reuse the ids)
+        self.busy_before: float | None = None
 
     async def load(self, **kw):
         a = self.args
+        self.busy_before = await self.loop.run_in_executor(None, self.settle)
         call = functools.partial(run_load, self.console, connections=a.connections, depth=a.depth, rate=a.rate,
                                  duration_s=a.duration_s, **kw)
         return await self.loop.run_in_executor(None, call)
+
+    def settle(self) -> float | None:
+        """Waits (up to --settle-s) for the machine to go quiet; returns how
+        busy it was in the last half second before the load."""
+        deadline = time.monotonic() + self.args.settle_s
+        while True:
+            busy = report.cpu_busy(0.5)
+            if busy is None or busy < QUIET_BUSY or time.monotonic() >= deadline:
+                return busy
+
+    def record(self, result, info: dict, problems: list[str], allowed: dict, setup_s: float) -> dict:
+        rec = report.run_record(result, info, problems, allowed, setup_s)
+        rec["cpu_busy_before_load"] = self.busy_before
+        self.runs.append(rec)
+        self._line(rec)
+        if self.busy_before is not None and self.busy_before >= QUIET_BUSY:
+            self.console.print(f"  [yellow]warning: the machine was {self.busy_before:.0%} busy just before this"
+                               f" load (--settle-s {self.args.settle_s:g} ran out); other load disturbs it[/]")
+        return rec
 
     async def anbao(self, server: AnbaoServer, names: list[str]) -> None:
         a, console = self.args, self.console
@@ -136,7 +179,7 @@ class Bench:
                 console.print("[yellow]warning: connections do not reach the worker their source port asks for;"
                               " the server relays, so results are right but slower[/]")
             t = time.monotonic()
-            users = scenarios.grabbers_needed(self.sizes, names)
+            users = self.users = scenarios.grabbers_needed(self.sizes, names)
             await scenarios.register_grabbers(setup, users)
             console.print(f"registered {users:,} grabbers in {time.monotonic() - t:.1f} s")
             for name in names:
@@ -148,10 +191,40 @@ class Bench:
                                          token=server.tokens["app"], workloads=plan.workloads,
                                          worker_count=setup.worker_count if setup.steer else None)
                 problems = await scenarios.verify(plan, result, dsn)
-                rec = report.run_record(result, plan.info, problems, plan.allowed, plan.setup_s)
+                rec = self.record(result, plan.info, problems, plan.allowed, plan.setup_s)
                 rec["server_metrics"] = metrics_delta(before, server.metrics())
-                self.runs.append(rec)
-                self._line(rec)
+
+    async def redis(self, names: list[str]) -> None:
+        """Each scenario Redis has a shape for, on a redis-server of its own
+        (fresh, AOF fsync always), driven by the same load generator."""
+        a, console = self.args, self.console
+        for name in names:
+            if name not in scenarios.BASELINE_SCENARIOS:
+                console.print(f"  redis {name}: no Redis shape for this scenario, skipped")
+                continue
+            plan = scenarios.baseline_plan(name, self.sizes, a.procs, a.seed,
+                                           self.users or scenarios.grabbers_needed(self.sizes, names))
+            t = time.monotonic()
+            srv = redis_baseline.RedisServer(a.redis_server)
+            try:
+                totals = redis_baseline.prepare(srv, plan.packet_shares, scenarios.CENTS_PER_SHARE, a.seed,
+                                                plan.presold)
+                setup_s = round(time.monotonic() - t, 2)
+                info = {**plan.info, **srv.info(), "redis_pid": srv.pid, "redis_dir": str(srv.dir),
+                        "script": redis_baseline.GRAB_SCRIPT,
+                        "script_sha": redis_baseline.GRAB_SHA, "cents_handed_out_in_ok_answers": None}
+                result = await self.load(target="redis", scenario=name, host=srv.host, port=srv.port, token="",
+                                         workloads=plan.workloads, protocol="resp",
+                                         script_sha=redis_baseline.GRAB_SHA)
+                problems = await scenarios.verify(plan, result, None)
+                problems += redis_baseline.verify(srv, totals, plan.packet_shares, result.ok, result.ok_amount,
+                                                  result.unanswered, result.capped, plan.presold)
+                info["cents_handed_out_in_ok_answers"] = result.ok_amount
+            finally:
+                code = srv.stop()
+            if code not in (0, None):
+                problems.append(f"redis-server exited with {code}")
+            self.record(result, info, problems, plan.allowed, setup_s)
 
     async def naive(self, server: AnbaoServer) -> None:
         a = self.args
@@ -182,14 +255,11 @@ class Bench:
                 problems.append(f"{k:,} GRAB answers with status {status}")
         problems += await baselines.naive_verify(dsn, result.ok, result.unanswered if capped else 0, shares, total)
         await baselines.naive_drop(server.dsn("postgres"))   # leave a reused server as we found it
-        rec = report.run_record(result, {"database": baselines.NAIVE_DATABASE, "pool_size": a.naive_pool,
-                                         "shares": shares, "total_cents": total, "distinct_users": n,
-                                         "transaction": "SELECT ... FOR UPDATE on the packet row, check,"
-                                                        " insert claim + transfer, credit wallet,"
-                                                        " update packet, COMMIT"},
-                                problems, allowed, setup_s)
-        self.runs.append(rec)
-        self._line(rec)
+        self.record(result, {"database": baselines.NAIVE_DATABASE, "pool_size": a.naive_pool,
+                             "shares": shares, "total_cents": total, "distinct_users": n,
+                             "transaction": "SELECT ... FOR UPDATE on the packet row, check,"
+                                            " insert claim + transfer, credit wallet, update packet, COMMIT"},
+                    problems, allowed, setup_s)
 
     async def echo(self) -> None:
         a = self.args
@@ -206,11 +276,8 @@ class Bench:
         problems = []
         if not result.capped and (result.answered != n or result.ok != n):
             problems.append(f"echo answered {result.answered:,} of {n:,} ({result.ok:,} OK)")
-        rec = report.run_record(result, {"server": "uvloop + anbao._fastpath frame codec, no work",
-                                         "processes": a.echo_procs},
-                                problems, {"GRAB": {"OK"}}, 0.0)
-        self.runs.append(rec)
-        self._line(rec)
+        self.record(result, {"server": "uvloop + anbao._fastpath frame codec, no work", "processes": a.echo_procs},
+                    problems, {"GRAB": {"OK"}}, 0.0)
 
     def _line(self, r: dict) -> None:
         lat = r["latency_ms"]
@@ -260,6 +327,8 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
                 r["problems"].append(why)
                 r["valid"] = False
                 r["verdict"] = "INVALID"
+        if "redis" in args.baselines:
+            await bench.redis(names)
         if "naive" in args.baselines:
             await bench.naive(server)
         if "echo" in args.baselines:
@@ -284,7 +353,8 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
                         "anbao_source": str(args.anbao_src) if args.anbao_src else "installed (this repository)"},
         "definitions": {
             "durable OK/s": "OK answers / seconds from the first request sent to the last OK answer;"
-                            " anbao and naive answer OK only after the claim is committed",
+                            " anbao and naive answer OK only after the claim is committed, redis after the"
+                            " append-only file is fsynced (appendfsync always)",
             "answers/s": "all answers / seconds from the first request sent to the last answer",
             "rejects/s": "SOLD_OUT, ALREADY_CLAIMED, EXPIRED, NOT_ELIGIBLE answers / the same wall time",
             "latency": "closed loop: from the moment each request was written; open loop: from its scheduled"
@@ -293,6 +363,7 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
         "audit": audit,
         "runs": bench.runs,
         "ratios": report.ratios(bench.runs),
+        "headline": report.headline(bench.runs),
     }
     doc["valid"] = bool(bench.runs) and all(r["valid"] for r in bench.runs) and bool(audit and audit["ok"])
     return doc

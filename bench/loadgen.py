@@ -23,9 +23,16 @@ HELLO every steered connection asks TOPOLOGY which worker it reached; a
 miss is counted (the server relays, so answers stay right, only slower).
 
 Requests are built with anbao_client.wire (the SDK's pure-Python codec) and
-answers split with wire.FrameBuffer. Latencies go into HdrHistograms (1 us to
-1 h, 3 significant digits) which travel back to the parent encoded, with the
-count of every (opcode, status) pair. Every run is bounded twice: by its
+answers split with wire.FrameBuffer. With protocol "resp" (the Redis
+baseline) the same generator speaks RESP2 straight to redis-server: each
+grab is an EVALSHA of the grab script, pipelined `depth` deep per
+connection, a PING instead of HELLO, replies matched in order; each reply
+must be an amount (OK), ALREADY_CLAIMED or SOLD_OUT, anything else is
+counted as INTERNAL (an error reply) or BAD_REPLY.
+
+Latencies go into HdrHistograms (1 us to 1 h, 3 significant digits) which
+travel back to the parent encoded, with the count of every (opcode, status)
+pair. Every run is bounded twice: by its
 attempts and by `duration_s`; after the deadline nothing new is sent, and
 answers still missing after `grace_s` are counted as unanswered.
 """
@@ -41,8 +48,11 @@ from array import array
 
 from anbao_client import wire
 from anbao_client.routing import local_port_for
-from anbao_client.wire import Op
+from anbao_client.wire import Op, Status
 from hdrh.histogram import HdrHistogram
+
+from . import resp
+from .redis_baseline import GrabEncoder
 
 LOWEST_US = 1
 HIGHEST_US = 3_600_000_000
@@ -51,10 +61,14 @@ CONNECT_TIMEOUT_S = 15.0
 GO_TIMEOUT_S = 600.0
 PROGRESS_EVERY_S = 0.1
 UNANSWERED = 256          # pseudo-status of a request whose answer never came
+BAD_REPLY = 257           # pseudo-status of a Redis reply that is none of amount / ALREADY_CLAIMED / SOLD_OUT
 HELLO_RID = 1
 TOPOLOGY_RID = 2
 PORT_ATTEMPTS = 50
 TIMER_TICK_S = 0.001
+
+
+_SOLD_OUT, _ALREADY_CLAIMED, _INTERNAL = int(Status.SOLD_OUT), int(Status.ALREADY_CLAIMED), int(Status.INTERNAL)
 
 
 def new_histogram() -> HdrHistogram:
@@ -69,8 +83,9 @@ def new_histogram() -> HdrHistogram:
 class GrabRange:
     """GRABs on one packet from users user_first + i % user_mod, i in [lo, hi)."""
 
-    def __init__(self, packet_id: int, user_first: int, user_mod: int, lo: int, hi: int):
+    def __init__(self, packet_id: int, user_first: int, user_mod: int, lo: int, hi: int, grab=wire.grab):
         assert user_mod > 0 and 0 <= lo <= hi
+        self.grab = grab
         self.packet_id, self.user_first, self.user_mod = packet_id, user_first, user_mod
         self.i, self.hi = lo, hi
         self.total = hi - lo
@@ -80,14 +95,15 @@ class GrabRange:
         if i >= self.hi:
             return None
         self.i = i + 1
-        return wire.grab(rid, self.packet_id, self.user_first + i % self.user_mod), Op.GRAB
+        return self.grab(rid, self.packet_id, self.user_first + i % self.user_mod), Op.GRAB
 
 
 class GrabPairs:
     """GRABs on explicit (packet, user) pairs, in the order given."""
 
-    def __init__(self, packets: array, users: array):
+    def __init__(self, packets: array, users: array, grab=wire.grab):
         assert len(packets) == len(users)
+        self.grab = grab
         self.packets, self.users = packets, users
         self.i = 0
         self.total = len(packets)
@@ -97,7 +113,7 @@ class GrabPairs:
         if i >= self.total:
             return None
         self.i = i + 1
-        return wire.grab(rid, self.packets[i], self.users[i]), Op.GRAB
+        return self.grab(rid, self.packets[i], self.users[i]), Op.GRAB
 
 
 class Mixed:
@@ -143,12 +159,16 @@ class Mixed:
         raise AssertionError(op)
 
 
-def make_workload(desc: dict):
+def make_workload(desc: dict, grab=wire.grab):
+    """grab(rid, packet, user) -> request bytes: wire.grab, or the Redis
+    baseline's EVALSHA encoder."""
     kind = desc["kind"]
     if kind == "grab_range":
-        return GrabRange(desc["packet_id"], desc["user_first"], desc["user_mod"], desc["lo"], desc["hi"])
+        return GrabRange(desc["packet_id"], desc["user_first"], desc["user_mod"], desc["lo"], desc["hi"], grab)
     if kind == "grab_pairs":
-        return GrabPairs(desc["packets"], desc["users"])
+        return GrabPairs(desc["packets"], desc["users"], grab)
+    if grab is not wire.grab:
+        raise ValueError(f"workload {kind!r} speaks anbao's protocol only")
     if kind == "mixed":
         return Mixed(desc["n"], desc["seed"], desc["weights"], desc["senders"], desc["send_cents"],
                      desc["send_shares"], desc["grab_packets"], desc["user_first"], desc["user_count"])
@@ -205,6 +225,31 @@ class _Conn(asyncio.Protocol):
         return self.setup_answers.pop(0)
 
 
+class _RespConn(_Conn):
+    """A connection to redis-server: RESP2 replies, in the order of the
+    requests (request ids stay local: reply k answers the k-th request)."""
+
+    def __init__(self, gen: "Generator", group: "_Group"):
+        super().__init__(gen, group)
+        self.frames = resp.ReplyParser()
+        self.answer_rid = self.next_rid      # the request the next reply answers
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            replies = self.frames.feed(data)
+        except ValueError as exc:
+            self.gen.note_error(f"bad RESP from redis: {exc}")
+            self.transport.close()
+            return
+        if self.in_setup:
+            self.setup_answers += replies
+            if self.setup_waiter is not None and not self.setup_waiter.done():
+                self.setup_waiter.set_result(None)
+            return
+        if replies:
+            self.gen.on_replies(self, replies)
+
+
 class _Group:
     """Connections to one worker (or to whichever the kernel picks) and the
     workload they share."""
@@ -231,8 +276,10 @@ class Generator:
         self.duration_s: float = spec["duration_s"]
         self.grace_s: float = spec.get("grace_s", 10.0)
         self.worker_count: int | None = spec.get("worker_count")
+        self.resp = spec.get("protocol", "anbao") == "resp"
+        grab = GrabEncoder(spec["script_sha"]) if self.resp else wire.grab
         total = sum(_planned(g["workload"]) for g in spec["groups"]) or 1
-        self.groups = [_Group(g.get("worker"), g["connections"], make_workload(g["workload"]),
+        self.groups = [_Group(g.get("worker"), g["connections"], make_workload(g["workload"], grab),
                               self.rate * _planned(g["workload"]) / total if self.rate else None)
                        for g in spec["groups"]]
         self.conns: list[_Conn] = []
@@ -241,6 +288,7 @@ class Generator:
         self.hist_op: dict[int, HdrHistogram] = {}
         self.counts: dict[int, int] = {}          # opcode << 9 | status -> answers
         self.sent = self.answered = self.ok = self.lost = 0
+        self.ok_amount = 0                        # resp: cents handed out in OK answers
         self.t0 = self.first_send = self.last_answer = self.last_ok = None
         self.stopping = False
         self.capped = False
@@ -266,19 +314,27 @@ class Generator:
         host, port = self.spec["host"], self.spec["port"]
         token = self.spec["token"].encode()
         sem = asyncio.Semaphore(64)
+        conn_class = _RespConn if self.resp else _Conn
 
         async def one(group: _Group) -> _Conn:
             async with sem:
-                steer = group.worker is not None and self.worker_count and self.worker_count > 1
+                steer = group.worker is not None and self.worker_count and self.worker_count > 1 and not self.resp
                 for attempt in range(PORT_ATTEMPTS if steer else 1):
                     local = (host, local_port_for(group.worker, self.worker_count)) if steer else None
                     try:
                         _, conn = await asyncio.wait_for(self.loop.create_connection(
-                            lambda: _Conn(self, group), host, port, local_addr=local), CONNECT_TIMEOUT_S)
+                            lambda: conn_class(self, group), host, port, local_addr=local), CONNECT_TIMEOUT_S)
                         break
                     except OSError:
                         if attempt == PORT_ATTEMPTS - 1 or not steer:
                             raise       # else: that source port was taken; draw another
+                if self.resp:
+                    conn.transport.write(resp.encode_command(b"PING"))
+                    r = await conn.setup_answer()
+                    if r != "PONG":
+                        raise ConnectionError(f"redis answered PING with {r!r}")
+                    conn.in_setup = False
+                    return conn
                 conn.transport.write(wire.hello(HELLO_RID, token))
                 r = await conn.setup_answer()
                 if r.status != wire.Status.OK:
@@ -431,6 +487,56 @@ class Generator:
         if self.exhausted or self.stopping:
             self._check_done()
 
+    def on_replies(self, conn: _RespConn, replies: list) -> None:
+        """on_responses for Redis: reply k answers request answer_rid + k."""
+        now = time.monotonic()
+        pending = conn.pending
+        hist, hist_ok, counts = self.hist, self.hist_ok, self.counts
+        rid = conn.answer_rid
+        n = 0
+        for v in replies:
+            entry = pending.pop(rid, None)
+            rid += 1
+            if entry is None:
+                self.note_error(f"redis reply {v!r} to no request")
+                continue
+            start, op = entry
+            us = int((now - start) * 1_000_000) or 1
+            hist.record_value(us)
+            if type(v) is int:
+                if v > 0:
+                    status = 0
+                    self.ok_amount += v
+                else:
+                    status = BAD_REPLY
+                    self.note_error(f"redis grab answered amount {v}")
+            elif v == b"SOLD_OUT":
+                status = _SOLD_OUT
+            elif v == b"ALREADY_CLAIMED":
+                status = _ALREADY_CLAIMED
+            elif isinstance(v, resp.RespError):
+                status = _INTERNAL
+                self.note_error(f"redis error reply: {v}")
+            else:
+                status = BAD_REPLY
+                self.note_error(f"redis grab answered {v!r}")
+            key = (op << 9) | status
+            counts[key] = counts.get(key, 0) + 1
+            if status == 0:
+                self.ok += 1
+                hist_ok.record_value(us)
+                self.last_ok = now
+            n += 1
+        conn.answer_rid = rid
+        self.answered += n
+        self.last_answer = now
+        if not self.rate:
+            self._fill(conn, now)
+        elif conn.group.blocked:
+            conn.group.slot_freed.set()
+        if self.exhausted or self.stopping:
+            self._check_done()
+
     def on_lost(self, conn: _Conn, exc) -> None:
         if conn.pending:
             self.lost += len(conn.pending)
@@ -496,6 +602,7 @@ class Generator:
             "sent": self.sent,
             "answered": self.answered,
             "ok": self.ok,
+            "ok_amount": self.ok_amount,
             "unanswered": self.lost,
             "capped": self.capped,
             "planned": self.planned,

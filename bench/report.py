@@ -75,6 +75,7 @@ def run_record(result, plan_info: dict, problems: list[str], allowed: dict, setu
         "sent": result.sent,
         "answered": result.answered,
         "ok": result.ok,
+        "ok_amount_cents": result.ok_amount if result.target == "redis" else None,
         "rejects": rejects,
         "unanswered": result.unanswered,
         "capped": result.capped,
@@ -108,11 +109,31 @@ def run_record(result, plan_info: dict, problems: list[str], allowed: dict, setu
     return rec
 
 
+REDIS_SCENARIOS = ("hot", "storm", "soldout", "spread")
+
+
 def ratios(runs: list[dict]) -> list[dict]:
-    """anbao beside each baseline: storm against naive storm, and every
-    anbao scenario's answer rate as a fraction of the echo ceiling."""
+    """anbao beside each baseline: each scenario against Redis's run of it
+    (rates anbao / redis: above 1 is anbao faster; latencies anbao / redis:
+    below 1 is anbao faster), storm against naive storm, and every anbao
+    scenario's answer rate as a fraction of the echo ceiling."""
     by = {(r["target"], r["scenario"]): r for r in runs}
     out = []
+    for sc in REDIS_SCENARIOS:
+        an, rd = by.get(("anbao", sc)), by.get(("redis", sc))
+        if not (an and rd):
+            continue
+        if sc != "soldout":
+            out.append(_ratio(f"durable grabs/s, {sc}: anbao / redis", an["ok_per_s"], rd["ok_per_s"]))
+        if sc in ("storm", "soldout"):
+            out.append(_ratio(f"answers/s, {sc}: anbao / redis", an["answers_per_s"], rd["answers_per_s"]))
+        for p in ("p50", "p99"):
+            out.append(_ratio(f"{p} latency, {sc}: anbao / redis (below 1: anbao faster)",
+                              an["latency_ms"][p], rd["latency_ms"][p]))
+        if sc == "storm":
+            for p in ("p50", "p99"):
+                out.append(_ratio(f"{p} latency of OK (durable) grabs, storm: anbao / redis",
+                                  an["latency_ok_ms"][p], rd["latency_ok_ms"][p]))
     storm, naive, echo = by.get(("anbao", "storm")), by.get(("naive", "storm")), by.get(("echo", "storm"))
     if storm and naive:
         out.append(_ratio("durable grabs/s, storm: anbao / naive", storm["ok_per_s"], naive["ok_per_s"]))
@@ -129,6 +150,22 @@ def ratios(runs: list[dict]) -> list[dict]:
                 out.append(_ratio(f"answers/s, {r['scenario']}: anbao / echo ceiling",
                                   r["answers_per_s"], echo["answers_per_s"]))
     return out
+
+
+def headline(runs: list[dict]) -> dict | None:
+    """The project's headline: durable grabs/s in `hot` as a ratio to Redis
+    with AOF fsync always, from the same run."""
+    by = {(r["target"], r["scenario"]): r for r in runs}
+    an, rd = by.get(("anbao", "hot")), by.get(("redis", "hot"))
+    if not (an and rd):
+        return None
+    q = _ratio("durable grabs/s, hot: anbao / Redis (Lua grab script, appendfsync always)",
+               an["ok_per_s"], rd["ok_per_s"])
+    q.update({"anbao_p50_ms": an["latency_ms"]["p50"], "anbao_p99_ms": an["latency_ms"]["p99"],
+              "redis_p50_ms": rd["latency_ms"]["p50"], "redis_p99_ms": rd["latency_ms"]["p99"],
+              "p99_ratio_anbao_over_redis": _ratio("", an["latency_ms"]["p99"], rd["latency_ms"]["p99"])["value"],
+              "load": _load(an), "valid": bool(an["valid"] and rd["valid"])})
+    return q
 
 
 def _ratio(what: str, a, b) -> dict:
@@ -224,10 +261,17 @@ def _load(r: dict) -> str:
 
 def print_report(console: Console, doc: dict) -> None:
     runs = doc["runs"]
+    h = doc.get("headline")
+    if h:
+        console.print(f"[bold]headline, hot ({h['load']}): anbao {_fmt(h['numerator'])} durable grabs/s,"
+                      f" Redis AOF-always {_fmt(h['denominator'])}/s: {h['value']}x[/]"
+                      f"  (p50 {_ms(h['anbao_p50_ms'])} vs {_ms(h['redis_p50_ms'])} ms,"
+                      f" p99 {_ms(h['anbao_p99_ms'])} vs {_ms(h['redis_p99_ms'])} ms)"
+                      + ("" if h["valid"] else "  [bold red]not valid[/]"))
     if doc["ratios"]:
         t = Table(title="anbao beside its baselines (same run, same load generator)", title_justify="left")
         t.add_column("ratio")
-        t.add_column("anbao / naive or echo", justify="right")
+        t.add_column("anbao / baseline", justify="right")
         t.add_column("value", justify="right", style="bold")
         for q in doc["ratios"]:
             v = q["value"]
@@ -306,7 +350,7 @@ def write_plot(path: Path, runs: list[dict], title: str) -> None:
     from matplotlib.ticker import FixedLocator, FixedFormatter
 
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
-    styles = {"anbao": "-", "naive": "--", "echo": ":"}
+    styles = {"anbao": "-", "naive": "--", "echo": ":", "redis": (0, (6, 2, 1, 2, 1, 2))}
     for r in runs:
         curve = r["percentile_curve_ms"]
         if not curve:
@@ -316,7 +360,7 @@ def write_plot(path: Path, runs: list[dict], title: str) -> None:
         label = f"{r['name']} ({_load(r)}): p99 {_ms(r['latency_ms']['p99'])} ms"
         if r["verdict"] != "valid":
             label += " " + r["verdict"]
-        line, = ax.plot(xs, ys, styles.get(r["target"], "-"), linewidth=1.6, label=label)
+        line, = ax.plot(xs, ys, linestyle=styles.get(r["target"], "-"), linewidth=1.6, label=label)
         ok_curve = r.get("percentile_curve_ok_ms") or []
         if r["scenario"] == "storm" and r["target"] != "echo" and ok_curve and 0 < r["ok"] < r["answered"]:
             # In a storm most answers are fast rejections: show the durable grabs on their own.
@@ -350,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     doc = json.loads(args.json.read_text())
     doc["ratios"] = ratios(doc["runs"])
+    doc["headline"] = headline(doc["runs"])
     console = Console()
     if not console.is_terminal:
         console = Console(width=200)

@@ -29,6 +29,8 @@ def progress_bar(console: Console, transient: bool = True) -> Progress:
 def status_name(status: int) -> str:
     if status == loadgen.UNANSWERED:
         return "UNANSWERED"
+    if status == loadgen.BAD_REPLY:
+        return "BAD_REPLY"
     try:
         return Status(status).name
     except ValueError:
@@ -44,7 +46,7 @@ def op_name(op: int) -> str:
 
 @dataclass
 class LoadResult:
-    target: str                 # anbao, naive, echo
+    target: str                 # anbao, redis, naive, echo
     scenario: str
     mode: str                   # closed / open
     connections: int
@@ -56,6 +58,7 @@ class LoadResult:
     sent: int = 0
     answered: int = 0
     ok: int = 0
+    ok_amount: int = 0          # redis: cents handed out in the OK answers
     unanswered: int = 0
     capped: bool = False
     wall_s: float = 0.0         # first send to last answer
@@ -87,10 +90,12 @@ def split_connections(total: int, weights: list[int]) -> list[int]:
 
 def run_load(console: Console, *, target: str, scenario: str, host: str, port: int, token: str,
              workloads: list[list[dict]], connections: int, depth: int, rate: float | None, duration_s: float,
-             worker_count: int | None = None, grace_s: float = 10.0) -> LoadResult:
+             worker_count: int | None = None, grace_s: float = 10.0, protocol: str = "anbao",
+             script_sha: str | None = None) -> LoadResult:
     """workloads: per load-generator process, its groups, each
     {"worker": owning worker or None, "workload": description}.
-    connections and rate are totals, split between processes and groups."""
+    connections and rate are totals, split between processes and groups.
+    protocol: "anbao" (binary frames) or "resp" (Redis, EVALSHA script_sha)."""
     procs = len(workloads)
     assert procs >= 1 and connections >= procs, "need at least one connection per load-generator process"
     ctx = mp.get_context("spawn")
@@ -110,7 +115,7 @@ def run_load(console: Console, *, target: str, scenario: str, host: str, port: i
         split = split_connections(conns, weights)
         spec = {"host": host, "port": port, "token": token, "depth": depth,
                 "rate": (rate * sum(weights) / everything) if rate else None, "duration_s": duration_s, "grace_s": grace_s,
-                "worker_count": worker_count,
+                "worker_count": worker_count, "protocol": protocol, "script_sha": script_sha,
                 "groups": [{"worker": g.get("worker"), "connections": n, "workload": g["workload"]}
                            for g, n in zip(groups, split)]}
         p = ctx.Process(target=loadgen.process_main, args=(spec, len(children), ready_q, go, progress, result_q),
@@ -182,6 +187,7 @@ def _merge(result: LoadResult, parts: list[dict]) -> None:
         result.sent += p["sent"]
         result.answered += p["answered"]
         result.ok += p["ok"]
+        result.ok_amount += p.get("ok_amount", 0)
         result.unanswered += p["unanswered"]
         result.capped |= p["capped"]
         result.hist.decode_and_add(p["hist"])

@@ -6,6 +6,11 @@ User ids (disjoint ranges, so scenarios can share one server):
   800_000_001 ..           users who sell out the `soldout` packet in setup
   900_000_001 ..           senders (one block per scenario)
 
+- hot:     K packets (default 10, --hot-packets) of S shares (default
+           10,000, --shares); attempts = every share (default 100,000), each
+           from a distinct user, interleaved over the packets (attempt i on
+           packet i mod K): every answer should be OK. The headline scenario,
+           measured against the Redis baseline.
 - storm:   one open packet of S shares (default 10,000); N attempts
            (default 100,000), each from a distinct registered user.
 - soldout: one open packet, sold out during setup; N attempts after that
@@ -15,6 +20,9 @@ User ids (disjoint ranges, so scenarios can share one server):
            answer should be OK (P x K attempts by default).
 - mixed:   SEND (10%), GRAB (60%) on a pool of packets, PACKET queries
            (20%) and BALANCE (10%), interleaved at random.
+
+baseline_plan() gives the same shapes (same users, same order of attempts,
+same share counts, packets numbered from 1) for the Redis baseline.
 """
 from __future__ import annotations
 
@@ -33,7 +41,8 @@ from .runner import progress_bar
 
 GRABBER_FIRST = 1
 CLAIMER_FIRST = 800_000_001
-SENDER_FIRST = {"storm": 900_000_001, "soldout": 901_000_001, "spread": 902_000_001, "mixed": 903_000_001}
+SENDER_FIRST = {"storm": 900_000_001, "soldout": 901_000_001, "spread": 902_000_001, "mixed": 903_000_001,
+                "hot": 904_000_001}
 CENTS_PER_SHARE = 100
 REGISTER_CHUNK = 1024
 SETUP_CLUSTERS = 4              # each one connection per worker, steered like the SDK's Cluster
@@ -42,8 +51,8 @@ MIXED_WEIGHTS = {"SEND": 0.10, "GRAB": 0.60, "PACKET": 0.20, "BALANCE": 0.10}
 MIXED_POOL_SHARES = 100
 MIXED_SENDERS = 200
 MIXED_SEND_SHARES = 10
-SCENARIOS = ("storm", "soldout", "spread", "mixed")
-DEFAULT_ATTEMPTS = {"storm": 100_000, "soldout": 200_000, "mixed": 100_000}   # spread: packets x shares
+SCENARIOS = ("hot", "storm", "soldout", "spread", "mixed")
+DEFAULT_ATTEMPTS = {"storm": 100_000, "soldout": 200_000, "mixed": 100_000}   # spread, hot: every share
 
 
 @dataclass
@@ -53,8 +62,12 @@ class Sizes:
     packets: int = 100_000
     packet_shares: int = 10
     users: int | None = None        # registered grabbers; None: as many as the largest need
+    hot_packets: int = 10
 
     def attempts_for(self, scenario: str) -> int:
+        if scenario == "hot":           # at most every share: all of them succeed
+            every = self.hot_packets * self.shares
+            return every if self.attempts is None else min(self.attempts, every)
         if self.attempts is not None:
             return self.attempts
         if scenario == "spread":
@@ -72,6 +85,9 @@ class Plan:
     allowed: dict = field(default_factory=dict)         # op -> statuses that are not errors
     setup_s: float = 0.0
     info: dict = field(default_factory=dict)
+    # Baselines (Redis): packet id -> its share count, and who grabbed before the clock started.
+    packet_shares: dict = field(default_factory=dict)
+    presold: dict = field(default_factory=dict)
 
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
@@ -183,8 +199,9 @@ def grabbers_needed(sizes: Sizes, scenarios: list[str]) -> int:
     if sizes.users is not None:
         return sizes.users
     need = min(100_000, max(sizes.attempts_for(s) for s in scenarios))
-    if "storm" in scenarios:
-        need = max(need, sizes.attempts_for("storm"))
+    for s in ("storm", "hot"):      # one distinct user per attempt
+        if s in scenarios:
+            need = max(need, sizes.attempts_for(s))
     return max(need, sizes.packet_shares, 1)
 
 
@@ -233,28 +250,68 @@ async def _spread(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
     per_sender = -(-p // n_senders)
     await setup.fund(senders, per_sender * k * CENTS_PER_SHARE)
     packets = await setup.send(senders, p, k * CENTS_PER_SHARE, k)
-    # Every (packet, slot) pair once, in a random order: attempt i takes a
-    # share that exists, from a user who holds none of that packet yet.
+    pidx, usr = spread_pairs(p, k, n, seed, setup.users)
+    pkt = np.asarray(packets, dtype=np.int64)[pidx]
+    owners = (pkt & (SHARD_COUNT - 1)) % setup.worker_count
+    work = pair_workloads(pkt, usr, procs, list(range(setup.worker_count)) if setup.steer else None, owners)
+    per_worker = np.bincount(owners, minlength=setup.worker_count).tolist()
+    return Plan("spread", work, n, packets, expect_ok=n, allowed={"GRAB": {"OK"}},
+                info={"packets": p, "shares_per_packet": k, "senders": n_senders,
+                      "grabs_per_owner": per_worker, **setup.routing_info()})
+
+
+def spread_pairs(p: int, k: int, n: int, seed: int, users: int) -> tuple[np.ndarray, np.ndarray]:
+    """spread's attempts, (packet index, user) each: every (packet, slot)
+    pair once, in a random order, so attempt i takes a share that exists,
+    from a user who holds none of that packet yet."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(p * k)[:n]
-    pidx, slot = order // k, order % k
-    pkt = np.asarray(packets, dtype=np.int64)[pidx]
-    usr = GRABBER_FIRST + (pidx * k + slot) % setup.users
-    owners = (pkt & (SHARD_COUNT - 1)) % setup.worker_count
+    return order // k, GRABBER_FIRST + order % users
+
+
+def hot_pairs(k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """hot's attempts: attempt i on packet i mod K, by user GRABBER_FIRST + i
+    (every user distinct)."""
+    i = np.arange(n, dtype=np.int64)
+    return i % k, GRABBER_FIRST + i
+
+
+def pair_workloads(pkt: np.ndarray, usr: np.ndarray, procs: int, workers: list[int] | None,
+                   owners: np.ndarray | None) -> list[list[dict]]:
+    """(packet, user) attempts split evenly between the load-generator
+    processes, in order; with workers, each process's share split again by
+    the owning worker (one steered group each)."""
     work = []
-    for lo, hi in split_evenly(n, procs):
+    for lo, hi in split_evenly(len(pkt), procs):
         groups = []
-        for w in (range(setup.worker_count) if setup.steer else [None]):
+        for w in (workers if workers is not None else [None]):
             sel = slice(lo, hi) if w is None else np.nonzero(owners[lo:hi] == w)[0] + lo
             a, b = array("q"), array("q")
             a.frombytes(pkt[sel].astype(np.int64).tobytes())
             b.frombytes(usr[sel].astype(np.int64).tobytes())
             groups.append({"worker": w, "workload": {"kind": "grab_pairs", "packets": a, "users": b}})
         work.append(groups)
-    per_worker = np.bincount(owners, minlength=setup.worker_count).tolist()
-    return Plan("spread", work, n, packets, expect_ok=n, allowed={"GRAB": {"OK"}},
-                info={"packets": p, "shares_per_packet": k, "senders": n_senders,
-                      "grabs_per_owner": per_worker, **setup.routing_info()})
+    return work
+
+
+async def _hot(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
+    k, s = sizes.hot_packets, sizes.shares
+    n = sizes.attempts_for("hot")
+    if setup.users < n:
+        raise ValueError(f"hot needs {n:,} distinct users, only {setup.users:,} registered (--users)")
+    senders = list(range(SENDER_FIRST["hot"], SENDER_FIRST["hot"] + k))
+    await setup.register(senders[0], k)
+    await setup.fund(senders, s * CENTS_PER_SHARE)
+    packets = await setup.send(senders, k, s * CENTS_PER_SHARE, s)
+    pidx, usr = hot_pairs(k, n)
+    pkt = np.asarray(packets, dtype=np.int64)[pidx]
+    owners = (pkt & (SHARD_COUNT - 1)) % setup.worker_count
+    work = pair_workloads(pkt, usr, procs, list(range(setup.worker_count)) if setup.steer else None, owners)
+    return Plan("hot", work, n, packets, expect_ok=n, allowed={"GRAB": {"OK"}},
+                info={"packets": k, "shares_per_packet": s, "total_cents_per_packet": s * CENTS_PER_SHARE,
+                      "distinct_users": n, "order": "attempt i on packet i mod K",
+                      "grabs_per_owner": np.bincount(owners, minlength=setup.worker_count).tolist(),
+                      **setup.routing_info()})
 
 
 async def _mixed(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
@@ -287,7 +344,47 @@ async def _mixed(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
                       "senders": MIXED_SENDERS, "sender_ids": [senders[0], senders[-1]], **setup.routing_info()})
 
 
-_PREPARE = {"storm": _storm, "soldout": _soldout, "spread": _spread, "mixed": _mixed}
+_PREPARE = {"storm": _storm, "soldout": _soldout, "spread": _spread, "mixed": _mixed, "hot": _hot}
+
+BASELINE_SCENARIOS = ("hot", "storm", "soldout", "spread")     # what the Redis baseline can run
+
+
+def baseline_plan(scenario: str, sizes: Sizes, procs: int, seed: int, users: int) -> Plan:
+    """The scenario's shape for a baseline with packets of its own (ids from
+    1): the same attempts, users, order and share counts as anbao's plan.
+    users: the grabbers anbao registered (storm and soldout cycle through them)."""
+    s = sizes.shares
+    if scenario in ("storm", "soldout"):
+        n = sizes.attempts_for(scenario)
+        if scenario == "storm" and users < n:
+            raise ValueError(f"storm needs {n:,} distinct users, only {users:,} (--users)")
+        work = [[{"worker": None, "workload": {"kind": "grab_range", "packet_id": 1, "user_first": GRABBER_FIRST,
+                                               "user_mod": users, "lo": lo, "hi": hi}}]
+                for lo, hi in split_evenly(n, procs)]
+        if scenario == "storm":
+            return Plan("storm", work, n, [1], expect_ok=min(n, s), allowed={"GRAB": {"OK", "SOLD_OUT"}},
+                        packet_shares={1: s},
+                        info={"packets": 1, "shares": s, "total_cents": s * CENTS_PER_SHARE,
+                              "distinct_users": n})
+        return Plan("soldout", work, n, [1], expect_ok=0, allowed={"GRAB": {"SOLD_OUT"}}, packet_shares={1: s},
+                    presold={1: list(range(CLAIMER_FIRST, CLAIMER_FIRST + s))},
+                    info={"packets": 1, "shares": s, "claimed_in_setup": s, "distinct_users": min(n, users)})
+    if scenario == "hot":
+        k = sizes.hot_packets
+        n = sizes.attempts_for("hot")
+        pidx, usr = hot_pairs(k, n)
+        return Plan("hot", pair_workloads(pidx + 1, usr, procs, None, None), n, list(range(1, k + 1)),
+                    expect_ok=n, allowed={"GRAB": {"OK"}}, packet_shares={i: s for i in range(1, k + 1)},
+                    info={"packets": k, "shares_per_packet": s, "total_cents_per_packet": s * CENTS_PER_SHARE,
+                          "distinct_users": n, "order": "attempt i on packet i mod K"})
+    if scenario == "spread":
+        p, k = sizes.packets, sizes.packet_shares
+        n = min(sizes.attempts_for("spread"), p * k)
+        pidx, usr = spread_pairs(p, k, n, seed, users)
+        return Plan("spread", pair_workloads(pidx + 1, usr, procs, None, None), n, list(range(1, p + 1)),
+                    expect_ok=n, allowed={"GRAB": {"OK"}}, packet_shares={i: k for i in range(1, p + 1)},
+                    info={"packets": p, "shares_per_packet": k})
+    raise ValueError(f"no baseline shape for {scenario!r}")
 
 
 # ---------------------------------------------------------------- checks
@@ -341,6 +438,12 @@ async def verify(plan: Plan, result, dsn: str | None) -> list[str]:
             status = await conn.fetchval("SELECT status FROM packets WHERE packet_id = $1", plan.packets[0])
             if plan.expect_ok == plan.info["shares"] and status != 1:
                 wrong.append(f"storm packet has status {status}, not sold out")
+        every_share = plan.scenario == "hot" and plan.attempts == plan.info["packets"] * plan.info["shares_per_packet"]
+        if every_share and not capped:
+            still_open = await conn.fetchval("SELECT count(*) FROM packets WHERE packet_id = ANY($1::bigint[])"
+                                             " AND status <> 1", plan.packets)
+            if still_open:
+                wrong.append(f"{still_open} hot packets not sold out after every share was grabbed")
         if plan.scenario == "mixed":
             lo, hi = plan.info["sender_ids"]
             sent = await conn.fetchval("SELECT count(*) FROM packets WHERE sender_id BETWEEN $1 AND $2", lo, hi)
