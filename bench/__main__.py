@@ -187,9 +187,17 @@ class Bench:
                 console.print(f"[bold]{name}[/]: set up in {plan.setup_s:.1f} s; {plan.attempts:,} attempts")
                 await scenarios.snapshot(plan, dsn)
                 before = server.metrics()
+                cpu_before = server.cpu_s()
                 result = await self.load(target="anbao", scenario=name, host=server.host, port=server.port,
                                          token=server.tokens["app"], workloads=plan.workloads,
                                          worker_count=setup.worker_count if setup.steer else None)
+                cpu_after = server.cpu_s()
+                if cpu_before and cpu_after:
+                    # Per answer: what each part of the server spent during the load
+                    # (the roll-up that drains after it is not included).
+                    answers = max(1, result.answered)
+                    plan.info["server_cpu_us_per_answer"] = {
+                        k: round((cpu_after[k] - cpu_before[k]) * 1e6 / answers, 2) for k in cpu_after}
                 problems = await scenarios.verify(plan, result, dsn)
                 rec = self.record(result, plan.info, problems, plan.allowed, plan.setup_s)
                 rec["server_metrics"] = metrics_delta(before, server.metrics())

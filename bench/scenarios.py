@@ -429,19 +429,25 @@ async def verify(plan: Plan, result, dsn: str | None) -> list[str]:
         return wrong
     conn = await asyncpg.connect(dsn)
     try:
-        claims = await conn.fetchval("SELECT count(*) FROM claims WHERE packet_id = ANY($1::bigint[])", plan.packets)
+        # Every durable claim: rolled up or waiting for its roll-up (claims
+        # alone on a server from before the roll-up, --anbao-src).
+        rel = "claims_all" if await conn.fetchval("SELECT to_regclass('claims_all')") else "claims"
+        claims = await conn.fetchval(f"SELECT count(*) FROM {rel} WHERE packet_id = ANY($1::bigint[])", plan.packets)
         already = plan.info.get("claimed_in_setup", 0)
         if not grab_ok <= claims - already <= grab_ok + unknown:
             wrong.append(f"{claims - already:,} claims durable in the database, {grab_ok:,} OK grabs answered"
                          + (f" ({unknown:,} unanswered)" if unknown else ""))
         if plan.scenario == "storm" and not capped:
-            status = await conn.fetchval("SELECT status FROM packets WHERE packet_id = $1", plan.packets[0])
-            if plan.expect_ok == plan.info["shares"] and status != 1:
-                wrong.append(f"storm packet has status {status}, not sold out")
+            # Sold out means every share durably claimed; the packet row's
+            # status follows with the roll-up, behind the acknowledgements.
+            n = await conn.fetchval(f"SELECT count(*) FROM {rel} WHERE packet_id = $1", plan.packets[0])
+            if plan.expect_ok == plan.info["shares"] and n != plan.info["shares"]:
+                wrong.append(f"storm packet has {n} claims, not sold out")
         every_share = plan.scenario == "hot" and plan.attempts == plan.info["packets"] * plan.info["shares_per_packet"]
         if every_share and not capped:
-            still_open = await conn.fetchval("SELECT count(*) FROM packets WHERE packet_id = ANY($1::bigint[])"
-                                             " AND status <> 1", plan.packets)
+            still_open = await conn.fetchval(
+                "SELECT count(*) FROM packets p WHERE packet_id = ANY($1::bigint[])"
+                f" AND share_count <> (SELECT count(*) FROM {rel} c WHERE c.packet_id = p.packet_id)", plan.packets)
             if still_open:
                 wrong.append(f"{still_open} hot packets not sold out after every share was grabbed")
         if plan.scenario == "mixed":
@@ -451,9 +457,25 @@ async def verify(plan: Plan, result, dsn: str | None) -> list[str]:
             new = sent - plan.info["packets_before"]
             if not send_ok <= new <= send_ok + unknown:
                 wrong.append(f"{new:,} packets sent in the database, {send_ok:,} OK sends answered")
+        await _wait_for_rollup(plan, conn)
     finally:
         await conn.close()
     return wrong
+
+
+async def _wait_for_rollup(plan: Plan, conn, cap_s: float = 300.0) -> None:
+    """Grabs are acknowledged when their claims commit; the roll-up into
+    balances follows. Records how much was left when the load ended and how
+    long the roll-up took to drain it (bounded by cap_s)."""
+    if await conn.fetchval("SELECT to_regclass('grab_rollups')") is None:
+        return  # a server from before the roll-up (--anbao-src of an older commit)
+    sql = "SELECT COALESCE(sum(cardinality(packets)), 0) FROM grab_rollups"
+    plan.info["rollup_backlog_at_end"] = backlog = await conn.fetchval(sql)
+    started = time.monotonic()
+    while backlog and time.monotonic() - started < cap_s:
+        await asyncio.sleep(0.05)
+        backlog = await conn.fetchval(sql)
+    plan.info["rollup_drain_s"] = round(time.monotonic() - started, 2) if not backlog else None
 
 
 async def register_grabbers(setup: Setup, n: int) -> None:

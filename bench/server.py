@@ -208,6 +208,26 @@ class AnbaoServer:
                 pass
         return out
 
+    def cpu_s(self) -> dict[str, float] | None:
+        """CPU seconds (user + system) used so far by the server's worker
+        processes and by its embedded PostgreSQL (the postmaster and every
+        backend), read from /proc; None when they cannot be found."""
+        tick = os.sysconf("SC_CLK_TCK")
+
+        def of(pid: int) -> float:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / tick
+
+        try:
+            run = json.loads((self.data_dir / "run" / "workers.json").read_text())
+            workers = sum(of(int(p)) for p in run["workers"].values())
+            postmaster = int((self.data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+            children = [int(t) for t in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()]
+            postgres = of(postmaster) + sum(of(c) for c in children)
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+        return {"workers": round(workers, 3), "postgres": round(postgres, 3)}
+
     def remove_data(self) -> None:
         if self.temp_dir and self.proc is None and not postgres_running(self.data_dir):
             shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -113,7 +113,7 @@ async def audit_clean(dsn: str):
 async def claims_of(dsn: str, packet_id: int) -> dict:
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims WHERE packet_id = $1", packet_id)
+        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", packet_id)
     finally:
         await conn.close()
     return {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows}
@@ -267,12 +267,12 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
         conn = await asyncpg.connect(fresh_dsn)
         try:
             for _ in range(2000):  # bounded: until 100 claims are committed
-                n = await conn.fetchval("SELECT count(*) FROM claims WHERE packet_id = $1", sent.packet_id)
+                n = await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id)
                 if n >= 100:
                     break
                 await asyncio.sleep(0.002)
             os.kill(victim, signal.SIGKILL)
-            claims_at_kill.append(await conn.fetchval("SELECT count(*) FROM claims WHERE packet_id = $1",
+            claims_at_kill.append(await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1",
                                                       sent.packet_id))
         finally:
             await conn.close()

@@ -108,6 +108,6 @@ async def test_concurrent_duplicate_grabs_from_many_connections(anbao):
         assert [k for k, _ in mine].count("ok") == 1
         assert len({(g.amount_cents, g.seq, g.remaining_count) for _, g in mine}) == 1, \
             "every retry answers with the first answer's body"
-    assert await anbao.fetchval("SELECT count(*) FROM claims") == 20
+    assert await anbao.fetchval("SELECT count(*) FROM claims_all") == 20
     assert sum([await admin.balance(u) for u in users]) == 10_000
     await anbao.assert_audit_clean()

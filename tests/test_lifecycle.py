@@ -132,7 +132,7 @@ async def test_grabs_in_the_same_tick_as_the_expiry(anbao):
     assert now and all(out.frames[rid].status == wire.Status.OK for rid in range(1, 7))
     taken = early.amount_cents + sum(wire.decode_grab(out.frames[rid]).amount_cents for rid in range(1, 7))
     assert refunded == 10_000 - taken
-    assert await anbao.fetchval("SELECT count(*) FROM claims WHERE packet_id = $1", sent.packet_id) == 7
+    assert await anbao.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id) == 7
     info = await admin.packet(sent.packet_id)
     assert (info.status, info.claimed_cents, info.refunded_cents) == (PacketStatus.REFUNDED, taken, refunded)
     # A retry of a landed grab still answers with its share; a newcomer is EXPIRED.
@@ -172,7 +172,7 @@ async def test_grabs_racing_the_clock(anbao):
     await wait_refunded(anbao, sent.packet_id)
     conn = await asyncpg.connect(anbao.dsn)
     try:
-        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims WHERE packet_id = $1", sent.packet_id)
+        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", sent.packet_id)
         refunded = await conn.fetchval("SELECT refunded_cents FROM packets WHERE packet_id = $1", sent.packet_id)
     finally:
         await conn.close()

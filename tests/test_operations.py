@@ -226,7 +226,7 @@ async def test_grab_errors(anbao):
         await admin.packet(sent.packet_id, claims_limit=0)
     with pytest.raises(NotEligible):
         await admin.grab(sent.packet_id, a)  # the sender
-    assert await anbao.fetchval("SELECT count(*) FROM claims") == 0
+    assert await anbao.fetchval("SELECT count(*) FROM claims_all") == 0
 
 
 async def test_expired_packet_refuses_grabs(anbao):
@@ -236,5 +236,5 @@ async def test_expired_packet_refuses_grabs(anbao):
     await asyncio.sleep(1.1)
     with pytest.raises(Expired):
         await admin.grab(sent.packet_id, b)
-    assert await anbao.fetchval("SELECT count(*) FROM claims") == 0
+    assert await anbao.fetchval("SELECT count(*) FROM claims_all") == 0
     await anbao.assert_audit_clean()

@@ -87,13 +87,13 @@ async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
         await conn.execute(f"""
             CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                IF NEW.user_id = {victim} AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_in') THEN
+                IF {victim} = ANY(NEW.users) AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_in') THEN
                     PERFORM pg_sleep(0.3);
                     RAISE EXCEPTION 'refused at commit for the test';
                 END IF;
                 RETURN NEW;
             END $$;
-            CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON claims DEFERRABLE INITIALLY DEFERRED
+            CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON grab_rollups DEFERRABLE INITIALLY DEFERRED
                 FOR EACH ROW EXECUTE FUNCTION refuse_victim();""")
         engine = anbao.worker.engine
         out = Collector()
@@ -110,7 +110,7 @@ async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
             await asyncio.sleep(0.01)
         assert {f.status for f in out.frames.values()} == {wire.Status.UNAVAILABLE}
         assert engine.failed_batches == 1 and engine.doomed_batches == 1
-        assert await conn.fetchval("SELECT count(*) FROM claims WHERE packet_id = $1", sent.packet_id) == 0, \
+        assert await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id) == 0, \
             "the batch built on the failed one must not land"
         await anbao.assert_audit_clean()
 
@@ -119,7 +119,7 @@ async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
         clients = [await anbao.client("app") for _ in range(10)]
         won, other = await grab_outcomes(clients, sent.packet_id, users[:60])
         assert victim not in won and "unavailable" in other
-        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims WHERE packet_id = $1", sent.packet_id)
+        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", sent.packet_id)
         assert sorted(r["seq"] for r in rows) == list(range(1, len(rows) + 1)), "a hole in the shares"
         assert {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows} == {
             u: (g.seq, g.amount_cents) for u, g in won.items()}

@@ -42,7 +42,7 @@ async def grab_outcomes(clients: list[Client], packet_id: int, users: list[int],
 async def assert_claims_match(anbao, packet_id, won, count, total):
     conn = await asyncpg.connect(anbao.dsn)
     try:
-        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims WHERE packet_id = $1", packet_id)
+        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", packet_id)
     finally:
         await conn.close()
     in_db = {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows}
@@ -138,12 +138,12 @@ async def test_failed_commit_answers_unavailable_and_recovers(anbao):
         await conn.execute("""
             CREATE FUNCTION refuse_user_1050() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                IF NEW.user_id = 1050 AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_1050_in') THEN
+                IF 1050 = ANY(NEW.users) AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_1050_in') THEN
                     RAISE EXCEPTION 'refused for the test';
                 END IF;
                 RETURN NEW;
             END $$;
-            CREATE TRIGGER refuse BEFORE INSERT ON claims FOR EACH ROW EXECUTE FUNCTION refuse_user_1050();""")
+            CREATE TRIGGER refuse BEFORE INSERT ON grab_rollups FOR EACH ROW EXECUTE FUNCTION refuse_user_1050();""")
         clients = [await anbao.client("app") for _ in range(10)]
         won, other = await grab_outcomes(clients, sent.packet_id, users[:100])
         assert "unavailable" in other, "the refused batch must be answered UNAVAILABLE"
@@ -164,7 +164,7 @@ async def test_failed_commit_answers_unavailable_and_recovers(anbao):
 async def assert_db_agrees(anbao, packet_id, won):
     conn = await asyncpg.connect(anbao.dsn)
     try:
-        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims WHERE packet_id = $1", packet_id)
+        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", packet_id)
     finally:
         await conn.close()
     assert {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows} == {

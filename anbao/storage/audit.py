@@ -1,11 +1,11 @@
 """The audit: recomputes every money invariant of DESIGN.md from the tables.
 
-A committed grab is first a claim row plus its batch's grab_rollups row,
-and only later (the roll-up) a transfer and balance changes; until then its
-money is still in the packet's escrow. So balances and packet counters are
-checked against the rolled-up claims, and every claim must be either
-rolled up (its transfer exists, its batch row is gone) or pending (in
-exactly its batch's row), never both and never neither.
+A committed grab is first an element of its batch's grab_rollups row, and
+only later (the roll-up) a claim row, a transfer and balance changes;
+until then its money is still in the packet's escrow. So balances, packet
+counters and transfers are checked against the rolled-up claims, the rules
+every claim obeys (one per user, numbered 1..n, eligible, at least the
+minimum) against all of them (claims_all), and no claim may be both.
 
 Each check is one query that returns the rows that break it, so a clean
 ledger returns nothing and a broken one names what is wrong. All of them
@@ -42,28 +42,21 @@ CHECKS: list[tuple[str, str]] = [
                  (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = 2) AS withdrawals) t
         WHERE inside <> deposits - withdrawals
            OR (SELECT sum(balance_cents) FROM accounts) <> 0"""),
-    ("packet counters equal its rolled-up claims; claims never above its count, numbered 1..n",
-     """SELECT p.packet_id, p.share_count, p.claimed_count, p.claimed_cents, c.n, c.s, c.max_seq, c.rolled_n
+    ("packet counters equal its rolled-up claims; all its claims never above its count, numbered 1..n",
+     """SELECT p.packet_id, p.share_count, p.claimed_count, p.claimed_cents, r.n AS rolled_n, r.s AS rolled_s,
+               a.n AS all_n, a.max_seq
         FROM packets p
-        LEFT JOIN (SELECT packet_id, count(*) AS n, max(seq) AS max_seq,
-                          count(*) FILTER (WHERE NOT pending) AS rolled_n,
-                          COALESCE(sum(amount_cents) FILTER (WHERE NOT pending), 0) AS s
-                   FROM (SELECT cl.*, cl.batch_id IN (SELECT batch_id FROM grab_rollups) AS pending
-                         FROM claims cl) x GROUP BY 1) c ON c.packet_id = p.packet_id
-        WHERE p.claimed_count <> COALESCE(c.rolled_n, 0) OR p.claimed_cents <> COALESCE(c.s, 0)
-           OR COALESCE(c.n, 0) > p.share_count OR COALESCE(c.max_seq, 0) <> COALESCE(c.n, 0)
-           OR (p.status = 1 AND c.n <> p.share_count)"""),
-    ("every claim is rolled up once or waits in exactly the roll-up row of its batch",
-     """SELECT COALESCE(c.packet_id, r.packet_id) AS packet_id, COALESCE(c.seq, r.seq) AS seq,
-               c.batch_id, r.batch_id AS pending_batch, c.user_id, r.user_id AS pending_user,
-               c.amount_cents, r.amount_cents AS pending_cents
-        FROM (SELECT * FROM claims WHERE batch_id IN (SELECT batch_id FROM grab_rollups)) c
-        FULL JOIN (SELECT g.*, b.batch_id FROM grab_rollups b
-                   CROSS JOIN LATERAL unnest(b.packets, b.seqs, b.users, b.amounts)
-                   AS g(packet_id, seq, user_id, amount_cents)) r
-               ON r.packet_id = c.packet_id AND r.seq = c.seq
-        WHERE c.batch_id IS DISTINCT FROM r.batch_id OR c.user_id IS DISTINCT FROM r.user_id
-           OR c.amount_cents IS DISTINCT FROM r.amount_cents"""),
+        LEFT JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM claims GROUP BY 1) r
+               ON r.packet_id = p.packet_id
+        LEFT JOIN (SELECT packet_id, count(*) AS n, max(seq) AS max_seq FROM claims_all GROUP BY 1) a
+               ON a.packet_id = p.packet_id
+        WHERE p.claimed_count <> COALESCE(r.n, 0) OR p.claimed_cents <> COALESCE(r.s, 0)
+           OR COALESCE(a.n, 0) > p.share_count OR COALESCE(a.max_seq, 0) <> COALESCE(a.n, 0)"""),
+    ("no claim is both rolled up and waiting for its roll-up",
+     """SELECT c.packet_id, c.seq, c.batch_id, r.batch_id AS pending_batch
+        FROM grab_rollups r
+        CROSS JOIN LATERAL unnest(r.packets, r.seqs) AS g(packet_id, seq)
+        JOIN claims c ON c.packet_id = g.packet_id AND c.seq = g.seq"""),
     ("escrow holds exactly total - claimed - refunded",
      """SELECT p.packet_id, p.total_cents, p.claimed_cents, p.refunded_cents, a.balance_cents
         FROM packets p JOIN accounts a ON a.account_id = p.escrow_account_id
@@ -74,7 +67,7 @@ CHECKS: list[tuple[str, str]] = [
            OR (status = 3 AND claimed_cents + refunded_cents <> total_cents)
            OR (status = 1 AND claimed_count <> share_count)"""),
     ("every share at least the minimum, and the sender funded the escrow exactly once",
-     """SELECT p.packet_id, 'share below minimum' AS what FROM packets p JOIN claims c USING (packet_id)
+     """SELECT p.packet_id, 'share below minimum' AS what FROM packets p JOIN claims_all c USING (packet_id)
         WHERE c.amount_cents < p.min_share_cents
         UNION ALL
         SELECT p.packet_id, 'send transfers: ' || COALESCE(t.n, 0) FROM packets p
@@ -83,8 +76,7 @@ CHECKS: list[tuple[str, str]] = [
         WHERE COALESCE(t.n, 0) <> 1 OR t.s <> p.total_cents"""),
     ("grab transfers match the rolled-up claims one for one",
      """SELECT c.packet_id, c.n, c.s, t.n AS transfers, t.s AS transferred FROM
-          (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM claims
-           WHERE batch_id NOT IN (SELECT batch_id FROM grab_rollups) GROUP BY 1) c
+          (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM claims GROUP BY 1) c
         FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 4
                    GROUP BY 1) t ON t.packet_id = c.packet_id
         WHERE c.n IS DISTINCT FROM t.n OR c.s IS DISTINCT FROM t.s"""),
@@ -115,9 +107,9 @@ CHECKS: list[tuple[str, str]] = [
     ("every idempotency key holds its answer",
      "SELECT encode(key, 'hex') AS key, opcode FROM idempotency_keys WHERE status IS NULL OR response IS NULL"),
     ("no user claims a packet twice",
-     "SELECT packet_id, user_id, count(*) FROM claims GROUP BY 1, 2 HAVING count(*) > 1"),
+     "SELECT packet_id, user_id, count(*) FROM claims_all GROUP BY 1, 2 HAVING count(*) > 1"),
     ("only eligible users claimed",
-     """SELECT c.packet_id, c.user_id FROM claims c JOIN packets p USING (packet_id)
+     """SELECT c.packet_id, c.user_id FROM claims_all c JOIN packets p USING (packet_id)
         WHERE (p.audience <> 0 AND NOT EXISTS (SELECT 1 FROM packet_members m
                                                WHERE m.packet_id = c.packet_id AND m.user_id = c.user_id))
            OR c.user_id = p.sender_id"""),
@@ -171,7 +163,7 @@ async def audit(dsn: str, refund_grace_ms: int | None = None) -> AuditReport:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             for name, sql in [("accounts", "SELECT count(*) FROM accounts WHERE kind = 1"),
                               ("packets", "SELECT count(*) FROM packets"),
-                              ("claims", "SELECT count(*) FROM claims"),
+                              ("claims", "SELECT count(*) FROM claims_all"),
                               ("claims_awaiting_rollup",
                                "SELECT COALESCE(sum(cardinality(packets)), 0)::bigint FROM grab_rollups"),
                               ("transfers", "SELECT count(*) FROM transfers"),

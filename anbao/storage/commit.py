@@ -2,16 +2,16 @@
 roll-up that turns committed claims into balances behind it.
 
 A batch commit is one transaction on one of a few dedicated connections
-(slots): BEGIN, one INSERT of the claim rows plus the batch's roll-up row,
-then COMMIT. Several batches run at once, each on its own slot, but they
+(slots): BEGIN, one INSERT of the batch's row (its claims as arrays), then
+COMMIT. Several batches run at once, each on its own slot, but they
 commit in the order they were built: a batch's COMMIT waits for the outcome
 of the batch before it, and if that one did not land, this one rolls back.
 So no batch is ever durable on top of a share that never landed, and
 PostgreSQL's work (the INSERTs) still overlaps.
 
 A COMMIT whose outcome is unknown (the connection broke under it) is
-resolved by reading back the batch's first claim after making sure the old
-backend is gone; the batch is never run again.
+resolved by reading back the batch's row (or, rolled up since, its first
+claim) after making sure the old backend is gone; it is never run again.
 
 The roll-up (anbao_rollup, migration 0003) is exactly once by construction:
 it deletes the batch's grab_rollups row in the transaction that applies it.
@@ -37,15 +37,12 @@ SERVER_GONE_ERRORS = (asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.
 CONNECT_ERRORS = (asyncpg.exceptions.InterfaceError, asyncpg.PostgresError, ConnectionError, OSError,
                   asyncio.TimeoutError, TimeoutError)
 
-# The claims, and the row the roll-up will consume, in one statement: one
-# round trip, and nothing shared by two batches is written.
+# The batch in one row: the durable record of its grabs, and what the
+# roll-up will consume. One round trip, no row shared by two batches, and
+# no index entry per grab.
 _INSERT_BATCH = (
-    "/* anbao_commit_grabs */ WITH r AS ("
-    " INSERT INTO grab_rollups (batch_id, worker_id, packets, seqs, users, amounts)"
-    " VALUES ($1, $2, $3::bigint[], $4::int[], $5::bigint[], $6::bigint[]))"
-    " INSERT INTO claims (packet_id, seq, user_id, amount_cents, batch_id)"
-    " SELECT g.p, g.s, g.u, g.a, $1 FROM unnest($3::bigint[], $4::int[], $5::bigint[], $6::bigint[])"
-    " AS g(p, s, u, a)")
+    "/* anbao_commit_grabs */ INSERT INTO grab_rollups (batch_id, worker_id, packet_ids, packets, seqs, users,"
+    " amounts) VALUES ($1, $2, $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[])")
 _ROLLUP = "SELECT anbao_rollup($1, $2, $3::bigint[], $4::smallint, $5::smallint)"
 
 
@@ -109,7 +106,8 @@ class GrabCommitter:
         backend_pid = conn.get_server_pid()
         try:
             await conn.execute("BEGIN")
-            await conn.execute(_INSERT_BATCH, batch_id, self.worker_id, packets, seqs, users, amounts)
+            await conn.execute(_INSERT_BATCH, batch_id, self.worker_id, sorted(set(packets)), packets, seqs, users,
+                               amounts)
         except BaseException as exc:
             # Nothing was committed: no COMMIT was sent.
             self._discard(slot)
@@ -173,11 +171,11 @@ class GrabCommitter:
                         await asyncio.sleep(0.01)
                     else:
                         raise TimeoutError("old backend still alive")
-                    # The batch is one transaction: its first claim is there
-                    # under its id exactly when the whole batch is.
-                    found = await conn.fetchval("SELECT batch_id FROM claims WHERE packet_id = $1 AND seq = $2",
-                                                packet_id, seq)
-                    landed = found == batch_id
+                    # Its row, or (rolled up since) its first claim under its id.
+                    landed = await conn.fetchval(
+                        "SELECT EXISTS (SELECT 1 FROM grab_rollups WHERE batch_id = $1)"
+                        " OR EXISTS (SELECT 1 FROM claims WHERE packet_id = $2 AND seq = $3 AND batch_id = $1)",
+                        batch_id, packet_id, seq)
                     log.warning("batch %d resolved: %s", batch_id, "committed" if landed else "not committed")
                     return landed
                 finally:

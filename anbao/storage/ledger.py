@@ -243,7 +243,7 @@ class Ledger:
                 packet_id)
             if p is None:
                 return None
-            claims = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims WHERE packet_id = $1", packet_id)
+            claims = await conn.fetch("SELECT user_id, seq, amount_cents FROM anbao_claims_of($1)", packet_id)
             members = None
             if p["audience"] != fp.AUDIENCE_OPEN:
                 members = [r[0] for r in await conn.fetch(
@@ -266,18 +266,18 @@ class Ledger:
                 if p is None:
                     return None
                 claimed_count, claimed_cents = await conn.fetchrow(
-                    "SELECT count(*)::int, COALESCE(sum(amount_cents), 0)::bigint FROM claims WHERE packet_id = $1",
+                    "SELECT count(*)::int, COALESCE(sum(amount_cents), 0)::bigint FROM anbao_claims_of($1)",
                     packet_id)
                 status = p["status"]
                 if status != PACKET_REFUNDED and claimed_count == p["share_count"]:
                     status = PACKET_SOLD_OUT
-                claims = await conn.fetch("SELECT seq, user_id, amount_cents FROM claims WHERE packet_id = $1"
+                claims = await conn.fetch("SELECT seq, user_id, amount_cents FROM anbao_claims_of($1)"
                                           " ORDER BY seq OFFSET $2 LIMIT $3", packet_id, offset, limit)
                 luckiest = 0
                 # The luckiest claim is named once the claim list is final: sold
                 # out, or refunded after expiry.
                 if status in (PACKET_SOLD_OUT, PACKET_REFUNDED) and claimed_count:
-                    luckiest = await conn.fetchval("SELECT seq FROM claims WHERE packet_id = $1"
+                    luckiest = await conn.fetchval("SELECT seq FROM anbao_claims_of($1)"
                                                    " ORDER BY amount_cents DESC, seq LIMIT 1", packet_id)
         head = (p["sender_id"], p["total_cents"], p["share_count"], p["mode"], status, p["audience"],
                 p["created_ms"], p["expires_ms"], claimed_cents, claimed_count, p["refunded_cents"], luckiest)
@@ -326,7 +326,7 @@ class Ledger:
                 f" CASE WHEN status <> 3 AND c.n = share_count THEN 1 ELSE {_SHOWN_STATUS} END, audience,"
                 " (extract(epoch FROM created_at) * 1000)::bigint, (extract(epoch FROM expires_at) * 1000)::bigint"
                 " FROM packets CROSS JOIN LATERAL (SELECT count(*)::int AS n, COALESCE(sum(amount_cents), 0)::bigint"
-                " AS s FROM claims WHERE claims.packet_id = packets.packet_id) c"
+                " AS s FROM anbao_claims_of(packets.packet_id)) c"
                 " WHERE sender_id = $2 AND packet_id < $3 ORDER BY packet_id DESC LIMIT $4",
                 now_ms(), user_id, before or _NEWEST, limit + 1)
         page = [tuple(r) for r in rows[:limit]]

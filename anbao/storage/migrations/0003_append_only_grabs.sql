@@ -7,15 +7,18 @@
 -- packet's escrow and packet rows serialized every batch of that packet.
 --
 -- From v3 on, what makes a grab durable (and lets it be acknowledged) is
--- one statement: the claim rows, plus one row in grab_rollups that carries
--- the batch. Nothing shared is updated. The roll-up (anbao_rollup) later
--- turns each pending batch into its transfers, wallet and escrow balances
--- and packet counters, and deletes the grab_rollups row in the same
--- transaction: exactly once, whatever crashes in between.
+-- one row per batch in grab_rollups, whose arrays hold every claim of the
+-- batch (packet, seq, user, amount): the record that proves the grabs.
+-- Nothing shared is updated, and no index entry is made per grab. The
+-- roll-up (anbao_rollup) later turns each pending batch into its claim
+-- rows, transfers, wallet and escrow balances and packet counters, and
+-- deletes the grab_rollups row in the same transaction: exactly once,
+-- whatever crashes in between.
 --
 -- While a batch waits for its roll-up, its money is still in the escrow:
--- every balance still equals the sum of its transfers, and the audit
--- counts pending claims apart (see audit.py).
+-- every balance still equals the sum of its transfers. claims_all (and,
+-- for one packet, anbao_claims_of) shows rolled-up and pending claims
+-- together; the audit checks both (see audit.py).
 
 -- ------------------------------------------------------------ foreign keys
 -- Integrity of these references is kept by the writers (a claim's packet
@@ -28,12 +31,13 @@ ALTER TABLE transfers DROP CONSTRAINT IF EXISTS transfers_credit_account_fkey;
 
 -- ------------------------------------------------------------ pending roll-ups
 -- One row per committed grab batch not yet rolled up. The arrays are the
--- batch itself, so the roll-up reads one row, not the claims it names, and
--- a wallet's reader can find its own pending credits without an index on
--- claims by user.
+-- batch itself, one element per grab in the order they were decided;
+-- packet_ids is the batch's distinct packets, small, so that finding a
+-- packet's pending claims reads no big array.
 CREATE TABLE grab_rollups (
     batch_id  BIGINT   PRIMARY KEY,
     worker_id SMALLINT NOT NULL,
+    packet_ids BIGINT[] NOT NULL,
     packets   BIGINT[] NOT NULL,
     seqs      INTEGER[] NOT NULL,
     users     BIGINT[] NOT NULL,
@@ -42,9 +46,34 @@ CREATE TABLE grab_rollups (
     CHECK (cardinality(packets) > 0 AND cardinality(seqs) = cardinality(packets)
            AND cardinality(users) = cardinality(packets) AND cardinality(amounts) = cardinality(packets))
 );
+-- Stored out of line and uncompressed: compressing ~30 bytes a grab costs
+-- the commit more CPU than the bytes it saves.
+ALTER TABLE grab_rollups ALTER COLUMN packets SET STORAGE EXTERNAL, ALTER COLUMN seqs SET STORAGE EXTERNAL,
+    ALTER COLUMN users SET STORAGE EXTERNAL, ALTER COLUMN amounts SET STORAGE EXTERNAL;
+
+-- Every claim, rolled up (claims) or waiting for its roll-up.
+CREATE VIEW claims_all AS
+    SELECT packet_id, seq, user_id, amount_cents, batch_id, created_at, true AS rolled_up FROM claims
+    UNION ALL
+    SELECT g.packet_id, g.seq, g.user_id, g.amount_cents, r.batch_id, r.committed_at, false
+    FROM grab_rollups r
+    CROSS JOIN LATERAL unnest(r.packets, r.seqs, r.users, r.amounts) AS g(packet_id, seq, user_id, amount_cents);
+
+-- One packet's claims, rolled up or pending, by seq: what PACKET shows and
+-- what the owner rebuilds the packet's state from.
+CREATE FUNCTION anbao_claims_of(p_packet BIGINT)
+RETURNS TABLE (seq INTEGER, user_id BIGINT, amount_cents BIGINT, created_at TIMESTAMPTZ)
+LANGUAGE sql STABLE AS $$
+    SELECT c.seq, c.user_id, c.amount_cents, c.created_at FROM claims c WHERE c.packet_id = p_packet
+    UNION ALL
+    SELECT g.seq, g.user_id, g.amount_cents, r.committed_at
+    FROM grab_rollups r
+    CROSS JOIN LATERAL unnest(r.packets, r.seqs, r.users, r.amounts) AS g(packet_id, seq, user_id, amount_cents)
+    WHERE r.packet_ids && ARRAY[p_packet] AND g.packet_id = p_packet
+$$;
 
 -- Before v3 every batch was rolled up inside its own commit; its record
--- only served read-back, which v3 does from the claims themselves.
+-- only served read-back, which v3 does from grab_rollups and the claims.
 DROP FUNCTION anbao_commit_grabs(BIGINT, BIGINT[], INTEGER[], BIGINT[], BIGINT[]);
 DROP TABLE grab_batches;
 
@@ -74,7 +103,7 @@ BEGIN
     SELECT array_agg(batch_id) INTO ids FROM (
         SELECT r.batch_id FROM grab_rollups r
         WHERE (p_user IS NULL OR p_user = ANY(r.users))
-          AND (p_packets IS NULL OR r.packets && p_packets)
+          AND (p_packets IS NULL OR r.packet_ids && p_packets)
           AND (p_worker IS NULL OR r.worker_id = p_worker OR (p_worker = 0 AND r.worker_id >= p_worker_count))
         ORDER BY r.batch_id LIMIT p_limit) s;
     IF ids IS NULL THEN
@@ -84,10 +113,11 @@ BEGIN
     IF to_regclass('pg_temp.g_rollup') IS NULL THEN
         CREATE TEMP TABLE g_rollup (
             batch_id BIGINT, ord BIGINT, packet_id BIGINT, seq INTEGER, user_id BIGINT, amount_cents BIGINT,
-            escrow BIGINT, wallet BIGINT) ON COMMIT DELETE ROWS;
+            escrow BIGINT, wallet BIGINT, committed_at TIMESTAMPTZ) ON COMMIT DELETE ROWS;
     END IF;
     INSERT INTO g_rollup
-        SELECT r.batch_id, g.ord, g.packet_id, g.seq, g.user_id, g.amount_cents, p.escrow_account_id, a.account_id
+        SELECT r.batch_id, g.ord, g.packet_id, g.seq, g.user_id, g.amount_cents, p.escrow_account_id, a.account_id,
+               r.committed_at
         FROM grab_rollups r
         CROSS JOIN LATERAL unnest(r.packets, r.seqs, r.users, r.amounts)
             WITH ORDINALITY AS g(packet_id, seq, user_id, amount_cents, ord)
@@ -98,6 +128,12 @@ BEGIN
     IF EXISTS (SELECT 1 FROM g_rollup WHERE escrow IS NULL OR wallet IS NULL) THEN
         RAISE EXCEPTION 'anbao_rollup: a pending claim names an unknown packet or user (batches %)', ids;
     END IF;
+
+    -- The claims' own constraints (one row per share, one share per user)
+    -- are checked here; a batch that broke them stays pending, and the
+    -- audit names it.
+    INSERT INTO claims (packet_id, seq, user_id, amount_cents, batch_id, created_at)
+        SELECT packet_id, seq, user_id, amount_cents, batch_id, committed_at FROM g_rollup;
 
     -- Transfer ids in the order the grabs were decided, as statements list them.
     INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)
@@ -147,7 +183,7 @@ BEGIN
         IF NOT FOUND THEN
             RAISE EXCEPTION 'anbao_refund_packets: unknown packet %', pid;
         END IF;
-        IF EXISTS (SELECT 1 FROM grab_rollups r WHERE pid = ANY(r.packets)) THEN
+        IF EXISTS (SELECT 1 FROM grab_rollups r WHERE pid = ANY(r.packet_ids)) THEN
             RAISE EXCEPTION 'anbao_refund_packets: packet % has claims waiting for their roll-up', pid;
         END IF;
         packet_id := pid;
