@@ -816,3 +816,108 @@ cdef class ResponseSplitter:
             pos += 4 + length
         self._carry = buf[pos:] if pos < size else b""
         return out
+
+
+# ---------------------------------------------------------------- grab batches
+
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+
+
+cpdef int64_t now_ms() noexcept:
+    """Wall-clock milliseconds, the clock expiry is decided by."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef class GrabBatch:
+    """The grabs one commit carries, in the order they were decided.
+
+    take() decides a grab on its packet's state and, when it is accepted,
+    appends it: one call per grab from the event loop, no tuple per grab.
+    The columns (packets, seqs, users, amounts) are what the committer sends
+    as arrays; repliers/rids/states say whom to answer. answer_committed()
+    answers every grab once the batch is durable."""
+    cdef public list packets
+    cdef public list seqs
+    cdef public list users
+    cdef public list amounts
+    cdef public list repliers
+    cdef public list rids
+    cdef public list states
+    cdef public list followers     # (replier, rid, state, user_id): retries of a grab still pending
+    cdef public list refunds       # packet ids to refund once this batch's grabs are settled
+    cdef public int slot           # the committer's connection carrying it
+    cdef public object before      # outcome of the batch built just before it
+    cdef public object outcome     # True once durable, False once known not to be
+    cdef public bint doomed        # built on a batch that failed: it rolls back too
+
+    def __cinit__(self):
+        self.packets, self.seqs, self.users, self.amounts = [], [], [], []
+        self.repliers, self.rids, self.states = [], [], []
+        self.followers, self.refunds = [], []
+        self.slot = -1
+        self.before = self.outcome = None
+        self.doomed = False
+
+    def __len__(self):
+        return len(self.packets)
+
+    cpdef int take(self, PacketState state, object replier, uint32_t rid, int64_t user_id, Rng rng) except -1:
+        """Decides the grab (PacketState.take); on OK it joins this batch."""
+        cdef int status = state.take(user_id, now_ms(), rng)
+        if status == S_OK:
+            self.packets.append(state.packet_id)
+            self.seqs.append(state.last_seq)
+            self.users.append(user_id)
+            self.amounts.append(state.last_amount_cents)
+            self.repliers.append(replier)
+            self.rids.append(rid)
+            self.states.append(state)
+        return status
+
+    def answer_committed(self, uint16_t worker):
+        """The batch is durable: each grab is answered OK with its share,
+        each follower ALREADY_CLAIMED with the first grab's share."""
+        cdef Py_ssize_t i, n = len(self.packets)
+        cdef PacketState state
+        cdef int32_t seq
+        cdef tuple claim
+        for i in range(n):
+            state = <PacketState>self.states[i]
+            seq = self.seqs[i]
+            state.mark_committed(seq)
+            self.repliers[i].answer(encode_grab(self.rids[i], S_OK, worker, self.amounts[i], seq, state.count - seq))
+        for f in self.followers:
+            state = <PacketState>f[2]
+            claim = state.claim_of(f[3])
+            f[0].answer(encode_grab(f[1], S_ALREADY_CLAIMED, worker, claim[0], claim[1],
+                                    state.count - <int32_t>claim[1]))
+
+    def replies(self):
+        """(replier, rid, state) of every grab and follower: whom a failure answers."""
+        out = list(zip(self.repliers, self.rids, self.states))
+        out += [f[:3] for f in self.followers]
+        return out
+
+    def packet_ids(self):
+        return set(self.packets) | {(<PacketState>f[2]).packet_id for f in self.followers}
+
+    def drop_packets(self, packet_ids):
+        """Removes the grabs and followers of these packets; returns their
+        (replier, rid, state), to be answered."""
+        cdef Py_ssize_t i, n = len(self.packets)
+        dropped = []
+        keep = []
+        for i in range(n):
+            if self.packets[i] in packet_ids:
+                dropped.append((self.repliers[i], self.rids[i], self.states[i]))
+            else:
+                keep.append(i)
+        if dropped:
+            for name in ("packets", "seqs", "users", "amounts", "repliers", "rids", "states"):
+                col = getattr(self, name)
+                setattr(self, name, [col[i] for i in keep])
+        dropped += [f[:3] for f in self.followers if (<PacketState>f[2]).packet_id in packet_ids]
+        self.followers = [f for f in self.followers if (<PacketState>f[2]).packet_id not in packet_ids]
+        return dropped

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .auth import ensure_tokens_file
-from .config import Settings
+from .config import Limits, Settings
 
 log = logging.getLogger("anbao")
 
@@ -47,11 +48,29 @@ def _one_off_database(args, work) -> int:
             embedded.stop(server)
 
 
+def _limits(overrides: list[str]) -> Limits:
+    """config.Limits with NAME=VALUE overrides; a bad one exits 2 with why."""
+    known = {f.name for f in dataclasses.fields(Limits)}
+    changes = {}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in known or not value.lstrip("-").isdigit():
+            print(f"anbao serve: --limit takes NAME=INTEGER, NAME one of config.Limits, not {item!r}", file=sys.stderr)
+            raise SystemExit(2)
+        changes[name] = int(value)
+    try:
+        return Limits(**changes)
+    except AssertionError as exc:
+        print(f"anbao serve: --limit: {exc or 'limits out of range'}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _settings(args) -> Settings:
     return Settings(host=args.host, port=args.port, data_dir=Path(args.data_dir), dsn=args.dsn,
                     tokens_file=Path(args.tokens_file) if args.tokens_file else None,
                     tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-                    tls_key=Path(args.tls_key) if args.tls_key else None)
+                    tls_key=Path(args.tls_key) if args.tls_key else None,
+                    limits=_limits(getattr(args, "limit", [])))
 
 
 def cmd_serve(args) -> int:
@@ -402,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--admission", choices=["memcached", "in-process", "off"], default="memcached",
                    help="how relayed grabs are admitted (default memcached; in-process when it cannot start)")
     s.add_argument("--metrics-port", type=int, default=7879, help="Prometheus endpoint port (0: off)")
+    s.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one of config.Limits, e.g. --limit commit_slots=1 (repeatable)")
     s.set_defaults(func=cmd_serve)
     common(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
     a = common(sub.add_parser("audit", help="check every money invariant on the database; exit 1 on a violation"))

@@ -85,6 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the server's data directory (tokens.json, embedded PostgreSQL);"
                         " without --server, start the server on it instead of a fresh temporary one")
     p.add_argument("--workers", type=int, default=None, help="passed to `anbao serve --workers` when given")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="passed to `anbao serve --limit` (a config.Limits override), repeatable")
     p.add_argument("--anbao-src", type=Path, default=None,
                    help="run `anbao serve`/`anbao audit` from this source tree (extension built in place,"
                         " e.g. a `git archive` of another commit) instead of the installed anbao")
@@ -320,7 +322,8 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
         console.print(f"using the running server at {server.host}:{server.port}")
     else:
         with console.status("starting anbao serve (embedded PostgreSQL) ..."):
-            server = AnbaoServer.start(args.data_dir, workers=args.workers, src=args.anbao_src)
+            server = AnbaoServer.start(args.data_dir, workers=args.workers, src=args.anbao_src,
+                                       extra=[a for lim in args.limit for a in ("--limit", lim)])
         console.print(f"started: {server.banner}  (data in {server.data_dir})")
     audit = None
     pg = None

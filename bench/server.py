@@ -120,7 +120,7 @@ class AnbaoServer:
 
     @classmethod
     def start(cls, data_dir: Path | None = None, workers: int | None = None,
-              host: str = "127.0.0.1", src: Path | None = None) -> "AnbaoServer":
+              host: str = "127.0.0.1", src: Path | None = None, extra: list[str] = ()) -> "AnbaoServer":
         assert is_loopback(host)
         temp = data_dir is None
         if temp:
@@ -134,6 +134,7 @@ class AnbaoServer:
         cmd = argv + ["serve", "--data-dir", str(data_dir), "--host", host, "--port", str(port)]
         if workers is not None:
             cmd += ["--workers", str(workers)]
+        cmd += list(extra)
         metrics_url = None
         if "--metrics-port" in _serve_help(argv, env, src):
             # A port of its own (the default 7879 may be taken by another server).

@@ -18,11 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
 
 from .. import _fastpath as fp
 from ..storage.commit import GrabCommitter, Roller
-from ..storage.ledger import Ledger, now_ms
+from ..storage.ledger import Ledger
 
 log = logging.getLogger("anbao.grabs")
 
@@ -40,44 +39,20 @@ class Replier:
         raise NotImplementedError
 
 
-@dataclass
-class Batch:
-    packets: list = field(default_factory=list)
-    seqs: list = field(default_factory=list)
-    users: list = field(default_factory=list)
-    amounts: list = field(default_factory=list)
-    replies: list = field(default_factory=list)     # (replier, request_id, state) per grab
-    followers: list = field(default_factory=list)   # (replier, request_id, state, user_id): retries of a pending grab
-    refunds: list = field(default_factory=list)     # packet ids to refund once this batch's grabs are settled
-    slot: int = -1                                  # the committer's connection carrying it
-    before: asyncio.Future | None = None            # the outcome of the batch built before it
-    outcome: asyncio.Future | None = None           # True once durable, False once known not to be
-    doomed: bool = False                            # built on a batch that failed: it will roll back
-
-    def __len__(self) -> int:
-        return len(self.packets)
-
-    def drop_packets(self, packet_ids: set[int]) -> list:
-        """Removes the entries of these packets; returns their repliers."""
-        keep = [i for i, p in enumerate(self.packets) if p not in packet_ids]
-        dropped = [r for i, r in enumerate(self.replies) if self.packets[i] in packet_ids]
-        dropped += [f[:3] for f in self.followers if f[2].packet_id in packet_ids]
-        for name in ("packets", "seqs", "users", "amounts", "replies"):
-            col = getattr(self, name)
-            setattr(self, name, [col[i] for i in keep])
-        self.followers = [f for f in self.followers if f[2].packet_id not in packet_ids]
-        return dropped
+Batch = fp.GrabBatch
 
 
 class GrabEngine:
     def __init__(self, ledger: Ledger, committer: GrabCommitter, worker_id: int, *,
                  batch_max_grabs: int, max_queued_grabs: int, max_packets_in_memory: int,
-                 max_known_users: int, roller: Roller | None = None, max_rollup_backlog: int = 1 << 62):
+                 max_known_users: int, roller: Roller | None = None, max_rollup_backlog: int = 1 << 62,
+                 overlap_min_grabs: int = 1):
         assert 0 < batch_max_grabs <= max_queued_grabs and max_rollup_backlog > 0
         self.ledger = ledger
         self.committer = committer
         self.roller = roller
         self.max_rollup_backlog = max_rollup_backlog
+        self.overlap_min_grabs = overlap_min_grabs
         if roller is not None:
             roller.on_progress = self._kick_if_waiting
             roller.busy = lambda: bool(self._in_flight)
@@ -132,14 +107,9 @@ class GrabEngine:
         if self._queued_grabs >= self.max_queued_grabs:
             replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.BUSY, self.worker_id, "grab queue full"))
             return
-        status = state.take(user_id, now_ms(), self.rng)
+        b = self._open
+        status = b.take(state, replier, rid, user_id, self.rng)
         if status == fp.OK:
-            b = self._open
-            b.packets.append(state.packet_id)
-            b.seqs.append(state.last_seq)
-            b.users.append(user_id)
-            b.amounts.append(state.last_amount_cents)
-            b.replies.append((replier, rid, state))
             self._queued_grabs += 1
             if len(b) >= self.batch_max_grabs:
                 self._queued.append(b)
@@ -323,7 +293,8 @@ class GrabEngine:
         load, grabs gather while every slot is busy."""
         self._pump_scheduled = False
         loop = asyncio.get_running_loop()
-        while self._has_work() and self.committer.free_slots and self._rollup_backlog_ok():
+        while (self._has_work() and self.committer.free_slots and self._rollup_backlog_ok()
+               and (not self._in_flight or self._queued or len(self._open) >= self.overlap_min_grabs)):
             batch = self._take_next()
             batch.slot = self.committer.acquire()
             batch.before = self._chain_tail
@@ -390,14 +361,9 @@ class GrabEngine:
             self.committed_grabs += len(batch)
             if self.roller is not None and len(batch):
                 self.roller.committed(len(batch))
-            for (replier, rid, state), seq, amount in zip(batch.replies, batch.seqs, batch.amounts):
-                state.mark_committed(seq)
-                replier.answer(fp.encode_grab(rid, fp.OK, wid, amount, seq, state.count - seq))
-            for replier, rid, state, user_id in batch.followers:
-                amount, seq = state.claim_of(user_id)
-                replier.answer(fp.encode_grab(rid, fp.ALREADY_CLAIMED, wid, amount, seq, state.count - seq))
+            batch.answer_committed(wid)
             return True
-        failed = [r for r in batch.replies] + [f[:3] for f in batch.followers]
+        failed = batch.replies()
         if not batch.doomed:
             # The first failure in a chain. Every batch built after this one
             # is in flight on top of it and will roll back (it commits only
@@ -406,12 +372,12 @@ class GrabEngine:
             # the truth, and fail what waits to be built on them. Batches
             # built from now on do not wait for the doomed ones.
             self.failed_batches += 1
-            touched = set(batch.packets) | {f[2].packet_id for f in batch.followers}
+            touched = batch.packet_ids()
             for later in self._in_flight:
                 if later is not batch and later.outcome is not None and not later.outcome.done():
                     later.doomed = True
                     self.doomed_batches += 1
-                    touched |= set(later.packets) | {f[2].packet_id for f in later.followers}
+                    touched |= later.packet_ids()
             for later in [self._open, *self._queued]:
                 n_before = len(later)
                 failed += later.drop_packets(touched)

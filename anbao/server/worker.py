@@ -82,7 +82,8 @@ class Worker:
                                  batch_max_grabs=lim.batch_max_grabs, max_queued_grabs=lim.max_queued_grabs,
                                  max_packets_in_memory=lim.max_packets_in_memory,
                                  max_known_users=lim.max_known_users_cached, roller=self.roller,
-                                 max_rollup_backlog=lim.max_rollup_backlog_grabs)
+                                 max_rollup_backlog=lim.max_rollup_backlog_grabs,
+                                 overlap_min_grabs=lim.batch_overlap_min_grabs)
         peers = {}
         if self.worker_count > 1:
             peers = {w: PeerLink(self.worker_id, w, self.peer_dir / f"worker-{w}.sock", self.peer_token,
