@@ -193,11 +193,10 @@ async def test_commit_connection_killed_outcome_resolved_by_read_back(anbao):
                 return
             kills += await killer_conn.fetchval(
                 # Any of the grab committers' backends, whatever it is doing:
-                # inserting a batch, idle in its transaction waiting for the
-                # batch before it, or inside COMMIT.
+                # inside its INSERT or COMMIT, idle in its transaction waiting
+                # for the batch before it, or idle between batches.
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE application_name = 'anbao-grab-commit' AND pid <> pg_backend_pid()"
-                " AND state IN ('active', 'idle in transaction')")
+                " WHERE application_name = 'anbao-grab-commit' AND pid <> pg_backend_pid()")
             await asyncio.sleep(0.001 if kills == 0 else 0.01)
 
     k = asyncio.ensure_future(killer())

@@ -104,6 +104,22 @@ class GrabCommitter:
         assert len(packets) == len(seqs) == len(users) == len(amounts) > 0
         conn = await self._connection(slot)
         backend_pid = conn.get_server_pid()
+        if before is None or (before.done() and before.result()):
+            # Nothing before it is still unsettled: the INSERT commits by
+            # itself, one round trip instead of BEGIN, INSERT and COMMIT.
+            try:
+                await conn.execute(_INSERT_BATCH, batch_id, self.worker_id, sorted(set(packets)), packets, seqs,
+                                   users, amounts)
+                return True
+            except BaseException as exc:
+                self._discard(slot)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, SERVER_GONE_ERRORS):
+                    log.warning("batch %d refused: %r", batch_id, exc)
+                    return False
+                log.warning("batch %d: outcome unknown (%r); resolving by read-back", batch_id, exc)
+            return await self._resolve(batch_id, packets[0], seqs[0], backend_pid)
         try:
             await conn.execute("BEGIN")
             await conn.execute(_INSERT_BATCH, batch_id, self.worker_id, sorted(set(packets)), packets, seqs, users,
