@@ -46,16 +46,19 @@ class GrabEngine:
     def __init__(self, ledger: Ledger, committer: GrabCommitter, worker_id: int, *,
                  batch_max_grabs: int, max_queued_grabs: int, max_packets_in_memory: int,
                  max_known_users: int, roller: Roller | None = None, max_rollup_backlog: int = 1 << 62,
-                 overlap_min_grabs: int = 1):
+                 overlap_min_grabs: int = 1, committing=None):
         assert 0 < batch_max_grabs <= max_queued_grabs and max_rollup_backlog > 0
         self.ledger = ledger
         self.committer = committer
         self.roller = roller
         self.max_rollup_backlog = max_rollup_backlog
         self.overlap_min_grabs = overlap_min_grabs
+        # committing[worker_id] is set while this engine has batches in
+        # flight; a roll-up waits while any worker's is (see Roller).
+        self._committing = committing
         if roller is not None:
             roller.on_progress = self._kick_if_waiting
-            roller.busy = lambda: bool(self._in_flight)
+            roller.busy = (lambda: bool(self._in_flight)) if committing is None else (lambda: any(committing))
         self.worker_id = worker_id
         self.batch_max_grabs = batch_max_grabs
         self.max_queued_grabs = max_queued_grabs
@@ -302,6 +305,8 @@ class GrabEngine:
             self._chain_tail = batch.outcome
             self._in_flight.append(batch)
             loop.create_task(self._run(batch))
+        if self._committing is not None:
+            self._committing[self.worker_id] = 1 if self._in_flight else 0
         if not self._in_flight and not self._has_work():
             self._idle.set()
 

@@ -55,7 +55,8 @@ def start_memcached() -> tuple[subprocess.Popen, str] | None:
 
 
 def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.socket, peer_dir: str,
-                 peer_token: bytes, admission: str, memcached: str | None, with_metrics: bool, ready) -> None:
+                 peer_token: bytes, admission: str, memcached: str | None, with_metrics: bool, ready,
+                 committing=None) -> None:
     """Runs in the forked child."""
     import asyncio
 
@@ -80,7 +81,8 @@ def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.so
             from ..metrics import WorkerMetrics
             metrics = WorkerMetrics(settings.worker_id)
         worker = Worker(settings, dsn, TokenBook.load(Path(tokens_path)), listen_sock=sock,
-                        peer_dir=Path(peer_dir), peer_token=peer_token, permits=permits, metrics=metrics)
+                        peer_dir=Path(peer_dir), peer_token=peer_token, permits=permits, metrics=metrics,
+                        committing=committing)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await worker.start()
@@ -128,6 +130,10 @@ class Supervisor:
                 self.admission = "in-process"
             else:
                 self._memcached_proc, self.memcached = started
+        # One byte per worker in memory shared across the fork: set while the
+        # worker has grab batches committing, so that every worker's roll-up
+        # yields to any worker's grabs (they share one PostgreSQL).
+        self._committing = self._ctx.RawArray("B", n)
         self.socks = open_listeners(self.settings.host, self.settings.port, n)
         self.port = self.socks[0].getsockname()[1]
         self.peer_token = secrets.token_hex(32).encode()
@@ -141,7 +147,7 @@ class Supervisor:
         p = self._ctx.Process(target=_worker_main, name=f"anbao-worker-{i}",
                               args=(settings, self.dsn, str(self.tokens_path), self.socks[i], str(self.run_dir),
                                     self.peer_token, self.admission, self.memcached, bool(self.metrics_port),
-                                    self._ready))
+                                    self._ready, self._committing))
         p.start()
         self.procs[i] = p
 

@@ -40,10 +40,11 @@ class Worker:
 
     def __init__(self, settings: Settings, dsn: str, tokens: TokenBook, *, listen_sock=None,
                  peer_dir: Path | None = None, peer_token: bytes | None = None, permits: Permits | None = None,
-                 metrics=None):
+                 metrics=None, committing=None):
         assert settings.worker_count == 1 or (peer_dir is not None and peer_token), "peers need a channel"
         self.settings = settings
         self.limits: Limits = settings.limits
+        self.committing = committing   # shared bytes, one per worker: which have batches committing
         self.worker_id = settings.worker_id
         self.worker_count = settings.worker_count
         self.dsn = dsn
@@ -83,7 +84,7 @@ class Worker:
                                  max_packets_in_memory=lim.max_packets_in_memory,
                                  max_known_users=lim.max_known_users_cached, roller=self.roller,
                                  max_rollup_backlog=lim.max_rollup_backlog_grabs,
-                                 overlap_min_grabs=lim.batch_overlap_min_grabs)
+                                 overlap_min_grabs=lim.batch_overlap_min_grabs, committing=self.committing)
         peers = {}
         if self.worker_count > 1:
             peers = {w: PeerLink(self.worker_id, w, self.peer_dir / f"worker-{w}.sock", self.peer_token,
