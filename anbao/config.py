@@ -51,8 +51,8 @@ class Limits:
     # to BUSY) until it catches up.
     rollup_batches_per_pass: int = 16
     rollup_idle_poll_ms: int = 1000
-    rollup_defer_below_grabs: int = 200_000
-    rollup_defer_max_ms: int = 2000
+    rollup_defer_below_grabs: int = 100_000
+    rollup_defer_max_ms: int = 1000
     max_rollup_backlog_grabs: int = 2_000_000
     max_packets_in_memory: int = 500_000
     max_known_users_cached: int = 2_000_000

@@ -123,9 +123,15 @@ class Ledger:
             await settle_user(conn, user_id)
 
     async def balance(self, user_id: int) -> int:
+        """The posted balance plus the user's committed grabs still waiting
+        for their roll-up: one statement, one snapshot (a roll-up moves a
+        claim from one to the other in one transaction), no lock taken."""
         async with self.pool.acquire() as conn:
-            await settle_user(conn, user_id)
-            bal = await conn.fetchval("SELECT balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1", user_id)
+            bal = await conn.fetchval(
+                "SELECT a.balance_cents + COALESCE((SELECT sum(g.amount_cents) FROM grab_rollups r"
+                " CROSS JOIN LATERAL unnest(r.users, r.amounts) AS g(user_id, amount_cents)"
+                " WHERE r.users @> ARRAY[$1::bigint] AND g.user_id = $1), 0)::bigint"
+                " FROM accounts a WHERE a.kind = 1 AND a.owner_id = $1", user_id)
         if bal is None:
             raise Refused(fp.UNKNOWN_USER, f"unknown user {user_id}")
         return bal

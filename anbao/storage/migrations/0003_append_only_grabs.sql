@@ -98,6 +98,11 @@ LANGUAGE plpgsql AS $$
 DECLARE
     ids BIGINT[];
     n INTEGER;
+    acc_ids BIGINT[];
+    acc_deltas BIGINT[];
+    pkt_ids BIGINT[];
+    pkt_counts INTEGER[];
+    pkt_cents BIGINT[];
 BEGIN
     PERFORM pg_advisory_xact_lock(7020657039738302316);   -- the bytes 'anbaorol': one key for every roll-up
     SELECT array_agg(batch_id) INTO ids FROM (
@@ -139,18 +144,27 @@ BEGIN
     INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)
         SELECT 4, escrow, wallet, amount_cents, packet_id FROM g_rollup ORDER BY batch_id, ord;
 
-    UPDATE accounts a SET balance_cents = a.balance_cents + s.delta
-        FROM (SELECT wallet AS id, sum(amount_cents) AS delta FROM g_rollup GROUP BY wallet
-              UNION ALL
-              SELECT escrow, -sum(amount_cents) FROM g_rollup GROUP BY escrow) s
-        WHERE a.account_id = s.id;
+    -- The deltas as arrays, joined by unnest: the planner then looks each
+    -- row up by its key. Joined to the temp table (which has no statistics)
+    -- it may scan all of accounts instead (seen: 12 ms for 68 wallets).
+    SELECT array_agg(id), array_agg(delta) INTO acc_ids, acc_deltas FROM (
+        SELECT wallet AS id, sum(amount_cents) AS delta FROM g_rollup GROUP BY wallet
+        UNION ALL
+        SELECT escrow, -sum(amount_cents) FROM g_rollup GROUP BY escrow) s;
+    UPDATE accounts a SET balance_cents = a.balance_cents + d.delta
+        FROM unnest(acc_ids, acc_deltas) AS d(id, delta)
+        WHERE a.account_id = d.id;
 
-    UPDATE packets p SET claimed_count = p.claimed_count + s.n,
-                         claimed_cents = p.claimed_cents + s.amount,
-                         status = CASE WHEN p.claimed_count + s.n = p.share_count AND p.status = 0
+    SELECT array_agg(s.packet_id), array_agg(s.claims_n), array_agg(s.claims_cents)
+        INTO pkt_ids, pkt_counts, pkt_cents FROM (
+        SELECT g.packet_id, count(*)::int AS claims_n, sum(g.amount_cents)::bigint AS claims_cents
+        FROM g_rollup g GROUP BY g.packet_id) s;
+    UPDATE packets p SET claimed_count = p.claimed_count + d.claims_n,
+                         claimed_cents = p.claimed_cents + d.claims_cents,
+                         status = CASE WHEN p.claimed_count + d.claims_n = p.share_count AND p.status = 0
                                        THEN 1 ELSE p.status END
-        FROM (SELECT packet_id, count(*) AS n, sum(amount_cents) AS amount FROM g_rollup GROUP BY packet_id) s
-        WHERE p.packet_id = s.packet_id;
+        FROM unnest(pkt_ids, pkt_counts, pkt_cents) AS d(packet_id, claims_n, claims_cents)
+        WHERE p.packet_id = d.packet_id;
 
     DELETE FROM grab_rollups WHERE batch_id = ANY(ids);
     RETURN n;
