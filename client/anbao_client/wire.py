@@ -60,6 +60,7 @@ class Status(enum.IntEnum):
     UNKNOWN_OPCODE = 15
     FRAME_TOO_LARGE = 16
     UNKNOWN_GROUP = 17
+    IN_DOUBT = 18
     INTERNAL = 255
 
 
