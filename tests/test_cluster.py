@@ -12,7 +12,7 @@ from anbao_client import Cluster, SoldOut
 from anbao_client.errors import AlreadyClaimed, NotEligible
 from anbao_client.routing import owner_of
 from conftest import APP_TOKEN
-from served import (RETRYABLE, Grabber, audit_clean, claims_of, free_port, setup_packet, storm)
+from served import RETRYABLE, Grabber, audit_clean, claims_of, is_recorded_alive, setup_packet, storm
 
 
 def scrape(port: int) -> dict:
@@ -121,9 +121,14 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
                 if n >= 100:
                     break
                 await asyncio.sleep(0.002)
-            os.kill(victim, signal.SIGKILL)
-            claims_at_kill.append(await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1",
-                                                      sent.packet_id))
+            # Hold the next batches (no claim can land) so that the kill
+            # lands mid-storm however fast the storm runs.
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE claims, grab_rollups IN SHARE ROW EXCLUSIVE MODE")
+                claims_at_kill.append(await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1",
+                                                          sent.packet_id))
+                await asyncio.sleep(0.05)
+                os.kill(victim, signal.SIGKILL)
         finally:
             await conn.close()
 
@@ -149,8 +154,12 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
 
 
 async def test_memcached_flushed_then_killed_mid_storm(serve, fresh_dsn):
+    """memcached flushed, then killed -9 mid-storm: admission fails open, the
+    packet sells out exactly, and the supervisor starts memcached again on
+    the same port, where the workers find it."""
     s = serve(workers=2)
     mc_port = int(s.run_info()["memcached"].rsplit(":", 1)[1])
+    first = s.run_info()["memcached_process"]
     admin, users, sent = await setup_packet(s.port, 2000, 400_000, 800)
     grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(30)]
 
@@ -162,18 +171,38 @@ async def test_memcached_flushed_then_killed_mid_storm(serve, fresh_dsn):
         assert (await r.readline()).strip() == b"OK"
         w.close()
         await asyncio.sleep(0.1)
-        subprocess.run(["pkill", "-9", "-f", f"memcached -l 127.0.0.1 -p {mc_port}"], check=True)
+        os.kill(first["pid"], signal.SIGKILL)
 
     (won, outcomes), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers), chaos())
     assert len(won) == 800 and outcomes.count("sold_out") == 1200 and "gave_up" not in outcomes
     in_db = await claims_of(fresh_dsn, sent.packet_id)
     assert in_db == {u: (g.seq, g.amount_cents) for u, g in won.items()}
-    # Grabs keep succeeding with memcached gone.
-    admin2, users2, sent2 = await setup_packet(s.port, 50, 5_000, 10)
-    won2, _ = await storm(s.port, sent2.packet_id, users2[40:], grabbers)
-    assert len(won2) == 10
     stats = [await c.stats() for c in admin.clients]
     assert sum(st["admission_errors"] for st in stats) > 0
+    # A new memcached on the same port.
+    for _ in range(100):   # bounded: 5 s
+        info = s.run_info()
+        if info["memcached_restarts"] >= 1:
+            break
+        await asyncio.sleep(0.05)
+    assert info["memcached_restarts"] >= 1 and info["memcached"] == f"127.0.0.1:{mc_port}"
+    assert info["memcached_process"]["pid"] != first["pid"] and is_recorded_alive(info["memcached_process"])
+    assert "restarting it on port" in s.log()
+    # The workers use it: a new packet's counter is seeded there, and grabs
+    # keep succeeding.
+    admin2, users2, sent2 = await setup_packet(s.port, 50, 5_000, 10)
+    key = f"anbao:0:permits:{sent2.packet_id}".encode()
+    for _ in range(60):   # bounded: 3 s (the owner reseeds each second)
+        r, w = await asyncio.open_connection("127.0.0.1", mc_port)
+        w.write(b"get " + key + b"\r\n")
+        reply = await r.readuntil(b"END\r\n")
+        w.close()
+        if reply.startswith(b"VALUE"):
+            break
+        await asyncio.sleep(0.05)
+    assert reply.startswith(b"VALUE"), "no counter in the restarted memcached"
+    won2, _ = await storm(s.port, sent2.packet_id, users2[:40], grabbers)
+    assert len(won2) == 10
     for g in grabbers:
         await g.close()
     await admin.close()

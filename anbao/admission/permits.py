@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 log = logging.getLogger("anbao.admission")
 
 # decr stops at zero and cannot say whether it was already zero, so a
 # counter stores permits + 1: a decr answering 0 means there was none.
 SENTINEL = 1
+LOG_INTERVAL_S = 10.0
 
 
 class Permits:
@@ -138,16 +140,25 @@ class MemcachedPermits(Permits):
         self._timeout_s = timeout_ms / 1000
         self._background: set[asyncio.Task] = set()
         self.errors = 0
+        self.last_error = ""
+        self._logged_at = -1e9
+        self._errors_at_log = 0
         self.address = f"{host}:{port}"
 
     def _key(self, packet_id: int) -> bytes:
         return self._prefix + str(packet_id).encode()
 
     def _failed(self, exc: BaseException) -> None:
+        # Logged when failures start and then once per interval, with a
+        # count: never once per grab.
+        now = time.monotonic()
         self.errors += 1
-        if self.errors == 1 or self.errors % 10_000 == 0:
-            log.warning("memcached at %s failing (%r); admitting everything meanwhile (%d errors)",
-                        self.address, exc, self.errors)
+        self.last_error = repr(exc)[:200]
+        if now - self._logged_at >= LOG_INTERVAL_S:
+            log.warning("memcached at %s failing (%s); admitting everything meanwhile (%d errors in %.0f s)",
+                        self.address, self.last_error, self.errors - self._errors_at_log,
+                        min(now - self._logged_at, 1e9))
+            self._logged_at, self._errors_at_log = now, self.errors
 
     async def admit(self, packet_id: int) -> bool:
         try:
@@ -168,7 +179,8 @@ class MemcachedPermits(Permits):
         try:
             await asyncio.wait_for(coro, self._timeout_s)
         except Exception as exc:
-            self._failed(exc)
+            if "NOT_FOUND" not in str(exc):   # incr of a counter not seeded (or flushed): nothing to give back to
+                self._failed(exc)
 
     def give_back(self, packet_id: int) -> None:
         self._spawn(self._mc.incr(self._key(packet_id)))

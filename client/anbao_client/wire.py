@@ -216,6 +216,7 @@ class Hello:
     worker_count: int
     max_frame_bytes: int
     max_inflight: int
+    max_queued_grabs: int    # the owner worker's GRAB queue; past it, GRAB answers BUSY
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,8 +330,10 @@ def error_message(body: bytes) -> str:
 
 
 def decode_hello(body: bytes) -> Hello:
-    v, scope, workers, max_frame, max_inflight = struct.unpack(">HBHII", body)
-    return Hello(v, Scope(scope), workers, max_frame, max_inflight)
+    # Answers only grow at their end within a version: read the fields we
+    # know, ignore any that follow.
+    v, scope, workers, max_frame, max_inflight, max_queued_grabs = struct.unpack_from(">HBHIII", body)
+    return Hello(v, Scope(scope), workers, max_frame, max_inflight, max_queued_grabs)
 
 
 def decode_grab(r: Response) -> Grabbed:

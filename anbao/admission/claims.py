@@ -1,0 +1,38 @@
+"""Reading a sold-out packet's final claim list from PostgreSQL.
+
+The database is the one place where a packet's claims are complete and
+final: once it holds `share_count` claims, no claim can be added (the
+owner never takes a share past the count, and the claims table's keys
+refuse a second owner's), none can change, and no refund touches a sold-out
+packet. Before that, a non-owner cannot know who holds a pending share, so
+it asks the owner instead. One read per packet per worker, in one snapshot.
+"""
+from __future__ import annotations
+
+import asyncpg
+
+from .. import _fastpath as fp
+from .cache import FinalSet, grab_body
+
+
+async def load_final_set(pool: asyncpg.Pool, packet_id: int) -> FinalSet | None:
+    """The packet's FinalSet, or None while it is not sold out in the
+    database (shares still open, or the last batch not committed yet)."""
+    async with pool.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            p = await conn.fetchrow("SELECT sender_id, share_count, audience FROM packets WHERE packet_id = $1",
+                                    packet_id)
+            if p is None:
+                return None
+            count = p["share_count"]
+            claims = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims WHERE packet_id = $1",
+                                      packet_id)
+            if len(claims) < count:
+                return None
+            eligible = None
+            if p["audience"] != fp.AUDIENCE_OPEN:
+                eligible = frozenset(r[0] for r in await conn.fetch(
+                    "SELECT user_id FROM packet_members WHERE packet_id = $1", packet_id))
+    assert len(claims) == count, f"packet {packet_id}: {len(claims)} claims for {count} shares"
+    return FinalSet(packet_id, count, p["sender_id"], eligible,
+                    {r["user_id"]: grab_body(r["amount_cents"], r["seq"], count) for r in claims})
