@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,11 +67,14 @@ class Served:
         self.port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", self.banner).group(1))
         self.output = lines
 
-        # Keep draining the output so the server never blocks on a full pipe.
+        # Keep draining the output so the server never blocks on a full pipe
+        # (a daemon thread: a process that outlives the test holding the
+        # pipe must not hold up the test run's exit).
         def drain():
             for line in self.proc.stdout:
                 self.output.append(line)
-        self._drain = asyncio.get_event_loop().run_in_executor(None, drain)
+        self._drain = threading.Thread(target=drain, daemon=True)
+        self._drain.start()
         return self
 
     def log(self) -> str:
@@ -88,9 +92,17 @@ class Served:
         """What the test started, by pid: the supervisor, then whatever it
         recorded (workers, reaper, memcached), each only if it is still the
         process that was recorded."""
+        children = []
         if self.proc.poll() is None:
+            try:
+                children = [{"pid": c.pid, "started": c.create_time()}
+                            for c in psutil.Process(self.proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
             self.proc.kill()
             self.proc.wait(10)
+        for entry in children:   # a worker started after workers.json was last written, say
+            kill_recorded(entry)
         try:
             info = self.run_info()
         except (OSError, ValueError):

@@ -10,7 +10,7 @@ import ssl as ssl_module
 import struct
 
 from . import wire
-from .errors import AlreadyClaimed, ConnectionLost, InDoubt, RequestTimeout, error_for
+from .errors import AlreadyClaimed, Busy, ConnectionLost, InDoubt, RequestTimeout, Unavailable, error_for
 from .wire import Op, Status
 
 DEFAULT_TIMEOUT_MS = 10_000
@@ -103,18 +103,26 @@ class Client:
         (GRAB, and the keyed DEPOSIT, WITHDRAW, SEND: `build` repeats the
         same key), an IN_DOUBT answer is retried here, with a growing pause,
         until a definite answer or until timeout_ms has passed since the
-        first send; only then does InDoubt reach the caller."""
+        first send; only then does InDoubt reach the caller. Once in doubt,
+        BUSY and UNAVAILABLE answers to the retries are retried too: they
+        say the retry moved nothing, not what the first attempt did."""
         if not retry_in_doubt:
             return await self._call_once(build, ok)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.timeout_ms / 1000
         pause_s = IN_DOUBT_FIRST_PAUSE_S
+        doubt: InDoubt | None = None
         while True:
             try:
                 return await self._call_once(build, ok)
-            except InDoubt:
-                if loop.time() + pause_s >= give_up_at:
+            except InDoubt as exc:
+                doubt = exc
+            except (Unavailable, Busy) as exc:
+                if doubt is None:
                     raise
+                doubt.__context__ = exc
+            if loop.time() + pause_s >= give_up_at:
+                raise doubt
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, IN_DOUBT_MAX_PAUSE_S)
 

@@ -331,8 +331,10 @@ def error_message(body: bytes) -> str:
 
 def decode_hello(body: bytes) -> Hello:
     # Answers only grow at their end within a version: read the fields we
-    # know, ignore any that follow.
-    v, scope, workers, max_frame, max_inflight, max_queued_grabs = struct.unpack_from(">HBHIII", body)
+    # know, ignore any that follow; a server from before max_queued_grabs
+    # was announced says 0 (unknown).
+    v, scope, workers, max_frame, max_inflight = struct.unpack_from(">HBHII", body)
+    (max_queued_grabs,) = struct.unpack_from(">I", body, 13) if len(body) >= 17 else (0,)
     return Hello(v, Scope(scope), workers, max_frame, max_inflight, max_queued_grabs)
 
 
