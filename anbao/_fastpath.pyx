@@ -99,6 +99,7 @@ cdef enum:
     S_UNKNOWN_OPCODE = 15
     S_FRAME_TOO_LARGE = 16
     S_UNKNOWN_GROUP = 17
+    S_IN_DOUBT = 18
     S_INTERNAL = 255
 
 OK = S_OK
@@ -119,6 +120,7 @@ UNSUPPORTED_VERSION = S_UNSUPPORTED_VERSION
 UNKNOWN_OPCODE = S_UNKNOWN_OPCODE
 FRAME_TOO_LARGE = S_FRAME_TOO_LARGE
 UNKNOWN_GROUP = S_UNKNOWN_GROUP
+IN_DOUBT = S_IN_DOUBT      # a relayed GRAB's owner died with it in flight: it may have landed, retry is safe
 INTERNAL = S_INTERNAL
 
 MODE_RANDOM = 1
@@ -135,11 +137,16 @@ PACKET_REFUNDED = 3
 
 
 class FramingError(Exception):
-    """The byte stream cannot be split into frames; the connection must close."""
+    """The byte stream cannot be split into frames; the connection must close.
 
-    def __init__(self, int status, str message):
+    `frames` holds the frames that were complete before the bad one in the
+    same feed(), decoded as feed() returns them: they are requests like any
+    other and get their answers before the error frame."""
+
+    def __init__(self, int status, str message, list frames=None):
         super().__init__(message)
         self.status = status
+        self.frames = frames if frames is not None else []
 
 
 class BadRequest(Exception):
@@ -255,6 +262,10 @@ cdef inline str take_text(Cursor* c, Py_ssize_t max_bytes, str what):
     if n > max_bytes:
         raise BadRequest(S_INVALID, what + " too long")
     cdef bytes raw = take_bytes(c, n)
+    # Every text is stored in PostgreSQL, whose text type cannot hold U+0000:
+    # refused here, typed, rather than failing inside a transaction.
+    if b"\x00" in raw:
+        raise BadRequest(S_INVALID, what + " contains a NUL byte")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -350,16 +361,23 @@ cdef class FrameDecoder:
     """
     cdef bytes _carry
     cdef readonly Py_ssize_t max_frame_bytes
+    cdef readonly bint broken
 
     def __cinit__(self, Py_ssize_t max_frame_bytes=65536):
         assert HEADER_BYTES <= max_frame_bytes <= 16 * 1024 * 1024
         self._carry = b""
         self.max_frame_bytes = max_frame_bytes
+        self.broken = False
 
     def feed(self, bytes data):
         """Returns a list of (opcode, request_id, args) where args is a tuple
         of decoded fields or a BadRequest; raises FramingError when the
-        stream cannot be framed (the caller closes the connection)."""
+        stream cannot be framed (the caller closes the connection), carrying
+        in its `frames` the frames that were whole before the bad one. Once
+        broken, the decoder reads nothing more: bytes after a bad length
+        are not frames."""
+        if self.broken:
+            return []
         cdef bytes buf
         if PyBytes_GET_SIZE(self._carry):
             buf = self._carry + data
@@ -375,10 +393,12 @@ cdef class FrameDecoder:
         while size - pos >= 4:
             length = rd_u32(p + pos)
             if length < 5:
-                raise FramingError(S_INVALID, "frame length below header size")
+                self._break()
+                raise FramingError(S_INVALID, "frame length below header size", frames)
             if <Py_ssize_t>length + 4 > self.max_frame_bytes:
+                self._break()
                 raise FramingError(S_FRAME_TOO_LARGE, "frame of %d bytes over limit %d"
-                                   % (length + 4, self.max_frame_bytes))
+                                   % (length + 4, self.max_frame_bytes), frames)
             if size - pos < <Py_ssize_t>length + 4:
                 break
             opcode = p[pos + 4]
@@ -391,6 +411,10 @@ cdef class FrameDecoder:
             pos += 4 + length
         self._carry = buf[pos:] if pos < size else b""
         return frames
+
+    cdef void _break(self):
+        self.broken = True
+        self._carry = b""
 
     @property
     def buffered_bytes(self):

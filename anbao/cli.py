@@ -76,17 +76,28 @@ def _settings(args) -> Settings:
 def cmd_serve(args) -> int:
     import asyncio as _asyncio
 
+    from .server.reaper import Reaper, reap_stale
     from .server.supervisor import Supervisor
     from .storage.migrate import migrate
     workers = args.workers or os.cpu_count() or 1
     settings = replace(_settings(args), worker_count=workers)
     tokens_path = settings.tokens_file or ensure_tokens_file(settings.data_dir / "tokens.json")
+    # Whatever a supervisor killed on this data directory left running goes
+    # first: its workers would hold the port, its PostgreSQL the data.
+    reap_stale(Path(settings.data_dir) / "run")
+    reaper = Reaper()
     dsn, embedded_server = _database(args)
+    if embedded_server is not None and not args.keep_db:
+        reaper.watch_postgres(Path(embedded_server.pgdata))
     try:
         _asyncio.run(migrate(dsn))  # once, before the workers fork
         sup = Supervisor(settings, dsn, tokens_path, args.memcached, admission=args.admission,
-                         metrics_port=args.metrics_port)
-        sup.start()
+                         metrics_port=args.metrics_port, reaper=reaper)
+        try:
+            sup.start()
+        except BaseException:
+            sup.stop()
+            raise
         admission = {"memcached": f"memcached at {sup.memcached}", "in-process": "in-process counters",
                      "off": "off"}[sup.admission]
         print(f"anbao serving on {settings.host}:{sup.port} (protocol v1, {workers} worker"
@@ -104,6 +115,7 @@ def cmd_serve(args) -> int:
         if embedded_server is not None and not args.keep_db:
             from .storage import embedded
             embedded.stop(embedded_server)
+        reaper.done()
     return 0
 
 

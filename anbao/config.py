@@ -11,6 +11,16 @@ class Limits:
     max_frame_bytes: int = 65536
     max_connections: int = 10_000
     max_inflight_per_connection: int = 1024   # reading pauses past this: TCP pushes back
+    # Answers a client has not read yet, per connection: past the high-water
+    # mark the connection's reading pauses (a client that only sends is then
+    # held by TCP); past the hard limit (answers to requests already read)
+    # the connection is dropped.
+    write_buffer_high_bytes: int = 1 << 20
+    max_write_buffer_bytes: int = 16 << 20
+    # After a framing error, how long the answers to the requests before the
+    # bad frame may take (grabs wait for their commit) before the error
+    # frame goes out anyway and the connection closes.
+    framing_error_linger_ms: int = 30_000
     hello_timeout_ms: int = 10_000
     idle_timeout_ms: int = 300_000
     max_total_cents: int = 100_000_000          # 1,000,000.00 per packet
@@ -59,9 +69,26 @@ class Limits:
     db_pool_size: int = 8
     admission_slack: int = 16                   # permits beyond the unreserved shares
     max_relayed_per_peer: int = 65_536           # GRABs in flight to one owner worker
-    max_final_packets_cached: int = 1_000_000
+    # A relayed GRAB whose owner died is sent again to the owner's replacement
+    # (a restart takes a fraction of a second) for this long; past it, it is
+    # answered IN_DOUBT (it may have landed) or UNAVAILABLE (it never left).
+    relay_retry_deadline_ms: int = 5_000
+    # What a worker keeps about packets it does not own (admission/cache.py):
+    # shares and final refusals learnt from the owner's answers, per (packet,
+    # user); and the complete claim lists of sold-out packets (claims plus
+    # member ids, about 100 bytes each), oldest dropped first.
     max_final_claims_cached: int = 2_000_000
+    max_final_set_entries: int = 2_000_000
+    # A grab that finds the admission counter spent waits at most this long
+    # for the packet's final claim list (its last batch committing) before
+    # it is relayed to the owner; at most max_parked_grabs wait at once.
+    final_set_wait_ms: int = 2_000
+    max_parked_grabs: int = 65_536
     commit_resolve_timeout_ms: int = 60_000
+    # Each worker probes PostgreSQL this often; while it is down, the log
+    # says so once per db_down_log_interval_ms, not once per request.
+    db_probe_interval_ms: int = 1000
+    db_down_log_interval_ms: int = 10_000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -73,6 +100,9 @@ class Limits:
         # A page of the widest rows (SENT_LIST's, 58 bytes) must fit in one answer frame.
         assert self.max_page_rows * 58 + 64 <= self.max_frame_bytes
         assert self.refund_grace_ms >= 2 * self.expiry_sweep_interval_ms
+        # One answer is at most a frame: the hard limit must hold a few.
+        assert self.write_buffer_high_bytes < self.max_write_buffer_bytes
+        assert self.max_write_buffer_bytes >= 2 * self.max_frame_bytes
 
 
 @dataclass(frozen=True)

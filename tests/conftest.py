@@ -143,3 +143,20 @@ async def funded_users(admin: Client, first_id: int, n: int, amount_cents: int =
     if amount_cents:
         await asyncio.gather(*(admin.deposit(u, amount_cents) for u in ids))
     return ids
+
+
+@pytest.fixture
+def serve(fresh_dsn, tmp_path, tokens_file):
+    """Starts `anbao serve` processes on this test's database; whatever they
+    started is killed by pid afterwards."""
+    from served import Served
+    started = []
+
+    def start(workers=2, extra=(), dsn=fresh_dsn, data_dir=None, port=0):
+        s = Served(dsn, data_dir or tmp_path / "data", tokens_file, workers, list(extra), port=port).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill_everything()

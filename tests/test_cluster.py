@@ -2,31 +2,17 @@
 PostgreSQL. Steering, relaying, admission, and crashes: kill -9 of a worker
 and of memcached mid-storm. Every test ends with the audit."""
 import asyncio
-import json
 import os
-import re
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import asyncpg
 import pytest
 
-from anbao_client import Client, Cluster, SoldOut, Unavailable, wire
-from anbao_client.errors import AlreadyClaimed, Busy, ConnectionLost, NotEligible, RequestTimeout
+from anbao_client import Cluster, SoldOut
+from anbao_client.errors import AlreadyClaimed, NotEligible
 from anbao_client.routing import owner_of
-from conftest import ADMIN_TOKEN, APP_TOKEN, funded_users
-
-RETRYABLE = (ConnectionLost, RequestTimeout, Unavailable, Busy, OSError)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import APP_TOKEN
+from served import RETRYABLE, Grabber, audit_clean, claims_of, is_recorded_alive, setup_packet, storm
 
 
 def scrape(port: int) -> dict:
@@ -40,142 +26,6 @@ def scrape(port: int) -> dict:
             key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "pid")))
             out[key] = out.get(key, 0) + sample.value
     return out
-
-
-class Served:
-    """`anbao serve` in its own process group, on a fresh database."""
-
-    def __init__(self, dsn: str, data_dir: Path, tokens_file: Path, workers: int, extra: list[str]):
-        self.dsn, self.data_dir, self.workers = dsn, data_dir, workers
-        self.metrics_port = free_port()
-        self.args = [sys.executable, "-m", "anbao.cli", "serve", "--dsn", dsn, "--data-dir", str(data_dir),
-                     "--tokens-file", str(tokens_file), "--port", "0", "--workers", str(workers),
-                     "--metrics-port", str(self.metrics_port), *extra]
-        self.proc = None
-        self.port = None
-        self.banner = ""
-
-    def start(self) -> "Served":
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 60
-        lines = []
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            assert line, "server exited:\n" + "".join(lines)
-            lines.append(line)
-            if "stop with Ctrl-C" in line:
-                break
-        self.banner = "".join(lines)
-        self.port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", self.banner).group(1))
-        # Keep draining the output so the server never blocks on a full pipe.
-        self._drain = asyncio.get_event_loop().run_in_executor(None, self.proc.stdout.read)
-        return self
-
-    def run_info(self) -> dict:
-        return json.loads((self.data_dir / "run" / "workers.json").read_text())
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(60)
-
-
-@pytest.fixture
-def serve(fresh_dsn, tmp_path, tokens_file):
-    started = []
-
-    def start(workers=2, extra=()):
-        s = Served(fresh_dsn, tmp_path / "data", tokens_file, workers, list(extra)).start()
-        started.append(s)
-        return s
-
-    yield start
-    for s in started:
-        if s.proc.poll() is None:
-            s.stop(signal.SIGKILL)
-            info = s.run_info()
-            for pid in info["workers"].values():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        memcached = s.run_info().get("memcached")
-        if memcached:
-            subprocess.run(["pkill", "-f", f"memcached -l 127.0.0.1 -p {memcached.rsplit(':', 1)[1]}"], check=False)
-
-
-async def audit_clean(dsn: str):
-    from anbao.storage.audit import audit
-    report = await audit(dsn)
-    assert report.ok, report.text()
-
-
-async def claims_of(dsn: str, packet_id: int) -> dict:
-    conn = await asyncpg.connect(dsn)
-    try:
-        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", packet_id)
-    finally:
-        await conn.close()
-    return {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows}
-
-
-class Grabber:
-    """A plain client that reconnects and retries until it has an answer
-    that is final: a share (OK or ALREADY_CLAIMED with the first share), or
-    SOLD_OUT. Retrying is safe: (packet, user) is the grab's idempotency key."""
-
-    def __init__(self, port: int, token: str, routed: bool):
-        self.port, self.token, self.routed = port, token, routed
-        self.client = None
-
-    async def _client(self):
-        if self.client is None:
-            self.client = await (Cluster if self.routed else Client).connect("127.0.0.1", self.port, self.token,
-                                                                             timeout_ms=5_000)
-        return self.client
-
-    async def grab(self, packet_id: int, user_id: int, deadline: float):
-        while time.monotonic() < deadline:
-            try:
-                c = await self._client()
-                return "ok", await c.grab(packet_id, user_id)
-            except SoldOut:
-                return "sold_out", None
-            except AlreadyClaimed as e:
-                return "ok", e.grabbed
-            except RETRYABLE:
-                if self.client is not None:
-                    await self.client.close()
-                self.client = None
-                await asyncio.sleep(0.05)
-        return "gave_up", None
-
-    async def close(self):
-        if self.client is not None:
-            await self.client.close()
-
-
-async def storm(port: int, packet_id: int, users: list[int], grabbers: list[Grabber], timeout_s: float = 90):
-    deadline = time.monotonic() + timeout_s
-    won, outcomes = {}, []
-
-    async def one(i, u):
-        outcome, g = await grabbers[i % len(grabbers)].grab(packet_id, u, deadline)
-        outcomes.append(outcome)
-        if g is not None:
-            won[u] = g
-
-    await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
-    return won, outcomes
-
-
-async def setup_packet(port: int, n_users: int, total: int, count: int, *, members=None):
-    admin = await Cluster.connect("127.0.0.1", port, ADMIN_TOKEN)
-    sender, = await funded_users(admin, 1, 1, 10_000_000)
-    users = await funded_users(admin, 1000, n_users)
-    sent = await admin.send(sender, total, count, members=members(users) if members else None)
-    return admin, users, sent
-
 
 async def test_steering_topology_and_stats(serve):
     s = serve(workers=2)
@@ -271,9 +121,14 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
                 if n >= 100:
                     break
                 await asyncio.sleep(0.002)
-            os.kill(victim, signal.SIGKILL)
-            claims_at_kill.append(await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1",
-                                                      sent.packet_id))
+            # Hold the next batches (no claim can land) so that the kill
+            # lands mid-storm however fast the storm runs.
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE claims, grab_rollups IN SHARE ROW EXCLUSIVE MODE")
+                claims_at_kill.append(await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1",
+                                                          sent.packet_id))
+                await asyncio.sleep(0.05)
+                os.kill(victim, signal.SIGKILL)
         finally:
             await conn.close()
 
@@ -299,8 +154,12 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
 
 
 async def test_memcached_flushed_then_killed_mid_storm(serve, fresh_dsn):
+    """memcached flushed, then killed -9 mid-storm: admission fails open, the
+    packet sells out exactly, and the supervisor starts memcached again on
+    the same port, where the workers find it."""
     s = serve(workers=2)
     mc_port = int(s.run_info()["memcached"].rsplit(":", 1)[1])
+    first = s.run_info()["memcached_process"]
     admin, users, sent = await setup_packet(s.port, 2000, 400_000, 800)
     grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(30)]
 
@@ -312,18 +171,38 @@ async def test_memcached_flushed_then_killed_mid_storm(serve, fresh_dsn):
         assert (await r.readline()).strip() == b"OK"
         w.close()
         await asyncio.sleep(0.1)
-        subprocess.run(["pkill", "-9", "-f", f"memcached -l 127.0.0.1 -p {mc_port}"], check=True)
+        os.kill(first["pid"], signal.SIGKILL)
 
     (won, outcomes), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers), chaos())
     assert len(won) == 800 and outcomes.count("sold_out") == 1200 and "gave_up" not in outcomes
     in_db = await claims_of(fresh_dsn, sent.packet_id)
     assert in_db == {u: (g.seq, g.amount_cents) for u, g in won.items()}
-    # Grabs keep succeeding with memcached gone.
-    admin2, users2, sent2 = await setup_packet(s.port, 50, 5_000, 10)
-    won2, _ = await storm(s.port, sent2.packet_id, users2[40:], grabbers)
-    assert len(won2) == 10
     stats = [await c.stats() for c in admin.clients]
     assert sum(st["admission_errors"] for st in stats) > 0
+    # A new memcached on the same port.
+    for _ in range(100):   # bounded: 5 s
+        info = s.run_info()
+        if info["memcached_restarts"] >= 1:
+            break
+        await asyncio.sleep(0.05)
+    assert info["memcached_restarts"] >= 1 and info["memcached"] == f"127.0.0.1:{mc_port}"
+    assert info["memcached_process"]["pid"] != first["pid"] and is_recorded_alive(info["memcached_process"])
+    assert "restarting it on port" in s.log()
+    # The workers use it: a new packet's counter is seeded there, and grabs
+    # keep succeeding.
+    admin2, users2, sent2 = await setup_packet(s.port, 50, 5_000, 10)
+    key = f"anbao:0:permits:{sent2.packet_id}".encode()
+    for _ in range(60):   # bounded: 3 s (the owner reseeds each second)
+        r, w = await asyncio.open_connection("127.0.0.1", mc_port)
+        w.write(b"get " + key + b"\r\n")
+        reply = await r.readuntil(b"END\r\n")
+        w.close()
+        if reply.startswith(b"VALUE"):
+            break
+        await asyncio.sleep(0.05)
+    assert reply.startswith(b"VALUE"), "no counter in the restarted memcached"
+    won2, _ = await storm(s.port, sent2.packet_id, users2[:40], grabbers)
+    assert len(won2) == 10
     for g in grabbers:
         await g.close()
     await admin.close()

@@ -141,7 +141,7 @@ async def test_kill9_between_commit_and_rollup_rolls_up_exactly_once(fresh_dsn, 
     acknowledged, then every process of the server is killed -9. After a
     restart each acknowledged grab is rolled up exactly once: one transfer
     each, balances equal to what was won, and a second restart adds nothing."""
-    from test_cluster import Served
+    from served import Served
     holder = await asyncpg.connect(fresh_dsn)
     served = Served(fresh_dsn, tmp_path / "data", tokens_file, 2, []).start()
     try:

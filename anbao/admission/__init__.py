@@ -13,8 +13,13 @@ share is unclaimed and unreserved (DESIGN.md invariant 6). A permit can
 leak only if a worker dies holding it; the owner re-seeds the counter from
 its own state every second while the packet is open, which can over-admit
 (harmless: the owner answers truthfully) and so repairs any leak.
+
+A spent counter is not an answer, though: it cannot tell who holds a share.
+A worker answers a GRAB itself only from what is final (cache.py); a grab
+that finds the counter spent waits, briefly, for the packet's final claim
+list (claims.py) and is then answered from it exactly, or goes to the owner.
 """
-from .cache import FinalStates
+from .cache import FinalSet, FinalStates
 from .permits import InProcessPermits, MemcachedPermits, Permits
 
-__all__ = ["FinalStates", "InProcessPermits", "MemcachedPermits", "Permits"]
+__all__ = ["FinalSet", "FinalStates", "InProcessPermits", "MemcachedPermits", "Permits"]

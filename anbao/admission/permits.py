@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 log = logging.getLogger("anbao.admission")
 
 # decr stops at zero and cannot say whether it was already zero, so a
 # counter stores permits + 1: a decr answering 0 means there was none.
 SENTINEL = 1
+LOG_INTERVAL_S = 10.0
 
 
 class Permits:
@@ -69,32 +71,102 @@ class InProcessPermits(Permits):
     observe = reseed
 
 
+class _EofIsAnError(asyncio.StreamReader):
+    """The reader under every aiomcache connection of ours.
+
+    aiomcache reads a reply with readline() until the line ends in CRLF.
+    When memcached closes the connection mid-reply, readline() returns b''
+    at once, and keeps doing so: `while not line.endswith(b'\r\n')` in
+    FlagClient._execute_simple_command then loops without ever yielding to
+    the event loop, so no wait_for() timeout can fire and the worker spins at
+    100% CPU, serving nobody (aio-libs/aiomcache#502). The bug lives in that
+    loop's contract with readline(): EOF is not "no data yet". Raising here
+    fixes every command at once (simple commands, get, stats), whatever the
+    loop above does with the line."""
+
+    async def readline(self) -> bytes:
+        line = await super().readline()
+        if not line:
+            raise ConnectionResetError("memcached closed the connection mid-reply")
+        return line
+
+
+class _Pool:
+    """aiomcache's pool, made to build its connections on _EofIsAnError and
+    to drop a connection whose command was cancelled (a timeout) instead of
+    reusing it: the late reply would otherwise be read as the next
+    command's, e.g. a stale `0` from decr admitting or refusing the wrong grab."""
+
+    @staticmethod
+    def install(client) -> None:
+        import aiomcache.pool as mcpool
+
+        class Pool(mcpool.MemcachePool):
+            async def _create_new_conn(self):
+                if self.size() >= self._maxsize:
+                    return None
+                loop = asyncio.get_running_loop()
+                reader = _EofIsAnError(loop=loop)
+                transport, protocol = await loop.create_connection(
+                    lambda: asyncio.StreamReaderProtocol(reader, loop=loop), self._host, self._port)
+                writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+                if self.size() < self._maxsize:
+                    return mcpool.Connection(reader, writer)
+                writer.close()
+                return None
+
+            def release(self, conn) -> None:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    self._in_use.discard(conn)
+                    self._do_close(conn)
+                    return
+                super().release(conn)
+
+        old = client._pool
+        assert isinstance(old, mcpool.MemcachePool) and not old.size(), "replace the pool before first use"
+        client._pool = Pool(old._host, old._port, minsize=old._minsize, maxsize=old._maxsize,
+                            conn_args=old.conn_args)
+
+
 class MemcachedPermits(Permits):
     mode = "memcached"
 
     def __init__(self, host: str, port: int, set_id: int, pool_size: int = 8, timeout_ms: int = 200):
         import aiomcache
         self._mc = aiomcache.Client(host, port, pool_size=pool_size)
+        _Pool.install(self._mc)
         self._prefix = f"anbao:{set_id}:permits:".encode()
         self._timeout_s = timeout_ms / 1000
         self._background: set[asyncio.Task] = set()
         self.errors = 0
+        self.last_error = ""
+        self._logged_at = -1e9
+        self._errors_at_log = 0
         self.address = f"{host}:{port}"
 
     def _key(self, packet_id: int) -> bytes:
         return self._prefix + str(packet_id).encode()
 
     def _failed(self, exc: BaseException) -> None:
+        # Logged when failures start and then once per interval, with a
+        # count: never once per grab.
+        now = time.monotonic()
         self.errors += 1
-        if self.errors == 1 or self.errors % 10_000 == 0:
-            log.warning("memcached at %s failing (%r); admitting everything meanwhile (%d errors)",
-                        self.address, exc, self.errors)
+        self.last_error = repr(exc)[:200]
+        if now - self._logged_at >= LOG_INTERVAL_S:
+            log.warning("memcached at %s failing (%s); admitting everything meanwhile (%d errors in %.0f s)",
+                        self.address, self.last_error, self.errors - self._errors_at_log,
+                        min(now - self._logged_at, 1e9))
+            self._logged_at, self._errors_at_log = now, self.errors
 
     async def admit(self, packet_id: int) -> bool:
         try:
             left = await asyncio.wait_for(self._mc.decr(self._key(packet_id)), self._timeout_s)
         except Exception as exc:
-            self._failed(exc)
+            # No counter yet (aiomcache raises on NOT_FOUND) is normal, not a failure.
+            if "NOT_FOUND" not in str(exc):
+                self._failed(exc)
             return True
         return left is None or left >= SENTINEL
 
@@ -107,7 +179,8 @@ class MemcachedPermits(Permits):
         try:
             await asyncio.wait_for(coro, self._timeout_s)
         except Exception as exc:
-            self._failed(exc)
+            if "NOT_FOUND" not in str(exc):   # incr of a counter not seeded (or flushed): nothing to give back to
+                self._failed(exc)
 
     def give_back(self, packet_id: int) -> None:
         self._spawn(self._mc.incr(self._key(packet_id)))

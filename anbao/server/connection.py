@@ -3,6 +3,18 @@
 A plain asyncio.Protocol (no streams) so that a chunk of bytes becomes
 decoded requests in one call into the Cython decoder, and GRAB goes straight
 to the engine without a coroutine per request.
+
+Two things stop the connection's reading, each for its own reason, and
+reading resumes only when neither holds:
+- in flight: `max_inflight_per_connection` requests unanswered (answers
+  that wait for a commit);
+- write back-pressure: the answers the client has not read yet passed
+  `write_buffer_high_bytes` in this process (asyncio's pause_writing). A
+  client that sends and never reads is then held by TCP: its own sends
+  block. Answers already owed still go out; past `max_write_buffer_bytes`
+  the connection is dropped.
+A framing error stops reading for good: the requests before the bad frame
+are answered, then the error frame goes out last, and the connection closes.
 """
 from __future__ import annotations
 
@@ -20,21 +32,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("anbao.connection")
 
+# Why reading is paused (bits: reading resumes when none is left).
+PAUSED_INFLIGHT = 1
+PAUSED_WRITE = 2
+PAUSED_CLOSING = 4
+NO_OPCODE = 0   # the opcode of answers to no request: the fatal error frame, unknown opcodes >= 0x80
+
 
 class Connection(asyncio.Protocol, Replier):
     def __init__(self, worker: "Worker"):
         self.worker = worker
+        lim = worker.limits
         self.transport: asyncio.Transport | None = None
-        self.decoder = fp.FrameDecoder(worker.limits.max_frame_bytes)
+        self.decoder = fp.FrameDecoder(lim.max_frame_bytes)
         self.scope: int | None = None
         self.inflight = 0
-        self.paused = False
-        self.max_inflight = worker.limits.max_inflight_per_connection
+        self.paused_by = 0
+        self.max_inflight = lim.max_inflight_per_connection
+        self.max_write_buffer_bytes = lim.max_write_buffer_bytes
         self.wid = worker.worker_id
         self.last_seen = self.opened_at = 0.0
         self.peer = None
         self.answered = worker.metrics.answered if worker.metrics is not None else None
         self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._fatal: bytes | None = None     # the error frame that ends the connection, sent last
+        self._linger: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ asyncio
 
@@ -50,25 +73,37 @@ class Connection(asyncio.Protocol, Replier):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        high = self.worker.limits.write_buffer_high_bytes
+        transport.set_write_buffer_limits(high=high, low=high // 4)
         self.worker.connections.add(self)
 
     def connection_lost(self, exc) -> None:
         self.worker.connections.discard(self)
         self.transport = None
+        if self._linger is not None:
+            self._linger.cancel()
+
+    def pause_writing(self) -> None:
+        self._pause(PAUSED_WRITE)
+
+    def resume_writing(self) -> None:
+        self._resume(PAUSED_WRITE)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None:
+        if self.transport is None or self._fatal is not None:
             return
         self.last_seen = self.worker.loop.time()
         try:
             frames = self.decoder.feed(data)
+            broken = None
         except fp.FramingError as exc:
-            # The stream cannot be resynchronised: say why, then close.
-            self.transport.write(fp.encode_error(0, 0, exc.status, self.wid, str(exc)))
-            self.close()
-            return
+            # The stream cannot be resynchronised past this point, but the
+            # frames whole before it are requests like any other.
+            frames, broken = exc.frames, exc
         router = self.worker.router
         for opcode, rid, args in frames:
+            if self.transport is None:
+                break  # closed by one of these requests (a refused HELLO): nothing after it is read
             self.inflight += 1
             if opcode == fp.OP_GRAB and self.scope is not None and type(args) is tuple:
                 if self.scope == SCOPE_PEER:
@@ -76,7 +111,10 @@ class Connection(asyncio.Protocol, Replier):
                 else:
                     router.on_grab(self, rid, args[0], args[1])
             elif type(args) is not tuple:
-                self.answer(fp.encode_error(opcode, rid, args.status, self.wid, str(args)))
+                # An opcode with the response bit set is no request: its answer
+                # must not carry the same byte back, or it would read as one.
+                self.answer(fp.encode_error(opcode if opcode < fp.RESPONSE_BIT else NO_OPCODE, rid, args.status,
+                                            self.wid, str(args)))
             elif self.scope is None:
                 if opcode == fp.OP_HELLO:
                     self._hello(rid, args)
@@ -86,14 +124,16 @@ class Connection(asyncio.Protocol, Replier):
                 self.answer(fp.encode_ok(fp.OP_PING, rid, self.wid, "", ()))
             else:
                 self.worker.dispatch(self, opcode, rid, args)
-        if self.inflight >= self.max_inflight and not self.paused and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
+        if broken is not None and self.transport is not None:
+            self._end_with(fp.encode_error(NO_OPCODE, 0, broken.status, self.wid, str(broken)))
+        elif self.inflight >= self.max_inflight:
+            self._pause(PAUSED_INFLIGHT)
 
     # ------------------------------------------------------------ replies
 
     def answer(self, frame: bytes) -> None:
         self.inflight -= 1
+        assert self.inflight >= 0, "an answer to no request"
         if self.answered is not None:
             key = (frame[4] & 0x7F) << 8 | frame[9]
             self.answered[key] = self.answered.get(key, 0) + 1
@@ -101,31 +141,88 @@ class Connection(asyncio.Protocol, Replier):
             return  # the client left; its grab, if any, is committed all the same
         # Answers of one loop turn (a committed batch, a pipelined burst of
         # rejects) leave in one write: one syscall, not one per answer.
-        if not self._out:
-            self.worker.loop.call_soon(self._flush)
         self._out.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.worker.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        self._flush_scheduled = False
         out, self._out = self._out, []
         t = self.transport
-        if t is None or not out:
+        if t is None:
             return
-        t.write(out[0] if len(out) == 1 else b"".join(out))
-        if self.paused and self.inflight <= self.max_inflight // 2:
-            self.paused = False
-            t.resume_reading()
+        if out:
+            t.write(out[0] if len(out) == 1 else b"".join(out))
+            if t.get_write_buffer_size() > self.max_write_buffer_bytes:
+                # Reading stopped long ago (high-water mark) and the client
+                # still reads nothing: what it is owed no longer fits.
+                log.warning("closing %s: %d bytes of answers unread", self.peer, t.get_write_buffer_size())
+                self._abort()
+                return
+        if self._fatal is not None:
+            if self.inflight == 0:
+                self._send_fatal()
+            return
+        if self.paused_by & PAUSED_INFLIGHT and self.inflight <= self.max_inflight // 2:
+            self._resume(PAUSED_INFLIGHT)
+
+    def _pause(self, why: int) -> None:
+        if not self.paused_by and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused_by |= why
+
+    def _resume(self, why: int) -> None:
+        if self.paused_by & why:
+            self.paused_by &= ~why
+            if not self.paused_by and self.transport is not None:
+                self.transport.resume_reading()
+
+    def _end_with(self, error_frame: bytes) -> None:
+        """Ends the connection after every request read so far is answered,
+        with error_frame as the very last bytes."""
+        self._fatal = error_frame
+        self._pause(PAUSED_CLOSING)
+        if self.inflight == 0:
+            self._flush()
+        else:
+            # Answers owed wait for commits; a database outage must not hold
+            # the connection forever.
+            self._linger = self.worker.loop.call_later(self.worker.limits.framing_error_linger_ms / 1000,
+                                                       self._send_fatal)
+
+    def _send_fatal(self) -> None:
+        t = self.transport
+        if t is None or self._fatal is None:
+            return
+        if self._out:
+            t.write(b"".join(self._out))
+            self._out = []
+        t.write(self._fatal)
+        self._fatal = b""   # sent: nothing may follow it
+        t.close()
+        self.transport = None
+        self.worker.connections.discard(self)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+            self.worker.connections.discard(self)
 
     def close(self) -> None:
         if self.transport is not None:
             self._flush()  # answers already given leave before the close
-            self.transport.close()
-            self.transport = None
+            if self.transport is not None:
+                self.transport.close()
+                self.transport = None
 
     # ------------------------------------------------------------ hello
 
     def _hello(self, rid: int, args: tuple) -> None:
         version, token = args
         if version != fp.PROTOCOL_VERSION:
+            # The connection stays open: the client may say HELLO again in a version we speak.
             self.answer(fp.encode_error(fp.OP_HELLO, rid, fp.UNSUPPORTED_VERSION, self.wid,
                                         f"server speaks version {fp.PROTOCOL_VERSION}"))
             return
@@ -136,6 +233,6 @@ class Connection(asyncio.Protocol, Replier):
             return
         self.scope = scope
         lim = self.worker.limits
-        self.answer(fp.encode_ok(fp.OP_HELLO, rid, self.wid, "HBHII",
+        self.answer(fp.encode_ok(fp.OP_HELLO, rid, self.wid, "HBHIII",
                                  (fp.PROTOCOL_VERSION, scope, self.worker.worker_count,
-                                  lim.max_frame_bytes, lim.max_inflight_per_connection)))
+                                  lim.max_frame_bytes, lim.max_inflight_per_connection, lim.max_queued_grabs)))

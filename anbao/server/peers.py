@@ -1,7 +1,19 @@
 """Links to the other workers of this set, over Unix sockets, for relaying
 GRABs to a packet's owner. A link speaks the public protocol, authenticated
 with the supervisor's peer token; the owner's answer goes back to the client
-byte for byte, under the client's request id."""
+byte for byte, under the client's request id.
+
+When a link breaks (the owner worker died), the grabs relayed on it may or
+may not have landed: the owner may have committed them and died before
+answering. GRAB is idempotent per (packet, user), so the link keeps each of
+them and sends it again to the owner's replacement (the supervisor brings
+one up in a fraction of a second) and passes on its definite answer: the
+share (ALREADY_CLAIMED with the same body, if the first attempt landed),
+or a refusal. Only if no owner answers within `relay_retry_deadline_ms`
+does a grab get an answer that is not definite: IN_DOUBT if it was ever
+written to an owner ("may have landed, retry is safe"), UNAVAILABLE if it
+never left this worker ("nothing moved").
+"""
 from __future__ import annotations
 
 import asyncio
@@ -14,58 +26,109 @@ from ..engine.grabs import Replier
 log = logging.getLogger("anbao.peers")
 
 HELLO_RID = 0
-RECONNECT_PAUSE_S = 0.1
+RECONNECT_PAUSE_S = 0.05
+
+
+class _Relayed:
+    """One relayed grab until the owner answers it."""
+    __slots__ = ("replier", "rid", "packet_id", "user_id", "sent", "deadline")
+
+    def __init__(self, replier: Replier, rid: int, packet_id: int, user_id: int):
+        self.replier = replier
+        self.rid = rid
+        self.packet_id = packet_id
+        self.user_id = user_id
+        self.sent = False           # written to an owner at least once: it may have landed
+        self.deadline = 0.0         # loop time; set when it starts waiting for a link
 
 
 class PeerLink(asyncio.Protocol):
-    def __init__(self, own_id: int, peer_id: int, path: Path, token: bytes, max_pending: int):
-        assert max_pending > 0
+    def __init__(self, own_id: int, peer_id: int, path: Path, token: bytes, max_pending: int,
+                 retry_deadline_ms: int):
+        assert max_pending > 0 and retry_deadline_ms > 0
         self.own_id = own_id
         self.peer_id = peer_id
         self.path = path
         self.token = token
         self.max_pending = max_pending
+        self.retry_deadline_s = retry_deadline_ms / 1000
         self._transport: asyncio.Transport | None = None
         self._ready = False
-        self._connecting = False
-        self._failed_at = -1e9
+        self._connector: asyncio.Task | None = None
+        self._closed = False
         self._splitter = fp.ResponseSplitter()
-        self._pending: dict[int, tuple[Replier, int]] = {}
-        self._queued: list[bytes] = []
+        self._pending: dict[int, _Relayed] = {}
         self._next_rid = 1
         self.forwarded = 0
+        self.resent = 0          # grabs sent again to a replacement owner
+        self.in_doubt = 0        # grabs answered IN_DOUBT past the deadline
 
     def forward(self, replier: Replier, rid: int, packet_id: int, user_id: int) -> None:
         if len(self._pending) >= self.max_pending:
             replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.BUSY, self.own_id, "relay queue full"))
             return
-        loop = asyncio.get_running_loop()
-        if not self._ready and not self._connecting:
-            if loop.time() - self._failed_at < RECONNECT_PAUSE_S:
-                replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.own_id,
-                                               f"owner worker {self.peer_id} unreachable; retry"))
-                return
-            self._connecting = True
-            loop.create_task(self._connect())
+        if self._closed:
+            replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.own_id,
+                                           "this worker is stopping; nothing moved, retry"))
+            return
         link_rid = self._next_rid
         self._next_rid = link_rid % 0xFFFFFFFF + 1
-        assert link_rid not in self._pending
-        self._pending[link_rid] = (replier, rid)
-        frame = fp.encode_grab_request(link_rid, packet_id, user_id)
+        assert link_rid not in self._pending and link_rid != HELLO_RID
+        entry = _Relayed(replier, rid, packet_id, user_id)
+        self._pending[link_rid] = entry
         self.forwarded += 1
         if self._ready:
-            self._transport.write(frame)
+            self._send(link_rid, entry)
         else:
-            self._queued.append(frame)
+            entry.deadline = asyncio.get_running_loop().time() + self.retry_deadline_s
+            self._ensure_connecting()
 
-    async def _connect(self) -> None:
+    def _send(self, link_rid: int, entry: _Relayed) -> None:
+        entry.sent = True
+        self._transport.write(fp.encode_grab_request(link_rid, entry.packet_id, entry.user_id))
+
+    # ------------------------------------------------------------ connecting
+
+    def _ensure_connecting(self) -> None:
+        if self._connector is None and not self._closed:
+            self._connector = asyncio.get_running_loop().create_task(self._connect_loop())
+
+    async def _connect_loop(self) -> None:
+        """Connects until the link is ready, or until nothing waits for it."""
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_unix_connection(lambda: self, str(self.path))
-        except OSError as exc:
-            log.warning("worker %d -> %d: cannot connect (%r)", self.own_id, self.peer_id, exc)
-            self._connecting = False
-            self._fail_all("owner worker unreachable; retry")
+            while not self._ready and not self._closed:
+                self._expire(loop.time())
+                if not self._pending:
+                    return  # nobody waits: the next forward() connects again
+                if self._transport is None:
+                    try:
+                        await loop.create_unix_connection(lambda: self, str(self.path))
+                    except OSError as exc:
+                        log.debug("worker %d -> %d: cannot connect (%r)", self.own_id, self.peer_id, exc)
+                await asyncio.sleep(RECONNECT_PAUSE_S)
+        finally:
+            self._connector = None
+
+    def _expire(self, now: float) -> None:
+        """Answers the grabs whose deadline passed while no owner could be reached."""
+        expired = [k for k, e in self._pending.items() if e.deadline and e.deadline <= now]
+        for k in expired:
+            e = self._pending.pop(k)
+            if e.sent:
+                self.in_doubt += 1
+                e.replier.answer(fp.encode_error(
+                    fp.OP_GRAB, e.rid, fp.IN_DOUBT, self.own_id,
+                    f"owner worker {self.peer_id} died with this grab in flight and is not back: it may have"
+                    " landed; retry (safe: a retry returns the share if it did)"))
+            else:
+                e.replier.answer(fp.encode_error(fp.OP_GRAB, e.rid, fp.UNAVAILABLE, self.own_id,
+                                                 f"owner worker {self.peer_id} unreachable; nothing moved, retry"))
+        if expired:
+            log.warning("worker %d -> %d: %d relayed grab(s) unanswered past %.1f s", self.own_id, self.peer_id,
+                        len(expired), self.retry_deadline_s)
+
+    # ------------------------------------------------------------ asyncio
 
     def connection_made(self, transport) -> None:
         self._transport = transport
@@ -86,32 +149,59 @@ class PeerLink(asyncio.Protocol):
                     self._transport.close()
                     return
                 self._ready = True
-                self._connecting = False
-                queued, self._queued = self._queued, []
-                self._transport.write(b"".join(queued))
+                # Everything waiting goes now: grabs never sent, and grabs the
+                # previous owner may or may not have decided (idempotent).
+                again = 0
+                for link_rid, entry in self._pending.items():
+                    again += entry.sent
+                    entry.deadline = 0.0
+                    self._send(link_rid, entry)
+                if again:
+                    self.resent += again
+                    log.warning("worker %d -> %d: link back; %d relayed grab(s) sent again", self.own_id,
+                                self.peer_id, again)
                 continue
             entry = self._pending.pop(rid, None)
             if entry is not None:
-                replier, client_rid = entry
-                replier.answer(fp.with_request_id(frame, client_rid))
+                entry.replier.answer(fp.with_request_id(frame, entry.rid))
 
     def connection_lost(self, exc) -> None:
         self._transport = None
-        self._ready = False
-        self._connecting = False
-        self._fail_all("link to the owner worker broke; the grab may have landed: retry (safe)")
+        was_ready, self._ready = self._ready, False
+        self._splitter = fp.ResponseSplitter()
+        if self._closed:
+            self._fail_all()
+            return
+        if self._pending:
+            deadline = asyncio.get_event_loop().time() + self.retry_deadline_s
+            for entry in self._pending.values():
+                if not entry.deadline:
+                    entry.deadline = deadline
+            if was_ready:
+                log.warning("worker %d -> %d: link broke with %d relayed grab(s) in flight; retrying them for"
+                            " up to %.1f s", self.own_id, self.peer_id, len(self._pending), self.retry_deadline_s)
+            self._ensure_connecting()
 
-    def _fail_all(self, why: str) -> None:
-        self._failed_at = asyncio.get_event_loop().time()
+    def _fail_all(self) -> None:
+        """This worker is stopping: answer what is left, truthfully."""
         pending, self._pending = self._pending, {}
-        self._queued = []
-        for replier, rid in pending.values():
-            replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.own_id, why))
+        for e in pending.values():
+            if e.sent:
+                e.replier.answer(fp.encode_error(fp.OP_GRAB, e.rid, fp.IN_DOUBT, self.own_id,
+                                                 "relaying worker stopping: the grab may have landed; retry (safe)"))
+            else:
+                e.replier.answer(fp.encode_error(fp.OP_GRAB, e.rid, fp.UNAVAILABLE, self.own_id,
+                                                 "relaying worker stopping; nothing moved, retry"))
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     def close(self) -> None:
+        self._closed = True
+        if self._connector is not None:
+            self._connector.cancel()
         if self._transport is not None:
             self._transport.close()
+        else:
+            self._fail_all()

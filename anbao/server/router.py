@@ -1,14 +1,31 @@
 """Where a GRAB goes: answered from what this worker knows for good, turned
 away by admission, handed to the local engine when this worker owns the
-packet, or relayed to the owner."""
+packet, or relayed to the owner.
+
+A worker that does not own a packet answers a GRAB itself only with the
+answer the owner would give (DESIGN.md invariant 4): a share it has seen
+the owner give, a refusal that cannot change for that user, or, for a
+packet whose complete claim list it holds (a FinalSet, read from
+PostgreSQL once the packet is sold out and committed), anything. In
+particular it never answers SOLD_OUT from "sold out" alone: the user may
+hold a share whose first answer was lost.
+
+When the admission counter is spent (every share taken or held by a grab
+in flight), the grab is parked while this worker reads the packet's final
+claim list; it is then answered from it, or, if the packet turns out not to
+be sold out (a share came back) or the database cannot say so in time,
+relayed to the owner. The counter still spares the owner the surplus of a
+storm; it no longer decides anyone's answer.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
 from .. import _fastpath as fp
 from .. import routing
-from ..admission import FinalStates, Permits
+from ..admission import FinalSet, FinalStates, Permits
 from ..engine.grabs import GrabEngine, Replier
 from .peers import PeerLink
 
@@ -16,11 +33,13 @@ log = logging.getLogger("anbao.router")
 
 RESEED_INTERVAL_S = 1.0
 PROBE_INTERVAL_S = 0.05   # at most one attempt a packet per interval passes a spent counter to the owner
+SETTLE_FIRST_POLL_S = 0.005   # then doubling, up to the next: waiting for a sold-out packet's last commit
+SETTLE_MAX_POLL_S = 0.1
 
 
 class _Routed(Replier):
     """Watches the owner's answer to a relayed grab on its way back to the
-    client: gives an unused permit back, and remembers final answers."""
+    client: gives an unused permit back, and learns what is final."""
     __slots__ = ("router", "conn", "packet_id", "user_id", "permit")
 
     def __init__(self, router: "Router", conn: Replier, packet_id: int, user_id: int, permit: bool):
@@ -35,19 +54,26 @@ class _Routed(Replier):
         r = self.router
         if self.permit and status != fp.OK:
             r.permits.give_back(self.packet_id)
-        if status == fp.SOLD_OUT or status == fp.EXPIRED:
-            r.final.note_closed(self.packet_id, status)
-        elif status == fp.OK or status == fp.ALREADY_CLAIMED:
+        if status == fp.OK or status == fp.ALREADY_CLAIMED:
             body = frame[fp.RESPONSE_HEADER_BYTES:]
             r.final.note_claim(self.packet_id, self.user_id, body)
             r.permits.observe(self.packet_id, int.from_bytes(body[12:16], "big") + r.slack)
+            if status == fp.OK:
+                r.release_parked(self.packet_id)   # a share was there to take: let the parked ones try
+        elif status == fp.SOLD_OUT:
+            r.start_settling(self.packet_id)       # learn the claim list, to answer everyone exactly
+        elif status == fp.EXPIRED or status == fp.NOT_ELIGIBLE:
+            r.final.note_refusal(self.packet_id, self.user_id, status)
         self.conn.answer(frame)
 
 
 class Router:
     def __init__(self, worker_id: int, worker_count: int, engine: GrabEngine, permits: Permits,
-                 final: FinalStates, peers: dict[int, PeerLink], slack: int):
+                 final: FinalStates, peers: dict[int, PeerLink], slack: int, *,
+                 load_final_set: Callable[[int], Awaitable[FinalSet | None]] | None = None,
+                 final_set_wait_ms: int = 2000, max_parked_grabs: int = 65_536):
         assert 0 <= worker_id < worker_count and slack >= 0
+        assert final_set_wait_ms > 0 and max_parked_grabs >= 0
         self.worker_id = worker_id
         self.worker_count = worker_count
         self.engine = engine
@@ -55,11 +81,21 @@ class Router:
         self.final = final
         self.peers = peers
         self.slack = slack
+        self.load_final_set = load_final_set
+        self.final_set_wait_s = final_set_wait_ms / 1000
+        self.max_parked_grabs = max_parked_grabs
         self._active: set[int] = set()
         self._last_probe: dict[int, float] = {}
         self._reseeder: asyncio.Task | None = None
+        # packet id -> grabs parked until its final set is known; a key is
+        # present exactly while a settle task runs for that packet.
+        self._settling: dict[int, list[tuple[Replier, int, int]]] = {}
+        self._settle_tasks: set[asyncio.Task] = set()
+        self._settle_backoff: dict[int, float] = {}   # packet id -> loop time before which no new settle starts
+        self.parked = 0
         self.stats = {"local": 0, "forwarded": 0, "final_cache_hits": 0, "admitted": 0,
-                      "admission_rejects": 0, "probes": 0}
+                      "admission_rejects": 0, "probes": 0, "parked": 0, "final_sets_loaded": 0,
+                      "settle_gave_up": 0}
         engine.on_adopt = self._seed
 
     def start(self) -> None:
@@ -69,6 +105,8 @@ class Router:
     def stop(self) -> None:
         if self._reseeder is not None:
             self._reseeder.cancel()
+        for t in list(self._settle_tasks):
+            t.cancel()   # each relays its parked grabs to the owner on the way out
 
     def owns(self, packet_id: int) -> bool:
         return routing.owner_of(packet_id, self.worker_count) == self.worker_id
@@ -86,28 +124,40 @@ class Router:
             self.stats["local"] += 1
             self.engine.on_grab(conn, rid, packet_id, user_id)
             return
-        body = self.final.claims.get((packet_id, user_id))
-        if body is not None:
-            self.stats["final_cache_hits"] += 1
-            conn.answer(fp.encode_raw(fp.OP_GRAB, rid, fp.ALREADY_CLAIMED, self.worker_id, body))
-            return
-        closed = self.final.closed.get(packet_id)
-        if closed is not None:
-            self.stats["final_cache_hits"] += 1
-            conn.answer(fp.encode_error(fp.OP_GRAB, rid, closed, self.worker_id,
-                                        "every share has been taken" if closed == fp.SOLD_OUT
-                                        else "the packet has expired"))
+        if self._answer_known(conn, rid, packet_id, user_id):
             return
         if self.permits.mode == "none":
             self._relay(conn, rid, packet_id, user_id, owner, False)
         else:
             asyncio.get_running_loop().create_task(self._admit(conn, rid, packet_id, user_id, owner))
 
+    def _answer_known(self, conn: Replier, rid: int, packet_id: int, user_id: int) -> bool:
+        """Answers from final knowledge; False when there is none for this user."""
+        final = self.final
+        fs = final.sets.get(packet_id)
+        if fs is not None:
+            self.stats["final_cache_hits"] += 1
+            conn.answer(fs.answer(rid, user_id, self.worker_id))
+            return True
+        body = final.claims.get((packet_id, user_id))
+        if body is not None:
+            self.stats["final_cache_hits"] += 1
+            conn.answer(fp.encode_raw(fp.OP_GRAB, rid, fp.ALREADY_CLAIMED, self.worker_id, body))
+            return True
+        refusal = final.refusals.get((packet_id, user_id))
+        if refusal is not None:
+            self.stats["final_cache_hits"] += 1
+            conn.answer(fp.encode_error(fp.OP_GRAB, rid, refusal, self.worker_id,
+                                        "the packet has expired" if refusal == fp.EXPIRED
+                                        else "this user may not open this packet"))
+            return True
+        return False
+
     def on_relayed(self, conn: Replier, rid: int, packet_id: int, user_id: int) -> None:
         """A GRAB another worker relayed to us, the owner. It was admitted
         there (it holds that worker's permit), so it must not take a second
         one here, and our answer must be the truth: the relaying worker
-        caches SOLD_OUT as final."""
+        learns from it."""
         if not self.owns(packet_id):
             conn.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.worker_id,
                                         "relayed to a worker that does not own the packet"))
@@ -120,24 +170,98 @@ class Router:
             self.stats["admitted"] += 1
             self._relay(conn, rid, packet_id, user_id, owner, True)
             return
+        # The counter is spent: every share is taken or held by a grab in
+        # flight. That is no answer for this user (they may hold one).
+        if self._answer_known(conn, rid, packet_id, user_id):
+            return   # the final set arrived while the counter was asked
         now = asyncio.get_running_loop().time()
         if now - self._last_probe.get(packet_id, -1e9) >= PROBE_INTERVAL_S:
-            # The counter only says every share is taken or held by an attempt
-            # in flight; let one attempt ask the owner, which learns the final
-            # state for this worker's cache, or finds a share given back.
+            # Let one attempt ask the owner, which may find a share given back.
             if len(self._last_probe) > 100_000:
                 self._last_probe.clear()
             self._last_probe[packet_id] = now
             self.stats["probes"] += 1
             self._relay(conn, rid, packet_id, user_id, owner, False)
             return
-        self.stats["admission_rejects"] += 1
-        conn.answer(fp.encode_error(fp.OP_GRAB, rid, fp.SOLD_OUT, self.worker_id,
-                                    "every share is taken or held by a grab in flight"))
+        if self.parked < self.max_parked_grabs and self.start_settling(packet_id):
+            self.stats["admission_rejects"] += 1
+            self.stats["parked"] += 1
+            self.parked += 1
+            self._settling[packet_id].append((conn, rid, user_id))
+            return
+        self._relay(conn, rid, packet_id, user_id, owner, False)
 
     def _relay(self, conn: Replier, rid: int, packet_id: int, user_id: int, owner: int, permit: bool) -> None:
         self.stats["forwarded"] += 1
         self.peers[owner].forward(_Routed(self, conn, packet_id, user_id, permit), rid, packet_id, user_id)
+
+    # ------------------------------------------------------------ final sets
+
+    def start_settling(self, packet_id: int) -> bool:
+        """Starts reading the packet's final claim list unless a read runs
+        already; False when none can run (no database, or a recent one gave up)."""
+        if packet_id in self._settling:
+            return True
+        if self.load_final_set is None or packet_id in self.final.sets:
+            return False
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._settle_backoff.get(packet_id, 0.0):
+            return False
+        self._settling[packet_id] = []
+        task = loop.create_task(self._settle(packet_id))
+        self._settle_tasks.add(task)
+        task.add_done_callback(self._settle_tasks.discard)
+        return True
+
+    async def _settle(self, packet_id: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.final_set_wait_s
+        poll_s = SETTLE_FIRST_POLL_S
+        fs = None
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    fs = await asyncio.wait_for(self.load_final_set(packet_id), left)
+                except asyncio.TimeoutError:
+                    break
+                except Exception as exc:   # the database is down: the owner still answers from memory
+                    log.debug("final claim list of packet %d unreadable: %r", packet_id, exc)
+                    break
+                if fs is not None:
+                    break
+                await asyncio.sleep(min(poll_s, max(0.0, deadline - loop.time())))
+                poll_s = min(poll_s * 2, SETTLE_MAX_POLL_S)
+        finally:
+            parked = self._settling.pop(packet_id, [])
+            self.parked -= len(parked)
+            assert self.parked >= 0
+            if fs is not None and self.final.install(fs):
+                self.stats["final_sets_loaded"] += 1
+                wid = self.worker_id
+                for conn, rid, user_id in parked:
+                    conn.answer(fs.answer(rid, user_id, wid))
+            else:
+                self.stats["settle_gave_up"] += 1
+                if len(self._settle_backoff) > 100_000:
+                    self._settle_backoff.clear()
+                self._settle_backoff[packet_id] = loop.time() + self.final_set_wait_s
+                self._relay_all(packet_id, parked)
+
+    def release_parked(self, packet_id: int) -> None:
+        """A share turned out to be free: the parked grabs try for it at the owner."""
+        parked = self._settling.get(packet_id)
+        if parked:
+            self._settling[packet_id] = []
+            self.parked -= len(parked)
+            self._relay_all(packet_id, parked)
+
+    def _relay_all(self, packet_id: int, parked: list) -> None:
+        owner = routing.owner_of(packet_id, self.worker_count)
+        for conn, rid, user_id in parked:
+            self._relay(conn, rid, packet_id, user_id, owner, False)
 
     # ------------------------------------------------------------ counters
 

@@ -1,8 +1,14 @@
 """The supervisor: one listening socket per worker (held open for life, so
 steering survives restarts), N worker processes, a local memcached, restarts
-of dead workers, and a graceful drain on SIGTERM/SIGINT."""
+of dead workers and of that memcached, and a graceful drain on
+SIGTERM/SIGINT.
+
+If the supervisor itself is killed (SIGKILL runs no code), its workers get
+SIGTERM from the kernel (PR_SET_PDEATHSIG) and drain, and the reaper
+(reaper.py) stops the memcached and embedded PostgreSQL it started."""
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import multiprocessing as mp
@@ -18,6 +24,7 @@ from pathlib import Path
 
 from ..config import Settings
 from .listener import open_listeners
+from .reaper import Reaper, describe
 
 log = logging.getLogger("anbao.supervisor")
 
@@ -26,6 +33,9 @@ DRAIN_TIMEOUT_S = 30
 RESTART_WINDOW_S = 10
 MAX_RESTARTS_PER_WINDOW = 5
 POLL_S = 0.05
+MEMCACHED_START_TIMEOUT_S = 10
+MEMCACHED_RESTART_PAUSE_S = 1.0   # between restarts of a memcached that keeps dying
+PR_SET_PDEATHSIG = 1
 
 
 def _free_port() -> int:
@@ -34,30 +44,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_memcached() -> tuple[subprocess.Popen, str] | None:
+def start_memcached(port: int = 0) -> tuple[subprocess.Popen, str] | None:
+    """A local memcached on port (0: a free one); None without the binary."""
     binary = shutil.which("memcached")
     if binary is None:
         return None
-    port = _free_port()
+    port = port or _free_port()
     args = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64", "-c", "4096", "-t", "1"]
     if os.geteuid() == 0:
         args += ["-u", "nobody"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    deadline = time.monotonic() + MEMCACHED_START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return proc, f"127.0.0.1:{port}"
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError("memcached did not start")
+    proc.wait()
+    raise RuntimeError(f"memcached did not start on port {port}")
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """The kernel sends this process SIGTERM when its parent dies, however
+    it dies: a worker then drains and exits instead of running on, an
+    orphan holding the port and the database."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    if os.getppid() != parent_pid:
+        os._exit(1)   # the parent died before prctl took effect
 
 
 def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.socket, peer_dir: str,
                  peer_token: bytes, admission: str, memcached: str | None, with_metrics: bool, ready,
-                 committing=None) -> None:
+                 committing, supervisor_pid: int, not_ours: list, close_fds: list[int]) -> None:
     """Runs in the forked child."""
+    die_with_parent(supervisor_pid)
+    # The fork copied every descriptor of the supervisor. The other workers'
+    # listening sockets and the reaper's pipe are not ours to hold open: an
+    # orphaned copy of a listener keeps taking connections nobody accepts.
+    for other in not_ours:
+        other.close()
+    for fd in close_fds:
+        os.close(fd)
+
     import asyncio
 
     import uvloop
@@ -95,8 +128,13 @@ def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.so
 
 class Supervisor:
     def __init__(self, settings: Settings, dsn: str, tokens_path: Path, memcached: str | None,
-                 admission: str = "memcached", metrics_port: int = 0):
+                 admission: str = "memcached", metrics_port: int = 0, reaper: Reaper | None = None):
         assert admission in ("memcached", "in-process", "off")
+        self.reaper = reaper
+        self.entries: dict[int, dict] = {}        # worker slot -> its pid and start time
+        self._memcached_entry: dict | None = None
+        self._memcached_restarted_at = -1e9
+        self.memcached_restarts = 0
         self.settings = settings
         self.dsn = dsn
         self.tokens_path = tokens_path
@@ -130,6 +168,7 @@ class Supervisor:
                 self.admission = "in-process"
             else:
                 self._memcached_proc, self.memcached = started
+                self._note_memcached()
         # One byte per worker in memory shared across the fork: set while the
         # worker has grab batches committing, so that every worker's roll-up
         # yields to any worker's grabs (they share one PostgreSQL).
@@ -142,14 +181,24 @@ class Supervisor:
         self._await_ready(set(range(n)))
         self._write_pids()
 
+    def _note_memcached(self) -> None:
+        self._memcached_entry = describe(self._memcached_proc.pid)
+        if self.reaper is not None:
+            self.reaper.watch("memcached", self._memcached_entry)
+
     def _spawn(self, i: int) -> None:
         settings = replace(self.settings, worker_id=i, port=self.port)
         p = self._ctx.Process(target=_worker_main, name=f"anbao-worker-{i}",
                               args=(settings, self.dsn, str(self.tokens_path), self.socks[i], str(self.run_dir),
                                     self.peer_token, self.admission, self.memcached, bool(self.metrics_port),
-                                    self._ready, self._committing))
+                                    self._ready, self._committing, os.getpid(),
+                                    [s for j, s in enumerate(self.socks) if j != i],
+                                    [self.reaper.fd] if self.reaper is not None else []))
         p.start()
         self.procs[i] = p
+        self.entries[i] = describe(p.pid)
+        if self.reaper is not None:
+            self.reaper.watch(f"worker-{i}", self.entries[i])
 
     def _await_ready(self, waiting: set[int]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -168,7 +217,13 @@ class Supervisor:
     def _write_pids(self) -> None:
         doc = {"supervisor": os.getpid(), "port": self.port, "memcached": self.memcached,
                "metrics_port": self.metrics_port,
-               "workers": {str(i): p.pid for i, p in self.procs.items()}, "restarts": self.total_restarts}
+               "workers": {str(i): p.pid for i, p in self.procs.items()}, "restarts": self.total_restarts,
+               "memcached_restarts": self.memcached_restarts,
+               # pid and start time: what the next start checks before stopping anything left over
+               "supervisor_process": describe(os.getpid()),
+               "worker_processes": {str(i): e for i, e in self.entries.items()},
+               "memcached_process": self._memcached_entry if self._memcached_proc is not None else None,
+               "reaper_process": self.reaper.entry if self.reaper is not None else None}
         tmp = self.run_dir / "workers.json.tmp"
         tmp.write_text(json.dumps(doc))
         tmp.replace(self.run_dir / "workers.json")
@@ -181,6 +236,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.request_stop)
         while not self._stopping:
             time.sleep(POLL_S)
+            if self._memcached_proc is not None and self._memcached_proc.poll() is not None:
+                self._restart_memcached()
             for i, p in list(self.procs.items()):
                 if p.is_alive() or self._stopping:
                     continue
@@ -205,6 +262,32 @@ class Supervisor:
                 self._write_pids()
         self.stop()
 
+    def _restart_memcached(self) -> None:
+        """The memcached this supervisor started died: start it again on the
+        same port, so every worker finds it where it was. Its counters are
+        gone; admission fails open until the owners reseed them (each second)."""
+        now = time.monotonic()
+        if now - self._memcached_restarted_at < MEMCACHED_RESTART_PAUSE_S:
+            return
+        self._memcached_restarted_at = now
+        dead = self._memcached_proc
+        port = int(self.memcached.rsplit(":", 1)[1])
+        log.error("memcached (pid %d) exited with code %s; restarting it on port %d", dead.pid, dead.returncode,
+                  port)
+        try:
+            started = start_memcached(port)
+        except RuntimeError as exc:
+            log.error("%s; admission fails open; trying again in %.0f s", exc, MEMCACHED_RESTART_PAUSE_S)
+            return
+        if started is None:
+            log.error("the memcached binary is gone; admission fails open from now on")
+            self._memcached_proc = None
+            return
+        self._memcached_proc, _ = started
+        self.memcached_restarts += 1
+        self._note_memcached()
+        self._write_pids()
+
     def stop(self) -> None:
         for p in self.procs.values():
             if p.is_alive():
@@ -219,5 +302,9 @@ class Supervisor:
         if self._memcached_proc is not None:
             self._memcached_proc.terminate()
             self._memcached_proc.wait(10)
-        for s in self.socks:
+        if self.reaper is not None:
+            for i in self.entries:
+                self.reaper.unwatch(f"worker-{i}")
+            self.reaper.unwatch("memcached")
+        for s in getattr(self, "socks", []):
             s.close()

@@ -14,6 +14,7 @@ import asyncpg
 from .. import _fastpath as fp
 from .. import routing
 from ..admission import FinalStates, Permits
+from ..admission.claims import load_final_set
 from ..auth import SCOPE_ADMIN, SCOPE_PEER, TokenBook
 from ..config import Limits, Settings
 from ..engine.expiry import ExpirySweeper
@@ -22,7 +23,9 @@ from ..storage.audit import audit
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.ledger import Ledger, Refused, now_ms
 from ..storage.migrate import migrate
-from .connection import Connection
+from . import dbhealth
+from .connection import PAUSED_WRITE, Connection
+from .dbhealth import DbHealth
 from .peers import PeerLink
 from .router import Router
 
@@ -70,6 +73,8 @@ class Worker:
         self.roller: Roller | None = None
         self._roller_task: asyncio.Task | None = None
         self.port: int | None = None
+        self.db = DbHealth(self.limits.db_down_log_interval_ms)
+        self._db_watch: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -88,11 +93,13 @@ class Worker:
         peers = {}
         if self.worker_count > 1:
             peers = {w: PeerLink(self.worker_id, w, self.peer_dir / f"worker-{w}.sock", self.peer_token,
-                                 lim.max_relayed_per_peer)
+                                 lim.max_relayed_per_peer, lim.relay_retry_deadline_ms)
                      for w in range(self.worker_count) if w != self.worker_id}
+        ledger = self.ledger
         self.router = Router(self.worker_id, self.worker_count, self.engine, self.permits,
-                             FinalStates(lim.max_final_packets_cached, lim.max_final_claims_cached), peers,
-                             lim.admission_slack)
+                             FinalStates(lim.max_final_set_entries, lim.max_final_claims_cached), peers,
+                             lim.admission_slack, load_final_set=lambda pid: load_final_set(ledger.pool, pid),
+                             final_set_wait_ms=lim.final_set_wait_ms, max_parked_grabs=lim.max_parked_grabs)
         self.router.start()
         if self.metrics is not None:
             self.engine.on_commit = self.metrics.observe_commit
@@ -115,6 +122,7 @@ class Worker:
             self._peer_server = await self.loop.create_unix_server(lambda: Connection(self), str(path))
             path.chmod(0o600)
         self._sweeper = self.loop.create_task(self._sweep_idle())
+        self._db_watch = self.loop.create_task(self._watch_database())
         self.expiry = ExpirySweeper(self, lim.expiry_sweep_interval_ms, lim.expiry_sweep_batch)
         self._expiry_task = self.loop.create_task(self.expiry.run())
         self._roller_task = self.loop.create_task(self.roller.run())
@@ -149,6 +157,9 @@ class Worker:
             await asyncio.sleep(0.01)
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._db_watch is not None:
+            self._db_watch.cancel()
+            await asyncio.gather(self._db_watch, return_exceptions=True)
         for c in list(self.connections):
             c.close()
         if self._peer_server is not None:
@@ -184,6 +195,31 @@ class Worker:
                 elif now - c.last_seen > lim.idle_timeout_ms / 1000:
                     c.close()
 
+    async def _watch_database(self) -> None:
+        """Probes PostgreSQL on a connection of its own (a hung server must
+        not hold one of the pool's), so STATS and the log say it is down
+        even when no request is failing."""
+        interval_s = self.limits.db_probe_interval_ms / 1000
+        conn = None
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                if conn is None or conn.is_closed():
+                    conn = await asyncpg.connect(self.dsn, timeout=interval_s)
+                await conn.fetchval("SELECT 1", timeout=interval_s)
+                self.db.succeeded()
+            except asyncio.CancelledError:
+                if conn is not None:
+                    conn.terminate()
+                raise
+            except Exception as exc:
+                if dbhealth.classify(exc) is None:
+                    log.exception("database probe failed")
+                self.db.failed(exc)
+                if conn is not None:
+                    conn.terminate()
+                    conn = None
+
     # ------------------------------------------------------------ dispatch
 
     def dispatch(self, conn: Connection, opcode: int, rid: int, args: tuple) -> None:
@@ -206,15 +242,31 @@ class Worker:
         wid = self.worker_id
         try:
             frame = await handler(self, rid, *args)
+            if opcode not in self._memory_ops:
+                self.db.succeeded()
         except Refused as exc:
             frame = fp.encode_error(opcode, rid, exc.status, wid, str(exc))
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
-            log.warning("opcode 0x%02x: database unavailable: %r", opcode, exc)
-            frame = fp.encode_error(opcode, rid, fp.UNAVAILABLE, wid, "database unavailable; retry")
-        except Exception:
-            log.exception("opcode 0x%02x failed", opcode)
-            frame = fp.encode_error(opcode, rid, fp.INTERNAL, wid, "internal error")
+        except Exception as exc:
+            frame = self._database_error(opcode, rid, exc)
         conn.answer(frame)
+
+    def _database_error(self, opcode: int, rid: int, exc: Exception) -> bytes:
+        """The typed answer to a handler's failure (see dbhealth)."""
+        wid = self.worker_id
+        kind = dbhealth.classify(exc)
+        if kind is None:
+            log.exception("opcode 0x%02x failed", opcode, exc_info=exc)
+            return fp.encode_error(opcode, rid, fp.INTERNAL, wid, "internal error")
+        if kind == dbhealth.BAD_VALUE:
+            return fp.encode_error(opcode, rid, fp.INVALID, wid, f"a value does not fit: {exc}")
+        if kind == dbhealth.ROLLED_BACK:
+            return fp.encode_error(opcode, rid, fp.UNAVAILABLE, wid, f"the database undid it ({type(exc).__name__});"
+                                   " nothing changed, retry")
+        self.db.failed(exc)   # logs the outage, not each request
+        if kind == dbhealth.BROKE and opcode in self._write_ops:
+            return fp.encode_error(opcode, rid, fp.IN_DOUBT, wid, "the database connection broke under this"
+                                   " request: it may have been applied; retrying it (same key) is safe")
+        return fp.encode_error(opcode, rid, fp.UNAVAILABLE, wid, "database unavailable; nothing changed, retry")
 
     def _reply_stored(self, opcode: int, rid: int, answer) -> bytes:
         if answer.status == fp.OK:
@@ -395,13 +447,18 @@ class Worker:
     def stats(self) -> dict:
         e = self.engine
         return {"worker_id": self.worker_id, "pid": os.getpid(), "connections": len(self.connections),
+                "connections_paused_writing": sum(1 for c in self.connections if c.paused_by & PAUSED_WRITE),
+                "unsent_answer_bytes": sum(c.transport.get_write_buffer_size() for c in self.connections
+                                           if c.transport is not None),
                 "packets_in_memory": len(e.states), "queued_grabs": e.queued_grabs, "commits": e.commits,
                 "committed_grabs": e.committed_grabs, "failed_batches": e.failed_batches,
                 "rolled_up_claims": self.roller.rolled_claims, "rollup_backlog_claims": self.roller.backlog_claims,
                 "rollup_failures": self.roller.failures,
                 "admission": self.permits.mode, "admission_errors": getattr(self.permits, "errors", 0),
-                **self.router.stats,
-                "relayed_by_peer": {str(w): link.forwarded for w, link in self.router.peers.items()}}
+                "admission_last_error": getattr(self.permits, "last_error", ""),
+                **self.router.stats, **self.db.stats(),
+                "relayed_by_peer": {str(w): link.forwarded for w, link in self.router.peers.items()},
+                "relay_retries_by_peer": {str(w): link.resent for w, link in self.router.peers.items()}}
 
     async def _stats(self, rid: int) -> bytes:
         doc = json.dumps(self.stats(), sort_keys=True).encode()
@@ -427,4 +484,9 @@ class Worker:
     }
     # Money in and out of the system, and the audit, need the admin scope.
     _admin_ops = frozenset({fp.OP_DEPOSIT, fp.OP_WITHDRAW, fp.OP_AUDIT})
+    # Requests that write: a connection broken under one leaves it in doubt.
+    _write_ops = frozenset({fp.OP_REGISTER, fp.OP_DEPOSIT, fp.OP_WITHDRAW, fp.OP_SEND, fp.OP_GROUP_CREATE,
+                            fp.OP_GROUP_ADD, fp.OP_GROUP_REMOVE})
+    # Answered from memory: their success says nothing about the database.
+    _memory_ops = frozenset({fp.OP_TOPOLOGY, fp.OP_STATS})
 

