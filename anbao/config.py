@@ -68,6 +68,9 @@ class Limits:
     max_known_users_cached: int = 2_000_000
     db_pool_size: int = 8
     admission_slack: int = 16                   # permits beyond the unreserved shares
+    # A relay skips the admission counter while the owner's last word on the
+    # packet, less this worker's relays in flight, is above this many shares.
+    relay_unadmitted_above_shares: int = 64
     max_relayed_per_peer: int = 65_536           # GRABs in flight to one owner worker
     # A relayed GRAB whose owner died is sent again to the owner's replacement
     # (a restart takes a fraction of a second) for this long; past it, it is

@@ -52,12 +52,15 @@ class _Routed(Replier):
     def answer(self, frame: bytes) -> None:
         status = frame[9]
         r = self.router
+        r.relay_done(self.packet_id)
         if self.permit and status != fp.OK:
             r.permits.give_back(self.packet_id)
         if status == fp.OK or status == fp.ALREADY_CLAIMED:
             body = frame[fp.RESPONSE_HEADER_BYTES:]
             r.final.note_claim(self.packet_id, self.user_id, body)
-            r.permits.observe(self.packet_id, int.from_bytes(body[12:16], "big") + r.slack)
+            remaining = int.from_bytes(body[12:16], "big")
+            r.note_remaining(self.packet_id, remaining)
+            r.permits.observe(self.packet_id, remaining + r.slack)
             if status == fp.OK:
                 r.release_parked(self.packet_id)   # a share was there to take: let the parked ones try
         elif status == fp.SOLD_OUT:
@@ -71,7 +74,8 @@ class Router:
     def __init__(self, worker_id: int, worker_count: int, engine: GrabEngine, permits: Permits,
                  final: FinalStates, peers: dict[int, PeerLink], slack: int, *,
                  load_final_set: Callable[[int], Awaitable[FinalSet | None]] | None = None,
-                 final_set_wait_ms: int = 2000, max_parked_grabs: int = 65_536):
+                 final_set_wait_ms: int = 2000, max_parked_grabs: int = 65_536,
+                 relay_unadmitted_above: int = 64, max_packets_tracked: int = 100_000):
         assert 0 <= worker_id < worker_count and slack >= 0
         assert final_set_wait_ms > 0 and max_parked_grabs >= 0
         self.worker_id = worker_id
@@ -93,7 +97,18 @@ class Router:
         self._settle_tasks: set[asyncio.Task] = set()
         self._settle_backoff: dict[int, float] = {}   # packet id -> loop time before which no new settle starts
         self.parked = 0
-        self.stats = {"local": 0, "forwarded": 0, "final_cache_hits": 0, "admitted": 0,
+        # What the owner last said a packet has left, and this worker's
+        # relays of it still unanswered: while the difference is above
+        # relay_unadmitted_above the counter could only say yes, so a relay
+        # skips it (a memcached round trip and a task per grab). The owner
+        # still decides; the counter, not decremented meanwhile, lags high,
+        # which is safe, and the owner reseeds it every second.
+        self.relay_unadmitted_above = relay_unadmitted_above
+        self.max_packets_tracked = max_packets_tracked
+        self._remaining: dict[int, int] = {}
+        self._relaying: dict[int, int] = {}
+        self.parked = 0
+        self.stats = {"local": 0, "forwarded": 0, "relayed_unadmitted": 0, "final_cache_hits": 0, "admitted": 0,
                       "admission_rejects": 0, "probes": 0, "parked": 0, "final_sets_loaded": 0,
                       "settle_gave_up": 0}
         engine.on_adopt = self._seed
@@ -127,6 +142,10 @@ class Router:
         if self._answer_known(conn, rid, packet_id, user_id):
             return
         if self.permits.mode == "none":
+            self._relay(conn, rid, packet_id, user_id, owner, False)
+        elif (self._remaining.get(packet_id, 0) - self._relaying.get(packet_id, 0)
+              > self.relay_unadmitted_above):
+            self.stats["relayed_unadmitted"] += 1
             self._relay(conn, rid, packet_id, user_id, owner, False)
         else:
             asyncio.get_running_loop().create_task(self._admit(conn, rid, packet_id, user_id, owner))
@@ -191,8 +210,22 @@ class Router:
             return
         self._relay(conn, rid, packet_id, user_id, owner, False)
 
+    def note_remaining(self, packet_id: int, remaining: int) -> None:
+        if len(self._remaining) >= self.max_packets_tracked and packet_id not in self._remaining:
+            self._remaining.clear()   # forgetting only costs counter round trips
+        self._remaining[packet_id] = remaining
+
+    def relay_done(self, packet_id: int) -> None:
+        n = self._relaying.get(packet_id, 0) - 1
+        assert n >= 0
+        if n:
+            self._relaying[packet_id] = n
+        else:
+            del self._relaying[packet_id]
+
     def _relay(self, conn: Replier, rid: int, packet_id: int, user_id: int, owner: int, permit: bool) -> None:
         self.stats["forwarded"] += 1
+        self._relaying[packet_id] = self._relaying.get(packet_id, 0) + 1
         self.peers[owner].forward(_Routed(self, conn, packet_id, user_id, permit), rid, packet_id, user_id)
 
     # ------------------------------------------------------------ final sets

@@ -99,7 +99,8 @@ class Worker:
         self.router = Router(self.worker_id, self.worker_count, self.engine, self.permits,
                              FinalStates(lim.max_final_set_entries, lim.max_final_claims_cached), peers,
                              lim.admission_slack, load_final_set=lambda pid: load_final_set(ledger.pool, pid),
-                             final_set_wait_ms=lim.final_set_wait_ms, max_parked_grabs=lim.max_parked_grabs)
+                             final_set_wait_ms=lim.final_set_wait_ms, max_parked_grabs=lim.max_parked_grabs,
+                             relay_unadmitted_above=lim.relay_unadmitted_above_shares)
         self.router.start()
         if self.metrics is not None:
             self.engine.on_commit = self.metrics.observe_commit
