@@ -21,6 +21,10 @@ class Limits:
     # bad frame may take (grabs wait for their commit) before the error
     # frame goes out anyway and the connection closes.
     framing_error_linger_ms: int = 30_000
+    # After the error frame: how long the connection drains (and drops) what
+    # the client still sends before closing, so that closing does not reset
+    # the connection under answers the client has not read yet.
+    close_linger_ms: int = 2_000
     hello_timeout_ms: int = 10_000
     idle_timeout_ms: int = 300_000
     max_total_cents: int = 100_000_000          # 1,000,000.00 per packet

@@ -165,3 +165,41 @@ def test_every_operation_has_vectors():
     assert set(wire.Op) <= requests, set(wire.Op) - requests
     plain_integers = {wire.Op.PING, wire.Op.REGISTER, wire.Op.DEPOSIT, wire.Op.BALANCE}
     assert set(wire.Op) - plain_integers <= answers, set(wire.Op) - plain_integers - answers
+
+
+def _section(title: str) -> str:
+    text = DOC.read_text()
+    start = text.index(title)
+    end = text.find("\n## ", start + len(title))
+    return text[start:end if end >= 0 else len(text)]
+
+
+def test_the_operations_table_is_one_table_with_every_opcode():
+    """It broke after STATS, and WITHDRAW .. GROUP_INFO rendered as loose text."""
+    lines = _section("## Operations").split("\n")
+    first = next(i for i, line in enumerate(lines) if line.startswith("| opcode"))
+    table = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        table.append(line)
+    opcodes = [int(row.split("|")[1], 16) for row in table[2:]]
+    assert sorted(opcodes) == sorted(int(op) for op in wire.Op), "every opcode, once, in the one table"
+    stray = [line for line in lines[first + len(table):] if line.startswith("| 0x")]
+    assert not stray, f"rows outside the table: {stray}"
+
+
+def test_the_status_table_has_every_status():
+    rows = [line for line in _section("## Status codes").split("\n") if line.startswith("| ") and "|---" not in line]
+    codes = {int(r.split("|")[1]): r.split("|")[2].strip() for r in rows[1:]}
+    assert codes == {s.value: s.name for s in wire.Status}
+
+
+def test_the_conversation_rules_are_written_down():
+    """What a client written from PROTOCOL.md alone needs and did not find."""
+    doc = DOC.read_text()
+    assert "(opcode 0, request id" not in doc, "the fatal frame's opcode byte is 0x80"
+    for needed in ("opcode byte `0x80`", "**Request ids.**", "**Pipelined behind HELLO.**", "**A second HELLO**",
+                   "**A refused HELLO.**", "### Tokens", "`max_queued_grabs`", "may not grab it: `NOT_ELIGIBLE`",
+                   "IN_DOUBT", "**A client that does not read**"):
+        assert needed in doc, needed

