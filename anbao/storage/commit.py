@@ -104,49 +104,49 @@ class GrabCommitter:
         assert len(packets) == len(seqs) == len(users) == len(amounts) > 0
         conn = await self._connection(slot)
         backend_pid = conn.get_server_pid()
+        args = (batch_id, self.worker_id, sorted(set(packets)), packets, seqs, users, amounts)
         if before is None or (before.done() and before.result()):
             # Nothing before it is still unsettled: the INSERT commits by
             # itself, one round trip instead of BEGIN, INSERT and COMMIT.
             try:
-                await conn.execute(_INSERT_BATCH, batch_id, self.worker_id, sorted(set(packets)), packets, seqs,
-                                   users, amounts)
+                await conn.execute(_INSERT_BATCH, *args)
                 return True
             except BaseException as exc:
-                self._discard(slot)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, SERVER_GONE_ERRORS):
-                    log.warning("batch %d refused: %r", batch_id, exc)
-                    return False
-                log.warning("batch %d: outcome unknown (%r); resolving by read-back", batch_id, exc)
-            return await self._resolve(batch_id, packets[0], seqs[0], backend_pid)
+                refused = self._commit_failed(slot, batch_id, exc)
+            return False if refused else await self._resolve(batch_id, packets[0], seqs[0], backend_pid)
         try:
             await conn.execute("BEGIN")
-            await conn.execute(_INSERT_BATCH, batch_id, self.worker_id, sorted(set(packets)), packets, seqs, users,
-                               amounts)
+            await conn.execute(_INSERT_BATCH, *args)
         except BaseException as exc:
             # Nothing was committed: no COMMIT was sent.
             self._discard(slot)
             if not isinstance(exc, Exception):
                 raise
             log.warning("batch %d not committed: %r", batch_id, exc)
-            if before is not None:
-                await asyncio.shield(before)  # failures are handled in build order
+            await asyncio.shield(before)  # failures are handled in build order
             return False
-        if before is not None and not await asyncio.shield(before):
+        if not await asyncio.shield(before):
             await self._rollback(slot)
             return False
         try:
             await conn.execute("COMMIT")
             return True
         except BaseException as exc:
-            self._discard(slot)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, SERVER_GONE_ERRORS):
-                return False  # the server refused the COMMIT: it rolled back
-            log.warning("batch %d: outcome unknown (%r); resolving by read-back", batch_id, exc)
-        return await self._resolve(batch_id, packets[0], seqs[0], backend_pid)
+            refused = self._commit_failed(slot, batch_id, exc)
+        return False if refused else await self._resolve(batch_id, packets[0], seqs[0], backend_pid)
+
+    def _commit_failed(self, slot: int, batch_id: int, exc: BaseException) -> bool:
+        """After a statement that commits failed: True when PostgreSQL refused
+        it (rolled back, nothing landed), False when the outcome is unknown
+        (the connection broke under it). Cancellation propagates."""
+        self._discard(slot)
+        if isinstance(exc, asyncio.CancelledError):
+            raise exc
+        if isinstance(exc, asyncpg.PostgresError) and not isinstance(exc, SERVER_GONE_ERRORS):
+            log.warning("batch %d refused: %r", batch_id, exc)
+            return True
+        log.warning("batch %d: outcome unknown (%r); resolving by read-back", batch_id, exc)
+        return False
 
     async def _rollback(self, slot: int) -> None:
         try:
