@@ -26,7 +26,7 @@ NOT_ELIGIBLE_TEXT = "this user may not open this packet"
 class FinalSet:
     """A sold-out packet as its owner decides GRAB on it (PacketState.take's
     order): the user's own share first, then eligibility, then SOLD_OUT."""
-    __slots__ = ("packet_id", "count", "sender_id", "eligible", "claims")
+    __slots__ = ("packet_id", "count", "sender_id", "eligible", "claims", "_sold_out")
 
     def __init__(self, packet_id: int, count: int, sender_id: int, eligible: frozenset | None,
                  claims: dict[int, bytes]):
@@ -36,6 +36,7 @@ class FinalSet:
         self.sender_id = sender_id
         self.eligible = eligible        # None: any registered user
         self.claims = claims            # user id -> the body of their GRAB answer
+        self._sold_out: bytes | None = None   # the SOLD_OUT answer, encoded once: the rejection path
 
     @property
     def entries(self) -> int:
@@ -47,7 +48,10 @@ class FinalSet:
             return fp.encode_raw(fp.OP_GRAB, rid, fp.ALREADY_CLAIMED, worker_id, body)
         if user_id == self.sender_id or (self.eligible is not None and user_id not in self.eligible):
             return fp.encode_error(fp.OP_GRAB, rid, fp.NOT_ELIGIBLE, worker_id, NOT_ELIGIBLE_TEXT)
-        return fp.encode_error(fp.OP_GRAB, rid, fp.SOLD_OUT, worker_id, SOLD_OUT_TEXT)
+        frame = self._sold_out
+        if frame is None:
+            frame = self._sold_out = fp.encode_error(fp.OP_GRAB, 0, fp.SOLD_OUT, worker_id, SOLD_OUT_TEXT)
+        return fp.with_request_id(frame, rid)
 
 
 def grab_body(amount_cents: int, seq: int, count: int) -> bytes:

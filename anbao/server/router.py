@@ -139,6 +139,11 @@ class Router:
             self.stats["local"] += 1
             self.engine.on_grab(conn, rid, packet_id, user_id)
             return
+        fs = self.final.sets.get(packet_id)
+        if fs is not None:   # the rejection path after a sell-out: inline, no call more than needed
+            self.stats["final_cache_hits"] += 1
+            conn.answer(fs.answer(rid, user_id, self.worker_id))
+            return
         if self._answer_known(conn, rid, packet_id, user_id):
             return
         if self.permits.mode == "none":
