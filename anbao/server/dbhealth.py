@@ -43,6 +43,8 @@ _MID_SESSION = (
     asyncpg.exceptions.ConnectionFailureError,       # 08006
     asyncpg.exceptions.PostgresConnectionError,      # the rest of class 08
     asyncpg.exceptions.InterfaceError,               # ConnectionDoesNotExistError: closed mid-operation
+    asyncpg.exceptions._base.InternalClientError,    # "another operation is in progress": a connection
+                                                     # left mid-protocol by a backend that went away
     asyncio.TimeoutError,
     TimeoutError,
     OSError,                                         # reset, broken pipe
@@ -74,20 +76,24 @@ def classify(exc: BaseException) -> str | None:
 
 class DbHealth:
     """Whether this worker can reach PostgreSQL, from its requests and a
-    probe of its own. An outage is logged when it starts, then at most once
-    per log interval with how many requests it failed, and once more when
-    it ends: never once per request."""
+    probe of its own. An outage begins at a failure and ends only after
+    successes with no failure for recovery_s: a database that half works
+    (old connections answer, new ones are refused) is one outage, not one
+    per request. It is logged when it begins, then at most once per log
+    interval with how many requests it failed, and once when it ends."""
 
-    def __init__(self, log_interval_ms: int, clock=time.monotonic):
-        assert log_interval_ms > 0
+    def __init__(self, log_interval_ms: int, recovery_ms: int = 1000, clock=time.monotonic):
+        assert log_interval_ms > 0 and recovery_ms > 0
         self.log_interval_s = log_interval_ms / 1000
+        self.recovery_s = recovery_ms / 1000
         self.clock = clock
         self.down_since: float | None = None
         self.last_error = ""
         self.failures = 0            # requests and probes that failed, all time
         self.outages = 0
+        self._last_failure_at = -1e9
         self._failures_at_log = 0
-        self._logged_at = 0.0
+        self._logged_at = -1e9
 
     @property
     def up(self) -> bool:
@@ -96,6 +102,7 @@ class DbHealth:
     def failed(self, exc: BaseException) -> None:
         now = self.clock()
         self.failures += 1
+        self._last_failure_at = now
         self.last_error = repr(exc)[:200]
         if self.down_since is None:
             self.down_since = now
@@ -110,8 +117,11 @@ class DbHealth:
 
     def succeeded(self) -> None:
         if self.down_since is not None:
-            log.warning("PostgreSQL reachable again after %.1f s", self.clock() - self.down_since)
-            self.down_since = None
+            now = self.clock()
+            if now - self._last_failure_at >= self.recovery_s:
+                log.warning("PostgreSQL reachable again after %.1f s (%d failures)", now - self.down_since,
+                            self.failures - self._failures_at_log)
+                self.down_since = None
 
     def stats(self) -> dict:
         down_ms = 0 if self.down_since is None else int((self.clock() - self.down_since) * 1000)
