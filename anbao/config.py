@@ -59,7 +59,7 @@ class Limits:
     max_queued_grabs: int = 65_536
     # Roll-up behind the commit: at most rollup_batches_per_pass batches a
     # transaction; it polls this often when nothing wakes it. While grabs
-    # are committing it waits (up to rollup_defer_max_ms at a time) unless
+    # are committing (or did within rollup_quiet_ms) it waits (up to rollup_defer_max_ms at a time) unless
     # rollup_defer_below_grabs are waiting for it. Past
     # max_rollup_backlog_grabs, batches stop going out (and the queue fills
     # to BUSY) until it catches up.
@@ -67,6 +67,7 @@ class Limits:
     rollup_idle_poll_ms: int = 1000
     rollup_defer_below_grabs: int = 100_000
     rollup_defer_max_ms: int = 1000
+    rollup_quiet_ms: int = 50                   # grabs committed this recently count as committing
     max_rollup_backlog_grabs: int = 2_000_000
     max_packets_in_memory: int = 500_000
     max_known_users_cached: int = 2_000_000

@@ -46,19 +46,24 @@ class GrabEngine:
     def __init__(self, ledger: Ledger, committer: GrabCommitter, worker_id: int, *,
                  batch_max_grabs: int, max_queued_grabs: int, max_packets_in_memory: int,
                  max_known_users: int, roller: Roller | None = None, max_rollup_backlog: int = 1 << 62,
-                 overlap_min_grabs: int = 1, committing=None):
+                 overlap_min_grabs: int = 1, committing=None, rollup_quiet_ms: int = 0):
         assert 0 < batch_max_grabs <= max_queued_grabs and max_rollup_backlog > 0
         self.ledger = ledger
         self.committer = committer
         self.roller = roller
         self.max_rollup_backlog = max_rollup_backlog
         self.overlap_min_grabs = overlap_min_grabs
-        # committing[worker_id] is set while this engine has batches in
-        # flight; a roll-up waits while any worker's is (see Roller).
-        self._committing = committing
+        # committing[worker_id] is the monotonic time this engine last had
+        # batches in flight (now, while it has); a roll-up waits while any
+        # worker's is within rollup_quiet_ms (see Roller): a steady stream of
+        # grabs has gaps between its commits, and a roll-up in one of them
+        # takes the CPU the next commit needs.
+        self._committing = committing if committing is not None else [0.0]
+        self._slot_index = worker_id if committing is not None else 0
+        self._quiet_s = rollup_quiet_ms / 1000
         if roller is not None:
             roller.on_progress = self._kick_if_waiting
-            roller.busy = (lambda: bool(self._in_flight)) if committing is None else (lambda: any(committing))
+            roller.busy = self._grabs_active
         self.worker_id = worker_id
         self.batch_max_grabs = batch_max_grabs
         self.max_queued_grabs = max_queued_grabs
@@ -277,6 +282,11 @@ class GrabEngine:
             # join the batch before it goes.
             asyncio.get_running_loop().call_soon(self._pump)
 
+    def _grabs_active(self) -> bool:
+        if self._in_flight:
+            return True
+        return time.monotonic() - max(self._committing) < self._quiet_s
+
     def _kick_if_waiting(self) -> None:
         if self._has_work():
             self._kick()
@@ -305,8 +315,8 @@ class GrabEngine:
             self._chain_tail = batch.outcome
             self._in_flight.append(batch)
             loop.create_task(self._run(batch))
-        if self._committing is not None:
-            self._committing[self.worker_id] = 1 if self._in_flight else 0
+        if self._in_flight:
+            self._committing[self._slot_index] = time.monotonic()
         if not self._in_flight and not self._has_work():
             self._idle.set()
 
@@ -319,6 +329,7 @@ class GrabEngine:
         try:
             await self._commit(batch)
         finally:
+            self._committing[self._slot_index] = time.monotonic()
             self._in_flight.remove(batch)
             self.committer.release(batch.slot)
             if self._chain_tail is batch.outcome:

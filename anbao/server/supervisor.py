@@ -170,9 +170,10 @@ class Supervisor:
                 self._memcached_proc, self.memcached = started
                 self._note_memcached()
         # One byte per worker in memory shared across the fork: set while the
-        # worker has grab batches committing, so that every worker's roll-up
+        # worker last had grab batches committing (CLOCK_MONOTONIC, one clock
+        # for every process of the machine), so that every worker's roll-up
         # yields to any worker's grabs (they share one PostgreSQL).
-        self._committing = self._ctx.RawArray("B", n)
+        self._committing = self._ctx.RawArray("d", n)
         self.socks = open_listeners(self.settings.host, self.settings.port, n)
         self.port = self.socks[0].getsockname()[1]
         self.peer_token = secrets.token_hex(32).encode()

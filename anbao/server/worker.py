@@ -47,7 +47,7 @@ class Worker:
         assert settings.worker_count == 1 or (peer_dir is not None and peer_token), "peers need a channel"
         self.settings = settings
         self.limits: Limits = settings.limits
-        self.committing = committing   # shared bytes, one per worker: which have batches committing
+        self.committing = committing   # shared, one per worker: when it last had batches committing
         self.worker_id = settings.worker_id
         self.worker_count = settings.worker_count
         self.dsn = dsn
@@ -89,7 +89,8 @@ class Worker:
                                  max_packets_in_memory=lim.max_packets_in_memory,
                                  max_known_users=lim.max_known_users_cached, roller=self.roller,
                                  max_rollup_backlog=lim.max_rollup_backlog_grabs,
-                                 overlap_min_grabs=lim.batch_overlap_min_grabs, committing=self.committing)
+                                 overlap_min_grabs=lim.batch_overlap_min_grabs, committing=self.committing,
+                                 rollup_quiet_ms=lim.rollup_quiet_ms)
         peers = {}
         if self.worker_count > 1:
             peers = {w: PeerLink(self.worker_id, w, self.peer_dir / f"worker-{w}.sock", self.peer_token,
