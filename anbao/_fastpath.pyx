@@ -869,7 +869,8 @@ cdef class GrabBatch:
     cdef public list repliers
     cdef public list rids
     cdef public list states
-    cdef public list followers     # (replier, rid, state, user_id): retries of a grab still pending
+    cdef public list followers     # (replier, rid, state, user_id): a retry of a grab still pending, or a
+                                   # grab that found every share taken while some were still pending
     cdef public list refunds       # packet ids to refund once this batch's grabs are settled
     cdef public int slot           # the committer's connection carrying it
     cdef public object before      # outcome of the batch built just before it
@@ -902,7 +903,8 @@ cdef class GrabBatch:
 
     def answer_committed(self, uint16_t worker):
         """The batch is durable: each grab is answered OK with its share,
-        each follower ALREADY_CLAIMED with the first grab's share."""
+        each follower ALREADY_CLAIMED with the first grab's share, or
+        SOLD_OUT if it waited, holding none, for the last shares to commit."""
         cdef Py_ssize_t i, n = len(self.packets)
         cdef PacketState state
         cdef int32_t seq
@@ -915,8 +917,11 @@ cdef class GrabBatch:
         for f in self.followers:
             state = <PacketState>f[2]
             claim = state.claim_of(f[3])
-            f[0].answer(encode_grab(f[1], S_ALREADY_CLAIMED, worker, claim[0], claim[1],
-                                    state.count - <int32_t>claim[1]))
+            if claim is None:   # waited for the packet's last shares to be durable: sold out for good
+                f[0].answer(encode_error(C_OP_GRAB, f[1], S_SOLD_OUT, worker, "every share has been taken"))
+            else:
+                f[0].answer(encode_grab(f[1], S_ALREADY_CLAIMED, worker, claim[0], claim[1],
+                                        state.count - <int32_t>claim[1]))
 
     def replies(self):
         """(replier, rid, state) of every grab and follower: whom a failure answers."""

@@ -248,3 +248,53 @@ async def test_upgrade_from_schema_v2_in_place(pg, tokens_file):
         await server.assert_audit_clean()
     finally:
         await server.stop()
+
+
+async def test_sold_out_is_said_only_once_the_last_shares_are_durable(anbao):
+    """Every share is taken, but the batch carrying the last ones fails at
+    COMMIT: grabs decided meanwhile must not have been told SOLD_OUT (a
+    refusal is final), since the shares come free again. They wait for the
+    batch and get UNAVAILABLE (nothing moved); retried, they get shares."""
+    admin = await anbao.client("admin")
+    sender, = await funded_users(admin, 1, 1, 100_000)
+    users = await funded_users(admin, 100, 10)
+    sent = await admin.send(sender, 5_000, 5)
+    victim = users[4]
+    conn = await asyncpg.connect(anbao.dsn)
+    try:
+        await conn.execute(f"""
+            CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF {victim} = ANY(NEW.users) AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_in') THEN
+                    PERFORM pg_sleep(0.2);
+                    RAISE EXCEPTION 'refused at commit for the test';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON grab_rollups DEFERRABLE INITIALLY DEFERRED
+                FOR EACH ROW EXECUTE FUNCTION refuse_victim();""")
+        engine = anbao.worker.engine
+        out = Collector()
+        for rid, u in enumerate(users[:5], 1):          # every share, in one batch that will fail
+            engine.on_grab(out, rid, sent.packet_id, u)
+        for _ in range(20):
+            if engine._in_flight:
+                break
+            await asyncio.sleep(0)
+        assert engine._in_flight, "the batch must be committing"
+        for rid, u in enumerate(users[5:], 6):          # the packet looks sold out in memory now
+            engine.on_grab(out, rid, sent.packet_id, u)
+        assert not any(rid in out.frames for rid in range(6, 11)), "no refusal while shares are not durable"
+        for _ in range(200):
+            if len(out.frames) == 10:
+                break
+            await asyncio.sleep(0.01)
+        assert {out.frames[rid].status for rid in range(1, 11)} == {wire.Status.UNAVAILABLE}
+        await conn.execute("CREATE TABLE let_in ()")
+        clients = [await anbao.client("app") for _ in range(3)]
+        won, other = await grab_outcomes(clients, sent.packet_id, users[5:], retry_unavailable=True)
+        assert len(won) == 5, "the shares came free again: the users held back get them"
+        await assert_claims_match(anbao, sent.packet_id, won, 5, 5_000)
+    finally:
+        await conn.close()
+    await anbao.assert_audit_clean()

@@ -133,6 +133,13 @@ class GrabEngine:
                 # The first answer's body, byte for byte: remaining_count as it was after that share.
                 replier.answer(fp.encode_grab(rid, fp.ALREADY_CLAIMED, self.worker_id, state.last_amount_cents,
                                               state.last_seq, state.count - state.last_seq))
+        elif status == fp.SOLD_OUT and state.committed_count < state.taken_count:
+            # Every share is taken, but some are not durable yet: if their
+            # batch failed they would be free again, and a refusal is final.
+            # Answered SOLD_OUT once they have committed (as a follower with
+            # no share), UNAVAILABLE if they did not.
+            self._open.followers.append((replier, rid, state, user_id))
+            self._kick()
         else:
             replier.answer(fp.encode_error(fp.OP_GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
 
