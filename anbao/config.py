@@ -68,6 +68,10 @@ class Limits:
     rollup_defer_below_grabs: int = 100_000
     rollup_defer_max_ms: int = 1000
     rollup_quiet_ms: int = 50                   # grabs committed this recently count as committing
+    # A pass that found fewer than rollup_small_pass_grabs (a trickle) is
+    # followed by a pause, so that the next one carries more.
+    rollup_small_pass_grabs: int = 1000
+    rollup_small_pass_pause_ms: int = 100
     max_rollup_backlog_grabs: int = 2_000_000
     max_packets_in_memory: int = 500_000
     max_known_users_cached: int = 2_000_000

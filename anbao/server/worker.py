@@ -83,7 +83,8 @@ class Worker:
         self.ledger = await Ledger.open(self.dsn, self.settings.set_id, lim.db_pool_size)
         committer = GrabCommitter(self.dsn, self.worker_id, lim.commit_slots, lim.commit_resolve_timeout_ms)
         self.roller = Roller(self.dsn, self.worker_id, self.worker_count, lim.rollup_batches_per_pass,
-                             lim.rollup_idle_poll_ms, lim.rollup_defer_below_grabs, lim.rollup_defer_max_ms)
+                             lim.rollup_idle_poll_ms, lim.rollup_defer_below_grabs, lim.rollup_defer_max_ms,
+                             lim.rollup_small_pass_grabs, lim.rollup_small_pass_pause_ms)
         self.engine = GrabEngine(self.ledger, committer, self.worker_id,
                                  batch_max_grabs=lim.batch_max_grabs, max_queued_grabs=lim.max_queued_grabs,
                                  max_packets_in_memory=lim.max_packets_in_memory,

@@ -225,7 +225,8 @@ class Roller:
     """
 
     def __init__(self, dsn: str, worker_id: int, worker_count: int, batches_per_pass: int, idle_poll_ms: int,
-                 defer_below_claims: int, defer_max_ms: int):
+                 defer_below_claims: int, defer_max_ms: int, small_pass_claims: int = 1000,
+                 small_pass_pause_ms: int = 100):
         assert batches_per_pass > 0 and idle_poll_ms > 0 and defer_max_ms > 0
         assert 0 <= worker_id < worker_count
         self.dsn = dsn
@@ -235,6 +236,8 @@ class Roller:
         self.idle_poll_ms = idle_poll_ms
         self.defer_below_claims = defer_below_claims
         self.defer_max_ms = defer_max_ms
+        self.small_pass_claims = small_pass_claims
+        self.small_pass_pause_ms = small_pass_pause_ms
         self.rolled_claims = 0
         self.failures = 0
         # This worker's committed claims not yet rolled up: read from the
@@ -265,6 +268,10 @@ class Roller:
                     self._conn = None
                 log.warning("roll-up failed: %r", exc)
                 n = 0
+            if 0 < n < self.small_pass_claims and self.backlog_claims < self.small_pass_claims:
+                # A trickle: each pass has a fixed cost (the lock, the temp
+                # table, five statements), so let claims gather first.
+                await asyncio.sleep(self.small_pass_pause_ms / 1000)
             if n == 0:
                 self._catching_up = False
                 self._wake.clear()
