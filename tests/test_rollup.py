@@ -34,6 +34,23 @@ async def pending_claims(dsn: str) -> int:
         await conn.close()
 
 
+async def refuse_batches_of(conn, victim: int, sleep_s: float) -> None:
+    """A real fault at COMMIT: a deferred trigger makes any batch holding the
+    victim's grab fail when it commits, after sleep_s (so the batches built
+    behind it are in flight meanwhile), until a table `let_in` exists."""
+    await conn.execute(f"""
+        CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF {int(victim)} = ANY(NEW.users) AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_in') THEN
+                PERFORM pg_sleep({float(sleep_s)});
+                RAISE EXCEPTION 'refused at commit for the test';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON grab_rollups DEFERRABLE INITIALLY DEFERRED
+            FOR EACH ROW EXECUTE FUNCTION refuse_victim();""")
+
+
 async def test_a_grab_is_read_back_at_once_before_its_rollup(anbao):
     """Read-your-writes: with the background roll-up stopped, a user told OK
     sees the share in BALANCE, STATEMENT and RECEIVED, the packet shows the
@@ -82,19 +99,9 @@ async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
     victim = users[3]
     conn = await asyncpg.connect(anbao.dsn)
     try:
-        # Deferred: the INSERT succeeds and the COMMIT fails, slowly, so the
-        # next batch is in flight behind it all along.
-        await conn.execute(f"""
-            CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF {victim} = ANY(NEW.users) AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_in') THEN
-                    PERFORM pg_sleep(0.3);
-                    RAISE EXCEPTION 'refused at commit for the test';
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON grab_rollups DEFERRABLE INITIALLY DEFERRED
-                FOR EACH ROW EXECUTE FUNCTION refuse_victim();""")
+        # The INSERT succeeds and the COMMIT fails, slowly, so the next batch
+        # is in flight behind it all along.
+        await refuse_batches_of(conn, victim, 0.3)
         engine = anbao.worker.engine
         out = Collector()
         for rid, u in enumerate(users[:16], 1):     # two full batches, decided in one tick
@@ -262,17 +269,7 @@ async def test_sold_out_is_said_only_once_the_last_shares_are_durable(anbao):
     victim = users[4]
     conn = await asyncpg.connect(anbao.dsn)
     try:
-        await conn.execute(f"""
-            CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF {victim} = ANY(NEW.users) AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_in') THEN
-                    PERFORM pg_sleep(0.2);
-                    RAISE EXCEPTION 'refused at commit for the test';
-                END IF;
-                RETURN NEW;
-            END $$;
-            CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON grab_rollups DEFERRABLE INITIALLY DEFERRED
-                FOR EACH ROW EXECUTE FUNCTION refuse_victim();""")
+        await refuse_batches_of(conn, victim, 0.2)
         engine = anbao.worker.engine
         out = Collector()
         for rid, u in enumerate(users[:5], 1):          # every share, in one batch that will fail

@@ -4,9 +4,11 @@ group commit.
 Every grab for a packet this worker owns passes through on_grab() on the
 event loop thread. PacketState.take() decides it synchronously, in arrival
 order (that is the packet's queue; it needs no lock), and an accepted share
-joins the open batch. One batch is in flight at a time: while it commits,
-the next one fills. A grab is answered only after the batch that carries it
-has committed.
+joins the open batch (fp.GrabBatch). A batch goes out on a free commit
+slot (storage/commit.py); while batches commit, the next one fills. Batches
+commit in the order they were built, and one that fails fails every batch
+built on it. A grab is answered only after the batch that carries it has
+committed, and SOLD_OUT only once every share taken is durable.
 
 Expiry goes through the same queue: expire() closes the packet's state at
 once (every grab decided after it answers EXPIRED) and puts the refund in
