@@ -260,34 +260,33 @@ class Ledger:
 
     async def packet_info(self, packet_id: int, offset: int, limit: int):
         """The packet as its claims show it: counters and status come from
-        the claims themselves, so a claim is shown the moment its grab is
-        acknowledged, before its roll-up."""
+        the claims themselves (rolled up or pending), so a claim is shown the
+        moment its grab is acknowledged. One statement: one snapshot, one
+        round trip, and the claims read once."""
         async with self.pool.acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                p = await conn.fetchrow(
-                    f"SELECT sender_id, total_cents, share_count, mode, {_SHOWN_STATUS} AS status, audience,"
-                    " greeting, (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,"
-                    " (extract(epoch FROM expires_at) * 1000)::bigint AS expires_ms, refunded_cents"
-                    " FROM packets WHERE packet_id = $2", now_ms(), packet_id)
-                if p is None:
-                    return None
-                claimed_count, claimed_cents = await conn.fetchrow(
-                    "SELECT count(*)::int, COALESCE(sum(amount_cents), 0)::bigint FROM anbao_claims_of($1)",
-                    packet_id)
-                status = p["status"]
-                if status != PACKET_REFUNDED and claimed_count == p["share_count"]:
-                    status = PACKET_SOLD_OUT
-                claims = await conn.fetch("SELECT seq, user_id, amount_cents FROM anbao_claims_of($1)"
-                                          " ORDER BY seq OFFSET $2 LIMIT $3", packet_id, offset, limit)
-                luckiest = 0
-                # The luckiest claim is named once the claim list is final: sold
-                # out, or refunded after expiry.
-                if status in (PACKET_SOLD_OUT, PACKET_REFUNDED) and claimed_count:
-                    luckiest = await conn.fetchval("SELECT seq FROM anbao_claims_of($1)"
-                                                   " ORDER BY amount_cents DESC, seq LIMIT 1", packet_id)
+            p = await conn.fetchrow(
+                "WITH c AS MATERIALIZED (SELECT seq, user_id, amount_cents FROM anbao_claims_of($2))"
+                f" SELECT sender_id, total_cents, share_count, mode, {_SHOWN_STATUS} AS status, audience,"
+                " greeting, (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,"
+                " (extract(epoch FROM expires_at) * 1000)::bigint AS expires_ms, refunded_cents,"
+                " (SELECT count(*)::int FROM c) AS claimed_count,"
+                " (SELECT COALESCE(sum(amount_cents), 0)::bigint FROM c) AS claimed_cents,"
+                " (SELECT seq FROM c ORDER BY amount_cents DESC, seq LIMIT 1) AS luckiest,"
+                " (SELECT array_agg(ARRAY[pg.seq, pg.user_id, pg.amount_cents] ORDER BY pg.seq)"
+                "  FROM (SELECT * FROM c ORDER BY seq OFFSET $3 LIMIT $4) pg) AS page"
+                " FROM packets WHERE packet_id = $2", now_ms(), packet_id, offset, limit)
+        if p is None:
+            return None
+        claimed_count = p["claimed_count"]
+        status = p["status"]
+        if status != PACKET_REFUNDED and claimed_count == p["share_count"]:
+            status = PACKET_SOLD_OUT
+        # The luckiest claim is named once the claim list is final: sold
+        # out, or refunded after expiry.
+        luckiest = p["luckiest"] if status in (PACKET_SOLD_OUT, PACKET_REFUNDED) and claimed_count else 0
         head = (p["sender_id"], p["total_cents"], p["share_count"], p["mode"], status, p["audience"],
-                p["created_ms"], p["expires_ms"], claimed_cents, claimed_count, p["refunded_cents"], luckiest)
-        return head, p["greeting"], [tuple(c) for c in claims]
+                p["created_ms"], p["expires_ms"], p["claimed_cents"], claimed_count, p["refunded_cents"], luckiest)
+        return head, p["greeting"], [(int(r[0]), r[1], r[2]) for r in (p["page"] or [])]
 
     # ------------------------------------------------------------ history
 
