@@ -197,20 +197,25 @@ class _Conn(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+    BAD_INPUT = "bad frame from server"
+
     def data_received(self, data: bytes) -> None:
         try:
-            responses = self.frames.feed(data)
+            answers = self.frames.feed(data)
         except ValueError as exc:
-            self.gen.note_error(f"bad frame from server: {exc}")
+            self.gen.note_error(f"{self.BAD_INPUT}: {exc}")
             self.transport.close()
             return
         if self.in_setup:
-            self.setup_answers += responses
+            self.setup_answers += answers
             if self.setup_waiter is not None and not self.setup_waiter.done():
                 self.setup_waiter.set_result(None)
             return
-        if responses:
-            self.gen.on_responses(self, responses)
+        if answers:
+            self.deliver(answers)
+
+    def deliver(self, responses: list) -> None:
+        self.gen.on_responses(self, responses)
 
     def connection_lost(self, exc) -> None:
         self.alive = False
@@ -234,20 +239,10 @@ class _RespConn(_Conn):
         self.frames = resp.ReplyParser()
         self.answer_rid = self.next_rid      # the request the next reply answers
 
-    def data_received(self, data: bytes) -> None:
-        try:
-            replies = self.frames.feed(data)
-        except ValueError as exc:
-            self.gen.note_error(f"bad RESP from redis: {exc}")
-            self.transport.close()
-            return
-        if self.in_setup:
-            self.setup_answers += replies
-            if self.setup_waiter is not None and not self.setup_waiter.done():
-                self.setup_waiter.set_result(None)
-            return
-        if replies:
-            self.gen.on_replies(self, replies)
+    BAD_INPUT = "bad RESP from redis"
+
+    def deliver(self, replies: list) -> None:
+        self.gen.on_replies(self, replies)
 
 
 class _Group:
