@@ -178,8 +178,8 @@ async def test_commit_connection_killed_outcome_resolved_by_read_back(anbao):
     acknowledged is durable and nothing is given out twice."""
     admin = await anbao.client("admin")
     sender, = await funded_users(admin, 1, 1, 1_000_000)
-    users = await funded_users(admin, 1000, 1500)
-    sent = await admin.send(sender, 123_456, 1000)
+    users = await funded_users(admin, 1000, 4500)   # a storm long enough for several kills
+    sent = await admin.send(sender, 345_678, 3000)
     clients = [await anbao.client("app") for _ in range(30)]
     killer_conn = await asyncpg.connect(anbao.dsn)
     stop = asyncio.Event()
@@ -197,7 +197,7 @@ async def test_commit_connection_killed_outcome_resolved_by_read_back(anbao):
                 # for the batch before it, or idle between batches.
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                 " WHERE application_name = 'anbao-grab-commit' AND pid <> pg_backend_pid()")
-            await asyncio.sleep(0.001 if kills == 0 else 0.01)
+            await asyncio.sleep(0.001 if kills == 0 else 0.005)
 
     k = asyncio.ensure_future(killer())
     try:
@@ -209,6 +209,6 @@ async def test_commit_connection_killed_outcome_resolved_by_read_back(anbao):
         await killer_conn.close()
     print(f"killed the committer's backend {kills} times")
     assert kills >= 3, "the test must actually kill commits"
-    assert len(won) == 1000 and other.count("sold_out") == 500 and "gave_up" not in other
-    await assert_claims_match(anbao, sent.packet_id, won, 1000, 123_456)
+    assert len(won) == 3000 and other.count("sold_out") == 1500 and "gave_up" not in other
+    await assert_claims_match(anbao, sent.packet_id, won, 3000, 345_678)
     await anbao.assert_audit_clean()

@@ -90,7 +90,11 @@ class GrabCommitter:
     async def next_batch_id(self, slot: int) -> int:
         if self._next_in_block >= (1 << BATCH_BLOCK_BITS):
             conn = await self._connection(slot)
-            self._block = await conn.fetchval("SELECT nextval('grab_batch_block_seq')")
+            try:
+                self._block = await conn.fetchval("SELECT nextval('grab_batch_block_seq')")
+            except BaseException:
+                self._discard(slot)   # whatever broke it, the next batch gets a fresh connection
+                raise
             self._next_in_block = 0
         self._next_in_block += 1
         return (self._block << BATCH_BLOCK_BITS) | self._next_in_block
