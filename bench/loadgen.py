@@ -473,14 +473,7 @@ class Generator:
                 hist_ok.record_value(us)
                 self.last_ok = now
             n += 1
-        self.answered += n
-        self.last_answer = now
-        if not self.rate:
-            self._fill(conn, now)
-        elif conn.group.blocked:
-            conn.group.slot_freed.set()
-        if self.exhausted or self.stopping:
-            self._check_done()
+        self._answered(conn, n, now)
 
     def on_replies(self, conn: _RespConn, replies: list) -> None:
         """on_responses for Redis: reply k answers request answer_rid + k."""
@@ -523,6 +516,11 @@ class Generator:
                 self.last_ok = now
             n += 1
         conn.answer_rid = rid
+        self._answered(conn, n, now)
+
+    def _answered(self, conn: _Conn, n: int, now: float) -> None:
+        """After n answers on conn: refill it (closed loop) or free a slot
+        (open loop), and end the run once nothing more is owed."""
         self.answered += n
         self.last_answer = now
         if not self.rate:

@@ -7,7 +7,6 @@ are rebuilt from these tables (load_packet) whenever they are missing.
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
