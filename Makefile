@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXT    := anbao/_fastpath$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+SUFFIX := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+CORE   := codec shares packets
+EXT    := $(foreach m,$(CORE),anbao/core/$(m)$(SUFFIX))
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test install build memcached redis bench clean
@@ -25,7 +27,7 @@ $(VENV)/.installed: pyproject.toml setup.py client/pyproject.toml
 
 build: install $(EXT)
 
-$(EXT): anbao/_fastpath.pyx setup.py $(VENV)/.installed
+$(EXT) &: $(wildcard anbao/core/*.pyx anbao/core/*.pxd) setup.py $(VENV)/.installed
 	$(BIN)/python setup.py --quiet build_ext --inplace
 
 # Debian's memcached, for the admission layer and its tests.
@@ -41,4 +43,4 @@ bench: build memcached redis
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf build $(VENV) anbao/_fastpath.c anbao/*.so .pytest_cache
+	rm -rf build $(VENV) anbao/core/*.c anbao/core/*.so .pytest_cache

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-import anbao._fastpath as fp
+from anbao.core import codec
 from anbao.config import Limits
 from anbao_client import wire
 from anbao_client.wire import Op, Status
@@ -217,8 +217,8 @@ async def test_a_sender_grabbing_their_own_packet_is_not_eligible(anbao):
 
 def test_framing_error_carries_the_frames_before_it():
     good = wire.ping(1) + wire.grab(2, 5, 6)
-    d = fp.FrameDecoder()
-    with pytest.raises(fp.FramingError) as e:
+    d = codec.FrameDecoder()
+    with pytest.raises(codec.FramingError) as e:
         d.feed(good + struct.pack(">I", 3) + b"\x02\x00\x00")
     assert [(op, rid) for op, rid, _ in e.value.frames] == [(Op.PING, 1), (Op.GRAB, 2)]
     assert d.broken and d.feed(wire.ping(3)) == [], "nothing is read past a bad length"

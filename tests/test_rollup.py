@@ -55,7 +55,7 @@ async def test_a_grab_is_read_back_at_once_before_its_rollup(anbao):
     """Read-your-writes: with the background roll-up stopped, a user told OK
     sees the share in BALANCE, STATEMENT and RECEIVED, the packet shows the
     claim and its counters, and the money can be withdrawn and sent on."""
-    anbao.worker._roller_task.cancel()
+    await anbao.worker.stop_rollup()
     admin = await anbao.client("admin")
     sender, = await funded_users(admin, 1, 1, 10_000)
     users = await funded_users(admin, 10, 4)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .. import _fastpath as fp
-from .. import routing
+from anbao_client import protocol
+from anbao_client.protocol import Audience, PacketStatus, Status
+from ..core import packets
+from anbao_client import routing
 from .commit import settle_user
 
 log = logging.getLogger("anbao.ledger")
@@ -73,7 +75,7 @@ class Ledger:
         reads its answer. A failed transaction releases the key with it. A
         refusal (Refused) is an answer too: it is stored, and replayed.
         """
-        assert len(key) == fp.IDEMPOTENCY_KEY_BYTES
+        assert len(key) == protocol.IDEMPOTENCY_KEY_BYTES
         digest = request_hash(opcode, fields)
         async with self.pool.acquire() as conn:
             async with conn.transaction():
@@ -85,14 +87,14 @@ class Ledger:
                         "SELECT opcode, request_hash, status, response FROM idempotency_keys WHERE key = $1", key)
                     assert row is not None and row["status"] is not None
                     if row["opcode"] != opcode or row["request_hash"] != digest:
-                        raise Refused(fp.IDEMPOTENCY_CONFLICT,
+                        raise Refused(Status.IDEMPOTENCY_CONFLICT,
                                       "idempotency key reused with different parameters")
                     return StoredAnswer(row["status"], row["response"], True)
                 try:
                     # A savepoint around the body: a refusal undoes whatever
                     # the body wrote before it, and only the answer is kept.
                     async with conn.transaction():
-                        status, answer = fp.OK, await body(conn)
+                        status, answer = Status.OK, await body(conn)
                 except Refused as refusal:
                     status, answer = refusal.status, str(refusal).encode()
                 await conn.execute("UPDATE idempotency_keys SET status = $2, response = $3 WHERE key = $1",
@@ -132,7 +134,7 @@ class Ledger:
                 " WHERE r.users @> ARRAY[$1::bigint] AND g.user_id = $1), 0)::bigint"
                 " FROM accounts a WHERE a.kind = 1 AND a.owner_id = $1", user_id)
         if bal is None:
-            raise Refused(fp.UNKNOWN_USER, f"unknown user {user_id}")
+            raise Refused(Status.UNKNOWN_USER, f"unknown user {user_id}")
         return bal
 
     @staticmethod
@@ -141,7 +143,7 @@ class Ledger:
         assert amount_cents > 0
         row = await conn.fetchrow("SELECT account_id FROM accounts WHERE kind = 1 AND owner_id = $1", user_id)
         if row is None:
-            raise Refused(fp.UNKNOWN_USER, f"unknown user {user_id}")
+            raise Refused(Status.UNKNOWN_USER, f"unknown user {user_id}")
         return await Ledger._move(conn, T_DEPOSIT, "(SELECT account_id FROM accounts WHERE kind = 0)",
                                   row[0], amount_cents, None)
 
@@ -159,9 +161,9 @@ class Ledger:
         wallet = await conn.fetchrow("SELECT account_id, balance_cents FROM accounts"
                                      " WHERE kind = 1 AND owner_id = $1 FOR NO KEY UPDATE", user_id)
         if wallet is None:
-            raise Refused(fp.UNKNOWN_USER, f"unknown user {user_id}")
+            raise Refused(Status.UNKNOWN_USER, f"unknown user {user_id}")
         if wallet["balance_cents"] < amount_cents:
-            raise Refused(fp.INSUFFICIENT_FUNDS, f"balance {wallet['balance_cents']} below {amount_cents}")
+            raise Refused(Status.INSUFFICIENT_FUNDS, f"balance {wallet['balance_cents']} below {amount_cents}")
         tid = await conn.fetchval(
             "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)"
             " VALUES ($1, $2, $3, $4) RETURNING transfer_id", T_WITHDRAW, wallet["account_id"], external, amount_cents)
@@ -204,26 +206,26 @@ class Ledger:
         sender = await conn.fetchrow(
             "SELECT account_id, balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1 FOR UPDATE", sender_id)
         if sender is None:
-            raise Refused(fp.UNKNOWN_USER, f"unknown sender {sender_id}")
+            raise Refused(Status.UNKNOWN_USER, f"unknown sender {sender_id}")
         if sender["balance_cents"] < total_cents:
-            raise Refused(fp.INSUFFICIENT_FUNDS, f"balance {sender['balance_cents']} below {total_cents}")
+            raise Refused(Status.INSUFFICIENT_FUNDS, f"balance {sender['balance_cents']} below {total_cents}")
         group_id = None
-        if audience == fp.AUDIENCE_GROUP:
+        if audience == Audience.GROUP:
             [group_id] = members
             # FOR SHARE: a membership change (which locks the group row FOR
             # UPDATE) lands wholly before or wholly after this snapshot.
             if await conn.fetchval("SELECT 1 FROM groups WHERE group_id = $1 FOR SHARE", group_id) is None:
-                raise Refused(fp.UNKNOWN_GROUP, f"unknown group {group_id}")
+                raise Refused(Status.UNKNOWN_GROUP, f"unknown group {group_id}")
             members = [r[0] for r in await conn.fetch(
                 "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id <> $2", group_id, sender_id)]
             if count > len(members):
-                raise Refused(fp.INVALID, f"{count} shares for {len(members)} group members besides the sender:"
+                raise Refused(Status.INVALID, f"{count} shares for {len(members)} group members besides the sender:"
                                           " the packet could never sell out")
         elif members:
             found = await conn.fetchval("SELECT count(*) FROM accounts WHERE kind = 1 AND owner_id = ANY($1::bigint[])",
                                         members)
             if found != len(members):
-                raise Refused(fp.UNKNOWN_USER, f"{len(members) - found} member(s) are not registered")
+                raise Refused(Status.UNKNOWN_USER, f"{len(members) - found} member(s) are not registered")
         packet_id = routing.make_packet_id(self.set_id, await conn.fetchval("SELECT nextval('packet_seq')"), shard)
         escrow = await conn.fetchval("INSERT INTO accounts (kind, owner_id) VALUES (2, $1) RETURNING account_id",
                                      packet_id)
@@ -237,7 +239,7 @@ class Ledger:
             await conn.execute("INSERT INTO packet_members (packet_id, user_id) SELECT $1, unnest($2::bigint[])",
                                packet_id, members)
         await self._move(conn, T_SEND, str(int(sender["account_id"])), escrow, total_cents, packet_id)
-        return packet_id, sender["balance_cents"] - total_cents, (None if audience == fp.AUDIENCE_OPEN else members)
+        return packet_id, sender["balance_cents"] - total_cents, (None if audience == Audience.OPEN else members)
 
     async def load_packet(self, packet_id: int):
         """The packet's durable state, for rebuilding its in-memory state."""
@@ -250,12 +252,12 @@ class Ledger:
                 return None
             claims = await conn.fetch("SELECT user_id, seq, amount_cents FROM anbao_claims_of($1)", packet_id)
             members = None
-            if p["audience"] != fp.AUDIENCE_OPEN:
+            if p["audience"] != Audience.OPEN:
                 members = [r[0] for r in await conn.fetch(
                     "SELECT user_id FROM packet_members WHERE packet_id = $1", packet_id)]
-        return fp.PacketState(packet_id, p["sender_id"], p["total_cents"], p["share_count"], p["mode"],
+        return packets.PacketState(packet_id, p["sender_id"], p["total_cents"], p["share_count"], p["mode"],
                               p["min_share_cents"], p["expires_at_ms"], members,
-                              [tuple(c) for c in claims], p["status"] == fp.PACKET_REFUNDED)
+                              [tuple(c) for c in claims], p["status"] == PacketStatus.REFUNDED)
 
     async def packet_info(self, packet_id: int, offset: int, limit: int):
         """The packet as its claims show it: counters and status come from
@@ -293,7 +295,7 @@ class Ledger:
         row = await conn.fetchrow("SELECT account_id, balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1",
                                   user_id)
         if row is None:
-            raise Refused(fp.UNKNOWN_USER, f"unknown user {user_id}")
+            raise Refused(Status.UNKNOWN_USER, f"unknown user {user_id}")
         return row
 
     async def statement(self, user_id: int, before: int, limit: int) -> tuple[int, list[tuple], int]:
@@ -360,13 +362,13 @@ class Ledger:
         found = await conn.fetchval("SELECT count(*) FROM accounts WHERE kind = 1 AND owner_id = ANY($1::bigint[])",
                                     user_ids)
         if found != len(set(user_ids)):
-            raise Refused(fp.UNKNOWN_USER, f"{len(set(user_ids)) - found} user(s) are not registered")
+            raise Refused(Status.UNKNOWN_USER, f"{len(set(user_ids)) - found} user(s) are not registered")
 
     async def _lock_group(self, conn, group_id: int) -> None:
         # Membership changes of one group are serialized on its row, and a
         # SEND snapshots under FOR SHARE of the same row.
         if await conn.fetchval("SELECT 1 FROM groups WHERE group_id = $1 FOR UPDATE", group_id) is None:
-            raise Refused(fp.UNKNOWN_GROUP, f"unknown group {group_id}")
+            raise Refused(Status.UNKNOWN_GROUP, f"unknown group {group_id}")
 
     async def group_create(self, group_id: int, name: str, members: list[int],
                            max_members: int) -> tuple[bool, int]:
@@ -400,7 +402,7 @@ class Ledger:
                     " SELECT count(*) FROM ins", group_id, user_ids)
                 n = await conn.fetchval("SELECT count(*) FROM group_members WHERE group_id = $1", group_id)
                 if n > max_members:
-                    raise Refused(fp.INVALID, f"a group holds at most {max_members} members")
+                    raise Refused(Status.INVALID, f"a group holds at most {max_members} members")
         return added, n
 
     async def group_remove(self, group_id: int, user_ids: list[int]) -> tuple[int, int]:
@@ -423,7 +425,7 @@ class Ledger:
             async with conn.transaction(isolation="repeatable_read", readonly=True):
                 name = await conn.fetchval("SELECT name FROM groups WHERE group_id = $1", group_id)
                 if name is None:
-                    raise Refused(fp.UNKNOWN_GROUP, f"unknown group {group_id}")
+                    raise Refused(Status.UNKNOWN_GROUP, f"unknown group {group_id}")
                 n = await conn.fetchval("SELECT count(*) FROM group_members WHERE group_id = $1", group_id)
                 ids = [r[0] for r in await conn.fetch(
                     "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id > $2"
