@@ -1,5 +1,6 @@
 """The server's ownership rule (anbao/routing.py), for routing packet
 operations straight to the owning worker."""
+
 import random
 
 SHARD_BITS = 10
