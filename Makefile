@@ -8,7 +8,7 @@ CORE   := codec shares packets
 EXT    := $(foreach m,$(CORE),anbao/core/$(m)$(SUFFIX))
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install build memcached redis bench clean
+.PHONY: run test install build lint memcached redis bench clean
 
 run: build
 	$(BIN)/anbao serve $(ARGS)
@@ -22,8 +22,18 @@ $(VENV)/.installed: pyproject.toml setup.py client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "Cython>=3.0" "setuptools>=68" wheel
-	$(BIN)/pip install --quiet -e ./client -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e ./client -e '.[test,bench,lint]'
 	touch $@
+
+# ruff (lint and format check), mypy (strict for the SDK) and the import
+# contracts (pyproject.toml); every check runs, and any failure fails lint.
+lint: install
+	status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/mypy || status=1; \
+	$(BIN)/lint-imports || status=1; \
+	exit $$status
 
 build: install $(EXT)
 
