@@ -444,7 +444,7 @@ class Bench:
             problems.append(f"echo answered {result.answered:,} of {n:,} ({result.ok:,} OK)")
         self.record(
             result,
-            {"server": "uvloop + anbao._fastpath frame codec, no work", "processes": a.echo_procs},
+            {"server": "uvloop + anbao.core.codec frame codec, no work", "processes": a.echo_procs},
             problems,
             {"GRAB": {"OK"}},
             0.0,

@@ -23,6 +23,7 @@ import socket
 import time
 
 import asyncpg
+from anbao_client.protocol import MESSAGES, PROTOCOL_VERSION, Op, Status
 
 NAIVE_DATABASE = "anbao_bench_naive"
 NAIVE_PACKET_ID = 1
@@ -69,8 +70,9 @@ def _nodelay(transport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _hello_answer(fp, rid: int) -> bytes:
-    return fp.encode_ok(fp.OP_HELLO, rid, 0, "HBHII", (fp.PROTOCOL_VERSION, 1, 1, 65536, 1024))
+def _hello_answer(codec, rid: int) -> bytes:
+    layout = MESSAGES[Op.HELLO].answer.head
+    return codec.encode_ok(Op.HELLO, rid, 0, layout, (PROTOCOL_VERSION, 1, 1, 65536, 1024, 65536))
 
 
 # ---------------------------------------------------------------- echo
@@ -78,10 +80,10 @@ def _hello_answer(fp, rid: int) -> bytes:
 
 class _EchoProtocol(asyncio.Protocol):
     def __init__(self):
-        from anbao import _fastpath as fp
+        from anbao.core import codec
 
-        self.fp = fp
-        self.decoder = fp.FrameDecoder()
+        self.codec = codec
+        self.decoder = codec.FrameDecoder()
         self.transport = None
 
     def connection_made(self, transport) -> None:
@@ -89,20 +91,20 @@ class _EchoProtocol(asyncio.Protocol):
         _nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
-        fp = self.fp
+        codec = self.codec
         try:
             frames = self.decoder.feed(data)
-        except fp.FramingError:
+        except codec.FramingError:
             self.transport.close()
             return
         out = []
         for opcode, rid, _ in frames:
-            if opcode == fp.OP_GRAB:
-                out.append(fp.encode_grab(rid, fp.OK, 0, 1, 1, 0))
-            elif opcode == fp.OP_HELLO:
-                out.append(_hello_answer(fp, rid))
+            if opcode == Op.GRAB:
+                out.append(codec.encode_grab(rid, Status.OK, 0, 1, 1, 0))
+            elif opcode == Op.HELLO:
+                out.append(_hello_answer(codec, rid))
             else:
-                out.append(fp.encode_ok(opcode, rid, 0, "", ()))
+                out.append(codec.encode_ok(opcode, rid, 0, "", ()))
         self.transport.write(b"".join(out))
 
 
@@ -134,13 +136,13 @@ class _Refuse(Exception):
 
 class _NaiveProtocol(asyncio.Protocol):
     def __init__(self, pool: asyncpg.Pool, rng: random.Random, tasks: set):
-        from anbao import _fastpath as fp
+        from anbao.core import codec
 
-        self.fp = fp
+        self.codec = codec
         self.pool = pool
         self.rng = rng
         self.tasks = tasks
-        self.decoder = fp.FrameDecoder()
+        self.decoder = codec.FrameDecoder()
         self.transport = None
 
     def connection_made(self, transport) -> None:
@@ -151,37 +153,37 @@ class _NaiveProtocol(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
-        fp = self.fp
+        codec = self.codec
         try:
             frames = self.decoder.feed(data)
-        except fp.FramingError:
+        except codec.FramingError:
             self.transport.close()
             return
         loop = asyncio.get_running_loop()
         for opcode, rid, args in frames:
-            if opcode == fp.OP_GRAB and type(args) is tuple:
+            if opcode == Op.GRAB and type(args) is tuple:
                 t = loop.create_task(self._grab(rid, *args))
                 self.tasks.add(t)
                 t.add_done_callback(self.tasks.discard)
-            elif opcode == fp.OP_HELLO:
-                self.transport.write(_hello_answer(fp, rid))
+            elif opcode == Op.HELLO:
+                self.transport.write(_hello_answer(codec, rid))
             else:
-                self.transport.write(fp.encode_error(opcode, rid, fp.UNKNOWN_OPCODE, 0, "naive serves GRAB only"))
+                self.transport.write(codec.encode_error(opcode, rid, Status.UNKNOWN_OPCODE, 0, "naive serves GRAB only"))
 
     async def _grab(self, rid: int, packet_id: int, user_id: int) -> None:
-        fp = self.fp
+        codec = self.codec
         try:
             amount, seq, remaining = await self._transaction(packet_id, user_id)
-            frame = fp.encode_grab(rid, fp.OK, 0, amount, seq, remaining)
+            frame = codec.encode_grab(rid, Status.OK, 0, amount, seq, remaining)
         except _Refuse as r:
-            frame = fp.encode_error(fp.OP_GRAB, rid, r.status, 0, str(r))
+            frame = codec.encode_error(Op.GRAB, rid, r.status, 0, str(r))
         except Exception as exc:  # noqa: BLE001 - the load generator counts it by status
-            frame = fp.encode_error(fp.OP_GRAB, rid, fp.INTERNAL, 0, repr(exc)[:200])
+            frame = codec.encode_error(Op.GRAB, rid, Status.INTERNAL, 0, repr(exc)[:200])
         if self.transport is not None:
             self.transport.write(frame)
 
     async def _transaction(self, packet_id: int, user_id: int) -> tuple[int, int, int]:
-        fp = self.fp
+        codec = self.codec
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 p = await conn.fetchrow(
@@ -190,21 +192,21 @@ class _NaiveProtocol(asyncio.Protocol):
                     packet_id,
                 )
                 if p is None:
-                    raise _Refuse(fp.NOT_FOUND, "unknown packet")
+                    raise _Refuse(Status.NOT_FOUND, "unknown packet")
                 share_count, claimed, remaining, min_cents = p
                 if claimed >= share_count:
-                    raise _Refuse(fp.SOLD_OUT, "sold out")
+                    raise _Refuse(Status.SOLD_OUT, "sold out")
                 if await conn.fetchval(
                     "SELECT 1 FROM naive_claims WHERE packet_id = $1 AND user_id = $2", packet_id, user_id
                 ):
-                    raise _Refuse(fp.ALREADY_CLAIMED, "already claimed")
+                    raise _Refuse(Status.ALREADY_CLAIMED, "already claimed")
                 amount = draw_share(self.rng, remaining, share_count - claimed, min_cents)
                 seq = claimed + 1
                 credited = await conn.execute(
                     "UPDATE naive_wallets SET balance_cents = balance_cents + $2 WHERE user_id = $1", user_id, amount
                 )
                 if credited != "UPDATE 1":
-                    raise _Refuse(fp.UNKNOWN_USER, "unknown user")
+                    raise _Refuse(Status.UNKNOWN_USER, "unknown user")
                 await conn.execute(
                     "INSERT INTO naive_claims (packet_id, seq, user_id, amount_cents) VALUES ($1, $2, $3, $4)",
                     packet_id,
