@@ -11,7 +11,7 @@ import pytest
 from anbao_client import Cluster, SoldOut
 from anbao_client.errors import AlreadyClaimed, NotEligible
 from anbao_client.routing import owner_of
-from conftest import APP_TOKEN
+from helpers import APP_TOKEN
 from served import RETRYABLE, Grabber, audit_clean, claims_of, is_recorded_alive, setup_packet, storm
 
 

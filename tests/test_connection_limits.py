@@ -13,8 +13,7 @@ from anbao.core import codec
 from anbao.config import Limits
 from anbao_client import wire
 from anbao_client.wire import Op, Status
-from conftest import ADMIN_TOKEN, APP_TOKEN, Anbao, funded_users
-from test_bad_input import Raw
+from helpers import ADMIN_TOKEN, APP_TOKEN, Anbao, Raw, funded_users
 
 
 async def read_to_close(raw: Raw, timeout_s: float = 10) -> bytes:

@@ -12,7 +12,7 @@ import struct
 from anbao.core import codec
 from anbao_client import wire
 from anbao_client.wire import Status
-from conftest import ADMIN_TOKEN, funded_users
+from helpers import ADMIN_TOKEN, funded_users
 
 SEED = 20_261_125
 CONNECTIONS = 60

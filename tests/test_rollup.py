@@ -18,9 +18,8 @@ from anbao.storage import migrate as migrate_mod
 from anbao.storage.audit import audit
 from anbao_client import Client, Unavailable, wire
 from anbao_client.errors import AlreadyClaimed, ConnectionLost, RequestTimeout, SoldOut
-from conftest import ADMIN_TOKEN, APP_TOKEN, Anbao, dsn_for, funded_users
-from test_lifecycle import Collector
-from test_storm import assert_claims_match, grab_outcomes
+from helpers import (ADMIN_TOKEN, APP_TOKEN, Anbao, Collector, assert_claims_match, dsn_for, funded_users,
+                     grab_outcomes)
 
 # The key every roll-up takes (migration 0003): holding it holds them all back.
 ROLLUP_LOCK_KEY = int.from_bytes(b"anbaorol", "big")
