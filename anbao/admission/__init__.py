@@ -9,7 +9,7 @@ Each attempt takes one (memcached `decr`, atomic across workers); one that
 does not end in a share gives it back (`incr`). Because an attempt holds its
 permit until its answer is known, "no permit left" means every share is
 taken or held by an attempt still in flight: nobody is told SOLD_OUT while a
-share is unclaimed and unreserved (DESIGN.md invariant 6). A permit can
+share is unclaimed and unreserved (docs/ARCHITECTURE.md I10). A permit can
 leak only if a worker dies holding it; the owner re-seeds the counter from
 its own state every second while the packet is open, which can over-admit
 (harmless: the owner answers truthfully) and so repairs any leak.

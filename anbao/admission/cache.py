@@ -1,7 +1,7 @@
 """What a worker knows for good about packets it does not own, so that it
 can answer a GRAB without a hop and still give exactly the answer the owner
-would give (DESIGN.md invariant 4: a retry gets the first answer, on any
-worker).
+would give (docs/ARCHITECTURE.md I9; and I11: a retry gets the first
+answer, on any worker).
 
 Two kinds of knowledge, both final:
 - per (packet, user), learnt from the owner's answers: the user's share

@@ -3,7 +3,7 @@ away by admission, handed to the local engine when this worker owns the
 packet, or relayed to the owner.
 
 A worker that does not own a packet answers a GRAB itself only with the
-answer the owner would give (DESIGN.md invariant 4): a share it has seen
+answer the owner would give (docs/ARCHITECTURE.md I9): a share it has seen
 the owner give, a refusal that cannot change for that user, or, for a
 packet whose complete claim list it holds (a FinalSet, read from
 PostgreSQL once the packet is sold out and committed), anything. In
