@@ -14,7 +14,7 @@ import logging
 
 import asyncpg
 
-from .. import _fastpath as fp
+from ..storage.domain import Audience
 from .cache import FinalSet, grab_body
 
 log = logging.getLogger("anbao.admission")
@@ -34,7 +34,7 @@ async def load_final_set(pool: asyncpg.Pool, packet_id: int) -> FinalSet | None:
             if len(claims) < count:
                 return None
             eligible = None
-            if p["audience"] != fp.AUDIENCE_OPEN:
+            if p["audience"] != Audience.OPEN:
                 eligible = frozenset(r[0] for r in await conn.fetch(
                     "SELECT user_id FROM packet_members WHERE packet_id = $1", packet_id))
     answers = {r["user_id"]: grab_body(r["amount_cents"], r["seq"], count) for r in claims}

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from ..storage.ledger import now_ms
+from ..clock import now_ms
 
 if TYPE_CHECKING:
     from ..server.worker import Worker

@@ -23,6 +23,7 @@ import time
 
 from .. import _fastpath as fp
 from ..storage.commit import GrabCommitter, Roller
+from ..storage.domain import PacketRecord
 from ..storage.ledger import Ledger
 
 log = logging.getLogger("anbao.grabs")
@@ -42,6 +43,13 @@ class Replier:
 
 
 Batch = fp.GrabBatch
+
+
+def packet_state(record: PacketRecord) -> fp.PacketState:
+    """The in-memory state of a packet, from its durable record."""
+    return fp.PacketState(record.packet_id, record.sender_id, record.total_cents, record.count, record.mode,
+                          record.min_share_cents, record.expires_at_ms, record.eligible, record.claims,
+                          record.closed)
 
 
 class GrabEngine:
@@ -149,7 +157,8 @@ class GrabEngine:
 
     async def _load(self, packet_id: int) -> None:
         try:
-            state = await self.ledger.load_packet(packet_id)
+            record = await self.ledger.load_packet(packet_id)
+            state = None if record is None else packet_state(record)
         except Exception as exc:  # the database is the truth; without it, nobody is served
             log.warning("loading packet %d failed: %r", packet_id, exc)
             for replier, rid, _ in self._loading.pop(packet_id, []):

@@ -18,10 +18,12 @@ from ..admission.claims import load_final_set
 from ..auth import SCOPE_ADMIN, SCOPE_PEER, TokenBook
 from ..config import Limits, Settings
 from ..engine.expiry import ExpirySweeper
-from ..engine.grabs import GrabEngine
+from ..clock import now_ms
+from ..engine.grabs import GrabEngine, packet_state
 from ..storage.audit import audit
 from ..storage.commit import GrabCommitter, Roller
-from ..storage.ledger import Ledger, Refused, now_ms
+from ..storage.domain import Operation, Reason, Refused
+from ..storage.ledger import Ledger
 from ..storage.migrate import migrate
 from . import dbhealth
 from .connection import PAUSED_WRITE, Connection
@@ -33,6 +35,8 @@ log = logging.getLogger("anbao.worker")
 
 IDLE_SWEEP_S = 1.0
 STEERING_CBPF_SOURCE_PORT = 1  # TOPOLOGY: listener = TCP source port % worker_count
+# Storage's refusals, answered with the wire status of the same name.
+WIRE_STATUS = {reason: getattr(fp, reason.name) for reason in Reason}
 
 
 class Worker:
@@ -248,7 +252,7 @@ class Worker:
             if opcode not in self._memory_ops:
                 self.db.succeeded()
         except Refused as exc:
-            frame = fp.encode_error(opcode, rid, exc.status, wid, str(exc))
+            frame = fp.encode_error(opcode, rid, WIRE_STATUS[exc.reason], wid, str(exc))
         except Exception as exc:
             frame = self._database_error(opcode, rid, exc)
         conn.answer(frame)
@@ -271,10 +275,12 @@ class Worker:
                                    " request: it may have been applied; retrying it (same key) is safe")
         return fp.encode_error(opcode, rid, fp.UNAVAILABLE, wid, "database unavailable; nothing changed, retry")
 
-    def _reply_stored(self, opcode: int, rid: int, answer) -> bytes:
-        if answer.status == fp.OK:
-            return fp.encode_raw(opcode, rid, fp.OK, self.worker_id, answer.body)
-        return fp.encode_error(opcode, rid, answer.status, self.worker_id, answer.body.decode("utf-8", "replace"))
+    def _reply_stored(self, opcode: int, rid: int, answer, layout: str, names: tuple) -> bytes:
+        """An idempotent operation's stored answer (first run or replay):
+        its values in this order and layout, or its refusal."""
+        if answer.refusal is not None:
+            return fp.encode_error(opcode, rid, WIRE_STATUS[answer.refusal], self.worker_id, answer.message)
+        return fp.encode_ok(opcode, rid, self.worker_id, layout, tuple(answer.value[n] for n in names))
 
     # ------------------------------------------------------------ handlers
 
@@ -283,36 +289,35 @@ class Worker:
         self.engine.note_known_users(user_ids)
         return fp.encode_ok(fp.OP_REGISTER, rid, self.worker_id, "H", (created,))
 
-    async def _external_move(self, opcode: int, rid: int, key: bytes, user_id: int, amount_cents: int,
-                             limit_cents: int, move) -> bytes:
+    async def _external_move(self, opcode: int, operation: Operation, rid: int, key: bytes, user_id: int,
+                             amount_cents: int, limit_cents: int, move) -> bytes:
         """DEPOSIT and WITHDRAW: one transfer between the outside world and a
         wallet, idempotent by key, answered (balance_cents, transfer_id)."""
         if amount_cents > limit_cents:
-            raise Refused(fp.INVALID, f"amount_cents above the limit {limit_cents}")
+            raise Refused(Reason.INVALID, f"amount_cents above the limit {limit_cents}")
 
         await self.ledger.settle(user_id)
 
-        async def body(conn) -> bytes:
-            balance, tid = await move(conn, user_id, amount_cents)
-            return fp.encode_ok(opcode, 0, 0, "qQ", (balance, tid))[fp.RESPONSE_HEADER_BYTES:]
+        async def body(conn) -> dict:
+            return await move(conn, user_id, amount_cents)
 
-        answer = await self.ledger.idempotent(key, opcode, (user_id, amount_cents), body)
-        return self._reply_stored(opcode, rid, answer)
+        answer = await self.ledger.idempotent(key, operation, (user_id, amount_cents), body)
+        return self._reply_stored(opcode, rid, answer, "qQ", ("balance_cents", "transfer_id"))
 
     async def _deposit(self, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
-        return await self._external_move(fp.OP_DEPOSIT, rid, key, user_id, amount_cents,
+        return await self._external_move(fp.OP_DEPOSIT, Operation.DEPOSIT, rid, key, user_id, amount_cents,
                                          self.limits.max_deposit_cents, Ledger.deposit)
 
     async def _balance(self, rid: int, user_id: int) -> bytes:
         return fp.encode_ok(fp.OP_BALANCE, rid, self.worker_id, "q", (await self.ledger.balance(user_id),))
 
     async def _withdraw(self, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
-        return await self._external_move(fp.OP_WITHDRAW, rid, key, user_id, amount_cents,
+        return await self._external_move(fp.OP_WITHDRAW, Operation.WITHDRAW, rid, key, user_id, amount_cents,
                                          self.limits.max_withdraw_cents, Ledger.withdraw)
 
     def _page_limit(self, limit: int) -> int:
         if not 0 < limit <= self.limits.max_page_rows:
-            raise Refused(fp.INVALID, f"limit must be 1..{self.limits.max_page_rows}")
+            raise Refused(Reason.INVALID, f"limit must be 1..{self.limits.max_page_rows}")
         return limit
 
     async def _statement(self, rid: int, user_id: int, before: int, limit: int) -> bytes:
@@ -338,9 +343,9 @@ class Worker:
     def _member_list(self, user_ids: list, least: int) -> list:
         lim = self.limits
         if not least <= len(user_ids) <= lim.max_members:
-            raise Refused(fp.INVALID, f"a member list holds {least}..{lim.max_members} users")
+            raise Refused(Reason.INVALID, f"a member list holds {least}..{lim.max_members} users")
         if len(set(user_ids)) != len(user_ids):
-            raise Refused(fp.INVALID, "member list repeats a user")
+            raise Refused(Reason.INVALID, "member list repeats a user")
         return user_ids
 
     async def _group_create(self, rid: int, group_id: int, name: str, members: list) -> bytes:
@@ -367,39 +372,39 @@ class Worker:
                        audience: int, members: list) -> int:
         lim = self.limits
         if mode not in (fp.MODE_RANDOM, fp.MODE_FIXED):
-            raise Refused(fp.INVALID, "mode must be 1 (random) or 2 (fixed)")
+            raise Refused(Reason.INVALID, "mode must be 1 (random) or 2 (fixed)")
         if not 1 <= count <= lim.max_share_count:
-            raise Refused(fp.INVALID, f"count must be 1..{lim.max_share_count}")
+            raise Refused(Reason.INVALID, f"count must be 1..{lim.max_share_count}")
         if total > lim.max_total_cents:
-            raise Refused(fp.INVALID, f"total_cents above the limit {lim.max_total_cents}")
+            raise Refused(Reason.INVALID, f"total_cents above the limit {lim.max_total_cents}")
         if total < count * lim.min_share_cents:
-            raise Refused(fp.INVALID, f"total_cents below count x {lim.min_share_cents} cent minimum share")
+            raise Refused(Reason.INVALID, f"total_cents below count x {lim.min_share_cents} cent minimum share")
         expiry_s = expiry_s or lim.default_expiry_s
         if not lim.min_expiry_s <= expiry_s <= lim.max_expiry_s:
-            raise Refused(fp.INVALID, f"expiry must be {lim.min_expiry_s}..{lim.max_expiry_s} s")
+            raise Refused(Reason.INVALID, f"expiry must be {lim.min_expiry_s}..{lim.max_expiry_s} s")
         if audience == fp.AUDIENCE_OPEN:
             if members:
-                raise Refused(fp.INVALID, "an open packet takes no member list")
+                raise Refused(Reason.INVALID, "an open packet takes no member list")
         elif audience == fp.AUDIENCE_DIRECT:
             if len(members) != 1 or count != 1:
-                raise Refused(fp.INVALID, "a packet to one person names one user and has one share")
+                raise Refused(Reason.INVALID, "a packet to one person names one user and has one share")
         elif audience == fp.AUDIENCE_MEMBERS:
             if not 1 <= len(members) <= lim.max_members:
-                raise Refused(fp.INVALID, f"member list must hold 1..{lim.max_members} users")
+                raise Refused(Reason.INVALID, f"member list must hold 1..{lim.max_members} users")
             if len(set(members)) != len(members):
-                raise Refused(fp.INVALID, "member list repeats a user")
+                raise Refused(Reason.INVALID, "member list repeats a user")
             if count > len(members):
-                raise Refused(fp.INVALID, "more shares than members: the packet could never sell out")
+                raise Refused(Reason.INVALID, "more shares than members: the packet could never sell out")
         elif audience == fp.AUDIENCE_GROUP:
             # The group's id travels in the member list's place; its members
             # (but the sender) are snapshotted inside the SEND transaction.
             if len(members) != 1:
-                raise Refused(fp.INVALID, "a packet to a group names exactly one group id")
+                raise Refused(Reason.INVALID, "a packet to a group names exactly one group id")
             return expiry_s
         else:
-            raise Refused(fp.INVALID, "audience must be 0 (open), 1 (direct), 2 (members) or 3 (group)")
+            raise Refused(Reason.INVALID, "audience must be 0 (open), 1 (direct), 2 (members) or 3 (group)")
         if sender in members:
-            raise Refused(fp.INVALID, "a sender cannot open their own packet")
+            raise Refused(Reason.INVALID, "a sender cannot open their own packet")
         return expiry_s
 
     async def _send(self, rid: int, key: bytes, sender: int, total: int, count: int, mode: int, expiry_s: int,
@@ -414,31 +419,29 @@ class Worker:
 
         await self.ledger.settle(sender)
 
-        async def body(conn) -> bytes:
+        async def body(conn) -> dict:
             expires_at_ms = now_ms() + expiry_s * 1000
-            packet_id, balance, eligible = await self.ledger.send(conn, shard, sender, total, count, mode,
-                                                                  min_share, expires_at_ms, audience, members,
-                                                                  greeting)
-            adopted.append(fp.PacketState(packet_id, sender, total, count, mode, min_share, expires_at_ms,
-                                          eligible))
-            return fp.encode_ok(fp.OP_SEND, 0, 0, "Qqq", (packet_id, balance, expires_at_ms))[fp.RESPONSE_HEADER_BYTES:]
+            record, balance = await self.ledger.send(conn, shard, sender, total, count, mode, min_share,
+                                                     expires_at_ms, audience, members, greeting)
+            adopted.append(record)
+            return {"packet_id": record.packet_id, "balance_cents": balance, "expires_at_ms": expires_at_ms}
 
         fields = (sender, total, count, mode, expiry_s, audience, tuple(members), greeting)
-        answer = await self.ledger.idempotent(key, fp.OP_SEND, fields, body)
+        answer = await self.ledger.idempotent(key, Operation.SEND, fields, body)
         if adopted and not answer.replayed:
-            state = adopted[0]
+            state = packet_state(adopted[0])
             # A grab that guessed the id may already have loaded it from the database.
             assert self.owns(state.packet_id)
             if state.packet_id not in self.engine.states:
                 self.engine.adopt(state)
-        return self._reply_stored(fp.OP_SEND, rid, answer)
+        return self._reply_stored(fp.OP_SEND, rid, answer, "Qqq", ("packet_id", "balance_cents", "expires_at_ms"))
 
     async def _packet(self, rid: int, packet_id: int, offset: int, limit: int) -> bytes:
         if not 0 < limit <= fp.MAX_CLAIMS_PAGE:
-            raise Refused(fp.INVALID, f"claims_limit must be 1..{fp.MAX_CLAIMS_PAGE}")
+            raise Refused(Reason.INVALID, f"claims_limit must be 1..{fp.MAX_CLAIMS_PAGE}")
         info = await self.ledger.packet_info(packet_id, offset, limit)
         if info is None:
-            raise Refused(fp.NOT_FOUND, f"unknown packet {packet_id}")
+            raise Refused(Reason.NOT_FOUND, f"unknown packet {packet_id}")
         head, greeting, claims = info
         return fp.encode_packet(rid, self.worker_id, head, greeting, claims)
 
