@@ -4,7 +4,7 @@ Reason to the wire status of the same name, and encodes the answers.
 
 The integer values are the ones the tables (and the PL/pgSQL functions of
 the migrations) hold: they are the database's, and never change.
-tests/test_domain_codes.py checks them against the database itself.
+tests/test_storage_domain.py checks them against the database itself.
 """
 from __future__ import annotations
 
