@@ -1,4 +1,5 @@
-"""The audit: recomputes every money invariant of DESIGN.md from the tables.
+"""The audit: recomputes the money invariants of docs/ARCHITECTURE.md (I1-I5, I13 and
+the refund half of I14) from the tables.
 
 A committed grab is first an element of its batch's grab_rollups row, and
 only later (the roll-up) a claim row, a transfer and balance changes;
