@@ -16,9 +16,9 @@ from .. import routing
 from ..admission import FinalStates, Permits
 from ..admission.claims import load_final_set
 from ..auth import SCOPE_ADMIN, SCOPE_PEER, TokenBook
+from ..clock import now_ms
 from ..config import Limits, Settings
 from ..engine.expiry import ExpirySweeper
-from ..clock import now_ms
 from ..engine.grabs import GrabEngine, packet_state
 from ..storage.audit import audit
 from ..storage.commit import GrabCommitter, Roller
