@@ -24,7 +24,7 @@ from anbao import routing
 from anbao.config import Limits
 from anbao.storage import migrate as migrate_mod
 from anbao.storage.audit import audit
-from anbao.storage.domain import AccountKind, Audience, Mode, Operation, PacketStatus, TransferKind
+from anbao.storage.domain import AccountKind, Audience, Mode, Operation, PacketStatus, Reason, TransferKind
 from anbao_client import IdempotencyConflict, InsufficientFunds, Invalid, UnknownGroup, UnknownUser, wire
 from conftest import Anbao, dsn_for, funded_users
 
@@ -55,6 +55,18 @@ def test_storage_imports_only_point_down():
     for path in files:
         bad = {m for m in imported_modules(path) if m.startswith(FORBIDDEN)}
         assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_the_wire_passes_storage_codes_through_unchanged():
+    """The server puts storage's transfer kinds, packet statuses, modes and
+    audiences on the wire as they are (STATEMENT, SENT_LIST, PACKET, SEND),
+    and answers a refusal with the wire status of its reason's name: the
+    protocol table must agree."""
+    assert {k.name: k.value for k in wire.TransferKind} == {k.name: k.value for k in TransferKind}
+    assert {k.name: k.value for k in wire.PacketStatus} == {k.name: k.value for k in PacketStatus}
+    assert {k.name: k.value for k in wire.Mode} == {k.name: k.value for k in Mode}
+    assert {k.name: k.value for k in wire.Audience} == {k.name: k.value for k in Audience}
+    assert {r.name for r in Reason} <= {s.name for s in wire.Status}
 
 
 async def check_values(conn, table: str, name: str) -> set[int]:
