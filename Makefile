@@ -3,10 +3,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-EXT    := anbao/_fastpath$(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+SUFFIX := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+CORE   := codec shares packets
+EXT    := $(foreach m,$(CORE),anbao/core/$(m)$(SUFFIX))
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install build memcached redis bench clean
+.PHONY: run test install build lint memcached redis bench clean
 
 run: build
 	$(BIN)/anbao serve $(ARGS)
@@ -20,12 +22,22 @@ $(VENV)/.installed: pyproject.toml setup.py client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "Cython>=3.0" "setuptools>=68" wheel
-	$(BIN)/pip install --quiet -e ./client -e '.[test,bench]'
+	$(BIN)/pip install --quiet -e ./client -e '.[test,bench,lint]'
 	touch $@
+
+# ruff (lint and format check), mypy (strict for the SDK) and the import
+# contracts (pyproject.toml); every check runs, and any failure fails lint.
+lint: install
+	status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/mypy || status=1; \
+	$(BIN)/lint-imports || status=1; \
+	exit $$status
 
 build: install $(EXT)
 
-$(EXT): anbao/_fastpath.pyx setup.py $(VENV)/.installed
+$(EXT) &: $(wildcard anbao/core/*.pyx anbao/core/*.pxd) setup.py $(VENV)/.installed
 	$(BIN)/python setup.py --quiet build_ext --inplace
 
 # Debian's memcached, for the admission layer and its tests.
@@ -41,4 +53,4 @@ bench: build memcached redis
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf build $(VENV) anbao/_fastpath.c anbao/*.so .pytest_cache
+	rm -rf build $(VENV) anbao/core/*.c anbao/core/*.so .pytest_cache

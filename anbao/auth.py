@@ -8,10 +8,11 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-SCOPE_APP = 1     # send, grab, query
-SCOPE_ADMIN = 2   # also deposit, withdraw, audit
-SCOPE_PEER = 3    # another worker of this set; granted only on the workers' private Unix sockets
-SCOPES = {"app": SCOPE_APP, "admin": SCOPE_ADMIN}
+from anbao_client.protocol import Scope
+
+# The scopes a token file may grant; Scope.PEER is granted only on the
+# workers' private Unix sockets, to the token the supervisor makes for them.
+SCOPES = {"app": Scope.APP, "admin": Scope.ADMIN}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from collections import Counter
 
 from anbao_client import AnbaoError, Client, Forbidden, Mode, SoldOut
 
+from .cliutil import token_from_args, yuan
+
 MAX_DEMO_MEMBERS = 10_000      # Limits.max_group_members of a default server
 ID_BLOCK = 100_000             # a run's ids: base .. base + 99,999
 REGISTER_CHUNK = 1024          # REGISTER takes at most 1,024 ids
@@ -26,7 +28,6 @@ async def run_demo(c: Client, args, out) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .cli import _token, yuan
     n, shares = args.members, args.shares
     if not 2 <= n <= MAX_DEMO_MEMBERS or not 1 <= shares <= n or args.connections < 1:
         raise SystemExit(f"anbao demo: --members 2..{MAX_DEMO_MEMBERS}, --shares 1..members, --connections >= 1")
@@ -37,7 +38,7 @@ async def run_demo(c: Client, args, out) -> int:
     progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[note]}"), TimeElapsedColumn(),
                         console=out.console, disable=out.json)
-    grabbers = [await Client.connect(args.host, args.port, _token(args), timeout_ms=args.timeout_ms)
+    grabbers = [await Client.connect(args.host, args.port, token_from_args(args), timeout_ms=args.timeout_ms)
                 for _ in range(args.connections)]
     won, sold_out, refused = {}, 0, Counter()
     try:

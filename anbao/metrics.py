@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from anbao_client.protocol import opcode_name
+
 FLUSH_INTERVAL_S = 1.0
-OPCODE_NAMES = {0x00: "framing", 0x01: "hello", 0x02: "ping", 0x10: "register", 0x11: "deposit", 0x12: "balance",
-                0x20: "send", 0x21: "grab", 0x22: "packet", 0x50: "topology", 0x51: "stats"}
 
 
 def prepare_dir(run_dir: Path) -> Path:
@@ -37,6 +39,15 @@ def serve_endpoint(port: int, host: str = "127.0.0.1"):
 def worker_died(pid: int) -> None:
     from prometheus_client import multiprocess
     multiprocess.mark_process_dead(pid)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A worker's gauges at one flush."""
+
+    queued_grabs: int
+    connections: int
+    router_stats: dict[str, int]
 
 
 class SupervisorMetrics:
@@ -64,8 +75,9 @@ class WorkerMetrics:
         self._router_seen: dict[str, int] = {}
         self._task: asyncio.Task | None = None
 
-    def start(self, worker) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._flush_loop(worker))
+    def start(self, sample: Callable[[], Sample]) -> None:
+        """Flushes every second; `sample` reads the worker's gauges."""
+        self._task = asyncio.get_running_loop().create_task(self._flush_loop(sample))
 
     def stop(self) -> None:
         if self._task is not None:
@@ -75,20 +87,19 @@ class WorkerMetrics:
         self.batch_grabs.observe(grabs)
         self.commit_seconds.observe(seconds)
 
-    async def _flush_loop(self, worker) -> None:
-        from .server.connection import Connection  # noqa: F401 - the counts come from there
+    async def _flush_loop(self, sample: Callable[[], Sample]) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
-            self.flush(worker)
+            self.flush(sample())
 
-    def flush(self, worker) -> None:
+    def flush(self, sample: Sample) -> None:
         answered, self.answered = self.answered, {}
         for key, n in answered.items():
             op, status = key >> 8, key & 0xFF
-            self.requests.labels(OPCODE_NAMES.get(op, hex(op)), str(status)).inc(n)
-        self.queue_depth.labels(self.worker).set(worker.engine.queued_grabs)
-        self.connections.labels(self.worker).set(len(worker.connections))
-        for name, value in worker.router.stats.items():
+            self.requests.labels(opcode_name(op), str(status)).inc(n)
+        self.queue_depth.labels(self.worker).set(sample.queued_grabs)
+        self.connections.labels(self.worker).set(sample.connections)
+        for name, value in sample.router_stats.items():
             delta = value - self._router_seen.get(name, 0)
             if delta:
                 self.router.labels(name).inc(delta)

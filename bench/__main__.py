@@ -8,6 +8,7 @@ what is durable in the database, runs `anbao audit`, runs the baselines
 always, with the same load generator speaking RESP), and writes
 DIR/LABEL.json and DIR/LABEL.png. Exits 1 if any run is INVALID.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,7 @@ import os
 import shutil
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -27,8 +28,16 @@ from . import baselines, redis_baseline, report, scenarios
 from .runner import run_load
 from .server import AnbaoServer, is_loopback, metrics_delta
 
-DEFAULTS = {"connections": 200, "depth": 4, "procs": 2, "duration_s": 300.0, "shares": 10_000,
-            "packets": 100_000, "packet_shares": 10, "hot_packets": 10}
+DEFAULTS = {
+    "connections": 200,
+    "depth": 4,
+    "procs": 2,
+    "duration_s": 300.0,
+    "shares": 10_000,
+    "packets": 100_000,
+    "packet_shares": 10,
+    "hot_packets": 10,
+}
 BASELINES = ("redis", "naive", "echo")
 QUIET_BUSY = 0.15
 
@@ -37,59 +46,127 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="wrk/wrk2-style load on anbao's binary protocol, with baselines; see BENCHMARKS.md",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("scenario", choices=[*scenarios.SCENARIOS, "all"])
-    p.add_argument("--connections", type=int, default=DEFAULTS["connections"],
-                   help="TCP connections in total, split between the load-generator processes")
-    p.add_argument("--depth", type=int, default=DEFAULTS["depth"],
-                   help="requests in flight per connection (closed loop); the cap per connection in open loop")
-    p.add_argument("--attempts", type=int, default=None,
-                   help="requests per scenario; when unset: storm 100,000, soldout 200,000,"
-                        " spread packets x packet-shares, mixed 100,000, hot every share (hot never takes more)")
-    p.add_argument("--shares", type=int, default=DEFAULTS["shares"],
-                   help="shares of the storm/soldout packet and of each hot packet")
-    p.add_argument("--hot-packets", type=int, default=DEFAULTS["hot_packets"],
-                   help="packets in hot, each of --shares shares")
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=DEFAULTS["connections"],
+        help="TCP connections in total, split between the load-generator processes",
+    )
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=DEFAULTS["depth"],
+        help="requests in flight per connection (closed loop); the cap per connection in open loop",
+    )
+    p.add_argument(
+        "--attempts",
+        type=int,
+        default=None,
+        help="requests per scenario; when unset: storm 100,000, soldout 200,000,"
+        " spread packets x packet-shares, mixed 100,000, hot every share (hot never takes more)",
+    )
+    p.add_argument(
+        "--shares",
+        type=int,
+        default=DEFAULTS["shares"],
+        help="shares of the storm/soldout packet and of each hot packet",
+    )
+    p.add_argument(
+        "--hot-packets", type=int, default=DEFAULTS["hot_packets"], help="packets in hot, each of --shares shares"
+    )
     p.add_argument("--packets", type=int, default=DEFAULTS["packets"], help="packets in spread")
-    p.add_argument("--packet-shares", type=int, default=DEFAULTS["packet_shares"],
-                   help="shares per packet in spread")
-    p.add_argument("--users", type=int, default=None,
-                   help="grabbers to register; when unset: one per storm attempt, at least 100,000 when needed")
-    p.add_argument("--rate", type=float, default=None,
-                   help="open loop (wrk2): requests per second in total, on a timetable; omit for closed loop")
-    p.add_argument("--duration-s", type=float, default=DEFAULTS["duration_s"],
-                   help="time cap of each load run; it stops by itself at this or when its attempts are done")
-    p.add_argument("--routing", choices=["steered", "any"], default="steered",
-                   help="steered: like the SDK's Cluster, each connection is steered to a worker by its source"
-                        " port and every grab goes to its packet's owner; any: plain connections, the kernel"
-                        " spreads them and the server relays grabs to the owner")
+    p.add_argument("--packet-shares", type=int, default=DEFAULTS["packet_shares"], help="shares per packet in spread")
+    p.add_argument(
+        "--users",
+        type=int,
+        default=None,
+        help="grabbers to register; when unset: one per storm attempt, at least 100,000 when needed",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open loop (wrk2): requests per second in total, on a timetable; omit for closed loop",
+    )
+    p.add_argument(
+        "--duration-s",
+        type=float,
+        default=DEFAULTS["duration_s"],
+        help="time cap of each load run; it stops by itself at this or when its attempts are done",
+    )
+    p.add_argument(
+        "--routing",
+        choices=["steered", "any"],
+        default="steered",
+        help="steered: like the SDK's Cluster, each connection is steered to a worker by its source"
+        " port and every grab goes to its packet's owner; any: plain connections, the kernel"
+        " spreads them and the server relays grabs to the owner",
+    )
     p.add_argument("--procs", type=int, default=DEFAULTS["procs"], help="load-generator processes")
-    p.add_argument("--baseline", default="",
-                   help="comma list of baselines to run in the same run: redis (each scenario it has a shape"
-                        " for: hot, storm, soldout, spread), naive and echo (storm-shaped)")
-    p.add_argument("--redis-server", default="redis-server", metavar="PATH",
-                   help="the redis-server binary of the redis baseline (Debian's; `make redis` installs it)")
-    p.add_argument("--settle-s", type=float, default=10.0,
-                   help=f"before each load, wait up to this long for the machine to be under {QUIET_BUSY * 100:.0f}%%"
-                        " busy (what the previous run left behind: checkpoints, roll-ups); 0: do not wait")
-    p.add_argument("--naive-pool", type=int, default=baselines.NAIVE_POOL_DEFAULT,
-                   help="PostgreSQL connections of the naive baseline server")
-    p.add_argument("--echo-procs", type=int, default=1,
-                   help="processes of the echo baseline, on one SO_REUSEPORT port")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
-                   help="directory for LABEL.json and LABEL.png")
+    p.add_argument(
+        "--baseline",
+        default="",
+        help="comma list of baselines to run in the same run: redis (each scenario it has a shape"
+        " for: hot, storm, soldout, spread), naive and echo (storm-shaped)",
+    )
+    p.add_argument(
+        "--redis-server",
+        default="redis-server",
+        metavar="PATH",
+        help="the redis-server binary of the redis baseline (Debian's; `make redis` installs it)",
+    )
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=10.0,
+        help=f"before each load, wait up to this long for the machine to be under {QUIET_BUSY * 100:.0f}%%"
+        " busy (what the previous run left behind: checkpoints, roll-ups); 0: do not wait",
+    )
+    p.add_argument(
+        "--naive-pool",
+        type=int,
+        default=baselines.NAIVE_POOL_DEFAULT,
+        help="PostgreSQL connections of the naive baseline server",
+    )
+    p.add_argument("--echo-procs", type=int, default=1, help="processes of the echo baseline, on one SO_REUSEPORT port")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="directory for LABEL.json and LABEL.png",
+    )
     p.add_argument("--label", default=None, help="file name stem for the JSON and PNG (default: the scenario)")
-    p.add_argument("--server", default=None, metavar="HOST:PORT",
-                   help="use this running anbao server (loopback only) instead of starting one; needs --data-dir")
-    p.add_argument("--data-dir", type=Path, default=None,
-                   help="the server's data directory (tokens.json, embedded PostgreSQL);"
-                        " without --server, start the server on it instead of a fresh temporary one")
+    p.add_argument(
+        "--server",
+        default=None,
+        metavar="HOST:PORT",
+        help="use this running anbao server (loopback only) instead of starting one; needs --data-dir",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="the server's data directory (tokens.json, embedded PostgreSQL);"
+        " without --server, start the server on it instead of a fresh temporary one",
+    )
     p.add_argument("--workers", type=int, default=None, help="passed to `anbao serve --workers` when given")
-    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                   help="passed to `anbao serve --limit` (a config.Limits override), repeatable")
-    p.add_argument("--anbao-src", type=Path, default=None,
-                   help="run `anbao serve`/`anbao audit` from this source tree (extension built in place,"
-                        " e.g. a `git archive` of another commit) instead of the installed anbao")
+    p.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="passed to `anbao serve --limit` (a config.Limits override), repeatable",
+    )
+    p.add_argument(
+        "--anbao-src",
+        type=Path,
+        default=None,
+        help="run `anbao serve`/`anbao audit` from this source tree (extension built in place,"
+        " e.g. a `git archive` of another commit) instead of the installed anbao",
+    )
     p.add_argument("--keep-data", action="store_true", help="keep the temporary data directory")
     p.add_argument("--seed", type=int, default=1, help="seed of the random orders (spread, mixed)")
     args = p.parse_args(argv)
@@ -140,17 +217,23 @@ class Bench:
         self.console = console
         self.loop = asyncio.get_running_loop()
         self.runs: list[dict] = []
-        self.sizes = scenarios.Sizes(attempts=args.attempts, shares=args.shares, packets=args.packets,
-                                     packet_shares=args.packet_shares, users=args.users,
-                                     hot_packets=args.hot_packets)
-        self.users = 0                  # grabbers registered on anbao (the baselines reuse the ids)
+        self.sizes = scenarios.Sizes(
+            attempts=args.attempts,
+            shares=args.shares,
+            packets=args.packets,
+            packet_shares=args.packet_shares,
+            users=args.users,
+            hot_packets=args.hot_packets,
+        )
+        self.users = 0  # grabbers registered on anbao (the baselines reuse the ids)
         self.busy_before: float | None = None
 
     async def load(self, **kw):
         a = self.args
         self.busy_before = await self.loop.run_in_executor(None, self.settle)
-        call = functools.partial(run_load, self.console, connections=a.connections, depth=a.depth, rate=a.rate,
-                                 duration_s=a.duration_s, **kw)
+        call = functools.partial(
+            run_load, self.console, connections=a.connections, depth=a.depth, rate=a.rate, duration_s=a.duration_s, **kw
+        )
         return await self.loop.run_in_executor(None, call)
 
     def settle(self) -> float | None:
@@ -168,18 +251,23 @@ class Bench:
         self.runs.append(rec)
         self._line(rec)
         if self.busy_before is not None and self.busy_before >= QUIET_BUSY:
-            self.console.print(f"  [yellow]warning: the machine was {self.busy_before:.0%} busy just before this"
-                               f" load (--settle-s {self.args.settle_s:g} ran out); other load disturbs it[/]")
+            self.console.print(
+                f"  [yellow]warning: the machine was {self.busy_before:.0%} busy just before this"
+                f" load (--settle-s {self.args.settle_s:g} ran out); other load disturbs it[/]"
+            )
         return rec
 
     async def anbao(self, server: AnbaoServer, names: list[str]) -> None:
         a, console = self.args, self.console
         dsn = server.dsn()
-        async with scenarios.Setup(console, server.host, server.port, server.tokens["admin"],
-                                   routing=a.routing) as setup:
+        async with scenarios.Setup(
+            console, server.host, server.port, server.tokens["admin"], routing=a.routing
+        ) as setup:
             if not setup.setup_steering_ok:
-                console.print("[yellow]warning: connections do not reach the worker their source port asks for;"
-                              " the server relays, so results are right but slower[/]")
+                console.print(
+                    "[yellow]warning: connections do not reach the worker their source port asks for;"
+                    " the server relays, so results are right but slower[/]"
+                )
             t = time.monotonic()
             users = self.users = scenarios.grabbers_needed(self.sizes, names)
             await scenarios.register_grabbers(setup, users)
@@ -190,16 +278,23 @@ class Bench:
                 await scenarios.snapshot(plan, dsn)
                 before = server.metrics()
                 cpu_before = server.cpu_s()
-                result = await self.load(target="anbao", scenario=name, host=server.host, port=server.port,
-                                         token=server.tokens["app"], workloads=plan.workloads,
-                                         worker_count=setup.worker_count if setup.steer else None)
+                result = await self.load(
+                    target="anbao",
+                    scenario=name,
+                    host=server.host,
+                    port=server.port,
+                    token=server.tokens["app"],
+                    workloads=plan.workloads,
+                    worker_count=setup.worker_count if setup.steer else None,
+                )
                 cpu_after = server.cpu_s()
                 if cpu_before and cpu_after:
                     # Per answer: what each part of the server spent during the load
                     # (the roll-up that drains after it is not included).
                     answers = max(1, result.answered)
                     plan.info["server_cpu_us_per_answer"] = {
-                        k: round((cpu_after[k] - cpu_before[k]) * 1e6 / answers, 2) for k in cpu_after}
+                        k: round((cpu_after[k] - cpu_before[k]) * 1e6 / answers, 2) for k in cpu_after
+                    }
                 problems = await scenarios.verify(plan, result, dsn)
                 rec = self.record(result, plan.info, problems, plan.allowed, plan.setup_s)
                 rec["server_metrics"] = metrics_delta(before, server.metrics())
@@ -212,23 +307,46 @@ class Bench:
             if name not in scenarios.BASELINE_SCENARIOS:
                 console.print(f"  redis {name}: no Redis shape for this scenario, skipped")
                 continue
-            plan = scenarios.baseline_plan(name, self.sizes, a.procs, a.seed,
-                                           self.users or scenarios.grabbers_needed(self.sizes, names))
+            plan = scenarios.baseline_plan(
+                name, self.sizes, a.procs, a.seed, self.users or scenarios.grabbers_needed(self.sizes, names)
+            )
             t = time.monotonic()
             srv = redis_baseline.RedisServer(a.redis_server)
             try:
-                totals = redis_baseline.prepare(srv, plan.packet_shares, scenarios.CENTS_PER_SHARE, a.seed,
-                                                plan.presold)
+                totals = redis_baseline.prepare(
+                    srv, plan.packet_shares, scenarios.CENTS_PER_SHARE, a.seed, plan.presold
+                )
                 setup_s = round(time.monotonic() - t, 2)
-                info = {**plan.info, **srv.info(), "redis_pid": srv.pid, "redis_dir": str(srv.dir),
-                        "script": redis_baseline.GRAB_SCRIPT,
-                        "script_sha": redis_baseline.GRAB_SHA, "cents_handed_out_in_ok_answers": None}
-                result = await self.load(target="redis", scenario=name, host=srv.host, port=srv.port, token="",
-                                         workloads=plan.workloads, protocol="resp",
-                                         script_sha=redis_baseline.GRAB_SHA)
+                info = {
+                    **plan.info,
+                    **srv.info(),
+                    "redis_pid": srv.pid,
+                    "redis_dir": str(srv.dir),
+                    "script": redis_baseline.GRAB_SCRIPT,
+                    "script_sha": redis_baseline.GRAB_SHA,
+                    "cents_handed_out_in_ok_answers": None,
+                }
+                result = await self.load(
+                    target="redis",
+                    scenario=name,
+                    host=srv.host,
+                    port=srv.port,
+                    token="",
+                    workloads=plan.workloads,
+                    protocol="resp",
+                    script_sha=redis_baseline.GRAB_SHA,
+                )
                 problems = await scenarios.verify(plan, result, None)
-                problems += redis_baseline.verify(srv, totals, plan.packet_shares, result.ok, result.ok_amount,
-                                                  result.unanswered, result.capped, plan.presold)
+                problems += redis_baseline.verify(
+                    srv,
+                    totals,
+                    plan.packet_shares,
+                    result.ok,
+                    result.ok_amount,
+                    result.unanswered,
+                    result.capped,
+                    plan.presold,
+                )
                 info["cents_handed_out_in_ok_answers"] = result.ok_amount
             finally:
                 code = srv.stop()
@@ -244,13 +362,27 @@ class Bench:
         t = time.monotonic()
         await baselines.naive_prepare(server.dsn("postgres"), dsn, n, shares, total)
         setup_s = round(time.monotonic() - t, 2)
-        work = [[{"worker": None, "workload": {"kind": "grab_range", "packet_id": baselines.NAIVE_PACKET_ID,
-                                               "user_first": 1, "user_mod": n, "lo": lo, "hi": hi}}]
-                for lo, hi in scenarios.split_evenly(n, a.procs)]
+        work = [
+            [
+                {
+                    "worker": None,
+                    "workload": {
+                        "kind": "grab_range",
+                        "packet_id": baselines.NAIVE_PACKET_ID,
+                        "user_first": 1,
+                        "user_mod": n,
+                        "lo": lo,
+                        "hi": hi,
+                    },
+                }
+            ]
+            for lo, hi in scenarios.split_evenly(n, a.procs)
+        ]
         srv = baselines.BaselineServer("naive", dsn=dsn, pool_size=a.naive_pool)
         try:
-            result = await self.load(target="naive", scenario="storm", host=srv.host, port=srv.port,
-                                     token="naive", workloads=work)
+            result = await self.load(
+                target="naive", scenario="storm", host=srv.host, port=srv.port, token="naive", workloads=work
+            )
         finally:
             srv.stop()
         capped = result.capped
@@ -264,66 +396,105 @@ class Bench:
             if status not in allowed["GRAB"] and not (capped and status == "UNANSWERED"):
                 problems.append(f"{k:,} GRAB answers with status {status}")
         problems += await baselines.naive_verify(dsn, result.ok, result.unanswered if capped else 0, shares, total)
-        await baselines.naive_drop(server.dsn("postgres"))   # leave a reused server as we found it
-        self.record(result, {"database": baselines.NAIVE_DATABASE, "pool_size": a.naive_pool,
-                             "shares": shares, "total_cents": total, "distinct_users": n,
-                             "transaction": "SELECT ... FOR UPDATE on the packet row, check,"
-                                            " insert claim + transfer, credit wallet, update packet, COMMIT"},
-                    problems, allowed, setup_s)
+        await baselines.naive_drop(server.dsn("postgres"))  # leave a reused server as we found it
+        self.record(
+            result,
+            {
+                "database": baselines.NAIVE_DATABASE,
+                "pool_size": a.naive_pool,
+                "shares": shares,
+                "total_cents": total,
+                "distinct_users": n,
+                "transaction": "SELECT ... FOR UPDATE on the packet row, check,"
+                " insert claim + transfer, credit wallet, update packet, COMMIT",
+            },
+            problems,
+            allowed,
+            setup_s,
+        )
 
     async def echo(self) -> None:
         a = self.args
         n = self.sizes.attempts_for("storm")
-        work = [[{"worker": None, "workload": {"kind": "grab_range", "packet_id": 1, "user_first": 1,
-                                               "user_mod": n, "lo": lo, "hi": hi}}]
-                for lo, hi in scenarios.split_evenly(n, a.procs)]
+        work = [
+            [
+                {
+                    "worker": None,
+                    "workload": {
+                        "kind": "grab_range",
+                        "packet_id": 1,
+                        "user_first": 1,
+                        "user_mod": n,
+                        "lo": lo,
+                        "hi": hi,
+                    },
+                }
+            ]
+            for lo, hi in scenarios.split_evenly(n, a.procs)
+        ]
         srv = baselines.BaselineServer("echo", processes=a.echo_procs)
         try:
-            result = await self.load(target="echo", scenario="storm", host=srv.host, port=srv.port,
-                                     token="echo", workloads=work)
+            result = await self.load(
+                target="echo", scenario="storm", host=srv.host, port=srv.port, token="echo", workloads=work
+            )
         finally:
             srv.stop()
         problems = []
         if not result.capped and (result.answered != n or result.ok != n):
             problems.append(f"echo answered {result.answered:,} of {n:,} ({result.ok:,} OK)")
-        self.record(result, {"server": "uvloop + anbao._fastpath frame codec, no work", "processes": a.echo_procs},
-                    problems, {"GRAB": {"OK"}}, 0.0)
+        self.record(
+            result,
+            {"server": "uvloop + anbao.core.codec frame codec, no work", "processes": a.echo_procs},
+            problems,
+            {"GRAB": {"OK"}},
+            0.0,
+        )
 
     def _line(self, r: dict) -> None:
         lat = r["latency_ms"]
         verdict = {"valid": "[green]valid[/]", "CAPPED": "[yellow]CAPPED[/] (hit --duration-s; partial)"}.get(
-            r["verdict"], "[bold red]INVALID[/] " + "; ".join(r["problems"]))
-        self.console.print(f"  {r['name']}: {r['answered']:,} answers in {r['wall_s']:.2f} s,"
-                           f" {r['ok']:,} OK ({r['ok_per_s']:,.0f} durable OK/s),"
-                           f" {r['answers_per_s']:,.0f} answers/s, p50 {lat['p50']} ms,"
-                           f" p99 {lat['p99']} ms, p99.9 {lat['p99.9']} ms  {verdict}")
+            r["verdict"], "[bold red]INVALID[/] " + "; ".join(r["problems"])
+        )
+        self.console.print(
+            f"  {r['name']}: {r['answered']:,} answers in {r['wall_s']:.2f} s,"
+            f" {r['ok']:,} OK ({r['ok_per_s']:,.0f} durable OK/s),"
+            f" {r['answers_per_s']:,.0f} answers/s, p50 {lat['p50']} ms,"
+            f" p99 {lat['p99']} ms, p99.9 {lat['p99.9']} ms  {verdict}"
+        )
 
 
 def _audit_failure(audit: dict) -> str:
     if audit.get("violations"):
         return "anbao audit found a money-invariant violation: " + ", ".join(audit["violations"])
     lines = str(audit.get("error") or "").strip().splitlines()
-    return (f"anbao audit could not check the ledger (exit {audit.get('exit_code')})"
-            + (f": {lines[-1][:200]}" if lines else ""))
+    return f"anbao audit could not check the ledger (exit {audit.get('exit_code')})" + (
+        f": {lines[-1][:200]}" if lines else ""
+    )
 
 
 async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
     names = list(scenarios.SCENARIOS) if args.scenario == "all" else [args.scenario]
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     git_at_start = report.git_state()
     bench = Bench(args, console)
     loadavg = [round(x, 2) for x in os.getloadavg()]
     busy = report.cpu_busy(1.0)
     if busy is not None and busy > 0.15:
-        console.print(f"[yellow]warning: the machine was {busy:.0%} busy before the bench started;"
-                      f" other load disturbs every figure[/]")
+        console.print(
+            f"[yellow]warning: the machine was {busy:.0%} busy before the bench started;"
+            f" other load disturbs every figure[/]"
+        )
     if args.server:
         server = AnbaoServer.attach(args.server_host, args.server_port, args.data_dir, src=args.anbao_src)
         console.print(f"using the running server at {server.host}:{server.port}")
     else:
         with console.status("starting anbao serve (embedded PostgreSQL) ..."):
-            server = AnbaoServer.start(args.data_dir, workers=args.workers, src=args.anbao_src,
-                                       extra=[a for lim in args.limit for a in ("--limit", lim)])
+            server = AnbaoServer.start(
+                args.data_dir,
+                workers=args.workers,
+                src=args.anbao_src,
+                extra=[a for lim in args.limit for a in ("--limit", lim)],
+            )
         console.print(f"started: {server.banner}  (data in {server.data_dir})")
     audit = None
     pg = None
@@ -358,18 +529,21 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
         "benchmark": "anbao bench",
         "started_at": started_at,
         "settings": settings,
-        "environment": {**report.environment(server.banner or f"attached to {server.host}:{server.port}", pg),
-                        "cpu_busy_before_start": busy, "loadavg_before_start": loadavg,
-                        "git_at_start": git_at_start,
-                        "anbao_source": str(args.anbao_src) if args.anbao_src else "installed (this repository)"},
+        "environment": {
+            **report.environment(server.banner or f"attached to {server.host}:{server.port}", pg),
+            "cpu_busy_before_start": busy,
+            "loadavg_before_start": loadavg,
+            "git_at_start": git_at_start,
+            "anbao_source": str(args.anbao_src) if args.anbao_src else "installed (this repository)",
+        },
         "definitions": {
             "durable OK/s": "OK answers / seconds from the first request sent to the last OK answer;"
-                            " anbao and naive answer OK only after the claim is committed, redis after the"
-                            " append-only file is fsynced (appendfsync always)",
+            " anbao and naive answer OK only after the claim is committed, redis after the"
+            " append-only file is fsynced (appendfsync always)",
             "answers/s": "all answers / seconds from the first request sent to the last answer",
             "rejects/s": "SOLD_OUT, ALREADY_CLAIMED, EXPIRED, NOT_ELIGIBLE answers / the same wall time",
             "latency": "closed loop: from the moment each request was written; open loop: from its scheduled"
-                       " send time (coordinated omission corrected)",
+            " send time (coordinated omission corrected)",
         },
         "audit": audit,
         "runs": bench.runs,
@@ -382,16 +556,17 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     import uvloop
+
     args = parse_args(argv)
     if args.anbao_src is not None:
         # The baselines' codec and the embedded-PostgreSQL helper come from the same tree.
         args.anbao_src = args.anbao_src.resolve()
         sys.path.insert(0, str(args.anbao_src))
-        if (args.anbao_src / "client" / "anbao_client").is_dir():   # and the SDK the load generators use
+        if (args.anbao_src / "client" / "anbao_client").is_dir():  # and the SDK the load generators use
             sys.path.insert(0, str(args.anbao_src / "client"))
     console = Console()
     if not console.is_terminal:
-        console = Console(width=200)   # a log file gets the whole table
+        console = Console(width=200)  # a log file gets the whole table
     doc = uvloop.run(orchestrate(args, console))
     args.out.mkdir(parents=True, exist_ok=True)
     label = args.label or args.scenario

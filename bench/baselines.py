@@ -11,6 +11,7 @@ protocol framing, so the very same load generator drives them:
          database, on the same PostgreSQL server (same fsync, same settings)
          as anbao.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,6 +23,7 @@ import socket
 import time
 
 import asyncpg
+from anbao_client.protocol import MESSAGES, PROTOCOL_VERSION, Op, Status
 
 NAIVE_DATABASE = "anbao_bench_naive"
 NAIVE_PACKET_ID = 1
@@ -68,17 +70,20 @@ def _nodelay(transport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _hello_answer(fp, rid: int) -> bytes:
-    return fp.encode_ok(fp.OP_HELLO, rid, 0, "HBHII", (fp.PROTOCOL_VERSION, 1, 1, 65536, 1024))
+def _hello_answer(codec, rid: int) -> bytes:
+    layout = MESSAGES[Op.HELLO].answer.head
+    return codec.encode_ok(Op.HELLO, rid, 0, layout, (PROTOCOL_VERSION, 1, 1, 65536, 1024, 65536))
 
 
 # ---------------------------------------------------------------- echo
 
+
 class _EchoProtocol(asyncio.Protocol):
     def __init__(self):
-        from anbao import _fastpath as fp
-        self.fp = fp
-        self.decoder = fp.FrameDecoder()
+        from anbao.core import codec
+
+        self.codec = codec
+        self.decoder = codec.FrameDecoder()
         self.transport = None
 
     def connection_made(self, transport) -> None:
@@ -86,20 +91,20 @@ class _EchoProtocol(asyncio.Protocol):
         _nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
-        fp = self.fp
+        codec = self.codec
         try:
             frames = self.decoder.feed(data)
-        except fp.FramingError:
+        except codec.FramingError:
             self.transport.close()
             return
         out = []
         for opcode, rid, _ in frames:
-            if opcode == fp.OP_GRAB:
-                out.append(fp.encode_grab(rid, fp.OK, 0, 1, 1, 0))
-            elif opcode == fp.OP_HELLO:
-                out.append(_hello_answer(fp, rid))
+            if opcode == Op.GRAB:
+                out.append(codec.encode_grab(rid, Status.OK, 0, 1, 1, 0))
+            elif opcode == Op.HELLO:
+                out.append(_hello_answer(codec, rid))
             else:
-                out.append(fp.encode_ok(opcode, rid, 0, "", ()))
+                out.append(codec.encode_ok(opcode, rid, 0, "", ()))
         self.transport.write(b"".join(out))
 
 
@@ -112,6 +117,7 @@ async def _echo_main(host: str, port: int, port_q) -> None:
 
 
 # ---------------------------------------------------------------- naive
+
 
 def draw_share(rng: random.Random, remaining_cents: int, left: int, min_cents: int) -> int:
     """WeChat's double-mean rule, as anbao uses it: [min, 2 x mean], the
@@ -130,12 +136,13 @@ class _Refuse(Exception):
 
 class _NaiveProtocol(asyncio.Protocol):
     def __init__(self, pool: asyncpg.Pool, rng: random.Random, tasks: set):
-        from anbao import _fastpath as fp
-        self.fp = fp
+        from anbao.core import codec
+
+        self.codec = codec
         self.pool = pool
         self.rng = rng
         self.tasks = tasks
-        self.decoder = fp.FrameDecoder()
+        self.decoder = codec.FrameDecoder()
         self.transport = None
 
     def connection_made(self, transport) -> None:
@@ -146,64 +153,79 @@ class _NaiveProtocol(asyncio.Protocol):
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
-        fp = self.fp
+        codec = self.codec
         try:
             frames = self.decoder.feed(data)
-        except fp.FramingError:
+        except codec.FramingError:
             self.transport.close()
             return
         loop = asyncio.get_running_loop()
         for opcode, rid, args in frames:
-            if opcode == fp.OP_GRAB and type(args) is tuple:
+            if opcode == Op.GRAB and type(args) is tuple:
                 t = loop.create_task(self._grab(rid, *args))
                 self.tasks.add(t)
                 t.add_done_callback(self.tasks.discard)
-            elif opcode == fp.OP_HELLO:
-                self.transport.write(_hello_answer(fp, rid))
+            elif opcode == Op.HELLO:
+                self.transport.write(_hello_answer(codec, rid))
             else:
-                self.transport.write(fp.encode_error(opcode, rid, fp.UNKNOWN_OPCODE, 0, "naive serves GRAB only"))
+                self.transport.write(codec.encode_error(opcode, rid, Status.UNKNOWN_OPCODE, 0, "naive serves GRAB only"))
 
     async def _grab(self, rid: int, packet_id: int, user_id: int) -> None:
-        fp = self.fp
+        codec = self.codec
         try:
             amount, seq, remaining = await self._transaction(packet_id, user_id)
-            frame = fp.encode_grab(rid, fp.OK, 0, amount, seq, remaining)
+            frame = codec.encode_grab(rid, Status.OK, 0, amount, seq, remaining)
         except _Refuse as r:
-            frame = fp.encode_error(fp.OP_GRAB, rid, r.status, 0, str(r))
+            frame = codec.encode_error(Op.GRAB, rid, r.status, 0, str(r))
         except Exception as exc:  # noqa: BLE001 - the load generator counts it by status
-            frame = fp.encode_error(fp.OP_GRAB, rid, fp.INTERNAL, 0, repr(exc)[:200])
+            frame = codec.encode_error(Op.GRAB, rid, Status.INTERNAL, 0, repr(exc)[:200])
         if self.transport is not None:
             self.transport.write(frame)
 
     async def _transaction(self, packet_id: int, user_id: int) -> tuple[int, int, int]:
-        fp = self.fp
+        codec = self.codec
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 p = await conn.fetchrow(
                     "SELECT share_count, claimed_count, remaining_cents, min_share_cents"
-                    " FROM naive_packets WHERE packet_id = $1 FOR UPDATE", packet_id)
+                    " FROM naive_packets WHERE packet_id = $1 FOR UPDATE",
+                    packet_id,
+                )
                 if p is None:
-                    raise _Refuse(fp.NOT_FOUND, "unknown packet")
+                    raise _Refuse(Status.NOT_FOUND, "unknown packet")
                 share_count, claimed, remaining, min_cents = p
                 if claimed >= share_count:
-                    raise _Refuse(fp.SOLD_OUT, "sold out")
-                if await conn.fetchval("SELECT 1 FROM naive_claims WHERE packet_id = $1 AND user_id = $2",
-                                       packet_id, user_id):
-                    raise _Refuse(fp.ALREADY_CLAIMED, "already claimed")
+                    raise _Refuse(Status.SOLD_OUT, "sold out")
+                if await conn.fetchval(
+                    "SELECT 1 FROM naive_claims WHERE packet_id = $1 AND user_id = $2", packet_id, user_id
+                ):
+                    raise _Refuse(Status.ALREADY_CLAIMED, "already claimed")
                 amount = draw_share(self.rng, remaining, share_count - claimed, min_cents)
                 seq = claimed + 1
                 credited = await conn.execute(
-                    "UPDATE naive_wallets SET balance_cents = balance_cents + $2 WHERE user_id = $1",
-                    user_id, amount)
+                    "UPDATE naive_wallets SET balance_cents = balance_cents + $2 WHERE user_id = $1", user_id, amount
+                )
                 if credited != "UPDATE 1":
-                    raise _Refuse(fp.UNKNOWN_USER, "unknown user")
-                await conn.execute("INSERT INTO naive_claims (packet_id, seq, user_id, amount_cents)"
-                                   " VALUES ($1, $2, $3, $4)", packet_id, seq, user_id, amount)
-                await conn.execute("INSERT INTO naive_transfers (packet_id, user_id, amount_cents)"
-                                   " VALUES ($1, $2, $3)", packet_id, user_id, amount)
-                await conn.execute("UPDATE naive_packets SET claimed_count = claimed_count + 1,"
-                                   " remaining_cents = remaining_cents - $2 WHERE packet_id = $1",
-                                   packet_id, amount)
+                    raise _Refuse(Status.UNKNOWN_USER, "unknown user")
+                await conn.execute(
+                    "INSERT INTO naive_claims (packet_id, seq, user_id, amount_cents) VALUES ($1, $2, $3, $4)",
+                    packet_id,
+                    seq,
+                    user_id,
+                    amount,
+                )
+                await conn.execute(
+                    "INSERT INTO naive_transfers (packet_id, user_id, amount_cents) VALUES ($1, $2, $3)",
+                    packet_id,
+                    user_id,
+                    amount,
+                )
+                await conn.execute(
+                    "UPDATE naive_packets SET claimed_count = claimed_count + 1,"
+                    " remaining_cents = remaining_cents - $2 WHERE packet_id = $1",
+                    packet_id,
+                    amount,
+                )
         return amount, seq, share_count - seq
 
 
@@ -233,8 +255,12 @@ async def naive_prepare(admin_dsn: str, dsn: str, users: int, shares: int, total
     try:
         await conn.execute(NAIVE_SCHEMA)
         await conn.execute("INSERT INTO naive_wallets (user_id) SELECT generate_series(1, $1::bigint)", users)
-        await conn.execute("INSERT INTO naive_packets (packet_id, total_cents, share_count, remaining_cents)"
-                           " VALUES ($1, $2, $3, $2)", NAIVE_PACKET_ID, total_cents, shares)
+        await conn.execute(
+            "INSERT INTO naive_packets (packet_id, total_cents, share_count, remaining_cents) VALUES ($1, $2, $3, $2)",
+            NAIVE_PACKET_ID,
+            total_cents,
+            shares,
+        )
         await conn.execute("ANALYZE")
     finally:
         await conn.close()
@@ -254,14 +280,18 @@ async def naive_verify(dsn: str, ok_answers: int, unanswered: int, shares: int, 
     conn = await asyncpg.connect(dsn)
     try:
         claims, claimed = await conn.fetchrow(
-            "SELECT count(*), COALESCE(sum(amount_cents), 0)::bigint FROM naive_claims")
+            "SELECT count(*), COALESCE(sum(amount_cents), 0)::bigint FROM naive_claims"
+        )
         transfers, transferred = await conn.fetchrow(
-            "SELECT count(*), COALESCE(sum(amount_cents), 0)::bigint FROM naive_transfers")
+            "SELECT count(*), COALESCE(sum(amount_cents), 0)::bigint FROM naive_transfers"
+        )
         wallets = await conn.fetchval("SELECT COALESCE(sum(balance_cents), 0)::bigint FROM naive_wallets")
-        p = await conn.fetchrow("SELECT claimed_count, remaining_cents FROM naive_packets WHERE packet_id = $1",
-                                NAIVE_PACKET_ID)
-        dupes = await conn.fetchval("SELECT count(*) FROM (SELECT user_id FROM naive_claims"
-                                    " GROUP BY packet_id, user_id HAVING count(*) > 1) d")
+        p = await conn.fetchrow(
+            "SELECT claimed_count, remaining_cents FROM naive_packets WHERE packet_id = $1", NAIVE_PACKET_ID
+        )
+        dupes = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT user_id FROM naive_claims GROUP BY packet_id, user_id HAVING count(*) > 1) d"
+        )
     finally:
         await conn.close()
     wrong = []
@@ -282,6 +312,7 @@ async def naive_verify(dsn: str, ok_answers: int, unanswered: int, shares: int, 
 
 # ---------------------------------------------------------------- processes
 
+
 async def _wait_for_sigterm() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -292,11 +323,13 @@ async def _wait_for_sigterm() -> None:
 
 def _echo_process(host: str, port: int, port_q) -> None:
     import uvloop
+
     uvloop.run(_echo_main(host, port, port_q))
 
 
 def _naive_process(host: str, dsn: str, pool_size: int, port_q) -> None:
     import uvloop
+
     try:
         uvloop.run(_naive_main(host, dsn, pool_size, port_q))
     except Exception as exc:
@@ -309,8 +342,14 @@ class BaselineServer:
     echo may run several processes on one SO_REUSEPORT port (like anbao's
     workers); naive is one process with a pool of PostgreSQL connections."""
 
-    def __init__(self, kind: str, host: str = "127.0.0.1", dsn: str | None = None,
-                 pool_size: int = NAIVE_POOL_DEFAULT, processes: int = 1):
+    def __init__(
+        self,
+        kind: str,
+        host: str = "127.0.0.1",
+        dsn: str | None = None,
+        pool_size: int = NAIVE_POOL_DEFAULT,
+        processes: int = 1,
+    ):
         assert kind in ("echo", "naive") and processes >= 1
         self.kind, self.host = kind, host
         self.procs: list = []
@@ -319,11 +358,11 @@ class BaselineServer:
         for i in range(processes if kind == "echo" else 1):
             q = ctx.Queue()
             if kind == "echo":
-                proc = ctx.Process(target=_echo_process, args=(host, self.port, q), name=f"bench-echo-{i}",
-                                   daemon=True)
+                proc = ctx.Process(target=_echo_process, args=(host, self.port, q), name=f"bench-echo-{i}", daemon=True)
             else:
-                proc = ctx.Process(target=_naive_process, args=(host, dsn, pool_size, q), name="bench-naive",
-                                   daemon=True)
+                proc = ctx.Process(
+                    target=_naive_process, args=(host, dsn, pool_size, q), name="bench-naive", daemon=True
+                )
             proc.start()
             self.procs.append(proc)
             self.port = self._wait_port(proc, q)
@@ -337,7 +376,7 @@ class BaselineServer:
             except queue.Empty:
                 if not proc.is_alive() or time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"{self.kind} baseline server did not start (exit {proc.exitcode})")
+                    raise RuntimeError(f"{self.kind} baseline server did not start (exit {proc.exitcode})") from None
         if isinstance(port, Exception):
             self.stop()
             raise RuntimeError(f"{self.kind} baseline server failed: {port!r}")
@@ -346,14 +385,14 @@ class BaselineServer:
     def stop(self) -> None:
         for proc in self.procs:
             if proc.is_alive():
-                proc.terminate()          # SIGTERM: the server finishes what it took
+                proc.terminate()  # SIGTERM: the server finishes what it took
         for proc in self.procs:
             proc.join(60)
             if proc.is_alive():
                 proc.kill()
                 proc.join(10)
 
-    def __enter__(self) -> "BaselineServer":
+    def __enter__(self) -> BaselineServer:
         return self
 
     def __exit__(self, *exc) -> None:

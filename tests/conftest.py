@@ -3,7 +3,6 @@ per test (cloned from a migrated template), and anbao workers started in
 the test's event loop. Nothing is mocked."""
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -13,18 +12,19 @@ import asyncpg
 import pytest
 import uvloop
 
-from anbao.auth import TokenBook
-from anbao.config import Limits, Settings
-from anbao.server.worker import Worker
+from anbao.config import Limits
 from anbao.storage import embedded
-from anbao.storage.audit import audit
 from anbao.storage.migrate import migrate
-from anbao_client import Client
+from helpers import ADMIN_TOKEN, APP_TOKEN, Anbao, dsn_for
 
 TEMPLATE_DB = "anbao_template"
-ADMIN_TOKEN = "test-admin-token-0123456789"
-APP_TOKEN = "test-app-token-0123456789"
 _db_numbers = itertools.count(1)
+
+
+def pytest_configure(config):
+    # Registered here, not in pyproject.toml: `-m fast` picks the unit tests
+    # (tests/unit), which need no database, memcached or server process.
+    config.addinivalue_line("markers", "fast: unit tests needing no database or server, well under a second each")
 
 
 def pytest_asyncio_loop_factories(config, item):
@@ -38,11 +38,6 @@ def pg(tmp_path_factory):
     server, dsn = embedded.start(tmp_path_factory.mktemp("pg"))
     yield server, dsn
     embedded.stop(server)
-
-
-def dsn_for(pg, database: str) -> str:
-    server, _ = pg
-    return server.get_uri(database)
 
 
 @pytest.fixture(scope="session")
@@ -78,51 +73,6 @@ def tokens_file(tmp_path) -> Path:
     return path
 
 
-class Anbao:
-    """A worker in this event loop, plus helpers to reach and check it."""
-
-    def __init__(self, dsn: str, tokens_file: Path, limits: Limits):
-        self.dsn = dsn
-        self.tokens_file = tokens_file
-        self.limits = limits
-        self.worker: Worker | None = None
-        self.port = 0
-        self._clients: list[Client] = []
-
-    async def start(self) -> "Anbao":
-        settings = Settings(host="127.0.0.1", port=self.port, dsn=self.dsn, tokens_file=self.tokens_file,
-                            limits=self.limits)
-        self.worker = Worker(settings, self.dsn, TokenBook.load(self.tokens_file))
-        await self.worker.start()
-        self.port = self.worker.port
-        return self
-
-    async def stop(self) -> None:
-        for c in self._clients:
-            await c.close()
-        self._clients.clear()
-        if self.worker is not None:
-            await self.worker.stop()
-            self.worker = None
-
-    async def client(self, scope: str = "app", **kwargs) -> Client:
-        c = await Client.connect("127.0.0.1", self.port, ADMIN_TOKEN if scope == "admin" else APP_TOKEN, **kwargs)
-        self._clients.append(c)
-        return c
-
-    async def assert_audit_clean(self):
-        report = await audit(self.dsn)
-        assert report.ok, report.text()
-        return report
-
-    async def fetchval(self, sql: str, *args):
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            return await conn.fetchval(sql, *args)
-        finally:
-            await conn.close()
-
-
 @pytest.fixture
 def limits() -> Limits:
     return Limits()
@@ -134,15 +84,6 @@ async def anbao(fresh_dsn, tokens_file, limits):
     await server.start()
     yield server
     await server.stop()
-
-
-async def funded_users(admin: Client, first_id: int, n: int, amount_cents: int = 0) -> list[int]:
-    ids = list(range(first_id, first_id + n))
-    for i in range(0, n, 1024):
-        await admin.register(ids[i:i + 1024])
-    if amount_cents:
-        await asyncio.gather(*(admin.deposit(u, amount_cents) for u in ids))
-    return ids
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import psutil
 
 from anbao_client import Client, Cluster, SoldOut, Unavailable
 from anbao_client.errors import AlreadyClaimed, Busy, ConnectionLost, InDoubt, RequestTimeout
-from conftest import ADMIN_TOKEN, funded_users
+from helpers import ADMIN_TOKEN, funded_users
 
 RETRYABLE = (ConnectionLost, RequestTimeout, Unavailable, Busy, InDoubt, OSError)
 ANBAO = [sys.executable, "-m", "anbao.cli"]

@@ -15,7 +15,7 @@ from anbao.admission import MemcachedPermits
 from anbao_client import Client, SoldOut, Unavailable
 from anbao_client.errors import AlreadyClaimed, Busy, InDoubt, NotEligible, RequestTimeout
 from anbao_client.routing import local_port_for, owner_of
-from conftest import ADMIN_TOKEN, APP_TOKEN, funded_users
+from helpers import ADMIN_TOKEN, APP_TOKEN, funded_users
 from served import (Grabber, audit_clean, claims_of, postgres_backends, setup_packet, steered_client, storm)
 
 

@@ -9,51 +9,7 @@ import pytest
 
 from anbao_client import wire
 from anbao_client.wire import Op, Status
-from conftest import ADMIN_TOKEN, funded_users
-
-
-class Raw:
-    """A bare TCP connection speaking frames by hand."""
-
-    def __init__(self, reader, writer):
-        self.reader, self.writer = reader, writer
-        self.frames = wire.FrameBuffer()
-        self.got: list[wire.Response] = []
-
-    @classmethod
-    async def open(cls, port, hello=True):
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        raw = cls(r, w)
-        if hello:
-            raw.send(wire.hello(1, ADMIN_TOKEN.encode()))
-            [h] = await raw.answers(1)
-            assert h.status == Status.OK
-        return raw
-
-    def send(self, data: bytes):
-        self.writer.write(data)
-
-    async def answers(self, n, timeout_s=5.0):
-        while len(self.got) < n:
-            data = await asyncio.wait_for(self.reader.read(65536), timeout_s)
-            if not data:
-                break
-            self.got += self.frames.feed(data)
-        out, self.got = self.got[:n], self.got[n:]
-        return out
-
-    async def closed_by_server(self, timeout_s=5.0) -> bool:
-        try:
-            while True:
-                data = await asyncio.wait_for(self.reader.read(65536), timeout_s)
-                if not data:
-                    return True
-                self.got += self.frames.feed(data)
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-
-    def close(self):
-        self.writer.close()
+from helpers import Raw, funded_users
 
 
 async def still_serving(anbao):
@@ -136,7 +92,7 @@ async def test_pipelined_requests_beyond_the_inflight_limit_are_all_answered(anb
 
 async def test_connection_limit(fresh_dsn, tokens_file):
     from anbao.config import Limits
-    from conftest import Anbao
+    from helpers import Anbao
     server = await Anbao(fresh_dsn, tokens_file, Limits(max_connections=3)).start()
     try:
         held = [await Raw.open(server.port) for _ in range(3)]
@@ -155,7 +111,7 @@ async def test_connection_limit(fresh_dsn, tokens_file):
 
 async def test_silent_unauthenticated_connection_is_closed(fresh_dsn, tokens_file):
     from anbao.config import Limits
-    from conftest import Anbao
+    from helpers import Anbao
     server = await Anbao(fresh_dsn, tokens_file, Limits(hello_timeout_ms=300)).start()
     try:
         raw = await Raw.open(server.port, hello=False)

@@ -6,7 +6,7 @@ import json
 import sys
 
 from anbao.cli import EXIT_REFUSED, EXIT_UNREACHABLE
-from conftest import funded_users
+from helpers import funded_users
 
 ANBAO = [sys.executable, "-m", "anbao.cli", "--log-level", "WARNING"]
 

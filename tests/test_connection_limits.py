@@ -9,12 +9,11 @@ import time
 
 import pytest
 
-import anbao._fastpath as fp
+from anbao.core import codec
 from anbao.config import Limits
 from anbao_client import wire
 from anbao_client.wire import Op, Status
-from conftest import ADMIN_TOKEN, APP_TOKEN, Anbao, funded_users
-from test_bad_input import Raw
+from helpers import ADMIN_TOKEN, APP_TOKEN, Anbao, Raw, funded_users
 
 
 async def read_to_close(raw: Raw, timeout_s: float = 10) -> bytes:
@@ -217,8 +216,8 @@ async def test_a_sender_grabbing_their_own_packet_is_not_eligible(anbao):
 
 def test_framing_error_carries_the_frames_before_it():
     good = wire.ping(1) + wire.grab(2, 5, 6)
-    d = fp.FrameDecoder()
-    with pytest.raises(fp.FramingError) as e:
+    d = codec.FrameDecoder()
+    with pytest.raises(codec.FramingError) as e:
         d.feed(good + struct.pack(">I", 3) + b"\x02\x00\x00")
     assert [(op, rid) for op, rid, _ in e.value.frames] == [(Op.PING, 1), (Op.GRAB, 2)]
     assert d.broken and d.feed(wire.ping(3)) == [], "nothing is read past a bad length"

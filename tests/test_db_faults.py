@@ -17,8 +17,7 @@ from anbao.storage import embedded
 from anbao.storage.migrate import migrate
 from anbao_client import wire
 from anbao_client.wire import Op, Status
-from conftest import Anbao, funded_users
-from test_bad_input import Raw
+from helpers import Anbao, Raw, funded_users
 
 
 async def test_nul_bytes_in_text_are_invalid_and_reach_nothing(anbao):

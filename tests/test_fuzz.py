@@ -9,10 +9,10 @@ import os
 import random
 import struct
 
-import anbao._fastpath as fp
+from anbao.core import codec
 from anbao_client import wire
 from anbao_client.wire import Status
-from conftest import ADMIN_TOKEN, funded_users
+from helpers import ADMIN_TOKEN, funded_users
 
 SEED = 20_261_125
 CONNECTIONS = 60
@@ -61,10 +61,10 @@ def expected(stream: bytes, authenticated: bool) -> tuple[list[tuple[int, int]],
     """(opcode, request id) of every request the server must answer, and
     whether it must end with the fatal frame: the decoder's own reading of
     the stream, and HELLO's rules."""
-    d = fp.FrameDecoder()
+    d = codec.FrameDecoder()
     try:
         frames, fatal = d.feed(stream), False
-    except fp.FramingError as exc:
+    except codec.FramingError as exc:
         frames, fatal = exc.frames, True
     out = []
     for opcode, rid, args in frames:

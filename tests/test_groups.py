@@ -7,7 +7,7 @@ import pytest
 from anbao_client import (AlreadyClaimed, Audience, Invalid, NotEligible, PacketStatus, SoldOut, UnknownGroup,
                           UnknownUser)
 from anbao_client import wire
-from conftest import funded_users
+from helpers import funded_users
 
 
 async def test_create_add_remove_and_page_members(anbao):
@@ -56,7 +56,7 @@ async def test_group_refusals_change_nothing(anbao):
 
 async def test_group_size_limit(fresh_dsn, tokens_file):
     from anbao.config import Limits
-    from conftest import Anbao
+    from helpers import Anbao
     server = await Anbao(fresh_dsn, tokens_file, Limits(max_members=4, max_group_members=6)).start()
     try:
         app = await server.client("app")

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from anbao_client import AlreadyClaimed, IdempotencyConflict, InsufficientFunds
-from conftest import funded_users
+from helpers import funded_users
 
 
 async def test_concurrent_duplicate_deposits_from_many_connections(anbao):

@@ -10,11 +10,10 @@ import asyncpg
 import pytest
 
 from anbao.config import Limits
-from anbao.engine.grabs import Replier
 from anbao.storage.audit import audit
 from anbao_client import AlreadyClaimed, Expired, Invalid, Mode, PacketStatus, TransferKind
 from anbao_client import wire
-from conftest import Anbao, funded_users
+from helpers import Anbao, Collector, funded_users
 
 FAST_SWEEP = Limits(expiry_sweep_interval_ms=50)
 NO_SWEEP = Limits(expiry_sweep_interval_ms=3_600_000, refund_grace_ms=7_200_000)  # only the sweep at start-up
@@ -61,17 +60,6 @@ async def wait_refunded(anbao_or_dsn, packet_id: int, timeout_s: float = 10.0):
 
 async def sleep_until_ms(at_ms: int):
     await asyncio.sleep(max(0.0, at_ms / 1000 - time.time()))
-
-
-class Collector(Replier):
-    """Collects the engine's answers, as a connection would write them."""
-
-    def __init__(self):
-        self.frames: dict[int, wire.Response] = {}
-
-    def answer(self, frame: bytes) -> None:
-        [r] = wire.FrameBuffer().feed(frame)
-        self.frames[r.request_id] = r
 
 
 async def test_expired_packet_refunds_the_remainder_once(anbao):

@@ -11,8 +11,7 @@ from anbao_client import (Expired, Forbidden, IdempotencyConflict, InsufficientF
                           UnknownGroup, UnknownUser)
 from anbao_client import wire
 from anbao_client.wire import Op, Status
-from conftest import funded_users
-from test_bad_input import Raw
+from helpers import Raw, funded_users
 
 TABLES = ["accounts", "transfers", "packets", "packet_members", "claims", "groups", "group_members",
           "grab_rollups"]

@@ -9,7 +9,7 @@ from anbao_client import (AlreadyClaimed, Audience, Client, Forbidden, Idempoten
                           UnknownUser, UnsupportedVersion)
 from anbao_client import wire
 from anbao_client.errors import ConnectionLost, Expired
-from conftest import funded_users
+from helpers import funded_users
 
 
 async def test_hello_announces_scope_and_limits(anbao):

@@ -3,7 +3,7 @@ with cursor pagination; a packet's claims, paged, and its luckiest claim."""
 import pytest
 
 from anbao_client import Audience, Invalid, Mode, PacketStatus, TransferKind, UnknownUser
-from conftest import funded_users
+from helpers import funded_users
 
 
 async def walk(fetch, limit):

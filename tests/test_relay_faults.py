@@ -17,7 +17,7 @@ from anbao_client import SoldOut, Unavailable, wire
 from anbao_client.errors import AlreadyClaimed, InDoubt, RequestTimeout
 from anbao_client.routing import local_port_for, owner_of
 from anbao_client.wire import Status
-from conftest import APP_TOKEN
+from helpers import APP_TOKEN
 from served import audit_clean, claims_of, setup_packet, steered_client
 
 

@@ -18,9 +18,8 @@ from anbao.storage import migrate as migrate_mod
 from anbao.storage.audit import audit
 from anbao_client import Client, Unavailable, wire
 from anbao_client.errors import AlreadyClaimed, ConnectionLost, RequestTimeout, SoldOut
-from conftest import ADMIN_TOKEN, APP_TOKEN, Anbao, dsn_for, funded_users
-from test_lifecycle import Collector
-from test_storm import assert_claims_match, grab_outcomes
+from helpers import (ADMIN_TOKEN, APP_TOKEN, Anbao, Collector, assert_claims_match, dsn_for, funded_users,
+                     grab_outcomes)
 
 # The key every roll-up takes (migration 0003): holding it holds them all back.
 ROLLUP_LOCK_KEY = int.from_bytes(b"anbaorol", "big")
@@ -55,7 +54,7 @@ async def test_a_grab_is_read_back_at_once_before_its_rollup(anbao):
     """Read-your-writes: with the background roll-up stopped, a user told OK
     sees the share in BALANCE, STATEMENT and RECEIVED, the packet shows the
     claim and its counters, and the money can be withdrawn and sent on."""
-    anbao.worker._roller_task.cancel()
+    await anbao.worker.stop_rollup()
     admin = await anbao.client("admin")
     sender, = await funded_users(admin, 1, 1, 10_000)
     users = await funded_users(admin, 10, 4)

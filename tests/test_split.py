@@ -3,7 +3,9 @@ random mode keeps WeChat's double-mean bound — for any total and count."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import anbao._fastpath as fp
+from anbao_client.protocol import Mode, Status
+from anbao.core import packets as core_packets
+from anbao.core import shares as core_shares
 
 counts = st.integers(min_value=1, max_value=500)
 
@@ -20,7 +22,7 @@ def packets(draw):
 @given(packets())
 def test_random_mode_double_mean(p):
     total, count, min_cents, seed = p
-    shares = fp.split(fp.MODE_RANDOM, total, count, min_cents, fp.Rng(seed))
+    shares = core_shares.split(Mode.RANDOM, total, count, min_cents, core_shares.Rng(seed))
     assert len(shares) == count and sum(shares) == total
     remaining = total
     for i, s in enumerate(shares):
@@ -38,7 +40,7 @@ def test_random_mode_double_mean(p):
 @given(packets())
 def test_fixed_mode_equal_shares_odd_cents_first(p):
     total, count, min_cents, _ = p
-    shares = fp.split(fp.MODE_FIXED, total, count, min_cents)
+    shares = core_shares.split(Mode.FIXED, total, count, min_cents)
     assert sum(shares) == total and len(shares) == count
     base, extra = divmod(total, count)
     assert shares == [base + 1] * extra + [base] * (count - extra)
@@ -50,18 +52,18 @@ def test_packet_state_takes_each_share_once(p, users):
     """Whatever the order and repeats of grabbers, no user gets two shares,
     no more than count shares go out, and a sold-out packet gave its total."""
     total, count, min_cents, seed = p
-    state = fp.PacketState(1, 999, total, count, fp.MODE_RANDOM, min_cents, 2**62)
-    rng = fp.Rng(seed)
+    state = core_packets.PacketState(1, 999, total, count, Mode.RANDOM, min_cents, 2**62)
+    rng = core_shares.Rng(seed)
     got = {}
     for u in users:
         status = state.take(u, 0, rng)
-        if status == fp.OK:
+        if status == Status.OK:
             assert u not in got
             got[u] = state.last_amount_cents
-        elif status == fp.ALREADY_CLAIMED:
+        elif status == Status.ALREADY_CLAIMED:
             assert got[u] == state.last_amount_cents
         else:
-            assert status == fp.SOLD_OUT and len(got) == count
+            assert status == Status.SOLD_OUT and len(got) == count
     assert len(got) <= count
     assert sum(got.values()) == total - state.remaining_cents
     if len(got) == count:
@@ -69,7 +71,7 @@ def test_packet_state_takes_each_share_once(p, users):
 
 
 def test_rng_is_uniform_enough():
-    rng = fp.Rng(12345)
+    rng = core_shares.Rng(12345)
     n, buckets = 60_000, [0] * 6
     for _ in range(n):
         buckets[rng.randbelow(6)] += 1
@@ -78,6 +80,6 @@ def test_rng_is_uniform_enough():
 
 def test_invalid_splits_rejected():
     import pytest
-    for args in [(3, 100, 1, 1), (fp.MODE_RANDOM, 9, 10, 1), (fp.MODE_FIXED, 100, 0, 1), (fp.MODE_FIXED, 100, 1, 0)]:
+    for args in [(3, 100, 1, 1), (Mode.RANDOM, 9, 10, 1), (Mode.FIXED, 100, 0, 1), (Mode.FIXED, 100, 1, 0)]:
         with pytest.raises(ValueError):
-            fp.split(*args)
+            core_shares.split(*args)

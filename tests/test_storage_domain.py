@@ -20,13 +20,12 @@ import ast
 import asyncpg
 import pytest
 
-from anbao import routing
 from anbao.config import Limits
 from anbao.storage import migrate as migrate_mod
 from anbao.storage.audit import audit
 from anbao.storage.domain import AccountKind, Audience, Mode, Operation, PacketStatus, Reason, TransferKind
-from anbao_client import IdempotencyConflict, InsufficientFunds, Invalid, UnknownGroup, UnknownUser, wire
-from conftest import Anbao, dsn_for, funded_users
+from anbao_client import IdempotencyConflict, InsufficientFunds, Invalid, UnknownGroup, UnknownUser, protocol, routing
+from helpers import Anbao, dsn_for, funded_users
 
 
 STORAGE = Path(__file__).resolve().parent.parent / "anbao" / "storage"
@@ -62,11 +61,11 @@ def test_the_wire_passes_storage_codes_through_unchanged():
     audiences on the wire as they are (STATEMENT, SENT_LIST, PACKET, SEND),
     and answers a refusal with the wire status of its reason's name: the
     protocol table must agree."""
-    assert {k.name: k.value for k in wire.TransferKind} == {k.name: k.value for k in TransferKind}
-    assert {k.name: k.value for k in wire.PacketStatus} == {k.name: k.value for k in PacketStatus}
-    assert {k.name: k.value for k in wire.Mode} == {k.name: k.value for k in Mode}
-    assert {k.name: k.value for k in wire.Audience} == {k.name: k.value for k in Audience}
-    assert {r.name for r in Reason} <= {s.name for s in wire.Status}
+    assert {k.name: k.value for k in protocol.TransferKind} == {k.name: k.value for k in TransferKind}
+    assert {k.name: k.value for k in protocol.PacketStatus} == {k.name: k.value for k in PacketStatus}
+    assert {k.name: k.value for k in protocol.Mode} == {k.name: k.value for k in Mode}
+    assert {k.name: k.value for k in protocol.Audience} == {k.name: k.value for k in Audience}
+    assert {r.name for r in Reason} <= {s.name for s in protocol.Status}
 
 
 async def check_values(conn, table: str, name: str) -> set[int]:
@@ -83,7 +82,7 @@ async def test_database_codes_agree_with_the_domain(anbao):
     sender, = await funded_users(admin, 1, 1, 10_000)
     grabber, other = await funded_users(admin, 2, 2)
     await admin.withdraw(sender, 100)
-    sold_out = await admin.send(sender, 200, 1, mode=wire.Mode.FIXED)
+    sold_out = await admin.send(sender, 200, 1, mode=protocol.Mode.FIXED)
     await admin.grab(sold_out.packet_id, grabber)
     await anbao.worker.ledger.settle(grabber)              # the roll-up (PL/pgSQL) writes the GRAB transfer
     refunded = await admin.send(sender, 300, 2, members=[grabber, other])
@@ -245,7 +244,7 @@ async def test_upgrade_idempotency_rows_in_place(pg, tokens_file):
         assert (dep.balance_cents, dep.transfer_id) == (5_000, dep_tid)
         wd = await admin.withdraw(1, 700, key=k["wd"])
         assert (wd.balance_cents, wd.transfer_id) == (4_300, wd_tid)
-        sent = await admin.send(1, 1_000, 2, mode=wire.Mode.FIXED, expiry_seconds=3_600, greeting=greeting,
+        sent = await admin.send(1, 1_000, 2, mode=protocol.Mode.FIXED, expiry_seconds=3_600, greeting=greeting,
                                 key=k["send"])
         assert (sent.packet_id, sent.sender_balance_cents, sent.expires_at_ms) == (packet_id, 3_300, expires_at_ms)
         high = await admin.deposit(3, 1, key=k["high"])

@@ -6,51 +6,9 @@ import random
 
 import asyncpg
 
-from anbao_client import Client, SoldOut, Unavailable
-from anbao_client.errors import AlreadyClaimed, ConnectionLost, RequestTimeout
-from conftest import funded_users
-
-
-async def grab_outcomes(clients: list[Client], packet_id: int, users: list[int], retry_unavailable=False):
-    """Grabs once per user, spread over the clients; returns {user: Grabbed}
-    for the acknowledged ones and a list of other outcomes."""
-    won, other = {}, []
-
-    async def one(i, user):
-        c = clients[i % len(clients)]
-        for _ in range(50):
-            try:
-                won[user] = await c.grab(packet_id, user)
-                return
-            except SoldOut:
-                other.append("sold_out")
-                return
-            except AlreadyClaimed as e:  # a retry of a grab that did land
-                won[user] = e.grabbed
-                return
-            except Unavailable:
-                if not retry_unavailable:
-                    other.append("unavailable")
-                    return
-                await asyncio.sleep(0.01)
-        other.append("gave_up")
-
-    await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
-    return won, other
-
-
-async def assert_claims_match(anbao, packet_id, won, count, total):
-    conn = await asyncpg.connect(anbao.dsn)
-    try:
-        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", packet_id)
-    finally:
-        await conn.close()
-    in_db = {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows}
-    assert len(rows) == count, "oversale or undersale"
-    assert sorted(s for s, _ in in_db.values()) == list(range(1, count + 1))
-    assert sum(a for _, a in in_db.values()) == total
-    for user, g in won.items():
-        assert in_db.get(user) == (g.seq, g.amount_cents), f"acknowledged grab of user {user} not durable"
+from anbao_client import SoldOut, Unavailable
+from anbao_client.errors import ConnectionLost, RequestTimeout
+from helpers import assert_claims_match, funded_users, grab_outcomes
 
 
 async def test_storm_1000_grabbers_100_shares(anbao):

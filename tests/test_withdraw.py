@@ -7,7 +7,7 @@ import pytest
 
 from anbao_client import (AlreadyClaimed, Forbidden, IdempotencyConflict, InsufficientFunds, Invalid, Mode, SoldOut,
                           TransferKind, UnknownUser)
-from conftest import funded_users
+from helpers import funded_users
 
 
 async def test_withdraw_moves_money_out(anbao):

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .. import _fastpath as fp
+from anbao_client.protocol import Op, Status
+from ..core import codec
 
 SOLD_OUT_TEXT = "every share has been taken"
 NOT_ELIGIBLE_TEXT = "this user may not open this packet"
@@ -45,13 +46,13 @@ class FinalSet:
     def answer(self, rid: int, user_id: int, worker_id: int) -> bytes:
         body = self.claims.get(user_id)
         if body is not None:
-            return fp.encode_raw(fp.OP_GRAB, rid, fp.ALREADY_CLAIMED, worker_id, body)
+            return codec.encode_raw(Op.GRAB, rid, Status.ALREADY_CLAIMED, worker_id, body)
         if user_id == self.sender_id or (self.eligible is not None and user_id not in self.eligible):
-            return fp.encode_error(fp.OP_GRAB, rid, fp.NOT_ELIGIBLE, worker_id, NOT_ELIGIBLE_TEXT)
+            return codec.encode_error(Op.GRAB, rid, Status.NOT_ELIGIBLE, worker_id, NOT_ELIGIBLE_TEXT)
         frame = self._sold_out
         if frame is None:
-            frame = self._sold_out = fp.encode_error(fp.OP_GRAB, 0, fp.SOLD_OUT, worker_id, SOLD_OUT_TEXT)
-        return fp.with_request_id(frame, rid)
+            frame = self._sold_out = codec.encode_error(Op.GRAB, 0, Status.SOLD_OUT, worker_id, SOLD_OUT_TEXT)
+        return codec.with_request_id(frame, rid)
 
 
 def grab_body(amount_cents: int, seq: int, count: int) -> bytes:
@@ -94,7 +95,7 @@ class FinalStates:
         self.claims[(packet_id, user_id)] = body
 
     def note_refusal(self, packet_id: int, user_id: int, status: int) -> None:
-        assert status in (fp.EXPIRED, fp.NOT_ELIGIBLE), "only refusals that cannot change"
+        assert status in (Status.EXPIRED, Status.NOT_ELIGIBLE), "only refusals that cannot change"
         if len(self.refusals) >= self.max_learnt:
             self.refusals.clear()
         self.refusals[(packet_id, user_id)] = status

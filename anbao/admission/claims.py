@@ -14,7 +14,7 @@ import logging
 
 import asyncpg
 
-from ..storage.domain import Audience
+from anbao_client.protocol import Audience
 from .cache import FinalSet, grab_body
 
 log = logging.getLogger("anbao.admission")

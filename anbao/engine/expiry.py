@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+
+from anbao_client.routing import SHARD_COUNT, owner_of, shards_of
 
 from ..clock import now_ms
-
-if TYPE_CHECKING:
-    from ..server.worker import Worker
+from ..storage.ledger import Ledger
+from .grabs import GrabEngine
 
 log = logging.getLogger("anbao.expiry")
 
 
 class ExpirySweeper:
-    def __init__(self, worker: "Worker", interval_ms: int, batch_limit: int):
-        assert interval_ms > 0 and batch_limit > 0
-        self.worker = worker
+    def __init__(self, ledger: Ledger, engine: GrabEngine, worker_id: int, worker_count: int, interval_ms: int,
+                 batch_limit: int):
+        assert interval_ms > 0 and batch_limit > 0 and 0 <= worker_id < worker_count
+        self.ledger = ledger
+        self.engine = engine
+        self.worker_id = worker_id
+        self.worker_count = worker_count
         self.interval_ms = interval_ms
         self.batch_limit = batch_limit
         self.sweeps = 0
@@ -48,12 +52,12 @@ class ExpirySweeper:
         """One pass: refunds the expired packets this worker owns; returns
         how many it settled (refunded now or found refunded already)."""
         self.sweeps += 1
-        expired = await self.worker.ledger.expired_packets(now_ms(), self.batch_limit, self.worker.worker_id,
-                                                           self.worker.worker_count)
-        mine = [pid for pid in expired if self.worker.owns(pid)]
+        expired = await self.ledger.expired_packets(now_ms(), self.batch_limit, SHARD_COUNT - 1,
+                                                    shards_of(self.worker_id, self.worker_count))
+        mine = [pid for pid in expired if owner_of(pid, self.worker_count) == self.worker_id]
         if not mine:
             return 0
-        engine = self.worker.engine
+        engine = self.engine
         # Shielded: a sweep cancelled by stop() must not cancel the refunds
         # themselves, which the engine commits (and drain() waits for) anyway.
         results = await asyncio.gather(*(asyncio.shield(engine.expire(pid)) for pid in mine),

@@ -4,7 +4,7 @@ group commit.
 Every grab for a packet this worker owns passes through on_grab() on the
 event loop thread. PacketState.take() decides it synchronously, in arrival
 order (that is the packet's queue; it needs no lock), and an accepted share
-joins the open batch (fp.GrabBatch). A batch goes out on a free commit
+joins the open batch (packets.GrabBatch). A batch goes out on a free commit
 slot (storage/commit.py); while batches commit, the next one fills. Batches
 commit in the order they were built, and one that fails fails every batch
 built on it. A grab is answered only after the batch that carries it has
@@ -21,7 +21,8 @@ import asyncio
 import logging
 import time
 
-from .. import _fastpath as fp
+from anbao_client.protocol import Op, Status
+from ..core import codec, packets, shares
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.domain import PacketRecord
 from ..storage.ledger import Ledger
@@ -29,9 +30,9 @@ from ..storage.ledger import Ledger
 log = logging.getLogger("anbao.grabs")
 
 _ERROR_TEXT = {
-    fp.SOLD_OUT: "every share has been taken",
-    fp.EXPIRED: "the packet has expired",
-    fp.NOT_ELIGIBLE: "this user may not open this packet",
+    Status.SOLD_OUT: "every share has been taken",
+    Status.EXPIRED: "the packet has expired",
+    Status.NOT_ELIGIBLE: "this user may not open this packet",
 }
 
 
@@ -42,14 +43,14 @@ class Replier:
         raise NotImplementedError
 
 
-Batch = fp.GrabBatch
+Batch = packets.GrabBatch
 
 
-def packet_state(record: PacketRecord) -> fp.PacketState:
+def packet_state(record: PacketRecord) -> packets.PacketState:
     """The in-memory state of a packet, from its durable record."""
-    return fp.PacketState(record.packet_id, record.sender_id, record.total_cents, record.count, record.mode,
-                          record.min_share_cents, record.expires_at_ms, record.eligible, record.claims,
-                          record.closed)
+    return packets.PacketState(record.packet_id, record.sender_id, record.total_cents, record.count, record.mode,
+                               record.min_share_cents, record.expires_at_ms, record.eligible, record.claims,
+                               record.closed)
 
 
 class GrabEngine:
@@ -79,8 +80,8 @@ class GrabEngine:
         self.max_queued_grabs = max_queued_grabs
         self.max_packets_in_memory = max_packets_in_memory
         self.max_known_users = max_known_users
-        self.rng = fp.Rng()
-        self.states: dict[int, fp.PacketState] = {}
+        self.rng = shares.Rng()
+        self.states: dict[int, packets.PacketState] = {}
         self._loading: dict[int, list] = {}          # packet id -> grabs waiting for its load, in order
         self._known_users: set[int] = set()
         self._user_checks: dict[int, list] = {}      # user id -> grabs waiting for the check
@@ -121,19 +122,19 @@ class GrabEngine:
             return
         self._decide(state, replier, rid, user_id)
 
-    def _decide(self, state: fp.PacketState, replier: Replier, rid: int, user_id: int) -> None:
+    def _decide(self, state: packets.PacketState, replier: Replier, rid: int, user_id: int) -> None:
         if self._queued_grabs >= self.max_queued_grabs:
-            replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.BUSY, self.worker_id, "grab queue full"))
+            replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, "grab queue full"))
             return
         b = self._open
         status = b.take(state, replier, rid, user_id, self.rng)
-        if status == fp.OK:
+        if status == Status.OK:
             self._queued_grabs += 1
             if len(b) >= self.batch_max_grabs:
                 self._queued.append(b)
                 self._open = Batch()
             self._kick()
-        elif status == fp.ALREADY_CLAIMED:
+        elif status == Status.ALREADY_CLAIMED:
             if state.is_pending(state.last_seq):
                 # The first grab is not durable yet: this retry is answered
                 # with it, after the batch that carries it commits.
@@ -141,9 +142,9 @@ class GrabEngine:
                 self._kick()
             else:
                 # The first answer's body, byte for byte: remaining_count as it was after that share.
-                replier.answer(fp.encode_grab(rid, fp.ALREADY_CLAIMED, self.worker_id, state.last_amount_cents,
+                replier.answer(codec.encode_grab(rid, Status.ALREADY_CLAIMED, self.worker_id, state.last_amount_cents,
                                               state.last_seq, state.count - state.last_seq))
-        elif status == fp.SOLD_OUT and state.committed_count < state.taken_count:
+        elif status == Status.SOLD_OUT and state.committed_count < state.taken_count:
             # Every share is taken, but some are not durable yet: if their
             # batch failed they would be free again, and a refusal is final.
             # Answered SOLD_OUT once they have committed (as a follower with
@@ -151,7 +152,7 @@ class GrabEngine:
             self._open.followers.append((replier, rid, state, user_id))
             self._kick()
         else:
-            replier.answer(fp.encode_error(fp.OP_GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
+            replier.answer(codec.encode_error(Op.GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
 
     # ------------------------------------------------------------ loading
 
@@ -162,20 +163,20 @@ class GrabEngine:
         except Exception as exc:  # the database is the truth; without it, nobody is served
             log.warning("loading packet %d failed: %r", packet_id, exc)
             for replier, rid, _ in self._loading.pop(packet_id, []):
-                replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.worker_id,
+                replier.answer(codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, self.worker_id,
                                                "packet state unavailable; retry"))
             return
         waiting = self._loading.pop(packet_id, [])
         if state is None:
             for replier, rid, _ in waiting:
-                replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.NOT_FOUND, self.worker_id,
+                replier.answer(codec.encode_error(Op.GRAB, rid, Status.NOT_FOUND, self.worker_id,
                                                f"unknown packet {packet_id}"))
             return
         self.adopt(state)
         for replier, rid, user_id in waiting:
             self.on_grab(replier, rid, packet_id, user_id)
 
-    def adopt(self, state: fp.PacketState) -> None:
+    def adopt(self, state: packets.PacketState) -> None:
         """Takes ownership of a packet's state (new from SEND, or loaded)."""
         assert state.packet_id not in self.states
         if len(self.states) >= self.max_packets_in_memory:
@@ -213,7 +214,7 @@ class GrabEngine:
             log.warning("user check failed: %r", exc)
             for waits in pending.values():
                 for replier, rid, _ in waits:
-                    replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.worker_id, "retry"))
+                    replier.answer(codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, self.worker_id, "retry"))
             return
         if len(self._known_users) + len(known) > self.max_known_users:
             self._known_users.clear()
@@ -223,7 +224,7 @@ class GrabEngine:
                 if user_id in known:
                     self.on_grab(replier, rid, packet_id, user_id)
                 else:
-                    replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNKNOWN_USER, self.worker_id,
+                    replier.answer(codec.encode_error(Op.GRAB, rid, Status.UNKNOWN_USER, self.worker_id,
                                                    f"unknown user {user_id}"))
 
     def note_known_users(self, user_ids) -> None:
@@ -420,7 +421,7 @@ class GrabEngine:
                 self.states.pop(pid, None)
             self._chain_tail = None
         for replier, rid, _ in failed:
-            replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, wid,
+            replier.answer(codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, wid,
                                            "commit failed; nothing was taken, retry"))
         return False
 

@@ -21,14 +21,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from .. import _fastpath as fp
-from ..auth import SCOPE_PEER
+from anbao_client import protocol
+from anbao_client.protocol import NO_OPCODE, OPCODE_OFFSET, STATUS_OFFSET, Op, Scope, Status
+
+from ..auth import TokenBook
+from ..config import Limits
+from ..core import codec
 from ..engine.grabs import Replier
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from . import answers
+from .router import Router
 
 log = logging.getLogger("anbao.connection")
 
@@ -37,24 +42,50 @@ PAUSED_INFLIGHT = 1
 PAUSED_WRITE = 2      # the transport's buffer is past the high-water mark (asyncio's pause_writing)
 PAUSED_QUEUED = 8     # answers of this loop turn, not yet handed to the transport, are past it
 PAUSED_CLOSING = 4
-NO_OPCODE = 0   # the opcode of answers to no request: the fatal error frame, unknown opcodes >= 0x80
+
+
+@dataclass
+class Host:
+    """What a connection needs of its worker, and nothing more."""
+
+    worker_id: int
+    worker_count: int
+    limits: Limits
+    tokens: TokenBook
+    router: Router
+    dispatch: Callable[["Connection", int, int, tuple[Any, ...]], None]  # requests off the GRAB path
+    loop: asyncio.AbstractEventLoop
+    connections: set["Connection"]  # the open ones, which this connection joins and leaves
+    answered: dict[int, int] | None = None  # opcode << 8 | status -> count, for the metrics
+
+
+def close_idle(connections: set["Connection"], now_s: float, hello_timeout_ms: int, idle_timeout_ms: int) -> None:
+    """Closes connections that never said HELLO in time, or went quiet
+    with nothing owed to them."""
+    for c in list(connections):
+        if c.inflight:
+            continue
+        if c.scope is None and now_s - c.opened_at > hello_timeout_ms / 1000:
+            c.close()
+        elif now_s - c.last_seen > idle_timeout_ms / 1000:
+            c.close()
 
 
 class Connection(asyncio.Protocol, Replier):
-    def __init__(self, worker: "Worker"):
-        self.worker = worker
-        lim = worker.limits
+    def __init__(self, host: Host):
+        self.host = host
+        lim = host.limits
         self.transport: asyncio.Transport | None = None
-        self.decoder = fp.FrameDecoder(lim.max_frame_bytes)
+        self.decoder = codec.FrameDecoder(lim.max_frame_bytes)
         self.scope: int | None = None
         self.inflight = 0
         self.paused_by = 0
         self.max_inflight = lim.max_inflight_per_connection
         self.max_write_buffer_bytes = lim.max_write_buffer_bytes
-        self.wid = worker.worker_id
+        self.wid = host.worker_id
         self.last_seen = self.opened_at = 0.0
         self.peer = None
-        self.answered = worker.metrics.answered if worker.metrics is not None else None
+        self.answered = host.answered
         self._out: list[bytes] = []
         self._out_bytes = 0
         self.write_high_bytes = lim.write_buffer_high_bytes
@@ -67,21 +98,21 @@ class Connection(asyncio.Protocol, Replier):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
-        self.last_seen = self.opened_at = self.worker.loop.time()
-        if len(self.worker.connections) >= self.worker.limits.max_connections:
-            transport.write(fp.encode_error(fp.OP_HELLO, 0, fp.BUSY, self.wid, "too many connections"))
+        self.last_seen = self.opened_at = self.host.loop.time()
+        if len(self.host.connections) >= self.host.limits.max_connections:
+            transport.write(codec.encode_error(Op.HELLO, 0, Status.BUSY, self.wid, "too many connections"))
             transport.close()
             self.transport = None
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        high = self.worker.limits.write_buffer_high_bytes
+        high = self.host.limits.write_buffer_high_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
-        self.worker.connections.add(self)
+        self.host.connections.add(self)
 
     def connection_lost(self, exc) -> None:
-        self.worker.connections.discard(self)
+        self.host.connections.discard(self)
         self.transport = None
         if self._linger is not None:
             self._linger.cancel()
@@ -95,40 +126,40 @@ class Connection(asyncio.Protocol, Replier):
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self._fatal is not None:
             return   # closed, closing, or lingering after the error frame: dropped
-        self.last_seen = self.worker.loop.time()
+        self.last_seen = self.host.loop.time()
         try:
             frames = self.decoder.feed(data)
             broken = None
-        except fp.FramingError as exc:
+        except codec.FramingError as exc:
             # The stream cannot be resynchronised past this point, but the
             # frames whole before it are requests like any other.
             frames, broken = exc.frames, exc
-        router = self.worker.router
+        router = self.host.router
         for opcode, rid, args in frames:
             if self._fatal is not None:
                 break  # ended by one of these requests (a refused HELLO): nothing after it is read
             self.inflight += 1
-            if opcode == fp.OP_GRAB and self.scope is not None and type(args) is tuple:
-                if self.scope == SCOPE_PEER:
+            if opcode == Op.GRAB and self.scope is not None and type(args) is tuple:
+                if self.scope == Scope.PEER:
                     router.on_relayed(self, rid, args[0], args[1])
                 else:
                     router.on_grab(self, rid, args[0], args[1])
             elif type(args) is not tuple:
                 # An opcode with the response bit set is no request: its answer
                 # must not carry the same byte back, or it would read as one.
-                self.answer(fp.encode_error(opcode if opcode < fp.RESPONSE_BIT else NO_OPCODE, rid, args.status,
+                self.answer(codec.encode_error(opcode if opcode < protocol.RESPONSE_BIT else NO_OPCODE, rid, args.status,
                                             self.wid, str(args)))
             elif self.scope is None:
-                if opcode == fp.OP_HELLO:
+                if opcode == Op.HELLO:
                     self._hello(rid, args)
                 else:
-                    self.answer(fp.encode_error(opcode, rid, fp.UNAUTHENTICATED, self.wid, "HELLO first"))
-            elif opcode == fp.OP_PING:
-                self.answer(fp.encode_ok(fp.OP_PING, rid, self.wid, "", ()))
+                    self.answer(codec.encode_error(opcode, rid, Status.UNAUTHENTICATED, self.wid, "HELLO first"))
+            elif opcode == Op.PING:
+                self.answer(answers.ok(Op.PING, rid, self.wid))
             else:
-                self.worker.dispatch(self, opcode, rid, args)
+                self.host.dispatch(self, opcode, rid, args)
         if broken is not None and self._fatal is None:
-            self._end_with(fp.encode_error(NO_OPCODE, 0, broken.status, self.wid, str(broken)))
+            self._end_with(codec.encode_error(NO_OPCODE, 0, broken.status, self.wid, str(broken)))
             return
         if self.inflight >= self.max_inflight:
             self._pause(PAUSED_INFLIGHT)
@@ -144,7 +175,7 @@ class Connection(asyncio.Protocol, Replier):
         self.inflight -= 1
         assert self.inflight >= 0, "an answer to no request"
         if self.answered is not None:
-            key = (frame[4] & 0x7F) << 8 | frame[9]
+            key = (frame[OPCODE_OFFSET] & ~protocol.RESPONSE_BIT) << 8 | frame[STATUS_OFFSET]
             self.answered[key] = self.answered.get(key, 0) + 1
         if self.transport is None:
             return  # the client left; its grab, if any, is committed all the same
@@ -154,7 +185,7 @@ class Connection(asyncio.Protocol, Replier):
         self._out_bytes += len(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.worker.loop.call_soon(self._flush)
+            self.host.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -201,7 +232,7 @@ class Connection(asyncio.Protocol, Replier):
         else:
             # Answers owed wait for commits; a database outage must not hold
             # the connection forever.
-            self._linger = self.worker.loop.call_later(self.worker.limits.framing_error_linger_ms / 1000,
+            self._linger = self.host.loop.call_later(self.host.limits.framing_error_linger_ms / 1000,
                                                        self._send_fatal)
 
     def _send_fatal(self) -> None:
@@ -217,7 +248,7 @@ class Connection(asyncio.Protocol, Replier):
             t.write(self._fatal)
         self._fatal = b""   # sent: nothing may follow it
         self.transport = None
-        self.worker.connections.discard(self)
+        self.host.connections.discard(self)
         if not t.can_write_eof():
             t.close()
             return
@@ -227,7 +258,7 @@ class Connection(asyncio.Protocol, Replier):
         # kernel drop answers it has received but not yet read.
         t.write_eof()
         t.resume_reading()
-        self.worker.loop.call_later(self.worker.limits.close_linger_ms / 1000, t.close)
+        self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, t.close)
 
     def eof_received(self):
         return False   # the client is done sending: close (after what we owe it is written)
@@ -236,7 +267,7 @@ class Connection(asyncio.Protocol, Replier):
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
-            self.worker.connections.discard(self)
+            self.host.connections.discard(self)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -249,18 +280,17 @@ class Connection(asyncio.Protocol, Replier):
 
     def _hello(self, rid: int, args: tuple) -> None:
         version, token = args
-        if version != fp.PROTOCOL_VERSION:
+        if version != protocol.PROTOCOL_VERSION:
             # The connection stays open: the client may say HELLO again in a version we speak.
-            self.answer(fp.encode_error(fp.OP_HELLO, rid, fp.UNSUPPORTED_VERSION, self.wid,
-                                        f"server speaks version {fp.PROTOCOL_VERSION}"))
+            self.answer(codec.encode_error(Op.HELLO, rid, Status.UNSUPPORTED_VERSION, self.wid,
+                                        f"server speaks version {protocol.PROTOCOL_VERSION}"))
             return
-        scope = self.worker.tokens.scope_of(token)
+        scope = self.host.tokens.scope_of(token)
         if scope is None:
-            self.answer(fp.encode_error(fp.OP_HELLO, rid, fp.UNAUTHENTICATED, self.wid, "unknown token"))
+            self.answer(codec.encode_error(Op.HELLO, rid, Status.UNAUTHENTICATED, self.wid, "unknown token"))
             self._end_with(b"")   # this answer is the last: the connection closes
             return
         self.scope = scope
-        lim = self.worker.limits
-        self.answer(fp.encode_ok(fp.OP_HELLO, rid, self.wid, "HBHIII",
-                                 (fp.PROTOCOL_VERSION, scope, self.worker.worker_count,
-                                  lim.max_frame_bytes, lim.max_inflight_per_connection, lim.max_queued_grabs)))
+        lim = self.host.limits
+        self.answer(answers.ok(Op.HELLO, rid, self.wid, protocol.PROTOCOL_VERSION, scope, self.host.worker_count,
+                               lim.max_frame_bytes, lim.max_inflight_per_connection, lim.max_queued_grabs))

@@ -20,7 +20,10 @@ import asyncio
 import logging
 from pathlib import Path
 
-from .. import _fastpath as fp
+from anbao_client import wire
+from anbao_client.protocol import Op, Status
+
+from ..core import codec
 from ..engine.grabs import Replier
 
 log = logging.getLogger("anbao.peers")
@@ -56,7 +59,7 @@ class PeerLink(asyncio.Protocol):
         self._ready = False
         self._connector: asyncio.Task | None = None
         self._closed = False
-        self._splitter = fp.ResponseSplitter()
+        self._splitter = codec.ResponseSplitter()
         self._pending: dict[int, _Relayed] = {}
         self._next_rid = 1
         self.forwarded = 0
@@ -65,10 +68,10 @@ class PeerLink(asyncio.Protocol):
 
     def forward(self, replier: Replier, rid: int, packet_id: int, user_id: int) -> None:
         if len(self._pending) >= self.max_pending:
-            replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.BUSY, self.own_id, "relay queue full"))
+            replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.own_id, "relay queue full"))
             return
         if self._closed:
-            replier.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.own_id,
+            replier.answer(codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, self.own_id,
                                            "this worker is stopping; nothing moved, retry"))
             return
         link_rid = self._next_rid
@@ -85,7 +88,7 @@ class PeerLink(asyncio.Protocol):
 
     def _send(self, link_rid: int, entry: _Relayed) -> None:
         entry.sent = True
-        self._transport.write(fp.encode_grab_request(link_rid, entry.packet_id, entry.user_id))
+        self._transport.write(codec.encode_grab_request(link_rid, entry.packet_id, entry.user_id))
 
     # ------------------------------------------------------------ connecting
 
@@ -117,12 +120,12 @@ class PeerLink(asyncio.Protocol):
             e = self._pending.pop(k)
             if e.sent:
                 self.in_doubt += 1
-                e.replier.answer(fp.encode_error(
-                    fp.OP_GRAB, e.rid, fp.IN_DOUBT, self.own_id,
+                e.replier.answer(codec.encode_error(
+                    Op.GRAB, e.rid, Status.IN_DOUBT, self.own_id,
                     f"owner worker {self.peer_id} died with this grab in flight and is not back: it may have"
                     " landed; retry (safe: a retry returns the share if it did)"))
             else:
-                e.replier.answer(fp.encode_error(fp.OP_GRAB, e.rid, fp.UNAVAILABLE, self.own_id,
+                e.replier.answer(codec.encode_error(Op.GRAB, e.rid, Status.UNAVAILABLE, self.own_id,
                                                  f"owner worker {self.peer_id} unreachable; nothing moved, retry"))
         if expired:
             log.warning("worker %d -> %d: %d relayed grab(s) unanswered past %.1f s", self.own_id, self.peer_id,
@@ -132,19 +135,17 @@ class PeerLink(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self._transport = transport
-        body = fp.PROTOCOL_VERSION.to_bytes(2, "big") + len(self.token).to_bytes(2, "big") + self.token
-        transport.write((5 + len(body)).to_bytes(4, "big") + bytes([fp.OP_HELLO]) + HELLO_RID.to_bytes(4, "big")
-                        + body)
+        transport.write(wire.hello(HELLO_RID, self.token))
 
     def data_received(self, data: bytes) -> None:
         try:
             answers = self._splitter.feed(data)
-        except fp.FramingError:
+        except codec.FramingError:
             self._transport.close()
             return
         for rid, status, frame in answers:
             if rid == HELLO_RID and not self._ready:
-                if status != fp.OK:
+                if status != Status.OK:
                     log.error("worker %d -> %d: peer HELLO refused", self.own_id, self.peer_id)
                     self._transport.close()
                     return
@@ -163,12 +164,12 @@ class PeerLink(asyncio.Protocol):
                 continue
             entry = self._pending.pop(rid, None)
             if entry is not None:
-                entry.replier.answer(fp.with_request_id(frame, entry.rid))
+                entry.replier.answer(codec.with_request_id(frame, entry.rid))
 
     def connection_lost(self, exc) -> None:
         self._transport = None
         was_ready, self._ready = self._ready, False
-        self._splitter = fp.ResponseSplitter()
+        self._splitter = codec.ResponseSplitter()
         if self._closed:
             self._fail_all()
             return
@@ -187,10 +188,10 @@ class PeerLink(asyncio.Protocol):
         pending, self._pending = self._pending, {}
         for e in pending.values():
             if e.sent:
-                e.replier.answer(fp.encode_error(fp.OP_GRAB, e.rid, fp.IN_DOUBT, self.own_id,
+                e.replier.answer(codec.encode_error(Op.GRAB, e.rid, Status.IN_DOUBT, self.own_id,
                                                  "relaying worker stopping: the grab may have landed; retry (safe)"))
             else:
-                e.replier.answer(fp.encode_error(fp.OP_GRAB, e.rid, fp.UNAVAILABLE, self.own_id,
+                e.replier.answer(codec.encode_error(Op.GRAB, e.rid, Status.UNAVAILABLE, self.own_id,
                                                  "relaying worker stopping; nothing moved, retry"))
 
     @property

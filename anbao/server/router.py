@@ -23,13 +23,17 @@ import asyncio
 import logging
 from typing import Awaitable, Callable
 
-from .. import _fastpath as fp
-from .. import routing
+from anbao_client.protocol import MESSAGES, RESPONSE_HEADER_BYTES, STATUS_OFFSET, Op, Status, field_offset
+from ..core import codec, packets
+from anbao_client import routing
 from ..admission import FinalSet, FinalStates, Permits
 from ..engine.grabs import GrabEngine, Replier
 from .peers import PeerLink
 
 log = logging.getLogger("anbao.router")
+
+# Where a GRAB answer says how many shares are left: read without decoding.
+_REMAINING_AT = RESPONSE_HEADER_BYTES + field_offset(MESSAGES[Op.GRAB].answer, "remaining_count")
 
 RESEED_INTERVAL_S = 1.0
 PROBE_INTERVAL_S = 0.05   # at most one attempt a packet per interval passes a spent counter to the owner
@@ -50,22 +54,21 @@ class _Routed(Replier):
         self.permit = permit
 
     def answer(self, frame: bytes) -> None:
-        status = frame[9]
+        status = frame[STATUS_OFFSET]
         r = self.router
         r.relay_done(self.packet_id)
-        if self.permit and status != fp.OK:
+        if self.permit and status != Status.OK:
             r.permits.give_back(self.packet_id)
-        if status == fp.OK or status == fp.ALREADY_CLAIMED:
-            body = frame[fp.RESPONSE_HEADER_BYTES:]
-            r.final.note_claim(self.packet_id, self.user_id, body)
-            remaining = int.from_bytes(body[12:16], "big")
+        if status == Status.OK or status == Status.ALREADY_CLAIMED:
+            r.final.note_claim(self.packet_id, self.user_id, frame[RESPONSE_HEADER_BYTES:])
+            remaining = int.from_bytes(frame[_REMAINING_AT:_REMAINING_AT + 4], "big")
             r.note_remaining(self.packet_id, remaining)
             r.permits.observe(self.packet_id, remaining + r.slack)
-            if status == fp.OK:
+            if status == Status.OK:
                 r.release_parked(self.packet_id)   # a share was there to take: let the parked ones try
-        elif status == fp.SOLD_OUT:
+        elif status == Status.SOLD_OUT:
             r.start_settling(self.packet_id)       # learn the claim list, to answer everyone exactly
-        elif status == fp.EXPIRED or status == fp.NOT_ELIGIBLE:
+        elif status == Status.EXPIRED or status == Status.NOT_ELIGIBLE:
             r.final.note_refusal(self.packet_id, self.user_id, status)
         self.conn.answer(frame)
 
@@ -123,6 +126,24 @@ class Router:
         for t in list(self._settle_tasks):
             t.cancel()   # each relays its parked grabs to the owner on the way out
 
+    async def relays_answered(self, timeout_s: float) -> bool:
+        """Waits until every grab this worker relayed has its answer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(link.pending for link in self.peers.values()):
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    def close_links(self) -> None:
+        for link in self.peers.values():
+            link.close()
+
+    def link_stats(self) -> dict[str, dict[str, int]]:
+        return {"relayed_by_peer": {str(w): link.forwarded for w, link in self.peers.items()},
+                "relay_retries_by_peer": {str(w): link.resent for w, link in self.peers.items()}}
+
     def owns(self, packet_id: int) -> bool:
         return routing.owner_of(packet_id, self.worker_count) == self.worker_id
 
@@ -166,13 +187,13 @@ class Router:
         body = final.claims.get((packet_id, user_id))
         if body is not None:
             self.stats["final_cache_hits"] += 1
-            conn.answer(fp.encode_raw(fp.OP_GRAB, rid, fp.ALREADY_CLAIMED, self.worker_id, body))
+            conn.answer(codec.encode_raw(Op.GRAB, rid, Status.ALREADY_CLAIMED, self.worker_id, body))
             return True
         refusal = final.refusals.get((packet_id, user_id))
         if refusal is not None:
             self.stats["final_cache_hits"] += 1
-            conn.answer(fp.encode_error(fp.OP_GRAB, rid, refusal, self.worker_id,
-                                        "the packet has expired" if refusal == fp.EXPIRED
+            conn.answer(codec.encode_error(Op.GRAB, rid, refusal, self.worker_id,
+                                        "the packet has expired" if refusal == Status.EXPIRED
                                         else "this user may not open this packet"))
             return True
         return False
@@ -183,7 +204,7 @@ class Router:
         one here, and our answer must be the truth: the relaying worker
         learns from it."""
         if not self.owns(packet_id):
-            conn.answer(fp.encode_error(fp.OP_GRAB, rid, fp.UNAVAILABLE, self.worker_id,
+            conn.answer(codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, self.worker_id,
                                         "relayed to a worker that does not own the packet"))
             return
         self._active.add(packet_id)
@@ -303,7 +324,7 @@ class Router:
 
     # ------------------------------------------------------------ counters
 
-    def _seed(self, state: fp.PacketState) -> None:
+    def _seed(self, state: packets.PacketState) -> None:
         if not state.sold_out:
             self.permits.seed(state.packet_id, state.remaining_count + self.slack)
 

@@ -27,14 +27,13 @@ __all__ = ["Ledger", "Refused", "StoredAnswer"]
 
 
 class Ledger(Idempotency, Accounts, Packets, History, Groups):
-    def __init__(self, pool: asyncpg.Pool, set_id: int):
+    def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
-        self.set_id = set_id
 
     @classmethod
-    async def open(cls, dsn: str, set_id: int, pool_size: int) -> "Ledger":
+    async def open(cls, dsn: str, pool_size: int) -> "Ledger":
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
-        return cls(pool, set_id)
+        return cls(pool)
 
     async def close(self) -> None:
         await self.pool.close()

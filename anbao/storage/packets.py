@@ -4,9 +4,10 @@ expired. Claims are written by the grab commit and the roll-up
 (commit.py), refunds by anbao_refund_packets (migration 0003)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import asyncpg
 
-from .. import routing
 from ..clock import now_ms
 from .accounts import COUNT_REGISTERED, move
 from .domain import AccountKind, Audience, PacketRecord, PacketStatus, Reason, Refused, TransferKind
@@ -35,23 +36,24 @@ _PACKET_INFO = (
 # packets_open_by_expiry (migration 0002), whose predicate this repeats.
 _EXPIRED = (f"SELECT packet_id FROM packets WHERE status IN ({PacketStatus.OPEN:d}, {PacketStatus.EXPIRED:d})"
             " AND expires_at <= to_timestamp($1::float8 / 1000)"
-            " AND ((packet_id & $4) % $5) = $3"
+            " AND (packet_id & $3) = ANY($4::bigint[])"
             " ORDER BY expires_at LIMIT $2")
 
 
 class Packets:
     pool: asyncpg.Pool
-    set_id: int
 
-    async def send(self, conn, shard: int, sender_id: int, total_cents: int, count: int, mode: int,
-                   min_share_cents: int, expires_at_ms: int, audience: int, members: list[int],
+    async def send(self, conn, packet_id_of: Callable[[int], int], sender_id: int, total_cents: int, count: int,
+                   mode: int, min_share_cents: int, expires_at_ms: int, audience: int, members: list[int],
                    greeting: str) -> tuple[PacketRecord, int]:
-        """sender -> new escrow, and the packet row, with an id in `shard`,
-        in the caller's transaction (see idempotent). Returns the new
-        packet's record (its eligible users None for an open packet) and
-        the sender's balance. For a group, `members` is [group_id] and the
-        group's members other than the sender are snapshotted into
-        packet_members: membership at send time counts."""
+        """sender -> new escrow, and the packet row, in the caller's
+        transaction (see idempotent). The packet's id is packet_id_of(a new
+        value of packet_seq): the caller composes it (anbao_client.routing
+        owns the layout of an id). Returns the new packet's record (its
+        eligible users None for an open packet) and the sender's balance.
+        For a group, `members` is [group_id] and the group's members other
+        than the sender are snapshotted into packet_members: membership at
+        send time counts."""
         sender = await conn.fetchrow(_SENDER, sender_id)
         if sender is None:
             raise Refused(Reason.UNKNOWN_USER, f"unknown sender {sender_id}")
@@ -73,7 +75,7 @@ class Packets:
             found = await conn.fetchval(COUNT_REGISTERED, members)
             if found != len(members):
                 raise Refused(Reason.UNKNOWN_USER, f"{len(members) - found} member(s) are not registered")
-        packet_id = routing.make_packet_id(self.set_id, await conn.fetchval("SELECT nextval('packet_seq')"), shard)
+        packet_id = packet_id_of(await conn.fetchval("SELECT nextval('packet_seq')"))
         escrow = await conn.fetchval(_ESCROW, packet_id)
         await conn.execute(
             "INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count, mode,"
@@ -132,11 +134,12 @@ class Packets:
                 p["created_ms"], p["expires_ms"], p["claimed_cents"], claimed_count, p["refunded_cents"], luckiest)
         return head, p["greeting"], [(int(r[0]), r[1], r[2]) for r in (p["page"] or [])]
 
-    async def expired_packets(self, at_ms: int, limit: int, worker_id: int = 0, worker_count: int = 1) -> list[int]:
+    async def expired_packets(self, at_ms: int, limit: int, shard_mask: int, shards: list[int]) -> list[int]:
         """Packets still open (not sold out, not refunded) whose expiry is at
-        or before at_ms and that worker_id owns, oldest expiry first. The
-        ownership rule (anbao/routing.py) is applied in the query, so one
-        worker's backlog never hides another's."""
+        or before at_ms and whose shard (packet_id & shard_mask) is one of
+        `shards`, oldest expiry first. The caller names its own shards (the
+        ownership rule is anbao_client.routing's); they are applied in the
+        query, so one worker's backlog never hides another's."""
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(_EXPIRED, at_ms, limit, worker_id, routing.SHARD_COUNT - 1, worker_count)
+            rows = await conn.fetch(_EXPIRED, at_ms, limit, shard_mask, shards)
         return [r[0] for r in rows]

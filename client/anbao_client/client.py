@@ -2,21 +2,29 @@
 
 Answers may arrive in any order; each is matched to its request by id.
 """
+
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import socket
 import ssl as ssl_module
 import struct
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 from . import wire
 from .errors import AlreadyClaimed, Busy, ConnectionLost, InDoubt, RequestTimeout, Unavailable, error_for
-from .wire import Op, Status
+from .wire import Status
 
 DEFAULT_TIMEOUT_MS = 10_000
 MAX_INFLIGHT_DEFAULT = 4096
-IN_DOUBT_FIRST_PAUSE_S = 0.05   # then doubling, up to the next
+IN_DOUBT_FIRST_PAUSE_S = 0.05  # then doubling, up to the next
 IN_DOUBT_MAX_PAUSE_S = 0.5
+
+# `build` functions: a request id in, the whole request frame out.
+Build = Callable[[int], bytes]
 
 
 def new_idempotency_key() -> bytes:
@@ -24,7 +32,7 @@ def new_idempotency_key() -> bytes:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, client: "Client"):
+    def __init__(self, client: Client) -> None:
         self._client = client
         self._frames = wire.FrameBuffer()
 
@@ -33,22 +41,23 @@ class _Protocol(asyncio.Protocol):
             responses = self._frames.feed(data)
         except ValueError as exc:
             self._client._fail_all(ConnectionLost(str(exc)))
-            self._client._transport.close()
+            if self._client._transport is not None:
+                self._client._transport.close()
             return
         for r in responses:
             self._client._deliver(r)
 
-    def connection_lost(self, exc) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._client._fail_all(ConnectionLost(str(exc) if exc else "connection closed by server"))
 
 
 class Client:
     """Use `await Client.connect(host, port, token)`; close with `await c.close()`."""
 
-    def __init__(self, timeout_ms: int, max_inflight: int):
+    def __init__(self, timeout_ms: int, max_inflight: int) -> None:
         assert timeout_ms > 0 and max_inflight > 0
         self.timeout_ms = timeout_ms
-        self._pending: dict[int, asyncio.Future] = {}
+        self._pending: dict[int, asyncio.Future[wire.Response]] = {}
         self._next_id = 1
         self._transport: asyncio.Transport | None = None
         self._closed_error: Exception | None = None
@@ -56,18 +65,27 @@ class Client:
         self.hello: wire.Hello | None = None
 
     @classmethod
-    async def connect(cls, host: str, port: int, token: str | bytes, *,
-                      timeout_ms: int = DEFAULT_TIMEOUT_MS, max_inflight: int = MAX_INFLIGHT_DEFAULT,
-                      ssl: ssl_module.SSLContext | None = None, local_port: int | None = None) -> "Client":
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        token: str | bytes,
+        *,
+        timeout_ms: int = DEFAULT_TIMEOUT_MS,
+        max_inflight: int = MAX_INFLIGHT_DEFAULT,
+        ssl: ssl_module.SSLContext | None = None,
+        local_port: int | None = None,
+    ) -> Client:
         self = cls(timeout_ms, max_inflight)
         loop = asyncio.get_running_loop()
         local_addr = (host, local_port) if local_port else None
-        self._transport, _ = await asyncio.wait_for(
+        transport, _ = await asyncio.wait_for(
             loop.create_connection(lambda: _Protocol(self), host, port, ssl=ssl, local_addr=local_addr),
-            timeout_ms / 1000)
-        sock = self._transport.get_extra_info("socket")
+            timeout_ms / 1000,
+        )
+        self._transport = transport
+        sock = transport.get_extra_info("socket")
         if sock is not None:
-            import socket
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         token_bytes = token.encode() if isinstance(token, str) else token
         r = await self._call(lambda rid: wire.hello(rid, token_bytes))
@@ -80,10 +98,10 @@ class Client:
             self._transport = None
         await asyncio.sleep(0)
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     # ------------------------------------------------------------ plumbing
@@ -95,7 +113,9 @@ class Client:
         self._next_id = rid % 0xFFFFFFFF + 1
         return rid
 
-    async def _call(self, build, *, ok=(Status.OK,), retry_in_doubt: bool = False) -> wire.Response:
+    async def _call(
+        self, build: Build, *, ok: Collection[int] = (Status.OK,), retry_in_doubt: bool = False
+    ) -> wire.Response:
         """Sends one request and waits for its answer; statuses outside `ok`
         raise their typed error.
 
@@ -122,23 +142,24 @@ class Client:
                     raise
                 doubt.__context__ = exc
             if loop.time() + pause_s >= give_up_at:
+                assert doubt is not None
                 raise doubt
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, IN_DOUBT_MAX_PAUSE_S)
 
-    async def _call_once(self, build, ok) -> wire.Response:
+    async def _call_once(self, build: Build, ok: Collection[int]) -> wire.Response:
         if self._closed_error is not None:
             raise self._closed_error
         if self._transport is None:
             raise ConnectionLost("client is closed")
         async with self._slots:
             rid = self._take_id()
-            fut = asyncio.get_running_loop().create_future()
+            fut: asyncio.Future[wire.Response] = asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
             self._transport.write(build(rid))
             try:
                 r = await asyncio.wait_for(fut, self.timeout_ms / 1000)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise RequestTimeout(f"no answer in {self.timeout_ms} ms (request {rid})") from None
             finally:
                 self._pending.pop(rid, None)
@@ -167,22 +188,24 @@ class Client:
     async def register(self, user_ids: list[int]) -> int:
         """Opens wallets for these user ids; returns how many were new."""
         r = await self._call(lambda rid: wire.register(rid, user_ids))
-        return struct.unpack(">H", r.body)[0]
+        (new,) = struct.unpack(">H", r.body)
+        return int(new)
 
     async def deposit(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Deposited:
-        key = key or new_idempotency_key()
-        r = await self._call(lambda rid: wire.deposit(rid, key, user_id, amount_cents), retry_in_doubt=True)
+        k = key or new_idempotency_key()
+        r = await self._call(lambda rid: wire.deposit(rid, k, user_id, amount_cents), retry_in_doubt=True)
         return wire.Deposited(*struct.unpack(">qQ", r.body))
 
     async def balance(self, user_id: int) -> int:
         r = await self._call(lambda rid: wire.balance(rid, user_id))
-        return struct.unpack(">q", r.body)[0]
+        (cents,) = struct.unpack(">q", r.body)
+        return int(cents)
 
     async def withdraw(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Withdrawn:
         """Admin scope: money out of a wallet to the outside world. Above the
         balance it raises InsufficientFunds and nothing moves."""
-        key = key or new_idempotency_key()
-        r = await self._call(lambda rid: wire.withdraw(rid, key, user_id, amount_cents), retry_in_doubt=True)
+        k = key or new_idempotency_key()
+        r = await self._call(lambda rid: wire.withdraw(rid, k, user_id, amount_cents), retry_in_doubt=True)
         return wire.decode_withdrawn(r.body)
 
     async def statement(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Statement:
@@ -201,17 +224,17 @@ class Client:
         r = await self._call(lambda rid: wire.received_list(rid, user_id, cursor, limit))
         return wire.decode_received_list(r.body)
 
-    async def group_create(self, group_id: int, members: list[int] = (), *, name: str = "") -> wire.GroupCreated:
+    async def group_create(self, group_id: int, members: Sequence[int] = (), *, name: str = "") -> wire.GroupCreated:
         """Creates a group under the chat app's id; an id that exists is left
         unchanged (created False), so a retry is safe."""
         r = await self._call(lambda rid: wire.group_create(rid, group_id, name, list(members)))
         return wire.decode_group_created(r.body)
 
-    async def group_add(self, group_id: int, user_ids: list[int]) -> wire.GroupChange:
+    async def group_add(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
         r = await self._call(lambda rid: wire.group_add(rid, group_id, list(user_ids)))
         return wire.decode_group_change(r.body)
 
-    async def group_remove(self, group_id: int, user_ids: list[int]) -> wire.GroupChange:
+    async def group_remove(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
         r = await self._call(lambda rid: wire.group_remove(rid, group_id, list(user_ids)))
         return wire.decode_group_change(r.body)
 
@@ -224,15 +247,27 @@ class Client:
         r = await self._call(wire.audit)
         return wire.decode_audit(r.body)
 
-    async def send(self, sender_id: int, total_cents: int, count: int, *,
-                   mode: wire.Mode = wire.Mode.RANDOM, members: list[int] | None = None,
-                   to_user: int | None = None, group: int | None = None, greeting: str = "",
-                   expiry_seconds: int = 0, key: bytes | None = None) -> wire.Sent:
+    async def send(
+        self,
+        sender_id: int,
+        total_cents: int,
+        count: int,
+        *,
+        mode: wire.Mode = wire.Mode.RANDOM,
+        members: list[int] | None = None,
+        to_user: int | None = None,
+        group: int | None = None,
+        greeting: str = "",
+        expiry_seconds: int = 0,
+        key: bytes | None = None,
+    ) -> wire.Sent:
         """Sends a packet: to one user (to_user), to a member list (members),
         to a group's members at this moment (group), or, with none of these,
         to any registered user."""
-        key = key or new_idempotency_key()
+        k = key or new_idempotency_key()
         assert sum(x is not None for x in (to_user, members, group)) <= 1, "one audience"
+        audience: wire.Audience
+        ids: list[int]
         if to_user is not None:
             audience, ids = wire.Audience.DIRECT, [to_user]
         elif members is not None:
@@ -241,8 +276,10 @@ class Client:
             audience, ids = wire.Audience.GROUP, [group]
         else:
             audience, ids = wire.Audience.OPEN, []
-        r = await self._call(lambda rid: wire.send(rid, key, sender_id, total_cents, count, mode,
-                                                   expiry_seconds, audience, ids, greeting), retry_in_doubt=True)
+        r = await self._call(
+            lambda rid: wire.send(rid, k, sender_id, total_cents, count, mode, expiry_seconds, audience, ids, greeting),
+            retry_in_doubt=True,
+        )
         return wire.Sent(*struct.unpack(">Qqq", r.body))
 
     async def grab(self, packet_id: int, user_id: int) -> wire.Grabbed:
@@ -250,8 +287,9 @@ class Client:
         AlreadyClaimed carrying the first grab's share (`.grabbed`). An
         IN_DOUBT answer (the owner worker died with the grab) is retried
         here; ALREADY_CLAIMED after it means this very grab landed."""
-        r = await self._call(lambda rid: wire.grab(rid, packet_id, user_id),
-                             ok=(Status.OK, Status.ALREADY_CLAIMED), retry_in_doubt=True)
+        r = await self._call(
+            lambda rid: wire.grab(rid, packet_id, user_id), ok=(Status.OK, Status.ALREADY_CLAIMED), retry_in_doubt=True
+        )
         g = wire.decode_grab(r)
         if g.already_claimed:
             err = AlreadyClaimed("user already holds a share of this packet", worker_id=r.worker_id)
@@ -262,11 +300,11 @@ class Client:
     async def topology(self) -> wire.Topology:
         return wire.decode_topology(await self._call(wire.topology))
 
-    async def stats(self) -> dict:
-        import json
+    async def stats(self) -> dict[str, Any]:
         r = await self._call(wire.stats)
         (n,) = struct.unpack_from(">I", r.body)
-        return json.loads(r.body[4:4 + n])
+        figures: dict[str, Any] = json.loads(r.body[4 : 4 + n])
+        return figures
 
     async def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
         r = await self._call(lambda rid: wire.packet(rid, packet_id, claims_offset, claims_limit))

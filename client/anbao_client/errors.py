@@ -1,48 +1,107 @@
 """One exception class per status code, so callers can `except SoldOut:`."""
+
 from __future__ import annotations
 
-from .wire import Status
+from .wire import Grabbed, Status
 
 
 class AnbaoError(Exception):
     """Base of every error the server answers with a status code."""
+
     status: Status = Status.INTERNAL
     retryable = False
 
-    def __init__(self, message: str = "", *, worker_id: int | None = None):
+    def __init__(self, message: str = "", *, worker_id: int | None = None) -> None:
         super().__init__(message or self.status.name)
         self.message = message
         self.worker_id = worker_id
 
 
-class SoldOut(AnbaoError): status = Status.SOLD_OUT
-class AlreadyClaimed(AnbaoError): status = Status.ALREADY_CLAIMED
-class Expired(AnbaoError): status = Status.EXPIRED
-class NotEligible(AnbaoError): status = Status.NOT_ELIGIBLE
-class InsufficientFunds(AnbaoError): status = Status.INSUFFICIENT_FUNDS
-class Invalid(AnbaoError): status = Status.INVALID
+class SoldOut(AnbaoError):
+    status = Status.SOLD_OUT
+
+
+class AlreadyClaimed(AnbaoError):
+    """The user already holds a share of this packet: `.grabbed` is that
+    first share (Client.grab sets it)."""
+
+    status = Status.ALREADY_CLAIMED
+    grabbed: Grabbed | None = None
+
+
+class Expired(AnbaoError):
+    status = Status.EXPIRED
+
+
+class NotEligible(AnbaoError):
+    status = Status.NOT_ELIGIBLE
+
+
+class InsufficientFunds(AnbaoError):
+    status = Status.INSUFFICIENT_FUNDS
+
+
+class Invalid(AnbaoError):
+    status = Status.INVALID
+
+
 class Busy(AnbaoError):
     status = Status.BUSY
     retryable = True
+
+
 class Unavailable(AnbaoError):
     status = Status.UNAVAILABLE
     retryable = True
-class Unauthenticated(AnbaoError): status = Status.UNAUTHENTICATED
-class Forbidden(AnbaoError): status = Status.FORBIDDEN
-class NotFound(AnbaoError): status = Status.NOT_FOUND
-class UnknownUser(AnbaoError): status = Status.UNKNOWN_USER
-class IdempotencyConflict(AnbaoError): status = Status.IDEMPOTENCY_CONFLICT
-class UnsupportedVersion(AnbaoError): status = Status.UNSUPPORTED_VERSION
-class UnknownOpcode(AnbaoError): status = Status.UNKNOWN_OPCODE
-class FrameTooLarge(AnbaoError): status = Status.FRAME_TOO_LARGE
-class UnknownGroup(AnbaoError): status = Status.UNKNOWN_GROUP
+
+
+class Unauthenticated(AnbaoError):
+    status = Status.UNAUTHENTICATED
+
+
+class Forbidden(AnbaoError):
+    status = Status.FORBIDDEN
+
+
+class NotFound(AnbaoError):
+    status = Status.NOT_FOUND
+
+
+class UnknownUser(AnbaoError):
+    status = Status.UNKNOWN_USER
+
+
+class IdempotencyConflict(AnbaoError):
+    status = Status.IDEMPOTENCY_CONFLICT
+
+
+class UnsupportedVersion(AnbaoError):
+    status = Status.UNSUPPORTED_VERSION
+
+
+class UnknownOpcode(AnbaoError):
+    status = Status.UNKNOWN_OPCODE
+
+
+class FrameTooLarge(AnbaoError):
+    status = Status.FRAME_TOO_LARGE
+
+
+class UnknownGroup(AnbaoError):
+    status = Status.UNKNOWN_GROUP
+
+
 class InDoubt(AnbaoError):
     """A relayed GRAB whose owner worker died with it: it may have landed.
     Retrying it is safe ((packet, user) is its key) and gives the definite
     answer; Client.grab does so by itself before raising this."""
+
     status = Status.IN_DOUBT
     retryable = True
-class Internal(AnbaoError): status = Status.INTERNAL
+
+
+class Internal(AnbaoError):
+    status = Status.INTERNAL
 
 
 class ConnectionLost(Exception):
@@ -56,9 +115,7 @@ class RequestTimeout(Exception):
     with ConnectionLost, and a retry with the same key is safe."""
 
 
-BY_STATUS: dict[int, type[AnbaoError]] = {
-    cls.status: cls for cls in AnbaoError.__subclasses__()
-}
+BY_STATUS: dict[int, type[AnbaoError]] = {cls.status: cls for cls in AnbaoError.__subclasses__()}
 BY_STATUS[Status.INTERNAL] = Internal
 
 

