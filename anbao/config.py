@@ -96,6 +96,19 @@ class Limits:
     # it is relayed to the owner; at most max_parked_grabs wait at once.
     final_set_wait_ms: int = 2_000
     max_parked_grabs: int = 65_536
+    # While it waits, it reads the list again after final_set_first_poll_ms,
+    # doubling up to final_set_max_poll_ms (the last batch is committing).
+    final_set_first_poll_ms: int = 5
+    final_set_max_poll_ms: int = 100
+    # With the counter spent, one grab a packet per admission_probe_interval_ms
+    # still goes to the owner, which may have a share given back.
+    admission_probe_interval_ms: int = 50
+    # The owner puts its packets' counters right this often (they drift high
+    # while relays skip them).
+    admission_reseed_interval_ms: int = 1000
+    # Per-packet notes a router keeps about packets it does not own (last
+    # remaining count, last probe, settle back-off), each map cleared past this.
+    max_router_packets_tracked: int = 100_000
     commit_resolve_timeout_ms: int = 60_000
     # Each worker probes PostgreSQL this often; while it is down, the log
     # says so once per db_down_log_interval_ms, not once per request.

@@ -15,13 +15,14 @@ import time
 from collections import Counter
 
 from anbao_client import AnbaoError, Client, Forbidden, Mode, SoldOut
+from anbao_client.protocol import MAX_REGISTER_IDS
 
 from .cliutil import token_from_args, yuan
+from .config import Limits
 
-MAX_DEMO_MEMBERS = 10_000      # Limits.max_group_members of a default server
+MAX_DEMO_MEMBERS = Limits().max_group_members  # a default server's group bound
 ID_BLOCK = 100_000             # a run's ids: base .. base + 99,999
-REGISTER_CHUNK = 1024          # REGISTER takes at most 1,024 ids
-GROUP_CREATE_CHUNK = 8000      # one frame's worth of member ids
+GROUP_CREATE_CHUNK = Limits().max_members  # one frame's worth of member ids
 
 
 async def run_demo(c: Client, args, out) -> int:
@@ -45,16 +46,16 @@ async def run_demo(c: Client, args, out) -> int:
         with progress:
             t = progress.add_task("registering members", total=n + 1, note="")
             ids = [sender] + members
-            for i in range(0, len(ids), REGISTER_CHUNK):
-                await c.register(ids[i:i + REGISTER_CHUNK])
-                progress.advance(t, len(ids[i:i + REGISTER_CHUNK]))
+            for i in range(0, len(ids), MAX_REGISTER_IDS):
+                await c.register(ids[i:i + MAX_REGISTER_IDS])
+                progress.advance(t, len(ids[i:i + MAX_REGISTER_IDS]))
             await c.deposit(sender, args.amount)
             t = progress.add_task("forming the group", total=n, note=f"group {group_id}")
             await c.group_create(group_id, [sender] + members[:GROUP_CREATE_CHUNK - 1], name="anbao demo")
             progress.advance(t, min(n, GROUP_CREATE_CHUNK - 1))
-            for i in range(GROUP_CREATE_CHUNK - 1, n, REGISTER_CHUNK):
-                await c.group_add(group_id, members[i:i + REGISTER_CHUNK])
-                progress.advance(t, len(members[i:i + REGISTER_CHUNK]))
+            for i in range(GROUP_CREATE_CHUNK - 1, n, MAX_REGISTER_IDS):
+                await c.group_add(group_id, members[i:i + MAX_REGISTER_IDS])
+                progress.advance(t, len(members[i:i + MAX_REGISTER_IDS]))
             sent = await c.send(sender, args.amount, shares, mode=Mode.FIXED if args.fixed else Mode.RANDOM,
                                 group=group_id, greeting=args.greeting)
             t = progress.add_task("grabbing, all at once", total=n, note="")

@@ -21,11 +21,6 @@ TEMPLATE_DB = "anbao_template"
 _db_numbers = itertools.count(1)
 
 
-def pytest_configure(config):
-    # Registered here, not in pyproject.toml: `-m fast` picks the unit tests
-    # (tests/unit), which need no database, memcached or server process.
-    config.addinivalue_line("markers", "fast: unit tests needing no database or server, well under a second each")
-
 
 def pytest_asyncio_loop_factories(config, item):
     # The server runs on uvloop in production; so do the tests.

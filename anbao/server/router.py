@@ -35,10 +35,6 @@ log = logging.getLogger("anbao.router")
 # Where a GRAB answer says how many shares are left: read without decoding.
 _REMAINING_AT = RESPONSE_HEADER_BYTES + field_offset(MESSAGES[Op.GRAB].answer, "remaining_count")
 
-RESEED_INTERVAL_S = 1.0
-PROBE_INTERVAL_S = 0.05   # at most one attempt a packet per interval passes a spent counter to the owner
-SETTLE_FIRST_POLL_S = 0.005   # then doubling, up to the next: waiting for a sold-out packet's last commit
-SETTLE_MAX_POLL_S = 0.1
 
 
 class _Routed(Replier):
@@ -78,7 +74,9 @@ class Router:
                  final: FinalStates, peers: dict[int, PeerLink], slack: int, *,
                  load_final_set: Callable[[int], Awaitable[FinalSet | None]] | None = None,
                  final_set_wait_ms: int = 2000, max_parked_grabs: int = 65_536,
-                 relay_unadmitted_above: int = 64, max_packets_tracked: int = 100_000):
+                 relay_unadmitted_above: int = 64, max_packets_tracked: int = 100_000,
+                 final_set_first_poll_ms: int = 5, final_set_max_poll_ms: int = 100,
+                 probe_interval_ms: int = 50, reseed_interval_ms: int = 1000):
         assert 0 <= worker_id < worker_count and slack >= 0
         assert final_set_wait_ms > 0 and max_parked_grabs >= 0
         self.worker_id = worker_id
@@ -90,6 +88,10 @@ class Router:
         self.slack = slack
         self.load_final_set = load_final_set
         self.final_set_wait_s = final_set_wait_ms / 1000
+        self.first_poll_s = final_set_first_poll_ms / 1000
+        self.max_poll_s = final_set_max_poll_ms / 1000
+        self.probe_interval_s = probe_interval_ms / 1000
+        self.reseed_interval_s = reseed_interval_ms / 1000
         self.max_parked_grabs = max_parked_grabs
         self._active: set[int] = set()
         self._last_probe: dict[int, float] = {}
@@ -220,9 +222,9 @@ class Router:
         if self._answer_known(conn, rid, packet_id, user_id):
             return   # the final set arrived while the counter was asked
         now = asyncio.get_running_loop().time()
-        if now - self._last_probe.get(packet_id, -1e9) >= PROBE_INTERVAL_S:
+        if now - self._last_probe.get(packet_id, -1e9) >= self.probe_interval_s:
             # Let one attempt ask the owner, which may find a share given back.
-            if len(self._last_probe) > 100_000:
+            if len(self._last_probe) > self.max_packets_tracked:
                 self._last_probe.clear()
             self._last_probe[packet_id] = now
             self.stats["probes"] += 1
@@ -275,7 +277,7 @@ class Router:
     async def _settle(self, packet_id: int) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.final_set_wait_s
-        poll_s = SETTLE_FIRST_POLL_S
+        poll_s = self.first_poll_s
         fs = None
         try:
             while True:
@@ -292,7 +294,7 @@ class Router:
                 if fs is not None:
                     break
                 await asyncio.sleep(min(poll_s, max(0.0, deadline - loop.time())))
-                poll_s = min(poll_s * 2, SETTLE_MAX_POLL_S)
+                poll_s = min(poll_s * 2, self.max_poll_s)
         finally:
             parked = self._settling.pop(packet_id, [])
             self.parked -= len(parked)
@@ -304,7 +306,7 @@ class Router:
                     conn.answer(fs.answer(rid, user_id, wid))
             else:
                 self.stats["settle_gave_up"] += 1
-                if len(self._settle_backoff) > 100_000:
+                if len(self._settle_backoff) > self.max_packets_tracked:
                     self._settle_backoff.clear()
                 self._settle_backoff[packet_id] = loop.time() + self.final_set_wait_s
                 self._relay_all(packet_id, parked)
@@ -330,7 +332,7 @@ class Router:
 
     async def _reseed_loop(self) -> None:
         while True:
-            await asyncio.sleep(RESEED_INTERVAL_S)
+            await asyncio.sleep(self.reseed_interval_s)
             active, self._active = self._active, set()
             for packet_id in active:
                 state = self.engine.states.get(packet_id)

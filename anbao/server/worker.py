@@ -100,7 +100,12 @@ class Worker:
                              FinalStates(lim.max_final_set_entries, lim.max_final_claims_cached), peers,
                              lim.admission_slack, load_final_set=lambda pid: load_final_set(pool, pid),
                              final_set_wait_ms=lim.final_set_wait_ms, max_parked_grabs=lim.max_parked_grabs,
-                             relay_unadmitted_above=lim.relay_unadmitted_above_shares)
+                             relay_unadmitted_above=lim.relay_unadmitted_above_shares,
+                             max_packets_tracked=lim.max_router_packets_tracked,
+                             final_set_first_poll_ms=lim.final_set_first_poll_ms,
+                             final_set_max_poll_ms=lim.final_set_max_poll_ms,
+                             probe_interval_ms=lim.admission_probe_interval_ms,
+                             reseed_interval_ms=lim.admission_reseed_interval_ms)
         self.router.start()
         ctx = Context(self.worker_id, self.worker_count, self.settings.set_id, lim, self.dsn, self.ledger,
                       self.engine, routing.shards_of(self.worker_id, self.worker_count), self.stats)

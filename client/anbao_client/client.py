@@ -10,7 +10,6 @@ import json
 import os
 import socket
 import ssl as ssl_module
-import struct
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -188,18 +187,16 @@ class Client:
     async def register(self, user_ids: list[int]) -> int:
         """Opens wallets for these user ids; returns how many were new."""
         r = await self._call(lambda rid: wire.register(rid, user_ids))
-        (new,) = struct.unpack(">H", r.body)
-        return int(new)
+        return wire.decode_register(r.body)
 
     async def deposit(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Deposited:
         k = key or new_idempotency_key()
         r = await self._call(lambda rid: wire.deposit(rid, k, user_id, amount_cents), retry_in_doubt=True)
-        return wire.Deposited(*struct.unpack(">qQ", r.body))
+        return wire.decode_deposited(r.body)
 
     async def balance(self, user_id: int) -> int:
         r = await self._call(lambda rid: wire.balance(rid, user_id))
-        (cents,) = struct.unpack(">q", r.body)
-        return int(cents)
+        return wire.decode_balance(r.body)
 
     async def withdraw(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Withdrawn:
         """Admin scope: money out of a wallet to the outside world. Above the
@@ -280,7 +277,7 @@ class Client:
             lambda rid: wire.send(rid, k, sender_id, total_cents, count, mode, expiry_seconds, audience, ids, greeting),
             retry_in_doubt=True,
         )
-        return wire.Sent(*struct.unpack(">Qqq", r.body))
+        return wire.decode_sent(r.body)
 
     async def grab(self, packet_id: int, user_id: int) -> wire.Grabbed:
         """Takes a share. A retry after an unknown outcome is safe: it raises
@@ -302,8 +299,7 @@ class Client:
 
     async def stats(self) -> dict[str, Any]:
         r = await self._call(wire.stats)
-        (n,) = struct.unpack_from(">I", r.body)
-        figures: dict[str, Any] = json.loads(r.body[4 : 4 + n])
+        figures: dict[str, Any] = json.loads(wire.decode_stats(r.body))
         return figures
 
     async def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-import anbao._fastpath as fp
+from anbao_client.protocol import Mode
+from anbao.core import packets as core_packets
 from anbao.storage.domain import PacketRecord
 from anbao_client import wire
 
@@ -16,9 +17,9 @@ HOUR_MS = 3_600_000
 
 
 def packet(packet_id: int = 1, *, total_cents: int = 1_000, count: int = 5, sender_id: int = 999,
-           mode: int = fp.MODE_RANDOM, eligible=None, claims=()) -> fp.PacketState:
+           mode: int = Mode.RANDOM, eligible=None, claims=()) -> core_packets.PacketState:
     """An open packet expiring in an hour."""
-    return fp.PacketState(packet_id, sender_id, total_cents, count, mode, 1, fp.now_ms() + HOUR_MS,
+    return core_packets.PacketState(packet_id, sender_id, total_cents, count, mode, 1, core_packets.now_ms() + HOUR_MS,
                           eligible=eligible, claims=claims)
 
 
@@ -148,7 +149,7 @@ class FakeEngine:
 
     def __init__(self):
         self.grabs: list[tuple[object, int, int, int]] = []
-        self.states: dict[int, fp.PacketState] = {}
+        self.states: dict[int, core_packets.PacketState] = {}
         self.on_adopt = None
 
     def on_grab(self, replier, rid: int, packet_id: int, user_id: int) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from fakes import Answers, FakeCommitter, FakeLedger, packet, ticks, until
 
-import anbao._fastpath as fp
+from anbao_client.protocol import Status
 from anbao.engine.grabs import GrabEngine
 
 pytestmark = pytest.mark.fast
@@ -59,7 +59,7 @@ async def test_a_grab_is_answered_only_after_its_batch_commits():
     assert out.by_rid == {}, "answered before the commit returned"
     committer.gate.set()
     await engine.drain()
-    assert [out.status(r) for r in (1, 2, 3)] == [fp.OK] * 3
+    assert [out.status(r) for r in (1, 2, 3)] == [Status.OK] * 3
     assert all(out.seen_at_answer[r] >= 1 for r in (1, 2, 3)), "an answer went out before its commit returned"
     # What was answered is what was committed, share for share.
     answered = {(PID, out.grabbed(r).seq, u, out.grabbed(r).amount_cents) for r, u in ((1, 11), (2, 12), (3, 13))}
@@ -80,7 +80,7 @@ async def test_shares_never_exceed_count_and_each_user_gets_one():
             engine.on_grab(out, rid, PID, u)
     await engine.drain()
     await until(lambda: len(out.by_rid) == len(rid_of), what="every grab answered")
-    ok = {rid: out.grabbed(rid) for rid in rid_of if out.status(rid) == fp.OK}
+    ok = {rid: out.grabbed(rid) for rid in rid_of if out.status(rid) == Status.OK}
     winners = [rid_of[rid] for rid in ok]
     assert len(ok) == count and len(set(winners)) == count, "more shares than count, or a user twice"
     assert sum(g.amount_cents for g in ok.values()) == total
@@ -89,13 +89,13 @@ async def test_shares_never_exceed_count_and_each_user_gets_one():
     first_share = {rid_of[rid]: (g.seq, g.amount_cents) for rid, g in ok.items()}
     for rid, u in rid_of.items():
         status = out.status(rid)
-        if u in first_share and status != fp.OK:
+        if u in first_share and status != Status.OK:
             # A winner's second grab gets the first share back, nothing new.
-            assert status == fp.ALREADY_CLAIMED
+            assert status == Status.ALREADY_CLAIMED
             g = out.grabbed(rid)
             assert (g.seq, g.amount_cents) == first_share[u]
         elif u not in first_share:
-            assert status == fp.SOLD_OUT
+            assert status == Status.SOLD_OUT
 
 
 async def test_sold_out_waits_until_the_last_shares_are_durable():
@@ -109,7 +109,7 @@ async def test_sold_out_waits_until_the_last_shares_are_durable():
     assert out.status(3) is None, "SOLD_OUT before the shares taken were durable"
     committer.gate.set()
     await engine.drain()
-    assert [out.status(r) for r in (1, 2, 3)] == [fp.OK, fp.OK, fp.SOLD_OUT]
+    assert [out.status(r) for r in (1, 2, 3)] == [Status.OK, Status.OK, Status.SOLD_OUT]
     assert out.seen_at_answer[3] >= 1
 
 
@@ -121,7 +121,7 @@ async def test_a_failed_commit_fails_its_grabs_and_reloads_the_packet():
         engine.on_grab(out, rid, PID, user)
     await engine.drain()
     # Nothing landed: nobody is told they have a share, nor that none is left.
-    assert [out.status(r) for r in (1, 2, 3)] == [fp.UNAVAILABLE] * 3
+    assert [out.status(r) for r in (1, 2, 3)] == [Status.UNAVAILABLE] * 3
     assert committer.durable == [] and engine.failed_batches == 1
     assert PID not in engine.states, "memory ran ahead of the database and was kept"
     # The next grab reloads the packet from storage, where both shares are still free.
@@ -129,7 +129,7 @@ async def test_a_failed_commit_fails_its_grabs_and_reloads_the_packet():
     await until(lambda: out.status(4) is not None, what="the grab after the failure")
     await engine.drain()
     assert ledger.loads == [PID]
-    assert out.status(4) == fp.OK and out.grabbed(4).seq == 1 and out.grabbed(4).remaining_count == 1
+    assert out.status(4) == Status.OK and out.grabbed(4).seq == 1 and out.grabbed(4).remaining_count == 1
     assert committer.durable == [(PID, 1, 33, out.grabbed(4).amount_cents)]
 
 
@@ -144,16 +144,16 @@ async def test_a_failure_fails_the_batches_built_on_it_and_reloads_their_packets
     for rid, (pid, user) in enumerate(((PID, 41), (PID, 42), (other, 43), (other, 44)), 1):
         engine.on_grab(out, rid, pid, user)       # two full batches, one per packet
     await until(lambda: out.status(1) is not None, what="the first batch to fail")
-    assert [out.status(r) for r in (1, 2)] == [fp.UNAVAILABLE] * 2
+    assert [out.status(r) for r in (1, 2)] == [Status.UNAVAILABLE] * 2
     # The second batch will roll back with it: its packet ran ahead of the
     # database too, and is forgotten before that batch even returns.
     assert PID not in engine.states and other not in engine.states
     engine.on_grab(out, 5, other, 45)             # decided on the reloaded truth, not on top of batch 2
     await until(lambda: out.status(5) is not None, what="a grab in the meantime")
-    assert ledger.loads == [other] and out.status(5) == fp.OK and out.grabbed(5).seq == 1
+    assert ledger.loads == [other] and out.status(5) == Status.OK and out.grabbed(5).seq == 1
     committer.held[2].set()
     await engine.drain()
-    assert [out.status(r) for r in (3, 4)] == [fp.UNAVAILABLE] * 2
+    assert [out.status(r) for r in (3, 4)] == [Status.UNAVAILABLE] * 2
     assert committer.durable == [(other, 1, 45, out.grabbed(5).amount_cents)]
     assert engine.failed_batches == 1 and engine.doomed_batches == 1
 
@@ -166,14 +166,14 @@ async def test_busy_past_max_queued_grabs_and_nothing_taken_for_it():
         engine.on_grab(out, rid, PID, user)
     # The queue holds three accepted grabs; the fourth and fifth are turned away at once.
     assert [out.status(r) for r in (1, 2, 3)] == [None] * 3
-    assert [out.status(r) for r in (4, 5)] == [fp.BUSY, fp.BUSY]
+    assert [out.status(r) for r in (4, 5)] == [Status.BUSY, Status.BUSY]
     assert engine.queued_grabs == 3 and engine.states[PID].taken_count == 3
     committer.gate.set()
     await engine.drain()
-    assert [out.status(r) for r in (1, 2, 3)] == [fp.OK] * 3 and engine.queued_grabs == 0
+    assert [out.status(r) for r in (1, 2, 3)] == [Status.OK] * 3 and engine.queued_grabs == 0
     engine.on_grab(out, 6, PID, 54)               # BUSY took nothing: a retry gets a share
     await until(lambda: out.status(6) is not None)
-    assert out.status(6) == fp.OK and out.grabbed(6).seq == 4
+    assert out.status(6) == Status.OK and out.grabbed(6).seq == 4
 
 
 async def test_refusals_that_need_no_commit_are_answered_at_once():
@@ -185,5 +185,5 @@ async def test_refusals_that_need_no_commit_are_answered_at_once():
     engine.on_grab(out, 2, PID, SENDER)           # the sender
     engine.on_grab(out, 3, 404, 61)               # no such packet
     await until(lambda: len(out.by_rid) == 3)
-    assert [out.status(r) for r in (1, 2, 3)] == [fp.NOT_ELIGIBLE, fp.NOT_ELIGIBLE, fp.NOT_FOUND]
+    assert [out.status(r) for r in (1, 2, 3)] == [Status.NOT_ELIGIBLE, Status.NOT_ELIGIBLE, Status.NOT_FOUND]
     assert committer.started == []

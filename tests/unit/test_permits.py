@@ -6,7 +6,9 @@ import socket
 import pytest
 from fakes import Answers
 
-import anbao._fastpath as fp
+from anbao_client import protocol
+from anbao_client.protocol import Status
+from anbao.core import codec
 from anbao.admission import FinalSet, FinalStates, InProcessPermits, MemcachedPermits, Permits
 from anbao.admission.cache import grab_body
 
@@ -47,7 +49,7 @@ async def test_past_max_packets_new_counters_are_not_kept_so_they_admit():
 
 def test_grab_body_is_the_owners_answer_body():
     for amount, seq, count in ((1, 1, 1), (888, 3, 10), (2**40, 7, 7)):
-        owner = fp.encode_grab(5, fp.OK, 2, amount, seq, count - seq)[fp.RESPONSE_HEADER_BYTES:]
+        owner = codec.encode_grab(5, Status.OK, 2, amount, seq, count - seq)[protocol.RESPONSE_HEADER_BYTES:]
         assert grab_body(amount, seq, count) == owner
 
 
@@ -57,13 +59,13 @@ def test_a_final_set_answers_in_the_owners_order():
     out = Answers()
     for rid, user in ((1, 10), (2, 12), (3, 13), (4, 999), (5, 12)):
         out.answer(fs.answer(rid, user, 4))
-    assert [out.status(r) for r in range(1, 6)] == [fp.ALREADY_CLAIMED, fp.SOLD_OUT, fp.NOT_ELIGIBLE,
-                                                   fp.NOT_ELIGIBLE, fp.SOLD_OUT]
+    assert [out.status(r) for r in range(1, 6)] == [Status.ALREADY_CLAIMED, Status.SOLD_OUT, Status.NOT_ELIGIBLE,
+                                                   Status.NOT_ELIGIBLE, Status.SOLD_OUT]
     assert (out.grabbed(1).amount_cents, out.grabbed(1).seq, out.grabbed(1).remaining_count) == (600, 1, 1)
     assert [out.by_rid[r].request_id for r in range(1, 6)] == [1, 2, 3, 4, 5], "the cached SOLD_OUT keeps each rid"
     open_fs = FinalSet(9, 1, 999, None, {10: grab_body(5, 1, 1)})
     out.answer(open_fs.answer(6, 77, 4))          # open audience: anyone but the sender is told sold out
-    assert out.status(6) == fp.SOLD_OUT
+    assert out.status(6) == Status.SOLD_OUT
 
 
 def test_a_final_set_must_hold_every_share():
@@ -90,10 +92,10 @@ def test_learnt_answers_are_bounded_and_only_final_refusals_are_kept():
         fs.note_claim(1, u, b"x")
     fs.note_claim(1, 99, b"y")                    # past the bound: forgotten wholesale, then kept
     assert fs.claims == {(1, 99): b"y"}
-    fs.note_refusal(1, 5, fp.EXPIRED)
-    fs.note_refusal(1, 6, fp.NOT_ELIGIBLE)
-    assert fs.refusals == {(1, 5): fp.EXPIRED, (1, 6): fp.NOT_ELIGIBLE}
-    for status in (fp.SOLD_OUT, fp.BUSY, fp.UNAVAILABLE):
+    fs.note_refusal(1, 5, Status.EXPIRED)
+    fs.note_refusal(1, 6, Status.NOT_ELIGIBLE)
+    assert fs.refusals == {(1, 5): Status.EXPIRED, (1, 6): Status.NOT_ELIGIBLE}
+    for status in (Status.SOLD_OUT, Status.BUSY, Status.UNAVAILABLE):
         with pytest.raises(AssertionError):
             fs.note_refusal(1, 7, status)         # these can change: never remembered as final
 

@@ -6,8 +6,9 @@ import asyncio
 import pytest
 from fakes import Answers, FakeEngine, FakePeer, until
 
-import anbao._fastpath as fp
-from anbao import routing
+from anbao_client.protocol import Op, Status
+from anbao.core import codec
+from anbao_client import routing
 from anbao.admission import FinalSet, FinalStates, InProcessPermits, Permits
 from anbao.admission.cache import grab_body
 from anbao.server.router import Router
@@ -58,12 +59,12 @@ async def test_a_relayed_share_is_answered_again_without_a_hop():
     [pid] = owned_by(OTHER)
     out = Answers()
     r.on_grab(out, 1, pid, 10)
-    owner_answers(peer, 0, lambda rid: fp.encode_grab(rid, fp.OK, OTHER, 321, 4, 6))
-    assert out.status(1) == fp.OK and out.grabbed(1).amount_cents == 321
+    owner_answers(peer, 0, lambda rid: codec.encode_grab(rid, Status.OK, OTHER, 321, 4, 6))
+    assert out.status(1) == Status.OK and out.grabbed(1).amount_cents == 321
     r.on_grab(out, 2, pid, 10)                    # a retry: the first answer, from here
     assert len(peer.relayed) == 1
     g = out.grabbed(2)
-    assert out.status(2) == fp.ALREADY_CLAIMED and (g.amount_cents, g.seq, g.remaining_count) == (321, 4, 6)
+    assert out.status(2) == Status.ALREADY_CLAIMED and (g.amount_cents, g.seq, g.remaining_count) == (321, 4, 6)
     r.on_grab(out, 3, pid, 11)                    # someone else: still the owner's to decide
     assert len(peer.relayed) == 2 and out.status(3) is None
 
@@ -73,9 +74,9 @@ async def test_final_refusals_are_learnt_per_user_only():
     [pid] = owned_by(OTHER)
     out = Answers()
     r.on_grab(out, 1, pid, 10)
-    owner_answers(peer, 0, lambda rid: fp.encode_error(fp.OP_GRAB, rid, fp.NOT_ELIGIBLE, OTHER, "no"))
+    owner_answers(peer, 0, lambda rid: codec.encode_error(Op.GRAB, rid, Status.NOT_ELIGIBLE, OTHER, "no"))
     r.on_grab(out, 2, pid, 10)
-    assert out.status(2) == fp.NOT_ELIGIBLE and len(peer.relayed) == 1
+    assert out.status(2) == Status.NOT_ELIGIBLE and len(peer.relayed) == 1
     r.on_grab(out, 3, pid, 11)
     assert out.status(3) is None and len(peer.relayed) == 2
 
@@ -88,8 +89,8 @@ async def test_a_final_set_answers_everyone_exactly():
     for rid, user in enumerate((10, 11, 12, 13, SENDER), 1):
         r.on_grab(out, rid, pid, user)
     assert peer.relayed == []
-    assert [out.status(rid) for rid in range(1, 6)] == [fp.ALREADY_CLAIMED, fp.ALREADY_CLAIMED, fp.SOLD_OUT,
-                                                       fp.NOT_ELIGIBLE, fp.NOT_ELIGIBLE]
+    assert [out.status(rid) for rid in range(1, 6)] == [Status.ALREADY_CLAIMED, Status.ALREADY_CLAIMED, Status.SOLD_OUT,
+                                                       Status.NOT_ELIGIBLE, Status.NOT_ELIGIBLE]
     assert (out.grabbed(1).seq, out.grabbed(1).amount_cents, out.grabbed(1).remaining_count) == (1, 600, 1)
     assert (out.grabbed(2).seq, out.grabbed(2).amount_cents, out.grabbed(2).remaining_count) == (2, 400, 0)
     assert all(out.by_rid[rid].request_id == rid for rid in range(1, 6))
@@ -136,8 +137,8 @@ async def test_a_parked_grab_gets_its_share_from_the_final_set():
     await until(lambda: r.parked == 2, what="both parked")
     loaded.set()
     await until(lambda: len(out.by_rid) == 2, what="the parked grabs answered")
-    assert out.status(2) == fp.ALREADY_CLAIMED and out.grabbed(2).amount_cents == 700
-    assert out.status(3) == fp.SOLD_OUT and len(peer.relayed) == 1
+    assert out.status(2) == Status.ALREADY_CLAIMED and out.grabbed(2).amount_cents == 700
+    assert out.status(3) == Status.SOLD_OUT and len(peer.relayed) == 1
 
 
 async def test_a_permit_is_given_back_when_the_owner_gives_no_share():
@@ -149,8 +150,8 @@ async def test_a_permit_is_given_back_when_the_owner_gives_no_share():
     r.on_grab(out, 1, pid, 10)
     await until(lambda: len(peer.relayed) == 1)
     assert not await permits.admit(pid), "the relayed grab holds the only permit"
-    owner_answers(peer, 0, lambda rid: fp.encode_error(fp.OP_GRAB, rid, fp.EXPIRED, OTHER, "expired"))
-    assert out.status(1) == fp.EXPIRED
+    owner_answers(peer, 0, lambda rid: codec.encode_error(Op.GRAB, rid, Status.EXPIRED, OTHER, "expired"))
+    assert out.status(1) == Status.EXPIRED
     assert await permits.admit(pid), "the permit came back"
 
 
@@ -159,4 +160,4 @@ async def test_a_grab_relayed_to_a_non_owner_is_refused():
     [theirs] = owned_by(OTHER)
     out = Answers()
     r.on_relayed(out, 1, theirs, 10)
-    assert out.status(1) == fp.UNAVAILABLE and engine.grabs == []
+    assert out.status(1) == Status.UNAVAILABLE and engine.grabs == []
