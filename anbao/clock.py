@@ -2,6 +2,7 @@
 by, read by storage (what is expired, what a reader is shown) and by the
 engine (when a packet's expiry falls). It imports nothing of anbao, so any
 layer may use it."""
+
 from __future__ import annotations
 
 import time

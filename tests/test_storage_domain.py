@@ -7,6 +7,8 @@ PL/pgSQL of the migrations (the roll-up writes GRAB transfers, the refund
 writes REFUND transfers and status REFUNDED) must agree with them, or the
 Python side and the database would mean different things by one number.
 """
+
+import ast
 import hashlib
 import json
 import os
@@ -15,23 +17,27 @@ import struct
 import time
 from pathlib import Path
 
-import ast
-
 import asyncpg
 import pytest
+from helpers import Anbao, dsn_for, funded_users
 
 from anbao.config import Limits
 from anbao.storage import migrate as migrate_mod
 from anbao.storage.audit import audit
 from anbao.storage.domain import AccountKind, Audience, Mode, Operation, PacketStatus, Reason, TransferKind
 from anbao_client import IdempotencyConflict, InsufficientFunds, Invalid, UnknownGroup, UnknownUser, protocol, routing
-from helpers import Anbao, dsn_for, funded_users
-
 
 STORAGE = Path(__file__).resolve().parent.parent / "anbao" / "storage"
 # Below storage there is only the database: no codec, no server, engine or admission, no SDK.
-FORBIDDEN = ("anbao._fastpath", "anbao.server", "anbao.engine", "anbao.admission", "anbao.cli", "anbao.metrics",
-             "anbao_client")
+FORBIDDEN = (
+    "anbao._fastpath",
+    "anbao.server",
+    "anbao.engine",
+    "anbao.admission",
+    "anbao.cli",
+    "anbao.metrics",
+    "anbao_client",
+)
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -41,7 +47,7 @@ def imported_modules(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = ["anbao", "storage"][: 3 - node.level] if node.level else []   # in anbao/storage/
+            base = ["anbao", "storage"][: 3 - node.level] if node.level else []  # in anbao/storage/
             module = ".".join(base + ([node.module] if node.module else []))
             names.add(module)
             names |= {f"{module}.{a.name}" for a in node.names}
@@ -72,21 +78,23 @@ async def check_values(conn, table: str, name: str) -> set[int]:
     """The integers a CHECK constraint allows, from its definition."""
     definition = await conn.fetchval(
         "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = $1::regclass AND conname = $2",
-        table, name)
+        table,
+        name,
+    )
     assert definition is not None, f"no constraint {name} on {table}"
     return {int(v) for v in re.findall(r"\d+", definition)}
 
 
 async def test_database_codes_agree_with_the_domain(anbao):
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 10_000)
+    (sender,) = await funded_users(admin, 1, 1, 10_000)
     grabber, other = await funded_users(admin, 2, 2)
     await admin.withdraw(sender, 100)
     sold_out = await admin.send(sender, 200, 1, mode=protocol.Mode.FIXED)
     await admin.grab(sold_out.packet_id, grabber)
-    await anbao.worker.ledger.settle(grabber)              # the roll-up (PL/pgSQL) writes the GRAB transfer
+    await anbao.worker.ledger.settle(grabber)  # the roll-up (PL/pgSQL) writes the GRAB transfer
     refunded = await admin.send(sender, 300, 2, members=[grabber, other])
-    assert (await anbao.worker.engine.expire(refunded.packet_id))[1]    # anbao_refund_packets, now
+    assert (await anbao.worker.engine.expire(refunded.packet_id))[1]  # anbao_refund_packets, now
     conn = await asyncpg.connect(anbao.dsn)
     try:
         # The CHECKs of the tables allow exactly the domain's codes.
@@ -98,21 +106,37 @@ async def test_database_codes_agree_with_the_domain(anbao):
         first = await conn.fetchrow("SELECT kind, owner_id FROM accounts ORDER BY account_id LIMIT 1")
         assert tuple(first) == (AccountKind.EXTERNAL, 0)
         assert await conn.fetchval("SELECT kind FROM accounts WHERE owner_id = $1", sender) == AccountKind.USER
-        assert await conn.fetchval("SELECT a.kind FROM packets p JOIN accounts a ON a.account_id ="
-                                   " p.escrow_account_id WHERE p.packet_id = $1", sold_out.packet_id) \
+        assert (
+            await conn.fetchval(
+                "SELECT a.kind FROM packets p JOIN accounts a ON a.account_id ="
+                " p.escrow_account_id WHERE p.packet_id = $1",
+                sold_out.packet_id,
+            )
             == AccountKind.ESCROW
+        )
         # Every transfer kind, whoever wrote it (Python or the database's functions).
         kinds = {r["kind"]: r["n"] for r in await conn.fetch("SELECT kind, count(*) AS n FROM transfers GROUP BY 1")}
-        assert kinds == {TransferKind.DEPOSIT: 1, TransferKind.WITHDRAW: 1, TransferKind.SEND: 2,
-                         TransferKind.GRAB: 1, TransferKind.REFUND: 1}
-        assert await conn.fetchval("SELECT packet_id FROM transfers WHERE kind = $1", TransferKind.GRAB) \
+        assert kinds == {
+            TransferKind.DEPOSIT: 1,
+            TransferKind.WITHDRAW: 1,
+            TransferKind.SEND: 2,
+            TransferKind.GRAB: 1,
+            TransferKind.REFUND: 1,
+        }
+        assert (
+            await conn.fetchval("SELECT packet_id FROM transfers WHERE kind = $1", TransferKind.GRAB)
             == sold_out.packet_id
-        assert await conn.fetchval("SELECT packet_id FROM transfers WHERE kind = $1", TransferKind.REFUND) \
+        )
+        assert (
+            await conn.fetchval("SELECT packet_id FROM transfers WHERE kind = $1", TransferKind.REFUND)
             == refunded.packet_id
+        )
         statuses = dict(await conn.fetch("SELECT packet_id, status FROM packets"))
         assert statuses == {sold_out.packet_id: PacketStatus.SOLD_OUT, refunded.packet_id: PacketStatus.REFUNDED}
-        assert await conn.fetchval("SELECT audience FROM packets WHERE packet_id = $1", refunded.packet_id) \
+        assert (
+            await conn.fetchval("SELECT audience FROM packets WHERE packet_id = $1", refunded.packet_id)
             == Audience.MEMBERS
+        )
         # Idempotency keys hold storage's operation codes.
         ops = sorted(r[0] for r in await conn.fetch("SELECT operation FROM idempotency_keys"))
         assert ops == sorted([Operation.DEPOSIT] + [Operation.WITHDRAW] + [Operation.SEND] * 2)
@@ -123,8 +147,8 @@ async def test_database_codes_agree_with_the_domain(anbao):
 
 # ------------------------------------------------------------ upgrade from v3
 
-OP_DEPOSIT, OP_WITHDRAW, OP_SEND = 0x11, 0x13, 0x20          # the wire opcodes v3 stored
-OK, INSUFFICIENT_FUNDS, UNKNOWN_USER, UNKNOWN_GROUP, INVALID = 0, 5, 12, 17, 6   # the wire statuses v3 stored
+OP_DEPOSIT, OP_WITHDRAW, OP_SEND = 0x11, 0x13, 0x20  # the wire opcodes v3 stored
+OK, INSUFFICIENT_FUNDS, UNKNOWN_USER, UNKNOWN_GROUP, INVALID = 0, 5, 12, 17, 6  # the wire statuses v3 stored
 
 
 def v3_request_hash(opcode: int, fields: tuple) -> bytes:
@@ -142,8 +166,10 @@ async def v3_database(pg, name: str) -> str:
     dsn = dsn_for(pg, name)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
-                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+            " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
         for v, path in migrate_mod.migrations()[:3]:
             await conn.execute(Path(path).read_text())
             await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", v)
@@ -154,18 +180,32 @@ async def v3_database(pg, name: str) -> str:
 
 async def store_v3_answer(conn, key: bytes, opcode: int, fields: tuple, status: int, response: bytes) -> None:
     """An idempotency row as the v3 server wrote it: the wire status and the wire answer body."""
-    await conn.execute("INSERT INTO idempotency_keys (key, opcode, request_hash, status, response)"
-                       " VALUES ($1, $2, $3, $4, $5)", key, opcode, v3_request_hash(opcode, fields), status, response)
+    await conn.execute(
+        "INSERT INTO idempotency_keys (key, opcode, request_hash, status, response) VALUES ($1, $2, $3, $4, $5)",
+        key,
+        opcode,
+        v3_request_hash(opcode, fields),
+        status,
+        response,
+    )
 
 
 async def v3_move(conn, kind: int, debit: int, credit: int, amount_cents: int, packet_id=None) -> int:
-    tid = await conn.fetchval("INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)"
-                              " VALUES ($1, $2, $3, $4, $5) RETURNING transfer_id", kind, debit, credit,
-                              amount_cents, packet_id)
-    await conn.execute("UPDATE accounts SET balance_cents = balance_cents - $2 WHERE account_id = $1", debit,
-                       amount_cents)
-    await conn.execute("UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1", credit,
-                       amount_cents)
+    tid = await conn.fetchval(
+        "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)"
+        " VALUES ($1, $2, $3, $4, $5) RETURNING transfer_id",
+        kind,
+        debit,
+        credit,
+        amount_cents,
+        packet_id,
+    )
+    await conn.execute(
+        "UPDATE accounts SET balance_cents = balance_cents - $2 WHERE account_id = $1", debit, amount_cents
+    )
+    await conn.execute(
+        "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1", credit, amount_cents
+    )
     return tid
 
 
@@ -192,23 +232,36 @@ async def test_upgrade_idempotency_rows_in_place(pg, tokens_file):
         wd_tid = await v3_move(conn, 2, wallet, ext, 700)
         await store_v3_answer(conn, k["wd"], OP_WITHDRAW, (1, 700), OK, struct.pack(">qQ", 4_300, wd_tid))
         packet_id = routing.make_packet_id(0, await conn.fetchval("SELECT nextval('packet_seq')"), 5)
-        escrow = await conn.fetchval("INSERT INTO accounts (kind, owner_id) VALUES (2, $1) RETURNING account_id",
-                                     packet_id)
-        await conn.execute("INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count,"
-                           " mode, min_share_cents, audience, greeting, expires_at)"
-                           " VALUES ($1, 1, $2, 1000, 2, 2, 1, 0, $3, to_timestamp($4::float8 / 1000))",
-                           packet_id, escrow, greeting, expires_at_ms)
+        escrow = await conn.fetchval(
+            "INSERT INTO accounts (kind, owner_id) VALUES (2, $1) RETURNING account_id", packet_id
+        )
+        await conn.execute(
+            "INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count,"
+            " mode, min_share_cents, audience, greeting, expires_at)"
+            " VALUES ($1, 1, $2, 1000, 2, 2, 1, 0, $3, to_timestamp($4::float8 / 1000))",
+            packet_id,
+            escrow,
+            greeting,
+            expires_at_ms,
+        )
         await v3_move(conn, 3, wallet, escrow, 1_000, packet_id)
-        await store_v3_answer(conn, k["send"], OP_SEND, send_fields, OK,
-                              struct.pack(">Qqq", packet_id, 3_300, expires_at_ms))
+        await store_v3_answer(
+            conn, k["send"], OP_SEND, send_fields, OK, struct.pack(">Qqq", packet_id, 3_300, expires_at_ms)
+        )
         # Refusals, each stored with its message.
         await store_v3_answer(conn, k["poor"], OP_WITHDRAW, (2, 1_000), INSUFFICIENT_FUNDS, b"balance 0 below 1000")
         await store_v3_answer(conn, k["nobody"], OP_DEPOSIT, (99, 500), UNKNOWN_USER, b"unknown user 99")
-        await store_v3_answer(conn, k["nogroup"], OP_SEND, (1, 300, 1, 1, 3_600, 3, (77,), ""), UNKNOWN_GROUP,
-                              b"unknown group 77")
-        await store_v3_answer(conn, k["toofew"], OP_SEND, (1, 300, 3, 1, 3_600, 3, (78,), "新年"), INVALID,
-                              "3 shares for 1 group members besides the sender: the packet could never"
-                              " sell out".encode())
+        await store_v3_answer(
+            conn, k["nogroup"], OP_SEND, (1, 300, 1, 1, 3_600, 3, (77,), ""), UNKNOWN_GROUP, b"unknown group 77"
+        )
+        await store_v3_answer(
+            conn,
+            k["toofew"],
+            OP_SEND,
+            (1, 300, 3, 1, 3_600, 3, (78,), "新年"),
+            INVALID,
+            b"3 shares for 1 group members besides the sender: the packet could never sell out",
+        )
         # A u64 with its high bit set reads back unsigned (no real row has one yet).
         await store_v3_answer(conn, k["high"], OP_DEPOSIT, (3, 1), OK, struct.pack(">qQ", 77, 2**63 + 5))
     finally:
@@ -219,8 +272,12 @@ async def test_upgrade_idempotency_rows_in_place(pg, tokens_file):
     assert report.ok, report.text()
     conn = await asyncpg.connect(dsn)
     try:
-        columns = {r[0] for r in await conn.fetch("SELECT column_name FROM information_schema.columns"
-                                                  " WHERE table_name = 'idempotency_keys'")}
+        columns = {
+            r[0]
+            for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'idempotency_keys'"
+            )
+        }
         assert {"status", "response", "opcode"}.isdisjoint(columns) and {"operation", "answer"} <= columns
         rows = {bytes(r["key"]): r for r in await conn.fetch("SELECT * FROM idempotency_keys")}
     finally:
@@ -244,8 +301,9 @@ async def test_upgrade_idempotency_rows_in_place(pg, tokens_file):
         assert (dep.balance_cents, dep.transfer_id) == (5_000, dep_tid)
         wd = await admin.withdraw(1, 700, key=k["wd"])
         assert (wd.balance_cents, wd.transfer_id) == (4_300, wd_tid)
-        sent = await admin.send(1, 1_000, 2, mode=protocol.Mode.FIXED, expiry_seconds=3_600, greeting=greeting,
-                                key=k["send"])
+        sent = await admin.send(
+            1, 1_000, 2, mode=protocol.Mode.FIXED, expiry_seconds=3_600, greeting=greeting, key=k["send"]
+        )
         assert (sent.packet_id, sent.sender_balance_cents, sent.expires_at_ms) == (packet_id, 3_300, expires_at_ms)
         high = await admin.deposit(3, 1, key=k["high"])
         assert (high.balance_cents, high.transfer_id) == (77, 2**63 + 5)
@@ -261,8 +319,9 @@ async def test_upgrade_idempotency_rows_in_place(pg, tokens_file):
         assert nogroup.value.message == "unknown group 77"
         with pytest.raises(Invalid) as toofew:
             await admin.send(1, 300, 3, group=78, expiry_seconds=3_600, greeting="新年", key=k["toofew"])
-        assert toofew.value.message == ("3 shares for 1 group members besides the sender: the packet could never"
-                                        " sell out")
+        assert toofew.value.message == (
+            "3 shares for 1 group members besides the sender: the packet could never sell out"
+        )
         # The old keys still guard their parameters.
         with pytest.raises(IdempotencyConflict):
             await admin.deposit(1, 5_001, key=k["dep"])

@@ -2,6 +2,7 @@
 the outside world (DEPOSIT, WITHDRAW). Every money movement is a transfer
 row that debits one account and credits another, in the same transaction as
 the balance changes it causes."""
+
 from __future__ import annotations
 
 import asyncpg
@@ -16,13 +17,17 @@ WALLET = f"SELECT account_id, balance_cents FROM accounts WHERE {_USER} AND owne
 # How many of the user ids in $1 have a wallet.
 COUNT_REGISTERED = f"SELECT count(*) FROM accounts WHERE {_USER} AND owner_id = ANY($1::bigint[])"
 
-_REGISTER = (f"INSERT INTO accounts (kind, owner_id) SELECT {AccountKind.USER:d}, u FROM unnest($1::bigint[]) AS u"
-             " ON CONFLICT DO NOTHING")
+_REGISTER = (
+    f"INSERT INTO accounts (kind, owner_id) SELECT {AccountKind.USER:d}, u FROM unnest($1::bigint[]) AS u"
+    " ON CONFLICT DO NOTHING"
+)
 _KNOWN = f"SELECT owner_id FROM accounts WHERE {_USER} AND owner_id = ANY($1::bigint[])"
-_BALANCE = ("SELECT a.balance_cents + COALESCE((SELECT sum(g.amount_cents) FROM grab_rollups r"
-            " CROSS JOIN LATERAL unnest(r.users, r.amounts) AS g(user_id, amount_cents)"
-            " WHERE r.users @> ARRAY[$1::bigint] AND g.user_id = $1), 0)::bigint"
-            f" FROM accounts a WHERE a.{_USER} AND a.owner_id = $1")
+_BALANCE = (
+    "SELECT a.balance_cents + COALESCE((SELECT sum(g.amount_cents) FROM grab_rollups r"
+    " CROSS JOIN LATERAL unnest(r.users, r.amounts) AS g(user_id, amount_cents)"
+    " WHERE r.users @> ARRAY[$1::bigint] AND g.user_id = $1), 0)::bigint"
+    f" FROM accounts a WHERE a.{_USER} AND a.owner_id = $1"
+)
 _EXTERNAL_ID = f"(SELECT account_id FROM accounts WHERE {_EXTERNAL})"
 
 
@@ -34,20 +39,28 @@ async def wallet(conn, user_id: int) -> asyncpg.Record:
     return row
 
 
-async def move(conn, kind: TransferKind, debit_sql: str, credit: int, amount_cents: int,
-               packet_id: int | None) -> tuple[int, int]:
+async def move(
+    conn, kind: TransferKind, debit_sql: str, credit: int, amount_cents: int, packet_id: int | None
+) -> tuple[int, int]:
     """One transfer and its two balance changes; returns the credited
     balance and the transfer id. debit_sql is an SQL expression of the
     debited account id (never user input)."""
     tid, debit = await conn.fetchrow(
         f"INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)"
         f" VALUES ($1, {debit_sql}, $2, $3, $4) RETURNING transfer_id, debit_account",
-        int(kind), credit, amount_cents, packet_id)
+        int(kind),
+        credit,
+        amount_cents,
+        packet_id,
+    )
     # In account-id order, like the grab batches, so no two transactions
     # ever wait on each other's rows in opposite orders.
     for account, delta in sorted([(debit, -amount_cents), (credit, amount_cents)]):
-        bal = await conn.fetchval("UPDATE accounts SET balance_cents = balance_cents + $2"
-                                  " WHERE account_id = $1 RETURNING balance_cents", account, delta)
+        bal = await conn.fetchval(
+            "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1 RETURNING balance_cents",
+            account,
+            delta,
+        )
         if account == credit:
             credited = bal
     return credited, tid
@@ -112,12 +125,19 @@ class Accounts:
             raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {row['balance_cents']} below {amount_cents}")
         tid = await conn.fetchval(
             "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)"
-            " VALUES ($1, $2, $3, $4) RETURNING transfer_id", int(TransferKind.WITHDRAW), row["account_id"],
-            external, amount_cents)
-        await conn.execute("UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1",
-                           external, amount_cents)
-        balance = await conn.fetchval("UPDATE accounts SET balance_cents = balance_cents - $2"
-                                      " WHERE account_id = $1 RETURNING balance_cents", row["account_id"],
-                                      amount_cents)
+            " VALUES ($1, $2, $3, $4) RETURNING transfer_id",
+            int(TransferKind.WITHDRAW),
+            row["account_id"],
+            external,
+            amount_cents,
+        )
+        await conn.execute(
+            "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1", external, amount_cents
+        )
+        balance = await conn.fetchval(
+            "UPDATE accounts SET balance_cents = balance_cents - $2 WHERE account_id = $1 RETURNING balance_cents",
+            row["account_id"],
+            amount_cents,
+        )
         assert balance == row["balance_cents"] - amount_cents >= 0
         return {"balance_cents": balance, "transfer_id": tid}

@@ -1,6 +1,7 @@
 """Groups: a chat app's group id and its members. A SEND to a group
 snapshots its members at send time (packets.py), so a later change touches
 no packet already sent."""
+
 from __future__ import annotations
 
 import asyncpg
@@ -27,8 +28,7 @@ async def _lock_group(conn, group_id: int) -> None:
 class Groups:
     pool: asyncpg.Pool
 
-    async def group_create(self, group_id: int, name: str, members: list[int],
-                           max_members: int) -> tuple[bool, int]:
+    async def group_create(self, group_id: int, name: str, members: list[int], max_members: int) -> tuple[bool, int]:
         """Creates the group with these members; returns (created, member
         count). An id that exists already is left as it is (created False),
         so a retry after a lost answer changes nothing."""
@@ -36,13 +36,19 @@ class Groups:
             async with conn.transaction():
                 if members:
                     await _check_registered(conn, members)
-                created = await conn.fetchval("INSERT INTO groups (group_id, name) VALUES ($1, $2)"
-                                              " ON CONFLICT DO NOTHING RETURNING true", group_id, name)
+                created = await conn.fetchval(
+                    "INSERT INTO groups (group_id, name) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
+                    group_id,
+                    name,
+                )
                 if created and members:
                     assert len(members) <= max_members
-                    await conn.execute("INSERT INTO group_members (group_id, user_id)"
-                                       " SELECT $1, u FROM unnest($2::bigint[]) AS u ON CONFLICT DO NOTHING",
-                                       group_id, members)
+                    await conn.execute(
+                        "INSERT INTO group_members (group_id, user_id)"
+                        " SELECT $1, u FROM unnest($2::bigint[]) AS u ON CONFLICT DO NOTHING",
+                        group_id,
+                        members,
+                    )
                 n = await conn.fetchval(_MEMBER_COUNT, group_id)
         return bool(created), n
 
@@ -56,7 +62,10 @@ class Groups:
                 added = await conn.fetchval(
                     "WITH ins AS (INSERT INTO group_members (group_id, user_id)"
                     " SELECT $1, u FROM unnest($2::bigint[]) AS u ON CONFLICT DO NOTHING RETURNING 1)"
-                    " SELECT count(*) FROM ins", group_id, user_ids)
+                    " SELECT count(*) FROM ins",
+                    group_id,
+                    user_ids,
+                )
                 n = await conn.fetchval(_MEMBER_COUNT, group_id)
                 if n > max_members:
                     raise Refused(Reason.INVALID, f"a group holds at most {max_members} members")
@@ -71,7 +80,10 @@ class Groups:
                 await _check_registered(conn, user_ids)
                 removed = await conn.fetchval(
                     "WITH del AS (DELETE FROM group_members WHERE group_id = $1 AND user_id = ANY($2::bigint[])"
-                    " RETURNING 1) SELECT count(*) FROM del", group_id, user_ids)
+                    " RETURNING 1) SELECT count(*) FROM del",
+                    group_id,
+                    user_ids,
+                )
                 n = await conn.fetchval(_MEMBER_COUNT, group_id)
         return removed, n
 
@@ -84,8 +96,15 @@ class Groups:
                 if name is None:
                     raise Refused(Reason.UNKNOWN_GROUP, f"unknown group {group_id}")
                 n = await conn.fetchval(_MEMBER_COUNT, group_id)
-                ids = [r[0] for r in await conn.fetch(
-                    "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id > $2"
-                    " ORDER BY user_id LIMIT $3", group_id, after, limit + 1)]
+                ids = [
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id > $2"
+                        " ORDER BY user_id LIMIT $3",
+                        group_id,
+                        after,
+                        limit + 1,
+                    )
+                ]
         page = ids[:limit]
         return name, n, page, (page[-1] if len(ids) > limit else 0)

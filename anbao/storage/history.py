@@ -1,5 +1,6 @@
 """History: a wallet's statement, a sender's packets, a grabber's shares.
 Pages go newest first, each with the cursor of the next page (0: no more)."""
+
 from __future__ import annotations
 
 import asyncpg
@@ -23,7 +24,8 @@ _STATEMENT = (
     " (SELECT transfer_id, kind, -amount_cents, packet_id, created_at FROM transfers"
     f"  WHERE debit_account = $1 AND kind IN ({TransferKind.WITHDRAW:d}, {TransferKind.SEND:d})"
     "  AND transfer_id < $2 ORDER BY transfer_id DESC LIMIT $3)) t"
-    " ORDER BY transfer_id DESC LIMIT $3")
+    " ORDER BY transfer_id DESC LIMIT $3"
+)
 _SENT = (
     # Counters from the claims, as PACKET shows them: a claim counts from
     # its acknowledgement, before its roll-up.
@@ -33,14 +35,16 @@ _SENT = (
     " (extract(epoch FROM created_at) * 1000)::bigint, (extract(epoch FROM expires_at) * 1000)::bigint"
     " FROM packets CROSS JOIN LATERAL (SELECT count(*)::int AS n, COALESCE(sum(amount_cents), 0)::bigint"
     " AS s FROM anbao_claims_of(packets.packet_id)) c"
-    " WHERE sender_id = $2 AND packet_id < $3 ORDER BY packet_id DESC LIMIT $4")
+    " WHERE sender_id = $2 AND packet_id < $3 ORDER BY packet_id DESC LIMIT $4"
+)
 _RECEIVED = (
     "SELECT t.transfer_id, t.packet_id, p.sender_id, c.seq, t.amount_cents, c.created_at"
     " FROM transfers t"
     " JOIN claims c ON c.packet_id = t.packet_id AND c.user_id = $4"
     " JOIN packets p ON p.packet_id = t.packet_id"
     f" WHERE t.credit_account = $1 AND t.kind = {TransferKind.GRAB:d} AND t.transfer_id < $2"
-    " ORDER BY t.transfer_id DESC LIMIT $3")
+    " ORDER BY t.transfer_id DESC LIMIT $3"
+)
 
 
 def _ms(ts) -> int:

@@ -6,12 +6,13 @@ Reason and message), never wire bytes: the server encodes it afresh on
 every reply, so a change of the protocol does not change what an old key
 replays. Migration 0004 converted the rows stored as wire bytes before.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import asyncpg
 
@@ -30,6 +31,7 @@ class StoredAnswer:
     """value: the first run's answer (None if it was refused); refusal and
     message: why it was refused (None and "" if it was not); replayed: this
     call read a stored answer instead of running the body."""
+
     value: dict | None
     refusal: Reason | None
     message: str
@@ -39,8 +41,9 @@ class StoredAnswer:
 class Idempotency:
     pool: asyncpg.Pool
 
-    async def idempotent(self, key: bytes, operation: Operation, fields: tuple,
-                         body: Callable[[asyncpg.Connection], Awaitable[dict]]) -> StoredAnswer:
+    async def idempotent(
+        self, key: bytes, operation: Operation, fields: tuple, body: Callable[[asyncpg.Connection], Awaitable[dict]]
+    ) -> StoredAnswer:
         """Runs body(conn) -> {name: int} at most once per key.
 
         The key is claimed by INSERT under its primary key: a concurrent
@@ -55,14 +58,19 @@ class Idempotency:
             async with conn.transaction():
                 claimed = await conn.fetchval(
                     "INSERT INTO idempotency_keys (key, operation, request_hash) VALUES ($1, $2, $3)"
-                    " ON CONFLICT DO NOTHING RETURNING true", key, int(operation), digest)
+                    " ON CONFLICT DO NOTHING RETURNING true",
+                    key,
+                    int(operation),
+                    digest,
+                )
                 if not claimed:
-                    row = await conn.fetchrow("SELECT operation, request_hash, answer, refusal, message"
-                                              " FROM idempotency_keys WHERE key = $1", key)
+                    row = await conn.fetchrow(
+                        "SELECT operation, request_hash, answer, refusal, message FROM idempotency_keys WHERE key = $1",
+                        key,
+                    )
                     assert row is not None and (row["answer"] is None) != (row["refusal"] is None)
                     if row["operation"] != operation or row["request_hash"] != digest:
-                        raise Refused(Reason.IDEMPOTENCY_CONFLICT,
-                                      "idempotency key reused with different parameters")
+                        raise Refused(Reason.IDEMPOTENCY_CONFLICT, "idempotency key reused with different parameters")
                     if row["refusal"] is not None:
                         return StoredAnswer(None, Reason[row["refusal"]], row["message"], True)
                     return StoredAnswer(json.loads(row["answer"]), None, "", True)
@@ -72,10 +80,15 @@ class Idempotency:
                     async with conn.transaction():
                         value = await body(conn)
                 except Refused as refusal:
-                    await conn.execute("UPDATE idempotency_keys SET refusal = $2, message = $3 WHERE key = $1",
-                                       key, refusal.reason.name, str(refusal))
+                    await conn.execute(
+                        "UPDATE idempotency_keys SET refusal = $2, message = $3 WHERE key = $1",
+                        key,
+                        refusal.reason.name,
+                        str(refusal),
+                    )
                     return StoredAnswer(None, refusal.reason, str(refusal), False)
                 assert value and all(type(v) is int for v in value.values()), value
-                await conn.execute("UPDATE idempotency_keys SET answer = $2::jsonb WHERE key = $1",
-                                   key, json.dumps(value))
+                await conn.execute(
+                    "UPDATE idempotency_keys SET answer = $2::jsonb WHERE key = $1", key, json.dumps(value)
+                )
                 return StoredAnswer(dict(value), None, "", False)

@@ -12,6 +12,7 @@ commit.py.) Nothing here keeps state between calls; the server's in-memory
 packet states are rebuilt from these tables (load_packet) whenever they are
 missing. Storage speaks its own types (domain.py), never the wire's.
 """
+
 from __future__ import annotations
 
 import asyncpg
@@ -31,7 +32,7 @@ class Ledger(Idempotency, Accounts, Packets, History, Groups):
         self.pool = pool
 
     @classmethod
-    async def open(cls, dsn: str, pool_size: int) -> "Ledger":
+    async def open(cls, dsn: str, pool_size: int) -> Ledger:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
         return cls(pool)
 

@@ -2,6 +2,7 @@
 an owner rebuilds a packet from, what PACKET shows, and which packets have
 expired. Claims are written by the grab commit and the roll-up
 (commit.py), refunds by anbao_refund_packets (migration 0003)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,11 +16,14 @@ from .domain import AccountKind, Audience, PacketRecord, PacketStatus, Reason, R
 # What a reader is shown as the status: an open packet past its expiry is
 # "expired" until its refund commits; $1 is the server's clock in ms, the
 # clock GRAB decides expiry by.
-SHOWN_STATUS = (f"CASE WHEN status = {PacketStatus.OPEN:d} AND expires_at <= to_timestamp($1::float8 / 1000)"
-                f" THEN {PacketStatus.EXPIRED:d} ELSE status END")
+SHOWN_STATUS = (
+    f"CASE WHEN status = {PacketStatus.OPEN:d} AND expires_at <= to_timestamp($1::float8 / 1000)"
+    f" THEN {PacketStatus.EXPIRED:d} ELSE status END"
+)
 
-_SENDER = (f"SELECT account_id, balance_cents FROM accounts WHERE kind = {AccountKind.USER:d} AND owner_id = $1"
-           " FOR UPDATE")
+_SENDER = (
+    f"SELECT account_id, balance_cents FROM accounts WHERE kind = {AccountKind.USER:d} AND owner_id = $1 FOR UPDATE"
+)
 _ESCROW = f"INSERT INTO accounts (kind, owner_id) VALUES ({AccountKind.ESCROW:d}, $1) RETURNING account_id"
 _PACKET_INFO = (
     "WITH c AS MATERIALIZED (SELECT seq, user_id, amount_cents FROM anbao_claims_of($2))"
@@ -31,21 +35,35 @@ _PACKET_INFO = (
     " (SELECT seq FROM c ORDER BY amount_cents DESC, seq LIMIT 1) AS luckiest,"
     " (SELECT array_agg(ARRAY[pg.seq, pg.user_id, pg.amount_cents] ORDER BY pg.seq)"
     "  FROM (SELECT * FROM c ORDER BY seq OFFSET $3 LIMIT $4) pg) AS page"
-    " FROM packets WHERE packet_id = $2")
+    " FROM packets WHERE packet_id = $2"
+)
 # Open, or expired and not refunded yet: the rows of the partial index
 # packets_open_by_expiry (migration 0002), whose predicate this repeats.
-_EXPIRED = (f"SELECT packet_id FROM packets WHERE status IN ({PacketStatus.OPEN:d}, {PacketStatus.EXPIRED:d})"
-            " AND expires_at <= to_timestamp($1::float8 / 1000)"
-            " AND (packet_id & $3) = ANY($4::bigint[])"
-            " ORDER BY expires_at LIMIT $2")
+_EXPIRED = (
+    f"SELECT packet_id FROM packets WHERE status IN ({PacketStatus.OPEN:d}, {PacketStatus.EXPIRED:d})"
+    " AND expires_at <= to_timestamp($1::float8 / 1000)"
+    " AND (packet_id & $3) = ANY($4::bigint[])"
+    " ORDER BY expires_at LIMIT $2"
+)
 
 
 class Packets:
     pool: asyncpg.Pool
 
-    async def send(self, conn, packet_id_of: Callable[[int], int], sender_id: int, total_cents: int, count: int,
-                   mode: int, min_share_cents: int, expires_at_ms: int, audience: int, members: list[int],
-                   greeting: str) -> tuple[PacketRecord, int]:
+    async def send(
+        self,
+        conn,
+        packet_id_of: Callable[[int], int],
+        sender_id: int,
+        total_cents: int,
+        count: int,
+        mode: int,
+        min_share_cents: int,
+        expires_at_ms: int,
+        audience: int,
+        members: list[int],
+        greeting: str,
+    ) -> tuple[PacketRecord, int]:
         """sender -> new escrow, and the packet row, in the caller's
         transaction (see idempotent). The packet's id is packet_id_of(a new
         value of packet_seq): the caller composes it (anbao_client.routing
@@ -66,11 +84,18 @@ class Packets:
             # UPDATE) lands wholly before or wholly after this snapshot.
             if await conn.fetchval("SELECT 1 FROM groups WHERE group_id = $1 FOR SHARE", group_id) is None:
                 raise Refused(Reason.UNKNOWN_GROUP, f"unknown group {group_id}")
-            members = [r[0] for r in await conn.fetch(
-                "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id <> $2", group_id, sender_id)]
+            members = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id <> $2", group_id, sender_id
+                )
+            ]
             if count > len(members):
-                raise Refused(Reason.INVALID, f"{count} shares for {len(members)} group members besides the"
-                                              " sender: the packet could never sell out")
+                raise Refused(
+                    Reason.INVALID,
+                    f"{count} shares for {len(members)} group members besides the"
+                    " sender: the packet could never sell out",
+                )
         elif members:
             found = await conn.fetchval(COUNT_REGISTERED, members)
             if found != len(members):
@@ -81,14 +106,35 @@ class Packets:
             "INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count, mode,"
             " min_share_cents, audience, greeting, expires_at, group_id)"
             " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::float8 / 1000), $11)",
-            packet_id, sender_id, escrow, total_cents, count, int(mode), min_share_cents, int(audience), greeting,
-            expires_at_ms, group_id)
+            packet_id,
+            sender_id,
+            escrow,
+            total_cents,
+            count,
+            int(mode),
+            min_share_cents,
+            int(audience),
+            greeting,
+            expires_at_ms,
+            group_id,
+        )
         if members:
-            await conn.execute("INSERT INTO packet_members (packet_id, user_id) SELECT $1, unnest($2::bigint[])",
-                               packet_id, members)
+            await conn.execute(
+                "INSERT INTO packet_members (packet_id, user_id) SELECT $1, unnest($2::bigint[])", packet_id, members
+            )
         await move(conn, TransferKind.SEND, str(int(sender["account_id"])), escrow, total_cents, packet_id)
-        record = PacketRecord(packet_id, sender_id, total_cents, count, mode, min_share_cents, expires_at_ms,
-                              None if audience == Audience.OPEN else members, [], False)
+        record = PacketRecord(
+            packet_id,
+            sender_id,
+            total_cents,
+            count,
+            mode,
+            min_share_cents,
+            expires_at_ms,
+            None if audience == Audience.OPEN else members,
+            [],
+            False,
+        )
         return record, sender["balance_cents"] - total_cents
 
     async def load_packet(self, packet_id: int) -> PacketRecord | None:
@@ -98,17 +144,28 @@ class Packets:
             p = await conn.fetchrow(
                 "SELECT sender_id, total_cents, share_count, mode, min_share_cents, audience, status,"
                 " (extract(epoch FROM expires_at) * 1000)::bigint AS expires_at_ms FROM packets WHERE packet_id = $1",
-                packet_id)
+                packet_id,
+            )
             if p is None:
                 return None
             claims = await conn.fetch("SELECT user_id, seq, amount_cents FROM anbao_claims_of($1)", packet_id)
             members = None
             if p["audience"] != Audience.OPEN:
-                members = [r[0] for r in await conn.fetch(
-                    "SELECT user_id FROM packet_members WHERE packet_id = $1", packet_id)]
-        return PacketRecord(packet_id, p["sender_id"], p["total_cents"], p["share_count"], p["mode"],
-                            p["min_share_cents"], p["expires_at_ms"], members, [tuple(c) for c in claims],
-                            p["status"] == PacketStatus.REFUNDED)
+                members = [
+                    r[0] for r in await conn.fetch("SELECT user_id FROM packet_members WHERE packet_id = $1", packet_id)
+                ]
+        return PacketRecord(
+            packet_id,
+            p["sender_id"],
+            p["total_cents"],
+            p["share_count"],
+            p["mode"],
+            p["min_share_cents"],
+            p["expires_at_ms"],
+            members,
+            [tuple(c) for c in claims],
+            p["status"] == PacketStatus.REFUNDED,
+        )
 
     async def packet_info(self, packet_id: int, offset: int, limit: int):
         """The packet as its claims show it, or None: ((sender_id,
@@ -130,8 +187,20 @@ class Packets:
         # out, or refunded after expiry.
         final = status in (PacketStatus.SOLD_OUT, PacketStatus.REFUNDED)
         luckiest = p["luckiest"] if final and claimed_count else 0
-        head = (p["sender_id"], p["total_cents"], p["share_count"], p["mode"], int(status), p["audience"],
-                p["created_ms"], p["expires_ms"], p["claimed_cents"], claimed_count, p["refunded_cents"], luckiest)
+        head = (
+            p["sender_id"],
+            p["total_cents"],
+            p["share_count"],
+            p["mode"],
+            int(status),
+            p["audience"],
+            p["created_ms"],
+            p["expires_ms"],
+            p["claimed_cents"],
+            claimed_count,
+            p["refunded_cents"],
+            luckiest,
+        )
         return head, p["greeting"], [(int(r[0]), r[1], r[2]) for r in (p["page"] or [])]
 
     async def expired_packets(self, at_ms: int, limit: int, shard_mask: int, shards: list[int]) -> list[int]:
