@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from anbao_client.routing import owner_of
+from anbao_client.routing import SHARD_COUNT, owner_of, shards_of
 
-from ..storage.ledger import Ledger, now_ms
+from ..clock import now_ms
+from ..storage.ledger import Ledger
 from .grabs import GrabEngine
 
 log = logging.getLogger("anbao.expiry")
@@ -51,7 +52,8 @@ class ExpirySweeper:
         """One pass: refunds the expired packets this worker owns; returns
         how many it settled (refunded now or found refunded already)."""
         self.sweeps += 1
-        expired = await self.ledger.expired_packets(now_ms(), self.batch_limit, self.worker_id, self.worker_count)
+        expired = await self.ledger.expired_packets(now_ms(), self.batch_limit, SHARD_COUNT - 1,
+                                                    shards_of(self.worker_id, self.worker_count))
         mine = [pid for pid in expired if owner_of(pid, self.worker_count) == self.worker_id]
         if not mine:
             return 0

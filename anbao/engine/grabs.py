@@ -24,6 +24,7 @@ import time
 from anbao_client.protocol import Op, Status
 from ..core import codec, packets, shares
 from ..storage.commit import GrabCommitter, Roller
+from ..storage.domain import PacketRecord
 from ..storage.ledger import Ledger
 
 log = logging.getLogger("anbao.grabs")
@@ -43,6 +44,13 @@ class Replier:
 
 
 Batch = packets.GrabBatch
+
+
+def packet_state(record: PacketRecord) -> packets.PacketState:
+    """The in-memory state of a packet, from its durable record."""
+    return packets.PacketState(record.packet_id, record.sender_id, record.total_cents, record.count, record.mode,
+                               record.min_share_cents, record.expires_at_ms, record.eligible, record.claims,
+                               record.closed)
 
 
 class GrabEngine:
@@ -150,7 +158,8 @@ class GrabEngine:
 
     async def _load(self, packet_id: int) -> None:
         try:
-            state = await self.ledger.load_packet(packet_id)
+            record = await self.ledger.load_packet(packet_id)
+            state = None if record is None else packet_state(record)
         except Exception as exc:  # the database is the truth; without it, nobody is served
             log.warning("loading packet %d failed: %r", packet_id, exc)
             for replier, rid, _ in self._loading.pop(packet_id, []):

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 from anbao_client.protocol import MESSAGES, Op, Scope, Status
 
 from ..core import codec
-from ..storage.ledger import Refused as StorageRefused
+from ..storage.domain import Refused as StorageRefused
 from . import dbhealth
 from .dbhealth import DbHealth
 from .ops import FROM_MEMORY, HANDLERS, Context, Refused
@@ -55,8 +55,10 @@ class Dispatcher:
             frame = await handler(self.ctx, rid, *args)
             if opcode not in FROM_MEMORY:
                 self.db.succeeded()
-        except (Refused, StorageRefused) as exc:
+        except Refused as exc:
             frame = codec.encode_error(opcode, rid, exc.status, self.wid, str(exc))
+        except StorageRefused as exc:  # storage's reason: the wire status of the same name
+            frame = codec.encode_error(opcode, rid, Status[exc.reason.name], self.wid, str(exc))
         except Exception as exc:
             frame = self._database_error(opcode, rid, exc)
         conn.answer(frame)

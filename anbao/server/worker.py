@@ -77,7 +77,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         lim = self.limits
         await migrate(self.dsn)
-        self.ledger = await Ledger.open(self.dsn, self.settings.set_id, lim.db_pool_size)
+        self.ledger = await Ledger.open(self.dsn, lim.db_pool_size)
         committer = GrabCommitter(self.dsn, self.worker_id, lim.commit_slots, lim.commit_resolve_timeout_ms)
         self.roller = Roller(self.dsn, self.worker_id, self.worker_count, lim.rollup_batches_per_pass,
                              lim.rollup_idle_poll_ms, lim.rollup_defer_below_grabs, lim.rollup_defer_max_ms,

@@ -1,4 +1,5 @@
-"""The audit: recomputes every money invariant of DESIGN.md from the tables.
+"""The audit: recomputes the money invariants of docs/ARCHITECTURE.md (I1-I5, I13 and
+the refund half of I14) from the tables.
 
 A committed grab is first an element of its batch's grab_rollups row, and
 only later (the roll-up) a claim row, a transfer and balance changes;
@@ -17,33 +18,47 @@ flight), and holds refunds back while its database is away. A packet past
 expiry by more than the grace and still not refunded is a violation; with a
 grace of 0 (after the refunds are known to be done) every one is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import asyncpg
 
+from .domain import AccountKind as A
+from .domain import Audience
+from .domain import PacketStatus as P
+from .domain import TransferKind as T
+
 CHECKS: list[tuple[str, str]] = [
-    ("balance equals the sum of its transfers",
-     """SELECT a.account_id, a.kind, a.owner_id, a.balance_cents,
+    (
+        "balance equals the sum of its transfers",
+        """SELECT a.account_id, a.kind, a.owner_id, a.balance_cents,
                COALESCE(c.s, 0) - COALESCE(d.s, 0) AS from_transfers
         FROM accounts a
         LEFT JOIN (SELECT credit_account AS id, sum(amount_cents) AS s FROM transfers GROUP BY 1) c
                ON c.id = a.account_id
         LEFT JOIN (SELECT debit_account AS id, sum(amount_cents) AS s FROM transfers GROUP BY 1) d
                ON d.id = a.account_id
-        WHERE a.balance_cents <> COALESCE(c.s, 0) - COALESCE(d.s, 0)"""),
-    ("no wallet or escrow below zero",
-     "SELECT account_id, kind, owner_id, balance_cents FROM accounts WHERE kind <> 0 AND balance_cents < 0"),
-    ("all balances sum to deposits minus withdrawals",
-     """SELECT inside, deposits - withdrawals AS expected FROM (
-          SELECT (SELECT COALESCE(sum(balance_cents), 0) FROM accounts WHERE kind <> 0) AS inside,
-                 (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = 1) AS deposits,
-                 (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = 2) AS withdrawals) t
+        WHERE a.balance_cents <> COALESCE(c.s, 0) - COALESCE(d.s, 0)""",
+    ),
+    (
+        "no wallet or escrow below zero",
+        "SELECT account_id, kind, owner_id, balance_cents FROM accounts"
+        f" WHERE kind <> {A.EXTERNAL:d} AND balance_cents < 0",
+    ),
+    (
+        "all balances sum to deposits minus withdrawals",
+        f"""SELECT inside, deposits - withdrawals AS expected FROM (
+          SELECT (SELECT COALESCE(sum(balance_cents), 0) FROM accounts WHERE kind <> {A.EXTERNAL:d}) AS inside,
+                 (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = {T.DEPOSIT:d}) AS deposits,
+                 (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = {T.WITHDRAW:d}) AS withdrawals) t
         WHERE inside <> deposits - withdrawals
-           OR (SELECT sum(balance_cents) FROM accounts) <> 0"""),
-    ("packet counters equal its rolled-up claims; all its claims never above its count, numbered 1..n",
-     """SELECT p.packet_id, p.share_count, p.claimed_count, p.claimed_cents, r.n AS rolled_n, r.s AS rolled_s,
+           OR (SELECT sum(balance_cents) FROM accounts) <> 0""",
+    ),
+    (
+        "packet counters equal its rolled-up claims; all its claims never above its count, numbered 1..n",
+        """SELECT p.packet_id, p.share_count, p.claimed_count, p.claimed_cents, r.n AS rolled_n, r.s AS rolled_s,
                a.n AS all_n, a.max_seq
         FROM packets p
         LEFT JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM claims GROUP BY 1) r
@@ -51,78 +66,103 @@ CHECKS: list[tuple[str, str]] = [
         LEFT JOIN (SELECT packet_id, count(*) AS n, max(seq) AS max_seq FROM claims_all GROUP BY 1) a
                ON a.packet_id = p.packet_id
         WHERE p.claimed_count <> COALESCE(r.n, 0) OR p.claimed_cents <> COALESCE(r.s, 0)
-           OR COALESCE(a.n, 0) > p.share_count OR COALESCE(a.max_seq, 0) <> COALESCE(a.n, 0)"""),
-    ("no claim is both rolled up and waiting for its roll-up",
-     """SELECT c.packet_id, c.seq, c.batch_id, r.batch_id AS pending_batch
+           OR COALESCE(a.n, 0) > p.share_count OR COALESCE(a.max_seq, 0) <> COALESCE(a.n, 0)""",
+    ),
+    (
+        "no claim is both rolled up and waiting for its roll-up",
+        """SELECT c.packet_id, c.seq, c.batch_id, r.batch_id AS pending_batch
         FROM grab_rollups r
         CROSS JOIN LATERAL unnest(r.packets, r.seqs) AS g(packet_id, seq)
-        JOIN claims c ON c.packet_id = g.packet_id AND c.seq = g.seq"""),
-    ("escrow holds exactly total - claimed - refunded",
-     """SELECT p.packet_id, p.total_cents, p.claimed_cents, p.refunded_cents, a.balance_cents
+        JOIN claims c ON c.packet_id = g.packet_id AND c.seq = g.seq""",
+    ),
+    (
+        "escrow holds exactly total - claimed - refunded",
+        """SELECT p.packet_id, p.total_cents, p.claimed_cents, p.refunded_cents, a.balance_cents
         FROM packets p JOIN accounts a ON a.account_id = p.escrow_account_id
-        WHERE a.balance_cents <> p.total_cents - p.claimed_cents - p.refunded_cents"""),
-    ("a sold-out packet gave out its whole total; a refunded one claimed + refunded = total",
-     """SELECT packet_id, status, total_cents, claimed_cents, refunded_cents FROM packets
+        WHERE a.balance_cents <> p.total_cents - p.claimed_cents - p.refunded_cents""",
+    ),
+    (
+        "a sold-out packet gave out its whole total; a refunded one claimed + refunded = total",
+        f"""SELECT packet_id, status, total_cents, claimed_cents, refunded_cents FROM packets
         WHERE (claimed_count = share_count AND claimed_cents + refunded_cents <> total_cents)
-           OR (status = 3 AND claimed_cents + refunded_cents <> total_cents)
-           OR (status = 1 AND claimed_count <> share_count)"""),
-    ("every share at least the minimum, and the sender funded the escrow exactly once",
-     """SELECT p.packet_id, 'share below minimum' AS what FROM packets p JOIN claims_all c USING (packet_id)
+           OR (status = {P.REFUNDED:d} AND claimed_cents + refunded_cents <> total_cents)
+           OR (status = {P.SOLD_OUT:d} AND claimed_count <> share_count)""",
+    ),
+    (
+        "every share at least the minimum, and the sender funded the escrow exactly once",
+        f"""SELECT p.packet_id, 'share below minimum' AS what FROM packets p JOIN claims_all c USING (packet_id)
         WHERE c.amount_cents < p.min_share_cents
         UNION ALL
         SELECT p.packet_id, 'send transfers: ' || COALESCE(t.n, 0) FROM packets p
-        LEFT JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 3
+        LEFT JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = {T.SEND:d}
                    GROUP BY 1) t ON t.packet_id = p.packet_id
-        WHERE COALESCE(t.n, 0) <> 1 OR t.s <> p.total_cents"""),
-    ("grab transfers match the rolled-up claims one for one",
-     """SELECT c.packet_id, c.n, c.s, t.n AS transfers, t.s AS transferred FROM
+        WHERE COALESCE(t.n, 0) <> 1 OR t.s <> p.total_cents""",
+    ),
+    (
+        "grab transfers match the rolled-up claims one for one",
+        f"""SELECT c.packet_id, c.n, c.s, t.n AS transfers, t.s AS transferred FROM
           (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM claims GROUP BY 1) c
-        FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 4
+        FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = {T.GRAB:d}
                    GROUP BY 1) t ON t.packet_id = c.packet_id
-        WHERE c.n IS DISTINCT FROM t.n OR c.s IS DISTINCT FROM t.s"""),
-    ("every expired packet refunded (after the grace)",
-     """SELECT packet_id, status, expires_at, total_cents - claimed_cents - refunded_cents AS unrefunded_cents
+        WHERE c.n IS DISTINCT FROM t.n OR c.s IS DISTINCT FROM t.s""",
+    ),
+    (
+        "every expired packet refunded (after the grace)",
+        f"""SELECT packet_id, status, expires_at, total_cents - claimed_cents - refunded_cents AS unrefunded_cents
         FROM packets
-        WHERE status IN (0, 2) AND expires_at < now() - make_interval(secs => :grace_ms / 1000.0)"""),
-    ("a refunded packet has exactly one refund, of its remainder, to its sender",
-     """SELECT COALESCE(p.packet_id, t.packet_id) AS packet_id, p.status, p.refunded_cents, t.n, t.s
+        WHERE status IN ({P.OPEN:d}, {P.EXPIRED:d})
+          AND expires_at < now() - make_interval(secs => :grace_ms / 1000.0)""",
+    ),
+    (
+        "a refunded packet has exactly one refund, of its remainder, to its sender",
+        f"""SELECT COALESCE(p.packet_id, t.packet_id) AS packet_id, p.status, p.refunded_cents, t.n, t.s
         FROM packets p
-        FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = 5
+        FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = {T.REFUND:d}
                    GROUP BY 1) t ON t.packet_id = p.packet_id
         WHERE p.packet_id IS NULL OR COALESCE(t.s, 0) <> p.refunded_cents
-           OR (p.status = 3) <> (COALESCE(t.n, 0) = 1) OR COALESCE(t.n, 0) > 1"""),
-    ("every transfer moves between the accounts its kind allows",
-     """SELECT t.transfer_id, t.kind, t.packet_id, d.kind AS debit_kind, c.kind AS credit_kind
+           OR (p.status = {P.REFUNDED:d}) <> (COALESCE(t.n, 0) = 1) OR COALESCE(t.n, 0) > 1""",
+    ),
+    (
+        "every transfer moves between the accounts its kind allows",
+        f"""SELECT t.transfer_id, t.kind, t.packet_id, d.kind AS debit_kind, c.kind AS credit_kind
         FROM transfers t
         LEFT JOIN accounts d ON d.account_id = t.debit_account   -- no foreign keys: a dangling id shows here
         LEFT JOIN accounts c ON c.account_id = t.credit_account
         LEFT JOIN packets p ON p.packet_id = t.packet_id
-        WHERE ((t.kind = 1 AND d.kind = 0 AND c.kind = 1 AND t.packet_id IS NULL)       -- deposit
-            OR (t.kind = 2 AND d.kind = 1 AND c.kind = 0 AND t.packet_id IS NULL)       -- withdraw
-            OR (t.kind = 3 AND d.kind = 1 AND d.owner_id = p.sender_id
-                           AND c.account_id = p.escrow_account_id)                      -- send
-            OR (t.kind = 4 AND d.account_id = p.escrow_account_id AND c.kind = 1)       -- grab
-            OR (t.kind = 5 AND d.account_id = p.escrow_account_id AND c.kind = 1
-                           AND c.owner_id = p.sender_id)) IS NOT TRUE"""),
-    ("every idempotency key holds its answer",
-     "SELECT encode(key, 'hex') AS key, opcode FROM idempotency_keys WHERE status IS NULL OR response IS NULL"),
-    ("no user claims a packet twice",
-     "SELECT packet_id, user_id, count(*) FROM claims_all GROUP BY 1, 2 HAVING count(*) > 1"),
-    ("only eligible users claimed",
-     """SELECT c.packet_id, c.user_id FROM claims_all c JOIN packets p USING (packet_id)
-        WHERE (p.audience <> 0 AND NOT EXISTS (SELECT 1 FROM packet_members m
+        WHERE ((t.kind = {T.DEPOSIT:d} AND d.kind = {A.EXTERNAL:d} AND c.kind = {A.USER:d} AND t.packet_id IS NULL)
+            OR (t.kind = {T.WITHDRAW:d} AND d.kind = {A.USER:d} AND c.kind = {A.EXTERNAL:d} AND t.packet_id IS NULL)
+            OR (t.kind = {T.SEND:d} AND d.kind = {A.USER:d} AND d.owner_id = p.sender_id
+                           AND c.account_id = p.escrow_account_id)
+            OR (t.kind = {T.GRAB:d} AND d.account_id = p.escrow_account_id AND c.kind = {A.USER:d})
+            OR (t.kind = {T.REFUND:d} AND d.account_id = p.escrow_account_id AND c.kind = {A.USER:d}
+                           AND c.owner_id = p.sender_id)) IS NOT TRUE""",
+    ),
+    (
+        "every idempotency key holds its answer",
+        "SELECT encode(key, 'hex') AS key, operation FROM idempotency_keys WHERE answer IS NULL AND refusal IS NULL",
+    ),
+    (
+        "no user claims a packet twice",
+        "SELECT packet_id, user_id, count(*) FROM claims_all GROUP BY 1, 2 HAVING count(*) > 1",
+    ),
+    (
+        "only eligible users claimed",
+        f"""SELECT c.packet_id, c.user_id FROM claims_all c JOIN packets p USING (packet_id)
+        WHERE (p.audience <> {Audience.OPEN:d} AND NOT EXISTS (SELECT 1 FROM packet_members m
                                                WHERE m.packet_id = c.packet_id AND m.user_id = c.user_id))
-           OR c.user_id = p.sender_id"""),
+           OR c.user_id = p.sender_id""",
+    ),
 ]
 
 
 MAX_ROWS_SHOWN = 20
+_MOVED_CENTS = "SELECT COALESCE(sum(amount_cents), 0)::bigint FROM transfers WHERE kind = {kind:d}"
 
 
 @dataclass
 class AuditReport:
     counts: dict = field(default_factory=dict)
-    violations: dict = field(default_factory=dict)   # check name -> offending rows (first 20)
+    violations: dict = field(default_factory=dict)  # check name -> offending rows (first 20)
     refund_grace_ms: int = 0
 
     @property
@@ -134,8 +174,11 @@ class AuditReport:
         return [name for name, _ in CHECKS]
 
     def text(self) -> str:
-        lines = ["anbao audit: " + ("OK" if self.ok else f"{len(self.violations)} invariant(s) VIOLATED")
-                 + f" ({len(CHECKS)} checks, refund grace {self.refund_grace_ms / 1000:g} s)"]
+        lines = [
+            "anbao audit: "
+            + ("OK" if self.ok else f"{len(self.violations)} invariant(s) VIOLATED")
+            + f" ({len(CHECKS)} checks, refund grace {self.refund_grace_ms / 1000:g} s)"
+        ]
         lines += [f"  {k:>22}: {v}" for k, v in self.counts.items()]
         for name, _ in CHECKS:
             mark = "FAIL" if name in self.violations else "ok"
@@ -145,14 +188,20 @@ class AuditReport:
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"ok": self.ok, "counts": self.counts, "violations": self.violations,
-                "checks": self.check_names, "refund_grace_ms": self.refund_grace_ms}
+        return {
+            "ok": self.ok,
+            "counts": self.counts,
+            "violations": self.violations,
+            "checks": self.check_names,
+            "refund_grace_ms": self.refund_grace_ms,
+        }
 
 
 async def audit(dsn: str, refund_grace_ms: int | None = None) -> AuditReport:
     """Runs every check; refund_grace_ms defaults to Limits().refund_grace_ms."""
     if refund_grace_ms is None:
         from ..config import Limits
+
         refund_grace_ms = Limits().refund_grace_ms
     assert refund_grace_ms >= 0
     conn = await asyncpg.connect(dsn)
@@ -161,17 +210,18 @@ async def audit(dsn: str, refund_grace_ms: int | None = None) -> AuditReport:
         # One snapshot for every check, so a live server cannot make two
         # checks disagree with each other.
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            for name, sql in [("accounts", "SELECT count(*) FROM accounts WHERE kind = 1"),
-                              ("packets", "SELECT count(*) FROM packets"),
-                              ("claims", "SELECT count(*) FROM claims_all"),
-                              ("claims_awaiting_rollup",
-                               "SELECT COALESCE(sum(cardinality(packets)), 0)::bigint FROM grab_rollups"),
-                              ("transfers", "SELECT count(*) FROM transfers"),
-                              ("deposited_cents", "SELECT COALESCE(sum(amount_cents), 0)::bigint FROM transfers WHERE kind = 1"),
-                              ("withdrawn_cents", "SELECT COALESCE(sum(amount_cents), 0)::bigint FROM transfers WHERE kind = 2"),
-                              ("refunded_packets", "SELECT count(*) FROM packets WHERE status = 3"),
-                              ("refunded_cents", "SELECT COALESCE(sum(refunded_cents), 0)::bigint FROM packets"),
-                              ("groups", "SELECT count(*) FROM groups")]:
+            for name, sql in [
+                ("accounts", f"SELECT count(*) FROM accounts WHERE kind = {A.USER:d}"),
+                ("packets", "SELECT count(*) FROM packets"),
+                ("claims", "SELECT count(*) FROM claims_all"),
+                ("claims_awaiting_rollup", "SELECT COALESCE(sum(cardinality(packets)), 0)::bigint FROM grab_rollups"),
+                ("transfers", "SELECT count(*) FROM transfers"),
+                ("deposited_cents", _MOVED_CENTS.format(kind=T.DEPOSIT)),
+                ("withdrawn_cents", _MOVED_CENTS.format(kind=T.WITHDRAW)),
+                ("refunded_packets", f"SELECT count(*) FROM packets WHERE status = {P.REFUNDED:d}"),
+                ("refunded_cents", "SELECT COALESCE(sum(refunded_cents), 0)::bigint FROM packets"),
+                ("groups", "SELECT count(*) FROM groups"),
+            ]:
                 report.counts[name] = await conn.fetchval(sql)
             for name, sql in CHECKS:
                 sql = sql.replace(":grace_ms", str(int(refund_grace_ms)))

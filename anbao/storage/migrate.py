@@ -1,4 +1,5 @@
 """Versioned SQL migrations, applied in order at start-up and by `anbao migrate`."""
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,10 @@ async def migrate(dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", LOCK_KEY)
-        await conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations ("
-                           " version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
         done = {r[0] for r in await conn.fetch("SELECT version FROM schema_migrations")}
         version = max(done, default=0)
         for v, path in migrations():

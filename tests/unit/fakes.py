@@ -10,6 +10,7 @@ import itertools
 
 from anbao_client.protocol import Mode
 from anbao.core import packets as core_packets
+from anbao.storage.domain import PacketRecord
 from anbao_client import wire
 
 HOUR_MS = 3_600_000
@@ -122,7 +123,11 @@ class FakeLedger:
         spec = self.packets.get(packet_id)
         if spec is None:
             return None
-        return packet(packet_id, claims=self.committer.claims_of(packet_id), **spec)
+        state = packet(packet_id, claims=self.committer.claims_of(packet_id), **spec)
+        # What storage hands back: the record the engine builds the state from.
+        return PacketRecord(packet_id, state.sender_id, state.total_cents, state.count, state.mode,
+                            state.min_cents, state.expires_at_ms, spec.get("eligible"),
+                            self.committer.claims_of(packet_id), False)
 
     async def known_users(self, user_ids):
         return self.users & set(user_ids)

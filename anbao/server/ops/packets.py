@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from anbao_client import protocol
 from anbao_client.protocol import Audience, Mode, Op, Status
-from anbao_client.routing import owner_of
+from anbao_client.routing import make_packet_id, owner_of
 
-from ...core import packets
-from ...storage.ledger import now_ms
+from ...clock import now_ms
+from ...engine.grabs import packet_state
+from ...storage.domain import Operation
 from .. import answers
 from .accounts import reply_stored
 from .base import Context, Refused, page_limit
@@ -64,23 +65,23 @@ async def send(ctx: Context, rid: int, key: bytes, sender: int, total: int, coun
     shard = ctx.next_shard()
     await ctx.ledger.settle(sender)
 
-    async def body(conn) -> bytes:
+    async def body(conn) -> dict[str, int]:
         expires_at_ms = now_ms() + expiry_s * 1000
-        packet_id, balance, eligible = await ctx.ledger.send(conn, shard, sender, total, count, mode, min_share,
-                                                             expires_at_ms, audience, members, greeting)
-        adopted.append(packets.PacketState(packet_id, sender, total, count, mode, min_share, expires_at_ms,
-                                           eligible))
-        return answers.ok(Op.SEND, 0, 0, packet_id, balance, expires_at_ms)[protocol.RESPONSE_HEADER_BYTES:]
+        record, balance = await ctx.ledger.send(conn, lambda seq: make_packet_id(ctx.set_id, seq, shard), sender,
+                                                total, count, mode, min_share, expires_at_ms, audience, members,
+                                                greeting)
+        adopted.append(record)
+        return {"packet_id": record.packet_id, "balance_cents": balance, "expires_at_ms": expires_at_ms}
 
     fields = (sender, total, count, mode, expiry_s, audience, tuple(members), greeting)
-    stored = await ctx.ledger.idempotent(key, Op.SEND, fields, body)
+    stored = await ctx.ledger.idempotent(key, Operation.SEND, fields, body)
     if adopted and not stored.replayed:
-        state = adopted[0]
+        state = packet_state(adopted[0])
         assert owner_of(state.packet_id, ctx.worker_count) == ctx.worker_id
         # A grab that guessed the id may already have loaded it from the database.
         if state.packet_id not in ctx.engine.states:
             ctx.engine.adopt(state)
-    return reply_stored(ctx, Op.SEND, rid, stored)
+    return reply_stored(ctx, Op.SEND, rid, stored, "packet_id", "balance_cents", "expires_at_ms")
 
 
 async def packet(ctx: Context, rid: int, packet_id: int, offset: int, limit: int) -> bytes:

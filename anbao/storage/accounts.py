@@ -1,0 +1,143 @@
+"""Accounts: wallets, their balances, and the transfers between a wallet and
+the outside world (DEPOSIT, WITHDRAW). Every money movement is a transfer
+row that debits one account and credits another, in the same transaction as
+the balance changes it causes."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from .commit import settle_user
+from .domain import AccountKind, Reason, Refused, TransferKind
+
+_USER = f"kind = {AccountKind.USER:d}"
+_EXTERNAL = f"kind = {AccountKind.EXTERNAL:d}"
+
+WALLET = f"SELECT account_id, balance_cents FROM accounts WHERE {_USER} AND owner_id = $1"
+# How many of the user ids in $1 have a wallet.
+COUNT_REGISTERED = f"SELECT count(*) FROM accounts WHERE {_USER} AND owner_id = ANY($1::bigint[])"
+
+_REGISTER = (
+    f"INSERT INTO accounts (kind, owner_id) SELECT {AccountKind.USER:d}, u FROM unnest($1::bigint[]) AS u"
+    " ON CONFLICT DO NOTHING"
+)
+_KNOWN = f"SELECT owner_id FROM accounts WHERE {_USER} AND owner_id = ANY($1::bigint[])"
+_BALANCE = (
+    "SELECT a.balance_cents + COALESCE((SELECT sum(g.amount_cents) FROM grab_rollups r"
+    " CROSS JOIN LATERAL unnest(r.users, r.amounts) AS g(user_id, amount_cents)"
+    " WHERE r.users @> ARRAY[$1::bigint] AND g.user_id = $1), 0)::bigint"
+    f" FROM accounts a WHERE a.{_USER} AND a.owner_id = $1"
+)
+_EXTERNAL_ID = f"(SELECT account_id FROM accounts WHERE {_EXTERNAL})"
+
+
+async def wallet(conn, user_id: int) -> asyncpg.Record:
+    """The user's (account_id, balance_cents); UNKNOWN_USER without one."""
+    row = await conn.fetchrow(WALLET, user_id)
+    if row is None:
+        raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
+    return row
+
+
+async def move(
+    conn, kind: TransferKind, debit_sql: str, credit: int, amount_cents: int, packet_id: int | None
+) -> tuple[int, int]:
+    """One transfer and its two balance changes; returns the credited
+    balance and the transfer id. debit_sql is an SQL expression of the
+    debited account id (never user input)."""
+    tid, debit = await conn.fetchrow(
+        f"INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)"
+        f" VALUES ($1, {debit_sql}, $2, $3, $4) RETURNING transfer_id, debit_account",
+        int(kind),
+        credit,
+        amount_cents,
+        packet_id,
+    )
+    # In account-id order, like the grab batches, so no two transactions
+    # ever wait on each other's rows in opposite orders.
+    for account, delta in sorted([(debit, -amount_cents), (credit, amount_cents)]):
+        bal = await conn.fetchval(
+            "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1 RETURNING balance_cents",
+            account,
+            delta,
+        )
+        if account == credit:
+            credited = bal
+    return credited, tid
+
+
+class Accounts:
+    pool: asyncpg.Pool
+
+    async def register(self, user_ids: list[int]) -> int:
+        """Opens a wallet for each id that has none; returns how many it opened."""
+        async with self.pool.acquire() as conn:
+            result = await conn.execute(_REGISTER, user_ids)
+        return int(result.split()[-1])
+
+    async def known_users(self, user_ids: list[int]) -> set[int]:
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(_KNOWN, user_ids)
+        return {r[0] for r in rows}
+
+    async def settle(self, user_id: int) -> None:
+        """Rolls up the user's committed grabs, so that what they were told
+        OK for is in their balance and statement (read-your-writes), and
+        SEND and WITHDRAW can spend it."""
+        async with self.pool.acquire() as conn:
+            await settle_user(conn, user_id)
+
+    async def balance(self, user_id: int) -> int:
+        """The posted balance plus the user's committed grabs still waiting
+        for their roll-up: one statement, one snapshot (a roll-up moves a
+        claim from one to the other in one transaction), no lock taken."""
+        async with self.pool.acquire() as conn:
+            bal = await conn.fetchval(_BALANCE, user_id)
+        if bal is None:
+            raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
+        return bal
+
+    @staticmethod
+    async def deposit(conn, user_id: int, amount_cents: int) -> dict:
+        """external -> user, in the caller's transaction (see idempotent).
+        Returns {"balance_cents", "transfer_id"}."""
+        assert amount_cents > 0
+        account_id = (await wallet(conn, user_id))["account_id"]
+        balance, tid = await move(conn, TransferKind.DEPOSIT, _EXTERNAL_ID, account_id, amount_cents, None)
+        return {"balance_cents": balance, "transfer_id": tid}
+
+    @staticmethod
+    async def withdraw(conn, user_id: int, amount_cents: int) -> dict:
+        """user -> external, in the caller's transaction. Returns
+        {"balance_cents", "transfer_id"}; a balance below the amount is
+        INSUFFICIENT_FUNDS, decided under the wallet's row lock, so
+        concurrent withdrawals, sends and grabs can never take it below zero
+        (the CHECK accounts_no_overdraft is only the last line)."""
+        assert amount_cents > 0
+        # The external account first, then the wallet: the order deposits
+        # take them in. NO KEY UPDATE, not UPDATE: the transfers' foreign-key
+        # checks take KEY SHARE on these rows, and must not deadlock with us.
+        external = await conn.fetchval(f"SELECT account_id FROM accounts WHERE {_EXTERNAL} FOR NO KEY UPDATE")
+        row = await conn.fetchrow(WALLET + " FOR NO KEY UPDATE", user_id)
+        if row is None:
+            raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
+        if row["balance_cents"] < amount_cents:
+            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {row['balance_cents']} below {amount_cents}")
+        tid = await conn.fetchval(
+            "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)"
+            " VALUES ($1, $2, $3, $4) RETURNING transfer_id",
+            int(TransferKind.WITHDRAW),
+            row["account_id"],
+            external,
+            amount_cents,
+        )
+        await conn.execute(
+            "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1", external, amount_cents
+        )
+        balance = await conn.fetchval(
+            "UPDATE accounts SET balance_cents = balance_cents - $2 WHERE account_id = $1 RETURNING balance_cents",
+            row["account_id"],
+            amount_cents,
+        )
+        assert balance == row["balance_cents"] - amount_cents >= 0
+        return {"balance_cents": balance, "transfer_id": tid}

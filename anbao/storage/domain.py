@@ -1,0 +1,104 @@
+"""Storage's own vocabulary: the codes its tables hold, why it refuses, and
+what it hands back. Nothing here knows the wire protocol; the server maps a
+Reason to the wire status of the same name, and encodes the answers.
+
+The integer values are the ones the tables (and the PL/pgSQL functions of
+the migrations) hold: they are the database's, and never change.
+tests/test_storage_domain.py checks them against the database itself.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+IDEMPOTENCY_KEY_BYTES = 16  # idempotency_keys.key CHECK (length(key) = 16)
+
+
+class AccountKind(enum.IntEnum):
+    EXTERNAL = 0  # the outside world: deposits come from it, withdrawals go to it; the only one below zero
+    USER = 1  # a user's wallet (owner_id = user id)
+    ESCROW = 2  # a packet's escrow (owner_id = packet id)
+
+
+class TransferKind(enum.IntEnum):
+    DEPOSIT = 1  # external -> wallet
+    WITHDRAW = 2  # wallet -> external
+    SEND = 3  # sender's wallet -> the packet's escrow
+    GRAB = 4  # escrow -> grabber's wallet (written by the roll-up, migration 0003)
+    REFUND = 5  # escrow -> sender's wallet, the remainder of an expired packet
+
+
+class PacketStatus(enum.IntEnum):
+    OPEN = 0
+    SOLD_OUT = 1
+    EXPIRED = 2  # stored by no one today; shown for an open packet past its expiry until its refund commits
+    REFUNDED = 3
+
+
+class Audience(enum.IntEnum):
+    OPEN = 0  # any registered user but the sender
+    DIRECT = 1  # one named user, one share
+    MEMBERS = 2  # the listed users
+    GROUP = 3  # a group's members at send time, the sender excepted
+
+
+class Mode(enum.IntEnum):
+    RANDOM = 1
+    FIXED = 2
+
+
+class Operation(enum.IntEnum):
+    """The idempotent operations, as idempotency_keys.operation holds them.
+    The values are the opcodes the rows were first written with (before
+    migration 0004 they were the wire opcodes): they are storage's own codes
+    now, and enter the request hash, so they never change."""
+
+    DEPOSIT = 0x11
+    WITHDRAW = 0x13
+    SEND = 0x20
+
+
+class Reason(enum.Enum):
+    """Why storage refused. Each name is the name of the wire status the
+    server answers it with; a stored refusal keeps its name (migration 0004)."""
+
+    UNKNOWN_USER = "UNKNOWN_USER"
+    UNKNOWN_GROUP = "UNKNOWN_GROUP"
+    INSUFFICIENT_FUNDS = "INSUFFICIENT_FUNDS"
+    INVALID = "INVALID"
+    IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
+    NOT_FOUND = "NOT_FOUND"
+
+
+class Refused(Exception):
+    """A business rule refused the request; nothing was written but the
+    idempotency record of this answer."""
+
+    def __init__(self, reason: Reason, message: str):
+        assert isinstance(reason, Reason), reason
+        super().__init__(message)
+        self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+@dataclass(frozen=True)
+class PacketRecord:
+    """A packet's durable state: what the owner rebuilds its in-memory state
+    from. eligible is None for an open packet; claims are every durable
+    claim (rolled up or waiting for its roll-up) as (user_id, seq,
+    amount_cents); closed means refunded, so no share can be taken."""
+
+    packet_id: int
+    sender_id: int
+    total_cents: int
+    count: int
+    mode: int
+    min_share_cents: int
+    expires_at_ms: int
+    eligible: list[int] | None
+    claims: list[tuple[int, int, int]]
+    closed: bool
