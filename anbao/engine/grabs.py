@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from anbao_client.protocol import Op, Status
 from ..core import codec, packets, shares
@@ -29,7 +30,7 @@ from ..storage.ledger import Ledger
 
 log = logging.getLogger("anbao.grabs")
 
-_ERROR_TEXT = {
+_ERROR_TEXT: dict[int, str] = {   # keyed by the plain int PacketState.take() returns
     Status.SOLD_OUT: "every share has been taken",
     Status.EXPIRED: "the packet has expired",
     Status.NOT_ELIGIBLE: "this user may not open this packet",
@@ -94,8 +95,8 @@ class GrabEngine:
         self._queued_grabs = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.on_adopt = None                         # callback(state): admission seeds its counter
-        self.on_commit = None                        # callback(grabs, seconds): metrics
+        self.on_adopt: Callable[[packets.PacketState], None] | None = None   # admission seeds its counter
+        self.on_commit: Callable[[int, float], None] | None = None           # (grabs, seconds): metrics
         self._expiring: dict[int, asyncio.Future] = {}   # packet id -> its refund, until committed
         self.refunds_committed = 0
         self.refunds_failed = 0

@@ -145,6 +145,7 @@ class Connection(asyncio.Protocol, Replier):
                 else:
                     router.on_grab(self, rid, args[0], args[1])
             elif type(args) is not tuple:
+                assert isinstance(args, codec.BadRequest)   # a frame decodes to a tuple or its refusal
                 # An opcode with the response bit set is no request: its answer
                 # must not carry the same byte back, or it would read as one.
                 self.answer(codec.encode_error(opcode if opcode < protocol.RESPONSE_BIT else NO_OPCODE, rid, args.status,

@@ -87,6 +87,7 @@ class PeerLink(asyncio.Protocol):
             self._ensure_connecting()
 
     def _send(self, link_rid: int, entry: _Relayed) -> None:
+        assert self._transport is not None   # ready: connected and HELLO answered
         entry.sent = True
         self._transport.write(codec.encode_grab_request(link_rid, entry.packet_id, entry.user_id))
 
@@ -138,6 +139,7 @@ class PeerLink(asyncio.Protocol):
         transport.write(wire.hello(HELLO_RID, self.token))
 
     def data_received(self, data: bytes) -> None:
+        assert self._transport is not None   # connection_made came first
         try:
             answers = self._splitter.feed(data)
         except codec.FramingError:
@@ -162,9 +164,9 @@ class PeerLink(asyncio.Protocol):
                     log.warning("worker %d -> %d: link back; %d relayed grab(s) sent again", self.own_id,
                                 self.peer_id, again)
                 continue
-            entry = self._pending.pop(rid, None)
-            if entry is not None:
-                entry.replier.answer(codec.with_request_id(frame, entry.rid))
+            relayed = self._pending.pop(rid, None)
+            if relayed is not None:
+                relayed.replier.answer(codec.with_request_id(frame, relayed.rid))
 
     def connection_lost(self, exc) -> None:
         self._transport = None

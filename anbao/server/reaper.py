@@ -24,6 +24,7 @@ Commands, one a line on the reaper's stdin:
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -106,7 +108,9 @@ def main(supervisor_pid: int) -> int:
         pidfd = os.pidfd_open(supervisor_pid)
     except ProcessLookupError:
         pidfd = None
-    stdin = sys.stdin.buffer.raw
+    stdin_buffer = sys.stdin.buffer
+    assert isinstance(stdin_buffer, io.BufferedReader)   # our stdin is the supervisor's pipe
+    stdin = stdin_buffer.raw
     pending = b""
     stdin_open = True
     while pidfd is not None:
@@ -144,16 +148,18 @@ class Reaper:
     def __init__(self):
         self.proc = subprocess.Popen([sys.executable, "-m", "anbao.server.reaper", str(os.getpid())],
                                      stdin=subprocess.PIPE, start_new_session=True)
+        assert self.proc.stdin is not None   # stdin=PIPE
+        self.stdin: IO[bytes] = self.proc.stdin
         self.entry = describe(self.proc.pid)
 
     @property
     def fd(self) -> int:
-        return self.proc.stdin.fileno()
+        return self.stdin.fileno()
 
     def _say(self, line: str) -> None:
         try:
-            self.proc.stdin.write(line.encode() + b"\n")
-            self.proc.stdin.flush()
+            self.stdin.write(line.encode() + b"\n")
+            self.stdin.flush()
         except (BrokenPipeError, ValueError):
             log.error("reaper gone; a SIGKILL of this supervisor would leave processes behind")
 
@@ -171,7 +177,7 @@ class Reaper:
         """A clean stop: the reaper exits with the supervisor, touching nothing."""
         self._say("done")
         try:
-            self.proc.stdin.close()
+            self.stdin.close()
         except BrokenPipeError:
             pass
 

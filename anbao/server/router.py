@@ -275,6 +275,7 @@ class Router:
         return True
 
     async def _settle(self, packet_id: int) -> None:
+        assert self.load_final_set is not None   # start_settling starts none without it
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.final_set_wait_s
         poll_s = self.first_poll_s

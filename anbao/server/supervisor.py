@@ -21,10 +21,14 @@ import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import Settings
 from .listener import open_listeners
 from .reaper import Reaper, describe
+
+if TYPE_CHECKING:
+    from ..metrics import SupervisorMetrics  # imported when used: prometheus_client wants its directory first
 
 log = logging.getLogger("anbao.supervisor")
 
@@ -102,7 +106,9 @@ def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.so
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains us in order
 
     async def main() -> None:
+        permits: Permits
         if admission == "memcached":
+            assert memcached is not None   # the supervisor runs memcached admission only with an address
             host, port = memcached.rsplit(":", 1)
             permits = MemcachedPermits(host, int(port), settings.set_id)
         elif admission == "in-process":
@@ -141,7 +147,7 @@ class Supervisor:
         self.memcached = memcached if admission == "memcached" else None
         self.admission = admission
         self.run_dir = Path(settings.data_dir) / "run"
-        self.procs: dict[int, mp.Process] = {}
+        self.procs: dict[int, mp.context.ForkProcess] = {}
         self.restarts: dict[int, list[float]] = {}
         self.total_restarts = 0
         self._stopping = False
@@ -150,7 +156,7 @@ class Supervisor:
         self._memcached_proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.metrics_port = metrics_port
-        self._metrics = None
+        self._metrics: SupervisorMetrics | None = None
 
     def start(self) -> None:
         n = self.settings.worker_count
@@ -183,11 +189,13 @@ class Supervisor:
         self._write_pids()
 
     def _note_memcached(self) -> None:
+        assert self._memcached_proc is not None   # just started
         self._memcached_entry = describe(self._memcached_proc.pid)
         if self.reaper is not None:
             self.reaper.watch("memcached", self._memcached_entry)
 
     def _spawn(self, i: int) -> None:
+        assert self.port is not None   # start() bound the listeners first
         settings = replace(self.settings, worker_id=i, port=self.port)
         p = self._ctx.Process(target=_worker_main, name=f"anbao-worker-{i}",
                               args=(settings, self.dsn, str(self.tokens_path), self.socks[i], str(self.run_dir),
@@ -196,6 +204,7 @@ class Supervisor:
                                     [s for j, s in enumerate(self.socks) if j != i],
                                     [self.reaper.fd] if self.reaper is not None else []))
         p.start()
+        assert p.pid is not None   # started
         self.procs[i] = p
         self.entries[i] = describe(p.pid)
         if self.reaper is not None:
@@ -253,6 +262,7 @@ class Supervisor:
                 self.total_restarts += 1
                 if self._metrics is not None:
                     from .. import metrics
+                    assert p.pid is not None   # started by _spawn
                     metrics.worker_died(p.pid)
                     self._metrics.restarts.labels(str(i)).inc()
                 self._spawn(i)
@@ -272,6 +282,7 @@ class Supervisor:
             return
         self._memcached_restarted_at = now
         dead = self._memcached_proc
+        assert dead is not None and self.memcached is not None   # run_forever saw the one we started exit
         port = int(self.memcached.rsplit(":", 1)[1])
         log.error("memcached (pid %d) exited with code %s; restarting it on port %d", dead.pid, dead.returncode,
                   port)
