@@ -1,2 +1,3 @@
 """anbao: a red-packet service. A uvloop TCP server over a Cython hot path."""
+
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
 """Caller authentication: bearer tokens with a scope, compared in constant time."""
+
 from __future__ import annotations
 
 import hmac
@@ -28,11 +29,11 @@ class TokenBook:
                 found = scope
         return found
 
-    def with_token(self, token: bytes, scope: int) -> "TokenBook":
+    def with_token(self, token: bytes, scope: int) -> TokenBook:
         return TokenBook(self.entries + ((token, scope),))
 
     @classmethod
-    def load(cls, path: Path) -> "TokenBook":
+    def load(cls, path: Path) -> TokenBook:
         doc = json.loads(path.read_text())
         entries = tuple((t["token"].encode(), SCOPES[t["scope"]]) for t in doc["tokens"])
         assert entries, f"{path} holds no tokens"
@@ -44,8 +45,12 @@ def ensure_tokens_file(path: Path) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"tokens": [{"scope": "admin", "token": secrets.token_urlsafe(32)},
-                      {"scope": "app", "token": secrets.token_urlsafe(32)}]}
+    doc = {
+        "tokens": [
+            {"scope": "admin", "token": secrets.token_urlsafe(32)},
+            {"scope": "app", "token": secrets.token_urlsafe(32)},
+        ]
+    }
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(doc, f, indent=2)

@@ -2,6 +2,7 @@
 shown in yuan, and the token the command line's options point to. A module
 of its own so that `anbao.demo` does not import the command line (which
 imports the demo)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,11 @@ def token_from_args(args) -> str:
     if args.token:
         return args.token
     from .auth import token_for
+
     path = Path(args.tokens_file) if args.tokens_file else Path(args.data_dir) / "tokens.json"
     if not path.exists():
-        raise SystemExit(f"anbao: no token: pass --token, or --tokens-file / --data-dir where {path.name} is"
-                         f" (the server creates {path} on its first run)")
+        raise SystemExit(
+            f"anbao: no token: pass --token, or --tokens-file / --data-dir where {path.name} is"
+            f" (the server creates {path} on its first run)"
+        )
     return token_for(path, args.scope)

@@ -1,4 +1,5 @@
 """Every limit the server enforces, in one place, with units in the names."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,7 @@ from pathlib import Path
 class Limits:
     max_frame_bytes: int = 65536
     max_connections: int = 10_000
-    max_inflight_per_connection: int = 1024   # reading pauses past this: TCP pushes back
+    max_inflight_per_connection: int = 1024  # reading pauses past this: TCP pushes back
     # Answers a client has not read yet, per connection: past the high-water
     # mark the connection's reading pauses (a client that only sends is then
     # held by TCP); past the hard limit (answers to requests already read)
@@ -27,14 +28,14 @@ class Limits:
     close_linger_ms: int = 2_000
     hello_timeout_ms: int = 10_000
     idle_timeout_ms: int = 300_000
-    max_total_cents: int = 100_000_000          # 1,000,000.00 per packet
+    max_total_cents: int = 100_000_000  # 1,000,000.00 per packet
     max_share_count: int = 10_000
     min_share_cents: int = 1
     max_deposit_cents: int = 1_000_000_000_000
     max_withdraw_cents: int = 1_000_000_000_000
-    max_members: int = 8000                     # a member list must fit in one frame
-    max_group_members: int = 10_000             # a group grows past one frame by GROUP_ADD
-    max_page_rows: int = 1000                   # statement, sent, received, group members per answer
+    max_members: int = 8000  # a member list must fit in one frame
+    max_group_members: int = 10_000  # a group grows past one frame by GROUP_ADD
+    max_page_rows: int = 1000  # statement, sent, received, group members per answer
     default_expiry_s: int = 86_400
     min_expiry_s: int = 1
     max_expiry_s: int = 7 * 86_400
@@ -67,7 +68,7 @@ class Limits:
     rollup_idle_poll_ms: int = 1000
     rollup_defer_below_grabs: int = 100_000
     rollup_defer_max_ms: int = 1000
-    rollup_quiet_ms: int = 50                   # grabs committed this recently count as committing
+    rollup_quiet_ms: int = 50  # grabs committed this recently count as committing
     # A pass that found fewer than rollup_small_pass_grabs (a trickle) is
     # followed by a pause, so that the next one carries more.
     rollup_small_pass_grabs: int = 1000
@@ -76,11 +77,11 @@ class Limits:
     max_packets_in_memory: int = 500_000
     max_known_users_cached: int = 2_000_000
     db_pool_size: int = 8
-    admission_slack: int = 16                   # permits beyond the unreserved shares
+    admission_slack: int = 16  # permits beyond the unreserved shares
     # A relay skips the admission counter while the owner's last word on the
     # packet, less this worker's relays in flight, is above this many shares.
     relay_unadmitted_above_shares: int = 64
-    max_relayed_per_peer: int = 65_536           # GRABs in flight to one owner worker
+    max_relayed_per_peer: int = 65_536  # GRABs in flight to one owner worker
     # A relayed GRAB whose owner died is sent again to the owner's replacement
     # (a restart takes a fraction of a second) for this long; past it, it is
     # answered IN_DOUBT (it may have landed) or UNAVAILABLE (it never left).
@@ -135,8 +136,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7878
     data_dir: Path = Path(".anbao")
-    dsn: str | None = None          # external PostgreSQL; None starts the embedded one
-    set_id: int = 0                 # which set (worker group + database) this node serves
+    dsn: str | None = None  # external PostgreSQL; None starts the embedded one
+    set_id: int = 0  # which set (worker group + database) this node serves
     worker_id: int = 0
     worker_count: int = 1
     tokens_file: Path | None = None

@@ -5,6 +5,7 @@ files in PROMETHEUS_MULTIPROC_DIR, and the supervisor's HTTP endpoint sums
 them. The hot path never touches prometheus_client: a worker counts answers
 in a dict and flushes the counts once a second.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,6 +32,7 @@ def prepare_dir(run_dir: Path) -> Path:
 def serve_endpoint(port: int, host: str = "127.0.0.1"):
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
+
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     return start_http_server(port, addr=host, registry=registry)
@@ -38,6 +40,7 @@ def serve_endpoint(port: int, host: str = "127.0.0.1"):
 
 def worker_died(pid: int) -> None:
     from prometheus_client import multiprocess
+
     multiprocess.mark_process_dead(pid)
 
 
@@ -53,25 +56,38 @@ class Sample:
 class SupervisorMetrics:
     def __init__(self):
         from prometheus_client import Counter
+
         self.restarts = Counter("anbao_worker_restarts", "Worker processes restarted after dying", ["worker"])
 
 
 class WorkerMetrics:
     def __init__(self, worker_id: int):
         from prometheus_client import Counter, Gauge, Histogram
+
         self.worker = str(worker_id)
         self.requests = Counter("anbao_requests", "Answers sent, by operation and status", ["opcode", "status"])
-        self.batch_grabs = Histogram("anbao_batch_grabs", "Grabs per committed batch",
-                                     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4096))
-        self.commit_seconds = Histogram("anbao_commit_seconds", "Time to commit one grab batch",
-                                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5))
-        self.queue_depth = Gauge("anbao_queue_depth", "Grabs accepted and not yet committed", ["worker"],
-                                 multiprocess_mode="liveall")
-        self.connections = Gauge("anbao_connections", "Open client connections", ["worker"],
-                                 multiprocess_mode="liveall")
-        self.router = Counter("anbao_router", "GRAB routing outcomes (local, forwarded, admitted, "
-                              "admission_rejects, probes, final_cache_hits)", ["outcome"])
-        self.answered: dict[int, int] = {}   # opcode << 8 | status -> count, filled by connections
+        self.batch_grabs = Histogram(
+            "anbao_batch_grabs",
+            "Grabs per committed batch",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 4096),
+        )
+        self.commit_seconds = Histogram(
+            "anbao_commit_seconds",
+            "Time to commit one grab batch",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
+        )
+        self.queue_depth = Gauge(
+            "anbao_queue_depth", "Grabs accepted and not yet committed", ["worker"], multiprocess_mode="liveall"
+        )
+        self.connections = Gauge(
+            "anbao_connections", "Open client connections", ["worker"], multiprocess_mode="liveall"
+        )
+        self.router = Counter(
+            "anbao_router",
+            "GRAB routing outcomes (local, forwarded, admitted, admission_rejects, probes, final_cache_hits)",
+            ["outcome"],
+        )
+        self.answered: dict[int, int] = {}  # opcode << 8 | status -> count, filled by connections
         self._router_seen: dict[str, int] = {}
         self._task: asyncio.Task | None = None
 

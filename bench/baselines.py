@@ -23,6 +23,7 @@ import socket
 import time
 
 import asyncpg
+
 from anbao_client.protocol import MESSAGES, PROTOCOL_VERSION, Op, Status
 
 NAIVE_DATABASE = "anbao_bench_naive"
@@ -168,7 +169,9 @@ class _NaiveProtocol(asyncio.Protocol):
             elif opcode == Op.HELLO:
                 self.transport.write(_hello_answer(codec, rid))
             else:
-                self.transport.write(codec.encode_error(opcode, rid, Status.UNKNOWN_OPCODE, 0, "naive serves GRAB only"))
+                self.transport.write(
+                    codec.encode_error(opcode, rid, Status.UNKNOWN_OPCODE, 0, "naive serves GRAB only")
+                )
 
     async def _grab(self, rid: int, packet_id: int, user_id: int) -> None:
         codec = self.codec
@@ -183,7 +186,6 @@ class _NaiveProtocol(asyncio.Protocol):
             self.transport.write(frame)
 
     async def _transaction(self, packet_id: int, user_id: int) -> tuple[int, int, int]:
-        codec = self.codec
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 p = await conn.fetchrow(

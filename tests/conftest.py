@@ -1,6 +1,7 @@
 """Fixtures: a real embedded PostgreSQL for the session, a fresh database
 per test (cloned from a migrated template), and anbao workers started in
 the test's event loop. Nothing is mocked."""
+
 from __future__ import annotations
 
 import itertools
@@ -11,15 +12,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 import uvloop
+from helpers import ADMIN_TOKEN, APP_TOKEN, Anbao, dsn_for
 
 from anbao.config import Limits
 from anbao.storage import embedded
 from anbao.storage.migrate import migrate
-from helpers import ADMIN_TOKEN, APP_TOKEN, Anbao, dsn_for
 
 TEMPLATE_DB = "anbao_template"
 _db_numbers = itertools.count(1)
-
 
 
 def pytest_asyncio_loop_factories(config, item):
@@ -62,8 +62,9 @@ async def fresh_dsn(pg, template_db):
 @pytest.fixture
 def tokens_file(tmp_path) -> Path:
     path = tmp_path / "tokens.json"
-    path.write_text(json.dumps({"tokens": [{"scope": "admin", "token": ADMIN_TOKEN},
-                                           {"scope": "app", "token": APP_TOKEN}]}))
+    path.write_text(
+        json.dumps({"tokens": [{"scope": "admin", "token": ADMIN_TOKEN}, {"scope": "app", "token": APP_TOKEN}]})
+    )
     path.chmod(0o600)
     return path
 
@@ -86,6 +87,7 @@ def serve(fresh_dsn, tmp_path, tokens_file):
     """Starts `anbao serve` processes on this test's database; whatever they
     started is killed by pid afterwards."""
     from served import Served
+
     started = []
 
     def start(workers=2, extra=(), dsn=fresh_dsn, data_dir=None, port=0):

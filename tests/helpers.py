@@ -3,6 +3,7 @@ conftest.py alike (no test file imports another test file or conftest):
 the tokens the fixtures write, an in-loop worker (Anbao), funded users, a
 raw frame connection, an engine answer collector, a grab storm and the
 check of its claims against the database."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,9 +40,10 @@ class Anbao:
         self.port = 0
         self._clients: list[Client] = []
 
-    async def start(self) -> "Anbao":
-        settings = Settings(host="127.0.0.1", port=self.port, dsn=self.dsn, tokens_file=self.tokens_file,
-                            limits=self.limits)
+    async def start(self) -> Anbao:
+        settings = Settings(
+            host="127.0.0.1", port=self.port, dsn=self.dsn, tokens_file=self.tokens_file, limits=self.limits
+        )
         self.worker = Worker(settings, self.dsn, TokenBook.load(self.tokens_file))
         await self.worker.start()
         self.port = self.worker.port
@@ -76,7 +78,7 @@ class Anbao:
 async def funded_users(admin: Client, first_id: int, n: int, amount_cents: int = 0) -> list[int]:
     ids = list(range(first_id, first_id + n))
     for i in range(0, n, 1024):
-        await admin.register(ids[i:i + 1024])
+        await admin.register(ids[i : i + 1024])
     if amount_cents:
         await asyncio.gather(*(admin.deposit(u, amount_cents) for u in ids))
     return ids

@@ -1,6 +1,7 @@
 """Real `anbao serve` processes for the cluster and fault tests, and the
 helpers those tests share: a retrying grabber, a storm, the claims in the
 database. Processes are ended by pid, never by name."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import asyncpg
 import psutil
+from helpers import ADMIN_TOKEN, funded_users
 
 from anbao_client import Client, Cluster, SoldOut, Unavailable
 from anbao_client.errors import AlreadyClaimed, Busy, ConnectionLost, InDoubt, RequestTimeout
-from helpers import ADMIN_TOKEN, funded_users
 
 RETRYABLE = (ConnectionLost, RequestTimeout, Unavailable, Busy, InDoubt, OSError)
 ANBAO = [sys.executable, "-m", "anbao.cli"]
@@ -28,6 +29,7 @@ BANNER_TIMEOUT_S = 60
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,12 +39,31 @@ class Served:
     """`anbao serve` on a database (an external DSN, or the embedded one in
     data_dir when dsn is None)."""
 
-    def __init__(self, dsn: str | None, data_dir: Path, tokens_file: Path | None, workers: int, extra: list[str],
-                 port: int = 0, metrics: bool = True):
+    def __init__(
+        self,
+        dsn: str | None,
+        data_dir: Path,
+        tokens_file: Path | None,
+        workers: int,
+        extra: list[str],
+        port: int = 0,
+        metrics: bool = True,
+    ):
         self.dsn, self.data_dir, self.workers = dsn, data_dir, workers
         self.metrics_port = free_port() if metrics else 0
-        self.args = [*ANBAO, "serve", "--data-dir", str(data_dir), "--port", str(port),
-                     "--workers", str(workers), "--metrics-port", str(self.metrics_port), *extra]
+        self.args = [
+            *ANBAO,
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--metrics-port",
+            str(self.metrics_port),
+            *extra,
+        ]
         if dsn is not None:
             self.args += ["--dsn", dsn]
         if tokens_file is not None:
@@ -53,7 +74,7 @@ class Served:
         self.output: list[str] = []
         self._drain = None
 
-    def start(self) -> "Served":
+    def start(self) -> Served:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + BANNER_TIMEOUT_S
         lines = []
@@ -73,6 +94,7 @@ class Served:
         def drain():
             for line in self.proc.stdout:
                 self.output.append(line)
+
         self._drain = threading.Thread(target=drain, daemon=True)
         self._drain.start()
         return self
@@ -95,13 +117,15 @@ class Served:
         children = []
         if self.proc.poll() is None:
             try:
-                children = [{"pid": c.pid, "started": c.create_time()}
-                            for c in psutil.Process(self.proc.pid).children(recursive=True)]
+                children = [
+                    {"pid": c.pid, "started": c.create_time()}
+                    for c in psutil.Process(self.proc.pid).children(recursive=True)
+                ]
             except psutil.NoSuchProcess:
                 pass
             self.proc.kill()
             self.proc.wait(10)
-        for entry in children:   # a worker started after workers.json was last written, say
+        for entry in children:  # a worker started after workers.json was last written, say
             kill_recorded(entry)
         try:
             info = self.run_info()
@@ -113,7 +137,7 @@ class Served:
         # only if the pid still runs this server's command line.
         for pid in info.get("workers", {}).values():
             try:
-                if psutil.Process(pid).cmdline()[:len(self.args)] == self.args:
+                if psutil.Process(pid).cmdline()[: len(self.args)] == self.args:
                     os.kill(pid, signal.SIGKILL)
             except (psutil.NoSuchProcess, ProcessLookupError):
                 pass
@@ -152,6 +176,7 @@ def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.05) -> 
 
 async def audit_clean(dsn: str):
     from anbao.storage.audit import audit
+
     report = await audit(dsn)
     assert report.ok, report.text()
 
@@ -172,7 +197,7 @@ class Grabber:
 
     def __init__(self, port: int, token: str, routed: bool, timeout_ms: int = 5_000, local_port_for=None):
         self.port, self.token, self.routed, self.timeout_ms = port, token, routed, timeout_ms
-        self.local_port_for = local_port_for   # () -> a source port steering to one worker, or None
+        self.local_port_for = local_port_for  # () -> a source port steering to one worker, or None
         self.client = None
 
     async def _client(self):
@@ -181,8 +206,9 @@ class Grabber:
                 self.client = await Cluster.connect("127.0.0.1", self.port, self.token, timeout_ms=self.timeout_ms)
             else:
                 local = self.local_port_for() if self.local_port_for else None
-                self.client = await Client.connect("127.0.0.1", self.port, self.token, timeout_ms=self.timeout_ms,
-                                                   local_port=local)
+                self.client = await Client.connect(
+                    "127.0.0.1", self.port, self.token, timeout_ms=self.timeout_ms, local_port=local
+                )
         return self.client
 
     async def grab(self, packet_id: int, user_id: int, deadline: float, answers: list | None = None):
@@ -231,7 +257,7 @@ async def storm(port: int, packet_id: int, users: list[int], grabbers: list[Grab
 
 async def setup_packet(port: int, n_users: int, total: int, count: int, *, members=None, first_user: int = 1000):
     admin = await Cluster.connect("127.0.0.1", port, ADMIN_TOKEN)
-    sender, = await funded_users(admin, 1, 1, 10_000_000)
+    (sender,) = await funded_users(admin, 1, 1, 10_000_000)
     users = await funded_users(admin, first_user, n_users)
     sent = await admin.send(sender, total, count, members=members(users) if members else None)
     return admin, users, sent
@@ -240,10 +266,12 @@ async def setup_packet(port: int, n_users: int, total: int, count: int, *, membe
 async def steered_client(port: int, token: str, worker_id: int, worker_count: int, **kwargs) -> Client:
     """A plain client whose connection the kernel hands to one chosen worker."""
     from anbao_client.routing import local_port_for
+
     for _ in range(20):
         try:
-            return await Client.connect("127.0.0.1", port, token, local_port=local_port_for(worker_id, worker_count),
-                                        **kwargs)
+            return await Client.connect(
+                "127.0.0.1", port, token, local_port=local_port_for(worker_id, worker_count), **kwargs
+            )
         except OSError:
             continue
     raise OSError("no free source port")
@@ -251,12 +279,18 @@ async def steered_client(port: int, token: str, worker_id: int, worker_count: in
 
 def postgres_backends(dsn: str) -> list[int]:
     """pids of the PostgreSQL backends serving this database, but the caller's."""
+
     async def q():
         conn = await asyncpg.connect(dsn)
         try:
-            return [r[0] for r in await conn.fetch(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                " AND backend_type = 'client backend'")]
+            return [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    " AND backend_type = 'client backend'"
+                )
+            ]
         finally:
             await conn.close()
+
     return q()

@@ -2,21 +2,20 @@
 connections mid-reply (aio-libs/aiomcache#502) must cost the workers
 nothing but the filter, and no worker may ever tell a share holder
 SOLD_OUT, whichever worker a retry reaches."""
+
 import asyncio
 import os
 import signal
 import time
 
-import asyncpg
 import psutil
-import pytest
+from helpers import APP_TOKEN
+from served import Grabber, audit_clean, claims_of, postgres_backends, setup_packet, steered_client, storm
 
 from anbao.admission import MemcachedPermits
 from anbao_client import Client, SoldOut, Unavailable
 from anbao_client.errors import AlreadyClaimed, Busy, InDoubt, NotEligible, RequestTimeout
 from anbao_client.routing import local_port_for, owner_of
-from helpers import ADMIN_TOKEN, APP_TOKEN, funded_users
-from served import (Grabber, audit_clean, claims_of, postgres_backends, setup_packet, steered_client, storm)
 
 
 class HalfReplyMemcached:
@@ -44,7 +43,7 @@ class HalfReplyMemcached:
             self.commands.append(line.split(b" ", 1)[0])
             writer.write(b"1")
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
@@ -102,10 +101,11 @@ async def test_memcached_closing_mid_reply_never_freezes_a_worker(serve, fresh_d
         other = 1 - owner
         # Unaware clients steered to the non-owner: every grab is admitted
         # (decr) there, then relayed.
-        grabbers = [Grabber(s.port, APP_TOKEN, routed=False, local_port_for=lambda: local_port_for(other, 2))
-                    for _ in range(6)]
+        grabbers = [
+            Grabber(s.port, APP_TOKEN, routed=False, local_port_for=lambda: local_port_for(other, 2)) for _ in range(6)
+        ]
         storm_task = asyncio.ensure_future(storm(s.port, sent.packet_id, users, grabbers, timeout_s=60))
-        await asyncio.sleep(1.2)   # past the owner's first reseed (every second)
+        await asyncio.sleep(1.2)  # past the owner's first reseed (every second)
         for w in (0, 1):
             c = await steered_client(s.port, APP_TOKEN, w, 2, timeout_ms=3_000)
             assert await c.ping() == w, f"worker {w} stopped answering"
@@ -229,7 +229,7 @@ async def test_a_share_holder_retrying_through_a_non_owner_gets_the_share(serve,
     answers = Answers()
     async with Hung(fresh_dsn) as hung:
         first = asyncio.ensure_future(asyncio.gather(*(answers.grab(via_owner, pid, u) for u in holders)))
-        await asyncio.sleep(0.3)   # the owner has taken every share; none is committed
+        await asyncio.sleep(0.3)  # the owner has taken every share; none is committed
         await asyncio.gather(*(answers.grab(via_other, pid, u) for u in others))
         assert all(answers.by_user[u] == [("no answer", "RequestTimeout")] for u in others), answers.by_user
         await first
@@ -243,7 +243,7 @@ async def test_a_share_holder_retrying_through_a_non_owner_gets_the_share(serve,
     assert_holders_exact(answers, in_db, holders)
     # Once the non-owner holds the final claim list, it answers everyone
     # exactly, the sender included, without a hop.
-    for _ in range(40):   # bounded: 2 s
+    for _ in range(40):  # bounded: 2 s
         st = await via_other.stats()
         if st["final_sets_loaded"]:
             break
@@ -269,7 +269,7 @@ async def test_a_spent_admission_counter_never_tells_a_holder_sold_out(serve, fr
     spend the counter. The retries that find no permit were told SOLD_OUT
     ("every share is taken or held by a grab in flight"). Now they wait for
     the final claim list or ask the owner, and get their share."""
-    s = serve(workers=2)   # the counter: 20 shares + 16 slack
+    s = serve(workers=2)  # the counter: 20 shares + 16 slack
     admin, users, sent = await setup_packet(s.port, 20, 2_000, 20)
     pid = sent.packet_id
     other = 1 - owner_of(pid, 2)

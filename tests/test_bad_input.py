@@ -1,15 +1,16 @@
 """Hostile and broken bytes: each gets a typed error or a clean close, the
 server keeps serving everyone else, and no money moves."""
+
 import asyncio
 import os
 import random
 import struct
 
 import pytest
+from helpers import Raw, funded_users
 
 from anbao_client import wire
 from anbao_client.wire import Op, Status
-from helpers import Raw, funded_users
 
 
 async def still_serving(anbao):
@@ -23,22 +24,33 @@ async def test_bad_payloads_get_typed_errors_and_the_connection_lives(anbao):
     sent = await admin.send(a, 100, 2)
     raw = await Raw.open(anbao.port)
     key = os.urandom(16)
-    raw.send(wire.frame(Op.GRAB, 10, struct.pack(">QQ", sent.packet_id, b) + b"x"))       # trailing byte
-    raw.send(wire.frame(Op.GRAB, 11, struct.pack(">Q", sent.packet_id)))                  # short
-    raw.send(wire.frame(Op.GRAB, 12, struct.pack(">QQ", 0, b)))                            # id 0
-    raw.send(wire.frame(Op.DEPOSIT, 13, key + struct.pack(">Qq", b, -500)))               # negative
-    raw.send(wire.frame(Op.DEPOSIT, 14, key + struct.pack(">QQ", b, 2**64 - 1)))          # overflow: -1 as i64
-    raw.send(wire.frame(Op.DEPOSIT, 15, key + struct.pack(">Qq", b, 2**63 - 1)))          # above the limit
-    raw.send(wire.frame(0x7E, 16, b"whatever"))                                            # unknown opcode
+    raw.send(wire.frame(Op.GRAB, 10, struct.pack(">QQ", sent.packet_id, b) + b"x"))  # trailing byte
+    raw.send(wire.frame(Op.GRAB, 11, struct.pack(">Q", sent.packet_id)))  # short
+    raw.send(wire.frame(Op.GRAB, 12, struct.pack(">QQ", 0, b)))  # id 0
+    raw.send(wire.frame(Op.DEPOSIT, 13, key + struct.pack(">Qq", b, -500)))  # negative
+    raw.send(wire.frame(Op.DEPOSIT, 14, key + struct.pack(">QQ", b, 2**64 - 1)))  # overflow: -1 as i64
+    raw.send(wire.frame(Op.DEPOSIT, 15, key + struct.pack(">Qq", b, 2**63 - 1)))  # above the limit
+    raw.send(wire.frame(0x7E, 16, b"whatever"))  # unknown opcode
     raw.send(wire.frame(Op.SEND, 17, key + struct.pack(">QqIBIBI", a, 100, 2, 1, 0, 0, 10**6)))  # member count lies
     raw.send(wire.frame(Op.SEND, 18, key + struct.pack(">QqIBIBI", a, 100, 2, 1, 0, 0, 0) + b"\x00\x02\xff\xfe"))
-    raw.send(wire.frame(Op.HELLO, 19, struct.pack(">HH", 1, 3) + b"abc"))                  # second hello
-    raw.send(wire.frame(Op.PACKET, 20, struct.pack(">QIH", sent.packet_id, 0, 5000)))      # page too large
-    raw.send(wire.frame(Op.GRAB, 21, struct.pack(">QQ", sent.packet_id, b)))               # and a good one
+    raw.send(wire.frame(Op.HELLO, 19, struct.pack(">HH", 1, 3) + b"abc"))  # second hello
+    raw.send(wire.frame(Op.PACKET, 20, struct.pack(">QIH", sent.packet_id, 0, 5000)))  # page too large
+    raw.send(wire.frame(Op.GRAB, 21, struct.pack(">QQ", sent.packet_id, b)))  # and a good one
     got = {r.request_id: r for r in await raw.answers(12)}
-    want = {10: Status.INVALID, 11: Status.INVALID, 12: Status.INVALID, 13: Status.INVALID, 14: Status.INVALID,
-            15: Status.INVALID, 16: Status.UNKNOWN_OPCODE, 17: Status.INVALID, 18: Status.INVALID,
-            19: Status.INVALID, 20: Status.INVALID, 21: Status.OK}
+    want = {
+        10: Status.INVALID,
+        11: Status.INVALID,
+        12: Status.INVALID,
+        13: Status.INVALID,
+        14: Status.INVALID,
+        15: Status.INVALID,
+        16: Status.UNKNOWN_OPCODE,
+        17: Status.INVALID,
+        18: Status.INVALID,
+        19: Status.INVALID,
+        20: Status.INVALID,
+        21: Status.OK,
+    }
     assert {rid: r.status for rid, r in got.items()} == want
     assert all(wire.error_message(got[rid].body) for rid in want if rid != 21), "every error says why"
     raw.close()
@@ -46,11 +58,14 @@ async def test_bad_payloads_get_typed_errors_and_the_connection_lives(anbao):
     await anbao.assert_audit_clean()
 
 
-@pytest.mark.parametrize("junk,status", [
-    (b"\x00\x00\x00\x01\x21", Status.INVALID),                  # length below the header
-    (b"\xff\xff\xff\xff" + b"\x21" * 8, Status.FRAME_TOO_LARGE),
-    (struct.pack(">I", 70_000) + b"\x21\x00\x00\x00\x01", Status.FRAME_TOO_LARGE),
-])
+@pytest.mark.parametrize(
+    "junk,status",
+    [
+        (b"\x00\x00\x00\x01\x21", Status.INVALID),  # length below the header
+        (b"\xff\xff\xff\xff" + b"\x21" * 8, Status.FRAME_TOO_LARGE),
+        (struct.pack(">I", 70_000) + b"\x21\x00\x00\x00\x01", Status.FRAME_TOO_LARGE),
+    ],
+)
 async def test_unframeable_stream_is_answered_then_closed(anbao, junk, status):
     raw = await Raw.open(anbao.port)
     raw.send(junk)
@@ -68,8 +83,9 @@ async def test_random_garbage_never_kills_the_server(anbao):
         n = rng.randint(1, 400)
         blob = bytes(rng.getrandbits(8) for _ in range(n))
         if rng.random() < 0.5:  # well framed, random opcode and payload
-            blob = wire.frame(rng.choice([0x01, 0x02, 0x10, 0x11, 0x12, 0x20, 0x21, 0x22, 0x55]),
-                              i, blob[:rng.randint(0, 60)])
+            blob = wire.frame(
+                rng.choice([0x01, 0x02, 0x10, 0x11, 0x12, 0x20, 0x21, 0x22, 0x55]), i, blob[: rng.randint(0, 60)]
+            )
         raw.send(blob)
         await asyncio.sleep(0)
         raw.close()
@@ -91,8 +107,10 @@ async def test_pipelined_requests_beyond_the_inflight_limit_are_all_answered(anb
 
 
 async def test_connection_limit(fresh_dsn, tokens_file):
-    from anbao.config import Limits
     from helpers import Anbao
+
+    from anbao.config import Limits
+
     server = await Anbao(fresh_dsn, tokens_file, Limits(max_connections=3)).start()
     try:
         held = [await Raw.open(server.port) for _ in range(3)]
@@ -110,8 +128,10 @@ async def test_connection_limit(fresh_dsn, tokens_file):
 
 
 async def test_silent_unauthenticated_connection_is_closed(fresh_dsn, tokens_file):
-    from anbao.config import Limits
     from helpers import Anbao
+
+    from anbao.config import Limits
+
     server = await Anbao(fresh_dsn, tokens_file, Limits(hello_timeout_ms=300)).start()
     try:
         raw = await Raw.open(server.port, hello=False)

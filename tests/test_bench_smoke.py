@@ -2,6 +2,7 @@
 (redis, naive, echo) at a tiny size, through the real code path (`python -m
 bench`, a real `anbao serve`, a real redis-server, real load-generator
 processes). Speed is never asserted here."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,23 +16,57 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--attempts", "200", "--shares", "50", "--packets", "20", "--packet-shares", "10",
-        "--connections", "8", "--procs", "1", "--duration-s", "30", "--settle-s", "0"]
+TINY = [
+    "--attempts",
+    "200",
+    "--shares",
+    "50",
+    "--packets",
+    "20",
+    "--packet-shares",
+    "10",
+    "--connections",
+    "8",
+    "--procs",
+    "1",
+    "--duration-s",
+    "30",
+    "--settle-s",
+    "0",
+]
 BENCH_TIMEOUT_S = 240
 # pytest-timeout, when installed, bounds the whole test too; the subprocess timeout always does.
-timeout = (pytest.mark.timeout(BENCH_TIMEOUT_S + 90) if importlib.util.find_spec("pytest_timeout")
-           else (lambda f: f))
-RUN_KEYS = {"name", "target", "scenario", "mode", "attempts", "answered", "ok", "ok_per_s", "answers_per_s",
-            "rejects_per_s", "latency_ms", "latency_ok_ms", "statuses", "errors", "problems", "valid", "verdict",
-            "percentile_curve_ms", "hdr_histogram"}
+timeout = pytest.mark.timeout(BENCH_TIMEOUT_S + 90) if importlib.util.find_spec("pytest_timeout") else (lambda f: f)
+RUN_KEYS = {
+    "name",
+    "target",
+    "scenario",
+    "mode",
+    "attempts",
+    "answered",
+    "ok",
+    "ok_per_s",
+    "answers_per_s",
+    "rejects_per_s",
+    "latency_ms",
+    "latency_ok_ms",
+    "statuses",
+    "errors",
+    "problems",
+    "valid",
+    "verdict",
+    "percentile_curve_ms",
+    "hdr_histogram",
+}
 
 
 def bench(tmp_path: Path, *args: str) -> tuple[dict, subprocess.CompletedProcess]:
     """Runs the bench in a process group of its own; past BENCH_TIMEOUT_S it
     gets SIGINT (so it stops the servers it started), then SIGKILL."""
     argv = [sys.executable, "-m", "bench", *args, "--out", str(tmp_path)]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=BENCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -58,8 +93,19 @@ def test_every_scenario_and_every_baseline(tmp_path):
     assert doc["audit"]["ok"] is True
     assert doc["valid"] is True
     runs = {r["name"]: r for r in doc["runs"]}
-    assert set(runs) == {"anbao hot", "anbao storm", "anbao soldout", "anbao spread", "anbao mixed",
-                         "redis hot", "redis storm", "redis soldout", "redis spread", "naive storm", "echo storm"}
+    assert set(runs) == {
+        "anbao hot",
+        "anbao storm",
+        "anbao soldout",
+        "anbao spread",
+        "anbao mixed",
+        "redis hot",
+        "redis storm",
+        "redis soldout",
+        "redis spread",
+        "naive storm",
+        "echo storm",
+    }
     for r in runs.values():
         assert RUN_KEYS <= r.keys()
         assert r["valid"] and r["verdict"] == "valid" and not r["problems"], r["problems"]
@@ -67,7 +113,7 @@ def test_every_scenario_and_every_baseline(tmp_path):
     assert runs["anbao storm"]["ok"] == 50 == runs["naive storm"]["ok"] == runs["redis storm"]["ok"]
     assert runs["anbao storm"]["statuses"]["GRAB"] == {"OK": 50, "SOLD_OUT": 150}
     assert runs["redis storm"]["statuses"]["GRAB"] == {"OK": 50, "SOLD_OUT": 150}
-    assert runs["redis storm"]["ok_amount_cents"] == 50 * 100           # sold out: every cent handed out
+    assert runs["redis storm"]["ok_amount_cents"] == 50 * 100  # sold out: every cent handed out
     assert runs["anbao hot"]["statuses"]["GRAB"] == {"OK": 200} == runs["redis hot"]["statuses"]["GRAB"]
     assert runs["redis soldout"]["statuses"]["GRAB"] == {"SOLD_OUT": 200}
     assert runs["redis spread"]["statuses"]["GRAB"] == {"OK": 200}
@@ -76,12 +122,14 @@ def test_every_scenario_and_every_baseline(tmp_path):
     assert runs["anbao spread"]["ok"] == 200
     assert set(runs["anbao mixed"]["statuses"]) <= {"SEND", "GRAB", "PACKET", "BALANCE"}
     assert runs["echo storm"]["ok"] == 200
-    assert {q["ratio"] for q in doc["ratios"]} >= {"durable grabs/s, storm: anbao / naive",
-                                                   "answers/s, storm: anbao / echo ceiling",
-                                                   "durable grabs/s, hot: anbao / redis",
-                                                   "durable grabs/s, storm: anbao / redis",
-                                                   "p99 latency, storm: anbao / redis (below 1: anbao faster)",
-                                                   "answers/s, soldout: anbao / redis"}
+    assert {q["ratio"] for q in doc["ratios"]} >= {
+        "durable grabs/s, storm: anbao / naive",
+        "answers/s, storm: anbao / echo ceiling",
+        "durable grabs/s, hot: anbao / redis",
+        "durable grabs/s, storm: anbao / redis",
+        "p99 latency, storm: anbao / redis (below 1: anbao faster)",
+        "answers/s, soldout: anbao / redis",
+    }
     assert doc["headline"]["value"] > 0 and doc["headline"]["valid"]
     png = tmp_path / "all.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -92,8 +140,24 @@ def test_every_scenario_and_every_baseline(tmp_path):
 def test_hot_against_redis(tmp_path):
     """The headline: hot, 2 packets x 200 shares, every share grabbed, anbao
     and Redis (AOF fsync always) driven by the same load generator."""
-    doc, p = bench(tmp_path, "hot", "--hot-packets", "2", "--shares", "200", "--connections", "8", "--procs", "1",
-                   "--duration-s", "30", "--settle-s", "0", "--baseline", "redis")
+    doc, p = bench(
+        tmp_path,
+        "hot",
+        "--hot-packets",
+        "2",
+        "--shares",
+        "200",
+        "--connections",
+        "8",
+        "--procs",
+        "1",
+        "--duration-s",
+        "30",
+        "--settle-s",
+        "0",
+        "--baseline",
+        "redis",
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert doc["valid"] is True and doc["audit"]["ok"] is True
     runs = {r["name"]: r for r in doc["runs"]}
@@ -104,15 +168,15 @@ def test_hot_against_redis(tmp_path):
         assert r["valid"] and r["verdict"] == "valid" and not r["problems"], r["problems"]
         assert r["attempts"] == r["answered"] == r["ok"] == 400
         assert r["statuses"] == {"GRAB": {"OK": 400}}
-        assert (r["connections"], r["depth"], r["procs"]) == (8, 4, 1)      # the same load for both
-    assert redis["ok_amount_cents"] == 2 * 200 * 100                      # every share, every cent
+        assert (r["connections"], r["depth"], r["procs"]) == (8, 4, 1)  # the same load for both
+    assert redis["ok_amount_cents"] == 2 * 200 * 100  # every share, every cent
     assert redis["info"]["config"]["appendfsync"] == "always" and redis["info"]["config"]["save"] == ""
     assert redis["info"]["aof_enabled"] == "1"
     ratio = {q["ratio"]: q for q in doc["ratios"]}["durable grabs/s, hot: anbao / redis"]
     assert ratio["value"] > 0
     assert (ratio["numerator"], ratio["denominator"]) == (runs["anbao hot"]["ok_per_s"], redis["ok_per_s"])
     assert doc["headline"]["value"] == ratio["value"]
-    assert not Path(f"/proc/{redis['info']['redis_pid']}").exists()          # its redis-server is gone
+    assert not Path(f"/proc/{redis['info']['redis_pid']}").exists()  # its redis-server is gone
     assert not Path(redis["info"]["redis_dir"]).exists()
 
 
@@ -128,10 +192,16 @@ def test_open_loop_storm(tmp_path):
     assert doc["audit"]["ok"] and (tmp_path / "open.png").exists()
 
 
-@pytest.mark.parametrize("argv", [["storm", "--server", "10.0.0.1:7878", "--data-dir", "x"],
-                                  ["storm", "--depth", "0"], ["storm", "--baseline", "mongodb"],
-                                  ["hot", "--hot-packets", "0"],
-                                  ["hot", "--baseline", "redis", "--redis-server", "/nonexistent/redis-server"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["storm", "--server", "10.0.0.1:7878", "--data-dir", "x"],
+        ["storm", "--depth", "0"],
+        ["storm", "--baseline", "mongodb"],
+        ["hot", "--hot-packets", "0"],
+        ["hot", "--baseline", "redis", "--redis-server", "/nonexistent/redis-server"],
+    ],
+)
 def test_refuses_bad_settings(argv):
     p = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "error" in p.stderr

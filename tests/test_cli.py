@@ -1,14 +1,13 @@
 """`anbao serve` as `make run` starts it: embedded PostgreSQL, tokens on
 first run, the banner, a working server, a graceful stop; then `anbao audit`."""
+
 import json
-import os
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from anbao_client import SyncClient
 
@@ -24,9 +23,12 @@ def free_port() -> int:
 def test_serve_prints_where_tokens_are_and_serves(tmp_path):
     data = tmp_path / "data"
     port = free_port()
-    proc = subprocess.Popen(ANBAO + ["serve", "--data-dir", str(data), "--port", str(port),
-                             "--metrics-port", str(free_port())],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ANBAO + ["serve", "--data-dir", str(data), "--port", str(port), "--metrics-port", str(free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         banner = []
         deadline = time.monotonic() + 60
@@ -55,6 +57,7 @@ def test_serve_prints_where_tokens_are_and_serves(tmp_path):
     audit = subprocess.run(ANBAO + ["audit", "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
     assert audit.returncode == 0 and "anbao audit: OK" in audit.stdout, audit.stdout + audit.stderr
     from anbao.storage import embedded
+
     assert not embedded.already_running(data), "a one-off audit leaves no PostgreSQL behind"
 
 
@@ -62,11 +65,13 @@ def test_audit_exits_nonzero_on_a_broken_ledger(tmp_path):
     data = tmp_path / "data"
     subprocess.run(ANBAO + ["migrate", "--data-dir", str(data)], check=True, capture_output=True, timeout=60)
     from anbao.storage import embedded
+
     server, dsn = embedded.start(data)
     try:
         server.psql("INSERT INTO accounts (kind, owner_id, balance_cents) VALUES (1, 5, 100);")
-        audit = subprocess.run(ANBAO + ["audit", "--data-dir", str(data), "--json"], capture_output=True, text=True,
-                               timeout=60)
+        audit = subprocess.run(
+            ANBAO + ["audit", "--data-dir", str(data), "--json"], capture_output=True, text=True, timeout=60
+        )
         assert audit.returncode == 1
         report = json.loads(audit.stdout)
         assert not report["ok"]

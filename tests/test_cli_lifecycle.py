@@ -1,12 +1,14 @@
 """The `anbao` client commands, run as a person or a script would, against
 a server in this test's event loop: readable text by default, one JSON
 document with --json, and exit codes that say what happened."""
+
 import asyncio
 import json
 import sys
 
-from anbao.cli import EXIT_REFUSED, EXIT_UNREACHABLE
 from helpers import funded_users
+
+from anbao.cli import EXIT_REFUSED, EXIT_UNREACHABLE
 
 ANBAO = [sys.executable, "-m", "anbao.cli", "--log-level", "WARNING"]
 
@@ -15,8 +17,13 @@ async def cli(anbao, *args, as_json=True, port=None, server=True):
     """Runs `anbao ARGS` against the test server; (exit code, parsed JSON or text, stderr)."""
     where = ["--port", str(port or anbao.port), "--tokens-file", str(anbao.tokens_file)] if server else []
     proc = await asyncio.create_subprocess_exec(
-        *ANBAO, *map(str, args), *where, *(["--json"] if as_json else []),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *ANBAO,
+        *map(str, args),
+        *where,
+        *(["--json"] if as_json else []),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode()
     return proc.returncode, (json.loads(text) if as_json and text.strip() else text), err.decode()
@@ -28,7 +35,7 @@ async def test_cli_money_lifecycle_for_scripts(anbao):
     rc, doc, _ = await cli(anbao, "deposit", 1, "100.50")
     assert rc == 0 and doc["balance_cents"] == 10_050 and len(doc["idempotency_key"]) == 32
     key = doc["idempotency_key"]
-    rc, again, _ = await cli(anbao, "deposit", 1, "100.50", "--key", key)      # a retry: nothing moves
+    rc, again, _ = await cli(anbao, "deposit", 1, "100.50", "--key", key)  # a retry: nothing moves
     assert rc == 0 and again["transfer_id"] == doc["transfer_id"] and again["balance_cents"] == 10_050
     rc, doc, _ = await cli(anbao, "deposit", 1, "1", "--key", key)
     assert rc == EXIT_REFUSED and doc["error"] == "IDEMPOTENCY_CONFLICT"
@@ -49,9 +56,21 @@ async def test_cli_money_lifecycle_for_scripts(anbao):
     rc, doc, _ = await cli(anbao, "grab", pid, 1)
     assert rc == EXIT_REFUSED and doc["error"] == "NOT_ELIGIBLE"
 
-    (rc1, packet, _), (rc2, bal, _), (rc3, st, _), (rc4, sent_list, _), (rc5, recv, _), (rc6, group, _) = \
-        await asyncio.gather(cli(anbao, "packet", pid), cli(anbao, "balance", "1-4"), cli(anbao, "statement", 1),
-                             cli(anbao, "sent", 1), cli(anbao, "received", 4), cli(anbao, "group", "show", 9))
+    (
+        (rc1, packet, _),
+        (rc2, bal, _),
+        (rc3, st, _),
+        (rc4, sent_list, _),
+        (rc5, recv, _),
+        (rc6, group, _),
+    ) = await asyncio.gather(
+        cli(anbao, "packet", pid),
+        cli(anbao, "balance", "1-4"),
+        cli(anbao, "statement", 1),
+        cli(anbao, "sent", 1),
+        cli(anbao, "received", 4),
+        cli(anbao, "group", "show", 9),
+    )
     assert rc1 == rc2 == rc3 == rc4 == rc5 == rc6 == 0
     assert packet["status"] == "sold_out" and packet["greeting"] == "新年快乐" and packet["audience"] == "group"
     assert [c["user_id"] for c in packet["claims"]] and packet["luckiest_seq"] == 1
@@ -77,18 +96,26 @@ async def test_cli_text_for_people(anbao):
     sent = await admin.send(a, 1_000, 2, members=[b, c], greeting="恭喜发财")
     await admin.grab(sent.packet_id, b)
     await admin.grab(sent.packet_id, c)
-    (rc1, packet, _), (rc2, statement, _), (rc3, deposit, _), (rc4, _, err4), (rc5, _, err5), (rc6, _, err6) = \
-        await asyncio.gather(cli(anbao, "packet", sent.packet_id, as_json=False),
-                             cli(anbao, "statement", a, as_json=False),
-                             cli(anbao, "deposit", b, "12.34", as_json=False),
-                             cli(anbao, "deposit", b, "1.234", as_json=False),
-                             cli(anbao, "grab", sent.packet_id, 99, as_json=False),
-                             cli(anbao, "balance", 1, as_json=False, port=1))
+    (
+        (rc1, packet, _),
+        (rc2, statement, _),
+        (rc3, deposit, _),
+        (rc4, _, err4),
+        (rc5, _, err5),
+        (rc6, _, err6),
+    ) = await asyncio.gather(
+        cli(anbao, "packet", sent.packet_id, as_json=False),
+        cli(anbao, "statement", a, as_json=False),
+        cli(anbao, "deposit", b, "12.34", as_json=False),
+        cli(anbao, "deposit", b, "1.234", as_json=False),
+        cli(anbao, "grab", sent.packet_id, 99, as_json=False),
+        cli(anbao, "balance", 1, as_json=False, port=1),
+    )
     assert rc1 == rc2 == rc3 == 0
     assert "sold out: 2/2 claimed (10.00)" in packet and "luckiest" in packet and "恭喜发财" in packet
     assert "balance 90.00" in statement and "-10.00" in statement and "+100.00" in statement
     assert deposit.startswith(f"deposited 12.34 to user {b}: balance ")
-    assert rc4 == 2 and "at most two decimals" in err4          # argparse: bad command line
+    assert rc4 == 2 and "at most two decimals" in err4  # argparse: bad command line
     assert rc5 == EXIT_REFUSED and "NOT_ELIGIBLE" in err5
     assert rc6 == EXIT_UNREACHABLE and "no answer" in err6
 

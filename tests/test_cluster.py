@@ -1,24 +1,27 @@
 """Every core: real `anbao serve --workers 2` processes, real memcached, real
 PostgreSQL. Steering, relaying, admission, and crashes: kill -9 of a worker
 and of memcached mid-storm. Every test ends with the audit."""
+
 import asyncio
 import os
 import signal
 
 import asyncpg
 import pytest
+from helpers import APP_TOKEN
+from served import RETRYABLE, Grabber, audit_clean, claims_of, is_recorded_alive, setup_packet, storm
 
 from anbao_client import Cluster, SoldOut
 from anbao_client.errors import AlreadyClaimed, NotEligible
 from anbao_client.routing import owner_of
-from helpers import APP_TOKEN
-from served import RETRYABLE, Grabber, audit_clean, claims_of, is_recorded_alive, setup_packet, storm
 
 
 def scrape(port: int) -> dict:
     """The endpoint's samples, summed over label sets, keyed by name and labels."""
     import urllib.request
+
     from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     out = {}
     for family in text_string_to_metric_families(text):
@@ -26,6 +29,7 @@ def scrape(port: int) -> dict:
             key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "pid")))
             out[key] = out.get(key, 0) + sample.value
     return out
+
 
 async def test_steering_topology_and_stats(serve):
     s = serve(workers=2)
@@ -125,15 +129,15 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
             # lands mid-storm however fast the storm runs.
             async with conn.transaction():
                 await conn.execute("LOCK TABLE claims, grab_rollups IN SHARE ROW EXCLUSIVE MODE")
-                claims_at_kill.append(await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1",
-                                                          sent.packet_id))
+                claims_at_kill.append(
+                    await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id)
+                )
                 await asyncio.sleep(0.05)
                 os.kill(victim, signal.SIGKILL)
         finally:
             await conn.close()
 
-    (won, outcomes), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers, timeout_s=120),
-                                              killer())
+    (won, outcomes), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers, timeout_s=120), killer())
     assert "gave_up" not in outcomes
     assert claims_at_kill[0] < 1000, "the kill must land mid-storm"
     in_db = await claims_of(fresh_dsn, sent.packet_id)
@@ -180,7 +184,7 @@ async def test_memcached_flushed_then_killed_mid_storm(serve, fresh_dsn):
     stats = [await c.stats() for c in admin.clients]
     assert sum(st["admission_errors"] for st in stats) > 0
     # A new memcached on the same port.
-    for _ in range(100):   # bounded: 5 s
+    for _ in range(100):  # bounded: 5 s
         info = s.run_info()
         if info["memcached_restarts"] >= 1:
             break
@@ -192,7 +196,7 @@ async def test_memcached_flushed_then_killed_mid_storm(serve, fresh_dsn):
     # keep succeeding.
     admin2, users2, sent2 = await setup_packet(s.port, 50, 5_000, 10)
     key = f"anbao:0:permits:{sent2.packet_id}".encode()
-    for _ in range(60):   # bounded: 3 s (the owner reseeds each second)
+    for _ in range(60):  # bounded: 3 s (the owner reseeds each second)
         r, w = await asyncio.open_connection("127.0.0.1", mc_port)
         w.write(b"get " + key + b"\r\n")
         reply = await r.readuntil(b"END\r\n")
@@ -238,10 +242,12 @@ def test_routing_rules_agree():
     """The one ownership rule (anbao_client.routing), the server's steering
     program and the SDK's port choice all name the same worker."""
     from anbao_client import routing
+
     for pid in [1, 1023, 1024, 123456789, 2**62 + 77]:
         for n in (1, 2, 3, 8):
             assert routing.owner_of(pid, n) == (pid & (routing.SHARD_COUNT - 1)) % n
     from anbao.server.listener import steered_worker
+
     for w in range(4):
         assert all(steered_worker(routing.local_port_for(w, 4), 4) == w for _ in range(50))
         assert all(routing.owner_of(routing.make_packet_id(0, 5, sh), 4) == w for sh in routing.shards_of(w, 4))
@@ -251,7 +257,9 @@ def test_steering_program_steers_real_connections():
     """The BPF program on a real reuseport group: 40 connections from chosen
     source ports each land on the listener the rule names."""
     import socket
+
     from anbao.server.listener import open_listeners, steered_worker
+
     socks = open_listeners("127.0.0.1", 0, 3)
     port = socks[0].getsockname()[1]
     try:

@@ -1,6 +1,7 @@
 """One connection's edges: what a framing error does to the requests before
 it, what a client that never reads can cost a worker, and the
 conversation rules PROTOCOL.md spells out (HELLO, pipelining, opcodes)."""
+
 import asyncio
 import random
 import socket
@@ -8,12 +9,12 @@ import struct
 import time
 
 import pytest
+from helpers import ADMIN_TOKEN, APP_TOKEN, Anbao, Raw, funded_users
 
-from anbao.core import codec
 from anbao.config import Limits
+from anbao.core import codec
 from anbao_client import wire
 from anbao_client.wire import Op, Status
-from helpers import ADMIN_TOKEN, APP_TOKEN, Anbao, Raw, funded_users
 
 
 async def read_to_close(raw: Raw, timeout_s: float = 10) -> bytes:
@@ -44,6 +45,7 @@ def frames_of(data: bytes) -> list:
 
 # ------------------------------------------------------------------ framing errors
 
+
 async def test_requests_before_a_bad_frame_are_answered_then_the_error_last(anbao):
     """Before, requests that arrived in the same read as a bad length were
     dropped unanswered, and an answer could follow the error frame."""
@@ -51,17 +53,23 @@ async def test_requests_before_a_bad_frame_are_answered_then_the_error_last(anba
     a, b = await funded_users(admin, 1, 2, 1_000)
     sent = await admin.send(a, 300, 3)
     rng = random.Random(9)
-    for i in range(100):   # bounded: 100 connections
+    for i in range(100):  # bounded: 100 connections
         raw = await Raw.open(anbao.port)
         n = rng.randint(1, 12)
         reqs = []
         for k in range(n):
             rid = 100 + k
             kind = rng.choice(["ping", "balance", "grab", "topology"])
-            reqs.append({"ping": wire.ping(rid), "balance": wire.balance(rid, a), "topology": wire.topology(rid),
-                         "grab": wire.grab(rid, sent.packet_id, b)}[kind])
+            reqs.append(
+                {
+                    "ping": wire.ping(rid),
+                    "balance": wire.balance(rid, a),
+                    "topology": wire.topology(rid),
+                    "grab": wire.grab(rid, sent.packet_id, b),
+                }[kind]
+            )
         bad = rng.choice([struct.pack(">I", 2) + b"\x02", struct.pack(">I", 10_000_000) + b"\x21" * 8])
-        after = wire.ping(999)   # past the bad length: never read as a request
+        after = wire.ping(999)  # past the bad length: never read as a request
         raw.send(b"".join(reqs) + bad + after)
         got = frames_of(await read_to_close(raw))
         assert sorted(r.request_id for _, r in got[:-1]) == list(range(100, 100 + n)), f"connection {i}"
@@ -87,36 +95,38 @@ async def test_a_bad_frame_waits_for_the_grab_before_it(anbao):
 
 # ------------------------------------------------------------------ back-pressure
 
+
 async def test_a_client_that_never_reads_cannot_grow_a_worker(fresh_dsn, tokens_file):
     """PINGs sent and never read: past the high-water mark the worker stops
     reading the connection, so the client's own sends block (TCP) and the
     worker holds at most about the mark in unsent answers. Before, every
     answer was buffered: ~15 MB a million."""
     high = 256 << 10
-    server = await Anbao(fresh_dsn, tokens_file, Limits(write_buffer_high_bytes=high,
-                                                        max_write_buffer_bytes=4 << 20)).start()
+    server = await Anbao(
+        fresh_dsn, tokens_file, Limits(write_buffer_high_bytes=high, max_write_buffer_bytes=4 << 20)
+    ).start()
     try:
         raw = await Raw.open(server.port)
         sock = raw.writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-        chunk = b"".join(wire.ping(2 + i) for i in range(7000))   # 63 KB of requests
+        chunk = b"".join(wire.ping(2 + i) for i in range(7000))  # 63 KB of requests
         sent = 0
         most_buffered = 0
         held = False
         deadline = time.monotonic() + 30
-        while sent < (40 << 20) and time.monotonic() < deadline:   # bounded: 40 MB, 30 s
+        while sent < (40 << 20) and time.monotonic() < deadline:  # bounded: 40 MB, 30 s
             raw.writer.write(chunk)
             sent += len(chunk)
             try:
                 await asyncio.wait_for(raw.writer.drain(), 0.5)
-            except asyncio.TimeoutError:
-                held = True   # the worker stopped reading us
+            except TimeoutError:
+                held = True  # the worker stopped reading us
             conns = [c for c in server.worker.connections if c.transport is not None]
             most_buffered = max([most_buffered] + [c.transport.get_write_buffer_size() for c in conns])
             if held:
                 break
         assert held, f"sent {sent >> 20} MB and the worker still read them all"
-        bound = high + (512 << 10)   # plus the answers to one read
+        bound = high + (512 << 10)  # plus the answers to one read
         assert most_buffered <= bound, f"{most_buffered} bytes of answers held for a client that reads nothing"
         stats = server.worker.stats()
         assert stats["connections_paused_writing"] == 1 and stats["unsent_answer_bytes"] <= bound
@@ -149,7 +159,7 @@ async def test_a_client_owed_more_than_the_hard_limit_is_dropped(fresh_dsn, toke
         await admin.group_create(77, members)
         raw = await Raw.open(server.port)
         raw.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 10)
-        raw.send(b"".join(wire.group_info(10 + i, 77, 0, 1000) for i in range(1000)))   # ~8 KB an answer
+        raw.send(b"".join(wire.group_info(10 + i, 77, 0, 1000) for i in range(1000)))  # ~8 KB an answer
         deadline = time.monotonic() + 20
         while any(c.peer == raw.writer.get_extra_info("sockname") for c in server.worker.connections):
             assert time.monotonic() < deadline, "the connection was never dropped"
@@ -161,6 +171,7 @@ async def test_a_client_owed_more_than_the_hard_limit_is_dropped(fresh_dsn, toke
 
 
 # ------------------------------------------------------------------ conversation rules (PROTOCOL.md)
+
 
 async def test_hello_rules(anbao):
     # Requests pipelined behind a good HELLO are served in order.
@@ -181,7 +192,11 @@ async def test_hello_rules(anbao):
     raw.send(wire.ping(1) + wire.hello(2, b"x", version=9) + wire.hello(3, APP_TOKEN.encode()) + wire.ping(4))
     got = await raw.answers(4)
     assert [(r.request_id, r.status) for r in got] == [
-        (1, Status.UNAUTHENTICATED), (2, Status.UNSUPPORTED_VERSION), (3, Status.OK), (4, Status.OK)]
+        (1, Status.UNAUTHENTICATED),
+        (2, Status.UNSUPPORTED_VERSION),
+        (3, Status.OK),
+        (4, Status.OK),
+    ]
     assert "version 1" in wire.error_message(got[1].body)
     raw.close()
 
@@ -200,15 +215,19 @@ async def test_unknown_opcodes_answer_without_echoing_a_response_opcode(anbao):
         data += await asyncio.wait_for(raw.reader.read(65536), 5)
     got = frames_of(data)
     assert [(op, r.request_id, r.status) for op, r in got] == [
-        (0xFE, 5, Status.UNKNOWN_OPCODE), (0x80, 6, Status.UNKNOWN_OPCODE), (0x80, 7, Status.UNKNOWN_OPCODE)]
+        (0xFE, 5, Status.UNKNOWN_OPCODE),
+        (0x80, 6, Status.UNKNOWN_OPCODE),
+        (0x80, 7, Status.UNKNOWN_OPCODE),
+    ]
     assert await Raw.open(anbao.port) is not None
     raw.close()
 
 
 async def test_a_sender_grabbing_their_own_packet_is_not_eligible(anbao):
     from anbao_client import NotEligible
+
     admin = await anbao.client("admin")
-    a, = await funded_users(admin, 1, 1, 1_000)
+    (a,) = await funded_users(admin, 1, 1, 1_000)
     sent = await admin.send(a, 100, 2)
     with pytest.raises(NotEligible):
         await admin.grab(sent.packet_id, a)

@@ -3,13 +3,14 @@ reaches PostgreSQL, an unreachable or stopping PostgreSQL is UNAVAILABLE
 (IN_DOUBT for a write whose connection broke under it), never INTERNAL;
 the outage is logged once per interval and shown in STATS, and retrying
 with the same key afterwards moves the money exactly once."""
+
 import asyncio
 import logging
 import os
-import struct
 
 import asyncpg
 import pytest
+from helpers import Anbao, Raw, funded_users
 
 from anbao.config import Limits
 from anbao.server import dbhealth
@@ -17,7 +18,6 @@ from anbao.storage import embedded
 from anbao.storage.migrate import migrate
 from anbao_client import wire
 from anbao_client.wire import Op, Status
-from helpers import Anbao, Raw, funded_users
 
 
 async def test_nul_bytes_in_text_are_invalid_and_reach_nothing(anbao):
@@ -34,6 +34,7 @@ async def test_nul_bytes_in_text_are_invalid_and_reach_nothing(anbao):
     assert "NUL" in wire.error_message(got[10].body) and "group name" in wire.error_message(got[11].body)
     assert await admin.balance(a) == 1_000, "no packet was made"
     from anbao_client import UnknownGroup
+
     with pytest.raises(UnknownGroup):
         await admin.group_info(500)
     # The same key, with a clean greeting, is a new request: it was never stored.
@@ -54,8 +55,14 @@ def test_database_errors_are_classified():
     assert dbhealth.classify(E.CrashShutdownError()) == dbhealth.BROKE
     assert dbhealth.classify(E.ConnectionDoesNotExistError()) == dbhealth.BROKE
     assert dbhealth.classify(ConnectionResetError()) == dbhealth.BROKE
-    assert dbhealth.classify(asyncpg.exceptions._base.InternalClientError(
-        "cannot switch to state 11; another operation (2) is in progress")) == dbhealth.BROKE
+    assert (
+        dbhealth.classify(
+            asyncpg.exceptions._base.InternalClientError(
+                "cannot switch to state 11; another operation (2) is in progress"
+            )
+        )
+        == dbhealth.BROKE
+    )
     assert dbhealth.classify(E.SerializationError()) == dbhealth.ROLLED_BACK
     assert dbhealth.classify(E.DeadlockDetectedError()) == dbhealth.ROLLED_BACK
     assert dbhealth.classify(E.QueryCanceledError()) == dbhealth.ROLLED_BACK
@@ -85,17 +92,19 @@ async def test_postgres_shutting_down_is_unavailable_never_internal(own_pg, toke
     limits = Limits(db_probe_interval_ms=100, db_down_log_interval_ms=60_000)
     anbao = await Anbao(dsn, tokens_file, limits).start()
     caplog.set_level(logging.WARNING, logger="anbao.database")
-    holder = await asyncpg.connect(dsn)   # keeps the smart shutdown from finishing
+    holder = await asyncpg.connect(dsn)  # keeps the smart shutdown from finishing
     try:
         admin = await anbao.client("admin")
-        a, = await funded_users(admin, 1, 1, 1_000)
+        (a,) = await funded_users(admin, 1, 1, 1_000)
         raw = await Raw.open(anbao.port)
-        await holder.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                             f" WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        await holder.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
         embedded.pg_ctl_stop(data, mode="smart", wait=False)
         keys = [os.urandom(16) for _ in range(40)]
         statuses = {Op.BALANCE: [], Op.DEPOSIT: []}
-        for i, key in enumerate(keys):   # bounded: 40 rounds
+        for i, key in enumerate(keys):  # bounded: 40 rounds
             raw.send(wire.balance(1000 + i, a) + wire.deposit(2000 + i, key, a, 10))
             for r in await raw.answers(2):
                 statuses[r.opcode].append(r.status)
@@ -120,7 +129,7 @@ async def test_postgres_shutting_down_is_unavailable_never_internal(own_pg, toke
     await asyncio.get_running_loop().run_in_executor(None, lambda: embedded.pg_ctl_stop(data, mode="fast"))
     # Back: PostgreSQL restarts, the worker reconnects, the retried keys move money once.
     embedded.start(data)
-    for _ in range(100):   # bounded: 10 s
+    for _ in range(100):  # bounded: 10 s
         st = await admin.stats()
         if st["database_up"]:
             break

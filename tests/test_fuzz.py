@@ -4,19 +4,21 @@ lengths) and raw garbage, over many connections. Every complete frame gets
 exactly one typed answer (never INTERNAL) under its own request id and
 opcode, a bad length gets the fatal frame last, and afterwards the server
 still serves and the books balance."""
+
 import asyncio
 import os
 import random
 import struct
 
+from helpers import ADMIN_TOKEN, funded_users
+
 from anbao.core import codec
 from anbao_client import wire
 from anbao_client.wire import Status
-from helpers import ADMIN_TOKEN, funded_users
 
 SEED = 20_261_125
 CONNECTIONS = 60
-FRAMES_PER_CONNECTION = 60      # 3,600 frames a run
+FRAMES_PER_CONNECTION = 60  # 3,600 frames a run
 READ_TIMEOUT_S = 10
 
 
@@ -25,12 +27,24 @@ def templates(packet_id: int, users: list[int], group_id: int) -> list[bytes]:
     a, b = users[0], users[1]
     key = os.urandom(16)
     return [
-        wire.ping(1), wire.topology(1), wire.stats(1), wire.balance(1, a), wire.register(1, [a, 10**6]),
-        wire.deposit(1, key, a, 5), wire.withdraw(1, key, a, 5), wire.grab(1, packet_id, b),
-        wire.packet(1, packet_id, 0, 10), wire.statement(1, a, 0, 5), wire.sent_list(1, a, 0, 5),
-        wire.received_list(1, b, 0, 5), wire.send(1, os.urandom(16), a, 10, 2, 1, 0, 0, [], "hi"),
-        wire.group_create(1, group_id, "g", [a, b]), wire.group_add(1, group_id, [b]),
-        wire.group_remove(1, group_id, [b]), wire.group_info(1, group_id, 0, 10), wire.audit(1),
+        wire.ping(1),
+        wire.topology(1),
+        wire.stats(1),
+        wire.balance(1, a),
+        wire.register(1, [a, 10**6]),
+        wire.deposit(1, key, a, 5),
+        wire.withdraw(1, key, a, 5),
+        wire.grab(1, packet_id, b),
+        wire.packet(1, packet_id, 0, 10),
+        wire.statement(1, a, 0, 5),
+        wire.sent_list(1, a, 0, 5),
+        wire.received_list(1, b, 0, 5),
+        wire.send(1, os.urandom(16), a, 10, 2, 1, 0, 0, [], "hi"),
+        wire.group_create(1, group_id, "g", [a, b]),
+        wire.group_add(1, group_id, [b]),
+        wire.group_remove(1, group_id, [b]),
+        wire.group_info(1, group_id, 0, 10),
+        wire.audit(1),
         wire.hello(1, b"not a token"),
     ]
 
@@ -40,20 +54,20 @@ def mutate(rng: random.Random, frame: bytes, rid: int) -> bytes:
     body = bytearray(frame[:5] + struct.pack(">I", rid) + frame[9:])
     kind = rng.random()
     if kind < 0.45:
-        return bytes(body)                                    # as it is
+        return bytes(body)  # as it is
     payload = body[9:]
     if kind < 0.6 and payload:
-        for _ in range(rng.randint(1, 3)):                   # bit flips in the payload
+        for _ in range(rng.randint(1, 3)):  # bit flips in the payload
             i = rng.randrange(len(payload))
             payload[i] ^= 1 << rng.randrange(8)
     elif kind < 0.7:
-        payload = payload[:rng.randint(0, len(payload))]      # cut short
+        payload = payload[: rng.randint(0, len(payload))]  # cut short
     elif kind < 0.8:
-        payload += bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 12)))   # trailing bytes
+        payload += bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 12)))  # trailing bytes
     elif kind < 0.9:
-        body[4] = rng.randrange(256)                          # another opcode
+        body[4] = rng.randrange(256)  # another opcode
     else:
-        payload = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 80)))    # a random payload
+        payload = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 80)))  # a random payload
     return struct.pack(">I", 5 + len(payload)) + bytes(body[4:9]) + bytes(payload)
 
 
@@ -75,7 +89,7 @@ def expected(stream: bytes, authenticated: bool) -> tuple[list[tuple[int, int]],
                 if token == ADMIN_TOKEN.encode():
                     authenticated = True
                 else:
-                    return out, False   # answered, then the connection closes
+                    return out, False  # answered, then the connection closes
     return out, fatal
 
 
@@ -87,13 +101,13 @@ async def test_fuzzed_frames_get_typed_answers_and_the_server_stays_healthy(anba
     await admin.group_create(900, [users[0]])
     base = templates(sent.packet_id, users, 900)
     totals = {"frames": 0, "fatal": 0, "statuses": {}}
-    for c in range(CONNECTIONS):   # bounded
+    for c in range(CONNECTIONS):  # bounded
         r, w = await asyncio.open_connection("127.0.0.1", anbao.port)
         authenticated = rng.random() < 0.85
         stream = wire.hello(0xFFFFFFF0, ADMIN_TOKEN.encode()) if authenticated else b""
         parts = []
         for i in range(FRAMES_PER_CONNECTION):
-            if rng.random() < 0.008:   # raw garbage: usually a lying length, so the end of the connection
+            if rng.random() < 0.008:  # raw garbage: usually a lying length, so the end of the connection
                 parts.append(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 40))))
             else:
                 parts.append(mutate(rng, rng.choice(base), 1000 * c + i))
@@ -103,7 +117,7 @@ async def test_fuzzed_frames_get_typed_answers_and_the_server_stays_healthy(anba
         pos = 0
         while pos < len(stream):
             n = rng.randint(1, 700)
-            w.write(stream[pos:pos + n])
+            w.write(stream[pos : pos + n])
             pos += n
             if rng.random() < 0.2:
                 await asyncio.sleep(0)
@@ -121,17 +135,25 @@ async def test_fuzzed_frames_get_typed_answers_and_the_server_stays_healthy(anba
             data += chunk
             got += frames.feed(chunk)
         opcode_bytes, at = [], 0
-        for f in got:
+        for _ in got:
             opcode_bytes.append(data[at + 4])
             at += 4 + struct.unpack_from(">I", data, at)[0]
-        answers = list(zip(opcode_bytes, got))
+        answers = list(zip(opcode_bytes, got, strict=True))
         if fatal:
             op_byte, last = answers.pop()
-            assert (op_byte, last.request_id) == (0x80, 0) and last.status in (Status.INVALID,
-                                                                              Status.FRAME_TOO_LARGE), (c, last)
+            assert (op_byte, last.request_id) == (0x80, 0) and last.status in (
+                Status.INVALID,
+                Status.FRAME_TOO_LARGE,
+            ), (c, last)
             totals["fatal"] += 1
         assert sorted((rid for _, rid in want)) == sorted(a.request_id for _, a in answers), (
-            f"connection {c}", authenticated, fatal, want[:5], data[:200], stream[:120])
+            f"connection {c}",
+            authenticated,
+            fatal,
+            want[:5],
+            data[:200],
+            stream[:120],
+        )
         by_rid = {}
         for opcode, rid in want:
             by_rid.setdefault(rid, []).append(opcode)

@@ -1,13 +1,22 @@
 """Groups: members in and out, packets to a group grabbed by the members it
 was sent to (membership at send time), and one-person packets."""
+
 import asyncio
 
 import pytest
-
-from anbao_client import (AlreadyClaimed, Audience, Invalid, NotEligible, PacketStatus, SoldOut, UnknownGroup,
-                          UnknownUser)
-from anbao_client import wire
 from helpers import funded_users
+
+from anbao_client import (
+    AlreadyClaimed,
+    Audience,
+    Invalid,
+    NotEligible,
+    PacketStatus,
+    SoldOut,
+    UnknownGroup,
+    UnknownUser,
+    wire,
+)
 
 
 async def test_create_add_remove_and_page_members(anbao):
@@ -55,8 +64,10 @@ async def test_group_refusals_change_nothing(anbao):
 
 
 async def test_group_size_limit(fresh_dsn, tokens_file):
-    from anbao.config import Limits
     from helpers import Anbao
+
+    from anbao.config import Limits
+
     server = await Anbao(fresh_dsn, tokens_file, Limits(max_members=4, max_group_members=6)).start()
     try:
         app = await server.client("app")
@@ -64,9 +75,9 @@ async def test_group_size_limit(fresh_dsn, tokens_file):
         await app.group_create(1, users[:4])
         await app.group_add(1, users[4:6])
         with pytest.raises(Invalid):
-            await app.group_add(1, users[6:7])          # the seventh member: all or nothing
+            await app.group_add(1, users[6:7])  # the seventh member: all or nothing
         with pytest.raises(Invalid):
-            await app.group_create(2, users[:5])        # above one request's list
+            await app.group_create(2, users[:5])  # above one request's list
         assert (await app.group_info(1)).member_count == 6
     finally:
         await server.stop()
@@ -87,7 +98,7 @@ async def test_group_packet_for_members_at_send_time(anbao):
     with pytest.raises(NotEligible):
         await admin.grab(sent.packet_id, stranger)
     with pytest.raises(NotEligible):
-        await admin.grab(sent.packet_id, sender)     # a member, but the sender
+        await admin.grab(sent.packet_id, sender)  # a member, but the sender
     got = [await admin.grab(sent.packet_id, u) for u in (c, a, b)]
     assert sum(g.amount_cents for g in got) == 900
     info = await admin.packet(sent.packet_id)
@@ -110,10 +121,12 @@ async def test_group_send_refusals(anbao):
     await admin.group_create(5, [sender, a, b])
     with pytest.raises(UnknownGroup):
         await admin.send(sender, 100, 1, group=6)
-    with pytest.raises(Invalid):   # three shares, two members besides the sender
+    with pytest.raises(Invalid):  # three shares, two members besides the sender
         await admin.send(sender, 100, 3, group=5)
-    raw = await admin._call(lambda rid: wire.send(rid, b"k" * 16, sender, 100, 1, 1, 0, wire.Audience.GROUP,
-                                                   [5, 6], ""), ok=(wire.Status.INVALID,))
+    raw = await admin._call(
+        lambda rid: wire.send(rid, b"k" * 16, sender, 100, 1, 1, 0, wire.Audience.GROUP, [5, 6], ""),
+        ok=(wire.Status.INVALID,),
+    )
     assert "one group id" in wire.error_message(raw.body)
     assert await admin.balance(sender) == 10_000
     assert await anbao.fetchval("SELECT count(*) FROM packets") == 0
@@ -139,7 +152,7 @@ async def test_group_storm_members_only(anbao):
     """A group of 600, 100 shares, everyone (and 200 outsiders) grabbing at
     once over several connections: shares go to members only, exactly 100."""
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 1_000_000)
+    (sender,) = await funded_users(admin, 1, 1, 1_000_000)
     members = await funded_users(admin, 1000, 600)
     outsiders = await funded_users(admin, 5000, 200)
     await admin.group_create(77, members[:500])

@@ -3,17 +3,17 @@ exactly once, through the packet's queue, so no grab lands after the refund
 and no accepted grab is left out of it; a restart or a second sweeper finds
 what is owed and pays it once. Every test ends with the audit, with no
 refund grace once the refunds are known to be done."""
+
 import asyncio
 import time
 
 import asyncpg
 import pytest
+from helpers import Anbao, Collector, funded_users
 
 from anbao.config import Limits
 from anbao.storage.audit import audit
-from anbao_client import AlreadyClaimed, Expired, Invalid, Mode, PacketStatus, TransferKind
-from anbao_client import wire
-from helpers import Anbao, Collector, funded_users
+from anbao_client import AlreadyClaimed, Expired, Invalid, Mode, PacketStatus, TransferKind, wire
 
 FAST_SWEEP = Limits(expiry_sweep_interval_ms=50)
 NO_SWEEP = Limits(expiry_sweep_interval_ms=3_600_000, refund_grace_ms=7_200_000)  # only the sweep at start-up
@@ -40,8 +40,9 @@ async def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
 async def refund_rows(dsn: str, packet_id: int) -> list:
     conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetch("SELECT amount_cents, credit_account FROM transfers WHERE kind = 5 AND packet_id = $1",
-                                packet_id)
+        return await conn.fetch(
+            "SELECT amount_cents, credit_account FROM transfers WHERE kind = 5 AND packet_id = $1", packet_id
+        )
     finally:
         await conn.close()
 
@@ -55,6 +56,7 @@ async def wait_refunded(anbao_or_dsn, packet_id: int, timeout_s: float = 10.0):
             return await conn.fetchval("SELECT status FROM packets WHERE packet_id = $1", packet_id) == 3
         finally:
             await conn.close()
+
     await wait_for(done, timeout_s, f"the refund of packet {packet_id}")
 
 
@@ -78,7 +80,10 @@ async def test_expired_packet_refunds_the_remainder_once(anbao):
     assert info.remaining_cents == 0 and info.luckiest.amount_cents == max(g.amount_cents for g in got)
     st = await admin.statement(sender)
     assert (st.entries[0].kind, st.entries[0].amount_cents, st.entries[0].packet_id) == (
-        TransferKind.REFUND, 1_000 - claimed, sent.packet_id)
+        TransferKind.REFUND,
+        1_000 - claimed,
+        sent.packet_id,
+    )
     [mine] = (await admin.sent(sender)).items
     assert mine.status == PacketStatus.REFUNDED and mine.refunded_cents == 1_000 - claimed
     # Asking again, by the sweeper or by hand, pays nothing more.
@@ -96,23 +101,23 @@ async def test_grabs_in_the_same_tick_as_the_expiry(anbao):
     in the batch in flight, or in the open batch) all land and are left out
     of the refund; grabs after it, in the very same loop tick, are EXPIRED."""
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 100_000)
+    (sender,) = await funded_users(admin, 1, 1, 100_000)
     users = await funded_users(admin, 100, 12)
     sent = await admin.send(sender, 10_000, 10, members=users)
     engine = anbao.worker.engine
-    early = await admin.grab(sent.packet_id, users[0])   # committed long before
+    early = await admin.grab(sent.packet_id, users[0])  # committed long before
     out = Collector()
-    for rid, u in enumerate(users[1:4], 1):               # these go into a batch...
+    for rid, u in enumerate(users[1:4], 1):  # these go into a batch...
         engine.on_grab(out, rid, sent.packet_id, u)
-    for _ in range(10):                                   # ...that the committer takes in flight
+    for _ in range(10):  # ...that the committer takes in flight
         if engine._in_flight:
             break
         await asyncio.sleep(0)
     assert [len(b) for b in engine._in_flight] == [3]
-    for rid, u in enumerate(users[4:7], 4):               # these wait in the open batch (or the next slot)
+    for rid, u in enumerate(users[4:7], 4):  # these wait in the open batch (or the next slot)
         engine.on_grab(out, rid, sent.packet_id, u)
-    refund = engine.expire(sent.packet_id)                # the packet expires here, same tick
-    for rid, u in enumerate(users[7:10], 7):              # and these arrive just after
+    refund = engine.expire(sent.packet_id)  # the packet expires here, same tick
+    for rid, u in enumerate(users[7:10], 7):  # and these arrive just after
         engine.on_grab(out, rid, sent.packet_id, u)
     assert {rid: out.frames[rid].status for rid in (7, 8, 9)} == {r: wire.Status.EXPIRED for r in (7, 8, 9)}
     assert not any(rid in out.frames for rid in range(1, 7)), "accepted grabs wait for their commit"
@@ -137,7 +142,7 @@ async def test_grabs_racing_the_clock(anbao):
     sweeper runs every 50 ms: every acknowledged grab is durable, nothing
     lands after the refund, and the refund is exactly what the grabs left."""
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 1_000_000)
+    (sender,) = await funded_users(admin, 1, 1, 1_000_000)
     users = await funded_users(admin, 1000, 800)
     sent = await admin.send(sender, 500_000, 800, expiry_seconds=1)
     clients = [await anbao.client("app") for _ in range(8)]
@@ -153,19 +158,22 @@ async def test_grabs_racing_the_clock(anbao):
     for i, u in enumerate(users):
         tasks.append(asyncio.ensure_future(grab(i, u)))
         if i % 4 == 3:
-            await asyncio.sleep(0.001)    # a few grabs per tick, spread across the expiry
+            await asyncio.sleep(0.001)  # a few grabs per tick, spread across the expiry
     await asyncio.gather(*tasks)
     assert len(ok) + len(expired) == len(users)
     assert ok and expired, "the grabs must straddle the expiry"
     await wait_refunded(anbao, sent.packet_id)
     conn = await asyncpg.connect(anbao.dsn)
     try:
-        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", sent.packet_id)
+        rows = await conn.fetch(
+            "SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", sent.packet_id
+        )
         refunded = await conn.fetchval("SELECT refunded_cents FROM packets WHERE packet_id = $1", sent.packet_id)
     finally:
         await conn.close()
     assert {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows} == {
-        u: (g.seq, g.amount_cents) for u, g in ok.items()}
+        u: (g.seq, g.amount_cents) for u, g in ok.items()
+    }
     assert refunded == 500_000 - sum(g.amount_cents for g in ok.values())
     assert len(await refund_rows(anbao.dsn, sent.packet_id)) == 1
     await audit_strict(anbao.dsn)
@@ -183,7 +191,7 @@ async def test_restart_between_expiry_and_refund(fresh_dsn, tokens_file):
         sent = await admin.send(sender, 2_000, 4, expiry_seconds=1)
         g = await admin.grab(sent.packet_id, a)
         await sleep_until_ms(sent.expires_at_ms + 20)
-        with pytest.raises(Expired):                  # the clock alone refuses it
+        with pytest.raises(Expired):  # the clock alone refuses it
             await admin.grab(sent.packet_id, b)
         assert (await admin.packet(sent.packet_id)).status == PacketStatus.EXPIRED
     finally:
@@ -191,8 +199,10 @@ async def test_restart_between_expiry_and_refund(fresh_dsn, tokens_file):
     assert await first.fetchval("SELECT status FROM packets WHERE packet_id = $1", sent.packet_id) == 0
     owed = await audit(fresh_dsn, refund_grace_ms=0)
     assert not owed.ok and list(owed.violations) == ["every expired packet refunded (after the grace)"]
-    assert owed.violations["every expired packet refunded (after the grace)"][0]["unrefunded_cents"] == \
-        2_000 - g.amount_cents
+    assert (
+        owed.violations["every expired packet refunded (after the grace)"][0]["unrefunded_cents"]
+        == 2_000 - g.amount_cents
+    )
     assert (await audit(fresh_dsn)).ok, "within the default grace it is not yet a violation"
 
     second = await Anbao(fresh_dsn, tokens_file, FAST_SWEEP).start()
@@ -202,7 +212,7 @@ async def test_restart_between_expiry_and_refund(fresh_dsn, tokens_file):
         assert await admin.balance(sender) == 3_000 + 2_000 - g.amount_cents
         with pytest.raises(Expired):
             await admin.grab(sent.packet_id, b)
-        await asyncio.sleep(0.2)                       # a few more sweeps: nothing more is paid
+        await asyncio.sleep(0.2)  # a few more sweeps: nothing more is paid
         assert len(await refund_rows(fresh_dsn, sent.packet_id)) == 1
         await audit_strict(fresh_dsn)
     finally:
@@ -232,6 +242,7 @@ async def test_refund_not_committed_then_restart(fresh_dsn, tokens_file):
 
         async def tried_twice():
             return engine.refunds_failed >= 2
+
         await wait_for(tried_twice, what="two failed refunds")
         assert engine.states[sent.packet_id].closed
         with pytest.raises(Expired):
@@ -267,8 +278,7 @@ async def test_two_owners_racing_to_refund_pay_once(fresh_dsn, tokens_file):
         left = [500 - (await admin.grab(p.packet_id, a)).amount_cents for p in packets]
         await sleep_until_ms(packets[-1].expires_at_ms + 10)
         for round_ in range(3):
-            results = await asyncio.gather(*(w.worker.engine.expire(p.packet_id)
-                                             for p in packets for w in (one, two)))
+            results = await asyncio.gather(*(w.worker.engine.expire(p.packet_id) for p in packets for w in (one, two)))
             for i, remainder in enumerate(left):
                 (cents1, now1), (cents2, now2) = results[2 * i], results[2 * i + 1]
                 assert cents1 == cents2 == remainder

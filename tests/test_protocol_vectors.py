@@ -1,9 +1,9 @@
 """PROTOCOL.md's hex vectors, checked against both codecs: the server's
 Cython one and the SDK's pure-Python one."""
+
 import dataclasses
 import enum
 import json
-import struct
 import re
 from pathlib import Path
 
@@ -74,15 +74,23 @@ def test_response_vector(vec):
     args = _value(args)
     if fn == "ok":
         op, rid, worker, fields = args
-        encoded = answers.ok(op, rid, worker, *[_tuplify(f) if isinstance(f, list) and f and isinstance(f[0], list)
-                                                 else f for f in fields])
+        encoded = answers.ok(
+            op,
+            rid,
+            worker,
+            *[_tuplify(f) if isinstance(f, list) and f and isinstance(f[0], list) else f for f in fields],
+        )
     else:
         encoded = getattr(codec, fn)(*args)
     assert encoded == raw, "server encoder disagrees with the document"
     [r] = wire.FrameBuffer().feed(raw)
     want = vec["sdk"]
     assert (r.opcode, r.request_id, r.status, r.worker_id) == (
-        want["opcode"], want["request_id"], want["status"], want["worker_id"])
+        want["opcode"],
+        want["request_id"],
+        want["status"],
+        want["worker_id"],
+    )
     if "hello" in want:
         h = wire.decode_hello(r.body)
         assert {k: getattr(h, k) for k in want["hello"]} == want["hello"]
@@ -114,10 +122,14 @@ def test_response_vector(vec):
 def test_every_message_has_vectors():
     """PROTOCOL.md shows every operation's request and OK answer bytes."""
     requests = {bytes.fromhex(v["hex"])[4] for v in VECTORS if v["kind"] == "request"}
-    answered = {bytes.fromhex(v["hex"])[4] & 0x7F for v in VECTORS if v["kind"] == "response"
-                and bytes.fromhex(v["hex"])[9] == 0}
-    missing = {op.name for op in wire.Op if op not in requests} | {op.name + " answer" for op in wire.Op
-                                                                  if op not in answered}
+    answered = {
+        bytes.fromhex(v["hex"])[4] & 0x7F
+        for v in VECTORS
+        if v["kind"] == "response" and bytes.fromhex(v["hex"])[9] == 0
+    }
+    missing = {op.name for op in wire.Op if op not in requests} | {
+        op.name + " answer" for op in wire.Op if op not in answered
+    }
     assert not missing, f"no vector for {sorted(missing)}"
 
 
@@ -128,15 +140,18 @@ def test_frames_split_anywhere_decode_the_same():
         d = codec.FrameDecoder()
         assert d.feed(stream[:cut]) + d.feed(stream[cut:]) == whole
     one_by_one = codec.FrameDecoder()
-    assert [f for i in range(len(stream)) for f in one_by_one.feed(stream[i:i + 1])] == whole
+    assert [f for i in range(len(stream)) for f in one_by_one.feed(stream[i : i + 1])] == whole
 
 
-@pytest.mark.parametrize("payload,what", [
-    (bytes.fromhex("00000000000000010000000000000002ff"), "trailing bytes"),
-    (bytes.fromhex("000000000000000100000000000000"), "too short"),
-    (bytes.fromhex("00000000000000000000000000000002"), "out of range"),
-    (bytes.fromhex("80000000000000010000000000000002"), "out of range"),
-])
+@pytest.mark.parametrize(
+    "payload,what",
+    [
+        (bytes.fromhex("00000000000000010000000000000002ff"), "trailing bytes"),
+        (bytes.fromhex("000000000000000100000000000000"), "too short"),
+        (bytes.fromhex("00000000000000000000000000000002"), "out of range"),
+        (bytes.fromhex("80000000000000010000000000000002"), "out of range"),
+    ],
+)
 def test_bad_grab_payload_is_a_typed_error(payload, what):
     [(op, rid, err)] = codec.FrameDecoder().feed(wire.frame(wire.Op.GRAB, 9, payload))
     assert (op, rid) == (wire.Op.GRAB, 9)
@@ -173,7 +188,7 @@ def _section(title: str) -> str:
     text = DOC.read_text()
     start = text.index(title)
     end = text.find("\n## ", start + len(title))
-    return text[start:end if end >= 0 else len(text)]
+    return text[start : end if end >= 0 else len(text)]
 
 
 def test_the_operations_table_is_one_table_with_every_opcode():
@@ -187,7 +202,7 @@ def test_the_operations_table_is_one_table_with_every_opcode():
         table.append(line)
     opcodes = [int(row.split("|")[1], 16) for row in table[2:]]
     assert sorted(opcodes) == sorted(int(op) for op in wire.Op), "every opcode, once, in the one table"
-    stray = [line for line in lines[first + len(table):] if line.startswith("| 0x")]
+    stray = [line for line in lines[first + len(table) :] if line.startswith("| 0x")]
     assert not stray, f"rows outside the table: {stray}"
 
 
@@ -201,7 +216,16 @@ def test_the_conversation_rules_are_written_down():
     """What a client written from PROTOCOL.md alone needs and did not find."""
     doc = DOC.read_text()
     assert "(opcode 0, request id" not in doc, "the fatal frame's opcode byte is 0x80"
-    for needed in ("opcode byte `0x80`", "**Request ids.**", "**Pipelined behind HELLO.**", "**A second HELLO**",
-                   "**A refused HELLO.**", "### Tokens", "`max_queued_grabs`", "may not grab it: `NOT_ELIGIBLE`",
-                   "IN_DOUBT", "**A client that does not read**"):
+    for needed in (
+        "opcode byte `0x80`",
+        "**Request ids.**",
+        "**Pipelined behind HELLO.**",
+        "**A second HELLO**",
+        "**A refused HELLO.**",
+        "### Tokens",
+        "`max_queued_grabs`",
+        "may not grab it: `NOT_ELIGIBLE`",
+        "IN_DOUBT",
+        "**A client that does not read**",
+    ):
         assert needed in doc, needed

@@ -1,9 +1,10 @@
 """History: a user's sent and received packets and statement, newest first
 with cursor pagination; a packet's claims, paged, and its luckiest claim."""
+
 import pytest
+from helpers import funded_users
 
 from anbao_client import Audience, Invalid, Mode, PacketStatus, TransferKind, UnknownUser
-from helpers import funded_users
 
 
 async def walk(fetch, limit):
@@ -33,9 +34,17 @@ async def test_sent_packets_newest_first_paged(anbao):
     by_id = {p.packet_id: p for p in items}
     first, fourth = by_id[sent[0].packet_id], by_id[sent[3].packet_id]
     assert (first.status, first.claimed_count, first.claimed_cents, first.total_cents) == (
-        PacketStatus.SOLD_OUT, 2, 100, 100)
+        PacketStatus.SOLD_OUT,
+        2,
+        100,
+        100,
+    )
     assert (fourth.status, fourth.claimed_count, fourth.count, fourth.audience) == (
-        PacketStatus.OPEN, 1, 2, Audience.MEMBERS)
+        PacketStatus.OPEN,
+        1,
+        2,
+        Audience.MEMBERS,
+    )
     assert fourth.expires_at_ms == sent[3].expires_at_ms and fourth.created_at_ms < fourth.expires_at_ms
     assert (await admin.sent(a)).items == [] and (await admin.sent(a)).next_cursor == 0
     await anbao.assert_audit_clean()
@@ -47,7 +56,7 @@ async def test_received_shares_newest_grab_first(anbao):
     await admin.deposit(s1, 10_000)
     await admin.deposit(s2, 10_000)
     packets = [await admin.send(s, 500, 1, to_user=me) for s in (s1, s2, s1, s2, s1)]
-    order = [3, 0, 4, 1, 2]                       # grab out of sending order
+    order = [3, 0, 4, 1, 2]  # grab out of sending order
     grabbed = [await admin.grab(packets[i].packet_id, me) for i in order]
     items, pages = await walk(lambda **kw: admin.received(me, **kw), 2)
     assert pages == 3
@@ -73,8 +82,10 @@ async def test_statement_signed_newest_first_and_adds_up(anbao):
     ids = [e.transfer_id for e in entries]
     assert ids == sorted(ids, reverse=True) and len(set(ids)) == 15
     assert [(e.kind, e.amount_cents, e.packet_id) for e in entries[:3]] == [
-        (TransferKind.WITHDRAW, -500, 0), (TransferKind.GRAB, g.amount_cents, incoming.packet_id),
-        (TransferKind.SEND, -3_000, out.packet_id)]
+        (TransferKind.WITHDRAW, -500, 0),
+        (TransferKind.GRAB, g.amount_cents, incoming.packet_id),
+        (TransferKind.SEND, -3_000, out.packet_id),
+    ]
     assert [e.kind for e in entries[3:]] == [TransferKind.DEPOSIT] * 12
     head = await admin.statement(me, limit=1)
     assert head.balance_cents == sum(e.amount_cents for e in entries) == await admin.balance(me)
@@ -84,7 +95,7 @@ async def test_statement_signed_newest_first_and_adds_up(anbao):
 
 async def test_claims_paged_and_luckiest(anbao):
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 1_000_000)
+    (sender,) = await funded_users(admin, 1, 1, 1_000_000)
     users = await funded_users(admin, 100, 250)
     sent = await admin.send(sender, 250_000, 250)
     grabs = {u: await admin.grab(sent.packet_id, u) for u in users}
@@ -93,7 +104,8 @@ async def test_claims_paged_and_luckiest(anbao):
         claims += (await admin.packet(sent.packet_id, claims_offset=offset, claims_limit=100)).claims
     assert [c.seq for c in claims] == list(range(1, 251))
     assert {c.user_id: (c.seq, c.amount_cents) for c in claims} == {
-        u: (g.seq, g.amount_cents) for u, g in grabs.items()}
+        u: (g.seq, g.amount_cents) for u, g in grabs.items()
+    }
     info = await admin.packet(sent.packet_id, claims_limit=1)
     best = max(claims, key=lambda c: (c.amount_cents, -c.seq))
     assert info.luckiest_seq == best.seq
@@ -106,7 +118,7 @@ async def test_claims_paged_and_luckiest(anbao):
 
 async def test_query_refusals(anbao):
     admin = await anbao.client("admin")
-    a, = await funded_users(admin, 1, 1)
+    (a,) = await funded_users(admin, 1, 1)
     for q in (admin.statement, admin.sent, admin.received):
         with pytest.raises(UnknownUser):
             await q(99)

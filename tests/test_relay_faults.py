@@ -6,19 +6,20 @@ that were once answered UNAVAILABLE ("nothing moved") though they had
 landed. Now the relaying worker sends them again to the owner's
 replacement and passes on the definite answer; only if no owner comes back
 in time does it answer IN_DOUBT, which the SDK retries by itself."""
+
 import asyncio
 import os
 import signal
 import time
 
 import asyncpg
+from helpers import APP_TOKEN
+from served import audit_clean, claims_of, setup_packet, steered_client
 
 from anbao_client import SoldOut, Unavailable, wire
 from anbao_client.errors import AlreadyClaimed, InDoubt, RequestTimeout
 from anbao_client.routing import local_port_for, owner_of
 from anbao_client.wire import Status
-from helpers import APP_TOKEN
-from served import audit_clean, claims_of, setup_packet, steered_client
 
 
 async def lock_claims(dsn: str, packet_id: int, at_least: int):
@@ -26,7 +27,7 @@ async def lock_claims(dsn: str, packet_id: int, at_least: int):
     claim lands in (inserts wait, reads do not). Returns the connection
     holding the lock and its transaction."""
     conn = await asyncpg.connect(dsn)
-    for _ in range(1000):   # bounded: 5 s
+    for _ in range(1000):  # bounded: 5 s
         if await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", packet_id) >= at_least:
             break
         await asyncio.sleep(0.005)
@@ -38,9 +39,11 @@ async def lock_claims(dsn: str, packet_id: int, at_least: int):
 
 async def until_blocked(conn) -> None:
     """Until a grab batch's commit waits on the lock."""
-    for _ in range(1000):   # bounded: 5 s
-        waiting = await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                      " AND wait_event_type = 'Lock' AND query LIKE '%anbao_commit_grabs%'")
+    for _ in range(1000):  # bounded: 5 s
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE '%anbao_commit_grabs%'"
+        )
         if waiting:
             break
         await asyncio.sleep(0.005)
@@ -51,8 +54,9 @@ async def until_backends_idle(conn, timeout_s: float = 5):
     """Until no backend of the database waits on a lock (the dead owner's
     batch has committed)."""
     deadline = time.monotonic() + timeout_s
-    while await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                              " AND wait_event_type = 'Lock'"):
+    while await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
 
@@ -90,7 +94,7 @@ async def test_relayed_grabs_of_a_killed_owner_get_definite_answers(serve, fresh
             os.kill(victim, signal.SIGKILL)
             await asyncio.sleep(0.02)
         finally:
-            await tx.commit()   # the dead owner's blocked batch commits now
+            await tx.commit()  # the dead owner's blocked batch commits now
         await until_backends_idle(conn)
         await conn.close()
 
@@ -98,8 +102,9 @@ async def test_relayed_grabs_of_a_killed_owner_get_definite_answers(serve, fresh
     in_db = await claims_of(fresh_dsn, pid)
     assert len(answers) == len(users)
     landed_unanswered = [u for u in in_db if answers[u][0] != "share"]
-    assert not landed_unanswered, (f"{len(landed_unanswered)} grabs landed but were answered "
-                                   f"{[answers[u] for u in landed_unanswered[:5]]}")
+    assert not landed_unanswered, (
+        f"{len(landed_unanswered)} grabs landed but were answered {[answers[u] for u in landed_unanswered[:5]]}"
+    )
     for u, a in answers.items():
         if a[0] == "share":
             assert in_db.get(u) == a[1], f"user {u} was told {a} but holds {in_db.get(u)}"
@@ -126,8 +131,9 @@ class RawGrabs:
     async def open(cls, port: int, worker: int, workers: int) -> "RawGrabs":
         for _ in range(20):
             try:
-                r, w = await asyncio.open_connection("127.0.0.1", port,
-                                                     local_addr=("127.0.0.1", local_port_for(worker, workers)))
+                r, w = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=("127.0.0.1", local_port_for(worker, workers))
+                )
                 break
             except OSError:
                 continue
@@ -170,8 +176,8 @@ async def test_in_doubt_past_the_deadline_and_the_sdk_retries_it(serve, fresh_ds
         raw.writer.write(b"".join(wire.grab(100 + i, pid, u) for i, u in enumerate(raw_users)))
         sdk_calls = [asyncio.ensure_future(sdk.grab(pid, u)) for u in sdk_users]
         await until_blocked(conn)
-        await asyncio.sleep(0.2)   # every one of them is at the owner, waiting for the blocked commit
-        os.kill(s.proc.pid, signal.SIGSTOP)   # no replacement for now
+        await asyncio.sleep(0.2)  # every one of them is at the owner, waiting for the blocked commit
+        os.kill(s.proc.pid, signal.SIGSTOP)  # no replacement for now
         os.kill(victim, signal.SIGKILL)
         await asyncio.sleep(0.05)
     finally:
@@ -181,8 +187,9 @@ async def test_in_doubt_past_the_deadline_and_the_sdk_retries_it(serve, fresh_ds
         t0 = time.monotonic()
         in_doubt = await raw.read(len(raw_users))
         waited = time.monotonic() - t0
-        assert {r.status for r in in_doubt} == {Status.IN_DOUBT}, [(r.status, wire.error_message(r.body))
-                                                                   for r in in_doubt]
+        assert {r.status for r in in_doubt} == {Status.IN_DOUBT}, [
+            (r.status, wire.error_message(r.body)) for r in in_doubt
+        ]
         assert 0.2 < waited < 5, waited
         assert "may have landed" in wire.error_message(in_doubt[0].body)
         # A grab sent now never reaches an owner: UNAVAILABLE, nothing moved.
@@ -194,7 +201,7 @@ async def test_in_doubt_past_the_deadline_and_the_sdk_retries_it(serve, fresh_ds
         os.kill(s.proc.pid, signal.SIGCONT)
     done = await asyncio.gather(*sdk_calls, return_exceptions=True)
     in_db = await claims_of(fresh_dsn, pid)
-    for u, g in zip(sdk_users, done):
+    for u, g in zip(sdk_users, done, strict=True):
         if isinstance(g, AlreadyClaimed):
             g = g.grabbed
         assert not isinstance(g, BaseException), f"user {u}: {g!r}"

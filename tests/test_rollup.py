@@ -5,6 +5,7 @@ roll-up row commit; the roll-up moves the money into balances later,
 exactly once. These tests hold the roll-up back, crash around it, fail
 batches in the middle of a chain of batches in flight, and upgrade a
 database from the schema before it. Every one ends with the audit."""
+
 import asyncio
 import os
 import signal
@@ -12,14 +13,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from helpers import ADMIN_TOKEN, APP_TOKEN, Anbao, Collector, assert_claims_match, dsn_for, funded_users, grab_outcomes
 
 from anbao.config import Limits
 from anbao.storage import migrate as migrate_mod
 from anbao.storage.audit import audit
-from anbao_client import Client, Unavailable, wire
-from anbao_client.errors import AlreadyClaimed, ConnectionLost, RequestTimeout, SoldOut
-from helpers import (ADMIN_TOKEN, APP_TOKEN, Anbao, Collector, assert_claims_match, dsn_for, funded_users,
-                     grab_outcomes)
+from anbao_client import Client, wire
 
 # The key every roll-up takes (migration 0003): holding it holds them all back.
 ROLLUP_LOCK_KEY = int.from_bytes(b"anbaorol", "big")
@@ -56,7 +55,7 @@ async def test_a_grab_is_read_back_at_once_before_its_rollup(anbao):
     claim and its counters, and the money can be withdrawn and sent on."""
     await anbao.worker.stop_rollup()
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 10_000)
+    (sender,) = await funded_users(admin, 1, 1, 10_000)
     users = await funded_users(admin, 10, 4)
     sent = await admin.send(sender, 1_000, 4)
     won = {u: await admin.grab(sent.packet_id, u) for u in users[:3]}
@@ -71,7 +70,7 @@ async def test_a_grab_is_read_back_at_once_before_its_rollup(anbao):
     assert sent_page.items[0].claimed_count == 3
 
     u = users[0]
-    assert await admin.balance(u) == won[u].amount_cents      # rolls up u's batch first
+    assert await admin.balance(u) == won[u].amount_cents  # rolls up u's batch first
     page = await admin.statement(u)
     assert page.balance_cents == won[u].amount_cents
     assert [e.amount_cents for e in page.entries] == [won[u].amount_cents]
@@ -92,7 +91,7 @@ async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
     for a grab that is not durable. Once the fault is gone the packet sells
     out exactly, and every grab acknowledged before answers the same."""
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 1_000_000)
+    (sender,) = await funded_users(admin, 1, 1, 1_000_000)
     users = await funded_users(admin, 1000, 150)
     sent = await admin.send(sender, 20_000, 100)
     victim = users[3]
@@ -103,7 +102,7 @@ async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
         await refuse_batches_of(conn, victim, 0.3)
         engine = anbao.worker.engine
         out = Collector()
-        for rid, u in enumerate(users[:16], 1):     # two full batches, decided in one tick
+        for rid, u in enumerate(users[:16], 1):  # two full batches, decided in one tick
             engine.on_grab(out, rid, sent.packet_id, u)
         for _ in range(20):
             if len(engine._in_flight) == 2:
@@ -116,8 +115,9 @@ async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
             await asyncio.sleep(0.01)
         assert {f.status for f in out.frames.values()} == {wire.Status.UNAVAILABLE}
         assert engine.failed_batches == 1 and engine.doomed_batches == 1
-        assert await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id) == 0, \
+        assert await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id) == 0, (
             "the batch built on the failed one must not land"
+        )
         await anbao.assert_audit_clean()
 
         # Over the network, with the fault still there: the victim's batches
@@ -125,10 +125,13 @@ async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
         clients = [await anbao.client("app") for _ in range(10)]
         won, other = await grab_outcomes(clients, sent.packet_id, users[:60])
         assert victim not in won and "unavailable" in other
-        rows = await conn.fetch("SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", sent.packet_id)
+        rows = await conn.fetch(
+            "SELECT user_id, seq, amount_cents FROM claims_all WHERE packet_id = $1", sent.packet_id
+        )
         assert sorted(r["seq"] for r in rows) == list(range(1, len(rows) + 1)), "a hole in the shares"
         assert {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows} == {
-            u: (g.seq, g.amount_cents) for u, g in won.items()}
+            u: (g.seq, g.amount_cents) for u, g in won.items()
+        }
         await anbao.assert_audit_clean()
 
         await conn.execute("CREATE TABLE let_in ()")
@@ -148,11 +151,12 @@ async def test_kill9_between_commit_and_rollup_rolls_up_exactly_once(fresh_dsn, 
     restart each acknowledged grab is rolled up exactly once: one transfer
     each, balances equal to what was won, and a second restart adds nothing."""
     from served import Served
+
     holder = await asyncpg.connect(fresh_dsn)
     served = Served(fresh_dsn, tmp_path / "data", tokens_file, 2, []).start()
     try:
         admin = await Client.connect("127.0.0.1", served.port, ADMIN_TOKEN)
-        sender, = await funded_users(admin, 1, 1, 1_000_000)
+        (sender,) = await funded_users(admin, 1, 1, 1_000_000)
         users = await funded_users(admin, 100, 400)
         sent = await admin.send(sender, 77_777, 300)
         await holder.execute("SELECT pg_advisory_lock($1)", ROLLUP_LOCK_KEY)
@@ -169,8 +173,10 @@ async def test_kill9_between_commit_and_rollup_rolls_up_exactly_once(fresh_dsn, 
                 pass
         served.proc.wait(30)
         # Roll-ups the dead workers left waiting for the lock die with them.
-        await holder.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                             " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'")
+        await holder.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'"
+        )
         await holder.execute("SELECT pg_advisory_unlock($1)", ROLLUP_LOCK_KEY)
         assert await pending_claims(fresh_dsn) == 300, "nothing is rolled up while the lock is held"
 
@@ -185,8 +191,9 @@ async def test_kill9_between_commit_and_rollup_rolls_up_exactly_once(fresh_dsn, 
                 transfers = await holder.fetchval("SELECT count(*) FROM transfers WHERE kind = 4")
                 assert transfers == 300, f"restart {restart}: {transfers} grab transfers for 300 grabs"
                 for user, g in won.items():
-                    bal = await holder.fetchval("SELECT balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1",
-                                                user)
+                    bal = await holder.fetchval(
+                        "SELECT balance_cents FROM accounts WHERE kind = 1 AND owner_id = $1", user
+                    )
                     assert bal == g.amount_cents
                 report = await audit(fresh_dsn)
                 assert report.ok, report.text()
@@ -212,30 +219,46 @@ async def test_upgrade_from_schema_v2_in_place(pg, tokens_file):
     dsn = dsn_for(pg, name)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
-                           " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+            " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
         for v, path in migrate_mod.migrations()[:2]:
             await conn.execute(Path(path).read_text())
             await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", v)
         # What a v2 server wrote: a sender's deposit and send, then one batch of grabs.
         await conn.execute("INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM generate_series(1, 30) u")
         ext, wallet = 1, await conn.fetchval("SELECT account_id FROM accounts WHERE kind = 1 AND owner_id = 1")
-        await conn.execute("INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)"
-                           " VALUES (1, $1, $2, 5000)", ext, wallet)
+        await conn.execute(
+            "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents) VALUES (1, $1, $2, 5000)",
+            ext,
+            wallet,
+        )
         await conn.execute("UPDATE accounts SET balance_cents = -5000 WHERE account_id = $1", ext)
         await conn.execute("UPDATE accounts SET balance_cents = 5000 WHERE account_id = $1", wallet)
         packet_id = 1 << 10
-        escrow = await conn.fetchval("INSERT INTO accounts (kind, owner_id) VALUES (2, $1) RETURNING account_id",
-                                     packet_id)
-        await conn.execute("INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count,"
-                           " mode, min_share_cents, audience, expires_at) VALUES ($1, 1, $2, 1000, 10, 2, 1, 0,"
-                           " now() + interval '1 hour')", packet_id, escrow)
-        await conn.execute("INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)"
-                           " VALUES (3, $1, $2, 1000, $3)", wallet, escrow, packet_id)
+        escrow = await conn.fetchval(
+            "INSERT INTO accounts (kind, owner_id) VALUES (2, $1) RETURNING account_id", packet_id
+        )
+        await conn.execute(
+            "INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count,"
+            " mode, min_share_cents, audience, expires_at) VALUES ($1, 1, $2, 1000, 10, 2, 1, 0,"
+            " now() + interval '1 hour')",
+            packet_id,
+            escrow,
+        )
+        await conn.execute(
+            "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)"
+            " VALUES (3, $1, $2, 1000, $3)",
+            wallet,
+            escrow,
+            packet_id,
+        )
         await conn.execute("UPDATE accounts SET balance_cents = balance_cents - 1000 WHERE account_id = $1", wallet)
         await conn.execute("UPDATE accounts SET balance_cents = 1000 WHERE account_id = $1", escrow)
-        await conn.fetchval("SELECT anbao_commit_grabs(7, $1, $2, $3, $4)", [packet_id] * 4, [1, 2, 3, 4],
-                            [2, 3, 4, 5], [100] * 4)
+        await conn.fetchval(
+            "SELECT anbao_commit_grabs(7, $1, $2, $3, $4)", [packet_id] * 4, [1, 2, 3, 4], [2, 3, 4, 5], [100] * 4
+        )
     finally:
         await conn.close()
     assert await migrate_mod.migrate(dsn) == len(migrate_mod.migrations())
@@ -262,7 +285,7 @@ async def test_sold_out_is_said_only_once_the_last_shares_are_durable(anbao):
     refusal is final), since the shares come free again. They wait for the
     batch and get UNAVAILABLE (nothing moved); retried, they get shares."""
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 100_000)
+    (sender,) = await funded_users(admin, 1, 1, 100_000)
     users = await funded_users(admin, 100, 10)
     sent = await admin.send(sender, 5_000, 5)
     victim = users[4]
@@ -271,14 +294,14 @@ async def test_sold_out_is_said_only_once_the_last_shares_are_durable(anbao):
         await refuse_batches_of(conn, victim, 0.2)
         engine = anbao.worker.engine
         out = Collector()
-        for rid, u in enumerate(users[:5], 1):          # every share, in one batch that will fail
+        for rid, u in enumerate(users[:5], 1):  # every share, in one batch that will fail
             engine.on_grab(out, rid, sent.packet_id, u)
         for _ in range(20):
             if engine._in_flight:
                 break
             await asyncio.sleep(0)
         assert engine._in_flight, "the batch must be committing"
-        for rid, u in enumerate(users[5:], 6):          # the packet looks sold out in memory now
+        for rid, u in enumerate(users[5:], 6):  # the packet looks sold out in memory now
             engine.on_grab(out, rid, sent.packet_id, u)
         assert not any(rid in out.frames for rid in range(6, 11)), "no refusal while shares are not durable"
         for _ in range(200):

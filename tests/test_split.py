@@ -1,11 +1,12 @@
 """Share splitting: the sum is exact, every share at least the minimum, and
 random mode keeps WeChat's double-mean bound — for any total and count."""
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anbao_client.protocol import Mode, Status
 from anbao.core import packets as core_packets
 from anbao.core import shares as core_shares
+from anbao_client.protocol import Mode, Status
 
 counts = st.integers(min_value=1, max_value=500)
 
@@ -80,6 +81,7 @@ def test_rng_is_uniform_enough():
 
 def test_invalid_splits_rejected():
     import pytest
+
     for args in [(3, 100, 1, 1), (Mode.RANDOM, 9, 10, 1), (Mode.FIXED, 100, 0, 1), (Mode.FIXED, 100, 1, 0)]:
         with pytest.raises(ValueError):
             core_shares.split(*args)

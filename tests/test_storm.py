@@ -1,19 +1,20 @@
 """Many grabbers, one packet: exactly `count` shares go out, nobody twice,
 every acknowledged grab is in the database, and the ledger balances.
 Every test here ends with the audit."""
+
 import asyncio
 import random
 
 import asyncpg
+from helpers import assert_claims_match, funded_users, grab_outcomes
 
 from anbao_client import SoldOut, Unavailable
 from anbao_client.errors import ConnectionLost, RequestTimeout
-from helpers import assert_claims_match, funded_users, grab_outcomes
 
 
 async def test_storm_1000_grabbers_100_shares(anbao):
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 1_000_000)
+    (sender,) = await funded_users(admin, 1, 1, 1_000_000)
     users = await funded_users(admin, 1000, 1000)
     sent = await admin.send(sender, 88_888, 100)
     clients = [await anbao.client("app") for _ in range(50)]
@@ -22,8 +23,10 @@ async def test_storm_1000_grabbers_100_shares(anbao):
     t0 = loop.time()
     won, other = await grab_outcomes(clients, sent.packet_id, users)
     elapsed = loop.time() - t0
-    print(f"storm: 1000 grabs in {elapsed * 1000:.0f} ms ({1000 / elapsed:.0f} grabs/s), "
-          f"{anbao.worker.engine.commits} batch commits")
+    print(
+        f"storm: 1000 grabs in {elapsed * 1000:.0f} ms ({1000 / elapsed:.0f} grabs/s), "
+        f"{anbao.worker.engine.commits} batch commits"
+    )
     assert len(won) == 100 and other.count("sold_out") == 900
     assert sum(g.amount_cents for g in won.values()) == 88_888
     assert sorted(g.seq for g in won.values()) == list(range(1, 101))
@@ -40,9 +43,8 @@ async def test_storm_many_packets_at_once(anbao):
     users = await funded_users(admin, 1000, 300)
     packets = [await admin.send(s, 1_000 + i, 10) for i, s in enumerate(senders)]
     clients = [await anbao.client("app") for _ in range(10)]
-    results = await asyncio.gather(*(grab_outcomes(clients, p.packet_id, random.sample(users, 30))
-                                     for p in packets))
-    for p, (won, other), i in zip(packets, results, range(20)):
+    results = await asyncio.gather(*(grab_outcomes(clients, p.packet_id, random.sample(users, 30)) for p in packets))
+    for p, (won, other), i in zip(packets, results, range(20), strict=True):
         assert len(won) == 10 and other.count("sold_out") == 20
         await assert_claims_match(anbao, p.packet_id, won, 10, 1_000 + i)
     await anbao.assert_audit_clean()
@@ -53,7 +55,7 @@ async def test_restart_mid_storm_loses_nothing(anbao):
     database, finish the packet: every acknowledged grab survives, and the
     new worker rebuilds the packet's state from the database."""
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 1_000_000)
+    (sender,) = await funded_users(admin, 1, 1, 1_000_000)
     users = await funded_users(admin, 1000, 600)
     sent = await admin.send(sender, 50_000, 300)
     clients = [await anbao.client("app") for _ in range(20)]
@@ -69,7 +71,7 @@ async def test_restart_mid_storm_loses_nothing(anbao):
     tasks = [asyncio.ensure_future(grab(i, u)) for i, u in enumerate(first_wave)]
     while anbao.worker.engine.committed_grabs < 100:
         await asyncio.sleep(0.001)
-    await anbao.stop()          # graceful: drains what it accepted, then closes
+    await anbao.stop()  # graceful: drains what it accepted, then closes
     await asyncio.gather(*tasks)
     acknowledged_before = dict(won)
     assert 100 <= len(acknowledged_before) <= 300
@@ -88,7 +90,7 @@ async def test_failed_commit_answers_unavailable_and_recovers(anbao):
     """A batch that PostgreSQL refuses fails whole: its grabs are answered
     UNAVAILABLE, the owner reloads the packet, and retries then succeed."""
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 100_000)
+    (sender,) = await funded_users(admin, 1, 1, 100_000)
     users = await funded_users(admin, 1000, 200)
     sent = await admin.send(sender, 10_000, 100)
     conn = await asyncpg.connect(anbao.dsn)
@@ -126,7 +128,8 @@ async def assert_db_agrees(anbao, packet_id, won):
     finally:
         await conn.close()
     assert {r["user_id"]: (r["seq"], r["amount_cents"]) for r in rows} == {
-        u: (g.seq, g.amount_cents) for u, g in won.items()}
+        u: (g.seq, g.amount_cents) for u, g in won.items()
+    }
 
 
 async def test_commit_connection_killed_outcome_resolved_by_read_back(anbao):
@@ -135,8 +138,8 @@ async def test_commit_connection_killed_outcome_resolved_by_read_back(anbao):
     by reading back its batch row, never by running it twice; every grab
     acknowledged is durable and nothing is given out twice."""
     admin = await anbao.client("admin")
-    sender, = await funded_users(admin, 1, 1, 1_000_000)
-    users = await funded_users(admin, 1000, 4500)   # a storm long enough for several kills
+    (sender,) = await funded_users(admin, 1, 1, 1_000_000)
+    users = await funded_users(admin, 1000, 4500)  # a storm long enough for several kills
     sent = await admin.send(sender, 345_678, 3000)
     clients = [await anbao.client("app") for _ in range(30)]
     killer_conn = await asyncpg.connect(anbao.dsn)
@@ -154,13 +157,13 @@ async def test_commit_connection_killed_outcome_resolved_by_read_back(anbao):
                 # inside its INSERT or COMMIT, idle in its transaction waiting
                 # for the batch before it, or idle between batches.
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE application_name = 'anbao-grab-commit' AND pid <> pg_backend_pid()")
+                " WHERE application_name = 'anbao-grab-commit' AND pid <> pg_backend_pid()"
+            )
             await asyncio.sleep(0.001 if kills == 0 else 0.005)
 
     k = asyncio.ensure_future(killer())
     try:
-        won, other = await asyncio.wait_for(
-            grab_outcomes(clients, sent.packet_id, users, retry_unavailable=True), 120)
+        won, other = await asyncio.wait_for(grab_outcomes(clients, sent.packet_id, users, retry_unavailable=True), 120)
     finally:
         stop.set()
         await k

@@ -2,32 +2,35 @@
 it: nothing it started outlives it for long, and `anbao serve` started again
 on the same data directory and port works, whatever the previous run left
 (a PostgreSQL still running, a memcached, a stale postmaster.pid)."""
-import asyncio
+
 import os
 import signal
 import subprocess
-import time
 
-import psutil
+from served import ANBAO, Served, free_port, is_recorded_alive, wait_until
 
 from anbao.storage import embedded
 from anbao_client import Client
 from anbao_client.errors import AlreadyClaimed
-from served import ANBAO, Served, free_port, is_recorded_alive, wait_until
 
-GONE_TIMEOUT_S = 45   # the workers' drain is bounded by 30 s; idle ones take milliseconds
+GONE_TIMEOUT_S = 45  # the workers' drain is bounded by 30 s; idle ones take milliseconds
 
 
 def tokens(data_dir):
     import json
+
     doc = json.loads((data_dir / "tokens.json").read_text())
     return {t["scope"]: t["token"] for t in doc["tokens"]}
 
 
 def processes(s: Served) -> dict:
     info = s.run_info()
-    return {"workers": list(info["worker_processes"].values()), "memcached": info["memcached_process"],
-            "reaper": info["reaper_process"], "postmaster": embedded.postmaster((s.data_dir / "pgdata").resolve())}
+    return {
+        "workers": list(info["worker_processes"].values()),
+        "memcached": info["memcached_process"],
+        "reaper": info["reaper_process"],
+        "postmaster": embedded.postmaster((s.data_dir / "pgdata").resolve()),
+    }
 
 
 async def test_kill_9_supervisor_leaves_nothing_and_serve_starts_again(tmp_path):
@@ -56,8 +59,9 @@ async def test_kill_9_supervisor_leaves_nothing_and_serve_starts_again(tmp_path)
         s.proc.wait(10)
         wait_until(lambda: not any(is_recorded_alive(e) for e in p["workers"]), GONE_TIMEOUT_S, "workers to die")
         wait_until(lambda: not is_recorded_alive(p["memcached"]), GONE_TIMEOUT_S, "memcached to stop")
-        wait_until(lambda: embedded.postmaster((data / "pgdata").resolve()) is None, GONE_TIMEOUT_S,
-                   "PostgreSQL to stop")
+        wait_until(
+            lambda: embedded.postmaster((data / "pgdata").resolve()) is None, GONE_TIMEOUT_S, "PostgreSQL to stop"
+        )
         wait_until(lambda: not is_recorded_alive(p["reaper"]), GONE_TIMEOUT_S, "the reaper to finish")
         assert "died without stopping" in s.log()
 
@@ -96,15 +100,16 @@ async def test_kill_9_supervisor_leaves_nothing_and_serve_starts_again(tmp_path)
         # process (a crash, then pid reuse): PostgreSQL would refuse to start.
         sleeper = subprocess.Popen(["sleep", "60"])
         pid_file = data / "pgdata" / "postmaster.pid"
-        pid_file.write_text(f"{sleeper.pid}\n{(data / 'pgdata').resolve()}\n1700000000\n5432\n"
-                            f"{(data / 'pgdata').resolve()}\n\n  5432001 0\nready\n")
+        pid_file.write_text(
+            f"{sleeper.pid}\n{(data / 'pgdata').resolve()}\n1700000000\n5432\n"
+            f"{(data / 'pgdata').resolve()}\n\n  5432001 0\nready\n"
+        )
         s = serve()
         admin = await Client.connect("127.0.0.1", port, tokens(data)["admin"])
         assert await admin.balance(1) == 9_500
         await admin.close()
         assert s.stop() == 0
-        audit = subprocess.run(ANBAO + ["audit", "--data-dir", str(data)], capture_output=True, text=True,
-                               timeout=60)
+        audit = subprocess.run(ANBAO + ["audit", "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
         assert audit.returncode == 0, audit.stdout + audit.stderr
     finally:
         for s in started:
@@ -118,10 +123,27 @@ async def test_kill_9_supervisor_leaves_nothing_and_serve_starts_again(tmp_path)
 async def test_two_supervisors_never_share_a_data_directory(tmp_path, fresh_dsn, tokens_file):
     first = Served(fresh_dsn, tmp_path / "data", tokens_file, 1, [], metrics=False).start()
     try:
-        second = subprocess.run(ANBAO + ["serve", "--dsn", fresh_dsn, "--data-dir", str(tmp_path / "data"),
-                                         "--port", "0", "--workers", "1", "--metrics-port", "0",
-                                         "--tokens-file", str(tokens_file)],
-                                capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            ANBAO
+            + [
+                "serve",
+                "--dsn",
+                fresh_dsn,
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--port",
+                "0",
+                "--workers",
+                "1",
+                "--metrics-port",
+                "0",
+                "--tokens-file",
+                str(tokens_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode != 0 and "another `anbao serve`" in second.stderr
         assert first.proc.poll() is None
         assert first.stop() == 0

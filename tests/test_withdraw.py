@@ -1,25 +1,38 @@
 """WITHDRAW: money leaves a wallet for the outside world, admin scope only,
 never below zero, exactly once per idempotency key."""
+
 import asyncio
 import os
 
 import pytest
-
-from anbao_client import (AlreadyClaimed, Forbidden, IdempotencyConflict, InsufficientFunds, Invalid, Mode, SoldOut,
-                          TransferKind, UnknownUser)
 from helpers import funded_users
+
+from anbao_client import (
+    AlreadyClaimed,
+    Forbidden,
+    IdempotencyConflict,
+    InsufficientFunds,
+    Invalid,
+    Mode,
+    SoldOut,
+    TransferKind,
+    UnknownUser,
+)
 
 
 async def test_withdraw_moves_money_out(anbao):
     admin = await anbao.client("admin")
-    a, = await funded_users(admin, 1, 1, 10_000)
+    (a,) = await funded_users(admin, 1, 1, 10_000)
     w = await admin.withdraw(a, 2_500)
     assert w.balance_cents == 7_500 and await admin.balance(a) == 7_500
     everything = await admin.withdraw(a, 7_500)
     assert everything.balance_cents == 0 and everything.transfer_id > w.transfer_id
     st = await admin.statement(a)
     assert [(e.kind, e.amount_cents) for e in st.entries] == [
-        (TransferKind.WITHDRAW, -7_500), (TransferKind.WITHDRAW, -2_500), (TransferKind.DEPOSIT, 10_000)]
+        (TransferKind.WITHDRAW, -7_500),
+        (TransferKind.WITHDRAW, -2_500),
+        (TransferKind.DEPOSIT, 10_000),
+    ]
     report = await anbao.assert_audit_clean()
     assert report.counts["withdrawn_cents"] == 10_000
 
@@ -27,7 +40,7 @@ async def test_withdraw_moves_money_out(anbao):
 async def test_withdraw_refusals_change_nothing(anbao):
     admin = await anbao.client("admin")
     app = await anbao.client("app")
-    a, = await funded_users(admin, 1, 1, 1_000)
+    (a,) = await funded_users(admin, 1, 1, 1_000)
     with pytest.raises(InsufficientFunds):
         await admin.withdraw(a, 1_001)
     with pytest.raises(UnknownUser):
@@ -69,7 +82,7 @@ async def test_withdraw_idempotency(anbao):
 
 async def test_concurrent_duplicate_withdrawals_move_money_once(anbao):
     admin = await anbao.client("admin")
-    a, = await funded_users(admin, 1, 1, 10_000)
+    (a,) = await funded_users(admin, 1, 1, 10_000)
     key = os.urandom(16)
     clients = [await anbao.client("admin") for _ in range(5)]
     answers = await asyncio.gather(*(c.withdraw(a, 4_000, key=key) for c in clients for _ in range(4)))
@@ -115,10 +128,11 @@ async def test_concurrent_withdrawals_sends_and_grabs_never_overdraw(anbao):
             g = await clients[i % 6].grab(incoming[i].packet_id, hot)
             outcomes["grabbed"] += g.amount_cents
         except (SoldOut, AlreadyClaimed):
-            raise AssertionError("the hot wallet's grab must land")
+            raise AssertionError("the hot wallet's grab must land") from None
 
-    await asyncio.gather(*[withdraw(i) for i in range(20)], *[send(i) for i in range(10)],
-                         *[grab(i) for i in range(10)])
+    await asyncio.gather(
+        *[withdraw(i) for i in range(20)], *[send(i) for i in range(10)], *[grab(i) for i in range(10)]
+    )
     assert outcomes["refused"] >= 8, "23,000 asked of at most 15,000: most of the surplus is refused"
     final = await admin.balance(hot)
     assert final >= 0

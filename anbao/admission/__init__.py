@@ -19,6 +19,7 @@ A worker answers a GRAB itself only from what is final (cache.py); a grab
 that finds the counter spent waits, briefly, for the packet's final claim
 list (claims.py) and is then answered from it exactly, or goes to the owner.
 """
+
 from .cache import FinalSet, FinalStates
 from .permits import InProcessPermits, MemcachedPermits, Permits
 

@@ -13,11 +13,13 @@ Two kinds of knowledge, both final:
   non-member), or SOLD_OUT. "Sold out" alone is never enough: a share
   holder whose first answer was lost must get the share, not SOLD_OUT.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
 
 from anbao_client.protocol import Op, Status
+
 from ..core import codec
 
 SOLD_OUT_TEXT = "every share has been taken"
@@ -27,17 +29,19 @@ NOT_ELIGIBLE_TEXT = "this user may not open this packet"
 class FinalSet:
     """A sold-out packet as its owner decides GRAB on it (PacketState.take's
     order): the user's own share first, then eligibility, then SOLD_OUT."""
+
     __slots__ = ("packet_id", "count", "sender_id", "eligible", "claims", "_sold_out")
 
-    def __init__(self, packet_id: int, count: int, sender_id: int, eligible: frozenset | None,
-                 claims: dict[int, bytes]):
+    def __init__(
+        self, packet_id: int, count: int, sender_id: int, eligible: frozenset | None, claims: dict[int, bytes]
+    ):
         assert len(claims) == count, "a final set holds every share"
         self.packet_id = packet_id
         self.count = count
         self.sender_id = sender_id
-        self.eligible = eligible        # None: any registered user
-        self.claims = claims            # user id -> the body of their GRAB answer
-        self._sold_out: bytes | None = None   # the SOLD_OUT answer, encoded once: the rejection path
+        self.eligible = eligible  # None: any registered user
+        self.claims = claims  # user id -> the body of their GRAB answer
+        self._sold_out: bytes | None = None  # the SOLD_OUT answer, encoded once: the rejection path
 
     @property
     def entries(self) -> int:
@@ -68,10 +72,10 @@ class FinalStates:
         assert max_set_entries > 0 and max_learnt > 0
         self.max_set_entries = max_set_entries
         self.max_learnt = max_learnt
-        self.sets: OrderedDict[int, FinalSet] = OrderedDict()   # oldest first, for eviction
+        self.sets: OrderedDict[int, FinalSet] = OrderedDict()  # oldest first, for eviction
         self.set_entries = 0
-        self.claims: dict[tuple[int, int], bytes] = {}          # (packet, user) -> the first answer's body
-        self.refusals: dict[tuple[int, int], int] = {}          # (packet, user) -> EXPIRED or NOT_ELIGIBLE
+        self.claims: dict[tuple[int, int], bytes] = {}  # (packet, user) -> the first answer's body
+        self.refusals: dict[tuple[int, int], int] = {}  # (packet, user) -> EXPIRED or NOT_ELIGIBLE
 
     def install(self, fs: FinalSet) -> bool:
         """Keeps fs, evicting the oldest sets past the bound. Forgetting one

@@ -8,6 +8,7 @@ no refund touches a sold-out packet. Before that, a non-owner cannot know
 who holds a pending share, so it asks the owner instead. One read per
 packet per worker, in one snapshot.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,6 +16,7 @@ import logging
 import asyncpg
 
 from anbao_client.protocol import Audience
+
 from .cache import FinalSet, grab_body
 
 log = logging.getLogger("anbao.admission")
@@ -25,8 +27,9 @@ async def load_final_set(pool: asyncpg.Pool, packet_id: int) -> FinalSet | None:
     database (shares still open, or the last batch not committed yet)."""
     async with pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
-            p = await conn.fetchrow("SELECT sender_id, share_count, audience FROM packets WHERE packet_id = $1",
-                                    packet_id)
+            p = await conn.fetchrow(
+                "SELECT sender_id, share_count, audience FROM packets WHERE packet_id = $1", packet_id
+            )
             if p is None:
                 return None
             count = p["share_count"]
@@ -35,13 +38,15 @@ async def load_final_set(pool: asyncpg.Pool, packet_id: int) -> FinalSet | None:
                 return None
             eligible = None
             if p["audience"] != Audience.OPEN:
-                eligible = frozenset(r[0] for r in await conn.fetch(
-                    "SELECT user_id FROM packet_members WHERE packet_id = $1", packet_id))
+                eligible = frozenset(
+                    r[0] for r in await conn.fetch("SELECT user_id FROM packet_members WHERE packet_id = $1", packet_id)
+                )
     answers = {r["user_id"]: grab_body(r["amount_cents"], r["seq"], count) for r in claims}
     if len(claims) != count or len(answers) != count or {r["seq"] for r in claims} != set(range(1, count + 1)):
         # More claims than shares, or a user twice: the database breaks an
         # invariant (the audit names it). Answer nothing from it; the owner decides.
-        log.critical("packet %d: %d durable claims, %d users, for %d shares", packet_id, len(claims),
-                     len(answers), count)
+        log.critical(
+            "packet %d: %d durable claims, %d users, for %d shares", packet_id, len(claims), len(answers), count
+        )
         return None
     return FinalSet(packet_id, count, p["sender_id"], eligible, answers)

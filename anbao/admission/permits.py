@@ -1,5 +1,6 @@
 """Permit counters: memcached (shared by the workers of a machine) or, when
 there is none, one in this process."""
+
 from __future__ import annotations
 
 import asyncio
@@ -41,6 +42,7 @@ class InProcessPermits(Permits):
     it relays, set from the remaining-share count in the owner's answers.
     Workers cannot see each other's attempts, so each may admit up to the
     whole remainder: a looser filter than memcached's, never a tighter one."""
+
     mode = "in-process"
 
     def __init__(self, max_packets: int):
@@ -108,7 +110,8 @@ class _Pool:
                 loop = asyncio.get_running_loop()
                 reader = _EofIsAnError(loop=loop)
                 transport, protocol = await loop.create_connection(
-                    lambda: asyncio.StreamReaderProtocol(reader, loop=loop), self._host, self._port)
+                    lambda: asyncio.StreamReaderProtocol(reader, loop=loop), self._host, self._port
+                )
                 writer = asyncio.StreamWriter(transport, protocol, reader, loop)
                 if self.size() < self._maxsize:
                     return mcpool.Connection(reader, writer)
@@ -125,8 +128,7 @@ class _Pool:
 
         old = client._pool
         assert isinstance(old, mcpool.MemcachePool) and not old.size(), "replace the pool before first use"
-        client._pool = Pool(old._host, old._port, minsize=old._minsize, maxsize=old._maxsize,
-                            conn_args=old.conn_args)
+        client._pool = Pool(old._host, old._port, minsize=old._minsize, maxsize=old._maxsize, conn_args=old.conn_args)
 
 
 class MemcachedPermits(Permits):
@@ -134,6 +136,7 @@ class MemcachedPermits(Permits):
 
     def __init__(self, host: str, port: int, set_id: int, pool_size: int = 8, timeout_ms: int = 200):
         import aiomcache
+
         self._mc = aiomcache.Client(host, port, pool_size=pool_size)
         _Pool.install(self._mc)
         self._prefix = f"anbao:{set_id}:permits:".encode()
@@ -155,9 +158,13 @@ class MemcachedPermits(Permits):
         self.errors += 1
         self.last_error = repr(exc)[:200]
         if now - self._logged_at >= LOG_INTERVAL_S:
-            log.warning("memcached at %s failing (%s); admitting everything meanwhile (%d errors in %.0f s)",
-                        self.address, self.last_error, self.errors - self._errors_at_log,
-                        min(now - self._logged_at, 1e9))
+            log.warning(
+                "memcached at %s failing (%s); admitting everything meanwhile (%d errors in %.0f s)",
+                self.address,
+                self.last_error,
+                self.errors - self._errors_at_log,
+                min(now - self._logged_at, 1e9),
+            )
             self._logged_at, self._errors_at_log = now, self.errors
 
     async def admit(self, packet_id: int) -> bool:
@@ -179,7 +186,7 @@ class MemcachedPermits(Permits):
         try:
             await asyncio.wait_for(coro, self._timeout_s)
         except Exception as exc:
-            if "NOT_FOUND" not in str(exc):   # incr of a counter not seeded (or flushed): nothing to give back to
+            if "NOT_FOUND" not in str(exc):  # incr of a counter not seeded (or flushed): nothing to give back to
                 self._failed(exc)
 
     def give_back(self, packet_id: int) -> None:

@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 the audit (or the demo's check) found a violation,
 2 bad command line (argparse), 3 the server refused (EXIT_REFUSED),
 4 no answer from the server (EXIT_UNREACHABLE).
 """
+
 from __future__ import annotations
 
 import argparse

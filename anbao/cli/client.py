@@ -3,6 +3,7 @@ balance, statement, sent, received, group ..., demo. Each talks to a running
 server through the SDK. Amounts are typed and shown in yuan with two
 decimals ("12.34"); `--json` prints one JSON document with amounts in
 integer cents."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,8 @@ from ..cliutil import token_from_args, yuan
 
 # Exit codes: 0 done, 1 the audit (or the demo's check) found a violation,
 # 2 bad command line (argparse), then these.
-EXIT_REFUSED = 3       # the server answered with an error status
-EXIT_UNREACHABLE = 4   # no answer: cannot connect, connection lost, timeout
+EXIT_REFUSED = 3  # the server answered with an error status
+EXIT_UNREACHABLE = 4  # no answer: cannot connect, connection lost, timeout
 
 
 def cents(text: str) -> int:
@@ -54,6 +55,7 @@ def key_arg(text: str) -> bytes:
 
 def _ms_text(ms: int) -> str:
     import datetime
+
     return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -63,20 +65,23 @@ class Out:
     def __init__(self, as_json: bool):
         self.json = as_json
         from rich.console import Console
+
         self.console = Console(highlight=False)
 
     def done(self, doc: dict, text=None) -> None:
         if self.json:
             print(json.dumps(doc, ensure_ascii=False, default=str))
         elif text is not None:
-            for part in (text if isinstance(text, list) else [text]):
+            for part in text if isinstance(text, list) else [text]:
                 self.console.print(part)
 
 
 def _client_command(run):
     """Wraps an async command body: connects, runs, maps errors to exit codes."""
+
     def command(args) -> int:
         from anbao_client import AnbaoError, Client, ConnectionLost, RequestTimeout
+
         out = Out(args.json)
 
         async def main() -> int:
@@ -94,140 +99,253 @@ def _client_command(run):
             if not out.json:
                 print(f"anbao: {name}: {exc.message}", file=sys.stderr)
             return EXIT_REFUSED
-        except (ConnectionLost, RequestTimeout, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectionLost, RequestTimeout, OSError) as exc:
             out.done({"error": "UNREACHABLE", "message": str(exc)})
             if not out.json:
-                print(f"anbao: no answer from {args.host}:{args.port}: {exc or type(exc).__name__}",
-                      file=sys.stderr)
+                print(f"anbao: no answer from {args.host}:{args.port}: {exc or type(exc).__name__}", file=sys.stderr)
             return EXIT_UNREACHABLE
+
     return command
 
 
 async def run_register(c, args, out):
     new = 0
     for i in range(0, len(args.users), 1024):
-        new += await c.register(args.users[i:i + 1024])
+        new += await c.register(args.users[i : i + 1024])
     out.done({"registered": len(args.users), "new": new}, f"{len(args.users)} user(s) registered, {new} new")
 
 
 async def run_deposit(c, args, out):
     from anbao_client import new_idempotency_key
+
     key = args.key or new_idempotency_key()
     d = await c.deposit(args.user, args.amount, key=key)
-    out.done({"user_id": args.user, "amount_cents": args.amount, "balance_cents": d.balance_cents,
-              "transfer_id": d.transfer_id, "idempotency_key": key.hex()},
-             f"deposited {yuan(args.amount)} to user {args.user}: balance {yuan(d.balance_cents)}"
-             f" (transfer {d.transfer_id})")
+    out.done(
+        {
+            "user_id": args.user,
+            "amount_cents": args.amount,
+            "balance_cents": d.balance_cents,
+            "transfer_id": d.transfer_id,
+            "idempotency_key": key.hex(),
+        },
+        f"deposited {yuan(args.amount)} to user {args.user}: balance {yuan(d.balance_cents)}"
+        f" (transfer {d.transfer_id})",
+    )
 
 
 async def run_withdraw(c, args, out):
     from anbao_client import new_idempotency_key
+
     key = args.key or new_idempotency_key()
     w = await c.withdraw(args.user, args.amount, key=key)
-    out.done({"user_id": args.user, "amount_cents": args.amount, "balance_cents": w.balance_cents,
-              "transfer_id": w.transfer_id, "idempotency_key": key.hex()},
-             f"withdrew {yuan(args.amount)} from user {args.user}: balance {yuan(w.balance_cents)}"
-             f" (transfer {w.transfer_id})")
+    out.done(
+        {
+            "user_id": args.user,
+            "amount_cents": args.amount,
+            "balance_cents": w.balance_cents,
+            "transfer_id": w.transfer_id,
+            "idempotency_key": key.hex(),
+        },
+        f"withdrew {yuan(args.amount)} from user {args.user}: balance {yuan(w.balance_cents)}"
+        f" (transfer {w.transfer_id})",
+    )
 
 
 async def run_send(c, args, out):
     from anbao_client import Mode, new_idempotency_key
+
     key = args.key or new_idempotency_key()
-    s = await c.send(args.sender, args.amount, args.count, mode=Mode.FIXED if args.fixed else Mode.RANDOM,
-                     to_user=args.to, members=args.members, group=args.group, greeting=args.greeting,
-                     expiry_seconds=args.expiry, key=key)
-    to = (f"user {args.to}" if args.to else f"group {args.group}" if args.group
-          else f"{len(args.members)} members" if args.members else "anyone")
-    out.done({"packet_id": s.packet_id, "sender_balance_cents": s.sender_balance_cents,
-              "expires_at_ms": s.expires_at_ms, "idempotency_key": key.hex()},
-             f"packet {s.packet_id}: {yuan(args.amount)} in {args.count} share(s) for {to},"
-             f" expires {_ms_text(s.expires_at_ms)}; sender's balance {yuan(s.sender_balance_cents)}")
+    s = await c.send(
+        args.sender,
+        args.amount,
+        args.count,
+        mode=Mode.FIXED if args.fixed else Mode.RANDOM,
+        to_user=args.to,
+        members=args.members,
+        group=args.group,
+        greeting=args.greeting,
+        expiry_seconds=args.expiry,
+        key=key,
+    )
+    to = (
+        f"user {args.to}"
+        if args.to
+        else f"group {args.group}"
+        if args.group
+        else f"{len(args.members)} members"
+        if args.members
+        else "anyone"
+    )
+    out.done(
+        {
+            "packet_id": s.packet_id,
+            "sender_balance_cents": s.sender_balance_cents,
+            "expires_at_ms": s.expires_at_ms,
+            "idempotency_key": key.hex(),
+        },
+        f"packet {s.packet_id}: {yuan(args.amount)} in {args.count} share(s) for {to},"
+        f" expires {_ms_text(s.expires_at_ms)}; sender's balance {yuan(s.sender_balance_cents)}",
+    )
 
 
 async def run_grab(c, args, out):
     from anbao_client import AlreadyClaimed
+
     try:
         g, again = await c.grab(args.packet, args.user), False
     except AlreadyClaimed as exc:  # the first grab's answer: nothing moved now
         g, again = exc.grabbed, True
-    out.done({"packet_id": args.packet, "user_id": args.user, "amount_cents": g.amount_cents, "seq": g.seq,
-              "remaining_count": g.remaining_count, "already_claimed": again},
-             f"user {args.user} {'had already grabbed' if again else 'grabbed'} {yuan(g.amount_cents)}"
-             f" (share #{g.seq}; {g.remaining_count} left after it)")
+    out.done(
+        {
+            "packet_id": args.packet,
+            "user_id": args.user,
+            "amount_cents": g.amount_cents,
+            "seq": g.seq,
+            "remaining_count": g.remaining_count,
+            "already_claimed": again,
+        },
+        f"user {args.user} {'had already grabbed' if again else 'grabbed'} {yuan(g.amount_cents)}"
+        f" (share #{g.seq}; {g.remaining_count} left after it)",
+    )
 
 
 async def run_packet(c, args, out):
     from rich.table import Table
+
     info = await c.packet(args.packet, claims_offset=args.offset, claims_limit=args.limit)
-    doc = {"packet_id": args.packet, "sender_id": info.sender_id, "total_cents": info.total_cents,
-           "count": info.count, "mode": info.mode.name.lower(), "status": info.status.name.lower(),
-           "audience": info.audience.name.lower(), "greeting": info.greeting,
-           "created_at_ms": info.created_at_ms, "expires_at_ms": info.expires_at_ms,
-           "claimed_cents": info.claimed_cents, "claimed_count": info.claimed_count,
-           "refunded_cents": info.refunded_cents, "luckiest_seq": info.luckiest_seq,
-           "claims": [{"seq": x.seq, "user_id": x.user_id, "amount_cents": x.amount_cents} for x in info.claims]}
+    doc = {
+        "packet_id": args.packet,
+        "sender_id": info.sender_id,
+        "total_cents": info.total_cents,
+        "count": info.count,
+        "mode": info.mode.name.lower(),
+        "status": info.status.name.lower(),
+        "audience": info.audience.name.lower(),
+        "greeting": info.greeting,
+        "created_at_ms": info.created_at_ms,
+        "expires_at_ms": info.expires_at_ms,
+        "claimed_cents": info.claimed_cents,
+        "claimed_count": info.claimed_count,
+        "refunded_cents": info.refunded_cents,
+        "luckiest_seq": info.luckiest_seq,
+        "claims": [{"seq": x.seq, "user_id": x.user_id, "amount_cents": x.amount_cents} for x in info.claims],
+    }
     audience = {0: "anyone", 1: "one person", 2: "a member list", 3: "a group's members"}[info.audience]
-    head = (f"packet {args.packet} from user {info.sender_id}: {yuan(info.total_cents)} in {info.count} "
-            f"{info.mode.name.lower()} share(s) for {audience}"
-            + (f" — “{info.greeting}”" if info.greeting else ""))
-    state = (f"{info.status.name.replace('_', ' ').lower()}: {info.claimed_count}/{info.count} claimed"
-             f" ({yuan(info.claimed_cents)}), refunded {yuan(info.refunded_cents)};"
-             f" expires {_ms_text(info.expires_at_ms)}")
+    head = (
+        f"packet {args.packet} from user {info.sender_id}: {yuan(info.total_cents)} in {info.count} "
+        f"{info.mode.name.lower()} share(s) for {audience}" + (f" — “{info.greeting}”" if info.greeting else "")
+    )
+    state = (
+        f"{info.status.name.replace('_', ' ').lower()}: {info.claimed_count}/{info.count} claimed"
+        f" ({yuan(info.claimed_cents)}), refunded {yuan(info.refunded_cents)};"
+        f" expires {_ms_text(info.expires_at_ms)}"
+    )
     table = Table("seq", "user", "amount", "", title=f"claims from #{args.offset + 1}")
     for x in info.claims:
-        table.add_row(str(x.seq), str(x.user_id), yuan(x.amount_cents),
-                      "luckiest" if x.seq == info.luckiest_seq else "")
+        table.add_row(
+            str(x.seq), str(x.user_id), yuan(x.amount_cents), "luckiest" if x.seq == info.luckiest_seq else ""
+        )
     out.done(doc, [head, state] + ([table] if info.claims else []))
 
 
 async def run_balance(c, args, out):
     balances = {u: await c.balance(u) for u in args.users}
-    out.done({"balances_cents": {str(u): b for u, b in balances.items()}},
-             [f"user {u}: {yuan(b)}" for u, b in balances.items()])
+    out.done(
+        {"balances_cents": {str(u): b for u, b in balances.items()}},
+        [f"user {u}: {yuan(b)}" for u, b in balances.items()],
+    )
 
 
 async def run_statement(c, args, out):
     from rich.table import Table
+
     st = await c.statement(args.user, cursor=args.cursor, limit=args.limit)
-    doc = {"user_id": args.user, "balance_cents": st.balance_cents, "next_cursor": st.next_cursor,
-           "entries": [{"transfer_id": e.transfer_id, "kind": e.kind.name.lower(), "amount_cents": e.amount_cents,
-                        "packet_id": e.packet_id or None, "at_ms": e.at_ms} for e in st.entries]}
+    doc = {
+        "user_id": args.user,
+        "balance_cents": st.balance_cents,
+        "next_cursor": st.next_cursor,
+        "entries": [
+            {
+                "transfer_id": e.transfer_id,
+                "kind": e.kind.name.lower(),
+                "amount_cents": e.amount_cents,
+                "packet_id": e.packet_id or None,
+                "at_ms": e.at_ms,
+            }
+            for e in st.entries
+        ],
+    }
     table = Table("transfer", "when", "what", "amount", "packet")
     for e in st.entries:
-        table.add_row(str(e.transfer_id), _ms_text(e.at_ms), e.kind.name.lower(),
-                      ("+" if e.amount_cents > 0 else "") + yuan(e.amount_cents), str(e.packet_id or ""))
+        table.add_row(
+            str(e.transfer_id),
+            _ms_text(e.at_ms),
+            e.kind.name.lower(),
+            ("+" if e.amount_cents > 0 else "") + yuan(e.amount_cents),
+            str(e.packet_id or ""),
+        )
     more = f"older entries: --cursor {st.next_cursor}" if st.next_cursor else "no older entries"
     out.done(doc, [f"user {args.user}: balance {yuan(st.balance_cents)}", table, more])
 
 
 async def run_sent(c, args, out):
     from rich.table import Table
+
     page = await c.sent(args.user, cursor=args.cursor, limit=args.limit)
-    doc = {"user_id": args.user, "next_cursor": page.next_cursor,
-           "packets": [{"packet_id": p.packet_id, "total_cents": p.total_cents, "count": p.count,
-                        "claimed_count": p.claimed_count, "claimed_cents": p.claimed_cents,
-                        "refunded_cents": p.refunded_cents, "status": p.status.name.lower(),
-                        "audience": p.audience.name.lower(), "created_at_ms": p.created_at_ms,
-                        "expires_at_ms": p.expires_at_ms} for p in page.items]}
+    doc = {
+        "user_id": args.user,
+        "next_cursor": page.next_cursor,
+        "packets": [
+            {
+                "packet_id": p.packet_id,
+                "total_cents": p.total_cents,
+                "count": p.count,
+                "claimed_count": p.claimed_count,
+                "claimed_cents": p.claimed_cents,
+                "refunded_cents": p.refunded_cents,
+                "status": p.status.name.lower(),
+                "audience": p.audience.name.lower(),
+                "created_at_ms": p.created_at_ms,
+                "expires_at_ms": p.expires_at_ms,
+            }
+            for p in page.items
+        ],
+    }
     table = Table("packet", "sent", "total", "claimed", "refunded", "status")
     for p in page.items:
-        table.add_row(str(p.packet_id), _ms_text(p.created_at_ms), yuan(p.total_cents),
-                      f"{p.claimed_count}/{p.count} {yuan(p.claimed_cents)}", yuan(p.refunded_cents),
-                      p.status.name.replace("_", " ").lower())
+        table.add_row(
+            str(p.packet_id),
+            _ms_text(p.created_at_ms),
+            yuan(p.total_cents),
+            f"{p.claimed_count}/{p.count} {yuan(p.claimed_cents)}",
+            yuan(p.refunded_cents),
+            p.status.name.replace("_", " ").lower(),
+        )
     more = f"older packets: --cursor {page.next_cursor}" if page.next_cursor else "no older packets"
     out.done(doc, [f"packets sent by user {args.user}", table, more])
 
 
 async def run_received(c, args, out):
     from rich.table import Table
+
     page = await c.received(args.user, cursor=args.cursor, limit=args.limit)
-    doc = {"user_id": args.user, "next_cursor": page.next_cursor,
-           "shares": [{"packet_id": r.packet_id, "sender_id": r.sender_id, "seq": r.seq,
-                       "amount_cents": r.amount_cents, "claimed_at_ms": r.claimed_at_ms} for r in page.items]}
+    doc = {
+        "user_id": args.user,
+        "next_cursor": page.next_cursor,
+        "shares": [
+            {
+                "packet_id": r.packet_id,
+                "sender_id": r.sender_id,
+                "seq": r.seq,
+                "amount_cents": r.amount_cents,
+                "claimed_at_ms": r.claimed_at_ms,
+            }
+            for r in page.items
+        ],
+    }
     table = Table("packet", "from", "share", "amount", "when")
     for r in page.items:
-        table.add_row(str(r.packet_id), str(r.sender_id), f"#{r.seq}", yuan(r.amount_cents),
-                      _ms_text(r.claimed_at_ms))
+        table.add_row(str(r.packet_id), str(r.sender_id), f"#{r.seq}", yuan(r.amount_cents), _ms_text(r.claimed_at_ms))
     more = f"older shares: --cursor {page.next_cursor}" if page.next_cursor else "no older shares"
     out.done(doc, [f"shares grabbed by user {args.user}", table, more])
 
@@ -238,27 +356,38 @@ async def run_group(c, args, out):
         made = await c.group_create(args.group, members[:8000], name=args.name)
         for i in range(8000, len(members), 1024):
             if made.created:
-                await c.group_add(args.group, members[i:i + 1024])
+                await c.group_add(args.group, members[i : i + 1024])
         n = (await c.group_info(args.group, limit=1)).member_count
-        out.done({"group_id": args.group, "created": made.created, "member_count": n},
-                 f"group {args.group} {'created' if made.created else 'exists already, unchanged'}:"
-                 f" {n} member(s)")
+        out.done(
+            {"group_id": args.group, "created": made.created, "member_count": n},
+            f"group {args.group} {'created' if made.created else 'exists already, unchanged'}: {n} member(s)",
+        )
     elif args.group_command in ("add", "remove"):
         change = await (c.group_add if args.group_command == "add" else c.group_remove)(args.group, args.users)
         verb = "added" if args.group_command == "add" else "removed"
-        out.done({"group_id": args.group, verb: change.changed, "member_count": change.member_count},
-                 f"group {args.group}: {change.changed} {verb}, {change.member_count} member(s)")
+        out.done(
+            {"group_id": args.group, verb: change.changed, "member_count": change.member_count},
+            f"group {args.group}: {change.changed} {verb}, {change.member_count} member(s)",
+        )
     else:
         info = await c.group_info(args.group, cursor=args.cursor, limit=args.limit)
         more = f"more: --cursor {info.next_cursor}" if info.next_cursor else ""
-        out.done({"group_id": args.group, "name": info.name, "member_count": info.member_count,
-                  "members": info.members, "next_cursor": info.next_cursor},
-                 [f"group {args.group} “{info.name}”: {info.member_count} member(s)",
-                  ", ".join(map(str, info.members))] + ([more] if more else []))
+        out.done(
+            {
+                "group_id": args.group,
+                "name": info.name,
+                "member_count": info.member_count,
+                "members": info.members,
+                "next_cursor": info.next_cursor,
+            },
+            [f"group {args.group} “{info.name}”: {info.member_count} member(s)", ", ".join(map(str, info.members))]
+            + ([more] if more else []),
+        )
 
 
 def cmd_demo(args) -> int:
     from ..demo import run_demo
+
     return _client_command(run_demo)(args)
 
 
@@ -274,8 +403,12 @@ def _client_options() -> argparse.ArgumentParser:
     opts.add_argument("--host", default="127.0.0.1")
     opts.add_argument("--port", type=int, default=7878)
     opts.add_argument("--token", help="a token (default: from the tokens file)")
-    opts.add_argument("--scope", choices=["admin", "app"], default="admin",
-                      help="which token of the tokens file to use (default admin)")
+    opts.add_argument(
+        "--scope",
+        choices=["admin", "app"],
+        default="admin",
+        help="which token of the tokens file to use (default admin)",
+    )
     opts.add_argument("--data-dir", default=".anbao", help="where tokens.json is (default .anbao)")
     opts.add_argument("--tokens-file", help="JSON file of tokens (default DATA_DIR/tokens.json)")
     opts.add_argument("--timeout-ms", type=int, default=10_000)

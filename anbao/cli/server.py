@@ -1,5 +1,6 @@
 """`anbao serve`, `migrate`, `audit` and `tokens`: the commands that run the
 server or read its database and tokens directly (no server needed)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,6 +22,7 @@ def _database(args) -> tuple[str, Any | None]:
     if args.dsn:
         return args.dsn, None
     from ..storage import embedded
+
     server, dsn = embedded.start(Path(args.data_dir))
     return dsn, server
 
@@ -29,6 +31,7 @@ def _one_off_database(args, work) -> int:
     """Runs work(dsn) against the database; an embedded PostgreSQL started
     just for this command is stopped afterwards, one already up is left up."""
     from ..storage import embedded
+
     was_up = args.dsn is not None or embedded.already_running(Path(args.data_dir))
     dsn, server = _database(args)
     try:
@@ -52,21 +55,27 @@ def _limits(overrides: list[str]) -> Limits:
         return Limits(**changes)
     except AssertionError as exc:
         print(f"anbao serve: --limit: {exc or 'limits out of range'}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(2) from None
 
 
 def _settings(args) -> Settings:
-    return Settings(host=args.host, port=args.port, data_dir=Path(args.data_dir), dsn=args.dsn,
-                    tokens_file=Path(args.tokens_file) if args.tokens_file else None,
-                    tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-                    tls_key=Path(args.tls_key) if args.tls_key else None,
-                    limits=_limits(getattr(args, "limit", [])))
+    return Settings(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir),
+        dsn=args.dsn,
+        tokens_file=Path(args.tokens_file) if args.tokens_file else None,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        limits=_limits(getattr(args, "limit", [])),
+    )
 
 
 def cmd_serve(args) -> int:
     from ..server.reaper import Reaper, reap_stale
     from ..server.supervisor import Supervisor
     from ..storage.migrate import migrate
+
     workers = args.workers or os.cpu_count() or 1
     settings = replace(_settings(args), worker_count=workers)
     tokens_path = settings.tokens_file or ensure_tokens_file(settings.data_dir / "tokens.json")
@@ -79,8 +88,15 @@ def cmd_serve(args) -> int:
         reaper.watch_postgres(Path(embedded_server.pgdata))
     try:
         asyncio.run(migrate(dsn))  # once, before the workers fork
-        sup = Supervisor(settings, dsn, tokens_path, args.memcached, admission=args.admission,
-                         metrics_port=args.metrics_port, reaper=reaper)
+        sup = Supervisor(
+            settings,
+            dsn,
+            tokens_path,
+            args.memcached,
+            admission=args.admission,
+            metrics_port=args.metrics_port,
+            reaper=reaper,
+        )
         try:
             sup.start()
         except BaseException:
@@ -91,23 +107,29 @@ def cmd_serve(args) -> int:
     finally:
         if embedded_server is not None and not args.keep_db:
             from ..storage import embedded
+
             embedded.stop(embedded_server)
         reaper.done()
     return 0
 
 
 def _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_path) -> None:
-    admission = {"memcached": f"memcached at {sup.memcached}", "in-process": "in-process counters",
-                 "off": "off"}[sup.admission]
-    print(f"anbao serving on {settings.host}:{sup.port} (protocol v1, {workers} worker"
-          f"{'s' if workers > 1 else ''}, SO_REUSEPORT steered by source port)", flush=True)
-    print(f"  database: {'embedded PostgreSQL in ' + str(settings.data_dir / 'pgdata') if embedded_server else dsn}",
-          flush=True)
+    admission = {"memcached": f"memcached at {sup.memcached}", "in-process": "in-process counters", "off": "off"}[
+        sup.admission
+    ]
+    print(
+        f"anbao serving on {settings.host}:{sup.port} (protocol v1, {workers} worker"
+        f"{'s' if workers > 1 else ''}, SO_REUSEPORT steered by source port)",
+        flush=True,
+    )
+    print(
+        f"  database: {'embedded PostgreSQL in ' + str(settings.data_dir / 'pgdata') if embedded_server else dsn}",
+        flush=True,
+    )
     print(f"  tokens:   {tokens_path} (admin and app scopes; owner-only file)", flush=True)
     print(f"  admission: {admission}; worker pids in {sup.run_dir / 'workers.json'}", flush=True)
     if args.metrics_port:
-        print(f"  metrics:  http://{settings.host}:{args.metrics_port}/metrics (Prometheus, all workers)",
-              flush=True)
+        print(f"  metrics:  http://{settings.host}:{args.metrics_port}/metrics (Prometheus, all workers)", flush=True)
     print("  stop with Ctrl-C: accepted grabs are committed and answered first", flush=True)
 
 
@@ -117,17 +139,20 @@ def cmd_migrate(args) -> int:
     def work(dsn: str) -> int:
         print(f"schema at version {asyncio.run(migrate(dsn))}")
         return 0
+
     return _one_off_database(args, work)
 
 
 def cmd_audit(args) -> int:
     from ..storage.audit import audit
+
     grace_ms = None if args.refund_grace_s is None else int(args.refund_grace_s * 1000)
 
     def work(dsn: str) -> int:
         report = asyncio.run(audit(dsn, refund_grace_ms=grace_ms))
         print(json.dumps(report.as_dict(), default=str, indent=2) if args.json else report.text())
         return 0 if report.ok else 1
+
     return _one_off_database(args, work)
 
 
@@ -154,18 +179,32 @@ def add_parser(sub) -> None:
     s.add_argument("--keep-db", action="store_true", help="leave the embedded PostgreSQL running on exit")
     s.add_argument("--workers", type=int, default=0, help="worker processes (default: one per CPU)")
     s.add_argument("--memcached", help="HOST:PORT of the admission memcached (default: start a local one)")
-    s.add_argument("--admission", choices=["memcached", "in-process", "off"], default="memcached",
-                   help="how relayed grabs are admitted (default memcached; in-process when it cannot start)")
+    s.add_argument(
+        "--admission",
+        choices=["memcached", "in-process", "off"],
+        default="memcached",
+        help="how relayed grabs are admitted (default memcached; in-process when it cannot start)",
+    )
     s.add_argument("--metrics-port", type=int, default=7879, help="Prometheus endpoint port (0: off)")
-    s.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                   help="override one of config.Limits, e.g. --limit commit_slots=1 (repeatable)")
+    s.add_argument(
+        "--limit",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override one of config.Limits, e.g. --limit commit_slots=1 (repeatable)",
+    )
     s.set_defaults(func=cmd_serve)
     _with_database_options(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
-    a = _with_database_options(sub.add_parser("audit", help="check every money invariant on the database;"
-                                                            " exit 1 on a violation"))
+    a = _with_database_options(
+        sub.add_parser("audit", help="check every money invariant on the database; exit 1 on a violation")
+    )
     a.add_argument("--json", action="store_true")
-    a.add_argument("--refund-grace-s", type=float, default=None,
-                   help="how long past expiry an unrefunded packet is not yet a violation (default 300)")
+    a.add_argument(
+        "--refund-grace-s",
+        type=float,
+        default=None,
+        help="how long past expiry an unrefunded packet is not yet a violation (default 300)",
+    )
     a.set_defaults(func=cmd_audit)
     t = _with_database_options(sub.add_parser("tokens", help="print where the tokens are (create them on first run)"))
     t.add_argument("--show", action="store_true", help="print the tokens themselves")

@@ -9,6 +9,7 @@ as the worker starts. Each refund goes through the owner's grab queue
 (GrabEngine.expire), and the database refunds a packet at most once, so two
 sweepers, or a sweep racing a restart, cannot pay anything twice.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,9 @@ log = logging.getLogger("anbao.expiry")
 
 
 class ExpirySweeper:
-    def __init__(self, ledger: Ledger, engine: GrabEngine, worker_id: int, worker_count: int, interval_ms: int,
-                 batch_limit: int):
+    def __init__(
+        self, ledger: Ledger, engine: GrabEngine, worker_id: int, worker_count: int, interval_ms: int, batch_limit: int
+    ):
         assert interval_ms > 0 and batch_limit > 0 and 0 <= worker_id < worker_count
         self.ledger = ledger
         self.engine = engine
@@ -34,7 +36,7 @@ class ExpirySweeper:
         self.interval_ms = interval_ms
         self.batch_limit = batch_limit
         self.sweeps = 0
-        self.refunded = 0          # refunds this sweeper's requests committed
+        self.refunded = 0  # refunds this sweeper's requests committed
 
     async def run(self) -> None:
         while True:
@@ -52,18 +54,18 @@ class ExpirySweeper:
         """One pass: refunds the expired packets this worker owns; returns
         how many it settled (refunded now or found refunded already)."""
         self.sweeps += 1
-        expired = await self.ledger.expired_packets(now_ms(), self.batch_limit, SHARD_COUNT - 1,
-                                                    shards_of(self.worker_id, self.worker_count))
+        expired = await self.ledger.expired_packets(
+            now_ms(), self.batch_limit, SHARD_COUNT - 1, shards_of(self.worker_id, self.worker_count)
+        )
         mine = [pid for pid in expired if owner_of(pid, self.worker_count) == self.worker_id]
         if not mine:
             return 0
         engine = self.engine
         # Shielded: a sweep cancelled by stop() must not cancel the refunds
         # themselves, which the engine commits (and drain() waits for) anyway.
-        results = await asyncio.gather(*(asyncio.shield(engine.expire(pid)) for pid in mine),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(asyncio.shield(engine.expire(pid)) for pid in mine), return_exceptions=True)
         settled = 0
-        for pid, r in zip(mine, results):
+        for pid, r in zip(mine, results, strict=True):
             if isinstance(r, BaseException):
                 continue
             settled += 1

@@ -15,6 +15,7 @@ once (every grab decided after it answers EXPIRED) and puts the refund in
 the open batch, behind every grab accepted before it, so the refund is
 committed after them and returns exactly what they left.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from anbao_client.protocol import Op, Status
+
 from ..core import codec, packets, shares
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.domain import PacketRecord
@@ -30,7 +32,7 @@ from ..storage.ledger import Ledger
 
 log = logging.getLogger("anbao.grabs")
 
-_ERROR_TEXT: dict[int, str] = {   # keyed by the plain int PacketState.take() returns
+_ERROR_TEXT: dict[int, str] = {  # keyed by the plain int PacketState.take() returns
     Status.SOLD_OUT: "every share has been taken",
     Status.EXPIRED: "the packet has expired",
     Status.NOT_ELIGIBLE: "this user may not open this packet",
@@ -49,16 +51,37 @@ Batch = packets.GrabBatch
 
 def packet_state(record: PacketRecord) -> packets.PacketState:
     """The in-memory state of a packet, from its durable record."""
-    return packets.PacketState(record.packet_id, record.sender_id, record.total_cents, record.count, record.mode,
-                               record.min_share_cents, record.expires_at_ms, record.eligible, record.claims,
-                               record.closed)
+    return packets.PacketState(
+        record.packet_id,
+        record.sender_id,
+        record.total_cents,
+        record.count,
+        record.mode,
+        record.min_share_cents,
+        record.expires_at_ms,
+        record.eligible,
+        record.claims,
+        record.closed,
+    )
 
 
 class GrabEngine:
-    def __init__(self, ledger: Ledger, committer: GrabCommitter, worker_id: int, *,
-                 batch_max_grabs: int, max_queued_grabs: int, max_packets_in_memory: int,
-                 max_known_users: int, roller: Roller | None = None, max_rollup_backlog: int = 1 << 62,
-                 overlap_min_grabs: int = 1, committing=None, rollup_quiet_ms: int = 0):
+    def __init__(
+        self,
+        ledger: Ledger,
+        committer: GrabCommitter,
+        worker_id: int,
+        *,
+        batch_max_grabs: int,
+        max_queued_grabs: int,
+        max_packets_in_memory: int,
+        max_known_users: int,
+        roller: Roller | None = None,
+        max_rollup_backlog: int = 1 << 62,
+        overlap_min_grabs: int = 1,
+        committing=None,
+        rollup_quiet_ms: int = 0,
+    ):
         assert 0 < batch_max_grabs <= max_queued_grabs and max_rollup_backlog > 0
         self.ledger = ledger
         self.committer = committer
@@ -83,27 +106,27 @@ class GrabEngine:
         self.max_known_users = max_known_users
         self.rng = shares.Rng()
         self.states: dict[int, packets.PacketState] = {}
-        self._loading: dict[int, list] = {}          # packet id -> grabs waiting for its load, in order
+        self._loading: dict[int, list] = {}  # packet id -> grabs waiting for its load, in order
         self._known_users: set[int] = set()
-        self._user_checks: dict[int, list] = {}      # user id -> grabs waiting for the check
+        self._user_checks: dict[int, list] = {}  # user id -> grabs waiting for the check
         self._user_check_scheduled = False
         self._open = Batch()
-        self._queued: list[Batch] = []               # full batches waiting behind the open one
-        self._in_flight: list[Batch] = []            # batches committing, in the order they were built
-        self._chain_tail: asyncio.Future | None = None   # outcome of the newest batch in flight
+        self._queued: list[Batch] = []  # full batches waiting behind the open one
+        self._in_flight: list[Batch] = []  # batches committing, in the order they were built
+        self._chain_tail: asyncio.Future | None = None  # outcome of the newest batch in flight
         self._pump_scheduled = False
         self._queued_grabs = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self.on_adopt: Callable[[packets.PacketState], None] | None = None   # admission seeds its counter
-        self.on_commit: Callable[[int, float], None] | None = None           # (grabs, seconds): metrics
-        self._expiring: dict[int, asyncio.Future] = {}   # packet id -> its refund, until committed
+        self.on_adopt: Callable[[packets.PacketState], None] | None = None  # admission seeds its counter
+        self.on_commit: Callable[[int, float], None] | None = None  # (grabs, seconds): metrics
+        self._expiring: dict[int, asyncio.Future] = {}  # packet id -> its refund, until committed
         self.refunds_committed = 0
         self.refunds_failed = 0
         self.commits = 0
         self.committed_grabs = 0
         self.failed_batches = 0
-        self.doomed_batches = 0                      # failed because a batch before them did
+        self.doomed_batches = 0  # failed because a batch before them did
 
     # ------------------------------------------------------------ entry
 
@@ -117,8 +140,12 @@ class GrabEngine:
             else:
                 waiting.append((replier, rid, user_id))
             return
-        if (state.open_audience and user_id not in self._known_users and not state.sold_out
-                and state.claim_of(user_id) is None):
+        if (
+            state.open_audience
+            and user_id not in self._known_users
+            and not state.sold_out
+            and state.claim_of(user_id) is None
+        ):
             self._check_user(replier, rid, packet_id, user_id)
             return
         self._decide(state, replier, rid, user_id)
@@ -143,8 +170,16 @@ class GrabEngine:
                 self._kick()
             else:
                 # The first answer's body, byte for byte: remaining_count as it was after that share.
-                replier.answer(codec.encode_grab(rid, Status.ALREADY_CLAIMED, self.worker_id, state.last_amount_cents,
-                                              state.last_seq, state.count - state.last_seq))
+                replier.answer(
+                    codec.encode_grab(
+                        rid,
+                        Status.ALREADY_CLAIMED,
+                        self.worker_id,
+                        state.last_amount_cents,
+                        state.last_seq,
+                        state.count - state.last_seq,
+                    )
+                )
         elif status == Status.SOLD_OUT and state.committed_count < state.taken_count:
             # Every share is taken, but some are not durable yet: if their
             # batch failed they would be free again, and a refusal is final.
@@ -164,14 +199,18 @@ class GrabEngine:
         except Exception as exc:  # the database is the truth; without it, nobody is served
             log.warning("loading packet %d failed: %r", packet_id, exc)
             for replier, rid, _ in self._loading.pop(packet_id, []):
-                replier.answer(codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, self.worker_id,
-                                               "packet state unavailable; retry"))
+                replier.answer(
+                    codec.encode_error(
+                        Op.GRAB, rid, Status.UNAVAILABLE, self.worker_id, "packet state unavailable; retry"
+                    )
+                )
             return
         waiting = self._loading.pop(packet_id, [])
         if state is None:
             for replier, rid, _ in waiting:
-                replier.answer(codec.encode_error(Op.GRAB, rid, Status.NOT_FOUND, self.worker_id,
-                                               f"unknown packet {packet_id}"))
+                replier.answer(
+                    codec.encode_error(Op.GRAB, rid, Status.NOT_FOUND, self.worker_id, f"unknown packet {packet_id}")
+                )
             return
         self.adopt(state)
         for replier, rid, user_id in waiting:
@@ -225,8 +264,9 @@ class GrabEngine:
                 if user_id in known:
                     self.on_grab(replier, rid, packet_id, user_id)
                 else:
-                    replier.answer(codec.encode_error(Op.GRAB, rid, Status.UNKNOWN_USER, self.worker_id,
-                                                   f"unknown user {user_id}"))
+                    replier.answer(
+                        codec.encode_error(Op.GRAB, rid, Status.UNKNOWN_USER, self.worker_id, f"unknown user {user_id}")
+                    )
 
     def note_known_users(self, user_ids) -> None:
         if len(self._known_users) < self.max_known_users:
@@ -285,8 +325,9 @@ class GrabEngine:
                 # With every accepted grab committed, memory and database
                 # must agree on what was left; if not, the database is the truth.
                 if state.committed_count == state.taken_count and refunded != state.remaining_cents:
-                    log.critical("packet %d: refunded %d but memory holds %d; reloading it",
-                                 pid, refunded, state.remaining_cents)
+                    log.critical(
+                        "packet %d: refunded %d but memory holds %d; reloading it", pid, refunded, state.remaining_cents
+                    )
                     del self.states[pid]
             fut = self._expiring.pop(pid)
             if not fut.done():
@@ -326,8 +367,12 @@ class GrabEngine:
         load, grabs gather while every slot is busy."""
         self._pump_scheduled = False
         loop = asyncio.get_running_loop()
-        while (self._has_work() and self.committer.free_slots and self._rollup_backlog_ok()
-               and (not self._in_flight or self._queued or len(self._open) >= self.overlap_min_grabs)):
+        while (
+            self._has_work()
+            and self.committer.free_slots
+            and self._rollup_backlog_ok()
+            and (not self._in_flight or self._queued or len(self._open) >= self.overlap_min_grabs)
+        ):
             batch = self._take_next()
             batch.slot = self.committer.acquire()
             batch.before = self._chain_tail
@@ -360,7 +405,7 @@ class GrabEngine:
 
     async def _commit(self, batch: Batch) -> None:
         try:
-            ok = await self._commit_grabs(batch)
+            await self._commit_grabs(batch)
         except BaseException as exc:  # cancelled: the refunds were not even tried
             self._refunds_failed(batch.refunds, exc)
             raise
@@ -382,12 +427,13 @@ class GrabEngine:
                 if batch.before is not None:
                     await asyncio.shield(batch.before)  # failures are handled in build order
             else:
-                ok = await self.committer.commit(batch.slot, batch_id, batch.packets, batch.seqs, batch.users,
-                                                 batch.amounts, batch.before)
+                ok = await self.committer.commit(
+                    batch.slot, batch_id, batch.packets, batch.seqs, batch.users, batch.amounts, batch.before
+                )
             if ok and self.on_commit is not None:
                 self.on_commit(len(batch), time.perf_counter() - started)
         elif batch.before is not None:
-            ok = await asyncio.shield(batch.before)   # followers only: answered in their turn
+            ok = await asyncio.shield(batch.before)  # followers only: answered in their turn
         batch.outcome.set_result(ok)
         self._queued_grabs -= len(batch)
         assert self._queued_grabs >= 0
@@ -422,8 +468,9 @@ class GrabEngine:
                 self.states.pop(pid, None)
             self._chain_tail = None
         for replier, rid, _ in failed:
-            replier.answer(codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, wid,
-                                           "commit failed; nothing was taken, retry"))
+            replier.answer(
+                codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, wid, "commit failed; nothing was taken, retry")
+            )
         return False
 
     async def drain(self) -> None:

@@ -16,6 +16,7 @@ reading resumes only when neither holds:
 A framing error stops reading for good: the requests before the bad frame
 are answered, then the error frame goes out last, and the connection closes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,8 @@ log = logging.getLogger("anbao.connection")
 
 # Why reading is paused (bits: reading resumes when none is left).
 PAUSED_INFLIGHT = 1
-PAUSED_WRITE = 2      # the transport's buffer is past the high-water mark (asyncio's pause_writing)
-PAUSED_QUEUED = 8     # answers of this loop turn, not yet handed to the transport, are past it
+PAUSED_WRITE = 2  # the transport's buffer is past the high-water mark (asyncio's pause_writing)
+PAUSED_QUEUED = 8  # answers of this loop turn, not yet handed to the transport, are past it
 PAUSED_CLOSING = 4
 
 
@@ -53,13 +54,13 @@ class Host:
     limits: Limits
     tokens: TokenBook
     router: Router
-    dispatch: Callable[["Connection", int, int, tuple[Any, ...]], None]  # requests off the GRAB path
+    dispatch: Callable[[Connection, int, int, tuple[Any, ...]], None]  # requests off the GRAB path
     loop: asyncio.AbstractEventLoop
-    connections: set["Connection"]  # the open ones, which this connection joins and leaves
+    connections: set[Connection]  # the open ones, which this connection joins and leaves
     answered: dict[int, int] | None = None  # opcode << 8 | status -> count, for the metrics
 
 
-def close_idle(connections: set["Connection"], now_s: float, hello_timeout_ms: int, idle_timeout_ms: int) -> None:
+def close_idle(connections: set[Connection], now_s: float, hello_timeout_ms: int, idle_timeout_ms: int) -> None:
     """Closes connections that never said HELLO in time, or went quiet
     with nothing owed to them."""
     for c in list(connections):
@@ -90,7 +91,7 @@ class Connection(asyncio.Protocol, Replier):
         self._out_bytes = 0
         self.write_high_bytes = lim.write_buffer_high_bytes
         self._flush_scheduled = False
-        self._fatal: bytes | None = None     # the error frame that ends the connection, sent last
+        self._fatal: bytes | None = None  # the error frame that ends the connection, sent last
         self._linger: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ asyncio
@@ -125,7 +126,7 @@ class Connection(asyncio.Protocol, Replier):
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self._fatal is not None:
-            return   # closed, closing, or lingering after the error frame: dropped
+            return  # closed, closing, or lingering after the error frame: dropped
         self.last_seen = self.host.loop.time()
         try:
             frames = self.decoder.feed(data)
@@ -145,11 +146,14 @@ class Connection(asyncio.Protocol, Replier):
                 else:
                     router.on_grab(self, rid, args[0], args[1])
             elif type(args) is not tuple:
-                assert isinstance(args, codec.BadRequest)   # a frame decodes to a tuple or its refusal
+                assert isinstance(args, codec.BadRequest)  # a frame decodes to a tuple or its refusal
                 # An opcode with the response bit set is no request: its answer
                 # must not carry the same byte back, or it would read as one.
-                self.answer(codec.encode_error(opcode if opcode < protocol.RESPONSE_BIT else NO_OPCODE, rid, args.status,
-                                            self.wid, str(args)))
+                self.answer(
+                    codec.encode_error(
+                        opcode if opcode < protocol.RESPONSE_BIT else NO_OPCODE, rid, args.status, self.wid, str(args)
+                    )
+                )
             elif self.scope is None:
                 if opcode == Op.HELLO:
                     self._hello(rid, args)
@@ -233,8 +237,7 @@ class Connection(asyncio.Protocol, Replier):
         else:
             # Answers owed wait for commits; a database outage must not hold
             # the connection forever.
-            self._linger = self.host.loop.call_later(self.host.limits.framing_error_linger_ms / 1000,
-                                                       self._send_fatal)
+            self._linger = self.host.loop.call_later(self.host.limits.framing_error_linger_ms / 1000, self._send_fatal)
 
     def _send_fatal(self) -> None:
         t = self.transport
@@ -247,7 +250,7 @@ class Connection(asyncio.Protocol, Replier):
             self._out, self._out_bytes = [], 0
         if self._fatal:
             t.write(self._fatal)
-        self._fatal = b""   # sent: nothing may follow it
+        self._fatal = b""  # sent: nothing may follow it
         self.transport = None
         self.host.connections.discard(self)
         if not t.can_write_eof():
@@ -262,7 +265,7 @@ class Connection(asyncio.Protocol, Replier):
         self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, t.close)
 
     def eof_received(self):
-        return False   # the client is done sending: close (after what we owe it is written)
+        return False  # the client is done sending: close (after what we owe it is written)
 
     def _abort(self) -> None:
         if self.transport is not None:
@@ -283,15 +286,33 @@ class Connection(asyncio.Protocol, Replier):
         version, token = args
         if version != protocol.PROTOCOL_VERSION:
             # The connection stays open: the client may say HELLO again in a version we speak.
-            self.answer(codec.encode_error(Op.HELLO, rid, Status.UNSUPPORTED_VERSION, self.wid,
-                                        f"server speaks version {protocol.PROTOCOL_VERSION}"))
+            self.answer(
+                codec.encode_error(
+                    Op.HELLO,
+                    rid,
+                    Status.UNSUPPORTED_VERSION,
+                    self.wid,
+                    f"server speaks version {protocol.PROTOCOL_VERSION}",
+                )
+            )
             return
         scope = self.host.tokens.scope_of(token)
         if scope is None:
             self.answer(codec.encode_error(Op.HELLO, rid, Status.UNAUTHENTICATED, self.wid, "unknown token"))
-            self._end_with(b"")   # this answer is the last: the connection closes
+            self._end_with(b"")  # this answer is the last: the connection closes
             return
         self.scope = scope
         lim = self.host.limits
-        self.answer(answers.ok(Op.HELLO, rid, self.wid, protocol.PROTOCOL_VERSION, scope, self.host.worker_count,
-                               lim.max_frame_bytes, lim.max_inflight_per_connection, lim.max_queued_grabs))
+        self.answer(
+            answers.ok(
+                Op.HELLO,
+                rid,
+                self.wid,
+                protocol.PROTOCOL_VERSION,
+                scope,
+                self.host.worker_count,
+                lim.max_frame_bytes,
+                lim.max_inflight_per_connection,
+                lim.max_queued_grabs,
+            )
+        )

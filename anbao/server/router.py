@@ -17,16 +17,18 @@ be sold out (a share came back) or the database cannot say so in time,
 relayed to the owner. The counter still spares the owner the surplus of a
 storm; it no longer decides anyone's answer.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-from anbao_client.protocol import MESSAGES, RESPONSE_HEADER_BYTES, STATUS_OFFSET, Op, Status, field_offset
-from ..core import codec, packets
 from anbao_client import routing
+from anbao_client.protocol import MESSAGES, RESPONSE_HEADER_BYTES, STATUS_OFFSET, Op, Status, field_offset
+
 from ..admission import FinalSet, FinalStates, Permits
+from ..core import codec, packets
 from ..engine.grabs import GrabEngine, Replier
 from .peers import PeerLink
 
@@ -36,13 +38,13 @@ log = logging.getLogger("anbao.router")
 _REMAINING_AT = RESPONSE_HEADER_BYTES + field_offset(MESSAGES[Op.GRAB].answer, "remaining_count")
 
 
-
 class _Routed(Replier):
     """Watches the owner's answer to a relayed grab on its way back to the
     client: gives an unused permit back, and learns what is final."""
+
     __slots__ = ("router", "conn", "packet_id", "user_id", "permit")
 
-    def __init__(self, router: "Router", conn: Replier, packet_id: int, user_id: int, permit: bool):
+    def __init__(self, router: Router, conn: Replier, packet_id: int, user_id: int, permit: bool):
         self.router = router
         self.conn = conn
         self.packet_id = packet_id
@@ -57,26 +59,39 @@ class _Routed(Replier):
             r.permits.give_back(self.packet_id)
         if status == Status.OK or status == Status.ALREADY_CLAIMED:
             r.final.note_claim(self.packet_id, self.user_id, frame[RESPONSE_HEADER_BYTES:])
-            remaining = int.from_bytes(frame[_REMAINING_AT:_REMAINING_AT + 4], "big")
+            remaining = int.from_bytes(frame[_REMAINING_AT : _REMAINING_AT + 4], "big")
             r.note_remaining(self.packet_id, remaining)
             r.permits.observe(self.packet_id, remaining + r.slack)
             if status == Status.OK:
-                r.release_parked(self.packet_id)   # a share was there to take: let the parked ones try
+                r.release_parked(self.packet_id)  # a share was there to take: let the parked ones try
         elif status == Status.SOLD_OUT:
-            r.start_settling(self.packet_id)       # learn the claim list, to answer everyone exactly
+            r.start_settling(self.packet_id)  # learn the claim list, to answer everyone exactly
         elif status == Status.EXPIRED or status == Status.NOT_ELIGIBLE:
             r.final.note_refusal(self.packet_id, self.user_id, status)
         self.conn.answer(frame)
 
 
 class Router:
-    def __init__(self, worker_id: int, worker_count: int, engine: GrabEngine, permits: Permits,
-                 final: FinalStates, peers: dict[int, PeerLink], slack: int, *,
-                 load_final_set: Callable[[int], Awaitable[FinalSet | None]] | None = None,
-                 final_set_wait_ms: int = 2000, max_parked_grabs: int = 65_536,
-                 relay_unadmitted_above: int = 64, max_packets_tracked: int = 100_000,
-                 final_set_first_poll_ms: int = 5, final_set_max_poll_ms: int = 100,
-                 probe_interval_ms: int = 50, reseed_interval_ms: int = 1000):
+    def __init__(
+        self,
+        worker_id: int,
+        worker_count: int,
+        engine: GrabEngine,
+        permits: Permits,
+        final: FinalStates,
+        peers: dict[int, PeerLink],
+        slack: int,
+        *,
+        load_final_set: Callable[[int], Awaitable[FinalSet | None]] | None = None,
+        final_set_wait_ms: int = 2000,
+        max_parked_grabs: int = 65_536,
+        relay_unadmitted_above: int = 64,
+        max_packets_tracked: int = 100_000,
+        final_set_first_poll_ms: int = 5,
+        final_set_max_poll_ms: int = 100,
+        probe_interval_ms: int = 50,
+        reseed_interval_ms: int = 1000,
+    ):
         assert 0 <= worker_id < worker_count and slack >= 0
         assert final_set_wait_ms > 0 and max_parked_grabs >= 0
         self.worker_id = worker_id
@@ -100,7 +115,7 @@ class Router:
         # present exactly while a settle task runs for that packet.
         self._settling: dict[int, list[tuple[Replier, int, int]]] = {}
         self._settle_tasks: set[asyncio.Task] = set()
-        self._settle_backoff: dict[int, float] = {}   # packet id -> loop time before which no new settle starts
+        self._settle_backoff: dict[int, float] = {}  # packet id -> loop time before which no new settle starts
         self.parked = 0
         # What the owner last said a packet has left, and this worker's
         # relays of it still unanswered: while the difference is above
@@ -113,9 +128,18 @@ class Router:
         self._remaining: dict[int, int] = {}
         self._relaying: dict[int, int] = {}
         self.parked = 0
-        self.stats = {"local": 0, "forwarded": 0, "relayed_unadmitted": 0, "final_cache_hits": 0, "admitted": 0,
-                      "admission_rejects": 0, "probes": 0, "parked": 0, "final_sets_loaded": 0,
-                      "settle_gave_up": 0}
+        self.stats = {
+            "local": 0,
+            "forwarded": 0,
+            "relayed_unadmitted": 0,
+            "final_cache_hits": 0,
+            "admitted": 0,
+            "admission_rejects": 0,
+            "probes": 0,
+            "parked": 0,
+            "final_sets_loaded": 0,
+            "settle_gave_up": 0,
+        }
         engine.on_adopt = self._seed
 
     def start(self) -> None:
@@ -126,7 +150,7 @@ class Router:
         if self._reseeder is not None:
             self._reseeder.cancel()
         for t in list(self._settle_tasks):
-            t.cancel()   # each relays its parked grabs to the owner on the way out
+            t.cancel()  # each relays its parked grabs to the owner on the way out
 
     async def relays_answered(self, timeout_s: float) -> bool:
         """Waits until every grab this worker relayed has its answer."""
@@ -143,8 +167,10 @@ class Router:
             link.close()
 
     def link_stats(self) -> dict[str, dict[str, int]]:
-        return {"relayed_by_peer": {str(w): link.forwarded for w, link in self.peers.items()},
-                "relay_retries_by_peer": {str(w): link.resent for w, link in self.peers.items()}}
+        return {
+            "relayed_by_peer": {str(w): link.forwarded for w, link in self.peers.items()},
+            "relay_retries_by_peer": {str(w): link.resent for w, link in self.peers.items()},
+        }
 
     def owns(self, packet_id: int) -> bool:
         return routing.owner_of(packet_id, self.worker_count) == self.worker_id
@@ -163,7 +189,7 @@ class Router:
             self.engine.on_grab(conn, rid, packet_id, user_id)
             return
         fs = self.final.sets.get(packet_id)
-        if fs is not None:   # the rejection path after a sell-out: inline, no call more than needed
+        if fs is not None:  # the rejection path after a sell-out: inline, no call more than needed
             self.stats["final_cache_hits"] += 1
             conn.answer(fs.answer(rid, user_id, self.worker_id))
             return
@@ -171,8 +197,7 @@ class Router:
             return
         if self.permits.mode == "none":
             self._relay(conn, rid, packet_id, user_id, owner, False)
-        elif (self._remaining.get(packet_id, 0) - self._relaying.get(packet_id, 0)
-              > self.relay_unadmitted_above):
+        elif self._remaining.get(packet_id, 0) - self._relaying.get(packet_id, 0) > self.relay_unadmitted_above:
             self.stats["relayed_unadmitted"] += 1
             self._relay(conn, rid, packet_id, user_id, owner, False)
         else:
@@ -194,9 +219,15 @@ class Router:
         refusal = final.refusals.get((packet_id, user_id))
         if refusal is not None:
             self.stats["final_cache_hits"] += 1
-            conn.answer(codec.encode_error(Op.GRAB, rid, refusal, self.worker_id,
-                                        "the packet has expired" if refusal == Status.EXPIRED
-                                        else "this user may not open this packet"))
+            conn.answer(
+                codec.encode_error(
+                    Op.GRAB,
+                    rid,
+                    refusal,
+                    self.worker_id,
+                    "the packet has expired" if refusal == Status.EXPIRED else "this user may not open this packet",
+                )
+            )
             return True
         return False
 
@@ -206,8 +237,11 @@ class Router:
         one here, and our answer must be the truth: the relaying worker
         learns from it."""
         if not self.owns(packet_id):
-            conn.answer(codec.encode_error(Op.GRAB, rid, Status.UNAVAILABLE, self.worker_id,
-                                        "relayed to a worker that does not own the packet"))
+            conn.answer(
+                codec.encode_error(
+                    Op.GRAB, rid, Status.UNAVAILABLE, self.worker_id, "relayed to a worker that does not own the packet"
+                )
+            )
             return
         self._active.add(packet_id)
         self.engine.on_grab(conn, rid, packet_id, user_id)
@@ -220,7 +254,7 @@ class Router:
         # The counter is spent: every share is taken or held by a grab in
         # flight. That is no answer for this user (they may hold one).
         if self._answer_known(conn, rid, packet_id, user_id):
-            return   # the final set arrived while the counter was asked
+            return  # the final set arrived while the counter was asked
         now = asyncio.get_running_loop().time()
         if now - self._last_probe.get(packet_id, -1e9) >= self.probe_interval_s:
             # Let one attempt ask the owner, which may find a share given back.
@@ -240,7 +274,7 @@ class Router:
 
     def note_remaining(self, packet_id: int, remaining: int) -> None:
         if len(self._remaining) >= self.max_packets_tracked and packet_id not in self._remaining:
-            self._remaining.clear()   # forgetting only costs counter round trips
+            self._remaining.clear()  # forgetting only costs counter round trips
         self._remaining[packet_id] = remaining
 
     def relay_done(self, packet_id: int) -> None:
@@ -275,7 +309,7 @@ class Router:
         return True
 
     async def _settle(self, packet_id: int) -> None:
-        assert self.load_final_set is not None   # start_settling starts none without it
+        assert self.load_final_set is not None  # start_settling starts none without it
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.final_set_wait_s
         poll_s = self.first_poll_s
@@ -287,9 +321,9 @@ class Router:
                     break
                 try:
                     fs = await asyncio.wait_for(self.load_final_set(packet_id), left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
-                except Exception as exc:   # the database is down: the owner still answers from memory
+                except Exception as exc:  # the database is down: the owner still answers from memory
                     log.debug("final claim list of packet %d unreadable: %r", packet_id, exc)
                     break
                 if fs is not None:

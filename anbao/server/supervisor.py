@@ -6,6 +6,7 @@ SIGTERM/SIGINT.
 If the supervisor itself is killed (SIGKILL runs no code), its workers get
 SIGTERM from the kernel (PR_SET_PDEATHSIG) and drain, and the reaper
 (reaper.py) stops the memcached and embedded PostgreSQL it started."""
+
 from __future__ import annotations
 
 import ctypes
@@ -38,7 +39,7 @@ RESTART_WINDOW_S = 10
 MAX_RESTARTS_PER_WINDOW = 5
 POLL_S = 0.05
 MEMCACHED_START_TIMEOUT_S = 10
-MEMCACHED_RESTART_PAUSE_S = 1.0   # between restarts of a memcached that keeps dying
+MEMCACHED_RESTART_PAUSE_S = 1.0  # between restarts of a memcached that keeps dying
 PR_SET_PDEATHSIG = 1
 
 
@@ -79,12 +80,25 @@ def die_with_parent(parent_pid: int) -> None:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     if os.getppid() != parent_pid:
-        os._exit(1)   # the parent died before prctl took effect
+        os._exit(1)  # the parent died before prctl took effect
 
 
-def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.socket, peer_dir: str,
-                 peer_token: bytes, admission: str, memcached: str | None, with_metrics: bool, ready,
-                 committing, supervisor_pid: int, not_ours: list, close_fds: list[int]) -> None:
+def _worker_main(
+    settings: Settings,
+    dsn: str,
+    tokens_path: str,
+    sock: socket.socket,
+    peer_dir: str,
+    peer_token: bytes,
+    admission: str,
+    memcached: str | None,
+    with_metrics: bool,
+    ready,
+    committing,
+    supervisor_pid: int,
+    not_ours: list,
+    close_fds: list[int],
+) -> None:
     """Runs in the forked child."""
     die_with_parent(supervisor_pid)
     # The fork copied every descriptor of the supervisor. The other workers'
@@ -108,7 +122,7 @@ def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.so
     async def main() -> None:
         permits: Permits
         if admission == "memcached":
-            assert memcached is not None   # the supervisor runs memcached admission only with an address
+            assert memcached is not None  # the supervisor runs memcached admission only with an address
             host, port = memcached.rsplit(":", 1)
             permits = MemcachedPermits(host, int(port), settings.set_id)
         elif admission == "in-process":
@@ -118,10 +132,19 @@ def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.so
         metrics = None
         if with_metrics:
             from ..metrics import WorkerMetrics
+
             metrics = WorkerMetrics(settings.worker_id)
-        worker = Worker(settings, dsn, TokenBook.load(Path(tokens_path)), listen_sock=sock,
-                        peer_dir=Path(peer_dir), peer_token=peer_token, permits=permits, metrics=metrics,
-                        committing=committing)
+        worker = Worker(
+            settings,
+            dsn,
+            TokenBook.load(Path(tokens_path)),
+            listen_sock=sock,
+            peer_dir=Path(peer_dir),
+            peer_token=peer_token,
+            permits=permits,
+            metrics=metrics,
+            committing=committing,
+        )
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await worker.start()
@@ -133,11 +156,19 @@ def _worker_main(settings: Settings, dsn: str, tokens_path: str, sock: socket.so
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, dsn: str, tokens_path: Path, memcached: str | None,
-                 admission: str = "memcached", metrics_port: int = 0, reaper: Reaper | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        tokens_path: Path,
+        memcached: str | None,
+        admission: str = "memcached",
+        metrics_port: int = 0,
+        reaper: Reaper | None = None,
+    ):
         assert admission in ("memcached", "in-process", "off")
         self.reaper = reaper
-        self.entries: dict[int, dict] = {}        # worker slot -> its pid and start time
+        self.entries: dict[int, dict] = {}  # worker slot -> its pid and start time
         self._memcached_entry: dict | None = None
         self._memcached_restarted_at = -1e9
         self.memcached_restarts = 0
@@ -163,14 +194,17 @@ class Supervisor:
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.metrics_port:
             from .. import metrics
+
             metrics.prepare_dir(self.run_dir)
             self._metrics_server = metrics.serve_endpoint(self.metrics_port, self.settings.host)
             self._metrics = metrics.SupervisorMetrics()
         if self.admission == "memcached" and self.memcached is None:
             started = start_memcached()
             if started is None:
-                log.warning("no memcached binary and no --memcached address: admission falls back to an "
-                            "in-process counter per worker")
+                log.warning(
+                    "no memcached binary and no --memcached address: admission falls back to an "
+                    "in-process counter per worker"
+                )
                 self.admission = "in-process"
             else:
                 self._memcached_proc, self.memcached = started
@@ -189,22 +223,36 @@ class Supervisor:
         self._write_pids()
 
     def _note_memcached(self) -> None:
-        assert self._memcached_proc is not None   # just started
+        assert self._memcached_proc is not None  # just started
         self._memcached_entry = describe(self._memcached_proc.pid)
         if self.reaper is not None:
             self.reaper.watch("memcached", self._memcached_entry)
 
     def _spawn(self, i: int) -> None:
-        assert self.port is not None   # start() bound the listeners first
+        assert self.port is not None  # start() bound the listeners first
         settings = replace(self.settings, worker_id=i, port=self.port)
-        p = self._ctx.Process(target=_worker_main, name=f"anbao-worker-{i}",
-                              args=(settings, self.dsn, str(self.tokens_path), self.socks[i], str(self.run_dir),
-                                    self.peer_token, self.admission, self.memcached, bool(self.metrics_port),
-                                    self._ready, self._committing, os.getpid(),
-                                    [s for j, s in enumerate(self.socks) if j != i],
-                                    [self.reaper.fd] if self.reaper is not None else []))
+        p = self._ctx.Process(
+            target=_worker_main,
+            name=f"anbao-worker-{i}",
+            args=(
+                settings,
+                self.dsn,
+                str(self.tokens_path),
+                self.socks[i],
+                str(self.run_dir),
+                self.peer_token,
+                self.admission,
+                self.memcached,
+                bool(self.metrics_port),
+                self._ready,
+                self._committing,
+                os.getpid(),
+                [s for j, s in enumerate(self.socks) if j != i],
+                [self.reaper.fd] if self.reaper is not None else [],
+            ),
+        )
         p.start()
-        assert p.pid is not None   # started
+        assert p.pid is not None  # started
         self.procs[i] = p
         self.entries[i] = describe(p.pid)
         if self.reaper is not None:
@@ -222,18 +270,23 @@ class Supervisor:
             except Exception:
                 for i in waiting:
                     if not self.procs[i].is_alive():
-                        raise RuntimeError(f"worker {i} exited during start (code {self.procs[i].exitcode})")
+                        raise RuntimeError(f"worker {i} exited during start (code {self.procs[i].exitcode})") from None
 
     def _write_pids(self) -> None:
-        doc = {"supervisor": os.getpid(), "port": self.port, "memcached": self.memcached,
-               "metrics_port": self.metrics_port,
-               "workers": {str(i): p.pid for i, p in self.procs.items()}, "restarts": self.total_restarts,
-               "memcached_restarts": self.memcached_restarts,
-               # pid and start time: what the next start checks before stopping anything left over
-               "supervisor_process": describe(os.getpid()),
-               "worker_processes": {str(i): e for i, e in self.entries.items()},
-               "memcached_process": self._memcached_entry if self._memcached_proc is not None else None,
-               "reaper_process": self.reaper.entry if self.reaper is not None else None}
+        doc = {
+            "supervisor": os.getpid(),
+            "port": self.port,
+            "memcached": self.memcached,
+            "metrics_port": self.metrics_port,
+            "workers": {str(i): p.pid for i, p in self.procs.items()},
+            "restarts": self.total_restarts,
+            "memcached_restarts": self.memcached_restarts,
+            # pid and start time: what the next start checks before stopping anything left over
+            "supervisor_process": describe(os.getpid()),
+            "worker_processes": {str(i): e for i, e in self.entries.items()},
+            "memcached_process": self._memcached_entry if self._memcached_proc is not None else None,
+            "reaper_process": self.reaper.entry if self.reaper is not None else None,
+        }
         tmp = self.run_dir / "workers.json.tmp"
         tmp.write_text(json.dumps(doc))
         tmp.replace(self.run_dir / "workers.json")
@@ -262,7 +315,8 @@ class Supervisor:
                 self.total_restarts += 1
                 if self._metrics is not None:
                     from .. import metrics
-                    assert p.pid is not None   # started by _spawn
+
+                    assert p.pid is not None  # started by _spawn
                     metrics.worker_died(p.pid)
                     self._metrics.restarts.labels(str(i)).inc()
                 self._spawn(i)
@@ -282,10 +336,9 @@ class Supervisor:
             return
         self._memcached_restarted_at = now
         dead = self._memcached_proc
-        assert dead is not None and self.memcached is not None   # run_forever saw the one we started exit
+        assert dead is not None and self.memcached is not None  # run_forever saw the one we started exit
         port = int(self.memcached.rsplit(":", 1)[1])
-        log.error("memcached (pid %d) exited with code %s; restarting it on port %d", dead.pid, dead.returncode,
-                  port)
+        log.error("memcached (pid %d) exited with code %s; restarting it on port %d", dead.pid, dead.returncode, port)
         try:
             started = start_memcached(port)
         except RuntimeError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+
 from anbao_client import routing
 from anbao_client.protocol import Scope
 
@@ -45,9 +46,19 @@ class Worker:
     Unix sockets (peer_dir) and the token they use on them (peer_token);
     alone (tests, one worker) it opens its own."""
 
-    def __init__(self, settings: Settings, dsn: str, tokens: TokenBook, *, listen_sock=None,
-                 peer_dir: Path | None = None, peer_token: bytes | None = None, permits: Permits | None = None,
-                 metrics=None, committing=None):
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str,
+        tokens: TokenBook,
+        *,
+        listen_sock=None,
+        peer_dir: Path | None = None,
+        peer_token: bytes | None = None,
+        permits: Permits | None = None,
+        metrics=None,
+        committing=None,
+    ):
         assert settings.worker_count == 1 or (peer_dir is not None and peer_token), "peers need a channel"
         self.settings = settings
         self.limits: Limits = settings.limits
@@ -79,49 +90,107 @@ class Worker:
         await migrate(self.dsn)
         self.ledger = await Ledger.open(self.dsn, lim.db_pool_size)
         committer = GrabCommitter(self.dsn, self.worker_id, lim.commit_slots, lim.commit_resolve_timeout_ms)
-        self.roller = Roller(self.dsn, self.worker_id, self.worker_count, lim.rollup_batches_per_pass,
-                             lim.rollup_idle_poll_ms, lim.rollup_defer_below_grabs, lim.rollup_defer_max_ms,
-                             lim.rollup_small_pass_grabs, lim.rollup_small_pass_pause_ms)
-        self.engine = GrabEngine(self.ledger, committer, self.worker_id,
-                                 batch_max_grabs=lim.batch_max_grabs, max_queued_grabs=lim.max_queued_grabs,
-                                 max_packets_in_memory=lim.max_packets_in_memory,
-                                 max_known_users=lim.max_known_users_cached, roller=self.roller,
-                                 max_rollup_backlog=lim.max_rollup_backlog_grabs,
-                                 overlap_min_grabs=lim.batch_overlap_min_grabs, committing=self.committing,
-                                 rollup_quiet_ms=lim.rollup_quiet_ms)
+        self.roller = Roller(
+            self.dsn,
+            self.worker_id,
+            self.worker_count,
+            lim.rollup_batches_per_pass,
+            lim.rollup_idle_poll_ms,
+            lim.rollup_defer_below_grabs,
+            lim.rollup_defer_max_ms,
+            lim.rollup_small_pass_grabs,
+            lim.rollup_small_pass_pause_ms,
+        )
+        self.engine = GrabEngine(
+            self.ledger,
+            committer,
+            self.worker_id,
+            batch_max_grabs=lim.batch_max_grabs,
+            max_queued_grabs=lim.max_queued_grabs,
+            max_packets_in_memory=lim.max_packets_in_memory,
+            max_known_users=lim.max_known_users_cached,
+            roller=self.roller,
+            max_rollup_backlog=lim.max_rollup_backlog_grabs,
+            overlap_min_grabs=lim.batch_overlap_min_grabs,
+            committing=self.committing,
+            rollup_quiet_ms=lim.rollup_quiet_ms,
+        )
         peers = {}
         if self.worker_count > 1:
             assert self.peer_dir is not None and self.peer_token is not None
-            peers = {w: PeerLink(self.worker_id, w, self.peer_dir / f"worker-{w}.sock", self.peer_token,
-                                 lim.max_relayed_per_peer, lim.relay_retry_deadline_ms)
-                     for w in range(self.worker_count) if w != self.worker_id}
+            peers = {
+                w: PeerLink(
+                    self.worker_id,
+                    w,
+                    self.peer_dir / f"worker-{w}.sock",
+                    self.peer_token,
+                    lim.max_relayed_per_peer,
+                    lim.relay_retry_deadline_ms,
+                )
+                for w in range(self.worker_count)
+                if w != self.worker_id
+            }
         pool = self.ledger.pool
-        self.router = Router(self.worker_id, self.worker_count, self.engine, self.permits,
-                             FinalStates(lim.max_final_set_entries, lim.max_final_claims_cached), peers,
-                             lim.admission_slack, load_final_set=lambda pid: load_final_set(pool, pid),
-                             final_set_wait_ms=lim.final_set_wait_ms, max_parked_grabs=lim.max_parked_grabs,
-                             relay_unadmitted_above=lim.relay_unadmitted_above_shares,
-                             max_packets_tracked=lim.max_router_packets_tracked,
-                             final_set_first_poll_ms=lim.final_set_first_poll_ms,
-                             final_set_max_poll_ms=lim.final_set_max_poll_ms,
-                             probe_interval_ms=lim.admission_probe_interval_ms,
-                             reseed_interval_ms=lim.admission_reseed_interval_ms)
+        self.router = Router(
+            self.worker_id,
+            self.worker_count,
+            self.engine,
+            self.permits,
+            FinalStates(lim.max_final_set_entries, lim.max_final_claims_cached),
+            peers,
+            lim.admission_slack,
+            load_final_set=lambda pid: load_final_set(pool, pid),
+            final_set_wait_ms=lim.final_set_wait_ms,
+            max_parked_grabs=lim.max_parked_grabs,
+            relay_unadmitted_above=lim.relay_unadmitted_above_shares,
+            max_packets_tracked=lim.max_router_packets_tracked,
+            final_set_first_poll_ms=lim.final_set_first_poll_ms,
+            final_set_max_poll_ms=lim.final_set_max_poll_ms,
+            probe_interval_ms=lim.admission_probe_interval_ms,
+            reseed_interval_ms=lim.admission_reseed_interval_ms,
+        )
         self.router.start()
-        ctx = Context(self.worker_id, self.worker_count, self.settings.set_id, lim, self.dsn, self.ledger,
-                      self.engine, routing.shards_of(self.worker_id, self.worker_count), self.stats)
+        ctx = Context(
+            self.worker_id,
+            self.worker_count,
+            self.settings.set_id,
+            lim,
+            self.dsn,
+            self.ledger,
+            self.engine,
+            routing.shards_of(self.worker_id, self.worker_count),
+            self.stats,
+        )
         self.dispatcher = Dispatcher(ctx, self.db)
         if self.metrics is not None:
             self.engine.on_commit = self.metrics.observe_commit
             self.metrics.start(self._metrics_sample)
-        host = Host(self.worker_id, self.worker_count, lim, self.tokens, self.router, self.dispatcher.dispatch,
-                    loop, self.connections, self.metrics.answered if self.metrics is not None else None)
+        host = Host(
+            self.worker_id,
+            self.worker_count,
+            lim,
+            self.tokens,
+            self.router,
+            self.dispatcher.dispatch,
+            loop,
+            self.connections,
+            self.metrics.answered if self.metrics is not None else None,
+        )
         await self._listen(loop, host)
-        self.expiry = ExpirySweeper(self.ledger, self.engine, self.worker_id, self.worker_count,
-                                    lim.expiry_sweep_interval_ms, lim.expiry_sweep_batch)
-        self._background = {"idle": loop.create_task(self._sweep_idle()),
-                            "db_watch": loop.create_task(self._watch_database()),
-                            "expiry": loop.create_task(self.expiry.run()),
-                            "roller": loop.create_task(self.roller.run())}
+        self.expiry = ExpirySweeper(
+            self.ledger,
+            self.engine,
+            self.worker_id,
+            self.worker_count,
+            lim.expiry_sweep_interval_ms,
+            lim.expiry_sweep_batch,
+        )
+        self._background = {
+            "idle": loop.create_task(self._sweep_idle()),
+            "db_watch": loop.create_task(self._watch_database()),
+            "expiry": loop.create_task(self.expiry.run()),
+            "roller": loop.create_task(self.roller.run()),
+        }
         log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, host: Host) -> None:
@@ -132,8 +201,9 @@ class Worker:
         if self.listen_sock is not None:
             server = await loop.create_server(lambda: Connection(host), sock=self.listen_sock, backlog=4096, ssl=tls)
         else:
-            server = await loop.create_server(lambda: Connection(host), self.settings.host, self.settings.port,
-                                              reuse_port=True, backlog=4096, ssl=tls)
+            server = await loop.create_server(
+                lambda: Connection(host), self.settings.host, self.settings.port, reuse_port=True, backlog=4096, ssl=tls
+            )
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
         if self.peer_dir is not None:
@@ -166,7 +236,7 @@ class Worker:
         if self.engine is not None:
             try:
                 await asyncio.wait_for(self.engine.drain(), drain_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.error("drain timed out with %d grabs queued", self.engine.queued_grabs)
         if self.dispatcher is not None:
             await self.dispatcher.drain(drain_timeout_s)
@@ -231,14 +301,26 @@ class Worker:
         """The STATS document: this worker's counters and gauges."""
         e, r, roller = self.engine, self.router, self.roller
         assert e is not None and r is not None and roller is not None
-        return {"worker_id": self.worker_id, "pid": os.getpid(), "connections": len(self.connections),
-                "connections_paused_writing": sum(1 for c in self.connections if c.paused_by & PAUSED_WRITE),
-                "unsent_answer_bytes": sum(c.transport.get_write_buffer_size() for c in self.connections
-                                           if c.transport is not None),
-                "packets_in_memory": len(e.states), "queued_grabs": e.queued_grabs, "commits": e.commits,
-                "committed_grabs": e.committed_grabs, "failed_batches": e.failed_batches,
-                "rolled_up_claims": roller.rolled_claims, "rollup_backlog_claims": roller.backlog_claims,
-                "rollup_failures": roller.failures,
-                "admission": self.permits.mode, "admission_errors": getattr(self.permits, "errors", 0),
-                "admission_last_error": getattr(self.permits, "last_error", ""),
-                **r.stats, **self.db.stats(), **r.link_stats()}
+        return {
+            "worker_id": self.worker_id,
+            "pid": os.getpid(),
+            "connections": len(self.connections),
+            "connections_paused_writing": sum(1 for c in self.connections if c.paused_by & PAUSED_WRITE),
+            "unsent_answer_bytes": sum(
+                c.transport.get_write_buffer_size() for c in self.connections if c.transport is not None
+            ),
+            "packets_in_memory": len(e.states),
+            "queued_grabs": e.queued_grabs,
+            "commits": e.commits,
+            "committed_grabs": e.committed_grabs,
+            "failed_batches": e.failed_batches,
+            "rolled_up_claims": roller.rolled_claims,
+            "rollup_backlog_claims": roller.backlog_claims,
+            "rollup_failures": roller.failures,
+            "admission": self.permits.mode,
+            "admission_errors": getattr(self.permits, "errors", 0),
+            "admission_last_error": getattr(self.permits, "last_error", ""),
+            **r.stats,
+            **self.db.stats(),
+            **r.link_stats(),
+        }

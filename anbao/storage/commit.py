@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 import asyncpg
 
@@ -173,8 +174,11 @@ class GrabCommitter:
         return False
 
     async def _rollback(self, slot: int) -> None:
+        conn = self._conns[slot]
+        if conn is None:
+            return  # discarded already: its transaction ended with it
         try:
-            await self._conns[slot].execute("ROLLBACK")
+            await conn.execute("ROLLBACK")
         except Exception:
             self._discard(slot)
 
@@ -283,8 +287,8 @@ class Roller:
         # database after each pass (readers roll some of them up too),
         # counted up as batches commit in between.
         self.backlog_claims = 0
-        self.on_progress = None  # callback(): the engine may commit again
-        self.busy = None  # callable: is the grab path committing?
+        self.on_progress: Callable[[], None] | None = None  # callback(): the engine may commit again
+        self.busy: Callable[[], bool] | None = None  # callable: is the grab path committing?
         self._wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
         self._catching_up = False

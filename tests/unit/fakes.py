@@ -3,24 +3,42 @@ committer and the ledger GrabEngine talks to, a peer link the Router relays
 through, and an engine the Router hands local grabs to. Nothing here stands
 in for PostgreSQL, memcached or a socket: each fake keeps just enough state
 to say what the code under test asked of it."""
+
 from __future__ import annotations
 
 import asyncio
 import itertools
 
-from anbao_client.protocol import Mode
 from anbao.core import packets as core_packets
 from anbao.storage.domain import PacketRecord
 from anbao_client import wire
+from anbao_client.protocol import Mode
 
 HOUR_MS = 3_600_000
 
 
-def packet(packet_id: int = 1, *, total_cents: int = 1_000, count: int = 5, sender_id: int = 999,
-           mode: int = Mode.RANDOM, eligible=None, claims=()) -> core_packets.PacketState:
+def packet(
+    packet_id: int = 1,
+    *,
+    total_cents: int = 1_000,
+    count: int = 5,
+    sender_id: int = 999,
+    mode: int = Mode.RANDOM,
+    eligible=None,
+    claims=(),
+) -> core_packets.PacketState:
     """An open packet expiring in an hour."""
-    return core_packets.PacketState(packet_id, sender_id, total_cents, count, mode, 1, core_packets.now_ms() + HOUR_MS,
-                          eligible=eligible, claims=claims)
+    return core_packets.PacketState(
+        packet_id,
+        sender_id,
+        total_cents,
+        count,
+        mode,
+        1,
+        core_packets.now_ms() + HOUR_MS,
+        eligible=eligible,
+        claims=claims,
+    )
 
 
 class Answers:
@@ -64,9 +82,9 @@ class FakeCommitter:
         self.gate.set()
         self.outcomes: list[bool] = []
         self.held: dict[int, asyncio.Event] = {}
-        self.started: list[int] = []          # batch ids whose commit was entered
-        self.returned = 0                      # commits that have returned, either way
-        self.durable: list[tuple[int, int, int, int]] = []   # (packet, seq, user, amount) of landed grabs
+        self.started: list[int] = []  # batch ids whose commit was entered
+        self.returned = 0  # commits that have returned, either way
+        self.durable: list[tuple[int, int, int, int]] = []  # (packet, seq, user, amount) of landed grabs
         self.refunded: list[int] = []
 
     @property
@@ -94,7 +112,7 @@ class FakeCommitter:
         if before is not None and not await asyncio.shield(before):
             ok = False
         if ok:
-            self.durable += zip(packets, seqs, users, amounts)
+            self.durable += zip(packets, seqs, users, amounts, strict=True)
         self.returned += 1
         return ok
 
@@ -114,7 +132,7 @@ class FakeLedger:
 
     def __init__(self, committer: FakeCommitter, packets: dict[int, dict], users=()):
         self.committer = committer
-        self.packets = packets       # packet id -> packet() keyword arguments
+        self.packets = packets  # packet id -> packet() keyword arguments
         self.users = set(users)
         self.loads: list[int] = []
 
@@ -125,9 +143,18 @@ class FakeLedger:
             return None
         state = packet(packet_id, claims=self.committer.claims_of(packet_id), **spec)
         # What storage hands back: the record the engine builds the state from.
-        return PacketRecord(packet_id, state.sender_id, state.total_cents, state.count, state.mode,
-                            state.min_cents, state.expires_at_ms, spec.get("eligible"),
-                            self.committer.claims_of(packet_id), False)
+        return PacketRecord(
+            packet_id,
+            state.sender_id,
+            state.total_cents,
+            state.count,
+            state.mode,
+            state.min_cents,
+            state.expires_at_ms,
+            spec.get("eligible"),
+            self.committer.claims_of(packet_id),
+            False,
+        )
 
     async def known_users(self, user_ids):
         return self.users & set(user_ids)
@@ -138,7 +165,7 @@ class FakePeer:
     as the owner would, through the replier it was given."""
 
     def __init__(self):
-        self.relayed: list[tuple[object, int, int, int]] = []   # (replier, rid, packet, user)
+        self.relayed: list[tuple[object, int, int, int]] = []  # (replier, rid, packet, user)
 
     def forward(self, replier, rid: int, packet_id: int, user_id: int) -> None:
         self.relayed.append((replier, rid, packet_id, user_id))

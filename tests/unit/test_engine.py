@@ -1,13 +1,14 @@
 """GrabEngine, the owner's grab path, without a database: a FakeCommitter
 stands in for storage.commit.GrabCommitter and a FakeLedger for the ledger;
 the PacketState, the batches and the wire answers are the real ones."""
+
 import asyncio
 
 import pytest
 from fakes import Answers, FakeCommitter, FakeLedger, packet, ticks, until
 
-from anbao_client.protocol import Status
 from anbao.engine.grabs import GrabEngine
+from anbao_client.protocol import Status
 
 pytestmark = pytest.mark.fast
 
@@ -50,7 +51,7 @@ def setup(count=5, total_cents=1_000, slots=1, users=range(1, 200), **limits):
 
 async def test_a_grab_is_answered_only_after_its_batch_commits():
     committer, _, engine = setup()
-    committer.gate.clear()                       # every commit hangs until the gate opens
+    committer.gate.clear()  # every commit hangs until the gate opens
     out = Answers(probe=lambda: committer.returned)
     for rid, user in enumerate((11, 12, 13), 1):
         engine.on_grab(out, rid, PID, user)
@@ -73,7 +74,7 @@ async def test_shares_never_exceed_count_and_each_user_gets_one():
     out = Answers()
     users = list(range(100, 130))
     rid_of = {}
-    for attempt in range(2):                     # every user grabs twice, all in one tick
+    for _attempt in range(2):  # every user grabs twice, all in one tick
         for u in users:
             rid = len(rid_of) + 1
             rid_of[rid] = u
@@ -138,17 +139,17 @@ async def test_a_failure_fails_the_batches_built_on_it_and_reloads_their_packets
     other = PID + 1
     ledger.packets[other] = dict(count=10, sender_id=SENDER)
     engine.adopt(packet(other, count=10, sender_id=SENDER))
-    committer.held[2] = asyncio.Event()           # the second batch waits until the first has failed
-    committer.outcomes = [False, True]            # the first batch fails; the second was built on it
+    committer.held[2] = asyncio.Event()  # the second batch waits until the first has failed
+    committer.outcomes = [False, True]  # the first batch fails; the second was built on it
     out = Answers()
     for rid, (pid, user) in enumerate(((PID, 41), (PID, 42), (other, 43), (other, 44)), 1):
-        engine.on_grab(out, rid, pid, user)       # two full batches, one per packet
+        engine.on_grab(out, rid, pid, user)  # two full batches, one per packet
     await until(lambda: out.status(1) is not None, what="the first batch to fail")
     assert [out.status(r) for r in (1, 2)] == [Status.UNAVAILABLE] * 2
     # The second batch will roll back with it: its packet ran ahead of the
     # database too, and is forgotten before that batch even returns.
     assert PID not in engine.states and other not in engine.states
-    engine.on_grab(out, 5, other, 45)             # decided on the reloaded truth, not on top of batch 2
+    engine.on_grab(out, 5, other, 45)  # decided on the reloaded truth, not on top of batch 2
     await until(lambda: out.status(5) is not None, what="a grab in the meantime")
     assert ledger.loads == [other] and out.status(5) == Status.OK and out.grabbed(5).seq == 1
     committer.held[2].set()
@@ -171,7 +172,7 @@ async def test_busy_past_max_queued_grabs_and_nothing_taken_for_it():
     committer.gate.set()
     await engine.drain()
     assert [out.status(r) for r in (1, 2, 3)] == [Status.OK] * 3 and engine.queued_grabs == 0
-    engine.on_grab(out, 6, PID, 54)               # BUSY took nothing: a retry gets a share
+    engine.on_grab(out, 6, PID, 54)  # BUSY took nothing: a retry gets a share
     await until(lambda: out.status(6) is not None)
     assert out.status(6) == Status.OK and out.grabbed(6).seq == 4
 
@@ -181,9 +182,9 @@ async def test_refusals_that_need_no_commit_are_answered_at_once():
     ledger = FakeLedger(committer, {PID: dict(count=3, sender_id=SENDER, eligible=[61, 62])}, users=[61, 62, 63])
     engine = engine_for(committer, ledger)
     out = Answers()
-    engine.on_grab(out, 1, PID, 63)               # not a member
-    engine.on_grab(out, 2, PID, SENDER)           # the sender
-    engine.on_grab(out, 3, 404, 61)               # no such packet
+    engine.on_grab(out, 1, PID, 63)  # not a member
+    engine.on_grab(out, 2, PID, SENDER)  # the sender
+    engine.on_grab(out, 3, 404, 61)  # no such packet
     await until(lambda: len(out.by_rid) == 3)
     assert [out.status(r) for r in (1, 2, 3)] == [Status.NOT_ELIGIBLE, Status.NOT_ELIGIBLE, Status.NOT_FOUND]
     assert committer.started == []

@@ -1,17 +1,18 @@
 """Router without a database or peers: a FakeEngine for the owner's path,
 FakePeers for relays (the test answers as the owner would), the in-process
 permit counter, and FinalSets built in memory."""
+
 import asyncio
 
 import pytest
 from fakes import Answers, FakeEngine, FakePeer, until
 
-from anbao_client.protocol import Op, Status
-from anbao.core import codec
-from anbao_client import routing
 from anbao.admission import FinalSet, FinalStates, InProcessPermits, Permits
 from anbao.admission.cache import grab_body
+from anbao.core import codec
 from anbao.server.router import Router
+from anbao_client import routing
+from anbao_client.protocol import Op, Status
 
 pytestmark = pytest.mark.fast
 
@@ -26,8 +27,17 @@ def owned_by(worker: int, n: int = 1, start: int = 1) -> list[int]:
 
 def router_for(permits=None, load_final_set=None, **kw):
     engine, peer = FakeEngine(), FakePeer()
-    r = Router(ME, 2, engine, permits or Permits(), FinalStates(100_000, 100_000), {OTHER: peer}, slack=0,
-               load_final_set=load_final_set, **kw)
+    r = Router(
+        ME,
+        2,
+        engine,
+        permits or Permits(),
+        FinalStates(100_000, 100_000),
+        {OTHER: peer},
+        slack=0,
+        load_final_set=load_final_set,
+        **kw,
+    )
     return r, engine, peer
 
 
@@ -38,8 +48,9 @@ def owner_answers(peer: FakePeer, i: int, frame_for) -> None:
 
 
 def final_set(pid: int, holders: dict[int, tuple[int, int]], count: int, eligible=None) -> FinalSet:
-    return FinalSet(pid, count, SENDER, eligible,
-                    {u: grab_body(amount, seq, count) for u, (seq, amount) in holders.items()})
+    return FinalSet(
+        pid, count, SENDER, eligible, {u: grab_body(amount, seq, count) for u, (seq, amount) in holders.items()}
+    )
 
 
 async def test_the_owner_decides_locally_and_others_relay():
@@ -61,11 +72,11 @@ async def test_a_relayed_share_is_answered_again_without_a_hop():
     r.on_grab(out, 1, pid, 10)
     owner_answers(peer, 0, lambda rid: codec.encode_grab(rid, Status.OK, OTHER, 321, 4, 6))
     assert out.status(1) == Status.OK and out.grabbed(1).amount_cents == 321
-    r.on_grab(out, 2, pid, 10)                    # a retry: the first answer, from here
+    r.on_grab(out, 2, pid, 10)  # a retry: the first answer, from here
     assert len(peer.relayed) == 1
     g = out.grabbed(2)
     assert out.status(2) == Status.ALREADY_CLAIMED and (g.amount_cents, g.seq, g.remaining_count) == (321, 4, 6)
-    r.on_grab(out, 3, pid, 11)                    # someone else: still the owner's to decide
+    r.on_grab(out, 3, pid, 11)  # someone else: still the owner's to decide
     assert len(peer.relayed) == 2 and out.status(3) is None
 
 
@@ -89,8 +100,13 @@ async def test_a_final_set_answers_everyone_exactly():
     for rid, user in enumerate((10, 11, 12, 13, SENDER), 1):
         r.on_grab(out, rid, pid, user)
     assert peer.relayed == []
-    assert [out.status(rid) for rid in range(1, 6)] == [Status.ALREADY_CLAIMED, Status.ALREADY_CLAIMED, Status.SOLD_OUT,
-                                                       Status.NOT_ELIGIBLE, Status.NOT_ELIGIBLE]
+    assert [out.status(rid) for rid in range(1, 6)] == [
+        Status.ALREADY_CLAIMED,
+        Status.ALREADY_CLAIMED,
+        Status.SOLD_OUT,
+        Status.NOT_ELIGIBLE,
+        Status.NOT_ELIGIBLE,
+    ]
     assert (out.grabbed(1).seq, out.grabbed(1).amount_cents, out.grabbed(1).remaining_count) == (1, 600, 1)
     assert (out.grabbed(2).seq, out.grabbed(2).amount_cents, out.grabbed(2).remaining_count) == (2, 400, 0)
     assert all(out.by_rid[rid].request_id == rid for rid in range(1, 6))
@@ -99,22 +115,22 @@ async def test_a_final_set_answers_everyone_exactly():
 async def test_a_spent_counter_alone_never_answers_sold_out():
     reads = []
 
-    async def not_final_yet(pid):                 # the database: not every share durable yet
+    async def not_final_yet(pid):  # the database: not every share durable yet
         reads.append(pid)
         return None
 
     permits = InProcessPermits(max_packets=100)
     r, _, peer = router_for(permits, load_final_set=not_final_yet, final_set_wait_ms=30)
     [pid] = owned_by(OTHER)
-    permits.seed(pid, 0)                          # every share taken or held by a grab in flight
+    permits.seed(pid, 0)  # every share taken or held by a grab in flight
     out = Answers()
-    r.on_grab(out, 1, pid, 10)                    # the first one probes the owner
+    r.on_grab(out, 1, pid, 10)  # the first one probes the owner
     await until(lambda: len(peer.relayed) == 1, what="the probe")
-    r.on_grab(out, 2, pid, 11)                    # the next waits for the final claim list...
+    r.on_grab(out, 2, pid, 11)  # the next waits for the final claim list...
     await until(lambda: reads, what="the final claim list to be read")
     assert out.status(2) is None and len(peer.relayed) == 1 and r.parked == 1
     await until(lambda: len(peer.relayed) == 2, what="the parked grab to go to the owner")
-    assert out.by_rid == {} and r.parked == 0     # ...and, with none, goes to the owner: no SOLD_OUT from here
+    assert out.by_rid == {} and r.parked == 0  # ...and, with none, goes to the owner: no SOLD_OUT from here
     assert peer.relayed[1][1:] == (2, pid, 11)
 
 
@@ -130,10 +146,10 @@ async def test_a_parked_grab_gets_its_share_from_the_final_set():
     r, _, peer = router_for(permits, load_final_set=sold_out_and_final, final_set_wait_ms=1_000)
     permits.seed(pid, 0)
     out = Answers()
-    r.on_grab(out, 1, pid, 11)                    # the probe
+    r.on_grab(out, 1, pid, 11)  # the probe
     await until(lambda: len(peer.relayed) == 1)
-    r.on_grab(out, 2, pid, 10)                    # holds a share whose first answer it lost
-    r.on_grab(out, 3, pid, 13)                    # holds none
+    r.on_grab(out, 2, pid, 10)  # holds a share whose first answer it lost
+    r.on_grab(out, 3, pid, 13)  # holds none
     await until(lambda: r.parked == 2, what="both parked")
     loaded.set()
     await until(lambda: len(out.by_rid) == 2, what="the parked grabs answered")

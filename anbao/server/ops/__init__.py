@@ -6,6 +6,7 @@ Message.writes); what the server adds here is only the handler."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+
 from anbao_client.protocol import Op
 
 from . import accounts, admin, groups, packets

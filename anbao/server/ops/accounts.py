@@ -27,8 +27,17 @@ async def register(ctx: Context, rid: int, user_ids: list[int]) -> bytes:
     return answers.ok(Op.REGISTER, rid, ctx.worker_id, created)
 
 
-async def _external_move(ctx: Context, op: Op, operation: Operation, rid: int, key: bytes, user_id: int,
-                         amount_cents: int, limit_cents: int, move) -> bytes:
+async def _external_move(
+    ctx: Context,
+    op: Op,
+    operation: Operation,
+    rid: int,
+    key: bytes,
+    user_id: int,
+    amount_cents: int,
+    limit_cents: int,
+    move,
+) -> bytes:
     """DEPOSIT and WITHDRAW: one transfer between the outside world and a
     wallet, idempotent by key, answered (balance_cents, transfer_id)."""
     if amount_cents > limit_cents:
@@ -43,13 +52,31 @@ async def _external_move(ctx: Context, op: Op, operation: Operation, rid: int, k
 
 
 async def deposit(ctx: Context, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
-    return await _external_move(ctx, Op.DEPOSIT, Operation.DEPOSIT, rid, key, user_id, amount_cents, ctx.limits.max_deposit_cents,
-                                Ledger.deposit)
+    return await _external_move(
+        ctx,
+        Op.DEPOSIT,
+        Operation.DEPOSIT,
+        rid,
+        key,
+        user_id,
+        amount_cents,
+        ctx.limits.max_deposit_cents,
+        Ledger.deposit,
+    )
 
 
 async def withdraw(ctx: Context, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
-    return await _external_move(ctx, Op.WITHDRAW, Operation.WITHDRAW, rid, key, user_id, amount_cents, ctx.limits.max_withdraw_cents,
-                                Ledger.withdraw)
+    return await _external_move(
+        ctx,
+        Op.WITHDRAW,
+        Operation.WITHDRAW,
+        rid,
+        key,
+        user_id,
+        amount_cents,
+        ctx.limits.max_withdraw_cents,
+        Ledger.withdraw,
+    )
 
 
 async def balance(ctx: Context, rid: int, user_id: int) -> bytes:

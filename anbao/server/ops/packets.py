@@ -15,8 +15,9 @@ from .accounts import reply_stored
 from .base import Context, Refused, page_limit
 
 
-def validate_send(ctx: Context, sender: int, total: int, count: int, mode: int, expiry_s: int, audience: int,
-                  members: list[int]) -> int:
+def validate_send(
+    ctx: Context, sender: int, total: int, count: int, mode: int, expiry_s: int, audience: int, members: list[int]
+) -> int:
     """Refuses what SEND may never do; returns the expiry in seconds."""
     lim = ctx.limits
     if mode not in (Mode.RANDOM, Mode.FIXED):
@@ -56,8 +57,19 @@ def validate_send(ctx: Context, sender: int, total: int, count: int, mode: int, 
     return expiry_s
 
 
-async def send(ctx: Context, rid: int, key: bytes, sender: int, total: int, count: int, mode: int, expiry_s: int,
-               audience: int, members: list[int], greeting: str) -> bytes:
+async def send(
+    ctx: Context,
+    rid: int,
+    key: bytes,
+    sender: int,
+    total: int,
+    count: int,
+    mode: int,
+    expiry_s: int,
+    audience: int,
+    members: list[int],
+    greeting: str,
+) -> bytes:
     expiry_s = validate_send(ctx, sender, total, count, mode, expiry_s, audience, members)
     min_share = ctx.limits.min_share_cents
     adopted = []
@@ -67,9 +79,19 @@ async def send(ctx: Context, rid: int, key: bytes, sender: int, total: int, coun
 
     async def body(conn) -> dict[str, int]:
         expires_at_ms = now_ms() + expiry_s * 1000
-        record, balance = await ctx.ledger.send(conn, lambda seq: make_packet_id(ctx.set_id, seq, shard), sender,
-                                                total, count, mode, min_share, expires_at_ms, audience, members,
-                                                greeting)
+        record, balance = await ctx.ledger.send(
+            conn,
+            lambda seq: make_packet_id(ctx.set_id, seq, shard),
+            sender,
+            total,
+            count,
+            mode,
+            min_share,
+            expires_at_ms,
+            audience,
+            members,
+            greeting,
+        )
         adopted.append(record)
         return {"packet_id": record.packet_id, "balance_cents": balance, "expires_at_ms": expires_at_ms}
 
