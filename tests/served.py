@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psutil
@@ -241,9 +242,19 @@ class Grabber:
             await self.client.close()
 
 
-async def storm(port: int, packet_id: int, users: list[int], grabbers: list[Grabber], timeout_s: float = 90):
+async def storm(
+    port: int,
+    packet_id: int,
+    users: list[int],
+    grabbers: list[Grabber],
+    timeout_s: float = 90,
+    outcomes: list[str] | None = None,
+):
+    """Every user grabs once; returns (won, outcomes). `outcomes`, if given,
+    fills as answers arrive, so a fault can be timed by the storm's progress."""
     deadline = time.monotonic() + timeout_s
-    won, outcomes = {}, []
+    won: dict[int, Any] = {}
+    outcomes = [] if outcomes is None else outcomes
 
     async def one(i, u):
         outcome, g = await grabbers[i % len(grabbers)].grab(packet_id, u, deadline)

@@ -13,7 +13,7 @@ from served import RETRYABLE, Grabber, audit_clean, claims_of, is_recorded_alive
 
 from anbao_client import Cluster, SoldOut
 from anbao_client.errors import AlreadyClaimed, NotEligible
-from anbao_client.routing import owner_of
+from anbao_client.routing import local_port_for, owner_of
 
 
 def scrape(port: int) -> dict:
@@ -161,23 +161,37 @@ async def test_memcached_flushed_then_killed_mid_storm(serve, fresh_dsn):
     """memcached flushed, then killed -9 mid-storm: admission fails open, the
     packet sells out exactly, and the supervisor starts memcached again on
     the same port, where the workers find it."""
-    s = serve(workers=2)
+    # Every relay asks the counter (none skips it while shares are plenty),
+    # so the storm's second half meets the dead memcached for certain.
+    s = serve(workers=2, extra=["--limit", "relay_unadmitted_above_shares=1000000"])
     mc_port = int(s.run_info()["memcached"].rsplit(":", 1)[1])
     first = s.run_info()["memcached_process"]
     admin, users, sent = await setup_packet(s.port, 2000, 400_000, 800)
-    grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(30)]
+    # The plain clients land on the worker that does not own the packet, so
+    # half the grabs are relayed through the counter.
+    other = 1 - owner_of(sent.packet_id, 2)
+    grabbers = [
+        Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0), local_port_for=lambda: local_port_for(other, 2))
+        for i in range(30)
+    ]
+    progress: list[str] = []
 
     async def chaos():
-        await asyncio.sleep(0.05)
+        # Timed by the storm's progress, not the clock: the faults land
+        # between its two halves however fast the machine runs it.
         r, w = await asyncio.open_connection("127.0.0.1", mc_port)
         w.write(b"flush_all\r\n")
         await w.drain()
         assert (await r.readline()).strip() == b"OK"
         w.close()
-        await asyncio.sleep(0.1)
         os.kill(first["pid"], signal.SIGKILL)
 
-    (won, outcomes), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers), chaos())
+    half = len(users) // 5
+    won, _ = await storm(s.port, sent.packet_id, users[:half], grabbers, outcomes=progress)
+    await chaos()
+    won2, _ = await storm(s.port, sent.packet_id, users[half:], grabbers, outcomes=progress)
+    won.update(won2)
+    outcomes = progress
     assert len(won) == 800 and outcomes.count("sold_out") == 1200 and "gave_up" not in outcomes
     in_db = await claims_of(fresh_dsn, sent.packet_id)
     assert in_db == {u: (g.seq, g.amount_cents) for u, g in won.items()}
