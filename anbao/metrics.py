@@ -109,7 +109,10 @@ class WorkerMetrics:
             self.flush(sample())
 
     def flush(self, sample: Sample) -> None:
-        answered, self.answered = self.answered, {}
+        # Every connection holds this one dict for its whole life: it is
+        # emptied in place, never replaced.
+        answered = dict(self.answered)
+        self.answered.clear()
         for key, n in answered.items():
             op, status = key >> 8, key & 0xFF
             self.requests.labels(opcode_name(op), str(status)).inc(n)

@@ -299,6 +299,9 @@ async def test_metrics_endpoint_during_a_storm(serve, fresh_dsn):
     s = serve(workers=2)
     admin, users, sent = await setup_packet(s.port, 1200, 100_000, 600)
     grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(20)]
+    # Past the first flush: the answers of connections and workers that are
+    # older than a flush interval must be counted too.
+    await asyncio.sleep(1.2)
     storm_task = asyncio.ensure_future(storm(s.port, sent.packet_id, users, grabbers))
     await asyncio.sleep(0.2)
     during = await asyncio.get_running_loop().run_in_executor(None, scrape, s.metrics_port)
