@@ -179,3 +179,20 @@ async def assert_claims_match(anbao, packet_id, won, count, total):
     assert sum(a for _, a in in_db.values()) == total
     for user, g in won.items():
         assert in_db.get(user) == (g.seq, g.amount_cents), f"acknowledged grab of user {user} not durable"
+
+
+async def refuse_batches_of(conn, victim: int, sleep_s: float) -> None:
+    """A real fault at COMMIT: a deferred trigger makes any batch holding the
+    victim's grab fail when it commits, after sleep_s (so the batches built
+    behind it are in flight meanwhile), until a table `let_in` exists."""
+    await conn.execute(f"""
+        CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF {int(victim)} = ANY(NEW.users) AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_in') THEN
+                PERFORM pg_sleep({float(sleep_s)});
+                RAISE EXCEPTION 'refused at commit for the test';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON grab_rollups DEFERRABLE INITIALLY DEFERRED
+            FOR EACH ROW EXECUTE FUNCTION refuse_victim();""")

@@ -10,7 +10,7 @@ import os
 
 import asyncpg
 import pytest
-from helpers import Anbao, Raw, funded_users
+from helpers import Anbao, Raw, funded_users, refuse_batches_of
 
 from anbao.config import Limits
 from anbao.server import dbhealth
@@ -143,4 +143,35 @@ async def test_postgres_shutting_down_is_unavailable_never_internal(own_pg, toke
     assert await admin.balance(a) == 1_000 + 10 * len(keys)
     raw.close()
     await anbao.stop()
+    await anbao.assert_audit_clean()
+
+
+async def test_a_batch_whose_commit_cannot_connect_is_answered(anbao):
+    """The committer lost its connection (a refused batch discards it) and
+    cannot make a new one (the database refuses connections): the next
+    batch is known not committed and its grabs are answered UNAVAILABLE at
+    once. It used to raise out of the commit and leave them unanswered."""
+    from anbao_client import Unavailable
+
+    admin = await anbao.client("admin")
+    (sender,) = await funded_users(admin, 1, 1, 10_000)
+    users = await funded_users(admin, 100, 3)
+    sent = await admin.send(sender, 300, 3)
+    inside = await asyncpg.connect(anbao.dsn)
+    db = await inside.fetchval("SELECT current_database()")
+    await refuse_batches_of(inside, users[0], 0)
+    with pytest.raises(Unavailable):
+        await admin.grab(sent.packet_id, users[0])  # refused at COMMIT: the committer drops its connection
+    conn = await asyncpg.connect(anbao.dsn, database="postgres")  # a database may not close itself
+    try:
+        await conn.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(admin.grab(sent.packet_id, users[1]), 5)
+    finally:
+        await conn.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+        await conn.close()
+    await inside.execute("CREATE TABLE let_in ()")
+    await inside.close()
+    got = [await admin.grab(sent.packet_id, u) for u in users]  # the retries land, in order
+    assert [g.seq for g in got] == [1, 2, 3]
     await anbao.assert_audit_clean()

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from helpers import ADMIN_TOKEN, APP_TOKEN, Anbao, Collector, assert_claims_match, dsn_for, funded_users, grab_outcomes
+from helpers import (
+    ADMIN_TOKEN,
+    APP_TOKEN,
+    Anbao,
+    Collector,
+    assert_claims_match,
+    dsn_for,
+    funded_users,
+    grab_outcomes,
+    refuse_batches_of,
+)
 
 from anbao.config import Limits
 from anbao.storage import migrate as migrate_mod
@@ -30,23 +40,6 @@ async def pending_claims(dsn: str) -> int:
         return await conn.fetchval("SELECT COALESCE(sum(cardinality(packets)), 0) FROM grab_rollups")
     finally:
         await conn.close()
-
-
-async def refuse_batches_of(conn, victim: int, sleep_s: float) -> None:
-    """A real fault at COMMIT: a deferred trigger makes any batch holding the
-    victim's grab fail when it commits, after sleep_s (so the batches built
-    behind it are in flight meanwhile), until a table `let_in` exists."""
-    await conn.execute(f"""
-        CREATE FUNCTION refuse_victim() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF {int(victim)} = ANY(NEW.users) AND NOT EXISTS (SELECT 1 FROM pg_class WHERE relname = 'let_in') THEN
-                PERFORM pg_sleep({float(sleep_s)});
-                RAISE EXCEPTION 'refused at commit for the test';
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON grab_rollups DEFERRABLE INITIALLY DEFERRED
-            FOR EACH ROW EXECUTE FUNCTION refuse_victim();""")
 
 
 async def test_a_grab_is_read_back_at_once_before_its_rollup(anbao):

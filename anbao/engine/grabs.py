@@ -39,6 +39,12 @@ _ERROR_TEXT: dict[int, str] = {  # keyed by the plain int PacketState.take() ret
 }
 
 
+# Compared once per grab: plain ints, not enum attribute lookups.
+_OK = Status.OK.value
+_ALREADY_CLAIMED = Status.ALREADY_CLAIMED.value
+_SOLD_OUT = Status.SOLD_OUT.value
+
+
 class Replier:
     """What the engine needs of a connection: somewhere to put an answer."""
 
@@ -156,13 +162,13 @@ class GrabEngine:
             return
         b = self._open
         status = b.take(state, replier, rid, user_id, self.rng)
-        if status == Status.OK:
+        if status == _OK:
             self._queued_grabs += 1
             if len(b) >= self.batch_max_grabs:
                 self._queued.append(b)
                 self._open = Batch()
             self._kick()
-        elif status == Status.ALREADY_CLAIMED:
+        elif status == _ALREADY_CLAIMED:
             if state.is_pending(state.last_seq):
                 # The first grab is not durable yet: this retry is answered
                 # with it, after the batch that carries it commits.
@@ -180,7 +186,7 @@ class GrabEngine:
                         state.count - state.last_seq,
                     )
                 )
-        elif status == Status.SOLD_OUT and state.committed_count < state.taken_count:
+        elif status == _SOLD_OUT and state.committed_count < state.taken_count:
             # Every share is taken, but some are not durable yet: if their
             # batch failed they would be free again, and a refusal is final.
             # Answered SOLD_OUT once they have committed (as a follower with

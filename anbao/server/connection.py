@@ -44,6 +44,11 @@ PAUSED_WRITE = 2  # the transport's buffer is past the high-water mark (asyncio'
 PAUSED_QUEUED = 8  # answers of this loop turn, not yet handed to the transport, are past it
 PAUSED_CLOSING = 4
 
+# Read once per frame on the hot path: plain ints, not enum attribute lookups.
+_GRAB = Op.GRAB.value
+_PEER = Scope.PEER.value
+_OPCODE_MASK = 0xFF & ~protocol.RESPONSE_BIT
+
 
 @dataclass
 class Host:
@@ -140,8 +145,8 @@ class Connection(asyncio.Protocol, Replier):
             if self._fatal is not None:
                 break  # ended by one of these requests (a refused HELLO): nothing after it is read
             self.inflight += 1
-            if opcode == Op.GRAB and self.scope is not None and type(args) is tuple:
-                if self.scope == Scope.PEER:
+            if opcode == _GRAB and self.scope is not None and type(args) is tuple:
+                if self.scope == _PEER:
                     router.on_relayed(self, rid, args[0], args[1])
                 else:
                     router.on_grab(self, rid, args[0], args[1])
@@ -180,7 +185,7 @@ class Connection(asyncio.Protocol, Replier):
         self.inflight -= 1
         assert self.inflight >= 0, "an answer to no request"
         if self.answered is not None:
-            key = (frame[OPCODE_OFFSET] & ~protocol.RESPONSE_BIT) << 8 | frame[STATUS_OFFSET]
+            key = (frame[OPCODE_OFFSET] & _OPCODE_MASK) << 8 | frame[STATUS_OFFSET]
             self.answered[key] = self.answered.get(key, 0) + 1
         if self.transport is None:
             return  # the client left; its grab, if any, is committed all the same

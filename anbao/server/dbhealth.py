@@ -35,6 +35,9 @@ _CONNECT_PHASE = (
     asyncpg.exceptions.TooManyConnectionsError,  # 53300
     asyncpg.exceptions.ClientCannotConnectError,  # 08001
     asyncpg.exceptions.ConnectionRejectionError,  # 08004
+    # 55000 "database is not currently accepting connections" (ALLOW_CONNECTIONS
+    # false); mid-session this class is a statement's refusal: rolled back too.
+    asyncpg.exceptions.ObjectNotInPrerequisiteStateError,
     ConnectionRefusedError,  # nothing listens
     FileNotFoundError,  # no Unix socket: the server is not running
 )

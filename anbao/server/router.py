@@ -34,6 +34,13 @@ from .peers import PeerLink
 
 log = logging.getLogger("anbao.router")
 
+# Read once per relayed answer: plain ints, not enum attribute lookups.
+_OK = Status.OK.value
+_ALREADY_CLAIMED = Status.ALREADY_CLAIMED.value
+_SOLD_OUT = Status.SOLD_OUT.value
+_EXPIRED = Status.EXPIRED.value
+_NOT_ELIGIBLE = Status.NOT_ELIGIBLE.value
+
 # Where a GRAB answer says how many shares are left: read without decoding.
 _REMAINING_AT = RESPONSE_HEADER_BYTES + field_offset(MESSAGES[Op.GRAB].answer, "remaining_count")
 
@@ -55,18 +62,18 @@ class _Routed(Replier):
         status = frame[STATUS_OFFSET]
         r = self.router
         r.relay_done(self.packet_id)
-        if self.permit and status != Status.OK:
+        if self.permit and status != _OK:
             r.permits.give_back(self.packet_id)
-        if status == Status.OK or status == Status.ALREADY_CLAIMED:
+        if status == _OK or status == _ALREADY_CLAIMED:
             r.final.note_claim(self.packet_id, self.user_id, frame[RESPONSE_HEADER_BYTES:])
             remaining = int.from_bytes(frame[_REMAINING_AT : _REMAINING_AT + 4], "big")
             r.note_remaining(self.packet_id, remaining)
             r.permits.observe(self.packet_id, remaining + r.slack)
-            if status == Status.OK:
+            if status == _OK:
                 r.release_parked(self.packet_id)  # a share was there to take: let the parked ones try
-        elif status == Status.SOLD_OUT:
+        elif status == _SOLD_OUT:
             r.start_settling(self.packet_id)  # learn the claim list, to answer everyone exactly
-        elif status == Status.EXPIRED or status == Status.NOT_ELIGIBLE:
+        elif status == _EXPIRED or status == _NOT_ELIGIBLE:
             r.final.note_refusal(self.packet_id, self.user_id, status)
         self.conn.answer(frame)
 

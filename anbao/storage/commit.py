@@ -127,7 +127,16 @@ class GrabCommitter:
         this one commits only if that one did. While an outcome is unknown
         this keeps resolving and does not return."""
         assert len(packets) == len(seqs) == len(users) == len(amounts) > 0
-        conn = await self._connection(slot)
+        try:
+            conn = await self._connection(slot)
+        except Exception as exc:
+            # Nothing was sent: a backend killed while it starts, a server
+            # going down. Known not committed, in build order like any failure.
+            self._discard(slot)
+            log.warning("batch %d not committed: no connection (%r)", batch_id, exc)
+            if before is not None:
+                await asyncio.shield(before)
+            return False
         backend_pid = conn.get_server_pid()
         args = (batch_id, self.worker_id, sorted(set(packets)), packets, seqs, users, amounts)
         if before is None or (before.done() and before.result()):
