@@ -196,3 +196,29 @@ async def refuse_batches_of(conn, victim: int, sleep_s: float) -> None:
         END $$;
         CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON grab_rollups DEFERRABLE INITIALLY DEFERRED
             FOR EACH ROW EXECUTE FUNCTION refuse_victim();""")
+
+
+async def database_at_version(pg, name: str, version: int) -> str:
+    """A fresh database `name` migrated by hand up to schema `version` (an
+    old server's schema, for upgrade tests); returns its DSN."""
+    from anbao.storage import migrate
+
+    root = await asyncpg.connect(dsn_for(pg, "postgres"))
+    try:
+        await root.execute(f"DROP DATABASE IF EXISTS {name}")
+        await root.execute(f"CREATE DATABASE {name}")
+    finally:
+        await root.close()
+    dsn = dsn_for(pg, name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
+            " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        for v, path in migrate.migrations()[:version]:
+            await conn.execute(Path(path).read_text())
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", v)
+    finally:
+        await conn.close()
+    return dsn

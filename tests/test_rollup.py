@@ -9,7 +9,6 @@ database from the schema before it. Every one ends with the audit."""
 import asyncio
 import os
 import signal
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -19,7 +18,7 @@ from helpers import (
     Anbao,
     Collector,
     assert_claims_match,
-    dsn_for,
+    database_at_version,
     funded_users,
     grab_outcomes,
     refuse_batches_of,
@@ -202,23 +201,9 @@ async def test_upgrade_from_schema_v2_in_place(pg, tokens_file):
     """A database at schema v2, with grabs committed the old way (inside the
     batch commit), upgrades to v3 in place; the audit (of v3) holds after it,
     and the same packet then sells out through the new path."""
-    name = f"v2_{os.getpid()}"
-    root = await asyncpg.connect(dsn_for(pg, "postgres"))
-    try:
-        await root.execute(f"DROP DATABASE IF EXISTS {name}")
-        await root.execute(f"CREATE DATABASE {name}")
-    finally:
-        await root.close()
-    dsn = dsn_for(pg, name)
+    dsn = await database_at_version(pg, f"v2_{os.getpid()}", 2)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
-            " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-        )
-        for v, path in migrate_mod.migrations()[:2]:
-            await conn.execute(Path(path).read_text())
-            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", v)
         # What a v2 server wrote: a sender's deposit and send, then one batch of grabs.
         await conn.execute("INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM generate_series(1, 30) u")
         ext, wallet = 1, await conn.fetchval("SELECT account_id FROM accounts WHERE kind = 1 AND owner_id = 1")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from helpers import Anbao, dsn_for, funded_users
+from helpers import Anbao, database_at_version, funded_users
 
 from anbao.config import Limits
 from anbao.storage import migrate as migrate_mod
@@ -157,25 +157,7 @@ def v3_request_hash(opcode: int, fields: tuple) -> bytes:
 
 
 async def v3_database(pg, name: str) -> str:
-    root = await asyncpg.connect(dsn_for(pg, "postgres"))
-    try:
-        await root.execute(f"DROP DATABASE IF EXISTS {name}")
-        await root.execute(f"CREATE DATABASE {name}")
-    finally:
-        await root.close()
-    dsn = dsn_for(pg, name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY,"
-            " applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-        )
-        for v, path in migrate_mod.migrations()[:3]:
-            await conn.execute(Path(path).read_text())
-            await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", v)
-    finally:
-        await conn.close()
-    return dsn
+    return await database_at_version(pg, name, 3)
 
 
 async def store_v3_answer(conn, key: bytes, opcode: int, fields: tuple, status: int, response: bytes) -> None:
@@ -267,7 +249,7 @@ async def test_upgrade_idempotency_rows_in_place(pg, tokens_file):
     finally:
         await conn.close()
 
-    assert await migrate_mod.migrate(dsn) == len(migrate_mod.migrations()) == 4
+    assert await migrate_mod.migrate(dsn) == len(migrate_mod.migrations()) >= 4
     report = await audit(dsn)
     assert report.ok, report.text()
     conn = await asyncpg.connect(dsn)

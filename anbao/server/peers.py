@@ -65,7 +65,7 @@ class PeerLink(asyncio.Protocol):
         self._next_rid = 1
         self.forwarded = 0
         self.resent = 0  # grabs sent again to a replacement owner
-        self.in_doubt = 0  # grabs answered IN_DOUBT past the deadline
+        self.in_doubt = 0  # grabs answered IN_DOUBT: past the deadline, or while stopping
 
     def forward(self, replier: Replier, rid: int, packet_id: int, user_id: int) -> None:
         if len(self._pending) >= self.max_pending:
@@ -122,29 +122,9 @@ class PeerLink(asyncio.Protocol):
         """Answers the grabs whose deadline passed while no owner could be reached."""
         expired = [k for k, e in self._pending.items() if e.deadline and e.deadline <= now]
         for k in expired:
-            e = self._pending.pop(k)
-            if e.sent:
-                self.in_doubt += 1
-                e.replier.answer(
-                    codec.encode_error(
-                        Op.GRAB,
-                        e.rid,
-                        Status.IN_DOUBT,
-                        self.own_id,
-                        f"owner worker {self.peer_id} died with this grab in flight and is not back: it may have"
-                        " landed; retry (safe: a retry returns the share if it did)",
-                    )
-                )
-            else:
-                e.replier.answer(
-                    codec.encode_error(
-                        Op.GRAB,
-                        e.rid,
-                        Status.UNAVAILABLE,
-                        self.own_id,
-                        f"owner worker {self.peer_id} unreachable; nothing moved, retry",
-                    )
-                )
+            self._give_up(
+                self._pending.pop(k), f"owner worker {self.peer_id} died with this grab in flight and is not back"
+            )
         if expired:
             log.warning(
                 "worker %d -> %d: %d relayed grab(s) unanswered past %.1f s",
@@ -217,26 +197,21 @@ class PeerLink(asyncio.Protocol):
         """This worker is stopping: answer what is left, truthfully."""
         pending, self._pending = self._pending, {}
         for e in pending.values():
-            if e.sent:
-                e.replier.answer(
-                    codec.encode_error(
-                        Op.GRAB,
-                        e.rid,
-                        Status.IN_DOUBT,
-                        self.own_id,
-                        "relaying worker stopping: the grab may have landed; retry (safe)",
-                    )
-                )
-            else:
-                e.replier.answer(
-                    codec.encode_error(
-                        Op.GRAB,
-                        e.rid,
-                        Status.UNAVAILABLE,
-                        self.own_id,
-                        "relaying worker stopping; nothing moved, retry",
-                    )
-                )
+            self._give_up(e, "relaying worker stopping")
+
+    def _give_up(self, e: _Relayed, why: str) -> None:
+        """Answers a relayed grab that no owner will answer: IN_DOUBT if it
+        was ever written to an owner (it may have landed), UNAVAILABLE if it
+        never left this worker (nothing moved)."""
+        if e.sent:
+            self.in_doubt += 1
+            status, text = (
+                Status.IN_DOUBT,
+                f"{why}: it may have landed; retry (safe: a retry returns the share if it did)",
+            )
+        else:
+            status, text = Status.UNAVAILABLE, f"{why}; nothing moved, retry"
+        e.replier.answer(codec.encode_error(Op.GRAB, e.rid, status, self.own_id, text))
 
     @property
     def pending(self) -> int:
