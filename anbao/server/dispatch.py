@@ -15,6 +15,7 @@ from ..storage.domain import Refused as StorageRefused
 from . import dbhealth
 from .dbhealth import DbHealth
 from .ops import FROM_MEMORY, HANDLERS, Context, Refused
+from .sets import SetGate
 
 log = logging.getLogger("anbao.dispatch")
 
@@ -28,8 +29,9 @@ class Requester(Protocol):
 
 
 class Dispatcher:
-    def __init__(self, ctx: Context, db: DbHealth):
+    def __init__(self, ctx: Context, db: DbHealth, gate: SetGate | None = None):
         self.ctx = ctx
+        self.gate = gate
         self.db = db
         self.wid = ctx.worker_id
         self._tasks: set[asyncio.Task[None]] = set()
@@ -46,6 +48,11 @@ class Dispatcher:
         if MESSAGES[Op(opcode)].scope == Scope.ADMIN and conn.scope != Scope.ADMIN:
             conn.answer(codec.encode_error(opcode, rid, Status.FORBIDDEN, wid, "needs the admin scope"))
             return
+        if self.gate is not None:
+            redirect = self.gate.redirect(opcode, rid, args)
+            if redirect is not None:
+                conn.answer(redirect)
+                return
         task = asyncio.get_running_loop().create_task(self._run(handler, conn, opcode, rid, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -16,6 +16,7 @@ import asyncpg
 
 from anbao_client import routing
 from anbao_client.protocol import Scope
+from anbao_client.routing import SetTopology
 
 from ..admission import FinalStates, Permits
 from ..admission.claims import load_final_set
@@ -34,6 +35,7 @@ from .dispatch import Dispatcher
 from .ops import Context
 from .peers import PeerLink
 from .router import Router
+from .sets import SetGate
 
 log = logging.getLogger("anbao.worker")
 
@@ -161,7 +163,10 @@ class Worker:
             routing.shards_of(self.worker_id, self.worker_count),
             self.stats,
         )
-        self.dispatcher = Dispatcher(ctx, self.db)
+        gate = None
+        if self.settings.topology_file is not None:
+            gate = SetGate(SetTopology.load(self.settings.topology_file), self.settings.set_id, self.worker_id)
+        self.dispatcher = Dispatcher(ctx, self.db, gate)
         if self.metrics is not None:
             self.engine.on_commit = self.metrics.observe_commit
             self.metrics.start(self._metrics_sample)
@@ -175,6 +180,7 @@ class Worker:
             loop,
             self.connections,
             self.metrics.answered if self.metrics is not None else None,
+            gate,
         )
         await self._listen(loop, host)
         self.expiry = ExpirySweeper(

@@ -15,13 +15,21 @@ _EXTERNAL = f"kind = {AccountKind.EXTERNAL:d}"
 
 WALLET = f"SELECT account_id, balance_cents FROM accounts WHERE {_USER} AND owner_id = $1"
 # How many of the user ids in $1 have a wallet.
-COUNT_REGISTERED = f"SELECT count(*) FROM accounts WHERE {_USER} AND owner_id = ANY($1::bigint[])"
+# Known here: a wallet of this set, or (several sets) a user of another set
+# in the replicated directory (migration 0007), who may grab and be a member.
+COUNT_REGISTERED = (
+    f"SELECT count(*) FROM (SELECT owner_id FROM accounts WHERE {_USER} AND owner_id = ANY($1::bigint[])"
+    " UNION SELECT user_id FROM user_directory WHERE user_id = ANY($1::bigint[])) k"
+)
 
 _REGISTER = (
     f"INSERT INTO accounts (kind, owner_id) SELECT {AccountKind.USER:d}, u FROM unnest($1::bigint[]) AS u"
     " ON CONFLICT DO NOTHING"
 )
-_KNOWN = f"SELECT owner_id FROM accounts WHERE {_USER} AND owner_id = ANY($1::bigint[])"
+_KNOWN = (
+    f"SELECT owner_id FROM accounts WHERE {_USER} AND owner_id = ANY($1::bigint[])"
+    " UNION SELECT user_id FROM user_directory WHERE user_id = ANY($1::bigint[])"
+)
 _BALANCE = (
     "SELECT a.balance_cents + COALESCE((SELECT sum(g.amount_cents) FROM grab_rollups r"
     " CROSS JOIN LATERAL unnest(r.users, r.amounts) AS g(user_id, amount_cents)"

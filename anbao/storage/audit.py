@@ -45,7 +45,7 @@ CHECKS: list[tuple[str, str]] = [
     (
         "no wallet or escrow below zero",
         "SELECT account_id, kind, owner_id, balance_cents FROM accounts"
-        f" WHERE kind <> {A.EXTERNAL:d} AND balance_cents < 0",
+        f" WHERE kind NOT IN ({A.EXTERNAL:d}, {A.CLEARING:d}) AND balance_cents < 0",
     ),
     (
         "all balances sum to deposits minus withdrawals",
@@ -99,11 +99,11 @@ CHECKS: list[tuple[str, str]] = [
         WHERE COALESCE(t.n, 0) <> 1 OR t.s <> p.total_cents""",
     ),
     (
-        "grab transfers match the rolled-up claims one for one",
+        "grab transfers (to a wallet here or to another set) match the rolled-up claims one for one",
         f"""SELECT c.packet_id, c.n, c.s, t.n AS transfers, t.s AS transferred FROM
           (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM claims GROUP BY 1) c
-        FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers WHERE kind = {T.GRAB:d}
-                   GROUP BY 1) t ON t.packet_id = c.packet_id
+        FULL JOIN (SELECT packet_id, count(*) AS n, sum(amount_cents) AS s FROM transfers
+                   WHERE kind IN ({T.GRAB:d}, {T.CROSS_OUT:d}) GROUP BY 1) t ON t.packet_id = c.packet_id
         WHERE c.n IS DISTINCT FROM t.n OR c.s IS DISTINCT FROM t.s""",
     ),
     (
@@ -135,7 +135,31 @@ CHECKS: list[tuple[str, str]] = [
                            AND c.account_id = p.escrow_account_id)
             OR (t.kind = {T.GRAB:d} AND d.account_id = p.escrow_account_id AND c.kind = {A.USER:d})
             OR (t.kind = {T.REFUND:d} AND d.account_id = p.escrow_account_id AND c.kind = {A.USER:d}
-                           AND c.owner_id = p.sender_id)) IS NOT TRUE""",
+                           AND c.owner_id = p.sender_id)
+            OR (t.kind = {T.CROSS_OUT:d} AND d.account_id = p.escrow_account_id AND c.kind = {A.CLEARING:d})
+            OR (t.kind = {T.CROSS_IN:d} AND d.kind = {A.CLEARING:d} AND c.kind IN ({A.USER:d}, {A.SUSPENSE:d})
+                           AND t.packet_id IS NOT NULL)) IS NOT TRUE""",
+    ),
+    (
+        "outbound credits match the transfers to clearing one for one; each inbound credit applied once",
+        f"""SELECT 'out' AS side, o.dest_set AS peer, o.n, o.s, t.n AS transfers, t.s AS transferred FROM
+          (SELECT c.dest_set, count(*) AS n, sum(c.amount_cents) AS s FROM credits_out c
+           WHERE c.src_set = (SELECT set_id FROM anbao_set_identity) GROUP BY 1) o
+        FULL JOIN (SELECT a.owner_id AS dest_set, count(*) AS n, sum(t.amount_cents) AS s FROM transfers t
+                   JOIN accounts a ON a.account_id = t.credit_account WHERE t.kind = {T.CROSS_OUT:d} GROUP BY 1) t
+               ON t.dest_set = o.dest_set
+        WHERE o.n IS DISTINCT FROM t.n OR o.s IS DISTINCT FROM t.s
+        UNION ALL
+        SELECT 'in', c.src_set, c.credit_id, c.amount_cents, t.transfer_id, t.amount_cents FROM credits_out c
+        LEFT JOIN transfers t ON t.transfer_id = c.applied_transfer_id AND t.kind = {T.CROSS_IN:d}
+        WHERE c.dest_set = (SELECT set_id FROM anbao_set_identity)
+          AND (t.transfer_id IS NULL OR t.amount_cents <> c.amount_cents)
+        UNION ALL
+        SELECT 'in-transfers', NULL, i.n, i.s, c.n, c.s FROM
+          (SELECT count(*) AS n, COALESCE(sum(amount_cents), 0) AS s FROM transfers WHERE kind = {T.CROSS_IN:d}) i,
+          (SELECT count(*) AS n, COALESCE(sum(amount_cents), 0) AS s FROM credits_out
+           WHERE dest_set = (SELECT set_id FROM anbao_set_identity)) c
+        WHERE i.n <> c.n OR i.s <> c.s""",
     ),
     (
         "every idempotency key holds its answer",

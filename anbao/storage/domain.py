@@ -19,6 +19,8 @@ class AccountKind(enum.IntEnum):
     EXTERNAL = 0  # the outside world: deposits come from it, withdrawals go to it; the only one below zero
     USER = 1  # a user's wallet (owner_id = user id)
     ESCROW = 2  # a packet's escrow (owner_id = packet id)
+    CLEARING = 3  # sets: owed to (positive) or received from (negative) another set (owner_id = its set id)
+    SUSPENSE = 4  # sets: credits from another set for a user this set does not know (owner_id 0)
 
 
 class TransferKind(enum.IntEnum):
@@ -27,6 +29,8 @@ class TransferKind(enum.IntEnum):
     SEND = 3  # sender's wallet -> the packet's escrow
     GRAB = 4  # escrow -> grabber's wallet (written by the roll-up, migration 0003)
     REFUND = 5  # escrow -> sender's wallet, the remainder of an expired packet
+    CROSS_OUT = 6  # escrow -> clearing of the grabber's home set (the roll-up, migration 0007)
+    CROSS_IN = 7  # clearing of the sending set -> wallet or suspense (the apply trigger, migration 0007)
 
 
 class PacketStatus(enum.IntEnum):

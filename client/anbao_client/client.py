@@ -14,7 +14,16 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from . import wire
-from .errors import AlreadyClaimed, Busy, ConnectionLost, InDoubt, RequestTimeout, Unavailable, error_for
+from .errors import (
+    AlreadyClaimed,
+    Busy,
+    ConnectionLost,
+    InDoubt,
+    RequestTimeout,
+    Unavailable,
+    WrongSet,
+    error_for,
+)
 from .wire import Status
 
 DEFAULT_TIMEOUT_MS = 10_000
@@ -163,7 +172,12 @@ class Client:
             finally:
                 self._pending.pop(rid, None)
         if r.status not in ok:
-            raise error_for(r.status, wire.error_message(r.body), r.worker_id)
+            err = error_for(r.status, wire.error_message(r.body), r.worker_id)
+            if isinstance(err, WrongSet):
+                redirect = wire.wrong_set(r.body)
+                if redirect is not None:
+                    _, err.set_id, err.host, err.port = redirect
+            raise err
         return r
 
     def _deliver(self, r: wire.Response) -> None:

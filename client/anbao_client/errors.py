@@ -100,6 +100,16 @@ class InDoubt(AnbaoError):
     retryable = True
 
 
+class WrongSet(AnbaoError):
+    """The request's user (their home) or packet lives in another set:
+    `.set_id`, `.host`, `.port` say where (SetCluster follows it)."""
+
+    status = Status.WRONG_SET
+    set_id: int = -1
+    host: str = ""
+    port: int = 0
+
+
 class Internal(AnbaoError):
     status = Status.INTERNAL
 

@@ -98,6 +98,8 @@ class Status(enum.IntEnum):
     FRAME_TOO_LARGE = 16
     UNKNOWN_GROUP = 17
     IN_DOUBT = 18  # the request may have been applied: a retry (same key) is safe
+    # 19-24: taken by the event feed and limits work (issue 12)
+    WRONG_SET = 25  # the user's home or the packet is another set: the body names it (WRONG_SET_BODY)
     INTERNAL = 255
 
 
@@ -132,6 +134,8 @@ class TransferKind(enum.IntEnum):
     SEND = 3  # sender's wallet -> packet escrow
     GRAB = 4  # escrow -> grabber's wallet
     REFUND = 5  # escrow -> sender's wallet, the remainder after expiry
+    CROSS_OUT = 6  # escrow -> the grabber's home set (a grab by a user of another set)
+    CROSS_IN = 7  # another set's grab, credited to this wallet (or to suspense)
 
 
 class Steering(enum.IntEnum):
@@ -207,7 +211,10 @@ class Message:
     doc: str = field(default="", compare=False)
 
 
-ERROR = layout(message="t")  # the body of every answer whose status is not OK
+ERROR = layout(message="t")  # the body of every answer whose status is not OK (but WRONG_SET)
+# WRONG_SET, the typed redirect: ERROR's message, then the set that holds the
+# request's user or packet and where that set's workers listen (PROTOCOL.md).
+WRONG_SET_BODY = layout(message="t", set_id="H", host="t", port="H")
 
 _PAGE = layout(user_id="Q", cursor="Q", limit="H")
 _IDS16 = rows("H", user_id="Q")

@@ -26,6 +26,7 @@ from .protocol import (
     PROTOCOL_VERSION,
     RESPONSE_BIT,
     RESPONSE_HEADER_BYTES,
+    WRONG_SET_BODY,
     Audience,
     Layout,
     Mode,
@@ -315,8 +316,18 @@ def error_message(body: bytes) -> str:
     try:
         (message,) = unpack(ERROR, body)
     except (ValueError, struct.error, UnicodeDecodeError):
-        return body[2:].decode("utf-8", "replace")
+        redirect = wrong_set(body)
+        return redirect[0] if redirect else body[2:].decode("utf-8", "replace")
     return str(message)
+
+
+def wrong_set(body: bytes) -> tuple[str, int, str, int] | None:
+    """(message, set_id, host, port) of a WRONG_SET answer's body, or None."""
+    try:
+        message, set_id, host, port = unpack(WRONG_SET_BODY, body)
+    except (ValueError, struct.error, UnicodeDecodeError):
+        return None
+    return str(message), int(set_id), str(host), int(port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,309 @@
+"""Sets in the database: this database's identity, its publications (one
+per other set, row-filtered by destination) and its subscriptions (one per
+other set), their health, and the audit across every set.
+
+Storage knows sets only as integers and connection strings: which set is
+which, and where each publisher is, come from the caller (the topology is
+read by the CLI through the SDK's routing module, the rule's one home).
+
+Names, fixed so that `anbao migrate`/`serve` can check them:
+  publication  anbao_to_set_<B>        at A: credits_out WHERE dest_set = B, and A's own users
+  subscription anbao_from_set_<A>      at B: to A's anbao_to_set_<B>
+  slot         anbao_<A>_to_<B>        at A, made by B's CREATE SUBSCRIPTION
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from .domain import AccountKind as A
+from .domain import TransferKind as T
+
+log = logging.getLogger("anbao.sets")
+
+
+def publication(dest: int) -> str:
+    return f"anbao_to_set_{int(dest)}"
+
+
+def subscription(src: int) -> str:
+    return f"anbao_from_set_{int(src)}"
+
+
+def slot(src: int, dest: int) -> str:
+    return f"anbao_{int(src)}_to_{int(dest)}"
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+async def configure(dsn: str, me: int, peers: list[int]) -> list[str]:
+    """This database is set `me`; makes the clearing accounts, fills the
+    directory with the local users and creates the publications for
+    `peers`, each checked if it exists. Returns what it did."""
+    done = []
+    conn = await asyncpg.connect(dsn)
+    try:
+        level = await conn.fetchval("SHOW wal_level")
+        if level != "logical":
+            raise RuntimeError(f"set {me}: wal_level is {level!r}; sets need wal_level = logical (and a restart)")
+        await conn.execute("SELECT anbao_configure_set($1::smallint, $2::smallint[])", me, peers)
+        for b in peers:
+            name = publication(b)
+            tables = await conn.fetch(
+                "SELECT tablename, rowfilter FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1", name
+            )
+            if not tables:
+                await conn.execute(
+                    f"CREATE PUBLICATION {name} FOR TABLE public.credits_out WHERE (dest_set = {int(b)}),"
+                    f" public.user_directory WHERE (home_set = {int(me)}) WITH (publish = 'insert')"
+                )
+                done.append(f"created publication {name}")
+            elif [t["tablename"] for t in tables] != ["credits_out", "user_directory"]:
+                raise RuntimeError(f"publication {name} publishes {[t['tablename'] for t in tables]}")
+        return done
+    finally:
+        await conn.close()
+
+
+async def ensure_subscriptions(dsn: str, me: int, publishers: dict[int, str]) -> dict[int, str]:
+    """One subscription per other set, to its publication for `me`. A
+    publisher that cannot be reached, or has no publication for `me` yet,
+    is reported and left for the next call. Returns set -> state."""
+    states: dict[int, str] = {}
+    conn = await asyncpg.connect(dsn)
+    try:
+        version = int(await conn.fetchval("SHOW server_version_num"))
+        for a, pub_dsn in sorted(publishers.items()):
+            name = subscription(a)
+            row = await conn.fetchrow("SELECT subenabled FROM pg_subscription WHERE subname = $1", name)
+            if row is not None:
+                states[a] = "enabled" if row["subenabled"] else "DISABLED"
+                continue
+            try:
+                peer = await asyncpg.connect(pub_dsn, timeout=5)
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                states[a] = f"waiting: set {a} unreachable ({type(exc).__name__})"
+                continue
+            try:
+                has_pub = await peer.fetchval("SELECT 1 FROM pg_publication WHERE pubname = $1", publication(me))
+            finally:
+                await peer.close()
+            if not has_pub:
+                states[a] = f"waiting: set {a} has no publication {publication(me)} (run anbao migrate there)"
+                continue
+            options = f"slot_name = {_literal(slot(a, me))}"
+            if version >= 160000:
+                options += ", origin = none"  # never pass on what another set sent here
+            await conn.execute(
+                f"CREATE SUBSCRIPTION {name} CONNECTION {_literal(pub_dsn)} PUBLICATION {publication(me)}"
+                f" WITH ({options})"
+            )
+            states[a] = "created"
+            log.info("set %s: subscribed to set %s", me, a)
+        return states
+    finally:
+        await conn.close()
+
+
+async def replication(dsn: str) -> dict:
+    """This set's replication, both ways: as publisher, each slot's backlog
+    (WAL the subscriber has not confirmed) and whether its WAL is still
+    kept (max_slot_wal_keep_size); as subscriber, each subscription's last
+    message and apply times; and its credits in flight and applied."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        me = await conn.fetchval("SELECT set_id FROM anbao_set_identity")
+        slots = [
+            dict(r)
+            for r in await conn.fetch(
+                "SELECT slot_name, active, wal_status, "
+                " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS backlog_bytes,"
+                " safe_wal_size FROM pg_replication_slots WHERE slot_name LIKE 'anbao\\_%' ORDER BY 1"
+            )
+        ]
+        subs = [
+            dict(r)
+            for r in await conn.fetch(
+                "SELECT s.subname, s.subenabled, st.pid IS NOT NULL AS running,"
+                " extract(epoch FROM now() - st.last_msg_receipt_time)::float8 AS since_last_message_s,"
+                " extract(epoch FROM st.last_msg_receipt_time - st.last_msg_send_time)::float8 AS transit_s"
+                " FROM pg_subscription s LEFT JOIN pg_stat_subscription st ON st.subid = s.oid"
+                " AND st.relid IS NULL WHERE s.subname LIKE 'anbao\\_%' ORDER BY 1"
+            )
+        ]
+        credits = dict(
+            await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE src_set = $1) AS sent,"
+                " COALESCE(sum(amount_cents) FILTER (WHERE src_set = $1), 0)::bigint AS sent_cents,"
+                " count(*) FILTER (WHERE dest_set = $1) AS applied,"
+                " COALESCE(sum(amount_cents) FILTER (WHERE dest_set = $1), 0)::bigint AS applied_cents,"
+                " (extract(epoch FROM max(applied_at - created_at) FILTER (WHERE dest_set = $1)))::float8"
+                "   AS max_apply_lag_s"
+                " FROM credits_out",
+                me,
+            )
+        )
+        suspense = await conn.fetchval(
+            f"SELECT COALESCE(sum(balance_cents), 0)::bigint FROM accounts WHERE kind = {A.SUSPENSE:d}"
+        )
+        return {"set_id": me, "slots": slots, "subscriptions": subs, "credits": credits, "suspense_cents": suspense}
+    finally:
+        await conn.close()
+
+
+@dataclass
+class SetsAudit:
+    """The audit of a deployment of several sets (see audit_sets)."""
+
+    per_set: dict = field(default_factory=dict)  # set id -> AuditReport
+    totals: dict = field(default_factory=dict)
+    violations: dict = field(default_factory=dict)
+    replication: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations and all(r.ok for r in self.per_set.values())
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "totals": self.totals,
+            "violations": self.violations,
+            "sets": {s: r.as_dict() for s, r in self.per_set.items()},
+            "replication": self.replication,
+        }
+
+    def text(self) -> str:
+        lines = [f"anbao audit across {len(self.per_set)} sets: " + ("OK" if self.ok else "VIOLATED")]
+        lines += [f"  {k:>26}: {v}" for k, v in self.totals.items()]
+        for name, rows in self.violations.items():
+            lines.append(f"  [FAIL] {name}")
+            lines += [f"         {r}" for r in rows[:20]]
+        for s, r in self.per_set.items():
+            lines.append(f"--- set {s}")
+            lines.append(r.text())
+        for s, rep in self.replication.items():
+            lines.append(f"--- replication at set {s}: {rep}")
+        return "\n".join(lines)
+
+
+async def _read_flows(dsns: dict[int, str]) -> dict:
+    """One reading of every set, each in its own snapshot: the credits it
+    sent, the credits it applied, and its money by account kind."""
+    sent: dict[tuple[int, int], tuple[int, int, int]] = {}  # (src, id) -> (dest, amount, user)
+    applied: dict[tuple[int, int], tuple[int, int]] = {}  # (src, id) -> (amount, copies)
+    clearing: dict[int, int] = {}
+    identity: dict[int, int | None] = {}
+    money = {"deposits": 0, "withdrawals": 0, "wallets": 0, "escrows": 0, "suspense": 0}
+    for s, dsn in sorted(dsns.items()):
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                identity[s] = await conn.fetchval("SELECT set_id FROM anbao_set_identity")
+                for r in await conn.fetch(
+                    "SELECT src_set, credit_id, dest_set, amount_cents, user_id FROM credits_out WHERE src_set = $1",
+                    s,
+                ):
+                    sent[(r[0], r[1])] = (r[2], r[3], r[4])
+                for r in await conn.fetch(
+                    "SELECT src_set, credit_id, amount_cents, count(*) OVER (PARTITION BY src_set, credit_id)"
+                    " FROM credits_out WHERE dest_set = $1 AND applied_transfer_id IS NOT NULL",
+                    s,
+                ):
+                    applied[(r[0], r[1])] = (r[2], r[3])
+                row = await conn.fetchrow(
+                    f"SELECT COALESCE(sum(balance_cents) FILTER (WHERE kind = {A.USER:d}), 0)::bigint AS wallets,"
+                    f" COALESCE(sum(balance_cents) FILTER (WHERE kind = {A.ESCROW:d}), 0)::bigint AS escrows,"
+                    f" COALESCE(sum(balance_cents) FILTER (WHERE kind = {A.CLEARING:d}), 0)::bigint AS clearing,"
+                    f" COALESCE(sum(balance_cents) FILTER (WHERE kind = {A.SUSPENSE:d}), 0)::bigint AS suspense,"
+                    f" (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = {T.DEPOSIT:d})::bigint"
+                    "   AS deposits,"
+                    f" (SELECT COALESCE(sum(amount_cents), 0) FROM transfers WHERE kind = {T.WITHDRAW:d})::bigint"
+                    "   AS withdrawals FROM accounts"
+                )
+                clearing[s] = row["clearing"]
+                for k in money:
+                    money[k] += row[k]
+        finally:
+            await conn.close()
+    return {"sent": sent, "applied": applied, "clearing": clearing, "money": money, "identity": identity}
+
+
+STABLE_READ_ATTEMPTS = 20
+STABLE_READ_PAUSE_S = 0.25
+
+
+async def audit_sets(dsns: dict[int, str], refund_grace_ms: int | None = None) -> SetsAudit:
+    """Every set's own audit, then across them: conservation (wallets +
+    escrows + clearing in flight + suspense = deposits - withdrawals, over
+    all sets), and every outbound credit applied exactly once at its
+    destination or still in flight, never both and never neither.
+
+    The sets are separate databases, read one after another, so the
+    cross-set checks need a cut in which no credit moved: credits only
+    ever get sent and applied (both sets only grow), so two readings in a
+    row that agree on them are such a cut. The audit reads until two agree
+    (a live storm may need a few tries); if none do, it says so and checks
+    only what holds in any reading."""
+    import asyncio
+
+    from .audit import audit
+
+    out = SetsAudit()
+    first = await _read_flows(dsns)
+    stable = False
+    for _ in range(STABLE_READ_ATTEMPTS):
+        again = await _read_flows(dsns)
+        if again["sent"].keys() == first["sent"].keys() and again["applied"].keys() == first["applied"].keys():
+            stable = True
+            break
+        first = again
+        await asyncio.sleep(STABLE_READ_PAUSE_S)
+    sent, applied, clearing, money = first["sent"], first["applied"], first["clearing"], first["money"]
+    for s, me in first["identity"].items():
+        if me != s:
+            out.violations.setdefault("each database is the set the topology says", []).append(
+                {"set": s, "database_says": me}
+            )
+    for s, dsn in sorted(dsns.items()):
+        out.per_set[s] = await audit(dsn, refund_grace_ms=refund_grace_ms)
+        try:
+            out.replication[s] = await replication(dsn)
+        except (OSError, asyncpg.PostgresError) as exc:
+            out.replication[s] = {"error": repr(exc)}
+
+    in_flight = {k: v for k, v in sent.items() if k not in applied}
+    in_flight_cents = sum(v[1] for v in in_flight.values())
+    bad = [
+        {"credit": k, "sent": sent.get(k), "applied": v}
+        for k, v in applied.items()
+        if v[1] != 1 or (stable and (k not in sent or sent[k][1] != v[0]))
+    ]
+    if bad:
+        out.violations["every applied credit was sent, once, for its amount"] = bad
+    clearing_total = sum(clearing.values())
+    if stable and clearing_total != in_flight_cents:
+        out.violations["clearing accounts over all sets hold exactly the credits in flight"] = [
+            {"clearing_by_set": clearing, "in_flight_cents": in_flight_cents}
+        ]
+    inside = money["wallets"] + money["escrows"] + clearing_total + money["suspense"]
+    expected = money["deposits"] - money["withdrawals"]
+    if inside != expected:
+        out.violations["wallets + escrows + clearing in flight + suspense = deposits - withdrawals"] = [
+            {**money, "clearing_in_flight": clearing_total, "inside": inside, "expected": expected}
+        ]
+    out.totals = {
+        **{f"{k}_cents": v for k, v in money.items()},
+        "clearing_in_flight_cents": clearing_total,
+        "credits_sent": len(sent),
+        "credits_applied": len(applied),
+        "credits_in_flight": len(in_flight),
+        "credits_in_flight_cents": in_flight_cents,
+        "consistent_cut": stable,
+    }
+    return out

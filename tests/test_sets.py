@@ -1,0 +1,278 @@
+"""Two sets on this machine: two embedded PostgreSQL servers (wal_level =
+logical) and two `anbao serve` groups, with money crossing sets through
+PostgreSQL's logical replication (migration 0007, storage/sets.py). Faults
+are real: kill -9 of a postmaster and of a worker by pid, a set's
+PostgreSQL stopped and started again. After each run the cross-set audit
+(`anbao audit --topology`) must find every credit applied exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+
+import asyncpg
+import pytest
+from helpers import ADMIN_TOKEN, APP_TOKEN, Raw
+from served import ANBAO, Grabber, Served, free_port, storm
+
+from anbao.storage import embedded
+from anbao.storage.migrate import migrate
+from anbao.storage.sets import audit_sets
+from anbao_client import SetCluster, SetTopology, WrongSet, home_set, set_of, wire
+
+pytestmark = pytest.mark.timeout(120)
+
+DB = "anbao_sets"
+DRAIN_TIMEOUT_S = 40
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    """Two PostgreSQL servers, each migrated as its set, then each set's
+    `anbao serve` (one worker each: two cores hold both sets here)."""
+    root = tmp_path_factory.mktemp("sets")
+    pgs, dsns = [], {}
+    pg_dirs = {s: tmp_path_factory.mktemp(f"set{s}pg") for s in (0, 1)}  # each its own (embedded's user)
+    for s in (0, 1):
+        server, base = embedded.start(pg_dirs[s], logical=True)
+        pgs.append(server)
+        asyncio.run(_create_db(server.get_uri("postgres")))
+        dsns[s] = server.get_uri(DB)
+    ports = {0: free_port(), 1: free_port()}
+    topo_doc = {"sets": [{"id": s, "host": "127.0.0.1", "port": ports[s], "dsn": dsns[s]} for s in (0, 1)]}
+    topo_file = root / "topology.json"
+    topo_file.write_text(json.dumps(topo_doc))
+    tokens = root / "tokens.json"
+    tokens.write_text(
+        json.dumps({"tokens": [{"scope": "admin", "token": ADMIN_TOKEN}, {"scope": "app", "token": APP_TOKEN}]})
+    )
+    tokens.chmod(0o600)
+    for s in (0, 1):  # publications on both before any subscription
+        asyncio.run(migrate(dsns[s]))
+        out = subprocess.run(
+            [*ANBAO, "migrate", "--topology", str(topo_file), "--set", str(s)], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+    served = {}
+    try:
+        for s in (0, 1):
+            served[s] = Served(
+                None,
+                root / f"run{s}",
+                tokens,
+                1,
+                ["--topology", str(topo_file), "--set", str(s), "--admission", "in-process"],
+                port=ports[s],
+                metrics=False,
+            ).start()
+        yield {
+            "topology": SetTopology.load(topo_file),
+            "topology_file": topo_file,
+            "dsns": dsns,
+            "pg_dirs": pg_dirs,
+            "served": served,
+        }
+    finally:
+        for s in served.values():
+            s.kill_everything()
+        for server in pgs:
+            embedded.stop_data_dir(server.pgdata.parent)
+
+
+async def _create_db(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB):
+            await conn.execute(f"CREATE DATABASE {DB}")
+    finally:
+        await conn.close()
+
+
+async def _users(sc: SetCluster, first: int, n: int, amount: int = 0) -> list[int]:
+    ids = list(range(first, first + n))
+    await sc.register(ids)
+    if amount:
+        await asyncio.gather(*(sc.deposit(u, amount) for u in ids))
+    return ids
+
+
+async def _directory_has(dsn: str, users: list[int], timeout_s: float = 20) -> None:
+    """Waits until set `dsn` knows these users of the other set (replicated)."""
+    deadline = time.monotonic() + timeout_s
+    conn = await asyncpg.connect(dsn)
+    try:
+        while time.monotonic() < deadline:
+            n = await conn.fetchval("SELECT count(DISTINCT user_id) FROM user_directory WHERE user_id = ANY($1)", users)
+            if n == len(users):
+                return
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    raise AssertionError(f"the directory did not get {len(users)} users in {timeout_s} s")
+
+
+async def _drained_audit(dsns: dict[int, str], timeout_s: float = DRAIN_TIMEOUT_S):
+    """Waits until every credit is applied and every batch rolled up, then
+    audits across the sets; returns the audit."""
+    deadline = time.monotonic() + timeout_s
+    result = None
+    while time.monotonic() < deadline:
+        try:
+            pending = 0
+            for dsn in dsns.values():
+                conn = await asyncpg.connect(dsn)
+                try:
+                    pending += await conn.fetchval("SELECT count(*) FROM grab_rollups")
+                finally:
+                    await conn.close()
+            result = await audit_sets(dsns, refund_grace_ms=600_000)
+            if pending == 0 and result.totals["credits_in_flight"] == 0 and result.totals["consistent_cut"]:
+                return result
+        except (OSError, asyncpg.PostgresError):
+            pass
+        await asyncio.sleep(0.3)
+    raise AssertionError("credits did not drain: " + (result.text() if result else "no audit"))
+
+
+async def _storm_across(env, sender: int, members: list[int], shares: int, fault=None):
+    """A packet of `sender`'s set and a storm by `members` (homed in both
+    sets) on that set's port; `fault(outcomes)` runs alongside. Returns
+    (packet id, won)."""
+    topo = env["topology"]
+    async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
+        sent = await sc.send(sender, 100 * shares, shares)
+    home = set_of(sent.packet_id)
+    assert home == home_set(sender, topo)
+    port = topo.sets[home].port
+    grabbers = [Grabber(port, APP_TOKEN, routed=True, timeout_ms=3000) for _ in range(4)]
+    outcomes: list[str] = []
+    try:
+        jobs = [storm(port, sent.packet_id, members, grabbers, timeout_s=60, outcomes=outcomes)]
+        if fault is not None:
+            jobs.append(fault(outcomes))
+        won, _ = (await asyncio.gather(*jobs))[0]
+    finally:
+        for g in grabbers:
+            await g.close()
+    assert sorted(outcomes).count("gave_up") == 0, outcomes
+    return sent.packet_id, won
+
+
+async def test_grab_storm_by_members_of_both_sets_crosses_exactly_once(two_sets):
+    env = two_sets
+    topo, dsns = env["topology"], env["dsns"]
+    async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
+        senders = await _users(sc, 1, 8, 1_000_000)
+        members = await _users(sc, 1000, 400)
+        sender0 = next(u for u in senders if home_set(u, topo) == 0)
+        sender1 = next(u for u in senders if home_set(u, topo) == 1)
+        by_set = {s: [u for u in members if home_set(u, topo) == s] for s in (0, 1)}
+        assert len(by_set[0]) > 100 and len(by_set[1]) > 100
+        await _directory_has(dsns[0], by_set[1])
+        await _directory_has(dsns[1], by_set[0])
+        before = {u: await sc.balance(u) for u in members}
+
+    # A packet in each set, each grabbed by members of both sets.
+    won_all: dict[int, int] = {}
+    for sender in (sender0, sender1):
+        packet_id, won = await _storm_across(env, sender, members, 300)
+        assert len(won) == 300
+        for u, g in won.items():
+            won_all[u] = won_all.get(u, 0) + g.amount_cents
+
+    result = await _drained_audit(dsns)
+    assert result.ok, result.text()
+    assert result.totals["credits_sent"] > 0 and result.totals["credits_in_flight"] == 0
+    assert result.totals["suspense_cents"] == 0
+    async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
+        for u in members:
+            assert await sc.balance(u) == before[u] + won_all.get(u, 0), u
+        # A wallet is spendable once its credit is posted: withdraw a share
+        # received from the other set, at the home set.
+        cross = next(u for u in by_set[1] if u in won_all)
+        await sc.withdraw(cross, 1)
+
+    # A raw client at the wrong set gets the typed redirect, naming the set.
+    r = await Raw.open(topo.sets[0].port)
+    try:
+        r.send(wire.balance(7, by_set[1][0]))
+        [resp] = await r.answers(1)
+        assert resp.status == wire.Status.WRONG_SET
+        message, set_id, host, port = wire.wrong_set(resp.body)
+        assert (set_id, port) == (1, topo.sets[1].port) and "set 1" in message
+    finally:
+        r.close()
+    c = await SetCluster.connect(topo, ADMIN_TOKEN)
+    try:
+        with pytest.raises(WrongSet) as e:
+            await c.clusters[0].deposit(by_set[1][0], 5)
+        assert e.value.set_id == 1
+        assert await c.deposit(by_set[1][0], 5)  # SetCluster routes it home
+    finally:
+        await c.close()
+
+    # The CLI's cross-set audit agrees.
+    out = subprocess.run(
+        [*ANBAO, "audit", "--topology", str(env["topology_file"]), "--json"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    doc = json.loads(out.stdout)
+    assert doc["ok"] and doc["totals"]["credits_in_flight"] == 0
+
+
+async def test_receiving_postmaster_killed_sender_worker_killed_receiver_stopped(two_sets):
+    """Set 0 holds the packets; set 1 receives the credits. Mid-storm: kill
+    -9 of set 1's postmaster (restarted), kill -9 of set 0's worker; then
+    set 1's PostgreSQL stopped for a while as a second storm goes on (its
+    credits queue in set 0's slot) and started again: the backlog drains,
+    and every credit is applied exactly once."""
+    env = two_sets
+    topo, dsns = env["topology"], env["dsns"]
+    async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
+        senders = await _users(sc, 20, 40, 1_000_000)
+        members = await _users(sc, 5000, 1100)
+        sender0 = next(u for u in senders if home_set(u, topo) == 0)
+        ones = [u for u in members if home_set(u, topo) == 1]
+        await _directory_has(dsns[0], ones)
+
+    pg1 = env["pg_dirs"][1]
+
+    async def kill_receiver_then_worker(outcomes):
+        while len(outcomes) < 100:
+            await asyncio.sleep(0.01)
+        pm = embedded.postmaster(pg1.resolve() / "pgdata")
+        assert pm is not None
+        os.kill(pm.pid, signal.SIGKILL)
+        while len(outcomes) < 250:
+            await asyncio.sleep(0.01)
+        info = env["served"][0].run_info()
+        (pid,) = info["workers"].values()
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.to_thread(embedded.start, pg1, True)
+
+    _, won = await _storm_across(env, sender0, ones, 500, fault=kill_receiver_then_worker)
+    assert len(won) == 500
+    result = await _drained_audit(dsns)
+    assert result.ok, result.text()
+
+    # Set 1 down for a while: set 0 goes on taking grabs by set 1's users.
+    await asyncio.to_thread(embedded.pg_ctl_stop, pg1)
+    try:
+        _, won2 = await _storm_across(env, sender0, ones, 400)
+        assert len(won2) == 400
+        await asyncio.sleep(1)
+        conn = await asyncpg.connect(dsns[0])
+        try:
+            backlog = await conn.fetchval("SELECT count(*) FROM credits_out WHERE src_set = 0 AND dest_set = 1")
+        finally:
+            await conn.close()
+        assert backlog >= 900
+    finally:
+        await asyncio.to_thread(embedded.start, pg1, True)
+    result = await _drained_audit(dsns)
+    assert result.ok, result.text()
+    assert result.totals["credits_applied"] == result.totals["credits_sent"]
