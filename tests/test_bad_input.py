@@ -138,3 +138,35 @@ async def test_silent_unauthenticated_connection_is_closed(fresh_dsn, tokens_fil
         assert await raw.closed_by_server(timeout_s=5)
     finally:
         await server.stop()
+
+
+async def test_the_sdk_refuses_an_answer_to_another_operation():
+    """An answer whose opcode is not its request's (a confused stream, seen
+    once under load as a GRAB's SOLD_OUT read as the HELLO answer) is no
+    answer: the SDK drops the connection with ConnectionLost, retryable,
+    instead of decoding one operation's body as another's."""
+    from anbao.core import codec
+    from anbao_client import Client
+    from anbao_client.errors import ConnectionLost
+    from anbao_client.protocol import Op, Status
+
+    async def confused(reader, writer):
+        head = await reader.readexactly(9)
+        rid = int.from_bytes(head[5:9], "big")
+        await reader.readexactly(int.from_bytes(head[:4], "big") - 5)
+        writer.write(
+            codec.encode_error(Op.GRAB, rid, Status.SOLD_OUT, 0, "every share has been taken").replace(
+                bytes([Op.GRAB | 0x80]), bytes([Op.GRAB | 0x80]), 1
+            )
+        )
+        writer.write(codec.encode_raw(Op.GRAB, rid, Status.OK, 0, bytes(16)))
+        await writer.drain()
+
+    server = await asyncio.start_server(confused, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ConnectionLost, match="answered as 0x21"):
+            await Client.connect("127.0.0.1", port, "token", timeout_ms=2000)
+    finally:
+        server.close()
+        await server.wait_closed()

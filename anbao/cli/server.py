@@ -234,7 +234,9 @@ def cmd_audit(args) -> int:
         if missing:
             print(f"anbao audit: sets {missing} have no dsn in {args.topology}", file=sys.stderr)
             return 2
-        result = asyncio.run(audit_sets({s: info.dsn for s, info in topo.sets.items() if info.dsn}, refund_grace_ms=grace_ms))
+        result = asyncio.run(
+            audit_sets({s: info.dsn for s, info in topo.sets.items() if info.dsn}, refund_grace_ms=grace_ms)
+        )
         print(json.dumps(result.as_dict(), default=str, indent=2) if args.json else result.text())
         return 0 if result.ok else 1
 

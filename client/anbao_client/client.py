@@ -24,6 +24,7 @@ from .errors import (
     WrongSet,
     error_for,
 )
+from .protocol import NO_OPCODE, OPCODE_OFFSET
 from .wire import Status
 
 DEFAULT_TIMEOUT_MS = 10_000
@@ -164,13 +165,22 @@ class Client:
             rid = self._take_id()
             fut: asyncio.Future[wire.Response] = asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
-            self._transport.write(build(rid))
+            request = build(rid)
+            self._transport.write(request)
             try:
                 r = await asyncio.wait_for(fut, self.timeout_ms / 1000)
             except TimeoutError:
                 raise RequestTimeout(f"no answer in {self.timeout_ms} ms (request {rid})") from None
             finally:
                 self._pending.pop(rid, None)
+        if r.opcode != request[OPCODE_OFFSET] and r.opcode != NO_OPCODE:
+            # An answer to another operation under this request id: nothing
+            # on this connection can be trusted any more.
+            lost = ConnectionLost(f"request {rid} (opcode 0x{request[OPCODE_OFFSET]:02x}) answered as 0x{r.opcode:02x}")
+            self._fail_all(lost)
+            if self._transport is not None:
+                self._transport.close()
+            raise lost
         if r.status not in ok:
             err = error_for(r.status, wire.error_message(r.body), r.worker_id)
             if isinstance(err, WrongSet):
