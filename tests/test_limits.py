@@ -22,6 +22,7 @@ import pytest
 from helpers import ADMIN_TOKEN, APP_TOKEN, funded_users
 
 from anbao.config import Limits
+from anbao.storage.audit import audit
 from anbao_client import (
     AlreadyClaimed,
     Client,
@@ -68,6 +69,12 @@ async def test_share_above_max_is_refused_at_send(anbao):
     assert (await admin.grab(fixed.packet_id, 10)).amount_cents == 500
     assert await anbao.fetchval("SELECT max_share_cents FROM packets WHERE packet_id = $1", tight.packet_id) == 500
     await anbao.assert_audit_clean()
+    # The audit checks every claim against its packet's cap (past the schema's own check).
+    await anbao.fetchval("ALTER TABLE packets DROP CONSTRAINT packets_max_share")
+    await anbao.fetchval("UPDATE packets SET max_share_cents = 499 WHERE packet_id = $1", tight.packet_id)
+    report = await audit(anbao.dsn)
+    assert list(report.violations) == ["no share above its packet's maximum"]
+    assert len(report.violations["no share above its packet's maximum"]) == 2
 
 
 @pytest.mark.parametrize("limits", [Limits(max_share_cents=300)])
