@@ -116,6 +116,38 @@ class Limits:
     db_probe_interval_ms: int = 1000
     db_down_log_interval_ms: int = 10_000
 
+    # ---- Limits of a payment product (issue 12 item 4; PROTOCOL.md "Limits").
+    # Each refusal has its own status, named after its limit.
+    # The most one share may hold (WeChat: 200 yuan). SEND refuses a packet
+    # whose largest share would be above it (SHARE_ABOVE_MAX: fixed mode's
+    # ceil(total / count), random mode's total > count x max), and the random
+    # split never draws above it. The packet keeps the value it was sent
+    # under (packets.max_share_cents), so a later change or a restart does
+    # not change how its remaining shares are drawn.
+    max_share_cents: int = 20_000
+    # What one sender may send per UTC day, in cents and in packets, decided
+    # in the SEND transaction under the sender's wallet row lock
+    # (DAILY_SEND_AMOUNT_CAP, DAILY_SEND_COUNT_CAP). Generous defaults: a
+    # deployment sets its product's rules.
+    daily_send_max_cents: int = 10_000_000_000  # 100,000,000.00
+    daily_send_max_packets: int = 100_000
+    # Cool-down: cooldown_refusals refused grabs (NOT_ELIGIBLE,
+    # ALREADY_CLAIMED) within cooldown_window_ms put the user in cool-down
+    # for cooldown_ms: a grab that would be decided fresh answers
+    # COOLING_DOWN (a share the user holds is still answered). Counted in
+    # memory on the owner worker of each packet, for at most
+    # cooldown_max_users_tracked users (past it the oldest are forgotten).
+    cooldown_refusals: int = 20
+    cooldown_window_ms: int = 10_000
+    cooldown_ms: int = 30_000
+    cooldown_max_users_tracked: int = 1_000_000
+    # Request-rate ceiling per token, per worker process: a token bucket
+    # refilled at rate_limit_requests_per_s, holding at most
+    # rate_limit_burst_requests, taken from by every request after HELLO
+    # (peer links are exempt). Past it: RATE_LIMITED, nothing done.
+    rate_limit_requests_per_s: int = 200_000
+    rate_limit_burst_requests: int = 200_000
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             assert getattr(self, f.name) > 0, f"{f.name} must be positive"
@@ -129,6 +161,12 @@ class Limits:
         # One answer is at most a frame: the hard limit must hold a few.
         assert self.write_buffer_high_bytes < self.max_write_buffer_bytes
         assert self.max_write_buffer_bytes >= 2 * self.max_frame_bytes
+        # Limits of a payment product: a packet of one maximum share can be
+        # sent, and the daily caps allow at least one packet.
+        assert self.min_share_cents <= self.max_share_cents <= self.max_total_cents
+        assert self.daily_send_max_cents >= self.min_share_cents
+        assert self.cooldown_refusals >= 2, "one refused grab is no pattern"
+        assert self.rate_limit_burst_requests >= 1
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ cdef class PacketState:
     cdef readonly int32_t count
     cdef readonly int mode
     cdef readonly int64_t min_cents
+    cdef readonly int64_t max_cents         # no share above it; 0: no cap (packets sent before the cap)
     cdef readonly int64_t expires_at_ms
     cdef readonly int64_t remaining_cents   # after every taken share, pending included
     cdef readonly int32_t taken_count       # committed + pending shares

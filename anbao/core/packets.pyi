@@ -15,6 +15,7 @@ class PacketState:
     count: int
     mode: int
     min_cents: int
+    max_cents: int
     expires_at_ms: int
     remaining_cents: int
     taken_count: int
@@ -34,6 +35,7 @@ class PacketState:
         eligible: Iterable[int] | None = ...,
         claims: Iterable[tuple[int, int, int]] = ...,
         closed: bool = ...,
+        max_cents: int = ...,
     ) -> None: ...
     def take(self, user_id: int, now_ms: int, rng: Rng) -> int: ...
     def is_pending(self, seq: int) -> bool: ...

@@ -27,14 +27,15 @@ cdef class PacketState:
 
     def __cinit__(self, int64_t packet_id, int64_t sender_id, int64_t total_cents, int32_t count,
                   int mode, int64_t min_cents, int64_t expires_at_ms, eligible=None,
-                  claims=(), bint closed=False):
-        validate_split(mode, total_cents, count, min_cents)
+                  claims=(), bint closed=False, int64_t max_cents=0):
+        validate_split(mode, total_cents, count, min_cents, max_cents)
         self.packet_id = packet_id
         self.sender_id = sender_id
         self.total_cents = total_cents
         self.count = count
         self.mode = mode
         self.min_cents = min_cents
+        self.max_cents = max_cents
         self.expires_at_ms = expires_at_ms
         self._eligible = frozenset(eligible) if eligible is not None else None
         self._claims = {}
@@ -50,6 +51,7 @@ cdef class PacketState:
             self.taken_count = seq
         assert self.taken_count <= count and self.remaining_cents >= 0
         assert self.remaining_cents >= min_cents * (count - self.taken_count)
+        assert max_cents == 0 or self.remaining_cents <= max_cents * (count - self.taken_count)
         self.committed_count = self.taken_count
         self.closed = closed
 
@@ -69,7 +71,7 @@ cdef class PacketState:
         if self.closed or now_ms >= self.expires_at_ms:
             return S_EXPIRED
         cdef int64_t amount = draw_share(self.mode, self.total_cents, self.count, self.min_cents,
-                                         self.remaining_cents, self.count - self.taken_count, rng)
+                                         self.remaining_cents, self.count - self.taken_count, rng, self.max_cents)
         self.taken_count += 1
         self.remaining_cents -= amount
         self._claims[user_id] = (amount, self.taken_count)

@@ -12,4 +12,5 @@ cdef class Rng:
 
 
 cdef int64_t draw_share(int mode, int64_t total_cents, int32_t count, int64_t min_cents,
-                        int64_t remaining_cents, int32_t remaining_count, Rng rng) except -1
+                        int64_t remaining_cents, int32_t remaining_count, Rng rng,
+                        int64_t max_cents=*) except -1

@@ -29,6 +29,7 @@ from ..core import codec, packets, shares
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.domain import PacketRecord
 from ..storage.ledger import Ledger
+from .cooldown import Cooldown
 
 log = logging.getLogger("anbao.grabs")
 
@@ -43,6 +44,7 @@ _ERROR_TEXT: dict[int, str] = {  # keyed by the plain int PacketState.take() ret
 _OK = Status.OK.value
 _ALREADY_CLAIMED = Status.ALREADY_CLAIMED.value
 _SOLD_OUT = Status.SOLD_OUT.value
+_NOT_ELIGIBLE = Status.NOT_ELIGIBLE.value
 
 
 class Replier:
@@ -68,6 +70,7 @@ def packet_state(record: PacketRecord) -> packets.PacketState:
         record.eligible,
         record.claims,
         record.closed,
+        record.max_share_cents,
     )
 
 
@@ -87,6 +90,7 @@ class GrabEngine:
         overlap_min_grabs: int = 1,
         committing=None,
         rollup_quiet_ms: int = 0,
+        cooldown: Cooldown | None = None,
     ):
         assert 0 < batch_max_grabs <= max_queued_grabs and max_rollup_backlog > 0
         self.ledger = ledger
@@ -111,6 +115,10 @@ class GrabEngine:
         self.max_packets_in_memory = max_packets_in_memory
         self.max_known_users = max_known_users
         self.rng = shares.Rng()
+        # Refused grabs put a user in cool-down (cooldown.py); _cooling is
+        # its map of users cooling down, empty (one falsy test a grab) when nobody is.
+        self.cooldown = cooldown
+        self._cooling: dict[int, int] = cooldown.until if cooldown is not None else {}
         self.states: dict[int, packets.PacketState] = {}
         self._loading: dict[int, list] = {}  # packet id -> grabs waiting for its load, in order
         self._known_users: set[int] = set()
@@ -160,6 +168,23 @@ class GrabEngine:
         if self._queued_grabs >= self.max_queued_grabs:
             replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, "grab queue full"))
             return
+        cooling = self._cooling
+        if cooling and user_id in cooling and state.claim_of(user_id) is None:
+            # A fresh decision waits out the cool-down; a share this user
+            # holds (even one still committing) is answered below, as ever.
+            assert self.cooldown is not None
+            left_ms = self.cooldown.cooling_for_ms(user_id, packets.now_ms())
+            if left_ms:
+                replier.answer(
+                    codec.encode_error(
+                        Op.GRAB,
+                        rid,
+                        Status.COOLING_DOWN,
+                        self.worker_id,
+                        f"cooling down for {left_ms} ms after repeated refused grabs; nothing was decided",
+                    )
+                )
+                return
         b = self._open
         status = b.take(state, replier, rid, user_id, self.rng)
         if status == _OK:
@@ -169,6 +194,8 @@ class GrabEngine:
                 self._open = Batch()
             self._kick()
         elif status == _ALREADY_CLAIMED:
+            if self.cooldown is not None:
+                self.cooldown.refused(user_id, packets.now_ms())
             if state.is_pending(state.last_seq):
                 # The first grab is not durable yet: this retry is answered
                 # with it, after the batch that carries it commits.
@@ -194,6 +221,8 @@ class GrabEngine:
             self._open.followers.append((replier, rid, state, user_id))
             self._kick()
         else:
+            if status == _NOT_ELIGIBLE and self.cooldown is not None:
+                self.cooldown.refused(user_id, packets.now_ms())
             replier.answer(codec.encode_error(Op.GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
 
     # ------------------------------------------------------------ loading

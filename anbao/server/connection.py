@@ -34,6 +34,7 @@ from ..config import Limits
 from ..core import codec
 from ..engine.grabs import Replier
 from . import answers
+from .ratelimit import RateLimits, TokenBucket
 from .router import Router
 from .sets import SetGate
 
@@ -49,6 +50,7 @@ PAUSED_CLOSING = 4
 _GRAB = Op.GRAB.value
 _SET_SHIFT = routing.SET_SHIFT
 _PEER = Scope.PEER.value
+_RATE_LIMITED = Status.RATE_LIMITED.value
 _OPCODE_MASK = 0xFF & ~protocol.RESPONSE_BIT
 
 
@@ -66,6 +68,7 @@ class Host:
     connections: set[Connection]  # the open ones, which this connection joins and leaves
     answered: dict[int, int] | None = None  # opcode << 8 | status -> count, for the metrics
     gate: SetGate | None = None  # several sets: requests for another set get WRONG_SET
+    rate_limits: RateLimits | None = None  # the request-rate ceiling per token (None: no ceiling)
 
 
 def close_idle(connections: set[Connection], now_s: float, hello_timeout_ms: int, idle_timeout_ms: int) -> None:
@@ -87,6 +90,9 @@ class Connection(asyncio.Protocol, Replier):
         self.transport: asyncio.Transport | None = None
         self.decoder = codec.FrameDecoder(lim.max_frame_bytes)
         self.scope: int | None = None
+        # The token's request-rate bucket (ratelimit.py), shared by every
+        # connection of the token on this worker; None before HELLO and on peer links.
+        self.bucket: TokenBucket | None = None
         self.inflight = 0
         self.paused_by = 0
         self.max_inflight = lim.max_inflight_per_connection
@@ -135,7 +141,9 @@ class Connection(asyncio.Protocol, Replier):
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self._fatal is not None:
             return  # closed, closing, or lingering after the error frame: dropped
-        self.last_seen = self.host.loop.time()
+        self.last_seen = now_s = self.host.loop.time()
+        if self.bucket is not None:
+            self.bucket.refill(now_s)
         try:
             frames = self.decoder.feed(data)
             broken = None
@@ -149,6 +157,15 @@ class Connection(asyncio.Protocol, Replier):
             if self._fatal is not None:
                 break  # ended by one of these requests (a refused HELLO): nothing after it is read
             self.inflight += 1
+            bucket = self.bucket
+            if bucket is not None:
+                # The token's ceiling, before anything is dispatched or
+                # routed: a limited request (a GRAB too) is not decided at all.
+                if bucket.tokens < 1.0:
+                    bucket.limited += 1
+                    self._rate_limited(opcode, rid)
+                    continue
+                bucket.tokens -= 1.0
             if opcode == _GRAB and self.scope is not None and type(args) is tuple:
                 if gate is not None and args[0] >> _SET_SHIFT != gate.set_id:
                     self.answer(gate.redirect(opcode, rid, args) or b"")
@@ -184,6 +201,19 @@ class Connection(asyncio.Protocol, Replier):
             # answers are written (libuv reads up to 32 times a turn): stop
             # now, not when the transport's buffer says so.
             self._pause(PAUSED_QUEUED)
+
+    def _rate_limited(self, opcode: int, rid: int) -> None:
+        lim = self.host.limits
+        self.answer(
+            codec.encode_error(
+                opcode if opcode < protocol.RESPONSE_BIT else NO_OPCODE,
+                rid,
+                _RATE_LIMITED,
+                self.wid,
+                f"this token is past {lim.rate_limit_requests_per_s} requests/s (burst"
+                f" {lim.rate_limit_burst_requests}) on worker {self.wid}: nothing was done, retry after a pause",
+            )
+        )
 
     # ------------------------------------------------------------ replies
 
@@ -313,6 +343,8 @@ class Connection(asyncio.Protocol, Replier):
             self._end_with(b"")  # this answer is the last: the connection closes
             return
         self.scope = scope
+        if scope != _PEER and self.host.rate_limits is not None:
+            self.bucket = self.host.rate_limits.bucket_for(token, self.host.loop.time())
         lim = self.host.limits
         self.answer(
             answers.ok(

@@ -22,6 +22,7 @@ from ..admission import FinalStates, Permits
 from ..admission.claims import load_final_set
 from ..auth import TokenBook
 from ..config import Limits, Settings
+from ..engine.cooldown import Cooldown
 from ..engine.expiry import ExpirySweeper
 from ..engine.grabs import GrabEngine
 from ..metrics import Sample
@@ -34,6 +35,7 @@ from .dbhealth import DbHealth
 from .dispatch import Dispatcher
 from .ops import Context
 from .peers import PeerLink
+from .ratelimit import RateLimits
 from .router import Router
 from .sets import SetGate
 
@@ -82,6 +84,7 @@ class Worker:
         self.roller: Roller | None = None
         self.expiry: ExpirySweeper | None = None
         self.dispatcher: Dispatcher | None = None
+        self.rate_limits = RateLimits(self.limits.rate_limit_requests_per_s, self.limits.rate_limit_burst_requests)
         self.port: int | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._background: dict[str, asyncio.Task[Any]] = {}
@@ -116,6 +119,9 @@ class Worker:
             overlap_min_grabs=lim.batch_overlap_min_grabs,
             committing=self.committing,
             rollup_quiet_ms=lim.rollup_quiet_ms,
+            cooldown=Cooldown(
+                lim.cooldown_refusals, lim.cooldown_window_ms, lim.cooldown_ms, lim.cooldown_max_users_tracked
+            ),
         )
         peers = {}
         if self.worker_count > 1:
@@ -181,6 +187,7 @@ class Worker:
             self.connections,
             self.metrics.answered if self.metrics is not None else None,
             gate,
+            self.rate_limits,
         )
         await self._listen(loop, host)
         self.expiry = ExpirySweeper(
@@ -320,6 +327,9 @@ class Worker:
             "commits": e.commits,
             "committed_grabs": e.committed_grabs,
             "failed_batches": e.failed_batches,
+            "cooldowns_started": e.cooldown.cooled if e.cooldown is not None else 0,
+            "users_cooling": len(e.cooldown.until) if e.cooldown is not None else 0,
+            "rate_limited": self.rate_limits.limited,
             "rolled_up_claims": roller.rolled_claims,
             "rollup_backlog_claims": roller.backlog_claims,
             "rollup_failures": roller.failures,

@@ -176,6 +176,12 @@ CHECKS: list[tuple[str, str]] = [
                                                WHERE m.packet_id = c.packet_id AND m.user_id = c.user_id))
            OR c.user_id = p.sender_id""",
     ),
+    (
+        "no share above its packet's maximum",
+        """SELECT c.packet_id, c.seq, c.amount_cents, p.max_share_cents
+        FROM claims_all c JOIN packets p USING (packet_id)
+        WHERE p.max_share_cents > 0 AND c.amount_cents > p.max_share_cents""",
+    ),
 ]
 
 

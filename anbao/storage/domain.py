@@ -73,6 +73,8 @@ class Reason(enum.Enum):
     INVALID = "INVALID"
     IDEMPOTENCY_CONFLICT = "IDEMPOTENCY_CONFLICT"
     NOT_FOUND = "NOT_FOUND"
+    DAILY_SEND_AMOUNT_CAP = "DAILY_SEND_AMOUNT_CAP"  # the sender's cents sent this UTC day would pass the cap
+    DAILY_SEND_COUNT_CAP = "DAILY_SEND_COUNT_CAP"  # the sender's packets sent this UTC day would pass the cap
 
 
 class Refused(Exception):
@@ -94,7 +96,9 @@ class PacketRecord:
     """A packet's durable state: what the owner rebuilds its in-memory state
     from. eligible is None for an open packet; claims are every durable
     claim (rolled up or waiting for its roll-up) as (user_id, seq,
-    amount_cents); closed means refunded, so no share can be taken."""
+    amount_cents); closed means refunded, so no share can be taken;
+    max_share_cents is the cap on one share the packet was sent under (0:
+    none, a packet from before the cap)."""
 
     packet_id: int
     sender_id: int
@@ -106,3 +110,4 @@ class PacketRecord:
     eligible: list[int] | None
     claims: list[tuple[int, int, int]]
     closed: bool
+    max_share_cents: int = 0

@@ -14,12 +14,11 @@ LOCK_KEY = 0x616E62616F  # "anbao": one migrator at a time across workers
 
 def migrations() -> list[tuple[int, Path]]:
     out = sorted((int(p.name.split("_", 1)[0]), p) for p in MIGRATIONS_DIR.glob("*.sql"))
-    # Numbers are unique and start at 1; a gap is allowed (a number taken by
-    # work on another branch), and a migration missing from a database is
-    # applied whatever its number, so they must not depend on each other's order
-    # beyond 1..4 (each names what it builds on).
+    # Numbers are unique and start at 1; a gap is allowed, since a number may
+    # be reserved for work on another branch (each one is applied once, in
+    # number order, whenever it is missing).
     versions = [v for v, _ in out]
-    assert versions[:1] == [1] and len(set(versions)) == len(versions), "migrations are numbered uniquely from 1"
+    assert versions and versions[0] == 1 and len(set(versions)) == len(versions), "migrations are numbered 1.., once"
     return out
 
 
@@ -41,7 +40,7 @@ async def migrate(dsn: str) -> int:
                 await conn.execute(path.read_text())
                 await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", v)
             log.info("applied migration %s", path.name)
-            version = v
+            version = max(version, v)
         return version
     finally:
         await conn.close()

@@ -37,6 +37,21 @@ _PACKET_INFO = (
     "  FROM (SELECT * FROM c ORDER BY seq OFFSET $3 LIMIT $4) pg) AS page"
     " FROM packets WHERE packet_id = $2"
 )
+# The sender's counts for the UTC day of $2 (days since the epoch), this
+# SEND included; a SEND on a later day than the row's starts them again.
+# Runs under the sender's wallet row lock, so concurrent SENDs of one sender
+# count one after the other; a refusal rolls it back with its savepoint.
+_COUNT_SEND = (
+    "INSERT INTO daily_sends AS d (user_id, utc_day, sent_cents, sent_count) VALUES ($1, $2, $3, 1)"
+    " ON CONFLICT (user_id) DO UPDATE SET"
+    " sent_cents = CASE WHEN d.utc_day >= EXCLUDED.utc_day THEN d.sent_cents + EXCLUDED.sent_cents"
+    " ELSE EXCLUDED.sent_cents END,"
+    " sent_count = CASE WHEN d.utc_day >= EXCLUDED.utc_day THEN d.sent_count + 1 ELSE 1 END,"
+    " utc_day = GREATEST(d.utc_day, EXCLUDED.utc_day)"
+    " RETURNING sent_cents, sent_count"
+)
+MS_PER_DAY = 86_400_000
+
 # Open, or expired and not refunded yet: the rows of the partial index
 # packets_open_by_expiry (migration 0002), whose predicate this repeats.
 _EXPIRED = (
@@ -63,6 +78,11 @@ class Packets:
         audience: int,
         members: list[int],
         greeting: str,
+        *,
+        max_share_cents: int = 0,
+        daily_max_cents: int | None = None,
+        daily_max_packets: int | None = None,
+        at_ms: int | None = None,
     ) -> tuple[PacketRecord, int]:
         """sender -> new escrow, and the packet row, in the caller's
         transaction (see idempotent). The packet's id is packet_id_of(a new
@@ -71,7 +91,13 @@ class Packets:
         eligible users None for an open packet) and the sender's balance.
         For a group, `members` is [group_id] and the group's members other
         than the sender are snapshotted into packet_members: membership at
-        send time counts."""
+        send time counts.
+
+        max_share_cents (0: none) is stored with the packet: its shares are
+        drawn under it for its whole life. daily_max_cents and
+        daily_max_packets cap what the sender sends per UTC day (of at_ms,
+        the server's clock by default), counted under the sender's wallet
+        row lock, so two concurrent SENDs cannot both pass a cap."""
         sender = await conn.fetchrow(_SENDER, sender_id)
         if sender is None:
             raise Refused(Reason.UNKNOWN_USER, f"unknown sender {sender_id}")
@@ -100,12 +126,27 @@ class Packets:
             found = await conn.fetchval(COUNT_REGISTERED, members)
             if found != len(members):
                 raise Refused(Reason.UNKNOWN_USER, f"{len(members) - found} member(s) are not registered")
+        if daily_max_cents is not None or daily_max_packets is not None:
+            day = (now_ms() if at_ms is None else at_ms) // MS_PER_DAY
+            sent_cents, sent_count = await conn.fetchrow(_COUNT_SEND, sender_id, day, total_cents)
+            if daily_max_packets is not None and sent_count > daily_max_packets:
+                raise Refused(
+                    Reason.DAILY_SEND_COUNT_CAP,
+                    f"sender {sender_id} has sent {sent_count - 1} packets today (UTC);"
+                    f" the daily cap is {daily_max_packets}",
+                )
+            if daily_max_cents is not None and sent_cents > daily_max_cents:
+                raise Refused(
+                    Reason.DAILY_SEND_AMOUNT_CAP,
+                    f"sender {sender_id} has sent {sent_cents - total_cents} cents today (UTC);"
+                    f" {total_cents} more would pass the daily cap of {daily_max_cents}",
+                )
         packet_id = packet_id_of(await conn.fetchval("SELECT nextval('packet_seq')"))
         escrow = await conn.fetchval(_ESCROW, packet_id)
         await conn.execute(
             "INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count, mode,"
-            " min_share_cents, audience, greeting, expires_at, group_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::float8 / 1000), $11)",
+            " min_share_cents, audience, greeting, expires_at, group_id, max_share_cents)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::float8 / 1000), $11, $12)",
             packet_id,
             sender_id,
             escrow,
@@ -117,6 +158,7 @@ class Packets:
             greeting,
             expires_at_ms,
             group_id,
+            max_share_cents,
         )
         if members:
             await conn.execute(
@@ -134,6 +176,7 @@ class Packets:
             None if audience == Audience.OPEN else members,
             [],
             False,
+            max_share_cents,
         )
         return record, sender["balance_cents"] - total_cents
 
@@ -142,7 +185,7 @@ class Packets:
         None for an unknown packet."""
         async with self.pool.acquire() as conn:
             p = await conn.fetchrow(
-                "SELECT sender_id, total_cents, share_count, mode, min_share_cents, audience, status,"
+                "SELECT sender_id, total_cents, share_count, mode, min_share_cents, max_share_cents, audience, status,"
                 " (extract(epoch FROM expires_at) * 1000)::bigint AS expires_at_ms FROM packets WHERE packet_id = $1",
                 packet_id,
             )
@@ -165,6 +208,7 @@ class Packets:
             members,
             [tuple(c) for c in claims],
             p["status"] == PacketStatus.REFUNDED,
+            p["max_share_cents"],
         )
 
     async def packet_info(self, packet_id: int, offset: int, limit: int):

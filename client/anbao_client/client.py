@@ -19,6 +19,7 @@ from .errors import (
     Busy,
     ConnectionLost,
     InDoubt,
+    RateLimited,
     RequestTimeout,
     Unavailable,
     WrongSet,
@@ -133,8 +134,8 @@ class Client:
         same key), an IN_DOUBT answer is retried here, with a growing pause,
         until a definite answer or until timeout_ms has passed since the
         first send; only then does InDoubt reach the caller. Once in doubt,
-        BUSY and UNAVAILABLE answers to the retries are retried too: they
-        say the retry moved nothing, not what the first attempt did."""
+        BUSY, UNAVAILABLE and RATE_LIMITED answers to the retries are retried
+        too: they say the retry moved nothing, not what the first attempt did."""
         if not retry_in_doubt:
             return await self._call_once(build, ok)
         loop = asyncio.get_running_loop()
@@ -146,7 +147,7 @@ class Client:
                 return await self._call_once(build, ok)
             except InDoubt as exc:
                 doubt = exc
-            except (Unavailable, Busy) as exc:
+            except (Unavailable, Busy, RateLimited) as exc:
                 if doubt is None:
                     raise
                 doubt.__context__ = exc

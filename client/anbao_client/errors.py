@@ -110,6 +110,45 @@ class WrongSet(AnbaoError):
     port: int = 0
 
 
+class ShareAboveMax(AnbaoError):
+    """SEND: a share would exceed the server's maximum per share (fixed
+    mode: ceil(total / count); random mode: total > count x maximum)."""
+
+    status = Status.SHARE_ABOVE_MAX
+
+
+class DailySendAmountCap(AnbaoError):
+    """SEND: with this packet the sender would pass their daily cap on cents
+    sent (per UTC day); nothing moved."""
+
+    status = Status.DAILY_SEND_AMOUNT_CAP
+
+
+class DailySendCountCap(AnbaoError):
+    """SEND: with this packet the sender would pass their daily cap on
+    packets sent (per UTC day); nothing moved."""
+
+    status = Status.DAILY_SEND_COUNT_CAP
+
+
+class CoolingDown(AnbaoError):
+    """GRAB: this user had too many refused grabs (NOT_ELIGIBLE,
+    ALREADY_CLAIMED) lately, and a fresh grab waits until the cool-down
+    ends (the message says how long). Nothing was decided: a share the user
+    already holds is still answered ALREADY_CLAIMED, never this."""
+
+    status = Status.COOLING_DOWN
+
+
+class RateLimited(AnbaoError):
+    """Any request: the token is past its request-rate ceiling on the
+    worker that answered. Nothing was done (a GRAB was not decided):
+    retry after a pause, as for Busy."""
+
+    status = Status.RATE_LIMITED
+    retryable = True
+
+
 class Internal(AnbaoError):
     status = Status.INTERNAL
 

@@ -98,7 +98,13 @@ class Status(enum.IntEnum):
     FRAME_TOO_LARGE = 16
     UNKNOWN_GROUP = 17
     IN_DOUBT = 18  # the request may have been applied: a retry (same key) is safe
-    # 19-24: taken by the event feed and limits work (issue 12)
+    # 19: taken by the event feed (issue 12)
+    # Limits of a payment product (PROTOCOL.md "Limits"); each names its limit.
+    SHARE_ABOVE_MAX = 20  # SEND: a share would exceed the maximum per share
+    DAILY_SEND_AMOUNT_CAP = 21  # SEND: the sender's cents sent this UTC day would pass the cap
+    DAILY_SEND_COUNT_CAP = 22  # SEND: the sender's packets sent this UTC day would pass the cap
+    COOLING_DOWN = 23  # GRAB: too many refused grabs lately; a fresh grab waits out the cool-down
+    RATE_LIMITED = 24  # any request: the token's request rate is past its ceiling; nothing done, retry later
     WRONG_SET = 25  # the user's home or the packet is another set: the body names it (WRONG_SET_BODY)
     INTERNAL = 255
 

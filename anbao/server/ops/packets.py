@@ -28,6 +28,19 @@ def validate_send(
         raise Refused(Status.INVALID, f"total_cents above the limit {lim.max_total_cents}")
     if total < count * lim.min_share_cents:
         raise Refused(Status.INVALID, f"total_cents below count x {lim.min_share_cents} cent minimum share")
+    if total > count * lim.max_share_cents:
+        # Fixed mode's largest share is ceil(total / count); random mode
+        # could not split the total into shares of at most the maximum.
+        # Either way the condition is total > count x max.
+        if mode == Mode.FIXED:
+            raise Refused(
+                Status.SHARE_ABOVE_MAX,
+                f"a share of {-(-total // count)} cents is above the maximum share of {lim.max_share_cents}",
+            )
+        raise Refused(
+            Status.SHARE_ABOVE_MAX,
+            f"{total} cents cannot be split into {count} shares of at most {lim.max_share_cents}",
+        )
     expiry_s = expiry_s or lim.default_expiry_s
     if not lim.min_expiry_s <= expiry_s <= lim.max_expiry_s:
         raise Refused(Status.INVALID, f"expiry must be {lim.min_expiry_s}..{lim.max_expiry_s} s")
@@ -71,7 +84,8 @@ async def send(
     greeting: str,
 ) -> bytes:
     expiry_s = validate_send(ctx, sender, total, count, mode, expiry_s, audience, members)
-    min_share = ctx.limits.min_share_cents
+    lim = ctx.limits
+    min_share = lim.min_share_cents
     adopted = []
     # The new packet takes one of this worker's shards, so this worker owns it.
     shard = ctx.next_shard()
@@ -91,6 +105,9 @@ async def send(
             audience,
             members,
             greeting,
+            max_share_cents=lim.max_share_cents,
+            daily_max_cents=lim.daily_send_max_cents,
+            daily_max_packets=lim.daily_send_max_packets,
         )
         adopted.append(record)
         return {"packet_id": record.packet_id, "balance_cents": balance, "expires_at_ms": expires_at_ms}
