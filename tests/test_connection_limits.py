@@ -102,8 +102,18 @@ async def test_a_client_that_never_reads_cannot_grow_a_worker(fresh_dsn, tokens_
     worker holds at most about the mark in unsent answers. Before, every
     answer was buffered: ~15 MB a million."""
     high = 256 << 10
+    # No request-rate ceiling here: the flood must meet back-pressure, not
+    # RATE_LIMITED answers (tests/test_limits.py covers those).
+    no_ceiling = 1 << 40
     server = await Anbao(
-        fresh_dsn, tokens_file, Limits(write_buffer_high_bytes=high, max_write_buffer_bytes=4 << 20)
+        fresh_dsn,
+        tokens_file,
+        Limits(
+            write_buffer_high_bytes=high,
+            max_write_buffer_bytes=4 << 20,
+            rate_limit_requests_per_s=no_ceiling,
+            rate_limit_burst_requests=no_ceiling,
+        ),
     ).start()
     try:
         raw = await Raw.open(server.port)

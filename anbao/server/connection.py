@@ -210,8 +210,8 @@ class Connection(asyncio.Protocol, Replier):
                 rid,
                 _RATE_LIMITED,
                 self.wid,
-                f"this token is past {lim.rate_limit_requests_per_s} requests/s (burst"
-                f" {lim.rate_limit_burst_requests}) on worker {self.wid}: nothing was done, retry after a pause",
+                # Short: a flood is answered once a request, so this is its amplification.
+                f"over {lim.rate_limit_requests_per_s}/s; retry later",
             )
         )
 
