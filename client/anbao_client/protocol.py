@@ -52,6 +52,7 @@ MAX_GREETING_BYTES = 256
 MAX_GROUP_NAME_BYTES = 128
 MAX_CLAIMS_PAGE = 1000
 MAX_ERROR_MESSAGE_BYTES = 1024
+MAX_EVENTS_PAGE = 1000  # EVENTS rows per answer (57 bytes each: a page fits in the default frame)
 
 # ---------------------------------------------------------------- enums
 
@@ -76,6 +77,7 @@ class Op(enum.IntEnum):
     GROUP_INFO = 0x33
     TOPOLOGY = 0x50
     STATS = 0x51
+    EVENTS = 0x60  # the event feed (long poll)
 
 
 class Status(enum.IntEnum):
@@ -98,6 +100,7 @@ class Status(enum.IntEnum):
     FRAME_TOO_LARGE = 16
     UNKNOWN_GROUP = 17
     IN_DOUBT = 18  # the request may have been applied: a retry (same key) is safe
+    CURSOR_EXPIRED = 19  # EVENTS: the cursor is older than retention; the body says where to resume
     INTERNAL = 255
 
 
@@ -132,6 +135,19 @@ class TransferKind(enum.IntEnum):
     SEND = 3  # sender's wallet -> packet escrow
     GRAB = 4  # escrow -> grabber's wallet
     REFUND = 5  # escrow -> sender's wallet, the remainder after expiry
+
+
+class EventKind(enum.IntEnum):
+    """What an EVENTS row records; every row has every field, 0 where it
+    does not apply (PROTOCOL.md, EVENTS)."""
+
+    SENT = 1  # packet sent: user = sender, amount = total, count = shares
+    SHARE_TAKEN = 2  # share grabbed: user = grabber, seq, amount; count = the packet's shares
+    SOLD_OUT = 3  # last share taken: user = sender, amount = total, seq = count = shares, elapsed_ms since SENT
+    REFUNDED = 4  # expired, remainder back to the sender: user = sender, amount = refunded, seq = shares claimed
+    DEPOSIT = 5  # money in: user, amount
+    WITHDRAWAL = 6  # money out: user, amount
+    CROSS_SET_CREDIT = 7  # reserved for sets
 
 
 class Steering(enum.IntEnum):
@@ -208,6 +224,10 @@ class Message:
 
 
 ERROR = layout(message="t")  # the body of every answer whose status is not OK
+# Statuses whose error body carries more after the message, at its end.
+ERROR_TAILS: dict[Status, Layout] = {
+    Status.CURSOR_EXPIRED: layout(message="t", resume_cursor="Q"),  # the oldest cursor still valid
+}
 
 _PAGE = layout(user_id="Q", cursor="Q", limit="H")
 _IDS16 = rows("H", user_id="Q")
@@ -352,6 +372,26 @@ MESSAGES: dict[Op, Message] = {
             layout(worker_count="H", shard_count="H", steering="B", set_id="H"),
         ),
         Message(Op.STATS, EMPTY, layout(document="j")),
+        Message(
+            Op.EVENTS,
+            layout(cursor="Q", limit="H", wait_ms="I"),
+            layout(
+                next_cursor="Q",
+                events=rows(
+                    "H",
+                    number="Q",
+                    kind="B",
+                    at_ms="q",
+                    packet_id="Q",
+                    user_id="Q",
+                    seq="I",
+                    count="I",
+                    amount_cents="q",
+                    elapsed_ms="q",
+                ),
+            ),
+            doc="the events numbered after the cursor; waits up to wait_ms for one",
+        ),
     )
 }
 

