@@ -85,7 +85,7 @@ async def test_every_fact_has_its_event_in_order(anbao):
     assert (dep.user_id, dep.amount_cents) == (sender, 10_000)
     assert (snt.packet_id, snt.user_id, snt.amount_cents, snt.count) == (sent.packet_id, sender, 1_000, 3)
     assert [(e.user_id, e.seq, e.amount_cents) for e in taken] == [
-        (u, g.seq, g.amount_cents) for u, g in zip(users, grabs)
+        (u, g.seq, g.amount_cents) for u, g in zip(users, grabs, strict=True)
     ]
     assert (sold.packet_id, sold.seq, sold.count, sold.amount_cents) == (sent.packet_id, 3, 3, 1_000)
     assert 0 <= sold.elapsed_ms <= sold.at_ms - snt.at_ms + 1

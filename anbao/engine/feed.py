@@ -165,7 +165,7 @@ class EventFeed:
             try:
                 conn = await asyncpg.connect(self.dsn, timeout=5)
                 lost = asyncio.get_running_loop().create_future()
-                conn.add_termination_listener(lambda _c: lost.done() or lost.set_result(None))
+                conn.add_termination_listener(lambda _c, f=lost: f.done() or f.set_result(None))
                 await conn.add_listener(EVENTS_CHANNEL, self._notified)
                 self._listen_conn = conn
                 self.listening = True

@@ -58,7 +58,8 @@ CONNECT_ERRORS = (
 _INSERT_BATCH = (
     "/* anbao_commit_grabs */ WITH b AS (INSERT INTO grab_rollups (batch_id, worker_id, packet_ids, packets, seqs,"
     " users, amounts) VALUES ($1, $2, $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[])"
-    " RETURNING batch_id, committed_at) INSERT INTO event_log (kind, batch_id, at) SELECT 0, batch_id, committed_at FROM b"
+    " RETURNING batch_id, committed_at)"
+    " INSERT INTO event_log (kind, batch_id, at) SELECT 0, batch_id, committed_at FROM b"
 )
 _ROLLUP = "SELECT anbao_rollup($1, $2, $3::bigint[], $4::smallint, $5::smallint)"
 
