@@ -266,3 +266,181 @@ async def test_storm_events_match_claims(anbao):
         await conn.close()
     assert await all_events(admin) == events
     await anbao.assert_audit_clean()
+
+
+async def test_audit_names_a_fact_without_its_event(anbao):
+    admin = await anbao.client("admin")
+    [user] = await funded_users(admin, 1, 1, 100)
+    await settle_feed(admin, anbao.dsn)
+    conn = await asyncpg.connect(anbao.dsn)
+    try:
+        await conn.execute("DELETE FROM event_log WHERE kind = 5")
+    finally:
+        await conn.close()
+    report = await audit(anbao.dsn)
+    assert "every deposit, withdrawal, send and refund has its event" in report.violations
+    assert "events are numbered 1..n without gap or repeat, a batch as many as its events" in report.violations
+
+
+# ---------------------------------------------------------------- real faults mid-storm
+
+
+class Follower:
+    """A consumer following the feed through the SDK's reconnecting iterator."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.seen: list[wire.Event] = []
+        self.task: asyncio.Task | None = None
+
+    async def start(self) -> Follower:
+        from helpers import ADMIN_TOKEN
+
+        client = await Client.connect("127.0.0.1", self.port, ADMIN_TOKEN, timeout_ms=3_000)
+
+        async def run():
+            try:
+                async for e in client.events(after=0, wait_ms=500):
+                    self.seen.append(e)
+            finally:
+                await client.close()
+
+        self.task = asyncio.ensure_future(run())
+        return self
+
+    async def caught_up(self, head: int, timeout_s: float = 30) -> list[wire.Event]:
+        deadline = time.monotonic() + timeout_s
+        while not self.seen or self.seen[-1].number < head:
+            assert time.monotonic() < deadline, f"follower at {self.seen[-1].number if self.seen else 0} of {head}"
+            await asyncio.sleep(0.05)
+        assert self.task is not None
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        return self.seen
+
+
+def assert_feed_matches(events: list[wire.Event], claims: dict, won: dict, packet_id: int) -> None:
+    """Every acknowledged grab has exactly one share-taken event, and every
+    share-taken event is a committed claim (none for a grab that did not
+    commit)."""
+    assert_dense(events)
+    assert shares(events) == claims, "share-taken events and committed claims differ"
+    mine = {
+        e.user_id: (e.seq, e.amount_cents)
+        for e in events
+        if e.kind == EventKind.SHARE_TAKEN and e.packet_id == packet_id
+    }
+    for user, g in won.items():
+        assert mine.get(user) == (g.seq, g.amount_cents), f"acknowledged grab of {user} has no event"
+
+
+async def test_kill_9_worker_mid_storm_events_match_claims(serve, fresh_dsn):
+    """kill -9 of the packet's owner worker mid-storm, with a consumer
+    following: every acknowledged grab has exactly one event, no event
+    without its claim, and the consumer (whose connection may die with the
+    worker) sees every event once, in order."""
+    import os
+    import signal
+
+    from helpers import APP_TOKEN
+    from served import Grabber, setup_packet, storm
+
+    from anbao_client.routing import owner_of
+
+    s = serve(workers=2)
+    follower = await Follower(s.port).start()
+    admin, users, sent = await setup_packet(s.port, 1200, 200_000, 800)
+    victim = s.run_info()["workers"][str(owner_of(sent.packet_id, 2))]
+    grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(20)]
+    outcomes: list[str] = []
+
+    async def killer():
+        for _ in range(3000):  # bounded: until 150 grabs are answered
+            if len(outcomes) >= 150:
+                break
+            await asyncio.sleep(0.002)
+        at_kill.append(len(outcomes))
+        os.kill(victim, signal.SIGKILL)
+
+    at_kill: list[int] = []
+    (won, _), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers, outcomes=outcomes), killer())
+    assert len(won) == 800, "the packet sells out after the restart"
+    assert at_kill[0] < 800, f"the kill must land mid-storm ({at_kill[0]} answered)"
+    assert s.run_info()["restarts"] >= 1
+    events = await settle_feed(admin.clients[0], fresh_dsn)
+    assert_feed_matches(events, await claims_of(fresh_dsn), won, sent.packet_id)
+    assert await follower.caught_up(events[-1].number) == events
+    for g in grabbers:
+        await g.close()
+    await admin.close()
+    assert s.stop() == 0
+    report = await audit(fresh_dsn)
+    assert report.ok, report.text()
+
+
+def _kill_postgres(data) -> None:
+    """SIGKILL to the postmaster and every process it started."""
+    import os
+    import signal
+    import subprocess
+
+    pid = int((data / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    for p in [pid, *map(int, children)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def test_kill_9_postgres_mid_storm_events_match_claims(tmp_path, tokens_file):
+    """kill -9 of PostgreSQL (postmaster and backends) mid-storm, restarted
+    after crash recovery, with a consumer following: the same promises."""
+    from helpers import APP_TOKEN
+    from served import Grabber, storm
+
+    from anbao.storage import embedded
+    from anbao.storage.migrate import migrate
+
+    data = tmp_path / "own-pg"
+    _, dsn = embedded.start(data)
+    try:
+        await migrate(dsn)
+        server = await Anbao(dsn, tokens_file, Limits(db_probe_interval_ms=100)).start()
+        try:
+            admin = await server.client("admin")
+            sender, *users = await funded_users(admin, 1, 1201)
+            await admin.deposit(sender, 1_000_000)
+            sent = await admin.send(sender, 200_000, 800)
+            follower = await Follower(server.port).start()
+            grabbers = [Grabber(server.port, APP_TOKEN, routed=False) for _ in range(20)]
+            outcomes: list[str] = []
+            at_kill: list[int] = []
+
+            async def killer():
+                for _ in range(3000):  # bounded: until 150 grabs are answered
+                    if len(outcomes) >= 150:
+                        break
+                    await asyncio.sleep(0.002)
+                at_kill.append(len(outcomes))
+                _kill_postgres(data / "pgdata")
+                await asyncio.sleep(0.5)
+                await asyncio.get_running_loop().run_in_executor(None, embedded.start, data)
+
+            (won, outs), _ = await asyncio.gather(
+                storm(server.port, sent.packet_id, users, grabbers, outcomes=outcomes), killer()
+            )
+            assert "gave_up" not in outs and len(won) == 800
+            assert at_kill[0] < 800, f"the kill must land mid-storm ({at_kill[0]} answered)"
+            print(f"PostgreSQL killed after {at_kill[0]} of 1200 answers")
+            events = await settle_feed(admin, dsn, timeout_s=30)
+            assert_feed_matches(events, await claims_of(dsn), won, sent.packet_id)
+            assert await follower.caught_up(events[-1].number) == events
+            for g in grabbers:
+                await g.close()
+        finally:
+            await server.stop()
+        report = await audit(dsn)
+        assert report.ok, report.text()
+    finally:
+        embedded.stop_data_dir(data)
