@@ -132,3 +132,23 @@ async def test_cli_demo(anbao):
     assert "grabbing, all at once" in text and "who got what" in text and "88.89" in text
     assert "total" in text and "10/10" in text and "audit: OK" in text
     await anbao.assert_audit_clean()
+
+
+async def test_cli_events(anbao):
+    """`anbao events`: the feed as one JSON document, as text, and followed
+    (--follow --max N ends after N events, one JSON object a line)."""
+    admin = await anbao.client("admin")
+    (user,) = await funded_users(admin, 1, 1, 1_234)
+    follow = asyncio.ensure_future(cli(anbao, "events", "--after", 1, "--follow", "--max", 1, as_json=False))
+    await asyncio.sleep(0.5)
+    await admin.withdraw(user, 34)
+    for _ in range(100):  # bounded: the first event is numbered within milliseconds
+        code, doc, _ = await cli(anbao, "events")
+        if doc["events"]:
+            break
+        await asyncio.sleep(0.05)
+    assert code == 0 and doc["events"][0]["kind"] == "DEPOSIT" and doc["events"][0]["amount_cents"] == 1_234
+    code, text, _ = await cli(anbao, "events", "--after", 1, as_json=False)
+    assert code == 0 and "withdrawal of" in text and "#2" in text
+    code, text, _ = await asyncio.wait_for(follow, 30)
+    assert code == 0 and "withdrawal of" in text
