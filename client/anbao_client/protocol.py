@@ -377,6 +377,7 @@ MESSAGES: dict[Op, Message] = {
             layout(cursor="Q", limit="H", wait_ms="I"),
             layout(
                 next_cursor="Q",
+                head="Q",
                 events=rows(
                     "H",
                     number="Q",

@@ -635,8 +635,14 @@ class Event:
 class EventsPage:
     events: list[Event]
     next_cursor: int  # the last event's number, or the cursor sent when there is none
+    head: int  # the last number given when this was read: next_cursor < head means more to read now
+
+    @property
+    def behind(self) -> int:
+        """Events numbered after this page when it was read."""
+        return self.head - self.next_cursor
 
 
 def decode_events(body: bytes) -> EventsPage:
-    cursor, rows = answer(Op.EVENTS, body)
-    return EventsPage([Event(n, EventKind(k), *rest) for n, k, *rest in rows], cursor)
+    cursor, head, rows = answer(Op.EVENTS, body)
+    return EventsPage([Event(n, EventKind(k), *rest) for n, k, *rest in rows], cursor, head)

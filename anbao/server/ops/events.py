@@ -47,4 +47,4 @@ async def events(ctx: Context, rid: int, cursor: int, limit: int, wait_ms: int) 
             if isinstance(page, bytes):
                 return page
     rows = page.events
-    return answers.ok(Op.EVENTS, rid, ctx.worker_id, rows[-1][0] if rows else cursor, rows)
+    return answers.ok(Op.EVENTS, rid, ctx.worker_id, rows[-1][0] if rows else cursor, page.head, rows)
