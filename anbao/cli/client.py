@@ -390,7 +390,7 @@ async def run_group(c, args, out):
 def _event_doc(e) -> dict:
     return {
         "number": e.number,
-        "kind": e.kind.name,
+        "kind": getattr(e.kind, "name", str(e.kind)),
         "at_ms": e.at_ms,
         "packet_id": e.packet_id,
         "user_id": e.user_id,
@@ -413,7 +413,7 @@ def _event_text(e) -> str:
         f" ({e.seq}/{e.count} shares claimed)",
         K.DEPOSIT: f"deposit of {yuan(e.amount_cents)} to user {e.user_id}",
         K.WITHDRAWAL: f"withdrawal of {yuan(e.amount_cents)} by user {e.user_id}",
-    }.get(e.kind, f"{e.kind.name} packet {e.packet_id} user {e.user_id} {e.amount_cents} cents")
+    }.get(e.kind, f"kind {int(e.kind)} packet {e.packet_id} user {e.user_id} {e.amount_cents} cents")
     return f"#{e.number:<8} {when}  {what}"
 
 

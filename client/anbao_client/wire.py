@@ -621,7 +621,7 @@ class Event:
     it does not apply (PROTOCOL.md, EVENTS): amounts in cents, times in ms."""
 
     number: int  # the event's place in the feed: pass it back as the cursor
-    kind: EventKind
+    kind: EventKind | int  # an int only for a kind newer than this SDK: skip it (its number still counts)
     at_ms: int  # when its fact committed (the transaction's time), ms since the epoch
     packet_id: int
     user_id: int  # the grabber (SHARE_TAKEN), the sender (SENT, SOLD_OUT, REFUNDED), the wallet's owner
@@ -643,6 +643,23 @@ class EventsPage:
         return self.head - self.next_cursor
 
 
+# EVENTS pages are read by the thousand: the table's fixed-width head and
+# row, each as one precompiled struct.
+_EVENTS_LAYOUT = MESSAGES[Op.EVENTS].answer
+_EVENTS_ROWS = _EVENTS_LAYOUT.rows
+assert _EVENTS_ROWS is not None and all(c in FIXED_LETTERS for c in _EVENTS_LAYOUT.head + _EVENTS_ROWS.letters)
+_EVENTS_HEAD = struct.Struct(">" + _EVENTS_LAYOUT.head + _EVENTS_ROWS.count)
+_EVENTS_ROW = struct.Struct(">" + _EVENTS_ROWS.letters)
+_EVENT_KINDS: dict[int, EventKind] = {k.value: k for k in EventKind}
+
+
 def decode_events(body: bytes) -> EventsPage:
-    cursor, head, rows = answer(Op.EVENTS, body)
-    return EventsPage([Event(n, EventKind(k), *rest) for n, k, *rest in rows], cursor, head)
+    cursor, head, n = _EVENTS_HEAD.unpack_from(body, 0)
+    start = _EVENTS_HEAD.size
+    if len(body) != start + n * _EVENTS_ROW.size:
+        raise ValueError(f"EVENTS body of {len(body)} bytes for {n} rows")
+    events = [
+        Event(number, _EVENT_KINDS.get(k, k), *rest)
+        for number, k, *rest in _EVENTS_ROW.iter_unpack(memoryview(body)[start:])
+    ]
+    return EventsPage(events, cursor, head)

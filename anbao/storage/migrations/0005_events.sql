@@ -195,7 +195,10 @@ LANGUAGE sql STABLE AS $$
         SELECT e.first_no + x.ord - 1 AS no, x.kind,
                floor(extract(epoch FROM x.at) * 1000)::bigint AS at_ms,
                x.packet_id, x.user_id, x.seq, x.count, x.amount_cents, x.elapsed_ms
-        FROM (SELECT * FROM event_log WHERE last_no > p_cursor ORDER BY last_no LIMIT p_limit) e
+        -- The rows holding numbers p_cursor + 1 .. p_cursor + p_limit (numbers
+        -- are dense): at most p_limit rows, and only they are expanded.
+        FROM (SELECT * FROM (SELECT * FROM event_log WHERE last_no > p_cursor ORDER BY last_no LIMIT p_limit) w
+              WHERE w.first_no <= p_cursor + p_limit) e
         CROSS JOIN LATERAL (
             SELECT be.* FROM anbao_batch_events(e.batch_id) be WHERE e.batch_id IS NOT NULL
             UNION ALL
