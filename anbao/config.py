@@ -128,7 +128,7 @@ class Limits:
     # events_number_interval_ms (each run is one synchronous commit), and
     # once per events_poll_ms anyway (another process's facts; its LISTEN
     # connection down).
-    events_number_interval_ms: int = 5
+    events_number_interval_ms: int = 20
     events_poll_ms: int = 200
     # Retention: events older than events_retention_ms, and the oldest beyond
     # events_retention_max_events, are pruned every events_prune_interval_ms.
