@@ -444,3 +444,36 @@ async def test_kill_9_postgres_mid_storm_events_match_claims(tmp_path, tokens_fi
         assert report.ok, report.text()
     finally:
         embedded.stop_data_dir(data)
+
+
+async def test_long_poll_on_one_worker_wakes_on_a_commit_on_the_other(serve, fresh_dsn):
+    """Two workers: the poll waits on worker 0, the deposit commits on worker
+    1, whose sequencer numbers it; worker 0 hears the NOTIFY."""
+    from helpers import ADMIN_TOKEN
+    from served import steered_client
+
+    s = serve(workers=2)
+    poller = await steered_client(s.port, ADMIN_TOKEN, 0, 2)
+    writer = await steered_client(s.port, ADMIN_TOKEN, 1, 2)
+    try:
+        assert (await poller.ping(), await writer.ping()) == (0, 1)
+        [user] = await funded_users(writer, 1, 1, 100)
+        head = (await settle_feed(poller, fresh_dsn))[-1].number
+        waits = []
+        for i in range(5):
+            poll = asyncio.ensure_future(poller.events_page(head, wait_ms=10_000))
+            await asyncio.sleep(0.2)
+            assert not poll.done()
+            t0 = time.perf_counter()
+            await writer.deposit(user, 1 + i)
+            page = await poll
+            waits.append((time.perf_counter() - t0) * 1000)
+            assert [e.amount_cents for e in page.events] == [1 + i]
+            head = page.next_cursor
+        print(f"long-poll wake across workers after DEPOSIT's answer: {sorted(round(w, 1) for w in waits)} ms")
+        assert max(waits) < 500
+        assert (await poller.stats())["events_notifications"] > 0
+    finally:
+        await poller.close()
+        await writer.close()
+    assert s.stop() == 0

@@ -160,7 +160,7 @@ class Client:
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, IN_DOUBT_MAX_PAUSE_S)
 
-    async def _call_once(self, build: Build, ok: Collection[int]) -> wire.Response:
+    async def _call_once(self, build: Build, ok: Collection[int], timeout_ms: int | None = None) -> wire.Response:
         if self._closed_error is not None:
             raise self._closed_error
         if self._transport is None:
@@ -170,10 +170,11 @@ class Client:
             fut: asyncio.Future[wire.Response] = asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
             self._transport.write(build(rid))
+            wait_ms = timeout_ms or self.timeout_ms
             try:
-                r = await asyncio.wait_for(fut, self.timeout_ms / 1000)
+                r = await asyncio.wait_for(fut, wait_ms / 1000)
             except TimeoutError:
-                raise RequestTimeout(f"no answer in {self.timeout_ms} ms (request {rid})") from None
+                raise RequestTimeout(f"no answer in {wait_ms} ms (request {rid})") from None
             finally:
                 self._pending.pop(rid, None)
         if r.status not in ok:
@@ -327,19 +328,10 @@ class Client:
         `limit`); with wait_ms, the server waits that long for one when there
         is none yet (a long poll; this request's timeout is extended by it).
         A cursor older than retention raises CursorExpired (`.resume_cursor`)."""
-        if wait_ms and self._address is not None:
-            r = await self._call_with_timeout(lambda rid: wire.events(rid, after, limit, wait_ms), wait_ms)
-        else:
-            r = await self._call(lambda rid: wire.events(rid, after, limit, wait_ms))
+        r = await self._call_once(
+            lambda rid: wire.events(rid, after, limit, wait_ms), (Status.OK,), self.timeout_ms + wait_ms
+        )
         return wire.decode_events(r.body)
-
-    async def _call_with_timeout(self, build: Build, extra_ms: int) -> wire.Response:
-        saved = self.timeout_ms
-        self.timeout_ms = saved + extra_ms
-        try:
-            return await self._call_once(build, (Status.OK,))
-        finally:
-            self.timeout_ms = saved
 
     async def events(
         self, after: int = 0, *, follow: bool = True, limit: int = 1000, wait_ms: int = EVENTS_WAIT_MS
