@@ -267,7 +267,7 @@ async def test_upgrade_idempotency_rows_in_place(pg, tokens_file):
     finally:
         await conn.close()
 
-    assert await migrate_mod.migrate(dsn) == len(migrate_mod.migrations()) == 4
+    assert await migrate_mod.migrate(dsn) == len(migrate_mod.migrations()) == 5  # 0005: the event feed
     report = await audit(dsn)
     assert report.ok, report.text()
     conn = await asyncpg.connect(dsn)

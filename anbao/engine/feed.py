@@ -63,6 +63,7 @@ class EventFeed:
         self._listen_conn: asyncpg.Connection | None = None
         self._last_prune = 0.0
         self._closed = False
+        self._failing = False
 
     # ------------------------------------------------------------ waking
 
@@ -120,16 +121,21 @@ class EventFeed:
             except TimeoutError:
                 pass
             # Batches commit back to back under load: one run per interval
-            # numbers all of them (one more commit per interval, not per batch).
-            pause = last_run + self.number_interval_s - time.monotonic()
-            if pause > 0:
-                await asyncio.sleep(pause)
+            # numbers all of them (one more commit per interval, not per
+            # batch). A poke after a quiet spell runs at once; the polls do
+            # not count as runs for this.
+            poked = self._poke.is_set()
+            if poked:
+                pause = last_run + self.number_interval_s - time.monotonic()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                last_run = time.monotonic()
             self._poke.clear()
-            last_run = time.monotonic()
+            now = time.monotonic()
             try:
                 await self.number_once()
-                if last_run - self._last_prune >= self.prune_interval_s:
-                    self._last_prune = last_run
+                if now - self._last_prune >= self.prune_interval_s:
+                    self._last_prune = now
                     await self.prune_once()
             except asyncio.CancelledError:
                 raise
@@ -138,7 +144,11 @@ class EventFeed:
                 if self._conn is not None:
                     self._conn.terminate()
                     self._conn = None
-                log.warning("event numbering failed: %r", exc)
+                # Once per outage, not once per poll (the worker's probe reports the outage).
+                (log.debug if self._failing else log.warning)("event numbering failed: %r", exc)
+                self._failing = True
+            else:
+                self._failing = False
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
