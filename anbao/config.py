@@ -147,6 +147,25 @@ class Limits:
     # (peer links are exempt). Past it: RATE_LIMITED, nothing done.
     rate_limit_requests_per_s: int = 200_000
     rate_limit_burst_requests: int = 200_000
+    # ---- The event feed (issue 12): EVENTS, its numbering and retention ----
+    # EVENTS answers at most events_max_page rows (a page of 57-byte rows
+    # must fit in a frame) and waits at most events_max_wait_ms for news;
+    # past max_event_waiters long polls waiting on one worker, EVENTS is BUSY
+    # (a waiting poll holds no database connection).
+    events_max_page: int = 1000
+    events_max_wait_ms: int = 60_000
+    max_event_waiters: int = 4096
+    # A worker numbers the events it committed at most once per
+    # events_number_interval_ms (each run is one synchronous commit), and
+    # once per events_poll_ms anyway (another process's facts; its LISTEN
+    # connection down).
+    events_number_interval_ms: int = 20
+    events_poll_ms: int = 200
+    # Retention: events older than events_retention_ms, and the oldest beyond
+    # events_retention_max_events, are pruned every events_prune_interval_ms.
+    events_retention_ms: int = 7 * 86_400_000
+    events_retention_max_events: int = 100_000_000
+    events_prune_interval_ms: int = 1000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -167,6 +186,8 @@ class Limits:
         assert self.daily_send_max_cents >= self.min_share_cents
         assert self.cooldown_refusals >= 2, "one refused grab is no pattern"
         assert self.rate_limit_burst_requests >= 1
+        # A page of EVENTS rows (57 bytes each) must fit in one answer frame.
+        assert self.events_max_page * 57 + 64 <= self.max_frame_bytes and self.events_max_page <= 0xFFFF
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -168,6 +171,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " e.g. a `git archive` of another commit) instead of the installed anbao",
     )
     p.add_argument("--keep-data", action="store_true", help="keep the temporary data directory")
+    p.add_argument(
+        "--follow-events",
+        action="store_true",
+        help="run a consumer process following the event feed (EVENTS long polls) during each anbao load,"
+        " and record how far behind it was when the load ended",
+    )
     p.add_argument("--seed", type=int, default=1, help="seed of the random orders (spread, mixed)")
     args = p.parse_args(argv)
     args.baselines = [b.strip() for b in args.baseline.split(",") if b.strip() and b.strip() != "none"]
@@ -209,6 +218,74 @@ async def _pg_info(dsn: str) -> dict:
         return info
     finally:
         await conn.close()
+
+
+class EventFollower:
+    """A consumer process reading the event feed during the load (bench/follower.py)."""
+
+    def __init__(self, proc: subprocess.Popen, status: Path, after: int):
+        self.proc, self.status, self.after = proc, status, after
+
+    @classmethod
+    async def start(cls, server: AnbaoServer, dsn: str) -> EventFollower:
+        conn = await asyncpg.connect(dsn)
+        try:
+            after = await conn.fetchval("SELECT numbered_through FROM event_feed")
+        finally:
+            await conn.close()
+        status = Path(tempfile.mkdtemp(prefix="anbao-follower-")) / "status.json"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.follower",
+                server.host,
+                str(server.port),
+                server.tokens["app"],
+                str(after),
+                str(status),
+            ],
+        )
+        for _ in range(100):  # bounded: 5 s to connect
+            if status.exists():
+                break
+            await asyncio.sleep(0.05)
+        return cls(proc, status, after)
+
+    def _state(self) -> dict:
+        try:
+            return json.loads(self.status.read_text())
+        except (OSError, ValueError):
+            return {"events": 0, "last": self.after}
+
+    async def finish(self, dsn: str, timeout_s: float = 60) -> dict:
+        """Right after the load: how far behind the feed the follower was,
+        and how long it took to reach every event numbered by then."""
+        t0 = time.monotonic()
+        conn = await asyncpg.connect(dsn)
+        try:
+            at_end = self._state()
+            head = 0
+            while time.monotonic() - t0 < timeout_s:
+                if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM event_log WHERE last_no IS NULL)"):
+                    head = await conn.fetchval("SELECT numbered_through FROM event_feed")
+                    if self._state()["last"] >= head:
+                        break
+                await asyncio.sleep(0.02)
+        finally:
+            await conn.close()
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        done = self._state()
+        return {
+            "events_read": done["events"],
+            "events_behind_at_load_end": max(0, head - at_end["last"]),
+            "caught_up_s": round(time.monotonic() - t0, 3),
+            "caught_up": done["last"] >= head > 0,
+        }
 
 
 class Bench:
@@ -277,6 +354,7 @@ class Bench:
                 console.print(f"[bold]{name}[/]: set up in {plan.setup_s:.1f} s; {plan.attempts:,} attempts")
                 await scenarios.snapshot(plan, dsn)
                 before = server.metrics()
+                follower = await EventFollower.start(server, dsn) if a.follow_events else None
                 cpu_before = server.cpu_s()
                 result = await self.load(
                     target="anbao",
@@ -295,6 +373,9 @@ class Bench:
                     plan.info["server_cpu_us_per_answer"] = {
                         k: round((cpu_after[k] - cpu_before[k]) * 1e6 / answers, 2) for k in cpu_after
                     }
+                if follower is not None:
+                    plan.info["event_follower"] = await follower.finish(dsn)
+                    console.print(f"  event follower: {plan.info['event_follower']}")
                 problems = await scenarios.verify(plan, result, dsn)
                 rec = self.record(result, plan.info, problems, plan.allowed, plan.setup_s)
                 rec["server_metrics"] = metrics_delta(before, server.metrics())

@@ -127,8 +127,34 @@ async def test_cli_demo(anbao):
     assert doc["sold_out_answers"] == 360 and doc["answers_match_database"] and doc["audit_ok"]
     assert len(doc["top"]) == 5 and doc["top"][0] == doc["luckiest"]
     assert doc["top"] == sorted(doc["top"], key=lambda r: (-r["amount_cents"], r["seq"]))
+    # The story told by the event feed alone agrees with the database.
+    story = doc["story"]
+    assert story["matches_database"] and story["sold_out"] and story["shares_taken"] == 40
+    assert story["luckiest"] == doc["luckiest"] and story["taken_cents"] == 88_888
+    assert 0 <= story["sold_out_in_ms"] < 60_000
     rc, text, err = await cli(anbao, "demo", "--members", 100, "--shares", 10, "--fixed", as_json=False)
     assert rc == 0, err
     assert "grabbing, all at once" in text and "who got what" in text and "88.89" in text
     assert "total" in text and "10/10" in text and "audit: OK" in text
+    assert "from the event feed alone" in text and "sold out in" in text and "matches the database" in text
     await anbao.assert_audit_clean()
+
+
+async def test_cli_events(anbao):
+    """`anbao events`: the feed as one JSON document, as text, and followed
+    (--follow --max N ends after N events, one JSON object a line)."""
+    admin = await anbao.client("admin")
+    (user,) = await funded_users(admin, 1, 1, 1_234)
+    follow = asyncio.ensure_future(cli(anbao, "events", "--after", 1, "--follow", "--max", 1, as_json=False))
+    await asyncio.sleep(0.5)
+    await admin.withdraw(user, 34)
+    for _ in range(100):  # bounded: the first event is numbered within milliseconds
+        code, doc, _ = await cli(anbao, "events")
+        if doc["events"]:
+            break
+        await asyncio.sleep(0.05)
+    assert code == 0 and doc["events"][0]["kind"] == "DEPOSIT" and doc["events"][0]["amount_cents"] == 1_234
+    code, text, _ = await cli(anbao, "events", "--after", 1, as_json=False)
+    assert code == 0 and "withdrawal of" in text and "#2" in text
+    code, text, _ = await asyncio.wait_for(follow, 30)
+    assert code == 0 and "withdrawal of" in text

@@ -80,6 +80,8 @@ def test_response_vector(vec):
             worker,
             *[_tuplify(f) if isinstance(f, list) and f and isinstance(f[0], list) else f for f in fields],
         )
+    elif fn == "error":  # an error whose body carries fields after its message (ERROR_TAILS)
+        encoded = answers.error(*args)
     else:
         encoded = getattr(codec, fn)(*args)
     assert encoded == raw, "server encoder disagrees with the document"
@@ -105,6 +107,8 @@ def test_response_vector(vec):
         assert {k: getattr(t, k) for k in want["topology"]} == want["topology"]
     if "message" in want:
         assert wire.error_message(r.body) == want["message"]
+    if "error_fields" in want:
+        assert wire.error_fields(r.status, r.body) == want["error_fields"]
     if "sent" in want:
         assert dataclasses.asdict(wire.decode_sent(r.body)) == want["sent"]
     if "decoded" in want:

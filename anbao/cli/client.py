@@ -93,6 +93,8 @@ def _client_command(run):
 
         try:
             return asyncio.run(main())
+        except KeyboardInterrupt:  # `anbao events --follow` stops so
+            return 0
         except AnbaoError as exc:
             name = exc.status.name
             out.done({"error": name, "status": int(exc.status), "message": exc.message})
@@ -385,6 +387,67 @@ async def run_group(c, args, out):
         )
 
 
+def _event_doc(e) -> dict:
+    return {
+        "number": e.number,
+        "kind": getattr(e.kind, "name", str(e.kind)),
+        "at_ms": e.at_ms,
+        "packet_id": e.packet_id,
+        "user_id": e.user_id,
+        "seq": e.seq,
+        "count": e.count,
+        "amount_cents": e.amount_cents,
+        "elapsed_ms": e.elapsed_ms,
+    }
+
+
+def _event_text(e) -> str:
+    from anbao_client import EventKind as K
+
+    when = _ms_text(e.at_ms)
+    what = {
+        K.SENT: f"packet {e.packet_id} sent by user {e.user_id}: {yuan(e.amount_cents)} in {e.count} shares",
+        K.SHARE_TAKEN: f"user {e.user_id} took share {e.seq}/{e.count} of packet {e.packet_id}: {yuan(e.amount_cents)}",
+        K.SOLD_OUT: f"packet {e.packet_id} sold out: {e.count} shares in {e.elapsed_ms} ms",
+        K.REFUNDED: f"packet {e.packet_id} expired: {yuan(e.amount_cents)} back to user {e.user_id}"
+        f" ({e.seq}/{e.count} shares claimed)",
+        K.DEPOSIT: f"deposit of {yuan(e.amount_cents)} to user {e.user_id}",
+        K.WITHDRAWAL: f"withdrawal of {yuan(e.amount_cents)} by user {e.user_id}",
+    }.get(e.kind, f"kind {int(e.kind)} packet {e.packet_id} user {e.user_id} {e.amount_cents} cents")
+    return f"#{e.number:<8} {when}  {what}"
+
+
+async def run_events(c, args, out):
+    """The feed after --after; with --follow, forever (Ctrl-C stops it): one
+    line per event, or with --json one JSON object per line (follow) or one
+    document (not following)."""
+    if not args.follow:
+        events = []
+        async for e in c.events(after=args.after, follow=False):
+            events.append(e)
+            if args.max and len(events) >= args.max:
+                break
+        cursor = events[-1].number if events else args.after
+        out.done(
+            {"events": [_event_doc(e) for e in events], "next_cursor": cursor},
+            [_event_text(e) for e in events] or f"no events after {args.after}",
+        )
+        return 0
+    n = 0
+    try:
+        async for e in c.events(after=args.after):
+            if out.json:
+                print(json.dumps(_event_doc(e)), flush=True)
+            else:
+                out.console.print(_event_text(e))
+            n += 1
+            if args.max and n >= args.max:
+                break
+    except asyncio.CancelledError:
+        pass
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ..demo import run_demo
 
@@ -478,6 +541,10 @@ def _add_query_commands(client) -> None:
     p.add_argument("user", type=int)
     p = _paged(client("received", "shares a user grabbed, newest first", run_received))
     p.add_argument("user", type=int)
+    p = client("events", "the event feed: every money fact, numbered (see PROTOCOL.md)", run_events)
+    p.add_argument("--after", type=int, default=0, help="the last event number already seen (default 0)")
+    p.add_argument("--follow", action="store_true", help="wait for new events (long poll) until Ctrl-C")
+    p.add_argument("--max", type=int, default=0, help="stop after this many events (default: no limit)")
 
 
 def _add_group_commands(sub, client) -> None:

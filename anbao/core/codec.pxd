@@ -35,6 +35,7 @@ cdef enum:
     C_OP_GROUP_INFO = 0x33
     C_OP_TOPOLOGY = 0x50
     C_OP_STATS = 0x51
+    C_OP_EVENTS = 0x60
 
 cdef enum:
     S_OK = 0

@@ -33,7 +33,7 @@ C_OPS = {
     "SEND": C_OP_SEND, "GRAB": C_OP_GRAB, "PACKET": C_OP_PACKET, "SENT_LIST": C_OP_SENT_LIST,
     "RECEIVED_LIST": C_OP_RECEIVED_LIST, "GROUP_CREATE": C_OP_GROUP_CREATE, "GROUP_ADD": C_OP_GROUP_ADD,
     "GROUP_REMOVE": C_OP_GROUP_REMOVE, "GROUP_INFO": C_OP_GROUP_INFO, "TOPOLOGY": C_OP_TOPOLOGY,
-    "STATS": C_OP_STATS,
+    "STATS": C_OP_STATS, "EVENTS": C_OP_EVENTS,
 }
 C_STATUSES = {
     "OK": S_OK, "SOLD_OUT": S_SOLD_OUT, "ALREADY_CLAIMED": S_ALREADY_CLAIMED, "EXPIRED": S_EXPIRED,
@@ -228,6 +228,8 @@ cdef tuple decode_payload(int opcode, const unsigned char* p, Py_ssize_t start, 
         out = (group, take_ids(&c, n, "user_id"))
     elif opcode == C_OP_GROUP_INFO:
         out = (take_id(&c, "group_id"), take_cursor(&c), take_u16(&c))
+    elif opcode == C_OP_EVENTS:
+        out = (take_cursor(&c), take_u16(&c), take_u32(&c))
     else:
         raise BadRequest(S_UNKNOWN_OPCODE, "unknown opcode 0x%02x" % opcode)
     done(&c)

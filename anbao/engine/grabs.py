@@ -134,6 +134,7 @@ class GrabEngine:
         self._idle.set()
         self.on_adopt: Callable[[packets.PacketState], None] | None = None  # admission seeds its counter
         self.on_commit: Callable[[int, float], None] | None = None  # (grabs, seconds): metrics
+        self.on_facts: Callable[[], None] | None = None  # grabs or refunds committed: their events need numbers
         self._expiring: dict[int, asyncio.Future] = {}  # packet id -> its refund, until committed
         self.refunds_committed = 0
         self.refunds_failed = 0
@@ -351,6 +352,8 @@ class GrabEngine:
             if not isinstance(exc, Exception):
                 raise
             return
+        if self.on_facts is not None and any(now for _, now in done.values()):
+            self.on_facts()
         for pid in packet_ids:
             refunded, refunded_now = done[pid]
             self.refunds_committed += refunded_now
@@ -478,6 +481,8 @@ class GrabEngine:
             self.committed_grabs += len(batch)
             if self.roller is not None and len(batch):
                 self.roller.committed(len(batch))
+            if self.on_facts is not None and len(batch):
+                self.on_facts()
             batch.answer_committed(wid)
             return True
         failed = batch.replies()

@@ -7,11 +7,12 @@ from typing import Any
 
 from anbao_client import wire
 from anbao_client.protocol import (
+    ERROR_TAILS,
     LENGTH_BYTES,
+    MAX_ERROR_MESSAGE_BYTES,
     MESSAGES,
     RESPONSE_BIT,
     RESPONSE_HEADER_BYTES,
-    WRONG_SET_BODY,
     Op,
     Status,
 )
@@ -36,13 +37,22 @@ def ok(op: Op, rid: int, worker_id: int, *values: Any) -> bytes:
     return codec.encode_list(op, rid, worker_id, head, tuple(fixed), row_letters, list(rows))
 
 
-def wrong_set(op: int, rid: int, worker_id: int, message: str, set_id: int, host: str, port: int) -> bytes:
-    """The typed redirect (status WRONG_SET, body WRONG_SET_BODY): the set that
-    holds the request's user or packet, and where its workers listen."""
-    body = wire.pack(WRONG_SET_BODY, (message, set_id, host, port))
-    return (
-        wire.RESPONSE_HEADER.pack(
-            RESPONSE_HEADER_BYTES - LENGTH_BYTES + len(body), op | RESPONSE_BIT, rid, Status.WRONG_SET, worker_id
-        )
-        + body
+def error(op: int, rid: int, worker_id: int, status: Status, message: str, *tail: Any) -> bytes:
+    """An error answer; for a status whose body carries fields after its
+    message (the table's ERROR_TAILS), those fields too, laid out by it."""
+    layout = ERROR_TAILS.get(status)
+    if layout is None:
+        assert not tail
+        return codec.encode_error(op, rid, status, worker_id, message)
+    text = message.encode("utf-8")[:MAX_ERROR_MESSAGE_BYTES].decode("utf-8", "ignore")
+    body = wire.pack(layout, (text, *tail))
+    head = wire.RESPONSE_HEADER.pack(
+        RESPONSE_HEADER_BYTES - LENGTH_BYTES + len(body), op | RESPONSE_BIT, rid, status, worker_id
     )
+    return head + body
+
+
+def wrong_set(op: int, rid: int, worker_id: int, message: str, set_id: int, host: str, port: int) -> bytes:
+    """The typed redirect (status WRONG_SET): the set that holds the
+    request's user or packet, and where its workers listen."""
+    return error(op, rid, worker_id, Status.WRONG_SET, message, set_id, host, port)

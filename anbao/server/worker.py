@@ -24,6 +24,7 @@ from ..auth import TokenBook
 from ..config import Limits, Settings
 from ..engine.cooldown import Cooldown
 from ..engine.expiry import ExpirySweeper
+from ..engine.feed import EventFeed
 from ..engine.grabs import GrabEngine
 from ..metrics import Sample
 from ..storage.commit import GrabCommitter, Roller
@@ -83,6 +84,7 @@ class Worker:
         self.engine: GrabEngine | None = None
         self.roller: Roller | None = None
         self.expiry: ExpirySweeper | None = None
+        self.feed: EventFeed | None = None
         self.dispatcher: Dispatcher | None = None
         self.rate_limits = RateLimits(self.limits.rate_limit_requests_per_s, self.limits.rate_limit_burst_requests)
         self.port: int | None = None
@@ -123,6 +125,16 @@ class Worker:
                 lim.cooldown_refusals, lim.cooldown_window_ms, lim.cooldown_ms, lim.cooldown_max_users_tracked
             ),
         )
+        self.feed = EventFeed(
+            self.dsn,
+            number_interval_ms=lim.events_number_interval_ms,
+            poll_ms=lim.events_poll_ms,
+            prune_interval_ms=lim.events_prune_interval_ms,
+            retention_ms=lim.events_retention_ms,
+            retention_max_events=lim.events_retention_max_events,
+            max_waiters=lim.max_event_waiters,
+        )
+        self.engine.on_facts = self.feed.poke
         peers = {}
         if self.worker_count > 1:
             assert self.peer_dir is not None and self.peer_token is not None
@@ -168,6 +180,7 @@ class Worker:
             self.engine,
             routing.shards_of(self.worker_id, self.worker_count),
             self.stats,
+            self.feed,
         )
         gate = None
         if self.settings.topology_file is not None:
@@ -203,6 +216,8 @@ class Worker:
             "db_watch": loop.create_task(self._watch_database()),
             "expiry": loop.create_task(self.expiry.run()),
             "roller": loop.create_task(self.roller.run()),
+            "feed": loop.create_task(self.feed.run()),
+            "feed_listen": loop.create_task(self.feed.listen()),
         }
         log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
 
@@ -251,6 +266,8 @@ class Worker:
                 await asyncio.wait_for(self.engine.drain(), drain_timeout_s)
             except TimeoutError:
                 log.error("drain timed out with %d grabs queued", self.engine.queued_grabs)
+        if self.feed is not None:
+            self.feed.release_waiters()  # long polls answer now, with what there is
         if self.dispatcher is not None:
             await self.dispatcher.drain(drain_timeout_s)
         if self.router is not None and not await self.router.relays_answered(drain_timeout_s):
@@ -270,6 +287,11 @@ class Worker:
         await self._cancel("roller")
         if self.roller is not None:
             await self.roller.close()
+        # Events committed and not numbered yet are numbered by the next run, anywhere.
+        await self._cancel("feed")
+        await self._cancel("feed_listen")
+        if self.feed is not None:
+            await self.feed.close()
         if self.engine is not None:
             await self.engine.committer.close()
         if self.ledger is not None:
@@ -337,6 +359,7 @@ class Worker:
             "admission_errors": getattr(self.permits, "errors", 0),
             "admission_last_error": getattr(self.permits, "last_error", ""),
             **r.stats,
+            **(self.feed.stats() if self.feed is not None else {}),
             **self.db.stats(),
             **r.link_stats(),
         }

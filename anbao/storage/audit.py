@@ -181,6 +181,43 @@ CHECKS: list[tuple[str, str]] = [
         """SELECT c.packet_id, c.seq, c.amount_cents, p.max_share_cents
         FROM claims_all c JOIN packets p USING (packet_id)
         WHERE p.max_share_cents > 0 AND c.amount_cents > p.max_share_cents""",
+    # The event feed (migration 0005): facts and events agree, both ways.
+    # Facts older than the newest pruned event (event_feed.pruned_at) may
+    # have lost their events to retention.
+    (
+        "every deposit, withdrawal, send and refund has its event",
+        f"""SELECT t.transfer_id, t.kind FROM transfers t
+        WHERE t.kind IN ({T.DEPOSIT:d}, {T.WITHDRAW:d}, {T.SEND:d}, {T.REFUND:d})
+          AND t.created_at > (SELECT pruned_at FROM event_feed)
+          AND NOT EXISTS (SELECT 1 FROM event_log e WHERE e.transfer_id = t.transfer_id)""",
+    ),
+    (
+        "every grab batch has its event (so every claim its share-taken event)",
+        """SELECT b.batch_id FROM (SELECT batch_id, min(created_at) AS at FROM claims_all GROUP BY 1) b
+        WHERE b.at > (SELECT pruned_at FROM event_feed)
+          AND NOT EXISTS (SELECT 1 FROM event_log e WHERE e.batch_id = b.batch_id)""",
+    ),
+    (
+        "no event without its fact",
+        """SELECT e.id, e.kind, e.transfer_id, e.batch_id FROM event_log e
+        WHERE (e.transfer_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.transfer_id = e.transfer_id))
+           OR (e.batch_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM claims c WHERE c.batch_id = e.batch_id)
+                                      AND NOT EXISTS (SELECT 1 FROM grab_rollups r WHERE r.batch_id = e.batch_id))
+           OR (e.batch_id IS NULL AND e.transfer_id IS NULL)""",
+    ),
+    (
+        "events are numbered 1..n without gap or repeat, a batch as many as its events",
+        """SELECT e.id, e.first_no, e.last_no, e.prev_last FROM (
+            SELECT id, first_no, last_no, batch_id,
+                   lag(last_no, 1, (SELECT pruned_through FROM event_feed)) OVER (ORDER BY last_no) AS prev_last
+            FROM event_log WHERE last_no IS NOT NULL) e
+        WHERE e.first_no <> e.prev_last + 1
+           OR e.last_no - e.first_no + 1 <> CASE WHEN e.batch_id IS NULL THEN 1
+                                                 ELSE (SELECT count(*) FROM anbao_batch_events(e.batch_id)) END
+           OR e.last_no > (SELECT numbered_through FROM event_feed)
+        UNION ALL
+        SELECT NULL, NULL, f.numbered_through, NULL FROM event_feed f
+        WHERE f.numbered_through <> COALESCE((SELECT max(last_no) FROM event_log), f.pruned_through)""",
     ),
 ]
 
@@ -251,6 +288,9 @@ async def audit(dsn: str, refund_grace_ms: int | None = None) -> AuditReport:
                 ("refunded_packets", f"SELECT count(*) FROM packets WHERE status = {P.REFUNDED:d}"),
                 ("refunded_cents", "SELECT COALESCE(sum(refunded_cents), 0)::bigint FROM packets"),
                 ("groups", "SELECT count(*) FROM groups"),
+                ("events_numbered", "SELECT numbered_through FROM event_feed"),
+                ("events_pruned", "SELECT pruned_through FROM event_feed"),
+                ("event_rows_unnumbered", "SELECT count(*) FROM event_log WHERE last_no IS NULL"),
             ]:
                 report.counts[name] = await conn.fetchval(sql)
             for name, sql in CHECKS:

@@ -52,9 +52,14 @@ CONNECT_ERRORS = (
 # The batch in one row: the durable record of its grabs, and what the
 # roll-up will consume. One round trip, no row shared by two batches, and
 # no index entry per grab.
+# The same statement writes the batch's one event row (migration 0005): its
+# share-taken and sold-out events, expanded when read. A CTE, not a trigger:
+# no PL/pgSQL call on the hot path.
 _INSERT_BATCH = (
-    "/* anbao_commit_grabs */ INSERT INTO grab_rollups (batch_id, worker_id, packet_ids, packets, seqs, users,"
-    " amounts) VALUES ($1, $2, $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[])"
+    "/* anbao_commit_grabs */ WITH b AS (INSERT INTO grab_rollups (batch_id, worker_id, packet_ids, packets, seqs,"
+    " users, amounts) VALUES ($1, $2, $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[])"
+    " RETURNING batch_id, committed_at)"
+    " INSERT INTO event_log (kind, batch_id, at) SELECT 0, batch_id, committed_at FROM b"
 )
 _ROLLUP = "SELECT anbao_rollup($1, $2, $3::bigint[], $4::smallint, $5::smallint)"
 

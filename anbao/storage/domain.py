@@ -111,3 +111,27 @@ class PacketRecord:
     claims: list[tuple[int, int, int]]
     closed: bool
     max_share_cents: int = 0
+
+
+class EventKind(enum.IntEnum):
+    """What an event of the feed records (event_log.kind, migration 0005)."""
+
+    SENT = 1  # a packet sent: user = sender, amount = total, count = shares
+    SHARE_TAKEN = 2  # a share grabbed: user = grabber, seq, amount; count = the packet's shares
+    SOLD_OUT = 3  # the packet's last share taken: user = sender, amount = total, elapsed_ms since sending
+    REFUNDED = 4  # expired, remainder back to the sender: amount = refunded, seq = shares claimed
+    DEPOSIT = 5  # money in: user, amount
+    WITHDRAWAL = 6  # money out: user, amount
+    CROSS_SET_CREDIT = 7  # reserved for sets (issue 11)
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """What EVENTS reads, in one snapshot: events after the cursor (tuples in
+    the feed's row order: number, kind, at_ms, packet_id, user_id, seq,
+    count, amount_cents, elapsed_ms), the last number given and the oldest
+    valid cursor."""
+
+    events: list[tuple]
+    head: int
+    pruned_through: int

@@ -6,6 +6,7 @@ off the grab path. Each job lives in its own module and is mixed in here:
     packets.py      SEND, a packet's durable state, PACKET, expiry
     history.py      statements, sent packets, received shares
     groups.py       groups and their members
+    events.py       the event feed: reading it (numbering and pruning run in engine/feed.py)
 
 (The grab path's own writes, the batch commit and the roll-up, are in
 commit.py.) Nothing here keeps state between calls; the server's in-memory
@@ -18,7 +19,8 @@ from __future__ import annotations
 import asyncpg
 
 from .accounts import Accounts
-from .domain import Refused
+from .domain import EventPage, Refused
+from .events import read_events
 from .groups import Groups
 from .history import History
 from .idempotency import Idempotency, StoredAnswer
@@ -35,6 +37,10 @@ class Ledger(Idempotency, Accounts, Packets, History, Groups):
     async def open(cls, dsn: str, pool_size: int) -> Ledger:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
         return cls(pool)
+
+    async def events(self, cursor: int, limit: int) -> EventPage:
+        async with self.pool.acquire() as conn:
+            return await read_events(conn, cursor, limit)
 
     async def close(self) -> None:
         await self.pool.close()

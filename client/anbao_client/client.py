@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import ssl as ssl_module
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any
 
 from . import wire
@@ -22,7 +22,6 @@ from .errors import (
     RateLimited,
     RequestTimeout,
     Unavailable,
-    WrongSet,
     error_for,
 )
 from .protocol import NO_OPCODE, OPCODE_OFFSET
@@ -32,6 +31,9 @@ DEFAULT_TIMEOUT_MS = 10_000
 MAX_INFLIGHT_DEFAULT = 4096
 IN_DOUBT_FIRST_PAUSE_S = 0.05  # then doubling, up to the next
 IN_DOUBT_MAX_PAUSE_S = 0.5
+EVENTS_WAIT_MS = 30_000  # how long one EVENTS long poll waits for news
+EVENTS_RECONNECT_FIRST_PAUSE_S = 0.05  # then doubling, up to the next
+EVENTS_RECONNECT_MAX_PAUSE_S = 2.0
 
 # `build` functions: a request id in, the whole request frame out.
 Build = Callable[[int], bytes]
@@ -73,6 +75,8 @@ class Client:
         self._closed_error: Exception | None = None
         self._slots = asyncio.Semaphore(max_inflight)
         self.hello: wire.Hello | None = None
+        # How to open another connection like this one (events() follows on its own).
+        self._address: tuple[str, int, bytes, ssl_module.SSLContext | None] | None = None
 
     @classmethod
     async def connect(
@@ -98,6 +102,7 @@ class Client:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         token_bytes = token.encode() if isinstance(token, str) else token
+        self._address = (host, port, token_bytes, ssl)
         r = await self._call(lambda rid: wire.hello(rid, token_bytes))
         self.hello = wire.decode_hello(r.body)
         return self
@@ -157,7 +162,7 @@ class Client:
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, IN_DOUBT_MAX_PAUSE_S)
 
-    async def _call_once(self, build: Build, ok: Collection[int]) -> wire.Response:
+    async def _call_once(self, build: Build, ok: Collection[int], timeout_ms: int | None = None) -> wire.Response:
         if self._closed_error is not None:
             raise self._closed_error
         if self._transport is None:
@@ -168,10 +173,11 @@ class Client:
             self._pending[rid] = fut
             request = build(rid)
             self._transport.write(request)
+            wait_ms = timeout_ms or self.timeout_ms
             try:
-                r = await asyncio.wait_for(fut, self.timeout_ms / 1000)
+                r = await asyncio.wait_for(fut, wait_ms / 1000)
             except TimeoutError:
-                raise RequestTimeout(f"no answer in {self.timeout_ms} ms (request {rid})") from None
+                raise RequestTimeout(f"no answer in {wait_ms} ms (request {rid})") from None
             finally:
                 self._pending.pop(rid, None)
         if r.opcode != request[OPCODE_OFFSET] and r.opcode != NO_OPCODE:
@@ -183,12 +189,7 @@ class Client:
                 self._transport.close()
             raise lost
         if r.status not in ok:
-            err = error_for(r.status, wire.error_message(r.body), r.worker_id)
-            if isinstance(err, WrongSet):
-                redirect = wire.wrong_set(r.body)
-                if redirect is not None:
-                    _, err.set_id, err.host, err.port = redirect
-            raise err
+            raise error_for(r.status, wire.error_message(r.body), r.worker_id, **wire.error_fields(r.status, r.body))
         return r
 
     def _deliver(self, r: wire.Response) -> None:
@@ -330,3 +331,57 @@ class Client:
     async def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
         r = await self._call(lambda rid: wire.packet(rid, packet_id, claims_offset, claims_limit))
         return wire.decode_packet(r.body)
+
+    # ------------------------------------------------------------ the event feed
+
+    async def events_page(self, after: int = 0, *, limit: int = 1000, wait_ms: int = 0) -> wire.EventsPage:
+        """One EVENTS request: the events numbered after `after` (at most
+        `limit`); with wait_ms, the server waits that long for one when there
+        is none yet (a long poll; this request's timeout is extended by it).
+        A cursor older than retention raises CursorExpired (`.resume_cursor`)."""
+        r = await self._call_once(
+            lambda rid: wire.events(rid, after, limit, wait_ms), (Status.OK,), self.timeout_ms + wait_ms
+        )
+        return wire.decode_events(r.body)
+
+    async def events(
+        self, after: int = 0, *, follow: bool = True, limit: int = 1000, wait_ms: int = EVENTS_WAIT_MS
+    ) -> AsyncIterator[wire.Event]:
+        """Every event numbered after `after`, in order, each once:
+        `async for event in client.events(after=cursor)`. With follow (the
+        default) it never ends: it long-polls for new events. Without, it
+        ends at the head of the feed.
+
+        It reads on a connection of its own and survives its loss: after
+        ConnectionLost, a timeout, BUSY or UNAVAILABLE it reconnects (pausing
+        a little longer each time) and resumes from the last event it
+        yielded. Keep `event.number` as your cursor. CursorExpired (the
+        events after your cursor were pruned: see `.resume_cursor`) is
+        raised, never skipped silently."""
+        assert self._address is not None, "events() needs a client made by connect()"
+        host, port, token, ssl = self._address
+        cursor = after
+        conn: Client | None = None
+        pause_s = EVENTS_RECONNECT_FIRST_PAUSE_S
+        try:
+            while True:
+                try:
+                    if conn is None:
+                        conn = await Client.connect(host, port, token, timeout_ms=self.timeout_ms, ssl=ssl)
+                    page = await conn.events_page(cursor, limit=limit, wait_ms=wait_ms if follow else 0)
+                except (ConnectionLost, RequestTimeout, Busy, Unavailable, OSError, TimeoutError):
+                    if conn is not None:
+                        await conn.close()
+                        conn = None
+                    await asyncio.sleep(pause_s)
+                    pause_s = min(pause_s * 2, EVENTS_RECONNECT_MAX_PAUSE_S)
+                    continue
+                pause_s = EVENTS_RECONNECT_FIRST_PAUSE_S
+                for event in page.events:
+                    cursor = event.number
+                    yield event
+                if not page.events and not follow:
+                    return
+        finally:
+            if conn is not None:
+                await conn.close()

@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import ssl as ssl_module
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from . import wire
-from .client import DEFAULT_TIMEOUT_MS, MAX_INFLIGHT_DEFAULT, Client
+from .client import DEFAULT_TIMEOUT_MS, EVENTS_WAIT_MS, MAX_INFLIGHT_DEFAULT, Client
 from .routing import local_port_for, owner_of
 
 PORT_ATTEMPTS = 20
@@ -132,6 +132,15 @@ class Cluster:
         )
 
     # ------------------------------------------------------------ everything else: the first connection
+
+    async def events_page(self, after: int = 0, *, limit: int = 1000, wait_ms: int = 0) -> wire.EventsPage:
+        return await self.clients[0].events_page(after, limit=limit, wait_ms=wait_ms)
+
+    def events(
+        self, after: int = 0, *, follow: bool = True, limit: int = 1000, wait_ms: int = EVENTS_WAIT_MS
+    ) -> AsyncIterator[wire.Event]:
+        """The event feed (Client.events), read on a connection of its own."""
+        return self.clients[0].events(after, follow=follow, limit=limit, wait_ms=wait_ms)
 
     async def ping(self) -> int:
         return await self.clients[0].ping()

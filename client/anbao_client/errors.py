@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from .wire import Grabbed, Status
 
 
@@ -147,6 +149,13 @@ class RateLimited(AnbaoError):
 
     status = Status.RATE_LIMITED
     retryable = True
+class CursorExpired(AnbaoError):
+    """EVENTS: the cursor is older than the feed's retention; the events
+    after it are gone. `resume_cursor` is the oldest cursor still valid
+    (the events after it are all there)."""
+
+    status = Status.CURSOR_EXPIRED
+    resume_cursor: int = 0
 
 
 class Internal(AnbaoError):
@@ -168,6 +177,11 @@ BY_STATUS: dict[int, type[AnbaoError]] = {cls.status: cls for cls in AnbaoError.
 BY_STATUS[Status.INTERNAL] = Internal
 
 
-def error_for(status: int, message: str, worker_id: int | None = None) -> AnbaoError:
+def error_for(status: int, message: str, worker_id: int | None = None, **fields: Any) -> AnbaoError:
+    """The typed error of a status; `fields` are its body's fields after the
+    message (wire.error_fields), set as attributes."""
     cls = BY_STATUS.get(status, AnbaoError)
-    return cls(message, worker_id=worker_id)
+    err = cls(message, worker_id=worker_id)
+    for name, value in fields.items():
+        setattr(err, name, value)
+    return err

@@ -52,6 +52,7 @@ MAX_GREETING_BYTES = 256
 MAX_GROUP_NAME_BYTES = 128
 MAX_CLAIMS_PAGE = 1000
 MAX_ERROR_MESSAGE_BYTES = 1024
+MAX_EVENTS_PAGE = 1000  # EVENTS rows per answer (57 bytes each: a page fits in the default frame)
 
 # ---------------------------------------------------------------- enums
 
@@ -76,6 +77,7 @@ class Op(enum.IntEnum):
     GROUP_INFO = 0x33
     TOPOLOGY = 0x50
     STATS = 0x51
+    EVENTS = 0x60  # the event feed (long poll)
 
 
 class Status(enum.IntEnum):
@@ -98,7 +100,7 @@ class Status(enum.IntEnum):
     FRAME_TOO_LARGE = 16
     UNKNOWN_GROUP = 17
     IN_DOUBT = 18  # the request may have been applied: a retry (same key) is safe
-    # 19: taken by the event feed (issue 12)
+    CURSOR_EXPIRED = 19  # EVENTS: the cursor is older than retention; the body says where to resume
     # Limits of a payment product (PROTOCOL.md "Limits"); each names its limit.
     SHARE_ABOVE_MAX = 20  # SEND: a share would exceed the maximum per share
     DAILY_SEND_AMOUNT_CAP = 21  # SEND: the sender's cents sent this UTC day would pass the cap
@@ -142,6 +144,19 @@ class TransferKind(enum.IntEnum):
     REFUND = 5  # escrow -> sender's wallet, the remainder after expiry
     CROSS_OUT = 6  # escrow -> the grabber's home set (a grab by a user of another set)
     CROSS_IN = 7  # another set's grab, credited to this wallet (or to suspense)
+
+
+class EventKind(enum.IntEnum):
+    """What an EVENTS row records; every row has every field, 0 where it
+    does not apply (PROTOCOL.md, EVENTS)."""
+
+    SENT = 1  # packet sent: user = sender, amount = total, count = shares
+    SHARE_TAKEN = 2  # share grabbed: user = grabber, seq, amount; count = the packet's shares
+    SOLD_OUT = 3  # last share taken: user = sender, amount = total, seq = count = shares, elapsed_ms since SENT
+    REFUNDED = 4  # expired, remainder back to the sender: user = sender, amount = refunded, seq = shares claimed
+    DEPOSIT = 5  # money in: user, amount
+    WITHDRAWAL = 6  # money out: user, amount
+    CROSS_SET_CREDIT = 7  # reserved for sets
 
 
 class Steering(enum.IntEnum):
@@ -217,10 +232,16 @@ class Message:
     doc: str = field(default="", compare=False)
 
 
-ERROR = layout(message="t")  # the body of every answer whose status is not OK (but WRONG_SET)
+
+ERROR = layout(message="t")  # the body of every answer whose status is not OK
 # WRONG_SET, the typed redirect: ERROR's message, then the set that holds the
 # request's user or packet and where that set's workers listen (PROTOCOL.md).
 WRONG_SET_BODY = layout(message="t", set_id="H", host="t", port="H")
+# Statuses whose error body carries more after the message, at its end.
+ERROR_TAILS: dict[Status, Layout] = {
+    Status.CURSOR_EXPIRED: layout(message="t", resume_cursor="Q"),  # the oldest cursor still valid
+    Status.WRONG_SET: WRONG_SET_BODY,
+}
 
 _PAGE = layout(user_id="Q", cursor="Q", limit="H")
 _IDS16 = rows("H", user_id="Q")
@@ -365,6 +386,27 @@ MESSAGES: dict[Op, Message] = {
             layout(worker_count="H", shard_count="H", steering="B", set_id="H"),
         ),
         Message(Op.STATS, EMPTY, layout(document="j")),
+        Message(
+            Op.EVENTS,
+            layout(cursor="Q", limit="H", wait_ms="I"),
+            layout(
+                next_cursor="Q",
+                head="Q",
+                events=rows(
+                    "H",
+                    number="Q",
+                    kind="B",
+                    at_ms="q",
+                    packet_id="Q",
+                    user_id="Q",
+                    seq="I",
+                    count="I",
+                    amount_cents="q",
+                    elapsed_ms="q",
+                ),
+            ),
+            doc="the events numbered after the cursor; waits up to wait_ms for one",
+        ),
     )
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl as ssl_module
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
 from . import wire
@@ -149,3 +149,18 @@ class SyncClient:
 
     def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
         return self._run(self._client.packet(packet_id, claims_offset=claims_offset, claims_limit=claims_limit))
+
+    def events_page(self, after: int = 0, *, limit: int = 1000, wait_ms: int = 0) -> wire.EventsPage:
+        """One EVENTS request (see Client.events_page)."""
+        return self._run(self._client.events_page(after, limit=limit, wait_ms=wait_ms))
+
+    def events(self, after: int = 0, *, limit: int = 1000) -> Iterator[wire.Event]:
+        """Every event numbered after `after`, up to the feed's head (no
+        following: a synchronous caller loops on it with the last number)."""
+        cursor = after
+        while True:
+            page = self.events_page(cursor, limit=limit)
+            yield from page.events
+            if not page.events:
+                return
+            cursor = page.next_cursor

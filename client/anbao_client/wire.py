@@ -17,6 +17,7 @@ from typing import Any
 from .protocol import (
     DEFAULT_MAX_FRAME_BYTES,
     ERROR,
+    ERROR_TAILS,
     FIXED_LETTERS,
     HEADER_BYTES,
     IDEMPOTENCY_KEY_BYTES,
@@ -28,6 +29,7 @@ from .protocol import (
     RESPONSE_HEADER_BYTES,
     WRONG_SET_BODY,
     Audience,
+    EventKind,
     Layout,
     Mode,
     Op,
@@ -44,6 +46,7 @@ __all__ = [
     "MAX_ID",
     "PROTOCOL_VERSION",
     "Audience",
+    "EventKind",
     "Mode",
     "Op",
     "PacketStatus",
@@ -266,6 +269,10 @@ def packet(request_id: int, packet_id: int, claims_offset: int = 0, claims_limit
     return request(Op.PACKET, request_id, packet_id, claims_offset, claims_limit)
 
 
+def events(request_id: int, cursor: int = 0, limit: int = 1000, wait_ms: int = 0) -> bytes:
+    return request(Op.EVENTS, request_id, cursor, limit, wait_ms)
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -316,8 +323,11 @@ def error_message(body: bytes) -> str:
     try:
         (message,) = unpack(ERROR, body)
     except (ValueError, struct.error, UnicodeDecodeError):
-        redirect = wrong_set(body)
-        return redirect[0] if redirect else body[2:].decode("utf-8", "replace")
+        try:  # an error body may carry more after its message (ERROR_TAILS)
+            (n,) = _U16.unpack_from(body, 0)
+            return body[2 : 2 + n].decode("utf-8", "replace")
+        except struct.error:
+            return body[2:].decode("utf-8", "replace")
     return str(message)
 
 
@@ -328,6 +338,19 @@ def wrong_set(body: bytes) -> tuple[str, int, str, int] | None:
     except (ValueError, struct.error, UnicodeDecodeError):
         return None
     return str(message), int(set_id), str(host), int(port)
+
+
+def error_fields(status: int, body: bytes) -> dict[str, Any]:
+    """The named fields of an error body after its message, for the
+    statuses that have them (protocol.ERROR_TAILS), else {}."""
+    layout = ERROR_TAILS.get(Status(status)) if status in Status._value2member_map_ else None
+    if layout is None:
+        return {}
+    try:
+        values = unpack(layout, body)
+    except (ValueError, struct.error, UnicodeDecodeError):
+        return {}
+    return dict(zip(layout.names[1:], values[1:], strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,3 +620,56 @@ def decode_audit(body: bytes) -> AuditResult:
     for is_check, name, value in results:
         (checks if is_check else counts)[name] = value
     return AuditResult(bool(ok), counts, checks)
+
+
+# ---------------------------------------------------------------- the event feed
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of the feed. Every field is there for every kind, 0 where
+    it does not apply (PROTOCOL.md, EVENTS): amounts in cents, times in ms."""
+
+    number: int  # the event's place in the feed: pass it back as the cursor
+    kind: EventKind | int  # an int only for a kind newer than this SDK: skip it (its number still counts)
+    at_ms: int  # when its fact committed (the transaction's time), ms since the epoch
+    packet_id: int
+    user_id: int  # the grabber (SHARE_TAKEN), the sender (SENT, SOLD_OUT, REFUNDED), the wallet's owner
+    seq: int  # SHARE_TAKEN: the share's number; SOLD_OUT: the last share; REFUNDED: shares claimed
+    count: int  # the packet's share count
+    amount_cents: int  # the share, the total (SENT, SOLD_OUT), the refund, the deposit or withdrawal
+    elapsed_ms: int  # SOLD_OUT: from SENT to the last share
+
+
+@dataclass(frozen=True, slots=True)
+class EventsPage:
+    events: list[Event]
+    next_cursor: int  # the last event's number, or the cursor sent when there is none
+    head: int  # the last number given when this was read: next_cursor < head means more to read now
+
+    @property
+    def behind(self) -> int:
+        """Events numbered after this page when it was read."""
+        return self.head - self.next_cursor
+
+
+# EVENTS pages are read by the thousand: the table's fixed-width head and
+# row, each as one precompiled struct.
+_EVENTS_LAYOUT = MESSAGES[Op.EVENTS].answer
+_EVENTS_ROWS = _EVENTS_LAYOUT.rows
+assert _EVENTS_ROWS is not None and all(c in FIXED_LETTERS for c in _EVENTS_LAYOUT.head + _EVENTS_ROWS.letters)
+_EVENTS_HEAD = struct.Struct(">" + _EVENTS_LAYOUT.head + _EVENTS_ROWS.count)
+_EVENTS_ROW = struct.Struct(">" + _EVENTS_ROWS.letters)
+_EVENT_KINDS: dict[int, EventKind] = {k.value: k for k in EventKind}
+
+
+def decode_events(body: bytes) -> EventsPage:
+    cursor, head, n = _EVENTS_HEAD.unpack_from(body, 0)
+    start = _EVENTS_HEAD.size
+    if len(body) != start + n * _EVENTS_ROW.size:
+        raise ValueError(f"EVENTS body of {len(body)} bytes for {n} rows")
+    events = [
+        Event(number, _EVENT_KINDS.get(k, k), *rest)
+        for number, k, *rest in _EVENTS_ROW.iter_unpack(memoryview(body)[start:])
+    ]
+    return EventsPage(events, cursor, head)

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from anbao_client.protocol import Op
 
-from . import accounts, admin, groups, packets
+from . import accounts, admin, events, groups, packets
 from .base import Context, Refused
 
 Handler = Callable[..., Awaitable[bytes]]
@@ -31,6 +31,7 @@ HANDLERS: dict[int, Handler] = {
     Op.TOPOLOGY: admin.topology,
     Op.STATS: admin.stats,
     Op.AUDIT: admin.audit,
+    Op.EVENTS: events.events,
 }
 
 # Answered from memory: their success says nothing about the database.

@@ -9,7 +9,7 @@ from ...storage.domain import Operation
 from ...storage.idempotency import StoredAnswer
 from ...storage.ledger import Ledger
 from .. import answers
-from .base import Context, Refused, page_limit
+from .base import Context, Refused, facts_written, page_limit
 
 
 def reply_stored(ctx: Context, op: Op, rid: int, stored: StoredAnswer, *names: str) -> bytes:
@@ -48,6 +48,7 @@ async def _external_move(
         return await move(conn, user_id, amount_cents)
 
     stored = await ctx.ledger.idempotent(key, operation, (user_id, amount_cents), body)
+    facts_written(ctx)
     return reply_stored(ctx, op, rid, stored, "balance_cents", "transfer_id")
 
 

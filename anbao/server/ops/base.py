@@ -10,6 +10,7 @@ from typing import Any
 from anbao_client.protocol import Status
 
 from ...config import Limits
+from ...engine.feed import EventFeed
 from ...engine.grabs import GrabEngine
 from ...storage.ledger import Ledger
 
@@ -35,6 +36,7 @@ class Context:
     engine: GrabEngine
     own_shards: list[int]  # the shards this worker creates packets in (it owns them)
     stats: Callable[[], dict[str, Any]]  # the worker's STATS document
+    feed: EventFeed | None = None  # the event feed (EVENTS); poked by every money write
     _next_shard: int = field(default=0, repr=False)
 
     def next_shard(self) -> int:
@@ -42,6 +44,12 @@ class Context:
         shard = self.own_shards[self._next_shard]
         self._next_shard = (self._next_shard + 1) % len(self.own_shards)
         return shard
+
+
+def facts_written(ctx: Context) -> None:
+    """A money fact committed (its event row with it): number it soon."""
+    if ctx.feed is not None:
+        ctx.feed.poke()
 
 
 def page_limit(ctx: Context, limit: int) -> int:

@@ -12,7 +12,7 @@ from ...engine.grabs import packet_state
 from ...storage.domain import Operation
 from .. import answers
 from .accounts import reply_stored
-from .base import Context, Refused, page_limit
+from .base import Context, Refused, facts_written, page_limit
 
 
 def validate_send(
@@ -114,6 +114,7 @@ async def send(
 
     fields = (sender, total, count, mode, expiry_s, audience, tuple(members), greeting)
     stored = await ctx.ledger.idempotent(key, Operation.SEND, fields, body)
+    facts_written(ctx)
     if adopted and not stored.replayed:
         state = packet_state(adopted[0])
         assert owner_of(state.packet_id, ctx.worker_count) == ctx.worker_id
