@@ -181,6 +181,7 @@ CHECKS: list[tuple[str, str]] = [
         """SELECT c.packet_id, c.seq, c.amount_cents, p.max_share_cents
         FROM claims_all c JOIN packets p USING (packet_id)
         WHERE p.max_share_cents > 0 AND c.amount_cents > p.max_share_cents""",
+    ),
     # The event feed (migration 0005): facts and events agree, both ways.
     # Facts older than the newest pruned event (event_feed.pruned_at) may
     # have lost their events to retention.

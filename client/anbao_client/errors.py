@@ -149,6 +149,8 @@ class RateLimited(AnbaoError):
 
     status = Status.RATE_LIMITED
     retryable = True
+
+
 class CursorExpired(AnbaoError):
     """EVENTS: the cursor is older than the feed's retention; the events
     after it are gone. `resume_cursor` is the oldest cursor still valid

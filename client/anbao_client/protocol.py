@@ -232,7 +232,6 @@ class Message:
     doc: str = field(default="", compare=False)
 
 
-
 ERROR = layout(message="t")  # the body of every answer whose status is not OK
 # WRONG_SET, the typed redirect: ERROR's message, then the set that holds the
 # request's user or packet and where that set's workers listen (PROTOCOL.md).
