@@ -276,3 +276,32 @@ async def test_receiving_postmaster_killed_sender_worker_killed_receiver_stopped
     result = await _drained_audit(dsns)
     assert result.ok, result.text()
     assert result.totals["credits_applied"] == result.totals["credits_sent"]
+
+
+def test_demo_on_running_sets_of_a_topology_file(two_sets):
+    """`anbao demo --topology FILE`: the demo across sets that already run."""
+    out = subprocess.run(
+        [
+            *ANBAO,
+            "demo",
+            "--topology",
+            str(two_sets["topology_file"]),
+            "--token",
+            ADMIN_TOKEN,
+            "--members",
+            "300",
+            "--shares",
+            "80",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    doc = json.loads(out.stdout)
+    away = sum(n for s, n in doc["winners_by_set"].items() if int(s) != doc["packet_set"])
+    assert doc["shares_won"] == 80 and doc["audit_ok"] is True
+    assert doc["cross_set_credits"] == away > 0 and doc["credits_match_winners"] is True
+    for s in (0, 1):  # both groups still serve
+        assert two_sets["served"][s].proc.poll() is None
