@@ -220,7 +220,7 @@ async def _sets_drained_audit(dsns: dict[int, str], timeout_s: float):
         await asyncio.sleep(0.2)
 
 
-async def _credits_of(dsns: dict[int, str], packet_id: int) -> list[tuple[int, int, int, int]]:
+async def _credits_of(dsns: dict[int, str], packet_id: int) -> list[tuple[int, int, int, float]]:
     """The packet's credits as applied at their destinations: (dest set,
     user, amount, lag ms from the roll-up that sent it to the apply)."""
     import asyncpg
