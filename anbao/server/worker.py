@@ -37,7 +37,7 @@ from .ops import Context
 from .peers import PeerLink
 from .ratelimit import RateLimits
 from .router import Router
-from .sets import SetGate
+from .sets import SetGate, SetWatch
 
 log = logging.getLogger("anbao.worker")
 
@@ -88,6 +88,7 @@ class Worker:
         self.port: int | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._background: dict[str, asyncio.Task[Any]] = {}
+        self.set_watch: SetWatch | None = None  # with a topology: the set's replication, read in the background
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -171,7 +172,9 @@ class Worker:
         )
         gate = None
         if self.settings.topology_file is not None:
-            gate = SetGate(SetTopology.load(self.settings.topology_file), self.settings.set_id, self.worker_id)
+            topology = SetTopology.load(self.settings.topology_file)
+            gate = SetGate(topology, self.settings.set_id, self.worker_id)
+            self.set_watch = SetWatch(topology, self.settings.set_id, self.dsn)
         self.dispatcher = Dispatcher(ctx, self.db, gate)
         if self.metrics is not None:
             self.engine.on_commit = self.metrics.observe_commit
@@ -204,6 +207,8 @@ class Worker:
             "expiry": loop.create_task(self.expiry.run()),
             "roller": loop.create_task(self.roller.run()),
         }
+        if self.set_watch is not None:
+            self._background["set_watch"] = loop.create_task(self.set_watch.run())
         log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, host: Host) -> None:
@@ -259,6 +264,7 @@ class Worker:
             log.error("drain: relayed grabs still unanswered")
         await self._cancel("idle")
         await self._cancel("db_watch")
+        await self._cancel("set_watch")
         for c in list(self.connections):
             c.close()
         for server in self._servers[1:]:
@@ -308,7 +314,12 @@ class Worker:
 
     def _metrics_sample(self) -> Sample:
         assert self.engine is not None and self.router is not None
-        return Sample(self.engine.queued_grabs, len(self.connections), dict(self.router.stats))
+        return Sample(
+            self.engine.queued_grabs,
+            len(self.connections),
+            dict(self.router.stats),
+            self.set_watch.latest if self.set_watch is not None else None,
+        )
 
     def stats(self) -> dict[str, Any]:
         """The STATS document: this worker's counters and gauges."""
@@ -339,4 +350,5 @@ class Worker:
             **r.stats,
             **self.db.stats(),
             **r.link_stats(),
+            **({"set": self.set_watch.latest} if self.set_watch is not None else {}),
         }
