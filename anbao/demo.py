@@ -279,3 +279,238 @@ def _story_line(story: dict, packet_id: int) -> str:
         "[green]matches the database[/green]" if story["matches_database"] else "[red]DIFFERS from the database[/red]"
     )
     return ", ".join(parts) + f"; the story {verdict}"
+
+
+# ---------------------------------------------------------------- several sets
+# `anbao demo --sets 2`: kept apart from run_demo above (its own function,
+# its own connections), so the one-set demo changes without touching it.
+
+SETS_DRAIN_TIMEOUT_S = 60  # credits applied and batches rolled up, then the audit
+
+
+async def _sets_directory_ready(dsns: dict[int, str], topo, users: list[int], timeout_s: float) -> None:
+    """Waits until every set knows every other set's users among `users`
+    (the directory is replicated: a set refuses a grab by a user it does not
+    know yet, UNKNOWN_USER, exactly as for an unregistered one)."""
+    import asyncpg
+
+    from anbao_client import home_set
+
+    deadline = time.monotonic() + timeout_s
+    for s, dsn in sorted(dsns.items()):
+        others = [u for u in users if home_set(u, topo) != s]
+        conn = await asyncpg.connect(dsn)
+        try:
+            while True:
+                n = await conn.fetchval(
+                    "SELECT count(DISTINCT user_id) FROM user_directory WHERE user_id = ANY($1)", others
+                )
+                if n == len(others):
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"anbao demo: set {s} knows {n} of {len(others)} users of the other sets")
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+
+
+async def _sets_drained_audit(dsns: dict[int, str], timeout_s: float):
+    """Waits until no batch awaits its roll-up and no credit is in flight,
+    then audits across the sets (a consistent cut); returns the audit."""
+    import asyncpg
+
+    from .storage.sets import audit_sets
+
+    deadline = time.monotonic() + timeout_s
+    result = None
+    while True:
+        pending = 0
+        for dsn in dsns.values():
+            conn = await asyncpg.connect(dsn)
+            try:
+                pending += await conn.fetchval("SELECT count(*) FROM grab_rollups")
+            finally:
+                await conn.close()
+        result = await audit_sets(dsns)
+        drained = pending == 0 and result.totals["credits_in_flight"] == 0 and result.totals["consistent_cut"]
+        if drained or time.monotonic() > deadline:
+            return result, drained
+        await asyncio.sleep(0.2)
+
+
+async def _credits_of(dsns: dict[int, str], packet_id: int) -> list[tuple[int, int, int, float]]:
+    """The packet's credits as applied at their destinations: (dest set,
+    user, amount, lag ms from the roll-up that sent it to the apply)."""
+    import asyncpg
+
+    out = []
+    for s, dsn in sorted(dsns.items()):
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT user_id, amount_cents, extract(epoch FROM applied_at - created_at) * 1000 AS lag_ms"
+                " FROM credits_out WHERE dest_set = $1 AND packet_id = $2 AND applied_transfer_id IS NOT NULL",
+                s,
+                packet_id,
+            )
+        finally:
+            await conn.close()
+        out += [(s, r["user_id"], r["amount_cents"], float(r["lag_ms"])) for r in rows]
+    return out
+
+
+async def run_sets_demo(topo, dsns: dict[int, str], token: str, args, out) -> int:
+    """The demo across the sets of `topo`: a sender homed in the first set,
+    members homed in every set, one packet in the sender's set grabbed by
+    all at once; a winner homed elsewhere is paid by a cross-set credit
+    (logical replication). Then who got what, the credits, the audit."""
+    from rich.table import Table
+
+    from anbao_client import SetCluster, home_set, set_of
+
+    n, shares = args.members, args.shares
+    if not 2 <= n <= MAX_DEMO_MEMBERS or not 1 <= shares <= n or args.connections < 1:
+        raise SystemExit(f"anbao demo: --members 2..{MAX_DEMO_MEMBERS}, --shares 1..members, --connections >= 1")
+    base = (1 + secrets.randbelow(9_999_999)) * ID_BLOCK
+    first_set = min(topo.sets)
+    sender = next(u for u in range(base, base + ID_BLOCK) if home_set(u, topo) == first_set)
+    group_id = base
+    members = [u for u in range(base, base + ID_BLOCK) if u != sender][:n]
+    say = (lambda text: None) if out.json else out.console.print
+
+    sc = await SetCluster.connect(topo, token, timeout_ms=args.timeout_ms)
+    grabbers = [await SetCluster.connect(topo, token, timeout_ms=args.timeout_ms) for _ in range(args.connections)]
+    won: dict[int, Grabbed] = {}
+    sold_out = 0
+    refused: Counter[str] = Counter()
+    try:
+        say(f"registering {n + 1} users at their home sets")
+        ids = [sender] + members
+        for i in range(0, len(ids), MAX_REGISTER_IDS):
+            await sc.register(ids[i : i + MAX_REGISTER_IDS])
+        await sc.deposit(sender, args.amount)
+        say("waiting for each set's directory to know the other sets' users")
+        await _sets_directory_ready(dsns, topo, ids, SETS_DRAIN_TIMEOUT_S)
+        await sc.group_create(group_id, [sender] + members[: GROUP_CREATE_CHUNK - 1], name="anbao demo (sets)")
+        for i in range(GROUP_CREATE_CHUNK - 1, n, MAX_REGISTER_IDS):
+            await sc.group_add(group_id, members[i : i + MAX_REGISTER_IDS])
+        sent = await sc.send(
+            sender,
+            args.amount,
+            shares,
+            mode=Mode.FIXED if args.fixed else Mode.RANDOM,
+            group=group_id,
+            greeting=args.greeting,
+        )
+        packet_set = set_of(sent.packet_id)
+        say(f"packet {sent.packet_id} in set {packet_set}: {n} members grabbing at once")
+
+        async def grab(i: int, user: int) -> None:
+            nonlocal sold_out
+            try:
+                won[user] = await grabbers[i % len(grabbers)].grab(sent.packet_id, user)
+            except SoldOut:
+                sold_out += 1
+            except AnbaoError as exc:
+                refused[exc.status.name] += 1
+
+        order = members[:]
+        random.shuffle(order)
+        started = time.perf_counter()
+        await asyncio.gather(*(grab(i, u) for i, u in enumerate(order)))
+        elapsed_s = time.perf_counter() - started
+
+        info = await sc.packet(sent.packet_id, claims_limit=1)
+        claims: list[Claim] = []
+        while len(claims) < info.claimed_count:
+            claims += (await sc.packet(sent.packet_id, claims_offset=len(claims), claims_limit=1000)).claims
+        say("waiting for the cross-set credits to be applied")
+        audit, drained = await _sets_drained_audit(dsns, SETS_DRAIN_TIMEOUT_S)
+        credits = await _credits_of(dsns, sent.packet_id)
+    finally:
+        for g in [sc, *grabbers]:
+            await g.close()
+
+    agree = {x.user_id: (x.seq, x.amount_cents) for x in claims} == {u: (g.seq, g.amount_cents) for u, g in won.items()}
+    home = {u: home_set(u, topo) for u in members}
+    away = {u for u in won if home[u] != packet_set}
+    credited = {u: amount for _, u, amount, _ in credits}
+    credits_match = credited == {u: won[u].amount_cents for u in away}
+    lags = sorted(lag for *_, lag in credits)
+    ranked = sorted(claims, key=lambda x: (-x.amount_cents, x.seq))
+    top = ranked[: args.top]
+    doc = {
+        "sets": sorted(topo.sets),
+        "packet_id": sent.packet_id,
+        "packet_set": packet_set,
+        "group_id": group_id,
+        "sender_id": sender,
+        "members": n,
+        "members_by_set": dict(Counter(home.values())),
+        "shares": shares,
+        "total_cents": args.amount,
+        "shares_won": len(claims),
+        "claimed_cents": sum(x.amount_cents for x in claims),
+        "winners_by_set": dict(Counter(home[u] for u in won)),
+        "cross_set_credits": len(credits),
+        "cross_set_cents": sum(credited.values()),
+        "credits_match_winners": credits_match,
+        "credit_lag_ms_p50": round(lags[len(lags) // 2], 1) if lags else None,
+        "credit_lag_ms_max": round(lags[-1], 1) if lags else None,
+        "sold_out_answers": sold_out,
+        "other_answers": dict(refused),
+        "elapsed_ms": round(elapsed_s * 1000, 1),
+        "top": [
+            {"user_id": x.user_id, "home_set": home[x.user_id], "seq": x.seq, "amount_cents": x.amount_cents}
+            for x in top
+        ],
+        "answers_match_database": agree,
+        "drained": drained,
+        "audit_ok": audit.ok,
+        "audit_violations": list(audit.violations),
+        "audit_totals": audit.totals,
+    }
+
+    table = Table(
+        "rank", "user", "home", "share", "amount", "", title=f"who got what (top {len(top)} of {len(claims)})"
+    )
+    for rank, x in enumerate(top, 1):
+        crossed = home[x.user_id] != packet_set
+        table.add_row(
+            str(rank),
+            str(x.user_id),
+            f"set {home[x.user_id]}",
+            f"#{x.seq}",
+            yuan(x.amount_cents),
+            ", ".join(["luckiest"] * (x.seq == info.luckiest_seq) + [f"credited to set {home[x.user_id]}"] * crossed),
+        )
+    if len(ranked) > len(top):
+        rest = ranked[len(top) :]
+        table.add_row("...", f"{len(rest)} more", "", "", yuan(sum(x.amount_cents for x in rest)), "")
+    table.add_section()
+    table.add_row("", "total", "", f"{len(claims)}/{shares}", yuan(sum(x.amount_cents for x in claims)), "")
+    by_set = ", ".join(f"set {s}: {c}" for s, c in sorted(doc["winners_by_set"].items()))
+    lines = [
+        f"packet {sent.packet_id} (set {packet_set}): {yuan(args.amount)} in {shares} "
+        f"{'fixed' if args.fixed else 'random'} shares for group {group_id} ({n} members over sets "
+        + ", ".join(f"{s}: {c}" for s, c in sorted(doc["members_by_set"].items()))
+        + ")",
+        table,
+        f"{n} grabs over {len(grabbers)} connections in {elapsed_s * 1000:.0f} ms: {len(won)} got a share"
+        f" ({by_set}), {sold_out} were told sold out" + (f", other answers {dict(refused)}" if refused else ""),
+        f"cross-set credits: {len(credits)} applied ({yuan(sum(credited.values()))}) for {len(away)} winners"
+        f" homed outside set {packet_set}"
+        + (f"; roll-up to apply p50 {doc['credit_lag_ms_p50']} ms, max {doc['credit_lag_ms_max']} ms" if lags else "")
+        + ("" if credits_match else " [red]MISMATCH with the winners[/red]"),
+        "every acknowledged share is in the database"
+        if agree
+        else "[red]MISMATCH between the answers and the database[/red]",
+        f"audit across {len(dsns)} sets: [green]OK[/green] (conservation over all sets, every credit applied once)"
+        if audit.ok
+        else f"audit across sets: [red]VIOLATED[/red]: {', '.join(audit.violations) or 'a set'}",
+    ]
+    if not drained:
+        lines.append(f"[red]credits still in flight after {SETS_DRAIN_TIMEOUT_S} s[/red]")
+    out.done(doc, lines)
+    ok = agree and audit.ok and drained and credits_match and len(claims) == shares
+    return 0 if ok else 1

@@ -51,6 +51,7 @@ class Sample:
     queued_grabs: int
     connections: int
     router_stats: dict[str, int]
+    set_stats: dict | None = None  # with a topology: the STATS "set" section (server/sets.py SetWatch)
 
 
 class SupervisorMetrics:
@@ -87,6 +88,46 @@ class WorkerMetrics:
             "GRAB routing outcomes (local, forwarded, admitted, admission_rejects, probes, final_cache_hits)",
             ["outcome"],
         )
+        # Sets (issue 11): the set's replication as its worker last read it.
+        self.slot_backlog = Gauge(
+            "anbao_set_slot_backlog_bytes",
+            "WAL a replication slot of this set keeps for a subscriber (not yet confirmed)",
+            ["worker", "slot"],
+            multiprocess_mode="liveall",
+        )
+        self.slot_lost = Gauge(
+            "anbao_set_slot_wal_lost",
+            "1 when a slot's WAL is lost (wal_status lost: max_slot_wal_keep_size passed; resynchronise)",
+            ["worker", "slot"],
+            multiprocess_mode="liveall",
+        )
+        self.sub_silence = Gauge(
+            "anbao_set_subscription_last_message_seconds",
+            "Seconds since this set's subscription last heard from its publisher (-1: not running)",
+            ["worker", "subscription"],
+            multiprocess_mode="liveall",
+        )
+        self.sub_transit = Gauge(
+            "anbao_set_subscription_transit_seconds",
+            "Publisher send to subscriber receipt of the last message",
+            ["worker", "subscription"],
+            multiprocess_mode="liveall",
+        )
+        self.credits_in_flight = Gauge(
+            "anbao_set_credits_in_flight",
+            "Credits this set sent to another set and not yet applied there (-1: that set unreachable)",
+            ["worker", "dest_set"],
+            multiprocess_mode="liveall",
+        )
+        self.credits_sent = Gauge(
+            "anbao_set_credits_sent", "Credits this set has sent to other sets", ["worker"], multiprocess_mode="liveall"
+        )
+        self.credits_applied = Gauge(
+            "anbao_set_credits_applied",
+            "Credits from other sets applied in this set",
+            ["worker"],
+            multiprocess_mode="liveall",
+        )
         self.answered: dict[int, int] = {}  # opcode << 8 | status -> count, filled by connections
         self._router_seen: dict[str, int] = {}
         self._task: asyncio.Task | None = None
@@ -118,8 +159,29 @@ class WorkerMetrics:
             self.requests.labels(opcode_name(op), str(status)).inc(n)
         self.queue_depth.labels(self.worker).set(sample.queued_grabs)
         self.connections.labels(self.worker).set(sample.connections)
+        if sample.set_stats is not None:
+            self._flush_set(sample.set_stats)
         for name, value in sample.router_stats.items():
             delta = value - self._router_seen.get(name, 0)
             if delta:
                 self.router.labels(name).inc(delta)
             self._router_seen[name] = value
+
+    def _flush_set(self, doc: dict) -> None:
+        w = self.worker
+        for slot in doc.get("slots", []):
+            if slot.get("backlog_bytes") is not None:
+                self.slot_backlog.labels(w, slot["slot_name"]).set(slot["backlog_bytes"])
+            self.slot_lost.labels(w, slot["slot_name"]).set(1 if slot.get("wal_status") == "lost" else 0)
+        for sub in doc.get("subscriptions", []):
+            silence = sub.get("since_last_message_s")
+            self.sub_silence.labels(w, sub["subname"]).set(-1 if silence is None else silence)
+            if sub.get("transit_s") is not None:
+                self.sub_transit.labels(w, sub["subname"]).set(sub["transit_s"])
+        for dest, flight in doc.get("to_sets", {}).items():
+            n = flight.get("in_flight")
+            self.credits_in_flight.labels(w, str(dest)).set(-1 if n is None else n)
+        credits = doc.get("credits")
+        if credits:
+            self.credits_sent.labels(w).set(credits["sent"])
+            self.credits_applied.labels(w).set(credits["applied"])

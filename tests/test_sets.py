@@ -22,7 +22,7 @@ from served import ANBAO, Grabber, Served, free_port, storm
 from anbao.storage import embedded
 from anbao.storage.migrate import migrate
 from anbao.storage.sets import audit_sets
-from anbao_client import SetCluster, SetTopology, WrongSet, home_set, set_of, wire
+from anbao_client import Client, SetCluster, SetTopology, WrongSet, home_set, set_of, wire
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,7 +67,7 @@ def two_sets(tmp_path_factory):
                 1,
                 ["--topology", str(topo_file), "--set", str(s), "--admission", "in-process"],
                 port=ports[s],
-                metrics=False,
+                metrics=True,
             ).start()
         yield {
             "topology": SetTopology.load(topo_file),
@@ -276,3 +276,132 @@ async def test_receiving_postmaster_killed_sender_worker_killed_receiver_stopped
     result = await _drained_audit(dsns)
     assert result.ok, result.text()
     assert result.totals["credits_applied"] == result.totals["credits_sent"]
+
+
+def test_demo_on_running_sets_of_a_topology_file(two_sets):
+    """`anbao demo --topology FILE`: the demo across sets that already run."""
+    out = subprocess.run(
+        [
+            *ANBAO,
+            "demo",
+            "--topology",
+            str(two_sets["topology_file"]),
+            "--token",
+            ADMIN_TOKEN,
+            "--members",
+            "300",
+            "--shares",
+            "80",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    doc = json.loads(out.stdout)
+    away = sum(n for s, n in doc["winners_by_set"].items() if int(s) != doc["packet_set"])
+    assert doc["shares_won"] == 80 and doc["audit_ok"] is True
+    assert doc["cross_set_credits"] == away > 0 and doc["credits_match_winners"] is True
+    for s in (0, 1):  # both groups still serve
+        assert two_sets["served"][s].proc.poll() is None
+
+
+async def _set_section(topo, s: int, ready=lambda sec: True, timeout_s: float = 30) -> dict:
+    """Set `s`'s STATS "set" section, once `ready(section)` holds."""
+    deadline = time.monotonic() + timeout_s
+    c = await Client.connect(topo.sets[s].host, topo.sets[s].port, ADMIN_TOKEN)
+    try:
+        while True:
+            section = (await c.stats())["set"]
+            if section.get("read_at_ms") and ready(section):
+                return section
+            assert time.monotonic() < deadline, f"set {s}: STATS never showed it: {section}"
+            await asyncio.sleep(0.2)
+    finally:
+        await c.close()
+
+
+def _scrape_gauge(port: int, name: str, **labels) -> float | None:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def _backlog(section: dict, slot_name: str) -> int | None:
+    return next((x["backlog_bytes"] for x in section["slots"] if x["slot_name"] == slot_name), None)
+
+
+async def test_stats_and_metrics_show_each_sets_replication_and_the_backlog_moves(two_sets):
+    """STATS at each set has a "set" section (its slots' backlog and
+    wal_status, its subscription, its credits and those in flight to the
+    other set), read in the background; the Prometheus endpoint has the
+    same gauges. With set 1 stopped, set 0's slot for it keeps a growing
+    backlog and its credits in flight are unknown; when set 1 is back, the
+    backlog drains to 0 and nothing is in flight."""
+    env = two_sets
+    topo = env["topology"]
+    for s in (0, 1):
+        other = 1 - s
+        # (a set whose PostgreSQL an earlier test restarted starts its apply worker again first)
+        sec = await _set_section(topo, s, lambda x: bool(x["slots"]) and all(y["running"] for y in x["subscriptions"]))
+        assert sec["set_id"] == s and sec["error"] == ""
+        assert [x["slot_name"] for x in sec["slots"]] == [f"anbao_{s}_to_{other}"]
+        assert sec["slots"][0]["wal_status"] in ("reserved", "extended")
+        assert [x["subname"] for x in sec["subscriptions"]] == [f"anbao_from_set_{other}"]
+        assert sec["subscriptions"][0]["running"] is True
+        assert set(sec["credits"]) >= {"sent", "applied", "sent_cents", "applied_cents"}
+        assert isinstance(sec["to_sets"][str(other)]["in_flight"], int)
+    metrics_port = env["served"][0].metrics_port
+    deadline = time.monotonic() + 10  # the worker flushes its gauges every second
+    while _scrape_gauge(metrics_port, "anbao_set_slot_backlog_bytes", slot="anbao_0_to_1") is None:
+        assert time.monotonic() < deadline, "no backlog gauge in the metrics"
+        await asyncio.sleep(0.3)
+
+    async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
+        senders = await _users(sc, 90_000, 6, 1_000_000)
+        members = await _users(sc, 91_000, 600)
+        sender0 = next(u for u in senders if home_set(u, topo) == 0)
+        ones = [u for u in members if home_set(u, topo) == 1]
+        await _directory_has(env["dsns"][0], ones)
+    sent_before = (await _set_section(topo, 0))["credits"]["sent"]
+
+    pg1 = env["pg_dirs"][1]
+    await asyncio.to_thread(embedded.pg_ctl_stop, pg1)
+    try:
+        _, won = await _storm_across(env, sender0, ones, 200)
+        assert len(won) == 200
+        sec = await _set_section(
+            topo,
+            0,
+            lambda x: (
+                x["credits"]["sent"] >= sent_before + 200
+                and (_backlog(x, "anbao_0_to_1") or 0) > 0
+                and x["to_sets"]["1"]["in_flight"] is None
+            ),
+        )
+        assert "unreachable" in sec["to_sets"]["1"]["error"]
+        deadline = time.monotonic() + 10
+        while (_scrape_gauge(metrics_port, "anbao_set_slot_backlog_bytes", slot="anbao_0_to_1") or 0) <= 0:
+            assert time.monotonic() < deadline, "the backlog gauge never rose"
+            await asyncio.sleep(0.3)
+        assert _scrape_gauge(metrics_port, "anbao_set_credits_in_flight", dest_set="1") == -1
+    finally:
+        await asyncio.to_thread(embedded.start, pg1, True)
+    sec = await _set_section(
+        topo,
+        0,
+        lambda x: _backlog(x, "anbao_0_to_1") == 0 and x["to_sets"]["1"]["in_flight"] == 0,
+        timeout_s=DRAIN_TIMEOUT_S,
+    )
+    assert sec["credits"]["sent"] >= sent_before + 200
+    deadline = time.monotonic() + 10
+    while _scrape_gauge(metrics_port, "anbao_set_credits_in_flight", dest_set="1") != 0:
+        assert time.monotonic() < deadline, "the in-flight gauge never came back to 0"
+        await asyncio.sleep(0.3)
+    result = await _drained_audit(env["dsns"])
+    assert result.ok, result.text()

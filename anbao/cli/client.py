@@ -449,9 +449,60 @@ async def run_events(c, args, out):
 
 
 def cmd_demo(args) -> int:
+    if args.sets or args.topology:
+        return cmd_sets_demo(args)
     from ..demo import run_demo
 
     return _client_command(run_demo)(args)
+
+
+def cmd_sets_demo(args) -> int:
+    """`anbao demo --sets N`: N sets started here (embedded PostgreSQL and
+    `anbao serve` each, in a temporary directory, stopped at the end), or
+    the running sets of `--topology FILE` (each with its dsn)."""
+    import shutil
+
+    from anbao_client import AnbaoError, ConnectionLost, RequestTimeout, SetTopology
+
+    from ..demo import run_sets_demo
+    from ..localsets import LocalSets, new_root
+
+    out = Out(args.json)
+    say = (lambda text: None) if args.json else (lambda text: print(f"  {text}", file=sys.stderr, flush=True))
+    if args.topology:
+        topo = SetTopology.load(args.topology)
+        dsns = {s: i.dsn for s, i in topo.sets.items() if i.dsn}
+        if len(dsns) != len(topo.sets) or len(topo.sets) < 2:
+            raise SystemExit(f"anbao demo: {args.topology} must list two sets or more, each with its dsn")
+        local = None
+        token = token_from_args(args)
+    else:
+        if not 2 <= args.sets <= 4:
+            raise SystemExit("anbao demo: --sets 2..4 (sets started on this machine)")
+        local = LocalSets(new_root(), args.sets, args.workers_per_set, say=say)
+    try:
+        if local is not None:
+            local.start()
+            topo, dsns, token = local.topology(), local.dsns, local.token("admin")
+        return asyncio.run(run_sets_demo(topo, dsns, token, args, out))
+    except AnbaoError as exc:
+        out.done({"error": exc.status.name, "status": int(exc.status), "message": exc.message})
+        if not out.json:
+            print(f"anbao: {exc.status.name}: {exc.message}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (TimeoutError, ConnectionLost, RequestTimeout, OSError) as exc:
+        out.done({"error": "UNREACHABLE", "message": str(exc)})
+        if not out.json:
+            print(f"anbao: a set did not answer: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    finally:
+        if local is not None:
+            say("stopping the sets")
+            local.stop()
+            if not args.keep_dir:
+                shutil.rmtree(local.root, ignore_errors=True)
+            else:
+                say(f"kept {local.root}")
 
 
 AMOUNT_HELP = "yuan, two decimals at most (12.34)"
@@ -571,3 +622,12 @@ def _add_demo(client) -> None:
     p.add_argument("--connections", type=int, default=8, help="grabbers' connections (default 8)")
     p.add_argument("--top", type=int, default=10, help="rows of the winners' table (default 10)")
     p.add_argument("--greeting", default="恭喜发财，大吉大利")
+    p.add_argument(
+        "--sets",
+        type=int,
+        default=0,
+        help="run across N sets started here (embedded PostgreSQL + anbao serve each, stopped at the end)",
+    )
+    p.add_argument("--topology", help="run across the running sets of this topology file (each with its dsn)")
+    p.add_argument("--workers-per-set", type=int, default=1, help="with --sets: workers of each set (default 1)")
+    p.add_argument("--keep-dir", action="store_true", help="with --sets: keep the sets' directory (logs)")

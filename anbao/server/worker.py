@@ -38,7 +38,7 @@ from .ops import Context
 from .peers import PeerLink
 from .ratelimit import RateLimits
 from .router import Router
-from .sets import SetGate
+from .sets import SetGate, SetWatch
 
 log = logging.getLogger("anbao.worker")
 
@@ -90,6 +90,7 @@ class Worker:
         self.port: int | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._background: dict[str, asyncio.Task[Any]] = {}
+        self.set_watch: SetWatch | None = None  # with a topology: the set's replication, read in the background
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -184,7 +185,9 @@ class Worker:
         )
         gate = None
         if self.settings.topology_file is not None:
-            gate = SetGate(SetTopology.load(self.settings.topology_file), self.settings.set_id, self.worker_id)
+            topology = SetTopology.load(self.settings.topology_file)
+            gate = SetGate(topology, self.settings.set_id, self.worker_id)
+            self.set_watch = SetWatch(topology, self.settings.set_id, self.dsn)
         self.dispatcher = Dispatcher(ctx, self.db, gate)
         if self.metrics is not None:
             self.engine.on_commit = self.metrics.observe_commit
@@ -219,6 +222,8 @@ class Worker:
             "feed": loop.create_task(self.feed.run()),
             "feed_listen": loop.create_task(self.feed.listen()),
         }
+        if self.set_watch is not None:
+            self._background["set_watch"] = loop.create_task(self.set_watch.run())
         log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, host: Host) -> None:
@@ -276,6 +281,7 @@ class Worker:
             log.error("drain: relayed grabs still unanswered")
         await self._cancel("idle")
         await self._cancel("db_watch")
+        await self._cancel("set_watch")
         for c in list(self.connections):
             c.close()
         for server in self._servers[1:]:
@@ -330,7 +336,12 @@ class Worker:
 
     def _metrics_sample(self) -> Sample:
         assert self.engine is not None and self.router is not None
-        return Sample(self.engine.queued_grabs, len(self.connections), dict(self.router.stats))
+        return Sample(
+            self.engine.queued_grabs,
+            len(self.connections),
+            dict(self.router.stats),
+            self.set_watch.latest if self.set_watch is not None else None,
+        )
 
     def stats(self) -> dict[str, Any]:
         """The STATS document: this worker's counters and gauges."""
@@ -362,4 +373,5 @@ class Worker:
             **(self.feed.stats() if self.feed is not None else {}),
             **self.db.stats(),
             **r.link_stats(),
+            **({"set": self.set_watch.latest} if self.set_watch is not None else {}),
         }

@@ -117,43 +117,60 @@ async def replication(dsn: str) -> dict:
     message and apply times; and its credits in flight and applied."""
     conn = await asyncpg.connect(dsn)
     try:
-        me = await conn.fetchval("SELECT set_id FROM anbao_set_identity")
-        slots = [
-            dict(r)
-            for r in await conn.fetch(
-                "SELECT slot_name, active, wal_status, "
-                " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS backlog_bytes,"
-                " safe_wal_size FROM pg_replication_slots WHERE slot_name LIKE 'anbao\\_%' ORDER BY 1"
-            )
-        ]
-        subs = [
-            dict(r)
-            for r in await conn.fetch(
-                "SELECT s.subname, s.subenabled, st.pid IS NOT NULL AS running,"
-                " extract(epoch FROM now() - st.last_msg_receipt_time)::float8 AS since_last_message_s,"
-                " extract(epoch FROM st.last_msg_receipt_time - st.last_msg_send_time)::float8 AS transit_s"
-                " FROM pg_subscription s LEFT JOIN pg_stat_subscription st ON st.subid = s.oid"
-                " AND st.relid IS NULL WHERE s.subname LIKE 'anbao\\_%' ORDER BY 1"
-            )
-        ]
-        credits = dict(
-            await conn.fetchrow(
-                "SELECT count(*) FILTER (WHERE src_set = $1) AS sent,"
-                " COALESCE(sum(amount_cents) FILTER (WHERE src_set = $1), 0)::bigint AS sent_cents,"
-                " count(*) FILTER (WHERE dest_set = $1) AS applied,"
-                " COALESCE(sum(amount_cents) FILTER (WHERE dest_set = $1), 0)::bigint AS applied_cents,"
-                " (extract(epoch FROM max(applied_at - created_at) FILTER (WHERE dest_set = $1)))::float8"
-                "   AS max_apply_lag_s"
-                " FROM credits_out",
-                me,
-            )
-        )
-        suspense = await conn.fetchval(
-            f"SELECT COALESCE(sum(balance_cents), 0)::bigint FROM accounts WHERE kind = {A.SUSPENSE:d}"
-        )
-        return {"set_id": me, "slots": slots, "subscriptions": subs, "credits": credits, "suspense_cents": suspense}
+        return await replication_on(conn)
     finally:
         await conn.close()
+
+
+async def replication_on(conn, timeout: float | None = None) -> dict:
+    """replication() on a connection the caller holds (the workers' STATS
+    watcher keeps one open)."""
+    me = await conn.fetchval("SELECT set_id FROM anbao_set_identity", timeout=timeout)
+    slots = [
+        dict(r)
+        for r in await conn.fetch(
+            "SELECT slot_name, active, wal_status, "
+            " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS backlog_bytes,"
+            " safe_wal_size FROM pg_replication_slots WHERE slot_name LIKE 'anbao\\_%' ORDER BY 1",
+            timeout=timeout,
+        )
+    ]
+    subs = [
+        dict(r)
+        for r in await conn.fetch(
+            "SELECT s.subname, s.subenabled, st.pid IS NOT NULL AS running,"
+            " extract(epoch FROM now() - st.last_msg_receipt_time)::float8 AS since_last_message_s,"
+            " extract(epoch FROM st.last_msg_receipt_time - st.last_msg_send_time)::float8 AS transit_s"
+            " FROM pg_subscription s LEFT JOIN pg_stat_subscription st ON st.subid = s.oid"
+            " AND st.relid IS NULL WHERE s.subname LIKE 'anbao\\_%' ORDER BY 1",
+            timeout=timeout,
+        )
+    ]
+    credits = dict(
+        await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE src_set = $1) AS sent,"
+            " COALESCE(sum(amount_cents) FILTER (WHERE src_set = $1), 0)::bigint AS sent_cents,"
+            " count(*) FILTER (WHERE dest_set = $1) AS applied,"
+            " COALESCE(sum(amount_cents) FILTER (WHERE dest_set = $1), 0)::bigint AS applied_cents,"
+            " (extract(epoch FROM max(applied_at - created_at) FILTER (WHERE dest_set = $1)))::float8"
+            "   AS max_apply_lag_s"
+            " FROM credits_out",
+            me,
+            timeout=timeout,
+        )
+    )
+    suspense = await conn.fetchval(
+        f"SELECT COALESCE(sum(balance_cents), 0)::bigint FROM accounts WHERE kind = {A.SUSPENSE:d}", timeout=timeout
+    )
+    return {"set_id": me, "slots": slots, "subscriptions": subs, "credits": credits, "suspense_cents": suspense}
+
+
+async def credits_between(conn, src: int, dest: int, timeout: float | None = None) -> int:
+    """How many credits from set `src` to set `dest` this database holds: at
+    `src` those sent, at `dest` those applied (copies arrive applied)."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM credits_out WHERE dest_set = $1 AND src_set = $2", dest, src, timeout=timeout
+    )
 
 
 @dataclass
