@@ -278,7 +278,7 @@ async def test_audit_names_a_fact_without_its_event(anbao):
     finally:
         await conn.close()
     report = await audit(anbao.dsn)
-    assert "every deposit, withdrawal, send and refund has its event" in report.violations
+    assert "every deposit, withdrawal, send, refund and cross-set credit has its event" in report.violations
     assert "events are numbered 1..n without gap or repeat, a batch as many as its events" in report.violations
 
 

@@ -188,6 +188,21 @@ async def test_grab_storm_by_members_of_both_sets_crosses_exactly_once(two_sets)
     assert result.ok, result.text()
     assert result.totals["credits_sent"] > 0 and result.totals["credits_in_flight"] == 0
     assert result.totals["suspense_cents"] == 0
+    # Each credit delivered is one CROSS_SET_CREDIT event in its home set's
+    # feed, written by the apply transaction that credited the wallet.
+    credit_events = 0
+    for dsn in dsns.values():
+        conn = await asyncpg.connect(dsn)
+        try:
+            events, credits = await conn.fetchrow(
+                "SELECT (SELECT count(*) FROM event_log WHERE kind = 7),"
+                " (SELECT count(*) FROM transfers WHERE kind = 7)"
+            )
+        finally:
+            await conn.close()
+        assert events == credits
+        credit_events += events
+    assert credit_events == result.totals["credits_sent"]
     async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
         for u in members:
             assert await sc.balance(u) == before[u] + won_all.get(u, 0), u

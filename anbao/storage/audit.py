@@ -186,9 +186,9 @@ CHECKS: list[tuple[str, str]] = [
     # Facts older than the newest pruned event (event_feed.pruned_at) may
     # have lost their events to retention.
     (
-        "every deposit, withdrawal, send and refund has its event",
+        "every deposit, withdrawal, send, refund and cross-set credit has its event",
         f"""SELECT t.transfer_id, t.kind FROM transfers t
-        WHERE t.kind IN ({T.DEPOSIT:d}, {T.WITHDRAW:d}, {T.SEND:d}, {T.REFUND:d})
+        WHERE t.kind IN ({T.DEPOSIT:d}, {T.WITHDRAW:d}, {T.SEND:d}, {T.REFUND:d}, {T.CROSS_IN:d})
           AND t.created_at > (SELECT pruned_at FROM event_feed)
           AND NOT EXISTS (SELECT 1 FROM event_log e WHERE e.transfer_id = t.transfer_id)""",
     ),

@@ -122,7 +122,7 @@ class EventKind(enum.IntEnum):
     REFUNDED = 4  # expired, remainder back to the sender: amount = refunded, seq = shares claimed
     DEPOSIT = 5  # money in: user, amount
     WITHDRAWAL = 6  # money out: user, amount
-    CROSS_SET_CREDIT = 7  # reserved for sets (issue 11)
+    CROSS_SET_CREDIT = 7  # another set's grab credited here: user = credited (0: suspense), packet, amount
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ class EventKind(enum.IntEnum):
     REFUNDED = 4  # expired, remainder back to the sender: user = sender, amount = refunded, seq = shares claimed
     DEPOSIT = 5  # money in: user, amount
     WITHDRAWAL = 6  # money out: user, amount
-    CROSS_SET_CREDIT = 7  # reserved for sets
+    CROSS_SET_CREDIT = 7  # another set's grab credited at the grabber's home: user (0: suspense), packet, amount
 
 
 class Steering(enum.IntEnum):
