@@ -250,6 +250,23 @@ async def test_one_token_is_rate_limited_while_another_is_served(anbao):
         await calm.close()
 
 
+@pytest.mark.parametrize("limits", [Limits(rate_limit_requests_per_s=2, rate_limit_burst_requests=20)])
+async def test_requests_in_the_same_read_as_hello_count_against_the_token(anbao):
+    """HELLO and 200 PINGs in one write, read at once: the PINGs after the
+    HELLO are counted against the token like any others (a read takes its
+    tokens in one go only when all of them are there)."""
+    from helpers import Raw
+
+    from anbao_client import wire
+
+    raw = await Raw.open(anbao.port, hello=False)
+    raw.send(wire.hello(1, APP_TOKEN.encode()) + b"".join(wire.ping(2 + i) for i in range(200)))
+    got = await raw.answers(201)
+    statuses = [r.status for r in got if r.request_id != 1]
+    limited = statuses.count(wire.Status.RATE_LIMITED)
+    assert 175 <= limited <= 180 and statuses.count(wire.Status.OK) == 200 - limited, (limited, set(statuses))
+
+
 async def test_relays_between_workers_are_not_rate_limited(serve):
     """Two tokens each send 30 grabs to the worker that does not own the
     packet, within their own ceiling there (a burst of 40, 1/s after). All

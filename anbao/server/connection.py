@@ -153,11 +153,16 @@ class Connection(asyncio.Protocol, Replier):
             frames, broken = exc.frames, exc
         router = self.host.router
         gate = self.host.gate
+        bucket = self.bucket
+        if bucket is not None and bucket.tokens >= len(frames):
+            # The whole read is within the token's ceiling: one take for
+            # all its frames, not one a frame (the common case, and the hot path).
+            bucket.tokens -= len(frames)
+            bucket = None
         for opcode, rid, args in frames:
             if self._fatal is not None:
                 break  # ended by one of these requests (a refused HELLO): nothing after it is read
             self.inflight += 1
-            bucket = self.bucket
             if bucket is not None:
                 # The token's ceiling, before anything is dispatched or
                 # routed: a limited request (a GRAB too) is not decided at all.
@@ -185,6 +190,7 @@ class Connection(asyncio.Protocol, Replier):
             elif self.scope is None:
                 if opcode == Op.HELLO:
                     self._hello(rid, args)
+                    bucket = self.bucket  # the rest of this read counts against the token, frame by frame
                 else:
                     self.answer(codec.encode_error(opcode, rid, Status.UNAUTHENTICATED, self.wid, "HELLO first"))
             elif opcode == Op.PING:
