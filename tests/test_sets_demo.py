@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -19,7 +22,18 @@ pytestmark = pytest.mark.timeout(90)
 MEMBERS, SHARES = 400, 150
 
 
-def test_demo_across_two_sets_started_here(tmp_path):
+@pytest.fixture
+def short_tmp():
+    """A short directory of its own for the demo's sets: PostgreSQL's and
+    the workers' Unix sockets live under it, and pytest's tmp_path can be
+    deeper than a socket path may be."""
+    path = Path(tempfile.mkdtemp(prefix="ad-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_demo_across_two_sets_started_here(short_tmp):
+    tmp_path = short_tmp
     env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the demo makes its directory
     out = subprocess.run(
         [*ANBAO, "demo", "--sets", "2", "--members", str(MEMBERS), "--shares", str(SHARES), "--json"],

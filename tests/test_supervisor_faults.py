@@ -149,3 +149,20 @@ async def test_two_supervisors_never_share_a_data_directory(tmp_path, fresh_dsn,
         assert first.stop() == 0
     finally:
         first.kill_everything()
+
+
+def test_a_data_dir_too_deep_for_unix_sockets_still_serves(tmp_path):
+    """The workers' private sockets live under --data-dir; a path past
+    AF_UNIX's 107 bytes made every worker fail ("AF_UNIX path too long").
+    They move to a short directory of this user's, removed at stop."""
+    from pathlib import Path
+
+    from anbao.server.supervisor import SUN_PATH_MAX_BYTES, socket_dir
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "run"
+    deep.mkdir(parents=True)
+    short = socket_dir(deep)
+    assert short != deep and len(str(short / "worker-1023.sock")) <= SUN_PATH_MAX_BYTES
+    assert short == socket_dir(deep), "the same data dir, the same socket directory"
+    assert socket_dir(Path("/tmp/x/run")) == Path("/tmp/x/run"), "a short path is kept"
+    short.rmdir()

@@ -10,6 +10,7 @@ SIGTERM from the kernel (PR_SET_PDEATHSIG) and drain, and the reaper
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -18,6 +19,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 from dataclasses import replace
@@ -27,6 +29,27 @@ from typing import TYPE_CHECKING
 from ..config import Settings
 from .listener import open_listeners
 from .reaper import Reaper, describe
+
+# The longest path an AF_UNIX socket may have (sun_path is 108 bytes with its NUL).
+SUN_PATH_MAX_BYTES = 107
+MAX_WORKER_SOCKET_NAME = "worker-1023.sock"
+
+
+def socket_dir(run_dir: Path) -> Path:
+    """Where the workers' private Unix sockets go: run_dir when their paths
+    fit AF_UNIX's limit; else a short directory of this user's under /tmp,
+    named after run_dir (a long --data-dir made every worker fail to start
+    with "AF_UNIX path too long")."""
+    if len(str(run_dir / MAX_WORKER_SOCKET_NAME).encode()) <= SUN_PATH_MAX_BYTES:
+        return run_dir
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    short = Path("/tmp") / f"anbao-{os.getuid()}-{digest}"
+    short.mkdir(mode=0o700, exist_ok=True)
+    st = short.stat()
+    # Another user's directory of that name must not receive our sockets.
+    assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700, f"{short} is not ours alone"
+    return short
+
 
 if TYPE_CHECKING:
     from ..metrics import SupervisorMetrics  # imported when used: prometheus_client wants its directory first
@@ -192,6 +215,7 @@ class Supervisor:
     def start(self) -> None:
         n = self.settings.worker_count
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.peer_dir = socket_dir(self.run_dir)
         if self.metrics_port:
             from .. import metrics
 
@@ -239,7 +263,7 @@ class Supervisor:
                 self.dsn,
                 str(self.tokens_path),
                 self.socks[i],
-                str(self.run_dir),
+                str(self.peer_dir),
                 self.peer_token,
                 self.admission,
                 self.memcached,
@@ -373,3 +397,6 @@ class Supervisor:
             self.reaper.unwatch("memcached")
         for s in getattr(self, "socks", []):
             s.close()
+        peer_dir = getattr(self, "peer_dir", self.run_dir)
+        if peer_dir != self.run_dir:
+            shutil.rmtree(peer_dir, ignore_errors=True)
