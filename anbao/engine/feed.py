@@ -22,6 +22,7 @@ import time
 
 import asyncpg
 
+from ..clock import Wakeup
 from ..storage.events import EVENTS_CHANNEL, number_events, prune_events
 
 log = logging.getLogger("anbao.feed")
@@ -57,7 +58,7 @@ class EventFeed:
         self.failures = 0
         self.notifications = 0
         self.listening = False
-        self._poke = asyncio.Event()
+        self._poke = Wakeup()
         self._waiters: dict[asyncio.Future[None], int] = {}  # future -> the cursor it waits beyond
         self._conn: asyncpg.Connection | None = None
         self._listen_conn: asyncpg.Connection | None = None
@@ -116,10 +117,7 @@ class EventFeed:
         """Numbers what this worker (or anyone) committed; prunes; forever."""
         last_run = 0.0
         while True:
-            try:
-                await asyncio.wait_for(self._poke.wait(), self.poll_s)
-            except TimeoutError:
-                pass
+            await self._poke.wait(self.poll_s)
             # Batches commit back to back under load: one run per interval
             # numbers all of them (one more commit per interval, not per
             # batch). A poke after a quiet spell runs at once; the polls do

@@ -42,6 +42,7 @@ from .sets import SetGate, SetWatch
 
 log = logging.getLogger("anbao.worker")
 
+BACKGROUND_STOP_TIMEOUT_S = 10.0  # how long stop() waits for each cancelled background task
 IDLE_SWEEP_S = 1.0  # how often idle and never-authenticated connections are looked for
 
 
@@ -251,10 +252,14 @@ class Worker:
         await self._cancel("roller")
 
     async def _cancel(self, name: str) -> None:
+        """Cancels a background task and waits for it, for a bounded time: a
+        task that swallows its cancellation must not hold the stop forever."""
         task = self._background.pop(name, None)
         if task is not None:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            done, _ = await asyncio.wait({task}, timeout=BACKGROUND_STOP_TIMEOUT_S)
+            if not done:
+                log.error("background task %s did not stop within %.0f s; left behind", name, BACKGROUND_STOP_TIMEOUT_S)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Stops accepting, commits and answers every accepted grab, then closes."""

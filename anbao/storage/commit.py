@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import asyncpg
 
+from ..clock import Wakeup
+
 log = logging.getLogger("anbao.commit")
 
 BATCH_BLOCK_BITS = 20
@@ -303,7 +305,7 @@ class Roller:
         self.backlog_claims = 0
         self.on_progress: Callable[[], None] | None = None  # callback(): the engine may commit again
         self.busy: Callable[[], bool] | None = None  # callable: is the grab path committing?
-        self._wake = asyncio.Event()
+        self._wake = Wakeup()
         self._conn: asyncpg.Connection | None = None
         self._catching_up = False
 
@@ -332,10 +334,7 @@ class Roller:
             if n == 0:
                 self._catching_up = False
                 self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.idle_poll_ms / 1000)
-                except TimeoutError:
-                    pass
+                await self._wake.wait(self.idle_poll_ms / 1000)
 
     async def _yield_to_grabs(self) -> None:
         # Only a burst is deferred: once it has waited defer_max_ms, or the
