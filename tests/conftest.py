@@ -22,6 +22,9 @@ TEMPLATE_DB = "anbao_template"
 _db_numbers = itertools.count(1)
 
 
+pytest_plugins = ["hangwatch"]  # a test idle past its limit ends the run (tests/hangwatch.py)
+
+
 def pytest_asyncio_loop_factories(config, item):
     # The server runs on uvloop in production; so do the tests.
     return {"uvloop": uvloop.new_event_loop}

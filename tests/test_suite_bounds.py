@@ -55,3 +55,50 @@ def test_a_hung_test_fails_alone_with_its_stack(tmp_path):
     assert run.returncode == 1, out
     assert "Timeout" in out and "test_spins_like_aiomcache_502" in out
     assert "1 failed, 1 passed" in out, "the run goes on after the hung test"
+
+
+IDLE = """
+import asyncio
+
+
+async def test_idle_in_the_loop_forever():
+    # Idle, not spinning: no Python runs, so no alarm can fail it.
+    await asyncio.Event().wait()
+"""
+
+
+def test_a_test_idle_forever_ends_the_run_with_every_stack(tmp_path):
+    """pytest-timeout cannot fail a test idle in uvloop; tests/hangwatch.py
+    ends the run past the limit and its margin, with every thread's stack."""
+    import os
+
+    (tmp_path / "test_idle.py").write_text(IDLE)
+    (tmp_path / "conftest.py").write_text(
+        "import uvloop\n\n\ndef pytest_asyncio_loop_factories(config, item):\n"
+        "    return {'uvloop': uvloop.new_event_loop}  # as the suite runs, and where the alarm cannot land\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "ANBAO_HANG_MARGIN_S": "1"}
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--rootdir",
+            str(tmp_path),
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "hangwatch",
+            "-o",
+            "timeout=2",
+            str(tmp_path / "test_idle.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert run.returncode != 0
+    assert "Timeout (" in run.stderr and "pytest_runtest_call" in run.stderr, run.stderr[-2000:]
