@@ -30,27 +30,22 @@ def test_every_test_has_a_time_limit():
     assert ini["timeout_method"] in ("signal", "thread")
 
 
-def test_a_hung_test_fails_alone_with_its_stack(tmp_path):
-    (tmp_path / "test_hung.py").write_text(HUNG)
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-c",
-            str(ROOT / "pyproject.toml"),
-            "--rootdir",
-            str(tmp_path),
-            "-p",
-            "no:cacheprovider",
-            "-o",
-            "timeout=2",
-            str(tmp_path / "test_hung.py"),
-        ],
+def _pytest_with_a_2_s_limit(tmp_path, test_file: str, *extra: str, env=None) -> subprocess.CompletedProcess:
+    """The project's pytest configuration, on one file of tmp_path, with a
+    2 s test limit."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(tmp_path)]
+        + ["-p", "no:cacheprovider", *extra, "-o", "timeout=2", str(tmp_path / test_file)],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
+
+
+def test_a_hung_test_fails_alone_with_its_stack(tmp_path):
+    (tmp_path / "test_hung.py").write_text(HUNG)
+    run = _pytest_with_a_2_s_limit(tmp_path, "test_hung.py")
     out = run.stdout + run.stderr
     assert run.returncode == 1, out
     assert "Timeout" in out and "test_spins_like_aiomcache_502" in out
@@ -78,27 +73,6 @@ def test_a_test_idle_forever_ends_the_run_with_every_stack(tmp_path):
         "    return {'uvloop': uvloop.new_event_loop}  # as the suite runs, and where the alarm cannot land\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "ANBAO_HANG_MARGIN_S": "1"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-c",
-            str(ROOT / "pyproject.toml"),
-            "--rootdir",
-            str(tmp_path),
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "hangwatch",
-            "-o",
-            "timeout=2",
-            str(tmp_path / "test_idle.py"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    run = _pytest_with_a_2_s_limit(tmp_path, "test_idle.py", "-p", "hangwatch", env=env)
     assert run.returncode != 0
     assert "Timeout (" in run.stderr and "pytest_runtest_call" in run.stderr, run.stderr[-2000:]
