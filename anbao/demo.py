@@ -314,30 +314,6 @@ async def _sets_directory_ready(dsns: dict[int, str], topo, users: list[int], ti
             await conn.close()
 
 
-async def _sets_drained_audit(dsns: dict[int, str], timeout_s: float):
-    """Waits until no batch awaits its roll-up and no credit is in flight,
-    then audits across the sets (a consistent cut); returns the audit."""
-    import asyncpg
-
-    from .storage.sets import audit_sets
-
-    deadline = time.monotonic() + timeout_s
-    result = None
-    while True:
-        pending = 0
-        for dsn in dsns.values():
-            conn = await asyncpg.connect(dsn)
-            try:
-                pending += await conn.fetchval("SELECT count(*) FROM grab_rollups")
-            finally:
-                await conn.close()
-        result = await audit_sets(dsns)
-        drained = pending == 0 and result.totals["credits_in_flight"] == 0 and result.totals["consistent_cut"]
-        if drained or time.monotonic() > deadline:
-            return result, drained
-        await asyncio.sleep(0.2)
-
-
 async def _credits_of(dsns: dict[int, str], packet_id: int) -> list[tuple[int, int, int, float]]:
     """The packet's credits as applied at their destinations: (dest set,
     user, amount, lag ms from the roll-up that sent it to the apply)."""
@@ -425,7 +401,10 @@ async def run_sets_demo(topo, dsns: dict[int, str], token: str, args, out) -> in
         while len(claims) < info.claimed_count:
             claims += (await sc.packet(sent.packet_id, claims_offset=len(claims), claims_limit=1000)).claims
         say("waiting for the cross-set credits to be applied")
-        audit, drained = await _sets_drained_audit(dsns, SETS_DRAIN_TIMEOUT_S)
+        from .storage.sets import audit_when_drained
+
+        audit, drained = await audit_when_drained(dsns, SETS_DRAIN_TIMEOUT_S)
+        assert audit is not None, "several sets: there is always a cross-set audit"
         credits = await _credits_of(dsns, sent.packet_id)
     finally:
         for g in [sc, *grabbers]:

@@ -32,7 +32,7 @@ import time
 import asyncpg
 
 from anbao.localsets import LocalSets, new_root
-from anbao.storage.sets import audit_sets
+from anbao.storage.sets import audit_sets, audit_when_drained
 from anbao_client import SetCluster, home_set, set_of
 
 DRAIN_TIMEOUT_S = 120
@@ -58,37 +58,6 @@ async def _directory_ready(dsns, topo, users, timeout_s=60) -> None:
                 await asyncio.sleep(0.2)
         finally:
             await conn.close()
-
-
-async def _drained(dsns, timeout_s=DRAIN_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        pending = 0
-        for dsn in dsns.values():
-            conn = await asyncpg.connect(dsn)
-            try:
-                pending += await conn.fetchval("SELECT count(*) FROM grab_rollups")
-                if len(dsns) > 1:
-                    pending += await conn.fetchval(
-                        "SELECT count(*) FROM credits_out o WHERE src_set = (SELECT set_id FROM anbao_set_identity)"
-                    )
-            finally:
-                await conn.close()
-        if len(dsns) > 1:
-            applied = 0
-            for dsn in dsns.values():
-                conn = await asyncpg.connect(dsn)
-                try:
-                    applied += await conn.fetchval(
-                        "SELECT count(*) FROM credits_out WHERE dest_set = (SELECT set_id FROM anbao_set_identity)"
-                    )
-                finally:
-                    await conn.close()
-            pending -= applied  # sent minus applied, over all sets
-        if pending == 0:
-            return
-        assert time.monotonic() < deadline, f"not drained: {pending}"
-        await asyncio.sleep(0.2)
 
 
 async def one_run(topo, dsns, token, members, senders, args, run: int) -> dict:
@@ -124,7 +93,8 @@ async def one_run(topo, dsns, token, members, senders, args, run: int) -> dict:
     elapsed = time.perf_counter() - started
     for sc in conns:
         await sc.close()
-    await _drained(dsns)
+    _, drained = await audit_when_drained(dsns, DRAIN_TIMEOUT_S)
+    assert drained, "batches or credits did not drain"
     lags, before_send = [], []
     for s, dsn in dsns.items():
         conn = await asyncpg.connect(dsn)

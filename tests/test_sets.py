@@ -21,7 +21,7 @@ from served import ANBAO, Grabber, Served, free_port, storm
 
 from anbao.storage import embedded
 from anbao.storage.migrate import migrate
-from anbao.storage.sets import audit_sets
+from anbao.storage.sets import audit_when_drained
 from anbao_client import Client, SetCluster, SetTopology, WrongSet, home_set, set_of, wire
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,26 +116,10 @@ async def _directory_has(dsn: str, users: list[int], timeout_s: float = 20) -> N
 
 
 async def _drained_audit(dsns: dict[int, str], timeout_s: float = DRAIN_TIMEOUT_S):
-    """Waits until every credit is applied and every batch rolled up, then
-    audits across the sets; returns the audit."""
-    deadline = time.monotonic() + timeout_s
-    result = None
-    while time.monotonic() < deadline:
-        try:
-            pending = 0
-            for dsn in dsns.values():
-                conn = await asyncpg.connect(dsn)
-                try:
-                    pending += await conn.fetchval("SELECT count(*) FROM grab_rollups")
-                finally:
-                    await conn.close()
-            result = await audit_sets(dsns, refund_grace_ms=600_000)
-            if pending == 0 and result.totals["credits_in_flight"] == 0 and result.totals["consistent_cut"]:
-                return result
-        except (OSError, asyncpg.PostgresError):
-            pass
-        await asyncio.sleep(0.3)
-    raise AssertionError("credits did not drain: " + (result.text() if result else "no audit"))
+    """The cross-set audit once every credit is applied and every batch rolled up."""
+    result, drained = await audit_when_drained(dsns, timeout_s, refund_grace_ms=600_000, poll_s=0.3)
+    assert drained, "credits did not drain: " + (result.text() if result else "no audit")
+    return result
 
 
 async def _storm_across(env, sender: int, members: list[int], shares: int, fault=None):

@@ -12,6 +12,8 @@ import json
 import sys
 from decimal import Decimal, InvalidOperation
 
+from anbao_client.protocol import MAX_REGISTER_IDS
+
 from ..cliutil import token_from_args, yuan
 
 # Exit codes: 0 done, 1 the audit (or the demo's check) found a violation,
@@ -112,45 +114,39 @@ def _client_command(run):
 
 async def run_register(c, args, out):
     new = 0
-    for i in range(0, len(args.users), 1024):
-        new += await c.register(args.users[i : i + 1024])
+    for i in range(0, len(args.users), MAX_REGISTER_IDS):
+        new += await c.register(args.users[i : i + MAX_REGISTER_IDS])
     out.done({"registered": len(args.users), "new": new}, f"{len(args.users)} user(s) registered, {new} new")
+
+
+async def _external_move(out, args, moved, done: str) -> None:
+    """DEPOSIT's and WITHDRAW's report: one transfer between the outside and a wallet."""
+    out.done(
+        {
+            "user_id": args.user,
+            "amount_cents": args.amount,
+            "balance_cents": moved.balance_cents,
+            "transfer_id": moved.transfer_id,
+            "idempotency_key": args.key.hex(),
+        },
+        f"{done}: balance {yuan(moved.balance_cents)} (transfer {moved.transfer_id})",
+    )
 
 
 async def run_deposit(c, args, out):
     from anbao_client import new_idempotency_key
 
-    key = args.key or new_idempotency_key()
-    d = await c.deposit(args.user, args.amount, key=key)
-    out.done(
-        {
-            "user_id": args.user,
-            "amount_cents": args.amount,
-            "balance_cents": d.balance_cents,
-            "transfer_id": d.transfer_id,
-            "idempotency_key": key.hex(),
-        },
-        f"deposited {yuan(args.amount)} to user {args.user}: balance {yuan(d.balance_cents)}"
-        f" (transfer {d.transfer_id})",
-    )
+    args.key = args.key or new_idempotency_key()
+    moved = await c.deposit(args.user, args.amount, key=args.key)
+    await _external_move(out, args, moved, f"deposited {yuan(args.amount)} to user {args.user}")
 
 
 async def run_withdraw(c, args, out):
     from anbao_client import new_idempotency_key
 
-    key = args.key or new_idempotency_key()
-    w = await c.withdraw(args.user, args.amount, key=key)
-    out.done(
-        {
-            "user_id": args.user,
-            "amount_cents": args.amount,
-            "balance_cents": w.balance_cents,
-            "transfer_id": w.transfer_id,
-            "idempotency_key": key.hex(),
-        },
-        f"withdrew {yuan(args.amount)} from user {args.user}: balance {yuan(w.balance_cents)}"
-        f" (transfer {w.transfer_id})",
-    )
+    args.key = args.key or new_idempotency_key()
+    moved = await c.withdraw(args.user, args.amount, key=args.key)
+    await _external_move(out, args, moved, f"withdrew {yuan(args.amount)} from user {args.user}")
 
 
 async def run_send(c, args, out):

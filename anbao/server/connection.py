@@ -173,7 +173,9 @@ class Connection(asyncio.Protocol, Replier):
                 bucket.tokens -= 1.0
             if opcode == _GRAB and self.scope is not None and type(args) is tuple:
                 if gate is not None and args[0] >> _SET_SHIFT != gate.set_id:
-                    self.answer(gate.redirect(opcode, rid, args) or b"")
+                    redirect = gate.redirect(opcode, rid, args)
+                    assert redirect is not None, "a packet of another set always has its redirect"
+                    self.answer(redirect)
                 elif self.scope == _PEER:
                     router.on_relayed(self, rid, args[0], args[1])
                 else:

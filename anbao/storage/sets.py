@@ -14,7 +14,9 @@ Names, fixed so that `anbao migrate`/`serve` can check them:
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -324,3 +326,33 @@ async def audit_sets(dsns: dict[int, str], refund_grace_ms: int | None = None) -
         "consistent_cut": stable,
     }
     return out
+
+
+async def audit_when_drained(
+    dsns: dict[int, str], timeout_s: float, refund_grace_ms: int | None = None, poll_s: float = 0.2
+) -> tuple[SetsAudit | None, bool]:
+    """Waits until no batch awaits its roll-up in any set and (with several
+    sets) no credit is in flight, then audits across them, a consistent
+    cut. Returns (the last audit, None for one set; whether it drained
+    within timeout_s). A set that cannot be read yet (restarting) is read
+    again at the next poll."""
+    deadline = time.monotonic() + timeout_s
+    result = None
+    while True:
+        try:
+            pending = 0
+            for dsn in dsns.values():
+                conn = await asyncpg.connect(dsn)
+                try:
+                    pending += await conn.fetchval("SELECT count(*) FROM grab_rollups")
+                finally:
+                    await conn.close()
+            result = await audit_sets(dsns, refund_grace_ms) if len(dsns) > 1 else None
+            drained = pending == 0 and (
+                result is None or (result.totals["credits_in_flight"] == 0 and result.totals["consistent_cut"])
+            )
+        except (OSError, asyncpg.PostgresError):
+            drained = False
+        if drained or time.monotonic() > deadline:
+            return result, drained
+        await asyncio.sleep(poll_s)
