@@ -166,6 +166,15 @@ class Limits:
     events_retention_ms: int = 7 * 86_400_000
     events_retention_max_events: int = 100_000_000
     events_prune_interval_ms: int = 1000
+    # ---- Sets (issue 11): BALANCE asks the other sets what is on its way ----
+    # Each worker reads each other set's database over at most
+    # peer_set_connections connections, each read bounded by
+    # peer_set_read_timeout_ms; a set that failed a read is not asked again
+    # for peer_set_retry_ms (BALANCE then counts it in sets_unreached at
+    # once, so a set that hangs never holds up another set's answers).
+    peer_set_connections: int = 2
+    peer_set_read_timeout_ms: int = 500
+    peer_set_retry_ms: int = 1000
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -19,10 +19,11 @@ import pytest
 from helpers import ADMIN_TOKEN, APP_TOKEN, Raw
 from served import ANBAO, Grabber, Served, free_port, storm
 
+from anbao.server.sets import PEER_READER_NAME
 from anbao.storage import embedded
 from anbao.storage.migrate import migrate
 from anbao.storage.sets import audit_when_drained
-from anbao_client import Client, SetCluster, SetTopology, WrongSet, home_set, set_of, wire
+from anbao_client import Client, InsufficientFunds, SetCluster, SetTopology, WrongSet, home_set, set_of, wire
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -403,4 +404,87 @@ async def test_stats_and_metrics_show_each_sets_replication_and_the_backlog_move
         assert time.monotonic() < deadline, "the in-flight gauge never came back to 0"
         await asyncio.sleep(0.3)
     result = await _drained_audit(env["dsns"])
+    assert result.ok, result.text()
+
+
+async def test_balance_at_home_shows_what_other_sets_owe_until_it_arrives(two_sets):
+    """BALANCE at the home set says what is posted and, apart, what another
+    set owes the user and has not credited yet (the share is acknowledged
+    there at once); WITHDRAW spends only what is posted; a set that cannot
+    be asked is counted, not waited for; once the credits arrive they move
+    from in flight into the balance, never counted twice."""
+    env = two_sets
+    topo, dsns = env["topology"], env["dsns"]
+    async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
+        users = await _users(sc, 70_000, 40, 50_000)
+        sender0 = next(u for u in users if home_set(u, topo) == 0)
+        ones = [u for u in users if home_set(u, topo) == 1][:3]
+        await _directory_has(dsns[0], ones)
+        before = {u: await sc.balance_detail(u) for u in ones}
+        assert all(b == wire.Balance(50_000, 0, 0) for b in before.values()), before
+
+        conn1 = await asyncpg.connect(dsns[1])
+        try:
+            await conn1.execute("ALTER SUBSCRIPTION anbao_from_set_0 DISABLE")  # credits from set 0 wait
+            sent = await sc.send(sender0, 9_000, 3, mode=wire.Mode.FIXED)
+            won = {u: (await sc.grab(sent.packet_id, u)).amount_cents for u in ones}
+            assert won == {u: 3_000 for u in ones}
+            # At once (the grabs may still wait for set 0's roll-up), and after it wrote the credits.
+            for _ in range(2):
+                for u in ones:
+                    assert await sc.balance_detail(u) == wire.Balance(50_000, 3_000, 0)
+                deadline = time.monotonic() + 20
+                conn0 = await asyncpg.connect(dsns[0])
+                try:
+                    while await conn0.fetchval("SELECT count(*) FROM grab_rollups") and time.monotonic() < deadline:
+                        await asyncio.sleep(0.1)
+                    assert await conn0.fetchval(
+                        "SELECT count(*) FROM credits_out WHERE packet_id = $1", sent.packet_id
+                    ) == len(ones)
+                finally:
+                    await conn0.close()
+            with pytest.raises(InsufficientFunds):
+                await sc.withdraw(ones[0], 50_001)
+
+            # Set 0 hanging (its backends serving set 1 stopped), then down:
+            # BALANCE at set 1 still answers, and says set 0 was not reached.
+            conn0 = await asyncpg.connect(dsns[0])
+            try:
+                stopped = [
+                    r["pid"]
+                    for r in await conn0.fetch(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = $1", PEER_READER_NAME
+                    )
+                ]
+                assert stopped, "set 1 holds no connection to set 0"
+                for pid in stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                try:
+                    assert await sc.balance_detail(ones[0]) == wire.Balance(50_000, 0, 1)
+                    assert await sc.balance_detail(ones[1]) == wire.Balance(50_000, 0, 1)  # not asked again
+                finally:
+                    for pid in stopped:
+                        os.kill(pid, signal.SIGCONT)
+            finally:
+                await conn0.close()
+            await asyncio.to_thread(embedded.pg_ctl_stop, env["pg_dirs"][0])
+            try:
+                assert await sc.balance_detail(ones[0]) == wire.Balance(50_000, 0, 1)
+            finally:
+                await asyncio.to_thread(embedded.start, env["pg_dirs"][0], True)
+        finally:
+            await conn1.execute("ALTER SUBSCRIPTION anbao_from_set_0 ENABLE")
+            await conn1.close()
+
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            now = {u: await sc.balance_detail(u) for u in ones}
+            assert all(b.balance_cents + b.in_flight_cents in (53_000, 50_000) for b in now.values()), now
+            if all(b == wire.Balance(53_000, 0, 0) for b in now.values()):
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise AssertionError(f"the credits did not arrive: {now}")
+        assert (await sc.withdraw(ones[0], 53_000)).balance_cents == 0
+    result = await _drained_audit(dsns)
     assert result.ok, result.text()

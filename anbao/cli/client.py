@@ -246,11 +246,24 @@ async def run_packet(c, args, out):
     out.done(doc, [head, state] + ([table] if info.claims else []))
 
 
+def _balance_line(u: int, b) -> str:
+    line = f"user {u}: {yuan(b.balance_cents)}"
+    if b.in_flight_cents:
+        line += f", and {yuan(b.in_flight_cents)} on its way from other sets"
+    if b.sets_unreached:
+        line += f" ({b.sets_unreached} set(s) not answering: more may be on its way)"
+    return line
+
+
 async def run_balance(c, args, out):
-    balances = {u: await c.balance(u) for u in args.users}
+    balances = {u: await c.balance_detail(u) for u in args.users}
     out.done(
-        {"balances_cents": {str(u): b for u, b in balances.items()}},
-        [f"user {u}: {yuan(b)}" for u, b in balances.items()],
+        {
+            "balances_cents": {str(u): b.balance_cents for u, b in balances.items()},
+            "in_flight_cents": {str(u): b.in_flight_cents for u, b in balances.items()},
+            "sets_unreached": {str(u): b.sets_unreached for u, b in balances.items()},
+        },
+        [_balance_line(u, b) for u, b in balances.items()],
     )
 
 

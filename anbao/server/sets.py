@@ -7,12 +7,17 @@ Groups are mirrored in every set and pass; so do AUDIT, STATS, TOPOLOGY."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 from anbao_client.protocol import MESSAGES, Op
 from anbao_client.routing import SET_SHIFT, SetTopology, home_set
 
+from ..config import Limits
 from . import answers
+
+log = logging.getLogger("anbao.sets")
 
 _PACKET, _USER, _USERS = 0, 1, 2
 
@@ -103,8 +108,6 @@ class SetWatch:
             c.terminate()
 
     async def read(self) -> dict[str, Any]:
-        import time
-
         from ..storage.sets import credits_between, replication_on
 
         t = SET_WATCH_TIMEOUT_S
@@ -150,3 +153,106 @@ class SetWatch:
         finally:
             for s in list(self._conns):
                 self._drop(s)
+
+
+# ---------------------------------------------------------------- BALANCE: what other sets owe a user here
+
+
+PEER_READER_NAME = "anbao-set-peers"  # application_name of the connections, as other sets see them
+
+
+class SetPeers:
+    """Asks the other sets' databases what they owe a user homed here
+    (storage.sets.owed_to), for BALANCE's in_flight_cents. Every set is
+    asked at once, each read bounded by Limits.peer_set_read_timeout_ms
+    over at most peer_set_connections connections; a set that failed is
+    not asked again for peer_set_retry_ms, so a set that is down or hangs
+    costs BALANCE nothing but a count in sets_unreached."""
+
+    def __init__(self, topology: SetTopology, set_id: int, limits: Limits):
+        self.set_id = set_id
+        self.peers = {s: i.dsn or "" for s, i in topology.sets.items() if s != set_id}  # "": never asked
+        self._timeout_s = limits.peer_set_read_timeout_ms / 1000
+        self._retry_ms = limits.peer_set_retry_ms
+        self._connections = limits.peer_set_connections
+        self._pools: dict[int, Any] = {}
+        self._down_until_s: dict[int, float] = {}  # time.monotonic()
+
+    async def _pool(self, s: int, dsn: str):
+        """Set s's pool; a new one after _drop. Made and awaited (min_size 0:
+        that connects nobody) before it is shared, so no caller ever sees a
+        pool that is not ready or a second one for the same set."""
+        import asyncpg
+
+        pool = self._pools.get(s)
+        if pool is None:
+            made = await asyncpg.create_pool(
+                dsn, min_size=0, max_size=self._connections, server_settings={"application_name": PEER_READER_NAME}
+            )
+            pool = self._pools.setdefault(s, made)
+            if pool is not made:
+                made.terminate()
+        return pool
+
+    async def _read(self, s: int, dsn: str, user_id: int) -> int:
+        from ..storage.sets import owed_to
+
+        async with (await self._pool(s, dsn)).acquire() as conn:
+            return await owed_to(conn, s, self.set_id, user_id)
+
+    async def _owed(self, s: int, dsn: str, user_id: int) -> int | None:
+        import asyncio
+
+        if not dsn or time.monotonic() < self._down_until_s.get(s, 0.0):
+            return None
+        read = asyncio.ensure_future(self._read(s, dsn, user_id))
+        try:
+            done, _ = await asyncio.wait({read}, timeout=self._timeout_s)
+        except asyncio.CancelledError:
+            read.cancel()
+            raise
+        if done and read.exception() is None:
+            return read.result()
+        if not done:
+            # Not cancelled and awaited (asyncio.wait_for would): asyncpg
+            # then cancels the query and resets the connection, each a wait
+            # on the hung peer. Its pool is cut off instead, which ends the
+            # read at once, whatever it was waiting on.
+            read.add_done_callback(lambda t: t.cancelled() or t.exception())
+        exc = read.exception() if done else TimeoutError(f"no answer in {self._timeout_s} s")
+        log.warning("set %d: reading what it owes user %d failed: %s: %s", s, user_id, type(exc).__name__, exc)
+        self._drop(s)
+        self._down_until_s[s] = time.monotonic() + self._retry_ms / 1000
+        return None
+
+    def _drop(self, s: int) -> None:
+        pool = self._pools.pop(s, None)
+        if pool is not None:
+            pool.terminate()
+
+    async def in_flight(self, user_id: int, applied_here: dict[int, int]) -> tuple[int, int]:
+        """(cents other sets owe `user_id` beyond what this set has applied
+        from them, how many sets could not be asked). `applied_here` must
+        have been read before this call (storage.sets.balance_at_home)."""
+        import asyncio
+
+        assert set(applied_here) <= set(self.peers), f"credits from sets not in the topology: {applied_here}"
+        sets = sorted(self.peers)
+        owed = await asyncio.gather(*(self._owed(s, self.peers[s], user_id) for s in sets))
+        cents = unreached = 0
+        for s, o in zip(sets, owed, strict=True):
+            if o is None:
+                unreached += 1
+            elif o < applied_here.get(s, 0):
+                # Applied here but never sent there: the sets' databases
+                # disagree (a restore from an old backup?). The audit
+                # across sets says where; BALANCE cannot say what is due.
+                log.error("set %d owes user %d %d cents, but %d were applied here", s, user_id, o, applied_here[s])
+                unreached += 1
+            else:
+                cents += o - applied_here.get(s, 0)
+        return cents, unreached
+
+    async def close(self) -> None:
+        for s in list(self._pools):
+            self._drop(s)

@@ -38,7 +38,7 @@ from .ops import Context
 from .peers import PeerLink
 from .ratelimit import RateLimits
 from .router import Router
-from .sets import SetGate, SetWatch
+from .sets import SetGate, SetPeers, SetWatch
 
 log = logging.getLogger("anbao.worker")
 
@@ -92,6 +92,7 @@ class Worker:
         self._servers: list[asyncio.AbstractServer] = []
         self._background: dict[str, asyncio.Task[Any]] = {}
         self.set_watch: SetWatch | None = None  # with a topology: the set's replication, read in the background
+        self.set_peers: SetPeers | None = None  # with a topology: the other sets, asked by BALANCE
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -189,6 +190,8 @@ class Worker:
             topology = SetTopology.load(self.settings.topology_file)
             gate = SetGate(topology, self.settings.set_id, self.worker_id)
             self.set_watch = SetWatch(topology, self.settings.set_id, self.dsn)
+            self.set_peers = SetPeers(topology, self.settings.set_id, lim)
+            ctx.in_flight = self.set_peers.in_flight
         self.dispatcher = Dispatcher(ctx, self.db, gate)
         if self.metrics is not None:
             self.engine.on_commit = self.metrics.observe_commit
@@ -287,6 +290,8 @@ class Worker:
         await self._cancel("idle")
         await self._cancel("db_watch")
         await self._cancel("set_watch")
+        if self.set_peers is not None:
+            await self.set_peers.close()
         for c in list(self.connections):
             c.close()
         for server in self._servers[1:]:

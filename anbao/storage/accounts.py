@@ -30,12 +30,17 @@ _KNOWN = (
     f"SELECT owner_id FROM accounts WHERE {_USER} AND owner_id = ANY($1::bigint[])"
     " UNION SELECT user_id FROM user_directory WHERE user_id = ANY($1::bigint[])"
 )
-_BALANCE = (
-    "SELECT a.balance_cents + COALESCE((SELECT sum(g.amount_cents) FROM grab_rollups r"
+# User $1's committed grabs still waiting for their roll-up: a roll-up moves
+# a claim from here into a balance (or, for a user of another set, into a
+# credit to that set) in one transaction, so one snapshot never counts it
+# twice or not at all.
+PENDING_GRABS_OF_USER = (
+    "COALESCE((SELECT sum(g.amount_cents) FROM grab_rollups r"
     " CROSS JOIN LATERAL unnest(r.users, r.amounts) AS g(user_id, amount_cents)"
     " WHERE r.users @> ARRAY[$1::bigint] AND g.user_id = $1), 0)::bigint"
-    f" FROM accounts a WHERE a.{_USER} AND a.owner_id = $1"
 )
+# User $1's balance: posted plus pending grabs; NULL for no wallet.
+BALANCE = f"SELECT a.balance_cents + {PENDING_GRABS_OF_USER} FROM accounts a WHERE a.{_USER} AND a.owner_id = $1"
 _EXTERNAL_ID = f"(SELECT account_id FROM accounts WHERE {_EXTERNAL})"
 
 
@@ -100,7 +105,7 @@ class Accounts:
         for their roll-up: one statement, one snapshot (a roll-up moves a
         claim from one to the other in one transaction), no lock taken."""
         async with self.pool.acquire() as conn:
-            bal = await conn.fetchval(_BALANCE, user_id)
+            bal = await conn.fetchval(BALANCE, user_id)
         if bal is None:
             raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
         return bal

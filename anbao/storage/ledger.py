@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncpg
 
 from .accounts import Accounts
-from .domain import EventPage, Refused
+from .domain import EventPage, Reason, Refused
 from .events import read_events
 from .groups import Groups
 from .history import History
 from .idempotency import Idempotency, StoredAnswer
 from .packets import Packets
+from .sets import balance_at_home
 
 __all__ = ["Ledger", "Refused", "StoredAnswer"]
 
@@ -41,6 +42,15 @@ class Ledger(Idempotency, Accounts, Packets, History, Groups):
     async def events(self, cursor: int, limit: int) -> EventPage:
         async with self.pool.acquire() as conn:
             return await read_events(conn, cursor, limit)
+
+    async def balance_at_home(self, me: int, user_id: int) -> tuple[int, dict[int, int]]:
+        """BALANCE at the user's home set of several: the balance and what
+        each other set has credited here (storage.sets.balance_at_home)."""
+        async with self.pool.acquire() as conn:
+            bal, applied = await balance_at_home(conn, me, user_id)
+        if bal is None:
+            raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
+        return bal, applied
 
     async def close(self) -> None:
         await self.pool.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from .accounts import BALANCE, PENDING_GRABS_OF_USER
 from .domain import AccountKind as A
 from .domain import TransferKind as T
 
@@ -173,6 +174,46 @@ async def credits_between(conn, src: int, dest: int, timeout: float | None = Non
     return await conn.fetchval(
         "SELECT count(*) FROM credits_out WHERE dest_set = $1 AND src_set = $2", dest, src, timeout=timeout
     )
+
+
+# ---------------------------------------------------------------- a wallet's credits on their way
+# BALANCE at a user's home set says what is posted there and what other
+# sets owe the user but have not yet credited (PROTOCOL.md BALANCE). Two
+# reads, in this order: the home set's (balance_at_home: the balance and,
+# per sending set, what it has applied from that set, in one snapshot),
+# then each sender's (owed_to: everything it has sent or will send the
+# user, in one snapshot). Sent only grows and a copy is applied only after
+# its original committed, so owed - applied is never negative, and a credit
+# applied between the two reads is counted as on its way, never as both
+# posted and on its way.
+
+_BALANCE_AT_HOME = (
+    f"SELECT ({BALANCE}), f.srcs, f.cents FROM (SELECT array_agg(src_set) AS srcs, array_agg(s) AS cents FROM"
+    " (SELECT src_set, sum(amount_cents)::bigint AS s FROM credits_out"
+    "  WHERE user_id = $1 AND dest_set = $2 AND src_set <> $2 GROUP BY src_set) x) f"
+)
+# At the sender $2, to set $3: the credits written (in flight or applied
+# there) plus the user's grabs here not yet rolled up (each becomes such a
+# credit, unless the user has a wallet here: then it is no credit at all).
+_OWED_TO = (
+    "SELECT COALESCE((SELECT sum(amount_cents) FROM credits_out"
+    "  WHERE user_id = $1 AND dest_set = $3 AND src_set = $2), 0)::bigint"
+    f" + CASE WHEN EXISTS (SELECT 1 FROM accounts WHERE kind = {A.USER:d} AND owner_id = $1) THEN 0"
+    f"   ELSE {PENDING_GRABS_OF_USER} END"
+)
+
+
+async def balance_at_home(conn, me: int, user_id: int) -> tuple[int | None, dict[int, int]]:
+    """At the home set `me`: (the user's balance as BALANCE on one set says
+    it, or None for no wallet; {sending set: cents applied here from it})."""
+    bal, srcs, cents = await conn.fetchrow(_BALANCE_AT_HOME, user_id, me)
+    return bal, dict(zip(srcs or [], cents or [], strict=True))
+
+
+async def owed_to(conn, me: int, dest: int, user_id: int) -> int:
+    """At the sending set `me`: every cent it has credited, or will, to
+    `user_id` at set `dest`."""
+    return await conn.fetchval(_OWED_TO, user_id, me, dest)
 
 
 @dataclass

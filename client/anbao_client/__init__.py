@@ -39,6 +39,7 @@ from .sync import SyncClient
 from .wire import (
     Audience,
     AuditResult,
+    Balance,
     Claim,
     Deposited,
     Event,
@@ -106,6 +107,7 @@ __all__ = [
     "WrongSet",
     # results and enums
     "AuditResult",
+    "Balance",
     "Audience",
     "Claim",
     "Deposited",

@@ -221,8 +221,13 @@ class Client:
         return wire.decode_deposited(r.body)
 
     async def balance(self, user_id: int) -> int:
+        """What the user can spend: `balance_detail(...).balance_cents`."""
+        return (await self.balance_detail(user_id)).balance_cents
+
+    async def balance_detail(self, user_id: int) -> wire.Balance:
+        """The balance, and with several sets what is on its way from them."""
         r = await self._call(lambda rid: wire.balance(rid, user_id))
-        return wire.decode_balance(r.body)
+        return wire.decode_balance_detail(r.body)
 
     async def withdraw(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Withdrawn:
         """Admin scope: money out of a wallet to the outside world. Above the

@@ -155,6 +155,9 @@ class Cluster:
     async def balance(self, user_id: int) -> int:
         return await self.clients[0].balance(user_id)
 
+    async def balance_detail(self, user_id: int) -> wire.Balance:
+        return await self.clients[0].balance_detail(user_id)
+
     async def withdraw(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Withdrawn:
         return await self.clients[0].withdraw(user_id, amount_cents, key=key)
 

@@ -270,7 +270,7 @@ MESSAGES: dict[Op, Message] = {
             scope=Scope.ADMIN,
             writes=True,
         ),
-        Message(Op.BALANCE, layout(user_id="Q"), layout(balance_cents="q")),
+        Message(Op.BALANCE, layout(user_id="Q"), layout(balance_cents="q", in_flight_cents="q", sets_unreached="H")),
         Message(
             Op.WITHDRAW,
             layout(key="k", user_id="Q", amount_cents="q"),

@@ -99,6 +99,9 @@ class SetCluster:
     async def balance(self, user_id: int) -> int:
         return await self._at(self.home(user_id), lambda c: c.balance(user_id))
 
+    async def balance_detail(self, user_id: int) -> wire.Balance:
+        return await self._at(self.home(user_id), lambda c: c.balance_detail(user_id))
+
     async def statement(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Statement:
         return await self._at(self.home(user_id), lambda c: c.statement(user_id, cursor=cursor, limit=limit))
 

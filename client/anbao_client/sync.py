@@ -82,6 +82,9 @@ class SyncClient:
     def balance(self, user_id: int) -> int:
         return self._run(self._client.balance(user_id))
 
+    def balance_detail(self, user_id: int) -> wire.Balance:
+        return self._run(self._client.balance_detail(user_id))
+
     def withdraw(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Withdrawn:
         return self._run(self._client.withdraw(user_id, amount_cents, key=key))
 

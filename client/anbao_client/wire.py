@@ -124,9 +124,11 @@ def _unpack_value(letter: str, body: bytes, pos: int) -> tuple[Any, int]:
     return (raw.decode("utf-8") if letter == "t" else raw), start + n
 
 
-def unpack(layout: Layout, body: bytes) -> tuple[Any, ...]:
+def unpack(layout: Layout, body: bytes, *, tail_ok: bool = False) -> tuple[Any, ...]:
     """The field values of a body, in layout order; a body that does not
-    end where its layout does is an error."""
+    end where its layout does is an error, unless `tail_ok`: an answer may
+    grow fields at its end within a version (PROTOCOL.md "Versioning"),
+    which a client that does not know them skips."""
     values: list[Any] = []
     pos = 0
     for _, kind in layout.fields:
@@ -146,7 +148,7 @@ def unpack(layout: Layout, body: bytes) -> tuple[Any, ...]:
         else:
             v, pos = _unpack_value(kind, body, pos)
             values.append(v)
-    if pos != len(body):
+    if pos > len(body) or (pos < len(body) and not tail_ok):
         raise ValueError(f"body of {len(body)} bytes, layout ends at {pos}")
     return tuple(values)
 
@@ -286,8 +288,9 @@ class Response:
 
 
 def answer(op: Op, body: bytes) -> tuple[Any, ...]:
-    """The fields of an OK answer to `op`, in its table layout's order."""
-    return unpack(MESSAGES[op].answer, body)
+    """The fields of an OK answer to `op`, in its table layout's order;
+    fields a newer server added after them are skipped."""
+    return unpack(MESSAGES[op].answer, body, tail_ok=True)
 
 
 class FrameBuffer:
@@ -491,9 +494,25 @@ def decode_register(body: bytes) -> int:
     return int(created)
 
 
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """BALANCE's answer. `balance_cents`: posted, plus grabs in this set
+    still rolling up; what WITHDRAW and SEND can spend. `in_flight_cents`:
+    shares won in other sets on their way here, not spendable until they
+    arrive (0 with one set). `sets_unreached`: other sets that could not be
+    asked, whose credits on their way are not in `in_flight_cents`."""
+
+    balance_cents: int
+    in_flight_cents: int
+    sets_unreached: int
+
+
+def decode_balance_detail(body: bytes) -> Balance:
+    return Balance(*answer(Op.BALANCE, body))
+
+
 def decode_balance(body: bytes) -> int:
-    (balance_cents,) = answer(Op.BALANCE, body)
-    return int(balance_cents)
+    return decode_balance_detail(body).balance_cents
 
 
 def decode_stats(body: bytes) -> bytes:

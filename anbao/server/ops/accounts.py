@@ -81,7 +81,15 @@ async def withdraw(ctx: Context, rid: int, key: bytes, user_id: int, amount_cent
 
 
 async def balance(ctx: Context, rid: int, user_id: int) -> bytes:
-    return answers.ok(Op.BALANCE, rid, ctx.worker_id, await ctx.ledger.balance(user_id))
+    """The balance (posted, plus this set's grabs still rolling up: what
+    WITHDRAW and SEND can spend once they settle), and with several sets
+    the cents other sets owe the user that have not reached it yet (not
+    spendable until they do), read here first, then there."""
+    if ctx.in_flight is None:
+        return answers.ok(Op.BALANCE, rid, ctx.worker_id, await ctx.ledger.balance(user_id), 0, 0)
+    balance_cents, applied = await ctx.ledger.balance_at_home(ctx.set_id, user_id)
+    in_flight_cents, sets_unreached = await ctx.in_flight(user_id, applied)
+    return answers.ok(Op.BALANCE, rid, ctx.worker_id, balance_cents, in_flight_cents, sets_unreached)
 
 
 async def statement(ctx: Context, rid: int, user_id: int, before: int, limit: int) -> bytes:

@@ -3,7 +3,7 @@ the refusal it raises, and the small rules several handlers apply."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,9 @@ class Context:
     own_shards: list[int]  # the shards this worker creates packets in (it owns them)
     stats: Callable[[], dict[str, Any]]  # the worker's STATS document
     feed: EventFeed | None = None  # the event feed (EVENTS); poked by every money write
+    # Several sets: (user, cents applied here from each set) -> (cents the
+    # other sets owe the user beyond that, sets not answering); server/sets.py SetPeers.
+    in_flight: Callable[[int, dict[int, int]], Awaitable[tuple[int, int]]] | None = None
     _next_shard: int = field(default=0, repr=False)
 
     def next_shard(self) -> int:
