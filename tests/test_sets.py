@@ -485,6 +485,14 @@ async def test_balance_at_home_shows_what_other_sets_owe_until_it_arrives(two_se
             await asyncio.sleep(0.2)
         else:
             raise AssertionError(f"the credits did not arrive: {now}")
+        # The home set lists the share won in set 0, with its sender and seq.
+        seqs = []
+        for u in ones:
+            [share] = [x for x in (await sc.received(u)).items if x.packet_id == sent.packet_id]
+            assert (share.sender_id, share.amount_cents) == (sender0, 3_000)
+            assert share.claimed_at_ms > 0
+            seqs.append(share.seq)
+        assert sorted(seqs) == [1, 2, 3]
         assert (await sc.withdraw(ones[0], 53_000)).balance_cents == 0
     result = await _drained_audit(dsns)
     assert result.ok, result.text()

@@ -37,12 +37,18 @@ _SENT = (
     " AS s FROM anbao_claims_of(packets.packet_id)) c"
     " WHERE sender_id = $2 AND packet_id < $3 ORDER BY packet_id DESC LIMIT $4"
 )
+# A share of this set's packet is a GRAB transfer with its claim; a share
+# won in another set's packet is the CROSS_IN transfer that credited it,
+# with the credit's copy (migrations 0007, 0011), found by user and transfer.
+_GRAB, _CROSS_IN = TransferKind.GRAB, TransferKind.CROSS_IN
 _RECEIVED = (
-    "SELECT t.transfer_id, t.packet_id, p.sender_id, c.seq, t.amount_cents, c.created_at"
+    "SELECT t.transfer_id, t.packet_id, COALESCE(p.sender_id, x.sender_id, 0), COALESCE(c.seq, x.seq),"
+    " t.amount_cents, COALESCE(c.created_at, x.claimed_at, x.created_at)"
     " FROM transfers t"
-    " JOIN claims c ON c.packet_id = t.packet_id AND c.user_id = $4"
-    " JOIN packets p ON p.packet_id = t.packet_id"
-    f" WHERE t.credit_account = $1 AND t.kind = {TransferKind.GRAB:d} AND t.transfer_id < $2"
+    f" LEFT JOIN claims c ON t.kind = {_GRAB:d} AND c.packet_id = t.packet_id AND c.user_id = $4"
+    f" LEFT JOIN packets p ON t.kind = {_GRAB:d} AND p.packet_id = t.packet_id"
+    f" LEFT JOIN credits_out x ON t.kind = {_CROSS_IN:d} AND x.user_id = $4 AND x.applied_transfer_id = t.transfer_id"
+    f" WHERE t.credit_account = $1 AND t.kind IN ({_GRAB:d}, {_CROSS_IN:d}) AND t.transfer_id < $2"
     " ORDER BY t.transfer_id DESC LIMIT $3"
 )
 

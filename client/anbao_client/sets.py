@@ -109,8 +109,9 @@ class SetCluster:
         return await self._at(self.home(user_id), lambda c: c.sent(user_id, cursor=cursor, limit=limit))
 
     async def received(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Page:
-        """Shares of packets of the user's home set (a share from another set
-        shows in the statement, as a CROSS_IN credit)."""
+        """Every share the user won, asked at their home set: a share of
+        another set's packet shows once its credit arrived (BALANCE's
+        in_flight_cents counts it before)."""
         return await self._at(self.home(user_id), lambda c: c.received(user_id, cursor=cursor, limit=limit))
 
     # ------------------------------------------------------------ groups: mirrored in every set
