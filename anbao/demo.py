@@ -292,47 +292,27 @@ async def _sets_directory_ready(dsns: dict[int, str], topo, users: list[int], ti
     """Waits until every set knows every other set's users among `users`
     (the directory is replicated: a set refuses a grab by a user it does not
     know yet, UNKNOWN_USER, exactly as for an unregistered one)."""
-    import asyncpg
-
     from anbao_client import home_set
 
-    deadline = time.monotonic() + timeout_s
-    for s, dsn in sorted(dsns.items()):
-        others = [u for u in users if home_set(u, topo) != s]
-        conn = await asyncpg.connect(dsn)
-        try:
-            while True:
-                n = await conn.fetchval(
-                    "SELECT count(DISTINCT user_id) FROM user_directory WHERE user_id = ANY($1)", others
-                )
-                if n == len(others):
-                    break
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"anbao demo: set {s} knows {n} of {len(others)} users of the other sets")
-                await asyncio.sleep(0.1)
-        finally:
-            await conn.close()
+    from .storage.sets import wait_for_directory
+
+    wanted = {s: [u for u in users if home_set(u, topo) != s] for s in dsns}
+    short = await wait_for_directory(dsns, wanted, timeout_s)
+    if short is not None:
+        s, n, of = short
+        raise SystemExit(f"anbao demo: set {s} knows {n} of {of} users of the other sets")
 
 
 async def _credits_of(dsns: dict[int, str], packet_id: int) -> list[tuple[int, int, int, float]]:
     """The packet's credits as applied at their destinations: (dest set,
     user, amount, lag ms from the roll-up that sent it to the apply)."""
-    import asyncpg
+    from .storage.sets import credit_times
 
-    out = []
-    for s, dsn in sorted(dsns.items()):
-        conn = await asyncpg.connect(dsn)
-        try:
-            rows = await conn.fetch(
-                "SELECT user_id, amount_cents, extract(epoch FROM applied_at - created_at) * 1000 AS lag_ms"
-                " FROM credits_out WHERE dest_set = $1 AND packet_id = $2 AND applied_transfer_id IS NOT NULL",
-                s,
-                packet_id,
-            )
-        finally:
-            await conn.close()
-        out += [(s, r["user_id"], r["amount_cents"], float(r["lag_ms"])) for r in rows]
-    return out
+    return [
+        (c.dest_set, c.user_id, c.amount_cents, (c.applied - c.created) * 1000)
+        for c in await credit_times(dsns, [packet_id])
+        if c.applied is not None
+    ]
 
 
 async def run_sets_demo(topo, dsns: dict[int, str], token: str, args, out) -> int:

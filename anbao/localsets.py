@@ -77,6 +77,7 @@ class LocalSets:
         admission: str = "in-process",
         say=lambda text: None,
         extra_serve_args: list[str] | None = None,
+        metrics: bool = False,
     ):
         assert 1 <= count <= 8 and workers >= 1
         self.root = Path(root).resolve()
@@ -85,6 +86,8 @@ class LocalSets:
         self.pg_dirs = {s: self.root / f"set{s}pg" for s in range(count)}
         self.dsns: dict[int, str] = {}
         self.ports: dict[int, int] = {}
+        self.metrics = metrics  # a Prometheus endpoint per set, on a free port (metrics_ports)
+        self.metrics_ports: dict[int, int] = {}
         self.procs: dict[int, subprocess.Popen] = {}
         self._pg_started: list[int] = []
         self.topology_file = self.root / "topology.json"
@@ -102,6 +105,8 @@ class LocalSets:
             asyncio.run(_create_db(server.get_uri("postgres")))
             self.dsns[s] = server.get_uri(DB)
             self.ports[s] = free_port()
+            if self.metrics:
+                self.metrics_ports[s] = free_port()
         doc = {"sets": [{"id": s, "host": "127.0.0.1", "port": self.ports[s], "dsn": self.dsns[s]} for s in self.dsns]}
         self.topology_file.write_text(json.dumps(doc, indent=2))
         self.say(f"migrating {self.count} sets and creating their publications")
@@ -126,7 +131,7 @@ class LocalSets:
             "--workers",
             str(self.workers),
             "--metrics-port",
-            "0",
+            str(self.metrics_ports.get(s, 0)),
             "--topology",
             str(self.topology_file),
             "--set",
@@ -160,8 +165,15 @@ class LocalSets:
 
         return SetTopology.load(self.topology_file)
 
+    def run_file(self, s: int) -> Path:
+        """Set s's supervisor's record of its processes (workers.json)."""
+        return self.root / f"run{s}" / "run" / "workers.json"
+
+    def pgdata(self, s: int) -> Path:
+        return self.pg_dirs[s] / "pgdata"
+
     def run_info(self, s: int) -> dict:
-        return json.loads((self.root / f"run{s}" / "run" / "workers.json").read_text())
+        return json.loads(self.run_file(s).read_text())
 
     # ------------------------------------------------------------ stop
 

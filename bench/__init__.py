@@ -11,7 +11,7 @@ measured. Modules, one job each:
 - baselines.py  the echo server and the naive SELECT ... FOR UPDATE server
 - redis_baseline.py  redis-server of its own, the Lua grab script, its checks
 - resp.py       the minimal RESP2 codec the load generator speaks to Redis
-- server.py     start/stop `anbao serve`, run `anbao audit`
+- server.py     start/stop `anbao serve` (or N sets: --sets), run the audit
 - runner.py     spawns the load generators, shows progress, merges results
 - report.py     terminal table, JSON, latency-percentile PNG
 """

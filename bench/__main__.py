@@ -1,7 +1,8 @@
 """python -m bench hot|storm|soldout|spread|mixed|all [options]
 
 Starts `anbao serve` on a fresh data directory (or uses --server HOST:PORT
-with --data-dir DIR), prepares users and packets through the SDK, drives
+with --data-dir DIR; or, with --sets N, N sets on this machine through
+anbao/localsets.py), prepares users and packets through the SDK, drives
 load from several load-generator processes, checks that the answers match
 what is durable in the database, runs `anbao audit`, runs the baselines
 (redis: the same scenarios against a redis-server of its own, AOF fsync
@@ -29,7 +30,7 @@ from rich.console import Console
 
 from . import baselines, redis_baseline, report, scenarios
 from .runner import run_load
-from .server import AnbaoServer, is_loopback, metrics_delta
+from .server import AnbaoServer, SetsServer, is_loopback, metrics_delta
 
 DEFAULTS = {
     "connections": 200,
@@ -43,6 +44,9 @@ DEFAULTS = {
 }
 BASELINES = ("redis", "naive", "echo")
 QUIET_BUSY = 0.15
+CREDIT_DRAIN_TIMEOUT_S = 300.0
+SETS_SCENARIOS = ("hot", "storm")  # what --sets N > 1 runs
+MAX_SETS = 8  # anbao/localsets.py's limit
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -155,7 +159,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the server's data directory (tokens.json, embedded PostgreSQL);"
         " without --server, start the server on it instead of a fresh temporary one",
     )
-    p.add_argument("--workers", type=int, default=None, help="passed to `anbao serve --workers` when given")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="passed to `anbao serve --workers` when given; with --sets, per set (default: CPUs / sets, at least 1)",
+    )
+    p.add_argument(
+        "--sets",
+        type=int,
+        default=1,
+        help=f"1: one `anbao serve`; 2..{MAX_SETS}: that many sets on this machine (anbao/localsets.py: an"
+        " embedded PostgreSQL with wal_level = logical and `anbao serve --topology` each), grabbers and"
+        f" senders homed in every set, each grab sent to its packet's set; {' and '.join(SETS_SCENARIOS)} only",
+    )
     p.add_argument(
         "--limit",
         action="append",
@@ -197,6 +214,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--duration-s and --rate must be positive")
     if args.attempts is not None and args.attempts < 1:
         p.error("--attempts must be positive")
+    if not 1 <= args.sets <= MAX_SETS:
+        p.error(f"--sets must be 1..{MAX_SETS}")
+    if args.sets > 1:
+        if args.scenario not in SETS_SCENARIOS:
+            p.error(f"--sets {args.sets} runs {', '.join(SETS_SCENARIOS)} only")
+        for flag, given in (
+            ("--server", args.server),
+            ("--data-dir", args.data_dir),
+            ("--anbao-src", args.anbao_src),
+            ("--follow-events", args.follow_events),
+            ("--baseline naive", "naive" in args.baselines),
+        ):
+            if given:
+                p.error(f"--sets {args.sets} does not go with {flag}")
+    if args.workers is not None and args.workers < 1:
+        p.error("--workers must be positive")
     if args.server:
         host, _, port = args.server.rpartition(":")
         if not host or not port.isdigit():
@@ -334,12 +367,20 @@ class Bench:
             )
         return rec
 
-    async def anbao(self, server: AnbaoServer, names: list[str]) -> None:
+    async def anbao(self, server: AnbaoServer | SetsServer, names: list[str]) -> None:
         a, console = self.args, self.console
-        dsn = server.dsn()
-        async with scenarios.Setup(
-            console, server.host, server.port, server.tokens["admin"], routing=a.routing
-        ) as setup:
+        sets = isinstance(server, SetsServer)
+        if sets:
+            dsns = list(server.dsns.values())
+            setup_cm = scenarios.SetsSetup(
+                console, server.topology(), server.dsns, server.tokens["admin"], routing=a.routing
+            )
+            port = min(server.ports.values())  # every load group names its set's port
+        else:
+            dsns = [server.dsn()]
+            setup_cm = scenarios.Setup(console, server.host, server.port, server.tokens["admin"], routing=a.routing)
+            port = server.port
+        async with setup_cm as setup:
             if not setup.setup_steering_ok:
                 console.print(
                     "[yellow]warning: connections do not reach the worker their source port asks for;"
@@ -352,15 +393,15 @@ class Bench:
             for name in names:
                 plan = await scenarios.prepare(name, setup, self.sizes, a.procs, a.seed)
                 console.print(f"[bold]{name}[/]: set up in {plan.setup_s:.1f} s; {plan.attempts:,} attempts")
-                await scenarios.snapshot(plan, dsn)
+                await scenarios.snapshot(plan, dsns[0])
                 before = server.metrics()
-                follower = await EventFollower.start(server, dsn) if a.follow_events else None
+                follower = await EventFollower.start(server, dsns[0]) if a.follow_events and not sets else None
                 cpu_before = server.cpu_s()
                 result = await self.load(
                     target="anbao",
                     scenario=name,
                     host=server.host,
-                    port=server.port,
+                    port=port,
                     token=server.tokens["app"],
                     workloads=plan.workloads,
                     worker_count=setup.worker_count if setup.steer else None,
@@ -368,15 +409,25 @@ class Bench:
                 cpu_after = server.cpu_s()
                 if cpu_before and cpu_after:
                     # Per answer: what each part of the server spent during the load
-                    # (the roll-up that drains after it is not included).
-                    answers = max(1, result.answered)
+                    # (the roll-up that drains after it is not included); with sets,
+                    # each set's own parts per that set's answers.
+                    of_set = {f"set{s}_": x["answered"] for s, x in result.by_set.items()}
                     plan.info["server_cpu_us_per_answer"] = {
-                        k: round((cpu_after[k] - cpu_before[k]) * 1e6 / answers, 2) for k in cpu_after
+                        k: round(
+                            (cpu_after[k] - cpu_before[k])
+                            * 1e6
+                            / max(1, next((n for pre, n in of_set.items() if k.startswith(pre)), result.answered)),
+                            2,
+                        )
+                        for k in cpu_after
                     }
                 if follower is not None:
-                    plan.info["event_follower"] = await follower.finish(dsn)
+                    plan.info["event_follower"] = await follower.finish(dsns[0])
                     console.print(f"  event follower: {plan.info['event_follower']}")
-                problems = await scenarios.verify(plan, result, dsn)
+                problems = await scenarios.verify(plan, result, dsns)
+                if sets:
+                    plan.info["credit_lag_ms"], why = await credit_lag(server.dsns, plan.packets)
+                    problems += why
                 rec = self.record(result, plan.info, problems, plan.allowed, plan.setup_s)
                 rec["server_metrics"] = metrics_delta(before, server.metrics())
 
@@ -544,6 +595,39 @@ class Bench:
         )
 
 
+async def credit_lag(dsns: dict[int, str], packets: list[int]) -> tuple[dict, list[str]]:
+    """After a load on several sets: waits (bounded) until every cross-set
+    credit of `packets` is applied at its home set, then the lag of each,
+    from its claim's commit (the grab's batch commit, which its OK follows)
+    to the apply, split at the roll-up that wrote the credit."""
+    from anbao.storage.sets import credit_times
+
+    deadline = time.monotonic() + CREDIT_DRAIN_TIMEOUT_S
+    while True:
+        credits = await credit_times(dsns, packets)
+        pending = [c for c in credits if c.applied is None]
+        if not pending or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    done = [c for c in credits if c.applied is not None and c.committed is not None]
+    lag = {
+        "measured_from": "the claim's commit (its grab batch's commit, the grab's OK follows it by the commit"
+        " itself and the answer's way back) to applied_at at the winner's home set; every set's PostgreSQL"
+        " on this machine's clock",
+        "credits": len(credits),
+        "credits_cents": sum(c.amount_cents for c in credits),
+        "total": report.percentiles([(c.applied - c.committed) * 1000 for c in done]),
+        "before_rollup": report.percentiles([(c.created - c.committed) * 1000 for c in done]),
+        "replication_and_apply": report.percentiles([(c.applied - c.created) * 1000 for c in done]),
+    }
+    problems = []
+    if pending:
+        problems.append(f"{len(pending):,} cross-set credits not applied {CREDIT_DRAIN_TIMEOUT_S:g} s after the load")
+    if len(done) != len(credits) - len(pending):
+        problems.append(f"{len(credits) - len(pending) - len(done):,} credits without their claim at the packet's set")
+    return lag, problems
+
+
 def _audit_failure(audit: dict) -> str:
     if audit.get("violations"):
         return "anbao audit found a money-invariant violation: " + ", ".join(audit["violations"])
@@ -565,7 +649,18 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
             f"[yellow]warning: the machine was {busy:.0%} busy before the bench started;"
             f" other load disturbs every figure[/]"
         )
-    if args.server:
+    server: AnbaoServer | SetsServer
+    if args.sets > 1:
+        workers = args.workers or max(1, (os.cpu_count() or 1) // args.sets)
+        with console.status(f"starting {args.sets} sets (embedded PostgreSQL, logical replication) ..."):
+            server = await asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(
+                    SetsServer.start, args.sets, workers, [a for lim in args.limit for a in ("--limit", lim)]
+                ),
+            )
+        console.print(f"started: {server.banner}  (data in {server.local.root})")
+    elif args.server:
         server = AnbaoServer.attach(args.server_host, args.server_port, args.data_dir, src=args.anbao_src)
         console.print(f"using the running server at {server.host}:{server.port}")
     else:
@@ -580,10 +675,13 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
     audit = None
     pg = None
     try:
-        pg = await _pg_info(server.dsn())
+        if isinstance(server, SetsServer):
+            pg = {f"set {s}": await _pg_info(dsn) for s, dsn in sorted(server.dsns.items())}
+        else:
+            pg = await _pg_info(server.dsn())
         await bench.anbao(server, names)
         with console.status("anbao audit ..."):
-            audit = server.audit()
+            audit = await server.audit() if isinstance(server, SetsServer) else server.audit()
         if not audit["ok"]:
             why = _audit_failure(audit)
             for r in bench.runs:
@@ -604,11 +702,14 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
                 console.print(f"[yellow]anbao serve exited with {code}; log in {server.log_path}[/]")
             if not args.keep_data and args.data_dir is None:
                 server.remove_data()
+            elif isinstance(server, SetsServer):
+                console.print(f"kept the sets' data in {server.local.root}")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["command"] = "python -m bench " + " ".join(sys.argv[1:])
     doc = {
         "benchmark": "anbao bench",
         "started_at": started_at,
+        "sets": args.sets,
         "settings": settings,
         "environment": {
             **report.environment(server.banner or f"attached to {server.host}:{server.port}", pg),
@@ -625,6 +726,19 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
             "rejects/s": "SOLD_OUT, ALREADY_CLAIMED, EXPIRED, NOT_ELIGIBLE answers / the same wall time",
             "latency": "closed loop: from the moment each request was written; open loop: from its scheduled"
             " send time (coordinated omission corrected)",
+            **(
+                {
+                    "by_set": "each set's OK answers / seconds from the first request sent (to any set) to its"
+                    " last OK answer",
+                    "credit_lag_ms": "per cross-set credit: total = claim commit -> applied_at at the home set;"
+                    " before_rollup = claim commit -> credits_out.created_at at the packet's set (the roll-up);"
+                    " replication_and_apply = created_at -> applied_at",
+                    "server_cpu_us_per_answer": "CPU of every set's workers and PostgreSQL (walsenders and apply"
+                    " workers included) during the load / all answers; setN_*: that set's / its answers",
+                }
+                if args.sets > 1
+                else {}
+            ),
         },
         "audit": audit,
         "runs": bench.runs,

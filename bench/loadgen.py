@@ -21,6 +21,9 @@ requests from a workload of packets that worker owns. A group with no
 worker (the baselines, or --routing any) uses ordinary connections. After
 HELLO every steered connection asks TOPOLOGY which worker it reached; a
 miss is counted (the server relays, so answers stay right, only slower).
+With several sets (--sets) a group also names its set's port, since each
+packet's grabs go to the set that holds it, and its answers are counted
+per set as well.
 
 Requests are built with anbao_client.wire (the SDK's pure-Python codec) and
 answers split with wire.FrameBuffer. With protocol "resp" (the Redis
@@ -279,10 +282,16 @@ class _RespConn(_Conn):
 
 class _Group:
     """Connections to one worker (or to whichever the kernel picks) and the
-    workload they share."""
+    workload they share; with sets, on its set's port (tag: the set), its
+    answers also counted on their own."""
 
-    def __init__(self, worker: int | None, connections: int, work, rate: float | None):
+    def __init__(
+        self, worker: int | None, connections: int, work, rate: float | None, port: int | None = None, tag=None
+    ):
         self.worker = worker
+        self.port, self.tag = port, tag
+        self.ok = self.answered = 0
+        self.last_ok = self.last_answer = None
         self.n_connections = connections
         self.work = work
         self.rate = rate
@@ -313,6 +322,8 @@ class Generator:
                 g["connections"],
                 make_workload(g["workload"], grab),
                 self.rate * _planned(g["workload"]) / total if self.rate else None,
+                g.get("port"),
+                g.get("set"),
             )
             for g in spec["groups"]
         ]
@@ -345,7 +356,7 @@ class Generator:
     # -------------------------------------------------------- setup
 
     async def connect(self) -> None:
-        host, port = self.spec["host"], self.spec["port"]
+        host = self.spec["host"]
         token = self.spec["token"].encode()
         sem = asyncio.Semaphore(64)
         conn_class = _RespConn if self.resp else _Conn
@@ -353,6 +364,7 @@ class Generator:
         async def one(group: _Group) -> _Conn:
             async with sem:
                 steer = group.worker is not None and self.worker_count and self.worker_count > 1 and not self.resp
+                port = group.port or self.spec["port"]
                 for attempt in range(PORT_ATTEMPTS if steer else 1):
                     local = (host, local_port_for(group.worker, self.worker_count)) if steer else None
                     try:
@@ -493,7 +505,7 @@ class Generator:
         now = time.monotonic()
         pending = conn.pending
         hist, hist_ok, counts = self.hist, self.hist_ok, self.counts
-        n = 0
+        n = ok = 0
         for r in responses:
             entry = pending.pop(r.request_id, None)
             if entry is None:
@@ -510,10 +522,13 @@ class Generator:
             key = (op << 9) | r.status
             counts[key] = counts.get(key, 0) + 1
             if r.status == 0:
-                self.ok += 1
+                ok += 1
                 hist_ok.record_value(us)
-                self.last_ok = now
             n += 1
+        if ok:
+            self.ok += ok
+            self.last_ok = conn.group.last_ok = now
+            conn.group.ok += ok
         self._answered(conn, n, now)
 
     def on_replies(self, conn: _RespConn, replies: list) -> None:
@@ -564,6 +579,8 @@ class Generator:
         (open loop), and end the run once nothing more is owed."""
         self.answered += n
         self.last_answer = now
+        conn.group.answered += n
+        conn.group.last_answer = now
         if not self.rate:
             self._fill(conn, now)
         elif conn.group.blocked:
@@ -629,6 +646,22 @@ class Generator:
             if c.transport is not None:
                 c.transport.close()
 
+    def by_tag(self) -> dict:
+        """Per tag of the groups (with sets: per set): OK answers, answers and
+        when the last of each came."""
+        out: dict = {}
+        for g in self.groups:
+            if g.tag is None:
+                continue
+            t = out.setdefault(g.tag, {"ok": 0, "answered": 0, "last_ok": None, "last_answer": None})
+            t["ok"] += g.ok
+            t["answered"] += g.answered
+            for k in ("last_ok", "last_answer"):
+                v = getattr(g, k)
+                if v is not None and (t[k] is None or v > t[k]):
+                    t[k] = v
+        return out
+
     def result(self) -> dict:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return {
@@ -653,6 +686,7 @@ class Generator:
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "max_sched_lag_s": self.max_sched_lag,
             "errors": self.errors,
+            "by_tag": self.by_tag(),
         }
 
 

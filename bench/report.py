@@ -4,6 +4,7 @@ every figure and the environment, and the latency-percentile PNG."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -41,6 +42,19 @@ def latency_ms(h: HdrHistogram) -> dict:
         out[f"p{p:g}"] = h.get_value_at_percentile(p) / 1000
     out["max"] = h.get_max_value() / 1000
     out["mean"] = round(h.get_mean_value() / 1000, 3)
+    return out
+
+
+def percentiles(xs: list[float], points=(50.0, 99.0)) -> dict:
+    """Nearest-rank percentiles of plain samples (e.g. the cross-set credit
+    lags, one per credit), with the count and the max."""
+    if not xs:
+        return {"count": 0, **{f"p{p:g}": None for p in points}, "max": None}
+    xs = sorted(xs)
+    out: dict = {"count": len(xs)}
+    for p in points:
+        out[f"p{p:g}"] = round(xs[min(len(xs) - 1, max(0, math.ceil(p / 100 * len(xs)) - 1))], 3)
+    out["max"] = round(xs[-1], 3)
     return out
 
 
@@ -118,6 +132,17 @@ def run_record(result, plan_info: dict, problems: list[str], allowed: dict, setu
         "hdr_histogram": result.hist.encode().decode(),
         "hdr_histogram_ok": result.hist_ok.encode().decode(),
     }
+    if result.by_set:
+        # With sets: each set's OK answers and answers, over its own span from the common start.
+        rec["by_set"] = {
+            s: {
+                "ok": t["ok"],
+                "answered": t["answered"],
+                "ok_per_s": round(t["ok"] / t["ok_span_s"], 1) if t["ok"] and t["ok_span_s"] > 0 else 0.0,
+                "answers_per_s": round(t["answered"] / t["wall_s"], 1) if t["wall_s"] > 0 else 0.0,
+            }
+            for s, t in sorted(result.by_set.items())
+        }
     return rec
 
 
@@ -391,6 +416,7 @@ def print_report(console: Console, doc: dict) -> None:
                 )
     console.print(t)
 
+    sets_table(console, runs)
     audit = doc.get("audit")
     if audit is not None:
         counts = audit.get("counts", {})
@@ -415,6 +441,33 @@ def print_report(console: Console, doc: dict) -> None:
         console.print("[bold red]INVALID: at least one run does not add up; its numbers do not count[/]")
     else:
         console.print("[yellow]not every run finished within --duration-s; partial runs do not count[/]")
+
+
+def sets_table(console: Console, runs: list[dict]) -> None:
+    """With sets: each set's durable grabs/s, and the cross-set credit lag."""
+    rows = [r for r in runs if r.get("by_set")]
+    if not rows:
+        return
+    t = Table(title="sets: durable OK/s per set; cross-set credit lag (ms)", title_justify="left")
+    for col in ("run", "set", "OK", "durable OK/s", "answers/s", "credits", "lag p50", "lag p99", "roll-up p50/p99"):
+        t.add_column(col, justify="left" if col in ("run", "set") else "right")
+    for r in rows:
+        lag = r["info"].get("credit_lag_ms") or {}
+        total, before = lag.get("total") or {}, lag.get("before_rollup") or {}
+        for i, (s, x) in enumerate(r["by_set"].items()):
+            first = i == 0
+            t.add_row(
+                r["name"] if first else "",
+                str(s),
+                f"{x['ok']:,}",
+                _rate(x["ok_per_s"]),
+                _rate(x["answers_per_s"]),
+                f"{total.get('count', 0):,}" if first else "",
+                _ms(total.get("p50")) if first else "",
+                _ms(total.get("p99")) if first else "",
+                f"{_ms(before.get('p50'))} / {_ms(before.get('p99'))}" if first else "",
+            )
+    console.print(t)
 
 
 def _fmt(v) -> str:

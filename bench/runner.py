@@ -80,6 +80,7 @@ class LoadResult:
     loadgen_cpu_s: list = field(default_factory=list)
     max_sched_lag_ms: float = 0.0  # open loop: the worst late wake-up of a load generator
     errors: list = field(default_factory=list)
+    by_set: dict = field(default_factory=dict)  # sets: {set: {ok, answered, ok_span_s, wall_s}} from the same t0
 
     def status_total(self, name: str) -> int:
         return sum(by_status.get(name, 0) for by_status in self.counts.values())
@@ -115,7 +116,8 @@ def run_load(
     script_sha: str | None = None,
 ) -> LoadResult:
     """workloads: per load-generator process, its groups, each
-    {"worker": owning worker or None, "workload": description}.
+    {"worker": owning worker or None, "workload": description}, and with
+    sets {"port": its set's port, "set": its set} (counted per set too).
     connections and rate are totals, split between processes and groups.
     protocol: "anbao" (binary frames) or "resp" (Redis, EVALSHA script_sha)."""
     procs = len(workloads)
@@ -147,7 +149,7 @@ def run_load(
             "protocol": protocol,
             "script_sha": script_sha,
             "groups": [
-                {"worker": g.get("worker"), "connections": n, "workload": g["workload"]}
+                {**{k: g.get(k) for k in ("worker", "port", "set")}, "connections": n, "workload": g["workload"]}
                 for g, n in zip(groups, split, strict=True)
             ],
         }
@@ -245,3 +247,11 @@ def _merge(result: LoadResult, parts: list[dict]) -> None:
         result.loadgen_cpu_s.append(round(p["cpu_s"], 2))
         result.max_sched_lag_ms = max(result.max_sched_lag_ms, round(p["max_sched_lag_s"] * 1000, 3))
         result.errors += p["errors"]
+        for tag, t in p.get("by_tag", {}).items():
+            one = result.by_set.setdefault(tag, {"ok": 0, "answered": 0, "ok_span_s": 0.0, "wall_s": 0.0})
+            one["ok"] += t["ok"]
+            one["answered"] += t["answered"]
+            if t["last_ok"] is not None:
+                one["ok_span_s"] = max(one["ok_span_s"], t["last_ok"] - t0)
+            if t["last_answer"] is not None:
+                one["wall_s"] = max(one["wall_s"], t["last_answer"] - t0)

@@ -38,7 +38,7 @@ import asyncpg
 from rich.console import Console
 
 from anbao_client import Cluster
-from anbao_client.routing import owner_of
+from anbao_client.routing import home_set, owner_of, set_of
 
 from .runner import progress_bar
 
@@ -86,7 +86,8 @@ class Sizes:
 @dataclass
 class Plan:
     scenario: str
-    workloads: list[list[dict]]  # per load-generator process: groups {"worker": w | None, "workload": {...}}
+    # per load-generator process: groups {"worker": w | None, "workload": {...}}, with sets also "port", "set"
+    workloads: list[list[dict]]
     attempts: int
     packets: list[int] = field(default_factory=list)  # the packets whose claims must match the OK answers
     expect_ok: int | None = None  # exact OK count the answers must show, when known
@@ -96,6 +97,8 @@ class Plan:
     # Baselines (Redis): packet id -> its share count, and who grabbed before the clock started.
     packet_shares: dict = field(default_factory=dict)
     presold: dict = field(default_factory=dict)
+    # The packets that must be sold out after the run (all their shares attempted), when it completes.
+    sell_out: list[int] = field(default_factory=list)
 
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
@@ -142,6 +145,15 @@ class Setup:
     def owner(self, packet_id: int) -> int | None:
         return owner_of(packet_id, self.worker_count) if self.steer else None
 
+    sets = 1
+
+    def route(self, packet_id: int) -> dict:
+        """Where a load-generator group for this packet sends (see loadgen)."""
+        return {"worker": self.owner(packet_id)}
+
+    def pick_senders(self, first: int, k: int) -> list[int]:
+        return list(range(first, first + k))
+
     def routing_info(self) -> dict:
         return {
             "workers": self.worker_count,
@@ -175,13 +187,16 @@ class Setup:
         registered-user cache is warm, as for users who have been around)."""
         if n <= 0 or (first, n) in self.registered:
             return
-        chunks = [list(range(s, min(s + REGISTER_CHUNK, first + n))) for s in range(first, first + n, REGISTER_CHUNK)]
-
-        async def everywhere(cluster: Cluster, ids: list[int]) -> None:
-            await asyncio.gather(*(c.register(ids) for c in cluster.clients))
-
-        await self._each(f"register {n:,} users", chunks, everywhere)
+        await self.register_ids(list(range(first, first + n)))
         self.registered.add((first, n))
+
+    async def register_ids(self, ids: list[int]) -> None:
+        chunks = [ids[i : i + REGISTER_CHUNK] for i in range(0, len(ids), REGISTER_CHUNK)]
+
+        async def everywhere(cluster: Cluster, chunk: list[int]) -> None:
+            await asyncio.gather(*(c.register(chunk) for c in cluster.clients))
+
+        await self._each(f"register {len(ids):,} users", chunks, everywhere)
 
     async def fund(self, users: list[int], cents: int) -> None:
         await self._each(f"deposit to {len(users):,} senders", users, lambda c, u: c.clients[0].deposit(u, cents))
@@ -200,6 +215,131 @@ class Setup:
 
     async def sell_out(self, packet_id: int, users: list[int]) -> None:  # Cluster.grab goes to the owner
         await self._each(f"sell out packet {packet_id}", users, lambda c, u: c.grab(packet_id, u))
+
+
+DIRECTORY_TIMEOUT_S = 120.0
+
+
+class SetsSetup:
+    """Setup for several sets: one Setup per set, on its port, and the
+    routing of the SDK's SetCluster: a user registered and funded in their
+    home set (home_set), a packet sent in its sender's home set, its grabs
+    sent to the set that holds it (set_of) and steered to the owner worker
+    there. Every set has the same worker count."""
+
+    def __init__(self, console: Console, topology, dsns: dict[int, str], admin_token: str, routing: str = "steered"):
+        self.topology, self.dsns = topology, dsns
+        self.by_set = {
+            s: Setup(console, one.host, one.port, admin_token, routing) for s, one in sorted(topology.sets.items())
+        }
+        self.users = 0
+        self.registered: set[tuple[int, int]] = set()
+
+    async def __aenter__(self) -> SetsSetup:
+        try:
+            for one in self.by_set.values():
+                await one.__aenter__()
+        except BaseException:
+            await self.__aexit__()
+            raise
+        counts = {one.worker_count for one in self.by_set.values()}
+        assert len(counts) == 1, f"every set has the same worker count, not {counts}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for one in self.by_set.values():
+            await one.__aexit__(*exc)
+
+    @property
+    def _first(self) -> Setup:
+        return next(iter(self.by_set.values()))
+
+    @property
+    def sets(self) -> int:
+        return len(self.by_set)
+
+    @property
+    def worker_count(self) -> int:
+        return self._first.worker_count
+
+    @property
+    def steer(self) -> bool:
+        return self._first.steer
+
+    @property
+    def setup_steering_ok(self) -> bool:
+        return all(one.setup_steering_ok for one in self.by_set.values())
+
+    def home(self, user_id: int) -> int:
+        return home_set(user_id, self.topology)
+
+    def owner(self, packet_id: int) -> int | None:
+        return self.by_set[set_of(packet_id)].owner(packet_id)
+
+    def route(self, packet_id: int) -> dict:
+        s = set_of(packet_id)
+        return {"worker": self.owner(packet_id), "port": self.topology.sets[s].port, "set": s}
+
+    def routing_info(self) -> dict:
+        return {**self._first.routing_info(), "sets": self.sets, "setup_connections_steered": self.setup_steering_ok}
+
+    def pick_senders(self, first: int, k: int) -> list[int]:
+        """k user ids from `first` up, the i-th homed in the (i mod sets)-th
+        set: a scenario's packets spread over every set."""
+        order = sorted(self.by_set)
+        free: dict[int, list[int]] = {s: [] for s in order}
+        out: list[int] = []
+        u = first
+        while len(out) < k:
+            want = order[len(out) % len(order)]
+            if free[want]:
+                out.append(free[want].pop(0))
+                continue
+            assert u < first + 1000 * (k + len(order)), "no user id homed in every set"
+            free[self.home(u)].append(u)
+            u += 1
+        return out
+
+    def _by_home(self, users: list[int]) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for u in users:
+            out.setdefault(self.home(u), []).append(u)
+        return out
+
+    async def register(self, first: int, n: int) -> None:
+        if n <= 0 or (first, n) in self.registered:
+            return
+        await self.register_ids(list(range(first, first + n)))
+        self.registered.add((first, n))
+
+    async def register_ids(self, ids: list[int]) -> None:
+        """Each user at their home set; then waits until every other set's
+        directory knows them (a set refuses a grab by a user it does not know)."""
+        from anbao.storage.sets import wait_for_directory
+
+        for s, homed in sorted(self._by_home(ids).items()):
+            await self.by_set[s].register_ids(homed)
+        wanted = {s: [u for u in ids if self.home(u) != s] for s in self.by_set}
+        short = await wait_for_directory(self.dsns, wanted, DIRECTORY_TIMEOUT_S)
+        if short is not None:
+            raise RuntimeError(f"set {short[0]} knows {short[1]:,} of the {short[2]:,} users of the other sets")
+
+    async def fund(self, users: list[int], cents: int) -> None:
+        for s, homed in sorted(self._by_home(users).items()):
+            await self.by_set[s].fund(homed, cents)
+
+    async def send(self, senders: list[int], n: int, total_cents: int, count: int) -> list[int]:
+        """As Setup.send, each packet in its sender's home set."""
+        by_set: dict[int, list[int]] = {}
+        for i in range(n):
+            by_set.setdefault(self.home(senders[i % len(senders)]), []).append(i)
+        out = [0] * n
+        for s, idx in sorted(by_set.items()):
+            got = await self.by_set[s].send([senders[i % len(senders)] for i in idx], len(idx), total_cents, count)
+            for i, q in zip(idx, got, strict=True):
+                assert set_of(q) == s, f"packet {q} of a sender homed in set {s} is in set {set_of(q)}"
+                out[i] = q
+        return out
 
 
 async def prepare(scenario: str, setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
@@ -222,43 +362,67 @@ def grabbers_needed(sizes: Sizes, scenarios: list[str]) -> int:
 
 
 async def _storm(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
+    """One packet of S shares; with sets, one packet per set (its sender
+    homed there), the S shares and the N attempts split evenly between them
+    (the same storm, spread over the sets)."""
     n, shares = sizes.attempts_for("storm"), sizes.shares
     users = setup.users
     if users < n:
         raise ValueError(f"storm needs {n:,} distinct users, only {users:,} registered (--users)")
-    sender = SENDER_FIRST["storm"]
-    await setup.register(sender, 1)
-    await setup.fund([sender], shares * CENTS_PER_SHARE)
-    [packet] = await setup.send([sender], 1, shares * CENTS_PER_SHARE, shares)
+    if shares < setup.sets:
+        raise ValueError(f"storm over {setup.sets} sets needs at least one share per set (--shares)")
+    senders = setup.pick_senders(SENDER_FIRST["storm"], setup.sets)
+    share_split = [hi - lo for lo, hi in split_evenly(shares, setup.sets)]
+    await setup.register_ids(senders)
+    await setup.fund(senders, max(share_split) * CENTS_PER_SHARE)
+    packets = [
+        (await setup.send([sender], 1, k * CENTS_PER_SHARE, k))[0]
+        for sender, k in zip(senders, share_split, strict=True)
+    ]
+    ranges = split_evenly(n, len(packets))
     work = [
         [
             {
-                "worker": setup.owner(packet),
+                **setup.route(packet),
                 "workload": {
                     "kind": "grab_range",
                     "packet_id": packet,
                     "user_first": GRABBER_FIRST,
                     "user_mod": users,
-                    "lo": lo,
-                    "hi": hi,
+                    "lo": lo + plo,
+                    "hi": lo + phi,
                 },
             }
+            for packet, (lo, hi) in zip(packets, ranges, strict=True)
+            for plo, phi in [split_evenly(hi - lo, procs)[p]]
         ]
-        for lo, hi in split_evenly(n, procs)
+        for p in range(procs)
     ]
+    one = {"packet_id": packets[0], "owner": setup.owner(packets[0])} if len(packets) == 1 else {}
     return Plan(
         "storm",
         work,
         n,
-        [packet],
-        expect_ok=min(n, shares),
+        packets,
+        expect_ok=sum(min(hi - lo, k) for (lo, hi), k in zip(ranges, share_split, strict=True)),
         allowed={"GRAB": {"OK", "SOLD_OUT"}},
+        sell_out=[q for q, (lo, hi), k in zip(packets, ranges, share_split, strict=True) if hi - lo >= k],
         info={
-            "packet_id": packet,
-            "owner": setup.owner(packet),
+            **one,
+            "packets": len(packets),
             "shares": shares,
             "total_cents": shares * CENTS_PER_SHARE,
             "distinct_users": n,
+            **(
+                {
+                    "by_packet": [
+                        {"packet_id": q, "set": set_of(q), "shares": k, "attempts": hi - lo}
+                        for q, (lo, hi), k in zip(packets, ranges, share_split, strict=True)
+                    ]
+                }
+                if len(packets) > 1
+                else {}
+            ),
             **setup.routing_info(),
         },
     )
@@ -319,9 +483,8 @@ async def _spread(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
     packets = await setup.send(senders, p, k * CENTS_PER_SHARE, k)
     pidx, usr = spread_pairs(p, k, n, seed, setup.users)
     pkt = [packets[i] for i in pidx]
-    owners = [owner_of(q, setup.worker_count) for q in pkt]
-    work = pair_workloads(pkt, usr, procs, list(range(setup.worker_count)) if setup.steer else None, owners)
-    per_worker = per_owner(owners, setup.worker_count)
+    work = pair_workloads(pkt, usr, procs, setup.route)
+    per_worker = per_owner([owner_of(q, setup.worker_count) for q in pkt], setup.worker_count)
     return Plan(
         "spread",
         work,
@@ -361,25 +524,27 @@ def per_owner(owners: list[int], worker_count: int) -> list[int]:
     return counts
 
 
-def pair_workloads(
-    pkt: list[int], usr: list[int], procs: int, workers: list[int] | None, owners: list[int] | None
-) -> list[list[dict]]:
+def pair_workloads(pkt: list[int], usr: list[int], procs: int, route=None) -> list[list[dict]]:
     """(packet, user) attempts split evenly between the load-generator
-    processes, in order; with workers, each process's share split again by
-    the owning worker (one steered group each, in attempt order)."""
+    processes, in order; with route (packet -> where its grabs go:
+    Setup.route), each process's share split again by where they go (one
+    group each, in attempt order)."""
     work = []
     for lo, hi in split_evenly(len(pkt), procs):
-        if workers is None:
-            pairs = {None: (array("q", pkt[lo:hi]), array("q", usr[lo:hi]))}
+        if route is None:
+            groups = {(): ({}, array("q", pkt[lo:hi]), array("q", usr[lo:hi]))}
         else:
-            assert owners is not None
-            pairs = {w: (array("q"), array("q")) for w in workers}
+            groups = {}
+            routes: dict[int, dict] = {}
             for i in range(lo, hi):
-                a, b = pairs[owners[i]]
-                a.append(pkt[i])
-                b.append(usr[i])
+                where = routes.get(pkt[i]) or routes.setdefault(pkt[i], route(pkt[i]))
+                key = tuple(sorted(where.items()))
+                if key not in groups:
+                    groups[key] = (where, array("q"), array("q"))
+                groups[key][1].append(pkt[i])
+                groups[key][2].append(usr[i])
         work.append(
-            [{"worker": w, "workload": {"kind": "grab_pairs", "packets": a, "users": b}} for w, (a, b) in pairs.items()]
+            [{**where, "workload": {"kind": "grab_pairs", "packets": a, "users": b}} for where, a, b in groups.values()]
         )
     return work
 
@@ -389,14 +554,14 @@ async def _hot(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
     n = sizes.attempts_for("hot")
     if setup.users < n:
         raise ValueError(f"hot needs {n:,} distinct users, only {setup.users:,} registered (--users)")
-    senders = list(range(SENDER_FIRST["hot"], SENDER_FIRST["hot"] + k))
-    await setup.register(senders[0], k)
+    senders = setup.pick_senders(SENDER_FIRST["hot"], k)  # with sets: packet i in set i mod sets
+    await setup.register_ids(senders)
     await setup.fund(senders, s * CENTS_PER_SHARE)
     packets = await setup.send(senders, k, s * CENTS_PER_SHARE, s)
     pidx, usr = hot_pairs(k, n)
     pkt = [packets[i] for i in pidx]
     owners = [owner_of(q, setup.worker_count) for q in pkt]
-    work = pair_workloads(pkt, usr, procs, list(range(setup.worker_count)) if setup.steer else None, owners)
+    work = pair_workloads(pkt, usr, procs, setup.route)
     return Plan(
         "hot",
         work,
@@ -404,6 +569,7 @@ async def _hot(setup: Setup, sizes: Sizes, procs: int, seed: int) -> Plan:
         packets,
         expect_ok=n,
         allowed={"GRAB": {"OK"}},
+        sell_out=packets if n == k * s else [],
         info={
             "packets": k,
             "shares_per_packet": s,
@@ -526,7 +692,7 @@ def baseline_plan(scenario: str, sizes: Sizes, procs: int, seed: int, users: int
         pidx, usr = hot_pairs(k, n)
         return Plan(
             "hot",
-            pair_workloads([i + 1 for i in pidx], usr, procs, None, None),
+            pair_workloads([i + 1 for i in pidx], usr, procs),
             n,
             list(range(1, k + 1)),
             expect_ok=n,
@@ -546,7 +712,7 @@ def baseline_plan(scenario: str, sizes: Sizes, procs: int, seed: int, users: int
         pidx, usr = spread_pairs(p, k, n, seed, users)
         return Plan(
             "spread",
-            pair_workloads([i + 1 for i in pidx], usr, procs, None, None),
+            pair_workloads([i + 1 for i in pidx], usr, procs),
             n,
             list(range(1, p + 1)),
             expect_ok=n,
@@ -574,9 +740,10 @@ async def snapshot(plan: Plan, dsn: str | None) -> None:
         await conn.close()
 
 
-async def verify(plan: Plan, result, dsn: str | None) -> list[str]:
+async def verify(plan: Plan, result, dsns: list[str] | None) -> list[str]:
     """What must add up after a scenario: the answers against the plan, and
-    the answers against the claims that are durable in the database.
+    the answers against the claims that are durable in the database (with
+    sets, in every set's: a packet's claims are in its own set).
 
     A run stopped by the --duration-s cap is partial (the report says
     CAPPED): its OK count is only bounded, and a grab accepted just before
@@ -597,60 +764,64 @@ async def verify(plan: Plan, result, dsn: str | None) -> list[str]:
             if status not in allowed and not (capped and status == "UNANSWERED"):
                 wrong.append(f"{n:,} {op} answers with status {status}")
     unknown = result.unanswered if capped else 0
-    if dsn is None:
+    if not dsns:
         return wrong
-    conn = await asyncpg.connect(dsn)
+    claims = not_sold_out = 0
+    conns = [await asyncpg.connect(dsn) for dsn in dsns]
     try:
-        # Every durable claim: rolled up or waiting for its roll-up (claims
-        # alone on a server from before the roll-up, --anbao-src).
-        rel = "claims_all" if await conn.fetchval("SELECT to_regclass('claims_all')") else "claims"
-        claims = await conn.fetchval(f"SELECT count(*) FROM {rel} WHERE packet_id = ANY($1::bigint[])", plan.packets)
-        already = plan.info.get("claimed_in_setup", 0)
-        if not grab_ok <= claims - already <= grab_ok + unknown:
-            wrong.append(
-                f"{claims - already:,} claims durable in the database, {grab_ok:,} OK grabs answered"
-                + (f" ({unknown:,} unanswered)" if unknown else "")
+        for conn in conns:
+            # Every durable claim: rolled up or waiting for its roll-up (claims
+            # alone on a server from before the roll-up, --anbao-src).
+            rel = "claims_all" if await conn.fetchval("SELECT to_regclass('claims_all')") else "claims"
+            claims += await conn.fetchval(
+                f"SELECT count(*) FROM {rel} WHERE packet_id = ANY($1::bigint[])", plan.packets
             )
-        if plan.scenario == "storm" and not capped:
-            # Sold out means every share durably claimed; the packet row's
-            # status follows with the roll-up, behind the acknowledgements.
-            n = await conn.fetchval(f"SELECT count(*) FROM {rel} WHERE packet_id = $1", plan.packets[0])
-            if plan.expect_ok == plan.info["shares"] and n != plan.info["shares"]:
-                wrong.append(f"storm packet has {n} claims, not sold out")
-        every_share = plan.scenario == "hot" and plan.attempts == plan.info["packets"] * plan.info["shares_per_packet"]
-        if every_share and not capped:
-            still_open = await conn.fetchval(
-                "SELECT count(*) FROM packets p WHERE packet_id = ANY($1::bigint[])"
-                f" AND share_count <> (SELECT count(*) FROM {rel} c WHERE c.packet_id = p.packet_id)",
-                plan.packets,
-            )
-            if still_open:
-                wrong.append(f"{still_open} hot packets not sold out after every share was grabbed")
-        if plan.scenario == "mixed":
-            lo, hi = plan.info["sender_ids"]
-            sent = await conn.fetchval("SELECT count(*) FROM packets WHERE sender_id BETWEEN $1 AND $2", lo, hi)
-            send_ok = result.counts.get("SEND", {}).get("OK", 0)
-            new = sent - plan.info["packets_before"]
-            if not send_ok <= new <= send_ok + unknown:
-                wrong.append(f"{new:,} packets sent in the database, {send_ok:,} OK sends answered")
-        await _wait_for_rollup(plan, conn)
+            if plan.sell_out and not capped:
+                # Sold out means every share durably claimed; the packet row's
+                # status follows with the roll-up, behind the acknowledgements.
+                not_sold_out += await conn.fetchval(
+                    "SELECT count(*) FROM packets p WHERE packet_id = ANY($1::bigint[])"
+                    f" AND share_count <> (SELECT count(*) FROM {rel} c WHERE c.packet_id = p.packet_id)",
+                    plan.sell_out,
+                )
+            if plan.scenario == "mixed":
+                lo, hi = plan.info["sender_ids"]
+                sent = await conn.fetchval("SELECT count(*) FROM packets WHERE sender_id BETWEEN $1 AND $2", lo, hi)
+                send_ok = result.counts.get("SEND", {}).get("OK", 0)
+                new = sent - plan.info["packets_before"]
+                if not send_ok <= new <= send_ok + unknown:
+                    wrong.append(f"{new:,} packets sent in the database, {send_ok:,} OK sends answered")
+        await _wait_for_rollup(plan, conns)
     finally:
-        await conn.close()
+        for conn in conns:
+            await conn.close()
+    already = plan.info.get("claimed_in_setup", 0)
+    if not grab_ok <= claims - already <= grab_ok + unknown:
+        wrong.append(
+            f"{claims - already:,} claims durable in the database, {grab_ok:,} OK grabs answered"
+            + (f" ({unknown:,} unanswered)" if unknown else "")
+        )
+    if not_sold_out:
+        wrong.append(f"{not_sold_out} {plan.scenario} packet(s) not sold out after every share was grabbed")
     return wrong
 
 
-async def _wait_for_rollup(plan: Plan, conn, cap_s: float = 300.0) -> None:
+async def _wait_for_rollup(plan: Plan, conns: list, cap_s: float = 300.0) -> None:
     """Grabs are acknowledged when their claims commit; the roll-up into
-    balances follows. Records how much was left when the load ended and how
-    long the roll-up took to drain it (bounded by cap_s)."""
-    if await conn.fetchval("SELECT to_regclass('grab_rollups')") is None:
+    balances follows. Records how much was left when the load ended (in
+    every set) and how long the roll-up took to drain it (bounded by cap_s)."""
+    if await conns[0].fetchval("SELECT to_regclass('grab_rollups')") is None:
         return  # a server from before the roll-up (--anbao-src of an older commit)
     sql = "SELECT COALESCE(sum(cardinality(packets)), 0) FROM grab_rollups"
-    plan.info["rollup_backlog_at_end"] = backlog = await conn.fetchval(sql)
+
+    async def backlog_now() -> int:
+        return sum([await c.fetchval(sql) for c in conns])
+
+    plan.info["rollup_backlog_at_end"] = backlog = await backlog_now()
     started = time.monotonic()
     while backlog and time.monotonic() - started < cap_s:
         await asyncio.sleep(0.05)
-        backlog = await conn.fetchval(sql)
+        backlog = await backlog_now()
     plan.info["rollup_drain_s"] = round(time.monotonic() - started, 2) if not backlog else None
 
 

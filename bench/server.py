@@ -72,6 +72,52 @@ def metrics_delta(before: dict | None, after: dict | None) -> dict | None:
     return delta
 
 
+def read_metrics(url: str | None) -> dict[str, float] | None:
+    """A server's counters and sums (Prometheus text, histogram buckets and
+    per-process gauges left out), or None without an endpoint."""
+    if url is None:
+        return None
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith("anbao_") or "_bucket{" in line or 'pid="' in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            pass
+    return out
+
+
+def server_cpu_s(workers_json: Path, pgdata: Path) -> dict[str, float] | None:
+    """CPU seconds (user + system) used so far by a server's worker processes
+    (its supervisor's workers.json) and by its embedded PostgreSQL (the
+    postmaster of pgdata and every backend), read from /proc; None when they
+    cannot be found."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def of(pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    try:
+        run = json.loads(workers_json.read_text())
+        workers = sum(of(int(p)) for p in run["workers"].values())
+        postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+        children = [int(t) for t in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()]
+        postgres = of(postmaster) + sum(of(c) for c in children)
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    return {"workers": round(workers, 3), "postgres": round(postgres, 3)}
+
+
 def read_tokens(data_dir: Path) -> dict[str, str]:
     doc = json.loads((data_dir / "tokens.json").read_text())
     return {t["scope"]: t["token"] for t in doc["tokens"]}
@@ -205,47 +251,10 @@ class AnbaoServer:
         return code
 
     def metrics(self) -> dict[str, float] | None:
-        """The server's counters and sums (Prometheus text, histogram buckets
-        and per-process gauges left out), or None without an endpoint."""
-        if self.metrics_url is None:
-            return None
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(self.metrics_url, timeout=10) as r:
-                text = r.read().decode()
-        except OSError:
-            return None
-        out = {}
-        for line in text.splitlines():
-            if not line.startswith("anbao_") or "_bucket{" in line or 'pid="' in line:
-                continue
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name] = float(value)
-            except ValueError:
-                pass
-        return out
+        return read_metrics(self.metrics_url)
 
     def cpu_s(self) -> dict[str, float] | None:
-        """CPU seconds (user + system) used so far by the server's worker
-        processes and by its embedded PostgreSQL (the postmaster and every
-        backend), read from /proc; None when they cannot be found."""
-        tick = os.sysconf("SC_CLK_TCK")
-
-        def of(pid: int) -> float:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / tick
-
-        try:
-            run = json.loads((self.data_dir / "run" / "workers.json").read_text())
-            workers = sum(of(int(p)) for p in run["workers"].values())
-            postmaster = int((self.data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
-            children = [int(t) for t in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()]
-            postgres = of(postmaster) + sum(of(c) for c in children)
-        except (OSError, ValueError, KeyError, IndexError):
-            return None
-        return {"workers": round(workers, 3), "postgres": round(postgres, 3)}
+        return server_cpu_s(self.data_dir / "run" / "workers.json", self.data_dir / "pgdata")
 
     def remove_data(self) -> None:
         if self.temp_dir and self.proc is None and not postgres_running(self.data_dir):
@@ -293,3 +302,106 @@ class AnbaoServer:
         doc["seconds"] = round(time.monotonic() - started, 2)
         doc["command"] = "anbao audit --data-dir DATA_DIR --json"
         return doc
+
+
+DRAIN_TIMEOUT_S = 300.0  # after the loads: every batch rolled up, every cross-set credit applied
+
+
+class SetsServer:
+    """`count` sets on this machine (anbao/localsets.py: an embedded
+    PostgreSQL with wal_level = logical and `anbao serve --topology` each,
+    `workers` per set, one tokens file), seen by the bench as one server:
+    its CPU and counters are the sums over the sets, with each set's CPU
+    beside them, and its audit is the cross-set audit once drained."""
+
+    host = "127.0.0.1"
+    owned = True
+
+    def __init__(self, local):
+        self.local = local
+        self.tokens = read_tokens(local.root)
+        self.ports: dict[int, int] = dict(local.ports)
+        self.dsns: dict[int, str] = dict(local.dsns)
+        self.log_path = local.root
+        self.banner = (
+            f"{local.count} sets x {local.workers} worker(s) (anbao/localsets.py, admission {local.admission}),"
+            " ports " + ", ".join(f"set {s} {p}" for s, p in sorted(self.ports.items()))
+        )
+
+    @classmethod
+    def start(cls, count: int, workers: int, extra: list[str] = ()) -> SetsServer:
+        """Blocking (LocalSets runs its own event loop): call it off the loop."""
+        from anbao.localsets import LocalSets, new_root
+
+        # The admission memcached, as `anbao serve` runs by default (AnbaoServer).
+        local = LocalSets(
+            new_root("anbao-bench-sets-"),
+            count,
+            workers,
+            admission="memcached",
+            extra_serve_args=list(extra),
+            metrics=True,
+        )
+        try:
+            local.start()
+        except BaseException:
+            local.stop()
+            shutil.rmtree(local.root, ignore_errors=True)
+            raise
+        return cls(local)
+
+    def topology(self):
+        return self.local.topology()
+
+    def cpu_s(self) -> dict[str, float] | None:
+        out = {"workers": 0.0, "postgres": 0.0}
+        for s in sorted(self.ports):
+            one = server_cpu_s(self.local.run_file(s), self.local.pgdata(s))
+            if one is None:
+                return None
+            for k, v in one.items():
+                out[k] = round(out[k] + v, 3)
+                out[f"set{s}_{k}"] = v
+        return out
+
+    def metrics(self) -> dict[str, float] | None:
+        total: dict[str, float] = {}
+        for port in self.local.metrics_ports.values():
+            one = read_metrics(f"http://{self.host}:{port}/metrics")
+            if one is None:
+                return None
+            for k, v in one.items():
+                total[k] = total.get(k, 0.0) + v
+        return total or None
+
+    async def audit(self) -> dict:
+        """The cross-set audit (anbao.storage.sets) once no batch awaits
+        its roll-up and no credit is in flight, in the shape of `anbao
+        audit --json` (ok, violations, counts)."""
+        from anbao.storage.sets import audit_when_drained
+
+        started = time.monotonic()
+        try:
+            result, drained = await audit_when_drained(self.dsns, DRAIN_TIMEOUT_S)
+        except Exception as exc:  # the bench reports it as a failed audit, like a failed `anbao audit`
+            return {"ok": False, "error": repr(exc), "exit_code": None}
+        assert result is not None, "several sets: there is always a cross-set audit"
+        doc = result.as_dict()
+        doc["counts"] = result.totals
+        doc["drained"] = drained
+        if not drained:
+            doc["ok"] = False
+            doc["violations"] = {
+                **doc["violations"],
+                f"drained within {DRAIN_TIMEOUT_S:g} s (every batch rolled up, every credit applied)": [],
+            }
+        doc["seconds"] = round(time.monotonic() - started, 2)
+        doc["command"] = "anbao.storage.sets.audit_when_drained(every set)"
+        return doc
+
+    def stop(self) -> int | None:
+        self.local.stop()
+        return None
+
+    def remove_data(self) -> None:
+        shutil.rmtree(self.local.root, ignore_errors=True)

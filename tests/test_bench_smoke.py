@@ -60,15 +60,15 @@ RUN_KEYS = {
 }
 
 
-def bench(tmp_path: Path, *args: str) -> tuple[dict, subprocess.CompletedProcess]:
-    """Runs the bench in a process group of its own; past BENCH_TIMEOUT_S it
-    gets SIGINT (so it stops the servers it started), then SIGKILL."""
+def bench(tmp_path: Path, *args: str, timeout_s: float = BENCH_TIMEOUT_S) -> tuple[dict, subprocess.CompletedProcess]:
+    """Runs the bench in a process group of its own; past timeout_s it gets
+    SIGINT (so it stops the servers it started), then SIGKILL."""
     argv = [sys.executable, "-m", "bench", *args, "--out", str(tmp_path)]
     proc = subprocess.Popen(
         argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        out, err = proc.communicate(timeout=BENCH_TIMEOUT_S)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -76,7 +76,7 @@ def bench(tmp_path: Path, *args: str) -> tuple[dict, subprocess.CompletedProcess
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
-        pytest.fail(f"bench {' '.join(args)} ran past {BENCH_TIMEOUT_S} s\n{out[-3000:]}\n{err[-3000:]}")
+        pytest.fail(f"bench {' '.join(args)} ran past {timeout_s} s\n{out[-3000:]}\n{err[-3000:]}")
     p = subprocess.CompletedProcess(argv, proc.returncode, out, err)
     label = args[args.index("--label") + 1] if "--label" in args else args[0]
     path = tmp_path / f"{label}.json"
@@ -192,9 +192,48 @@ def test_open_loop_storm(tmp_path):
     assert doc["audit"]["ok"] and (tmp_path / "open.png").exists()
 
 
+SETS_TIMEOUT_S = 90
+
+
+@pytest.mark.timeout(SETS_TIMEOUT_S + 90) if importlib.util.find_spec("pytest_timeout") else (lambda f: f)
+@pytest.mark.parametrize("scenario", ["storm", "hot"])
+def test_two_sets(tmp_path, scenario):
+    """--sets 2: two sets on this machine (embedded PostgreSQL with logical
+    replication and `anbao serve --topology` each), grabbers homed in both,
+    a packet in each set; the answers counted per set, every cross-set
+    credit applied and timed, and the cross-set audit OK once drained."""
+    hot = ["--hot-packets", "2", "--shares", "100"] if scenario == "hot" else []  # every share grabbed
+    doc, p = bench(
+        tmp_path, scenario, "--sets", "2", "--workers", "1", *TINY, "--procs", "2", *hot, timeout_s=SETS_TIMEOUT_S
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert doc["sets"] == 2 and doc["settings"]["sets"] == 2
+    assert doc["valid"] is True and doc["audit"]["ok"] is True and doc["audit"]["drained"] is True
+    [run] = doc["runs"]
+    assert RUN_KEYS <= run.keys()
+    assert run["valid"] and run["verdict"] == "valid" and not run["problems"], run["problems"]
+    assert run["answered"] == run["attempts"] == 200
+    if scenario == "storm":  # 25 shares in each set, 100 attempts on each
+        assert run["statuses"]["GRAB"] == {"OK": 50, "SOLD_OUT": 150}
+    else:
+        assert run["statuses"]["GRAB"] == {"OK": 200}
+    assert set(run["by_set"]) == {"0", "1"}
+    assert sum(x["ok"] for x in run["by_set"].values()) == run["ok"]
+    assert all(x["ok"] > 0 and x["ok_per_s"] > 0 for x in run["by_set"].values())
+    lag = run["info"]["credit_lag_ms"]
+    assert 0 < lag["credits"] < run["ok"], lag  # winners homed in the other set, not all of them
+    assert lag["credits"] == doc["audit"]["totals"]["credits_applied"] == doc["audit"]["totals"]["credits_sent"]
+    assert lag["total"]["count"] == lag["credits"] and lag["total"]["p50"] > 0
+    assert lag["before_rollup"]["p50"] <= lag["total"]["p50"]
+    assert {"workers", "postgres", "set0_workers", "set1_postgres"} <= run["info"]["server_cpu_us_per_answer"].keys()
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["spread", "--sets", "2"],
+        ["storm", "--sets", "9"],
+        ["hot", "--sets", "2", "--server", "127.0.0.1:7878", "--data-dir", "x"],
         ["storm", "--server", "10.0.0.1:7878", "--data-dir", "x"],
         ["storm", "--depth", "0"],
         ["storm", "--baseline", "mongodb"],

@@ -22,7 +22,7 @@ from served import ANBAO, Grabber, Served, free_port, storm
 from anbao.server.sets import PEER_READER_NAME
 from anbao.storage import embedded
 from anbao.storage.migrate import migrate
-from anbao.storage.sets import audit_when_drained
+from anbao.storage.sets import audit_when_drained, wait_for_directory
 from anbao_client import Client, InsufficientFunds, SetCluster, SetTopology, WrongSet, home_set, set_of, wire
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,17 +103,8 @@ async def _users(sc: SetCluster, first: int, n: int, amount: int = 0) -> list[in
 
 async def _directory_has(dsn: str, users: list[int], timeout_s: float = 20) -> None:
     """Waits until set `dsn` knows these users of the other set (replicated)."""
-    deadline = time.monotonic() + timeout_s
-    conn = await asyncpg.connect(dsn)
-    try:
-        while time.monotonic() < deadline:
-            n = await conn.fetchval("SELECT count(DISTINCT user_id) FROM user_directory WHERE user_id = ANY($1)", users)
-            if n == len(users):
-                return
-            await asyncio.sleep(0.1)
-    finally:
-        await conn.close()
-    raise AssertionError(f"the directory did not get {len(users)} users in {timeout_s} s")
+    short = await wait_for_directory({0: dsn}, {0: users}, timeout_s)
+    assert short is None, f"the directory has {short[1]} of {len(users)} users after {timeout_s} s"
 
 
 async def _drained_audit(dsns: dict[int, str], timeout_s: float = DRAIN_TIMEOUT_S):

@@ -397,3 +397,83 @@ async def audit_when_drained(
         if drained or time.monotonic() > deadline:
             return result, drained
         await asyncio.sleep(poll_s)
+
+
+async def wait_for_directory(
+    dsns: dict[int, str], wanted: dict[int, list[int]], timeout_s: float, poll_s: float = 0.1
+) -> tuple[int, int, int] | None:
+    """Waits until each set s knows the users wanted[s] (users homed in
+    other sets: their directory rows are replicated, and a set refuses a
+    grab by a user it does not know yet, exactly as an unregistered one).
+    None once every set knows them; else (set, known, wanted) of the first
+    set still short when timeout_s ran out."""
+    deadline = time.monotonic() + timeout_s
+    for s, users in sorted(wanted.items()):
+        conn = await asyncpg.connect(dsns[s])
+        try:
+            while True:
+                n = await conn.fetchval(
+                    "SELECT count(DISTINCT user_id) FROM user_directory WHERE user_id = ANY($1::bigint[])", users
+                )
+                if n == len(set(users)):
+                    break
+                if time.monotonic() > deadline:
+                    return s, n, len(set(users))
+                await asyncio.sleep(poll_s)
+        finally:
+            await conn.close()
+    return None
+
+
+@dataclass(frozen=True)
+class CreditTimes:
+    """One cross-set credit and its clock (seconds since the epoch, every
+    set's PostgreSQL on the same clock when they share a machine):
+    committed, the claim's grab batch commit (the transaction whose commit
+    made the grab durable; its OK follows); created, the roll-up at the
+    packet's set that wrote the credit; applied, the apply at the winner's
+    home set (None while in flight)."""
+
+    src_set: int
+    dest_set: int
+    credit_id: int
+    packet_id: int
+    user_id: int
+    amount_cents: int
+    committed: float | None
+    created: float
+    applied: float | None
+
+
+async def credit_times(dsns: dict[int, str], packets: list[int] | None = None) -> list[CreditTimes]:
+    """Every credit sent by a set of `dsns` (of `packets`, when given), with
+    its times: read where it was sent (the claim's commit, the roll-up) and
+    where it was applied."""
+    sent: list[dict] = []
+    applied: dict[tuple[int, int], float] = {}
+    for s, dsn in sorted(dsns.items()):
+        conn = await asyncpg.connect(dsn)
+        try:
+            sent += [
+                dict(r)
+                for r in await conn.fetch(
+                    "SELECT o.src_set, o.dest_set, o.credit_id, o.packet_id, o.user_id, o.amount_cents,"
+                    " extract(epoch FROM c.created_at)::float8 AS committed,"
+                    " extract(epoch FROM o.created_at)::float8 AS created"
+                    " FROM credits_out o LEFT JOIN claims c ON c.packet_id = o.packet_id AND c.seq = o.seq"
+                    " WHERE o.src_set = $1 AND ($2::bigint[] IS NULL OR o.packet_id = ANY($2::bigint[]))",
+                    s,
+                    packets,
+                )
+            ]
+            for r in await conn.fetch(
+                "SELECT src_set, credit_id, extract(epoch FROM applied_at)::float8 FROM credits_out"
+                " WHERE dest_set = $1 AND applied_transfer_id IS NOT NULL"
+                " AND ($2::bigint[] IS NULL OR packet_id = ANY($2::bigint[]))",
+                s,
+                packets,
+            ):
+                applied[(r[0], r[1])] = r[2]
+        finally:
+            await conn.close()
+    return [CreditTimes(**r, applied=applied.get((r["src_set"], r["credit_id"]))) for r in sent]
