@@ -244,3 +244,19 @@ def test_two_sets(tmp_path, scenario):
 def test_refuses_bad_settings(argv):
     p = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "error" in p.stderr
+
+
+def test_apply_cost_of_a_cross_set_credit():
+    """bench.apply credits a few hundred wallets through the destination's
+    trigger and reports a rate; it asserts every credit was applied."""
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.apply", "--credits", "600", "--users", "50", "--per-txn", "100", "--profile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = json.loads(p.stdout)
+    assert doc["credits"] == 600 and doc["credits_per_s"] > 0
+    assert any("transfers" in s["query"] for s in doc["statements_inside_the_trigger"])
