@@ -128,11 +128,14 @@ async def _drained_audit(dsns: dict[int, str], timeout_s: float = DRAIN_TIMEOUT_
     return result
 
 
-async def _storm_across(env, sender: int, members: list[int], shares: int, fault=None, waves: int = 1):
+async def _storm_across(
+    env, sender: int, members: list[int], shares: int, fault=None, waves: int = 1, last: int | None = None
+):
     """A packet of `sender`'s set and a storm by `members` (homed in both
     sets) on that set's port; `fault(outcomes)` runs alongside. In `waves`
     > 1 storms one after another (each a slice of the members), so that
-    the grabs commit in at least that many batches. Returns (packet id, won)."""
+    the grabs commit in at least that many batches; then `last`, if given,
+    grabs alone (the packet's last batch). Returns (packet id, won)."""
     topo = env["topology"]
     async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
         sent = await sc.send(sender, 100 * shares, shares)
@@ -146,9 +149,10 @@ async def _storm_across(env, sender: int, members: list[int], shares: int, fault
 
     async def in_waves():
         won: dict = {}
-        for i in range(0, len(members), wave):
+        slices = [members[i : i + wave] for i in range(0, len(members), wave)] + ([[last]] if last else [])
+        for users in slices:
             left = max(1.0, deadline - time.monotonic())
-            won.update((await storm(port, sent.packet_id, members[i : i + wave], grabbers, left, outcomes))[0])
+            won.update((await storm(port, sent.packet_id, users, grabbers, left, outcomes))[0])
         return won
 
     try:
@@ -305,7 +309,7 @@ def _kill_postmaster(pg_dir) -> None:
 
 class _ApplyHeld:
     """What _apply_held_mid_stream set up: the packets, their winners (all
-    homed in set 1), and the credits applied at set 1 while the apply waits."""
+    homed in set 1), and the credits set 1 has committed while its apply waits."""
 
     def __init__(self, holder, packets, won, applied):
         self.holder, self.packets, self.won, self.applied = holder, packets, won, applied
@@ -315,32 +319,58 @@ class _ApplyHeld:
 
 
 @contextlib.asynccontextmanager
+async def _rollup_held(dsn: str):
+    """Holds every roll-up of the set at `dsn` back (its lock) until exit."""
+    holder = await asyncpg.connect(dsn)
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", ROLLUP_LOCK_KEY)
+        yield holder
+    finally:
+        await holder.close()
+
+
+@contextlib.asynccontextmanager
 async def _apply_held_mid_stream(env, first: int, n: int = 1400):
     """Set 0's credits of two packets, grabbed by set 1's users, held in the
-    middle of set 1's apply: the test holds one winner of the second
-    packet's wallet row at set 1 (SELECT ... FOR UPDATE), so the apply
-    transaction carrying that credit waits inside the trigger, every credit
-    committed at set 0 before it applied, every later one queued behind it.
-    Asserts that this is so: set 0 wrote them all, set 1's apply worker
-    waits on the test, inside a transaction that has written, and set 1 has
-    applied some of them but not all."""
+    middle of set 1's apply. The first packet's credits are applied; the
+    second's are rolled up in one transaction (its batches held back until
+    all are in), the last of them for a user whose wallet row the test
+    holds at set 1 (SELECT ... FOR UPDATE): the apply transaction carrying
+    them has applied every other credit of the packet and waits inside the
+    trigger for that one. Asserts that this is so before yielding: set 0
+    wrote them all, the second packet's in one transaction with the held
+    credit last, set 1's apply worker waits on the test inside a
+    transaction that has written, and set 1 has committed exactly the
+    first packet's credits."""
     dsns = env["dsns"]
     sender0, ones = await _cross_users(env, first, n)
-    halves = ones[: len(ones) // 2], ones[len(ones) // 2 :]
+    first_half, second_half, held_user = ones[: len(ones) // 2], ones[len(ones) // 2 : -1], ones[-1]
     holder = await asyncpg.connect(dsns[1])
     try:
         await holder.execute("BEGIN")
         assert await holder.fetchval(
-            "SELECT account_id FROM accounts WHERE kind = 1 AND owner_id = $1 FOR UPDATE", halves[1][-1]
+            "SELECT account_id FROM accounts WHERE kind = 1 AND owner_id = $1 FOR UPDATE", held_user
         )
-        packets, won = [], {}
-        for half in halves:  # every one wins: as many shares as grabbers
-            packet_id, won_here = await _storm_across(env, sender0, half, len(half))
-            assert len(won_here) == len(half)
-            packets.append(packet_id)
-            won.update(won_here)
-            # set 0 rolled them all up before the next packet: two packets, several transactions
-            await _written_all(dsns, packets, len(won))
+        # every one wins: as many shares as grabbers
+        packet1, won = await _storm_across(env, sender0, first_half, len(first_half))
+        await _written_all(dsns, [packet1], len(won))
+        async with _rollup_held(dsns[0]) as rollup_holder:
+            packet2, won2 = await _storm_across(env, sender0, second_half, len(second_half) + 1, last=held_user)
+            batches = await rollup_holder.fetchval(
+                "SELECT count(*) FROM grab_rollups WHERE $1 = ANY(packet_ids)", packet2
+            )
+            assert batches <= Limits().rollup_batches_per_pass, "the packet must be rolled up in one pass"
+        won.update(won2)
+        assert len(won) == len(ones)
+        packets = [packet1, packet2]
+        await _written_all(dsns, packets, len(won))
+        transactions, last_user = await _row(
+            dsns[0],
+            "SELECT count(DISTINCT created_at), (array_agg(user_id ORDER BY credit_id DESC))[1]"
+            " FROM credits_out WHERE src_set = 0 AND packet_id = $1",
+            packet2,
+        )
+        assert (transactions, last_user) == (1, held_user)
         await eventually(
             lambda: _row(
                 dsns[1],
@@ -352,7 +382,7 @@ async def _apply_held_mid_stream(env, first: int, n: int = 1400):
             "set 1's apply to wait on the held wallet inside a transaction that has written",
         )
         written, applied = await _credits(dsns, packets)
-        assert written == len(won) and len(halves[0]) <= applied < len(won), (written, applied)
+        assert (written, applied) == (len(won), len(first_half))
         yield _ApplyHeld(holder, packets, won, applied)
     finally:
         holder.terminate()
@@ -417,9 +447,7 @@ async def test_sending_worker_killed_mid_rollup(two_sets):
     env = two_sets
     dsns = env["dsns"]
     sender0, ones = await _cross_users(env, 400_000, 1400)
-    holder = await asyncpg.connect(dsns[0])
-    try:
-        await holder.execute("SELECT pg_advisory_lock($1)", ROLLUP_LOCK_KEY)
+    async with _rollup_held(dsns[0]) as holder:
         packet_id, won = await _storm_across(env, sender0, ones, len(ones), waves=40)
         assert len(won) == len(ones)
         batches = await holder.fetchval("SELECT count(*) FROM grab_rollups WHERE $1 = ANY(packet_ids)", packet_id)
@@ -453,8 +481,6 @@ async def test_sending_worker_killed_mid_rollup(two_sets):
             60,
             "set 0's supervisor to restart its worker",
         )
-    finally:
-        await holder.close()
     result = await _drained_audit(dsns)
     assert result.ok, result.text()
     assert await _credits(dsns, [packet_id]) == (len(won), len(won))
