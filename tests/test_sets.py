@@ -122,9 +122,27 @@ async def _directory_has(dsn: str, users: list[int], timeout_s: float = 20) -> N
 
 
 async def _drained_audit(dsns: dict[int, str], timeout_s: float = DRAIN_TIMEOUT_S):
-    """The cross-set audit once every credit is applied and every batch rolled up."""
+    """The cross-set audit once every credit is applied and every batch
+    rolled up; then every set's slots confirm all its WAL written by then:
+    no subscription is stuck (say, on a credit sent again and refused as a
+    duplicate), which nothing in flight alone would not show."""
     result, drained = await audit_when_drained(dsns, timeout_s, refund_grace_ms=600_000, poll_s=0.3)
     assert drained, "credits did not drain: " + (result.text() if result else "no audit")
+    for s, dsn in dsns.items():
+        conn = await asyncpg.connect(dsn)
+        try:
+            written = await conn.fetchval("SELECT pg_current_wal_lsn()")
+
+            async def confirmed(conn=conn, written=written) -> bool:
+                return await conn.fetchval(
+                    "SELECT count(*) > 0 AND bool_and(confirmed_flush_lsn >= $1) FROM pg_replication_slots"
+                    " WHERE slot_name LIKE 'anbao\\_%'",
+                    written,
+                )
+
+            await eventually(confirmed, timeout_s, f"set {s}'s slots to confirm its WAL up to {written}", 0.2)
+        finally:
+            await conn.close()
     return result
 
 
