@@ -146,14 +146,11 @@ async def _drained_audit(dsns: dict[int, str], timeout_s: float = DRAIN_TIMEOUT_
     return result
 
 
-async def _storm_across(
-    env, sender: int, members: list[int], shares: int, fault=None, waves: int = 1, last: int | None = None
-):
+async def _storm_across(env, sender: int, members: list[int], shares: int, fault=None, waves: int = 1):
     """A packet of `sender`'s set and a storm by `members` (homed in both
     sets) on that set's port; `fault(outcomes)` runs alongside. In `waves`
     > 1 storms one after another (each a slice of the members), so that
-    the grabs commit in at least that many batches; then `last`, if given,
-    grabs alone (the packet's last batch). Returns (packet id, won)."""
+    the grabs commit in at least that many batches. Returns (packet id, won)."""
     topo = env["topology"]
     async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
         sent = await sc.send(sender, 100 * shares, shares)
@@ -167,10 +164,9 @@ async def _storm_across(
 
     async def in_waves():
         won: dict = {}
-        slices = [members[i : i + wave] for i in range(0, len(members), wave)] + ([[last]] if last else [])
-        for users in slices:
+        for i in range(0, len(members), wave):
             left = max(1.0, deadline - time.monotonic())
-            won.update((await storm(port, sent.packet_id, users, grabbers, left, outcomes))[0])
+            won.update((await storm(port, sent.packet_id, members[i : i + wave], grabbers, left, outcomes))[0])
         return won
 
     try:
@@ -336,6 +332,20 @@ class _ApplyHeld:
         self.holder.terminate()  # its transaction ends with its backend (or its server)
 
 
+async def _grab_in_turn(env, packet_id: int, users: list[int]) -> dict:
+    """Each user grabs alone, one after another (each its own batch); returns their shares."""
+    port = env["topology"].sets[set_of(packet_id)].port
+    grabber = Grabber(port, APP_TOKEN, routed=True, timeout_ms=3000)
+    won: dict = {}
+    try:
+        for u in users:
+            won.update((await storm(port, packet_id, [u], [grabber], timeout_s=30))[0])
+    finally:
+        await grabber.close()
+    assert len(won) == len(users)
+    return won
+
+
 @contextlib.asynccontextmanager
 async def _rollup_held(dsn: str):
     """Holds every roll-up of the set at `dsn` back (its lock) until exit."""
@@ -350,17 +360,18 @@ async def _rollup_held(dsn: str):
 @contextlib.asynccontextmanager
 async def _apply_held_mid_stream(env, first: int, n: int = 1400):
     """Set 0's credits of two packets, grabbed by set 1's users, held in the
-    middle of set 1's apply. The first packet's credits are applied; the
-    second's are rolled up in one transaction (its batches held back until
-    all are in), the last of them for a user whose wallet row the test
-    holds at set 1 (SELECT ... FOR UPDATE): the apply transaction carrying
-    them has applied every other credit of the packet and waits inside the
-    trigger for that one. Asserts that this is so before yielding: set 0
-    wrote them all, the second packet's in one transaction with the held
-    credit last, set 1's apply worker waits on the test inside a
-    transaction that has written, and set 1 has committed exactly the
-    first packet's credits."""
+    middle of set 1's apply. The test holds one winner's wallet row at set
+    1 (SELECT ... FOR UPDATE); that winner's credit comes late in a roll-up
+    transaction of the second packet with other credits before it (the
+    packet's batches are held back until all are in, so the roll-up's
+    passes are known). The apply transaction carrying it has credited those
+    others, uncommitted, and waits inside the trigger for the held one.
+    Asserts that this is so before yielding: set 0 wrote every credit, set
+    1's apply worker waits on the test inside a transaction that has
+    written, and set 1 has committed exactly the credits of set 0's
+    transactions before that one (the whole first packet among them)."""
     dsns = env["dsns"]
+    per_pass = Limits().rollup_batches_per_pass
     sender0, ones = await _cross_users(env, first, n)
     first_half, second_half, held_user = ones[: len(ones) // 2], ones[len(ones) // 2 : -1], ones[-1]
     holder = await asyncpg.connect(dsns[1])
@@ -373,22 +384,32 @@ async def _apply_held_mid_stream(env, first: int, n: int = 1400):
         packet1, won = await _storm_across(env, sender0, first_half, len(first_half))
         await _written_all(dsns, [packet1], len(won))
         async with _rollup_held(dsns[0]) as rollup_holder:
-            packet2, won2 = await _storm_across(env, sender0, second_half, len(second_half) + 1, last=held_user)
+            # All but two of the second packet, then those two alone, each its own batch, the held
+            # one placed so that its roll-up pass (per_pass batches in order) has others before it.
+            packet2, won2 = await _storm_across(env, sender0, second_half[:-1], len(second_half) + 1)
             batches = await rollup_holder.fetchval(
                 "SELECT count(*) FROM grab_rollups WHERE $1 = ANY(packet_ids)", packet2
             )
-            assert batches <= Limits().rollup_batches_per_pass, "the packet must be rolled up in one pass"
+            order = [second_half[-1], held_user] if batches % per_pass == 0 else [held_user, second_half[-1]]
+            won2.update(await _grab_in_turn(env, packet2, order))
         won.update(won2)
         assert len(won) == len(ones)
         packets = [packet1, packet2]
         await _written_all(dsns, packets, len(won))
-        transactions, last_user = await _row(
+        # Set 0's roll-up transaction carrying the held credit (credits of one transaction share created_at).
+        before_held, first_of_it, committed_before = await _row(
             dsns[0],
-            "SELECT count(DISTINCT created_at), (array_agg(user_id ORDER BY credit_id DESC))[1]"
-            " FROM credits_out WHERE src_set = 0 AND packet_id = $1",
+            "WITH t AS (SELECT c.credit_id AS held, c.created_at FROM credits_out c"
+            "   WHERE c.src_set = 0 AND c.packet_id = $2 AND c.user_id = $3),"
+            " it AS (SELECT c.credit_id FROM credits_out c, t WHERE c.src_set = 0 AND c.created_at = t.created_at)"
+            " SELECT (SELECT count(*) FROM it, t WHERE it.credit_id < t.held), (SELECT min(credit_id) FROM it),"
+            " (SELECT count(*) FROM credits_out c WHERE c.src_set = 0 AND c.packet_id = ANY($1)"
+            "   AND c.credit_id < (SELECT min(credit_id) FROM it))",
+            packets,
             packet2,
+            held_user,
         )
-        assert (transactions, last_user) == (1, held_user)
+        assert before_held > 0, "the held credit must not be the first of its transaction"
         await eventually(
             lambda: _row(
                 dsns[1],
@@ -400,7 +421,7 @@ async def _apply_held_mid_stream(env, first: int, n: int = 1400):
             "set 1's apply to wait on the held wallet inside a transaction that has written",
         )
         written, applied = await _credits(dsns, packets)
-        assert (written, applied) == (len(won), len(first_half))
+        assert (written, applied) == (len(won), committed_before) and applied >= len(first_half)
         yield _ApplyHeld(holder, packets, won, applied)
     finally:
         holder.terminate()
