@@ -15,6 +15,7 @@ import pytest
 from helpers import (
     ADMIN_TOKEN,
     APP_TOKEN,
+    ROLLUP_LOCK_KEY,
     Anbao,
     Collector,
     assert_claims_match,
@@ -28,9 +29,6 @@ from anbao.config import Limits
 from anbao.storage import migrate as migrate_mod
 from anbao.storage.audit import audit
 from anbao_client import Client, wire
-
-# The key every roll-up takes (migration 0003): holding it holds them all back.
-ROLLUP_LOCK_KEY = int.from_bytes(b"anbaorol", "big")
 
 
 async def pending_claims(dsn: str) -> int:
