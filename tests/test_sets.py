@@ -578,7 +578,7 @@ async def test_a_lost_slot_is_resynchronised_and_every_credit_applied_once(two_s
     pg1 = env["pg_dirs"][1]
     await asyncio.to_thread(embedded.pg_ctl_stop, pg1)
     try:
-        _, won = await _storm_across(env, sender0, ones, 300)
+        packet_id, won = await _storm_across(env, sender0, ones, 300)
         late = [u for u in range(205_000, 205_100) if home_set(u, topo) == 0]
         async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
             await sc.register(late)
@@ -619,6 +619,9 @@ async def test_a_lost_slot_is_resynchronised_and_every_credit_applied_once(two_s
     assert result.ok, result.text()
     assert result.totals["credits_applied"] == result.totals["credits_sent"]
     await _directory_has(dsns[1], late)
+    # Backfilled with every column the stream carries (RECEIVED_LIST's sender and claim time).
+    described = "SELECT count(*) FROM credits_out WHERE packet_id = $1 AND sender_id = $2 AND claimed_at IS NOT NULL"
+    assert await _until(dsns[1], described, lambda n: True, "credits", packet_id, sender0) == 300
     await _balances_grew(topo, before, {u: g.amount_cents for u, g in won.items()})
 
     # The new slot streams: a storm's credits arrive by themselves.

@@ -296,7 +296,7 @@ def cmd_sets_resync(args) -> int:
     except ResyncRefused as exc:
         print(f"anbao sets resync: refused: {exc}", file=sys.stderr)
         return EXIT_REFUSED
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+    except (OSError, TimeoutError, RuntimeError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         print(f"anbao sets resync: {exc!r} (safe to run again)", file=sys.stderr)
         return EXIT_UNREACHABLE
     if args.json:

@@ -239,40 +239,53 @@ async def _backfill_directory(src_conn, dest_conn, src: int, batch: int) -> int:
         added += len(got)
 
 
-async def _backfill_credits(src_conn, dest_conn, src: int, dest: int, batch: int, progress: Progress):
+APPLIED_COLUMNS = ("applied_transfer_id", "applied_at")  # written by the destination's trigger, never copied
+_COLUMNS = (
+    "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute"
+    " WHERE attrelid = 'public.credits_out'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+)
+
+
+async def _credit_columns(src_conn, dest_conn, src: int, dest: int) -> list[tuple[str, str]]:
+    """The columns of credits_out a backfill copies: every one the
+    publication carries (all of them) but the apply's own. B must have each
+    of A's, as its subscription must (a column added by a migration that
+    only A has run yet: migrate B first)."""
+    src_cols = await src_conn.fetch(_COLUMNS, timeout=STATEMENT_TIMEOUT_S)
+    dest_names = {r[0] for r in await dest_conn.fetch(_COLUMNS, timeout=STATEMENT_TIMEOUT_S)}
+    missing = [r[0] for r in src_cols if r[0] not in dest_names]
+    if missing:
+        raise ResyncRefused(f"set {dest}'s credits_out lacks {missing}, which set {src} sends: run anbao migrate there")
+    return [(r[0], r[1]) for r in src_cols if r[0] not in APPLIED_COLUMNS]
+
+
+async def _backfill_credits(src_conn, dest_conn, src: int, dest: int, columns, batch: int, progress: Progress):
     """Every credit of A's credits_out WHERE dest_set = B that B lacks,
-    inserted at B in batches, each in one transaction of B's: the trigger
-    credits each wallet as the apply would (and skips a credit the stream
-    brought meanwhile). Returns (credits, cents, already present)."""
+    inserted at B in batches, each in one transaction of B's, with every
+    column the stream would carry: the trigger credits each wallet as the
+    apply would (and skips a credit already there). Returns (credits,
+    cents, already present)."""
+    names = ", ".join(c for c, _ in columns)
+    arrays = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(columns, start=2))
+    read = (
+        f"SELECT {names} FROM credits_out WHERE src_set = $1 AND dest_set = $2 AND credit_id > $3"
+        " ORDER BY credit_id LIMIT $4"
+    )
+    write = (
+        f"INSERT INTO credits_out ({names}) SELECT {names} FROM unnest({arrays}) AS x({names})"
+        " WHERE NOT EXISTS (SELECT 1 FROM credits_out c WHERE c.src_set = $1 AND c.credit_id = x.credit_id)"
+        " ORDER BY x.credit_id RETURNING amount_cents"
+    )
     count = cents = present = 0
     cursor = 0
     while True:
-        rows = await src_conn.fetch(
-            "SELECT credit_id, user_id, amount_cents, packet_id, seq, batch_id, created_at FROM credits_out"
-            " WHERE src_set = $1 AND dest_set = $2 AND credit_id > $3 ORDER BY credit_id LIMIT $4",
-            src,
-            dest,
-            cursor,
-            batch,
-            timeout=STATEMENT_TIMEOUT_S,
-        )
+        rows = await src_conn.fetch(read, src, dest, cursor, batch, timeout=STATEMENT_TIMEOUT_S)
         if not rows:
             return count, cents, present
         cursor = rows[-1]["credit_id"]
-        cols = list(zip(*rows, strict=True))
         async with dest_conn.transaction():
             got = await dest_conn.fetch(
-                "INSERT INTO credits_out (src_set, credit_id, dest_set, user_id, amount_cents, packet_id, seq,"
-                " batch_id, created_at)"
-                " SELECT $1, x.credit_id, $2, x.user_id, x.amount_cents, x.packet_id, x.seq, x.batch_id, x.created_at"
-                " FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::int[], $8::bigint[],"
-                "   $9::timestamptz[]) AS x(credit_id, user_id, amount_cents, packet_id, seq, batch_id, created_at)"
-                " WHERE NOT EXISTS (SELECT 1 FROM credits_out c WHERE c.src_set = $1 AND c.credit_id = x.credit_id)"
-                " ORDER BY x.credit_id RETURNING amount_cents",
-                src,
-                dest,
-                *(list(c) for c in cols),
-                timeout=STATEMENT_TIMEOUT_S,
+                write, src, *([r[c] for r in rows] for c, _ in columns), timeout=STATEMENT_TIMEOUT_S
             )
         count += len(got)
         cents += sum(r[0] for r in got)
@@ -319,6 +332,7 @@ async def resync(
         src_conn = await asyncpg.connect(src_dsn, timeout=CONNECT_TIMEOUT_S)
         try:
             await _check(src_conn, dest_conn, src, dest)
+            columns = await _credit_columns(src_conn, dest_conn, src, dest)
             if not await dest_conn.fetchval("SELECT pg_try_advisory_lock($1)", RESYNC_LOCK_KEY):
                 raise ResyncRefused(f"another resync is running at set {dest}")
             state = await link_state(src_conn, dest_conn, src, dest)
@@ -331,7 +345,7 @@ async def resync(
                     + " (--force to resynchronise anyway)"
                 )
             await progress("found", "found: " + "; ".join(state.needs or ["nothing wrong (forced)"]))
-            await _resync(src_conn, dest_conn, state, publisher_dsn, batch, report, progress)
+            await _resync(src_conn, dest_conn, state, publisher_dsn, columns, batch, report, progress)
             return report
         finally:
             await src_conn.close()
@@ -339,7 +353,7 @@ async def resync(
         await dest_conn.close()  # and with it the resync lock
 
 
-async def _resync(src_conn, dest_conn, state: LinkState, publisher_dsn: str, batch: int, report, progress) -> None:
+async def _resync(src_conn, dest_conn, state: LinkState, publisher_dsn: str, columns, batch: int, report, progress):
     src, dest, name = state.src, state.dest, state.subscription_name
 
     async def did(stage: str, text: str) -> None:
@@ -380,7 +394,7 @@ async def _resync(src_conn, dest_conn, state: LinkState, publisher_dsn: str, bat
     )
     report.directory_backfilled = await _backfill_directory(src_conn, dest_conn, src, batch)
     await did("directory", f"backfilled {report.directory_backfilled} of set {src}'s users into set {dest}'s directory")
-    n, cents, present = await _backfill_credits(src_conn, dest_conn, src, dest, batch, progress)
+    n, cents, present = await _backfill_credits(src_conn, dest_conn, src, dest, columns, batch, progress)
     report.credits_backfilled, report.cents_backfilled, report.credits_present = n, cents, present
     await did(
         "credits",
