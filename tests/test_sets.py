@@ -518,6 +518,11 @@ async def _until(dsn: str, sql: str, ok, what: str, *args, timeout_s: float = 20
         await conn.close()
 
 
+async def _value(dsn: str, sql: str, *args):
+    """`sql`'s one value on `dsn`, read once."""
+    return await _until(dsn, sql, lambda v: True, sql, *args)
+
+
 async def _lose_slot(dsn: str, slot_name: str) -> None:
     """This server's max_slot_wal_keep_size made tiny (ALTER SYSTEM, reload),
     then WAL written past it (1 MB logical messages, pg_switch_wal,
@@ -621,7 +626,7 @@ async def test_a_lost_slot_is_resynchronised_and_every_credit_applied_once(two_s
     await _directory_has(dsns[1], late)
     # Backfilled with every column the stream carries (RECEIVED_LIST's sender and claim time).
     described = "SELECT count(*) FROM credits_out WHERE packet_id = $1 AND sender_id = $2 AND claimed_at IS NOT NULL"
-    assert await _until(dsns[1], described, lambda n: True, "credits", packet_id, sender0) == 300
+    assert await _value(dsns[1], described, packet_id, sender0) == 300
     await _balances_grew(topo, before, {u: g.amount_cents for u, g in won.items()})
 
     # The new slot streams: a storm's credits arrive by themselves.
@@ -639,11 +644,19 @@ async def test_resync_while_credits_are_written_applies_each_once(two_sets):
     whole time). Credits committed at set 0 after the new slot was made and
     before the backfill read them arrive twice, by the backfill and then by
     the stream: each is applied once (migration 0010), the apply never
-    errs, and the audit across the sets is clean."""
+    errs, and the audit across the sets is clean. The subscription had
+    failover = true (DEPLOYMENT.md, PostgreSQL 17+): the new one and its new
+    slot keep it."""
     from anbao.storage.resync import resync
 
     env = two_sets
     topo, dsns = env["topology"], env["dsns"]
+    conn = await asyncpg.connect(dsns[1])
+    try:
+        for step in ("DISABLE", "SET (failover = true)", "ENABLE"):
+            await conn.execute(f"ALTER SUBSCRIPTION anbao_from_set_0 {step}")
+    finally:
+        await conn.close()
     sender0, ones = await _sender0_and_ones(topo, dsns, (300_000, 8), (301_000, 300), 10_000_000)
     before = await _balances(topo, ones)
 
@@ -663,13 +676,13 @@ async def test_resync_while_credits_are_written_applies_each_once(two_sets):
 
     async def progress(stage: str, text: str) -> None:
         if stage == "slot_created":  # from here on, whatever commits at set 0 streams too
-            marks["slot"] = await _until(dsns[0], newest, lambda n: True, "credits")
+            marks["slot"] = await _value(dsns[0], newest)
         if stage == "subscribed":  # and some of it is committed before the backfill reads set 0
             marks["overlap"] = await _until(dsns[0], since, lambda n: n >= 30, "credits after the slot", marks["slot"])
         if stage == "enabled":
-            marks["enabled"] = await _until(dsns[0], newest, lambda n: True, "credits")
+            marks["enabled"] = await _value(dsns[0], newest)
 
-    first = await _until(dsns[0], newest, lambda n: True, "credits")
+    first = await _value(dsns[0], newest)
     storming = asyncio.create_task(storms())
     try:
         await _until(dsns[0], newest, lambda n: n > first, "the storms' first credits")
@@ -682,6 +695,11 @@ async def test_resync_while_credits_are_written_applies_each_once(two_sets):
         stop.set()
         await storming
     assert report.needs == [] and report.subscription_running, report
+    assert report.found["subscription"]["failover"] and report.found["slot"]["failover"]
+    failover = "SELECT subfailover FROM pg_subscription WHERE subname = 'anbao_from_set_0'"
+    assert await _value(dsns[1], failover) is True
+    failover = "SELECT failover FROM pg_replication_slots WHERE slot_name = 'anbao_0_to_1'"
+    assert await _value(dsns[0], failover) is True
     # Committed after the slot, so streamed, and before the backfill read set
     # 0 (the subscription still disabled), so backfilled: at least 30 both ways.
     assert report.credits_backfilled >= marks["overlap"] >= 30, (marks, report)
