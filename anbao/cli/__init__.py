@@ -1,7 +1,7 @@
 """`anbao` command line.
 
 Server side (`server.py`): serve, migrate, audit (reads the database),
-tokens. Client side (`client.py`), for people and scripts, talking to a
+sets resync (repairs a set's lost subscription), tokens. Client side (`client.py`), for people and scripts, talking to a
 running server through the SDK: register, deposit, withdraw, send, grab,
 packet, balance, statement, sent, received, group ..., demo. Amounts are
 typed and shown in yuan with two decimals ("12.34"); `--json` prints one

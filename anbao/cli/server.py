@@ -1,5 +1,6 @@
-"""`anbao serve`, `migrate`, `audit` and `tokens`: the commands that run the
-server or read its database and tokens directly (no server needed)."""
+"""`anbao serve`, `migrate`, `audit`, `sets resync` and `tokens`: the commands
+that run the server or read (and repair) its database and tokens directly (no
+server needed)."""
 
 from __future__ import annotations
 
@@ -248,6 +249,68 @@ def cmd_audit(args) -> int:
     return _one_off_database(args, work)
 
 
+def cmd_sets_resync(args) -> int:
+    """`anbao sets resync --topology FILE --set B --from A`: set B's
+    subscription to set A re-created on a new slot and the credits B lacks
+    backfilled, exactly once (storage/resync.py)."""
+    import asyncpg
+
+    from anbao_client.routing import SetTopology
+
+    from ..cliutil import yuan
+    from ..storage.resync import ResyncRefused, resync
+    from .client import EXIT_REFUSED, EXIT_UNREACHABLE
+
+    topo = SetTopology.load(args.topology)
+    for s in (args.set, args.from_set):
+        if s not in topo.sets:
+            print(f"anbao sets resync: set {s} is not in {args.topology} (sets {sorted(topo.sets)})", file=sys.stderr)
+            return 2
+    src, dest = topo.sets[args.from_set], topo.sets[args.set]
+    if args.batch < 1:
+        print("anbao sets resync: --batch takes a positive count", file=sys.stderr)
+        return 2
+    if src.set_id == dest.set_id or not src.dsn or not dest.dsn or not src.subscription_dsn:
+        print("anbao sets resync: --set and --from name two sets, each with a dsn in the topology", file=sys.stderr)
+        return 2
+
+    async def progress(stage: str, text: str) -> None:
+        if not args.json:
+            print(f"  {text}", flush=True)
+
+    if not args.json:
+        print(f"anbao sets resync: set {dest.set_id} from set {src.set_id}", flush=True)
+    try:
+        report = asyncio.run(
+            resync(
+                src.set_id,
+                src.dsn,
+                dest.set_id,
+                dest.dsn,
+                src.subscription_dsn,
+                force=args.force,
+                batch=args.batch,
+                progress=progress,
+            )
+        )
+    except ResyncRefused as exc:
+        print(f"anbao sets resync: refused: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except (OSError, TimeoutError, RuntimeError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"anbao sets resync: {exc!r} (safe to run again)", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(report.as_dict(), default=str, indent=2))
+    else:
+        print(
+            f"resynchronised: {report.credits_backfilled} credits ({yuan(report.cents_backfilled)}) backfilled,"
+            f" {report.credits_present} already applied, {report.directory_backfilled} users added to the directory;"
+            f" subscription {'running' if report.subscription_running else 'NOT running yet'}."
+            f" Check with: anbao audit --topology {args.topology}"
+        )
+    return 0
+
+
 def cmd_tokens(args) -> int:
     path = Path(args.tokens_file) if args.tokens_file else ensure_tokens_file(Path(args.data_dir) / "tokens.json")
     print(path.read_text() if args.show else path)
@@ -264,7 +327,7 @@ def _with_database_options(p):
 
 
 def add_parser(sub) -> None:
-    """Adds serve, migrate, audit and tokens to the `anbao` subcommands."""
+    """Adds serve, migrate, audit, sets and tokens to the `anbao` subcommands."""
     s = _with_database_options(sub.add_parser("serve", help="run the server"))
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=7878)
@@ -304,6 +367,19 @@ def add_parser(sub) -> None:
         help="how long past expiry an unrefunded packet is not yet a violation (default 300)",
     )
     a.set_defaults(func=cmd_audit)
+    sets = sub.add_parser("sets", help="several sets: operations on their replication (docs/DEPLOYMENT.md)")
+    sets_sub = sets.add_subparsers(dest="sets_command", required=True)
+    r = sets_sub.add_parser(
+        "resync",
+        help="re-create a set's subscription to another (its slot lost) and backfill the credits it lacks, once",
+    )
+    r.add_argument("--topology", required=True, help="the topology file (docs/DEPLOYMENT.md)")
+    r.add_argument("--set", type=int, required=True, help="the subscribing set (B), whose credits are missing")
+    r.add_argument("--from", dest="from_set", type=int, required=True, help="the publishing set (A)")
+    r.add_argument("--force", action="store_true", help="resynchronise even when slot and subscription look healthy")
+    r.add_argument("--batch", type=int, default=2000, help="credits per backfill transaction (default 2000)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_sets_resync)
     t = _with_database_options(sub.add_parser("tokens", help="print where the tokens are (create them on first run)"))
     t.add_argument("--show", action="store_true", help="print the tokens themselves")
     t.set_defaults(func=cmd_tokens)

@@ -23,8 +23,8 @@ SERVER_SETTINGS = {
 }
 # Sets (several sets, migration 0007): money crosses sets by logical
 # replication. The WAL a slot keeps for a subscriber that is down is bounded
-# by max_slot_wal_keep_size (past it the slot is lost and the operator must
-# resynchronise, docs/DEPLOYMENT.md); `anbao audit --topology` and the
+# by max_slot_wal_keep_size (past it the slot is lost and the operator runs
+# `anbao sets resync`, docs/DEPLOYMENT.md); `anbao audit --topology` and the
 # metrics watch each slot's backlog and wal_status. Only with a topology:
 # one set keeps wal_level at its default.
 LOGICAL_SETTINGS = {

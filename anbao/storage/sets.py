@@ -73,6 +73,20 @@ async def configure(dsn: str, me: int, peers: list[int]) -> list[str]:
         await conn.close()
 
 
+def create_subscription_sql(src: int, me: int, pub_dsn: str, server_version: int, **options: str) -> str:
+    """CREATE SUBSCRIPTION of set `me` to set `src`'s publication for it, on
+    slot anbao_<src>_to_<me>; `options` adds to (or overrides) the WITH list
+    (storage/resync.py: create_slot, copy_data, enabled)."""
+    opts = {"slot_name": _literal(slot(src, me))}
+    if server_version >= 160000:
+        opts["origin"] = "none"  # never pass on what another set sent here
+    opts.update(options)
+    return (
+        f"CREATE SUBSCRIPTION {subscription(src)} CONNECTION {_literal(pub_dsn)} PUBLICATION {publication(me)}"
+        f" WITH ({', '.join(f'{k} = {v}' for k, v in opts.items())})"
+    )
+
+
 async def ensure_subscriptions(dsn: str, me: int, publishers: dict[int, str]) -> dict[int, str]:
     """One subscription per other set, to its publication for `me`. A
     publisher that cannot be reached, or has no publication for `me` yet,
@@ -99,13 +113,7 @@ async def ensure_subscriptions(dsn: str, me: int, publishers: dict[int, str]) ->
             if not has_pub:
                 states[a] = f"waiting: set {a} has no publication {publication(me)} (run anbao migrate there)"
                 continue
-            options = f"slot_name = {_literal(slot(a, me))}"
-            if version >= 160000:
-                options += ", origin = none"  # never pass on what another set sent here
-            await conn.execute(
-                f"CREATE SUBSCRIPTION {name} CONNECTION {_literal(pub_dsn)} PUBLICATION {publication(me)}"
-                f" WITH ({options})"
-            )
+            await conn.execute(create_subscription_sql(a, me, pub_dsn, version))
             states[a] = "created"
             log.info("set %s: subscribed to set %s", me, a)
         return states

@@ -1,0 +1,118 @@
+"""The apply of another set's rows is idempotent (migration 0010), on two
+real connections to one database: a backfill's insert of a credit holds the
+apply's lock uncommitted while the stream's apply of the same credit waits
+for it; when the backfill commits, the apply's check after the lock sees
+that row (READ COMMITTED: a fresh snapshot per statement in PL/pgSQL) and
+skips it, where the schema before 0010 hit a primary-key violation, which
+would stop a subscription and retry it forever. The directory's copies of
+another set's users likewise."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import pytest
+from helpers import database_at_version
+
+pytestmark = pytest.mark.timeout(60)
+
+ME, PEER, USER = 1, 0, 42
+CREDIT = (
+    "INSERT INTO credits_out (src_set, credit_id, dest_set, user_id, amount_cents, packet_id, seq, batch_id)"
+    f" VALUES ({PEER}, 1, {ME}, {USER}, 250, 7, 1, 1)"
+)
+DIRECTORY = f"INSERT INTO user_directory (user_id, home_set) VALUES (5, {PEER})"
+WAIT_S = 10
+
+
+async def _as_set(dsn: str) -> None:
+    """This database is set ME (the peer PEER), with USER's wallet."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"SELECT anbao_configure_set({ME}::smallint, ARRAY[{PEER}, {ME}]::smallint[])")
+        await conn.execute(f"INSERT INTO accounts (kind, owner_id) VALUES (1, {USER})")
+    finally:
+        await conn.close()
+
+
+async def _race(dsn: str, sql: str) -> tuple[str, str]:
+    """`sql` by a backfill (a transaction of its own, left open) and then by
+    an apply (session_replication_role = replica, as the subscription's
+    worker runs); once the apply waits on a lock, the backfill commits.
+    Returns the apply's command status and the lock it waited on (raises
+    what the apply raised)."""
+    backfill = await asyncpg.connect(dsn)
+    apply = await asyncpg.connect(dsn)
+    try:
+        await apply.execute("SET session_replication_role = replica")
+        apply_pid = await apply.fetchval("SELECT pg_backend_pid()")
+        tx = backfill.transaction()
+        await tx.start()
+        await backfill.execute(sql)
+        applying = asyncio.create_task(apply.execute(sql))
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            waiting = await backfill.fetchrow(
+                "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = $1", apply_pid
+            )
+            if waiting["wait_event_type"] == "Lock":
+                break
+            assert time.monotonic() < deadline and not applying.done(), "the apply never waited for the backfill"
+            await asyncio.sleep(0.02)
+        await tx.commit()
+        return await asyncio.wait_for(applying, WAIT_S), waiting["wait_event"]
+    finally:
+        await backfill.close()
+        await apply.close()
+
+
+async def _money(dsn: str) -> tuple:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return tuple(
+            await conn.fetchrow(
+                f"SELECT (SELECT balance_cents FROM accounts WHERE kind = 1 AND owner_id = {USER}),"
+                f" (SELECT balance_cents FROM accounts WHERE kind = 3 AND owner_id = {PEER}),"
+                " (SELECT count(*) FROM transfers WHERE kind = 7),"
+                " (SELECT count(*) FROM credits_out),"
+                " (SELECT count(*) FROM user_directory WHERE home_set = $1)",
+                PEER,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def test_apply_skips_a_credit_committed_by_a_concurrent_backfill(fresh_dsn):
+    await _as_set(fresh_dsn)
+    # Each waits on the advisory lock (not on the row), then skips the row.
+    assert await _race(fresh_dsn, CREDIT) == ("INSERT 0 0", "advisory")
+    assert await _race(fresh_dsn, DIRECTORY) == ("INSERT 0 0", "advisory")
+    # credited once: wallet +250, clearing -250, one CROSS_IN transfer, one row
+    assert await _money(fresh_dsn) == (250, -250, 1, 1, 1)
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        # Sequential repeats, by either path, are skipped too.
+        assert await conn.execute(CREDIT) == "INSERT 0 0"
+        await conn.execute("SET session_replication_role = replica")
+        assert await conn.execute(CREDIT) == "INSERT 0 0"
+        assert await conn.execute(DIRECTORY) == "INSERT 0 0"
+        assert await conn.fetchval("SELECT count(*) FROM event_log WHERE kind = 7") == 1
+    finally:
+        await conn.close()
+    assert await _money(fresh_dsn) == (250, -250, 1, 1, 1)
+
+
+async def test_before_0010_the_same_race_stops_the_apply(pg):
+    """The schema as it was (0008): the second arrival is a primary-key
+    violation, which in a subscription's apply worker is an error retried
+    forever."""
+    dsn = await database_at_version(pg, "apply_v8", 8)
+    await _as_set(dsn)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await _race(dsn, CREDIT)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await _race(dsn, DIRECTORY)
+    assert await _money(dsn) == (250, -250, 1, 1, 1)
