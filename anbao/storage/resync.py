@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import asyncpg
 
-from .sets import create_subscription_sql, publication, slot, subscription
+from .sets import SUBSCRIPTION_OF_THIS_DATABASE, create_subscription_sql, publication, slot, subscription
 
 IDEMPOTENT_APPLY_VERSION = 10  # migration 0010: the apply skips a row already present
 RESYNC_LOCK_KEY = 7020657039738370414  # the bytes 'anbaosyn': one resync at a time at a destination
@@ -149,7 +149,7 @@ async def link_state(src_conn, dest_conn, src: int, dest: int) -> LinkState:
         " COALESCE(st.sync_error_count, 0)::bigint AS sync_error_count,"
         " COALESCE((to_jsonb(s) ->> 'subfailover')::boolean, false) AS failover"
         " FROM pg_subscription s LEFT JOIN pg_stat_subscription_stats st ON st.subid = s.oid"
-        " WHERE s.subname = $1 AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        f" WHERE s.subname = $1 AND s.{SUBSCRIPTION_OF_THIS_DATABASE}",
         subscription(src),
         timeout=STATEMENT_TIMEOUT_S,
     )
@@ -299,8 +299,7 @@ async def _wait_running(dest_conn, name: str) -> bool:
     while time.monotonic() < deadline:
         if await dest_conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM pg_subscription s JOIN pg_stat_subscription w ON w.subid = s.oid"
-            " WHERE s.subname = $1 AND w.relid IS NULL AND w.pid IS NOT NULL"
-            " AND s.subdbid = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+            f" WHERE s.subname = $1 AND w.relid IS NULL AND w.pid IS NOT NULL AND s.{SUBSCRIPTION_OF_THIS_DATABASE})",
             name,
             timeout=STATEMENT_TIMEOUT_S,
         ):

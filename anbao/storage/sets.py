@@ -40,6 +40,11 @@ def slot(src: int, dest: int) -> str:
     return f"anbao_{int(src)}_to_{int(dest)}"
 
 
+# Subscriptions are in a catalog shared by every database of a PostgreSQL
+# cluster: anbao's reads of them keep to its own database's.
+SUBSCRIPTION_OF_THIS_DATABASE = "subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -97,7 +102,9 @@ async def ensure_subscriptions(dsn: str, me: int, publishers: dict[int, str]) ->
         version = int(await conn.fetchval("SHOW server_version_num"))
         for a, pub_dsn in sorted(publishers.items()):
             name = subscription(a)
-            row = await conn.fetchrow("SELECT subenabled FROM pg_subscription WHERE subname = $1", name)
+            row = await conn.fetchrow(
+                f"SELECT subenabled FROM pg_subscription WHERE subname = $1 AND {SUBSCRIPTION_OF_THIS_DATABASE}", name
+            )
             if row is not None:
                 states[a] = "enabled" if row["subenabled"] else "DISABLED"
                 continue
@@ -153,7 +160,7 @@ async def replication_on(conn, timeout: float | None = None) -> dict:
             " extract(epoch FROM now() - st.last_msg_receipt_time)::float8 AS since_last_message_s,"
             " extract(epoch FROM st.last_msg_receipt_time - st.last_msg_send_time)::float8 AS transit_s"
             " FROM pg_subscription s LEFT JOIN pg_stat_subscription st ON st.subid = s.oid"
-            " AND st.relid IS NULL WHERE s.subname LIKE 'anbao\\_%' ORDER BY 1",
+            f" AND st.relid IS NULL WHERE s.subname LIKE 'anbao\\_%' AND s.{SUBSCRIPTION_OF_THIS_DATABASE} ORDER BY 1",
             timeout=timeout,
         )
     ]
