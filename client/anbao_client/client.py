@@ -6,6 +6,7 @@ Answers may arrive in any order; each is matched to its request by id.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import socket
@@ -99,6 +100,15 @@ class Client:
         )
         self._transport = transport
         sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sockname") == transport.get_extra_info("peername"):
+            # A chosen source port equal to a server port that nobody listens
+            # on (a server stopping) connects the socket to itself: TCP's
+            # simultaneous open. The client would read its own HELLO back as
+            # the answer. Refused like a taken port, so a steered connect
+            # draws another.
+            transport.close()
+            self._transport = None
+            raise OSError(errno.EADDRNOTAVAIL, f"connected to itself on {host}:{port}")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         token_bytes = token.encode() if isinstance(token, str) else token
