@@ -30,13 +30,26 @@ from .sets import balance_at_home
 __all__ = ["Ledger", "Refused", "StoredAnswer"]
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a pooled connection is reset with when released: nothing beyond
+    asyncpg's own rollback of an open transaction. Its default runs
+    `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` at every
+    release, a round trip and a tenth of a worker's samples under a storm of
+    first grabs (py-spy), for state the ledger never leaves: its locks are
+    transaction-scoped (pg_advisory_xact_lock), it changes no setting, its
+    cursors inside transactions, and LISTEN and session locks are taken on
+    connections of their own (engine/feed.py, storage/migrate.py,
+    storage/resync.py). Keep it so: a session-level lock taken on a pooled
+    connection would outlive its user."""
+
+
 class Ledger(Idempotency, Accounts, Packets, History, Groups):
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
 
     @classmethod
     async def open(cls, dsn: str, pool_size: int) -> Ledger:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=pool_size, reset=_keep_session)
         return cls(pool)
 
     async def events(self, cursor: int, limit: int) -> EventPage:
