@@ -260,3 +260,20 @@ def test_apply_cost_of_a_cross_set_credit():
     doc = json.loads(p.stdout)
     assert doc["credits"] == 600 and doc["credits_per_s"] > 0
     assert any("transfers" in s["query"] for s in doc["statements_inside_the_trigger"])
+
+
+def test_a_set_down_then_its_backlog_drains():
+    """bench.outage: set 1 stopped while set 0 takes grabs by its users;
+    every credit queued is applied once set 1 is back, and it says so."""
+    p = subprocess.run(
+        [sys.executable, "-m", "bench.outage", "--down-s", "3", "--per-packet", "20"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    doc = json.loads(p.stdout)
+    assert doc["audit_ok"] and doc["grabs_while_down"] > 0
+    assert doc["credits_queued"] == doc["grabs_while_down"] == doc["audit"]["credits_applied"]
+    assert doc["slot_backlog_peak_bytes"] > 0
