@@ -40,11 +40,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _create_db(uri: str) -> None:
-    conn = await asyncpg.connect(uri)
+async def create_db(admin_uri: str, name: str = DB) -> None:
+    """Database `name` on the server of `admin_uri`, unless it exists."""
+    conn = await asyncpg.connect(admin_uri)
     try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB):
-            await conn.execute(f"CREATE DATABASE {DB}")
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f"CREATE DATABASE {name}")
     finally:
         await conn.close()
 
@@ -102,7 +103,7 @@ class LocalSets:
             self.say(f"set {s}: starting PostgreSQL (wal_level = logical) in {self.pg_dirs[s]}")
             server, _ = embedded.start(self.pg_dirs[s], logical=True)
             self._pg_started.append(s)
-            asyncio.run(_create_db(server.get_uri("postgres")))
+            asyncio.run(create_db(server.get_uri("postgres")))
             self.dsns[s] = server.get_uri(DB)
             self.ports[s] = free_port()
             if self.metrics:

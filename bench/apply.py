@@ -24,6 +24,7 @@ from pathlib import Path
 
 import asyncpg
 
+from anbao.localsets import create_db
 from anbao.storage import embedded
 from anbao.storage import sets as storage_sets
 from anbao.storage.migrate import migrate
@@ -48,9 +49,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict:
         server.psql("ALTER SYSTEM SET pg_stat_statements.track = 'all';")
         embedded.pg_ctl_stop(root)
         server, _ = embedded.start(root, logical=True)
-    admin = await asyncpg.connect(server.get_uri("postgres"))
-    await admin.execute(f"CREATE DATABASE {DB}")
-    await admin.close()
+    await create_db(server.get_uri("postgres"), DB)
     dsn = server.get_uri(DB)
     await migrate(dsn)
     await storage_sets.configure(dsn, 1, [0])

@@ -246,18 +246,21 @@ def test_refuses_bad_settings(argv):
     assert p.returncode == 2 and "error" in p.stderr
 
 
+def _module_json(module: str, *args: str, timeout_s: float) -> dict:
+    """`python -m module args...` that prints one JSON document and exits 0."""
+    p = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout_s
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    return json.loads(p.stdout)
+
+
 def test_apply_cost_of_a_cross_set_credit():
     """bench.apply credits a few hundred wallets through the destination's
     trigger and reports a rate; it asserts every credit was applied."""
-    p = subprocess.run(
-        [sys.executable, "-m", "bench.apply", "--credits", "600", "--users", "50", "--per-txn", "100", "--profile"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=150,
+    doc = _module_json(
+        "bench.apply", "--credits", "600", "--users", "50", "--per-txn", "100", "--profile", timeout_s=150
     )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    doc = json.loads(p.stdout)
     assert doc["credits"] == 600 and doc["credits_per_s"] > 0
     assert any("transfers" in s["query"] for s in doc["statements_inside_the_trigger"])
 
@@ -265,15 +268,7 @@ def test_apply_cost_of_a_cross_set_credit():
 def test_a_set_down_then_its_backlog_drains():
     """bench.outage: set 1 stopped while set 0 takes grabs by its users;
     every credit queued is applied once set 1 is back, and it says so."""
-    p = subprocess.run(
-        [sys.executable, "-m", "bench.outage", "--down-s", "3", "--per-packet", "20"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    doc = json.loads(p.stdout)
+    doc = _module_json("bench.outage", "--down-s", "3", "--per-packet", "20", timeout_s=170)
     assert doc["audit_ok"] and doc["grabs_while_down"] > 0
     assert doc["credits_queued"] == doc["grabs_while_down"] == doc["audit"]["credits_applied"]
     assert doc["slot_backlog_peak_bytes"] > 0

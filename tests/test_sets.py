@@ -25,6 +25,7 @@ from helpers import ADMIN_TOKEN, APP_TOKEN, ROLLUP_LOCK_KEY, Raw
 from served import ANBAO, Grabber, Served, eventually, free_port, storm
 
 from anbao.config import Limits
+from anbao.localsets import create_db
 from anbao.server.sets import PEER_READER_NAME
 from anbao.storage import embedded
 from anbao.storage.migrate import migrate
@@ -47,7 +48,7 @@ def two_sets(tmp_path_factory):
     for s in (0, 1):
         server, base = embedded.start(pg_dirs[s], logical=True)
         pgs.append(server)
-        asyncio.run(_create_db(server.get_uri("postgres")))
+        asyncio.run(create_db(server.get_uri("postgres"), DB))
         dsns[s] = server.get_uri(DB)
     ports = {0: free_port(), 1: free_port()}
     topo_doc = {"sets": [{"id": s, "host": "127.0.0.1", "port": ports[s], "dsn": dsns[s]} for s in (0, 1)]}
@@ -88,15 +89,6 @@ def two_sets(tmp_path_factory):
             s.kill_everything()
         for server in pgs:
             embedded.stop_data_dir(server.pgdata.parent)
-
-
-async def _create_db(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DB):
-            await conn.execute(f"CREATE DATABASE {DB}")
-    finally:
-        await conn.close()
 
 
 async def _users(sc: SetCluster, first: int, n: int, amount: int = 0) -> list[int]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from anbao_client.protocol import MESSAGES, Op
 from anbao_client.routing import SET_SHIFT, SetTopology, home_set
@@ -72,113 +73,33 @@ class SetGate:
         )
 
 
-# ---------------------------------------------------------------- the set's health, for STATS and metrics
-
-SET_WATCH_INTERVAL_S = 1.0  # how often a worker reads its set's replication
-SET_WATCH_TIMEOUT_S = 2.0  # per reading, per database: a hung peer never holds it up
-
-
-class SetWatch:
-    """Reads this set's replication (storage.sets.replication_on: slots'
-    backlog and wal_status, subscriptions' last receipt, credits sent and
-    applied) every SET_WATCH_INTERVAL_S in the background, and from each
-    other set how many of this set's credits it has applied, so credits in
-    flight = sent here - applied there. STATS and the metrics read
-    `latest`, never the database. Each database on one connection of its
-    own, reopened when lost; every call bounded by SET_WATCH_TIMEOUT_S."""
-
-    def __init__(self, topology: SetTopology, set_id: int, dsn: str):
-        self.set_id = set_id
-        self.dsn = dsn
-        self.peers = {s: i.dsn for s, i in topology.sets.items() if s != set_id}
-        self.latest: dict[str, Any] = {"set_id": set_id, "read_at_ms": None}
-        self._conns: dict[int, Any] = {}
-
-    async def _conn(self, s: int, dsn: str):
-        import asyncpg
-
-        c = self._conns.get(s)
-        if c is None or c.is_closed():
-            c = self._conns[s] = await asyncpg.connect(dsn, timeout=SET_WATCH_TIMEOUT_S)
-        return c
-
-    def _drop(self, s: int) -> None:
-        c = self._conns.pop(s, None)
-        if c is not None:
-            c.terminate()
-
-    async def read(self) -> dict[str, Any]:
-        from ..storage.sets import credits_between, replication_on
-
-        t = SET_WATCH_TIMEOUT_S
-        doc: dict[str, Any] = {"set_id": self.set_id}
-        # Each peer first, then here: sent only grows, so in flight is never
-        # under-reported (a gauge, not the audit's consistent cut).
-        applied_there: dict[int, int | str] = {}
-        for s, dsn in sorted(self.peers.items()):
-            if not dsn:
-                applied_there[s] = "no dsn in the topology"
-                continue
-            try:
-                applied_there[s] = await credits_between(await self._conn(s, dsn), self.set_id, s, timeout=t)
-            except Exception as exc:  # the peer down or slow: say so, next time again
-                self._drop(s)
-                applied_there[s] = f"unreachable ({type(exc).__name__})"
-        try:
-            conn = await self._conn(self.set_id, self.dsn)
-            doc.update(await replication_on(conn, timeout=t))
-            flight: dict[str, Any] = {}
-            for s, there in applied_there.items():
-                sent = await credits_between(conn, self.set_id, s, timeout=t)
-                flight[str(s)] = (
-                    {"sent": sent, "applied_there": there, "in_flight": max(0, sent - there)}
-                    if isinstance(there, int)
-                    else {"sent": sent, "applied_there": None, "in_flight": None, "error": there}
-                )
-            doc["to_sets"] = flight
-            doc["error"] = ""
-        except Exception as exc:
-            self._drop(self.set_id)
-            doc["error"] = f"{type(exc).__name__}: {exc}"
-        doc["read_at_ms"] = int(time.time() * 1000)
-        return doc
-
-    async def run(self) -> None:
-        import asyncio
-
-        try:
-            while True:
-                self.latest = await self.read()
-                await asyncio.sleep(SET_WATCH_INTERVAL_S)
-        finally:
-            for s in list(self._conns):
-                self._drop(s)
-
-
-# ---------------------------------------------------------------- BALANCE: what other sets owe a user here
-
+# ---------------------------------------------------------------- the other sets' databases
 
 PEER_READER_NAME = "anbao-set-peers"  # application_name of the connections, as other sets see them
 
+T = TypeVar("T")
+
 
 class SetPeers:
-    """Asks the other sets' databases what they owe a user homed here
-    (storage.sets.owed_to), for BALANCE's in_flight_cents. Every set is
-    asked at once, each read bounded by Limits.peer_set_read_timeout_ms
-    over at most peer_set_connections connections; a set that failed is
+    """The one way a worker reads another set's database: BALANCE asks what
+    a set owes a user homed here (storage.sets.owed_to), and SetWatch how
+    many of this set's credits it has applied. Each read is bounded by
+    Limits.peer_set_read_timeout_ms (or the caller's own bound), over at
+    most peer_set_connections connections per set; a set that failed is
     not asked again for peer_set_retry_ms, so a set that is down or hangs
-    costs BALANCE nothing but a count in sets_unreached."""
+    costs a reader nothing but a None."""
 
     def __init__(self, topology: SetTopology, set_id: int, limits: Limits):
         self.set_id = set_id
         self.peers = {s: i.dsn or "" for s, i in topology.sets.items() if s != set_id}  # "": never asked
+        self.last_error = {s: "no dsn in the topology" for s, dsn in self.peers.items() if not dsn}
         self._timeout_s = limits.peer_set_read_timeout_ms / 1000
         self._retry_ms = limits.peer_set_retry_ms
         self._connections = limits.peer_set_connections
         self._pools: dict[int, Any] = {}
         self._down_until_s: dict[int, float] = {}  # time.monotonic()
 
-    async def _pool(self, s: int, dsn: str):
+    async def _pool(self, s: int):
         """Set s's pool; a new one after _drop. Made and awaited (min_size 0:
         that connects nobody) before it is shared, so no caller ever sees a
         pool that is not ready or a second one for the same set."""
@@ -187,40 +108,44 @@ class SetPeers:
         pool = self._pools.get(s)
         if pool is None:
             made = await asyncpg.create_pool(
-                dsn, min_size=0, max_size=self._connections, server_settings={"application_name": PEER_READER_NAME}
+                self.peers[s],
+                min_size=0,
+                max_size=self._connections,
+                server_settings={"application_name": PEER_READER_NAME},
             )
             pool = self._pools.setdefault(s, made)
             if pool is not made:
                 made.terminate()
         return pool
 
-    async def _read(self, s: int, dsn: str, user_id: int) -> int:
-        from ..storage.sets import owed_to
+    async def _read(self, s: int, read: Callable[[Any], Awaitable[T]]) -> T:
+        async with (await self._pool(s)).acquire() as conn:
+            return await read(conn)
 
-        async with (await self._pool(s, dsn)).acquire() as conn:
-            return await owed_to(conn, s, self.set_id, user_id)
-
-    async def _owed(self, s: int, dsn: str, user_id: int) -> int | None:
+    async def ask(self, s: int, read: Callable[[Any], Awaitable[T]], timeout_s: float | None = None) -> T | None:
+        """read(connection to set s), or None when set s could not be asked
+        (why: last_error[s])."""
         import asyncio
 
-        if not dsn or time.monotonic() < self._down_until_s.get(s, 0.0):
+        if not self.peers[s] or time.monotonic() < self._down_until_s.get(s, 0.0):
             return None
-        read = asyncio.ensure_future(self._read(s, dsn, user_id))
+        task = asyncio.ensure_future(self._read(s, read))
         try:
-            done, _ = await asyncio.wait({read}, timeout=self._timeout_s)
+            done, _ = await asyncio.wait({task}, timeout=timeout_s or self._timeout_s)
         except asyncio.CancelledError:
-            read.cancel()
+            task.cancel()
             raise
-        if done and read.exception() is None:
-            return read.result()
+        if done and task.exception() is None:
+            return task.result()
         if not done:
             # Not cancelled and awaited (asyncio.wait_for would): asyncpg
             # then cancels the query and resets the connection, each a wait
             # on the hung peer. Its pool is cut off instead, which ends the
             # read at once, whatever it was waiting on.
-            read.add_done_callback(lambda t: t.cancelled() or t.exception())
-        exc = read.exception() if done else TimeoutError(f"no answer in {self._timeout_s} s")
-        log.warning("set %d: reading what it owes user %d failed: %s: %s", s, user_id, type(exc).__name__, exc)
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        exc = task.exception() if done else TimeoutError(f"no answer in {timeout_s or self._timeout_s} s")
+        self.last_error[s] = f"unreachable ({type(exc).__name__})"
+        log.warning("set %d: a read failed: %s: %s", s, type(exc).__name__, exc)
         self._drop(s)
         self._down_until_s[s] = time.monotonic() + self._retry_ms / 1000
         return None
@@ -231,14 +156,20 @@ class SetPeers:
             pool.terminate()
 
     async def in_flight(self, user_id: int, applied_here: dict[int, int]) -> tuple[int, int]:
-        """(cents other sets owe `user_id` beyond what this set has applied
-        from them, how many sets could not be asked). `applied_here` must
-        have been read before this call (storage.sets.balance_at_home)."""
+        """BALANCE: (cents other sets owe `user_id` beyond what this set has
+        applied from them, how many sets could not be asked). `applied_here`
+        must have been read before this call (storage.sets.balance_at_home)."""
         import asyncio
+
+        from ..storage.sets import owed_to
 
         assert set(applied_here) <= set(self.peers), f"credits from sets not in the topology: {applied_here}"
         sets = sorted(self.peers)
-        owed = await asyncio.gather(*(self._owed(s, self.peers[s], user_id) for s in sets))
+
+        def owed_by(s: int) -> Callable[[Any], Awaitable[int]]:
+            return lambda conn: owed_to(conn, s, self.set_id, user_id)
+
+        owed = await asyncio.gather(*(self.ask(s, owed_by(s)) for s in sets))
         cents = unreached = 0
         for s, o in zip(sets, owed, strict=True):
             if o is None:
@@ -256,3 +187,83 @@ class SetPeers:
     async def close(self) -> None:
         for s in list(self._pools):
             self._drop(s)
+
+
+# ---------------------------------------------------------------- the set's health, for STATS and metrics
+
+SET_WATCH_INTERVAL_S = 1.0  # how often a worker reads its set's replication
+SET_WATCH_TIMEOUT_S = 2.0  # per reading, per database: a hung peer never holds it up
+
+
+class SetWatch:
+    """Reads this set's replication (storage.sets.replication_on: slots'
+    backlog and wal_status, subscriptions' last receipt, credits sent and
+    applied) every SET_WATCH_INTERVAL_S in the background, and from each
+    other set (through SetPeers) how many of this set's credits it has
+    applied, so credits in flight = sent here - applied there. STATS and
+    the metrics read `latest`, never the database. This set's database on
+    a connection of its own, reopened when lost; every call bounded by
+    SET_WATCH_TIMEOUT_S."""
+
+    def __init__(self, set_id: int, dsn: str, peers: SetPeers):
+        self.set_id = set_id
+        self.dsn = dsn
+        self.peers = peers
+        self.latest: dict[str, Any] = {"set_id": set_id, "read_at_ms": None}
+        self._conn: Any = None
+
+    async def _own(self):
+        import asyncpg
+
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(self.dsn, timeout=SET_WATCH_TIMEOUT_S)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+    async def read(self) -> dict[str, Any]:
+        from ..storage.sets import credits_between, replication_on
+
+        t = SET_WATCH_TIMEOUT_S
+        doc: dict[str, Any] = {"set_id": self.set_id}
+
+        # Each peer first, then here: sent only grows, so in flight is never
+        # under-reported (a gauge, not the audit's consistent cut).
+        def applied_at(s: int) -> Callable[[Any], Awaitable[int]]:
+            return lambda conn: credits_between(conn, self.set_id, s)
+
+        applied_there: dict[int, int | str] = {}
+        for s in sorted(self.peers.peers):
+            applied = await self.peers.ask(s, applied_at(s), timeout_s=t)
+            applied_there[s] = applied if applied is not None else self.peers.last_error.get(s, "unreachable")
+        try:
+            conn = await self._own()
+            doc.update(await replication_on(conn, timeout=t))
+            flight: dict[str, Any] = {}
+            for s, there in applied_there.items():
+                sent = await credits_between(conn, self.set_id, s, timeout=t)
+                flight[str(s)] = (
+                    {"sent": sent, "applied_there": there, "in_flight": max(0, sent - there)}
+                    if isinstance(there, int)
+                    else {"sent": sent, "applied_there": None, "in_flight": None, "error": there}
+                )
+            doc["to_sets"] = flight
+            doc["error"] = ""
+        except Exception as exc:
+            self._drop()
+            doc["error"] = f"{type(exc).__name__}: {exc}"
+        doc["read_at_ms"] = int(time.time() * 1000)
+        return doc
+
+    async def run(self) -> None:
+        import asyncio
+
+        try:
+            while True:
+                self.latest = await self.read()
+                await asyncio.sleep(SET_WATCH_INTERVAL_S)
+        finally:
+            self._drop()

@@ -189,8 +189,8 @@ class Worker:
         if self.settings.topology_file is not None:
             topology = SetTopology.load(self.settings.topology_file)
             gate = SetGate(topology, self.settings.set_id, self.worker_id)
-            self.set_watch = SetWatch(topology, self.settings.set_id, self.dsn)
             self.set_peers = SetPeers(topology, self.settings.set_id, lim)
+            self.set_watch = SetWatch(self.settings.set_id, self.dsn, self.set_peers)
             ctx.in_flight = self.set_peers.in_flight
         self.dispatcher = Dispatcher(ctx, self.db, gate)
         if self.metrics is not None:
