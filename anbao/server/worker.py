@@ -26,6 +26,7 @@ from ..engine.cooldown import Cooldown
 from ..engine.expiry import ExpirySweeper
 from ..engine.feed import EventFeed
 from ..engine.grabs import GrabEngine
+from ..engine.sends import SendBatcher
 from ..metrics import Sample
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.ledger import Ledger
@@ -181,6 +182,7 @@ class Worker:
             self.dsn,
             self.ledger,
             self.engine,
+            SendBatcher(self.ledger, lim),
             routing.shards_of(self.worker_id, self.worker_count),
             self.stats,
             self.feed,

@@ -135,3 +135,48 @@ class EventPage:
     events: list[tuple]
     head: int
     pruned_through: int
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    """One SEND as storage runs it in a batch (packets.Packets.send_batch):
+    validated by the server, its packet id composed by the caller.
+    members: the member list (audiences DIRECT and MEMBERS), else empty;
+    group_id: the group (audience GROUP), else 0. request_hash is what a
+    retry of the key must repeat (idempotency.request_hash)."""
+
+    key: bytes
+    request_hash: bytes
+    packet_id: int
+    sender_id: int
+    total_cents: int
+    count: int
+    mode: int
+    expires_at_ms: int
+    audience: int
+    group_id: int
+    members: tuple[int, ...]
+    greeting: str
+    settled: bool = False  # the sender's pending grabs were rolled up first: a short balance is refused
+
+
+class SendOutcome(enum.IntEnum):
+    """What anbao_send_batch (migration 0012) did with one SEND."""
+
+    RAN = 0  # decided now; its answer or refusal is stored under its key
+    REPLAYED = 1  # the key's first answer (or refusal), nothing moved
+    CONFLICT = 2  # the key was used with other parameters; nothing stored
+    SETTLE_FIRST = 3  # short, but the sender's pending grabs would cover it; nothing stored
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """One SEND's result: its outcome, its answer ({packet_id,
+    balance_cents, expires_at_ms}) or refusal and message, and for a group
+    packet run now its audience as of the group's version."""
+
+    outcome: SendOutcome
+    answer: dict | None
+    refusal: Reason | None
+    message: str
+    members: list[int] | None

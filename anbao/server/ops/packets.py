@@ -3,13 +3,17 @@ it never leaves the event loop's fast path (router -> engine)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from anbao_client import protocol
 from anbao_client.protocol import Audience, Mode, Op, Status
 from anbao_client.routing import make_packet_id, owner_of
 
 from ...clock import now_ms
 from ...engine.grabs import packet_state
-from ...storage.domain import Operation
+from ...engine.sends import SendQueueFull
+from ...storage.domain import Operation, PacketRecord, SendOutcome, SendRequest, SendResult
+from ...storage.idempotency import StoredAnswer, request_hash
 from .. import answers
 from .accounts import reply_stored
 from .base import Context, Refused, facts_written, page_limit
@@ -83,45 +87,80 @@ async def send(
     members: list[int],
     greeting: str,
 ) -> bytes:
+    """SEND, by group commit (engine/sends.py): answered once its batch has
+    committed; at most once per key (the batch claims the key)."""
     expiry_s = validate_send(ctx, sender, total, count, mode, expiry_s, audience, members)
-    lim = ctx.limits
-    min_share = lim.min_share_cents
-    adopted = []
     # The new packet takes one of this worker's shards, so this worker owns it.
     shard = ctx.next_shard()
-    await ctx.ledger.settle(sender)
-
-    async def body(conn) -> dict[str, int]:
-        expires_at_ms = now_ms() + expiry_s * 1000
-        record, balance = await ctx.ledger.send(
-            conn,
-            lambda seq: make_packet_id(ctx.set_id, seq, shard),
-            sender,
-            total,
-            count,
-            mode,
-            min_share,
-            expires_at_ms,
-            audience,
-            members,
-            greeting,
-            max_share_cents=lim.max_share_cents,
-            daily_max_cents=lim.daily_send_max_cents,
-            daily_max_packets=lim.daily_send_max_packets,
-        )
-        adopted.append(record)
-        return {"packet_id": record.packet_id, "balance_cents": balance, "expires_at_ms": expires_at_ms}
-
     fields = (sender, total, count, mode, expiry_s, audience, tuple(members), greeting)
-    stored = await ctx.ledger.idempotent(key, Operation.SEND, fields, body)
+    group_id = members[0] if audience == Audience.GROUP else 0
+    request = SendRequest(
+        key,
+        request_hash(Operation.SEND, fields),
+        0,
+        sender,
+        total,
+        count,
+        mode,
+        now_ms() + expiry_s * 1000,
+        audience,
+        group_id,
+        () if group_id else tuple(members),
+        greeting,
+    )
+    result = await _run_send(ctx, request, shard)
+    if result.outcome == SendOutcome.SETTLE_FIRST:
+        # Short of posted money, but the sender's acknowledged grabs would
+        # cover it: post them, then decide again (a short balance is refused).
+        await ctx.ledger.settle(sender)
+        result = await _run_send(ctx, replace(request, settled=True), shard)
+        assert result.outcome != SendOutcome.SETTLE_FIRST
+    if result.outcome == SendOutcome.CONFLICT:
+        raise Refused(Status.IDEMPOTENCY_CONFLICT, result.message)
     facts_written(ctx)
-    if adopted and not stored.replayed:
-        state = packet_state(adopted[0])
-        assert owner_of(state.packet_id, ctx.worker_count) == ctx.worker_id
-        # A grab that guessed the id may already have loaded it from the database.
-        if state.packet_id not in ctx.engine.states:
-            ctx.engine.adopt(state)
+    if result.outcome == SendOutcome.RAN and result.answer is not None:
+        _adopt(ctx, request, result)
+    stored = StoredAnswer(result.answer, result.refusal, result.message, result.outcome == SendOutcome.REPLAYED)
     return reply_stored(ctx, Op.SEND, rid, stored, "packet_id", "balance_cents", "expires_at_ms")
+
+
+async def _run_send(ctx: Context, request: SendRequest, shard: int) -> SendResult:
+    try:
+        fut = ctx.sends.submit(request, lambda seq: make_packet_id(ctx.set_id, seq, shard))
+    except SendQueueFull as exc:
+        raise Refused(Status.BUSY, f"{exc}: retry later") from None
+    return await fut
+
+
+def _adopt(ctx: Context, request: SendRequest, result: SendResult) -> None:
+    """The new packet's state, owned here from the start: its first grab
+    loads nothing."""
+    assert result.answer is not None
+    if request.audience == Audience.OPEN:
+        eligible = None
+    elif request.audience == Audience.GROUP:
+        eligible = result.members
+        assert eligible is not None
+    else:
+        eligible = list(request.members)
+    packet_id = result.answer["packet_id"]
+    record = PacketRecord(
+        packet_id,
+        request.sender_id,
+        request.total_cents,
+        request.count,
+        request.mode,
+        ctx.limits.min_share_cents,
+        request.expires_at_ms,
+        eligible,
+        [],
+        False,
+        ctx.limits.max_share_cents,
+    )
+    assert owner_of(packet_id, ctx.worker_count) == ctx.worker_id
+    # A grab that guessed the id may already have loaded it from the database.
+    if packet_id not in ctx.engine.states:
+        ctx.engine.adopt(packet_state(record))
 
 
 async def packet(ctx: Context, rid: int, packet_id: int, offset: int, limit: int) -> bytes:
