@@ -160,23 +160,37 @@ class SendRequest:
     settled: bool = False  # the sender's pending grabs were rolled up first: a short balance is refused
 
 
-class SendOutcome(enum.IntEnum):
-    """What anbao_send_batch (migration 0012) did with one SEND."""
+class BatchOutcome(enum.IntEnum):
+    """What a batch function (anbao_send_batch, migration 0012;
+    anbao_move_batch, 0013) did with one keyed request."""
 
     RAN = 0  # decided now; its answer or refusal is stored under its key
     REPLAYED = 1  # the key's first answer (or refusal), nothing moved
     CONFLICT = 2  # the key was used with other parameters; nothing stored
-    SETTLE_FIRST = 3  # short, but the sender's pending grabs would cover it; nothing stored
+    SETTLE_FIRST = 3  # short, but the user's pending grabs would cover it; nothing stored
 
 
 @dataclass(frozen=True)
-class SendResult:
-    """One SEND's result: its outcome, its answer ({packet_id,
-    balance_cents, expires_at_ms}) or refusal and message, and for a group
-    packet run now its audience as of the group's version."""
+class MoveRequest:
+    """One DEPOSIT or WITHDRAW as storage runs it in a batch
+    (accounts.Accounts.move_batch)."""
 
-    outcome: SendOutcome
+    key: bytes
+    request_hash: bytes
+    user_id: int
+    amount_cents: int
+    settled: bool = False  # the user's pending grabs were rolled up first: a short balance is refused
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One keyed request's result in its batch: its outcome, its answer (a
+    SEND's {packet_id, balance_cents, expires_at_ms}, a DEPOSIT's or
+    WITHDRAW's {balance_cents, transfer_id}) or refusal and message, and for
+    a group packet sent now its audience as of the group's version."""
+
+    outcome: BatchOutcome
     answer: dict | None
     refusal: Reason | None
     message: str
-    members: list[int] | None
+    members: list[int] | None = None

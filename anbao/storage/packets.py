@@ -5,21 +5,18 @@ expired. Claims are written by the grab commit and the roll-up
 
 from __future__ import annotations
 
-import json
-
 import asyncpg
 
 from ..clock import now_ms
 from .domain import (
     Audience,
+    BatchResult,
     Operation,
     PacketRecord,
     PacketStatus,
-    Reason,
-    SendOutcome,
     SendRequest,
-    SendResult,
 )
+from .idempotency import batch_results
 
 # What a reader is shown as the status: an open packet past its expiry is
 # "expired" until its refund commits; $1 is the server's clock in ms, the
@@ -78,7 +75,7 @@ class Packets:
         daily_max_cents: int | None,
         daily_max_packets: int | None,
         at_ms: int,
-    ) -> list[SendResult]:
+    ) -> list[BatchResult]:
         """Runs a batch of SENDs in one statement, one transaction, one
         commit (anbao_send_batch, migration 0012): each SEND's money from
         the sender's wallet to its packet's new escrow, its packet row, its
@@ -118,14 +115,7 @@ class Packets:
                 daily_max_packets,
                 at_ms // MS_PER_DAY,
             )
-        results: list[SendResult | None] = [None] * len(sends)
-        for r in rows:
-            refusal = None if r["refusal"] is None else Reason[r["refusal"]]
-            answer = None if r["answer"] is None else json.loads(r["answer"])
-            members = None if r["members"] is None else list(r["members"])
-            results[r["i"] - 1] = SendResult(SendOutcome(r["outcome"]), answer, refusal, r["message"] or "", members)
-        assert all(r is not None for r in results), "anbao_send_batch answers every SEND"
-        return results  # type: ignore[return-value]
+        return batch_results(rows, len(sends))
 
     async def load_packet(self, packet_id: int) -> PacketRecord | None:
         """The packet's durable state, for rebuilding its in-memory state;

@@ -10,9 +10,9 @@ from typing import Any
 from anbao_client.protocol import Status
 
 from ...config import Limits
+from ...engine.batches import KeyedWrites
 from ...engine.feed import EventFeed
 from ...engine.grabs import GrabEngine
-from ...engine.sends import SendBatcher
 from ...storage.ledger import Ledger
 
 
@@ -35,7 +35,7 @@ class Context:
     dsn: str
     ledger: Ledger
     engine: GrabEngine
-    sends: SendBatcher  # SENDs by group commit
+    writes: KeyedWrites  # SEND, DEPOSIT, WITHDRAW by group commit
     own_shards: list[int]  # the shards this worker creates packets in (it owns them)
     stats: Callable[[], dict[str, Any]]  # the worker's STATS document
     feed: EventFeed | None = None  # the event feed (EVENTS); poked by every money write

@@ -3,20 +3,17 @@ it never leaves the event loop's fast path (router -> engine)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from anbao_client import protocol
 from anbao_client.protocol import Audience, Mode, Op, Status
 from anbao_client.routing import make_packet_id, owner_of
 
 from ...clock import now_ms
 from ...engine.grabs import packet_state
-from ...engine.sends import SendQueueFull
-from ...storage.domain import Operation, PacketRecord, SendOutcome, SendRequest, SendResult
-from ...storage.idempotency import StoredAnswer, request_hash
+from ...storage.domain import BatchOutcome, BatchResult, Operation, PacketRecord, SendRequest
+from ...storage.idempotency import request_hash
 from .. import answers
-from .accounts import reply_stored
-from .base import Context, Refused, facts_written, page_limit
+from .accounts import reply_batch, run_keyed
+from .base import Context, Refused, page_limit
 
 
 def validate_send(
@@ -108,31 +105,15 @@ async def send(
         () if group_id else tuple(members),
         greeting,
     )
-    result = await _run_send(ctx, request, shard)
-    if result.outcome == SendOutcome.SETTLE_FIRST:
-        # Short of posted money, but the sender's acknowledged grabs would
-        # cover it: post them, then decide again (a short balance is refused).
-        await ctx.ledger.settle(sender)
-        result = await _run_send(ctx, replace(request, settled=True), shard)
-        assert result.outcome != SendOutcome.SETTLE_FIRST
-    if result.outcome == SendOutcome.CONFLICT:
-        raise Refused(Status.IDEMPOTENCY_CONFLICT, result.message)
-    facts_written(ctx)
-    if result.outcome == SendOutcome.RAN and result.answer is not None:
+    result = await run_keyed(
+        ctx, lambda r: ctx.writes.sends.submit(r, lambda seq: make_packet_id(ctx.set_id, seq, shard)), request
+    )
+    if result.outcome == BatchOutcome.RAN and result.answer is not None:
         _adopt(ctx, request, result)
-    stored = StoredAnswer(result.answer, result.refusal, result.message, result.outcome == SendOutcome.REPLAYED)
-    return reply_stored(ctx, Op.SEND, rid, stored, "packet_id", "balance_cents", "expires_at_ms")
+    return reply_batch(ctx, Op.SEND, rid, result, "packet_id", "balance_cents", "expires_at_ms")
 
 
-async def _run_send(ctx: Context, request: SendRequest, shard: int) -> SendResult:
-    try:
-        fut = ctx.sends.submit(request, lambda seq: make_packet_id(ctx.set_id, seq, shard))
-    except SendQueueFull as exc:
-        raise Refused(Status.BUSY, f"{exc}: retry later") from None
-    return await fut
-
-
-def _adopt(ctx: Context, request: SendRequest, result: SendResult) -> None:
+def _adopt(ctx: Context, request: SendRequest, result: BatchResult) -> None:
     """The new packet's state, owned here from the start: its first grab
     loads nothing."""
     assert result.answer is not None
