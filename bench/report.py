@@ -76,6 +76,32 @@ def percentile_curve(h: HdrHistogram, points: int = 240) -> list[tuple[float, fl
     return out
 
 
+def by_op(result) -> dict:
+    """Per operation (and ALL): answers, answers/s of the run's wall time,
+    latency percentiles and statuses."""
+    wall = result.wall_s
+    out = {}
+    every: dict = {}
+    for op, statuses in sorted(result.counts.items()):
+        n = sum(statuses.values())
+        h = result.hist_op.get(op)
+        out[op] = {
+            "count": n,
+            "ops_per_s": round(n / wall, 1) if wall > 0 else 0.0,
+            "latency_ms": latency_ms(h) if h is not None else None,
+            "statuses": statuses,
+        }
+        for status, k in statuses.items():
+            every[status] = every.get(status, 0) + k
+    out["ALL"] = {
+        "count": result.answered,
+        "ops_per_s": round(result.answered / wall, 1) if wall > 0 else 0.0,
+        "latency_ms": latency_ms(result.hist),
+        "statuses": every,
+    }
+    return out
+
+
 def run_record(result, plan_info: dict, problems: list[str], allowed: dict, setup_s: float | None) -> dict:
     """Every figure of one load run, JSON-ready."""
     errors = {}
@@ -113,6 +139,7 @@ def run_record(result, plan_info: dict, problems: list[str], allowed: dict, setu
         "latency_ms": latency_ms(result.hist),
         "latency_ok_ms": latency_ms(result.hist_ok),
         "latency_by_op_ms": {op: latency_ms(h) for op, h in result.hist_op.items()},
+        "by_op": by_op(result) if result.hist_op else None,
         "statuses": result.counts,
         "errors": errors,
         "setup_s": setup_s,
@@ -197,6 +224,7 @@ def ratios(runs: list[dict]) -> list[dict]:
                     storm["latency_ok_ms"][p],
                 )
             )
+    out += evening_ratios(runs)
     if echo:
         for r in runs:
             if r["target"] == "anbao":
@@ -205,6 +233,26 @@ def ratios(runs: list[dict]) -> list[dict]:
                         f"answers/s, {r['scenario']}: anbao / echo ceiling", r["answers_per_s"], echo["answers_per_s"]
                     )
                 )
+    return out
+
+
+def evening_ratios(runs: list[dict]) -> list[dict]:
+    """The evening: anbao / redis in ops/s, and per operation in p99."""
+    by = {r["target"]: r for r in runs if r["scenario"] == "evening"}
+    an, rd = by.get("anbao"), by.get("redis")
+    if not (an and rd and an.get("by_op") and rd.get("by_op")):
+        return []
+    out = [_ratio("ops/s, evening (all operations): anbao / redis", an["answers_per_s"], rd["answers_per_s"])]
+    for op in ("ALL", "SEND", "GRAB", "PACKET", "BALANCE"):
+        x, y = an["by_op"].get(op), rd["by_op"].get(op)
+        if x and y:
+            out.append(
+                _ratio(
+                    f"p99 latency, evening {op}: anbao / redis (below 1: anbao faster)",
+                    x["latency_ms"]["p99"],
+                    y["latency_ms"]["p99"],
+                )
+            )
     return out
 
 
@@ -416,6 +464,7 @@ def print_report(console: Console, doc: dict) -> None:
                 )
     console.print(t)
 
+    by_op_table(console, runs)
     sets_table(console, runs)
     audit = doc.get("audit")
     if audit is not None:
@@ -441,6 +490,33 @@ def print_report(console: Console, doc: dict) -> None:
         console.print("[bold red]INVALID: at least one run does not add up; its numbers do not count[/]")
     else:
         console.print("[yellow]not every run finished within --duration-s; partial runs do not count[/]")
+
+
+def by_op_table(console: Console, runs: list[dict]) -> None:
+    """The evening's runs per operation: count, ops/s, p50/p99/p99.9, statuses."""
+    rows = [r for r in runs if r["scenario"] == "evening" and r.get("by_op")]
+    if not rows:
+        return
+    t = Table(title="per operation (latency in ms; ops/s of the run's wall time)", title_justify="left")
+    for col in ("run", "op", "count", "ops/s", "p50", "p99", "p99.9", "statuses"):
+        t.add_column(col, justify="left" if col in ("run", "op", "statuses") else "right")
+    for r in rows:
+        for op in ("SEND", "GRAB", "PACKET", "BALANCE", "ALL"):
+            x = r["by_op"].get(op)
+            if not x:
+                continue
+            lat = x["latency_ms"] or {}
+            t.add_row(
+                r["name"],
+                op,
+                f"{x['count']:,}",
+                _rate(x["ops_per_s"]),
+                _ms(lat.get("p50")),
+                _ms(lat.get("p99")),
+                _ms(lat.get("p99.9")),
+                ", ".join(f"{k} {v:,}" for k, v in sorted(x["statuses"].items())),
+            )
+    console.print(t)
 
 
 def sets_table(console: Console, runs: list[dict]) -> None:
