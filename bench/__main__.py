@@ -210,13 +210,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown baseline {b!r} ({', '.join(BASELINES)})")
     if "redis" in args.baselines and shutil.which(args.redis_server) is None:
         p.error(f"--baseline redis needs {args.redis_server!r}: not found (`make redis` installs Debian's)")
-    if args.connections is None:
-        args.connections = DEFAULTS["evening_connections" if args.scenario == "evening" else "connections"]
-    if args.scenario == "evening":
-        if set(args.baselines) - {"redis"}:
-            p.error("evening has a redis baseline only")
-        if args.users is not None and args.users < evening.GROUP_MIN:
-            p.error(f"evening needs --users >= {evening.GROUP_MIN} (the smallest group)")
+    _evening_args(p, args)
     if args.hot_packets < 1 or args.shares < 1:
         p.error("--hot-packets and --shares must be positive")
     if args.settle_s < 0:
@@ -255,6 +249,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--server needs --data-dir (its tokens.json and database, for the audit)")
         args.server_host, args.server_port = host, int(port)
     return args
+
+
+def _evening_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.connections is None:
+        args.connections = DEFAULTS["evening_connections" if args.scenario == "evening" else "connections"]
+    if args.scenario != "evening":
+        return
+    if set(args.baselines) - {"redis"}:
+        p.error("evening has a redis baseline only")
+    if args.users is not None and args.users < evening.GROUP_MIN:
+        p.error(f"evening needs --users >= {evening.GROUP_MIN} (the smallest group)")
 
 
 async def _pg_info(dsn: str) -> dict:
@@ -694,11 +699,9 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
             pg = {f"set {s}": await _pg_info(dsn) for s, dsn in sorted(server.dsns.items())}
         else:
             pg = await _pg_info(server.dsn())
-        model = None
-        if args.scenario == "evening":
-            model = await evening.run_anbao(bench, server)
-        else:
-            await bench.anbao(server, names)
+        model = (
+            await evening.run_anbao(bench, server) if args.scenario == "evening" else await bench.anbao(server, names)
+        )
         with console.status("anbao audit ..."):
             audit = await server.audit() if isinstance(server, SetsServer) else server.audit()
         if not audit["ok"]:
@@ -707,10 +710,8 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
                 r["problems"].append(why)
                 r["valid"] = False
                 r["verdict"] = "INVALID"
-        if "redis" in args.baselines and model is not None:
-            await evening.run_redis(bench, model)
-        elif "redis" in args.baselines:
-            await bench.redis(names)
+        if "redis" in args.baselines:
+            await (evening.run_redis(bench, model) if model else bench.redis(names))
         if "naive" in args.baselines:
             await bench.naive(server)
         if "echo" in args.baselines:
