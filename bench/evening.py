@@ -263,7 +263,9 @@ def steps_of(args) -> int:
 def finish(bench, result, info: dict, problems: list[str], setup_s: float) -> dict:
     info["steps"] = dict(result.extra)
     problems = status_problems(result) + problems
-    return bench.record(result, info, problems, ALLOWED, setup_s)
+    rec = bench.record(result, info, problems, ALLOWED, setup_s)
+    rec["attempts"] = result.extra.get("steps_started", 0)  # steps started (planned: info.steps_planned)
+    return rec
 
 
 async def run_anbao(bench, server) -> Model:
