@@ -60,7 +60,7 @@ MODEL_INFO = {
     " 3 of the grabbers PACKET (claims 0..100) -> 1 of them BALANCE",
     "shares": "5 + Geometric(p = 1/3) failures, capped at 20 (and at group size - 2): mean ~7",
     "total_cents": "shares x uniform(100 .. 1000)",
-    "groups": f"uniform {GROUP_MIN}-{GROUP_MAX} members, random samples, ~{MEMBERSHIPS_PER_USER} groups a user",
+    "group_model": f"uniform {GROUP_MIN}-{GROUP_MAX} members, random samples, ~{MEMBERSHIPS_PER_USER} groups a user",
     "attempts": "steps",
     "retries": f"closed loop: BUSY, RATE_LIMITED, UNAVAILABLE, IN_DOUBT counted, sent again after {RETRY_MS} ms;"
     " open loop: counted and dropped",

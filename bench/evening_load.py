@@ -17,8 +17,11 @@ answered with a retryable status (BUSY, RATE_LIMITED, UNAVAILABLE,
 IN_DOUBT) is counted with that status and sent again after retry_ms (a
 SEND with its own idempotency key, so at most once).
 Open loop: requests leave on a timetable at the group's rate, latency from
-the scheduled time (coordinated omission corrected); a retryable answer
-is counted and the request dropped (a SEND's step ends there).
+the scheduled time (coordinated omission corrected); each slot takes a
+ready request of any of the group's connections with a free slot before
+it starts a new step (a packet's grabs follow its SEND as a burst); a
+retryable answer is counted and the request dropped (a SEND's step ends
+there).
 
 The run ends after its steps (--attempts) or at --duration-s: then no new
 request leaves, the answers still due are awaited (grace), and the steps
@@ -140,6 +143,7 @@ class EveningGenerator(loadgen.Generator):
         self.max_steps = max(2, ev.get("max_steps_per_conn") or 2 * self.depth)
         self.enc = evening_redis.EveningEncoder(ev["shas"]) if self.resp else AnbaoEncoder()
         self.packet_base = (progress_slot + 1) << 40
+        # steps_cut: ended early (a SEND dropped in open loop, a connection lost)
         self.stats = {"steps_started": 0, "steps_done": 0, "steps_cut": 0, "retries": 0, "sends_refused": 0}
 
     async def connect(self) -> None:
@@ -272,11 +276,18 @@ class EveningGenerator(loadgen.Generator):
 
     def _take_slot(self, conns: list, ci: int):
         """Open loop: (connection, request, next index) of the first connection
-        from ci with a free slot and something to send; None when there is none."""
+        from ci with a free slot and something to send; None when there is none.
+        A ready request anywhere goes before a new step, so that a packet's
+        grabs follow its SEND as a burst, as they do in a chat group."""
         n = len(conns)
+        depth = self.depth
         for j in range(n):
             c = conns[(ci + j) % n]
-            if c.alive and len(c.pending) < self.depth:
+            if c.ready and c.alive and len(c.pending) < depth:
+                return c, c.ready.popleft(), (ci + j + 1) % n
+        for j in range(n):
+            c = conns[(ci + j) % n]
+            if c.alive and len(c.pending) < depth:
                 item = self._next(c)
                 if item is not None:
                     return c, item, (ci + j + 1) % n
@@ -406,7 +417,10 @@ class EveningGenerator(loadgen.Generator):
 
     def result(self) -> dict:
         out = super().result()
-        out["extra"] = dict(self.stats)
+        st = self.stats
+        # Steps the clock stopped before their BALANCE (their packets may be unsold).
+        st["steps_unfinished"] = st["steps_started"] - st["steps_done"] - st["steps_cut"]
+        out["extra"] = dict(st)
         return out
 
 
