@@ -250,7 +250,8 @@ def test_evening_open_loop_against_redis(tmp_path):
     runs = _evening_books(doc)
     for r in runs.values():
         assert r["mode"] == "open" and r["rate_per_s"] == 400
-        assert 900 <= r["answered"] <= 1300 and r["wall_s"] >= 2.5
+        # Never ahead of the timetable (400/s x 3 s, a slot per worker group at most more); a busy machine may lag.
+        assert 100 <= r["answered"] <= 1200 + 4 and r["wall_s"] >= 2.5
 
 
 SETS_TIMEOUT_S = 90
