@@ -90,6 +90,7 @@ def by_op(result) -> dict:
             "ops_per_s": round(n / wall, 1) if wall > 0 else 0.0,
             "latency_ms": latency_ms(h) if h is not None else None,
             "statuses": statuses,
+            "percentile_curve_ms": percentile_curve(h, 120) if h is not None else [],
         }
         for status, k in statuses.items():
             every[status] = every.get(status, 0) + k
@@ -561,6 +562,28 @@ def write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
+def _second_curve(ax, r: dict, color) -> None:
+    """A run's telling part on its own, in its colour: in a storm (most
+    answers fast rejections) the durable grabs; in the evening its SENDs."""
+    ok_curve = r.get("percentile_curve_ok_ms") or []
+    if r["scenario"] == "storm" and r["target"] != "echo" and ok_curve and 0 < r["ok"] < r["answered"]:
+        curve, what, p99 = ok_curve, "OK (durable) grabs only", r["latency_ok_ms"]["p99"]
+    elif r["scenario"] == "evening" and (r.get("by_op") or {}).get("SEND"):
+        send = r["by_op"]["SEND"]
+        curve, what, p99 = send.get("percentile_curve_ms") or [], "SENDs only", send["latency_ms"]["p99"]
+    else:
+        return
+    ax.plot(
+        [1.0 / max(1.0 - p / 100.0, 1e-7) for p, _ in curve],
+        [max(v, 0.001) for _, v in curve],
+        "-.",
+        color=color,
+        linewidth=1.0,
+        alpha=0.8,
+        label=f"{r['name']}, {what}: p99 {_ms(p99)} ms",
+    )
+
+
 def write_plot(path: Path, runs: list[dict], title: str) -> None:
     import matplotlib
 
@@ -580,18 +603,7 @@ def write_plot(path: Path, runs: list[dict], title: str) -> None:
         if r["verdict"] != "valid":
             label += " " + r["verdict"]
         (line,) = ax.plot(xs, ys, linestyle=styles.get(r["target"], "-"), linewidth=1.6, label=label)
-        ok_curve = r.get("percentile_curve_ok_ms") or []
-        if r["scenario"] == "storm" and r["target"] != "echo" and ok_curve and 0 < r["ok"] < r["answered"]:
-            # In a storm most answers are fast rejections: show the durable grabs on their own.
-            ax.plot(
-                [1.0 / max(1.0 - p / 100.0, 1e-7) for p, _ in ok_curve],
-                [max(v, 0.001) for _, v in ok_curve],
-                "-.",
-                color=line.get_color(),
-                linewidth=1.0,
-                alpha=0.8,
-                label=f"{r['name']}, OK (durable) grabs only: p99 {_ms(r['latency_ok_ms']['p99'])} ms",
-            )
+        _second_curve(ax, r, line.get_color())
     ticks = [1, 2, 10, 100, 1000, 10_000, 100_000, 1_000_000]
     names = ["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"]
     ax.set_xscale("log")
