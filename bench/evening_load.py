@@ -144,7 +144,15 @@ class EveningGenerator(loadgen.Generator):
         self.enc = evening_redis.EveningEncoder(ev["shas"]) if self.resp else AnbaoEncoder()
         self.packet_base = (progress_slot + 1) << 40
         # steps_cut: ended early (a SEND dropped in open loop, a connection lost)
-        self.stats = {"steps_started": 0, "steps_done": 0, "steps_cut": 0, "retries": 0, "sends_refused": 0}
+        # slots_unsent: open loop, the timetable's slots past the last request sent when the run ended
+        self.stats = {
+            "steps_started": 0,
+            "steps_done": 0,
+            "steps_cut": 0,
+            "retries": 0,
+            "sends_refused": 0,
+            "slots_unsent": 0,
+        }
 
     async def connect(self) -> None:
         await super().connect()
@@ -324,6 +332,8 @@ class EveningGenerator(loadgen.Generator):
                 group.blocked = False
                 continue
             await self._sleep_until(t0 + k / rate)
+        # Slots of the timetable never sent (the server behind, every slot busy): not in the histograms.
+        self.stats["slots_unsent"] += max(0, int(min(time.monotonic() - t0, self.duration_s) * rate) - k)
         self._check_done()
 
     async def _sleep_until(self, t: float) -> None:

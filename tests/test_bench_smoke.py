@@ -233,6 +233,7 @@ def test_evening_closed_loop_against_redis(tmp_path):
             "retries": r["info"]["steps"]["retries"],
             "sends_refused": 0,
             "steps_unfinished": 0,
+            "slots_unsent": 0,
         }
         assert r["statuses"]["SEND"]["OK"] == 50 and r["statuses"]["BALANCE"]["OK"] == 50
         assert r["statuses"]["PACKET"]["OK"] == 150
