@@ -74,7 +74,7 @@ class Step:
 
 def draw_shares(rng: random.Random) -> int:
     """5 + a geometric count (failures before a success at p = 1/3), capped at
-    20: P(5) = 1/3, P(6) = 2/9, ..., mean 5 + 2 - (the cap's trim) = ~6.98."""
+    20: P(5) = 1/3, P(6) = 2/9, ..., mean 5 + 2 x (1 - (2/3)^15) = 6.995."""
     k = SHARES_MIN
     while k < SHARES_MAX and rng.random() >= SHARES_GEOMETRIC_P:
         k += 1

@@ -227,8 +227,11 @@ def books(server: RedisServer, users: list[int], deposits_cents: int) -> tuple[d
             for j, pid in enumerate(part):
                 meta, left, log, n_claimed = replies[4 * j : 4 * j + 4]
                 total_cents, count = int(meta[0]), int(meta[1])
-                left_cents = sum(int(x) for x in left)
-                claimed_cents = sum(int(e.partition(b":")[2]) for e in log)
+                amounts = [int(x) for x in left] + [int(e.partition(b":")[2]) for e in log]
+                left_cents = sum(amounts[: len(left)])
+                claimed_cents = sum(amounts[len(left) :])
+                if amounts and min(amounts) < 1:
+                    wrong.append(f"redis packet {pid}: a share below 1 cent")
                 if len(log) > count or len(log) != n_claimed:
                     wrong.append(f"redis packet {pid}: {len(log)} claims logged, {n_claimed} users, {count} shares")
                 if claimed_cents + left_cents != total_cents or len(log) + len(left) != count:
