@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any
 
 from . import wire
+from .checks import check, check_int
 from .errors import (
     AlreadyClaimed,
     Busy,
@@ -25,7 +26,7 @@ from .errors import (
     Unavailable,
     error_for,
 )
-from .protocol import NO_OPCODE, OPCODE_OFFSET
+from .protocol import NO_OPCODE, OPCODE_OFFSET, Op
 from .wire import Status
 
 DEFAULT_TIMEOUT_MS = 10_000
@@ -61,7 +62,10 @@ class _Protocol(asyncio.Protocol):
             self._client._deliver(r)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._client._fail_all(ConnectionLost(str(exc) if exc else "connection closed by server"))
+        # Who closed it matters to whoever reads the message: a close()
+        # is the client's own doing, not the server's.
+        why = str(exc) if exc else "client is closed" if self._client._closing else "connection closed by server"
+        self._client._fail_all(ConnectionLost(why))
 
 
 class Client:
@@ -74,6 +78,7 @@ class Client:
         self._next_id = 1
         self._transport: asyncio.Transport | None = None
         self._closed_error: Exception | None = None
+        self._closing = False
         self._slots = asyncio.Semaphore(max_inflight)
         self.hello: wire.Hello | None = None
         # How to open another connection like this one (events() follows on its own).
@@ -118,6 +123,7 @@ class Client:
         return self
 
     async def close(self) -> None:
+        self._closing = True
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -179,9 +185,11 @@ class Client:
             raise ConnectionLost("client is closed")
         async with self._slots:
             rid = self._take_id()
+            # Built before its answer is awaited: a request that cannot be
+            # built leaves nothing pending (no future failed later, unseen).
+            request = build(rid)
             fut: asyncio.Future[wire.Response] = asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
-            request = build(rid)
             self._transport.write(request)
             wait_ms = timeout_ms or self.timeout_ms
             try:
@@ -222,11 +230,13 @@ class Client:
 
     async def register(self, user_ids: list[int]) -> int:
         """Opens wallets for these user ids; returns how many were new."""
+        check(Op.REGISTER, user_ids=user_ids)
         r = await self._call(lambda rid: wire.register(rid, user_ids))
         return wire.decode_register(r.body)
 
     async def deposit(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Deposited:
-        k = key or new_idempotency_key()
+        k = new_idempotency_key() if key is None else key
+        check(Op.DEPOSIT, key=k, user_id=user_id, amount_cents=amount_cents)
         r = await self._call(lambda rid: wire.deposit(rid, k, user_id, amount_cents), retry_in_doubt=True)
         return wire.decode_deposited(r.body)
 
@@ -236,47 +246,56 @@ class Client:
 
     async def balance_detail(self, user_id: int) -> wire.Balance:
         """The balance, and with several sets what is on its way from them."""
+        check(Op.BALANCE, user_id=user_id)
         r = await self._call(lambda rid: wire.balance(rid, user_id))
         return wire.decode_balance_detail(r.body)
 
     async def withdraw(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Withdrawn:
         """Admin scope: money out of a wallet to the outside world. Above the
         balance it raises InsufficientFunds and nothing moves."""
-        k = key or new_idempotency_key()
+        k = new_idempotency_key() if key is None else key
+        check(Op.WITHDRAW, key=k, user_id=user_id, amount_cents=amount_cents)
         r = await self._call(lambda rid: wire.withdraw(rid, k, user_id, amount_cents), retry_in_doubt=True)
         return wire.decode_withdrawn(r.body)
 
     async def statement(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Statement:
         """The wallet's balance and its transfers, newest first; pass
         `next_cursor` back for the next (older) page."""
+        check(Op.STATEMENT, user_id=user_id, cursor=cursor, limit=limit)
         r = await self._call(lambda rid: wire.statement(rid, user_id, cursor, limit))
         return wire.decode_statement(r.body)
 
     async def sent(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Page:
         """The packets a user sent, newest first (items: SentPacket)."""
+        check(Op.SENT_LIST, user_id=user_id, cursor=cursor, limit=limit)
         r = await self._call(lambda rid: wire.sent_list(rid, user_id, cursor, limit))
         return wire.decode_sent_list(r.body)
 
     async def received(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Page:
         """The shares a user grabbed, newest first (items: ReceivedShare)."""
+        check(Op.RECEIVED_LIST, user_id=user_id, cursor=cursor, limit=limit)
         r = await self._call(lambda rid: wire.received_list(rid, user_id, cursor, limit))
         return wire.decode_received_list(r.body)
 
     async def group_create(self, group_id: int, members: Sequence[int] = (), *, name: str = "") -> wire.GroupCreated:
         """Creates a group under the chat app's id; an id that exists is left
         unchanged (created False), so a retry is safe."""
+        check(Op.GROUP_CREATE, group_id=group_id, name=name, members=members)
         r = await self._call(lambda rid: wire.group_create(rid, group_id, name, list(members)))
         return wire.decode_group_created(r.body)
 
     async def group_add(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
+        check(Op.GROUP_ADD, group_id=group_id, user_ids=user_ids)
         r = await self._call(lambda rid: wire.group_add(rid, group_id, list(user_ids)))
         return wire.decode_group_change(r.body)
 
     async def group_remove(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
+        check(Op.GROUP_REMOVE, group_id=group_id, user_ids=user_ids)
         r = await self._call(lambda rid: wire.group_remove(rid, group_id, list(user_ids)))
         return wire.decode_group_change(r.body)
 
     async def group_info(self, group_id: int, *, cursor: int = 0, limit: int = 1000) -> wire.GroupInfo:
+        check(Op.GROUP_INFO, group_id=group_id, cursor=cursor, limit=limit)
         r = await self._call(lambda rid: wire.group_info(rid, group_id, cursor, limit))
         return wire.decode_group_info(r.body)
 
@@ -302,8 +321,16 @@ class Client:
         """Sends a packet: to one user (to_user), to a member list (members),
         to a group's members at this moment (group), or, with none of these,
         to any registered user."""
-        k = key or new_idempotency_key()
-        assert sum(x is not None for x in (to_user, members, group)) <= 1, "one audience"
+        k = new_idempotency_key() if key is None else key
+        if sum(x is not None for x in (to_user, members, group)) > 1:
+            raise ValueError("send takes one audience: to_user, members or group")
+        check(Op.SEND, key=k, sender_id=sender_id, total_cents=total_cents, count=count, mode=mode)
+        check(Op.SEND, expiry_seconds=expiry_seconds, greeting=greeting)
+        if members is not None:
+            check(Op.SEND, members=members)
+        for name, one in (("to_user", to_user), ("group", group)):
+            if one is not None:
+                check_int(name, one, "Q")
         audience: wire.Audience
         ids: list[int]
         if to_user is not None:
@@ -325,6 +352,7 @@ class Client:
         AlreadyClaimed carrying the first grab's share (`.grabbed`). An
         IN_DOUBT answer (the owner worker died with the grab) is retried
         here; ALREADY_CLAIMED after it means this very grab landed."""
+        check(Op.GRAB, packet_id=packet_id, user_id=user_id)
         r = await self._call(
             lambda rid: wire.grab(rid, packet_id, user_id), ok=(Status.OK, Status.ALREADY_CLAIMED), retry_in_doubt=True
         )
@@ -344,6 +372,7 @@ class Client:
         return figures
 
     async def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
+        check(Op.PACKET, packet_id=packet_id, claims_offset=claims_offset, claims_limit=claims_limit)
         r = await self._call(lambda rid: wire.packet(rid, packet_id, claims_offset, claims_limit))
         return wire.decode_packet(r.body)
 
@@ -354,6 +383,7 @@ class Client:
         `limit`); with wait_ms, the server waits that long for one when there
         is none yet (a long poll; this request's timeout is extended by it).
         A cursor older than retention raises CursorExpired (`.resume_cursor`)."""
+        check(Op.EVENTS, after=after, limit=limit, wait_ms=wait_ms)
         r = await self._call_once(
             lambda rid: wire.events(rid, after, limit, wait_ms), (Status.OK,), self.timeout_ms + wait_ms
         )
