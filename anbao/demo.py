@@ -35,12 +35,18 @@ from anbao_client import (
 )
 from anbao_client.protocol import MAX_REGISTER_IDS
 
-from .cliutil import token_from_args, yuan
+from .cliutil import token_from_args, usage_error, yuan
 from .config import Limits
 
 MAX_DEMO_MEMBERS = Limits().max_group_members  # a default server's group bound
 ID_BLOCK = 100_000  # a run's ids: base .. base + 99,999
 GROUP_CREATE_CHUNK = Limits().max_members  # one frame's worth of member ids
+
+
+def check_demo_args(args) -> None:
+    """Refuses a demo it cannot run, before it connects or starts anything (exit 2)."""
+    if not 2 <= args.members <= MAX_DEMO_MEMBERS or not 1 <= args.shares <= args.members or args.connections < 1:
+        raise usage_error(f"demo: --members 2..{MAX_DEMO_MEMBERS}, --shares 1..members, --connections >= 1")
 
 
 STORY_WAIT_S = 30  # how long the story waits for the packet's SOLD_OUT event after the grabs
@@ -120,8 +126,6 @@ async def run_demo(c: Client, args, out) -> int:
     from rich.table import Table
 
     n, shares = args.members, args.shares
-    if not 2 <= n <= MAX_DEMO_MEMBERS or not 1 <= shares <= n or args.connections < 1:
-        raise SystemExit(f"anbao demo: --members 2..{MAX_DEMO_MEMBERS}, --shares 1..members, --connections >= 1")
     base = (1 + secrets.randbelow(9_999_999)) * ID_BLOCK
     sender, group_id = base, base
     members = list(range(base + 1, base + 1 + n))
@@ -227,20 +231,15 @@ async def run_demo(c: Client, args, out) -> int:
         "audit_violated": None if audit is None else audit.violated,
     }
 
-    table = Table("rank", "user", "share", "amount", "", title=f"who got what (top {len(top)} of {len(claims)})")
+    table = Table("rank", "user", "share", "amount", title=f"who got what (top {len(top)} of {len(claims)})")
     for rank, x in enumerate(top, 1):
-        table.add_row(
-            str(rank),
-            str(x.user_id),
-            f"#{x.seq}",
-            yuan(x.amount_cents),
-            "luckiest" if x.seq == info.luckiest_seq else "",
-        )
+        lucky = " (luckiest)" if x.seq == info.luckiest_seq else ""
+        table.add_row(str(rank), str(x.user_id), f"#{x.seq}", yuan(x.amount_cents) + lucky)
     if len(ranked) > len(top):
         rest = ranked[len(top) :]
-        table.add_row("...", f"{len(rest)} more", "", yuan(sum(x.amount_cents for x in rest)), "")
+        table.add_row("...", f"{len(rest)} more", "", yuan(sum(x.amount_cents for x in rest)))
     table.add_section()
-    table.add_row("", "total", f"{len(claims)}/{shares}", yuan(sum(x.amount_cents for x in claims)), "")
+    table.add_row("", "total", f"{len(claims)}/{shares}", yuan(sum(x.amount_cents for x in claims)))
     rate = n / elapsed_s if elapsed_s else 0
     lines = [
         f"packet {sent.packet_id}: {yuan(args.amount)} in {shares} "
@@ -268,7 +267,7 @@ def _story_line(story: dict, packet_id: int) -> str:
     """The packet's story from the event feed alone."""
     if not story["events"]:
         return "[red]the event feed told nothing of this packet[/red]"
-    parts = [f"from the event feed alone: packet {packet_id} sent ({yuan(story['sent_cents'] or 0)}),"]
+    parts = [f"from the event feed alone: packet {packet_id} sent ({yuan(story['sent_cents'] or 0)})"]
     parts.append(f"{story['shares_taken']} shares taken ({yuan(story['taken_cents'])})")
     if story["sold_out"]:
         parts.append(f"sold out in {story['sold_out_in_ms']} ms")
@@ -325,8 +324,6 @@ async def run_sets_demo(topo, dsns: dict[int, str], token: str, args, out) -> in
     from anbao_client import SetCluster, home_set, set_of
 
     n, shares = args.members, args.shares
-    if not 2 <= n <= MAX_DEMO_MEMBERS or not 1 <= shares <= n or args.connections < 1:
-        raise SystemExit(f"anbao demo: --members 2..{MAX_DEMO_MEMBERS}, --shares 1..members, --connections >= 1")
     base = (1 + secrets.randbelow(9_999_999)) * ID_BLOCK
     first_set = min(topo.sets)
     sender = next(u for u in range(base, base + ID_BLOCK) if home_set(u, topo) == first_set)
@@ -431,7 +428,7 @@ async def run_sets_demo(topo, dsns: dict[int, str], token: str, args, out) -> in
     }
 
     table = Table(
-        "rank", "user", "home", "share", "amount", "", title=f"who got what (top {len(top)} of {len(claims)})"
+        "rank", "user", "home", "share", "amount", "note", title=f"who got what (top {len(top)} of {len(claims)})"
     )
     for rank, x in enumerate(top, 1):
         crossed = home[x.user_id] != packet_set

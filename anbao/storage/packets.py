@@ -102,7 +102,7 @@ class Packets:
         if sender is None:
             raise Refused(Reason.UNKNOWN_USER, f"unknown sender {sender_id}")
         if sender["balance_cents"] < total_cents:
-            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {sender['balance_cents']} below {total_cents}")
+            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {sender['balance_cents']} cents below {total_cents} cents")
         group_id = None
         if audience == Audience.GROUP:
             [group_id] = members
@@ -139,7 +139,7 @@ class Packets:
                 raise Refused(
                     Reason.DAILY_SEND_AMOUNT_CAP,
                     f"sender {sender_id} has sent {sent_cents - total_cents} cents today (UTC);"
-                    f" {total_cents} more would pass the daily cap of {daily_max_cents}",
+                    f" {total_cents} cents more would pass the daily cap of {daily_max_cents} cents",
                 )
         packet_id = packet_id_of(await conn.fetchval("SELECT nextval('packet_seq')"))
         escrow = await conn.fetchval(_ESCROW, packet_id)

@@ -7,6 +7,7 @@ from .errors import (
     AnbaoError,
     Busy,
     ConnectionLost,
+    NotAnbao,
     CoolingDown,
     CursorExpired,
     DailySendAmountCap,
@@ -78,6 +79,7 @@ __all__ = [
     # errors: the connection's, then one class per status code
     "AnbaoError",
     "ConnectionLost",
+    "NotAnbao",
     "RequestTimeout",
     "AlreadyClaimed",
     "Busy",

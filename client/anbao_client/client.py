@@ -21,6 +21,7 @@ from .errors import (
     Busy,
     ConnectionLost,
     InDoubt,
+    NotAnbao,
     RateLimited,
     RequestTimeout,
     Unavailable,
@@ -37,6 +38,13 @@ EVENTS_WAIT_MS = 30_000  # how long one EVENTS long poll waits for news
 EVENTS_RECONNECT_FIRST_PAUSE_S = 0.05  # then doubling, up to the next
 EVENTS_RECONNECT_MAX_PAUSE_S = 2.0
 
+# HELLO's request id, "\r\n\r\n": a line-oriented server met by mistake
+# (HTTP, such as the metrics port; memcached; redis) sees a line end and
+# answers at once, in its own language, which the client then recognises
+# as not the protocol instead of waiting out its timeout. The anbao server
+# gives request ids no meaning but to match answers.
+HELLO_REQUEST_ID = 0x0D0A0D0A
+
 # `build` functions: a request id in, the whole request frame out.
 Build = Callable[[int], bytes]
 
@@ -49,15 +57,18 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, client: Client) -> None:
         self._client = client
         self._frames = wire.FrameBuffer()
+        self._seen_frame = False
 
     def data_received(self, data: bytes) -> None:
         try:
             responses = self._frames.feed(data)
         except ValueError as exc:
-            self._client._fail_all(ConnectionLost(str(exc)))
+            first = self._client.hello is None and not self._seen_frame
+            self._client._fail_all(_not_anbao(data) if first else ConnectionLost(str(exc)))
             if self._client._transport is not None:
                 self._client._transport.close()
             return
+        self._seen_frame = self._seen_frame or bool(responses)
         for r in responses:
             self._client._deliver(r)
 
@@ -66,6 +77,13 @@ class _Protocol(asyncio.Protocol):
         # is the client's own doing, not the server's.
         why = str(exc) if exc else "client is closed" if self._client._closing else "connection closed by server"
         self._client._fail_all(ConnectionLost(why))
+
+
+def _not_anbao(data: bytes) -> NotAnbao:
+    """The error for a first answer that is no frame of the protocol."""
+    head = data[:48]
+    what = "an HTTP server (the metrics port?)" if b"HTTP/" in head or b"<!DOCTYPE" in head.upper() else "a server"
+    return NotAnbao(f"{what} answered, not in the anbao protocol: {head!r}")
 
 
 class Client:
@@ -118,7 +136,9 @@ class Client:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         token_bytes = token.encode() if isinstance(token, str) else token
         self._address = (host, port, token_bytes, ssl)
+        self._next_id = HELLO_REQUEST_ID
         r = await self._call(lambda rid: wire.hello(rid, token_bytes))
+        self._next_id = 1
         self.hello = wire.decode_hello(r.body)
         return self
 

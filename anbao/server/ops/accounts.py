@@ -41,7 +41,7 @@ async def _external_move(
     """DEPOSIT and WITHDRAW: one transfer between the outside world and a
     wallet, idempotent by key, answered (balance_cents, transfer_id)."""
     if amount_cents > limit_cents:
-        raise Refused(Status.INVALID, f"amount_cents above the limit {limit_cents}")
+        raise Refused(Status.INVALID, f"amount {amount_cents} cents above the limit of {limit_cents} cents")
     await ctx.ledger.settle(user_id)
 
     async def body(conn) -> dict[str, int]:
