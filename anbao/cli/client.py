@@ -127,7 +127,7 @@ def _failed(out: Out, args, exc: Exception) -> int:
     if isinstance(exc, NotAnbao):
         text = f"{where} is not an anbao server: {exc}"
     elif isinstance(exc, ConnectionRefusedError):
-        text = f"no anbao server at {where} (connection refused: is it running? `make run` starts one)"
+        text = f"no answer from {where}: nothing listens there (is the server running? `make run` starts one)"
     elif isinstance(exc, (TimeoutError, ConnectionLost, RequestTimeout, OSError)):
         text = f"no answer from {where}: {exc or type(exc).__name__}"
     else:
@@ -201,6 +201,9 @@ async def run_send(c, args, out):
         else "anyone"
     )
     greeting = f" “{args.greeting}”" if args.greeting else ""
+    if args.quiet and not out.json:  # for scripts: PACKET=$(anbao send ... --quiet)
+        print(s.packet_id)
+        return
     out.done(
         {
             "packet_id": s.packet_id,
@@ -631,6 +634,7 @@ def _add_money_commands(client) -> None:
     p.add_argument("--expiry", type=int, default=0, help="seconds (default 24 h)")
     p.add_argument("--greeting", default="")
     p.add_argument("--key", type=key_arg, help=KEY_HELP)
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the packet id (PACKET=$(anbao send ...))")
     p = client("grab", "grab a share of a packet", run_grab)
     p.add_argument("packet", type=int)
     p.add_argument("user", type=int)
