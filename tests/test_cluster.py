@@ -327,10 +327,5 @@ async def test_metrics_endpoint_during_a_storm(serve, fresh_dsn):
     for g in grabbers:
         await g.close()
     await admin.close()
-    # No client connected: the gauge of client connections reads 0, the
-    # workers' relay connections (the plain grabbers' relays made some) apart.
-    await asyncio.sleep(1.5)  # one flush interval
-    idle = await asyncio.get_running_loop().run_in_executor(None, scrape, s.metrics_port)
-    assert [v for (name, _), v in idle.items() if name == "anbao_connections"] == [0, 0]
     assert s.stop() == 0
     await audit_clean(fresh_dsn)

@@ -58,7 +58,7 @@ def _driver_argv(work: Path) -> list[str]:
 @pytest.mark.timeout(900)
 def test_readme_runs_as_written(tmp_path):
     example, block = readme_blocks()
-    assert "Client.connect(\"127.0.0.1\", 7878" in example and "anbao demo" in block
+    assert 'Client.connect("127.0.0.1", 7878' in example and "anbao demo" in block
     (tmp_path / "example.py").write_text(example)
     (tmp_path / "block.sh").write_text(block)
     done = subprocess.run(_driver_argv(tmp_path), capture_output=True, text=True, timeout=880)

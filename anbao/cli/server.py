@@ -261,7 +261,9 @@ def cmd_audit(args) -> int:
             report = asyncio.run(audit(dsn, refund_grace_ms=grace_ms))
         except asyncpg.UndefinedTableError:
             # Exit 1 says the money is wrong: not what an empty database says.
-            raise usage_error(f"{_where(args)} has no anbao tables: no server has run on it (`anbao migrate`)") from None
+            raise usage_error(
+                f"{_where(args)} has no anbao tables: no server has run on it (`anbao migrate`)"
+            ) from None
         print(json.dumps(report.as_dict(), default=str, indent=2) if args.json else report.text())
         return 0 if report.ok else 1
 

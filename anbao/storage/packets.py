@@ -102,7 +102,9 @@ class Packets:
         if sender is None:
             raise Refused(Reason.UNKNOWN_USER, f"unknown sender {sender_id}")
         if sender["balance_cents"] < total_cents:
-            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {sender['balance_cents']} cents below {total_cents} cents")
+            raise Refused(
+                Reason.INSUFFICIENT_FUNDS, f"balance {sender['balance_cents']} cents below {total_cents} cents"
+            )
         group_id = None
         if audience == Audience.GROUP:
             [group_id] = members

@@ -84,7 +84,9 @@ class SetCluster:
 
     async def send(self, sender_id: int, total_cents: int, count: int, **kwargs: Any) -> wire.Sent:
         """A packet lives in its sender's home set (its id says so)."""
-        return await self._at(self.home(sender_id, "sender_id"), lambda c: c.send(sender_id, total_cents, count, **kwargs))
+        return await self._at(
+            self.home(sender_id, "sender_id"), lambda c: c.send(sender_id, total_cents, count, **kwargs)
+        )
 
     # ------------------------------------------------------------ wallets: the user's home set
 

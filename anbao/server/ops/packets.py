@@ -27,7 +27,9 @@ def validate_send(
     if total > lim.max_total_cents:
         raise Refused(Status.INVALID, f"total {total} cents above the limit of {lim.max_total_cents} cents")
     if total < count * lim.min_share_cents:
-        raise Refused(Status.INVALID, f"total {total} cents below {count} shares of at least {lim.min_share_cents} cents")
+        raise Refused(
+            Status.INVALID, f"total {total} cents below {count} shares of at least {lim.min_share_cents} cents"
+        )
     if total > count * lim.max_share_cents:
         # Fixed mode's largest share is ceil(total / count); random mode
         # could not split the total into shares of at most the maximum.
