@@ -238,3 +238,22 @@ async def test_connections_count_clients_not_relays(serve, fresh_dsn):
     assert gauges == {"0": 0, "1": 0}, gauges
     statuses = {x.labels["status"] for x in samples if x.name == "anbao_requests_total"}
     assert {"OK"} <= statuses and not any(st.isdigit() for st in statuses), statuses
+
+
+def test_every_amount_in_a_refusal_says_cents():
+    """PROTOCOL.md: an amount in an error message is written `N cents`, which
+    is what lets the command line show it in yuan. Every refusal the server
+    words with an amount in it keeps to that."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "anbao"
+    found = 0
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for call in re.finditer(r"Refused\((.{0,400}?)\)\n", text, re.S):
+            for expr, after in re.findall(r"\{([^{}]+)\}(.{0,6})", call.group(1)):
+                if "cents" in expr or expr.strip() in ("total", "amount"):
+                    found += 1
+                    assert after.startswith(" cents"), f"{path.name}: {{{expr}}}{after} is an amount without its unit"
+    assert found >= 8, "the refusals with amounts were found"
