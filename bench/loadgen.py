@@ -194,6 +194,10 @@ def make_workload(desc: dict, grab=wire.grab):
         return GrabPairs(desc["packets"], desc["users"], grab)
     if grab is not wire.grab:
         raise ValueError(f"workload {kind!r} speaks anbao's protocol only")
+    if kind == "group_sends":
+        from .sendalone import GroupSends  # SEND alone (python -m bench.sendalone)
+
+        return GroupSends(desc["n"], desc["seed"], desc["groups"])
     if kind == "mixed":
         return Mixed(
             desc["n"],

@@ -256,4 +256,16 @@ def test_every_amount_in_a_refusal_says_cents():
                 if "cents" in expr or expr.strip() in ("total", "amount"):
                     found += 1
                     assert after.startswith(" cents"), f"{path.name}: {{{expr}}}{after} is an amount without its unit"
-    assert found >= 8, "the refusals with amounts were found"
+    # The refusals PL/pgSQL words (SEND's and DEPOSIT/WITHDRAW's batches):
+    # format('...', args) with an amount among its arguments.
+    for path in (root / "storage" / "migrations").glob("*.sql"):
+        sql = path.read_text()
+        for fmt, args in re.findall(r"message := format\(((?:'[^']*'\s*)+),\s*([^;]*)\);", sql):
+            text = "".join(re.findall(r"'([^']*)'", fmt))
+            values = [a.strip() for a in args.rstrip(")").split(",")]
+            holes = re.split(r"%s", text)[1:]
+            for value, after in zip(values, holes, strict=True):
+                if value in ("bal", "total", "amount") or "cents" in value:
+                    found += 1
+                    assert after.startswith(" cents"), f"{path.name}: {value} in {text!r} is an amount without its unit"
+    assert found >= 12, "the refusals with amounts were found"

@@ -22,6 +22,7 @@ from ..admission import FinalStates, Permits
 from ..admission.claims import load_final_set
 from ..auth import TokenBook
 from ..config import Limits, Settings
+from ..engine.batches import KeyedWrites
 from ..engine.cooldown import Cooldown
 from ..engine.expiry import ExpirySweeper
 from ..engine.feed import EventFeed
@@ -82,6 +83,7 @@ class Worker:
         self.db = DbHealth(self.limits.db_down_log_interval_ms)
         self.router: Router | None = None
         self.ledger: Ledger | None = None
+        self.writes: KeyedWrites | None = None
         self.engine: GrabEngine | None = None
         self.roller: Roller | None = None
         self.expiry: ExpirySweeper | None = None
@@ -173,6 +175,7 @@ class Worker:
             reseed_interval_ms=lim.admission_reseed_interval_ms,
         )
         self.router.start()
+        self.writes = KeyedWrites.open(self.ledger, lim)
         ctx = Context(
             self.worker_id,
             self.worker_count,
@@ -181,6 +184,7 @@ class Worker:
             self.dsn,
             self.ledger,
             self.engine,
+            self.writes,
             routing.shards_of(self.worker_id, self.worker_count),
             self.stats,
             self.feed,
@@ -379,6 +383,8 @@ class Worker:
             "cooldowns_started": e.cooldown.cooled if e.cooldown is not None else 0,
             "users_cooling": len(e.cooldown.until) if e.cooldown is not None else 0,
             "rate_limited": self.rate_limits.limited,
+            "busy_answers": self.dispatcher.busy_answers if self.dispatcher is not None else 0,
+            **(self.writes.stats() if self.writes is not None else {}),
             "rolled_up_claims": roller.rolled_claims,
             "rollup_backlog_claims": roller.backlog_claims,
             "rollup_failures": roller.failures,

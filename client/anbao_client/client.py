@@ -9,6 +9,7 @@ import asyncio
 import errno
 import json
 import os
+import random
 import socket
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -34,6 +35,15 @@ DEFAULT_TIMEOUT_MS = 10_000
 MAX_INFLIGHT_DEFAULT = 4096
 IN_DOUBT_FIRST_PAUSE_S = 0.05  # then doubling, up to the next
 IN_DOUBT_MAX_PAUSE_S = 0.5
+# BUSY says the server is overloaded and did nothing: the request is sent
+# again, after a pause drawn between half and all of one that starts here
+# and doubles, for at most busy_retry_ms in all; then Busy reaches the
+# caller. Random pauses keep clients turned away together from coming back
+# together. RATE_LIMITED is not retried: it is this caller's own quota, the
+# caller's to pace.
+BUSY_RETRY_MS = 2_000
+BUSY_FIRST_PAUSE_S = 0.005
+BUSY_MAX_PAUSE_S = 0.25
 EVENTS_WAIT_MS = 30_000  # how long one EVENTS long poll waits for news
 EVENTS_RECONNECT_FIRST_PAUSE_S = 0.05  # then doubling, up to the next
 EVENTS_RECONNECT_MAX_PAUSE_S = 2.0
@@ -89,9 +99,10 @@ def _not_anbao(data: bytes) -> NotAnbao:
 class Client:
     """Use `await Client.connect(host, port, token)`; close with `await c.close()`."""
 
-    def __init__(self, timeout_ms: int, max_inflight: int) -> None:
-        assert timeout_ms > 0 and max_inflight > 0
+    def __init__(self, timeout_ms: int, max_inflight: int, busy_retry_ms: int = BUSY_RETRY_MS) -> None:
+        assert timeout_ms > 0 and max_inflight > 0 and busy_retry_ms >= 0
         self.timeout_ms = timeout_ms
+        self.busy_retry_ms = busy_retry_ms
         self._pending: dict[int, asyncio.Future[wire.Response]] = {}
         self._next_id = 1
         self._transport: asyncio.Transport | None = None
@@ -113,8 +124,11 @@ class Client:
         max_inflight: int = MAX_INFLIGHT_DEFAULT,
         ssl: ssl_module.SSLContext | None = None,
         local_port: int | None = None,
+        busy_retry_ms: int = BUSY_RETRY_MS,
     ) -> Client:
-        self = cls(timeout_ms, max_inflight)
+        """busy_retry_ms: how long a request answered BUSY is sent again,
+        backing off, before Busy reaches the caller (0: at once)."""
+        self = cls(timeout_ms, max_inflight, busy_retry_ms)
         loop = asyncio.get_running_loop()
         local_addr = (host, local_port) if local_port else None
         transport, _ = await asyncio.wait_for(
@@ -165,6 +179,24 @@ class Client:
         return rid
 
     async def _call(
+        self, build: Build, *, ok: Collection[int] = (Status.OK,), retry_in_doubt: bool = False
+    ) -> wire.Response:
+        """_call_settled, sent again while the server answers BUSY (nothing
+        was done), backing off, for at most busy_retry_ms."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.busy_retry_ms / 1000
+        pause_s = BUSY_FIRST_PAUSE_S
+        while True:
+            try:
+                return await self._call_settled(build, ok=ok, retry_in_doubt=retry_in_doubt)
+            except Busy:
+                wait_s = pause_s * random.uniform(0.5, 1.0)
+                if loop.time() + wait_s >= give_up_at:
+                    raise
+            await asyncio.sleep(wait_s)
+            pause_s = min(pause_s * 2, BUSY_MAX_PAUSE_S)
+
+    async def _call_settled(
         self, build: Build, *, ok: Collection[int] = (Status.OK,), retry_in_doubt: bool = False
     ) -> wire.Response:
         """Sends one request and waits for its answer; statuses outside `ok`

@@ -9,10 +9,11 @@ from anbao_client.routing import make_packet_id, owner_of
 
 from ...clock import now_ms
 from ...engine.grabs import packet_state
-from ...storage.domain import Operation
+from ...storage.domain import BatchOutcome, BatchResult, Operation, PacketRecord, SendRequest
+from ...storage.idempotency import request_hash
 from .. import answers
-from .accounts import reply_stored
-from .base import Context, Refused, facts_written, page_limit
+from .accounts import reply_batch, run_keyed
+from .base import Context, Refused, page_limit
 
 
 def validate_send(
@@ -85,45 +86,64 @@ async def send(
     members: list[int],
     greeting: str,
 ) -> bytes:
+    """SEND, by group commit (engine/sends.py): answered once its batch has
+    committed; at most once per key (the batch claims the key)."""
     expiry_s = validate_send(ctx, sender, total, count, mode, expiry_s, audience, members)
-    lim = ctx.limits
-    min_share = lim.min_share_cents
-    adopted = []
     # The new packet takes one of this worker's shards, so this worker owns it.
     shard = ctx.next_shard()
-    await ctx.ledger.settle(sender)
-
-    async def body(conn) -> dict[str, int]:
-        expires_at_ms = now_ms() + expiry_s * 1000
-        record, balance = await ctx.ledger.send(
-            conn,
-            lambda seq: make_packet_id(ctx.set_id, seq, shard),
-            sender,
-            total,
-            count,
-            mode,
-            min_share,
-            expires_at_ms,
-            audience,
-            members,
-            greeting,
-            max_share_cents=lim.max_share_cents,
-            daily_max_cents=lim.daily_send_max_cents,
-            daily_max_packets=lim.daily_send_max_packets,
-        )
-        adopted.append(record)
-        return {"packet_id": record.packet_id, "balance_cents": balance, "expires_at_ms": expires_at_ms}
-
     fields = (sender, total, count, mode, expiry_s, audience, tuple(members), greeting)
-    stored = await ctx.ledger.idempotent(key, Operation.SEND, fields, body)
-    facts_written(ctx)
-    if adopted and not stored.replayed:
-        state = packet_state(adopted[0])
-        assert owner_of(state.packet_id, ctx.worker_count) == ctx.worker_id
-        # A grab that guessed the id may already have loaded it from the database.
-        if state.packet_id not in ctx.engine.states:
-            ctx.engine.adopt(state)
-    return reply_stored(ctx, Op.SEND, rid, stored, "packet_id", "balance_cents", "expires_at_ms")
+    group_id = members[0] if audience == Audience.GROUP else 0
+    request = SendRequest(
+        key,
+        request_hash(Operation.SEND, fields),
+        0,
+        sender,
+        total,
+        count,
+        mode,
+        now_ms() + expiry_s * 1000,
+        audience,
+        group_id,
+        () if group_id else tuple(members),
+        greeting,
+    )
+    result = await run_keyed(
+        ctx, lambda r: ctx.writes.sends.submit(r, lambda seq: make_packet_id(ctx.set_id, seq, shard)), request
+    )
+    if result.outcome == BatchOutcome.RAN and result.answer is not None:
+        _adopt(ctx, request, result)
+    return reply_batch(ctx, Op.SEND, rid, result, "packet_id", "balance_cents", "expires_at_ms")
+
+
+def _adopt(ctx: Context, request: SendRequest, result: BatchResult) -> None:
+    """The new packet's state, owned here from the start: its first grab
+    loads nothing."""
+    assert result.answer is not None
+    if request.audience == Audience.OPEN:
+        eligible = None
+    elif request.audience == Audience.GROUP:
+        eligible = result.members
+        assert eligible is not None
+    else:
+        eligible = list(request.members)
+    packet_id = result.answer["packet_id"]
+    record = PacketRecord(
+        packet_id,
+        request.sender_id,
+        request.total_cents,
+        request.count,
+        request.mode,
+        ctx.limits.min_share_cents,
+        request.expires_at_ms,
+        eligible,
+        [],
+        False,
+        ctx.limits.max_share_cents,
+    )
+    assert owner_of(packet_id, ctx.worker_count) == ctx.worker_id
+    # A grab that guessed the id may already have loaded it from the database.
+    if packet_id not in ctx.engine.states:
+        ctx.engine.adopt(packet_state(record))
 
 
 async def packet(ctx: Context, rid: int, packet_id: int, offset: int, limit: int) -> bytes:
