@@ -10,7 +10,7 @@ import sys
 import pytest
 from helpers import ADMIN_TOKEN, funded_users
 
-from anbao_client import Cluster, Invalid
+from anbao_client import Client, Cluster, Invalid
 
 # (call, the exception, the argument it names)
 WRONG = [
@@ -62,6 +62,20 @@ async def test_wrong_arguments_raise_naming_the_argument(anbao):
     # What the wire carries but the server refuses stays the server's call.
     with pytest.raises(Invalid):
         await admin.deposit(user, 0)
+
+
+async def test_connect_checks_its_arguments(anbao):
+    for kwargs, exc, name in [
+        ({"token": None}, TypeError, "token"),
+        ({"port": str(anbao.port)}, TypeError, "port"),
+        ({"timeout_ms": 0}, ValueError, "timeout_ms"),
+        ({"timeout_ms": 1.5}, TypeError, "timeout_ms"),
+        ({"max_inflight": -1}, ValueError, "max_inflight"),
+        ({"busy_retry_ms": -1}, ValueError, "busy_retry_ms"),
+    ]:
+        args = {"host": "127.0.0.1", "port": anbao.port, "token": ADMIN_TOKEN, **kwargs}
+        with pytest.raises(exc, match=name):
+            await Client.connect(**args)
 
 
 async def test_cluster_checks_before_routing(anbao):

@@ -100,7 +100,12 @@ class Client:
     """Use `await Client.connect(host, port, token)`; close with `await c.close()`."""
 
     def __init__(self, timeout_ms: int, max_inflight: int, busy_retry_ms: int = BUSY_RETRY_MS) -> None:
-        assert timeout_ms > 0 and max_inflight > 0 and busy_retry_ms >= 0
+        # Checked, not asserted: they come from the caller (and asserts vanish under -O).
+        for name, value, least in (("timeout_ms", timeout_ms, 1), ("max_inflight", max_inflight, 1)):
+            check_int(name, value, "I")
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, not {value}")
+        check_int("busy_retry_ms", busy_retry_ms, "I")
         self.timeout_ms = timeout_ms
         self.busy_retry_ms = busy_retry_ms
         self._pending: dict[int, asyncio.Future[wire.Response]] = {}
@@ -128,6 +133,9 @@ class Client:
     ) -> Client:
         """busy_retry_ms: how long a request answered BUSY is sent again,
         backing off, before Busy reaches the caller (0: at once)."""
+        if not isinstance(token, str | bytes):
+            raise TypeError(f"token must be a str or bytes, not {type(token).__name__}")
+        check_int("port", port, "H")
         self = cls(timeout_ms, max_inflight, busy_retry_ms)
         loop = asyncio.get_running_loop()
         local_addr = (host, local_port) if local_port else None
