@@ -64,7 +64,8 @@ def key_arg(text: str) -> bytes:
 def _ms_text(ms: int) -> str:
     import datetime
 
-    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    # With its zone: a time a statement shows is read against other records.
+    return datetime.datetime.fromtimestamp(ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 class Out:
