@@ -26,6 +26,8 @@ WRONG = [
     (lambda c: c.balance_detail(None), TypeError, "user_id"),
     (lambda c: c.register(5), TypeError, "user_ids"),
     (lambda c: c.register("1,2"), TypeError, "user_ids"),
+    (lambda c: c.register({1: 2}), TypeError, "user_ids"),
+    (lambda c: c.balance(list(range(10_000))), TypeError, "user_id must be an int, not list [0, 1, 2"),
     (lambda c: c.register([1, "2"]), TypeError, "user_ids[1]"),
     (lambda c: c.register([1, -2]), ValueError, "user_ids[1]"),
     (lambda c: c.send(1, 100, 2**32), ValueError, "count"),
@@ -59,6 +61,7 @@ async def test_wrong_arguments_raise_naming_the_argument(anbao):
         assert not admin._pending, "nothing stored for a request that was never sent"
     # The connection is as good as before, and the server was never asked.
     assert await admin.balance(user) == 1_000
+    assert await admin.register({7, 8}) == 2 and await admin.register(range(9, 11)) == 2  # any collection of ids
     # What the wire carries but the server refuses stays the server's call.
     with pytest.raises(Invalid):
         await admin.deposit(user, 0)

@@ -12,7 +12,7 @@ disagreeing with a server configured otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from .protocol import IDEMPOTENCY_KEY_BYTES, MESSAGES, Op, Rows
@@ -28,10 +28,16 @@ _RANGES = {
 _BYTES_LIMIT = {"t": 2**16 - 1, "b": 2**16 - 1, "j": 2**32 - 1}
 
 
+def _shown(value: Any) -> str:
+    """The value, as much of it as a message needs (a list may be long)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def check_int(name: str, value: Any, letter: str) -> None:
     # bool is an int to Python, but True is never meant as user 1 or 1 cent.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} {_shown(value)}")
     lo, hi = _RANGES[letter]
     if not lo <= value <= hi:
         raise ValueError(f"{name} must be within {lo}..{hi}, not {value}")
@@ -58,9 +64,10 @@ def _check_value(name: str, value: Any, letter: str) -> None:
 
 
 def _check_rows(name: str, value: Any, rows: Rows) -> None:
-    # A str or bytes is a Sequence too, but never a list of ids.
-    if not isinstance(value, Sequence) or isinstance(value, str | bytes):
-        raise TypeError(f"{name} must be a list, not {type(value).__name__} {value!r}")
+    # Any sized collection of ids will do (a list, a tuple, a range, a set);
+    # a str, bytes or a dict is one too, but never meant as a list of ids.
+    if not isinstance(value, Collection) or isinstance(value, str | bytes | Mapping):
+        raise TypeError(f"{name} must be a list, not {type(value).__name__} {_shown(value)}")
     _, most = _RANGES[rows.count]
     if len(value) > most:
         raise ValueError(f"{name} has {len(value)} items; a request carries at most {most}")
