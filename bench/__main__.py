@@ -7,7 +7,7 @@ load from several load-generator processes, checks that the answers match
 what is durable in the database, runs `anbao audit`, runs the baselines
 (redis: the same scenarios against a redis-server of its own, AOF fsync
 always, with the same load generator speaking RESP), and writes
-DIR/LABEL.json and DIR/LABEL.png. Exits 1 if any run is INVALID.
+DIR/LABEL.json and DIR/LABEL.png (--out DIR, default bench/runs: untracked). Exits 1 if any run is INVALID.
 
 `evening` (bench/evening.py) is a chat app's red-packet evening: users in
 groups, each step one packet's life (SEND, GRABs, PACKET, BALANCE), with
@@ -52,6 +52,11 @@ QUIET_BUSY = 0.15
 CREDIT_DRAIN_TIMEOUT_S = 300.0
 SETS_SCENARIOS = ("hot", "storm")  # what --sets N > 1 runs
 MAX_SETS = 8  # anbao/localsets.py's limit
+
+
+# A run's files go here unless --out says otherwise: untracked (.gitignore),
+# so a user's run never overwrites the committed results in bench/results.
+RUNS_DIR = Path(__file__).resolve().parent / "runs"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -150,8 +155,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path(__file__).resolve().parent / "results",
-        help="directory for LABEL.json and LABEL.png",
+        default=RUNS_DIR,
+        help="directory for LABEL.json and LABEL.png (default bench/runs, untracked; the figures"
+        " BENCHMARKS.md cites are written to bench/results only on purpose: --out bench/results)",
     )
     p.add_argument("--label", default=None, help="file name stem for the JSON and PNG (default: the scenario)")
     p.add_argument(

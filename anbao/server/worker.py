@@ -352,10 +352,15 @@ class Worker:
         assert self.engine is not None and self.router is not None
         return Sample(
             self.engine.queued_grabs,
-            len(self.connections),
+            self.client_connections(),
             dict(self.router.stats),
             self.set_watch.latest if self.set_watch is not None else None,
         )
+
+    def client_connections(self) -> int:
+        """Open connections of clients: the other workers' relay connections
+        (PEER scope) excepted, so an idle server reads 0."""
+        return sum(1 for c in self.connections if c.scope != Scope.PEER)
 
     def stats(self) -> dict[str, Any]:
         """The STATS document: this worker's counters and gauges."""
@@ -364,7 +369,8 @@ class Worker:
         return {
             "worker_id": self.worker_id,
             "pid": os.getpid(),
-            "connections": len(self.connections),
+            "connections": self.client_connections(),
+            "relay_connections": len(self.connections) - self.client_connections(),
             "connections_paused_writing": sum(1 for c in self.connections if c.paused_by & PAUSED_WRITE),
             "unsent_answer_bytes": sum(
                 c.transport.get_write_buffer_size() for c in self.connections if c.transport is not None

@@ -158,7 +158,7 @@ class Accounts:
         if row is None:
             raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
         if row["balance_cents"] < amount_cents:
-            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {row['balance_cents']} below {amount_cents}")
+            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {row['balance_cents']} cents below {amount_cents} cents")
         tid = await conn.fetchval(
             "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)"
             " VALUES ($1, $2, $3, $4) RETURNING transfer_id",

@@ -54,7 +54,7 @@ async def _external_move(
     wallet, by group commit, idempotent by key, answered (balance_cents,
     transfer_id)."""
     if amount_cents > limit_cents:
-        raise Refused(Status.INVALID, f"amount_cents above the limit {limit_cents}")
+        raise Refused(Status.INVALID, f"amount {amount_cents} cents above the limit of {limit_cents} cents")
     request = MoveRequest(key, request_hash(batcher.operation, (user_id, amount_cents)), user_id, amount_cents)
     result = await run_keyed(ctx, batcher.submit, request)
     return reply_batch(ctx, op, rid, result, "balance_cents", "transfer_id")

@@ -26,9 +26,11 @@ def validate_send(
     if not 1 <= count <= lim.max_share_count:
         raise Refused(Status.INVALID, f"count must be 1..{lim.max_share_count}")
     if total > lim.max_total_cents:
-        raise Refused(Status.INVALID, f"total_cents above the limit {lim.max_total_cents}")
+        raise Refused(Status.INVALID, f"total {total} cents above the limit of {lim.max_total_cents} cents")
     if total < count * lim.min_share_cents:
-        raise Refused(Status.INVALID, f"total_cents below count x {lim.min_share_cents} cent minimum share")
+        raise Refused(
+            Status.INVALID, f"total {total} cents below {count} shares of at least {lim.min_share_cents} cents"
+        )
     if total > count * lim.max_share_cents:
         # Fixed mode's largest share is ceil(total / count); random mode
         # could not split the total into shares of at most the maximum.
@@ -36,11 +38,11 @@ def validate_send(
         if mode == Mode.FIXED:
             raise Refused(
                 Status.SHARE_ABOVE_MAX,
-                f"a share of {-(-total // count)} cents is above the maximum share of {lim.max_share_cents}",
+                f"a share of {-(-total // count)} cents is above the maximum share of {lim.max_share_cents} cents",
             )
         raise Refused(
             Status.SHARE_ABOVE_MAX,
-            f"{total} cents cannot be split into {count} shares of at most {lim.max_share_cents}",
+            f"{total} cents cannot be split into {count} shares of at most {lim.max_share_cents} cents",
         )
     expiry_s = expiry_s or lim.default_expiry_s
     if not lim.min_expiry_s <= expiry_s <= lim.max_expiry_s:

@@ -162,7 +162,7 @@ BEGIN
                     DELETE FROM idempotency_keys x WHERE x.key = p_keys[k];
                     EXIT decide;
                 END IF;
-                refusal := 'INSUFFICIENT_FUNDS'; message := format('balance %s below %s', bal, total);
+                refusal := 'INSUFFICIENT_FUNDS'; message := format('balance %s cents below %s cents', bal, total);
                 EXIT decide;
             END IF;
             v_version := NULL;
@@ -205,8 +205,8 @@ BEGIN
                 END IF;
                 IF p_daily_max_cents IS NOT NULL AND day_cents > p_daily_max_cents THEN
                     refusal := 'DAILY_SEND_AMOUNT_CAP';
-                    message := format('sender %s has sent %s cents today (UTC); %s more would pass the daily'
-                                      ' cap of %s', s, day_cents - total, total, p_daily_max_cents);
+                    message := format('sender %s has sent %s cents today (UTC); %s cents more would pass the'
+                                      ' daily cap of %s cents', s, day_cents - total, total, p_daily_max_cents);
                     EXIT decide;
                 END IF;
                 INSERT INTO daily_sends AS d (user_id, utc_day, sent_cents, sent_count)

@@ -89,7 +89,7 @@ BEGIN
                 outcome := 3;
                 DELETE FROM idempotency_keys x WHERE x.key = p_keys[k];
             ELSIF bal < amount THEN
-                refusal := 'INSUFFICIENT_FUNDS'; message := format('balance %s below %s', bal, amount);
+                refusal := 'INSUFFICIENT_FUNDS'; message := format('balance %s cents below %s cents', bal, amount);
             ELSE
                 INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)
                     VALUES (2, w_account[w], external, amount) RETURNING transfer_id INTO tid;
