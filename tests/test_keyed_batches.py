@@ -280,3 +280,27 @@ async def test_overload_is_answered_busy_and_never_holds_up_another_operation(an
         await holder.close()
     assert await admin.balance(a) == 100_000 - 8 * 100
     await anbao.assert_audit_clean()
+
+
+@pytest.mark.parametrize("limits", [Limits()])
+async def test_a_send_never_waits_for_another_senders_locked_wallet(anbao, fresh_dsn):
+    """One sender's wallet held by another transaction (as a roll-up holds
+    the wallets it credits): a SEND by another sender in the same batch is
+    answered at once; the held one is put back, and decided once the wallet
+    is free."""
+    admin = await anbao.client("admin")
+    (a, b) = await funded_users(admin, 1, 2, 10_000)
+    holder = await asyncpg.connect(fresh_dsn)
+    try:
+        await _hold_wallets(holder, [a])
+        held = asyncio.ensure_future(admin.send(a, 100, 1))
+        free = asyncio.ensure_future(admin.send(b, 100, 1))
+        assert (await asyncio.wait_for(free, 5)).sender_balance_cents == 9_900
+        await asyncio.sleep(0.2)
+        assert not held.done()
+        assert (await admin.stats())["send_put_back"] >= 1
+        await holder.execute("ROLLBACK")
+        assert (await asyncio.wait_for(held, 5)).sender_balance_cents == 9_900
+    finally:
+        await holder.close()
+    await anbao.assert_audit_clean()

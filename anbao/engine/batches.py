@@ -27,7 +27,7 @@ from typing import Any
 
 from ..clock import now_ms
 from ..config import Limits
-from ..storage.domain import BatchResult, MoveRequest, Operation, SendRequest
+from ..storage.domain import BatchOutcome, BatchResult, MoveRequest, Operation, SendRequest
 from ..storage.ledger import Ledger
 
 
@@ -37,6 +37,7 @@ class _Waiting:
     wallet: int  # the user whose wallet it locks
     future: asyncio.Future[BatchResult]
     packet_id_of: Callable[[int], int] | None = None  # SEND: a sequence number -> the packet's id
+    put_back: int = 0  # times its wallet was locked elsewhere and it waited for the next batch
 
 
 class KeyedBatcher:
@@ -50,8 +51,11 @@ class KeyedBatcher:
         self._kicked = False
         self.batches = 0  # STATS: batches committed
         self.requests = 0  # STATS: requests they carried
+        self.put_back = 0  # STATS: requests put back for a wallet locked elsewhere
 
-    async def _commit(self, batch: list[_Waiting]) -> list[BatchResult]:
+    async def _commit(self, batch: list[_Waiting], patient: bool) -> list[BatchResult]:
+        """Runs one batch; unless patient, a request whose wallet is locked
+        elsewhere may come back WALLET_BUSY instead of being waited for."""
         raise NotImplementedError
 
     def _submit(self, waiting: _Waiting) -> Awaitable[BatchResult]:
@@ -101,7 +105,7 @@ class KeyedBatcher:
 
     async def _run(self, batch: list[_Waiting]) -> None:
         try:
-            results = await self._commit(batch)
+            results = await self._commit(batch, patient=any(w.put_back for w in batch))
         except Exception as exc:  # the database's fault: every request of the batch gets it
             for w in batch:
                 if not w.future.done():
@@ -109,9 +113,16 @@ class KeyedBatcher:
         else:
             self.batches += 1
             self.requests += len(batch)
+            busy = []
             for w, result in zip(batch, results, strict=True):
-                if not w.future.done():
+                if result.outcome == BatchOutcome.WALLET_BUSY:
+                    w.put_back += 1
+                    busy.append(w)
+                elif not w.future.done():
                     w.future.set_result(result)
+            # First in the queue: the next batch, patient, carries them.
+            self.put_back += len(busy)
+            self._waiting.extendleft(reversed(busy))
         finally:
             self._batches_in_flight -= 1
             self._wallets_in_flight.difference_update(w.wallet for w in batch)
@@ -143,7 +154,7 @@ class SendBatcher(KeyedBatcher):
         self._seq_at += 1
         return seq
 
-    async def _commit(self, batch: list[_Waiting]) -> list[BatchResult]:
+    async def _commit(self, batch: list[_Waiting], patient: bool) -> list[BatchResult]:
         lim = self.limits
         requests = []
         for w in batch:
@@ -156,6 +167,7 @@ class SendBatcher(KeyedBatcher):
             daily_max_cents=lim.daily_send_max_cents,
             daily_max_packets=lim.daily_send_max_packets,
             at_ms=now_ms(),
+            patient=patient,
         )
 
 
@@ -173,7 +185,9 @@ class MoveBatcher(KeyedBatcher):
         fut: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         return self._submit(_Waiting(request, request.user_id, fut))
 
-    async def _commit(self, batch: list[_Waiting]) -> list[BatchResult]:
+    async def _commit(self, batch: list[_Waiting], patient: bool) -> list[BatchResult]:
+        # anbao_move_batch always waits: DEPOSIT and WITHDRAW are rare on an
+        # evening, and the external account's lock orders them anyway.
         return await self.ledger.move_batch(self.operation, [w.request for w in batch])
 
 
@@ -198,4 +212,5 @@ class KeyedWrites:
         for name, b in (("send", self.sends), ("deposit", self.deposits), ("withdraw", self.withdrawals)):
             out[f"{name}_batches"] = b.batches
             out[f"{name}_batched_requests"] = b.requests
+            out[f"{name}_put_back"] = b.put_back
         return out

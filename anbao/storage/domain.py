@@ -168,6 +168,7 @@ class BatchOutcome(enum.IntEnum):
     REPLAYED = 1  # the key's first answer (or refusal), nothing moved
     CONFLICT = 2  # the key was used with other parameters; nothing stored
     SETTLE_FIRST = 3  # short, but the user's pending grabs would cover it; nothing stored
+    WALLET_BUSY = 4  # the wallet is locked elsewhere (a roll-up): nothing stored, send it in the next batch
 
 
 @dataclass(frozen=True)
@@ -194,3 +195,4 @@ class BatchResult:
     refusal: Reason | None
     message: str
     members: list[int] | None = None
+    created_ms: int = 0  # a packet sent now: its created_at (ms since the epoch)

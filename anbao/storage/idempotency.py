@@ -36,7 +36,12 @@ def batch_results(rows: list, n: int) -> list[BatchResult]:
         answer = None if r["answer"] is None else json.loads(r["answer"])
         members = r.get("members")
         results[r["i"] - 1] = BatchResult(
-            BatchOutcome(r["outcome"]), answer, refusal, r["message"] or "", None if members is None else list(members)
+            BatchOutcome(r["outcome"]),
+            answer,
+            refusal,
+            r["message"] or "",
+            None if members is None else list(members),
+            r.get("created_ms") or 0,
         )
     assert all(r is not None for r in results), "a batch function answers every request"
     return results  # type: ignore[return-value]

@@ -40,7 +40,7 @@ _PACKET_INFO = (
 )
 MS_PER_DAY = 86_400_000
 PACKET_SEQ_BLOCK = 1024  # packet sequence numbers per nextval('packet_block_seq'): migration 0012's setval
-_SEND_BATCH = "SELECT * FROM anbao_send_batch(" + ", ".join(f"${n}" for n in range(1, 21)) + ")"
+_SEND_BATCH = "SELECT * FROM anbao_send_batch(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
 
 
 # Who may claim a packet that is not open (migration 0012, the rule's one home).
@@ -75,6 +75,7 @@ class Packets:
         daily_max_cents: int | None,
         daily_max_packets: int | None,
         at_ms: int,
+        patient: bool = False,
     ) -> list[BatchResult]:
         """Runs a batch of SENDs in one statement, one transaction, one
         commit (anbao_send_batch, migration 0012): each SEND's money from
@@ -83,8 +84,10 @@ class Packets:
         arrival order under the senders' wallet locks. One result per SEND,
         in order. Every packet stores max_share_cents (0: none); the daily
         caps count the UTC day of at_ms. A group packet's audience is the
-        group as of its version (nothing is copied). Raises only for the
-        database's faults, and then nothing in the batch happened."""
+        group as of its version (nothing is copied). Unless patient, a SEND
+        whose sender's wallet another transaction holds is not waited for
+        (BatchOutcome.WALLET_BUSY). Raises only for the database's faults,
+        and then nothing in the batch happened."""
         assert sends and len({s.key for s in sends}) == len(sends), "one SEND per key in a batch"
         member_ids: list[int] = []
         member_ends: list[int] = []
@@ -114,6 +117,7 @@ class Packets:
                 daily_max_cents,
                 daily_max_packets,
                 at_ms // MS_PER_DAY,
+                patient,
             )
         return batch_results(rows, len(sends))
 

@@ -72,8 +72,17 @@ SELECT setval('packet_block_seq', (SELECT last_value FROM packet_seq) / 1024 + 1
 --              waiting for the roll-up would cover it: nothing stored, the
 --              key released; the caller settles the sender and sends it
 --              again with p_settled true (then a short balance is refused).
+--   outcome 4: the sender's wallet is locked by another transaction (a
+--              roll-up crediting it, most often): nothing stored, the key
+--              not claimed; the caller puts it in its next batch. Unless
+--              p_patient, a batch does not wait for a locked wallet (SKIP
+--              LOCKED): a roll-up holds its wallets for its whole
+--              transaction, and one of them would hold up every SEND of
+--              the batch. A patient batch (one carrying a SEND put back
+--              before) waits, so every SEND is decided in the end.
 -- members: a group packet's audience as of its version (the owner adopts
--- the packet with it), else NULL.
+-- the packet with it), else NULL. created_ms: the packets' created_at, in
+-- ms since the epoch, as PACKET shows it.
 --
 -- Why it cannot deadlock: every batch locks its senders' wallets first, in
 -- account-id order (as the roll-up and the other writers do), then claims
@@ -86,11 +95,14 @@ CREATE FUNCTION anbao_send_batch(
     p_totals BIGINT[], p_counts INTEGER[], p_modes SMALLINT[], p_expires_ms BIGINT[], p_audiences SMALLINT[],
     p_groups BIGINT[], p_member_ids BIGINT[], p_member_ends INTEGER[], p_greetings TEXT[], p_settled BOOLEAN[],
     p_min_share_cents BIGINT, p_max_share_cents BIGINT, p_daily_max_cents BIGINT, p_daily_max_packets INTEGER,
-    p_utc_day INTEGER)
-RETURNS TABLE (i INTEGER, outcome SMALLINT, refusal TEXT, message TEXT, answer JSONB, members BIGINT[])
+    p_utc_day INTEGER, p_patient BOOLEAN)
+RETURNS TABLE (i INTEGER, outcome SMALLINT, refusal TEXT, message TEXT, answer JSONB, members BIGINT[],
+               created_ms BIGINT)
 LANGUAGE plpgsql AS $$
 DECLARE
     n INTEGER := cardinality(p_keys);
+    w_busy BIGINT[] := '{}';
+    replayed BYTEA[] := '{}';
     w_owner BIGINT[];
     w_account BIGINT[];
     w_balance BIGINT[];
@@ -114,20 +126,35 @@ DECLARE
     out_refusals TEXT[] := '{}';
     out_messages TEXT[] := '{}';
 BEGIN
-    SELECT array_agg(a.owner_id ORDER BY a.account_id), array_agg(a.account_id ORDER BY a.account_id),
-           array_agg(a.balance_cents ORDER BY a.account_id)
-        INTO w_owner, w_account, w_balance
-        FROM (SELECT x.owner_id, x.account_id, x.balance_cents FROM accounts x
-              WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) ORDER BY x.account_id FOR NO KEY UPDATE) a;
+    created_ms := (extract(epoch FROM now()) * 1000)::bigint;
+    IF p_patient THEN
+        SELECT array_agg(a.owner_id ORDER BY a.account_id), array_agg(a.account_id ORDER BY a.account_id),
+               array_agg(a.balance_cents ORDER BY a.account_id)
+            INTO w_owner, w_account, w_balance
+            FROM (SELECT x.owner_id, x.account_id, x.balance_cents FROM accounts x
+                  WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) ORDER BY x.account_id FOR NO KEY UPDATE) a;
+    ELSE
+        SELECT array_agg(a.owner_id ORDER BY a.account_id), array_agg(a.account_id ORDER BY a.account_id),
+               array_agg(a.balance_cents ORDER BY a.account_id)
+            INTO w_owner, w_account, w_balance
+            FROM (SELECT x.owner_id, x.account_id, x.balance_cents FROM accounts x
+                  WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) ORDER BY x.account_id
+                  FOR NO KEY UPDATE SKIP LOCKED) a;
+        -- A sender with a wallet that was not locked: someone else holds it.
+        SELECT COALESCE(array_agg(x.owner_id), '{}') INTO w_busy FROM accounts x
+            WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) AND NOT x.owner_id = ANY(COALESCE(w_owner, '{}'));
+    END IF;
     WITH ins AS (
         INSERT INTO idempotency_keys (key, operation, request_hash)
-        SELECT t.k, p_operation, t.h FROM unnest(p_keys, p_hashes) AS t(k, h) ORDER BY t.k
+        SELECT t.k, p_operation, t.h FROM unnest(p_keys, p_hashes, p_senders) AS t(k, h, s)
+        WHERE NOT t.s = ANY(w_busy) ORDER BY t.k
         ON CONFLICT DO NOTHING RETURNING key)
     SELECT COALESCE(array_agg(ins.key), '{}') INTO claimed FROM ins;
     FOR stored IN SELECT x.key, x.operation, x.request_hash, x.answer, x.refusal, x.message
                   FROM idempotency_keys x WHERE x.key = ANY(p_keys) AND NOT x.key = ANY(claimed) LOOP
         k := array_position(p_keys, stored.key);
         i := k;
+        replayed := replayed || stored.key;
         IF stored.operation <> p_operation OR stored.request_hash <> p_hashes[k] THEN
             outcome := 2; refusal := 'IDEMPOTENCY_CONFLICT';
             message := 'idempotency key reused with different parameters'; answer := NULL;
@@ -142,7 +169,13 @@ BEGIN
         i := k; outcome := 0; refusal := NULL; message := ''; answer := NULL; members := NULL;
         list := p_member_ids[m_from : p_member_ends[k]];
         m_from := p_member_ends[k] + 1;
-        CONTINUE WHEN NOT p_keys[k] = ANY(claimed);
+        IF NOT p_keys[k] = ANY(claimed) THEN
+            IF p_senders[k] = ANY(w_busy) AND NOT p_keys[k] = ANY(replayed) THEN
+                outcome := 4;
+                RETURN NEXT;
+            END IF;
+            CONTINUE;
+        END IF;
         s := p_senders[k];
         total := p_totals[k];
         <<decide>>
