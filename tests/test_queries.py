@@ -4,7 +4,7 @@ with cursor pagination; a packet's claims, paged, and its luckiest claim."""
 import pytest
 from helpers import funded_users
 
-from anbao_client import Audience, Invalid, Mode, PacketStatus, TransferKind, UnknownUser
+from anbao_client import Audience, Invalid, Mode, PacketStatus, TransferKind, UnknownUser, wire
 
 
 async def walk(fetch, limit):
@@ -135,3 +135,29 @@ async def test_query_refusals(anbao):
             await q(a, limit=anbao.limits.max_page_rows + 1)
     st = await admin.statement(a)
     assert (st.balance_cents, st.entries, st.next_cursor) == (0, [], 0)
+
+
+async def test_packet_from_the_owners_memory_is_what_the_database_shows(anbao):
+    """The owner answers PACKET from its state of a packet it adopted from
+    the SEND: byte for byte what the database shows (committed claims
+    only), open, part grabbed and sold out, on every page."""
+    from anbao.server import answers
+    from anbao.server.ops import packets
+
+    admin = await anbao.client("admin")
+    sender, *members = await funded_users(admin, 1, 12)
+    await admin.deposit(sender, 10_000)
+    await admin.group_create(5, [sender, *members])
+    sent = await admin.send(sender, 1_000, 10, group=5, greeting="恭喜发财")
+    ctx = anbao.worker.dispatcher.ctx
+    for grabbers in ([], members[:3], members[3:10]):
+        for u in grabbers:
+            await admin.grab(sent.packet_id, u)
+        for offset, limit in [(0, 100), (2, 3), (9, 5), (10, 1)]:
+            memory = await packets.packet(ctx, 7, sent.packet_id, offset, limit)
+            head, greeting, claims = await ctx.ledger.packet_info(sent.packet_id, offset, limit)
+            assert memory == answers.ok(wire.Op.PACKET, 7, ctx.worker_id, *head, greeting, claims)
+    info = await admin.packet(sent.packet_id)
+    assert info.claimed_count == 10 and info.luckiest_seq > 0
+    assert (await admin.stats())["packets_from_memory"] >= 13
+    await anbao.assert_audit_clean()

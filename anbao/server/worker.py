@@ -377,6 +377,7 @@ class Worker:
             ),
             "packets_in_memory": len(e.states),
             "queued_grabs": e.queued_grabs,
+            "packets_from_memory": e.packets_from_memory,
             "commits": e.commits,
             "committed_grabs": e.committed_grabs,
             "failed_batches": e.failed_batches,

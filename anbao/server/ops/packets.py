@@ -3,13 +3,15 @@ it never leaves the event loop's fast path (router -> engine)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from anbao_client import protocol
 from anbao_client.protocol import Audience, Mode, Op, Status
 from anbao_client.routing import make_packet_id, owner_of
 
 from ...clock import now_ms
 from ...engine.grabs import packet_state
-from ...storage.domain import BatchOutcome, BatchResult, Operation, PacketRecord, SendRequest
+from ...storage.domain import BatchOutcome, BatchResult, Operation, PacketRecord, PacketStatus, SendRequest
 from ...storage.idempotency import request_hash
 from .. import answers
 from .accounts import reply_batch, run_keyed
@@ -143,17 +145,60 @@ def _adopt(ctx: Context, request: SendRequest, result: BatchResult) -> None:
     assert owner_of(packet_id, ctx.worker_count) == ctx.worker_id
     # A grab that guessed the id may already have loaded it from the database.
     if packet_id not in ctx.engine.states:
-        ctx.engine.adopt(packet_state(record))
+        state = packet_state(record)
+        state.facts = PacketFacts(request.audience, request.greeting, result.created_ms)
+        ctx.engine.adopt(state)
 
 
 async def packet(ctx: Context, rid: int, packet_id: int, offset: int, limit: int) -> bytes:
     if not 0 < limit <= protocol.MAX_CLAIMS_PAGE:
         raise Refused(Status.INVALID, f"claims_limit must be 1..{protocol.MAX_CLAIMS_PAGE}")
+    state = ctx.engine.states.get(packet_id)
+    if state is not None and state.facts is not None and not state.closed and now_ms() < state.expires_at_ms:
+        return _packet_from_memory(ctx, rid, state, offset, limit)
     info = await ctx.ledger.packet_info(packet_id, offset, limit)
     if info is None:
         raise Refused(Status.NOT_FOUND, f"unknown packet {packet_id}")
     head, greeting, claims = info
     return answers.ok(Op.PACKET, rid, ctx.worker_id, *head, greeting, claims)
+
+
+class PacketFacts(NamedTuple):
+    """What PACKET shows of a packet beyond its split, kept on the owner's
+    state of a packet it adopted from its SEND (PacketState.facts)."""
+
+    audience: int
+    greeting: str
+    created_ms: int
+
+
+def _packet_from_memory(ctx: Context, rid: int, state, offset: int, limit: int) -> bytes:
+    """PACKET answered by the packet's owner from its state, with committed
+    claims only: what the database holds durable, without a query. Only
+    for an open packet before its expiry (its refund is the database's)."""
+    facts: PacketFacts = state.facts
+    claimed_count, claimed_cents, luckiest, page = state.committed_claims(offset, limit)
+    status = PacketStatus.SOLD_OUT if claimed_count == state.count else PacketStatus.OPEN
+    ctx.engine.packets_from_memory += 1
+    return answers.ok(
+        Op.PACKET,
+        rid,
+        ctx.worker_id,
+        state.sender_id,
+        state.total_cents,
+        state.count,
+        state.mode,
+        int(status),
+        facts.audience,
+        facts.created_ms,
+        state.expires_at_ms,
+        claimed_cents,
+        claimed_count,
+        0,
+        luckiest,
+        facts.greeting,
+        page,
+    )
 
 
 async def sent_list(ctx: Context, rid: int, user_id: int, before: int, limit: int) -> bytes:
