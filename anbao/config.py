@@ -88,6 +88,9 @@ class Limits:
     rollup_small_pass_grabs: int = 1000
     rollup_small_pass_pause_ms: int = 100
     max_rollup_backlog_grabs: int = 2_000_000
+    # The roll-up's PostgreSQL backend runs at this nice value (1..19) when
+    # it is a process of this machine (storage/commit.py lower_priority).
+    rollup_backend_nice: int = 19
     max_packets_in_memory: int = 500_000
     max_known_users_cached: int = 2_000_000
     db_pool_size: int = 8
@@ -210,6 +213,7 @@ class Limits:
         assert self.cooldown_refusals >= 2, "one refused grab is no pattern"
         assert self.rate_limit_burst_requests >= 1
         # A page of EVENTS rows (57 bytes each) must fit in one answer frame.
+        assert 1 <= self.rollup_backend_nice <= 19
         assert self.events_max_page * 57 + 64 <= self.max_frame_bytes and self.events_max_page <= 0xFFFF
 
 

@@ -30,6 +30,10 @@ from ..config import Limits
 from ..storage.domain import BatchOutcome, BatchResult, MoveRequest, Operation, SendRequest
 from ..storage.ledger import Ledger
 
+# Times a request is put back for a wallet locked elsewhere (a roll-up
+# holding it a few ms) before a batch waits for the wallet instead.
+PATIENT_AFTER_PUT_BACKS = 3
+
 
 @dataclass
 class _Waiting:
@@ -74,17 +78,22 @@ class KeyedBatcher:
     def _start_batches(self) -> None:
         self._kicked = False
         while self._waiting and self._batches_in_flight < self.limits.send_batches_in_flight:
-            batch = self._take_batch()
+            # A request put back PATIENT_AFTER_PUT_BACKS times goes in a
+            # batch of such requests only, which waits for the wallets:
+            # every request is decided in the end, and no other waits
+            # behind a wallet someone else holds.
+            patient = self._waiting[0].put_back >= PATIENT_AFTER_PUT_BACKS
+            batch = self._take_batch(patient)
             if not batch:
                 return
             self._batches_in_flight += 1
             self._wallets_in_flight.update(w.wallet for w in batch)
-            asyncio.get_running_loop().create_task(self._run(batch))
+            asyncio.get_running_loop().create_task(self._run(batch, patient))
 
-    def _take_batch(self) -> list[_Waiting]:
-        """The oldest waiting requests whose wallets have no batch in
-        flight, one per key, up to send_batch_max; the others keep their
-        places."""
+    def _take_batch(self, patient: bool) -> list[_Waiting]:
+        """The oldest waiting requests of this patience whose wallets have
+        no batch in flight, one per key, up to send_batch_max; the others
+        keep their places."""
         batch: list[_Waiting] = []
         keys: set[bytes] = set()
         blocked: set[int] = set()  # a wallet skipped here: its later requests wait too
@@ -93,7 +102,12 @@ class KeyedBatcher:
             w = self._waiting.popleft()
             if w.future.done():  # its handler is gone (cancelled at stop)
                 continue
-            if w.wallet in self._wallets_in_flight or w.wallet in blocked or w.request.key in keys:
+            if (
+                w.wallet in self._wallets_in_flight
+                or w.wallet in blocked
+                or w.request.key in keys
+                or (w.put_back >= PATIENT_AFTER_PUT_BACKS) != patient
+            ):
                 blocked.add(w.wallet)
                 kept.append(w)
                 continue
@@ -103,9 +117,9 @@ class KeyedBatcher:
         self._waiting = kept
         return batch
 
-    async def _run(self, batch: list[_Waiting]) -> None:
+    async def _run(self, batch: list[_Waiting], patient: bool) -> None:
         try:
-            results = await self._commit(batch, patient=any(w.put_back for w in batch))
+            results = await self._commit(batch, patient)
         except Exception as exc:  # the database's fault: every request of the batch gets it
             for w in batch:
                 if not w.future.done():
@@ -120,7 +134,7 @@ class KeyedBatcher:
                     busy.append(w)
                 elif not w.future.done():
                     w.future.set_result(result)
-            # First in the queue: the next batch, patient, carries them.
+            # First in the queue: the next batches carry them.
             self.put_back += len(busy)
             self._waiting.extendleft(reversed(busy))
         finally:

@@ -112,6 +112,7 @@ class Worker:
             lim.rollup_defer_max_ms,
             lim.rollup_small_pass_grabs,
             lim.rollup_small_pass_pause_ms,
+            lim.rollup_backend_nice,
         )
         self.engine = GrabEngine(
             self.ledger,
