@@ -26,7 +26,14 @@ class Limits:
     # the client still sends before closing, so that closing does not reset
     # the connection under answers the client has not read yet.
     close_linger_ms: int = 2_000
+    # A connection must say HELLO within hello_timeout_ms (a TLS handshake
+    # must also end within it), having sent at most
+    # max_requests_before_hello requests (HELLO included) before one
+    # succeeds; past either, it is ended. A client that never reads its
+    # refusals then costs at most a few answers, not megabytes, and not
+    # past the deadline.
     hello_timeout_ms: int = 10_000
+    max_requests_before_hello: int = 8
     idle_timeout_ms: int = 300_000
     max_total_cents: int = 100_000_000  # 1,000,000.00 per packet
     max_share_count: int = 10_000

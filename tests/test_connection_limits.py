@@ -250,3 +250,146 @@ def test_framing_error_carries_the_frames_before_it():
         d.feed(good + struct.pack(">I", 3) + b"\x02\x00\x00")
     assert [(op, rid) for op, rid, _ in e.value.frames] == [(Op.PING, 1), (Op.GRAB, 2)]
     assert d.broken and d.feed(wire.ping(3)) == [], "nothing is read past a bad length"
+
+
+# ------------------------------------------------------------------ deadlines and per-request limits (issue 18)
+
+NO_RATE_CEILING = {"rate_limit_requests_per_s": 1 << 40, "rate_limit_burst_requests": 1 << 40}
+
+
+async def ended_by_reset(raw: Raw, timeout_s: float = 10) -> bool:
+    """Reads until the server ends the connection: True for a RST (an
+    abort), False for a FIN (a close)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, "the server did not end the connection"
+        try:
+            if not await asyncio.wait_for(raw.reader.read(65536), left):
+                return False
+        except ConnectionResetError:
+            return True
+
+
+async def wait_connections(server, n: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(server.worker.connections) != n:
+        assert time.monotonic() < deadline, f"{len(server.worker.connections)} connections, not {n}"
+        await asyncio.sleep(0.05)
+
+
+async def test_requests_before_hello_are_few(anbao):
+    """Before, a client could pipeline refused requests before HELLO without
+    end (the issue's repro: 7 MB of them, never read): every one was
+    answered, until the HELLO limit, and then some."""
+    raw = await Raw.open(anbao.port, hello=False)
+    raw.send(b"".join(wire.ping(1 + i) for i in range(10_000)))
+    got = frames_of(await read_to_close(raw))
+    most = anbao.limits.max_requests_before_hello
+    assert [(r.request_id, r.status) for _, r in got[:-1]] == [(1 + i, Status.UNAUTHENTICATED) for i in range(most)]
+    opcode_byte, last = got[-1]
+    assert (opcode_byte, last.request_id, last.status) == (0x80, 0, Status.UNAUTHENTICATED)
+    assert "before HELLO" in wire.error_message(last.body)
+    await wait_connections(anbao, 0, 5)
+
+
+async def test_a_connection_without_hello_is_aborted_at_the_limit(fresh_dsn, tokens_file):
+    """Half a HELLO, then nothing: past hello_timeout_ms the connection is
+    reset (RST) and leaves the worker's connections at once. Before, it was
+    closed (FIN), which waits for the answers queued to drain."""
+    server = await Anbao(fresh_dsn, tokens_file, Limits(hello_timeout_ms=300)).start()
+    try:
+        raw = await Raw.open(server.port, hello=False)
+        raw.send(wire.hello(1, APP_TOKEN.encode())[:7])
+        await wait_connections(server, 1, 2)
+        await wait_connections(server, 0, 5)  # the sweep runs once a second
+        assert await ended_by_reset(raw), "closed, not aborted"
+        assert server.worker.stats()["connections"] == 0
+    finally:
+        await server.stop()
+
+
+async def test_an_idle_client_that_reads_nothing_is_aborted(fresh_dsn, tokens_file):
+    """The issue's repro, authenticated: a client with a 4 KiB receive
+    buffer pipelines PINGs and never reads. Past idle_timeout_ms it is
+    aborted and leaves the connection set, although megabytes of answers
+    are still unsent. Before, close() waited for them to drain: the
+    connection stayed, counted in STATS, for as long as the client liked."""
+    limits = Limits(idle_timeout_ms=1000, write_buffer_high_bytes=64 << 10, **NO_RATE_CEILING)
+    server = await Anbao(fresh_dsn, tokens_file, limits).start()
+    try:
+        raw = await Raw.open(server.port)
+        raw.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 10)
+        chunk = b"".join(wire.ping(2 + i) for i in range(5000))
+        for _ in range(100):  # bounded: 6.5 MB; the worker stops reading us long before
+            raw.writer.write(chunk)
+            try:
+                await asyncio.wait_for(raw.writer.drain(), 0.2)
+            except TimeoutError:
+                break
+        assert server.worker.stats()["connections_paused_writing"] == 1, "the worker reads us still"
+        assert server.worker.stats()["unsent_answer_bytes"] > 0
+        await wait_connections(server, 0, 6)
+        assert await ended_by_reset(raw), "closed, not aborted"
+        other = await server.client("app")
+        assert await asyncio.wait_for(other.ping(), 2) == 0
+    finally:
+        await server.stop()
+
+
+async def test_in_flight_per_connection_holds_per_request(fresh_dsn, tokens_file):
+    """100 long polls in one write, against max_inflight_per_connection of
+    16: at most 16 are in flight at once, and every one is answered in the
+    end. Before, the limit was checked once per socket read, so all 100
+    were taken (the issue saw 2,849 in flight against 1,024)."""
+    limits = Limits(max_inflight_per_connection=16, **NO_RATE_CEILING)
+    server = await Anbao(fresh_dsn, tokens_file, limits).start()
+    try:
+        raw = await Raw.open(server.port)
+        raw.send(b"".join(wire.events(10 + i, 0, 10, 300) for i in range(100)))
+        most = 0
+        got = []
+        deadline = time.monotonic() + 20
+        while len(got) < 100:
+            assert time.monotonic() < deadline, f"{len(got)} of 100 answered"
+            most = max([most] + [c.inflight for c in server.worker.connections])
+            try:
+                data = await asyncio.wait_for(raw.reader.read(65536), 0.05)
+            except TimeoutError:
+                continue
+            assert data
+            got += raw.frames.feed(data)
+        assert most <= 16, f"{most} requests in flight on one connection"
+        assert sorted(r.request_id for r in got) == list(range(10, 110))
+        assert all(r.status == Status.OK for r in got)
+    finally:
+        await server.stop()
+
+
+async def test_answers_queued_for_a_client_that_does_not_read_hold_the_mark(fresh_dsn, tokens_file):
+    """5,000 STATS (about 1.5 KB an answer) in one write, never read: what
+    the worker holds for the connection stays within the high-water mark
+    plus max_inflight answers. Before, every request of a read was taken:
+    the issue saw 9.1 MB queued against the documented 1 MiB."""
+    high, inflight = 64 << 10, 32
+    limits = Limits(write_buffer_high_bytes=high, max_inflight_per_connection=inflight, **NO_RATE_CEILING)
+    server = await Anbao(fresh_dsn, tokens_file, limits).start()
+    try:
+        raw = await Raw.open(server.port)
+        raw.send(wire.stats(2))
+        [one] = await raw.answers(1)
+        answer_bytes = 12 + len(one.body)
+        raw.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 10)
+        raw.send(b"".join(wire.stats(3 + i) for i in range(5000)))
+        most = 0
+        for _ in range(40):  # 2 s
+            await asyncio.sleep(0.05)
+            for c in server.worker.connections:
+                if c.transport is not None:
+                    most = max(most, c.transport.get_write_buffer_size() + c._out_bytes)
+        bound = high + 2 * inflight * answer_bytes  # an answer grows as the counters do
+        assert most <= bound, f"{most} bytes held for a client that reads nothing (bound {bound})"
+        other = await server.client("app")
+        assert await asyncio.wait_for(other.ping(), 2) == 0
+    finally:
+        await server.stop()

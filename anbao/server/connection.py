@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ _SET_SHIFT = routing.SET_SHIFT
 _PEER = Scope.PEER.value
 _RATE_LIMITED = Status.RATE_LIMITED.value
 _OPCODE_MASK = 0xFF & ~protocol.RESPONSE_BIT
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
 @dataclass
@@ -72,15 +74,29 @@ class Host:
 
 
 def close_idle(connections: set[Connection], now_s: float, hello_timeout_ms: int, idle_timeout_ms: int) -> None:
-    """Closes connections that never said HELLO in time, or went quiet
-    with nothing owed to them."""
+    """Aborts (RST) connections that never said HELLO in time, or went
+    quiet with nothing owed to them. Not a close: a close waits for the
+    answers queued to drain, and a client that reads nothing would keep the
+    connection (its file, its memory) forever."""
     for c in list(connections):
         if c.inflight:
             continue
         if c.scope is None and now_s - c.opened_at > hello_timeout_ms / 1000:
-            c.close()
+            log.info("aborting %s: no HELLO within %d ms", c.peer, hello_timeout_ms)
+            c.abort()
         elif now_s - c.last_seen > idle_timeout_ms / 1000:
-            c.close()
+            log.info("aborting %s: idle for %d ms", c.peer, idle_timeout_ms)
+            c.abort()
+
+
+def _close_or_abort(t: asyncio.Transport) -> None:
+    """The end of a lingering close: a transport whose answers the client
+    still has not read is aborted, or closing would wait for them forever
+    (a client that reads nothing kept its connection past every limit)."""
+    if t.get_write_buffer_size():
+        t.abort()
+    else:
+        t.close()
 
 
 class Connection(asyncio.Protocol, Replier):
@@ -106,6 +122,12 @@ class Connection(asyncio.Protocol, Replier):
         self.write_high_bytes = lim.write_buffer_high_bytes
         self._flush_scheduled = False
         self._fatal: bytes | None = None  # the error frame that ends the connection, sent last
+        self._broken: bytes | None = None  # the error frame of a framing error, sent once the frames before it are
+        # Frames read but not served yet (a limit stopped them mid-read), from _held_at on.
+        self._held: list | None = None
+        self._held_at = 0
+        self._held_paid = False  # their requests were taken from the token's bucket when read
+        self.requests_before_hello = 0
         self._linger: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ asyncio
@@ -146,22 +168,47 @@ class Connection(asyncio.Protocol, Replier):
             self.bucket.refill(now_s)
         try:
             frames = self.decoder.feed(data)
-            broken = None
         except codec.FramingError as exc:
             # The stream cannot be resynchronised past this point, but the
-            # frames whole before it are requests like any other.
-            frames, broken = exc.frames, exc
-        router = self.host.router
-        gate = self.host.gate
+            # frames whole before it are requests like any other; the error
+            # frame goes out once they are all served.
+            frames = exc.frames
+            self._broken = codec.encode_error(NO_OPCODE, 0, exc.status, self.wid, str(exc))
+        if self._held:
+            # Reading was paused with frames of an earlier read still held:
+            # these come after them (a read the transport had under way).
+            self._held.extend(frames)
+            return
+        paid = False
         bucket = self.bucket
         if bucket is not None and bucket.tokens >= len(frames):
             # The whole read is within the token's ceiling: one take for
             # all its frames, not one a frame (the common case, and the hot path).
             bucket.tokens -= len(frames)
-            bucket = None
-        for opcode, rid, args in frames:
+            paid = True
+        self._serve(frames, 0, paid)
+
+    def _serve(self, frames: list, start: int, paid: bool) -> None:
+        """Serves frames[start:] in order, request by request, until a
+        per-connection limit holds (max_inflight unanswered, or
+        write_buffer_high_bytes of answers queued): the rest are held, and
+        reading pauses, until answers drain. A read can carry thousands of
+        frames, so a check per read let one connection run far past both."""
+        router = self.host.router
+        gate = self.host.gate
+        bucket = None if paid else self.bucket
+        max_inflight = self.max_inflight
+        high = self.write_high_bytes
+        n = len(frames)
+        i = start
+        while i < n:
             if self._fatal is not None:
                 break  # ended by one of these requests (a refused HELLO): nothing after it is read
+            if self.inflight >= max_inflight or self._out_bytes > high:
+                self._hold(frames, i, paid)
+                return
+            opcode, rid, args = frames[i]
+            i += 1
             self.inflight += 1
             if bucket is not None:
                 # The token's ceiling, before anything is dispatched or
@@ -190,18 +237,23 @@ class Connection(asyncio.Protocol, Replier):
                     )
                 )
             elif self.scope is None:
-                if opcode == Op.HELLO:
-                    self._hello(rid, args)
-                    bucket = self.bucket  # the rest of this read counts against the token, frame by frame
-                else:
-                    self.answer(codec.encode_error(opcode, rid, Status.UNAUTHENTICATED, self.wid, "HELLO first"))
+                self._before_hello(opcode, rid, args)
+                if not paid:
+                    bucket = self.bucket  # after a HELLO, the rest of this read counts against the token
             elif opcode == Op.PING:
                 self.answer(answers.ok(Op.PING, rid, self.wid))
             else:
                 self.host.dispatch(self, opcode, rid, args)
-        if broken is not None and self._fatal is None:
-            self._end_with(codec.encode_error(NO_OPCODE, 0, broken.status, self.wid, str(broken)))
-            return
+        self._held = None
+        if self._broken is not None and self._fatal is None:
+            self._end_with(self._broken)
+
+    def _hold(self, frames: list, at: int, paid: bool) -> None:
+        """Keeps frames[at:] (at most one read's worth) and pauses reading
+        until the limit that stopped them no longer holds."""
+        self._held = frames
+        self._held_at = at
+        self._held_paid = paid
         if self.inflight >= self.max_inflight:
             self._pause(PAUSED_INFLIGHT)
         if self._out_bytes > self.write_high_bytes:
@@ -209,6 +261,22 @@ class Connection(asyncio.Protocol, Replier):
             # answers are written (libuv reads up to 32 times a turn): stop
             # now, not when the transport's buffer says so.
             self._pause(PAUSED_QUEUED)
+
+    def _before_hello(self, opcode: int, rid: int, args: tuple) -> None:
+        """A request on a connection without a scope yet. Only a few are
+        read: a client that pipelines refused requests and never reads its
+        answers must not cost the worker memory until the HELLO limit."""
+        self.requests_before_hello += 1
+        if self.requests_before_hello > self.host.limits.max_requests_before_hello:
+            self.inflight -= 1  # not answered: the error frame that ends the connection stands for it
+            self._broken = codec.encode_error(
+                NO_OPCODE, 0, Status.UNAUTHENTICATED, self.wid, "too many requests before HELLO"
+            )
+            self._end_with(self._broken)
+        elif opcode == Op.HELLO:
+            self._hello(rid, args)
+        else:
+            self.answer(codec.encode_error(opcode, rid, Status.UNAUTHENTICATED, self.wid, "HELLO first"))
 
     def _rate_limited(self, opcode: int, rid: int) -> None:
         lim = self.host.limits
@@ -254,7 +322,7 @@ class Connection(asyncio.Protocol, Replier):
                 # Reading stopped long ago (high-water mark) and the client
                 # still reads nothing: what it is owed no longer fits.
                 log.warning("closing %s: %d bytes of answers unread", self.peer, t.get_write_buffer_size())
-                self._abort()
+                self.abort()
                 return
         # Handed over: from here the transport's own marks (pause_writing) hold reading back.
         self._resume(PAUSED_QUEUED)
@@ -273,6 +341,9 @@ class Connection(asyncio.Protocol, Replier):
     def _resume(self, why: int) -> None:
         if self.paused_by & why:
             self.paused_by &= ~why
+            if not self.paused_by and self._held is not None:
+                # What was read before the pause goes first; it may pause again.
+                self._serve(self._held, self._held_at, self._held_paid)
             if not self.paused_by and self.transport is not None:
                 self.transport.resume_reading()
 
@@ -280,6 +351,7 @@ class Connection(asyncio.Protocol, Replier):
         """Ends the connection after every request read so far is answered,
         with error_frame (if any) as the very last bytes."""
         self._fatal = error_frame
+        self._held = None  # nothing read after the end is served
         self._pause(PAUSED_CLOSING)
         if self.inflight == 0:
             self._flush()
@@ -302,8 +374,9 @@ class Connection(asyncio.Protocol, Replier):
         self._fatal = b""  # sent: nothing may follow it
         self.transport = None
         self.host.connections.discard(self)
-        if not t.can_write_eof():
+        if not t.can_write_eof():  # TLS: no half-close
             t.close()
+            self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
             return
         # A lingering close: FIN after the last answer, then read (and drop)
         # what the client still sends for a moment. Closing with its bytes
@@ -311,23 +384,38 @@ class Connection(asyncio.Protocol, Replier):
         # kernel drop answers it has received but not yet read.
         t.write_eof()
         t.resume_reading()
-        self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, t.close)
+        self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
 
     def eof_received(self):
         return False  # the client is done sending: close (after what we owe it is written)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Ends the connection now, with a RST: nothing queued is sent, and
+        the client learns at once that it was cut off, not answered."""
+        self._held = None
         if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                # Without it, a socket with nothing unread closes with a FIN.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             self.transport.abort()
             self.transport = None
-            self.host.connections.discard(self)
+        self.host.connections.discard(self)
 
     def close(self) -> None:
+        """Ends the connection after the answers given so far are written.
+        It leaves the worker's connections at once (STATS counts it no more),
+        and is aborted if they are still unwritten after close_linger_ms."""
+        self._held = None
+        self.host.connections.discard(self)
         if self.transport is not None:
             self._flush()  # answers already given leave before the close
-            if self.transport is not None:
-                self.transport.close()
+            t = self.transport
+            if t is not None:
                 self.transport = None
+                t.close()
+                if t.get_write_buffer_size():
+                    self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
 
     # ------------------------------------------------------------ hello
 
