@@ -20,12 +20,17 @@ are answered, then the error frame goes out last, and the connection closes.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import uvloop
+import uvloop.loop as uvloop_loop  # its SSLProtocol: what its start_tls uses
 
 from anbao_client import protocol, routing
 from anbao_client.protocol import NO_OPCODE, OPCODE_OFFSET, STATUS_OFFSET, Op, Scope, Status
@@ -71,6 +76,7 @@ class Host:
     answered: dict[int, int] | None = None  # opcode << 8 | status -> count, for the metrics
     gate: SetGate | None = None  # several sets: requests for another set get WRONG_SET
     rate_limits: RateLimits | None = None  # the request-rate ceiling per token (None: no ceiling)
+    tls: ssl.SSLContext | None = None  # the server side of TLS, done by each connection from accept
 
 
 def close_idle(connections: set[Connection], now_s: float, hello_timeout_ms: int, idle_timeout_ms: int) -> None:
@@ -97,6 +103,14 @@ def _close_or_abort(t: asyncio.Transport) -> None:
         t.abort()
     else:
         t.close()
+
+
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    """The TLS layer of this loop's own start_tls: uvloop's (in C) on
+    uvloop, asyncio's otherwise."""
+    if isinstance(loop, uvloop.Loop):
+        return uvloop_loop.SSLProtocol
+    return asyncio.sslproto.SSLProtocol
 
 
 class Connection(asyncio.Protocol, Replier):
@@ -128,25 +142,65 @@ class Connection(asyncio.Protocol, Replier):
         self._held_at = 0
         self._held_paid = False  # their requests were taken from the token's bucket when read
         self.requests_before_hello = 0
+        self._handshaking = False  # TLS: the handshake is under way (self.transport is the raw one)
         self._linger: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ asyncio
 
     def connection_made(self, transport) -> None:
+        if self._handshaking:
+            # Called again by the TLS layer, with its transport, once the handshake is done.
+            self._handshaking = False
+            self.transport = transport
+            self._limit_writes(transport)
+            return
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         self.last_seen = self.opened_at = self.host.loop.time()
         if len(self.host.connections) >= self.host.limits.max_connections:
+            self.transport = None
+            if self.host.tls is not None:
+                transport.abort()  # no handshake for a connection that cannot stay, and no plaintext
+                return
             transport.write(codec.encode_error(Op.HELLO, 0, Status.BUSY, self.wid, "too many connections"))
             transport.close()
-            self.transport = None
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Counted from accept, TLS or not: a connection in its handshake
+        # holds a file as much as any other.
+        self.host.connections.add(self)
+        if self.host.tls is not None:
+            self._start_tls(transport, self.host.tls)
+            return
+        self._limit_writes(transport)
+
+    def _start_tls(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
+        """The server side of TLS, put between the socket and this
+        connection now, before any byte is read (what loop.start_tls does,
+        but synchronously: uvloop reads the client's first bytes before a
+        task could start it). asyncio's ssl server (create_server(ssl=...))
+        hands a connection over only once its handshake is done: until then
+        it was outside max_connections and the HELLO limit alike."""
+        loop = self.host.loop
+        done = loop.create_future()
+        done.add_done_callback(self._handshake_done)
+        layer = _ssl_protocol_class(loop)(
+            loop, self, tls, done, server_side=True, ssl_handshake_timeout=self.host.limits.hello_timeout_ms / 1000
+        )
+        self._handshaking = True
+        raw.set_protocol(layer)
+        layer.connection_made(raw)
+
+    def _handshake_done(self, done: asyncio.Future) -> None:
+        if done.cancelled() or done.exception() is not None:
+            log.info("TLS handshake with %s failed: %r", self.peer, None if done.cancelled() else done.exception())
+            self.abort()
+
+    def _limit_writes(self, transport) -> None:
         high = self.host.limits.write_buffer_high_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
-        self.host.connections.add(self)
 
     def connection_lost(self, exc) -> None:
         self.host.connections.discard(self)
@@ -393,13 +447,15 @@ class Connection(asyncio.Protocol, Replier):
         """Ends the connection now, with a RST: nothing queued is sent, and
         the client learns at once that it was cut off, not answered."""
         self._held = None
-        if self.transport is not None:
-            sock = self.transport.get_extra_info("socket")
-            if sock is not None:
-                # Without it, a socket with nothing unread closes with a FIN.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            self.transport.abort()
+        t = self.transport
+        if t is not None:
             self.transport = None
+            if not t.is_closing():  # (a failed TLS handshake has closed it already)
+                sock = t.get_extra_info("socket")
+                if sock is not None:
+                    # Without it, a socket with nothing unread closes with a FIN.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            t.abort()
         self.host.connections.discard(self)
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ accepted request. It handles no request itself."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import ssl
@@ -72,6 +73,9 @@ class Worker:
         self.worker_id = settings.worker_id
         self.worker_count = settings.worker_count
         self.dsn = dsn
+        # The peer token is good on the workers' private Unix sockets only:
+        # on the public port it is just an unknown token.
+        self.public_tokens = tokens
         self.tokens = tokens.with_token(peer_token, Scope.PEER) if peer_token else tokens
         self.listen_sock = listen_sock
         self.peer_dir = peer_dir
@@ -235,11 +239,15 @@ class Worker:
         if self.settings.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        # Each connection runs its own handshake (Connection._start_tls), so
+        # that it is counted and timed from accept; the peers' Unix sockets
+        # stay plain.
+        public = dataclasses.replace(host, tls=tls, tokens=self.public_tokens)
         if self.listen_sock is not None:
-            server = await loop.create_server(lambda: Connection(host), sock=self.listen_sock, backlog=4096, ssl=tls)
+            server = await loop.create_server(lambda: Connection(public), sock=self.listen_sock, backlog=4096)
         else:
             server = await loop.create_server(
-                lambda: Connection(host), self.settings.host, self.settings.port, reuse_port=True, backlog=4096, ssl=tls
+                lambda: Connection(public), self.settings.host, self.settings.port, reuse_port=True, backlog=4096
             )
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
