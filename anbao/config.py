@@ -11,6 +11,11 @@ from pathlib import Path
 class Limits:
     max_frame_bytes: int = 65536
     max_connections: int = 10_000
+    # Files a worker needs besides its clients' connections (database pool
+    # and commit connections, peers' sockets, listeners, memcached, logs):
+    # `anbao serve` refuses to start unless RLIMIT_NOFILE holds
+    # max_connections plus these.
+    open_files_reserved_per_worker: int = 256
     max_inflight_per_connection: int = 1024  # reading pauses past this: TCP pushes back
     # Answers a client has not read yet, per connection: past the high-water
     # mark the connection's reading pauses (a client that only sends is then

@@ -142,16 +142,28 @@ def _settings(args) -> Settings:
 
 
 def cmd_serve(args) -> int:
+    from ..server.listener import PortTaken, refuse_if_served
     from ..server.reaper import Reaper, reap_stale
-    from ..server.supervisor import Supervisor
+    from ..server.supervisor import Supervisor, TooFewFiles, raise_open_files_limit
     from ..storage.migrate import migrate
 
     workers = args.workers or os.cpu_count() or 1
     settings = replace(_settings(args), worker_count=workers)
+    try:
+        raise_open_files_limit(settings.limits)
+    except TooFewFiles as exc:
+        print(f"anbao serve: {exc}", file=sys.stderr)
+        return 2
     tokens_path = settings.tokens_file or ensure_tokens_file(settings.data_dir / "tokens.json")
     # Whatever a supervisor killed on this data directory left running goes
     # first: its workers would hold the port, its PostgreSQL the data.
     reap_stale(Path(settings.data_dir) / "run")
+    try:
+        # After the reaping: a killed supervisor's own workers may have held the port until now.
+        refuse_if_served(settings.host, settings.port)
+    except PortTaken as exc:
+        print(f"anbao serve: {exc}; stop it first, or choose another --port", file=sys.stderr)
+        return 2
     reaper = Reaper()
     dsn, embedded_server = _database(args)
     if embedded_server is not None and not args.keep_db:
