@@ -44,6 +44,7 @@ from .sets import SetGate, SetPeers, SetWatch
 log = logging.getLogger("anbao.worker")
 
 BACKGROUND_STOP_TIMEOUT_S = 10.0  # how long stop() waits for each cancelled background task
+RATE_LIMITED_LOGGER = "anbao.grabs"  # the engine's: it warns per request on a database failure
 IDLE_SWEEP_S = 1.0  # how often idle and never-authenticated connections are looked for
 
 
@@ -84,6 +85,9 @@ class Worker:
         self.metrics = metrics  # WorkerMetrics when a supervisor serves /metrics
         self.connections: set[Connection] = set()
         self.db = DbHealth(self.limits.db_down_log_interval_ms)
+        # The engine logs a failed packet load per grab; during an outage,
+        # once per interval is all the log needs (DbHealth logs the outage).
+        self._log_rate = dbhealth.OncePerInterval(self.limits.db_down_log_interval_ms)
         self.router: Router | None = None
         self.ledger: Ledger | None = None
         self.engine: GrabEngine | None = None
@@ -101,6 +105,7 @@ class Worker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         lim = self.limits
+        logging.getLogger(RATE_LIMITED_LOGGER).addFilter(self._log_rate)
         await migrate(self.dsn)
         self.ledger = await Ledger.open(self.dsn, lim.db_pool_size)
         committer = GrabCommitter(self.dsn, self.worker_id, lim.commit_slots, lim.commit_resolve_timeout_ms)
@@ -320,6 +325,7 @@ class Worker:
             await self.engine.committer.close()
         if self.ledger is not None:
             await self.ledger.close()
+        logging.getLogger(RATE_LIMITED_LOGGER).removeFilter(self._log_rate)
 
     async def _sweep_idle(self) -> None:
         loop = asyncio.get_running_loop()
