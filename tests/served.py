@@ -90,7 +90,7 @@ class Served:
             if "stop with Ctrl-C" in line:
                 break
         self.banner = "".join(lines)
-        self.port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", self.banner).group(1))
+        self.port = int(re.search(r"serving on [\d.]+:(\d+)", self.banner).group(1))
         self.output = lines
 
         # Keep draining the output so the server never blocks on a full pipe

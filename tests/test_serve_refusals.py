@@ -70,3 +70,22 @@ def soft_open_files(pid: int) -> int:
         if line.startswith("Max open files"):
             return int(line.split()[3])
     raise AssertionError(sys.exc_info())
+
+
+def test_the_metrics_endpoint_has_its_own_host(serve):
+    """Served on another --host, the unauthenticated metrics endpoint stays
+    on 127.0.0.1 (--metrics-host). Before, it bound --host: with --host
+    0.0.0.0 it was public."""
+    import urllib.request
+
+    import psutil
+
+    s = serve(workers=1, extra=["--host", "127.0.0.2"])
+    listening = [
+        c.laddr
+        for c in psutil.Process(s.proc.pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == s.metrics_port
+    ]
+    assert [a.ip for a in listening] == ["127.0.0.1"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10) as r:
+        assert b"anbao_" in r.read()

@@ -179,6 +179,7 @@ def cmd_serve(args) -> int:
             admission=args.admission,
             metrics_port=args.metrics_port,
             reaper=reaper,
+            metrics_host=args.metrics_host,
         )
         try:
             sup.start()
@@ -216,7 +217,9 @@ def _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_pat
     print(f"  tokens:   {tokens_path} (admin and app scopes; owner-only file)", flush=True)
     print(f"  admission: {admission}; worker pids in {sup.run_dir / 'workers.json'}", flush=True)
     if args.metrics_port:
-        print(f"  metrics:  http://{settings.host}:{args.metrics_port}/metrics (Prometheus, all workers)", flush=True)
+        print(
+            f"  metrics:  http://{args.metrics_host}:{args.metrics_port}/metrics (Prometheus, all workers)", flush=True
+        )
     print("  stop with Ctrl-C: accepted grabs are committed and answered first", flush=True)
 
 
@@ -355,6 +358,11 @@ def add_parser(sub) -> None:
         help="how relayed grabs are admitted (default memcached; in-process when it cannot start)",
     )
     s.add_argument("--metrics-port", type=int, default=7879, help="Prometheus endpoint port (0: off)")
+    s.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the Prometheus endpoint, which has no authentication (default 127.0.0.1, whatever --host)",
+    )
     s.add_argument(
         "--limit",
         action="append",

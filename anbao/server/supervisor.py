@@ -215,6 +215,7 @@ class Supervisor:
         admission: str = "memcached",
         metrics_port: int = 0,
         reaper: Reaper | None = None,
+        metrics_host: str = "127.0.0.1",
     ):
         assert admission in ("memcached", "in-process", "off")
         self.reaper = reaper
@@ -237,6 +238,9 @@ class Supervisor:
         self._memcached_proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.metrics_port = metrics_port
+        # Its own host, not the protocol's: the endpoint has no authentication,
+        # so serving on 0.0.0.0 must not publish it too.
+        self.metrics_host = metrics_host
         self._metrics: SupervisorMetrics | None = None
 
     def start(self) -> None:
@@ -247,7 +251,7 @@ class Supervisor:
             from .. import metrics
 
             metrics.prepare_dir(self.run_dir)
-            self._metrics_server = metrics.serve_endpoint(self.metrics_port, self.settings.host)
+            self._metrics_server = metrics.serve_endpoint(self.metrics_port, self.metrics_host)
             self._metrics = metrics.SupervisorMetrics()
         if self.admission == "memcached" and self.memcached is None:
             started = start_memcached()
