@@ -5,6 +5,7 @@ conversation rules PROTOCOL.md spells out (HELLO, pipelining, opcodes)."""
 import asyncio
 import random
 import socket
+import ssl
 import struct
 import time
 
@@ -414,9 +415,7 @@ def certificate(tmp_path):
     return cert, key
 
 
-def trusting(cert) -> "ssl.SSLContext":
-    import ssl
-
+def trusting(cert) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(cert))
     ctx.check_hostname = False
     return ctx

