@@ -472,3 +472,26 @@ async def test_the_peer_token_is_refused_on_the_public_port(fresh_dsn, tokens_fi
         unix.close()
     finally:
         await server.stop()
+
+
+async def test_silent_connections_cannot_lock_authenticated_clients_out(fresh_dsn, tokens_file):
+    """max_connections filled by connections that never say HELLO: a new
+    client evicts the oldest of them and is served. Before, it got BUSY
+    until the HELLO limit ended them (10.8-11.4 s in the issue), and again
+    as soon as they came back. Connections that did say HELLO are never
+    evicted: with those alone at the limit, a new one still gets BUSY."""
+    server = await Anbao(fresh_dsn, tokens_file, Limits(max_connections=6)).start()
+    try:
+        silent = [await Raw.open(server.port, hello=False) for _ in range(6)]
+        await wait_connections(server, 6, 2)
+        client = await server.client("app")
+        assert await asyncio.wait_for(client.ping(), 2) == 0
+        assert await silent[0].closed_by_server(2), "the oldest silent connection was not the one evicted"
+        more = [await server.client("app") for _ in range(5)]  # each evicts one more silent one
+        assert len(server.worker.connections) == 6
+        late = await Raw.open(server.port, hello=False)
+        assert [r.status for _, r in frames_of(await read_to_close(late))] == [Status.BUSY]
+        for c in [client, *more]:
+            assert await asyncio.wait_for(c.ping(), 2) == 0
+    finally:
+        await server.stop()

@@ -26,7 +26,7 @@ import socket
 import ssl
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import uvloop
@@ -77,6 +77,8 @@ class Host:
     gate: SetGate | None = None  # several sets: requests for another set get WRONG_SET
     rate_limits: RateLimits | None = None  # the request-rate ceiling per token (None: no ceiling)
     tls: ssl.SSLContext | None = None  # the server side of TLS, done by each connection from accept
+    # The open connections without a successful HELLO yet, oldest first: evicted first when full.
+    before_hello: dict[Connection, None] = field(default_factory=dict)
 
 
 def close_idle(connections: set[Connection], now_s: float, hello_timeout_ms: int, idle_timeout_ms: int) -> None:
@@ -157,7 +159,7 @@ class Connection(asyncio.Protocol, Replier):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         self.last_seen = self.opened_at = self.host.loop.time()
-        if len(self.host.connections) >= self.host.limits.max_connections:
+        if len(self.host.connections) >= self.host.limits.max_connections and not self._evict_one():
             self.transport = None
             if self.host.tls is not None:
                 transport.abort()  # no handshake for a connection that cannot stay, and no plaintext
@@ -171,10 +173,28 @@ class Connection(asyncio.Protocol, Replier):
         # Counted from accept, TLS or not: a connection in its handshake
         # holds a file as much as any other.
         self.host.connections.add(self)
+        self.host.before_hello[self] = None
         if self.host.tls is not None:
             self._start_tls(transport, self.host.tls)
             return
         self._limit_writes(transport)
+
+    def _evict_one(self) -> bool:
+        """Makes room for this connection by aborting the oldest one that
+        has not said HELLO yet, if there is one. Silent connections (or half
+        a HELLO) must not fill max_connections and lock authenticated
+        clients out for the whole HELLO limit, again and again; a client
+        evicted before its HELLO just connects again."""
+        oldest = next(iter(self.host.before_hello), None)
+        if oldest is None:
+            return False
+        log.info("evicting %s: no HELLO yet, and %d connections are open", oldest.peer, len(self.host.connections))
+        oldest.abort()
+        return True
+
+    def _leave(self) -> None:
+        self.host.connections.discard(self)
+        self.host.before_hello.pop(self, None)
 
     def _start_tls(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
         """The server side of TLS, put between the socket and this
@@ -203,7 +223,7 @@ class Connection(asyncio.Protocol, Replier):
         transport.set_write_buffer_limits(high=high, low=high // 4)
 
     def connection_lost(self, exc) -> None:
-        self.host.connections.discard(self)
+        self._leave()
         self.transport = None
         if self._linger is not None:
             self._linger.cancel()
@@ -427,7 +447,7 @@ class Connection(asyncio.Protocol, Replier):
             t.write(self._fatal)
         self._fatal = b""  # sent: nothing may follow it
         self.transport = None
-        self.host.connections.discard(self)
+        self._leave()
         if not t.can_write_eof():  # TLS: no half-close
             t.close()
             self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
@@ -456,14 +476,14 @@ class Connection(asyncio.Protocol, Replier):
                     # Without it, a socket with nothing unread closes with a FIN.
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             t.abort()
-        self.host.connections.discard(self)
+        self._leave()
 
     def close(self) -> None:
         """Ends the connection after the answers given so far are written.
         It leaves the worker's connections at once (STATS counts it no more),
         and is aborted if they are still unwritten after close_linger_ms."""
         self._held = None
-        self.host.connections.discard(self)
+        self._leave()
         if self.transport is not None:
             self._flush()  # answers already given leave before the close
             t = self.transport
@@ -495,6 +515,7 @@ class Connection(asyncio.Protocol, Replier):
             self._end_with(b"")  # this answer is the last: the connection closes
             return
         self.scope = scope
+        self.host.before_hello.pop(self, None)
         if scope != _PEER and self.host.rate_limits is not None:
             self.bucket = self.host.rate_limits.bucket_for(token, self.host.loop.time())
         lim = self.host.limits
