@@ -167,6 +167,11 @@ class Limits:
     events_max_page: int = 1000
     events_max_wait_ms: int = 60_000
     max_event_waiters: int = 4096
+    # Of those, one connection may hold max_event_polls_per_connection and
+    # one token (all its connections) max_event_polls_per_token: EVENTS past
+    # either is BUSY, so one client cannot take every slot of a worker.
+    max_event_polls_per_connection: int = 16
+    max_event_polls_per_token: int = 1024
     # A worker numbers the events it committed at most once per
     # events_number_interval_ms (each run is one synchronous commit), and
     # once per events_poll_ms anyway (another process's facts; its LISTEN
@@ -209,6 +214,7 @@ class Limits:
         assert self.rate_limit_burst_requests >= 1
         # A page of EVENTS rows (57 bytes each) must fit in one answer frame.
         assert self.events_max_page * 57 + 64 <= self.max_frame_bytes and self.events_max_page <= 0xFFFF
+        assert self.max_event_polls_per_connection <= self.max_event_polls_per_token <= self.max_event_waiters
 
 
 @dataclass(frozen=True)

@@ -495,3 +495,39 @@ async def test_silent_connections_cannot_lock_authenticated_clients_out(fresh_ds
             assert await asyncio.wait_for(c.ping(), 2) == 0
     finally:
         await server.stop()
+
+
+async def test_one_client_cannot_take_every_long_poll(fresh_dsn, tokens_file):
+    """EVENTS long polls per connection and per token are capped below the
+    worker's max_event_waiters: past either cap, BUSY at once, and another
+    token's polls still wait. Before, 5 connections x 1,000 polls held all
+    4,096 of a worker's slots and every other client's poll got BUSY."""
+    limits = Limits(max_event_polls_per_connection=4, max_event_polls_per_token=6, max_event_waiters=100)
+    server = await Anbao(fresh_dsn, tokens_file, limits).start()
+    try:
+        a = await Raw.open(server.port, hello=False)
+        b = await Raw.open(server.port, hello=False)
+        for raw in (a, b):
+            raw.send(wire.hello(1, APP_TOKEN.encode()))
+            [h] = await raw.answers(1)
+            assert h.status == Status.OK
+        a.send(b"".join(wire.events(10 + i, 0, 10, 1500) for i in range(10)))
+        busy_a = await a.answers(6)
+        assert sorted(r.request_id for r in busy_a) == list(range(14, 20)) and {r.status for r in busy_a} == {
+            Status.BUSY
+        }
+        b.send(b"".join(wire.events(10 + i, 0, 10, 1500) for i in range(4)))
+        busy_b = await b.answers(2)  # the token has 6: 4 on a, 2 here
+        assert sorted(r.request_id for r in busy_b) == [12, 13] and {r.status for r in busy_b} == {Status.BUSY}
+        other = await Raw.open(server.port)  # the admin token: a share of its own
+        other.send(wire.events(5, 0, 10, 300))
+        [polled] = await other.answers(1, timeout_s=5)
+        assert polled.status == Status.OK
+        # The waiting polls are answered when their wait ends, and give their places back.
+        assert {r.status for r in await a.answers(4, timeout_s=5)} == {Status.OK}
+        assert {r.status for r in await b.answers(2, timeout_s=5)} == {Status.OK}
+        a.send(wire.events(99, 0, 10, 0))
+        [again] = await a.answers(1)
+        assert (again.request_id, again.status) == (99, Status.OK)
+    finally:
+        await server.stop()

@@ -40,6 +40,7 @@ from ..config import Limits
 from ..core import codec
 from ..engine.grabs import Replier
 from . import answers
+from .dispatch import Requester
 from .ratelimit import RateLimits, TokenBucket
 from .router import Router
 from .sets import SetGate
@@ -58,6 +59,7 @@ _SET_SHIFT = routing.SET_SHIFT
 _PEER = Scope.PEER.value
 _RATE_LIMITED = Status.RATE_LIMITED.value
 _OPCODE_MASK = 0xFF & ~protocol.RESPONSE_BIT
+_EVENTS = Op.EVENTS.value
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
@@ -70,7 +72,7 @@ class Host:
     limits: Limits
     tokens: TokenBook
     router: Router
-    dispatch: Callable[[Connection, int, int, tuple[Any, ...]], None]  # requests off the GRAB path
+    dispatch: Callable[[Requester, int, int, tuple[Any, ...]], None]  # requests off the GRAB path
     loop: asyncio.AbstractEventLoop
     connections: set[Connection]  # the open ones, which this connection joins and leaves
     answered: dict[int, int] | None = None  # opcode << 8 | status -> count, for the metrics
@@ -115,6 +117,24 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
     return asyncio.sslproto.SSLProtocol
 
 
+class _Poll:
+    """The requester of one EVENTS request: its answer gives its place back
+    to the connection's and the token's counts of long polls."""
+
+    __slots__ = ("conn", "bucket", "scope")
+
+    def __init__(self, conn: Connection, bucket: TokenBucket | None):
+        self.conn = conn
+        self.bucket = bucket
+        self.scope = conn.scope
+
+    def answer(self, frame: bytes) -> None:
+        self.conn.polls -= 1
+        if self.bucket is not None:
+            self.bucket.polls -= 1
+        self.conn.answer(frame)
+
+
 class Connection(asyncio.Protocol, Replier):
     def __init__(self, host: Host):
         self.host = host
@@ -144,6 +164,7 @@ class Connection(asyncio.Protocol, Replier):
         self._held_at = 0
         self._held_paid = False  # their requests were taken from the token's bucket when read
         self.requests_before_hello = 0
+        self.polls = 0  # EVENTS requests unanswered on this connection
         self._handshaking = False  # TLS: the handshake is under way (self.transport is the raw one)
         self._linger: asyncio.TimerHandle | None = None
 
@@ -316,6 +337,8 @@ class Connection(asyncio.Protocol, Replier):
                     bucket = self.bucket  # after a HELLO, the rest of this read counts against the token
             elif opcode == Op.PING:
                 self.answer(answers.ok(Op.PING, rid, self.wid))
+            elif opcode == _EVENTS:
+                self._poll(rid, args)
             else:
                 self.host.dispatch(self, opcode, rid, args)
         self._held = None
@@ -335,6 +358,24 @@ class Connection(asyncio.Protocol, Replier):
             # answers are written (libuv reads up to 32 times a turn): stop
             # now, not when the transport's buffer says so.
             self._pause(PAUSED_QUEUED)
+
+    def _poll(self, rid: int, args: tuple) -> None:
+        """EVENTS, within its connection's and its token's share of the
+        worker's long polls: one client must not hold every one of
+        max_event_waiters and leave the others BUSY."""
+        lim = self.host.limits
+        bucket = self.bucket
+        if self.polls >= lim.max_event_polls_per_connection:
+            why = f"{lim.max_event_polls_per_connection} EVENTS already wait on this connection"
+        elif bucket is not None and bucket.polls >= lim.max_event_polls_per_token:
+            why = f"{lim.max_event_polls_per_token} EVENTS of this token already wait on this worker"
+        else:
+            self.polls += 1
+            if bucket is not None:
+                bucket.polls += 1
+            self.host.dispatch(_Poll(self, bucket), _EVENTS, rid, args)
+            return
+        self.answer(codec.encode_error(_EVENTS, rid, Status.BUSY, self.wid, why))
 
     def _before_hello(self, opcode: int, rid: int, args: tuple) -> None:
         """A request on a connection without a scope yet. Only a few are
