@@ -214,7 +214,7 @@ class Limits:
         assert self.rate_limit_burst_requests >= 1
         # A page of EVENTS rows (57 bytes each) must fit in one answer frame.
         assert self.events_max_page * 57 + 64 <= self.max_frame_bytes and self.events_max_page <= 0xFFFF
-        assert self.max_event_polls_per_connection <= self.max_event_polls_per_token <= self.max_event_waiters
+        assert self.max_event_polls_per_connection <= self.max_event_polls_per_token
 
 
 @dataclass(frozen=True)

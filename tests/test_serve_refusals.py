@@ -3,6 +3,7 @@ workers run (issue 18): a port another server listens on, a
 max_connections the open-files limit cannot hold, the open-files limit
 itself, and the metrics endpoint's own host."""
 
+import asyncio
 import resource
 import subprocess
 import sys
@@ -15,19 +16,25 @@ pytestmark = pytest.mark.timeout(120)
 REFUSAL_TIMEOUT_S = 30
 
 
-def refused(args: list[str]) -> subprocess.CompletedProcess:
+async def refused(args: list[str]) -> subprocess.CompletedProcess:
     """Runs `anbao serve` with args; it must exit 2 by itself."""
-    done = subprocess.run([*ANBAO, "serve", *args], capture_output=True, text=True, timeout=REFUSAL_TIMEOUT_S)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [*ANBAO, "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=REFUSAL_TIMEOUT_S,
+    )
     assert done.returncode == 2, f"exit {done.returncode}:\n{done.stdout}\n{done.stderr}"
     return done
 
 
-def test_a_second_server_on_a_served_port_refuses_to_start(serve, fresh_dsn, tmp_path, tokens_file):
+async def test_a_second_server_on_a_served_port_refuses_to_start(serve, fresh_dsn, tmp_path, tokens_file):
     """Before, a second `anbao serve` on another data directory joined the
     first's SO_REUSEPORT group, printed "anbao serving on ...", and never
     got a connection."""
     first = serve(workers=1)
-    done = refused(
+    done = await refused(
         ["--data-dir", str(tmp_path / "other"), "--dsn", fresh_dsn, "--tokens-file", str(tokens_file)]
         + ["--port", str(first.port), "--workers", "1", "--metrics-port", "0"]
     )
@@ -36,18 +43,18 @@ def test_a_second_server_on_a_served_port_refuses_to_start(serve, fresh_dsn, tmp
     assert first.proc.poll() is None, "the first server serves on"
 
 
-def test_max_connections_beyond_the_open_files_limit_is_refused(fresh_dsn, tmp_path, tokens_file):
+async def test_max_connections_beyond_the_open_files_limit_is_refused(fresh_dsn, tmp_path, tokens_file):
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         pytest.skip("no hard limit on open files here")
-    done = refused(
+    done = await refused(
         ["--data-dir", str(tmp_path / "d"), "--dsn", fresh_dsn, "--tokens-file", str(tokens_file)]
         + ["--port", "0", "--workers", "1", "--metrics-port", "0", "--limit", f"max_connections={hard}"]
     )
     assert f"max_connections={hard} needs" in done.stderr and f"RLIMIT_NOFILE allows {hard}" in done.stderr
 
 
-def test_the_open_files_limit_is_raised_to_the_hard_limit(serve):
+async def test_the_open_files_limit_is_raised_to_the_hard_limit(serve):
     """A server started under a low soft limit (a shell's 1,024) raises it
     for itself and its workers. Before, a worker stayed at the soft limit
     and reset new clients with EMFILE far below max_connections."""
@@ -62,7 +69,9 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit(serve):
     s = serve(workers=1, preexec_fn=lower, extra=["--limit", f"max_connections={low}"])
     pids = [s.proc.pid, *s.run_info()["workers"].values()]
     for pid in pids:
-        wait_until(lambda pid=pid: soft_open_files(pid) == hard, 10, f"pid {pid} at {hard} open files")
+        await asyncio.to_thread(
+            wait_until, lambda pid=pid: soft_open_files(pid) == hard, 10, f"pid {pid} at {hard} open files"
+        )
 
 
 def soft_open_files(pid: int) -> int:
@@ -72,7 +81,7 @@ def soft_open_files(pid: int) -> int:
     raise AssertionError(sys.exc_info())
 
 
-def test_the_metrics_endpoint_has_its_own_host(serve):
+async def test_the_metrics_endpoint_has_its_own_host(serve):
     """Served on another --host, the unauthenticated metrics endpoint stays
     on 127.0.0.1 (--metrics-host). Before, it bound --host: with --host
     0.0.0.0 it was public."""

@@ -13,8 +13,15 @@ reading resumes only when neither holds:
   client that sends and never reads is then held by TCP: its own sends
   block. Answers already owed still go out; past `max_write_buffer_bytes`
   the connection is dropped.
+Both are checked before each request, not once per socket read (one read
+can carry thousands of requests): the rest of the read is held and served
+first when reading resumes.
 A framing error stops reading for good: the requests before the bad frame
 are answered, then the error frame goes out last, and the connection closes.
+A connection past a deadline (the HELLO limit, too many requests before
+HELLO, the idle limit) is aborted with a RST rather than closed: a close
+waits for queued answers to drain, and a client that never reads them
+would keep the connection forever.
 """
 
 from __future__ import annotations
