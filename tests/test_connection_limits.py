@@ -531,3 +531,43 @@ async def test_one_client_cannot_take_every_long_poll(fresh_dsn, tokens_file):
         assert (again.request_id, again.status) == (99, Status.OK)
     finally:
         await server.stop()
+
+
+async def test_a_draining_worker_takes_no_new_requests(fresh_dsn, tokens_file):
+    """Once a worker stops, its clients' connections are read no more: what
+    it owes them (a grab waiting for its commit) still goes out, but a new
+    request is not taken. Before, a draining worker kept taking grabs and
+    relaying them to siblings that had already exited (issue 18 item 12:
+    "relayed grab(s) unanswered past 5.0 s" x324, a restart held 23 s)."""
+    import asyncpg
+
+    server = await Anbao(fresh_dsn, tokens_file, Limits()).start()
+    admin = await server.client("admin")
+    a, b = await funded_users(admin, 1, 2, 1_000)
+    sent = await admin.send(a, 100, 1)
+    idle = await Raw.open(server.port)
+    blocker = await asyncpg.connect(fresh_dsn)
+    stopping = None
+    try:
+        lock = blocker.transaction()
+        await lock.start()
+        await blocker.execute("LOCK TABLE grab_rollups IN ACCESS EXCLUSIVE MODE")  # commits wait
+        grab = asyncio.ensure_future(admin.grab(sent.packet_id, b))
+        await asyncio.sleep(0.3)
+        stopping = asyncio.ensure_future(server.worker.stop())
+        await asyncio.sleep(0.3)
+        idle.send(wire.ping(7))
+        with pytest.raises(TimeoutError):
+            await idle.answers(1, timeout_s=1.0)
+        await lock.rollback()
+        assert (await asyncio.wait_for(grab, 10)).amount_cents == 100, "what was owed still went out"
+        await asyncio.wait_for(stopping, 30)
+        assert await idle.closed_by_server(5)
+        assert not idle.got, "the PING read after the stop began was answered"
+    finally:
+        await blocker.close()
+        if stopping is None:
+            await server.stop()
+        else:
+            server.worker = None
+            await server.stop()

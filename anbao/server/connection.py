@@ -86,6 +86,7 @@ class Host:
     gate: SetGate | None = None  # several sets: requests for another set get WRONG_SET
     rate_limits: RateLimits | None = None  # the request-rate ceiling per token (None: no ceiling)
     tls: ssl.SSLContext | None = None  # the server side of TLS, done by each connection from accept
+    public: bool = False  # the public port's (clients), not the workers' private Unix sockets (peers)
     # The open connections without a successful HELLO yet, oldest first: evicted first when full.
     before_hello: dict[Connection, None] = field(default_factory=dict)
 
@@ -525,6 +526,14 @@ class Connection(asyncio.Protocol, Replier):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             t.abort()
         self._leave()
+
+    def stop_reading(self) -> None:
+        """The worker is draining: nothing more is read from this client
+        (a grab taken now could be relayed to a sibling that has already
+        exited), and nothing read but not yet served is taken. The answers
+        it is owed still go out; the drain then closes the connection."""
+        self._held = None
+        self._pause(PAUSED_CLOSING)
 
     def close(self) -> None:
         """Ends the connection after the answers given so far are written.

@@ -247,7 +247,7 @@ class Worker:
         # Each connection runs its own handshake (Connection._start_tls), so
         # that it is counted and timed from accept; the peers' Unix sockets
         # stay plain.
-        public = dataclasses.replace(host, tls=tls, tokens=self.public_tokens)
+        public = dataclasses.replace(host, tls=tls, tokens=self.public_tokens, public=True)
         if self.listen_sock is not None:
             server = await loop.create_server(lambda: Connection(public), sock=self.listen_sock, backlog=4096)
         else:
@@ -281,6 +281,9 @@ class Worker:
         """Stops accepting, commits and answers every accepted grab, then closes."""
         if self._servers:
             self._servers[0].close()  # the public listener; peers may still relay to us while we drain
+        for c in list(self.connections):
+            if c.host.public:
+                c.stop_reading()  # clients' new requests would be relayed to siblings that may be gone
         if self.router is not None:
             self.router.stop()
         if self.metrics is not None:
