@@ -11,7 +11,6 @@ from ...storage.domain import EventPage
 from .. import answers
 from .base import Context, Refused
 
-
 MAX_EVENT_NUMBER = 2**63 - 1  # event numbers are PostgreSQL BIGINTs
 
 
