@@ -294,6 +294,22 @@ async def test_requests_before_hello_are_few(anbao):
     await wait_connections(anbao, 0, 5)
 
 
+async def test_malformed_requests_before_hello_are_few_too(anbao):
+    """Unknown opcodes and bad payloads before HELLO are refused as after it
+    (UNKNOWN_OPCODE, INVALID), and count against the few requests read
+    before HELLO like any other."""
+    raw = await Raw.open(anbao.port, hello=False)
+    raw.send(
+        b"".join(wire.frame(0x7E, 1 + i, b"") if i % 2 else wire.frame(Op.PING, 1 + i, b"x") for i in range(10_000))
+    )
+    got = frames_of(await read_to_close(raw))
+    most = anbao.limits.max_requests_before_hello
+    assert [r.status for _, r in got[:-1]] == [
+        Status.INVALID if i % 2 == 0 else Status.UNKNOWN_OPCODE for i in range(most)
+    ]
+    assert (got[-1][1].request_id, got[-1][1].status) == (0, Status.UNAUTHENTICATED)
+
+
 async def test_a_connection_without_hello_is_aborted_at_the_limit(fresh_dsn, tokens_file):
     """Half a HELLO, then nothing: past hello_timeout_ms the connection is
     reset (RST) and leaves the worker's connections at once. Before, it was

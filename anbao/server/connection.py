@@ -330,19 +330,12 @@ class Connection(asyncio.Protocol, Replier):
                     router.on_relayed(self, rid, args[0], args[1])
                 else:
                     router.on_grab(self, rid, args[0], args[1])
-            elif type(args) is not tuple:
-                assert isinstance(args, codec.BadRequest)  # a frame decodes to a tuple or its refusal
-                # An opcode with the response bit set is no request: its answer
-                # must not carry the same byte back, or it would read as one.
-                self.answer(
-                    codec.encode_error(
-                        opcode if opcode < protocol.RESPONSE_BIT else NO_OPCODE, rid, args.status, self.wid, str(args)
-                    )
-                )
             elif self.scope is None:
                 self._before_hello(opcode, rid, args)
                 if not paid:
                     bucket = self.bucket  # after a HELLO, the rest of this read counts against the token
+            elif type(args) is not tuple:
+                self._refuse(opcode, rid, args)
             elif opcode == Op.PING:
                 self.answer(answers.ok(Op.PING, rid, self.wid))
             elif opcode == _EVENTS:
@@ -352,6 +345,17 @@ class Connection(asyncio.Protocol, Replier):
         self._held = None
         if self._broken is not None and self._fatal is None:
             self._end_with(self._broken)
+
+    def _refuse(self, opcode: int, rid: int, bad: Any) -> None:
+        """A frame that decoded to its refusal (INVALID, UNKNOWN_OPCODE)."""
+        assert isinstance(bad, codec.BadRequest)  # a frame decodes to a tuple or its refusal
+        # An opcode with the response bit set is no request: its answer
+        # must not carry the same byte back, or it would read as one.
+        self.answer(
+            codec.encode_error(
+                opcode if opcode < protocol.RESPONSE_BIT else NO_OPCODE, rid, bad.status, self.wid, str(bad)
+            )
+        )
 
     def _hold(self, frames: list, at: int, paid: bool) -> None:
         """Keeps frames[at:] (at most one read's worth) and pauses reading
@@ -385,10 +389,13 @@ class Connection(asyncio.Protocol, Replier):
             return
         self.answer(codec.encode_error(_EVENTS, rid, Status.BUSY, self.wid, why))
 
-    def _before_hello(self, opcode: int, rid: int, args: tuple) -> None:
-        """A request on a connection without a scope yet. Only a few are
-        read: a client that pipelines refused requests and never reads its
-        answers must not cost the worker memory until the HELLO limit."""
+    def _before_hello(self, opcode: int, rid: int, args: Any) -> None:
+        """A request on a connection without a scope yet, well-formed or
+        not. Only a few are read: a client that pipelines refused requests
+        and never reads its answers must not cost the worker memory until
+        the HELLO limit. A malformed one is refused as it would be after
+        HELLO (INVALID, UNKNOWN_OPCODE); any other but HELLO is
+        UNAUTHENTICATED."""
         self.requests_before_hello += 1
         if self.requests_before_hello > self.host.limits.max_requests_before_hello:
             self.inflight -= 1  # not answered: the error frame that ends the connection stands for it
@@ -396,6 +403,8 @@ class Connection(asyncio.Protocol, Replier):
                 NO_OPCODE, 0, Status.UNAUTHENTICATED, self.wid, "too many requests before HELLO"
             )
             self._end_with(self._broken)
+        elif type(args) is not tuple:
+            self._refuse(opcode, rid, args)
         elif opcode == Op.HELLO:
             self._hello(rid, args)
         else:
