@@ -70,6 +70,20 @@ class Limits:
     commit_slots: int = 2
     batch_overlap_min_grabs: int = 512
     max_queued_grabs: int = 65_536
+    # SEND by group commit (engine/sends.py): the SENDs that gather while a
+    # batch is out go in the next one, at most send_batch_max, in one
+    # statement and one commit; at most send_batches_in_flight batches per
+    # worker at once (on two cores a third only adds lock waits).
+    send_batch_max: int = 256
+    send_batches_in_flight: int = 2
+    # Every operation off the GRAB path (server/dispatch.py): past
+    # max_handlers_per_operation requests of one operation being handled on
+    # a worker (running, or waiting for a database connection or a batch),
+    # the next is answered BUSY at once, and the SDK backs off. So an
+    # overload is answered instead of queued, what is served keeps a bounded
+    # wait, and a backlog of one operation (SENDs) never holds up another
+    # (BALANCE): each has its own bound.
+    max_handlers_per_operation: int = 512
     # Roll-up behind the commit: at most rollup_batches_per_pass batches a
     # transaction; it polls this often when nothing wakes it. While grabs
     # are committing (or did within rollup_quiet_ms) it waits (up to rollup_defer_max_ms at a time) unless
@@ -86,6 +100,9 @@ class Limits:
     rollup_small_pass_grabs: int = 1000
     rollup_small_pass_pause_ms: int = 100
     max_rollup_backlog_grabs: int = 2_000_000
+    # The roll-up's PostgreSQL backend runs at this nice value (1..19) when
+    # it is a process of this machine (storage/commit.py lower_priority).
+    rollup_backend_nice: int = 19
     max_packets_in_memory: int = 500_000
     max_known_users_cached: int = 2_000_000
     db_pool_size: int = 8
@@ -213,6 +230,7 @@ class Limits:
         assert self.cooldown_refusals >= 2, "one refused grab is no pattern"
         assert self.rate_limit_burst_requests >= 1
         # A page of EVENTS rows (57 bytes each) must fit in one answer frame.
+        assert 1 <= self.rollup_backend_nice <= 19
         assert self.events_max_page * 57 + 64 <= self.max_frame_bytes and self.events_max_page <= 0xFFFF
         assert self.max_event_polls_per_connection <= self.max_event_polls_per_token
 

@@ -19,6 +19,8 @@ import random
 import secrets
 import time
 from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 from anbao_client import (
     AnbaoError,
@@ -35,12 +37,18 @@ from anbao_client import (
 )
 from anbao_client.protocol import MAX_REGISTER_IDS
 
-from .cliutil import token_from_args, yuan
+from .cliutil import token_from_args, usage_error, yuan
 from .config import Limits
 
 MAX_DEMO_MEMBERS = Limits().max_group_members  # a default server's group bound
 ID_BLOCK = 100_000  # a run's ids: base .. base + 99,999
 GROUP_CREATE_CHUNK = Limits().max_members  # one frame's worth of member ids
+
+
+def check_demo_args(args) -> None:
+    """Refuses a demo it cannot run, before it connects or starts anything (exit 2)."""
+    if not 2 <= args.members <= MAX_DEMO_MEMBERS or not 1 <= args.shares <= args.members or args.connections < 1:
+        raise usage_error(f"demo: --members 2..{MAX_DEMO_MEMBERS}, --shares 1..members, --connections >= 1")
 
 
 STORY_WAIT_S = 30  # how long the story waits for the packet's SOLD_OUT event after the grabs
@@ -115,18 +123,78 @@ def packet_story(events: list[Event], packet_id: int, info: PacketInfo, db_claim
     return story
 
 
-async def run_demo(c: Client, args, out) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
+@dataclass
+class Grabs:
+    """What the members' grabs were answered: shares, SOLD_OUT, anything else."""
 
-    n, shares = args.members, args.shares
-    if not 2 <= n <= MAX_DEMO_MEMBERS or not 1 <= shares <= n or args.connections < 1:
-        raise SystemExit(f"anbao demo: --members 2..{MAX_DEMO_MEMBERS}, --shares 1..members, --connections >= 1")
+    won: dict[int, Grabbed] = field(default_factory=dict)
+    sold_out: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+
+
+async def grab_all(grabbers: list, packet_id: int, members: list[int], on_answer=None) -> Grabs:
+    """Every member grabs once, all at once, in a random order, spread over
+    the grabbers' connections; on_answer(grabs) after each answer."""
+    grabs = Grabs()
+
+    async def grab(i: int, user: int) -> None:
+        try:
+            grabs.won[user] = await grabbers[i % len(grabbers)].grab(packet_id, user)
+        except SoldOut:
+            grabs.sold_out += 1
+        except AnbaoError as exc:
+            grabs.refused[exc.status.name] += 1
+        if on_answer is not None:
+            on_answer(grabs)
+
+    order = members[:]
+    random.shuffle(order)
+    started = time.perf_counter()
+    await asyncio.gather(*(grab(i, u) for i, u in enumerate(order)))
+    grabs.elapsed_s = time.perf_counter() - started
+    return grabs
+
+
+async def all_claims(c, packet_id: int) -> tuple[PacketInfo, list[Claim]]:
+    """The packet and every claim of it, a page at a time."""
+    info = await c.packet(packet_id, claims_limit=1)
+    claims: list[Claim] = []
+    while len(claims) < info.claimed_count:
+        claims += (await c.packet(packet_id, claims_offset=len(claims), claims_limit=1000)).claims
+    return info, claims
+
+
+def _demo_ids() -> tuple[int, int, int]:
+    """A fresh block of ids for this run: (base, sender, group)."""
     base = (1 + secrets.randbelow(9_999_999)) * ID_BLOCK
-    sender, group_id = base, base
-    members = list(range(base + 1, base + 1 + n))
+    return base, base, base
 
-    progress = Progress(
+
+async def _prepare(c: Client, args, progress, sender: int, group_id: int, members: list[int]):
+    """Registers the sender and the members, funds the sender, forms the
+    group and sends the packet to it; returns the SEND's answer."""
+    n = len(members)
+    t = progress.add_task("registering members", total=n + 1, note="")
+    ids = [sender] + members
+    for i in range(0, len(ids), MAX_REGISTER_IDS):
+        await c.register(ids[i : i + MAX_REGISTER_IDS])
+        progress.advance(t, len(ids[i : i + MAX_REGISTER_IDS]))
+    await c.deposit(sender, args.amount)
+    t = progress.add_task("forming the group", total=n, note=f"group {group_id}")
+    await c.group_create(group_id, [sender] + members[: GROUP_CREATE_CHUNK - 1], name="anbao demo")
+    progress.advance(t, min(n, GROUP_CREATE_CHUNK - 1))
+    for i in range(GROUP_CREATE_CHUNK - 1, n, MAX_REGISTER_IDS):
+        await c.group_add(group_id, members[i : i + MAX_REGISTER_IDS])
+        progress.advance(t, len(members[i : i + MAX_REGISTER_IDS]))
+    mode = Mode.FIXED if args.fixed else Mode.RANDOM
+    return await c.send(sender, args.amount, args.shares, mode=mode, group=group_id, greeting=args.greeting)
+
+
+def _progress(out):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(
         TextColumn("{task.description:<22}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -135,55 +203,28 @@ async def run_demo(c: Client, args, out) -> int:
         console=out.console,
         disable=out.json,
     )
+
+
+async def run_demo(c: Client, args, out) -> int:
+    base, sender, group_id = _demo_ids()
+    members = list(range(base + 1, base + 1 + args.members))
+    progress = _progress(out)
     grabbers = [
         await Client.connect(args.host, args.port, token_from_args(args), timeout_ms=args.timeout_ms)
         for _ in range(args.connections)
     ]
-    won: dict[int, Grabbed] = {}
-    sold_out = 0
-    refused: Counter[str] = Counter()
     follower = FeedFollower(c, await feed_head(c))
     try:
         with progress:
-            t = progress.add_task("registering members", total=n + 1, note="")
-            ids = [sender] + members
-            for i in range(0, len(ids), MAX_REGISTER_IDS):
-                await c.register(ids[i : i + MAX_REGISTER_IDS])
-                progress.advance(t, len(ids[i : i + MAX_REGISTER_IDS]))
-            await c.deposit(sender, args.amount)
-            t = progress.add_task("forming the group", total=n, note=f"group {group_id}")
-            await c.group_create(group_id, [sender] + members[: GROUP_CREATE_CHUNK - 1], name="anbao demo")
-            progress.advance(t, min(n, GROUP_CREATE_CHUNK - 1))
-            for i in range(GROUP_CREATE_CHUNK - 1, n, MAX_REGISTER_IDS):
-                await c.group_add(group_id, members[i : i + MAX_REGISTER_IDS])
-                progress.advance(t, len(members[i : i + MAX_REGISTER_IDS]))
-            sent = await c.send(
-                sender,
-                args.amount,
-                shares,
-                mode=Mode.FIXED if args.fixed else Mode.RANDOM,
-                group=group_id,
-                greeting=args.greeting,
-            )
+            sent = await _prepare(c, args, progress, sender, group_id, members)
             follower.watch(sent.packet_id)
-            t = progress.add_task("grabbing, all at once", total=n, note="")
+            t = progress.add_task("grabbing, all at once", total=len(members), note="")
 
-            async def grab(i: int, user: int) -> None:
-                nonlocal sold_out
-                try:
-                    won[user] = await grabbers[i % len(grabbers)].grab(sent.packet_id, user)
-                except SoldOut:
-                    sold_out += 1
-                except AnbaoError as exc:
-                    refused[exc.status.name] += 1
-                progress.update(t, advance=1, note=f"{len(won)} won, {sold_out} sold out")
+            def advance(g: Grabs) -> None:
+                progress.update(t, advance=1, note=f"{len(g.won)} won, {g.sold_out} sold out")
 
-            order = members[:]
-            random.shuffle(order)
-            started = time.perf_counter()
-            await asyncio.gather(*(grab(i, u) for i, u in enumerate(order)))
-            elapsed_s = time.perf_counter() - started
-        if len(won) == shares:
+            grabs = await grab_all(grabbers, sent.packet_id, members, advance)
+        if len(grabs.won) == args.shares:
             try:  # the sell-out's event is numbered within milliseconds of its commit
                 await asyncio.wait_for(follower.done.wait(), STORY_WAIT_S)
             except TimeoutError:
@@ -193,82 +234,115 @@ async def run_demo(c: Client, args, out) -> int:
         for g in grabbers:
             await g.close()
 
-    info = await c.packet(sent.packet_id, claims_limit=1)
-    claims: list[Claim] = []
-    while len(claims) < info.claimed_count:
-        claims += (await c.packet(sent.packet_id, claims_offset=len(claims), claims_limit=1000)).claims
-    agree = {x.user_id: (x.seq, x.amount_cents) for x in claims} == {u: (g.seq, g.amount_cents) for u, g in won.items()}
+    info, claims = await all_claims(c, sent.packet_id)
     try:
         audit = await c.audit()
     except Forbidden:
         audit = None
     story = packet_story(follower.events, sent.packet_id, info, claims)
-    ranked = sorted(claims, key=lambda x: (-x.amount_cents, x.seq))
-    top = ranked[: args.top]
-    doc = {
-        "packet_id": sent.packet_id,
-        "group_id": group_id,
-        "sender_id": sender,
-        "members": n,
-        "shares": shares,
-        "total_cents": args.amount,
-        "claimed_count": len(claims),
-        "claimed_cents": sum(x.amount_cents for x in claims),
-        "sold_out_answers": sold_out,
-        "other_answers": dict(refused),
-        "elapsed_ms": round(elapsed_s * 1000, 1),
-        "luckiest": {"user_id": ranked[0].user_id, "seq": ranked[0].seq, "amount_cents": ranked[0].amount_cents}
-        if ranked
-        else None,
-        "top": [{"user_id": x.user_id, "seq": x.seq, "amount_cents": x.amount_cents} for x in top],
-        "answers_match_database": agree,
-        "story": story,
-        "audit_ok": None if audit is None else audit.ok,
-        "audit_violated": None if audit is None else audit.violated,
-    }
+    result = DemoResult(args, sent.packet_id, group_id, sender, info, claims, grabs, story, audit)
+    out.done(result.doc(), result.lines(len(grabbers)))
+    return 0 if result.ok() else 1
 
-    table = Table("rank", "user", "share", "amount", "", title=f"who got what (top {len(top)} of {len(claims)})")
-    for rank, x in enumerate(top, 1):
-        table.add_row(
-            str(rank),
-            str(x.user_id),
-            f"#{x.seq}",
-            yuan(x.amount_cents),
-            "luckiest" if x.seq == info.luckiest_seq else "",
-        )
-    if len(ranked) > len(top):
-        rest = ranked[len(top) :]
-        table.add_row("...", f"{len(rest)} more", "", yuan(sum(x.amount_cents for x in rest)), "")
-    table.add_section()
-    table.add_row("", "total", f"{len(claims)}/{shares}", yuan(sum(x.amount_cents for x in claims)), "")
-    rate = n / elapsed_s if elapsed_s else 0
-    lines = [
-        f"packet {sent.packet_id}: {yuan(args.amount)} in {shares} "
-        f"{'fixed' if args.fixed else 'random'} shares for group {group_id} ({n} members)",
-        table,
-        f"{n} grabs over {len(grabbers)} connections in {elapsed_s * 1000:.0f} ms ({rate:,.0f} grabs/s):"
-        f" {len(won)} got a share, {sold_out} were told sold out"
-        + (f", other answers {dict(refused)}" if refused else ""),
-        _story_line(story, sent.packet_id),
-        "every acknowledged share is in the database"
-        if agree
-        else "[red]MISMATCH between the answers and the database[/red]",
-        "audit: not run (needs the admin scope)"
-        if audit is None
-        else f"audit: [green]OK[/green], {len(audit.checks)} invariants hold"
-        if audit.ok
-        else f"audit: [red]VIOLATED[/red]: {', '.join(audit.violated)}",
-    ]
-    out.done(doc, lines)
-    ok = agree and (audit is None or audit.ok) and len(claims) == shares and story["matches_database"]
-    return 0 if ok else 1
+
+@dataclass
+class DemoResult:
+    """What the one-set demo found, for --json and for people."""
+
+    args: Any
+    packet_id: int
+    group_id: int
+    sender: int
+    info: PacketInfo
+    claims: list[Claim]
+    grabs: Grabs
+    story: dict
+    audit: Any  # the AUDIT answer, or None without the admin scope
+
+    @property
+    def agree(self) -> bool:
+        won = self.grabs.won
+        return {x.user_id: (x.seq, x.amount_cents) for x in self.claims} == {
+            u: (g.seq, g.amount_cents) for u, g in won.items()
+        }
+
+    @property
+    def ranked(self) -> list[Claim]:
+        return sorted(self.claims, key=lambda x: (-x.amount_cents, x.seq))
+
+    def ok(self) -> bool:
+        audit_ok = self.audit is None or self.audit.ok
+        return self.agree and audit_ok and len(self.claims) == self.args.shares and self.story["matches_database"]
+
+    def doc(self) -> dict:
+        ranked, a, audit = self.ranked, self.args, self.audit
+        return {
+            "packet_id": self.packet_id,
+            "group_id": self.group_id,
+            "sender_id": self.sender,
+            "members": a.members,
+            "shares": a.shares,
+            "total_cents": a.amount,
+            "claimed_count": len(self.claims),
+            "claimed_cents": sum(x.amount_cents for x in self.claims),
+            "sold_out_answers": self.grabs.sold_out,
+            "other_answers": dict(self.grabs.refused),
+            "elapsed_ms": round(self.grabs.elapsed_s * 1000, 1),
+            "luckiest": _claim_doc(ranked[0]) if ranked else None,
+            "top": [_claim_doc(x) for x in ranked[: a.top]],
+            "answers_match_database": self.agree,
+            "story": self.story,
+            "audit_ok": None if audit is None else audit.ok,
+            "audit_violated": None if audit is None else audit.violated,
+        }
+
+    def table(self):
+        from rich.table import Table
+
+        ranked, claims = self.ranked, self.claims
+        top = ranked[: self.args.top]
+        table = Table("rank", "user", "share", "amount", title=f"who got what (top {len(top)} of {len(claims)})")
+        for rank, x in enumerate(top, 1):
+            lucky = " (luckiest)" if x.seq == self.info.luckiest_seq else ""
+            table.add_row(str(rank), str(x.user_id), f"#{x.seq}", yuan(x.amount_cents) + lucky)
+        if len(ranked) > len(top):
+            rest = ranked[len(top) :]
+            table.add_row("...", f"{len(rest)} more", "", yuan(sum(x.amount_cents for x in rest)))
+        table.add_section()
+        table.add_row("", "total", f"{len(claims)}/{self.args.shares}", yuan(sum(x.amount_cents for x in claims)))
+        return table
+
+    def lines(self, connections: int) -> list:
+        a, g, audit = self.args, self.grabs, self.audit
+        rate = a.members / g.elapsed_s if g.elapsed_s else 0
+        return [
+            f"packet {self.packet_id}: {yuan(a.amount)} in {a.shares} "
+            f"{'fixed' if a.fixed else 'random'} shares for group {self.group_id} ({a.members} members)",
+            self.table(),
+            f"{a.members} grabs over {connections} connections in {g.elapsed_s * 1000:.0f} ms ({rate:,.0f} grabs/s):"
+            f" {len(g.won)} got a share, {g.sold_out} were told sold out"
+            + (f", other answers {dict(g.refused)}" if g.refused else ""),
+            _story_line(self.story, self.packet_id),
+            "every acknowledged share is in the database"
+            if self.agree
+            else "[red]MISMATCH between the answers and the database[/red]",
+            "audit: not run (needs the admin scope)"
+            if audit is None
+            else f"audit: [green]OK[/green], {len(audit.checks)} invariants hold"
+            if audit.ok
+            else f"audit: [red]VIOLATED[/red]: {', '.join(audit.violated)}",
+        ]
+
+
+def _claim_doc(x: Claim) -> dict:
+    return {"user_id": x.user_id, "seq": x.seq, "amount_cents": x.amount_cents}
 
 
 def _story_line(story: dict, packet_id: int) -> str:
     """The packet's story from the event feed alone."""
     if not story["events"]:
         return "[red]the event feed told nothing of this packet[/red]"
-    parts = [f"from the event feed alone: packet {packet_id} sent ({yuan(story['sent_cents'] or 0)}),"]
+    parts = [f"from the event feed alone: packet {packet_id} sent ({yuan(story['sent_cents'] or 0)})"]
     parts.append(f"{story['shares_taken']} shares taken ({yuan(story['taken_cents'])})")
     if story["sold_out"]:
         parts.append(f"sold out in {story['sold_out_in_ms']} ms")
@@ -315,161 +389,171 @@ async def _credits_of(dsns: dict[int, str], packet_id: int) -> list[tuple[int, i
     ]
 
 
+async def _sets_prepare(sc, dsns: dict[int, str], topo, args, say, sender: int, group_id: int, members: list[int]):
+    """Registers everyone at their home sets, funds the sender, waits for the
+    directories, forms the group and sends the packet; returns the SEND's answer."""
+    say(f"registering {len(members) + 1} users at their home sets")
+    ids = [sender] + members
+    for i in range(0, len(ids), MAX_REGISTER_IDS):
+        await sc.register(ids[i : i + MAX_REGISTER_IDS])
+    await sc.deposit(sender, args.amount)
+    say("waiting for each set's directory to know the other sets' users")
+    await _sets_directory_ready(dsns, topo, ids, SETS_DRAIN_TIMEOUT_S)
+    await sc.group_create(group_id, [sender] + members[: GROUP_CREATE_CHUNK - 1], name="anbao demo (sets)")
+    for i in range(GROUP_CREATE_CHUNK - 1, len(members), MAX_REGISTER_IDS):
+        await sc.group_add(group_id, members[i : i + MAX_REGISTER_IDS])
+    mode = Mode.FIXED if args.fixed else Mode.RANDOM
+    return await sc.send(sender, args.amount, args.shares, mode=mode, group=group_id, greeting=args.greeting)
+
+
 async def run_sets_demo(topo, dsns: dict[int, str], token: str, args, out) -> int:
     """The demo across the sets of `topo`: a sender homed in the first set,
     members homed in every set, one packet in the sender's set grabbed by
     all at once; a winner homed elsewhere is paid by a cross-set credit
     (logical replication). Then who got what, the credits, the audit."""
-    from rich.table import Table
-
     from anbao_client import SetCluster, home_set, set_of
 
-    n, shares = args.members, args.shares
-    if not 2 <= n <= MAX_DEMO_MEMBERS or not 1 <= shares <= n or args.connections < 1:
-        raise SystemExit(f"anbao demo: --members 2..{MAX_DEMO_MEMBERS}, --shares 1..members, --connections >= 1")
+    from .storage.sets import audit_when_drained
+
     base = (1 + secrets.randbelow(9_999_999)) * ID_BLOCK
     first_set = min(topo.sets)
     sender = next(u for u in range(base, base + ID_BLOCK) if home_set(u, topo) == first_set)
     group_id = base
-    members = [u for u in range(base, base + ID_BLOCK) if u != sender][:n]
+    members = [u for u in range(base, base + ID_BLOCK) if u != sender][: args.members]
     say = (lambda text: None) if out.json else out.console.print
 
     sc = await SetCluster.connect(topo, token, timeout_ms=args.timeout_ms)
     grabbers = [await SetCluster.connect(topo, token, timeout_ms=args.timeout_ms) for _ in range(args.connections)]
-    won: dict[int, Grabbed] = {}
-    sold_out = 0
-    refused: Counter[str] = Counter()
     try:
-        say(f"registering {n + 1} users at their home sets")
-        ids = [sender] + members
-        for i in range(0, len(ids), MAX_REGISTER_IDS):
-            await sc.register(ids[i : i + MAX_REGISTER_IDS])
-        await sc.deposit(sender, args.amount)
-        say("waiting for each set's directory to know the other sets' users")
-        await _sets_directory_ready(dsns, topo, ids, SETS_DRAIN_TIMEOUT_S)
-        await sc.group_create(group_id, [sender] + members[: GROUP_CREATE_CHUNK - 1], name="anbao demo (sets)")
-        for i in range(GROUP_CREATE_CHUNK - 1, n, MAX_REGISTER_IDS):
-            await sc.group_add(group_id, members[i : i + MAX_REGISTER_IDS])
-        sent = await sc.send(
-            sender,
-            args.amount,
-            shares,
-            mode=Mode.FIXED if args.fixed else Mode.RANDOM,
-            group=group_id,
-            greeting=args.greeting,
-        )
-        packet_set = set_of(sent.packet_id)
-        say(f"packet {sent.packet_id} in set {packet_set}: {n} members grabbing at once")
-
-        async def grab(i: int, user: int) -> None:
-            nonlocal sold_out
-            try:
-                won[user] = await grabbers[i % len(grabbers)].grab(sent.packet_id, user)
-            except SoldOut:
-                sold_out += 1
-            except AnbaoError as exc:
-                refused[exc.status.name] += 1
-
-        order = members[:]
-        random.shuffle(order)
-        started = time.perf_counter()
-        await asyncio.gather(*(grab(i, u) for i, u in enumerate(order)))
-        elapsed_s = time.perf_counter() - started
-
-        info = await sc.packet(sent.packet_id, claims_limit=1)
-        claims: list[Claim] = []
-        while len(claims) < info.claimed_count:
-            claims += (await sc.packet(sent.packet_id, claims_offset=len(claims), claims_limit=1000)).claims
+        sent = await _sets_prepare(sc, dsns, topo, args, say, sender, group_id, members)
+        say(f"packet {sent.packet_id} in set {set_of(sent.packet_id)}: {len(members)} members grabbing at once")
+        grabs = await grab_all(grabbers, sent.packet_id, members)
+        info, claims = await all_claims(sc, sent.packet_id)
         say("waiting for the cross-set credits to be applied")
-        from .storage.sets import audit_when_drained
-
         audit, drained = await audit_when_drained(dsns, SETS_DRAIN_TIMEOUT_S)
         assert audit is not None, "several sets: there is always a cross-set audit"
         credits = await _credits_of(dsns, sent.packet_id)
     finally:
         for g in [sc, *grabbers]:
             await g.close()
-
-    agree = {x.user_id: (x.seq, x.amount_cents) for x in claims} == {u: (g.seq, g.amount_cents) for u, g in won.items()}
     home = {u: home_set(u, topo) for u in members}
-    away = {u for u in won if home[u] != packet_set}
-    credited = {u: amount for _, u, amount, _ in credits}
-    credits_match = credited == {u: won[u].amount_cents for u in away}
-    lags = sorted(lag for *_, lag in credits)
-    ranked = sorted(claims, key=lambda x: (-x.amount_cents, x.seq))
-    top = ranked[: args.top]
-    doc = {
-        "sets": sorted(topo.sets),
-        "packet_id": sent.packet_id,
-        "packet_set": packet_set,
-        "group_id": group_id,
-        "sender_id": sender,
-        "members": n,
-        "members_by_set": dict(Counter(home.values())),
-        "shares": shares,
-        "total_cents": args.amount,
-        "shares_won": len(claims),
-        "claimed_cents": sum(x.amount_cents for x in claims),
-        "winners_by_set": dict(Counter(home[u] for u in won)),
-        "cross_set_credits": len(credits),
-        "cross_set_cents": sum(credited.values()),
-        "credits_match_winners": credits_match,
-        "credit_lag_ms_p50": round(lags[len(lags) // 2], 1) if lags else None,
-        "credit_lag_ms_max": round(lags[-1], 1) if lags else None,
-        "sold_out_answers": sold_out,
-        "other_answers": dict(refused),
-        "elapsed_ms": round(elapsed_s * 1000, 1),
-        "top": [
-            {"user_id": x.user_id, "home_set": home[x.user_id], "seq": x.seq, "amount_cents": x.amount_cents}
-            for x in top
-        ],
-        "answers_match_database": agree,
-        "drained": drained,
-        "audit_ok": audit.ok,
-        "audit_violations": list(audit.violations),
-        "audit_totals": audit.totals,
-    }
+    result = SetsResult(args, sorted(topo.sets), sent.packet_id, group_id, sender, info, claims, grabs, home)
+    result.audit, result.drained, result.credits = audit, drained, credits
+    out.done(result.doc(), result.lines(len(grabbers)))
+    return 0 if result.ok() else 1
 
-    table = Table(
-        "rank", "user", "home", "share", "amount", "", title=f"who got what (top {len(top)} of {len(claims)})"
-    )
-    for rank, x in enumerate(top, 1):
-        crossed = home[x.user_id] != packet_set
-        table.add_row(
-            str(rank),
-            str(x.user_id),
-            f"set {home[x.user_id]}",
-            f"#{x.seq}",
-            yuan(x.amount_cents),
-            ", ".join(["luckiest"] * (x.seq == info.luckiest_seq) + [f"credited to set {home[x.user_id]}"] * crossed),
-        )
-    if len(ranked) > len(top):
-        rest = ranked[len(top) :]
-        table.add_row("...", f"{len(rest)} more", "", "", yuan(sum(x.amount_cents for x in rest)), "")
-    table.add_section()
-    table.add_row("", "total", "", f"{len(claims)}/{shares}", yuan(sum(x.amount_cents for x in claims)), "")
-    by_set = ", ".join(f"set {s}: {c}" for s, c in sorted(doc["winners_by_set"].items()))
-    lines = [
-        f"packet {sent.packet_id} (set {packet_set}): {yuan(args.amount)} in {shares} "
-        f"{'fixed' if args.fixed else 'random'} shares for group {group_id} ({n} members over sets "
-        + ", ".join(f"{s}: {c}" for s, c in sorted(doc["members_by_set"].items()))
-        + ")",
-        table,
-        f"{n} grabs over {len(grabbers)} connections in {elapsed_s * 1000:.0f} ms: {len(won)} got a share"
-        f" ({by_set}), {sold_out} were told sold out" + (f", other answers {dict(refused)}" if refused else ""),
-        f"cross-set credits: {len(credits)} applied ({yuan(sum(credited.values()))}) for {len(away)} winners"
-        f" homed outside set {packet_set}"
-        + (f"; roll-up to apply p50 {doc['credit_lag_ms_p50']} ms, max {doc['credit_lag_ms_max']} ms" if lags else "")
-        + ("" if credits_match else " [red]MISMATCH with the winners[/red]"),
-        "every acknowledged share is in the database"
-        if agree
-        else "[red]MISMATCH between the answers and the database[/red]",
-        f"audit across {len(dsns)} sets: [green]OK[/green] (conservation over all sets, every credit applied once)"
-        if audit.ok
-        else f"audit across sets: [red]VIOLATED[/red]: {', '.join(audit.violations) or 'a set'}",
-    ]
-    if not drained:
-        lines.append(f"[red]credits still in flight after {SETS_DRAIN_TIMEOUT_S} s[/red]")
-    out.done(doc, lines)
-    ok = agree and audit.ok and drained and credits_match and len(claims) == shares
-    return 0 if ok else 1
+
+class SetsResult(DemoResult):
+    """What the demo across sets found: the one-set demo's findings, where
+    each user's wallet lives (`home`), the cross-set credits (dest set, user,
+    cents, lag ms) and the audit across the sets (no event-feed story)."""
+
+    def __init__(self, args, sets, packet_id, group_id, sender, info, claims, grabs, home) -> None:
+        from anbao_client import set_of
+
+        super().__init__(args, packet_id, group_id, sender, info, claims, grabs, {}, None)
+        self.sets: list[int] = sets
+        self.home: dict[int, int] = home
+        self.credits: list[tuple[int, int, int, float]] = []
+        self.drained = False
+        self.packet_set = set_of(packet_id)
+
+    @property
+    def away(self) -> set[int]:
+        return {u for u in self.grabs.won if self.home[u] != self.packet_set}
+
+    @property
+    def credited(self) -> dict[int, int]:
+        return {u: amount for _, u, amount, _ in self.credits}
+
+    @property
+    def credits_match(self) -> bool:
+        return self.credited == {u: self.grabs.won[u].amount_cents for u in self.away}
+
+    @property
+    def lags(self) -> list[float]:
+        return sorted(lag for *_, lag in self.credits)
+
+    def ok(self) -> bool:
+        whole = len(self.claims) == self.args.shares
+        return self.agree and self.audit.ok and self.drained and self.credits_match and whole
+
+    def doc(self) -> dict:
+        a, g, lags, audit = self.args, self.grabs, self.lags, self.audit
+        return {
+            "sets": self.sets,
+            "packet_id": self.packet_id,
+            "packet_set": self.packet_set,
+            "group_id": self.group_id,
+            "sender_id": self.sender,
+            "members": a.members,
+            "members_by_set": dict(Counter(self.home.values())),
+            "shares": a.shares,
+            "total_cents": a.amount,
+            "shares_won": len(self.claims),
+            "claimed_cents": sum(x.amount_cents for x in self.claims),
+            "winners_by_set": dict(Counter(self.home[u] for u in g.won)),
+            "cross_set_credits": len(self.credits),
+            "cross_set_cents": sum(self.credited.values()),
+            "credits_match_winners": self.credits_match,
+            "credit_lag_ms_p50": round(lags[len(lags) // 2], 1) if lags else None,
+            "credit_lag_ms_max": round(lags[-1], 1) if lags else None,
+            "sold_out_answers": g.sold_out,
+            "other_answers": dict(g.refused),
+            "elapsed_ms": round(g.elapsed_s * 1000, 1),
+            "top": [{**_claim_doc(x), "home_set": self.home[x.user_id]} for x in self.ranked[: a.top]],
+            "answers_match_database": self.agree,
+            "drained": self.drained,
+            "audit_ok": audit.ok,
+            "audit_violations": list(audit.violations),
+            "audit_totals": audit.totals,
+        }
+
+    def table(self):
+        from rich.table import Table
+
+        ranked, claims, home = self.ranked, self.claims, self.home
+        top = ranked[: self.args.top]
+        title = f"who got what (top {len(top)} of {len(claims)})"
+        table = Table("rank", "user", "home", "share", "amount", "note", title=title)
+        for rank, x in enumerate(top, 1):
+            notes = ["luckiest"] * (x.seq == self.info.luckiest_seq)
+            notes += [f"credited to set {home[x.user_id]}"] * (home[x.user_id] != self.packet_set)
+            row = (str(rank), str(x.user_id), f"set {home[x.user_id]}", f"#{x.seq}", yuan(x.amount_cents))
+            table.add_row(*row, ", ".join(notes))
+        if len(ranked) > len(top):
+            rest = ranked[len(top) :]
+            table.add_row("...", f"{len(rest)} more", "", "", yuan(sum(x.amount_cents for x in rest)), "")
+        table.add_section()
+        total = yuan(sum(x.amount_cents for x in claims))
+        table.add_row("", "total", "", f"{len(claims)}/{self.args.shares}", total, "")
+        return table
+
+    def lines(self, connections: int) -> list:
+        a, g, doc, audit = self.args, self.grabs, self.doc(), self.audit
+        by_set = ", ".join(f"set {s}: {c}" for s, c in sorted(doc["winners_by_set"].items()))
+        members_by_set = ", ".join(f"{s}: {c}" for s, c in sorted(doc["members_by_set"].items()))
+        lags = f"; roll-up to apply p50 {doc['credit_lag_ms_p50']} ms, max {doc['credit_lag_ms_max']} ms"
+        lines = [
+            f"packet {self.packet_id} (set {self.packet_set}): {yuan(a.amount)} in {a.shares} "
+            f"{'fixed' if a.fixed else 'random'} shares for group {self.group_id} ({a.members} members over sets "
+            f"{members_by_set})",
+            self.table(),
+            f"{a.members} grabs over {connections} connections in {g.elapsed_s * 1000:.0f} ms: {len(g.won)} got a"
+            f" share ({by_set}), {g.sold_out} were told sold out"
+            + (f", other answers {dict(g.refused)}" if g.refused else ""),
+            f"cross-set credits: {len(self.credits)} applied ({yuan(sum(self.credited.values()))}) for"
+            f" {len(self.away)} winners homed outside set {self.packet_set}"
+            + (lags if self.lags else "")
+            + ("" if self.credits_match else " [red]MISMATCH with the winners[/red]"),
+            "every acknowledged share is in the database"
+            if self.agree
+            else "[red]MISMATCH between the answers and the database[/red]",
+            f"audit across {len(self.sets)} sets: [green]OK[/green] (conservation over all sets, every credit"
+            " applied once)"
+            if audit.ok
+            else f"audit across sets: [red]VIOLATED[/red]: {', '.join(audit.violations) or 'a set'}",
+        ]
+        if not self.drained:
+            lines.append(f"[red]credits still in flight after {SETS_DRAIN_TIMEOUT_S} s[/red]")
+        return lines

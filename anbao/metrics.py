@@ -15,9 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from anbao_client.protocol import opcode_name
+from anbao_client.protocol import Status, opcode_name
 
 FLUSH_INTERVAL_S = 1.0
+
+
+def status_name(status: int) -> str:
+    """A metric label: the status's name (`NOT_FOUND`), its number only if unknown."""
+    try:
+        return Status(status).name
+    except ValueError:
+        return str(status)
 
 
 def prepare_dir(run_dir: Path) -> Path:
@@ -156,7 +164,7 @@ class WorkerMetrics:
         self.answered.clear()
         for key, n in answered.items():
             op, status = key >> 8, key & 0xFF
-            self.requests.labels(opcode_name(op), str(status)).inc(n)
+            self.requests.labels(opcode_name(op), status_name(status)).inc(n)
         self.queue_depth.labels(self.worker).set(sample.queued_grabs)
         self.connections.labels(self.worker).set(sample.connections)
         if sample.set_stats is not None:

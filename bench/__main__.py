@@ -1,4 +1,4 @@
-"""python -m bench hot|storm|soldout|spread|mixed|all [options]
+"""python -m bench hot|storm|soldout|spread|mixed|all|evening [options]
 
 Starts `anbao serve` on a fresh data directory (or uses --server HOST:PORT
 with --data-dir DIR; or, with --sets N, N sets on this machine through
@@ -7,7 +7,11 @@ load from several load-generator processes, checks that the answers match
 what is durable in the database, runs `anbao audit`, runs the baselines
 (redis: the same scenarios against a redis-server of its own, AOF fsync
 always, with the same load generator speaking RESP), and writes
-DIR/LABEL.json and DIR/LABEL.png. Exits 1 if any run is INVALID.
+DIR/LABEL.json and DIR/LABEL.png (--out DIR, default bench/runs: untracked). Exits 1 if any run is INVALID.
+
+`evening` (bench/evening.py) is a chat app's red-packet evening: users in
+groups, each step one packet's life (SEND, GRABs, PACKET, BALANCE), with
+--baseline redis doing the same business in Lua; not part of `all`.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from pathlib import Path
 import asyncpg
 from rich.console import Console
 
-from . import baselines, redis_baseline, report, scenarios
+from . import baselines, evening, redis_baseline, report, scenarios
 from .runner import run_load
 from .server import AnbaoServer, SetsServer, is_loopback, metrics_delta
 
 DEFAULTS = {
     "connections": 200,
+    "evening_connections": 32,
     "depth": 4,
     "procs": 2,
     "duration_s": 300.0,
@@ -49,18 +54,24 @@ SETS_SCENARIOS = ("hot", "storm")  # what --sets N > 1 runs
 MAX_SETS = 8  # anbao/localsets.py's limit
 
 
+# A run's files go here unless --out says otherwise: untracked (.gitignore),
+# so a user's run never overwrites the committed results in bench/results.
+RUNS_DIR = Path(__file__).resolve().parent / "runs"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="wrk/wrk2-style load on anbao's binary protocol, with baselines; see BENCHMARKS.md",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("scenario", choices=[*scenarios.SCENARIOS, "all"])
+    p.add_argument("scenario", choices=[*scenarios.SCENARIOS, "all", "evening"])
     p.add_argument(
         "--connections",
         type=int,
-        default=DEFAULTS["connections"],
-        help="TCP connections in total, split between the load-generator processes",
+        default=None,
+        help=f"TCP connections in total, split between the load-generator processes (default"
+        f" {DEFAULTS['connections']}, evening {DEFAULTS['evening_connections']})",
     )
     p.add_argument(
         "--depth",
@@ -73,7 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="requests per scenario; when unset: storm 100,000, soldout 200,000,"
-        " spread packets x packet-shares, mixed 100,000, hot every share (hot never takes more)",
+        " spread packets x packet-shares, mixed 100,000, hot every share (hot never takes more);"
+        " evening: steps (packets' lives), unbounded but for --duration-s when unset",
     )
     p.add_argument(
         "--shares",
@@ -90,7 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--users",
         type=int,
         default=None,
-        help="grabbers to register; when unset: one per storm attempt, at least 100,000 when needed",
+        help="grabbers to register; when unset: one per storm attempt, at least 100,000 when needed;"
+        f" evening: its users (default {evening.DEFAULT_USERS:,}, at least {evening.GROUP_MIN})",
     )
     p.add_argument(
         "--rate",
@@ -142,8 +155,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out",
         type=Path,
-        default=Path(__file__).resolve().parent / "results",
-        help="directory for LABEL.json and LABEL.png",
+        default=RUNS_DIR,
+        help="directory for LABEL.json and LABEL.png (default bench/runs, untracked; the figures"
+        " BENCHMARKS.md cites are written to bench/results only on purpose: --out bench/results)",
     )
     p.add_argument("--label", default=None, help="file name stem for the JSON and PNG (default: the scenario)")
     p.add_argument(
@@ -202,6 +216,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown baseline {b!r} ({', '.join(BASELINES)})")
     if "redis" in args.baselines and shutil.which(args.redis_server) is None:
         p.error(f"--baseline redis needs {args.redis_server!r}: not found (`make redis` installs Debian's)")
+    _evening_args(p, args)
     if args.hot_packets < 1 or args.shares < 1:
         p.error("--hot-packets and --shares must be positive")
     if args.settle_s < 0:
@@ -240,6 +255,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--server needs --data-dir (its tokens.json and database, for the audit)")
         args.server_host, args.server_port = host, int(port)
     return args
+
+
+def _evening_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.connections is None:
+        args.connections = DEFAULTS["evening_connections" if args.scenario == "evening" else "connections"]
+    if args.scenario != "evening":
+        return
+    if set(args.baselines) - {"redis"}:
+        p.error("evening has a redis baseline only")
+    if args.users is not None and args.users < evening.GROUP_MIN:
+        p.error(f"evening needs --users >= {evening.GROUP_MIN} (the smallest group)")
 
 
 async def _pg_info(dsn: str) -> dict:
@@ -638,7 +664,7 @@ def _audit_failure(audit: dict) -> str:
 
 
 async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
-    names = list(scenarios.SCENARIOS) if args.scenario == "all" else [args.scenario]
+    names = list(scenarios.SCENARIOS) if args.scenario == "all" else [args.scenario]  # evening: bench/evening.py
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     git_at_start = report.git_state()
     bench = Bench(args, console)
@@ -679,7 +705,9 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
             pg = {f"set {s}": await _pg_info(dsn) for s, dsn in sorted(server.dsns.items())}
         else:
             pg = await _pg_info(server.dsn())
-        await bench.anbao(server, names)
+        model = (
+            await evening.run_anbao(bench, server) if args.scenario == "evening" else await bench.anbao(server, names)
+        )
         with console.status("anbao audit ..."):
             audit = await server.audit() if isinstance(server, SetsServer) else server.audit()
         if not audit["ok"]:
@@ -689,7 +717,7 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
                 r["valid"] = False
                 r["verdict"] = "INVALID"
         if "redis" in args.baselines:
-            await bench.redis(names)
+            await (evening.run_redis(bench, model) if model else bench.redis(names))
         if "naive" in args.baselines:
             await bench.naive(server)
         if "echo" in args.baselines:

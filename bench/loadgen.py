@@ -184,16 +184,33 @@ class Mixed:
         raise AssertionError(op)
 
 
+class StepBudget:
+    """The evening's workload: n steps to start (bench/evening_load.py's
+    EveningGenerator draws them; the generic loops never call take)."""
+
+    def __init__(self, n: int):
+        self.total = self.left = n
+
+    def take(self, rid: int):
+        return None
+
+
 def make_workload(desc: dict, grab=wire.grab):
     """grab(rid, packet, user) -> request bytes: wire.grab, or the Redis
     baseline's EVALSHA encoder."""
     kind = desc["kind"]
+    if kind == "evening":
+        return StepBudget(desc["n"])
     if kind == "grab_range":
         return GrabRange(desc["packet_id"], desc["user_first"], desc["user_mod"], desc["lo"], desc["hi"], grab)
     if kind == "grab_pairs":
         return GrabPairs(desc["packets"], desc["users"], grab)
     if grab is not wire.grab:
         raise ValueError(f"workload {kind!r} speaks anbao's protocol only")
+    if kind == "group_sends":
+        from .sendalone import GroupSends  # SEND alone (python -m bench.sendalone)
+
+        return GroupSends(desc["n"], desc["seed"], desc["groups"])
     if kind == "mixed":
         return Mixed(
             desc["n"],
@@ -709,8 +726,16 @@ def _status_name(status: int) -> str:
         return str(status)
 
 
+def generator_class(spec: dict) -> type[Generator]:
+    if spec.get("generator") == "evening":
+        from .evening_load import EveningGenerator
+
+        return EveningGenerator
+    return Generator
+
+
 async def _main(spec: dict, slot: int, ready_q, go, progress) -> dict:
-    gen = Generator(spec, progress, slot)
+    gen = generator_class(spec)(spec, progress, slot)
     try:
         await gen.connect()
         ready_q.put(("ready", slot, None))

@@ -76,6 +76,33 @@ def percentile_curve(h: HdrHistogram, points: int = 240) -> list[tuple[float, fl
     return out
 
 
+def by_op(result) -> dict:
+    """Per operation (and ALL): answers, answers/s of the run's wall time,
+    latency percentiles and statuses."""
+    wall = result.wall_s
+    out = {}
+    every: dict = {}
+    for op, statuses in sorted(result.counts.items()):
+        n = sum(statuses.values())
+        h = result.hist_op.get(op)
+        out[op] = {
+            "count": n,
+            "ops_per_s": round(n / wall, 1) if wall > 0 else 0.0,
+            "latency_ms": latency_ms(h) if h is not None else None,
+            "statuses": statuses,
+            "percentile_curve_ms": percentile_curve(h, 120) if h is not None else [],
+        }
+        for status, k in statuses.items():
+            every[status] = every.get(status, 0) + k
+    out["ALL"] = {
+        "count": result.answered,
+        "ops_per_s": round(result.answered / wall, 1) if wall > 0 else 0.0,
+        "latency_ms": latency_ms(result.hist),
+        "statuses": every,
+    }
+    return out
+
+
 def run_record(result, plan_info: dict, problems: list[str], allowed: dict, setup_s: float | None) -> dict:
     """Every figure of one load run, JSON-ready."""
     errors = {}
@@ -113,6 +140,7 @@ def run_record(result, plan_info: dict, problems: list[str], allowed: dict, setu
         "latency_ms": latency_ms(result.hist),
         "latency_ok_ms": latency_ms(result.hist_ok),
         "latency_by_op_ms": {op: latency_ms(h) for op, h in result.hist_op.items()},
+        "by_op": by_op(result) if result.hist_op else None,
         "statuses": result.counts,
         "errors": errors,
         "setup_s": setup_s,
@@ -197,6 +225,7 @@ def ratios(runs: list[dict]) -> list[dict]:
                     storm["latency_ok_ms"][p],
                 )
             )
+    out += evening_ratios(runs)
     if echo:
         for r in runs:
             if r["target"] == "anbao":
@@ -205,6 +234,26 @@ def ratios(runs: list[dict]) -> list[dict]:
                         f"answers/s, {r['scenario']}: anbao / echo ceiling", r["answers_per_s"], echo["answers_per_s"]
                     )
                 )
+    return out
+
+
+def evening_ratios(runs: list[dict]) -> list[dict]:
+    """The evening: anbao / redis in ops/s, and per operation in p99."""
+    by = {r["target"]: r for r in runs if r["scenario"] == "evening"}
+    an, rd = by.get("anbao"), by.get("redis")
+    if not (an and rd and an.get("by_op") and rd.get("by_op")):
+        return []
+    out = [_ratio("ops/s, evening (all operations): anbao / redis", an["answers_per_s"], rd["answers_per_s"])]
+    for op in ("ALL", "SEND", "GRAB", "PACKET", "BALANCE"):
+        x, y = an["by_op"].get(op), rd["by_op"].get(op)
+        if x and y:
+            out.append(
+                _ratio(
+                    f"p99 latency, evening {op}: anbao / redis (below 1: anbao faster)",
+                    x["latency_ms"]["p99"],
+                    y["latency_ms"]["p99"],
+                )
+            )
     return out
 
 
@@ -416,6 +465,7 @@ def print_report(console: Console, doc: dict) -> None:
                 )
     console.print(t)
 
+    by_op_table(console, runs)
     sets_table(console, runs)
     audit = doc.get("audit")
     if audit is not None:
@@ -441,6 +491,33 @@ def print_report(console: Console, doc: dict) -> None:
         console.print("[bold red]INVALID: at least one run does not add up; its numbers do not count[/]")
     else:
         console.print("[yellow]not every run finished within --duration-s; partial runs do not count[/]")
+
+
+def by_op_table(console: Console, runs: list[dict]) -> None:
+    """The evening's runs per operation: count, ops/s, p50/p99/p99.9, statuses."""
+    rows = [r for r in runs if r["scenario"] == "evening" and r.get("by_op")]
+    if not rows:
+        return
+    t = Table(title="per operation (latency in ms; ops/s of the run's wall time)", title_justify="left")
+    for col in ("run", "op", "count", "ops/s", "p50", "p99", "p99.9", "statuses"):
+        t.add_column(col, justify="left" if col in ("run", "op", "statuses") else "right")
+    for r in rows:
+        for op in ("SEND", "GRAB", "PACKET", "BALANCE", "ALL"):
+            x = r["by_op"].get(op)
+            if not x:
+                continue
+            lat = x["latency_ms"] or {}
+            t.add_row(
+                r["name"],
+                op,
+                f"{x['count']:,}",
+                _rate(x["ops_per_s"]),
+                _ms(lat.get("p50")),
+                _ms(lat.get("p99")),
+                _ms(lat.get("p99.9")),
+                ", ".join(f"{k} {v:,}" for k, v in sorted(x["statuses"].items())),
+            )
+    console.print(t)
 
 
 def sets_table(console: Console, runs: list[dict]) -> None:
@@ -485,6 +562,28 @@ def write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
 
 
+def _second_curve(ax, r: dict, color) -> None:
+    """A run's telling part on its own, in its colour: in a storm (most
+    answers fast rejections) the durable grabs; in the evening its SENDs."""
+    ok_curve = r.get("percentile_curve_ok_ms") or []
+    if r["scenario"] == "storm" and r["target"] != "echo" and ok_curve and 0 < r["ok"] < r["answered"]:
+        curve, what, p99 = ok_curve, "OK (durable) grabs only", r["latency_ok_ms"]["p99"]
+    elif r["scenario"] == "evening" and (r.get("by_op") or {}).get("SEND"):
+        send = r["by_op"]["SEND"]
+        curve, what, p99 = send.get("percentile_curve_ms") or [], "SENDs only", send["latency_ms"]["p99"]
+    else:
+        return
+    ax.plot(
+        [1.0 / max(1.0 - p / 100.0, 1e-7) for p, _ in curve],
+        [max(v, 0.001) for _, v in curve],
+        "-.",
+        color=color,
+        linewidth=1.0,
+        alpha=0.8,
+        label=f"{r['name']}, {what}: p99 {_ms(p99)} ms",
+    )
+
+
 def write_plot(path: Path, runs: list[dict], title: str) -> None:
     import matplotlib
 
@@ -504,18 +603,7 @@ def write_plot(path: Path, runs: list[dict], title: str) -> None:
         if r["verdict"] != "valid":
             label += " " + r["verdict"]
         (line,) = ax.plot(xs, ys, linestyle=styles.get(r["target"], "-"), linewidth=1.6, label=label)
-        ok_curve = r.get("percentile_curve_ok_ms") or []
-        if r["scenario"] == "storm" and r["target"] != "echo" and ok_curve and 0 < r["ok"] < r["answered"]:
-            # In a storm most answers are fast rejections: show the durable grabs on their own.
-            ax.plot(
-                [1.0 / max(1.0 - p / 100.0, 1e-7) for p, _ in ok_curve],
-                [max(v, 0.001) for _, v in ok_curve],
-                "-.",
-                color=line.get_color(),
-                linewidth=1.0,
-                alpha=0.8,
-                label=f"{r['name']}, OK (durable) grabs only: p99 {_ms(r['latency_ok_ms']['p99'])} ms",
-            )
+        _second_curve(ax, r, line.get_color())
     ticks = [1, 2, 10, 100, 1000, 10_000, 100_000, 1_000_000]
     names = ["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"]
     ax.set_xscale("log")

@@ -81,6 +81,7 @@ class LoadResult:
     max_sched_lag_ms: float = 0.0  # open loop: the worst late wake-up of a load generator
     errors: list = field(default_factory=list)
     by_set: dict = field(default_factory=dict)  # sets: {set: {ok, answered, ok_span_s, wall_s}} from the same t0
+    extra: dict = field(default_factory=dict)  # a generator's own counters (the evening's steps), summed
 
     def status_total(self, name: str) -> int:
         return sum(by_status.get(name, 0) for by_status in self.counts.values())
@@ -114,12 +115,15 @@ def run_load(
     grace_s: float = 10.0,
     protocol: str = "anbao",
     script_sha: str | None = None,
+    extra_spec: dict | None = None,
 ) -> LoadResult:
     """workloads: per load-generator process, its groups, each
     {"worker": owning worker or None, "workload": description}, and with
     sets {"port": its set's port, "set": its set} (counted per set too).
     connections and rate are totals, split between processes and groups.
-    protocol: "anbao" (binary frames) or "resp" (Redis, EVALSHA script_sha)."""
+    protocol: "anbao" (binary frames) or "resp" (Redis, EVALSHA script_sha).
+    extra_spec: more keys for every process's spec (the evening: its
+    "generator" and "evening" model)."""
     procs = len(workloads)
     assert procs >= 1 and connections >= procs, "need at least one connection per load-generator process"
     ctx = mp.get_context("spawn")
@@ -148,6 +152,7 @@ def run_load(
             "worker_count": worker_count,
             "protocol": protocol,
             "script_sha": script_sha,
+            **(extra_spec or {}),
             "groups": [
                 {**{k: g.get(k) for k in ("worker", "port", "set")}, "connections": n, "workload": g["workload"]}
                 for g, n in zip(groups, split, strict=True)
@@ -247,6 +252,8 @@ def _merge(result: LoadResult, parts: list[dict]) -> None:
         result.loadgen_cpu_s.append(round(p["cpu_s"], 2))
         result.max_sched_lag_ms = max(result.max_sched_lag_ms, round(p["max_sched_lag_s"] * 1000, 3))
         result.errors += p["errors"]
+        for k, n in p.get("extra", {}).items():
+            result.extra[k] = result.extra.get(k, 0) + n
         for tag, t in p.get("by_tag", {}).items():
             one = result.by_set.setdefault(tag, {"ok": 0, "answered": 0, "ok_span_s": 0.0, "wall_s": 0.0})
             one["ok"] += t["ok"]

@@ -192,6 +192,69 @@ def test_open_loop_storm(tmp_path):
     assert doc["audit"]["ok"] and (tmp_path / "open.png").exists()
 
 
+EVENING_TINY = ["--users", "300", "--connections", "8", "--procs", "2", "--settle-s", "0", "--baseline", "redis"]
+EVENING_OPS = ("SEND", "GRAB", "PACKET", "BALANCE", "ALL")
+
+
+def _evening_books(doc: dict) -> dict:
+    """Both runs valid, every operation answered, the books right on both
+    sides (anbao: its audit and the OK answers durable; Redis: its own)."""
+    assert doc["valid"] is True and doc["audit"]["ok"] is True
+    runs = {r["target"]: r for r in doc["runs"]}
+    assert set(runs) == {"anbao", "redis"} and all(r["scenario"] == "evening" for r in runs.values())
+    for r in runs.values():
+        assert r["valid"] and r["verdict"] == "valid" and not r["problems"], r["problems"]
+        assert all(r["by_op"][op]["count"] > 0 and r["by_op"][op]["ops_per_s"] > 0 for op in EVENING_OPS)
+        assert all(r["by_op"][op]["latency_ms"]["p99"] > 0 for op in EVENING_OPS)
+        assert r["by_op"]["GRAB"]["statuses"].get("SOLD_OUT", 0) > 0  # every packet sells out
+        assert r["info"]["steps"]["steps_started"] > 0
+    anbao, redis = runs["anbao"], runs["redis"]
+    assert anbao["info"]["durable"]["claims"] == anbao["statuses"]["GRAB"]["OK"]
+    assert anbao["info"]["durable"]["packets"] == anbao["statuses"]["SEND"]["OK"]
+    books = redis["info"]["books"]
+    assert books["claims"] == redis["statuses"]["GRAB"]["OK"] and books["packets"] == redis["statuses"]["SEND"]["OK"]
+    assert books["balances_cents"] + books["escrow_cents"] == books["deposits_cents"] == 300 * 10_000_000
+    assert anbao["info"]["setup_timings_s"]["total_s"] > 0
+    return runs
+
+
+@timeout
+def test_evening_closed_loop_against_redis(tmp_path):
+    """50 steps (packets' lives) on each side: the same steps, so the same
+    sends, grabs, opens and balance checks, every packet sold out."""
+    doc, p = bench(tmp_path, "evening", *EVENING_TINY, "--attempts", "50", "--duration-s", "60")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    runs = _evening_books(doc)
+    for r in runs.values():
+        assert r["info"]["steps"] == {
+            "steps_started": 50,
+            "steps_done": 50,
+            "steps_cut": 0,
+            "retries": r["info"]["steps"]["retries"],
+            "sends_refused": 0,
+            "steps_unfinished": 0,
+            "slots_unsent": 0,
+        }
+        assert r["statuses"]["SEND"]["OK"] == 50 and r["statuses"]["BALANCE"]["OK"] == 50
+        assert r["statuses"]["PACKET"]["OK"] == 150
+    assert runs["anbao"]["statuses"]["GRAB"]["OK"] == runs["redis"]["statuses"]["GRAB"]["OK"]
+    assert runs["anbao"]["info"]["durable"]["packets_not_sold_out"] == 0
+    assert "ops/s, evening (all operations): anbao / redis" in {q["ratio"] for q in doc["ratios"]}
+    assert (tmp_path / "evening.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@timeout
+def test_evening_open_loop_against_redis(tmp_path):
+    """A short open loop (400 requests/s for 3 s): the timetable held, ended by the clock, books right."""
+    doc, p = bench(tmp_path, "evening", *EVENING_TINY, "--rate", "400", "--duration-s", "3", "--label", "ev-open")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    runs = _evening_books(doc)
+    for r in runs.values():
+        assert r["mode"] == "open" and r["rate_per_s"] == 400
+        # Never ahead of the timetable (400/s x 3 s, a slot per worker group at most more); a busy machine may lag.
+        assert 100 <= r["answered"] <= 1200 + 4 and r["wall_s"] >= 2.5
+
+
 SETS_TIMEOUT_S = 90
 
 
@@ -239,6 +302,9 @@ def test_two_sets(tmp_path, scenario):
         ["storm", "--baseline", "mongodb"],
         ["hot", "--hot-packets", "0"],
         ["hot", "--baseline", "redis", "--redis-server", "/nonexistent/redis-server"],
+        ["evening", "--baseline", "naive"],
+        ["evening", "--users", "5"],
+        ["evening", "--sets", "2"],
     ],
 )
 def test_refuses_bad_settings(argv):

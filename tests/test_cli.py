@@ -54,6 +54,9 @@ def test_serve_prints_where_tokens_are_and_serves(tmp_path):
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
+    # A clean stop says so, and leaves no record of processes that are gone.
+    assert "anbao stopped" in rest
+    assert not (data / "run" / "workers.json").exists() and not list((data / "run").glob("*.sock"))
     audit = subprocess.run(ANBAO + ["audit", "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
     assert audit.returncode == 0 and "anbao audit: OK" in audit.stdout, audit.stdout + audit.stderr
     from anbao.storage import embedded

@@ -137,6 +137,7 @@ async def test_cli_demo(anbao):
     assert "grabbing, all at once" in text and "who got what" in text and "88.89" in text
     assert "total" in text and "10/10" in text and "audit: OK" in text
     assert "from the event feed alone" in text and "sold out in" in text and "matches the database" in text
+    assert ",," not in text and "(luckiest)" in text
     await anbao.assert_audit_clean()
 
 

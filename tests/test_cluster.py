@@ -44,6 +44,10 @@ async def test_steering_topology_and_stats(serve):
         assert [st["worker_id"] for st in stats] == [0, 1]
         assert {st["pid"] for st in stats} == set(s.run_info()["workers"].values())
         assert all(st["admission"] == "memcached" for st in stats)
+        # Each worker's one client connection is this cluster's; the
+        # workers' relay connections to each other are counted apart.
+        assert [st["connections"] for st in stats] == [1, 1]
+        assert all(st["relay_connections"] >= 0 for st in stats)
     finally:
         await cluster.close()
     assert s.stop() == 0
@@ -311,9 +315,9 @@ async def test_metrics_endpoint_during_a_storm(serve, fresh_dsn):
     await asyncio.sleep(1.5)  # one flush interval
     after = await asyncio.get_running_loop().run_in_executor(None, scrape, s.metrics_port)
     assert {dict(labels).get("worker") for name, labels in after if name == "anbao_queue_depth"} == {"0", "1"}
-    ok_grabs = after[("anbao_requests_total", (("opcode", "grab"), ("status", "0")))]
+    ok_grabs = after[("anbao_requests_total", (("opcode", "grab"), ("status", "OK")))]
     assert ok_grabs >= 600
-    assert after[("anbao_requests_total", (("opcode", "grab"), ("status", "1")))] >= 1  # some SOLD_OUT
+    assert after[("anbao_requests_total", (("opcode", "grab"), ("status", "SOLD_OUT")))] >= 1
     assert after[("anbao_batch_grabs_count", ())] >= 1
     assert after[("anbao_batch_grabs_sum", ())] == 600, "every committed grab is in exactly one batch"
     assert after[("anbao_commit_seconds_count", ())] == after[("anbao_batch_grabs_count", ())]

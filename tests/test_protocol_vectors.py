@@ -233,3 +233,40 @@ def test_the_conversation_rules_are_written_down():
         "**A client that does not read**",
     ):
         assert needed in doc, needed
+
+
+def _prose_examples() -> list[str]:
+    """PROTOCOL.md's paragraphs outside the vector blocks that spell bytes
+    out in backticks (four hex tokens or more)."""
+    prose = re.sub(r"```vector\n.*?```", "", DOC.read_text(), flags=re.S)
+    paragraphs = [" ".join(p.split()) for p in prose.split("\n\n")]
+    return [p for p in paragraphs if len(re.findall(r"`[0-9a-f]{2,}(?:…[0-9a-f]{2,})?`", p)) >= 4]
+
+
+def test_every_prose_example_is_checked():
+    """Every example written out in PROTOCOL.md's prose is the bytes of the
+    vectors it names (so the codecs check it too), in order; and every
+    length and byte count it states is the one its bytes say."""
+    examples = _prose_examples()
+    assert len(examples) >= 6, "PROTOCOL.md lost its examples"
+    by_name = {v["name"]: v["hex"] for v in VECTORS}
+    for text in examples:
+        named = [n for n in re.findall(r"`([a-z][a-z-]*)`", text) if n in by_name]
+        assert named, f"an example that names no vector: {text[:80]}"
+        whole = "".join(by_name[n] for n in named)
+        pos = 0
+        for token in re.findall(r"`([0-9a-f]{2,}(?:…[0-9a-f]{2,})?)`", text):
+            if token in (by_name[n] for n in named):  # the whole frame again, after its pieces
+                continue
+            for part in token.split("…"):
+                found = whole.find(part, pos)
+                while found != -1 and found % 2:  # bytes start at even hex offsets
+                    found = whole.find(part, found + 1)
+                assert found != -1, f"`{token}` is not next in the bytes of {named}: {text[:80]}"
+                pos = found + len(part)
+        for hex_, n in re.findall(r"`([0-9a-f]+)` length (\d+)", text):
+            assert int(hex_, 16) == int(n), f"`{hex_}` is length {int(hex_, 16)}, not {n}"
+        for hex_, n in re.findall(r"`([0-9a-f]+)` (?:then the |\+ )(\d+)[- ]byte", text):
+            assert int(hex_, 16) == int(n), f"`{hex_}` counts {int(hex_, 16)} bytes, not {n}"
+        for hex_, quoted in re.findall(r'`([0-9a-f]{4})` "([^"]*)"', text):
+            assert int(hex_, 16) == len(quoted.encode()), f'`{hex_}` is not the length of "{quoted}"'

@@ -293,3 +293,25 @@ async def test_sold_out_is_said_only_once_the_last_shares_are_durable(anbao):
     finally:
         await conn.close()
     await anbao.assert_audit_clean()
+
+
+async def test_the_rollup_backend_runs_at_a_lower_priority(anbao):
+    """The roll-up's PostgreSQL backend (a process of this machine) runs at
+    rollup_backend_nice, so its passes take only what the request path
+    leaves; a remote PostgreSQL's is left alone."""
+    import psutil
+
+    from anbao.storage.commit import on_this_machine
+
+    admin = await anbao.client("admin")
+    (sender, user) = await funded_users(admin, 1, 2, 10_000)
+    sent = await admin.send(sender, 100, 1)
+    await admin.grab(sent.packet_id, user)
+    roller = anbao.worker.roller
+    for _ in range(100):  # bounded: 5 s
+        if roller._conn is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert psutil.Process(roller._conn.get_server_pid()).nice() == anbao.limits.rollup_backend_nice
+    assert on_this_machine(anbao.dsn) and on_this_machine("postgresql://u@127.0.0.1:5432/d")
+    assert not on_this_machine("postgresql://u@db.example.com:5432/d")

@@ -38,9 +38,7 @@ async def load_final_set(pool: asyncpg.Pool, packet_id: int) -> FinalSet | None:
                 return None
             eligible = None
             if p["audience"] != Audience.OPEN:
-                eligible = frozenset(
-                    r[0] for r in await conn.fetch("SELECT user_id FROM packet_members WHERE packet_id = $1", packet_id)
-                )
+                eligible = frozenset(r[0] for r in await conn.fetch("SELECT anbao_packet_members($1)", packet_id))
     answers = {r["user_id"]: grab_body(r["amount_cents"], r["seq"], count) for r in claims}
     if len(claims) != count or len(answers) != count or {r["seq"] for r in claims} != set(range(1, count + 1)):
         # More claims than shares, or a user twice: the database breaks an

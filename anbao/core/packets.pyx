@@ -39,6 +39,9 @@ cdef class PacketState:
         self.expires_at_ms = expires_at_ms
         self._eligible = frozenset(eligible) if eligible is not None else None
         self._claims = {}
+        self._by_seq = []
+        self._luckiest = 0
+        self.facts = None
         self.remaining_cents = total_cents
         self.taken_count = 0
         cdef int32_t seq
@@ -47,6 +50,7 @@ cdef class PacketState:
             assert seq == self.taken_count + 1, "claims must be numbered 1..n"
             assert user_id not in self._claims, "a user claims once"
             self._claims[user_id] = (amount, seq)
+            self._by_seq.append((user_id, amount))
             self.remaining_cents -= amount
             self.taken_count = seq
         assert self.taken_count <= count and self.remaining_cents >= 0
@@ -75,6 +79,7 @@ cdef class PacketState:
         self.taken_count += 1
         self.remaining_cents -= amount
         self._claims[user_id] = (amount, self.taken_count)
+        self._by_seq.append((user_id, amount))
         self.last_amount_cents = amount
         self.last_seq = self.taken_count
         assert self.remaining_cents >= 0 and self.taken_count <= self.count
@@ -92,6 +97,24 @@ cdef class PacketState:
 
     def close(self):
         self.closed = True
+
+    def committed_claims(self, Py_ssize_t offset, Py_ssize_t limit):
+        """What the database holds durable for this packet, as PACKET shows
+        it: (claimed_count, claimed_cents, luckiest seq, [(seq, user_id,
+        amount_cents)] from `offset`, at most `limit`). Only committed
+        shares (seq 1..committed_count) count; the luckiest (the largest
+        share, the lowest seq among equals) is named once every share is
+        committed, 0 before."""
+        cdef int32_t n = self.committed_count
+        cdef int64_t pending_cents = 0
+        cdef Py_ssize_t i
+        for i in range(n, self.taken_count):
+            pending_cents += self._by_seq[i][1]
+        claimed_cents = self.total_cents - self.remaining_cents - pending_cents
+        if n == self.count and self._luckiest == 0:
+            self._luckiest = 1 + max(range(n), key=lambda j: (self._by_seq[j][1], -j))
+        page = [(j + 1, self._by_seq[j][0], self._by_seq[j][1]) for j in range(offset, min(n, offset + limit))]
+        return n, claimed_cents, (self._luckiest if n == self.count else 0), page
 
     @property
     def open_audience(self):

@@ -132,6 +132,7 @@ class GrabEngine:
         self._queued_grabs = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.packets_from_memory = 0  # STATS: PACKETs its owner answered from this state (server/ops/packets.py)
         self.on_adopt: Callable[[packets.PacketState], None] | None = None  # admission seeds its counter
         self.on_commit: Callable[[int, float], None] | None = None  # (grabs, seconds): metrics
         self.on_facts: Callable[[], None] | None = None  # grabs or refunds committed: their events need numbers

@@ -35,6 +35,9 @@ class Dispatcher:
         self.db = db
         self.wid = ctx.worker_id
         self._tasks: set[asyncio.Task[None]] = set()
+        self.max_handlers = ctx.limits.max_handlers_per_operation
+        self.handling: dict[int, int] = {}  # opcode -> requests being handled (STATS)
+        self.busy_answers = 0  # STATS: requests refused BUSY by that bound
 
     def dispatch(self, conn: Requester, opcode: int, rid: int, args: tuple[Any, ...]) -> None:
         wid = self.wid
@@ -53,6 +56,16 @@ class Dispatcher:
             if redirect is not None:
                 conn.answer(redirect)
                 return
+        handling = self.handling.get(opcode, 0)
+        if handling >= self.max_handlers:
+            # Answered now, not queued: what is served keeps a bounded wait,
+            # and this operation's backlog never delays another's.
+            self.busy_answers += 1
+            conn.answer(
+                codec.encode_error(opcode, rid, Status.BUSY, wid, f"{handling} of these in progress here; retry later")
+            )
+            return
+        self.handling[opcode] = handling + 1
         task = asyncio.get_running_loop().create_task(self._run(handler, conn, opcode, rid, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -68,6 +81,8 @@ class Dispatcher:
             frame = codec.encode_error(opcode, rid, Status[exc.reason.name], self.wid, str(exc))
         except Exception as exc:
             frame = self._database_error(opcode, rid, exc)
+        finally:
+            self.handling[opcode] -= 1
         conn.answer(frame)
 
     def _database_error(self, opcode: int, rid: int, exc: Exception) -> bytes:

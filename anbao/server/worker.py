@@ -23,6 +23,7 @@ from ..admission import FinalStates, Permits
 from ..admission.claims import load_final_set
 from ..auth import TokenBook
 from ..config import Limits, Settings
+from ..engine.batches import KeyedWrites
 from ..engine.cooldown import Cooldown
 from ..engine.expiry import ExpirySweeper
 from ..engine.feed import EventFeed
@@ -90,6 +91,7 @@ class Worker:
         self._log_rate = dbhealth.OncePerInterval(self.limits.db_down_log_interval_ms)
         self.router: Router | None = None
         self.ledger: Ledger | None = None
+        self.writes: KeyedWrites | None = None
         self.engine: GrabEngine | None = None
         self.roller: Roller | None = None
         self.expiry: ExpirySweeper | None = None
@@ -119,6 +121,7 @@ class Worker:
             lim.rollup_defer_max_ms,
             lim.rollup_small_pass_grabs,
             lim.rollup_small_pass_pause_ms,
+            lim.rollup_backend_nice,
         )
         self.engine = GrabEngine(
             self.ledger,
@@ -182,6 +185,7 @@ class Worker:
             reseed_interval_ms=lim.admission_reseed_interval_ms,
         )
         self.router.start()
+        self.writes = KeyedWrites.open(self.ledger, lim)
         ctx = Context(
             self.worker_id,
             self.worker_count,
@@ -190,6 +194,7 @@ class Worker:
             self.dsn,
             self.ledger,
             self.engine,
+            self.writes,
             routing.shards_of(self.worker_id, self.worker_count),
             self.stats,
             self.feed,
@@ -365,10 +370,15 @@ class Worker:
         assert self.engine is not None and self.router is not None
         return Sample(
             self.engine.queued_grabs,
-            len(self.connections),
+            self.client_connections(),
             dict(self.router.stats),
             self.set_watch.latest if self.set_watch is not None else None,
         )
+
+    def client_connections(self) -> int:
+        """Open connections of clients: the other workers' relay connections
+        (PEER scope) excepted, so an idle server reads 0."""
+        return sum(1 for c in self.connections if c.scope != Scope.PEER)
 
     def stats(self) -> dict[str, Any]:
         """The STATS document: this worker's counters and gauges."""
@@ -377,19 +387,23 @@ class Worker:
         return {
             "worker_id": self.worker_id,
             "pid": os.getpid(),
-            "connections": len(self.connections),
+            "connections": self.client_connections(),
+            "relay_connections": len(self.connections) - self.client_connections(),
             "connections_paused_writing": sum(1 for c in self.connections if c.paused_by & PAUSED_WRITE),
             "unsent_answer_bytes": sum(
                 c.transport.get_write_buffer_size() for c in self.connections if c.transport is not None
             ),
             "packets_in_memory": len(e.states),
             "queued_grabs": e.queued_grabs,
+            "packets_from_memory": e.packets_from_memory,
             "commits": e.commits,
             "committed_grabs": e.committed_grabs,
             "failed_batches": e.failed_batches,
             "cooldowns_started": e.cooldown.cooled if e.cooldown is not None else 0,
             "users_cooling": len(e.cooldown.until) if e.cooldown is not None else 0,
             "rate_limited": self.rate_limits.limited,
+            "busy_answers": self.dispatcher.busy_answers if self.dispatcher is not None else 0,
+            **(self.writes.stats() if self.writes is not None else {}),
             "rolled_up_claims": roller.rolled_claims,
             "rollup_backlog_claims": roller.backlog_claims,
             "rollup_failures": roller.failures,

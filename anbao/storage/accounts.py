@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncpg
 
 from .commit import settle_user
-from .domain import AccountKind, Reason, Refused, TransferKind
+from .domain import AccountKind, BatchResult, MoveRequest, Operation, Reason, Refused, TransferKind
+from .idempotency import batch_results
 
 _USER = f"kind = {AccountKind.USER:d}"
 _EXTERNAL = f"kind = {AccountKind.EXTERNAL:d}"
@@ -110,6 +111,28 @@ class Accounts:
             raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
         return bal
 
+    async def move_batch(self, operation: Operation, moves: list[MoveRequest]) -> list[BatchResult]:
+        """Runs a batch of DEPOSITs or of WITHDRAWs in one statement, one
+        transaction, one commit (anbao_move_batch, migration 0013): each
+        one transfer between the outside world and a wallet, or its
+        refusal, decided in arrival order under the locks of the external
+        account and the wallets, with its key's answer. One result per
+        request, in order. Raises only for the database's faults, and then
+        nothing in the batch happened."""
+        assert operation in (Operation.DEPOSIT, Operation.WITHDRAW)
+        assert moves and len({m.key for m in moves}) == len(moves), "one request per key in a batch"
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM anbao_move_batch($1, $2, $3, $4, $5, $6)",
+                int(operation),
+                [m.key for m in moves],
+                [m.request_hash for m in moves],
+                [m.user_id for m in moves],
+                [m.amount_cents for m in moves],
+                [m.settled for m in moves],
+            )
+        return batch_results(rows, len(moves))
+
     @staticmethod
     async def deposit(conn, user_id: int, amount_cents: int) -> dict:
         """external -> user, in the caller's transaction (see idempotent).
@@ -135,7 +158,7 @@ class Accounts:
         if row is None:
             raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
         if row["balance_cents"] < amount_cents:
-            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {row['balance_cents']} below {amount_cents}")
+            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {row['balance_cents']} cents below {amount_cents} cents")
         tid = await conn.fetchval(
             "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)"
             " VALUES ($1, $2, $3, $4) RETURNING transfer_id",

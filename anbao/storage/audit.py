@@ -172,8 +172,8 @@ CHECKS: list[tuple[str, str]] = [
     (
         "only eligible users claimed",
         f"""SELECT c.packet_id, c.user_id FROM claims_all c JOIN packets p USING (packet_id)
-        WHERE (p.audience <> {Audience.OPEN:d} AND NOT EXISTS (SELECT 1 FROM packet_members m
-                                               WHERE m.packet_id = c.packet_id AND m.user_id = c.user_id))
+        WHERE (p.audience <> {Audience.OPEN:d} AND NOT EXISTS (SELECT 1 FROM anbao_packet_members(c.packet_id) m(u)
+                                                WHERE m.u = c.user_id))
            OR c.user_id = p.sender_id""",
     ),
     (

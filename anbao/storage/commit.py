@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -285,6 +286,7 @@ class Roller:
         defer_max_ms: int,
         small_pass_claims: int = 1000,
         small_pass_pause_ms: int = 100,
+        backend_nice: int = 0,
     ):
         assert batches_per_pass > 0 and idle_poll_ms > 0 and defer_max_ms > 0
         assert 0 <= worker_id < worker_count
@@ -297,6 +299,7 @@ class Roller:
         self.defer_max_ms = defer_max_ms
         self.small_pass_claims = small_pass_claims
         self.small_pass_pause_ms = small_pass_pause_ms
+        self.backend_nice = backend_nice
         self.rolled_claims = 0
         self.failures = 0
         # This worker's committed claims not yet rolled up: read from the
@@ -357,6 +360,7 @@ class Roller:
     async def pass_once(self) -> int:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(self.dsn)
+            lower_priority(self._conn, self.dsn, self.backend_nice)
         n = await self._conn.fetchval(_ROLLUP, self.batches_per_pass, None, None, self.worker_id, self.worker_count)
         self.rolled_claims += n
         self.backlog_claims = await self._conn.fetchval(
@@ -369,6 +373,40 @@ class Roller:
     async def close(self) -> None:
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
+
+
+def on_this_machine(dsn: str) -> bool:
+    """Whether dsn names a PostgreSQL of this machine: a Unix socket or a
+    loopback host (libpq's default, no host, is the Unix socket)."""
+    url = urlsplit(dsn)
+    hosts = parse_qs(url.query).get("host", []) + ([url.hostname] if url.hostname else [])
+    return all(h.startswith("/") or h in ("localhost", "::1") or h.startswith("127.") for h in hosts)
+
+
+def lower_priority(conn: asyncpg.Connection, dsn: str, nice: int) -> bool:
+    """Lowers the CPU priority of conn's PostgreSQL backend to `nice`, when
+    that backend is a process of this machine we may renice. The roll-up
+    is the largest consumer of PostgreSQL's CPU on a red-packet evening
+    (pg_stat_statements), and ran in bursts that took the CPU from the
+    requests waiting for their answers: the tail. At a lower priority it
+    uses what the request path leaves; nothing waits on it (a SEND batch
+    skips a wallet it holds, GRAB commits and reads take none of its locks),
+    and past max_rollup_backlog_grabs the grab path stops to let it catch
+    up. Returns whether it was done (not for a remote PostgreSQL, or
+    without the right to)."""
+    if nice <= 0 or not on_this_machine(dsn):
+        return False  # a remote backend's pid names a process of another machine
+    import psutil
+
+    try:
+        backend = psutil.Process(conn.get_server_pid())
+        if backend.name() != "postgres":
+            return False
+        backend.nice(nice)
+    except (psutil.Error, OSError) as exc:
+        log.debug("roll-up backend left at its priority: %r", exc)
+        return False
+    return True
 
 
 async def settle_user(conn, user_id: int) -> int:

@@ -135,3 +135,64 @@ class EventPage:
     events: list[tuple]
     head: int
     pruned_through: int
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    """One SEND as storage runs it in a batch (packets.Packets.send_batch):
+    validated by the server, its packet id composed by the caller.
+    members: the member list (audiences DIRECT and MEMBERS), else empty;
+    group_id: the group (audience GROUP), else 0. request_hash is what a
+    retry of the key must repeat (idempotency.request_hash)."""
+
+    key: bytes
+    request_hash: bytes
+    packet_id: int
+    sender_id: int
+    total_cents: int
+    count: int
+    mode: int
+    expires_at_ms: int
+    audience: int
+    group_id: int
+    members: tuple[int, ...]
+    greeting: str
+    settled: bool = False  # the sender's pending grabs were rolled up first: a short balance is refused
+
+
+class BatchOutcome(enum.IntEnum):
+    """What a batch function (anbao_send_batch, migration 0012;
+    anbao_move_batch, 0013) did with one keyed request."""
+
+    RAN = 0  # decided now; its answer or refusal is stored under its key
+    REPLAYED = 1  # the key's first answer (or refusal), nothing moved
+    CONFLICT = 2  # the key was used with other parameters; nothing stored
+    SETTLE_FIRST = 3  # short, but the user's pending grabs would cover it; nothing stored
+    WALLET_BUSY = 4  # the wallet is locked elsewhere (a roll-up): nothing stored, send it in the next batch
+
+
+@dataclass(frozen=True)
+class MoveRequest:
+    """One DEPOSIT or WITHDRAW as storage runs it in a batch
+    (accounts.Accounts.move_batch)."""
+
+    key: bytes
+    request_hash: bytes
+    user_id: int
+    amount_cents: int
+    settled: bool = False  # the user's pending grabs were rolled up first: a short balance is refused
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One keyed request's result in its batch: its outcome, its answer (a
+    SEND's {packet_id, balance_cents, expires_at_ms}, a DEPOSIT's or
+    WITHDRAW's {balance_cents, transfer_id}) or refusal and message, and for
+    a group packet sent now its audience as of the group's version."""
+
+    outcome: BatchOutcome
+    answer: dict | None
+    refusal: Reason | None
+    message: str
+    members: list[int] | None = None
+    created_ms: int = 0  # a packet sent now: its created_at (ms since the epoch)

@@ -1,6 +1,10 @@
-"""Groups: a chat app's group id and its members. A SEND to a group
-snapshots its members at send time (packets.py), so a later change touches
-no packet already sent."""
+"""Groups: a chat app's group id and its members. Membership is versioned
+(migration 0012): every change moves the group to its next version, a
+member's row says since which version they belong, and a removed member's
+row moves to group_members_left with the version it ended at. A packet to
+a group records the version it was sent at and belongs to the members of
+that version (anbao_packet_members): membership at send time counts, and a
+SEND copies nothing."""
 
 from __future__ import annotations
 
@@ -18,11 +22,15 @@ async def _check_registered(conn, user_ids: list[int]) -> None:
         raise Refused(Reason.UNKNOWN_USER, f"{len(set(user_ids)) - found} user(s) are not registered")
 
 
-async def _lock_group(conn, group_id: int) -> None:
-    # Membership changes of one group are serialized on its row, and a
-    # SEND snapshots under FOR SHARE of the same row.
-    if await conn.fetchval("SELECT 1 FROM groups WHERE group_id = $1 FOR UPDATE", group_id) is None:
+async def _next_version(conn, group_id: int) -> int:
+    # The group row's lock serializes its membership changes; a SEND reads
+    # the version and the members in one snapshot and takes no lock.
+    version = await conn.fetchval(
+        "UPDATE groups SET version = version + 1 WHERE group_id = $1 RETURNING version", group_id
+    )
+    if version is None:
         raise Refused(Reason.UNKNOWN_GROUP, f"unknown group {group_id}")
+    return version
 
 
 class Groups:
@@ -57,14 +65,15 @@ class Groups:
         max_members the whole change is refused."""
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                await _lock_group(conn, group_id)
+                version = await _next_version(conn, group_id)
                 await _check_registered(conn, user_ids)
                 added = await conn.fetchval(
-                    "WITH ins AS (INSERT INTO group_members (group_id, user_id)"
-                    " SELECT $1, u FROM unnest($2::bigint[]) AS u ON CONFLICT DO NOTHING RETURNING 1)"
+                    "WITH ins AS (INSERT INTO group_members (group_id, user_id, since_version)"
+                    " SELECT $1, u, $3 FROM unnest($2::bigint[]) AS u ON CONFLICT DO NOTHING RETURNING 1)"
                     " SELECT count(*) FROM ins",
                     group_id,
                     user_ids,
+                    version,
                 )
                 n = await conn.fetchval(_MEMBER_COUNT, group_id)
                 if n > max_members:
@@ -76,13 +85,17 @@ class Groups:
         before keep the members they were sent to."""
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                await _lock_group(conn, group_id)
+                version = await _next_version(conn, group_id)
                 await _check_registered(conn, user_ids)
                 removed = await conn.fetchval(
                     "WITH del AS (DELETE FROM group_members WHERE group_id = $1 AND user_id = ANY($2::bigint[])"
-                    " RETURNING 1) SELECT count(*) FROM del",
+                    " RETURNING user_id, since_version),"
+                    " gone AS (INSERT INTO group_members_left (group_id, user_id, since_version, left_version)"
+                    " SELECT $1, user_id, since_version, $3 FROM del RETURNING 1)"
+                    " SELECT count(*) FROM gone",
                     group_id,
                     user_ids,
+                    version,
                 )
                 n = await conn.fetchval(_MEMBER_COUNT, group_id)
         return removed, n

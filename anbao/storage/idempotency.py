@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from .domain import IDEMPOTENCY_KEY_BYTES, Operation, Reason, Refused
+from .domain import IDEMPOTENCY_KEY_BYTES, BatchOutcome, BatchResult, Operation, Reason, Refused
 
 
 def request_hash(operation: Operation, fields: tuple) -> bytes:
@@ -24,6 +24,27 @@ def request_hash(operation: Operation, fields: tuple) -> bytes:
     operation enters as a plain int, as it did when it was the wire opcode,
     so the keys stored before stay valid; fields are plain values too."""
     return hashlib.sha256(repr((int(operation), fields)).encode()).digest()
+
+
+def batch_results(rows: list, n: int) -> list[BatchResult]:
+    """The rows of a batch function (anbao_send_batch, anbao_move_batch:
+    one per request, (i, outcome, refusal, message, answer[, members])) as
+    one BatchResult per request, in request order."""
+    results: list[BatchResult | None] = [None] * n
+    for r in rows:
+        refusal = None if r["refusal"] is None else Reason[r["refusal"]]
+        answer = None if r["answer"] is None else json.loads(r["answer"])
+        members = r.get("members")
+        results[r["i"] - 1] = BatchResult(
+            BatchOutcome(r["outcome"]),
+            answer,
+            refusal,
+            r["message"] or "",
+            None if members is None else list(members),
+            r.get("created_ms") or 0,
+        )
+    assert all(r is not None for r in results), "a batch function answers every request"
+    return results  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,18 @@ expired. Claims are written by the grab commit and the roll-up
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import asyncpg
 
 from ..clock import now_ms
-from .accounts import COUNT_REGISTERED, move
-from .domain import AccountKind, Audience, PacketRecord, PacketStatus, Reason, Refused, TransferKind
+from .domain import (
+    Audience,
+    BatchResult,
+    Operation,
+    PacketRecord,
+    PacketStatus,
+    SendRequest,
+)
+from .idempotency import batch_results
 
 # What a reader is shown as the status: an open packet past its expiry is
 # "expired" until its refund commits; $1 is the server's clock in ms, the
@@ -21,10 +26,6 @@ SHOWN_STATUS = (
     f" THEN {PacketStatus.EXPIRED:d} ELSE status END"
 )
 
-_SENDER = (
-    f"SELECT account_id, balance_cents FROM accounts WHERE kind = {AccountKind.USER:d} AND owner_id = $1 FOR UPDATE"
-)
-_ESCROW = f"INSERT INTO accounts (kind, owner_id) VALUES ({AccountKind.ESCROW:d}, $1) RETURNING account_id"
 _PACKET_INFO = (
     "WITH c AS MATERIALIZED (SELECT seq, user_id, amount_cents FROM anbao_claims_of($2))"
     f" SELECT sender_id, total_cents, share_count, mode, {SHOWN_STATUS} AS status, audience,"
@@ -37,20 +38,13 @@ _PACKET_INFO = (
     "  FROM (SELECT * FROM c ORDER BY seq OFFSET $3 LIMIT $4) pg) AS page"
     " FROM packets WHERE packet_id = $2"
 )
-# The sender's counts for the UTC day of $2 (days since the epoch), this
-# SEND included; a SEND on a later day than the row's starts them again.
-# Runs under the sender's wallet row lock, so concurrent SENDs of one sender
-# count one after the other; a refusal rolls it back with its savepoint.
-_COUNT_SEND = (
-    "INSERT INTO daily_sends AS d (user_id, utc_day, sent_cents, sent_count) VALUES ($1, $2, $3, 1)"
-    " ON CONFLICT (user_id) DO UPDATE SET"
-    " sent_cents = CASE WHEN d.utc_day >= EXCLUDED.utc_day THEN d.sent_cents + EXCLUDED.sent_cents"
-    " ELSE EXCLUDED.sent_cents END,"
-    " sent_count = CASE WHEN d.utc_day >= EXCLUDED.utc_day THEN d.sent_count + 1 ELSE 1 END,"
-    " utc_day = GREATEST(d.utc_day, EXCLUDED.utc_day)"
-    " RETURNING sent_cents, sent_count"
-)
 MS_PER_DAY = 86_400_000
+PACKET_SEQ_BLOCK = 1024  # packet sequence numbers per nextval('packet_block_seq'): migration 0012's setval
+_SEND_BATCH = "SELECT * FROM anbao_send_batch(" + ", ".join(f"${n}" for n in range(1, 22)) + ")"
+
+
+# Who may claim a packet that is not open (migration 0012, the rule's one home).
+PACKET_MEMBERS = "SELECT anbao_packet_members($1)"
 
 # Open, or expired and not refunded yet: the rows of the partial index
 # packets_open_by_expiry (migration 0002), whose predicate this repeats.
@@ -65,120 +59,67 @@ _EXPIRED = (
 class Packets:
     pool: asyncpg.Pool
 
-    async def send(
-        self,
-        conn,
-        packet_id_of: Callable[[int], int],
-        sender_id: int,
-        total_cents: int,
-        count: int,
-        mode: int,
-        min_share_cents: int,
-        expires_at_ms: int,
-        audience: int,
-        members: list[int],
-        greeting: str,
-        *,
-        max_share_cents: int = 0,
-        daily_max_cents: int | None = None,
-        daily_max_packets: int | None = None,
-        at_ms: int | None = None,
-    ) -> tuple[PacketRecord, int]:
-        """sender -> new escrow, and the packet row, in the caller's
-        transaction (see idempotent). The packet's id is packet_id_of(a new
-        value of packet_seq): the caller composes it (anbao_client.routing
-        owns the layout of an id). Returns the new packet's record (its
-        eligible users None for an open packet) and the sender's balance.
-        For a group, `members` is [group_id] and the group's members other
-        than the sender are snapshotted into packet_members: membership at
-        send time counts.
+    async def packet_seq_block(self) -> range:
+        """PACKET_SEQ_BLOCK new packet sequence numbers, for one nextval
+        (migration 0012): a SEND costs no round trip for its id."""
+        async with self.pool.acquire() as conn:
+            block = await conn.fetchval("SELECT nextval('packet_block_seq')")
+        return range(block * PACKET_SEQ_BLOCK, (block + 1) * PACKET_SEQ_BLOCK)
 
-        max_share_cents (0: none) is stored with the packet: its shares are
-        drawn under it for its whole life. daily_max_cents and
-        daily_max_packets cap what the sender sends per UTC day (of at_ms,
-        the server's clock by default), counted under the sender's wallet
-        row lock, so two concurrent SENDs cannot both pass a cap."""
-        sender = await conn.fetchrow(_SENDER, sender_id)
-        if sender is None:
-            raise Refused(Reason.UNKNOWN_USER, f"unknown sender {sender_id}")
-        if sender["balance_cents"] < total_cents:
-            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {sender['balance_cents']} below {total_cents}")
-        group_id = None
-        if audience == Audience.GROUP:
-            [group_id] = members
-            # FOR SHARE: a membership change (which locks the group row FOR
-            # UPDATE) lands wholly before or wholly after this snapshot.
-            if await conn.fetchval("SELECT 1 FROM groups WHERE group_id = $1 FOR SHARE", group_id) is None:
-                raise Refused(Reason.UNKNOWN_GROUP, f"unknown group {group_id}")
-            members = [
-                r[0]
-                for r in await conn.fetch(
-                    "SELECT user_id FROM group_members WHERE group_id = $1 AND user_id <> $2", group_id, sender_id
-                )
-            ]
-            if count > len(members):
-                raise Refused(
-                    Reason.INVALID,
-                    f"{count} shares for {len(members)} group members besides the"
-                    " sender: the packet could never sell out",
-                )
-        elif members:
-            found = await conn.fetchval(COUNT_REGISTERED, members)
-            if found != len(members):
-                raise Refused(Reason.UNKNOWN_USER, f"{len(members) - found} member(s) are not registered")
-        if daily_max_cents is not None or daily_max_packets is not None:
-            day = (now_ms() if at_ms is None else at_ms) // MS_PER_DAY
-            sent_cents, sent_count = await conn.fetchrow(_COUNT_SEND, sender_id, day, total_cents)
-            if daily_max_packets is not None and sent_count > daily_max_packets:
-                raise Refused(
-                    Reason.DAILY_SEND_COUNT_CAP,
-                    f"sender {sender_id} has sent {sent_count - 1} packets today (UTC);"
-                    f" the daily cap is {daily_max_packets}",
-                )
-            if daily_max_cents is not None and sent_cents > daily_max_cents:
-                raise Refused(
-                    Reason.DAILY_SEND_AMOUNT_CAP,
-                    f"sender {sender_id} has sent {sent_cents - total_cents} cents today (UTC);"
-                    f" {total_cents} more would pass the daily cap of {daily_max_cents}",
-                )
-        packet_id = packet_id_of(await conn.fetchval("SELECT nextval('packet_seq')"))
-        escrow = await conn.fetchval(_ESCROW, packet_id)
-        await conn.execute(
-            "INSERT INTO packets (packet_id, sender_id, escrow_account_id, total_cents, share_count, mode,"
-            " min_share_cents, audience, greeting, expires_at, group_id, max_share_cents)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, to_timestamp($10::float8 / 1000), $11, $12)",
-            packet_id,
-            sender_id,
-            escrow,
-            total_cents,
-            count,
-            int(mode),
-            min_share_cents,
-            int(audience),
-            greeting,
-            expires_at_ms,
-            group_id,
-            max_share_cents,
-        )
-        if members:
-            await conn.execute(
-                "INSERT INTO packet_members (packet_id, user_id) SELECT $1, unnest($2::bigint[])", packet_id, members
+    async def send_batch(
+        self,
+        sends: list[SendRequest],
+        *,
+        min_share_cents: int,
+        max_share_cents: int,
+        daily_max_cents: int | None,
+        daily_max_packets: int | None,
+        at_ms: int,
+        patient: bool = False,
+    ) -> list[BatchResult]:
+        """Runs a batch of SENDs in one statement, one transaction, one
+        commit (anbao_send_batch, migration 0012): each SEND's money from
+        the sender's wallet to its packet's new escrow, its packet row, its
+        daily counts and its key's answer, or its refusal, decided in
+        arrival order under the senders' wallet locks. One result per SEND,
+        in order. Every packet stores max_share_cents (0: none); the daily
+        caps count the UTC day of at_ms. A group packet's audience is the
+        group as of its version (nothing is copied). Unless patient, a SEND
+        whose sender's wallet another transaction holds is not waited for
+        (BatchOutcome.WALLET_BUSY). Raises only for the database's faults,
+        and then nothing in the batch happened."""
+        assert sends and len({s.key for s in sends}) == len(sends), "one SEND per key in a batch"
+        member_ids: list[int] = []
+        member_ends: list[int] = []
+        for s in sends:
+            member_ids.extend(s.members)
+            member_ends.append(len(member_ids))
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                _SEND_BATCH,
+                int(Operation.SEND),
+                [s.key for s in sends],
+                [s.request_hash for s in sends],
+                [s.packet_id for s in sends],
+                [s.sender_id for s in sends],
+                [s.total_cents for s in sends],
+                [s.count for s in sends],
+                [s.mode for s in sends],
+                [s.expires_at_ms for s in sends],
+                [s.audience for s in sends],
+                [s.group_id for s in sends],
+                member_ids,
+                member_ends,
+                [s.greeting for s in sends],
+                [s.settled for s in sends],
+                min_share_cents,
+                max_share_cents,
+                daily_max_cents,
+                daily_max_packets,
+                at_ms // MS_PER_DAY,
+                patient,
             )
-        await move(conn, TransferKind.SEND, str(int(sender["account_id"])), escrow, total_cents, packet_id)
-        record = PacketRecord(
-            packet_id,
-            sender_id,
-            total_cents,
-            count,
-            mode,
-            min_share_cents,
-            expires_at_ms,
-            None if audience == Audience.OPEN else members,
-            [],
-            False,
-            max_share_cents,
-        )
-        return record, sender["balance_cents"] - total_cents
+        return batch_results(rows, len(sends))
 
     async def load_packet(self, packet_id: int) -> PacketRecord | None:
         """The packet's durable state, for rebuilding its in-memory state;
@@ -194,9 +135,7 @@ class Packets:
             claims = await conn.fetch("SELECT user_id, seq, amount_cents FROM anbao_claims_of($1)", packet_id)
             members = None
             if p["audience"] != Audience.OPEN:
-                members = [
-                    r[0] for r in await conn.fetch("SELECT user_id FROM packet_members WHERE packet_id = $1", packet_id)
-                ]
+                members = [r[0] for r in await conn.fetch(PACKET_MEMBERS, packet_id)]
         return PacketRecord(
             packet_id,
             p["sender_id"],

@@ -19,6 +19,7 @@ from .errors import (
     InsufficientFunds,
     Internal,
     Invalid,
+    NotAnbao,
     NotEligible,
     NotFound,
     RateLimited,
@@ -78,6 +79,7 @@ __all__ = [
     # errors: the connection's, then one class per status code
     "AnbaoError",
     "ConnectionLost",
+    "NotAnbao",
     "RequestTimeout",
     "AlreadyClaimed",
     "Busy",

@@ -9,32 +9,51 @@ import asyncio
 import errno
 import json
 import os
+import random
 import socket
 import ssl as ssl_module
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any
 
 from . import wire
+from .checks import check, check_int
 from .errors import (
     AlreadyClaimed,
     Busy,
     ConnectionLost,
     InDoubt,
+    NotAnbao,
     RateLimited,
     RequestTimeout,
     Unavailable,
     error_for,
 )
-from .protocol import NO_OPCODE, OPCODE_OFFSET
+from .protocol import NO_OPCODE, OPCODE_OFFSET, Op
 from .wire import Status
 
 DEFAULT_TIMEOUT_MS = 10_000
 MAX_INFLIGHT_DEFAULT = 4096
 IN_DOUBT_FIRST_PAUSE_S = 0.05  # then doubling, up to the next
 IN_DOUBT_MAX_PAUSE_S = 0.5
+# BUSY says the server is overloaded and did nothing: the request is sent
+# again, after a pause drawn between half and all of one that starts here
+# and doubles, for at most busy_retry_ms in all; then Busy reaches the
+# caller. Random pauses keep clients turned away together from coming back
+# together. RATE_LIMITED is not retried: it is this caller's own quota, the
+# caller's to pace.
+BUSY_RETRY_MS = 2_000
+BUSY_FIRST_PAUSE_S = 0.005
+BUSY_MAX_PAUSE_S = 0.25
 EVENTS_WAIT_MS = 30_000  # how long one EVENTS long poll waits for news
 EVENTS_RECONNECT_FIRST_PAUSE_S = 0.05  # then doubling, up to the next
 EVENTS_RECONNECT_MAX_PAUSE_S = 2.0
+
+# HELLO's request id, "\r\n\r\n": a line-oriented server met by mistake
+# (HTTP, such as the metrics port; memcached; redis) sees a line end and
+# answers at once, in its own language, which the client then recognises
+# as not the protocol instead of waiting out its timeout. The anbao server
+# gives request ids no meaning but to match answers.
+HELLO_REQUEST_ID = 0x0D0A0D0A
 
 # `build` functions: a request id in, the whole request frame out.
 Build = Callable[[int], bytes]
@@ -48,32 +67,52 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, client: Client) -> None:
         self._client = client
         self._frames = wire.FrameBuffer()
+        self._seen_frame = False
 
     def data_received(self, data: bytes) -> None:
         try:
             responses = self._frames.feed(data)
         except ValueError as exc:
-            self._client._fail_all(ConnectionLost(str(exc)))
+            first = self._client.hello is None and not self._seen_frame
+            self._client._fail_all(_not_anbao(data) if first else ConnectionLost(str(exc)))
             if self._client._transport is not None:
                 self._client._transport.close()
             return
+        self._seen_frame = self._seen_frame or bool(responses)
         for r in responses:
             self._client._deliver(r)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._client._fail_all(ConnectionLost(str(exc) if exc else "connection closed by server"))
+        # Who closed it matters to whoever reads the message: a close()
+        # is the client's own doing, not the server's.
+        why = str(exc) if exc else "client is closed" if self._client._closing else "connection closed by server"
+        self._client._fail_all(ConnectionLost(why))
+
+
+def _not_anbao(data: bytes) -> NotAnbao:
+    """The error for a first answer that is no frame of the protocol."""
+    head = data[:48]
+    what = "an HTTP server (the metrics port?)" if b"HTTP/" in head or b"<!DOCTYPE" in head.upper() else "a server"
+    return NotAnbao(f"{what} answered, not in the anbao protocol: {head!r}")
 
 
 class Client:
     """Use `await Client.connect(host, port, token)`; close with `await c.close()`."""
 
-    def __init__(self, timeout_ms: int, max_inflight: int) -> None:
-        assert timeout_ms > 0 and max_inflight > 0
+    def __init__(self, timeout_ms: int, max_inflight: int, busy_retry_ms: int = BUSY_RETRY_MS) -> None:
+        # Checked, not asserted: they come from the caller (and asserts vanish under -O).
+        for name, value, least in (("timeout_ms", timeout_ms, 1), ("max_inflight", max_inflight, 1)):
+            check_int(name, value, "I")
+            if value < least:
+                raise ValueError(f"{name} must be at least {least}, not {value}")
+        check_int("busy_retry_ms", busy_retry_ms, "I")
         self.timeout_ms = timeout_ms
+        self.busy_retry_ms = busy_retry_ms
         self._pending: dict[int, asyncio.Future[wire.Response]] = {}
         self._next_id = 1
         self._transport: asyncio.Transport | None = None
         self._closed_error: Exception | None = None
+        self._closing = False
         self._slots = asyncio.Semaphore(max_inflight)
         self.hello: wire.Hello | None = None
         # How to open another connection like this one (events() follows on its own).
@@ -90,8 +129,14 @@ class Client:
         max_inflight: int = MAX_INFLIGHT_DEFAULT,
         ssl: ssl_module.SSLContext | None = None,
         local_port: int | None = None,
+        busy_retry_ms: int = BUSY_RETRY_MS,
     ) -> Client:
-        self = cls(timeout_ms, max_inflight)
+        """busy_retry_ms: how long a request answered BUSY is sent again,
+        backing off, before Busy reaches the caller (0: at once)."""
+        if not isinstance(token, str | bytes):
+            raise TypeError(f"token must be a str or bytes, not {type(token).__name__}")
+        check_int("port", port, "H")
+        self = cls(timeout_ms, max_inflight, busy_retry_ms)
         loop = asyncio.get_running_loop()
         local_addr = (host, local_port) if local_port else None
         transport, _ = await asyncio.wait_for(
@@ -113,11 +158,14 @@ class Client:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         token_bytes = token.encode() if isinstance(token, str) else token
         self._address = (host, port, token_bytes, ssl)
+        self._next_id = HELLO_REQUEST_ID
         r = await self._call(lambda rid: wire.hello(rid, token_bytes))
+        self._next_id = 1
         self.hello = wire.decode_hello(r.body)
         return self
 
     async def close(self) -> None:
+        self._closing = True
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -139,6 +187,24 @@ class Client:
         return rid
 
     async def _call(
+        self, build: Build, *, ok: Collection[int] = (Status.OK,), retry_in_doubt: bool = False
+    ) -> wire.Response:
+        """_call_settled, sent again while the server answers BUSY (nothing
+        was done), backing off, for at most busy_retry_ms."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.busy_retry_ms / 1000
+        pause_s = BUSY_FIRST_PAUSE_S
+        while True:
+            try:
+                return await self._call_settled(build, ok=ok, retry_in_doubt=retry_in_doubt)
+            except Busy:
+                wait_s = pause_s * random.uniform(0.5, 1.0)
+                if loop.time() + wait_s >= give_up_at:
+                    raise
+            await asyncio.sleep(wait_s)
+            pause_s = min(pause_s * 2, BUSY_MAX_PAUSE_S)
+
+    async def _call_settled(
         self, build: Build, *, ok: Collection[int] = (Status.OK,), retry_in_doubt: bool = False
     ) -> wire.Response:
         """Sends one request and waits for its answer; statuses outside `ok`
@@ -179,9 +245,11 @@ class Client:
             raise ConnectionLost("client is closed")
         async with self._slots:
             rid = self._take_id()
+            # Built before its answer is awaited: a request that cannot be
+            # built leaves nothing pending (no future failed later, unseen).
+            request = build(rid)
             fut: asyncio.Future[wire.Response] = asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
-            request = build(rid)
             self._transport.write(request)
             wait_ms = timeout_ms or self.timeout_ms
             try:
@@ -222,11 +290,13 @@ class Client:
 
     async def register(self, user_ids: list[int]) -> int:
         """Opens wallets for these user ids; returns how many were new."""
+        check(Op.REGISTER, user_ids=user_ids)
         r = await self._call(lambda rid: wire.register(rid, user_ids))
         return wire.decode_register(r.body)
 
     async def deposit(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Deposited:
-        k = key or new_idempotency_key()
+        k = new_idempotency_key() if key is None else key
+        check(Op.DEPOSIT, key=k, user_id=user_id, amount_cents=amount_cents)
         r = await self._call(lambda rid: wire.deposit(rid, k, user_id, amount_cents), retry_in_doubt=True)
         return wire.decode_deposited(r.body)
 
@@ -236,47 +306,56 @@ class Client:
 
     async def balance_detail(self, user_id: int) -> wire.Balance:
         """The balance, and with several sets what is on its way from them."""
+        check(Op.BALANCE, user_id=user_id)
         r = await self._call(lambda rid: wire.balance(rid, user_id))
         return wire.decode_balance_detail(r.body)
 
     async def withdraw(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Withdrawn:
         """Admin scope: money out of a wallet to the outside world. Above the
         balance it raises InsufficientFunds and nothing moves."""
-        k = key or new_idempotency_key()
+        k = new_idempotency_key() if key is None else key
+        check(Op.WITHDRAW, key=k, user_id=user_id, amount_cents=amount_cents)
         r = await self._call(lambda rid: wire.withdraw(rid, k, user_id, amount_cents), retry_in_doubt=True)
         return wire.decode_withdrawn(r.body)
 
     async def statement(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Statement:
         """The wallet's balance and its transfers, newest first; pass
         `next_cursor` back for the next (older) page."""
+        check(Op.STATEMENT, user_id=user_id, cursor=cursor, limit=limit)
         r = await self._call(lambda rid: wire.statement(rid, user_id, cursor, limit))
         return wire.decode_statement(r.body)
 
     async def sent(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Page:
         """The packets a user sent, newest first (items: SentPacket)."""
+        check(Op.SENT_LIST, user_id=user_id, cursor=cursor, limit=limit)
         r = await self._call(lambda rid: wire.sent_list(rid, user_id, cursor, limit))
         return wire.decode_sent_list(r.body)
 
     async def received(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Page:
         """The shares a user grabbed, newest first (items: ReceivedShare)."""
+        check(Op.RECEIVED_LIST, user_id=user_id, cursor=cursor, limit=limit)
         r = await self._call(lambda rid: wire.received_list(rid, user_id, cursor, limit))
         return wire.decode_received_list(r.body)
 
     async def group_create(self, group_id: int, members: Sequence[int] = (), *, name: str = "") -> wire.GroupCreated:
         """Creates a group under the chat app's id; an id that exists is left
         unchanged (created False), so a retry is safe."""
+        check(Op.GROUP_CREATE, group_id=group_id, name=name, members=members)
         r = await self._call(lambda rid: wire.group_create(rid, group_id, name, list(members)))
         return wire.decode_group_created(r.body)
 
     async def group_add(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
+        check(Op.GROUP_ADD, group_id=group_id, user_ids=user_ids)
         r = await self._call(lambda rid: wire.group_add(rid, group_id, list(user_ids)))
         return wire.decode_group_change(r.body)
 
     async def group_remove(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
+        check(Op.GROUP_REMOVE, group_id=group_id, user_ids=user_ids)
         r = await self._call(lambda rid: wire.group_remove(rid, group_id, list(user_ids)))
         return wire.decode_group_change(r.body)
 
     async def group_info(self, group_id: int, *, cursor: int = 0, limit: int = 1000) -> wire.GroupInfo:
+        check(Op.GROUP_INFO, group_id=group_id, cursor=cursor, limit=limit)
         r = await self._call(lambda rid: wire.group_info(rid, group_id, cursor, limit))
         return wire.decode_group_info(r.body)
 
@@ -302,8 +381,16 @@ class Client:
         """Sends a packet: to one user (to_user), to a member list (members),
         to a group's members at this moment (group), or, with none of these,
         to any registered user."""
-        k = key or new_idempotency_key()
-        assert sum(x is not None for x in (to_user, members, group)) <= 1, "one audience"
+        k = new_idempotency_key() if key is None else key
+        if sum(x is not None for x in (to_user, members, group)) > 1:
+            raise ValueError("send takes one audience: to_user, members or group")
+        check(Op.SEND, key=k, sender_id=sender_id, total_cents=total_cents, count=count, mode=mode)
+        check(Op.SEND, expiry_seconds=expiry_seconds, greeting=greeting)
+        if members is not None:
+            check(Op.SEND, members=members)
+        for name, one in (("to_user", to_user), ("group", group)):
+            if one is not None:
+                check_int(name, one, "Q")
         audience: wire.Audience
         ids: list[int]
         if to_user is not None:
@@ -325,6 +412,7 @@ class Client:
         AlreadyClaimed carrying the first grab's share (`.grabbed`). An
         IN_DOUBT answer (the owner worker died with the grab) is retried
         here; ALREADY_CLAIMED after it means this very grab landed."""
+        check(Op.GRAB, packet_id=packet_id, user_id=user_id)
         r = await self._call(
             lambda rid: wire.grab(rid, packet_id, user_id), ok=(Status.OK, Status.ALREADY_CLAIMED), retry_in_doubt=True
         )
@@ -344,6 +432,7 @@ class Client:
         return figures
 
     async def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
+        check(Op.PACKET, packet_id=packet_id, claims_offset=claims_offset, claims_limit=claims_limit)
         r = await self._call(lambda rid: wire.packet(rid, packet_id, claims_offset, claims_limit))
         return wire.decode_packet(r.body)
 
@@ -354,6 +443,7 @@ class Client:
         `limit`); with wait_ms, the server waits that long for one when there
         is none yet (a long poll; this request's timeout is extended by it).
         A cursor older than retention raises CursorExpired (`.resume_cursor`)."""
+        check(Op.EVENTS, after=after, limit=limit, wait_ms=wait_ms)
         r = await self._call_once(
             lambda rid: wire.events(rid, after, limit, wait_ms), (Status.OK,), self.timeout_ms + wait_ms
         )

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from . import wire
+from .checks import check_int
 from .client import DEFAULT_TIMEOUT_MS, EVENTS_WAIT_MS, MAX_INFLIGHT_DEFAULT, Client
 from .routing import local_port_for, owner_of
 
@@ -71,6 +72,7 @@ class Cluster:
         return [(await c.topology()).worker_id for c in self.clients]
 
     def for_packet(self, packet_id: int) -> Client:
+        check_int("packet_id", packet_id, "Q")  # before its bits choose a connection
         return self.clients[owner_of(packet_id, len(self.clients))]
 
     def any(self) -> Client:

@@ -170,6 +170,11 @@ class ConnectionLost(Exception):
     idempotency key (GRAB: the same packet and user)."""
 
 
+class NotAnbao(ConnectionLost):
+    """What answered at this address does not speak the anbao protocol (an
+    HTTP server, such as the metrics port, say): nothing was done there."""
+
+
 class RequestTimeout(Exception):
     """No answer within the request timeout; the outcome is unknown, as
     with ConnectionLost, and a retry with the same key is safe."""

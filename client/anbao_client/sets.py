@@ -12,9 +12,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from . import wire
+from .checks import check, check_int
 from .client import DEFAULT_TIMEOUT_MS, MAX_INFLIGHT_DEFAULT
 from .cluster import Cluster
 from .errors import WrongSet
+from .protocol import Op
 from .routing import SetTopology, home_set, set_of
 
 T = TypeVar("T")
@@ -55,7 +57,8 @@ class SetCluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def home(self, user_id: int) -> int:
+    def home(self, user_id: int, name: str = "user_id") -> int:
+        check_int(name, user_id, "Q")  # before its value chooses a set
         return home_set(user_id, self.topology)
 
     async def _at(self, set_id: int, call: Callable[[Cluster], Awaitable[T]]) -> T:
@@ -69,9 +72,11 @@ class SetCluster:
     # ------------------------------------------------------------ packets: their set
 
     async def grab(self, packet_id: int, user_id: int) -> wire.Grabbed:
+        check_int("packet_id", packet_id, "Q")
         return await self._at(set_of(packet_id), lambda c: c.grab(packet_id, user_id))
 
     async def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
+        check_int("packet_id", packet_id, "Q")
         return await self._at(
             set_of(packet_id),
             lambda c: c.packet(packet_id, claims_offset=claims_offset, claims_limit=claims_limit),
@@ -79,11 +84,14 @@ class SetCluster:
 
     async def send(self, sender_id: int, total_cents: int, count: int, **kwargs: Any) -> wire.Sent:
         """A packet lives in its sender's home set (its id says so)."""
-        return await self._at(self.home(sender_id), lambda c: c.send(sender_id, total_cents, count, **kwargs))
+        return await self._at(
+            self.home(sender_id, "sender_id"), lambda c: c.send(sender_id, total_cents, count, **kwargs)
+        )
 
     # ------------------------------------------------------------ wallets: the user's home set
 
     async def register(self, user_ids: list[int]) -> int:
+        check(Op.REGISTER, user_ids=user_ids)
         by_set: dict[int, list[int]] = {}
         for u in user_ids:
             by_set.setdefault(self.home(u), []).append(u)

@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
 from anbao_client.protocol import Op, Status
 
 from ...core import codec
-from ...storage.domain import Operation
-from ...storage.idempotency import StoredAnswer
-from ...storage.ledger import Ledger
+from ...engine.batches import MoveBatcher
+from ...storage.domain import BatchOutcome, BatchResult, MoveRequest, SendRequest
+from ...storage.idempotency import request_hash
 from .. import answers
 from .base import Context, Refused, facts_written, page_limit
 
 
-def reply_stored(ctx: Context, op: Op, rid: int, stored: StoredAnswer, *names: str) -> bytes:
-    """The answer an idempotent write stored (storage's values, named in the
-    table's order), or its refusal, under this request's id."""
-    if stored.refusal is not None:
-        return codec.encode_error(op, rid, Status[stored.refusal.name], ctx.worker_id, stored.message)
-    assert stored.value is not None
-    return answers.ok(op, rid, ctx.worker_id, *(stored.value[n] for n in names))
+def reply_batch(ctx: Context, op: Op, rid: int, result: BatchResult, *names: str) -> bytes:
+    """The answer a keyed write's batch gave (storage's values, named in
+    the table's order, whether run now or replayed), or its refusal, under
+    this request's id."""
+    if result.outcome == BatchOutcome.CONFLICT or result.refusal is not None:
+        assert result.refusal is not None
+        return codec.encode_error(op, rid, Status[result.refusal.name], ctx.worker_id, result.message)
+    assert result.answer is not None
+    return answers.ok(op, rid, ctx.worker_id, *(result.answer[n] for n in names))
+
+
+async def run_keyed(ctx: Context, submit: Callable[[Any], Awaitable[BatchResult]], request: Any) -> BatchResult:
+    """Runs a keyed write through its batcher. A SEND or WITHDRAW short of
+    posted money that the user's acknowledged grabs would cover is run once
+    more after those grabs are posted (then a short balance is refused)."""
+    result = await submit(request)
+    if result.outcome == BatchOutcome.SETTLE_FIRST:
+        await ctx.ledger.settle(request.sender_id if isinstance(request, SendRequest) else request.user_id)
+        result = await submit(replace(request, settled=True))
+        assert result.outcome != BatchOutcome.SETTLE_FIRST
+    if result.outcome in (BatchOutcome.RAN, BatchOutcome.REPLAYED):
+        facts_written(ctx)
+    return result
 
 
 async def register(ctx: Context, rid: int, user_ids: list[int]) -> bytes:
@@ -28,55 +48,27 @@ async def register(ctx: Context, rid: int, user_ids: list[int]) -> bytes:
 
 
 async def _external_move(
-    ctx: Context,
-    op: Op,
-    operation: Operation,
-    rid: int,
-    key: bytes,
-    user_id: int,
-    amount_cents: int,
-    limit_cents: int,
-    move,
+    ctx: Context, op: Op, batcher: MoveBatcher, rid: int, key: bytes, user_id: int, amount_cents: int, limit_cents: int
 ) -> bytes:
     """DEPOSIT and WITHDRAW: one transfer between the outside world and a
-    wallet, idempotent by key, answered (balance_cents, transfer_id)."""
+    wallet, by group commit, idempotent by key, answered (balance_cents,
+    transfer_id)."""
     if amount_cents > limit_cents:
-        raise Refused(Status.INVALID, f"amount_cents above the limit {limit_cents}")
-    await ctx.ledger.settle(user_id)
-
-    async def body(conn) -> dict[str, int]:
-        return await move(conn, user_id, amount_cents)
-
-    stored = await ctx.ledger.idempotent(key, operation, (user_id, amount_cents), body)
-    facts_written(ctx)
-    return reply_stored(ctx, op, rid, stored, "balance_cents", "transfer_id")
+        raise Refused(Status.INVALID, f"amount {amount_cents} cents above the limit of {limit_cents} cents")
+    request = MoveRequest(key, request_hash(batcher.operation, (user_id, amount_cents)), user_id, amount_cents)
+    result = await run_keyed(ctx, batcher.submit, request)
+    return reply_batch(ctx, op, rid, result, "balance_cents", "transfer_id")
 
 
 async def deposit(ctx: Context, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
     return await _external_move(
-        ctx,
-        Op.DEPOSIT,
-        Operation.DEPOSIT,
-        rid,
-        key,
-        user_id,
-        amount_cents,
-        ctx.limits.max_deposit_cents,
-        Ledger.deposit,
+        ctx, Op.DEPOSIT, ctx.writes.deposits, rid, key, user_id, amount_cents, ctx.limits.max_deposit_cents
     )
 
 
 async def withdraw(ctx: Context, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
     return await _external_move(
-        ctx,
-        Op.WITHDRAW,
-        Operation.WITHDRAW,
-        rid,
-        key,
-        user_id,
-        amount_cents,
-        ctx.limits.max_withdraw_cents,
-        Ledger.withdraw,
+        ctx, Op.WITHDRAW, ctx.writes.withdrawals, rid, key, user_id, amount_cents, ctx.limits.max_withdraw_cents
     )
 
 

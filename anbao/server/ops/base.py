@@ -10,6 +10,7 @@ from typing import Any
 from anbao_client.protocol import Status
 
 from ...config import Limits
+from ...engine.batches import KeyedWrites
 from ...engine.feed import EventFeed
 from ...engine.grabs import GrabEngine
 from ...storage.ledger import Ledger
@@ -34,6 +35,7 @@ class Context:
     dsn: str
     ledger: Ledger
     engine: GrabEngine
+    writes: KeyedWrites  # SEND, DEPOSIT, WITHDRAW by group commit
     own_shards: list[int]  # the shards this worker creates packets in (it owns them)
     stats: Callable[[], dict[str, Any]]  # the worker's STATS document
     feed: EventFeed | None = None  # the event feed (EVENTS); poked by every money write

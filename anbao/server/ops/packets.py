@@ -3,16 +3,19 @@ it never leaves the event loop's fast path (router -> engine)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from anbao_client import protocol
 from anbao_client.protocol import Audience, Mode, Op, Status
 from anbao_client.routing import make_packet_id, owner_of
 
 from ...clock import now_ms
 from ...engine.grabs import packet_state
-from ...storage.domain import Operation
+from ...storage.domain import BatchOutcome, BatchResult, Operation, PacketRecord, PacketStatus, SendRequest
+from ...storage.idempotency import request_hash
 from .. import answers
-from .accounts import reply_stored
-from .base import Context, Refused, facts_written, page_limit
+from .accounts import reply_batch, run_keyed
+from .base import Context, Refused, page_limit
 
 
 def validate_send(
@@ -25,9 +28,11 @@ def validate_send(
     if not 1 <= count <= lim.max_share_count:
         raise Refused(Status.INVALID, f"count must be 1..{lim.max_share_count}")
     if total > lim.max_total_cents:
-        raise Refused(Status.INVALID, f"total_cents above the limit {lim.max_total_cents}")
+        raise Refused(Status.INVALID, f"total {total} cents above the limit of {lim.max_total_cents} cents")
     if total < count * lim.min_share_cents:
-        raise Refused(Status.INVALID, f"total_cents below count x {lim.min_share_cents} cent minimum share")
+        raise Refused(
+            Status.INVALID, f"total {total} cents below {count} shares of at least {lim.min_share_cents} cents"
+        )
     if total > count * lim.max_share_cents:
         # Fixed mode's largest share is ceil(total / count); random mode
         # could not split the total into shares of at most the maximum.
@@ -35,11 +40,11 @@ def validate_send(
         if mode == Mode.FIXED:
             raise Refused(
                 Status.SHARE_ABOVE_MAX,
-                f"a share of {-(-total // count)} cents is above the maximum share of {lim.max_share_cents}",
+                f"a share of {-(-total // count)} cents is above the maximum share of {lim.max_share_cents} cents",
             )
         raise Refused(
             Status.SHARE_ABOVE_MAX,
-            f"{total} cents cannot be split into {count} shares of at most {lim.max_share_cents}",
+            f"{total} cents cannot be split into {count} shares of at most {lim.max_share_cents} cents",
         )
     expiry_s = expiry_s or lim.default_expiry_s
     if not lim.min_expiry_s <= expiry_s <= lim.max_expiry_s:
@@ -83,55 +88,117 @@ async def send(
     members: list[int],
     greeting: str,
 ) -> bytes:
+    """SEND, by group commit (engine/sends.py): answered once its batch has
+    committed; at most once per key (the batch claims the key)."""
     expiry_s = validate_send(ctx, sender, total, count, mode, expiry_s, audience, members)
-    lim = ctx.limits
-    min_share = lim.min_share_cents
-    adopted = []
     # The new packet takes one of this worker's shards, so this worker owns it.
     shard = ctx.next_shard()
-    await ctx.ledger.settle(sender)
-
-    async def body(conn) -> dict[str, int]:
-        expires_at_ms = now_ms() + expiry_s * 1000
-        record, balance = await ctx.ledger.send(
-            conn,
-            lambda seq: make_packet_id(ctx.set_id, seq, shard),
-            sender,
-            total,
-            count,
-            mode,
-            min_share,
-            expires_at_ms,
-            audience,
-            members,
-            greeting,
-            max_share_cents=lim.max_share_cents,
-            daily_max_cents=lim.daily_send_max_cents,
-            daily_max_packets=lim.daily_send_max_packets,
-        )
-        adopted.append(record)
-        return {"packet_id": record.packet_id, "balance_cents": balance, "expires_at_ms": expires_at_ms}
-
     fields = (sender, total, count, mode, expiry_s, audience, tuple(members), greeting)
-    stored = await ctx.ledger.idempotent(key, Operation.SEND, fields, body)
-    facts_written(ctx)
-    if adopted and not stored.replayed:
-        state = packet_state(adopted[0])
-        assert owner_of(state.packet_id, ctx.worker_count) == ctx.worker_id
-        # A grab that guessed the id may already have loaded it from the database.
-        if state.packet_id not in ctx.engine.states:
-            ctx.engine.adopt(state)
-    return reply_stored(ctx, Op.SEND, rid, stored, "packet_id", "balance_cents", "expires_at_ms")
+    group_id = members[0] if audience == Audience.GROUP else 0
+    request = SendRequest(
+        key,
+        request_hash(Operation.SEND, fields),
+        0,
+        sender,
+        total,
+        count,
+        mode,
+        now_ms() + expiry_s * 1000,
+        audience,
+        group_id,
+        () if group_id else tuple(members),
+        greeting,
+    )
+    result = await run_keyed(
+        ctx, lambda r: ctx.writes.sends.submit(r, lambda seq: make_packet_id(ctx.set_id, seq, shard)), request
+    )
+    if result.outcome == BatchOutcome.RAN and result.answer is not None:
+        _adopt(ctx, request, result)
+    return reply_batch(ctx, Op.SEND, rid, result, "packet_id", "balance_cents", "expires_at_ms")
+
+
+def _adopt(ctx: Context, request: SendRequest, result: BatchResult) -> None:
+    """The new packet's state, owned here from the start: its first grab
+    loads nothing."""
+    assert result.answer is not None
+    if request.audience == Audience.OPEN:
+        eligible = None
+    elif request.audience == Audience.GROUP:
+        eligible = result.members
+        assert eligible is not None
+    else:
+        eligible = list(request.members)
+    packet_id = result.answer["packet_id"]
+    record = PacketRecord(
+        packet_id,
+        request.sender_id,
+        request.total_cents,
+        request.count,
+        request.mode,
+        ctx.limits.min_share_cents,
+        request.expires_at_ms,
+        eligible,
+        [],
+        False,
+        ctx.limits.max_share_cents,
+    )
+    assert owner_of(packet_id, ctx.worker_count) == ctx.worker_id
+    # A grab that guessed the id may already have loaded it from the database.
+    if packet_id not in ctx.engine.states:
+        state = packet_state(record)
+        state.facts = PacketFacts(request.audience, request.greeting, result.created_ms)
+        ctx.engine.adopt(state)
 
 
 async def packet(ctx: Context, rid: int, packet_id: int, offset: int, limit: int) -> bytes:
     if not 0 < limit <= protocol.MAX_CLAIMS_PAGE:
         raise Refused(Status.INVALID, f"claims_limit must be 1..{protocol.MAX_CLAIMS_PAGE}")
+    state = ctx.engine.states.get(packet_id)
+    if state is not None and state.facts is not None and not state.closed and now_ms() < state.expires_at_ms:
+        return _packet_from_memory(ctx, rid, state, offset, limit)
     info = await ctx.ledger.packet_info(packet_id, offset, limit)
     if info is None:
         raise Refused(Status.NOT_FOUND, f"unknown packet {packet_id}")
     head, greeting, claims = info
     return answers.ok(Op.PACKET, rid, ctx.worker_id, *head, greeting, claims)
+
+
+class PacketFacts(NamedTuple):
+    """What PACKET shows of a packet beyond its split, kept on the owner's
+    state of a packet it adopted from its SEND (PacketState.facts)."""
+
+    audience: int
+    greeting: str
+    created_ms: int
+
+
+def _packet_from_memory(ctx: Context, rid: int, state, offset: int, limit: int) -> bytes:
+    """PACKET answered by the packet's owner from its state, with committed
+    claims only: what the database holds durable, without a query. Only
+    for an open packet before its expiry (its refund is the database's)."""
+    facts: PacketFacts = state.facts
+    claimed_count, claimed_cents, luckiest, page = state.committed_claims(offset, limit)
+    status = PacketStatus.SOLD_OUT if claimed_count == state.count else PacketStatus.OPEN
+    ctx.engine.packets_from_memory += 1
+    return answers.ok(
+        Op.PACKET,
+        rid,
+        ctx.worker_id,
+        state.sender_id,
+        state.total_cents,
+        state.count,
+        state.mode,
+        int(status),
+        facts.audience,
+        facts.created_ms,
+        state.expires_at_ms,
+        claimed_cents,
+        claimed_count,
+        0,
+        luckiest,
+        facts.greeting,
+        page,
+    )
 
 
 async def sent_list(ctx: Context, rid: int, user_id: int, before: int, limit: int) -> bytes:
