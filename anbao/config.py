@@ -208,6 +208,10 @@ class Limits:
     # once, so a set that hangs never holds up another set's answers).
     peer_set_connections: int = 2
     peer_set_read_timeout_ms: int = 500
+    # A read's wait for one of those connections is this worker's queue, not
+    # the set's time: bounded on its own, and past it the read is given up
+    # (counted unreached) without marking the set down.
+    peer_set_queue_timeout_ms: int = 5_000
     peer_set_retry_ms: int = 1000
 
     def __post_init__(self) -> None:
