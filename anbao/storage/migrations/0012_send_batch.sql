@@ -59,6 +59,45 @@ $$;
 CREATE SEQUENCE packet_block_seq;
 SELECT setval('packet_block_seq', (SELECT last_value FROM packet_seq) / 1024 + 1);
 
+-- The idempotency keys of a batch of keyed writes (anbao_send_batch here,
+-- anbao_move_batch in 0013), each step one statement for the whole batch.
+-- anbao_claim_keys claims p_keys[i] for every i with p_claim[i], in key
+-- order (so two batches never wait on each other's keys in opposite
+-- orders), and returns the keys it claimed: the others were stored before
+-- (or claimed by a batch in flight, whose commit it waits for).
+CREATE FUNCTION anbao_claim_keys(p_operation SMALLINT, p_keys BYTEA[], p_hashes BYTEA[], p_claim BOOLEAN[])
+RETURNS BYTEA[] LANGUAGE sql AS $$
+    WITH ins AS (
+        INSERT INTO idempotency_keys (key, operation, request_hash)
+        SELECT t.k, p_operation, t.h FROM unnest(p_keys, p_hashes, p_claim) AS t(k, h, c) WHERE t.c ORDER BY t.k
+        ON CONFLICT DO NOTHING RETURNING key)
+    SELECT COALESCE(array_agg(ins.key), '{}') FROM ins
+$$;
+
+-- The stored answer of every key of the batch not claimed now: (i, 1, its
+-- refusal, message and answer) when it was used with these parameters
+-- (replayed), (i, 2, 'IDEMPOTENCY_CONFLICT', ...) when with others.
+CREATE FUNCTION anbao_stored_answers(p_operation SMALLINT, p_keys BYTEA[], p_hashes BYTEA[], p_claimed BYTEA[])
+RETURNS TABLE (i INTEGER, outcome SMALLINT, refusal TEXT, message TEXT, answer JSONB) LANGUAGE sql AS $$
+    SELECT k.i,
+           CASE WHEN k.same THEN 1 ELSE 2 END::smallint,
+           CASE WHEN k.same THEN k.refusal ELSE 'IDEMPOTENCY_CONFLICT' END,
+           CASE WHEN k.same THEN COALESCE(k.message, '')
+                ELSE 'idempotency key reused with different parameters' END,
+           CASE WHEN k.same THEN k.answer END
+    FROM (SELECT array_position(p_keys, x.key) AS i, x.refusal, x.message, x.answer,
+                 x.operation = p_operation AND x.request_hash = p_hashes[array_position(p_keys, x.key)] AS same
+          FROM idempotency_keys x WHERE x.key = ANY(p_keys) AND NOT x.key = ANY(p_claimed)) k
+$$;
+
+-- What each request run now answered (or why it was refused), under its key.
+CREATE FUNCTION anbao_store_answers(p_keys BYTEA[], p_answers JSONB[], p_refusals TEXT[], p_messages TEXT[])
+RETURNS VOID LANGUAGE sql AS $$
+    UPDATE idempotency_keys x SET answer = t.a, refusal = t.r, message = t.m
+    FROM unnest(p_keys, p_answers, p_refusals, p_messages) AS t(k, a, r, m)
+    WHERE x.key = t.k
+$$;
+
 -- A batch of SENDs, decided and written in one statement. Element i of
 -- every array is one SEND, in arrival order. Per SEND it returns
 -- (i, outcome, refusal, message, answer, members):
@@ -144,24 +183,13 @@ BEGIN
         SELECT COALESCE(array_agg(x.owner_id), '{}') INTO w_busy FROM accounts x
             WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) AND NOT x.owner_id = ANY(COALESCE(w_owner, '{}'));
     END IF;
-    WITH ins AS (
-        INSERT INTO idempotency_keys (key, operation, request_hash)
-        SELECT t.k, p_operation, t.h FROM unnest(p_keys, p_hashes, p_senders) AS t(k, h, s)
-        WHERE NOT t.s = ANY(w_busy) ORDER BY t.k
-        ON CONFLICT DO NOTHING RETURNING key)
-    SELECT COALESCE(array_agg(ins.key), '{}') INTO claimed FROM ins;
-    FOR stored IN SELECT x.key, x.operation, x.request_hash, x.answer, x.refusal, x.message
-                  FROM idempotency_keys x WHERE x.key = ANY(p_keys) AND NOT x.key = ANY(claimed) LOOP
-        k := array_position(p_keys, stored.key);
-        i := k;
-        replayed := replayed || stored.key;
-        IF stored.operation <> p_operation OR stored.request_hash <> p_hashes[k] THEN
-            outcome := 2; refusal := 'IDEMPOTENCY_CONFLICT';
-            message := 'idempotency key reused with different parameters'; answer := NULL;
-        ELSE
-            outcome := 1; refusal := stored.refusal; message := COALESCE(stored.message, ''); answer := stored.answer;
-        END IF;
-        members := NULL;
+    claimed := anbao_claim_keys(p_operation, p_keys, p_hashes,
+                                ARRAY(SELECT NOT t.s = ANY(w_busy) FROM unnest(p_senders) WITH ORDINALITY AS t(s, o)
+                                      ORDER BY t.o));
+    FOR stored IN SELECT * FROM anbao_stored_answers(p_operation, p_keys, p_hashes, claimed) LOOP
+        i := stored.i; outcome := stored.outcome; refusal := stored.refusal; message := stored.message;
+        answer := stored.answer; members := NULL;
+        replayed := replayed || p_keys[stored.i];
         RETURN NEXT;
     END LOOP;
     m_from := 1;
@@ -282,7 +310,5 @@ BEGIN
     UPDATE accounts a SET balance_cents = t.b
         FROM unnest(w_account, w_balance) AS t(id, b)
         WHERE a.account_id = t.id AND a.balance_cents <> t.b;
-    UPDATE idempotency_keys x SET answer = t.a, refusal = t.r, message = t.m
-        FROM unnest(out_keys, out_answers, out_refusals, out_messages) AS t(k, a, r, m)
-        WHERE x.key = t.k;
+    PERFORM anbao_store_answers(out_keys, out_answers, out_refusals, out_messages);
 END $$;

@@ -32,7 +32,6 @@ DECLARE
     w_account BIGINT[];
     w_balance BIGINT[];
     claimed BYTEA[];
-    stored RECORD;
     k INTEGER;
     w INTEGER;
     amount BIGINT;
@@ -50,23 +49,8 @@ BEGIN
         INTO w_owner, w_account, w_balance
         FROM (SELECT x.owner_id, x.account_id, x.balance_cents FROM accounts x
               WHERE x.kind = 1 AND x.owner_id = ANY(p_users) ORDER BY x.account_id FOR NO KEY UPDATE) a;
-    WITH ins AS (
-        INSERT INTO idempotency_keys (key, operation, request_hash)
-        SELECT t.k, p_operation, t.h FROM unnest(p_keys, p_hashes) AS t(k, h) ORDER BY t.k
-        ON CONFLICT DO NOTHING RETURNING key)
-    SELECT COALESCE(array_agg(ins.key), '{}') INTO claimed FROM ins;
-    FOR stored IN SELECT x.key, x.operation, x.request_hash, x.answer, x.refusal, x.message
-                  FROM idempotency_keys x WHERE x.key = ANY(p_keys) AND NOT x.key = ANY(claimed) LOOP
-        k := array_position(p_keys, stored.key);
-        i := k;
-        IF stored.operation <> p_operation OR stored.request_hash <> p_hashes[k] THEN
-            outcome := 2; refusal := 'IDEMPOTENCY_CONFLICT';
-            message := 'idempotency key reused with different parameters'; answer := NULL;
-        ELSE
-            outcome := 1; refusal := stored.refusal; message := COALESCE(stored.message, ''); answer := stored.answer;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
+    claimed := anbao_claim_keys(p_operation, p_keys, p_hashes, array_fill(true, ARRAY[n]));
+    RETURN QUERY SELECT * FROM anbao_stored_answers(p_operation, p_keys, p_hashes, claimed);
     FOR k IN 1 .. n LOOP
         i := k; outcome := 0; refusal := NULL; message := ''; answer := NULL;
         CONTINUE WHEN NOT p_keys[k] = ANY(claimed);
@@ -111,7 +95,5 @@ BEGIN
     UPDATE accounts a SET balance_cents = t.b
         FROM unnest(w_account, w_balance) AS t(id, b)
         WHERE a.account_id = t.id AND a.balance_cents <> t.b;
-    UPDATE idempotency_keys x SET answer = t.a, refusal = t.r, message = t.m
-        FROM unnest(out_keys, out_answers, out_refusals, out_messages) AS t(k, a, r, m)
-        WHERE x.key = t.k;
+    PERFORM anbao_store_answers(out_keys, out_answers, out_refusals, out_messages);
 END $$;
