@@ -11,6 +11,11 @@ from pathlib import Path
 class Limits:
     max_frame_bytes: int = 65536
     max_connections: int = 10_000
+    # Files a worker needs besides its clients' connections (database pool
+    # and commit connections, peers' sockets, listeners, memcached, logs):
+    # `anbao serve` refuses to start unless RLIMIT_NOFILE holds
+    # max_connections plus these.
+    open_files_reserved_per_worker: int = 256
     max_inflight_per_connection: int = 1024  # reading pauses past this: TCP pushes back
     # Answers a client has not read yet, per connection: past the high-water
     # mark the connection's reading pauses (a client that only sends is then
@@ -26,7 +31,14 @@ class Limits:
     # the client still sends before closing, so that closing does not reset
     # the connection under answers the client has not read yet.
     close_linger_ms: int = 2_000
+    # A connection must say HELLO within hello_timeout_ms (a TLS handshake
+    # must also end within it), having sent at most
+    # max_requests_before_hello requests (HELLO included) before one
+    # succeeds; past either, it is ended. A client that never reads its
+    # refusals then costs at most a few answers, not megabytes, and not
+    # past the deadline.
     hello_timeout_ms: int = 10_000
+    max_requests_before_hello: int = 8
     idle_timeout_ms: int = 300_000
     max_total_cents: int = 100_000_000  # 1,000,000.00 per packet
     max_share_count: int = 10_000
@@ -172,6 +184,11 @@ class Limits:
     events_max_page: int = 1000
     events_max_wait_ms: int = 60_000
     max_event_waiters: int = 4096
+    # Of those, one connection may hold max_event_polls_per_connection and
+    # one token (all its connections) max_event_polls_per_token: EVENTS past
+    # either is BUSY, so one client cannot take every slot of a worker.
+    max_event_polls_per_connection: int = 16
+    max_event_polls_per_token: int = 1024
     # A worker numbers the events it committed at most once per
     # events_number_interval_ms (each run is one synchronous commit), and
     # once per events_poll_ms anyway (another process's facts; its LISTEN
@@ -191,6 +208,10 @@ class Limits:
     # once, so a set that hangs never holds up another set's answers).
     peer_set_connections: int = 2
     peer_set_read_timeout_ms: int = 500
+    # A read's wait for one of those connections is this worker's queue, not
+    # the set's time: bounded on its own, and past it the read is given up
+    # (counted unreached) without marking the set down.
+    peer_set_queue_timeout_ms: int = 5_000
     peer_set_retry_ms: int = 1000
 
     def __post_init__(self) -> None:
@@ -215,6 +236,7 @@ class Limits:
         # A page of EVENTS rows (57 bytes each) must fit in one answer frame.
         assert 1 <= self.rollup_backend_nice <= 19
         assert self.events_max_page * 57 + 64 <= self.max_frame_bytes and self.events_max_page <= 0xFFFF
+        assert self.max_event_polls_per_connection <= self.max_event_polls_per_token
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,8 @@ class LocalSets:
             if self.metrics:
                 self.metrics_ports[s] = free_port()
         doc = {"sets": [{"id": s, "host": "127.0.0.1", "port": self.ports[s], "dsn": self.dsns[s]} for s in self.dsns]}
+        self.topology_file.touch(mode=0o600)  # its DSNs carry the databases' passwords
+        self.topology_file.chmod(0o600)
         self.topology_file.write_text(json.dumps(doc, indent=2))
         self.say(f"migrating {self.count} sets and creating their publications")
         asyncio.run(_prepare(self.dsns))

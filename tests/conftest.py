@@ -93,8 +93,10 @@ def serve(fresh_dsn, tmp_path, tokens_file):
 
     started = []
 
-    def start(workers=2, extra=(), dsn=fresh_dsn, data_dir=None, port=0):
-        s = Served(dsn, data_dir or tmp_path / "data", tokens_file, workers, list(extra), port=port).start()
+    def start(workers=2, extra=(), dsn=fresh_dsn, data_dir=None, port=0, preexec_fn=None):
+        s = Served(
+            dsn, data_dir or tmp_path / "data", tokens_file, workers, list(extra), port=port, preexec_fn=preexec_fn
+        ).start()
         started.append(s)
         return s
 

@@ -35,19 +35,27 @@ def dsn_for(pg, database: str) -> str:
 class Anbao:
     """A worker in this event loop, plus helpers to reach and check it."""
 
-    def __init__(self, dsn: str, tokens_file: Path, limits: Limits):
+    def __init__(self, dsn: str, tokens_file: Path, limits: Limits, tls: tuple[Path, Path] | None = None, **worker):
         self.dsn = dsn
         self.tokens_file = tokens_file
         self.limits = limits
+        self.tls = tls  # (certificate, key): the public port speaks TLS
+        self.worker_options = worker  # Worker's keywords (peer_dir, peer_token)
         self.worker: Worker | None = None
         self.port = 0
         self._clients: list[Client] = []
 
     async def start(self) -> Anbao:
         settings = Settings(
-            host="127.0.0.1", port=self.port, dsn=self.dsn, tokens_file=self.tokens_file, limits=self.limits
+            host="127.0.0.1",
+            port=self.port,
+            dsn=self.dsn,
+            tokens_file=self.tokens_file,
+            limits=self.limits,
+            tls_cert=self.tls[0] if self.tls else None,
+            tls_key=self.tls[1] if self.tls else None,
         )
-        self.worker = Worker(settings, self.dsn, TokenBook.load(self.tokens_file))
+        self.worker = Worker(settings, self.dsn, TokenBook.load(self.tokens_file), **self.worker_options)
         await self.worker.start()
         self.port = self.worker.port
         return self

@@ -49,7 +49,9 @@ class Served:
         extra: list[str],
         port: int = 0,
         metrics: bool = True,
+        preexec_fn=None,
     ):
+        self.preexec_fn = preexec_fn  # run in the child before `anbao serve` (a lower rlimit, say)
         self.dsn, self.data_dir, self.workers = dsn, data_dir, workers
         self.metrics_port = free_port() if metrics else 0
         self.args = [
@@ -76,7 +78,9 @@ class Served:
         self._drain = None
 
     def start(self) -> Served:
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=self.preexec_fn
+        )
         deadline = time.monotonic() + BANNER_TIMEOUT_S
         lines = []
         while time.monotonic() < deadline:
@@ -86,7 +90,7 @@ class Served:
             if "stop with Ctrl-C" in line:
                 break
         self.banner = "".join(lines)
-        self.port = int(re.search(r"serving on 127\.0\.0\.1:(\d+)", self.banner).group(1))
+        self.port = int(re.search(r"serving on [\d.]+:(\d+)", self.banner).group(1))
         self.output = lines
 
         # Keep draining the output so the server never blocks on a full pipe

@@ -477,3 +477,15 @@ async def test_long_poll_on_one_worker_wakes_on_a_commit_on_the_other(serve, fre
         await poller.close()
         await writer.close()
     assert s.stop() == 0
+
+
+async def test_a_cursor_near_the_i64_limit_is_refused_before_the_database(anbao):
+    """cursor + limit above 2^63-1 overflowed in PostgreSQL (issue 18 item
+    14): it is refused INVALID by the server itself, with its reason."""
+    from anbao_client import Invalid
+
+    admin = await anbao.client("admin")
+    for cursor in (2**63 - 1, 2**63 - 1000):
+        with pytest.raises(Invalid) as exc:
+            await admin.events_page(cursor, limit=1000)
+        assert "ahead of any feed" in str(exc.value), str(exc.value)

@@ -143,16 +143,28 @@ def _settings(args) -> Settings:
 
 
 def cmd_serve(args) -> int:
+    from ..server.listener import PortTaken, refuse_if_served
     from ..server.reaper import Reaper, reap_stale
-    from ..server.supervisor import Supervisor
+    from ..server.supervisor import Supervisor, TooFewFiles, raise_open_files_limit
     from ..storage.migrate import migrate
 
     workers = args.workers or os.cpu_count() or 1
     settings = replace(_settings(args), worker_count=workers)
+    try:
+        raise_open_files_limit(settings.limits)
+    except TooFewFiles as exc:
+        print(f"anbao serve: {exc}", file=sys.stderr)
+        return 2
     tokens_path = settings.tokens_file or ensure_tokens_file(settings.data_dir / "tokens.json")
     # Whatever a supervisor killed on this data directory left running goes
     # first: its workers would hold the port, its PostgreSQL the data.
     reap_stale(Path(settings.data_dir) / "run")
+    try:
+        # After the reaping: a killed supervisor's own workers may have held the port until now.
+        refuse_if_served(settings.host, settings.port)
+    except PortTaken as exc:
+        print(f"anbao serve: {exc}; stop it first, or choose another --port", file=sys.stderr)
+        return 2
     reaper = Reaper()
     dsn, embedded_server = _database(args)
     if embedded_server is not None and not args.keep_db:
@@ -168,6 +180,7 @@ def cmd_serve(args) -> int:
             admission=args.admission,
             metrics_port=args.metrics_port,
             reaper=reaper,
+            metrics_host=args.metrics_host,
         )
         try:
             sup.start()
@@ -217,7 +230,9 @@ def _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_pat
     print(f"  tokens:   {tokens_path} (admin and app scopes; owner-only file)", flush=True)
     print(f"  admission: {admission}; worker pids in {sup.run_dir / 'workers.json'}", flush=True)
     if args.metrics_port:
-        print(f"  metrics:  http://{settings.host}:{args.metrics_port}/metrics (Prometheus, all workers)", flush=True)
+        print(
+            f"  metrics:  http://{args.metrics_host}:{args.metrics_port}/metrics (Prometheus, all workers)", flush=True
+        )
     print("  stop with Ctrl-C: accepted grabs are committed and answered first", flush=True)
 
 
@@ -375,6 +390,11 @@ def add_parser(sub) -> None:
         help="how relayed grabs are admitted (default memcached; in-process when it cannot start)",
     )
     s.add_argument("--metrics-port", type=int, default=7879, help="Prometheus endpoint port (0: off)")
+    s.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of the Prometheus endpoint, which has no authentication (default 127.0.0.1, whatever --host)",
+    )
     s.add_argument(
         "--limit",
         action="append",

@@ -23,6 +23,7 @@ class PacketState:
     closed: bool
     last_amount_cents: int
     last_seq: int
+    facts: Any  # what the SEND that made it said (server/ops/packets.py PacketFacts), or None
     def __init__(
         self,
         packet_id: int,

@@ -13,18 +13,31 @@ reading resumes only when neither holds:
   client that sends and never reads is then held by TCP: its own sends
   block. Answers already owed still go out; past `max_write_buffer_bytes`
   the connection is dropped.
+Both are checked before each request, not once per socket read (one read
+can carry thousands of requests): the rest of the read is held and served
+first when reading resumes.
 A framing error stops reading for good: the requests before the bad frame
 are answered, then the error frame goes out last, and the connection closes.
+A connection past a deadline (the HELLO limit, too many requests before
+HELLO, the idle limit) is aborted with a RST rather than closed: a close
+waits for queued answers to drain, and a client that never reads them
+would keep the connection forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import logging
 import socket
+import ssl
+import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import uvloop
+import uvloop.loop as uvloop_loop  # its SSLProtocol: what its start_tls uses
 
 from anbao_client import protocol, routing
 from anbao_client.protocol import NO_OPCODE, OPCODE_OFFSET, STATUS_OFFSET, Op, Scope, Status
@@ -34,6 +47,7 @@ from ..config import Limits
 from ..core import codec
 from ..engine.grabs import Replier
 from . import answers
+from .dispatch import Requester
 from .ratelimit import RateLimits, TokenBucket
 from .router import Router
 from .sets import SetGate
@@ -52,6 +66,8 @@ _SET_SHIFT = routing.SET_SHIFT
 _PEER = Scope.PEER.value
 _RATE_LIMITED = Status.RATE_LIMITED.value
 _OPCODE_MASK = 0xFF & ~protocol.RESPONSE_BIT
+_EVENTS = Op.EVENTS.value
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
 @dataclass
@@ -63,24 +79,68 @@ class Host:
     limits: Limits
     tokens: TokenBook
     router: Router
-    dispatch: Callable[[Connection, int, int, tuple[Any, ...]], None]  # requests off the GRAB path
+    dispatch: Callable[[Requester, int, int, tuple[Any, ...]], None]  # requests off the GRAB path
     loop: asyncio.AbstractEventLoop
     connections: set[Connection]  # the open ones, which this connection joins and leaves
     answered: dict[int, int] | None = None  # opcode << 8 | status -> count, for the metrics
     gate: SetGate | None = None  # several sets: requests for another set get WRONG_SET
     rate_limits: RateLimits | None = None  # the request-rate ceiling per token (None: no ceiling)
+    tls: ssl.SSLContext | None = None  # the server side of TLS, done by each connection from accept
+    public: bool = False  # the public port's (clients), not the workers' private Unix sockets (peers)
+    # The open connections without a successful HELLO yet, oldest first: evicted first when full.
+    before_hello: dict[Connection, None] = field(default_factory=dict)
 
 
 def close_idle(connections: set[Connection], now_s: float, hello_timeout_ms: int, idle_timeout_ms: int) -> None:
-    """Closes connections that never said HELLO in time, or went quiet
-    with nothing owed to them."""
+    """Aborts (RST) connections that never said HELLO in time, or went
+    quiet with nothing owed to them. Not a close: a close waits for the
+    answers queued to drain, and a client that reads nothing would keep the
+    connection (its file, its memory) forever."""
     for c in list(connections):
         if c.inflight:
             continue
         if c.scope is None and now_s - c.opened_at > hello_timeout_ms / 1000:
-            c.close()
+            log.info("aborting %s: no HELLO within %d ms", c.peer, hello_timeout_ms)
+            c.abort()
         elif now_s - c.last_seen > idle_timeout_ms / 1000:
-            c.close()
+            log.info("aborting %s: idle for %d ms", c.peer, idle_timeout_ms)
+            c.abort()
+
+
+def _close_or_abort(t: asyncio.Transport) -> None:
+    """The end of a lingering close: a transport whose answers the client
+    still has not read is aborted, or closing would wait for them forever
+    (a client that reads nothing kept its connection past every limit)."""
+    if t.get_write_buffer_size():
+        t.abort()
+    else:
+        t.close()
+
+
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    """The TLS layer of this loop's own start_tls: uvloop's (in C) on
+    uvloop, asyncio's otherwise."""
+    if isinstance(loop, uvloop.Loop):
+        return uvloop_loop.SSLProtocol  # type: ignore[attr-defined]  # not in its type stubs
+    return asyncio.sslproto.SSLProtocol
+
+
+class _Poll:
+    """The requester of one EVENTS request: its answer gives its place back
+    to the connection's and the token's counts of long polls."""
+
+    __slots__ = ("conn", "bucket", "scope")
+
+    def __init__(self, conn: Connection, bucket: TokenBucket | None):
+        self.conn = conn
+        self.bucket = bucket
+        self.scope = conn.scope
+
+    def answer(self, frame: bytes) -> None:
+        self.conn.polls -= 1
+        if self.bucket is not None:
+            self.bucket.polls -= 1
+        self.conn.answer(frame)
 
 
 class Connection(asyncio.Protocol, Replier):
@@ -106,28 +166,93 @@ class Connection(asyncio.Protocol, Replier):
         self.write_high_bytes = lim.write_buffer_high_bytes
         self._flush_scheduled = False
         self._fatal: bytes | None = None  # the error frame that ends the connection, sent last
+        self._broken: bytes | None = None  # the error frame of a framing error, sent once the frames before it are
+        # Frames read but not served yet (a limit stopped them mid-read), from _held_at on.
+        self._held: list | None = None
+        self._held_at = 0
+        self._held_paid = False  # their requests were taken from the token's bucket when read
+        self.requests_before_hello = 0
+        self.polls = 0  # EVENTS requests unanswered on this connection
+        self._handshaking = False  # TLS: the handshake is under way (self.transport is the raw one)
         self._linger: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------ asyncio
 
     def connection_made(self, transport) -> None:
+        if self._handshaking:
+            # Called again by the TLS layer, with its transport, once the handshake is done.
+            self._handshaking = False
+            self.transport = transport
+            self._limit_writes(transport)
+            return
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         self.last_seen = self.opened_at = self.host.loop.time()
-        if len(self.host.connections) >= self.host.limits.max_connections:
+        if len(self.host.connections) >= self.host.limits.max_connections and not self._evict_one():
+            self.transport = None
+            if self.host.tls is not None:
+                transport.abort()  # no handshake for a connection that cannot stay, and no plaintext
+                return
             transport.write(codec.encode_error(Op.HELLO, 0, Status.BUSY, self.wid, "too many connections"))
             transport.close()
-            self.transport = None
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Counted from accept, TLS or not: a connection in its handshake
+        # holds a file as much as any other.
+        self.host.connections.add(self)
+        self.host.before_hello[self] = None
+        if self.host.tls is not None:
+            self._start_tls(transport, self.host.tls)
+            return
+        self._limit_writes(transport)
+
+    def _evict_one(self) -> bool:
+        """Makes room for this connection by aborting the oldest one that
+        has not said HELLO yet, if there is one. Silent connections (or half
+        a HELLO) must not fill max_connections and lock authenticated
+        clients out for the whole HELLO limit, again and again; a client
+        evicted before its HELLO just connects again."""
+        oldest = next(iter(self.host.before_hello), None)
+        if oldest is None:
+            return False
+        log.info("evicting %s: no HELLO yet, and %d connections are open", oldest.peer, len(self.host.connections))
+        oldest.abort()
+        return True
+
+    def _leave(self) -> None:
+        self.host.connections.discard(self)
+        self.host.before_hello.pop(self, None)
+
+    def _start_tls(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
+        """The server side of TLS, put between the socket and this
+        connection now, before any byte is read (what loop.start_tls does,
+        but synchronously: uvloop reads the client's first bytes before a
+        task could start it). asyncio's ssl server (create_server(ssl=...))
+        hands a connection over only once its handshake is done: until then
+        it was outside max_connections and the HELLO limit alike."""
+        loop = self.host.loop
+        done = loop.create_future()
+        done.add_done_callback(self._handshake_done)
+        layer = _ssl_protocol_class(loop)(
+            loop, self, tls, done, server_side=True, ssl_handshake_timeout=self.host.limits.hello_timeout_ms / 1000
+        )
+        self._handshaking = True
+        raw.set_protocol(layer)
+        layer.connection_made(raw)
+
+    def _handshake_done(self, done: asyncio.Future) -> None:
+        if done.cancelled() or done.exception() is not None:
+            log.info("TLS handshake with %s failed: %r", self.peer, None if done.cancelled() else done.exception())
+            self.abort()
+
+    def _limit_writes(self, transport) -> None:
         high = self.host.limits.write_buffer_high_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
-        self.host.connections.add(self)
 
     def connection_lost(self, exc) -> None:
-        self.host.connections.discard(self)
+        self._leave()
         self.transport = None
         if self._linger is not None:
             self._linger.cancel()
@@ -146,22 +271,47 @@ class Connection(asyncio.Protocol, Replier):
             self.bucket.refill(now_s)
         try:
             frames = self.decoder.feed(data)
-            broken = None
         except codec.FramingError as exc:
             # The stream cannot be resynchronised past this point, but the
-            # frames whole before it are requests like any other.
-            frames, broken = exc.frames, exc
-        router = self.host.router
-        gate = self.host.gate
+            # frames whole before it are requests like any other; the error
+            # frame goes out once they are all served.
+            frames = exc.frames
+            self._broken = codec.encode_error(NO_OPCODE, 0, exc.status, self.wid, str(exc))
+        if self._held:
+            # Reading was paused with frames of an earlier read still held:
+            # these come after them (a read the transport had under way).
+            self._held.extend(frames)
+            return
+        paid = False
         bucket = self.bucket
         if bucket is not None and bucket.tokens >= len(frames):
             # The whole read is within the token's ceiling: one take for
             # all its frames, not one a frame (the common case, and the hot path).
             bucket.tokens -= len(frames)
-            bucket = None
-        for opcode, rid, args in frames:
+            paid = True
+        self._serve(frames, 0, paid)
+
+    def _serve(self, frames: list, start: int, paid: bool) -> None:
+        """Serves frames[start:] in order, request by request, until a
+        per-connection limit holds (max_inflight unanswered, or
+        write_buffer_high_bytes of answers queued): the rest are held, and
+        reading pauses, until answers drain. A read can carry thousands of
+        frames, so a check per read let one connection run far past both."""
+        router = self.host.router
+        gate = self.host.gate
+        bucket = None if paid else self.bucket
+        max_inflight = self.max_inflight
+        high = self.write_high_bytes
+        n = len(frames)
+        i = start
+        while i < n:
             if self._fatal is not None:
                 break  # ended by one of these requests (a refused HELLO): nothing after it is read
+            if self.inflight >= max_inflight or self._out_bytes > high:
+                self._hold(frames, i, paid)
+                return
+            opcode, rid, args = frames[i]
+            i += 1
             self.inflight += 1
             if bucket is not None:
                 # The token's ceiling, before anything is dispatched or
@@ -180,28 +330,39 @@ class Connection(asyncio.Protocol, Replier):
                     router.on_relayed(self, rid, args[0], args[1])
                 else:
                     router.on_grab(self, rid, args[0], args[1])
-            elif type(args) is not tuple:
-                assert isinstance(args, codec.BadRequest)  # a frame decodes to a tuple or its refusal
-                # An opcode with the response bit set is no request: its answer
-                # must not carry the same byte back, or it would read as one.
-                self.answer(
-                    codec.encode_error(
-                        opcode if opcode < protocol.RESPONSE_BIT else NO_OPCODE, rid, args.status, self.wid, str(args)
-                    )
-                )
             elif self.scope is None:
-                if opcode == Op.HELLO:
-                    self._hello(rid, args)
-                    bucket = self.bucket  # the rest of this read counts against the token, frame by frame
-                else:
-                    self.answer(codec.encode_error(opcode, rid, Status.UNAUTHENTICATED, self.wid, "HELLO first"))
+                self._before_hello(opcode, rid, args)
+                if not paid:
+                    bucket = self.bucket  # after a HELLO, the rest of this read counts against the token
+            elif type(args) is not tuple:
+                self._refuse(opcode, rid, args)
             elif opcode == Op.PING:
                 self.answer(answers.ok(Op.PING, rid, self.wid))
+            elif opcode == _EVENTS:
+                self._poll(rid, args)
             else:
                 self.host.dispatch(self, opcode, rid, args)
-        if broken is not None and self._fatal is None:
-            self._end_with(codec.encode_error(NO_OPCODE, 0, broken.status, self.wid, str(broken)))
-            return
+        self._held = None
+        if self._broken is not None and self._fatal is None:
+            self._end_with(self._broken)
+
+    def _refuse(self, opcode: int, rid: int, bad: Any) -> None:
+        """A frame that decoded to its refusal (INVALID, UNKNOWN_OPCODE)."""
+        assert isinstance(bad, codec.BadRequest)  # a frame decodes to a tuple or its refusal
+        # An opcode with the response bit set is no request: its answer
+        # must not carry the same byte back, or it would read as one.
+        self.answer(
+            codec.encode_error(
+                opcode if opcode < protocol.RESPONSE_BIT else NO_OPCODE, rid, bad.status, self.wid, str(bad)
+            )
+        )
+
+    def _hold(self, frames: list, at: int, paid: bool) -> None:
+        """Keeps frames[at:] (at most one read's worth) and pauses reading
+        until the limit that stopped them no longer holds."""
+        self._held = frames
+        self._held_at = at
+        self._held_paid = paid
         if self.inflight >= self.max_inflight:
             self._pause(PAUSED_INFLIGHT)
         if self._out_bytes > self.write_high_bytes:
@@ -209,6 +370,45 @@ class Connection(asyncio.Protocol, Replier):
             # answers are written (libuv reads up to 32 times a turn): stop
             # now, not when the transport's buffer says so.
             self._pause(PAUSED_QUEUED)
+
+    def _poll(self, rid: int, args: tuple) -> None:
+        """EVENTS, within its connection's and its token's share of the
+        worker's long polls: one client must not hold every one of
+        max_event_waiters and leave the others BUSY."""
+        lim = self.host.limits
+        bucket = self.bucket
+        if self.polls >= lim.max_event_polls_per_connection:
+            why = f"{lim.max_event_polls_per_connection} EVENTS already wait on this connection"
+        elif bucket is not None and bucket.polls >= lim.max_event_polls_per_token:
+            why = f"{lim.max_event_polls_per_token} EVENTS of this token already wait on this worker"
+        else:
+            self.polls += 1
+            if bucket is not None:
+                bucket.polls += 1
+            self.host.dispatch(_Poll(self, bucket), _EVENTS, rid, args)
+            return
+        self.answer(codec.encode_error(_EVENTS, rid, Status.BUSY, self.wid, why))
+
+    def _before_hello(self, opcode: int, rid: int, args: Any) -> None:
+        """A request on a connection without a scope yet, well-formed or
+        not. Only a few are read: a client that pipelines refused requests
+        and never reads its answers must not cost the worker memory until
+        the HELLO limit. A malformed one is refused as it would be after
+        HELLO (INVALID, UNKNOWN_OPCODE); any other but HELLO is
+        UNAUTHENTICATED."""
+        self.requests_before_hello += 1
+        if self.requests_before_hello > self.host.limits.max_requests_before_hello:
+            self.inflight -= 1  # not answered: the error frame that ends the connection stands for it
+            self._broken = codec.encode_error(
+                NO_OPCODE, 0, Status.UNAUTHENTICATED, self.wid, "too many requests before HELLO"
+            )
+            self._end_with(self._broken)
+        elif type(args) is not tuple:
+            self._refuse(opcode, rid, args)
+        elif opcode == Op.HELLO:
+            self._hello(rid, args)
+        else:
+            self.answer(codec.encode_error(opcode, rid, Status.UNAUTHENTICATED, self.wid, "HELLO first"))
 
     def _rate_limited(self, opcode: int, rid: int) -> None:
         lim = self.host.limits
@@ -254,7 +454,7 @@ class Connection(asyncio.Protocol, Replier):
                 # Reading stopped long ago (high-water mark) and the client
                 # still reads nothing: what it is owed no longer fits.
                 log.warning("closing %s: %d bytes of answers unread", self.peer, t.get_write_buffer_size())
-                self._abort()
+                self.abort()
                 return
         # Handed over: from here the transport's own marks (pause_writing) hold reading back.
         self._resume(PAUSED_QUEUED)
@@ -273,6 +473,9 @@ class Connection(asyncio.Protocol, Replier):
     def _resume(self, why: int) -> None:
         if self.paused_by & why:
             self.paused_by &= ~why
+            if not self.paused_by and self._held is not None:
+                # What was read before the pause goes first; it may pause again.
+                self._serve(self._held, self._held_at, self._held_paid)
             if not self.paused_by and self.transport is not None:
                 self.transport.resume_reading()
 
@@ -280,6 +483,7 @@ class Connection(asyncio.Protocol, Replier):
         """Ends the connection after every request read so far is answered,
         with error_frame (if any) as the very last bytes."""
         self._fatal = error_frame
+        self._held = None  # nothing read after the end is served
         self._pause(PAUSED_CLOSING)
         if self.inflight == 0:
             self._flush()
@@ -301,9 +505,10 @@ class Connection(asyncio.Protocol, Replier):
             t.write(self._fatal)
         self._fatal = b""  # sent: nothing may follow it
         self.transport = None
-        self.host.connections.discard(self)
-        if not t.can_write_eof():
+        self._leave()
+        if not t.can_write_eof():  # TLS: no half-close
             t.close()
+            self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
             return
         # A lingering close: FIN after the last answer, then read (and drop)
         # what the client still sends for a moment. Closing with its bytes
@@ -311,23 +516,48 @@ class Connection(asyncio.Protocol, Replier):
         # kernel drop answers it has received but not yet read.
         t.write_eof()
         t.resume_reading()
-        self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, t.close)
+        self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
 
     def eof_received(self):
         return False  # the client is done sending: close (after what we owe it is written)
 
-    def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+    def abort(self) -> None:
+        """Ends the connection now, with a RST: nothing queued is sent, and
+        the client learns at once that it was cut off, not answered."""
+        self._held = None
+        t = self.transport
+        if t is not None:
             self.transport = None
-            self.host.connections.discard(self)
+            if not t.is_closing():  # (a failed TLS handshake has closed it already)
+                sock = t.get_extra_info("socket")
+                if sock is not None:
+                    # Without it, a socket with nothing unread closes with a FIN.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            t.abort()
+        self._leave()
+
+    def stop_reading(self) -> None:
+        """The worker is draining: nothing more is read from this client
+        (a grab taken now could be relayed to a sibling that has already
+        exited), and nothing read but not yet served is taken. The answers
+        it is owed still go out; the drain then closes the connection."""
+        self._held = None
+        self._pause(PAUSED_CLOSING)
 
     def close(self) -> None:
+        """Ends the connection after the answers given so far are written.
+        It leaves the worker's connections at once (STATS counts it no more),
+        and is aborted if they are still unwritten after close_linger_ms."""
+        self._held = None
+        self._leave()
         if self.transport is not None:
             self._flush()  # answers already given leave before the close
-            if self.transport is not None:
-                self.transport.close()
+            t = self.transport
+            if t is not None:
                 self.transport = None
+                t.close()
+                if t.get_write_buffer_size():
+                    self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
 
     # ------------------------------------------------------------ hello
 
@@ -351,6 +581,7 @@ class Connection(asyncio.Protocol, Replier):
             self._end_with(b"")  # this answer is the last: the connection closes
             return
         self.scope = scope
+        self.host.before_hello.pop(self, None)
         if scope != _PEER and self.host.rate_limits is not None:
             self.bucket = self.host.rate_limits.bucket_for(token, self.host.loop.time())
         lim = self.host.limits

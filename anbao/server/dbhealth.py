@@ -143,3 +143,35 @@ class DbHealth:
             "database_outages": self.outages,
             "database_last_error": self.last_error,
         }
+
+
+class OncePerInterval(logging.Filter):
+    """Lets a logger's warnings through at most once per interval_ms for
+    each message template, and says how many were held back. A path that
+    logs once per request (the engine's "loading packet N failed" logged
+    1,300 times in a 5 s outage) floods the log exactly when someone reads
+    it; DbHealth holds the outage itself to the same interval."""
+
+    def __init__(self, interval_ms: int):
+        super().__init__()
+        self.interval_s = interval_ms / 1000
+        self._last: dict[str, tuple[float, int]] = {}  # template -> (when last let through, held back since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not isinstance(record.msg, str):
+            return True
+        template, now = record.msg, time.monotonic()
+        last, held = self._last.get(template, (-1e18, 0))
+        if now - last < self.interval_s:
+            self._last[template] = (last, held + 1)
+            return False
+        if held and isinstance(record.args, tuple):
+            record.msg = f"{template} (and %d more like it in the last %.0f s, not logged)"
+            record.args = (*record.args, held, now - last)
+        if len(self._last) >= MAX_LOG_TEMPLATES_TRACKED:
+            self._last.clear()
+        self._last[template] = (now, 0)
+        return True
+
+
+MAX_LOG_TEMPLATES_TRACKED = 1024  # a logger's message templates are few; past this, forget them all

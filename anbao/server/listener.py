@@ -12,6 +12,7 @@ number of worker restarts.
 from __future__ import annotations
 
 import ctypes
+import errno
 import socket
 import struct
 
@@ -56,6 +57,44 @@ def attach_steering(sock: socket.socket, worker_count: int) -> None:
     filters = (_SockFilter * len(prog))(*[_SockFilter(*ins) for ins in prog])
     fprog = struct.pack("HL", len(prog), ctypes.addressof(filters))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+class PortTaken(RuntimeError):
+    """Another process listens on the port a server was asked to serve."""
+
+
+def refuse_if_served(host: str, port: int) -> None:
+    """Raises PortTaken, naming the process, when something already listens
+    on (host, port). SO_REUSEPORT lets every socket of one user join a
+    port's group: a second `anbao serve` would bind beside the first without
+    an error, print that it serves, and never get a connection the first's
+    steering program does not hand it. A socket without SO_REUSEPORT cannot
+    bind there, so this probe fails exactly when someone listens."""
+    if port == 0:
+        return  # a fresh port of the kernel's choosing
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+        probe.bind((host, port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise PortTaken(f"{host}:{port} is already served by {_listener_of(port)}") from None
+    finally:
+        probe.close()
+
+
+def _listener_of(port: int) -> str:
+    """Who listens on port, as far as this user may see: 'pid N (command line)'."""
+    import psutil
+
+    try:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+                return f"pid {c.pid} ({' '.join(psutil.Process(c.pid).cmdline())})"
+    except psutil.Error:
+        pass
+    return "another process"
 
 
 def open_listeners(host: str, port: int, worker_count: int, backlog: int = 4096) -> list[socket.socket]:

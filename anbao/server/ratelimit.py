@@ -17,7 +17,7 @@ class TokenBucket:
     """`tokens` is read and taken from by the connection, one per request,
     after one refill() per read of the socket."""
 
-    __slots__ = ("rate_per_s", "burst", "tokens", "at_s", "limited")
+    __slots__ = ("rate_per_s", "burst", "tokens", "at_s", "limited", "polls")
 
     def __init__(self, rate_per_s: float, burst: int, now_s: float):
         assert rate_per_s > 0 and burst >= 1
@@ -26,6 +26,7 @@ class TokenBucket:
         self.tokens = float(burst)
         self.at_s = now_s
         self.limited = 0  # requests answered RATE_LIMITED
+        self.polls = 0  # the token's EVENTS requests unanswered on this worker (long polls)
 
     def refill(self, now_s: float) -> None:
         if now_s > self.at_s:

@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -26,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Settings
+from ..config import Limits, Settings
 from .listener import open_listeners
 from .reaper import Reaper, describe
 
@@ -49,6 +50,32 @@ def socket_dir(run_dir: Path) -> Path:
     # Another user's directory of that name must not receive our sockets.
     assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o700, f"{short} is not ours alone"
     return short
+
+
+class TooFewFiles(RuntimeError):
+    """RLIMIT_NOFILE cannot hold max_connections per worker."""
+
+
+def raise_open_files_limit(limits: Limits) -> int:
+    """Raises this process's RLIMIT_NOFILE soft limit to its hard limit (the
+    workers inherit it) and returns it; raises TooFewFiles when a worker
+    could not hold max_connections plus the files it needs for itself. A
+    worker past its limit fails every accept() with EMFILE, and every
+    new client of that worker with it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = int(Path("/proc/sys/fs/nr_open").read_text())  # what "unlimited" may be raised to
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    needed = limits.max_connections + limits.open_files_reserved_per_worker
+    if needed > hard:
+        raise TooFewFiles(
+            f"max_connections={limits.max_connections} needs {needed} open files per worker"
+            f" (with open_files_reserved_per_worker={limits.open_files_reserved_per_worker}), and RLIMIT_NOFILE"
+            f" allows {hard}: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower"
+            " --limit max_connections"
+        )
+    return hard
 
 
 if TYPE_CHECKING:
@@ -188,6 +215,7 @@ class Supervisor:
         admission: str = "memcached",
         metrics_port: int = 0,
         reaper: Reaper | None = None,
+        metrics_host: str = "127.0.0.1",
     ):
         assert admission in ("memcached", "in-process", "off")
         self.reaper = reaper
@@ -210,6 +238,9 @@ class Supervisor:
         self._memcached_proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.metrics_port = metrics_port
+        # Its own host, not the protocol's: the endpoint has no authentication,
+        # so serving on 0.0.0.0 must not publish it too.
+        self.metrics_host = metrics_host
         self._metrics: SupervisorMetrics | None = None
 
     def start(self) -> None:
@@ -220,7 +251,7 @@ class Supervisor:
             from .. import metrics
 
             metrics.prepare_dir(self.run_dir)
-            self._metrics_server = metrics.serve_endpoint(self.metrics_port, self.settings.host)
+            self._metrics_server = metrics.serve_endpoint(self.metrics_port, self.metrics_host)
             self._metrics = metrics.SupervisorMetrics()
         if self.admission == "memcached" and self.memcached is None:
             started = start_memcached()

@@ -6,6 +6,7 @@ accepted request. It handles no request itself."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import ssl
@@ -44,6 +45,7 @@ from .sets import SetGate, SetPeers, SetWatch
 log = logging.getLogger("anbao.worker")
 
 BACKGROUND_STOP_TIMEOUT_S = 10.0  # how long stop() waits for each cancelled background task
+RATE_LIMITED_LOGGER = "anbao.grabs"  # the engine's: it warns per request on a database failure
 IDLE_SWEEP_S = 1.0  # how often idle and never-authenticated connections are looked for
 
 
@@ -73,6 +75,9 @@ class Worker:
         self.worker_id = settings.worker_id
         self.worker_count = settings.worker_count
         self.dsn = dsn
+        # The peer token is good on the workers' private Unix sockets only:
+        # on the public port it is just an unknown token.
+        self.public_tokens = tokens
         self.tokens = tokens.with_token(peer_token, Scope.PEER) if peer_token else tokens
         self.listen_sock = listen_sock
         self.peer_dir = peer_dir
@@ -81,6 +86,9 @@ class Worker:
         self.metrics = metrics  # WorkerMetrics when a supervisor serves /metrics
         self.connections: set[Connection] = set()
         self.db = DbHealth(self.limits.db_down_log_interval_ms)
+        # The engine logs a failed packet load per grab; during an outage,
+        # once per interval is all the log needs (DbHealth logs the outage).
+        self._log_rate = dbhealth.OncePerInterval(self.limits.db_down_log_interval_ms)
         self.router: Router | None = None
         self.ledger: Ledger | None = None
         self.writes: KeyedWrites | None = None
@@ -99,6 +107,7 @@ class Worker:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         lim = self.limits
+        logging.getLogger(RATE_LIMITED_LOGGER).addFilter(self._log_rate)
         await migrate(self.dsn)
         self.ledger = await Ledger.open(self.dsn, lim.db_pool_size)
         committer = GrabCommitter(self.dsn, self.worker_id, lim.commit_slots, lim.commit_resolve_timeout_ms)
@@ -240,11 +249,15 @@ class Worker:
         if self.settings.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        # Each connection runs its own handshake (Connection._start_tls), so
+        # that it is counted and timed from accept; the peers' Unix sockets
+        # stay plain.
+        public = dataclasses.replace(host, tls=tls, tokens=self.public_tokens, public=True)
         if self.listen_sock is not None:
-            server = await loop.create_server(lambda: Connection(host), sock=self.listen_sock, backlog=4096, ssl=tls)
+            server = await loop.create_server(lambda: Connection(public), sock=self.listen_sock, backlog=4096)
         else:
             server = await loop.create_server(
-                lambda: Connection(host), self.settings.host, self.settings.port, reuse_port=True, backlog=4096, ssl=tls
+                lambda: Connection(public), self.settings.host, self.settings.port, reuse_port=True, backlog=4096
             )
         self._servers.append(server)
         self.port = server.sockets[0].getsockname()[1]
@@ -273,6 +286,9 @@ class Worker:
         """Stops accepting, commits and answers every accepted grab, then closes."""
         if self._servers:
             self._servers[0].close()  # the public listener; peers may still relay to us while we drain
+        for c in list(self.connections):
+            if c.host.public:
+                c.stop_reading()  # clients' new requests would be relayed to siblings that may be gone
         if self.router is not None:
             self.router.stop()
         if self.metrics is not None:
@@ -317,6 +333,7 @@ class Worker:
             await self.engine.committer.close()
         if self.ledger is not None:
             await self.ledger.close()
+        logging.getLogger(RATE_LIMITED_LOGGER).removeFilter(self._log_rate)
 
     async def _sweep_idle(self) -> None:
         loop = asyncio.get_running_loop()

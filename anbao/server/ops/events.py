@@ -11,6 +11,8 @@ from ...storage.domain import EventPage
 from .. import answers
 from .base import Context, Refused
 
+MAX_EVENT_NUMBER = 2**63 - 1  # event numbers are PostgreSQL BIGINTs
+
 
 async def _read(ctx: Context, rid: int, cursor: int, limit: int) -> EventPage | bytes:
     page = await ctx.ledger.events(cursor, limit)
@@ -34,6 +36,10 @@ async def events(ctx: Context, rid: int, cursor: int, limit: int, wait_ms: int) 
     lim = ctx.limits
     if not 0 < limit <= lim.events_max_page:
         raise Refused(Status.INVALID, f"limit must be 1..{lim.events_max_page}")
+    if cursor > MAX_EVENT_NUMBER - limit:
+        # The page's last number, cursor + limit, is a BIGINT in PostgreSQL:
+        # refused here rather than overflowing there. No feed numbers that high.
+        raise Refused(Status.INVALID, f"cursor {cursor} is ahead of any feed (cursor + limit must fit in i64)")
     page = await _read(ctx, rid, cursor, limit)
     if isinstance(page, bytes):
         return page
