@@ -145,7 +145,7 @@ async def test_send_and_packet_say_what_happened(anbao):
     rc, out, _ = await cli("packet", packet_id, server=anbao)
     assert rc == 0
     head, state, *table = out.splitlines()
-    assert "for the members of a group at send time — “恭喜发财”" in head
+    assert "for the members of group 77 at send time — “恭喜发财”" in head
     assert " expired " in state and " expires " not in state
     assert [h.strip() for h in table[2].strip("┃│ ").split("┃")] == ["seq", "user", "amount"], table
     assert "(luckiest)" in out

@@ -270,3 +270,19 @@ def test_every_prose_example_is_checked():
             assert int(hex_, 16) == int(n), f"`{hex_}` counts {int(hex_, 16)} bytes, not {n}"
         for hex_, quoted in re.findall(r'`([0-9a-f]{4})` "([^"]*)"', text):
             assert int(hex_, 16) == len(quoted.encode()), f'`{hex_}` is not the length of "{quoted}"'
+
+
+def test_a_packet_answer_without_the_group_reads_as_group_0():
+    """group_id was added at the end of PACKET's answer within version 1: an
+    answer that ends after the claims (an older server) reads as group 0."""
+    from anbao.server import answers
+    from anbao_client import wire
+    from anbao_client.protocol import RESPONSE_HEADER_BYTES
+    from anbao_client.wire import Op
+
+    fields = [42, 1000, 2, 1, 1, 3, 1700000000000, 1700086400000, 1000, 2, 0, 2, "hi", [(1, 7, 400), (2, 8, 600)]]
+    frame = answers.ok(Op.PACKET, 8, 0, *fields, 77)
+    with_group = wire.decode_packet(frame[RESPONSE_HEADER_BYTES:])
+    without = wire.decode_packet(frame[RESPONSE_HEADER_BYTES:-8])
+    assert (with_group.group_id, without.group_id) == (77, 0)
+    assert without.claims == with_group.claims and without.greeting == "hi"

@@ -155,9 +155,9 @@ async def test_packet_from_the_owners_memory_is_what_the_database_shows(anbao):
             await admin.grab(sent.packet_id, u)
         for offset, limit in [(0, 100), (2, 3), (9, 5), (10, 1)]:
             memory = await packets.packet(ctx, 7, sent.packet_id, offset, limit)
-            head, greeting, claims = await ctx.ledger.packet_info(sent.packet_id, offset, limit)
-            assert memory == answers.ok(wire.Op.PACKET, 7, ctx.worker_id, *head, greeting, claims)
+            head, greeting, claims, group_id = await ctx.ledger.packet_info(sent.packet_id, offset, limit)
+            assert memory == answers.ok(wire.Op.PACKET, 7, ctx.worker_id, *head, greeting, claims, group_id)
     info = await admin.packet(sent.packet_id)
-    assert info.claimed_count == 10 and info.luckiest_seq > 0
+    assert info.claimed_count == 10 and info.luckiest_seq > 0 and info.group_id == 5
     assert (await admin.stats())["packets_from_memory"] >= 13
     await anbao.assert_audit_clean()

@@ -256,18 +256,19 @@ async def run_packet(c, args, out):
         "claimed_count": info.claimed_count,
         "refunded_cents": info.refunded_cents,
         "luckiest_seq": info.luckiest_seq,
+        "group_id": info.group_id,
         "claims": [{"seq": x.seq, "user_id": x.user_id, "amount_cents": x.amount_cents} for x in info.claims],
     }
     out.done(doc, _packet_text(args, info))
 
 
-# PACKET's answer names no group (nor member list): the audience is said as
-# what it was at send time.
+# PACKET's answer names the group, not the member list: the audience is
+# said as what it was at send time.
 _AUDIENCE_TEXT = {
     0: "anyone registered",
     1: "one person",
     2: "a list of members",
-    3: "the members of a group at send time",
+    3: "the members of group {group} at send time",
 }
 
 
@@ -276,7 +277,7 @@ def _packet_text(args, info) -> list:
 
     head = (
         f"packet {args.packet} from user {info.sender_id}: {yuan(info.total_cents)} in {info.count} "
-        f"{info.mode.name.lower()} share(s) for {_AUDIENCE_TEXT[info.audience]}"
+        f"{info.mode.name.lower()} share(s) for {_AUDIENCE_TEXT[info.audience].format(group=info.group_id)}"
         + (f" — “{info.greeting}”" if info.greeting else "")
     )
     # Past its expiry a packet is said to have expired, whatever its status

@@ -3,6 +3,7 @@ and gives the values in the table's field order; the layout is the table's."""
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from anbao_client import wire
@@ -19,22 +20,39 @@ from anbao_client.protocol import (
 
 from ..core import codec
 
-# op -> (head letters, row letters or None, rows of one field)
-_LAYOUTS: dict[int, tuple[str, str | None, bool]] = {}
+# op -> (head letters, row letters or None, rows of one field, fixed fields after the rows or None)
+_LAYOUTS: dict[int, tuple[str, str | None, bool, struct.Struct | None]] = {}
 for _op, _message in MESSAGES.items():
     _rows = _message.answer.rows
-    _LAYOUTS[_op] = (_message.answer.head, _rows.letters if _rows else None, bool(_rows and len(_rows.fields) == 1))
+    _tail = _message.answer.tail
+    _LAYOUTS[_op] = (
+        _message.answer.head,
+        _rows.letters if _rows else None,
+        bool(_rows and len(_rows.fields) == 1),
+        struct.Struct(">" + _tail) if _tail else None,
+    )
+_LENGTH = struct.Struct(">I")
+assert _LENGTH.size == LENGTH_BYTES
 
 
 def ok(op: Op, rid: int, worker_id: int, *values: Any) -> bytes:
-    """The OK answer to `op`: `values` in the table's order, a list of rows last."""
-    head, row_letters, single = _LAYOUTS[op]
+    """The OK answer to `op`: `values` in the table's order, a list of rows
+    after the fixed fields, and any fields the answer grew after its list."""
+    head, row_letters, single, tail = _LAYOUTS[op]
     if row_letters is None:
         return codec.encode_ok(op, rid, worker_id, head, values)
+    after: tuple[Any, ...] = ()
+    if tail is not None:
+        n = len(tail.format) - 1
+        values, after = values[:-n], values[-n:]
     *fixed, rows = values
     if single:
         rows = [(r,) for r in rows]
-    return codec.encode_list(op, rid, worker_id, head, tuple(fixed), row_letters, list(rows))
+    frame = codec.encode_list(op, rid, worker_id, head, tuple(fixed), row_letters, list(rows))
+    if tail is None:
+        return frame
+    extra = tail.pack(*after)
+    return _LENGTH.pack(len(frame) - LENGTH_BYTES + len(extra)) + frame[LENGTH_BYTES:] + extra
 
 
 def error(op: int, rid: int, worker_id: int, status: Status, message: str, *tail: Any) -> bytes:

@@ -29,7 +29,7 @@ SHOWN_STATUS = (
 _PACKET_INFO = (
     "WITH c AS MATERIALIZED (SELECT seq, user_id, amount_cents FROM anbao_claims_of($2))"
     f" SELECT sender_id, total_cents, share_count, mode, {SHOWN_STATUS} AS status, audience,"
-    " greeting, (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,"
+    " greeting, COALESCE(group_id, 0) AS group_id, (extract(epoch FROM created_at) * 1000)::bigint AS created_ms,"
     " (extract(epoch FROM expires_at) * 1000)::bigint AS expires_ms, refunded_cents,"
     " (SELECT count(*)::int FROM c) AS claimed_count,"
     " (SELECT COALESCE(sum(amount_cents), 0)::bigint FROM c) AS claimed_cents,"
@@ -154,7 +154,8 @@ class Packets:
         """The packet as its claims show it, or None: ((sender_id,
         total_cents, count, mode, status, audience, created_ms, expires_ms,
         claimed_cents, claimed_count, refunded_cents, luckiest seq or 0),
-        greeting, [(seq, user_id, amount_cents)] from `offset`). Counters
+        greeting, [(seq, user_id, amount_cents)] from `offset`, its group or
+        0). Counters
         and status come from the claims themselves (rolled up or pending),
         so a claim is shown the moment its grab is acknowledged. One
         statement: one snapshot, one round trip, and the claims read once."""
@@ -184,7 +185,7 @@ class Packets:
             p["refunded_cents"],
             luckiest,
         )
-        return head, p["greeting"], [(int(r[0]), r[1], r[2]) for r in (p["page"] or [])]
+        return head, p["greeting"], [(int(r[0]), r[1], r[2]) for r in (p["page"] or [])], p["group_id"]
 
     async def expired_packets(self, at_ms: int, limit: int, shard_mask: int, shards: list[int]) -> list[int]:
         """Packets still open (not sold out, not refunded) whose expiry is at

@@ -199,15 +199,27 @@ class Layout:
 
     @property
     def head(self) -> str:
-        """The letters before the rows, for a layout whose rows (if any) come last."""
-        kinds = [kind for _, kind in self.fields]
-        assert all(isinstance(k, str) for k in kinds[:-1]), "rows in the middle: no head"
-        return "".join(k for k in kinds if isinstance(k, str))
+        """The letters of the fixed fields before the rows (all of them
+        without rows)."""
+        out = []
+        for _, kind in self.fields:
+            if isinstance(kind, Rows):
+                break
+            out.append(kind)
+        return "".join(out)
 
     @property
     def rows(self) -> Rows | None:
-        last = self.fields[-1][1] if self.fields else None
-        return last if isinstance(last, Rows) else None
+        return next((kind for _, kind in self.fields if isinstance(kind, Rows)), None)
+
+    @property
+    def tail(self) -> str:
+        """The letters of the fields after the rows: fields an answer grew
+        at its end after its list (PACKET's group_id)."""
+        kinds = [kind for _, kind in self.fields]
+        after = kinds[len(self.head) + 1 :] if self.rows is not None else []
+        assert all(isinstance(k, str) and k in FIXED_LETTERS for k in after), "fixed fields after the rows"
+        return "".join(after)  # type: ignore[arg-type]
 
 
 def layout(**fields: str | Rows) -> Layout:  # noqa: D103 - kwargs keep their order
@@ -332,6 +344,7 @@ MESSAGES: dict[Op, Message] = {
                 luckiest_seq="I",
                 greeting="t",
                 claims=rows("H", seq="I", user_id="Q", amount_cents="q"),
+                group_id="Q",
             ),
         ),
         Message(

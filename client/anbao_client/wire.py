@@ -61,6 +61,7 @@ assert HEADER.size == HEADER_BYTES and RESPONSE_HEADER.size == RESPONSE_HEADER_B
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 _STRUCTS: dict[str, struct.Struct] = {}
 
 
@@ -445,6 +446,7 @@ class PacketInfo:
     luckiest_seq: int  # 0 until the packet is sold out
     greeting: str
     claims: list[Claim]
+    group_id: int = 0  # the group of a packet sent to a group (audience 3), else 0
 
     @property
     def remaining_cents(self) -> int:
@@ -456,8 +458,14 @@ class PacketInfo:
 
 
 def decode_packet(body: bytes) -> PacketInfo:
+    try:
+        fields = answer(Op.PACKET, body)
+    except (ValueError, struct.error):
+        # A server from before group_id was added ends the answer with the
+        # claims: read the group as 0 (unknown).
+        fields = answer(Op.PACKET, body + bytes(_U64.size))
     (sender, total, count, mode, status, audience, created, expires, claimed_cents, claimed_count, refunded,
-     luckiest, greeting, claims) = answer(Op.PACKET, body)  # fmt: skip
+     luckiest, greeting, claims, group_id) = fields  # fmt: skip
     return PacketInfo(
         sender,
         total,
@@ -473,6 +481,7 @@ def decode_packet(body: bytes) -> PacketInfo:
         luckiest,
         greeting,
         [Claim(*c) for c in claims],
+        group_id,
     )
 
 

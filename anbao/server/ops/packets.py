@@ -146,7 +146,7 @@ def _adopt(ctx: Context, request: SendRequest, result: BatchResult) -> None:
     # A grab that guessed the id may already have loaded it from the database.
     if packet_id not in ctx.engine.states:
         state = packet_state(record)
-        state.facts = PacketFacts(request.audience, request.greeting, result.created_ms)
+        state.facts = PacketFacts(request.audience, request.greeting, result.created_ms, request.group_id)
         ctx.engine.adopt(state)
 
 
@@ -159,8 +159,8 @@ async def packet(ctx: Context, rid: int, packet_id: int, offset: int, limit: int
     info = await ctx.ledger.packet_info(packet_id, offset, limit)
     if info is None:
         raise Refused(Status.NOT_FOUND, f"unknown packet {packet_id}")
-    head, greeting, claims = info
-    return answers.ok(Op.PACKET, rid, ctx.worker_id, *head, greeting, claims)
+    head, greeting, claims, group_id = info
+    return answers.ok(Op.PACKET, rid, ctx.worker_id, *head, greeting, claims, group_id)
 
 
 class PacketFacts(NamedTuple):
@@ -170,6 +170,7 @@ class PacketFacts(NamedTuple):
     audience: int
     greeting: str
     created_ms: int
+    group_id: int  # 0 unless sent to a group
 
 
 def _packet_from_memory(ctx: Context, rid: int, state, offset: int, limit: int) -> bytes:
@@ -198,6 +199,7 @@ def _packet_from_memory(ctx: Context, rid: int, state, offset: int, limit: int) 
         luckiest,
         facts.greeting,
         page,
+        facts.group_id,
     )
 
 
