@@ -338,3 +338,13 @@ def test_a_set_down_then_its_backlog_drains():
     assert doc["audit_ok"] and doc["grabs_while_down"] > 0
     assert doc["credits_queued"] == doc["grabs_while_down"] == doc["audit"]["credits_applied"]
     assert doc["slot_backlog_peak_bytes"] > 0
+
+
+def test_send_alone_to_groups():
+    """bench.sendalone: SENDs to groups of 20-200 from many connections,
+    every one durable (a packet in the database) and the audit clean."""
+    doc = _module_json(
+        "bench.sendalone", "--users", "300", "--sends", "400", "--connections", "4", "--depth", "4", timeout_s=150
+    )
+    assert doc["sends_ok"] == doc["packets_in_db"] == 400 and doc["audit_ok"]
+    assert doc["statuses"] == {"SEND": {"OK": 400}} and doc["durable_sends_per_s"] > 0
