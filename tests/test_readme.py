@@ -77,7 +77,7 @@ def test_readme_runs_as_written(tmp_path):
     assert "Traceback" not in sh["stderr"], sh["stderr"]
     assert "group 88 created: 4 member(s)" in out and "group 88: 1 removed, 4 member(s)" in out
     assert re.search(r"user 2 grabbed \d+\.\d\d \(share #1; 2 left after it\)", out), out
-    assert "the members of a group at send time — “恭喜发财”" in out
+    assert "the members of group 88 at send time — “恭喜发财”" in out
     assert "withdrew 50.25 from user 1" in out
     assert out.count("audit: OK") == 1 and "audit across 2 sets: OK" in out, out
     # The demos speak for themselves: no log lines mixed into their output.
