@@ -51,6 +51,16 @@ async def template_db(pg):
 
 
 @pytest.fixture
+async def own_pg(tmp_path):
+    """A PostgreSQL of this test's own, to stop and start."""
+    data = tmp_path / "own-pg"
+    server, dsn = embedded.start(data)
+    await migrate(dsn)
+    yield data, server, dsn
+    embedded.stop_data_dir(data)
+
+
+@pytest.fixture
 async def fresh_dsn(pg, template_db):
     """A database of its own for one test, already migrated."""
     name = f"t_{os.getpid()}_{next(_db_numbers)}"

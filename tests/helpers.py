@@ -233,3 +233,18 @@ async def database_at_version(pg, name: str, version: int) -> str:
     finally:
         await conn.close()
     return dsn
+
+
+def kill_postgres(pgdata: Path) -> None:
+    """kill -9 of the postmaster on pgdata, then of every process it started
+    (as the kernel's OOM killer or a crash would leave them)."""
+    from anbao.storage import embedded
+
+    pm = embedded.postmaster(pgdata.resolve())
+    assert pm is not None, f"no postmaster on {pgdata}"
+    children = pm.children()
+    for p in [pm, *children]:
+        try:
+            p.kill()
+        except Exception:  # gone already
+            pass

@@ -15,7 +15,6 @@ from helpers import Anbao, Raw, funded_users, refuse_batches_of
 from anbao.config import Limits
 from anbao.server import dbhealth
 from anbao.storage import embedded
-from anbao.storage.migrate import migrate
 from anbao_client import wire
 from anbao_client.wire import Op, Status
 
@@ -71,16 +70,6 @@ def test_database_errors_are_classified():
     assert dbhealth.classify(E.NumericValueOutOfRangeError()) == dbhealth.BAD_VALUE
     assert dbhealth.classify(E.UndefinedTableError()) is None
     assert dbhealth.classify(KeyError()) is None
-
-
-@pytest.fixture
-async def own_pg(tmp_path):
-    """A PostgreSQL of this test's own, to stop and start."""
-    data = tmp_path / "own-pg"
-    server, dsn = embedded.start(data)
-    await migrate(dsn)
-    yield data, server, dsn
-    embedded.stop_data_dir(data)
 
 
 async def test_postgres_shutting_down_is_unavailable_never_internal(own_pg, tokens_file, caplog):

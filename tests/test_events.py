@@ -378,72 +378,51 @@ async def test_kill_9_worker_mid_storm_events_match_claims(serve, fresh_dsn):
     assert report.ok, report.text()
 
 
-def _kill_postgres(data) -> None:
-    """SIGKILL to the postmaster and every process it started."""
-    import os
-    import signal
-    import subprocess
-
-    pid = int((data / "postmaster.pid").read_text().split()[0])
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
-    for p in [pid, *map(int, children)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-async def test_kill_9_postgres_mid_storm_events_match_claims(tmp_path, tokens_file):
+async def test_kill_9_postgres_mid_storm_events_match_claims(own_pg, tokens_file):
     """kill -9 of PostgreSQL (postmaster and backends) mid-storm, restarted
     after crash recovery, with a consumer following: the same promises."""
-    from helpers import APP_TOKEN
+    from helpers import APP_TOKEN, kill_postgres
     from served import Grabber, storm
 
     from anbao.storage import embedded
-    from anbao.storage.migrate import migrate
 
-    data = tmp_path / "own-pg"
-    _, dsn = embedded.start(data)
+    data, _, dsn = own_pg
+    server = await Anbao(dsn, tokens_file, Limits(db_probe_interval_ms=100)).start()
     try:
-        await migrate(dsn)
-        server = await Anbao(dsn, tokens_file, Limits(db_probe_interval_ms=100)).start()
-        try:
-            admin = await server.client("admin")
-            sender, *users = await funded_users(admin, 1, 1201)
-            await admin.deposit(sender, 1_000_000)
-            sent = await admin.send(sender, 200_000, 800)
-            follower = await Follower(server.port).start()
-            grabbers = [Grabber(server.port, APP_TOKEN, routed=False) for _ in range(20)]
-            outcomes: list[str] = []
-            at_kill: list[int] = []
+        admin = await server.client("admin")
+        sender, *users = await funded_users(admin, 1, 1201)
+        await admin.deposit(sender, 1_000_000)
+        sent = await admin.send(sender, 200_000, 800)
+        follower = await Follower(server.port).start()
+        grabbers = [Grabber(server.port, APP_TOKEN, routed=False) for _ in range(20)]
+        outcomes: list[str] = []
+        at_kill: list[int] = []
 
-            async def killer():
-                for _ in range(3000):  # bounded: until 150 grabs are answered
-                    if len(outcomes) >= 150:
-                        break
-                    await asyncio.sleep(0.002)
-                at_kill.append(len(outcomes))
-                _kill_postgres(data / "pgdata")
-                await asyncio.sleep(0.5)
-                await asyncio.get_running_loop().run_in_executor(None, embedded.start, data)
+        async def killer():
+            for _ in range(3000):  # bounded: until 150 grabs are answered
+                if len(outcomes) >= 150:
+                    break
+                await asyncio.sleep(0.002)
+            at_kill.append(len(outcomes))
+            kill_postgres(data / "pgdata")
+            await asyncio.sleep(0.5)
+            await asyncio.get_running_loop().run_in_executor(None, embedded.start, data)
 
-            (won, outs), _ = await asyncio.gather(
-                storm(server.port, sent.packet_id, users, grabbers, outcomes=outcomes), killer()
-            )
-            assert "gave_up" not in outs and len(won) == 800
-            assert at_kill[0] < 800, f"the kill must land mid-storm ({at_kill[0]} answered)"
-            print(f"PostgreSQL killed after {at_kill[0]} of 1200 answers")
-            events = await settle_feed(admin, dsn, timeout_s=30)
-            assert_feed_matches(events, await claims_of(dsn), won, sent.packet_id)
-            assert await follower.caught_up(events[-1].number) == events
-            for g in grabbers:
-                await g.close()
-        finally:
-            await server.stop()
-        report = await audit(dsn)
-        assert report.ok, report.text()
+        (won, outs), _ = await asyncio.gather(
+            storm(server.port, sent.packet_id, users, grabbers, outcomes=outcomes), killer()
+        )
+        assert "gave_up" not in outs and len(won) == 800
+        assert at_kill[0] < 800, f"the kill must land mid-storm ({at_kill[0]} answered)"
+        print(f"PostgreSQL killed after {at_kill[0]} of 1200 answers")
+        events = await settle_feed(admin, dsn, timeout_s=30)
+        assert_feed_matches(events, await claims_of(dsn), won, sent.packet_id)
+        assert await follower.caught_up(events[-1].number) == events
+        for g in grabbers:
+            await g.close()
     finally:
-        embedded.stop_data_dir(data)
+        await server.stop()
+    report = await audit(dsn)
+    assert report.ok, report.text()
 
 
 async def test_long_poll_on_one_worker_wakes_on_a_commit_on_the_other(serve, fresh_dsn):

@@ -16,12 +16,11 @@ import time
 
 import asyncpg
 import pytest
-from helpers import ADMIN_TOKEN, ROLLUP_LOCK_KEY, Anbao, Raw, funded_users
+from helpers import ADMIN_TOKEN, ROLLUP_LOCK_KEY, Anbao, Raw, funded_users, kill_postgres
 from served import RETRYABLE, audit_clean
 
 from anbao.config import Limits
 from anbao.storage import embedded
-from anbao.storage.migrate import migrate
 from anbao_client import Client, InsufficientFunds, wire
 from anbao_client.errors import ConnectionLost
 from anbao_client.wire import Op, Status
@@ -217,42 +216,25 @@ async def test_kill_9_workers_mid_batches_of_sends_and_deposits(serve, fresh_dsn
     await _assert_books(fresh_dsn, users, 5_000, plan, first)
 
 
-async def test_kill_9_postgres_mid_batches_of_sends_and_deposits(tmp_path, tokens_file):
-    data = tmp_path / "own-pg"
-    _, dsn = embedded.start(data)
+async def test_kill_9_postgres_mid_batches_of_sends_and_deposits(own_pg, tokens_file):
+    data, _, dsn = own_pg
+    server = await Anbao(dsn, tokens_file, Limits(db_probe_interval_ms=100)).start()
     try:
-        await migrate(dsn)
-        server = await Anbao(dsn, tokens_file, Limits(db_probe_interval_ms=100)).start()
-        try:
-            admin = await server.client("admin")
-            users = await funded_users(admin, 1, 24, 5_000)
-            holder = await asyncpg.connect(dsn)
+        admin = await server.client("admin")
+        users = await funded_users(admin, 1, 24, 5_000)
+        holder = await asyncpg.connect(dsn)
 
-            async def fault():
-                await _hold_wallets(holder, users)
-                await asyncio.sleep(0.3)
-                _kill_postgres((data / "pgdata").resolve())
-                await asyncio.sleep(0.5)
-                await asyncio.get_running_loop().run_in_executor(None, embedded.start, data)
+        async def fault():
+            await _hold_wallets(holder, users)
+            await asyncio.sleep(0.3)
+            kill_postgres(data / "pgdata")
+            await asyncio.sleep(0.5)
+            await asyncio.get_running_loop().run_in_executor(None, embedded.start, data)
 
-            plan, first = await _writes_through_a_fault(server.port, users, fault)
-        finally:
-            await server.stop()
-        await _assert_books(dsn, users, 5_000, plan, first)
+        plan, first = await _writes_through_a_fault(server.port, users, fault)
     finally:
-        embedded.stop_data_dir(data)
-
-
-def _kill_postgres(pgdata) -> None:
-    """SIGKILL to the postmaster, then to every process it started."""
-    pm = embedded.postmaster(pgdata)
-    assert pm is not None
-    children = pm.children()
-    for p in [pm, *children]:
-        try:
-            p.kill()
-        except Exception:
-            pass
+        await server.stop()
+    await _assert_books(dsn, users, 5_000, plan, first)
 
 
 @pytest.mark.parametrize("limits", [Limits(max_handlers_per_operation=8)])
