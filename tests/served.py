@@ -321,3 +321,13 @@ def postgres_backends(dsn: str) -> list[int]:
             await conn.close()
 
     return q()
+
+
+async def answered(outcomes: list, n: int, bound_s: float = 6.0) -> int:
+    """Waits (at most bound_s) until a storm has n answers; returns how many
+    it has then, so a fault can be timed by the storm's progress."""
+    for _ in range(int(bound_s / 0.002)):
+        if len(outcomes) >= n:
+            break
+        await asyncio.sleep(0.002)
+    return len(outcomes)

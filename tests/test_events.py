@@ -343,7 +343,7 @@ async def test_kill_9_worker_mid_storm_events_match_claims(serve, fresh_dsn):
     import signal
 
     from helpers import APP_TOKEN
-    from served import Grabber, setup_packet, storm
+    from served import Grabber, answered, setup_packet, storm
 
     from anbao_client.routing import owner_of
 
@@ -355,11 +355,7 @@ async def test_kill_9_worker_mid_storm_events_match_claims(serve, fresh_dsn):
     outcomes: list[str] = []
 
     async def killer():
-        for _ in range(3000):  # bounded: until 150 grabs are answered
-            if len(outcomes) >= 150:
-                break
-            await asyncio.sleep(0.002)
-        at_kill.append(len(outcomes))
+        at_kill.append(await answered(outcomes, 150))
         os.kill(victim, signal.SIGKILL)
 
     at_kill: list[int] = []
@@ -382,7 +378,7 @@ async def test_kill_9_postgres_mid_storm_events_match_claims(own_pg, tokens_file
     """kill -9 of PostgreSQL (postmaster and backends) mid-storm, restarted
     after crash recovery, with a consumer following: the same promises."""
     from helpers import APP_TOKEN, kill_postgres
-    from served import Grabber, storm
+    from served import Grabber, answered, storm
 
     from anbao.storage import embedded
 
@@ -399,11 +395,7 @@ async def test_kill_9_postgres_mid_storm_events_match_claims(own_pg, tokens_file
         at_kill: list[int] = []
 
         async def killer():
-            for _ in range(3000):  # bounded: until 150 grabs are answered
-                if len(outcomes) >= 150:
-                    break
-                await asyncio.sleep(0.002)
-            at_kill.append(len(outcomes))
+            at_kill.append(await answered(outcomes, 150))
             kill_postgres(data / "pgdata")
             await asyncio.sleep(0.5)
             await asyncio.get_running_loop().run_in_executor(None, embedded.start, data)
