@@ -216,20 +216,32 @@ class Grabber:
         self.port, self.token, self.routed, self.timeout_ms = port, token, routed, timeout_ms
         self.local_port_for = local_port_for  # () -> a source port steering to one worker, or None
         self.client = None
+        # Many grabs share this client: one of them reconnects at a time,
+        # and a grab that failed drops only the client it used, never the
+        # one another grab has made since (that closed healthy connections
+        # under the grabs using them, each failure making more).
+        self._connecting = asyncio.Lock()
 
     async def _client(self):
-        if self.client is None:
-            if self.routed:
-                self.client = await Cluster.connect("127.0.0.1", self.port, self.token, timeout_ms=self.timeout_ms)
-            else:
-                local = self.local_port_for() if self.local_port_for else None
-                self.client = await Client.connect(
-                    "127.0.0.1", self.port, self.token, timeout_ms=self.timeout_ms, local_port=local
-                )
-        return self.client
+        async with self._connecting:
+            if self.client is None:
+                if self.routed:
+                    self.client = await Cluster.connect("127.0.0.1", self.port, self.token, timeout_ms=self.timeout_ms)
+                else:
+                    local = self.local_port_for() if self.local_port_for else None
+                    self.client = await Client.connect(
+                        "127.0.0.1", self.port, self.token, timeout_ms=self.timeout_ms, local_port=local
+                    )
+            return self.client
+
+    async def _drop(self, failed) -> None:
+        if failed is not None and self.client is failed:
+            self.client = None
+            await failed.close()
 
     async def grab(self, packet_id: int, user_id: int, deadline: float, answers: list | None = None):
         while time.monotonic() < deadline:
+            c = None
             try:
                 c = await self._client()
                 g = await c.grab(packet_id, user_id)
@@ -247,9 +259,8 @@ class Grabber:
             except RETRYABLE as e:
                 if answers is not None:
                     answers.append((type(e).__name__, None))
-                if self.client is not None and isinstance(e, (ConnectionLost, OSError)):
-                    await self.client.close()
-                    self.client = None
+                if isinstance(e, (ConnectionLost, OSError)):
+                    await self._drop(c)
                 await asyncio.sleep(0.05)
         return "gave_up", None
 
