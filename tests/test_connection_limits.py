@@ -551,6 +551,37 @@ async def test_one_client_cannot_take_every_long_poll(fresh_dsn, tokens_file):
         await server.stop()
 
 
+async def test_a_closed_connections_long_polls_give_their_places_back_at_once(fresh_dsn, tokens_file):
+    """A client that opens its token's every long poll and leaves: its polls
+    stop waiting and give their places back at once, so the token's next
+    client is served at once. Before, they held their places until their
+    wait ran out (issue 18 item 5: the victim waited 3-5.6 s)."""
+    limits = Limits(max_event_polls_per_connection=4, max_event_polls_per_token=4, max_event_waiters=100)
+    server = await Anbao(fresh_dsn, tokens_file, limits).start()
+    try:
+        feed = server.worker.feed
+        greedy = await Raw.open(server.port)
+        greedy.send(b"".join(wire.events(10 + i, 0, 10, 30_000) for i in range(4)))
+        for _ in range(100):  # bounded: 5 s
+            if feed.waiters == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert feed.waiters == 4
+        greedy.close()
+        for _ in range(100):  # bounded: 5 s
+            if feed.waiters == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert feed.waiters == 0, "the polls of a connection that left stopped waiting"
+        after = await Raw.open(server.port)
+        after.send(b"".join(wire.events(20 + i, 0, 10, 200) for i in range(4)))
+        got = await after.answers(4, timeout_s=5)
+        assert sorted(r.request_id for r in got) == [20, 21, 22, 23] and {r.status for r in got} == {Status.OK}
+        after.close()
+    finally:
+        await server.stop()
+
+
 async def test_a_draining_worker_takes_no_new_requests(fresh_dsn, tokens_file):
     """Once a worker stops, its clients' connections are read no more: what
     it owes them (a grab waiting for its commit) still goes out, but a new

@@ -79,7 +79,8 @@ class Host:
     limits: Limits
     tokens: TokenBook
     router: Router
-    dispatch: Callable[[Requester, int, int, tuple[Any, ...]], None]  # requests off the GRAB path
+    # Requests off the GRAB path; returns the handler's task, if one runs.
+    dispatch: Callable[[Requester, int, int, tuple[Any, ...]], asyncio.Task[None] | None]
     loop: asyncio.AbstractEventLoop
     connections: set[Connection]  # the open ones, which this connection joins and leaves
     answered: dict[int, int] | None = None  # opcode << 8 | status -> count, for the metrics
@@ -126,21 +127,40 @@ def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
 
 
 class _Poll:
-    """The requester of one EVENTS request: its answer gives its place back
-    to the connection's and the token's counts of long polls."""
+    """The requester of one EVENTS request: its answer, or its connection
+    leaving, gives its place back to the connection's and the token's
+    counts of long polls."""
 
-    __slots__ = ("conn", "bucket", "scope")
+    __slots__ = ("conn", "bucket", "scope", "task", "waiting")
 
     def __init__(self, conn: Connection, bucket: TokenBucket | None):
         self.conn = conn
         self.bucket = bucket
         self.scope = conn.scope
+        self.task: asyncio.Task[None] | None = None  # its handler, the dispatcher's
+        self.waiting = True
 
-    def answer(self, frame: bytes) -> None:
+    def _give_back(self) -> None:
+        self.waiting = False
         self.conn.polls -= 1
+        self.conn.polls_waiting.discard(self)
         if self.bucket is not None:
             self.bucket.polls -= 1
-        self.conn.answer(frame)
+
+    def answer(self, frame: bytes) -> None:
+        if self.waiting:
+            self._give_back()
+            self.conn.answer(frame)
+
+    def cancel(self) -> None:
+        """Its connection left: nobody will read the answer, so the poll
+        stops waiting now and its places go back at once, not when its
+        wait runs out (a client that opened many and left held other
+        clients' polls BUSY until then)."""
+        if self.waiting:
+            self._give_back()
+            if self.task is not None:
+                self.task.cancel()
 
 
 class Connection(asyncio.Protocol, Replier):
@@ -173,6 +193,7 @@ class Connection(asyncio.Protocol, Replier):
         self._held_paid = False  # their requests were taken from the token's bucket when read
         self.requests_before_hello = 0
         self.polls = 0  # EVENTS requests unanswered on this connection
+        self.polls_waiting: set[_Poll] = set()  # their requesters, cancelled if the connection leaves
         self._handshaking = False  # TLS: the handshake is under way (self.transport is the raw one)
         self._linger: asyncio.TimerHandle | None = None
 
@@ -224,6 +245,8 @@ class Connection(asyncio.Protocol, Replier):
     def _leave(self) -> None:
         self.host.connections.discard(self)
         self.host.before_hello.pop(self, None)
+        for poll in list(self.polls_waiting):
+            poll.cancel()
 
     def _start_tls(self, raw: asyncio.Transport, tls: ssl.SSLContext) -> None:
         """The server side of TLS, put between the socket and this
@@ -385,7 +408,9 @@ class Connection(asyncio.Protocol, Replier):
             self.polls += 1
             if bucket is not None:
                 bucket.polls += 1
-            self.host.dispatch(_Poll(self, bucket), _EVENTS, rid, args)
+            poll = _Poll(self, bucket)
+            self.polls_waiting.add(poll)
+            poll.task = self.host.dispatch(poll, _EVENTS, rid, args)
             return
         self.answer(codec.encode_error(_EVENTS, rid, Status.BUSY, self.wid, why))
 

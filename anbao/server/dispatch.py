@@ -39,7 +39,9 @@ class Dispatcher:
         self.handling: dict[int, int] = {}  # opcode -> requests being handled (STATS)
         self.busy_answers = 0  # STATS: requests refused BUSY by that bound
 
-    def dispatch(self, conn: Requester, opcode: int, rid: int, args: tuple[Any, ...]) -> None:
+    def dispatch(self, conn: Requester, opcode: int, rid: int, args: tuple[Any, ...]) -> asyncio.Task[None] | None:
+        """Runs the request's handler in a task of its own (returned), or
+        answers it at once (None): refused, redirected, or BUSY."""
         wid = self.wid
         handler = HANDLERS.get(opcode)
         if handler is None:
@@ -47,15 +49,15 @@ class Dispatcher:
                 conn.answer(codec.encode_error(opcode, rid, Status.INVALID, wid, "already authenticated"))
             else:
                 conn.answer(codec.encode_error(opcode, rid, Status.UNKNOWN_OPCODE, wid, f"opcode 0x{opcode:02x}"))
-            return
+            return None
         if MESSAGES[Op(opcode)].scope == Scope.ADMIN and conn.scope != Scope.ADMIN:
             conn.answer(codec.encode_error(opcode, rid, Status.FORBIDDEN, wid, "needs the admin scope"))
-            return
+            return None
         if self.gate is not None:
             redirect = self.gate.redirect(opcode, rid, args)
             if redirect is not None:
                 conn.answer(redirect)
-                return
+                return None
         handling = self.handling.get(opcode, 0)
         if handling >= self.max_handlers:
             # Answered now, not queued: what is served keeps a bounded wait,
@@ -64,11 +66,12 @@ class Dispatcher:
             conn.answer(
                 codec.encode_error(opcode, rid, Status.BUSY, wid, f"{handling} of these in progress here; retry later")
             )
-            return
+            return None
         self.handling[opcode] = handling + 1
         task = asyncio.get_running_loop().create_task(self._run(handler, conn, opcode, rid, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _run(self, handler, conn: Requester, opcode: int, rid: int, args: tuple[Any, ...]) -> None:
         try:
