@@ -70,7 +70,7 @@ class Limits:
     commit_slots: int = 2
     batch_overlap_min_grabs: int = 512
     max_queued_grabs: int = 65_536
-    # SEND by group commit (engine/sends.py): the SENDs that gather while a
+    # SEND by group commit (engine/batches.py): the SENDs that gather while a
     # batch is out go in the next one, at most send_batch_max, in one
     # statement and one commit; at most send_batches_in_flight batches per
     # worker at once (on two cores a third only adds lock waits).

@@ -88,7 +88,7 @@ async def send(
     members: list[int],
     greeting: str,
 ) -> bytes:
-    """SEND, by group commit (engine/sends.py): answered once its batch has
+    """SEND, by group commit (engine/batches.py): answered once its batch has
     committed; at most once per key (the batch claims the key)."""
     expiry_s = validate_send(ctx, sender, total, count, mode, expiry_s, audience, members)
     # The new packet takes one of this worker's shards, so this worker owns it.
