@@ -124,20 +124,20 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
     async def killer():
         conn = await asyncpg.connect(fresh_dsn)
         try:
-            for _ in range(2000):  # bounded: until 100 claims are committed
-                n = await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id)
-                if n >= 100:
-                    break
+            for _ in range(2000):  # bounded: until the first claims are committed
+                # Counted under the lock that holds the next batches (no claim
+                # can land while it is held), so the kill lands mid-storm
+                # however fast the storm runs: the rest of the packet sold in
+                # one batch just after the count would leave nothing to kill.
+                async with conn.transaction():
+                    await conn.execute("LOCK TABLE claims, grab_rollups IN SHARE ROW EXCLUSIVE MODE")
+                    n = await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id)
+                    if n >= 1:
+                        claims_at_kill.append(n)
+                        await asyncio.sleep(0.05)
+                        os.kill(victim, signal.SIGKILL)
+                        return
                 await asyncio.sleep(0.002)
-            # Hold the next batches (no claim can land) so that the kill
-            # lands mid-storm however fast the storm runs.
-            async with conn.transaction():
-                await conn.execute("LOCK TABLE claims, grab_rollups IN SHARE ROW EXCLUSIVE MODE")
-                claims_at_kill.append(
-                    await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id)
-                )
-                await asyncio.sleep(0.05)
-                os.kill(victim, signal.SIGKILL)
         finally:
             await conn.close()
 

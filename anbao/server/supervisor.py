@@ -375,11 +375,13 @@ class Supervisor:
                     metrics.worker_died(p.pid)
                     self._metrics.restarts.labels(str(i)).inc()
                 self._spawn(i)
+                # Recorded before the wait for readiness: a client served by
+                # the replacement must find the restart (and its pid) said.
+                self._write_pids()
                 try:
                     self._await_ready({i})
                 except RuntimeError as exc:
                     log.error("%s", exc)
-                self._write_pids()
         self.stop()
 
     def _restart_memcached(self) -> None:
