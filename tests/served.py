@@ -342,3 +342,15 @@ async def answered(outcomes: list, n: int, bound_s: float = 6.0) -> int:
             break
         await asyncio.sleep(0.002)
     return len(outcomes)
+
+
+async def restarted(served: Served, n: int = 1, bound_s: float = 10.0) -> dict:
+    """The run info once the supervisor has recorded n worker restarts (at
+    most bound_s): a storm may end before it sees a death, since the other
+    worker answers every user from the committed claim list (I9)."""
+    for _ in range(int(bound_s / 0.05)):
+        info = served.run_info()
+        if info["restarts"] >= n:
+            return info
+        await asyncio.sleep(0.05)
+    return served.run_info()

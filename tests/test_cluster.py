@@ -9,7 +9,7 @@ import signal
 import asyncpg
 import pytest
 from helpers import APP_TOKEN
-from served import RETRYABLE, Grabber, audit_clean, claims_of, is_recorded_alive, setup_packet, storm
+from served import RETRYABLE, Grabber, audit_clean, claims_of, is_recorded_alive, restarted, setup_packet, storm
 
 from anbao_client import Cluster, SoldOut
 from anbao_client.errors import AlreadyClaimed, NotEligible
@@ -148,7 +148,7 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
     for u, g in won.items():
         assert in_db.get(u) == (g.seq, g.amount_cents), f"acknowledged grab of {u} lost"
     assert len(in_db) == 1000 and len(won) == 1000, "the packet must be finished after the restart"
-    info = s.run_info()
+    info = await restarted(s)
     assert info["restarts"] >= 1 and info["workers"][str(owner)] != victim
     # The replacement inherited its slot's socket: steering still lands right.
     fresh = await Cluster.connect("127.0.0.1", s.port, APP_TOKEN)

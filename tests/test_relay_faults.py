@@ -14,7 +14,7 @@ import time
 
 import asyncpg
 from helpers import APP_TOKEN
-from served import audit_clean, claims_of, setup_packet, steered_client
+from served import audit_clean, claims_of, restarted, setup_packet, steered_client
 
 from anbao_client import SoldOut, Unavailable, wire
 from anbao_client.errors import AlreadyClaimed, InDoubt, RequestTimeout
@@ -111,7 +111,7 @@ async def test_relayed_grabs_of_a_killed_owner_get_definite_answers(serve, fresh
     stats = await clients[0].stats()
     assert stats["worker_id"] == other
     assert stats["relay_retries_by_peer"][str(owner)] > 0, "the kill should have caught relayed grabs in flight"
-    info = s.run_info()
+    info = await restarted(s)
     assert info["restarts"] >= 1
     for c in clients:
         await c.close()
