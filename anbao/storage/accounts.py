@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncpg
 
 from .commit import settle_user
-from .domain import AccountKind, BatchResult, MoveRequest, Operation, Reason, Refused, TransferKind
+from .domain import AccountKind, BatchResult, MoveRequest, Operation, Reason, Refused
 from .idempotency import batch_results
 
 _USER = f"kind = {AccountKind.USER:d}"
@@ -42,7 +42,6 @@ PENDING_GRABS_OF_USER = (
 )
 # User $1's balance: posted plus pending grabs; NULL for no wallet.
 BALANCE = f"SELECT a.balance_cents + {PENDING_GRABS_OF_USER} FROM accounts a WHERE a.{_USER} AND a.owner_id = $1"
-_EXTERNAL_ID = f"(SELECT account_id FROM accounts WHERE {_EXTERNAL})"
 
 
 async def wallet(conn, user_id: int) -> asyncpg.Record:
@@ -51,33 +50,6 @@ async def wallet(conn, user_id: int) -> asyncpg.Record:
     if row is None:
         raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
     return row
-
-
-async def move(
-    conn, kind: TransferKind, debit_sql: str, credit: int, amount_cents: int, packet_id: int | None
-) -> tuple[int, int]:
-    """One transfer and its two balance changes; returns the credited
-    balance and the transfer id. debit_sql is an SQL expression of the
-    debited account id (never user input)."""
-    tid, debit = await conn.fetchrow(
-        f"INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)"
-        f" VALUES ($1, {debit_sql}, $2, $3, $4) RETURNING transfer_id, debit_account",
-        int(kind),
-        credit,
-        amount_cents,
-        packet_id,
-    )
-    # In account-id order, like the grab batches, so no two transactions
-    # ever wait on each other's rows in opposite orders.
-    for account, delta in sorted([(debit, -amount_cents), (credit, amount_cents)]):
-        bal = await conn.fetchval(
-            "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1 RETURNING balance_cents",
-            account,
-            delta,
-        )
-        if account == credit:
-            credited = bal
-    return credited, tid
 
 
 class Accounts:
@@ -132,48 +104,3 @@ class Accounts:
                 [m.settled for m in moves],
             )
         return batch_results(rows, len(moves))
-
-    @staticmethod
-    async def deposit(conn, user_id: int, amount_cents: int) -> dict:
-        """external -> user, in the caller's transaction (see idempotent).
-        Returns {"balance_cents", "transfer_id"}."""
-        assert amount_cents > 0
-        account_id = (await wallet(conn, user_id))["account_id"]
-        balance, tid = await move(conn, TransferKind.DEPOSIT, _EXTERNAL_ID, account_id, amount_cents, None)
-        return {"balance_cents": balance, "transfer_id": tid}
-
-    @staticmethod
-    async def withdraw(conn, user_id: int, amount_cents: int) -> dict:
-        """user -> external, in the caller's transaction. Returns
-        {"balance_cents", "transfer_id"}; a balance below the amount is
-        INSUFFICIENT_FUNDS, decided under the wallet's row lock, so
-        concurrent withdrawals, sends and grabs can never take it below zero
-        (the CHECK accounts_no_overdraft is only the last line)."""
-        assert amount_cents > 0
-        # The external account first, then the wallet: the order deposits
-        # take them in. NO KEY UPDATE, not UPDATE: the transfers' foreign-key
-        # checks take KEY SHARE on these rows, and must not deadlock with us.
-        external = await conn.fetchval(f"SELECT account_id FROM accounts WHERE {_EXTERNAL} FOR NO KEY UPDATE")
-        row = await conn.fetchrow(WALLET + " FOR NO KEY UPDATE", user_id)
-        if row is None:
-            raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
-        if row["balance_cents"] < amount_cents:
-            raise Refused(Reason.INSUFFICIENT_FUNDS, f"balance {row['balance_cents']} cents below {amount_cents} cents")
-        tid = await conn.fetchval(
-            "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents)"
-            " VALUES ($1, $2, $3, $4) RETURNING transfer_id",
-            int(TransferKind.WITHDRAW),
-            row["account_id"],
-            external,
-            amount_cents,
-        )
-        await conn.execute(
-            "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE account_id = $1", external, amount_cents
-        )
-        balance = await conn.fetchval(
-            "UPDATE accounts SET balance_cents = balance_cents - $2 WHERE account_id = $1 RETURNING balance_cents",
-            row["account_id"],
-            amount_cents,
-        )
-        assert balance == row["balance_cents"] - amount_cents >= 0
-        return {"balance_cents": balance, "transfer_id": tid}

@@ -1,5 +1,8 @@
 """Idempotency keys: a DEPOSIT, WITHDRAW or SEND runs at most once per key,
-and every retry of the key is answered what the first run answered.
+and every retry of the key is answered what the first run answered. The
+keys are claimed, replayed and answered inside the batch functions
+(anbao_claim_keys, anbao_stored_answers, anbao_store_answers, migration
+0012); here: what a retry must repeat, and a batch's rows as results.
 
 What is stored is storage's own answer (a dict of ints, or a refusal's
 Reason and message), never wire bytes: the server encodes it afresh on
@@ -11,12 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
-import asyncpg
-
-from .domain import IDEMPOTENCY_KEY_BYTES, BatchOutcome, BatchResult, Operation, Reason, Refused
+from .domain import BatchOutcome, BatchResult, Operation, Reason
 
 
 def request_hash(operation: Operation, fields: tuple) -> bytes:
@@ -45,71 +44,3 @@ def batch_results(rows: list, n: int) -> list[BatchResult]:
         )
     assert all(r is not None for r in results), "a batch function answers every request"
     return results  # type: ignore[return-value]
-
-
-@dataclass(frozen=True)
-class StoredAnswer:
-    """value: the first run's answer (None if it was refused); refusal and
-    message: why it was refused (None and "" if it was not); replayed: this
-    call read a stored answer instead of running the body."""
-
-    value: dict | None
-    refusal: Reason | None
-    message: str
-    replayed: bool
-
-
-class Idempotency:
-    pool: asyncpg.Pool
-
-    async def idempotent(
-        self, key: bytes, operation: Operation, fields: tuple, body: Callable[[asyncpg.Connection], Awaitable[dict]]
-    ) -> StoredAnswer:
-        """Runs body(conn) -> {name: int} at most once per key.
-
-        The key is claimed by INSERT under its primary key: a concurrent
-        duplicate waits on the first one's row lock and, once that commits,
-        reads its answer. A failed transaction releases the key with it. A
-        refusal (Refused) is an answer too: it is stored, and replayed.
-        """
-        assert len(key) == IDEMPOTENCY_KEY_BYTES
-        operation = Operation(operation)
-        digest = request_hash(operation, fields)
-        async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                claimed = await conn.fetchval(
-                    "INSERT INTO idempotency_keys (key, operation, request_hash) VALUES ($1, $2, $3)"
-                    " ON CONFLICT DO NOTHING RETURNING true",
-                    key,
-                    int(operation),
-                    digest,
-                )
-                if not claimed:
-                    row = await conn.fetchrow(
-                        "SELECT operation, request_hash, answer, refusal, message FROM idempotency_keys WHERE key = $1",
-                        key,
-                    )
-                    assert row is not None and (row["answer"] is None) != (row["refusal"] is None)
-                    if row["operation"] != operation or row["request_hash"] != digest:
-                        raise Refused(Reason.IDEMPOTENCY_CONFLICT, "idempotency key reused with different parameters")
-                    if row["refusal"] is not None:
-                        return StoredAnswer(None, Reason[row["refusal"]], row["message"], True)
-                    return StoredAnswer(json.loads(row["answer"]), None, "", True)
-                try:
-                    # A savepoint around the body: a refusal undoes whatever
-                    # the body wrote before it, and only the answer is kept.
-                    async with conn.transaction():
-                        value = await body(conn)
-                except Refused as refusal:
-                    await conn.execute(
-                        "UPDATE idempotency_keys SET refusal = $2, message = $3 WHERE key = $1",
-                        key,
-                        refusal.reason.name,
-                        str(refusal),
-                    )
-                    return StoredAnswer(None, refusal.reason, str(refusal), False)
-                assert value and all(type(v) is int for v in value.values()), value
-                await conn.execute(
-                    "UPDATE idempotency_keys SET answer = $2::jsonb WHERE key = $1", key, json.dumps(value)
-                )
-                return StoredAnswer(dict(value), None, "", False)

@@ -1,7 +1,7 @@
 """The ledger in PostgreSQL: the one object the server holds for everything
 off the grab path. Each job lives in its own module and is mixed in here:
 
-    idempotency.py  DEPOSIT, WITHDRAW, SEND at most once per key
+    idempotency.py  the request hash a key stores, and a batch's results
     accounts.py     wallets, balances, deposits and withdrawals
     packets.py      SEND, a packet's durable state, PACKET, expiry
     history.py      statements, sent packets, received shares
@@ -23,11 +23,10 @@ from .domain import EventPage, Reason, Refused
 from .events import read_events
 from .groups import Groups
 from .history import History
-from .idempotency import Idempotency, StoredAnswer
 from .packets import Packets
 from .sets import balance_at_home
 
-__all__ = ["Ledger", "Refused", "StoredAnswer"]
+__all__ = ["Ledger", "Refused"]
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -43,7 +42,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     connection would outlive its user."""
 
 
-class Ledger(Idempotency, Accounts, Packets, History, Groups):
+class Ledger(Accounts, Packets, History, Groups):
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
 
