@@ -113,35 +113,43 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
     """kill -9 the packet's owner during a storm: every grab any client saw
     acknowledged is in the database, the supervisor brings the worker back,
     the packet is finished, and the invariants hold."""
-    s = serve(workers=2)
+    # Small batches, one at a time: the storm needs 100 commits in a row, so
+    # what has committed when this process reads its first answer is a part
+    # of the packet (with every batch at once, the packet sells out while
+    # the 1,500 requests are still being written).
+    s = serve(workers=2, extra=["--limit", "batch_max_grabs=10", "--limit", "commit_slots=1"])
     admin, users, sent = await setup_packet(s.port, 1500, 200_000, 1000)
     owner = owner_of(sent.packet_id, 2)
     victim = s.run_info()["workers"][str(owner)]
     grabbers = [Grabber(s.port, APP_TOKEN, routed=(i % 2 == 0)) for i in range(30)]
 
     claims_at_kill = []
+    progress: list[str] = []
+    conn = await asyncpg.connect(fresh_dsn)
 
     async def killer():
-        conn = await asyncpg.connect(fresh_dsn)
         try:
-            for _ in range(2000):  # bounded: until the first claims are committed
-                # Counted under the lock that holds the next batches (no claim
-                # can land while it is held), so the kill lands mid-storm
-                # however fast the storm runs: the rest of the packet sold in
-                # one batch just after the count would leave nothing to kill.
-                async with conn.transaction():
-                    await conn.execute("LOCK TABLE claims, grab_rollups IN SHARE ROW EXCLUSIVE MODE")
+            for _ in range(60_000):  # bounded: until the first acknowledged grab
+                if "ok" in progress:
+                    # Timed by the storm's own answers, in this loop, not by
+                    # polling the database (a storm sold out between two
+                    # looks leaves nothing to kill). Frozen, then counted, then
+                    # killed: no batch is sent after the count, so the kill
+                    # lands mid-storm. Small batches keep what is in flight a
+                    # part of the packet.
+                    os.kill(victim, signal.SIGSTOP)
+                    await asyncio.sleep(0.05)
                     n = await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id)
-                    if n >= 1:
-                        claims_at_kill.append(n)
-                        await asyncio.sleep(0.05)
-                        os.kill(victim, signal.SIGKILL)
-                        return
-                await asyncio.sleep(0.002)
+                    claims_at_kill.append(n)
+                    os.kill(victim, signal.SIGKILL)
+                    return
+                await asyncio.sleep(0.001)
         finally:
             await conn.close()
 
-    (won, outcomes), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers, timeout_s=120), killer())
+    (won, outcomes), _ = await asyncio.gather(
+        storm(s.port, sent.packet_id, users, grabbers, timeout_s=120, outcomes=progress), killer()
+    )
     assert "gave_up" not in outcomes
     assert claims_at_kill[0] < 1000, "the kill must land mid-storm"
     in_db = await claims_of(fresh_dsn, sent.packet_id)
