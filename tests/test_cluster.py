@@ -169,6 +169,79 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
     await audit_clean(fresh_dsn)
 
 
+async def test_a_replacement_owner_ends_its_predecessors_commits_first(serve, fresh_dsn):
+    """kill -9 ends a worker, not its database backends: one waiting on a
+    lock with a batch still lands when the lock goes. The replacement must
+    end it before it loads the packet, or that batch's shares are sold
+    twice (two claims with one seq, and a wallet paid twice)."""
+    # One commit connection, warmed by a first grab: its INSERT is prepared,
+    # so the next batch goes whole (Bind, Execute, Sync) and waits on the
+    # lock past the point where a dead client could stop it.
+    s = serve(workers=2, extra=["--limit", "commit_slots=1"])
+    admin, users, sent = await setup_packet(s.port, 5, 50_000, 5)
+    owner = owner_of(sent.packet_id, 2)
+    victim = s.run_info()["workers"][str(owner)]
+    lock = await asyncpg.connect(fresh_dsn)
+    watch = await asyncpg.connect(fresh_dsn)
+    waiting_commits = (
+        "SELECT array_agg(pid) FROM pg_stat_activity WHERE application_name LIKE 'anbao-grab-commit%'"
+        " AND wait_event_type = 'Lock' AND NOT pid = ANY($1::int[])"
+    )
+    first = await Cluster.connect("127.0.0.1", s.port, APP_TOKEN, timeout_ms=30_000)
+    second = None
+    warm_user = users.pop()
+    warm = await first.grab(sent.packet_id, warm_user)
+    try:
+        # A real fault: the table the grab commit writes is locked, so the
+        # owner's batch waits inside PostgreSQL when its worker dies.
+        tx = lock.transaction()
+        await tx.start()
+        await lock.execute("LOCK TABLE grab_rollups IN SHARE ROW EXCLUSIVE MODE")
+        orphan = asyncio.ensure_future(first.grab(sent.packet_id, users[0]))
+        for _ in range(500):  # bounded: until the batch waits on the lock
+            orphans = await watch.fetchval(waiting_commits, [])
+            if orphans:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the grab's batch never reached the lock")
+        os.kill(victim, signal.SIGKILL)
+        info = await restarted(s)
+        assert info["workers"][str(owner)] != victim
+        # The replacement serves the packet while the lock is still held.
+        second = await Cluster.connect("127.0.0.1", s.port, APP_TOKEN, timeout_ms=30_000)
+        later = [asyncio.ensure_future(second.grab(sent.packet_id, u)) for u in users[1:]]
+        for _ in range(500):  # bounded: until the replacement's batch waits too
+            if await watch.fetchval(waiting_commits, orphans):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the replacement's batch never reached the lock")
+        await tx.commit()
+        won = await asyncio.gather(*later)
+        # Its connection died with the worker: lost, or answered by the
+        # replacement if the client sent it again. Either way, once only.
+        await asyncio.gather(orphan, return_exceptions=True)
+        seqs = await watch.fetch(
+            "SELECT seq, count(*) AS n FROM claims_all WHERE packet_id = $1 GROUP BY seq HAVING count(*) > 1",
+            sent.packet_id,
+        )
+        assert seqs == [], f"shares sold twice: {seqs}"
+        in_db = await claims_of(fresh_dsn, sent.packet_id)
+        assert {u: in_db[u] for u in users[1:]} == {
+            u: (g.seq, g.amount_cents) for u, g in zip(users[1:], won, strict=True)
+        }
+        assert in_db[warm_user] == (warm.seq, warm.amount_cents)
+    finally:
+        for c in (first, second, admin):
+            if c is not None:
+                await c.close()
+        await lock.close()
+        await watch.close()
+    assert s.stop() == 0
+    await audit_clean(fresh_dsn)
+
+
 async def test_memcached_flushed_then_killed_mid_storm(serve, fresh_dsn):
     """memcached flushed, then killed -9 mid-storm: admission fails open, the
     packet sells out exactly, and the supervisor starts memcached again on

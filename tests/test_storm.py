@@ -157,7 +157,7 @@ async def test_commit_connection_killed_outcome_resolved_by_read_back(anbao):
                 # inside its INSERT or COMMIT, idle in its transaction waiting
                 # for the batch before it, or idle between batches.
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE application_name = 'anbao-grab-commit' AND pid <> pg_backend_pid()"
+                " WHERE application_name LIKE 'anbao-grab-commit-%' AND pid <> pg_backend_pid()"
             )
             await asyncio.sleep(0.001 if kills == 0 else 0.005)
 

@@ -111,6 +111,8 @@ class Worker:
         await migrate(self.dsn)
         self.ledger = await Ledger.open(self.dsn, lim.db_pool_size)
         committer = GrabCommitter(self.dsn, self.worker_id, lim.commit_slots, lim.commit_resolve_timeout_ms)
+        if ended := await committer.fence():
+            log.warning("ended %d commit backend(s) a predecessor of worker %d left", ended, self.worker_id)
         self.roller = Roller(
             self.dsn,
             self.worker_id,

@@ -32,7 +32,8 @@ from ..clock import Wakeup
 log = logging.getLogger("anbao.commit")
 
 BATCH_BLOCK_BITS = 20
-APPLICATION_NAME = "anbao-grab-commit"
+APPLICATION_NAME = "anbao-grab-commit"  # then "-<worker id>": a slot's backends, found by its replacement
+FENCE_WAIT_MS = 5_000  # the predecessor's backends gone, or the worker does not start
 
 # Server errors that mean the backend is going away, not that it refused
 # the statement: a COMMIT under them may or may not have happened.
@@ -81,6 +82,38 @@ class GrabCommitter:
         self._next_in_block = 1 << BATCH_BLOCK_BITS  # forces a block on first use
 
     @property
+    def application_name(self) -> str:
+        return f"{APPLICATION_NAME}-{self.worker_id}"
+
+    async def fence(self) -> int:
+        """Ends the commit backends this worker slot's predecessor left and
+        waits until they are gone; returns how many there were. kill -9 ends
+        a worker, not its backends: one waiting on a lock or a disk with a
+        whole batch (Bind, Execute, Sync) still commits it later, and if this
+        worker had loaded the packet's claims before that, it would sell the
+        same shares again. Called before the worker serves."""
+        conn = await asyncpg.connect(self.dsn, timeout=FENCE_WAIT_MS / 1000)
+        try:
+            pids = await conn.fetchval(
+                "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity WHERE application_name = $1"
+                " AND datname = current_database() AND pid <> pg_backend_pid()",
+                self.application_name,
+            )
+            left = len(pids)
+            deadline = time.monotonic() + FENCE_WAIT_MS / 1000
+            while pids:
+                await conn.execute("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) AS p", pids)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the predecessor's commit backends {pids} are still alive")
+                await asyncio.sleep(0.01)
+                pids = await conn.fetchval(
+                    "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity WHERE pid = ANY($1::int[])", pids
+                )
+            return left
+        finally:
+            await conn.close()
+
+    @property
     def slots(self) -> int:
         return len(self._conns)
 
@@ -99,7 +132,7 @@ class GrabCommitter:
     async def _connection(self, slot: int) -> asyncpg.Connection:
         conn = self._conns[slot]
         if conn is None or conn.is_closed():
-            conn = await asyncpg.connect(self.dsn, server_settings={"application_name": APPLICATION_NAME})
+            conn = await asyncpg.connect(self.dsn, server_settings={"application_name": self.application_name})
             self._conns[slot] = conn
         return conn
 
