@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-IDEMPOTENCY_KEY_BYTES = 16  # idempotency_keys.key CHECK (length(key) = 16)
+IDEMPOTENCY_KEY_BYTES = 16  # a client's key; idempotency_keys holds it scoped (migration 0015)
 
 
 class AccountKind(enum.IntEnum):
