@@ -624,5 +624,9 @@ class Connection(asyncio.Protocol, Replier):
                 lim.max_frame_bytes,
                 lim.max_inflight_per_connection,
                 lim.max_queued_grabs,
+                lim.events_max_page,
+                lim.events_max_wait_ms,
+                lim.events_retention_ms,
+                lim.events_retention_max_events,
             )
         )
