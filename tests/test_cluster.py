@@ -25,7 +25,7 @@ from served import (
 )
 
 from anbao.config import Limits
-from anbao_client import Cluster, SoldOut
+from anbao_client import Client, Cluster, SoldOut
 from anbao_client.errors import AlreadyClaimed, NotEligible
 from anbao_client.routing import local_port_for, owner_of
 
@@ -404,4 +404,13 @@ async def test_kill_9_supervisor_mid_relayed_storm_drains_at_once(serve, fresh_d
     for kind, u, g in answers:
         if kind == "ok":
             assert in_db.get(u) == (g.seq, g.amount_cents), f"acknowledged grab of {u} lost"
+    # The next start on the same port and data directory serves at once, the grabs as they were.
+    again = serve(workers=2, port=s.port)
+    (kind, u, g) = next(a for a in answers if a[0] == "ok")
+    c = await Client.connect("127.0.0.1", again.port, APP_TOKEN)
+    with pytest.raises(AlreadyClaimed) as claimed:
+        await c.grab(sent.packet_id, u)
+    assert (claimed.value.grabbed.seq, claimed.value.grabbed.amount_cents) == (g.seq, g.amount_cents)
+    await c.close()
+    assert again.stop() == 0
     await audit_clean(fresh_dsn)
