@@ -177,8 +177,8 @@ class Limits:
     rate_limit_requests_per_s: int = 200_000
     rate_limit_burst_requests: int = 200_000
     # ---- The event feed (issue 12): EVENTS, its numbering and retention ----
-    # EVENTS answers at most events_max_page rows (a page of 57-byte rows
-    # must fit in a frame) and waits at most events_max_wait_ms for news;
+    # EVENTS answers at most events_max_page rows (a page of 57-byte rows,
+    # and an 8-byte transfer id each, must fit in a frame) and waits at most events_max_wait_ms for news;
     # past max_event_waiters long polls waiting on one worker, EVENTS is BUSY
     # (a waiting poll holds no database connection).
     events_max_page: int = 1000
@@ -233,9 +233,9 @@ class Limits:
         assert self.daily_send_max_cents >= self.min_share_cents
         assert self.cooldown_refusals >= 2, "one refused grab is no pattern"
         assert self.rate_limit_burst_requests >= 1
-        # A page of EVENTS rows (57 bytes each) must fit in one answer frame.
         assert 1 <= self.rollup_backend_nice <= 19
-        assert self.events_max_page * 57 + 64 <= self.max_frame_bytes and self.events_max_page <= 0xFFFF
+        # A page of EVENTS rows (57 bytes each, and its 8-byte transfer id) must fit in one answer frame.
+        assert self.events_max_page * (57 + 8) + 64 <= self.max_frame_bytes and self.events_max_page <= 0xFFFF
         assert self.max_event_polls_per_connection <= self.max_event_polls_per_token
 
 

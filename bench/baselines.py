@@ -73,7 +73,9 @@ def _nodelay(transport) -> None:
 
 def _hello_answer(codec, rid: int) -> bytes:
     layout = MESSAGES[Op.HELLO].answer.head
-    return codec.encode_ok(Op.HELLO, rid, 0, layout, (PROTOCOL_VERSION, 1, 1, 65536, 1024, 65536))
+    values = (PROTOCOL_VERSION, 1, 1, 65536, 1024, 65536)
+    # Fields HELLO grew since (the feed's limits): 0, unknown, as the SDK reads a field not sent.
+    return codec.encode_ok(Op.HELLO, rid, 0, layout, values + (0,) * (len(layout) - len(values)))
 
 
 # ---------------------------------------------------------------- echo

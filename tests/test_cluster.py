@@ -5,13 +5,27 @@ and of memcached mid-storm. Every test ends with the audit."""
 import asyncio
 import os
 import signal
+import time
 
 import asyncpg
 import pytest
 from helpers import APP_TOKEN
-from served import RETRYABLE, Grabber, audit_clean, claims_of, is_recorded_alive, restarted, setup_packet, storm
+from served import (
+    RETRYABLE,
+    Grabber,
+    answered,
+    audit_clean,
+    claims_of,
+    is_recorded_alive,
+    restarted,
+    setup_packet,
+    steered_client,
+    storm,
+    wait_until,
+)
 
-from anbao_client import Cluster, SoldOut
+from anbao.config import Limits
+from anbao_client import Client, Cluster, SoldOut
 from anbao_client.errors import AlreadyClaimed, NotEligible
 from anbao_client.routing import local_port_for, owner_of
 
@@ -409,4 +423,75 @@ async def test_metrics_endpoint_during_a_storm(serve, fresh_dsn):
         await g.close()
     await admin.close()
     assert s.stop() == 0
+    await audit_clean(fresh_dsn)
+
+
+async def test_kill_9_supervisor_mid_relayed_storm_drains_at_once(serve, fresh_dsn):
+    """kill -9 of the supervisor while clients of the non-owner worker grab
+    (every grab relayed), and of the owner worker right after (it exits
+    first, as a sibling that drained fast or was killed): the relaying
+    worker drains and exits at once, since no supervisor will bring the
+    owner back, rather than wait out the retry deadline for it (issue 18
+    item 12: "relayed grab(s) unanswered past 5.0 s" x324 and a 23 s
+    restart); every grab is answered, and every acknowledged grab is
+    committed."""
+    s = serve(workers=2)
+    admin, users, sent = await setup_packet(s.port, 4000, 400_000, 4000)
+    await admin.close()
+    owner = owner_of(sent.packet_id, 2)
+    info = s.run_info()
+    workers = list(info["worker_processes"].values())
+    owner_pid = info["workers"][str(owner)]
+    clients = [await steered_client(s.port, APP_TOKEN, 1 - owner, 2, timeout_ms=30_000) for _ in range(8)]
+    answers: list = []
+
+    async def grab(c, u):
+        try:
+            answers.append(("ok", u, await c.grab(sent.packet_id, u)))
+        except AlreadyClaimed as e:
+            answers.append(("ok", u, e.grabbed))
+        except Exception as e:  # every other answer, or the connection's end
+            answers.append((type(e).__name__, u, None))
+
+    async def client_storm(k):  # 16 grabs in flight a client: requests keep arriving through the kill
+        mine = users[k::8]
+        slots = asyncio.Semaphore(16)
+
+        async def one(u):
+            async with slots:
+                await grab(clients[k], u)
+
+        await asyncio.gather(*(one(u) for u in mine))
+
+    tasks = [asyncio.ensure_future(client_storm(k)) for k in range(8)]
+    assert await answered(answers, 300, bound_s=30) >= 300
+    s.proc.kill()
+    killed_at = time.monotonic()
+    os.kill(owner_pid, signal.SIGKILL)
+    s.proc.wait(10)
+    wait_until(lambda: not any(is_recorded_alive(e) for e in workers), 30, "workers to exit")
+    gone_s = time.monotonic() - killed_at
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    for c in clients:
+        await c.close()
+    log = s.log()
+    assert len(answers) == len(users)
+    assert sum(a[0] == "ok" for a in answers) < len(users), "the kill must land mid-storm"
+    assert "unanswered past" not in log, log[-3000:]
+    # Before, the relaying worker waited out the retry deadline for an owner no one would bring back.
+    deadline_s = Limits().relay_retry_deadline_ms / 1000
+    assert gone_s < deadline_s, f"workers took {gone_s:.1f} s to exit after the supervisor's kill -9"
+    in_db = await claims_of(fresh_dsn, sent.packet_id)
+    for kind, u, g in answers:
+        if kind == "ok":
+            assert in_db.get(u) == (g.seq, g.amount_cents), f"acknowledged grab of {u} lost"
+    # The next start on the same port and data directory serves at once, the grabs as they were.
+    again = serve(workers=2, port=s.port)
+    (kind, u, g) = next(a for a in answers if a[0] == "ok")
+    c = await Client.connect("127.0.0.1", again.port, APP_TOKEN)
+    with pytest.raises(AlreadyClaimed) as claimed:
+        await c.grab(sent.packet_id, u)
+    assert (claimed.value.grabbed.seq, claimed.value.grabbed.amount_cents) == (g.seq, g.amount_cents)
+    await c.close()
+    assert again.stop() == 0
     await audit_clean(fresh_dsn)

@@ -460,3 +460,92 @@ async def test_a_cursor_near_the_i64_limit_is_refused_before_the_database(anbao)
         with pytest.raises(Invalid) as exc:
             await admin.events_page(cursor, limit=1000)
         assert "ahead of any feed" in str(exc.value), str(exc.value)
+
+
+async def test_events_carry_the_transfer_they_record(anbao):
+    """Each DEPOSIT, WITHDRAWAL, SENT and REFUNDED event names its transfer:
+    the one its request was answered with and its STATEMENT entry shows.
+    SHARE_TAKEN and SOLD_OUT name none (their transfers come with the
+    roll-up)."""
+    admin = await anbao.client("admin")
+    sender, grabber, other = await funded_users(admin, 1, 3)
+    deposited = await admin.deposit(sender, 5_000)
+    withdrawn = await admin.withdraw(sender, 1_000)
+    sold = await admin.send(sender, 300, 1)
+    await admin.grab(sold.packet_id, grabber)
+    refunded = await admin.send(sender, 400, 2, members=[grabber, other], expiry_seconds=1)
+    deadline = time.monotonic() + 10
+    while (await admin.packet(refunded.packet_id)).status != 3:  # refunded by the sweeper
+        assert time.monotonic() < deadline, "the packet was not refunded"
+        await asyncio.sleep(0.05)
+    events = await settle_feed(admin, anbao.dsn)
+    by_kind = {}
+    for e in events:
+        by_kind.setdefault(e.kind, []).append(e)
+    statement = {(s.kind, s.packet_id, s.amount_cents): s.transfer_id for s in (await admin.statement(sender)).entries}
+    [dep] = [e for e in by_kind[EventKind.DEPOSIT] if e.user_id == sender]
+    assert dep.transfer_id == deposited.transfer_id == statement[(1, 0, 5_000)]
+    [wd] = by_kind[EventKind.WITHDRAWAL]
+    assert wd.transfer_id == withdrawn.transfer_id == statement[(2, 0, -1_000)]
+    sent = {e.packet_id: e.transfer_id for e in by_kind[EventKind.SENT]}
+    assert sent[sold.packet_id] == statement[(3, sold.packet_id, -300)]
+    assert sent[refunded.packet_id] == statement[(3, refunded.packet_id, -400)]
+    [ref] = by_kind[EventKind.REFUNDED]
+    assert ref.transfer_id == statement[(5, refunded.packet_id, 400)] != 0
+    assert all(e.transfer_id == 0 for k in (EventKind.SHARE_TAKEN, EventKind.SOLD_OUT) for e in by_kind[k])
+    assert len({e.transfer_id for e in events if e.transfer_id}) == len([e for e in events if e.transfer_id])
+
+
+async def test_hello_announces_the_feeds_limits(fresh_dsn, tokens_file):
+    """HELLO says how large a page, how long a wait and how much retention
+    the feed has: the server's own settings, as EVENTS then holds them."""
+    lim = Limits(events_max_page=250, events_max_wait_ms=1_500, events_retention_ms=3_600_000,
+                 events_retention_max_events=5_000)  # fmt: skip
+    server = await Anbao(fresh_dsn, tokens_file, lim).start()
+    try:
+        app = await server.client("app")
+        h = app.hello
+        assert (h.events_max_page, h.events_max_wait_ms, h.events_retention_ms, h.events_retention_max_events) == (
+            250,
+            1_500,
+            3_600_000,
+            5_000,
+        )
+        with pytest.raises(Invalid):
+            await app.events_page(0, limit=h.events_max_page + 1)
+        started = time.monotonic()
+        page = await app.events_page(0, limit=h.events_max_page, wait_ms=10_000)
+        assert page.events == [] and time.monotonic() - started < 5  # held for the cap, not the 10 s asked
+    finally:
+        await server.stop()
+
+
+async def test_a_long_poll_while_the_database_is_down(own_pg, tokens_file):
+    """PROTOCOL.md, EVENTS: a poll already waiting when PostgreSQL dies
+    needs no database to wait, and ends as any wait does (no row at its
+    end); a poll that starts while the database is down is answered
+    UNAVAILABLE at once, not after its wait."""
+    from helpers import kill_postgres
+
+    from anbao.storage import embedded
+    from anbao_client import Unavailable
+
+    data, _, dsn = own_pg
+    server = await Anbao(dsn, tokens_file, Limits(db_probe_interval_ms=100)).start()
+    try:
+        app = await server.client("app", timeout_ms=20_000)
+        head = (await app.events_page(0, limit=1)).head
+        waiting = asyncio.ensure_future(app.events_page(head, limit=10, wait_ms=2_000))
+        await asyncio.sleep(0.3)  # it waits
+        kill_postgres(data / "pgdata")
+        started = time.monotonic()
+        page = await waiting
+        assert page.events == [] and page.next_cursor == head and page.head == head
+        assert time.monotonic() - started < 5
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await app.events_page(head, limit=10, wait_ms=15_000)
+        assert time.monotonic() - started < 10, "refused at once, not after its wait"
+        await asyncio.get_running_loop().run_in_executor(None, embedded.start, data)
+    finally:
+        await server.stop()

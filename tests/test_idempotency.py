@@ -6,12 +6,20 @@ DEPOSIT, SEND and WITHDRAW carry a client key, claimed by the primary key of
 idempotency_keys. GRAB's key is (packet, user): see PROTOCOL.md."""
 
 import asyncio
+import json
 import os
 
 import pytest
-from helpers import funded_users
+from helpers import Anbao, database_at_version, funded_users
 
-from anbao_client import AlreadyClaimed, IdempotencyConflict, InsufficientFunds
+from anbao.auth import Caller, TokenBook
+from anbao.config import Limits
+from anbao.storage.domain import BatchOutcome, MoveRequest, Operation
+from anbao.storage.idempotency import request_hash
+from anbao.storage.ledger import Ledger
+from anbao.storage.migrate import migrate
+from anbao_client import AlreadyClaimed, Client, IdempotencyConflict, InsufficientFunds
+from anbao_client.protocol import Scope
 
 
 async def test_concurrent_duplicate_deposits_from_many_connections(anbao):
@@ -114,3 +122,100 @@ async def test_concurrent_duplicate_grabs_from_many_connections(anbao):
     assert await anbao.fetchval("SELECT count(*) FROM claims_all") == 20
     assert sum([await admin.balance(u) for u in users]) == 10_000
     await anbao.assert_audit_clean()
+
+
+async def test_keys_are_scoped_to_the_caller(anbao):
+    """Issue 18 item 7: an app's SEND refused under key K does not make an
+    admin's DEPOSIT under K a conflict; each caller's K replays its own
+    first answer, and a caller reusing its own K with other parameters
+    still conflicts."""
+    admin = await anbao.client("admin")
+    app = await anbao.client("app")
+    a, b = await funded_users(admin, 1, 2)
+    key = os.urandom(16)
+    with pytest.raises(InsufficientFunds):
+        await app.send(a, 500, 1, to_user=b, key=key)
+    deposited = await admin.deposit(a, 700, key=key)
+    assert deposited.balance_cents == 700
+    # Each replays its own answer under the same key.
+    with pytest.raises(InsufficientFunds):
+        await app.send(a, 500, 1, to_user=b, key=key)
+    assert await admin.deposit(a, 700, key=key) == deposited
+    # Within one caller the key still guards its parameters.
+    with pytest.raises(IdempotencyConflict):
+        await admin.withdraw(a, 700, key=key)
+    with pytest.raises(IdempotencyConflict):
+        await app.send(a, 400, 1, to_user=b, key=key)
+    assert await admin.balance(a) == 700
+    assert await anbao.fetchval("SELECT count(*) FROM idempotency_keys") == 2  # one key, two callers
+    await anbao.assert_audit_clean()
+
+
+async def test_tokens_named_alike_share_their_keys(fresh_dsn, tmp_path, limits):
+    """A token's keys are its name's (the tokens file's `name`, by default
+    its scope): a token rotated under the same name replays the old one's
+    answers; a token of the same scope under another name does not see them."""
+    tokens = tmp_path / "named.json"
+    entries = [("shop", "admin", "tok-shop-old-0123456789"), ("shop", "admin", "tok-shop-new-0123456789")]
+    entries.append(("games", "admin", "tok-games-0123456789"))
+    tokens.write_text(json.dumps({"tokens": [{"name": n, "scope": s, "token": t} for n, s, t in entries]}))
+    tokens.chmod(0o600)
+    server = Anbao(fresh_dsn, tokens, limits)
+    await server.start()
+    try:
+        old, new, games = [await Client.connect("127.0.0.1", server.port, t) for _, _, t in entries]
+        try:
+            (a,) = await funded_users(old, 1, 1)
+            key = os.urandom(16)
+            first = await old.deposit(a, 100, key=key)
+            assert await new.deposit(a, 100, key=key) == first  # rotated: the same caller
+            other = await games.deposit(a, 100, key=key)  # another caller: a deposit of its own
+            assert other.transfer_id != first.transfer_id and other.balance_cents == 200
+        finally:
+            for c in (old, new, games):
+                await c.close()
+    finally:
+        await server.stop()
+
+
+def test_a_token_name_is_checked(tmp_path):
+    tokens = tmp_path / "bad.json"
+    tokens.write_text(json.dumps({"tokens": [{"name": "a\u0000b", "scope": "app", "token": "t" * 20}]}))
+    with pytest.raises(ValueError, match="without NUL"):
+        TokenBook.load(tokens)
+    tokens.write_text(json.dumps({"tokens": [{"scope": "app", "token": "t" * 20}]}))
+    assert TokenBook.load(tokens).caller_of(b"t" * 20) == Caller(Scope.APP, "app")  # unnamed: its scope's name
+
+
+async def test_a_key_stored_before_keys_were_scoped_still_replays(pg, tokens_file):
+    """A DEPOSIT acknowledged by a server of schema 13 (keys unscoped, 16
+    bytes) replays after the upgrade to scoped keys (migration 0015), and
+    its key still guards its parameters, for every caller."""
+    dsn = await database_at_version(pg, f"v13_keys_{os.getpid()}", 13)
+    ledger = await Ledger.open(dsn, 1)
+    key = os.urandom(16)
+    try:
+        await ledger.register([1, 2])
+        (first,) = await ledger.move_batch(
+            Operation.DEPOSIT, [MoveRequest(key, request_hash(Operation.DEPOSIT, (1, 900)), 1, 900)]
+        )
+    finally:
+        await ledger.close()
+    assert first.outcome == BatchOutcome.RAN
+    await migrate(dsn)
+    server = Anbao(dsn, tokens_file, Limits())
+    await server.start()
+    try:
+        admin = await server.client("admin")
+        app = await server.client("app")
+        again = await admin.deposit(1, 900, key=key)
+        assert (again.balance_cents, again.transfer_id) == (900, first.answer["transfer_id"])
+        with pytest.raises(IdempotencyConflict):
+            await admin.deposit(1, 901, key=key)
+        with pytest.raises(IdempotencyConflict):  # unscoped: one key for every caller, as it was
+            await app.send(1, 100, 1, to_user=2, key=key)
+        assert await admin.balance(1) == 900
+        assert await server.fetchval("SELECT count(*) FROM idempotency_keys") == 1  # nothing claimed beside it
+        await server.assert_audit_clean()
+    finally:
+        await server.stop()

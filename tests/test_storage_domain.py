@@ -23,6 +23,7 @@ from anbao.config import Limits
 from anbao.storage import migrate as migrate_mod
 from anbao.storage.audit import audit
 from anbao.storage.domain import AccountKind, Audience, Mode, Operation, PacketStatus, Reason, TransferKind
+from anbao.storage.idempotency import scoped_key
 from anbao_client import IdempotencyConflict, InsufficientFunds, Invalid, UnknownGroup, UnknownUser, protocol, routing
 
 
@@ -282,7 +283,9 @@ async def test_upgrade_idempotency_rows_in_place(pg, tokens_file):
         key = os.urandom(16)
         first = await admin.deposit(4, 123, key=key)
         assert await admin.deposit(4, 123, key=key) == first
-        stored = await server.fetchval("SELECT answer::text FROM idempotency_keys WHERE key = $1", key)
+        stored = await server.fetchval(
+            "SELECT answer::text FROM idempotency_keys WHERE key = $1", scoped_key("admin", key)
+        )
         assert json.loads(stored) == {"balance_cents": 123, "transfer_id": first.transfer_id}
     finally:
         await server.stop()

@@ -14,22 +14,22 @@ from anbao_client.protocol import (
     MESSAGES,
     RESPONSE_BIT,
     RESPONSE_HEADER_BYTES,
+    Layout,
     Op,
     Status,
 )
 
 from ..core import codec
 
-# op -> (head letters, row letters or None, rows of one field, fixed fields after the rows or None)
-_LAYOUTS: dict[int, tuple[str, str | None, bool, struct.Struct | None]] = {}
+# op -> (head letters, row letters or None, rows of one field, the fields after the rows or None)
+_LAYOUTS: dict[int, tuple[str, str | None, bool, Layout | None]] = {}
 for _op, _message in MESSAGES.items():
     _rows = _message.answer.rows
-    _tail = _message.answer.tail
     _LAYOUTS[_op] = (
         _message.answer.head,
         _rows.letters if _rows else None,
         bool(_rows and len(_rows.fields) == 1),
-        struct.Struct(">" + _tail) if _tail else None,
+        _message.answer.tail,
     )
 _LENGTH = struct.Struct(">I")
 assert _LENGTH.size == LENGTH_BYTES
@@ -43,7 +43,7 @@ def ok(op: Op, rid: int, worker_id: int, *values: Any) -> bytes:
         return codec.encode_ok(op, rid, worker_id, head, values)
     after: tuple[Any, ...] = ()
     if tail is not None:
-        n = len(tail.format) - 1
+        n = len(tail.fields)
         values, after = values[:-n], values[-n:]
     *fixed, rows = values
     if single:
@@ -51,7 +51,7 @@ def ok(op: Op, rid: int, worker_id: int, *values: Any) -> bytes:
     frame = codec.encode_list(op, rid, worker_id, head, tuple(fixed), row_letters, list(rows))
     if tail is None:
         return frame
-    extra = tail.pack(*after)
+    extra = wire.pack(tail, after)
     return _LENGTH.pack(len(frame) - LENGTH_BYTES + len(extra)) + frame[LENGTH_BYTES:] + extra
 
 

@@ -131,12 +131,13 @@ class _Poll:
     leaving, gives its place back to the connection's and the token's
     counts of long polls."""
 
-    __slots__ = ("conn", "bucket", "scope", "task", "waiting")
+    __slots__ = ("conn", "bucket", "scope", "caller", "task", "waiting")
 
     def __init__(self, conn: Connection, bucket: TokenBucket | None):
         self.conn = conn
         self.bucket = bucket
         self.scope = conn.scope
+        self.caller = conn.caller
         self.task: asyncio.Task[None] | None = None  # its handler, the dispatcher's
         self.waiting = True
 
@@ -170,6 +171,7 @@ class Connection(asyncio.Protocol, Replier):
         self.transport: asyncio.Transport | None = None
         self.decoder = codec.FrameDecoder(lim.max_frame_bytes)
         self.scope: int | None = None
+        self.caller = ""  # the token's name once HELLO succeeds: its idempotency keys' namespace
         # The token's request-rate bucket (ratelimit.py), shared by every
         # connection of the token on this worker; None before HELLO and on peer links.
         self.bucket: TokenBucket | None = None
@@ -600,12 +602,13 @@ class Connection(asyncio.Protocol, Replier):
                 )
             )
             return
-        scope = self.host.tokens.scope_of(token)
-        if scope is None:
+        caller = self.host.tokens.caller_of(token)
+        if caller is None:
             self.answer(codec.encode_error(Op.HELLO, rid, Status.UNAUTHENTICATED, self.wid, "unknown token"))
             self._end_with(b"")  # this answer is the last: the connection closes
             return
-        self.scope = scope
+        scope = self.scope = caller.scope
+        self.caller = caller.name
         self.host.before_hello.pop(self, None)
         if scope != _PEER and self.host.rate_limits is not None:
             self.bucket = self.host.rate_limits.bucket_for(token, self.host.loop.time())
@@ -621,5 +624,9 @@ class Connection(asyncio.Protocol, Replier):
                 lim.max_frame_bytes,
                 lim.max_inflight_per_connection,
                 lim.max_queued_grabs,
+                lim.events_max_page,
+                lim.events_max_wait_ms,
+                lim.events_retention_ms,
+                lim.events_retention_max_events,
             )
         )

@@ -12,6 +12,7 @@ from anbao_client.protocol import MESSAGES, Op, Scope, Status
 
 from ..core import codec
 from ..storage.domain import Refused as StorageRefused
+from ..storage.idempotency import scoped_key
 from . import dbhealth
 from .dbhealth import DbHealth
 from .ops import FROM_MEMORY, HANDLERS, Context, Refused
@@ -19,11 +20,16 @@ from .sets import SetGate
 
 log = logging.getLogger("anbao.dispatch")
 
+# The operations whose request starts with an idempotency key (the table's
+# `k` field), scoped here to the caller before any handler sees it.
+KEYED = frozenset(m.op for m in MESSAGES.values() if m.request.fields[:1] and m.request.fields[0][1] == "k")
+
 
 class Requester(Protocol):
     """The connection a request came on, as far as a handler's answer goes."""
 
     scope: int | None
+    caller: str  # the token's name: the namespace of its idempotency keys
 
     def answer(self, frame: bytes) -> None: ...
 
@@ -68,6 +74,8 @@ class Dispatcher:
             )
             return None
         self.handling[opcode] = handling + 1
+        if opcode in KEYED:
+            args = (scoped_key(conn.caller, args[0]), *args[1:])
         task = asyncio.get_running_loop().create_task(self._run(handler, conn, opcode, rid, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

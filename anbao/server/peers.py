@@ -13,6 +13,15 @@ or a refusal. Only if no owner answers within `relay_retry_deadline_ms`
 does a grab get an answer that is not definite: IN_DOUBT if it was ever
 written to an owner ("may have landed, retry is safe"), UNAVAILABLE if it
 never left this worker ("nothing moved").
+
+A draining worker (its supervisor stopping, or dead: the kernel's SIGTERM)
+waits for no replacement: none will come, since the supervisor brings none
+up once it stops, and its siblings drain and exit too. It relays only over
+a link that is up, answers the rest UNAVAILABLE at once, and a link that
+breaks then answers its grabs at once (IN_DOUBT or UNAVAILABLE as above)
+instead of retrying for the deadline: before, a worker whose sibling had
+exited held its grabs, its clients and its own exit (and with them the
+next start) for the whole deadline.
 """
 
 from __future__ import annotations
@@ -66,12 +75,13 @@ class PeerLink(asyncio.Protocol):
         self.forwarded = 0
         self.resent = 0  # grabs sent again to a replacement owner
         self.in_doubt = 0  # grabs answered IN_DOUBT: past the deadline, or while stopping
+        self._draining = False  # this worker is stopping: no replacement owner will come
 
     def forward(self, replier: Replier, rid: int, packet_id: int, user_id: int) -> None:
         if len(self._pending) >= self.max_pending:
             replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.own_id, "relay queue full"))
             return
-        if self._closed:
+        if self._closed or (self._draining and not self._ready):
             replier.answer(
                 codec.encode_error(
                     Op.GRAB, rid, Status.UNAVAILABLE, self.own_id, "this worker is stopping; nothing moved, retry"
@@ -98,7 +108,7 @@ class PeerLink(asyncio.Protocol):
     # ------------------------------------------------------------ connecting
 
     def _ensure_connecting(self) -> None:
-        if self._connector is None and not self._closed:
+        if self._connector is None and not self._closed and not self._draining:
             self._connector = asyncio.get_running_loop().create_task(self._connect_loop())
 
     async def _connect_loop(self) -> None:
@@ -175,7 +185,7 @@ class PeerLink(asyncio.Protocol):
         self._transport = None
         was_ready, self._ready = self._ready, False
         self._splitter = codec.ResponseSplitter()
-        if self._closed:
+        if self._closed or self._draining:
             self._fail_all()
             return
         if self._pending:
@@ -216,6 +226,16 @@ class PeerLink(asyncio.Protocol):
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def drain(self) -> None:
+        """This worker is stopping: what waits for an owner that is not
+        connected now is answered at once; what an owner holds is still
+        answered by it, or at once if the link breaks."""
+        self._draining = True
+        if not self._ready:
+            if self._connector is not None:
+                self._connector.cancel()
+            self._fail_all()
 
     def close(self) -> None:
         self._closed = True

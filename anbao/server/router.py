@@ -156,6 +156,8 @@ class Router:
     def stop(self) -> None:
         if self._reseeder is not None:
             self._reseeder.cancel()
+        for link in self.peers.values():
+            link.drain()  # no replacement owner will come: nothing waits for one (peers.py)
         for t in list(self._settle_tasks):
             t.cancel()  # each relays its parked grabs to the owner on the way out
 

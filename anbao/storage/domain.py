@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-IDEMPOTENCY_KEY_BYTES = 16  # idempotency_keys.key CHECK (length(key) = 16)
+IDEMPOTENCY_KEY_BYTES = 16  # a client's key; idempotency_keys holds it scoped (migration 0015)
 
 
 class AccountKind(enum.IntEnum):
@@ -129,8 +129,8 @@ class EventKind(enum.IntEnum):
 class EventPage:
     """What EVENTS reads, in one snapshot: events after the cursor (tuples in
     the feed's row order: number, kind, at_ms, packet_id, user_id, seq,
-    count, amount_cents, elapsed_ms), the last number given and the oldest
-    valid cursor."""
+    count, amount_cents, elapsed_ms, then the transfer it records, 0 if
+    none), the last number given and the oldest valid cursor."""
 
     events: list[tuple]
     head: int

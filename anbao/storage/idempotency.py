@@ -8,6 +8,12 @@ What is stored is storage's own answer (a dict of ints, or a refusal's
 Reason and message), never wire bytes: the server encodes it afresh on
 every reply, so a change of the protocol does not change what an old key
 replays. Migration 0004 converted the rows stored as wire bytes before.
+
+Keys are scoped to the caller (the token's name, auth.py Caller), as
+payment APIs scope them to the account: one caller's key never answers,
+or conflicts with, another's. The scoped key is what storage is given
+and stores (migration 0015); keys stored before it are unscoped, and
+found by every caller's request with that key.
 """
 
 from __future__ import annotations
@@ -16,6 +22,15 @@ import hashlib
 import json
 
 from .domain import BatchOutcome, BatchResult, Operation, Reason
+
+
+def scoped_key(caller: str, key: bytes) -> bytes:
+    """The key as idempotency_keys holds it: the caller's name, a NUL byte,
+    then the client's key. Never 16 bytes long (a name is not empty), so
+    it is never taken for a key stored before keys were scoped, and the
+    client's key is its last 16 bytes (migration 0015 reads it there)."""
+    assert caller and "\0" not in caller, "a caller's name: not empty, no NUL"
+    return caller.encode() + b"\0" + key
 
 
 def request_hash(operation: Operation, fields: tuple) -> bytes:

@@ -52,7 +52,9 @@ MAX_GREETING_BYTES = 256
 MAX_GROUP_NAME_BYTES = 128
 MAX_CLAIMS_PAGE = 1000
 MAX_ERROR_MESSAGE_BYTES = 1024
-MAX_EVENTS_PAGE = 1000  # EVENTS rows per answer (57 bytes each: a page fits in the default frame)
+MAX_EVENTS_PAGE = (
+    1000  # EVENTS rows per answer (57 bytes each, and an 8-byte transfer id: a page fits in the default frame)
+)
 
 # ---------------------------------------------------------------- enums
 
@@ -213,18 +215,24 @@ class Layout:
         return next((kind for _, kind in self.fields if isinstance(kind, Rows)), None)
 
     @property
-    def tail(self) -> str:
-        """The letters of the fields after the rows: fields an answer grew
-        at its end after its list (PACKET's group_id)."""
-        kinds = [kind for _, kind in self.fields]
-        after = kinds[len(self.head) + 1 :] if self.rows is not None else []
-        assert all(isinstance(k, str) and k in FIXED_LETTERS for k in after), "fixed fields after the rows"
-        return "".join(after)  # type: ignore[arg-type]
+    def tail(self) -> Layout | None:
+        """The fields after the list: fields an answer grew at its end after
+        its list (PACKET's group_id, EVENTS' transfer_ids), None if none."""
+        if self.rows is None or len(self.fields) == len(self.head) + 1:
+            return None
+        after = self.fields[len(self.head) + 1 :]
+        assert all(isinstance(k, str) and k in FIXED_LETTERS for _, k in after) or (
+            len(after) == 1 and isinstance(after[0][1], Rows)
+        ), "after the list: fixed fields, or one more list"
+        return Layout(after)
 
 
 def layout(**fields: str | Rows) -> Layout:  # noqa: D103 - kwargs keep their order
     kinds = list(fields.values())
-    assert sum(isinstance(k, Rows) for k in kinds) <= 1, "one list a message"
+    # A second list only ever comes last: a list an answer grew at its end.
+    assert sum(isinstance(k, Rows) for k in kinds) <= 1 or (
+        sum(isinstance(k, Rows) for k in kinds) == 2 and isinstance(kinds[-1], Rows)
+    ), "one list a message, and at most one more at its end"
     assert all(isinstance(k, Rows) or (len(k) == 1 and k in LETTERS) for k in kinds), kinds
     return Layout(tuple(fields.items()))
 
@@ -270,6 +278,12 @@ MESSAGES: dict[Op, Message] = {
                 max_frame_bytes="I",
                 max_inflight="I",
                 max_queued_grabs="I",
+                # The event feed's limits (EVENTS): rows a page, the longest
+                # wait, and what is retained (ms, and events).
+                events_max_page="H",
+                events_max_wait_ms="I",
+                events_retention_ms="Q",
+                events_retention_max_events="Q",
             ),
             doc="the first request of a connection: version and token",
         ),
@@ -416,6 +430,9 @@ MESSAGES: dict[Op, Message] = {
                     amount_cents="q",
                     elapsed_ms="q",
                 ),
+                # Grown at the end within version 1: each row's transfer (0:
+                # none, a share's is written by its roll-up), in row order.
+                transfer_ids=rows("H", transfer_id="Q"),
             ),
             doc="the events numbered after the cursor; waits up to wait_ms for one",
         ),

@@ -365,17 +365,24 @@ class Hello:
     max_frame_bytes: int
     max_inflight: int
     max_queued_grabs: int  # the owner worker's GRAB queue; past it, GRAB answers BUSY
+    # The event feed's limits: rows an EVENTS page holds at most, the
+    # longest wait_ms honoured, and what is retained (ms, events).
+    events_max_page: int = 0
+    events_max_wait_ms: int = 0
+    events_retention_ms: int = 0
+    events_retention_max_events: int = 0
 
 
 def decode_hello(body: bytes) -> Hello:
     # Answers only grow at their end within a version: read the fields we
-    # know and ignore any that follow; a server from before
-    # max_queued_grabs was announced sends 4 bytes fewer: read as 0 (unknown).
+    # know and ignore any that follow; a server from before a field was
+    # announced (max_queued_grabs, the feed's limits) ends before it: read
+    # as 0 (unknown).
     fields = MESSAGES[Op.HELLO].answer
     size = _fixed(fields.head).size
     body = body[:size] + bytes(max(0, size - len(body)))
-    v, scope, workers, max_frame, max_inflight, max_queued = unpack(fields, body)
-    return Hello(v, Scope(scope), workers, max_frame, max_inflight, max_queued)
+    v, scope, *rest = unpack(fields, body)
+    return Hello(v, Scope(scope), *rest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -667,6 +674,10 @@ class Event:
     count: int  # the packet's share count
     amount_cents: int  # the share, the total (SENT, SOLD_OUT), the refund, the deposit or withdrawal
     elapsed_ms: int  # SOLD_OUT: from SENT to the last share
+    # The transfer it records, as STATEMENT lists it and DEPOSIT/WITHDRAW
+    # answer it (SENT, REFUNDED, DEPOSIT, WITHDRAWAL, CROSS_SET_CREDIT); 0
+    # for SHARE_TAKEN and SOLD_OUT, and from a server that does not say.
+    transfer_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -688,16 +699,28 @@ _EVENTS_ROWS = _EVENTS_LAYOUT.rows
 assert _EVENTS_ROWS is not None and all(c in FIXED_LETTERS for c in _EVENTS_LAYOUT.head + _EVENTS_ROWS.letters)
 _EVENTS_HEAD = struct.Struct(">" + _EVENTS_LAYOUT.head + _EVENTS_ROWS.count)
 _EVENTS_ROW = struct.Struct(">" + _EVENTS_ROWS.letters)
+_events_tail = _EVENTS_LAYOUT.tail
+assert _events_tail is not None and _events_tail.names == ("transfer_ids",)
+_EVENTS_TAIL: Layout = _events_tail  # the rows' transfer ids, grown at the answer's end
 _EVENT_KINDS: dict[int, EventKind] = {k.value: k for k in EventKind}
 
 
 def decode_events(body: bytes) -> EventsPage:
     cursor, head, n = _EVENTS_HEAD.unpack_from(body, 0)
     start = _EVENTS_HEAD.size
-    if len(body) != start + n * _EVENTS_ROW.size:
+    end = start + n * _EVENTS_ROW.size
+    if len(body) < end:
         raise ValueError(f"EVENTS body of {len(body)} bytes for {n} rows")
+    # A server from before transfer_ids ends after the rows: read them as 0.
+    transfer_ids = [0] * n
+    if len(body) > end:
+        (transfer_ids,) = unpack(_EVENTS_TAIL, body[end:], tail_ok=True)
+        if len(transfer_ids) != n:
+            raise ValueError(f"EVENTS: {len(transfer_ids)} transfer ids for {n} rows")
     events = [
-        Event(number, _EVENT_KINDS.get(k, k), *rest)
-        for number, k, *rest in _EVENTS_ROW.iter_unpack(memoryview(body)[start:])
+        Event(number, _EVENT_KINDS.get(k, k), at, packet, user, seq, count, amount, elapsed, t)
+        for (number, k, at, packet, user, seq, count, amount, elapsed), t in zip(
+            _EVENTS_ROW.iter_unpack(memoryview(body)[start:end]), transfer_ids, strict=True
+        )
     ]
     return EventsPage(events, cursor, head)

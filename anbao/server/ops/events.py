@@ -52,5 +52,6 @@ async def events(ctx: Context, rid: int, cursor: int, limit: int, wait_ms: int) 
             page = await _read(ctx, rid, cursor, limit)
             if isinstance(page, bytes):
                 return page
-    rows = page.events
-    return answers.ok(Op.EVENTS, rid, ctx.worker_id, rows[-1][0] if rows else cursor, page.head, rows)
+    rows = [e[:-1] for e in page.events]
+    transfer_ids = [e[-1] for e in page.events]
+    return answers.ok(Op.EVENTS, rid, ctx.worker_id, rows[-1][0] if rows else cursor, page.head, rows, transfer_ids)
