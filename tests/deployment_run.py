@@ -83,10 +83,9 @@ async def _cross_set_pay(host_dir: Path) -> dict:
     """User 1's packet, read back through the sets: each winner homed in
     the other set has exactly its share in its wallet once the credits
     arrived (they started at nothing)."""
+    from anbao.auth import token_for
     from anbao_client import SetCluster, SetTopology
     from anbao_client.routing import home_set, set_of
-
-    from anbao.auth import token_for
 
     topo = SetTopology.load(host_dir / "sets.json")
     token = token_for(host_dir / "tokens.json", "admin")

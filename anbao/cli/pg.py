@@ -25,6 +25,7 @@ def cmd_pg(args) -> int:
     data_dir = Path(args.data_dir)
     if args.pg_command == "stop":
         stopped = embedded.pg_ctl_stop(data_dir)
+        (data_dir / embedded.OPERATOR_FILE).unlink(missing_ok=True)
         print(f"PostgreSQL on {data_dir / 'pgdata'} {'stopped' if stopped else 'was not running'}", file=sys.stderr)
         return 0
     if args.pg_command == "start":
@@ -39,12 +40,17 @@ def _start(args, data_dir: Path) -> None:
     if args.listen:
         host, port = _listen(args.listen)
         before = embedded.network(data_dir)
-        embedded.set_network(data_dir, host, port, args.allow)
-        if before and (before["host"], before["port"]) != (host, port) or not before:
+        try:
+            embedded.set_network(data_dir, host, port, args.allow)
+        except ValueError as exc:
+            raise usage_error(f"pg: --allow takes an address or CIDR: {exc}") from None
+        if before is None or (before["host"], before["port"]) != (host, port):
             # The address is given at the postmaster's start: a running one restarts on the new one.
             embedded.pg_ctl_stop(data_dir)
     elif args.allow:
         raise usage_error("pg: --allow goes with --listen (a server on its Unix socket only lets no host in)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / embedded.OPERATOR_FILE).touch()
     server, _ = embedded.start(data_dir, logical=True)
     if args.database != "postgres":
         import asyncio

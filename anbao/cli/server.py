@@ -215,7 +215,8 @@ def cmd_serve(args) -> int:
         return 2
     reaper = Reaper()
     dsn, embedded_server = _database(args)
-    if embedded_server is not None and not args.keep_db:
+    kept = _kept_db(args, embedded_server)
+    if embedded_server is not None and not kept:
         reaper.watch_postgres(Path(embedded_server.pgdata))
     try:
         asyncio.run(migrate(dsn))  # once, before the workers fork
@@ -247,14 +248,27 @@ def cmd_serve(args) -> int:
         sup.run_forever()  # returns once every worker has drained and exited
         _forget_run_files(sup)
     finally:
-        if embedded_server is not None and not args.keep_db:
+        if embedded_server is not None and not kept:
             from ..storage import embedded
 
             embedded.stop(embedded_server)
         reaper.done()
-    kept = " (PostgreSQL left running: --keep-db)" if embedded_server is not None and args.keep_db else ""
+    kept = f" (PostgreSQL left running: {kept})" if kept else ""
     print(f"anbao stopped: every accepted grab committed and answered{kept}", flush=True)
     return 0
+
+
+def _kept_db(args, embedded_server) -> str:
+    """Why serve leaves its embedded PostgreSQL running on exit ("": it
+    stops it): --keep-db, or `anbao pg start` started it (the operator's
+    to stop). One a killed serve left behind is adopted, and stopped."""
+    if embedded_server is None:
+        return ""
+    if args.keep_db:
+        return "--keep-db"
+    from ..storage import embedded
+
+    return "`anbao pg start` started it" if embedded.operator_started(embedded_server.pgdata.parent) else ""
 
 
 def _forget_run_files(sup) -> None:

