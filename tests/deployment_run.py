@@ -108,6 +108,7 @@ async def _cross_set_pay(host_dir: Path) -> dict:
         "claims": len(info.claims),
         "crossing": {str(u): a for u, a in crossing.items()},
         "balances": {str(u): b.balance_cents for u, b in got.items()},
+        "sets_unreached": sum(b.sets_unreached for b in got.values()),
     }
 
 

@@ -75,6 +75,7 @@ def _check(doc: dict, blocks: list[dict]) -> None:
     pay = doc["pay"]
     assert pay["claims"] == 7 and pay["crossing"], pay  # the guide's users span both sets
     assert pay["balances"] == pay["crossing"], pay  # each paid its share in its own set
+    assert pay["sets_unreached"] == 0, pay  # BALANCE reached the other set
     audit = doc["audit"]
     assert audit["rc"] == 0, audit["stdout"] + audit["stderr"]
     report = json.loads(audit["stdout"])

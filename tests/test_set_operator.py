@@ -3,6 +3,7 @@ a topology that cannot replicate is refused naming the set and the fix;
 `migrate` and `serve` stop only a PostgreSQL they started; every client
 command takes --topology and goes to the user's (or packet's) set."""
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -163,3 +164,58 @@ def test_every_client_command_routes_by_set(local_sets):
     assert any(e["kind"] == "SENT" and e["packet_id"] == packet for e in feed)
     assert not any(e["kind"] == "SENT" for e in _client(local_sets, "events", "--set", 0)["events"])
     assert _client(local_sets, "received", winner)["user_id"] == winner
+
+
+def _pg_processes(local_sets, s: int) -> list:
+    """Set s's postmaster and every process under it (its backends)."""
+    master = embedded.postmaster(local_sets.pgdata(s).resolve())
+    assert master is not None
+    return [master, *master.children(recursive=True)]
+
+
+@pytest.mark.timeout(300)
+async def test_a_stalled_set_times_out_and_a_regrab_resolves(local_sets):
+    """docs/DEPLOYMENT.md, "What happens when a set is down": with a set's
+    PostgreSQL stalled, a grab of its packet times out (an unknown outcome,
+    not a refusal); once it resumes, grabbing again answers the share that
+    landed, once. Another set answers meanwhile."""
+    import signal
+
+    from served import RETRYABLE
+
+    from anbao_client import AlreadyClaimed, RequestTimeout, SetCluster
+    from anbao_client.routing import home_set
+
+    topo, token = local_sets.topology(), local_sets.token()
+    async with await SetCluster.connect(topo, token, timeout_ms=1500) as sc:
+        users = list(range(301, 321))
+        await sc.register(users)
+        sender = next(u for u in users if home_set(u, topo) == 1)
+        other = next(u for u in users if home_set(u, topo) == 0)
+        await sc.deposit(sender, 1000)
+        await sc.deposit(other, 1000)
+        packet = (await sc.send(sender, 1000, 4)).packet_id
+        stalled = _pg_processes(local_sets, 1)
+        for p in stalled:
+            p.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(RequestTimeout):
+                await sc.grab(packet, other)
+            assert await sc.balance(other) == 1000  # set 0 answers at once
+        finally:
+            for p in stalled:
+                p.send_signal(signal.SIGCONT)
+        for _ in range(60):
+            try:
+                g, again = await sc.grab(packet, other), False
+                break
+            except AlreadyClaimed as exc:
+                g, again = exc.grabbed, True
+                break
+            except RETRYABLE:
+                await asyncio.sleep(0.5)
+        else:
+            raise AssertionError("no answer after the set resumed")
+        info = await sc.packet(packet)
+        mine = [c for c in info.claims if c.user_id == other]
+        assert [(c.seq, c.amount_cents) for c in mine] == [(g.seq, g.amount_cents)], (again, info.claims)
