@@ -219,3 +219,38 @@ async def test_a_stalled_set_times_out_and_a_regrab_resolves(local_sets):
         info = await sc.packet(packet)
         mine = [c for c in info.claims if c.user_id == other]
         assert [(c.seq, c.amount_cents) for c in mine] == [(g.seq, g.amount_cents)], (again, info.claims)
+
+
+@pytest.mark.timeout(300)
+def test_serve_leaves_running_the_postgresql_the_operator_started(tmp_path):
+    """A set entry's data_dir whose PostgreSQL `anbao pg start` runs: serve
+    uses it and, stopped with Ctrl-C, leaves it running (the operator's)."""
+    import signal
+
+    from served import free_port
+
+    topo = tmp_path / "sets.json"
+    _topology(topo, {"port": free_port(), "data_dir": "set0"}, {"port": free_port(), "data_dir": "set1"})
+    assert _anbao("pg", "start", "--data-dir", tmp_path / "set0").returncode == 0
+    try:
+        proc = subprocess.Popen(
+            [*ANBAO, "serve", "--topology", topo, "--set", "0", "--workers", "1", "--metrics-port", "0"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "stop with Ctrl-C" in line:
+                break
+        assert f"embedded PostgreSQL in {tmp_path / 'set0' / 'pgdata'}" in "".join(lines), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, "".join(lines) + rest
+        assert "PostgreSQL left running: `anbao pg start` started it" in rest, rest
+        assert embedded.already_running(tmp_path / "set0")
+    finally:
+        _anbao("pg", "stop", "--data-dir", tmp_path / "set0")
+        embedded.stop_data_dir(tmp_path / "set0")

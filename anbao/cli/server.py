@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -240,7 +241,7 @@ def cmd_serve(args) -> int:
         except BaseException:
             sup.stop()
             raise
-        _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_path)
+        _announce(args, settings, sup, workers, dsn, embedded_server, tokens_path)
         if waiting:
             for s, state in waiting.items():
                 print(f"  set {settings.set_id}: subscription to set {s} {state}", flush=True)
@@ -278,6 +279,15 @@ def _forget_run_files(sup) -> None:
     (sup.run_dir / "workers.json").unlink(missing_ok=True)
     for sock in sup.peer_dir.glob("worker-*.sock"):
         sock.unlink(missing_ok=True)
+
+
+def _announce(args, settings, sup, workers, dsn, embedded_server, tokens_path) -> None:
+    """The banner, once Ctrl-C is the supervisor's: a Ctrl-C right after
+    "stop with Ctrl-C" drains in order (run_forever sees the request)
+    instead of raising in the middle of the start."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, sup.request_stop)
+    _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_path)
 
 
 def _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_path) -> None:
