@@ -385,13 +385,16 @@ def cmd_sets_resync(args) -> int:
     backfilled, exactly once (storage/resync.py)."""
     import asyncpg
 
-    from anbao_client.routing import SetTopology
-
     from ..cliutil import yuan
     from ..storage.resync import ResyncRefused, resync
+    from ..topology import TopologyRefused, load
     from .client import EXIT_REFUSED, EXIT_UNREACHABLE
 
-    topo = SetTopology.load(args.topology)
+    try:
+        topo = load(args.topology)  # each entry's dsn, a data_dir's resolved
+    except TopologyRefused as exc:
+        print(f"anbao sets resync: {exc}", file=sys.stderr)
+        return 2
     for s in (args.set, args.from_set):
         if s not in topo.sets:
             print(f"anbao sets resync: set {s} is not in {args.topology} (sets {sorted(topo.sets)})", file=sys.stderr)

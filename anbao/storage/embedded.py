@@ -185,9 +185,19 @@ def _password(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written whole under another name, then linked in: another process
+    # making it at once (a set's serve and its peer's, which resolves this
+    # set's DSN) reads one complete password, never an empty file.
+    tmp = path.with_name(f".{path.name}-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(24))
+    try:
+        os.link(tmp, path)  # fails when the other one was first: its password stands
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
     return path.read_text().strip()
 
 
