@@ -26,7 +26,7 @@ def _topology(path, *entries) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_a_set_without_logical_wal_is_refused_at_start(tmp_path, fresh_dsn):
+async def test_a_set_without_logical_wal_is_refused_at_start(tmp_path, fresh_dsn):
     """The session's PostgreSQL keeps wal_level at its default (replica):
     as a set's dsn, `migrate` and `serve` refuse it, saying which set and
     what to change, and serve nothing."""
@@ -36,7 +36,7 @@ def test_a_set_without_logical_wal_is_refused_at_start(tmp_path, fresh_dsn):
         ["migrate", "--topology", topo, "--set", 1],
         ["serve", "--topology", topo, "--set", 1, "--workers", 1, "--metrics-port", 0, "--port", 0],
     ):
-        out = _anbao(*command, "--data-dir", tmp_path / "run", cwd=tmp_path)
+        out = await asyncio.to_thread(_anbao, *command, "--data-dir", tmp_path / "run", cwd=tmp_path)
         assert out.returncode == 2, out.stdout + out.stderr
         assert "set 1: its PostgreSQL has wal_level = replica" in out.stderr, out.stderr
         assert "wal_level = logical" in out.stderr and "anbao pg start" in out.stderr, out.stderr
