@@ -31,12 +31,20 @@ def usage_error(text: str) -> SystemExit:
 
 
 def token_from_args(args) -> str:
-    """--token, else the --scope token of --tokens-file (default DATA_DIR/tokens.json)."""
+    """--token, else the --scope token of --tokens-file (default: with
+    --topology the file all its sets share, else DATA_DIR/tokens.json)."""
     if args.token:
         return args.token
     from .auth import token_for
 
-    path = Path(args.tokens_file) if args.tokens_file else Path(args.data_dir) / "tokens.json"
+    if args.tokens_file:
+        path = Path(args.tokens_file)
+    elif getattr(args, "topology", None):
+        from .topology import tokens_file
+
+        path = tokens_file(args.topology)
+    else:
+        path = Path(args.data_dir) / "tokens.json"
     if not path.exists():
         raise usage_error(
             f"no token: {path} does not exist. Start the server here first (`make run`, or"

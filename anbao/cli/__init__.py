@@ -1,7 +1,8 @@
 """`anbao` command line.
 
 Server side (`server.py`): serve, migrate, audit (reads the database),
-sets resync (repairs a set's lost subscription), tokens. Client side (`client.py`), for people and scripts, talking to a
+sets resync (repairs a set's lost subscription), tokens, pg (the embedded
+PostgreSQL by itself, for a set's dsn). Client side (`client.py`), for people and scripts, talking to a
 running server through the SDK: register, deposit, withdraw, send, grab,
 packet, balance, statement, sent, received, group ..., demo. Amounts are
 typed and shown in yuan with two decimals ("12.34"); `--json` prints one
@@ -18,13 +19,13 @@ import argparse
 import logging
 
 from ..cliutil import yuan
-from . import client, server
+from . import client, pg, server
 from .client import EXIT_REFUSED, EXIT_UNREACHABLE, cents, id_list, key_arg
 
 __all__ = ["main", "EXIT_REFUSED", "EXIT_UNREACHABLE", "cents", "id_list", "key_arg", "yuan"]
 
 
-SERVER_COMMANDS = {"serve", "migrate", "audit", "sets", "tokens"}
+SERVER_COMMANDS = {"serve", "migrate", "audit", "sets", "tokens", "pg"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     server.add_parser(sub)
+    pg.add_parser(sub)
     client.add_parser(sub)
     args = parser.parse_args(argv)
     # A client command (the demo with the sets it starts included) prints

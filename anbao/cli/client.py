@@ -95,13 +95,11 @@ def _client_command(run):
         token = token_from_args(args)  # no token: a usage error (exit 2), before any connection
 
         async def main() -> int:
-            client = await Client.connect(args.host, args.port, token, timeout_ms=args.timeout_ms)
+            client = await _connect(args, token)
             try:
                 return await run(client, args, out) or 0
             finally:
                 await client.close()
-
-        from anbao_client import Client
 
         try:
             return asyncio.run(main())
@@ -113,11 +111,22 @@ def _client_command(run):
     return command
 
 
+async def _connect(args, token: str):
+    """A Client at --host/--port; with --topology a SetCluster, which sends
+    each request to its set (a user's home, a packet's set), so that
+    `anbao register 1-6 --topology F` registers each user where it lives."""
+    from anbao_client import Client, SetCluster, SetTopology
+
+    if args.topology:
+        return await SetCluster.connect(SetTopology.load(args.topology), token, timeout_ms=args.timeout_ms)
+    return await Client.connect(args.host, args.port, token, timeout_ms=args.timeout_ms)
+
+
 def _failed(out: Out, args, exc: Exception) -> int:
     """The exit code and message of a command the server refused or did not answer."""
     from anbao_client import AnbaoError, ConnectionLost, NotAnbao, RequestTimeout
 
-    where = f"{args.host}:{args.port}"
+    where = f"a set of {args.topology}" if args.topology else f"{args.host}:{args.port}"
     if isinstance(exc, AnbaoError):
         name = exc.status.name
         # --json keeps the server's words (amounts in cents, as every --json field).
@@ -480,7 +489,12 @@ def _event_text(e) -> str:
 async def run_events(c, args, out):
     """The feed after --after; with --follow, forever (Ctrl-C stops it): one
     line per event, or with --json one JSON object per line (follow) or one
-    document (not following)."""
+    document (not following). Each set has its own feed: with --topology,
+    that of --set."""
+    if args.topology:
+        if args.set not in c.clusters:
+            raise usage_error(f"events: --set {args.set} is not in {args.topology} (sets {sorted(c.clusters)})")
+        c = c.clusters[args.set]
     if not args.follow:
         events = []
         async for e in c.events(after=args.after, follow=False):
@@ -524,7 +538,7 @@ def cmd_sets_demo(args) -> int:
     the running sets of `--topology FILE` (each with its dsn)."""
     import shutil
 
-    from anbao_client import AnbaoError, ConnectionLost, RequestTimeout, SetTopology
+    from anbao_client import AnbaoError, ConnectionLost, RequestTimeout
 
     from ..demo import run_sets_demo
     from ..localsets import LocalSets, new_root
@@ -532,10 +546,15 @@ def cmd_sets_demo(args) -> int:
     out = Out(args.json)
     say = (lambda text: None) if args.json else (lambda text: print(f"  {text}", file=sys.stderr, flush=True))
     if args.topology:
-        topo = SetTopology.load(args.topology)
+        from ..topology import TopologyRefused, load
+
+        try:
+            topo = load(args.topology)  # each entry's dsn, a data_dir's resolved
+        except TopologyRefused as exc:
+            raise usage_error(f"demo: {exc}") from None
         dsns = {s: i.dsn for s, i in topo.sets.items() if i.dsn}
-        if len(dsns) != len(topo.sets) or len(topo.sets) < 2:
-            raise usage_error(f"demo: {args.topology} must list two sets or more, each with its dsn")
+        if len(topo.sets) < 2:
+            raise usage_error(f"demo: {args.topology} must list two sets or more")
         local = None
         token = token_from_args(args)
     else:
@@ -586,7 +605,14 @@ def _client_options() -> argparse.ArgumentParser:
         help="which token of the tokens file to use (default admin)",
     )
     opts.add_argument("--data-dir", default=".anbao", help="where tokens.json is (default .anbao)")
-    opts.add_argument("--tokens-file", help="JSON file of tokens (default DATA_DIR/tokens.json)")
+    opts.add_argument(
+        "--tokens-file",
+        help="JSON file of tokens (default DATA_DIR/tokens.json; with --topology the sets' shared one)",
+    )
+    opts.add_argument(
+        "--topology",
+        help="several sets: the topology file; each request goes to its set (--host/--port unused)",
+    )
     opts.add_argument("--timeout-ms", type=int, default=10_000)
     opts.add_argument("--json", action="store_true", help="one JSON document, amounts in cents")
     return opts
@@ -659,6 +685,7 @@ def _add_query_commands(client) -> None:
     p.add_argument("--after", type=int, default=0, help="the last event number already seen (default 0)")
     p.add_argument("--follow", action="store_true", help="wait for new events (long poll) until Ctrl-C")
     p.add_argument("--max", type=int, default=0, help="stop after this many events (default: no limit)")
+    p.add_argument("--set", type=int, default=0, help="with --topology: whose feed (default set 0)")
 
 
 def _add_group_commands(sub, client) -> None:
@@ -691,6 +718,5 @@ def _add_demo(client) -> None:
         default=0,
         help="run across N sets started here (embedded PostgreSQL + anbao serve each, stopped at the end)",
     )
-    p.add_argument("--topology", help="run across the running sets of this topology file (each with its dsn)")
     p.add_argument("--workers-per-set", type=int, default=1, help="with --sets: workers of each set (default 1)")
     p.add_argument("--keep-dir", action="store_true", help="with --sets: keep the sets' directory (logs)")

