@@ -8,12 +8,12 @@ CORE   := codec shares packets
 EXT    := $(foreach m,$(CORE),anbao/core/$(m)$(SUFFIX))
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test install build lint memcached redis bench clean
+.PHONY: run test install build lint memcached redis iproute bench clean
 
 run: build
 	$(BIN)/anbao serve $(ARGS)
 
-test: build memcached redis
+test: build memcached redis iproute
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
@@ -48,6 +48,12 @@ memcached:
 # the bench starts and stops its own instance, never the system's service.
 redis:
 	@command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server; }
+
+# Debian's iproute2 (`ip`), for the deployment guide's tests: its two-host
+# walkthrough runs in a network namespace of its own (`unshare -n`), whose
+# loopback carries the guide's host addresses.
+iproute:
+	@command -v ip >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq iproute2; }
 
 bench: build memcached redis
 	$(BIN)/python -m bench $(ARGS)
