@@ -233,6 +233,36 @@ def _check(replies: list, what: str) -> None:
         raise RuntimeError(f"{what}: {len(bad)} errors, e.g. {bad[0]}")
 
 
+def _check_packet(pid: int, log: list, left: list, claimed: list, total: int, shares: int, wrong: list[str]) -> int:
+    """One packet's log, remaining shares and claimed hash agree and add up
+    to its total; appends what is wrong; returns the cents logged."""
+    entries = {}
+    dupes = 0
+    cents = 0
+    for e in log:
+        user, _, amount = e.partition(b":")
+        if user in entries:
+            dupes += 1
+        entries[user] = amount
+        cents += int(amount)
+    claimed_by = dict(zip(claimed[0::2], claimed[1::2], strict=True))
+    left_cents = sum(int(x) for x in left)
+    if dupes:
+        wrong.append(f"redis packet {pid}: {dupes} users claimed twice")
+    if claimed_by != entries:
+        wrong.append(f"redis packet {pid}: claimed hash ({len(claimed_by)}) disagrees with the log ({len(log)})")
+    if len(log) > shares:
+        wrong.append(f"redis packet {pid}: oversold, {len(log)} claims for {shares} shares")
+    if cents + left_cents != total or len(log) + len(left) != shares:
+        wrong.append(
+            f"redis packet {pid}: {cents} cents logged + {left_cents} left in {len(left)}"
+            f" shares != {total} cents in {shares} shares"
+        )
+    if any(int(x) < 1 for x in left) or any(int(a) < 1 for a in entries.values()):
+        wrong.append(f"redis packet {pid}: a share below 1 cent")
+    return cents
+
+
 def verify(
     server: RedisServer,
     totals: dict[int, int],
@@ -260,32 +290,7 @@ def verify(
             _check(replies, "verify")
             for j, pid in enumerate(part):
                 log, left, claimed = replies[3 * j : 3 * j + 3]
-                entries = {}
-                dupes = 0
-                cents = 0
-                for e in log:
-                    user, _, amount = e.partition(b":")
-                    if user in entries:
-                        dupes += 1
-                    entries[user] = amount
-                    cents += int(amount)
-                claimed = dict(zip(claimed[0::2], claimed[1::2], strict=True))
-                left_cents = sum(int(x) for x in left)
-                if dupes:
-                    wrong.append(f"redis packet {pid}: {dupes} users claimed twice")
-                if claimed != entries:
-                    wrong.append(
-                        f"redis packet {pid}: claimed hash ({len(claimed)}) disagrees with the log ({len(log)})"
-                    )
-                if len(log) > shares[pid]:
-                    wrong.append(f"redis packet {pid}: oversold, {len(log)} claims for {shares[pid]} shares")
-                if cents + left_cents != totals[pid] or len(log) + len(left) != shares[pid]:
-                    wrong.append(
-                        f"redis packet {pid}: {cents} cents logged + {left_cents} left in {len(left)}"
-                        f" shares != {totals[pid]} cents in {shares[pid]} shares"
-                    )
-                if any(int(x) < 1 for x in left) or any(int(a) < 1 for a in entries.values()):
-                    wrong.append(f"redis packet {pid}: a share below 1 cent")
+                cents = _check_packet(pid, log, left, claimed, totals[pid], shares[pid], wrong)
                 logged += len(log)
                 logged_cents += cents
     presold_cents = 0

@@ -130,8 +130,45 @@ def run_load(
     ready_q, result_q = ctx.Queue(), ctx.Queue()
     go = ctx.Event()
     progress = ctx.Array("q", 2 * procs, lock=False)
+    shared = {
+        "host": host,
+        "port": port,
+        "token": token,
+        "depth": depth,
+        "duration_s": duration_s,
+        "grace_s": grace_s,
+        "worker_count": worker_count,
+        "protocol": protocol,
+        "script_sha": script_sha,
+        **(extra_spec or {}),
+    }
+    children, planned = _start_generators(ctx, workloads, connections, rate, shared, (ready_q, go, progress, result_q))
+    mode = "open" if rate else "closed"
+    result = LoadResult(target, scenario, mode, connections, depth, rate, len(children), duration_s, planned=planned)
+    what = f"{target} {scenario}"
+    try:
+        _await_ready(what, ready_q, children)
+        with progress_bar(console) as bar:
+            task = bar.add_task(what, total=planned, info="")
+            go.set()
+            raw = _collect(what, result_q, children, progress, duration_s + grace_s + EXTRA_WAIT_S, bar, task)
+    finally:
+        go.set()
+        for p in children:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    _merge(result, [raw[s] for s in sorted(raw)])
+    return result
+
+
+def _start_generators(ctx, workloads, connections, rate, shared: dict, channels) -> tuple[list, int]:
+    """One process per workload slot with its share of the connections and
+    of the rate; returns (the processes, the attempts they plan)."""
+    procs = len(workloads)
     planned = 0
-    children = []
+    children: list = []
     everything = sum(loadgen._planned(g["workload"]) for groups in workloads for g in groups) or 1
     for slot, groups in enumerate(workloads):
         conns = connections // procs + (1 if slot < connections % procs else 0)
@@ -142,22 +179,14 @@ def run_load(
             continue
         split = split_connections(conns, weights)
         spec = {
-            "host": host,
-            "port": port,
-            "token": token,
-            "depth": depth,
+            **shared,
             "rate": (rate * sum(weights) / everything) if rate else None,
-            "duration_s": duration_s,
-            "grace_s": grace_s,
-            "worker_count": worker_count,
-            "protocol": protocol,
-            "script_sha": script_sha,
-            **(extra_spec or {}),
             "groups": [
                 {**{k: g.get(k) for k in ("worker", "port", "set")}, "connections": n, "workload": g["workload"]}
                 for g, n in zip(groups, split, strict=True)
             ],
         }
+        ready_q, go, progress, result_q = channels
         p = ctx.Process(
             target=loadgen.process_main,
             args=(spec, len(children), ready_q, go, progress, result_q),
@@ -166,61 +195,51 @@ def run_load(
         )
         p.start()
         children.append(p)
-    procs = len(children)
-    result = LoadResult(
-        target, scenario, "open" if rate else "closed", connections, depth, rate, procs, duration_s, planned=planned
-    )
-    try:
-        ready = 0
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while ready < procs:
-            try:
-                kind, slot, payload = ready_q.get(timeout=0.5)
-            except queue.Empty:
-                if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in children):
-                    raise RuntimeError(f"{target} {scenario}: load generators did not get ready") from None
-                continue
+    return children, planned
+
+
+def _await_ready(what: str, ready_q, children: list) -> None:
+    ready = 0
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while ready < len(children):
+        try:
+            kind, slot, payload = ready_q.get(timeout=0.5)
+        except queue.Empty:
+            if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in children):
+                raise RuntimeError(f"{what}: load generators did not get ready") from None
+            continue
+        if kind == "error":
+            raise RuntimeError(f"{what}: load generator {slot} failed:\n{payload}")
+        ready += 1
+
+
+def _collect(what: str, result_q, children: list, progress, limit_s: float, bar, task) -> dict:
+    """Every process's result, showing progress; bounded by limit_s."""
+    raw: dict = {}
+    started = time.monotonic()
+    deadline = started + limit_s
+    while len(raw) < len(children):
+        try:
+            kind, slot, payload = result_q.get(timeout=0.1)
             if kind == "error":
-                raise RuntimeError(f"{target} {scenario}: load generator {slot} failed:\n{payload}")
-            ready += 1
-        raw = {}
-        with progress_bar(console) as bar:
-            task = bar.add_task(f"{target} {scenario}", total=planned, info="")
-            go.set()
-            started = time.monotonic()
-            deadline = started + duration_s + grace_s + EXTRA_WAIT_S
-            while len(raw) < procs:
-                try:
-                    kind, slot, payload = result_q.get(timeout=0.1)
-                    if kind == "error":
-                        raise RuntimeError(f"{target} {scenario}: load generator {slot} failed:\n{payload}")
-                    raw[slot] = payload
-                except queue.Empty:
-                    pass
-                answered = sum(progress[0::2])
-                ok = sum(progress[1::2])
-                elapsed = time.monotonic() - started
-                bar.update(
-                    task, completed=answered, info=f"ok {ok:,}  {answered / elapsed if elapsed > 0 else 0:,.0f}/s"
-                )
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{target} {scenario}: load generators overran their time limit")
-                if len(raw) < procs and all(p.exitcode is not None for p in children):
-                    try:  # a result may still sit in the pipe
-                        kind, slot, payload = result_q.get(timeout=2)
-                        raw[slot] = payload
-                        continue
-                    except queue.Empty:
-                        raise RuntimeError(f"{target} {scenario}: a load generator exited without a result") from None
-    finally:
-        go.set()
-        for p in children:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
-    _merge(result, [raw[s] for s in sorted(raw)])
-    return result
+                raise RuntimeError(f"{what}: load generator {slot} failed:\n{payload}")
+            raw[slot] = payload
+        except queue.Empty:
+            pass
+        answered = sum(progress[0::2])
+        ok = sum(progress[1::2])
+        elapsed = time.monotonic() - started
+        bar.update(task, completed=answered, info=f"ok {ok:,}  {answered / elapsed if elapsed > 0 else 0:,.0f}/s")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: load generators overran their time limit")
+        if len(raw) < len(children) and all(p.exitcode is not None for p in children):
+            try:  # a result may still sit in the pipe
+                kind, slot, payload = result_q.get(timeout=2)
+                raw[slot] = payload
+                continue
+            except queue.Empty:
+                raise RuntimeError(f"{what}: a load generator exited without a result") from None
+    return raw
 
 
 def _merge(result: LoadResult, parts: list[dict]) -> None:

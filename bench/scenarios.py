@@ -643,84 +643,82 @@ def baseline_plan(scenario: str, sizes: Sizes, procs: int, seed: int, users: int
     """The scenario's shape for a baseline with packets of its own (ids from
     1): the same attempts, users, order and share counts as anbao's plan.
     users: the grabbers anbao registered (storm and soldout cycle through them)."""
-    s = sizes.shares
     if scenario in ("storm", "soldout"):
-        n = sizes.attempts_for(scenario)
-        if scenario == "storm" and users < n:
-            raise ValueError(f"storm needs {n:,} distinct users, only {users:,} (--users)")
-        work = [
-            [
-                {
-                    "worker": None,
-                    "workload": {
-                        "kind": "grab_range",
-                        "packet_id": 1,
-                        "user_first": GRABBER_FIRST,
-                        "user_mod": users,
-                        "lo": lo,
-                        "hi": hi,
-                    },
-                }
-            ]
-            for lo, hi in split_evenly(n, procs)
-        ]
-        if scenario == "storm":
-            return Plan(
-                "storm",
-                work,
-                n,
-                [1],
-                expect_ok=min(n, s),
-                allowed={"GRAB": {"OK", "SOLD_OUT"}},
-                packet_shares={1: s},
-                info={"packets": 1, "shares": s, "total_cents": s * CENTS_PER_SHARE, "distinct_users": n},
-            )
+        return _baseline_one_packet(scenario, sizes, procs, users)
+    if scenario == "hot":
+        return _baseline_hot(sizes, procs)
+    if scenario == "spread":
+        return _baseline_spread(sizes, procs, seed, users)
+    raise ValueError(f"no baseline shape for {scenario!r}")
+
+
+def _baseline_one_packet(scenario: str, sizes: Sizes, procs: int, users: int) -> Plan:
+    s = sizes.shares
+    n = sizes.attempts_for(scenario)
+    if scenario == "storm" and users < n:
+        raise ValueError(f"storm needs {n:,} distinct users, only {users:,} (--users)")
+    grab_range = {"kind": "grab_range", "packet_id": 1, "user_first": GRABBER_FIRST, "user_mod": users}
+    work = [[{"worker": None, "workload": {**grab_range, "lo": lo, "hi": hi}}] for lo, hi in split_evenly(n, procs)]
+    if scenario == "storm":
         return Plan(
-            "soldout",
+            "storm",
             work,
             n,
             [1],
-            expect_ok=0,
-            allowed={"GRAB": {"SOLD_OUT"}},
+            expect_ok=min(n, s),
+            allowed={"GRAB": {"OK", "SOLD_OUT"}},
             packet_shares={1: s},
-            presold={1: list(range(CLAIMER_FIRST, CLAIMER_FIRST + s))},
-            info={"packets": 1, "shares": s, "claimed_in_setup": s, "distinct_users": min(n, users)},
+            info={"packets": 1, "shares": s, "total_cents": s * CENTS_PER_SHARE, "distinct_users": n},
         )
-    if scenario == "hot":
-        k = sizes.hot_packets
-        n = sizes.attempts_for("hot")
-        pidx, usr = hot_pairs(k, n)
-        return Plan(
-            "hot",
-            pair_workloads([i + 1 for i in pidx], usr, procs),
-            n,
-            list(range(1, k + 1)),
-            expect_ok=n,
-            allowed={"GRAB": {"OK"}},
-            packet_shares={i: s for i in range(1, k + 1)},
-            info={
-                "packets": k,
-                "shares_per_packet": s,
-                "total_cents_per_packet": s * CENTS_PER_SHARE,
-                "distinct_users": n,
-                "order": "attempt i on packet i mod K",
-            },
-        )
-    if scenario == "spread":
-        p, k = sizes.packets, sizes.packet_shares
-        n = min(sizes.attempts_for("spread"), p * k)
-        pidx, usr = spread_pairs(p, k, n, seed, users)
-        return Plan(
-            "spread",
-            pair_workloads([i + 1 for i in pidx], usr, procs),
-            n,
-            list(range(1, p + 1)),
-            expect_ok=n,
-            allowed={"GRAB": {"OK"}},
-            packet_shares={i: k for i in range(1, p + 1)},
-            info={"packets": p, "shares_per_packet": k},
-        )
-    raise ValueError(f"no baseline shape for {scenario!r}")
+    return Plan(
+        "soldout",
+        work,
+        n,
+        [1],
+        expect_ok=0,
+        allowed={"GRAB": {"SOLD_OUT"}},
+        packet_shares={1: s},
+        presold={1: list(range(CLAIMER_FIRST, CLAIMER_FIRST + s))},
+        info={"packets": 1, "shares": s, "claimed_in_setup": s, "distinct_users": min(n, users)},
+    )
+
+
+def _baseline_hot(sizes: Sizes, procs: int) -> Plan:
+    s, k = sizes.shares, sizes.hot_packets
+    n = sizes.attempts_for("hot")
+    pidx, usr = hot_pairs(k, n)
+    return Plan(
+        "hot",
+        pair_workloads([i + 1 for i in pidx], usr, procs),
+        n,
+        list(range(1, k + 1)),
+        expect_ok=n,
+        allowed={"GRAB": {"OK"}},
+        packet_shares={i: s for i in range(1, k + 1)},
+        info={
+            "packets": k,
+            "shares_per_packet": s,
+            "total_cents_per_packet": s * CENTS_PER_SHARE,
+            "distinct_users": n,
+            "order": "attempt i on packet i mod K",
+        },
+    )
+
+
+def _baseline_spread(sizes: Sizes, procs: int, seed: int, users: int) -> Plan:
+    p, k = sizes.packets, sizes.packet_shares
+    n = min(sizes.attempts_for("spread"), p * k)
+    pidx, usr = spread_pairs(p, k, n, seed, users)
+    return Plan(
+        "spread",
+        pair_workloads([i + 1 for i in pidx], usr, procs),
+        n,
+        list(range(1, p + 1)),
+        expect_ok=n,
+        allowed={"GRAB": {"OK"}},
+        packet_shares={i: k for i in range(1, p + 1)},
+        info={"packets": p, "shares_per_packet": k},
+    )
 
 
 # ---------------------------------------------------------------- checks
