@@ -113,79 +113,11 @@ class Worker:
         committer = GrabCommitter(self.dsn, self.worker_id, lim.commit_slots, lim.commit_resolve_timeout_ms)
         if ended := await committer.fence():
             log.warning("ended %d commit backend(s) a predecessor of worker %d left", ended, self.worker_id)
-        self.roller = Roller(
-            self.dsn,
-            self.worker_id,
-            self.worker_count,
-            lim.rollup_batches_per_pass,
-            lim.rollup_idle_poll_ms,
-            lim.rollup_defer_below_grabs,
-            lim.rollup_defer_max_ms,
-            lim.rollup_small_pass_grabs,
-            lim.rollup_small_pass_pause_ms,
-            lim.rollup_backend_nice,
-        )
-        self.engine = GrabEngine(
-            self.ledger,
-            committer,
-            self.worker_id,
-            batch_max_grabs=lim.batch_max_grabs,
-            max_queued_grabs=lim.max_queued_grabs,
-            max_packets_in_memory=lim.max_packets_in_memory,
-            max_known_users=lim.max_known_users_cached,
-            roller=self.roller,
-            max_rollup_backlog=lim.max_rollup_backlog_grabs,
-            overlap_min_grabs=lim.batch_overlap_min_grabs,
-            committing=self.committing,
-            rollup_quiet_ms=lim.rollup_quiet_ms,
-            cooldown=Cooldown(
-                lim.cooldown_refusals, lim.cooldown_window_ms, lim.cooldown_ms, lim.cooldown_max_users_tracked
-            ),
-        )
-        self.feed = EventFeed(
-            self.dsn,
-            number_interval_ms=lim.events_number_interval_ms,
-            poll_ms=lim.events_poll_ms,
-            prune_interval_ms=lim.events_prune_interval_ms,
-            retention_ms=lim.events_retention_ms,
-            retention_max_events=lim.events_retention_max_events,
-            max_waiters=lim.max_event_waiters,
-        )
+        self.roller = self._roller()
+        self.engine = self._engine(committer)
+        self.feed = self._feed()
         self.engine.on_facts = self.feed.poke
-        peers = {}
-        if self.worker_count > 1:
-            assert self.peer_dir is not None and self.peer_token is not None
-            peers = {
-                w: PeerLink(
-                    self.worker_id,
-                    w,
-                    self.peer_dir / f"worker-{w}.sock",
-                    self.peer_token,
-                    lim.max_relayed_per_peer,
-                    lim.relay_retry_deadline_ms,
-                )
-                for w in range(self.worker_count)
-                if w != self.worker_id
-            }
-        pool = self.ledger.pool
-        self.router = Router(
-            self.worker_id,
-            self.worker_count,
-            self.engine,
-            self.permits,
-            FinalStates(lim.max_final_set_entries, lim.max_final_claims_cached),
-            peers,
-            lim.admission_slack,
-            load_final_set=lambda pid: load_final_set(pool, pid),
-            final_set_wait_ms=lim.final_set_wait_ms,
-            max_parked_grabs=lim.max_parked_grabs,
-            relay_unadmitted_above=lim.relay_unadmitted_above_shares,
-            max_packets_tracked=lim.max_router_packets_tracked,
-            final_set_first_poll_ms=lim.final_set_first_poll_ms,
-            final_set_max_poll_ms=lim.final_set_max_poll_ms,
-            probe_interval_ms=lim.admission_probe_interval_ms,
-            reseed_interval_ms=lim.admission_reseed_interval_ms,
-        )
+        self.router = self._router()
         self.router.start()
         self.writes = KeyedWrites.open(self.ledger, lim)
         ctx = Context(
@@ -201,13 +133,7 @@ class Worker:
             self.stats,
             self.feed,
         )
-        gate = None
-        if self.settings.topology_file is not None:
-            topology = load_topology(self.settings.topology_file)  # each set's dsn, data_dir ones resolved
-            gate = SetGate(topology, self.settings.set_id, self.worker_id)
-            self.set_peers = SetPeers(topology, self.settings.set_id, lim)
-            self.set_watch = SetWatch(self.settings.set_id, self.dsn, self.set_peers)
-            ctx.in_flight = self.set_peers.in_flight
+        gate = self._set_parts(ctx)
         self.dispatcher = Dispatcher(ctx, self.db, gate)
         if self.metrics is not None:
             self.engine.on_commit = self.metrics.observe_commit
@@ -226,6 +152,113 @@ class Worker:
             self.rate_limits,
         )
         await self._listen(loop, host)
+        self._start_background(loop)
+        log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
+
+    def _roller(self) -> Roller:
+        lim = self.limits
+        return Roller(
+            self.dsn,
+            self.worker_id,
+            self.worker_count,
+            lim.rollup_batches_per_pass,
+            lim.rollup_idle_poll_ms,
+            lim.rollup_defer_below_grabs,
+            lim.rollup_defer_max_ms,
+            lim.rollup_small_pass_grabs,
+            lim.rollup_small_pass_pause_ms,
+            lim.rollup_backend_nice,
+        )
+
+    def _engine(self, committer: GrabCommitter) -> GrabEngine:
+        lim = self.limits
+        assert self.ledger is not None
+        return GrabEngine(
+            self.ledger,
+            committer,
+            self.worker_id,
+            batch_max_grabs=lim.batch_max_grabs,
+            max_queued_grabs=lim.max_queued_grabs,
+            max_packets_in_memory=lim.max_packets_in_memory,
+            max_known_users=lim.max_known_users_cached,
+            roller=self.roller,
+            max_rollup_backlog=lim.max_rollup_backlog_grabs,
+            overlap_min_grabs=lim.batch_overlap_min_grabs,
+            committing=self.committing,
+            rollup_quiet_ms=lim.rollup_quiet_ms,
+            cooldown=Cooldown(
+                lim.cooldown_refusals, lim.cooldown_window_ms, lim.cooldown_ms, lim.cooldown_max_users_tracked
+            ),
+        )
+
+    def _feed(self) -> EventFeed:
+        lim = self.limits
+        return EventFeed(
+            self.dsn,
+            number_interval_ms=lim.events_number_interval_ms,
+            poll_ms=lim.events_poll_ms,
+            prune_interval_ms=lim.events_prune_interval_ms,
+            retention_ms=lim.events_retention_ms,
+            retention_max_events=lim.events_retention_max_events,
+            max_waiters=lim.max_event_waiters,
+        )
+
+    def _peers(self) -> dict[int, PeerLink]:
+        if self.worker_count == 1:
+            return {}
+        assert self.peer_dir is not None and self.peer_token is not None
+        lim = self.limits
+        return {
+            w: PeerLink(
+                self.worker_id,
+                w,
+                self.peer_dir / f"worker-{w}.sock",
+                self.peer_token,
+                lim.max_relayed_per_peer,
+                lim.relay_retry_deadline_ms,
+            )
+            for w in range(self.worker_count)
+            if w != self.worker_id
+        }
+
+    def _router(self) -> Router:
+        lim = self.limits
+        assert self.ledger is not None and self.engine is not None
+        pool = self.ledger.pool
+        return Router(
+            self.worker_id,
+            self.worker_count,
+            self.engine,
+            self.permits,
+            FinalStates(lim.max_final_set_entries, lim.max_final_claims_cached),
+            self._peers(),
+            lim.admission_slack,
+            load_final_set=lambda pid: load_final_set(pool, pid),
+            final_set_wait_ms=lim.final_set_wait_ms,
+            max_parked_grabs=lim.max_parked_grabs,
+            relay_unadmitted_above=lim.relay_unadmitted_above_shares,
+            max_packets_tracked=lim.max_router_packets_tracked,
+            final_set_first_poll_ms=lim.final_set_first_poll_ms,
+            final_set_max_poll_ms=lim.final_set_max_poll_ms,
+            probe_interval_ms=lim.admission_probe_interval_ms,
+            reseed_interval_ms=lim.admission_reseed_interval_ms,
+        )
+
+    def _set_parts(self, ctx: Context) -> SetGate | None:
+        """With a topology: the gate that refuses other sets' users, the
+        other sets (asked by BALANCE), and the set's replication watch."""
+        if self.settings.topology_file is None:
+            return None
+        topology = load_topology(self.settings.topology_file)  # each set's dsn, data_dir ones resolved
+        self.set_peers = SetPeers(topology, self.settings.set_id, self.limits)
+        self.set_watch = SetWatch(self.settings.set_id, self.dsn, self.set_peers)
+        ctx.in_flight = self.set_peers.in_flight
+        return SetGate(topology, self.settings.set_id, self.worker_id)
+
+    def _start_background(self, loop: asyncio.AbstractEventLoop) -> None:
+        lim = self.limits
+        assert self.ledger is not None and self.engine is not None and self.roller is not None
+        assert self.feed is not None
         self.expiry = ExpirySweeper(
             self.ledger,
             self.engine,
@@ -244,7 +277,6 @@ class Worker:
         }
         if self.set_watch is not None:
             self._background["set_watch"] = loop.create_task(self.set_watch.run())
-        log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, host: Host) -> None:
         tls = None
