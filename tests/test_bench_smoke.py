@@ -287,7 +287,7 @@ def test_two_sets(tmp_path, scenario):
     assert 0 < lag["credits"] < run["ok"], lag  # winners homed in the other set, not all of them
     assert lag["credits"] == doc["audit"]["totals"]["credits_applied"] == doc["audit"]["totals"]["credits_sent"]
     assert lag["total"]["count"] == lag["credits"] and lag["total"]["p50"] > 0
-    assert lag["before_rollup"]["p50"] <= lag["total"]["p50"]
+    assert lag["before_sent"]["p50"] <= lag["total"]["p50"]
     assert {"workers", "postgres", "set0_workers", "set1_postgres"} <= run["info"]["server_cpu_us_per_answer"].keys()
 
 
@@ -323,12 +323,19 @@ def _module_json(module: str, *args: str, timeout_s: float) -> dict:
 
 def test_apply_cost_of_a_cross_set_credit():
     """bench.apply credits a few hundred wallets through the destination's
-    trigger and reports a rate; it asserts every credit was applied."""
+    triggers, per row and in credit batches, alternating, and reports both
+    rates; it asserts every credit was applied once and every cent arrived."""
     doc = _module_json(
-        "bench.apply", "--credits", "600", "--users", "50", "--per-txn", "100", "--profile", timeout_s=150
+        "bench.apply",
+        *("--credits", "600", "--users", "50", "--per-txn", "100", "--per-batch", "200", "--rounds", "2"),
+        "--profile",
+        timeout_s=150,
     )
-    assert doc["credits"] == 600 and doc["credits_per_s"] > 0
-    assert any("transfers" in s["query"] for s in doc["statements_inside_the_trigger"])
+    assert [r["shape"] for r in doc["rounds"]] == ["row", "batch", "batch", "row"]
+    assert all(r["credits_per_s"] > 0 for r in doc["rounds"]) and doc["batch_over_row"] > 0
+    profiles = doc["statements_inside_the_triggers"]
+    assert any("transfers" in s["query"] for s in profiles["row"])
+    assert any("credits_out" in s["query"] for s in profiles["batch"])
 
 
 def test_a_set_down_then_its_backlog_drains():

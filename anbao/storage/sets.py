@@ -511,9 +511,10 @@ class CreditTimes:
     """One cross-set credit and its clock (seconds since the epoch, every
     set's PostgreSQL on the same clock when they share a machine):
     committed, the claim's grab batch commit (the transaction whose commit
-    made the grab durable; its OK follows); created, the roll-up at the
-    packet's set that wrote the credit; applied, the apply at the winner's
-    home set (None while in flight)."""
+    made the grab durable; its OK follows); created, when the packet's set
+    sent it: that same commit for a credit batch (migration 0014), the
+    roll-up that wrote it for a credit sent alone; applied, the apply at the
+    winner's home set (None while in flight)."""
 
     src_set: int
     dest_set: int
@@ -542,7 +543,12 @@ async def credit_times(dsns: dict[int, str], packets: list[int] | None = None) -
                     " extract(epoch FROM c.created_at)::float8 AS committed,"
                     " extract(epoch FROM o.created_at)::float8 AS created"
                     " FROM credits_out o LEFT JOIN claims c ON c.packet_id = o.packet_id AND c.seq = o.seq"
-                    " WHERE o.src_set = $1 AND ($2::bigint[] IS NULL OR o.packet_id = ANY($2::bigint[]))",
+                    " WHERE o.src_set = $1 AND NOT o.in_batch AND ($2::bigint[] IS NULL OR o.packet_id = ANY($2::bigint[]))"
+                    " UNION ALL SELECT b.src_set, b.dest_set, k.credit_id, k.packet_id, k.user_id, k.amount_cents,"
+                    " extract(epoch FROM b.claimed_at)::float8, extract(epoch FROM b.created_at)::float8"
+                    " FROM credit_batches b CROSS JOIN LATERAL unnest(b.credit_ids, b.packets, b.users, b.amounts)"
+                    " AS k(credit_id, packet_id, user_id, amount_cents)"
+                    " WHERE b.src_set = $1 AND ($2::bigint[] IS NULL OR k.packet_id = ANY($2::bigint[]))",
                     s,
                     packets,
                 )
