@@ -206,13 +206,15 @@ async def replication_on(conn, timeout: float | None = None) -> dict:
     ]
     credits = dict(
         await conn.fetchrow(
-            "SELECT count(*) FILTER (WHERE src_set = $1) AS sent,"
-            " COALESCE(sum(amount_cents) FILTER (WHERE src_set = $1), 0)::bigint AS sent_cents,"
-            " count(*) FILTER (WHERE dest_set = $1) AS applied,"
-            " COALESCE(sum(amount_cents) FILTER (WHERE dest_set = $1), 0)::bigint AS applied_cents,"
-            " (extract(epoch FROM max(applied_at - created_at) FILTER (WHERE dest_set = $1)))::float8"
-            "   AS max_apply_lag_s"
-            " FROM credits_out",
+            "SELECT c.sent + p.n AS sent, (c.sent_cents + p.cents)::bigint AS sent_cents, c.applied,"
+            " c.applied_cents, c.max_apply_lag_s FROM"
+            " (SELECT count(*) FILTER (WHERE src_set = $1) AS sent,"
+            "  COALESCE(sum(amount_cents) FILTER (WHERE src_set = $1), 0) AS sent_cents,"
+            "  count(*) FILTER (WHERE dest_set = $1) AS applied,"
+            "  COALESCE(sum(amount_cents) FILTER (WHERE dest_set = $1), 0)::bigint AS applied_cents,"
+            "  (extract(epoch FROM max(applied_at - created_at) FILTER (WHERE dest_set = $1)))::float8"
+            "    AS max_apply_lag_s FROM credits_out) c,"
+            f" ({_SENT_NOT_ROLLED_UP_TOTAL}) p",
             me,
             timeout=timeout,
         )
@@ -225,9 +227,16 @@ async def replication_on(conn, timeout: float | None = None) -> dict:
 
 async def credits_between(conn, src: int, dest: int, timeout: float | None = None) -> int:
     """How many credits from set `src` to set `dest` this database holds: at
-    `src` those sent, at `dest` those applied (copies arrive applied)."""
+    `src` those sent (rolled up, or in a credit batch not rolled up yet), at
+    `dest` those applied (copies arrive applied)."""
     return await conn.fetchval(
-        "SELECT count(*) FROM credits_out WHERE dest_set = $1 AND src_set = $2", dest, src, timeout=timeout
+        "SELECT (SELECT count(*) FROM credits_out WHERE dest_set = $1 AND src_set = $2)"
+        " + (SELECT COALESCE(sum(cardinality(b.credit_ids)), 0) FROM credit_batches b"
+        "    WHERE b.dest_set = $1 AND b.src_set = $2 AND b.src_set = (SELECT set_id FROM anbao_set_identity)"
+        "    AND b.batch_id IN (SELECT r.batch_id FROM grab_rollups r))",
+        dest,
+        src,
+        timeout=timeout,
     )
 
 
@@ -313,6 +322,14 @@ class SetsAudit:
 _SENT_NOT_ROLLED_UP = (
     "SELECT b.src_set, k.credit_id, b.dest_set, k.amount_cents, k.user_id FROM credit_batches b"
     " CROSS JOIN LATERAL unnest(b.credit_ids, b.amounts, b.users) AS k(credit_id, amount_cents, user_id)"
+    " WHERE b.src_set = $1 AND b.batch_id IN (SELECT r.batch_id FROM grab_rollups r)"
+)
+
+
+# The same, counted, for every destination ($1: this set).
+_SENT_NOT_ROLLED_UP_TOTAL = (
+    "SELECT count(*) AS n, COALESCE(sum(k.amount_cents), 0) AS cents FROM credit_batches b"
+    " CROSS JOIN LATERAL unnest(b.amounts) AS k(amount_cents)"
     " WHERE b.src_set = $1 AND b.batch_id IN (SELECT r.batch_id FROM grab_rollups r)"
 )
 
