@@ -140,7 +140,8 @@ async def test_a_credit_batch_is_applied_set_wise_and_once(fresh_dsn):
         rows = await conn.fetch(
             "SELECT o.credit_id, o.user_id, o.amount_cents, o.sender_id, o.in_batch, t.kind, t.amount_cents,"
             " a.kind AS wallet_kind, e.kind AS event_kind, e.user_id AS event_user FROM credits_out o"
-            " JOIN transfers t ON t.transfer_id = o.applied_transfer_id JOIN accounts a ON a.account_id = t.credit_account"
+            " JOIN transfers t ON t.transfer_id = o.applied_transfer_id"
+            " JOIN accounts a ON a.account_id = t.credit_account"
             " JOIN event_log e ON e.transfer_id = t.transfer_id ORDER BY o.credit_id"
         )
         assert [tuple(r) for r in rows] == [

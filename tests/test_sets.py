@@ -29,7 +29,7 @@ from anbao.localsets import create_db
 from anbao.server.sets import PEER_READER_NAME
 from anbao.storage import embedded
 from anbao.storage.migrate import migrate
-from anbao.storage.sets import audit_when_drained, wait_for_directory
+from anbao.storage.sets import audit_when_drained, credit_batch_marker, wait_for_directory
 from anbao_client import Client, InsufficientFunds, SetCluster, SetTopology, WrongSet, home_set, set_of, wire
 
 pytestmark = pytest.mark.timeout(120)
@@ -445,6 +445,37 @@ async def test_receiving_postmaster_killed_while_credit_batches_stream(two_sets)
     assert result.ok, result.text()
     assert await _credits(dsns, [packet_id]) == (len(won), len(won))
     await _assert_paid_once(dsns, won)
+
+
+async def test_without_the_receivers_marker_credits_cross_one_by_one(two_sets):
+    """A set sends credit batches only to a set that said its subscription
+    receives them (storage/sets.py credit_batch_marker; a subscription made
+    before the publisher's migration 0014 does not until refreshed). Without
+    the marker, set 0's roll-up sends each credit as its own row, as before,
+    and set 1 applies each once."""
+    env = two_sets
+    dsns = env["dsns"]
+    sender0, ones = await _cross_users(env, 600_000, 300)
+    marker = credit_batch_marker(0)
+    (had,) = await _row(dsns[0], "SELECT count(*) FROM user_directory WHERE user_id = $1 AND home_set = 1", marker)
+    assert had == 1, "set 1 told set 0 at start that it receives credit batches"
+    await _row(dsns[0], "DELETE FROM user_directory WHERE user_id = $1 RETURNING 1", marker)
+    try:
+        packet_id, won = await _storm_across(env, sender0, ones, 100)
+        await _written_all(dsns, [packet_id], 100)
+    finally:
+        await _row(dsns[0], "INSERT INTO user_directory (user_id, home_set) VALUES ($1, 1) RETURNING 1", marker)
+    result = await _drained_audit(dsns)
+    assert result.ok, result.text()
+    assert await _credits(dsns, [packet_id]) == (100, 100)
+    await _assert_paid_once(dsns, won)
+    batched, alone = await _row(
+        dsns[0],
+        "SELECT count(*) FILTER (WHERE in_batch), count(*) FILTER (WHERE NOT in_batch) FROM credits_out"
+        " WHERE packet_id = $1",
+        packet_id,
+    )
+    assert (batched, alone) == (0, 100)
 
 
 async def test_sending_postmaster_killed_mid_stream(two_sets):

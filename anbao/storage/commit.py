@@ -69,7 +69,10 @@ _INSERT_BATCH = (
 # credit_batches row per destination set (migration 0014), published to it
 # and applied there set-wise, so a credit leaves with the grab's own commit
 # instead of waiting for the roll-up. A grabber is another set's when the
-# roll-up would say so: no wallet here, and in the directory as homed there.
+# roll-up would say so: no wallet here, and in the directory as homed there;
+# and only to a set whose subscription receives credit batches (its marker
+# in the directory, storage/sets.py credit_batch_marker): to any other the
+# roll-up sends each credit as its own row, as before migration 0014.
 _INSERT_BATCH_SETS = (
     "/* anbao_commit_grabs */ WITH b AS (INSERT INTO grab_rollups (batch_id, worker_id, packet_ids, packets, seqs,"
     " users, amounts) VALUES ($1, $2, $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[])"
@@ -78,6 +81,7 @@ _INSERT_BATCH_SETS = (
     " x AS (SELECT DISTINCT ON (g.ord) g.ord, d.home_set, g.u, g.amt, g.pkt, g.seq"
     "  FROM unnest($6::bigint[], $7::bigint[], $4::bigint[], $5::int[]) WITH ORDINALITY AS g(u, amt, pkt, seq, ord)"
     "  JOIN user_directory d ON d.user_id = g.u AND d.home_set <> $8::smallint"
+    "   AND d.home_set IN (SELECT m.home_set FROM user_directory m WHERE m.user_id = -1 - $8::smallint)"
     "  WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.kind = 1 AND a.owner_id = g.u)"
     "  ORDER BY g.ord, d.home_set)"
     " INSERT INTO credit_batches (src_set, batch_id, dest_set, claimed_at, credit_ids, users, amounts, packets, seqs,"

@@ -125,8 +125,7 @@ async def ensure_subscriptions(dsn: str, me: int, publishers: dict[int, str]) ->
             if row is not None:
                 states[a] = "enabled" if row["subenabled"] else "DISABLED"
                 try:
-                    if row["subenabled"] and await _refresh_for_credit_batches(conn, name):
-                        states[a] += ", refreshed for credit batches"
+                    states[a] += await _receive_credit_batches(conn, name, a, me, row["subenabled"])
                 except (OSError, asyncpg.PostgresError) as exc:
                     states[a] += f", not refreshed for credit batches ({type(exc).__name__}: {exc})"
                 continue
@@ -143,29 +142,48 @@ async def ensure_subscriptions(dsn: str, me: int, publishers: dict[int, str]) ->
                 states[a] = f"waiting: set {a} has no publication {publication(me)} (run anbao migrate there)"
                 continue
             await conn.execute(create_subscription_sql(a, me, pub_dsn, version))
-            states[a] = "created"
+            states[a] = "created" + await _receive_credit_batches(conn, name, a, me, False)
             log.info("set %s: subscribed to set %s", me, a)
         return states
     finally:
         await conn.close()
 
 
-async def _refresh_for_credit_batches(conn, name: str) -> bool:
-    """A subscription made before migration 0014 does not receive the
-    publisher's credit_batches (a subscription's tables are fixed when it is
-    made) until refreshed; without copying: every batch already written is
-    either streamed after this or found by `anbao sets resync`. True when
-    it refreshed."""
-    if await conn.fetchval(
+def credit_batch_marker(src: int) -> int:
+    """The directory row (user_id = this, home_set = B) by which set B tells
+    set `src`: my subscription to you receives your credit batches. A set
+    sends a credit batch only to a set whose marker it has; to any other it
+    sends each credit as its own credits_out row, from the roll-up, as
+    before migration 0014. A subscription's tables are fixed when it is
+    made or refreshed, and a batch streamed to one that lacks the table
+    would be skipped, not applied: the marker is written after. It travels
+    in B's publication with B's users (no user id is negative)."""
+    return -(int(src) + 1)
+
+
+async def _receive_credit_batches(conn, name: str, src: int, me: int, refresh: bool) -> str:
+    """Makes subscription `name` (to set `src`) receive credit_batches and
+    says so to `src` (credit_batch_marker); returns what it did. A
+    subscription made before the publisher had migration 0014 receives the
+    table only once refreshed, without copying: a batch it missed meanwhile
+    was never sent to it (no marker yet). A disabled one is left alone."""
+    has = (
         "SELECT EXISTS (SELECT 1 FROM pg_subscription s JOIN pg_subscription_rel r ON r.srsubid = s.oid"
         f" WHERE s.subname = $1 AND s.{SUBSCRIPTION_OF_THIS_DATABASE}"
-        " AND r.srrelid = 'public.credit_batches'::regclass)",
-        name,
+        " AND r.srrelid = 'public.credit_batches'::regclass)"
+    )
+    done = ""
+    if refresh and not await conn.fetchval(has, name):
+        await conn.execute(f"ALTER SUBSCRIPTION {name} REFRESH PUBLICATION WITH (copy_data = false)")
+        log.info("subscription %s refreshed for credit batches", name)
+        done = ", refreshed for credit batches"
+    if await conn.fetchval(has, name) and await conn.fetchval(
+        "INSERT INTO user_directory (user_id, home_set) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
+        credit_batch_marker(src),
+        me,
     ):
-        return False
-    await conn.execute(f"ALTER SUBSCRIPTION {name} REFRESH PUBLICATION WITH (copy_data = false)")
-    log.info("subscription %s refreshed: it now receives credit batches", name)
-    return True
+        done += f", told set {src} to send credit batches"
+    return done
 
 
 async def replication(dsn: str) -> dict:
@@ -560,7 +578,8 @@ async def credit_times(dsns: dict[int, str], packets: list[int] | None = None) -
                     " extract(epoch FROM c.created_at)::float8 AS committed,"
                     " extract(epoch FROM o.created_at)::float8 AS created"
                     " FROM credits_out o LEFT JOIN claims c ON c.packet_id = o.packet_id AND c.seq = o.seq"
-                    " WHERE o.src_set = $1 AND NOT o.in_batch AND ($2::bigint[] IS NULL OR o.packet_id = ANY($2::bigint[]))"
+                    " WHERE o.src_set = $1 AND NOT o.in_batch"
+                    " AND ($2::bigint[] IS NULL OR o.packet_id = ANY($2::bigint[]))"
                     " UNION ALL SELECT b.src_set, b.dest_set, k.credit_id, k.packet_id, k.user_id, k.amount_cents,"
                     " extract(epoch FROM b.claimed_at)::float8, extract(epoch FROM b.created_at)::float8"
                     " FROM credit_batches b CROSS JOIN LATERAL unnest(b.credit_ids, b.packets, b.users, b.amounts)"
