@@ -379,7 +379,7 @@ async def _sets_directory_ready(dsns: dict[int, str], topo, users: list[int], ti
 
 async def _credits_of(dsns: dict[int, str], packet_id: int) -> list[tuple[int, int, int, float]]:
     """The packet's credits as applied at their destinations: (dest set,
-    user, amount, lag ms from the roll-up that sent it to the apply)."""
+    user, amount, lag ms from its sending (the grab's commit) to the apply)."""
     from .storage.sets import credit_times
 
     return [

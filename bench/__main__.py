@@ -625,7 +625,8 @@ async def credit_lag(dsns: dict[int, str], packets: list[int]) -> tuple[dict, li
     """After a load on several sets: waits (bounded) until every cross-set
     credit of `packets` is applied at its home set, then the lag of each,
     from its claim's commit (the grab's batch commit, which its OK follows)
-    to the apply, split at the roll-up that wrote the credit."""
+    to the apply, split where its set sent it (the same commit for a credit
+    batch, migration 0014; the roll-up for a credit sent alone)."""
     from anbao.storage.sets import credit_times
 
     deadline = time.monotonic() + CREDIT_DRAIN_TIMEOUT_S
@@ -643,7 +644,7 @@ async def credit_lag(dsns: dict[int, str], packets: list[int]) -> tuple[dict, li
         "credits": len(credits),
         "credits_cents": sum(c.amount_cents for c in credits),
         "total": report.percentiles([(c.applied - c.committed) * 1000 for c in done]),
-        "before_rollup": report.percentiles([(c.created - c.committed) * 1000 for c in done]),
+        "before_sent": report.percentiles([(c.created - c.committed) * 1000 for c in done]),
         "replication_and_apply": report.percentiles([(c.applied - c.created) * 1000 for c in done]),
     }
     problems = []
@@ -759,7 +760,8 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
                     "by_set": "each set's OK answers / seconds from the first request sent (to any set) to its"
                     " last OK answer",
                     "credit_lag_ms": "per cross-set credit: total = claim commit -> applied_at at the home set;"
-                    " before_rollup = claim commit -> credits_out.created_at at the packet's set (the roll-up);"
+                    " before_sent = claim commit -> the credit's sending at the packet's set (0 for a credit batch,"
+                    " written by the grab's commit; else the roll-up that wrote it);"
                     " replication_and_apply = created_at -> applied_at",
                     "server_cpu_us_per_answer": "CPU of every set's workers and PostgreSQL (walsenders and apply"
                     " workers included) during the load / all answers; setN_*: that set's / its answers",

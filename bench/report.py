@@ -526,11 +526,21 @@ def sets_table(console: Console, runs: list[dict]) -> None:
     if not rows:
         return
     t = Table(title="sets: durable OK/s per set; cross-set credit lag (ms)", title_justify="left")
-    for col in ("run", "set", "OK", "durable OK/s", "answers/s", "credits", "lag p50", "lag p99", "roll-up p50/p99"):
+    for col in (
+        "run",
+        "set",
+        "OK",
+        "durable OK/s",
+        "answers/s",
+        "credits",
+        "lag p50",
+        "lag p99",
+        "before sent p50/p99",
+    ):
         t.add_column(col, justify="left" if col in ("run", "set") else "right")
     for r in rows:
         lag = r["info"].get("credit_lag_ms") or {}
-        total, before = lag.get("total") or {}, lag.get("before_rollup") or {}
+        total, before = lag.get("total") or {}, lag.get("before_sent") or lag.get("before_rollup") or {}
         for i, (s, x) in enumerate(r["by_set"].items()):
             first = i == 0
             t.add_row(

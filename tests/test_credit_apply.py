@@ -116,3 +116,70 @@ async def test_before_0010_the_same_race_stops_the_apply(pg):
     with pytest.raises(asyncpg.UniqueViolationError):
         await _race(dsn, DIRECTORY)
     assert await _money(dsn) == (250, -250, 1, 1, 1)
+
+
+# A credit batch (migration 0014) as the stream delivers it: USER twice (its
+# two credits must both arrive: UPDATE ... FROM would apply one), and a user
+# this set does not know (to suspense).
+STRANGER = 999
+BATCH = (
+    "INSERT INTO credit_batches (src_set, batch_id, dest_set, claimed_at, credit_ids, users, amounts, packets,"
+    f" seqs, senders) VALUES ({PEER}, 77, {ME}, now(), '{{11,12,13}}', '{{{USER},{STRANGER},{USER}}}',"
+    " '{100,30,5}', '{7,7,8}', '{1,2,1}', '{3,3,4}')"
+)
+
+
+async def test_a_credit_batch_is_applied_set_wise_and_once(fresh_dsn):
+    await _as_set(fresh_dsn)
+    # Each waits on the advisory lock (not on the row), then skips the row.
+    assert await _race(fresh_dsn, BATCH) == ("INSERT 0 0", "advisory")
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        await conn.execute("SET session_replication_role = replica")
+        assert await conn.execute(BATCH) == "INSERT 0 0"
+        rows = await conn.fetch(
+            "SELECT o.credit_id, o.user_id, o.amount_cents, o.sender_id, o.in_batch, t.kind, t.amount_cents,"
+            " a.kind AS wallet_kind, e.kind AS event_kind, e.user_id AS event_user FROM credits_out o"
+            " JOIN transfers t ON t.transfer_id = o.applied_transfer_id"
+            " JOIN accounts a ON a.account_id = t.credit_account"
+            " JOIN event_log e ON e.transfer_id = t.transfer_id ORDER BY o.credit_id"
+        )
+        assert [tuple(r) for r in rows] == [
+            (11, USER, 100, 3, True, 7, 100, 1, 7, USER),
+            (12, STRANGER, 30, 3, True, 7, 30, 4, 7, 0),
+            (13, USER, 5, 4, True, 7, 5, 1, 7, USER),
+        ]
+        suspense = await conn.fetchval("SELECT balance_cents FROM accounts WHERE kind = 4")
+        assert suspense == 30
+        assert await conn.fetchval("SELECT applied_at IS NOT NULL FROM credit_batches") is True
+    finally:
+        await conn.close()
+    # wallet 105, clearing -135, three CROSS_IN transfers, three copies
+    assert await _money(fresh_dsn) == (105, -135, 3, 3, 0)
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [("users", f"'{{{USER},NULL}}'"), ("amounts", "'{5,NULL}'"), ("senders", "'{3,NULL}'"), ("amounts", "'{5,0}'")],
+)
+async def test_a_credit_batch_with_a_null_or_empty_share_is_refused_at_the_sender(fresh_dsn, column, value):
+    """A NULL element passes `0 < ALL(amounts)` and would fail the apply at
+    the destination, stopping its subscription: the sender refuses it."""
+    values = {
+        "credit_ids": "'{1,2}'",
+        "users": f"'{{{USER},{USER}}}'",
+        "amounts": "'{5,6}'",
+        "packets": "'{7,7}'",
+        "seqs": "'{1,2}'",
+        "senders": "'{3,3}'",
+        column: value,
+    }
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                f"INSERT INTO credit_batches (src_set, batch_id, dest_set, claimed_at, {', '.join(values)})"
+                f" VALUES ({ME}, 1, {PEER}, now(), {', '.join(values.values())})"
+            )
+    finally:
+        await conn.close()

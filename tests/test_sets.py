@@ -29,7 +29,7 @@ from anbao.localsets import create_db
 from anbao.server.sets import PEER_READER_NAME
 from anbao.storage import embedded
 from anbao.storage.migrate import migrate
-from anbao.storage.sets import audit_when_drained, wait_for_directory
+from anbao.storage.sets import audit_when_drained, credit_batch_marker, wait_for_directory
 from anbao_client import Client, InsufficientFunds, SetCluster, SetTopology, WrongSet, home_set, set_of, wire
 
 pytestmark = pytest.mark.timeout(120)
@@ -210,6 +210,17 @@ async def test_grab_storm_by_members_of_both_sets_crosses_exactly_once(two_sets)
             await conn.close()
         assert events == credits
         credit_events += events
+        # Every credit left in its grab's commit (one credit_batches row per
+        # batch and destination, migration 0014), none by the roll-up alone.
+        conn = await asyncpg.connect(dsn)
+        try:
+            batched, alone, batches = await conn.fetchrow(
+                "SELECT count(*) FILTER (WHERE in_batch), count(*) FILTER (WHERE NOT in_batch),"
+                " (SELECT count(*) FROM credit_batches) FROM credits_out"
+            )
+        finally:
+            await conn.close()
+        assert batched > 0 and alone == 0 and 0 < batches < batched
     assert credit_events == result.totals["credits_sent"]
     async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
         for u in members:
@@ -321,20 +332,6 @@ class _ApplyHeld:
         self.holder.terminate()  # its transaction ends with its backend (or its server)
 
 
-async def _grab_in_turn(env, packet_id: int, users: list[int]) -> dict:
-    """Each user grabs alone, one after another (each its own batch); returns their shares."""
-    port = env["topology"].sets[set_of(packet_id)].port
-    grabber = Grabber(port, APP_TOKEN, routed=True, timeout_ms=3000)
-    won: dict = {}
-    try:
-        for u in users:
-            won.update((await storm(port, packet_id, [u], [grabber], timeout_s=30))[0])
-    finally:
-        await grabber.close()
-    assert len(won) == len(users)
-    return won
-
-
 @contextlib.asynccontextmanager
 async def _rollup_held(dsn: str):
     """Holds every roll-up of the set at `dsn` back (its lock) until exit."""
@@ -350,19 +347,17 @@ async def _rollup_held(dsn: str):
 async def _apply_held_mid_stream(env, first: int, n: int = 1400):
     """Set 0's credits of two packets, grabbed by set 1's users, held in the
     middle of set 1's apply. The test holds one winner's wallet row at set
-    1 (SELECT ... FOR UPDATE); that winner's credit comes late in a roll-up
-    transaction of the second packet with other credits before it (the
-    packet's batches are held back until all are in, so the roll-up's
-    passes are known). The apply transaction carrying it has credited those
-    others, uncommitted, and waits inside the trigger for the held one.
-    Asserts that this is so before yielding: set 0 wrote every credit, set
-    1's apply worker waits on the test inside a transaction that has
-    written, and set 1 has committed exactly the credits of set 0's
-    transactions before that one (the whole first packet among them)."""
+    1 (SELECT ... FOR UPDATE). Each grab batch's commit at set 0 sends its
+    credits for set 1 as one credit batch (migration 0014), applied at set
+    1 in one transaction; the one carrying the held winner waits for the
+    test, and the batches after it queue behind it. Asserts that this is so
+    before yielding: set 1's apply worker is blocked by the test, and set 1
+    has committed exactly the credits of set 0's batches before the held
+    one (the whole first packet among them), none of the rest."""
     dsns = env["dsns"]
-    per_pass = Limits().rollup_batches_per_pass
     sender0, ones = await _cross_users(env, first, n)
-    first_half, second_half, held_user = ones[: len(ones) // 2], ones[len(ones) // 2 : -1], ones[-1]
+    first_half, second_half = ones[: len(ones) // 2], ones[len(ones) // 2 :]
+    held_user = second_half[len(second_half) // 3]
     holder = await asyncpg.connect(dsns[1])
     try:
         await holder.execute("BEGIN")
@@ -371,46 +366,34 @@ async def _apply_held_mid_stream(env, first: int, n: int = 1400):
         )
         # every one wins: as many shares as grabbers
         packet1, won = await _storm_across(env, sender0, first_half, len(first_half))
-        await _written_all(dsns, [packet1], len(won))
-        async with _rollup_held(dsns[0]) as rollup_holder:
-            # All but two of the second packet, then those two alone, each its own batch, the held
-            # one placed so that its roll-up pass (per_pass batches in order) has others before it.
-            packet2, won2 = await _storm_across(env, sender0, second_half[:-1], len(second_half) + 1)
-            batches = await rollup_holder.fetchval(
-                "SELECT count(*) FROM grab_rollups WHERE $1 = ANY(packet_ids)", packet2
-            )
-            order = [second_half[-1], held_user] if batches % per_pass == 0 else [held_user, second_half[-1]]
-            won2.update(await _grab_in_turn(env, packet2, order))
+        packet2, won2 = await _storm_across(env, sender0, second_half, len(second_half))
         won.update(won2)
         assert len(won) == len(ones)
         packets = [packet1, packet2]
-        await _written_all(dsns, packets, len(won))
-        # Set 0's roll-up transaction carrying the held credit (credits of one transaction share created_at).
-        before_held, first_of_it, committed_before = await _row(
-            dsns[0],
-            "WITH t AS (SELECT c.credit_id AS held, c.created_at FROM credits_out c"
-            "   WHERE c.src_set = 0 AND c.packet_id = $2 AND c.user_id = $3),"
-            " it AS (SELECT c.credit_id FROM credits_out c, t WHERE c.src_set = 0 AND c.created_at = t.created_at)"
-            " SELECT (SELECT count(*) FROM it, t WHERE it.credit_id < t.held), (SELECT min(credit_id) FROM it),"
-            " (SELECT count(*) FROM credits_out c WHERE c.src_set = 0 AND c.packet_id = ANY($1)"
-            "   AND c.credit_id < (SELECT min(credit_id) FROM it))",
-            packets,
-            packet2,
-            held_user,
-        )
-        assert before_held > 0, "the held credit must not be the first of its transaction"
         await eventually(
             lambda: _row(
                 dsns[1],
                 "SELECT 1 FROM pg_stat_activity a WHERE a.backend_type = 'logical replication apply worker'"
-                " AND a.backend_xid IS NOT NULL AND $1 = ANY(pg_blocking_pids(a.pid))",
+                " AND $1 = ANY(pg_blocking_pids(a.pid))",
                 holder.get_server_pid(),
             ),
             DRAIN_TIMEOUT_S,
-            "set 1's apply to wait on the held wallet inside a transaction that has written",
+            "set 1's apply to wait on the held wallet",
         )
-        written, applied = await _credits(dsns, packets)
-        assert (written, applied) == (len(won), committed_before) and applied >= len(first_half)
+        # Set 0's credits for these packets in the batches before the held one (one worker: commit order).
+        (committed_before,) = await _row(
+            dsns[0],
+            "SELECT count(*) FROM credit_batches b CROSS JOIN LATERAL unnest(b.packets) AS p(packet_id)"
+            " WHERE b.src_set = 0 AND b.dest_set = 1 AND p.packet_id = ANY($1) AND b.batch_id <"
+            " (SELECT h.batch_id FROM credit_batches h WHERE h.src_set = 0 AND h.dest_set = 1"
+            "  AND $2 = ANY(h.packets) AND $3 = ANY(h.users))",
+            packets,
+            packet2,
+            held_user,
+        )
+        await asyncio.sleep(0.5)  # nothing behind the held batch gets through
+        (applied,) = await _row(dsns[1], _CREDITS_SQL + " AND applied_transfer_id IS NOT NULL", packets)
+        assert applied == committed_before and len(first_half) <= applied < len(won), (applied, committed_before)
         yield _ApplyHeld(holder, packets, won, applied)
     finally:
         holder.terminate()
@@ -429,6 +412,70 @@ async def test_receiving_postmaster_killed_mid_apply(two_sets):
     assert result.ok, result.text()
     assert await _credits(env["dsns"], held.packets) == (len(held.won), len(held.won))
     await _assert_paid_once(env["dsns"], held.won)
+
+
+async def test_receiving_postmaster_killed_while_credit_batches_stream(two_sets):
+    """kill -9 of set 1's postmaster, unprompted, while a storm at set 0 by
+    set 1's users streams credit batches (some applied, more arriving);
+    set 1 restarted: every credit applied exactly once, every wallet exact."""
+    env = two_sets
+    dsns = env["dsns"]
+    sender0, ones = await _cross_users(env, 500_000, 1200)
+    killed: list[int] = []
+
+    async def kill_mid_stream(outcomes) -> None:
+        async def some_applied():
+            (n,) = await _row(dsns[1], "SELECT count(*) FROM credit_batches WHERE src_set = 0 AND created_at > $1", t0)
+            return n >= 3
+
+        await eventually(some_applied, DRAIN_TIMEOUT_S, "set 1 to apply a few credit batches of the storm")
+        (killed_at,) = await _row(dsns[1], "SELECT count(*) FROM credits_out WHERE src_set = 0")
+        killed.append(killed_at)
+        _kill_postmaster(env["pg_dirs"][1])
+
+    (t0,) = await _row(dsns[0], "SELECT now()")
+    packet_id, won = await _storm_across(env, sender0, ones, len(ones), fault=kill_mid_stream, waves=30)
+    assert len(won) == len(ones) and killed
+    (sent,) = await _row(
+        dsns[0], "SELECT count(*) FROM credit_batches b WHERE b.src_set = 0 AND $1 = ANY(b.packets)", packet_id
+    )
+    assert sent > 3, "the storm's credits must leave in several batches"
+    await asyncio.to_thread(embedded.start, env["pg_dirs"][1], True)
+    result = await _drained_audit(dsns)
+    assert result.ok, result.text()
+    assert await _credits(dsns, [packet_id]) == (len(won), len(won))
+    await _assert_paid_once(dsns, won)
+
+
+async def test_without_the_receivers_marker_credits_cross_one_by_one(two_sets):
+    """A set sends credit batches only to a set that said its subscription
+    receives them (storage/sets.py credit_batch_marker; a subscription made
+    before the publisher's migration 0014 does not until refreshed). Without
+    the marker, set 0's roll-up sends each credit as its own row, as before,
+    and set 1 applies each once."""
+    env = two_sets
+    dsns = env["dsns"]
+    sender0, ones = await _cross_users(env, 600_000, 300)
+    marker = credit_batch_marker(0)
+    (had,) = await _row(dsns[0], "SELECT count(*) FROM user_directory WHERE user_id = $1 AND home_set = 1", marker)
+    assert had == 1, "set 1 told set 0 at start that it receives credit batches"
+    await _row(dsns[0], "DELETE FROM user_directory WHERE user_id = $1 RETURNING 1", marker)
+    try:
+        packet_id, won = await _storm_across(env, sender0, ones, 100)
+        await _written_all(dsns, [packet_id], 100)
+    finally:
+        await _row(dsns[0], "INSERT INTO user_directory (user_id, home_set) VALUES ($1, 1) RETURNING 1", marker)
+    result = await _drained_audit(dsns)
+    assert result.ok, result.text()
+    assert await _credits(dsns, [packet_id]) == (100, 100)
+    await _assert_paid_once(dsns, won)
+    batched, alone = await _row(
+        dsns[0],
+        "SELECT count(*) FILTER (WHERE in_batch), count(*) FILTER (WHERE NOT in_batch) FROM credits_out"
+        " WHERE packet_id = $1",
+        packet_id,
+    )
+    assert (batched, alone) == (0, 100)
 
 
 async def test_sending_postmaster_killed_mid_stream(two_sets):
@@ -495,12 +542,14 @@ async def test_sending_worker_killed_mid_rollup(two_sets):
         await holder.execute("SELECT pg_advisory_lock($1)", ROLLUP_LOCK_KEY)  # once its pass committed
         await eventually(roller_waits, 10, "set 0's next roll-up pass to wait for the lock")
 
-        async def first_pass_applied():
+        async def first_pass_written():
             written, applied = await _credits(dsns, [packet_id])
-            return (written, applied) if written == applied else None
+            return (written, applied) if written > 0 and applied == len(won) else None
 
-        written, applied = await eventually(first_pass_applied, DRAIN_TIMEOUT_S, "set 1 to apply the first pass")
-        assert 0 < written < len(won) and applied == written
+        # Every credit left with its grab's commit and is applied at set 1,
+        # while set 0's roll-up has written only its first pass's.
+        written, applied = await eventually(first_pass_written, DRAIN_TIMEOUT_S, "set 1 to apply every credit")
+        assert 0 < written < len(won) and applied == len(won)
         served = env["served"][0]
         (victim,) = served.run_info()["workers"].values()
         os.kill(victim, signal.SIGKILL)

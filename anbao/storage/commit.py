@@ -65,6 +65,32 @@ _INSERT_BATCH = (
     " RETURNING batch_id, committed_at)"
     " INSERT INTO event_log (kind, batch_id, at) SELECT 0, batch_id, committed_at FROM b"
 )
+# In a set of several (anbao_set_identity names it, $8), the same statement
+# also sends the batch's shares won by users homed in other sets: one
+# credit_batches row per destination set (migration 0014), published to it
+# and applied there set-wise, so a credit leaves with the grab's own commit
+# instead of waiting for the roll-up. A grabber is another set's when the
+# roll-up would say so: no wallet here, and in the directory as homed there;
+# and only to a set whose subscription receives credit batches (its marker
+# in the directory, storage/sets.py credit_batch_marker): to any other the
+# roll-up sends each credit as its own row, as before migration 0014.
+_INSERT_BATCH_SETS = (
+    "/* anbao_commit_grabs */ WITH b AS (INSERT INTO grab_rollups (batch_id, worker_id, packet_ids, packets, seqs,"
+    " users, amounts) VALUES ($1, $2, $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::bigint[])"
+    " RETURNING batch_id, committed_at),"
+    " e AS (INSERT INTO event_log (kind, batch_id, at) SELECT 0, batch_id, committed_at FROM b),"
+    " x AS (SELECT DISTINCT ON (g.ord) g.ord, d.home_set, g.u, g.amt, g.pkt, g.seq"
+    "  FROM unnest($6::bigint[], $7::bigint[], $4::bigint[], $5::int[]) WITH ORDINALITY AS g(u, amt, pkt, seq, ord)"
+    "  JOIN user_directory d ON d.user_id = g.u AND d.home_set <> $8::smallint"
+    "   AND d.home_set IN (SELECT m.home_set FROM user_directory m WHERE m.user_id = -1 - $8::smallint)"
+    "  WHERE NOT EXISTS (SELECT 1 FROM accounts a WHERE a.kind = 1 AND a.owner_id = g.u)"
+    "  ORDER BY g.ord, d.home_set)"
+    " INSERT INTO credit_batches (src_set, batch_id, dest_set, claimed_at, credit_ids, users, amounts, packets, seqs,"
+    " senders) SELECT $8::smallint, b.batch_id, x.home_set, b.committed_at,"
+    " array_agg(nextval('credit_seq') ORDER BY x.ord), array_agg(x.u ORDER BY x.ord), array_agg(x.amt ORDER BY x.ord),"
+    " array_agg(x.pkt ORDER BY x.ord), array_agg(x.seq ORDER BY x.ord), array_agg(p.sender_id ORDER BY x.ord)"
+    " FROM b, x JOIN packets p ON p.packet_id = x.pkt GROUP BY b.batch_id, b.committed_at, x.home_set"
+)
 _ROLLUP = "SELECT anbao_rollup($1, $2, $3::bigint[], $4::smallint, $5::smallint)"
 
 
@@ -77,6 +103,7 @@ class GrabCommitter:
         self.worker_id = worker_id
         self.resolve_timeout_ms = resolve_timeout_ms
         self._conns: list[asyncpg.Connection | None] = [None] * slots
+        self._set_id: int | None = None  # this database's set, read on each new connection
         self._free = list(range(slots))
         self._block = 0
         self._next_in_block = 1 << BATCH_BLOCK_BITS  # forces a block on first use
@@ -133,6 +160,14 @@ class GrabCommitter:
         conn = self._conns[slot]
         if conn is None or conn.is_closed():
             conn = await asyncpg.connect(self.dsn, server_settings={"application_name": self.application_name})
+            try:
+                # Configured after start (migrate --topology on a serving set):
+                # batches committed before carry no credit batch, and the
+                # roll-up sends their credits one by one (migration 0014).
+                self._set_id = await conn.fetchval("SELECT set_id FROM anbao_set_identity")
+            except BaseException:
+                conn.terminate()
+                raise
             self._conns[slot] = conn
         return conn
 
@@ -179,19 +214,22 @@ class GrabCommitter:
                 await asyncio.shield(before)
             return False
         backend_pid = conn.get_server_pid()
-        args = (batch_id, self.worker_id, sorted(set(packets)), packets, seqs, users, amounts)
+        args: tuple = (batch_id, self.worker_id, sorted(set(packets)), packets, seqs, users, amounts)
+        insert = _INSERT_BATCH
+        if self._set_id is not None:
+            insert, args = _INSERT_BATCH_SETS, (*args, self._set_id)
         if before is None or (before.done() and before.result()):
             # Nothing before it is still unsettled: the INSERT commits by
             # itself, one round trip instead of BEGIN, INSERT and COMMIT.
             try:
-                await conn.execute(_INSERT_BATCH, *args)
+                await conn.execute(insert, *args)
                 return True
             except BaseException as exc:
                 refused = self._commit_failed(slot, batch_id, exc)
             return False if refused else await self._resolve(batch_id, packets[0], seqs[0], backend_pid)
         try:
             await conn.execute("BEGIN")
-            await conn.execute(_INSERT_BATCH, *args)
+            await conn.execute(insert, *args)
         except BaseException as exc:
             # Nothing was committed: no COMMIT was sent.
             self._discard(slot)

@@ -13,8 +13,9 @@ credits written at A since can never stream. The resync, run at B against A:
    slot_name = NONE: the slot is A's business here) and creates it again
    on the new slot without copying data, disabled;
 3. backfills at B, in batches of B's own transactions, every row of A's
-   publication for B that B does not have: credits_out WHERE dest_set = B
-   (B's trigger credits the wallet exactly as the apply does) and A's users
+   publication for B that B does not have: credit_batches WHERE dest_set = B
+   and credits_out WHERE dest_set = B AND NOT in_batch (B's triggers credit
+   the wallets exactly as the apply does) and A's users
    in the directory; it reads A after the new slot exists, so everything
    committed at A before the slot is read, and everything after streams;
 4. enables the subscription.
@@ -268,7 +269,7 @@ async def _backfill_credits(src_conn, dest_conn, src: int, dest: int, columns, b
     names = ", ".join(c for c, _ in columns)
     arrays = ", ".join(f"${i}::{t}[]" for i, (_, t) in enumerate(columns, start=2))
     read = (
-        f"SELECT {names} FROM credits_out WHERE src_set = $1 AND dest_set = $2 AND credit_id > $3"
+        f"SELECT {names} FROM credits_out WHERE src_set = $1 AND dest_set = $2 AND credit_id > $3 AND NOT in_batch"
         " ORDER BY credit_id LIMIT $4"
     )
     write = (
@@ -292,6 +293,43 @@ async def _backfill_credits(src_conn, dest_conn, src: int, dest: int, columns, b
         present += len(rows) - len(got)
         if got:
             await progress("backfill", f"backfilled {count} credits so far (up to credit {cursor})")
+
+
+BATCH_COLUMNS = (
+    "src_set, batch_id, dest_set, claimed_at, credit_ids, users, amounts, packets, seqs, senders, created_at"
+)
+BATCH_ROWS_PER_BACKFILL_TXN = 50  # each holds up to one grab batch's shares for B
+
+
+async def _backfill_credit_batches(src_conn, dest_conn, src: int, dest: int, progress: Progress):
+    """Every row of A's credit_batches WHERE dest_set = B that B lacks
+    (migration 0014), inserted at B in transactions of B's own: B's trigger
+    applies each as the stream would, and skips one already there. Returns
+    (credits, cents, credits already present)."""
+    read = (
+        f"SELECT {BATCH_COLUMNS}, cardinality(credit_ids) AS n FROM credit_batches"
+        " WHERE src_set = $1 AND dest_set = $2 AND batch_id > $3 ORDER BY batch_id LIMIT $4"
+    )
+    write = (
+        f"INSERT INTO credit_batches ({BATCH_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+        " RETURNING (SELECT sum(a) FROM unnest(amounts) a)::bigint"
+    )
+    count = cents = present = 0
+    cursor = -(2**63)
+    while True:
+        rows = await src_conn.fetch(read, src, dest, cursor, BATCH_ROWS_PER_BACKFILL_TXN, timeout=STATEMENT_TIMEOUT_S)
+        if not rows:
+            return count, cents, present
+        cursor = rows[-1]["batch_id"]
+        async with dest_conn.transaction():
+            for r in rows:
+                got = await dest_conn.fetchval(write, *list(r)[:-1], timeout=STATEMENT_TIMEOUT_S)
+                if got is None:
+                    present += r["n"]
+                else:
+                    count, cents = count + r["n"], cents + got
+        if count:
+            await progress("backfill", f"backfilled {count} batched credits so far (up to batch {cursor})")
 
 
 async def _wait_running(dest_conn, name: str) -> bool:
@@ -394,6 +432,8 @@ async def _resync(src_conn, dest_conn, state: LinkState, publisher_dsn: str, col
     report.directory_backfilled = await _backfill_directory(src_conn, dest_conn, src, batch)
     await did("directory", f"backfilled {report.directory_backfilled} of set {src}'s users into set {dest}'s directory")
     n, cents, present = await _backfill_credits(src_conn, dest_conn, src, dest, columns, batch, progress)
+    bn, bcents, bpresent = await _backfill_credit_batches(src_conn, dest_conn, src, dest, progress)
+    n, cents, present = n + bn, cents + bcents, present + bpresent
     report.credits_backfilled, report.cents_backfilled, report.credits_present = n, cents, present
     await did(
         "credits",

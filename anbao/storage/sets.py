@@ -7,7 +7,8 @@ which, and where each publisher is, come from the caller (the topology is
 read by the CLI through the SDK's routing module, the rule's one home).
 
 Names, fixed so that `anbao migrate`/`serve` can check them:
-  publication  anbao_to_set_<B>        at A: credits_out WHERE dest_set = B, and A's own users
+  publication  anbao_to_set_<B>        at A: credit_batches WHERE dest_set = B (and the per-row
+                                       credits_out still sent without one), and A's own users
   subscription anbao_from_set_<A>      at B: to A's anbao_to_set_<B>
   slot         anbao_<A>_to_<B>        at A, made by B's CREATE SUBSCRIPTION
 """
@@ -45,6 +46,19 @@ def slot(src: int, dest: int) -> str:
 SUBSCRIPTION_OF_THIS_DATABASE = "subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
 
 
+PUBLISHED_TABLES = ["credit_batches", "credits_out", "user_directory"]
+
+
+def publication_tables(dest: int, me: int) -> str:
+    """What set `me` publishes to set `dest` (migration 0014 alters the
+    publications made before it to the same list)."""
+    return (
+        f"public.credit_batches WHERE (dest_set = {int(dest)}),"
+        f" public.credits_out WHERE (dest_set = {int(dest)} AND NOT in_batch),"
+        f" public.user_directory WHERE (home_set = {int(me)})"
+    )
+
+
 def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -67,11 +81,14 @@ async def configure(dsn: str, me: int, peers: list[int]) -> list[str]:
             )
             if not tables:
                 await conn.execute(
-                    f"CREATE PUBLICATION {name} FOR TABLE public.credits_out WHERE (dest_set = {int(b)}),"
-                    f" public.user_directory WHERE (home_set = {int(me)}) WITH (publish = 'insert')"
+                    f"CREATE PUBLICATION {name} FOR TABLE {publication_tables(b, me)} WITH (publish = 'insert')"
                 )
                 done.append(f"created publication {name}")
-            elif [t["tablename"] for t in tables] != ["credits_out", "user_directory"]:
+            elif [t["tablename"] for t in tables] == ["credits_out", "user_directory"]:
+                # Made before migration 0014 by a set configured after it ran.
+                await conn.execute(f"ALTER PUBLICATION {name} SET TABLE {publication_tables(b, me)}")
+                done.append(f"altered publication {name} to carry credit batches")
+            elif [t["tablename"] for t in tables] != PUBLISHED_TABLES:
                 raise RuntimeError(f"publication {name} publishes {[t['tablename'] for t in tables]}")
         return done
     finally:
@@ -107,6 +124,10 @@ async def ensure_subscriptions(dsn: str, me: int, publishers: dict[int, str]) ->
             )
             if row is not None:
                 states[a] = "enabled" if row["subenabled"] else "DISABLED"
+                try:
+                    states[a] += await _receive_credit_batches(conn, name, a, me, row["subenabled"])
+                except (OSError, asyncpg.PostgresError) as exc:
+                    states[a] += f", not refreshed for credit batches ({type(exc).__name__}: {exc})"
                 continue
             try:
                 peer = await asyncpg.connect(pub_dsn, timeout=5)
@@ -121,11 +142,48 @@ async def ensure_subscriptions(dsn: str, me: int, publishers: dict[int, str]) ->
                 states[a] = f"waiting: set {a} has no publication {publication(me)} (run anbao migrate there)"
                 continue
             await conn.execute(create_subscription_sql(a, me, pub_dsn, version))
-            states[a] = "created"
+            states[a] = "created" + await _receive_credit_batches(conn, name, a, me, False)
             log.info("set %s: subscribed to set %s", me, a)
         return states
     finally:
         await conn.close()
+
+
+def credit_batch_marker(src: int) -> int:
+    """The directory row (user_id = this, home_set = B) by which set B tells
+    set `src`: my subscription to you receives your credit batches. A set
+    sends a credit batch only to a set whose marker it has; to any other it
+    sends each credit as its own credits_out row, from the roll-up, as
+    before migration 0014. A subscription's tables are fixed when it is
+    made or refreshed, and a batch streamed to one that lacks the table
+    would be skipped, not applied: the marker is written after. It travels
+    in B's publication with B's users (no user id is negative)."""
+    return -(int(src) + 1)
+
+
+async def _receive_credit_batches(conn, name: str, src: int, me: int, refresh: bool) -> str:
+    """Makes subscription `name` (to set `src`) receive credit_batches and
+    says so to `src` (credit_batch_marker); returns what it did. A
+    subscription made before the publisher had migration 0014 receives the
+    table only once refreshed, without copying: a batch it missed meanwhile
+    was never sent to it (no marker yet). A disabled one is left alone."""
+    has = (
+        "SELECT EXISTS (SELECT 1 FROM pg_subscription s JOIN pg_subscription_rel r ON r.srsubid = s.oid"
+        f" WHERE s.subname = $1 AND s.{SUBSCRIPTION_OF_THIS_DATABASE}"
+        " AND r.srrelid = 'public.credit_batches'::regclass)"
+    )
+    done = ""
+    if refresh and not await conn.fetchval(has, name):
+        await conn.execute(f"ALTER SUBSCRIPTION {name} REFRESH PUBLICATION WITH (copy_data = false)")
+        log.info("subscription %s refreshed for credit batches", name)
+        done = ", refreshed for credit batches"
+    if await conn.fetchval(has, name) and await conn.fetchval(
+        "INSERT INTO user_directory (user_id, home_set) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING true",
+        credit_batch_marker(src),
+        me,
+    ):
+        done += f", told set {src} to send credit batches"
+    return done
 
 
 async def replication(dsn: str) -> dict:
@@ -166,13 +224,15 @@ async def replication_on(conn, timeout: float | None = None) -> dict:
     ]
     credits = dict(
         await conn.fetchrow(
-            "SELECT count(*) FILTER (WHERE src_set = $1) AS sent,"
-            " COALESCE(sum(amount_cents) FILTER (WHERE src_set = $1), 0)::bigint AS sent_cents,"
-            " count(*) FILTER (WHERE dest_set = $1) AS applied,"
-            " COALESCE(sum(amount_cents) FILTER (WHERE dest_set = $1), 0)::bigint AS applied_cents,"
-            " (extract(epoch FROM max(applied_at - created_at) FILTER (WHERE dest_set = $1)))::float8"
-            "   AS max_apply_lag_s"
-            " FROM credits_out",
+            "SELECT c.sent + p.n AS sent, (c.sent_cents + p.cents)::bigint AS sent_cents, c.applied,"
+            " c.applied_cents, c.max_apply_lag_s FROM"
+            " (SELECT count(*) FILTER (WHERE src_set = $1) AS sent,"
+            "  COALESCE(sum(amount_cents) FILTER (WHERE src_set = $1), 0) AS sent_cents,"
+            "  count(*) FILTER (WHERE dest_set = $1) AS applied,"
+            "  COALESCE(sum(amount_cents) FILTER (WHERE dest_set = $1), 0)::bigint AS applied_cents,"
+            "  (extract(epoch FROM max(applied_at - created_at) FILTER (WHERE dest_set = $1)))::float8"
+            "    AS max_apply_lag_s FROM credits_out) c,"
+            f" ({_SENT_NOT_ROLLED_UP_TOTAL}) p",
             me,
             timeout=timeout,
         )
@@ -185,9 +245,16 @@ async def replication_on(conn, timeout: float | None = None) -> dict:
 
 async def credits_between(conn, src: int, dest: int, timeout: float | None = None) -> int:
     """How many credits from set `src` to set `dest` this database holds: at
-    `src` those sent, at `dest` those applied (copies arrive applied)."""
+    `src` those sent (rolled up, or in a credit batch not rolled up yet), at
+    `dest` those applied (copies arrive applied)."""
     return await conn.fetchval(
-        "SELECT count(*) FROM credits_out WHERE dest_set = $1 AND src_set = $2", dest, src, timeout=timeout
+        "SELECT (SELECT count(*) FROM credits_out WHERE dest_set = $1 AND src_set = $2)"
+        " + (SELECT COALESCE(sum(cardinality(b.credit_ids)), 0) FROM credit_batches b"
+        "    WHERE b.dest_set = $1 AND b.src_set = $2 AND b.src_set = (SELECT set_id FROM anbao_set_identity)"
+        "    AND b.batch_id IN (SELECT r.batch_id FROM grab_rollups r))",
+        dest,
+        src,
+        timeout=timeout,
     )
 
 
@@ -267,12 +334,31 @@ class SetsAudit:
         return "\n".join(lines)
 
 
+# Credits sent in a grab's commit (migration 0014) whose batch the roll-up
+# has not reached: no credits_out row at the sender yet, and no CROSS_OUT
+# transfer (the escrow still holds them), but they may be applied already.
+_SENT_NOT_ROLLED_UP = (
+    "SELECT b.src_set, k.credit_id, b.dest_set, k.amount_cents, k.user_id FROM credit_batches b"
+    " CROSS JOIN LATERAL unnest(b.credit_ids, b.amounts, b.users) AS k(credit_id, amount_cents, user_id)"
+    " WHERE b.src_set = $1 AND b.batch_id IN (SELECT r.batch_id FROM grab_rollups r)"
+)
+
+
+# The same, counted, for every destination ($1: this set).
+_SENT_NOT_ROLLED_UP_TOTAL = (
+    "SELECT count(*) AS n, COALESCE(sum(k.amount_cents), 0) AS cents FROM credit_batches b"
+    " CROSS JOIN LATERAL unnest(b.amounts) AS k(amount_cents)"
+    " WHERE b.src_set = $1 AND b.batch_id IN (SELECT r.batch_id FROM grab_rollups r)"
+)
+
+
 async def _read_flows(dsns: dict[int, str]) -> dict:
     """One reading of every set, each in its own snapshot: the credits it
     sent, the credits it applied, and its money by account kind."""
     sent: dict[tuple[int, int], tuple[int, int, int]] = {}  # (src, id) -> (dest, amount, user)
     applied: dict[tuple[int, int], tuple[int, int]] = {}  # (src, id) -> (amount, copies)
     clearing: dict[int, int] = {}
+    pending: dict[int, int] = {}  # set -> cents sent by grab commits, not yet paid to clearing by the roll-up
     identity: dict[int, int | None] = {}
     money = {"deposits": 0, "withdrawals": 0, "wallets": 0, "escrows": 0, "suspense": 0}
     for s, dsn in sorted(dsns.items()):
@@ -285,6 +371,9 @@ async def _read_flows(dsns: dict[int, str]) -> dict:
                     s,
                 ):
                     sent[(r[0], r[1])] = (r[2], r[3], r[4])
+                for r in await conn.fetch(_SENT_NOT_ROLLED_UP, s):
+                    sent[(r[0], r[1])] = (r[2], r[3], r[4])
+                    pending[s] = pending.get(s, 0) + r[3]
                 for r in await conn.fetch(
                     "SELECT src_set, credit_id, amount_cents, count(*) OVER (PARTITION BY src_set, credit_id)"
                     " FROM credits_out WHERE dest_set = $1 AND applied_transfer_id IS NOT NULL",
@@ -306,7 +395,14 @@ async def _read_flows(dsns: dict[int, str]) -> dict:
                     money[k] += row[k]
         finally:
             await conn.close()
-    return {"sent": sent, "applied": applied, "clearing": clearing, "money": money, "identity": identity}
+    return {
+        "sent": sent,
+        "applied": applied,
+        "clearing": clearing,
+        "pending": pending,
+        "money": money,
+        "identity": identity,
+    }
 
 
 STABLE_READ_ATTEMPTS = 20
@@ -362,9 +458,14 @@ async def audit_sets(dsns: dict[int, str], refund_grace_ms: int | None = None) -
     if bad:
         out.violations["every applied credit was sent, once, for its amount"] = bad
     clearing_total = sum(clearing.values())
-    if stable and clearing_total != in_flight_cents:
-        out.violations["clearing accounts over all sets hold exactly the credits in flight"] = [
-            {"clearing_by_set": clearing, "in_flight_cents": in_flight_cents}
+    not_rolled_up_cents = sum(first["pending"].values())
+    if stable and clearing_total != in_flight_cents - not_rolled_up_cents:
+        out.violations["clearing accounts over all sets hold the credits in flight, less those not rolled up"] = [
+            {
+                "clearing_by_set": clearing,
+                "in_flight_cents": in_flight_cents,
+                "sent_not_rolled_up_cents": not_rolled_up_cents,
+            }
         ]
     inside = money["wallets"] + money["escrows"] + clearing_total + money["suspense"]
     expected = money["deposits"] - money["withdrawals"]
@@ -445,9 +546,10 @@ class CreditTimes:
     """One cross-set credit and its clock (seconds since the epoch, every
     set's PostgreSQL on the same clock when they share a machine):
     committed, the claim's grab batch commit (the transaction whose commit
-    made the grab durable; its OK follows); created, the roll-up at the
-    packet's set that wrote the credit; applied, the apply at the winner's
-    home set (None while in flight)."""
+    made the grab durable; its OK follows); created, when the packet's set
+    sent it: that same commit for a credit batch (migration 0014), the
+    roll-up that wrote it for a credit sent alone; applied, the apply at the
+    winner's home set (None while in flight)."""
 
     src_set: int
     dest_set: int
@@ -476,7 +578,13 @@ async def credit_times(dsns: dict[int, str], packets: list[int] | None = None) -
                     " extract(epoch FROM c.created_at)::float8 AS committed,"
                     " extract(epoch FROM o.created_at)::float8 AS created"
                     " FROM credits_out o LEFT JOIN claims c ON c.packet_id = o.packet_id AND c.seq = o.seq"
-                    " WHERE o.src_set = $1 AND ($2::bigint[] IS NULL OR o.packet_id = ANY($2::bigint[]))",
+                    " WHERE o.src_set = $1 AND NOT o.in_batch"
+                    " AND ($2::bigint[] IS NULL OR o.packet_id = ANY($2::bigint[]))"
+                    " UNION ALL SELECT b.src_set, b.dest_set, k.credit_id, k.packet_id, k.user_id, k.amount_cents,"
+                    " extract(epoch FROM b.claimed_at)::float8, extract(epoch FROM b.created_at)::float8"
+                    " FROM credit_batches b CROSS JOIN LATERAL unnest(b.credit_ids, b.packets, b.users, b.amounts)"
+                    " AS k(credit_id, packet_id, user_id, amount_cents)"
+                    " WHERE b.src_set = $1 AND ($2::bigint[] IS NULL OR k.packet_id = ANY($2::bigint[]))",
                     s,
                     packets,
                 )

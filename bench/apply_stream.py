@@ -1,0 +1,218 @@
+"""What one subscription applies, through real logical replication
+(issue 20): two embedded PostgreSQL servers, set 0 publishing and set 1
+subscribed (storage/sets.py, as `anbao migrate/serve --topology` makes
+them), `--users` wallets at set 1. Two pairs of databases on those two
+servers, one per shape of credit (bench/apply.py):
+- `row_main`: both at schema 0013, the per-row apply as it was before
+  this issue (credits_out rows, the ENABLE ALWAYS trigger, the event
+  trigger), in transactions of `--per-txn` credits;
+- `batch`: both at the current schema, credit_batches rows of
+  `--per-batch` credits, applied set-wise.
+Each round writes a backlog of `--credits` credits at set 0 while set 1's
+subscription is disabled, then enables it and times the drain: from the
+apply worker's start until set 1's replication origin has passed the
+backlog's end. The rounds alternate the shapes, so both see the same
+machine. Reports credits/s, the apply worker's CPU per credit (Linux
+/proc) and the WAL set 1 wrote per credit, per round and as medians.
+
+    .venv/bin/python -m bench.apply_stream --credits 50000 --users 100000 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+
+from anbao.localsets import create_db
+from anbao.storage import embedded
+from anbao.storage import sets as storage_sets
+from anbao.storage.migrate import migrate, migrations
+
+from .apply import WARM_CREDITS, _apply
+
+DB = "anbao_apply_stream"
+DRAIN_TIMEOUT_S = 600.0
+POLL_S = 0.01
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+MAIN_VERSION = 13  # the schema before credit batches (migration 0014)
+STREAM_SHAPES = {"row_main": "row", "batch": "batch"}  # shape here -> what bench.apply writes
+
+
+def _migrate_to(version: int):
+    async def go(dsn: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            for _, path in migrations()[:version]:
+                await conn.execute(path.read_text())
+        finally:
+            await conn.close()
+
+    return go
+
+
+async def _pair(servers, users: int, shape: str) -> dict[int, str]:
+    """Set 0 and set 1 databases for `shape`, set 1 subscribed to set 0."""
+    dsns = {}
+    for s in (0, 1):
+        await create_db(servers[s].get_uri("postgres"), f"{DB}_{shape}")
+        dsns[s] = servers[s].get_uri(f"{DB}_{shape}")
+        await (migrate if shape == "batch" else _migrate_to(MAIN_VERSION))(dsns[s])
+    for s in (0, 1):
+        if shape == "batch":
+            await storage_sets.configure(dsns[s], s, [1 - s])
+            continue
+        conn = await asyncpg.connect(dsns[s])
+        try:  # as storage/sets.py configure() did at schema 0013
+            await conn.execute(f"SELECT anbao_configure_set({s}::smallint, ARRAY[{1 - s}]::smallint[])")
+            await conn.execute(
+                f"CREATE PUBLICATION {storage_sets.publication(1 - s)} FOR TABLE public.credits_out"
+                f" WHERE (dest_set = {1 - s}), public.user_directory WHERE (home_set = {s}) WITH (publish = 'insert')"
+            )
+        finally:
+            await conn.close()
+    conn = await asyncpg.connect(dsns[1])
+    try:
+        await conn.execute(
+            "INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM generate_series(1, $1::bigint) u", users
+        )
+        version = int(await conn.fetchval("SHOW server_version_num"))
+        # one slot per pair: both pairs' set 0 are on one server
+        await conn.execute(
+            storage_sets.create_subscription_sql(0, 1, dsns[0], version, slot_name=f"'anbao_0_to_1_{shape}'")
+        )
+    finally:
+        await conn.close()
+    return dsns
+
+
+async def _setup(root: Path, users: int) -> tuple[list, dict[str, dict[int, str]]]:
+    servers = [embedded.start(root / f"set{s}", logical=True)[0] for s in (0, 1)]
+    return servers, {shape: await _pair(servers, users, shape) for shape in STREAM_SHAPES}
+
+
+async def _worker_pid(dest) -> int | None:
+    return await dest.fetchval(
+        "SELECT st.pid FROM pg_stat_subscription st JOIN pg_subscription s ON s.oid = st.subid"
+        f" WHERE s.subname = $1 AND st.relid IS NULL AND s.{storage_sets.SUBSCRIPTION_OF_THIS_DATABASE}",
+        storage_sets.subscription(0),
+    )
+
+
+async def _applied_to(dest):
+    return await dest.fetchval(
+        "SELECT o.remote_lsn FROM pg_replication_origin_status o JOIN pg_subscription s"
+        " ON o.external_id = 'pg_' || s.oid WHERE s.subname = $1"
+        f" AND s.{storage_sets.SUBSCRIPTION_OF_THIS_DATABASE}",
+        storage_sets.subscription(0),
+    )
+
+
+async def _round(src, dest, shape: str, first: int, args) -> dict:
+    """One backlog of `shape` written at set 0 while set 1's subscription is
+    off, then drained; returns its figures."""
+    name = storage_sets.subscription(0)
+    await dest.execute(f"ALTER SUBSCRIPTION {name} DISABLE")
+    while await _worker_pid(dest) is not None:
+        await asyncio.sleep(POLL_S)
+    await _apply(src, STREAM_SHAPES[shape], first, args.credits, args)
+    end = await src.fetchval("SELECT pg_current_wal_lsn()")
+    wal0 = await dest.fetchval("SELECT pg_current_wal_lsn()")
+    await dest.execute(f"ALTER SUBSCRIPTION {name} ENABLE")
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while (pid := await _worker_pid(dest)) is None:
+        assert time.monotonic() < deadline, "the apply worker never started"
+        await asyncio.sleep(POLL_S)
+    t0 = time.perf_counter()
+    cpu = 0.0
+    while True:
+        cpu = _cpu_s(pid)  # read while it lives; it is the worker's whole life
+        got = await _applied_to(dest)
+        if got is not None and got >= end:
+            break
+        assert time.monotonic() < deadline, f"set 1 applied to {got}, not {end}, in {DRAIN_TIMEOUT_S:g} s"
+        await asyncio.sleep(POLL_S)
+    wall_s = time.perf_counter() - t0
+    wal = await dest.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1)::bigint", wal0)
+    return {
+        "shape": shape,
+        "credits_per_s": round(args.credits / wall_s),
+        "apply_worker_cpu_us_per_credit": round(cpu / args.credits * 1e6, 1),
+        "receiver_wal_bytes_per_credit": round(wal / args.credits),
+    }
+
+
+async def run(args: argparse.Namespace, root: Path) -> dict:
+    _, pairs = await _setup(root, args.users)
+    conns = {shape: (await asyncpg.connect(d[0]), await asyncpg.connect(d[1])) for shape, d in pairs.items()}
+    shapes = list(STREAM_SHAPES)
+    rounds: list[dict] = []
+    try:
+        first = {shape: 1 for shape in shapes}
+        for shape in shapes:  # warm: the wallets and indexes in cache, the worker's relation maps built
+            warm = argparse.Namespace(**{**vars(args), "credits": WARM_CREDITS})
+            await _round(*conns[shape], shape, first[shape], warm)
+            first[shape] += WARM_CREDITS
+        for i in range(args.rounds):
+            for shape in shapes if i % 2 == 0 else shapes[::-1]:
+                rounds.append({"round": i + 1, **await _round(*conns[shape], shape, first[shape], args)})
+                first[shape] += args.credits
+        for shape, (_, dest) in conns.items():
+            applied, wallets = await dest.fetchrow(
+                "SELECT count(*), (SELECT sum(balance_cents) FROM accounts WHERE kind = 1) FROM credits_out"
+                " WHERE src_set = 0 AND applied_transfer_id IS NOT NULL"
+            )
+            assert applied == first[shape] - 1 and wallets == 100 * applied, (shape, applied, wallets)
+    finally:
+        for pair in conns.values():
+            for conn in pair:
+                await conn.close()
+        for s in (0, 1):
+            embedded.stop_data_dir(root / f"set{s}")
+    keys = ("credits_per_s", "apply_worker_cpu_us_per_credit", "receiver_wal_bytes_per_credit")
+    med = {s: {k: statistics.median(r[k] for r in rounds if r["shape"] == s) for k in keys} for s in shapes}
+    return {
+        "credits_per_round": args.credits,
+        "users": args.users,
+        "row_per_txn": args.per_txn,
+        "batch_credits_per_row": args.per_batch,
+        "rounds": rounds,
+        "median": med,
+        "batch_over_row_main": round(med["batch"]["credits_per_s"] / med["row_main"]["credits_per_s"], 2),
+        "spread_credits_per_s": {
+            s: [f(r["credits_per_s"] for r in rounds if r["shape"] == s) for f in (min, max)] for s in shapes
+        },
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.apply_stream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--credits", type=int, default=50_000, help="credits per round and shape")
+    p.add_argument("--users", type=int, default=100_000, help="wallets at set 1")
+    p.add_argument("--per-txn", type=int, default=500, help="row shape: credits per transaction at set 0")
+    p.add_argument("--per-batch", type=int, default=1000, help="batch shape: credits per credit_batches row")
+    p.add_argument("--rounds", type=int, default=5, help="rounds, each shape once a round, alternating order")
+    args = p.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="anbao-apply-stream-"))
+    try:
+        print(json.dumps(asyncio.run(run(args, root)), indent=1, ensure_ascii=False))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
