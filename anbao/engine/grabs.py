@@ -4,7 +4,7 @@ group commit.
 Every grab for a packet this worker owns passes through on_grab() on the
 event loop thread. PacketState.take() decides it synchronously, in arrival
 order (that is the packet's queue; it needs no lock), and an accepted share
-joins the open batch (packets.GrabBatch). A batch goes out on a free commit
+joins the open batch (_fastpath.GrabBatch). A batch goes out on a free commit
 slot (storage/commit.py); while batches commit, the next one fills. Batches
 commit in the order they were built, and one that fails fails every batch
 built on it. A grab is answered only after the batch that carries it has
@@ -25,7 +25,8 @@ from collections.abc import Callable
 
 from anbao_client.protocol import Op, Status
 
-from ..core import codec, packets, shares
+from .. import _fastpath
+from ..core import codec
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.domain import PacketRecord
 from ..storage.ledger import Ledger
@@ -54,12 +55,12 @@ class Replier:
         raise NotImplementedError
 
 
-Batch = packets.GrabBatch
+Batch = _fastpath.GrabBatch
 
 
-def packet_state(record: PacketRecord) -> packets.PacketState:
+def packet_state(record: PacketRecord) -> _fastpath.PacketState:
     """The in-memory state of a packet, from its durable record."""
-    return packets.PacketState(
+    return _fastpath.PacketState(
         record.packet_id,
         record.sender_id,
         record.total_cents,
@@ -114,12 +115,12 @@ class GrabEngine:
         self.max_queued_grabs = max_queued_grabs
         self.max_packets_in_memory = max_packets_in_memory
         self.max_known_users = max_known_users
-        self.rng = shares.Rng()
+        self.rng = _fastpath.Rng()
         # Refused grabs put a user in cool-down (cooldown.py); _cooling is
         # its map of users cooling down, empty (one falsy test a grab) when nobody is.
         self.cooldown = cooldown
         self._cooling: dict[int, int] = cooldown.until if cooldown is not None else {}
-        self.states: dict[int, packets.PacketState] = {}
+        self.states: dict[int, _fastpath.PacketState] = {}
         self._loading: dict[int, list] = {}  # packet id -> grabs waiting for its load, in order
         self._known_users: set[int] = set()
         self._user_checks: dict[int, list] = {}  # user id -> grabs waiting for the check
@@ -133,7 +134,7 @@ class GrabEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         self.packets_from_memory = 0  # STATS: PACKETs its owner answered from this state (server/ops/packets.py)
-        self.on_adopt: Callable[[packets.PacketState], None] | None = None  # admission seeds its counter
+        self.on_adopt: Callable[[_fastpath.PacketState], None] | None = None  # admission seeds its counter
         self.on_commit: Callable[[int, float], None] | None = None  # (grabs, seconds): metrics
         self.on_facts: Callable[[], None] | None = None  # grabs or refunds committed: their events need numbers
         self._expiring: dict[int, asyncio.Future] = {}  # packet id -> its refund, until committed
@@ -166,7 +167,7 @@ class GrabEngine:
             return
         self._decide(state, replier, rid, user_id)
 
-    def _decide(self, state: packets.PacketState, replier: Replier, rid: int, user_id: int) -> None:
+    def _decide(self, state: _fastpath.PacketState, replier: Replier, rid: int, user_id: int) -> None:
         if self._queued_grabs >= self.max_queued_grabs:
             replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, "grab queue full"))
             return
@@ -175,7 +176,7 @@ class GrabEngine:
             # A fresh decision waits out the cool-down; a share this user
             # holds (even one still committing) is answered below, as ever.
             assert self.cooldown is not None
-            left_ms = self.cooldown.cooling_for_ms(user_id, packets.now_ms())
+            left_ms = self.cooldown.cooling_for_ms(user_id, _fastpath.now_ms())
             if left_ms:
                 replier.answer(
                     codec.encode_error(
@@ -197,7 +198,7 @@ class GrabEngine:
             self._kick()
         elif status == _ALREADY_CLAIMED:
             if self.cooldown is not None:
-                self.cooldown.refused(user_id, packets.now_ms())
+                self.cooldown.refused(user_id, _fastpath.now_ms())
             if state.is_pending(state.last_seq):
                 # The first grab is not durable yet: this retry is answered
                 # with it, after the batch that carries it commits.
@@ -224,7 +225,7 @@ class GrabEngine:
             self._kick()
         else:
             if status == _NOT_ELIGIBLE and self.cooldown is not None:
-                self.cooldown.refused(user_id, packets.now_ms())
+                self.cooldown.refused(user_id, _fastpath.now_ms())
             replier.answer(codec.encode_error(Op.GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
 
     # ------------------------------------------------------------ loading
@@ -253,7 +254,7 @@ class GrabEngine:
         for replier, rid, user_id in waiting:
             self.on_grab(replier, rid, packet_id, user_id)
 
-    def adopt(self, state: packets.PacketState) -> None:
+    def adopt(self, state: _fastpath.PacketState) -> None:
         """Takes ownership of a packet's state (new from SEND, or loaded)."""
         assert state.packet_id not in self.states
         if len(self.states) >= self.max_packets_in_memory:
