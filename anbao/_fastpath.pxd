@@ -42,6 +42,7 @@ cdef class PacketState:
     cdef readonly int32_t last_seq
 
     cpdef int take(self, int64_t user_id, int64_t now_ms, Rng rng) except -1
+    cpdef bint yields(self, int status, int64_t user_id)
     cpdef is_pending(self, int32_t seq)
     cpdef void mark_committed(self, int32_t seq)
 

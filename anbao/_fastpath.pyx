@@ -17,6 +17,8 @@ import os
 from anbao.core.codec cimport C_OP_GRAB, S_ALREADY_CLAIMED, S_EXPIRED, S_NOT_ELIGIBLE, S_OK, S_SOLD_OUT
 from anbao.core.codec cimport encode_error, encode_grab, rd_u64
 
+from anbao_client.protocol import Status
+
 C_MODES = {"RANDOM": C_MODE_RANDOM, "FIXED": C_MODE_FIXED}
 
 
@@ -142,6 +144,43 @@ def validate_split(int mode, int64_t total_cents, int32_t count, int64_t min_cen
 # ================================================================ the packet and its batches
 
 
+# ---------------------------------------------------------------- where a grab is decided
+#
+# A GRAB's outcome, in the order it is decided (as TigerBeetle lists its
+# result codes in order): the first row that applies is the answer. Each
+# row is (status, where it is checked, the outcomes of take() that still
+# win over it although it is checked before take(), why it ranks there).
+# The checks before take() ask PacketState.yields(); take() keeps its own
+# rows' order in code, and tests/unit/test_grab_precedence.py holds both
+# to this table. A worker that does not own the packet answers only what
+# the owner answered (the router's final knowledge, ARCHITECTURE.md I9), or
+# relays the grab: it adds no row.
+GRAB_PRECEDENCE = (
+    (Status.UNAUTHENTICATED, "connection", (), "nothing but HELLO is served before it"),
+    (Status.RATE_LIMITED, "connection: the token's bucket", (), "a limited request is not even routed"),
+    (Status.WRONG_SET, "connection: the set gate", (), "another set's packet: its set decides"),
+    (Status.NOT_FOUND, "owner: loading the packet", (), "there is nothing to decide on"),
+    (Status.UNKNOWN_USER, "owner: GrabEngine.on_grab", (Status.ALREADY_CLAIMED, Status.SOLD_OUT),
+     "an open packet's grabber needs a wallet, but a final answer needs none"),
+    (Status.BUSY, "owner: GrabEngine._decide", (), "the grab queue is full: nothing is decided"),
+    (Status.COOLING_DOWN, "owner: GrabEngine._decide", (Status.ALREADY_CLAIMED,),
+     "a fresh decision waits; a share the user holds is still theirs"),
+    (Status.ALREADY_CLAIMED, "owner: PacketState.take", (), "a retry gets the first answer"),
+    (Status.NOT_ELIGIBLE, "owner: PacketState.take", (), "not this user's packet, whatever is left"),
+    (Status.SOLD_OUT, "owner: PacketState.take", (), "every share is taken"),
+    (Status.EXPIRED, "owner: PacketState.take", (), "shares are left, but too late"),
+    (Status.OK, "owner: PacketState.take", (), "a share, reserved until its batch commits"),
+)
+# The final refusals' texts, wherever they are answered (the owner, the
+# router's final knowledge, admission's final sets).
+GRAB_TEXT = {
+    S_SOLD_OUT: "every share has been taken",
+    S_EXPIRED: "the packet has expired",
+    S_NOT_ELIGIBLE: "this user may not open this packet",
+}
+cdef dict _YIELDS_TO = {int(row[0]): tuple(int(s) for s in row[2]) for row in GRAB_PRECEDENCE}
+
+
 cdef class PacketState:
     """One open packet as its owner holds it in memory.
 
@@ -213,6 +252,17 @@ cdef class PacketState:
         assert self.remaining_cents >= 0 and self.taken_count <= self.count
         assert (self.taken_count < self.count) or self.remaining_cents == 0
         return S_OK
+
+    cpdef bint yields(self, int status, int64_t user_id):
+        """Whether a check for `status`, made before take(), gives way to an
+        outcome of take() that ranks above it (GRAB_PRECEDENCE)."""
+        cdef int first
+        for first in _YIELDS_TO[status]:
+            if first == S_ALREADY_CLAIMED and user_id in self._claims:
+                return True
+            if first == S_SOLD_OUT and self.taken_count >= self.count:
+                return True
+        return False
 
     cpdef is_pending(self, int32_t seq):
         return seq > self.committed_count

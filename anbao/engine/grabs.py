@@ -34,11 +34,7 @@ from .cooldown import Cooldown
 
 log = logging.getLogger("anbao.grabs")
 
-_ERROR_TEXT: dict[int, str] = {  # keyed by the plain int PacketState.take() returns
-    Status.SOLD_OUT: "every share has been taken",
-    Status.EXPIRED: "the packet has expired",
-    Status.NOT_ELIGIBLE: "this user may not open this packet",
-}
+_ERROR_TEXT = _fastpath.GRAB_TEXT  # keyed by the plain int PacketState.take() returns
 
 
 # Compared once per grab: plain ints, not enum attribute lookups.
@@ -46,6 +42,8 @@ _OK = Status.OK.value
 _ALREADY_CLAIMED = Status.ALREADY_CLAIMED.value
 _SOLD_OUT = Status.SOLD_OUT.value
 _NOT_ELIGIBLE = Status.NOT_ELIGIBLE.value
+_UNKNOWN_USER = Status.UNKNOWN_USER.value
+_COOLING_DOWN = Status.COOLING_DOWN.value
 
 
 class Replier:
@@ -157,12 +155,8 @@ class GrabEngine:
             else:
                 waiting.append((replier, rid, user_id))
             return
-        if (
-            state.open_audience
-            and user_id not in self._known_users
-            and not state.sold_out
-            and state.claim_of(user_id) is None
-        ):
+        # Where each check stands, and what it gives way to: _fastpath.GRAB_PRECEDENCE.
+        if state.open_audience and user_id not in self._known_users and not state.yields(_UNKNOWN_USER, user_id):
             self._check_user(replier, rid, packet_id, user_id)
             return
         self._decide(state, replier, rid, user_id)
@@ -172,7 +166,7 @@ class GrabEngine:
             replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, "grab queue full"))
             return
         cooling = self._cooling
-        if cooling and user_id in cooling and state.claim_of(user_id) is None:
+        if cooling and user_id in cooling and not state.yields(_COOLING_DOWN, user_id):
             # A fresh decision waits out the cool-down; a share this user
             # holds (even one still committing) is answered below, as ever.
             assert self.cooldown is not None

@@ -233,7 +233,7 @@ class Router:
                     rid,
                     refusal,
                     self.worker_id,
-                    "the packet has expired" if refusal == Status.EXPIRED else "this user may not open this packet",
+                    _fastpath.GRAB_TEXT[refusal],
                 )
             )
             return True
