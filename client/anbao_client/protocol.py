@@ -9,8 +9,8 @@ tests/test_protocol_table.py, which round-trips every message through both
 codecs. PROTOCOL.md is the prose of this table and its vectors check both.
 
 Adding an opcode: its `Message` below (with its `Route`), its handler on
-the server, its operation in operations.py, and its section in PROTOCOL.md. The table test fails until the Cython codec decodes
-it.
+the server, its operation in operations.py, and its section in PROTOCOL.md.
+The table test fails until the Cython codec decodes it.
 
 Layout letters (all integers big-endian):
     B u8   H u16   I u32   Q u64   q i64
