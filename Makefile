@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SUFFIX := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-CORE   := codec shares packets
-EXT    := $(foreach m,$(CORE),anbao/core/$(m)$(SUFFIX))
+# The Cython extensions (setup.py): the grab's core and the wire codec.
+CORE   := anbao/_fastpath anbao/core/codec
+EXT    := $(foreach m,$(CORE),$(m)$(SUFFIX))
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test install build lint memcached redis iproute bench clean
@@ -37,7 +38,7 @@ lint: install
 
 build: install $(EXT)
 
-$(EXT) &: $(wildcard anbao/core/*.pyx anbao/core/*.pxd) setup.py $(VENV)/.installed
+$(EXT) &: $(foreach m,$(CORE),$(m).pyx $(m).pxd) setup.py $(VENV)/.installed
 	$(BIN)/python setup.py --quiet build_ext --inplace
 
 # Debian's memcached, for the admission layer and its tests.
@@ -59,4 +60,4 @@ bench: build memcached redis
 	$(BIN)/python -m bench $(ARGS)
 
 clean:
-	rm -rf build $(VENV) anbao/core/*.c anbao/core/*.so .pytest_cache
+	rm -rf build $(VENV) anbao/core/*.c anbao/core/*.so anbao/_fastpath.c anbao/_fastpath.*.so .pytest_cache

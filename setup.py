@@ -1,13 +1,17 @@
-"""Builds the Cython core (anbao/core/*.pyx); everything else is in pyproject.toml."""
+"""Builds the Cython extensions; everything else is in pyproject.toml.
+
+anbao/_fastpath.pyx is the grab's hot core (share splitting, the per-packet
+state and its batches); anbao/core/codec.pyx the server's wire codec, which
+_fastpath cimports."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-CORE = ("codec", "shares", "packets")
+EXTENSIONS = {"anbao.core.codec": "anbao/core/codec.pyx", "anbao._fastpath": "anbao/_fastpath.pyx"}
 
 setup(
     ext_modules=cythonize(
-        [Extension(f"anbao.core.{name}", [f"anbao/core/{name}.pyx"], extra_compile_args=["-O2"]) for name in CORE],
+        [Extension(name, [source], extra_compile_args=["-O2"]) for name, source in EXTENSIONS.items()],
         compiler_directives={"language_level": "3"},
     ),
 )

@@ -64,7 +64,7 @@ class Limits:
     # they were built. While one is in flight, another goes only once
     # batch_overlap_min_grabs have gathered: on this 2-core machine two small
     # batches in flight cost more PostgreSQL CPU than they save in waiting
-    # (bench: hot 98.7k/s with 1 slot, 85.5k with 2 always used, 77.8k with 3).
+    # (measure it with `python -m bench hot` under each setting).
     # Grabs beyond max_queued_grabs get BUSY.
     batch_max_grabs: int = 4096
     commit_slots: int = 2

@@ -32,6 +32,7 @@ from anbao_client import (
     Forbidden,
     Grabbed,
     Mode,
+    OutcomeUnknown,
     PacketInfo,
     SoldOut,
 )
@@ -143,6 +144,8 @@ async def grab_all(grabbers: list, packet_id: int, members: list[int], on_answer
             grabs.won[user] = await grabbers[i % len(grabbers)].grab(packet_id, user)
         except SoldOut:
             grabs.sold_out += 1
+        except OutcomeUnknown:
+            raise  # no answer is no refusal: the demo stops, as it did before
         except AnbaoError as exc:
             grabs.refused[exc.status.name] += 1
         if on_answer is not None:

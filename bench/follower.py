@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from anbao_client import Busy, Client, ConnectionLost, RequestTimeout, Unavailable
+from anbao_client import Client, OutcomeUnknown, RetryLater
 
 
 async def main(host: str, port: int, token: str, after: int, status: str) -> None:
@@ -28,7 +28,7 @@ async def main(host: str, port: int, token: str, after: int, status: str) -> Non
     while True:
         try:
             page = await client.events_page(state["last"], limit=1000, wait_ms=1_000)
-        except (ConnectionLost, RequestTimeout, Busy, Unavailable, OSError):
+        except (OutcomeUnknown, RetryLater, OSError):
             await client.close()
             await asyncio.sleep(0.1)
             client = await Client.connect(host, port, token)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from anbao_client import SyncClient
+from anbao_client import EventKind, SyncClient
 
 ANBAO = [sys.executable, "-m", "anbao.cli"]
 
@@ -50,6 +50,12 @@ def test_serve_prints_where_tokens_are_and_serves(tmp_path):
             sent = c.send(1, 500, 1)
             assert c.grab(sent.packet_id, 2).amount_cents == 500
             assert c.balance(2) == 500
+            # The sync feed is the async one's (issue 21): following, it
+            # blocks until the next event; without, it ends at the head.
+            feed = c.events(wait_ms=2_000)
+            assert next(e for e in feed if e.packet_id == sent.packet_id).kind == EventKind.SENT
+            feed.close()
+            assert EventKind.SENT in [e.kind for e in c.events(follow=False) if e.packet_id == sent.packet_id]
     finally:
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anbao.core import codec, shares
+from anbao import _fastpath
+from anbao.core import codec
 from anbao.server import answers
 from anbao_client import protocol, wire
 from anbao_client.protocol import MESSAGES, Mode, Op, Rows, Status
@@ -74,7 +75,7 @@ def test_c_constants_are_the_tables():
     assert codec.C_OPS == {op.name: op.value for op in Op}, "the Cython codec's opcodes drifted from the table"
     for name, value in codec.C_STATUSES.items():
         assert Status[name] == value, name
-    assert shares.C_MODES == {m.name: m.value for m in Mode}
+    assert _fastpath.C_MODES == {m.name: m.value for m in Mode}
 
 
 @pytest.mark.parametrize("op", list(Op), ids=lambda op: op.name)

@@ -1046,3 +1046,33 @@ async def test_resync_creates_a_dropped_subscription_and_refuses_bad_requests(tw
     assert result.ok, result.text()
     assert result.totals["credits_applied"] == result.totals["credits_sent"]
     assert await _subscription_health(dsns[1], "anbao_from_set_0") == (True, 0, 0)
+
+
+async def test_set_cluster_offers_every_operation_of_the_sdk(two_sets):
+    """SetCluster has the operations every client has (issue 21): ping,
+    the first set's event feed, SEND with its named options, and one
+    AuditResult combining each set's."""
+    topo = two_sets["topology"]
+    async with await SetCluster.connect(topo, ADMIN_TOKEN) as sc:
+        assert await sc.ping() == 0  # one worker in each set
+        first = min(sc.clusters)
+        users = await _users(sc, 95_000, 8, 10_000)
+        sender = next(u for u in users if home_set(u, topo) == first)
+        start = (await sc.events_page(0, limit=1)).head
+        members = [u for u in users if u != sender][:4]
+        sent = await sc.send(sender, 600, 2, mode=wire.Mode.FIXED, greeting="hi", members=members)
+        assert set_of(sent.packet_id) == first
+
+        async def sent_event() -> wire.Event:
+            async for e in sc.events(after=start):
+                if e.kind == wire.EventKind.SENT and e.packet_id == sent.packet_id:
+                    return e
+            raise AssertionError("the feed ended")
+
+        event = await asyncio.wait_for(sent_event(), 20)
+        assert (event.user_id, event.amount_cents, event.count) == (sender, 600, 2)
+        audit = await sc.audit()
+        each = [await c.audit() for c in sc.clusters.values()]
+        assert isinstance(audit, wire.AuditResult)
+        assert set(audit.checks) == {name for a in each for name in a.checks}
+        assert set(audit.counts) == {name for a in each for name in a.counts}

@@ -4,8 +4,7 @@ random mode keeps WeChat's double-mean bound — for any total and count."""
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anbao.core import packets as core_packets
-from anbao.core import shares as core_shares
+from anbao import _fastpath
 from anbao_client.protocol import Mode, Status
 
 counts = st.integers(min_value=1, max_value=500)
@@ -23,7 +22,7 @@ def packets(draw):
 @given(packets())
 def test_random_mode_double_mean(p):
     total, count, min_cents, seed = p
-    shares = core_shares.split(Mode.RANDOM, total, count, min_cents, core_shares.Rng(seed))
+    shares = _fastpath.split(Mode.RANDOM, total, count, min_cents, _fastpath.Rng(seed))
     assert len(shares) == count and sum(shares) == total
     remaining = total
     for i, s in enumerate(shares):
@@ -41,7 +40,7 @@ def test_random_mode_double_mean(p):
 @given(packets())
 def test_fixed_mode_equal_shares_odd_cents_first(p):
     total, count, min_cents, _ = p
-    shares = core_shares.split(Mode.FIXED, total, count, min_cents)
+    shares = _fastpath.split(Mode.FIXED, total, count, min_cents)
     assert sum(shares) == total and len(shares) == count
     base, extra = divmod(total, count)
     assert shares == [base + 1] * extra + [base] * (count - extra)
@@ -53,8 +52,8 @@ def test_packet_state_takes_each_share_once(p, users):
     """Whatever the order and repeats of grabbers, no user gets two shares,
     no more than count shares go out, and a sold-out packet gave its total."""
     total, count, min_cents, seed = p
-    state = core_packets.PacketState(1, 999, total, count, Mode.RANDOM, min_cents, 2**62)
-    rng = core_shares.Rng(seed)
+    state = _fastpath.PacketState(1, 999, total, count, Mode.RANDOM, min_cents, 2**62)
+    rng = _fastpath.Rng(seed)
     got = {}
     for u in users:
         status = state.take(u, 0, rng)
@@ -72,7 +71,7 @@ def test_packet_state_takes_each_share_once(p, users):
 
 
 def test_rng_is_uniform_enough():
-    rng = core_shares.Rng(12345)
+    rng = _fastpath.Rng(12345)
     n, buckets = 60_000, [0] * 6
     for _ in range(n):
         buckets[rng.randbelow(6)] += 1
@@ -84,4 +83,4 @@ def test_invalid_splits_rejected():
 
     for args in [(3, 100, 1, 1), (Mode.RANDOM, 9, 10, 1), (Mode.FIXED, 100, 0, 1), (Mode.FIXED, 100, 1, 0)]:
         with pytest.raises(ValueError):
-            core_shares.split(*args)
+            _fastpath.split(*args)

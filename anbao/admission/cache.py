@@ -20,10 +20,11 @@ from collections import OrderedDict
 
 from anbao_client.protocol import Op, Status
 
+from .. import _fastpath
 from ..core import codec
 
-SOLD_OUT_TEXT = "every share has been taken"
-NOT_ELIGIBLE_TEXT = "this user may not open this packet"
+SOLD_OUT_TEXT = _fastpath.GRAB_TEXT[Status.SOLD_OUT]
+NOT_ELIGIBLE_TEXT = _fastpath.GRAB_TEXT[Status.NOT_ELIGIBLE]
 
 
 class FinalSet:

@@ -4,7 +4,7 @@ group commit.
 Every grab for a packet this worker owns passes through on_grab() on the
 event loop thread. PacketState.take() decides it synchronously, in arrival
 order (that is the packet's queue; it needs no lock), and an accepted share
-joins the open batch (packets.GrabBatch). A batch goes out on a free commit
+joins the open batch (_fastpath.GrabBatch). A batch goes out on a free commit
 slot (storage/commit.py); while batches commit, the next one fills. Batches
 commit in the order they were built, and one that fails fails every batch
 built on it. A grab is answered only after the batch that carries it has
@@ -25,7 +25,8 @@ from collections.abc import Callable
 
 from anbao_client.protocol import Op, Status
 
-from ..core import codec, packets, shares
+from .. import _fastpath
+from ..core import codec
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.domain import PacketRecord
 from ..storage.ledger import Ledger
@@ -33,11 +34,7 @@ from .cooldown import Cooldown
 
 log = logging.getLogger("anbao.grabs")
 
-_ERROR_TEXT: dict[int, str] = {  # keyed by the plain int PacketState.take() returns
-    Status.SOLD_OUT: "every share has been taken",
-    Status.EXPIRED: "the packet has expired",
-    Status.NOT_ELIGIBLE: "this user may not open this packet",
-}
+_ERROR_TEXT = _fastpath.GRAB_TEXT  # keyed by the plain int PacketState.take() returns
 
 
 # Compared once per grab: plain ints, not enum attribute lookups.
@@ -45,6 +42,8 @@ _OK = Status.OK.value
 _ALREADY_CLAIMED = Status.ALREADY_CLAIMED.value
 _SOLD_OUT = Status.SOLD_OUT.value
 _NOT_ELIGIBLE = Status.NOT_ELIGIBLE.value
+_UNKNOWN_USER = Status.UNKNOWN_USER.value
+_COOLING_DOWN = Status.COOLING_DOWN.value
 
 
 class Replier:
@@ -54,12 +53,12 @@ class Replier:
         raise NotImplementedError
 
 
-Batch = packets.GrabBatch
+Batch = _fastpath.GrabBatch
 
 
-def packet_state(record: PacketRecord) -> packets.PacketState:
+def packet_state(record: PacketRecord) -> _fastpath.PacketState:
     """The in-memory state of a packet, from its durable record."""
-    return packets.PacketState(
+    return _fastpath.PacketState(
         record.packet_id,
         record.sender_id,
         record.total_cents,
@@ -114,12 +113,12 @@ class GrabEngine:
         self.max_queued_grabs = max_queued_grabs
         self.max_packets_in_memory = max_packets_in_memory
         self.max_known_users = max_known_users
-        self.rng = shares.Rng()
+        self.rng = _fastpath.Rng()
         # Refused grabs put a user in cool-down (cooldown.py); _cooling is
         # its map of users cooling down, empty (one falsy test a grab) when nobody is.
         self.cooldown = cooldown
         self._cooling: dict[int, int] = cooldown.until if cooldown is not None else {}
-        self.states: dict[int, packets.PacketState] = {}
+        self.states: dict[int, _fastpath.PacketState] = {}
         self._loading: dict[int, list] = {}  # packet id -> grabs waiting for its load, in order
         self._known_users: set[int] = set()
         self._user_checks: dict[int, list] = {}  # user id -> grabs waiting for the check
@@ -133,7 +132,7 @@ class GrabEngine:
         self._idle = asyncio.Event()
         self._idle.set()
         self.packets_from_memory = 0  # STATS: PACKETs its owner answered from this state (server/ops/packets.py)
-        self.on_adopt: Callable[[packets.PacketState], None] | None = None  # admission seeds its counter
+        self.on_adopt: Callable[[_fastpath.PacketState], None] | None = None  # admission seeds its counter
         self.on_commit: Callable[[int, float], None] | None = None  # (grabs, seconds): metrics
         self.on_facts: Callable[[], None] | None = None  # grabs or refunds committed: their events need numbers
         self._expiring: dict[int, asyncio.Future] = {}  # packet id -> its refund, until committed
@@ -156,26 +155,22 @@ class GrabEngine:
             else:
                 waiting.append((replier, rid, user_id))
             return
-        if (
-            state.open_audience
-            and user_id not in self._known_users
-            and not state.sold_out
-            and state.claim_of(user_id) is None
-        ):
+        # Where each check stands, and what it gives way to: _fastpath.GRAB_PRECEDENCE.
+        if state.open_audience and user_id not in self._known_users and not state.yields(_UNKNOWN_USER, user_id):
             self._check_user(replier, rid, packet_id, user_id)
             return
         self._decide(state, replier, rid, user_id)
 
-    def _decide(self, state: packets.PacketState, replier: Replier, rid: int, user_id: int) -> None:
+    def _decide(self, state: _fastpath.PacketState, replier: Replier, rid: int, user_id: int) -> None:
         if self._queued_grabs >= self.max_queued_grabs:
             replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, "grab queue full"))
             return
         cooling = self._cooling
-        if cooling and user_id in cooling and state.claim_of(user_id) is None:
+        if cooling and user_id in cooling and not state.yields(_COOLING_DOWN, user_id):
             # A fresh decision waits out the cool-down; a share this user
             # holds (even one still committing) is answered below, as ever.
             assert self.cooldown is not None
-            left_ms = self.cooldown.cooling_for_ms(user_id, packets.now_ms())
+            left_ms = self.cooldown.cooling_for_ms(user_id, _fastpath.now_ms())
             if left_ms:
                 replier.answer(
                     codec.encode_error(
@@ -197,7 +192,7 @@ class GrabEngine:
             self._kick()
         elif status == _ALREADY_CLAIMED:
             if self.cooldown is not None:
-                self.cooldown.refused(user_id, packets.now_ms())
+                self.cooldown.refused(user_id, _fastpath.now_ms())
             if state.is_pending(state.last_seq):
                 # The first grab is not durable yet: this retry is answered
                 # with it, after the batch that carries it commits.
@@ -224,7 +219,7 @@ class GrabEngine:
             self._kick()
         else:
             if status == _NOT_ELIGIBLE and self.cooldown is not None:
-                self.cooldown.refused(user_id, packets.now_ms())
+                self.cooldown.refused(user_id, _fastpath.now_ms())
             replier.answer(codec.encode_error(Op.GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
 
     # ------------------------------------------------------------ loading
@@ -253,7 +248,7 @@ class GrabEngine:
         for replier, rid, user_id in waiting:
             self.on_grab(replier, rid, packet_id, user_id)
 
-    def adopt(self, state: packets.PacketState) -> None:
+    def adopt(self, state: _fastpath.PacketState) -> None:
         """Takes ownership of a packet's state (new from SEND, or loaded)."""
         assert state.packet_id not in self.states
         if len(self.states) >= self.max_packets_in_memory:

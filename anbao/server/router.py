@@ -27,8 +27,9 @@ from collections.abc import Awaitable, Callable
 from anbao_client import routing
 from anbao_client.protocol import MESSAGES, RESPONSE_HEADER_BYTES, STATUS_OFFSET, Op, Status, field_offset
 
+from .. import _fastpath
 from ..admission import FinalSet, FinalStates, Permits
-from ..core import codec, packets
+from ..core import codec
 from ..engine.grabs import GrabEngine, Replier
 from .peers import PeerLink
 
@@ -234,7 +235,7 @@ class Router:
                     rid,
                     refusal,
                     self.worker_id,
-                    "the packet has expired" if refusal == Status.EXPIRED else "this user may not open this packet",
+                    _fastpath.GRAB_TEXT[refusal],
                 )
             )
             return True
@@ -370,7 +371,7 @@ class Router:
 
     # ------------------------------------------------------------ counters
 
-    def _seed(self, state: packets.PacketState) -> None:
+    def _seed(self, state: _fastpath.PacketState) -> None:
         if not state.sold_out:
             self.permits.seed(state.packet_id, state.remaining_count + self.slack)
 

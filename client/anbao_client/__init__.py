@@ -22,8 +22,10 @@ from .errors import (
     NotAnbao,
     NotEligible,
     NotFound,
+    OutcomeUnknown,
     RateLimited,
     RequestTimeout,
+    RetryLater,
     ShareAboveMax,
     SoldOut,
     Unauthenticated,
@@ -34,6 +36,7 @@ from .errors import (
     UnsupportedVersion,
     WrongSet,
 )
+from .operations import Operations
 from .routing import SetTopology, home_set, set_of
 from .sets import SetCluster
 from .sync import SyncClient
@@ -68,6 +71,7 @@ from .wire import (
 
 __all__ = [
     # clients
+    "Operations",
     "Client",
     "Cluster",
     "SetCluster",
@@ -76,8 +80,10 @@ __all__ = [
     "set_of",
     "SyncClient",
     "new_idempotency_key",
-    # errors: the connection's, then one class per status code
+    # errors: the categories, the connection's, then one class per status code
     "AnbaoError",
+    "RetryLater",
+    "OutcomeUnknown",
     "ConnectionLost",
     "NotAnbao",
     "RequestTimeout",

@@ -7,29 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
-import os
 import random
 import socket
 import ssl as ssl_module
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import TypeVar
 
 from . import wire
-from .checks import check, check_int
-from .errors import (
-    AlreadyClaimed,
-    Busy,
-    ConnectionLost,
-    InDoubt,
-    NotAnbao,
-    RateLimited,
-    RequestTimeout,
-    Unavailable,
-    error_for,
-)
-from .protocol import NO_OPCODE, OPCODE_OFFSET, Op
+from .checks import check_int
+from .errors import Busy, ConnectionLost, InDoubt, NotAnbao, RequestTimeout, RetryLater, error_for
+from .operations import Operations, Request, new_idempotency_key
+from .protocol import NO_OPCODE, OPCODE_OFFSET
 from .wire import Status
+
+__all__ = ["Client", "new_idempotency_key"]
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT_MS = 10_000
 MAX_INFLIGHT_DEFAULT = 4096
@@ -44,9 +37,6 @@ IN_DOUBT_MAX_PAUSE_S = 0.5
 BUSY_RETRY_MS = 2_000
 BUSY_FIRST_PAUSE_S = 0.005
 BUSY_MAX_PAUSE_S = 0.25
-EVENTS_WAIT_MS = 30_000  # how long one EVENTS long poll waits for news
-EVENTS_RECONNECT_FIRST_PAUSE_S = 0.05  # then doubling, up to the next
-EVENTS_RECONNECT_MAX_PAUSE_S = 2.0
 
 # HELLO's request id, "\r\n\r\n": a line-oriented server met by mistake
 # (HTTP, such as the metrics port; memcached; redis) sees a line end and
@@ -57,10 +47,6 @@ HELLO_REQUEST_ID = 0x0D0A0D0A
 
 # `build` functions: a request id in, the whole request frame out.
 Build = Callable[[int], bytes]
-
-
-def new_idempotency_key() -> bytes:
-    return os.urandom(wire.IDEMPOTENCY_KEY_BYTES)
 
 
 class _Protocol(asyncio.Protocol):
@@ -96,8 +82,9 @@ def _not_anbao(data: bytes) -> NotAnbao:
     return NotAnbao(f"{what} answered, not in the anbao protocol: {head!r}")
 
 
-class Client:
-    """Use `await Client.connect(host, port, token)`; close with `await c.close()`."""
+class Client(Operations):
+    """One connection. Use `await Client.connect(host, port, token)`; close
+    with `await c.close()`. Its operations are Operations'."""
 
     def __init__(self, timeout_ms: int, max_inflight: int, busy_retry_ms: int = BUSY_RETRY_MS) -> None:
         # Checked, not asserted: they come from the caller (and asserts vanish under -O).
@@ -215,8 +202,8 @@ class Client:
         same key), an IN_DOUBT answer is retried here, with a growing pause,
         until a definite answer or until timeout_ms has passed since the
         first send; only then does InDoubt reach the caller. Once in doubt,
-        BUSY, UNAVAILABLE and RATE_LIMITED answers to the retries are retried
-        too: they say the retry moved nothing, not what the first attempt did."""
+        RetryLater answers to the retries are retried too: they say the
+        retry moved nothing, not what the first attempt did."""
         if not retry_in_doubt:
             return await self._call_once(build, ok)
         loop = asyncio.get_running_loop()
@@ -228,7 +215,7 @@ class Client:
                 return await self._call_once(build, ok)
             except InDoubt as exc:
                 doubt = exc
-            except (Unavailable, Busy, RateLimited) as exc:
+            except RetryLater as exc:
                 if doubt is None:
                     raise
                 doubt.__context__ = exc
@@ -282,211 +269,26 @@ class Client:
             if not fut.done():
                 fut.set_exception(exc)
 
-    # ------------------------------------------------------------ operations
+    # ------------------------------------------------------------ routing: this one connection
 
-    async def ping(self) -> int:
-        r = await self._call(wire.ping)
-        return r.worker_id
+    async def _submit(self, request: Request[T]) -> T:
+        op, values = request.op, request.values
 
-    async def register(self, user_ids: list[int]) -> int:
-        """Opens wallets for these user ids; returns how many were new."""
-        check(Op.REGISTER, user_ids=user_ids)
-        r = await self._call(lambda rid: wire.register(rid, user_ids))
-        return wire.decode_register(r.body)
+        def build(rid: int) -> bytes:
+            return wire.request(op, rid, *values)
 
-    async def deposit(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Deposited:
-        k = new_idempotency_key() if key is None else key
-        check(Op.DEPOSIT, key=k, user_id=user_id, amount_cents=amount_cents)
-        r = await self._call(lambda rid: wire.deposit(rid, k, user_id, amount_cents), retry_in_doubt=True)
-        return wire.decode_deposited(r.body)
-
-    async def balance(self, user_id: int) -> int:
-        """What the user can spend: `balance_detail(...).balance_cents`."""
-        return (await self.balance_detail(user_id)).balance_cents
-
-    async def balance_detail(self, user_id: int) -> wire.Balance:
-        """The balance, and with several sets what is on its way from them."""
-        check(Op.BALANCE, user_id=user_id)
-        r = await self._call(lambda rid: wire.balance(rid, user_id))
-        return wire.decode_balance_detail(r.body)
-
-    async def withdraw(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Withdrawn:
-        """Admin scope: money out of a wallet to the outside world. Above the
-        balance it raises InsufficientFunds and nothing moves."""
-        k = new_idempotency_key() if key is None else key
-        check(Op.WITHDRAW, key=k, user_id=user_id, amount_cents=amount_cents)
-        r = await self._call(lambda rid: wire.withdraw(rid, k, user_id, amount_cents), retry_in_doubt=True)
-        return wire.decode_withdrawn(r.body)
-
-    async def statement(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Statement:
-        """The wallet's balance and its transfers, newest first; pass
-        `next_cursor` back for the next (older) page."""
-        check(Op.STATEMENT, user_id=user_id, cursor=cursor, limit=limit)
-        r = await self._call(lambda rid: wire.statement(rid, user_id, cursor, limit))
-        return wire.decode_statement(r.body)
-
-    async def sent(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Page:
-        """The packets a user sent, newest first (items: SentPacket)."""
-        check(Op.SENT_LIST, user_id=user_id, cursor=cursor, limit=limit)
-        r = await self._call(lambda rid: wire.sent_list(rid, user_id, cursor, limit))
-        return wire.decode_sent_list(r.body)
-
-    async def received(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Page:
-        """The shares a user grabbed, newest first (items: ReceivedShare)."""
-        check(Op.RECEIVED_LIST, user_id=user_id, cursor=cursor, limit=limit)
-        r = await self._call(lambda rid: wire.received_list(rid, user_id, cursor, limit))
-        return wire.decode_received_list(r.body)
-
-    async def group_create(self, group_id: int, members: Sequence[int] = (), *, name: str = "") -> wire.GroupCreated:
-        """Creates a group under the chat app's id; an id that exists is left
-        unchanged (created False), so a retry is safe."""
-        check(Op.GROUP_CREATE, group_id=group_id, name=name, members=members)
-        r = await self._call(lambda rid: wire.group_create(rid, group_id, name, list(members)))
-        return wire.decode_group_created(r.body)
-
-    async def group_add(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
-        check(Op.GROUP_ADD, group_id=group_id, user_ids=user_ids)
-        r = await self._call(lambda rid: wire.group_add(rid, group_id, list(user_ids)))
-        return wire.decode_group_change(r.body)
-
-    async def group_remove(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
-        check(Op.GROUP_REMOVE, group_id=group_id, user_ids=user_ids)
-        r = await self._call(lambda rid: wire.group_remove(rid, group_id, list(user_ids)))
-        return wire.decode_group_change(r.body)
-
-    async def group_info(self, group_id: int, *, cursor: int = 0, limit: int = 1000) -> wire.GroupInfo:
-        check(Op.GROUP_INFO, group_id=group_id, cursor=cursor, limit=limit)
-        r = await self._call(lambda rid: wire.group_info(rid, group_id, cursor, limit))
-        return wire.decode_group_info(r.body)
-
-    async def audit(self) -> wire.AuditResult:
-        """Admin scope: the server checks every money invariant on its database."""
-        r = await self._call(wire.audit)
-        return wire.decode_audit(r.body)
-
-    async def send(
-        self,
-        sender_id: int,
-        total_cents: int,
-        count: int,
-        *,
-        mode: wire.Mode = wire.Mode.RANDOM,
-        members: list[int] | None = None,
-        to_user: int | None = None,
-        group: int | None = None,
-        greeting: str = "",
-        expiry_seconds: int = 0,
-        key: bytes | None = None,
-    ) -> wire.Sent:
-        """Sends a packet: to one user (to_user), to a member list (members),
-        to a group's members at this moment (group), or, with none of these,
-        to any registered user."""
-        k = new_idempotency_key() if key is None else key
-        if sum(x is not None for x in (to_user, members, group)) > 1:
-            raise ValueError("send takes one audience: to_user, members or group")
-        check(Op.SEND, key=k, sender_id=sender_id, total_cents=total_cents, count=count, mode=mode)
-        check(Op.SEND, expiry_seconds=expiry_seconds, greeting=greeting)
-        if members is not None:
-            check(Op.SEND, members=members)
-        for name, one in (("to_user", to_user), ("group", group)):
-            if one is not None:
-                check_int(name, one, "Q")
-        audience: wire.Audience
-        ids: list[int]
-        if to_user is not None:
-            audience, ids = wire.Audience.DIRECT, [to_user]
-        elif members is not None:
-            audience, ids = wire.Audience.MEMBERS, list(members)
-        elif group is not None:
-            audience, ids = wire.Audience.GROUP, [group]
+        if request.long_poll_ms:
+            r = await self._call_once(build, request.ok, self.timeout_ms + request.long_poll_ms)
         else:
-            audience, ids = wire.Audience.OPEN, []
-        r = await self._call(
-            lambda rid: wire.send(rid, k, sender_id, total_cents, count, mode, expiry_seconds, audience, ids, greeting),
-            retry_in_doubt=True,
-        )
-        return wire.decode_sent(r.body)
+            r = await self._call(build, ok=request.ok, retry_in_doubt=request.retry_in_doubt)
+        return request.decode(r)
 
-    async def grab(self, packet_id: int, user_id: int) -> wire.Grabbed:
-        """Takes a share. A retry after an unknown outcome is safe: it raises
-        AlreadyClaimed carrying the first grab's share (`.grabbed`). An
-        IN_DOUBT answer (the owner worker died with the grab) is retried
-        here; ALREADY_CLAIMED after it means this very grab landed."""
-        check(Op.GRAB, packet_id=packet_id, user_id=user_id)
-        r = await self._call(
-            lambda rid: wire.grab(rid, packet_id, user_id), ok=(Status.OK, Status.ALREADY_CLAIMED), retry_in_doubt=True
-        )
-        g = wire.decode_grab(r)
-        if g.already_claimed:
-            err = AlreadyClaimed("user already holds a share of this packet", worker_id=r.worker_id)
-            err.grabbed = g
-            raise err
-        return g
-
-    async def topology(self) -> wire.Topology:
-        return wire.decode_topology(await self._call(wire.topology))
-
-    async def stats(self) -> dict[str, Any]:
-        r = await self._call(wire.stats)
-        figures: dict[str, Any] = json.loads(wire.decode_stats(r.body))
-        return figures
-
-    async def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
-        check(Op.PACKET, packet_id=packet_id, claims_offset=claims_offset, claims_limit=claims_limit)
-        r = await self._call(lambda rid: wire.packet(rid, packet_id, claims_offset, claims_limit))
-        return wire.decode_packet(r.body)
-
-    # ------------------------------------------------------------ the event feed
-
-    async def events_page(self, after: int = 0, *, limit: int = 1000, wait_ms: int = 0) -> wire.EventsPage:
-        """One EVENTS request: the events numbered after `after` (at most
-        `limit`); with wait_ms, the server waits that long for one when there
-        is none yet (a long poll; this request's timeout is extended by it).
-        A cursor older than retention raises CursorExpired (`.resume_cursor`)."""
-        check(Op.EVENTS, after=after, limit=limit, wait_ms=wait_ms)
-        r = await self._call_once(
-            lambda rid: wire.events(rid, after, limit, wait_ms), (Status.OK,), self.timeout_ms + wait_ms
-        )
-        return wire.decode_events(r.body)
-
-    async def events(
-        self, after: int = 0, *, follow: bool = True, limit: int = 1000, wait_ms: int = EVENTS_WAIT_MS
-    ) -> AsyncIterator[wire.Event]:
-        """Every event numbered after `after`, in order, each once:
-        `async for event in client.events(after=cursor)`. With follow (the
-        default) it never ends: it long-polls for new events. Without, it
-        ends at the head of the feed.
-
-        It reads on a connection of its own and survives its loss: after
-        ConnectionLost, a timeout, BUSY or UNAVAILABLE it reconnects (pausing
-        a little longer each time) and resumes from the last event it
-        yielded. Keep `event.number` as your cursor. CursorExpired (the
-        events after your cursor were pruned: see `.resume_cursor`) is
-        raised, never skipped silently."""
+    async def _open_feed(self) -> Client:
         assert self._address is not None, "events() needs a client made by connect()"
         host, port, token, ssl = self._address
-        cursor = after
-        conn: Client | None = None
-        pause_s = EVENTS_RECONNECT_FIRST_PAUSE_S
-        try:
-            while True:
-                try:
-                    if conn is None:
-                        conn = await Client.connect(host, port, token, timeout_ms=self.timeout_ms, ssl=ssl)
-                    page = await conn.events_page(cursor, limit=limit, wait_ms=wait_ms if follow else 0)
-                except (ConnectionLost, RequestTimeout, Busy, Unavailable, OSError, TimeoutError):
-                    if conn is not None:
-                        await conn.close()
-                        conn = None
-                    await asyncio.sleep(pause_s)
-                    pause_s = min(pause_s * 2, EVENTS_RECONNECT_MAX_PAUSE_S)
-                    continue
-                pause_s = EVENTS_RECONNECT_FIRST_PAUSE_S
-                for event in page.events:
-                    cursor = event.number
-                    yield event
-                if not page.events and not follow:
-                    return
-        finally:
-            if conn is not None:
-                await conn.close()
+        return await Client.connect(host, port, token, timeout_ms=self.timeout_ms, ssl=ssl)
+
+    async def topology(self) -> wire.Topology:
+        """What this connection's worker says of the workers behind the port
+        (a question about the connection, so Client's alone)."""
+        return wire.decode_topology(await self._call(wire.topology))

@@ -1,4 +1,15 @@
-"""One exception class per status code, so callers can `except SoldOut:`."""
+"""One exception class per status code, so callers can `except SoldOut:`,
+nested by what the caller does about them (as asyncpg nests its own):
+
+    AnbaoError
+      RetryLater       nothing was done; the same request may be sent again
+                       later: Busy, Unavailable, RateLimited, CoolingDown
+      OutcomeUnknown   it may have been applied: resend it with the same
+                       idempotency key (GRAB: the same packet and user),
+                       which returns the first answer: InDoubt,
+                       ConnectionLost, RequestTimeout
+      ...              every other status: a definite answer
+"""
 
 from __future__ import annotations
 
@@ -8,15 +19,28 @@ from .wire import Grabbed, Status
 
 
 class AnbaoError(Exception):
-    """Base of every error the server answers with a status code."""
+    """Base of every error of the SDK. `status` is the server's status code;
+    an error with no answer behind it (ConnectionLost, RequestTimeout)
+    keeps the base's INTERNAL."""
 
     status: Status = Status.INTERNAL
-    retryable = False
 
     def __init__(self, message: str = "", *, worker_id: int | None = None) -> None:
         super().__init__(message or self.status.name)
         self.message = message
         self.worker_id = worker_id
+
+
+class RetryLater(AnbaoError):
+    """Nothing was done: send the same request again after a pause. The
+    client resends BUSY by itself (busy_retry_ms) before raising Busy;
+    RATE_LIMITED it never resends: that quota is the caller's to pace."""
+
+
+class OutcomeUnknown(AnbaoError):
+    """The request may have been applied. Resending it with the same
+    idempotency key (GRAB: the same packet and user) moves money at most
+    once and returns the first answer."""
 
 
 class SoldOut(AnbaoError):
@@ -47,14 +71,12 @@ class Invalid(AnbaoError):
     status = Status.INVALID
 
 
-class Busy(AnbaoError):
+class Busy(RetryLater):
     status = Status.BUSY
-    retryable = True
 
 
-class Unavailable(AnbaoError):
+class Unavailable(RetryLater):
     status = Status.UNAVAILABLE
-    retryable = True
 
 
 class Unauthenticated(AnbaoError):
@@ -93,13 +115,12 @@ class UnknownGroup(AnbaoError):
     status = Status.UNKNOWN_GROUP
 
 
-class InDoubt(AnbaoError):
+class InDoubt(OutcomeUnknown):
     """A relayed GRAB whose owner worker died with it: it may have landed.
     Retrying it is safe ((packet, user) is its key) and gives the definite
     answer; Client.grab does so by itself before raising this."""
 
     status = Status.IN_DOUBT
-    retryable = True
 
 
 class WrongSet(AnbaoError):
@@ -133,7 +154,7 @@ class DailySendCountCap(AnbaoError):
     status = Status.DAILY_SEND_COUNT_CAP
 
 
-class CoolingDown(AnbaoError):
+class CoolingDown(RetryLater):
     """GRAB: this user had too many refused grabs (NOT_ELIGIBLE,
     ALREADY_CLAIMED) lately, and a fresh grab waits until the cool-down
     ends (the message says how long). Nothing was decided: a share the user
@@ -142,13 +163,12 @@ class CoolingDown(AnbaoError):
     status = Status.COOLING_DOWN
 
 
-class RateLimited(AnbaoError):
+class RateLimited(RetryLater):
     """Any request: the token is past its request-rate ceiling on the
     worker that answered. Nothing was done (a GRAB was not decided):
     retry after a pause, as for Busy."""
 
     status = Status.RATE_LIMITED
-    retryable = True
 
 
 class CursorExpired(AnbaoError):
@@ -164,24 +184,35 @@ class Internal(AnbaoError):
     status = Status.INTERNAL
 
 
-class ConnectionLost(Exception):
+class ConnectionLost(OutcomeUnknown):
     """The connection closed with this request unanswered: its outcome is
     unknown. Every money-moving call is safe to retry with the same
     idempotency key (GRAB: the same packet and user)."""
 
 
-class NotAnbao(ConnectionLost):
+class NotAnbao(Exception):
     """What answered at this address does not speak the anbao protocol (an
-    HTTP server, such as the metrics port, say): nothing was done there."""
+    HTTP server, such as the metrics port, say): nothing was done there, and
+    nothing will be (so neither RetryLater nor OutcomeUnknown)."""
 
 
-class RequestTimeout(Exception):
+class RequestTimeout(OutcomeUnknown):
     """No answer within the request timeout; the outcome is unknown, as
     with ConnectionLost, and a retry with the same key is safe."""
 
 
-BY_STATUS: dict[int, type[AnbaoError]] = {cls.status: cls for cls in AnbaoError.__subclasses__()}
-BY_STATUS[Status.INTERNAL] = Internal
+def _with_status(cls: type[AnbaoError]) -> list[type[AnbaoError]]:
+    """cls's subclasses, at any depth, that name a status of their own."""
+    out = []
+    for sub in cls.__subclasses__():
+        if "status" in vars(sub):
+            out.append(sub)
+        out.extend(_with_status(sub))
+    return out
+
+
+BY_STATUS: dict[int, type[AnbaoError]] = {cls.status: cls for cls in _with_status(AnbaoError)}
+assert set(BY_STATUS) == set(Status) - {Status.OK}, "one class per error status"
 
 
 def error_for(status: int, message: str, worker_id: int | None = None, **fields: Any) -> AnbaoError:

@@ -8,9 +8,9 @@ keeps hand-written decoders for speed and is held to this table by
 tests/test_protocol_table.py, which round-trips every message through both
 codecs. PROTOCOL.md is the prose of this table and its vectors check both.
 
-Adding an opcode: its `Message` below, its handler on the server, and its
-section in PROTOCOL.md. The table test fails until the Cython codec decodes
-it.
+Adding an opcode: its `Message` below (with its `Route`), its handler on
+the server, its operation in operations.py, and its section in PROTOCOL.md.
+The table test fails until the Cython codec decodes it.
 
 Layout letters (all integers big-endian):
     B u8   H u16   I u32   Q u64   q i64
@@ -161,6 +161,24 @@ class EventKind(enum.IntEnum):
     CROSS_SET_CREDIT = 7  # another set's grab credited at the grabber's home: user (0: suspense), packet, amount
 
 
+class Route(enum.IntEnum):
+    """Where a client sends a request (the SDK's routing key); the request
+    field that carries the key is Message.route_field."""
+
+    ANY = 0  # any worker of any set: a connection's own question, or one set answers for all
+    PACKET = 1  # the packet's owner: its set (in the id), then its worker (routing.owner_of)
+    USER = 2  # the user's home set (routing.home_set); REGISTER's ids each to their own
+    NEW_PACKET = 3  # SEND: the sender's home set, any worker there (the one that takes it owns the packet)
+    EVERY_SET = 4  # groups, mirrored in every set; AUDIT, each set of its own database
+
+
+ROUTE_FIELDS: dict[Route, tuple[str, ...]] = {
+    Route.PACKET: ("packet_id",),
+    Route.USER: ("user_id", "user_ids"),
+    Route.NEW_PACKET: ("sender_id",),
+}
+
+
 class Steering(enum.IntEnum):
     NONE = 0  # one worker: any connection reaches it
     SOURCE_PORT = 1  # reuseport BPF: worker = (TCP source port >> 1) % worker_count
@@ -249,7 +267,14 @@ class Message:
     answer: Layout
     scope: Scope = Scope.APP  # the least scope that may send it
     writes: bool = False  # it changes state: a connection broken under it leaves it IN_DOUBT
+    route: Route = Route.ANY  # where a client sends it
     doc: str = field(default="", compare=False)
+
+    @property
+    def route_field(self) -> str:
+        """The request field whose value routes it ("" when the route needs none)."""
+        names = self.request.names
+        return next((name for name in ROUTE_FIELDS.get(self.route, ()) if name in names), "")
 
 
 ERROR = layout(message="t")  # the body of every answer whose status is not OK
@@ -288,21 +313,28 @@ MESSAGES: dict[Op, Message] = {
             doc="the first request of a connection: version and token",
         ),
         Message(Op.PING, EMPTY, EMPTY),
-        Message(Op.REGISTER, layout(user_ids=_IDS16), layout(created="H"), writes=True),
+        Message(Op.REGISTER, layout(user_ids=_IDS16), layout(created="H"), writes=True, route=Route.USER),
         Message(
             Op.DEPOSIT,
             layout(key="k", user_id="Q", amount_cents="q"),
             layout(balance_cents="q", transfer_id="Q"),
             scope=Scope.ADMIN,
             writes=True,
+            route=Route.USER,
         ),
-        Message(Op.BALANCE, layout(user_id="Q"), layout(balance_cents="q", in_flight_cents="q", sets_unreached="H")),
+        Message(
+            Op.BALANCE,
+            layout(user_id="Q"),
+            layout(balance_cents="q", in_flight_cents="q", sets_unreached="H"),
+            route=Route.USER,
+        ),
         Message(
             Op.WITHDRAW,
             layout(key="k", user_id="Q", amount_cents="q"),
             layout(balance_cents="q", transfer_id="Q"),
             scope=Scope.ADMIN,
             writes=True,
+            route=Route.USER,
         ),
         Message(
             Op.STATEMENT,
@@ -312,12 +344,14 @@ MESSAGES: dict[Op, Message] = {
                 next_cursor="Q",
                 entries=rows("H", transfer_id="Q", kind="B", amount_cents="q", packet_id="Q", at_ms="q"),
             ),
+            route=Route.USER,
         ),
         Message(
             Op.AUDIT,
             EMPTY,
             layout(ok="B", results=rows("H", is_check="B", name="t", value="q")),
             scope=Scope.ADMIN,
+            route=Route.EVERY_SET,
         ),
         Message(
             Op.SEND,
@@ -334,11 +368,13 @@ MESSAGES: dict[Op, Message] = {
             ),
             layout(packet_id="Q", sender_balance_cents="q", expires_at_ms="q"),
             writes=True,
+            route=Route.NEW_PACKET,
         ),
         Message(
             Op.GRAB,
             layout(packet_id="Q", user_id="Q"),
             layout(amount_cents="q", seq="I", remaining_count="I"),
+            route=Route.PACKET,
         ),
         Message(
             Op.PACKET,
@@ -360,6 +396,7 @@ MESSAGES: dict[Op, Message] = {
                 claims=rows("H", seq="I", user_id="Q", amount_cents="q"),
                 group_id="Q",
             ),
+            route=Route.PACKET,
         ),
         Message(
             Op.SENT_LIST,
@@ -380,6 +417,7 @@ MESSAGES: dict[Op, Message] = {
                     expires_at_ms="q",
                 ),
             ),
+            route=Route.USER,
         ),
         Message(
             Op.RECEIVED_LIST,
@@ -388,18 +426,28 @@ MESSAGES: dict[Op, Message] = {
                 next_cursor="Q",
                 shares=rows("H", packet_id="Q", sender_id="Q", seq="I", amount_cents="q", claimed_at_ms="q"),
             ),
+            route=Route.USER,
         ),
         Message(
             Op.GROUP_CREATE,
             layout(group_id="Q", name="t", members=_IDS16),
             layout(created="B", member_count="I"),
             writes=True,
+            route=Route.EVERY_SET,
         ),
         Message(
-            Op.GROUP_ADD, layout(group_id="Q", user_ids=_IDS16), layout(changed="I", member_count="I"), writes=True
+            Op.GROUP_ADD,
+            layout(group_id="Q", user_ids=_IDS16),
+            layout(changed="I", member_count="I"),
+            writes=True,
+            route=Route.EVERY_SET,
         ),
         Message(
-            Op.GROUP_REMOVE, layout(group_id="Q", user_ids=_IDS16), layout(changed="I", member_count="I"), writes=True
+            Op.GROUP_REMOVE,
+            layout(group_id="Q", user_ids=_IDS16),
+            layout(changed="I", member_count="I"),
+            writes=True,
+            route=Route.EVERY_SET,
         ),
         Message(
             Op.GROUP_INFO,
@@ -440,6 +488,7 @@ MESSAGES: dict[Op, Message] = {
 }
 
 assert set(MESSAGES) == set(Op), "every opcode has its message"
+assert all(m.route_field or m.route not in ROUTE_FIELDS for m in MESSAGES.values()), "a routed request has its key"
 
 
 def field_offset(message_layout: Layout, name: str) -> int:

@@ -1,21 +1,37 @@
 """A small synchronous wrapper: the async Client on a private event loop.
 
-Every operation of Client is here by name, with the same signature, run to
-completion on the wrapper's own loop (so editors and type checkers see
-them); call it from one thread at a time, never from inside a running loop.
+Every operation (Operations') is here by name, with the same signature, run
+to completion on the wrapper's own loop; call it from one thread at a time,
+never from inside a running loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl as ssl_module
-from collections.abc import Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from . import wire
 from .client import DEFAULT_TIMEOUT_MS, MAX_INFLIGHT_DEFAULT, Client
+from .operations import EVENTS_WAIT_MS, Operations
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _blocking(
+    operation: Callable[Concatenate[Operations, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[SyncClient, P], T]:
+    """An operation of the mixin as a SyncClient method: the same
+    signature, run on the wrapper's loop with its Client."""
+
+    @functools.wraps(operation)
+    def run(self: SyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(operation(self._client, *args, **kwargs))
+
+    return run
 
 
 class SyncClient:
@@ -41,7 +57,7 @@ class SyncClient:
             self._loop.close()
             raise
 
-    def _run(self, operation: Coroutine[Any, Any, T]) -> T:
+    def _run(self, operation: Awaitable[T]) -> T:
         return self._loop.run_until_complete(operation)
 
     @property
@@ -67,103 +83,46 @@ class SyncClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------ operations (Client's, one by one)
-
-    def ping(self) -> int:
-        return self._run(self._client.ping())
-
-    def register(self, user_ids: list[int]) -> int:
-        """Opens wallets for these user ids; returns how many were new."""
-        return self._run(self._client.register(user_ids))
-
-    def deposit(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Deposited:
-        return self._run(self._client.deposit(user_id, amount_cents, key=key))
-
-    def balance(self, user_id: int) -> int:
-        return self._run(self._client.balance(user_id))
-
-    def balance_detail(self, user_id: int) -> wire.Balance:
-        return self._run(self._client.balance_detail(user_id))
-
-    def withdraw(self, user_id: int, amount_cents: int, *, key: bytes | None = None) -> wire.Withdrawn:
-        return self._run(self._client.withdraw(user_id, amount_cents, key=key))
-
-    def statement(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Statement:
-        return self._run(self._client.statement(user_id, cursor=cursor, limit=limit))
-
-    def sent(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Page:
-        return self._run(self._client.sent(user_id, cursor=cursor, limit=limit))
-
-    def received(self, user_id: int, *, cursor: int = 0, limit: int = 100) -> wire.Page:
-        return self._run(self._client.received(user_id, cursor=cursor, limit=limit))
-
-    def group_create(self, group_id: int, members: Sequence[int] = (), *, name: str = "") -> wire.GroupCreated:
-        return self._run(self._client.group_create(group_id, members, name=name))
-
-    def group_add(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
-        return self._run(self._client.group_add(group_id, user_ids))
-
-    def group_remove(self, group_id: int, user_ids: Sequence[int]) -> wire.GroupChange:
-        return self._run(self._client.group_remove(group_id, user_ids))
-
-    def group_info(self, group_id: int, *, cursor: int = 0, limit: int = 1000) -> wire.GroupInfo:
-        return self._run(self._client.group_info(group_id, cursor=cursor, limit=limit))
-
-    def audit(self) -> wire.AuditResult:
-        return self._run(self._client.audit())
-
-    def send(
-        self,
-        sender_id: int,
-        total_cents: int,
-        count: int,
-        *,
-        mode: wire.Mode = wire.Mode.RANDOM,
-        members: list[int] | None = None,
-        to_user: int | None = None,
-        group: int | None = None,
-        greeting: str = "",
-        expiry_seconds: int = 0,
-        key: bytes | None = None,
-    ) -> wire.Sent:
-        return self._run(
-            self._client.send(
-                sender_id,
-                total_cents,
-                count,
-                mode=mode,
-                members=members,
-                to_user=to_user,
-                group=group,
-                greeting=greeting,
-                expiry_seconds=expiry_seconds,
-                key=key,
-            )
-        )
-
-    def grab(self, packet_id: int, user_id: int) -> wire.Grabbed:
-        return self._run(self._client.grab(packet_id, user_id))
-
     def topology(self) -> wire.Topology:
         return self._run(self._client.topology())
 
-    def stats(self) -> dict[str, Any]:
-        return self._run(self._client.stats())
+    # ------------------------------------------------------------ the operations, run to completion
+    # Operations' own methods, each run on this wrapper's loop: one line each
+    # so type checkers see them (tests/test_sdk_operations.py holds the list
+    # to the mixin's).
 
-    def packet(self, packet_id: int, *, claims_offset: int = 0, claims_limit: int = 100) -> wire.PacketInfo:
-        return self._run(self._client.packet(packet_id, claims_offset=claims_offset, claims_limit=claims_limit))
+    ping = _blocking(Operations.ping)
+    register = _blocking(Operations.register)
+    deposit = _blocking(Operations.deposit)
+    withdraw = _blocking(Operations.withdraw)
+    balance = _blocking(Operations.balance)
+    balance_detail = _blocking(Operations.balance_detail)
+    statement = _blocking(Operations.statement)
+    sent = _blocking(Operations.sent)
+    received = _blocking(Operations.received)
+    group_create = _blocking(Operations.group_create)
+    group_add = _blocking(Operations.group_add)
+    group_remove = _blocking(Operations.group_remove)
+    group_info = _blocking(Operations.group_info)
+    audit = _blocking(Operations.audit)
+    stats = _blocking(Operations.stats)
+    send = _blocking(Operations.send)
+    grab = _blocking(Operations.grab)
+    packet = _blocking(Operations.packet)
+    events_page = _blocking(Operations.events_page)
 
-    def events_page(self, after: int = 0, *, limit: int = 1000, wait_ms: int = 0) -> wire.EventsPage:
-        """One EVENTS request (see Client.events_page)."""
-        return self._run(self._client.events_page(after, limit=limit, wait_ms=wait_ms))
-
-    def events(self, after: int = 0, *, limit: int = 1000) -> Iterator[wire.Event]:
-        """Every event numbered after `after`, up to the feed's head (no
-        following: a synchronous caller loops on it with the last number)."""
-        cursor = after
-        while True:
-            page = self.events_page(cursor, limit=limit)
-            yield from page.events
-            if not page.events:
-                return
-            cursor = page.next_cursor
+    def events(
+        self, after: int = 0, *, follow: bool = True, limit: int = 1000, wait_ms: int = EVENTS_WAIT_MS
+    ) -> Iterator[wire.Event]:
+        """Operations.events, one event at a time: with follow (the default)
+        it blocks for new events and never ends; without, it ends at the
+        head of the feed."""
+        feed = self._client.events(after, follow=follow, limit=limit, wait_ms=wait_ms)
+        try:
+            while True:
+                try:
+                    yield self._run(anext(feed))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(feed.aclose())

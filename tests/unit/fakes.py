@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from anbao.core import packets as core_packets
+from anbao import _fastpath
 from anbao.storage.domain import PacketRecord
 from anbao_client import wire
 from anbao_client.protocol import Mode
@@ -26,16 +26,16 @@ def packet(
     mode: int = Mode.RANDOM,
     eligible=None,
     claims=(),
-) -> core_packets.PacketState:
+) -> _fastpath.PacketState:
     """An open packet expiring in an hour."""
-    return core_packets.PacketState(
+    return _fastpath.PacketState(
         packet_id,
         sender_id,
         total_cents,
         count,
         mode,
         1,
-        core_packets.now_ms() + HOUR_MS,
+        _fastpath.now_ms() + HOUR_MS,
         eligible=eligible,
         claims=claims,
     )
@@ -176,7 +176,7 @@ class FakeEngine:
 
     def __init__(self):
         self.grabs: list[tuple[object, int, int, int]] = []
-        self.states: dict[int, core_packets.PacketState] = {}
+        self.states: dict[int, _fastpath.PacketState] = {}
         self.on_adopt = None
 
     def on_grab(self, replier, rid: int, packet_id: int, user_id: int) -> None:

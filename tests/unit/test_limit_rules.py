@@ -11,8 +11,7 @@ from fakes import Answers, FakeCommitter, FakeLedger, ticks, until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anbao.core import packets as core_packets
-from anbao.core import shares as core_shares
+from anbao import _fastpath
 from anbao.engine.cooldown import Cooldown
 from anbao.engine.grabs import GrabEngine
 from anbao.server.ratelimit import RateLimits, TokenBucket
@@ -41,7 +40,7 @@ def capped_packets(draw):
 @given(capped_packets())
 def test_random_split_never_exceeds_the_cap_and_sums_to_the_total(p):
     total, count, min_cents, max_cents, seed = p
-    shares = core_shares.split(Mode.RANDOM, total, count, min_cents, core_shares.Rng(seed), max_cents)
+    shares = _fastpath.split(Mode.RANDOM, total, count, min_cents, _fastpath.Rng(seed), max_cents)
     assert len(shares) == count and sum(shares) == total
     assert all(min_cents <= s <= max_cents for s in shares), "a share outside [min, max]"
     remaining = total
@@ -56,24 +55,24 @@ def test_random_split_never_exceeds_the_cap_and_sums_to_the_total(p):
 @given(capped_packets())
 def test_fixed_split_never_exceeds_the_cap(p):
     total, count, min_cents, max_cents, _ = p
-    shares = core_shares.split(Mode.FIXED, total, count, min_cents, None, max_cents)
+    shares = _fastpath.split(Mode.FIXED, total, count, min_cents, None, max_cents)
     assert sum(shares) == total and max(shares) == -(-total // count) <= max_cents
 
 
 def test_a_total_the_cap_cannot_split_is_refused():
     with pytest.raises(ValueError, match="maximum share"):
-        core_shares.validate_split(Mode.RANDOM, 1001, 2, 1, 500)
+        _fastpath.validate_split(Mode.RANDOM, 1001, 2, 1, 500)
     with pytest.raises(ValueError, match="maximum share"):
-        core_packets.PacketState(1, 9, 1001, 2, Mode.FIXED, 1, 2**62, max_cents=500)
-    core_shares.validate_split(Mode.RANDOM, 1000, 2, 1, 500)  # exactly count x max: every share is the max
-    assert core_shares.split(Mode.RANDOM, 1000, 2, 1, None, 500) == [500, 500]
+        _fastpath.PacketState(1, 9, 1001, 2, Mode.FIXED, 1, 2**62, max_cents=500)
+    _fastpath.validate_split(Mode.RANDOM, 1000, 2, 1, 500)  # exactly count x max: every share is the max
+    assert _fastpath.split(Mode.RANDOM, 1000, 2, 1, None, 500) == [500, 500]
 
 
 def test_no_cap_draws_exactly_as_before():
     """max_cents 0 (packets sent before the cap) takes the same draws from the same seed."""
     for seed in range(50):
-        capped = core_shares.split(Mode.RANDOM, 10_000, 37, 1, core_shares.Rng(seed), 0)
-        plain = core_shares.split(Mode.RANDOM, 10_000, 37, 1, core_shares.Rng(seed))
+        capped = _fastpath.split(Mode.RANDOM, 10_000, 37, 1, _fastpath.Rng(seed), 0)
+        plain = _fastpath.split(Mode.RANDOM, 10_000, 37, 1, _fastpath.Rng(seed))
         assert capped == plain
 
 
@@ -83,13 +82,13 @@ def test_a_state_rebuilt_mid_way_draws_under_the_same_cap(p, cut):
     """As after a restart: the state is rebuilt from the claims so far (what
     load_packet reads) with the packet's own cap, and the rest obey it."""
     total, count, min_cents, max_cents, seed = p
-    rng = core_shares.Rng(seed)
-    state = core_packets.PacketState(1, 999, total, count, Mode.RANDOM, min_cents, 2**62, max_cents=max_cents)
+    rng = _fastpath.Rng(seed)
+    state = _fastpath.PacketState(1, 999, total, count, Mode.RANDOM, min_cents, 2**62, max_cents=max_cents)
     claims = []
     for user in range(1, min(cut, count) + 1):
         assert state.take(user, 0, rng) == Status.OK
         claims.append((user, state.last_seq, state.last_amount_cents))
-    state = core_packets.PacketState(
+    state = _fastpath.PacketState(
         1, 999, total, count, Mode.RANDOM, min_cents, 2**62, claims=claims, max_cents=max_cents
     )
     assert state.max_cents == max_cents
@@ -176,9 +175,9 @@ def engine_with_cooldown(committer: FakeCommitter):
         cooldown=Cooldown(refusals=3, window_ms=60_000, cooldown_ms=60_000, max_users=100),
     )
     engine.note_known_users(range(1, 100))
-    now = core_packets.now_ms()
-    engine.adopt(core_packets.PacketState(MEMBERS_ONLY, SENDER, 1_000, 5, Mode.RANDOM, 1, now + 3_600_000, [1, 2]))
-    engine.adopt(core_packets.PacketState(OPEN, SENDER, 1_000, 5, Mode.RANDOM, 1, now + 3_600_000))
+    now = _fastpath.now_ms()
+    engine.adopt(_fastpath.PacketState(MEMBERS_ONLY, SENDER, 1_000, 5, Mode.RANDOM, 1, now + 3_600_000, [1, 2]))
+    engine.adopt(_fastpath.PacketState(OPEN, SENDER, 1_000, 5, Mode.RANDOM, 1, now + 3_600_000))
     return engine
 
 
@@ -192,7 +191,7 @@ async def test_a_cooling_user_still_gets_a_share_that_is_still_committing():
     for rid in (2, 3, 4):  # three refusals: cool-down
         engine.on_grab(out, rid, MEMBERS_ONLY, 50)
     assert [out.status(r) for r in (2, 3, 4)] == [Status.NOT_ELIGIBLE] * 3
-    assert engine.cooldown.cooling_for_ms(50, core_packets.now_ms()) > 0
+    assert engine.cooldown.cooling_for_ms(50, _fastpath.now_ms()) > 0
     engine.on_grab(out, 5, OPEN, 50)  # the retry of the pending share: a follower, never refused
     engine.on_grab(out, 6, MEMBERS_ONLY, 51)  # an honest user's single refusal
     engine.on_grab(out, 7, OPEN, 51)
@@ -215,7 +214,7 @@ async def test_a_cooling_user_fresh_grab_is_answered_cooling_down_and_not_decide
     engine.on_grab(out, 4, OPEN, 50)
     assert out.status(4) == Status.COOLING_DOWN and "cooling down for" in out.by_rid[4].body.decode("utf-8", "replace")
     assert engine.states[OPEN].taken_count == 0, "nothing was taken for it"
-    engine.cooldown.until[50] = core_packets.now_ms() - 1  # the cool-down is over
+    engine.cooldown.until[50] = _fastpath.now_ms() - 1  # the cool-down is over
     engine.on_grab(out, 5, OPEN, 50)
     await until(lambda: out.status(5) is not None)
     assert out.status(5) == Status.OK

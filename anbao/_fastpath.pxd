@@ -1,6 +1,20 @@
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
 
-from anbao.core.shares cimport Rng
+cdef enum:
+    C_MODE_RANDOM = 1
+    C_MODE_FIXED = 2
+
+
+cdef class Rng:
+    cdef uint64_t s[4]
+    cdef uint64_t next(self) noexcept nogil
+    cdef uint64_t below(self, uint64_t n) noexcept nogil
+
+
+cdef int64_t draw_share(int mode, int64_t total_cents, int32_t count, int64_t min_cents,
+                        int64_t remaining_cents, int32_t remaining_count, Rng rng,
+                        int64_t max_cents=*) except -1
+
 
 
 cdef class PacketState:
@@ -28,6 +42,7 @@ cdef class PacketState:
     cdef readonly int32_t last_seq
 
     cpdef int take(self, int64_t user_id, int64_t now_ms, Rng rng) except -1
+    cpdef bint yields(self, int status, int64_t user_id)
     cpdef is_pending(self, int32_t seq)
     cpdef void mark_committed(self, int32_t seq)
 
