@@ -70,6 +70,24 @@ async def test_client_command_where_nothing_listens_exits_4(tmp_path):
     assert rc == EXIT_UNREACHABLE and "nothing listens there" in err
 
 
+async def test_a_server_that_hangs_up_is_no_answer_not_a_refusal(tmp_path):
+    """A connection lost is an AnbaoError (OutcomeUnknown) in the SDK, but no
+    server answered: the CLI says "no answer" and exits UNREACHABLE, never a
+    refusal with a made-up status."""
+
+    async def hang_up(reader, writer):
+        writer.transport.abort()  # a real peer that closes at once
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        rc, out, err = await cli("balance", "1", "--port", port, "--token", "x", cwd=tmp_path)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert rc == EXIT_UNREACHABLE and "no answer from" in err and "Traceback" not in err, out + err
+
+
 async def test_an_answer_that_is_not_the_protocol_is_recognised_at_once(serve, tmp_path):
     """Pointed at the metrics port: told at once that it is an HTTP server,
     not after the request timeout (10 s) as 'no answer'."""

@@ -127,7 +127,9 @@ def _failed(out: Out, args, exc: Exception) -> int:
     from anbao_client import AnbaoError, ConnectionLost, NotAnbao, RequestTimeout
 
     where = f"a set of {args.topology}" if args.topology else f"{args.host}:{args.port}"
-    if isinstance(exc, AnbaoError):
+    # Before AnbaoError, of which they are two (OutcomeUnknown): no server
+    # answered them, so they are no refusal.
+    if isinstance(exc, AnbaoError) and not isinstance(exc, (ConnectionLost, RequestTimeout)):
         name = exc.status.name
         # --json keeps the server's words (amounts in cents, as every --json field).
         out.done({"error": name, "status": int(exc.status), "message": exc.message})
@@ -566,16 +568,17 @@ def cmd_sets_demo(args) -> int:
             local.start()
             topo, dsns, token = local.topology(), local.dsns, local.token("admin")
         return asyncio.run(run_sets_demo(topo, dsns, token, args, out))
+    except (TimeoutError, ConnectionLost, RequestTimeout, OSError) as exc:
+        # Before AnbaoError, of which the SDK's two are (OutcomeUnknown): no answer is no refusal.
+        out.done({"error": "UNREACHABLE", "message": str(exc)})
+        if not out.json:
+            print(f"anbao: a set did not answer: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except AnbaoError as exc:
         out.done({"error": exc.status.name, "status": int(exc.status), "message": exc.message})
         if not out.json:
             print(f"anbao: {exc.status.name}: {exc.message}", file=sys.stderr)
         return EXIT_REFUSED
-    except (TimeoutError, ConnectionLost, RequestTimeout, OSError) as exc:
-        out.done({"error": "UNREACHABLE", "message": str(exc)})
-        if not out.json:
-            print(f"anbao: a set did not answer: {exc or type(exc).__name__}", file=sys.stderr)
-        return EXIT_UNREACHABLE
     finally:
         if local is not None:
             say("stopping the sets")
