@@ -26,14 +26,16 @@ $(VENV)/.installed: pyproject.toml setup.py client/pyproject.toml
 	$(BIN)/pip install --quiet -e ./client -e '.[test,bench,lint]'
 	touch $@
 
-# ruff (lint and format check), mypy (strict for the SDK) and the import
-# contracts (pyproject.toml); every check runs, and any failure fails lint.
+# ruff (lint and format check), mypy (strict for the SDK), the import
+# contracts (pyproject.toml) and no function over 70 lines
+# (tools/function_length.py); every check runs, and any failure fails lint.
 lint: install
 	status=0; \
 	$(BIN)/ruff check . || status=1; \
 	$(BIN)/ruff format --check . || status=1; \
 	$(BIN)/mypy || status=1; \
 	$(BIN)/lint-imports || status=1; \
+	$(BIN)/python tools/function_length.py anbao client bench || status=1; \
 	exit $$status
 
 build: install $(EXT)

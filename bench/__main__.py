@@ -65,6 +65,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="wrk/wrk2-style load on anbao's binary protocol, with baselines; see BENCHMARKS.md",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    _add_load_arguments(p)
+    _add_run_arguments(p)
+    _add_output_and_server_arguments(p)
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _add_load_arguments(p: argparse.ArgumentParser) -> None:
+    """The scenario, its sizes and the load: connections, depth, rate, time."""
     p.add_argument("scenario", choices=[*scenarios.SCENARIOS, "all", "evening"])
     p.add_argument(
         "--connections",
@@ -125,6 +135,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " port and every grab goes to its packet's owner; any: plain connections, the kernel"
         " spreads them and the server relays grabs to the owner",
     )
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Load-generator processes and the baselines beside anbao."""
     p.add_argument("--procs", type=int, default=DEFAULTS["procs"], help="load-generator processes")
     p.add_argument(
         "--baseline",
@@ -159,6 +173,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="directory for LABEL.json and LABEL.png (default bench/runs, untracked; the figures"
         " BENCHMARKS.md cites are written to bench/results only on purpose: --out bench/results)",
     )
+
+
+def _add_output_and_server_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the results go, the server under test and its data."""
     p.add_argument("--label", default=None, help="file name stem for the JSON and PNG (default: the scenario)")
     p.add_argument(
         "--server",
@@ -209,7 +227,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " and record how far behind it was when the load ended",
     )
     p.add_argument("--seed", type=int, default=1, help="seed of the random orders (spread, mixed)")
-    args = p.parse_args(argv)
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses what argparse cannot, by p.error (exit 2)."""
     args.baselines = [b.strip() for b in args.baseline.split(",") if b.strip() and b.strip() != "none"]
     for b in args.baselines:
         if b not in BASELINES:
@@ -254,7 +275,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.data_dir is None:
             p.error("--server needs --data-dir (its tokens.json and database, for the audit)")
         args.server_host, args.server_port = host, int(port)
-    return args
 
 
 def _evening_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -676,6 +696,14 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
             f"[yellow]warning: the machine was {busy:.0%} busy before the bench started;"
             f" other load disturbs every figure[/]"
         )
+    server = await _start_server(args, console)
+    audit, pg = await _run(args, console, bench, server, names)
+    started = {"at": started_at, "busy": busy, "loadavg": loadavg, "git": git_at_start}
+    return _document(args, bench, server, audit, pg, started)
+
+
+async def _start_server(args: argparse.Namespace, console: Console) -> AnbaoServer | SetsServer:
+    """The server under test: sets of our own, a running one, or one of our own."""
     server: AnbaoServer | SetsServer
     if args.sets > 1:
         workers = args.workers or max(1, (os.cpu_count() or 1) // args.sets)
@@ -699,6 +727,13 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
                 extra=[a for lim in args.limit for a in ("--limit", lim)],
             )
         console.print(f"started: {server.banner}  (data in {server.data_dir})")
+    return server
+
+
+async def _run(
+    args: argparse.Namespace, console: Console, bench: Bench, server, names: list[str]
+) -> tuple[dict | None, dict | None]:
+    """Every run on anbao, its audit, then the baselines; stops what it started. Returns (audit, pg)."""
     audit = None
     pg = None
     try:
@@ -733,18 +768,23 @@ async def orchestrate(args: argparse.Namespace, console: Console) -> dict:
                 server.remove_data()
             elif isinstance(server, SetsServer):
                 console.print(f"kept the sets' data in {server.local.root}")
+    return audit, pg
+
+
+def _document(args: argparse.Namespace, bench: Bench, server, audit, pg, started: dict) -> dict:
+    """The run's JSON document: settings, environment, definitions, the runs and their ratios."""
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     settings["command"] = "python -m bench " + " ".join(sys.argv[1:])
     doc = {
         "benchmark": "anbao bench",
-        "started_at": started_at,
+        "started_at": started["at"],
         "sets": args.sets,
         "settings": settings,
         "environment": {
             **report.environment(server.banner or f"attached to {server.host}:{server.port}", pg),
-            "cpu_busy_before_start": busy,
-            "loadavg_before_start": loadavg,
-            "git_at_start": git_at_start,
+            "cpu_busy_before_start": started["busy"],
+            "loadavg_before_start": started["loadavg"],
+            "git_at_start": started["git"],
             "anbao_source": str(args.anbao_src) if args.anbao_src else "installed (this repository)",
         },
         "definitions": {

@@ -392,6 +392,15 @@ def print_report(console: Console, doc: dict) -> None:
             f" p99 {_ms(h['anbao_p99_ms'])} vs {_ms(h['redis_p99_ms'])} ms)"
             + ("" if h["valid"] else "  [bold red]not valid[/]")
         )
+    _ratios_table(console, doc)
+    _results_table(console, runs)
+    _latency_table(console, runs)
+    by_op_table(console, runs)
+    sets_table(console, runs)
+    _verdicts(console, doc)
+
+
+def _ratios_table(console: Console, doc: dict) -> None:
     if doc["ratios"]:
         t = Table(title="anbao beside its baselines (same run, same load generator)", title_justify="left")
         t.add_column("ratio")
@@ -406,6 +415,8 @@ def print_report(console: Console, doc: dict) -> None:
             )
         console.print(t)
 
+
+def _results_table(console: Console, runs: list[dict]) -> None:
     t = Table(title="results (latency in ms, of every answer; rates per second of wall time)", title_justify="left")
     for col, just in [
         ("run", "left"),
@@ -445,6 +456,8 @@ def print_report(console: Console, doc: dict) -> None:
         )
     console.print(t)
 
+
+def _latency_table(console: Console, runs: list[dict]) -> None:
     t = Table(title="latency by kind of answer (ms)", title_justify="left")
     for col in ("run", "answers", "count", "p50", "p90", "p99", "p99.9", "max"):
         t.add_column(col, justify="left" if col in ("run", "answers") else "right")
@@ -465,8 +478,9 @@ def print_report(console: Console, doc: dict) -> None:
                 )
     console.print(t)
 
-    by_op_table(console, runs)
-    sets_table(console, runs)
+
+def _verdicts(console: Console, doc: dict) -> None:
+    runs = doc["runs"]
     audit = doc.get("audit")
     if audit is not None:
         counts = audit.get("counts", {})

@@ -409,6 +409,21 @@ STABLE_READ_ATTEMPTS = 20
 STABLE_READ_PAUSE_S = 0.25
 
 
+async def _stable_flows(dsns: dict[int, str]) -> tuple[dict, bool]:
+    """The sets' flows, read until two readings in a row agree on the
+    credits sent and applied; (the last reading, whether two agreed)."""
+    import asyncio
+
+    first = await _read_flows(dsns)
+    for _ in range(STABLE_READ_ATTEMPTS):
+        again = await _read_flows(dsns)
+        if again["sent"].keys() == first["sent"].keys() and again["applied"].keys() == first["applied"].keys():
+            return first, True
+        first = again
+        await asyncio.sleep(STABLE_READ_PAUSE_S)
+    return first, False
+
+
 async def audit_sets(dsns: dict[int, str], refund_grace_ms: int | None = None) -> SetsAudit:
     """Every set's own audit, then across them: conservation (wallets +
     escrows + clearing in flight + suspense = deposits - withdrawals, over
@@ -421,20 +436,10 @@ async def audit_sets(dsns: dict[int, str], refund_grace_ms: int | None = None) -
     row that agree on them are such a cut. The audit reads until two agree
     (a live storm may need a few tries); if none do, it says so and checks
     only what holds in any reading."""
-    import asyncio
-
     from .audit import audit
 
     out = SetsAudit()
-    first = await _read_flows(dsns)
-    stable = False
-    for _ in range(STABLE_READ_ATTEMPTS):
-        again = await _read_flows(dsns)
-        if again["sent"].keys() == first["sent"].keys() and again["applied"].keys() == first["applied"].keys():
-            stable = True
-            break
-        first = again
-        await asyncio.sleep(STABLE_READ_PAUSE_S)
+    first, stable = await _stable_flows(dsns)
     sent, applied, clearing, money = first["sent"], first["applied"], first["clearing"], first["money"]
     for s, me in first["identity"].items():
         if me != s:
