@@ -178,20 +178,31 @@ def _summary(args, rounds: list[dict], profiles: dict) -> dict:
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.apply", description=__doc__.split("\n\n")[0])
+def shape_arguments(p: argparse.ArgumentParser, destination: str) -> None:
+    """The options bench.apply and bench.apply_stream share: the two credit
+    shapes' sizes and the rounds that alternate them."""
     p.add_argument("--credits", type=int, default=50_000, help="credits per round and shape")
-    p.add_argument("--users", type=int, default=100_000, help="wallets at the destination")
+    p.add_argument("--users", type=int, default=100_000, help=f"wallets at {destination}")
     p.add_argument("--per-txn", type=int, default=500, help="row shape: credits per transaction")
     p.add_argument("--per-batch", type=int, default=1000, help="batch shape: credits per credit_batches row")
     p.add_argument("--rounds", type=int, default=5, help="rounds, each shape once a round, alternating order")
-    p.add_argument("--profile", action="store_true", help="pg_stat_statements of the triggers' statements")
-    args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="anbao-apply-"))
+
+
+def run_in_scratch(run_fn, args: argparse.Namespace, prefix: str) -> None:
+    """Runs `run_fn(args, root)` in a scratch directory it then removes, and
+    prints its result as JSON."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        print(json.dumps(asyncio.run(run(args, root)), indent=1, ensure_ascii=False))
+        print(json.dumps(asyncio.run(run_fn(args, root)), indent=1, ensure_ascii=False))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.apply", description=__doc__.split("\n\n")[0])
+    shape_arguments(p, "the destination")
+    p.add_argument("--profile", action="store_true", help="pg_stat_statements of the triggers' statements")
+    run_in_scratch(run, p.parse_args(), "anbao-apply-")
 
 
 if __name__ == "__main__":

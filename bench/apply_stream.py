@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +34,7 @@ from anbao.storage import embedded
 from anbao.storage import sets as storage_sets
 from anbao.storage.migrate import migrate, migrations
 
-from .apply import WARM_CREDITS, _apply
+from .apply import WARM_CREDITS, _apply, run_in_scratch, shape_arguments
 
 DB = "anbao_apply_stream"
 DRAIN_TIMEOUT_S = 600.0
@@ -201,17 +198,8 @@ async def run(args: argparse.Namespace, root: Path) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.apply_stream", description=__doc__.split("\n\n")[0])
-    p.add_argument("--credits", type=int, default=50_000, help="credits per round and shape")
-    p.add_argument("--users", type=int, default=100_000, help="wallets at set 1")
-    p.add_argument("--per-txn", type=int, default=500, help="row shape: credits per transaction at set 0")
-    p.add_argument("--per-batch", type=int, default=1000, help="batch shape: credits per credit_batches row")
-    p.add_argument("--rounds", type=int, default=5, help="rounds, each shape once a round, alternating order")
-    args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="anbao-apply-stream-"))
-    try:
-        print(json.dumps(asyncio.run(run(args, root)), indent=1, ensure_ascii=False))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    shape_arguments(p, "set 1")
+    run_in_scratch(run, p.parse_args(), "anbao-apply-stream-")
 
 
 if __name__ == "__main__":
