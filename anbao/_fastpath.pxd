@@ -11,9 +11,9 @@ cdef class Rng:
     cdef uint64_t below(self, uint64_t n) noexcept nogil
 
 
-cdef int64_t draw_share(int mode, int64_t total_cents, int32_t count, int64_t min_cents,
+cdef int64_t draw_share(int mode, int64_t total_cents, int32_t count, int64_t min_share_cents,
                         int64_t remaining_cents, int32_t remaining_count, Rng rng,
-                        int64_t max_cents=*) except -1
+                        int64_t max_share_cents=*) except -1
 
 
 
@@ -23,11 +23,11 @@ cdef class PacketState:
     cdef readonly int64_t total_cents
     cdef readonly int32_t count
     cdef readonly int mode
-    cdef readonly int64_t min_cents
-    cdef readonly int64_t max_cents         # no share above it; 0: no cap (packets sent before the cap)
+    cdef readonly int64_t min_share_cents
+    cdef readonly int64_t max_share_cents         # no share above it; 0: no cap (packets sent before the cap)
     cdef readonly int64_t expires_at_ms
-    cdef readonly int64_t remaining_cents   # after every taken share, pending included
-    cdef readonly int32_t taken_count       # committed + pending shares
+    cdef readonly int64_t remaining_cents   # after every taken share, reserved included
+    cdef readonly int32_t taken_count       # committed + reserved shares
     cdef readonly int32_t committed_count
     cdef readonly bint closed               # expired and refunded: nothing more to take
     cdef object _eligible                   # frozenset of user ids, or None for anyone
@@ -43,7 +43,7 @@ cdef class PacketState:
 
     cpdef int take(self, int64_t user_id, int64_t now_ms, Rng rng) except -1
     cpdef bint yields(self, int status, int64_t user_id)
-    cpdef is_pending(self, int32_t seq)
+    cpdef is_reserved(self, int32_t seq)
     cpdef void mark_committed(self, int32_t seq)
 
 

@@ -12,9 +12,16 @@ class Rng:
     def randbelow(self, n: int) -> int: ...
 
 def split(
-    mode: int, total_cents: int, count: int, min_cents: int = ..., rng: Rng | None = ..., max_cents: int = ...
+    mode: int,
+    total_cents: int,
+    count: int,
+    min_share_cents: int = ...,
+    rng: Rng | None = ...,
+    max_share_cents: int = ...,
 ) -> list[int]: ...
-def validate_split(mode: int, total_cents: int, count: int, min_cents: int, max_cents: int = ...) -> None: ...
+def validate_split(
+    mode: int, total_cents: int, count: int, min_share_cents: int, max_share_cents: int = ...
+) -> None: ...
 
 class _Replier(Protocol):
     def answer(self, frame: bytes) -> None: ...
@@ -27,8 +34,8 @@ class PacketState:
     total_cents: int
     count: int
     mode: int
-    min_cents: int
-    max_cents: int
+    min_share_cents: int
+    max_share_cents: int
     expires_at_ms: int
     remaining_cents: int
     taken_count: int
@@ -44,16 +51,16 @@ class PacketState:
         total_cents: int,
         count: int,
         mode: int,
-        min_cents: int,
+        min_share_cents: int,
         expires_at_ms: int,
         eligible: Iterable[int] | None = ...,
         claims: Iterable[tuple[int, int, int]] = ...,
         closed: bool = ...,
-        max_cents: int = ...,
+        max_share_cents: int = ...,
     ) -> None: ...
     def take(self, user_id: int, now_ms: int, rng: Rng) -> int: ...
     def yields(self, status: int, user_id: int) -> bool: ...
-    def is_pending(self, seq: int) -> bool: ...
+    def is_reserved(self, seq: int) -> bool: ...
     def mark_committed(self, seq: int) -> None: ...
     def close(self) -> None: ...
     @property

@@ -65,24 +65,24 @@ cdef class Rng:
 
 # ---------------------------------------------------------------- splitting
 
-cdef int64_t draw_share(int mode, int64_t total_cents, int32_t count, int64_t min_cents,
+cdef int64_t draw_share(int mode, int64_t total_cents, int32_t count, int64_t min_share_cents,
                         int64_t remaining_cents, int32_t remaining_count, Rng rng,
-                        int64_t max_cents=0) except -1:
+                        int64_t max_share_cents=0) except -1:
     """The next share: fixed mode gives total // count, the first
     total % count shares one cent more; random mode is WeChat's double-mean
     rule, a draw in [min, 2 x remaining mean] that leaves every later share at
     least min, the last share taking the rest.
 
-    max_cents > 0 caps every share (Limits.max_share_cents, remembered by the
+    max_share_cents > 0 caps every share (Limits.max_share_cents, remembered by the
     packet): the draw is then in [max(min, remaining - max x (left - 1)),
     min(2 x mean, remaining - min x (left - 1), max)], so what is left can
     always be split into shares of at most max, the last one included. The
     interval is never empty while remaining <= max x left, which SEND
     guarantees (total <= count x max) and every draw keeps. In fixed mode
     the largest share is ceil(total / count) <= max by the same check.
-    max_cents = 0 (packets from before the cap) draws exactly as before."""
-    assert remaining_count >= 1 and remaining_cents >= min_cents * remaining_count
-    assert max_cents == 0 or (max_cents >= min_cents and remaining_cents <= max_cents * remaining_count)
+    max_share_cents = 0 (packets from before the cap) draws exactly as before."""
+    assert remaining_count >= 1 and remaining_cents >= min_share_cents * remaining_count
+    assert max_share_cents == 0 or (max_share_cents >= min_share_cents and remaining_cents <= max_share_cents * remaining_count)
     cdef int64_t amount, upper, lower, seq
     if remaining_count == 1:
         amount = remaining_cents
@@ -91,34 +91,34 @@ cdef int64_t draw_share(int mode, int64_t total_cents, int32_t count, int64_t mi
         amount = total_cents // count + (1 if seq <= total_cents % count else 0)
     else:
         upper = (remaining_cents * 2) // remaining_count
-        if upper > remaining_cents - min_cents * (remaining_count - 1):
-            upper = remaining_cents - min_cents * (remaining_count - 1)
-        lower = min_cents
-        if max_cents:
-            if upper > max_cents:
-                upper = max_cents
-            if lower < remaining_cents - max_cents * (remaining_count - 1):
-                lower = remaining_cents - max_cents * (remaining_count - 1)
-        assert min_cents <= lower <= upper
+        if upper > remaining_cents - min_share_cents * (remaining_count - 1):
+            upper = remaining_cents - min_share_cents * (remaining_count - 1)
+        lower = min_share_cents
+        if max_share_cents:
+            if upper > max_share_cents:
+                upper = max_share_cents
+            if lower < remaining_cents - max_share_cents * (remaining_count - 1):
+                lower = remaining_cents - max_share_cents * (remaining_count - 1)
+        assert min_share_cents <= lower <= upper
         amount = lower + <int64_t>rng.below(<uint64_t>(upper - lower + 1))
-    assert min_cents <= amount <= remaining_cents
-    assert remaining_cents - amount >= min_cents * (remaining_count - 1)
-    assert max_cents == 0 or (amount <= max_cents and remaining_cents - amount <= max_cents * (remaining_count - 1))
+    assert min_share_cents <= amount <= remaining_cents
+    assert remaining_cents - amount >= min_share_cents * (remaining_count - 1)
+    assert max_share_cents == 0 or (amount <= max_share_cents and remaining_cents - amount <= max_share_cents * (remaining_count - 1))
     return amount
 
 
-def split(int mode, int64_t total_cents, int32_t count, int64_t min_cents=1, Rng rng=None, int64_t max_cents=0):
+def split(int mode, int64_t total_cents, int32_t count, int64_t min_share_cents=1, Rng rng=None, int64_t max_share_cents=0):
     """All shares of a packet in grab order, by the same rule GRAB uses
-    (max_cents > 0: no share above it)."""
+    (max_share_cents > 0: no share above it)."""
     if rng is None:
         rng = Rng()
-    validate_split(mode, total_cents, count, min_cents, max_cents)
+    validate_split(mode, total_cents, count, min_share_cents, max_share_cents)
     cdef list shares = []
     cdef int64_t remaining = total_cents
     cdef int32_t left = count
     cdef int64_t a
     while left:
-        a = draw_share(mode, total_cents, count, min_cents, remaining, left, rng, max_cents)
+        a = draw_share(mode, total_cents, count, min_share_cents, remaining, left, rng, max_share_cents)
         shares.append(a)
         remaining -= a
         left -= 1
@@ -126,18 +126,18 @@ def split(int mode, int64_t total_cents, int32_t count, int64_t min_cents=1, Rng
     return shares
 
 
-def validate_split(int mode, int64_t total_cents, int32_t count, int64_t min_cents, int64_t max_cents=0):
+def validate_split(int mode, int64_t total_cents, int32_t count, int64_t min_share_cents, int64_t max_share_cents=0):
     if mode != C_MODE_RANDOM and mode != C_MODE_FIXED:
         raise ValueError("mode must be random (1) or fixed (2)")
     if count < 1:
         raise ValueError("count must be at least 1")
-    if min_cents < 1:
+    if min_share_cents < 1:
         raise ValueError("minimum share is at least 1 cent")
-    if total_cents < min_cents * count:
+    if total_cents < min_share_cents * count:
         raise ValueError("total below count x minimum share")
-    if max_cents < 0 or (max_cents and max_cents < min_cents):
+    if max_share_cents < 0 or (max_share_cents and max_share_cents < min_share_cents):
         raise ValueError("maximum share is 0 (none) or at least the minimum share")
-    if max_cents and total_cents > max_cents * count:
+    if max_share_cents and total_cents > max_share_cents * count:
         raise ValueError("total above count x maximum share")
 
 
@@ -186,23 +186,23 @@ cdef class PacketState:
 
     take() is the serialization point: the event loop runs it for one grab at
     a time, in arrival order, so the packet's FIFO queue needs no lock. A
-    share taken here is *pending* until the batch that carries it commits;
+    share taken here is *reserved* until the batch that carries it commits;
     a failed batch makes the owner drop this object and reload it from the
     database, so memory never runs ahead of what is durable for long.
     """
     # The last take()'s share, read right after it without a tuple allocation.
 
     def __cinit__(self, int64_t packet_id, int64_t sender_id, int64_t total_cents, int32_t count,
-                  int mode, int64_t min_cents, int64_t expires_at_ms, eligible=None,
-                  claims=(), bint closed=False, int64_t max_cents=0):
-        validate_split(mode, total_cents, count, min_cents, max_cents)
+                  int mode, int64_t min_share_cents, int64_t expires_at_ms, eligible=None,
+                  claims=(), bint closed=False, int64_t max_share_cents=0):
+        validate_split(mode, total_cents, count, min_share_cents, max_share_cents)
         self.packet_id = packet_id
         self.sender_id = sender_id
         self.total_cents = total_cents
         self.count = count
         self.mode = mode
-        self.min_cents = min_cents
-        self.max_cents = max_cents
+        self.min_share_cents = min_share_cents
+        self.max_share_cents = max_share_cents
         self.expires_at_ms = expires_at_ms
         self._eligible = frozenset(eligible) if eligible is not None else None
         self._claims = {}
@@ -221,13 +221,13 @@ cdef class PacketState:
             self.remaining_cents -= amount
             self.taken_count = seq
         assert self.taken_count <= count and self.remaining_cents >= 0
-        assert self.remaining_cents >= min_cents * (count - self.taken_count)
-        assert max_cents == 0 or self.remaining_cents <= max_cents * (count - self.taken_count)
+        assert self.remaining_cents >= min_share_cents * (count - self.taken_count)
+        assert max_share_cents == 0 or self.remaining_cents <= max_share_cents * (count - self.taken_count)
         self.committed_count = self.taken_count
         self.closed = closed
 
     cpdef int take(self, int64_t user_id, int64_t now_ms, Rng rng) except -1:
-        """Decides one grab. On OK the share is reserved (pending) and
+        """Decides one grab. On OK the share is reserved and
         last_amount_cents/last_seq name it; on ALREADY_CLAIMED they name the
         user's earlier share."""
         cdef tuple prior = self._claims.get(user_id)
@@ -241,8 +241,8 @@ cdef class PacketState:
             return S_SOLD_OUT
         if self.closed or now_ms >= self.expires_at_ms:
             return S_EXPIRED
-        cdef int64_t amount = draw_share(self.mode, self.total_cents, self.count, self.min_cents,
-                                         self.remaining_cents, self.count - self.taken_count, rng, self.max_cents)
+        cdef int64_t amount = draw_share(self.mode, self.total_cents, self.count, self.min_share_cents,
+                                         self.remaining_cents, self.count - self.taken_count, rng, self.max_share_cents)
         self.taken_count += 1
         self.remaining_cents -= amount
         self._claims[user_id] = (amount, self.taken_count)
@@ -264,7 +264,7 @@ cdef class PacketState:
                 return True
         return False
 
-    cpdef is_pending(self, int32_t seq):
+    cpdef is_reserved(self, int32_t seq):
         return seq > self.committed_count
 
     cpdef void mark_committed(self, int32_t seq):
@@ -284,11 +284,11 @@ cdef class PacketState:
         share, the lowest seq among equals) is named once every share is
         committed, 0 before."""
         cdef int32_t n = self.committed_count
-        cdef int64_t pending_cents = 0
+        cdef int64_t reserved_cents = 0
         cdef Py_ssize_t i
         for i in range(n, self.taken_count):
-            pending_cents += self._by_seq[i][1]
-        claimed_cents = self.total_cents - self.remaining_cents - pending_cents
+            reserved_cents += self._by_seq[i][1]
+        claimed_cents = self.total_cents - self.remaining_cents - reserved_cents
         if n == self.count and self._luckiest == 0:
             self._luckiest = 1 + max(range(n), key=lambda j: (self._by_seq[j][1], -j))
         page = [(j + 1, self._by_seq[j][0], self._by_seq[j][1]) for j in range(offset, min(n, offset + limit))]
@@ -332,8 +332,8 @@ cdef class GrabBatch:
     cdef public list repliers
     cdef public list rids
     cdef public list states
-    cdef public list followers     # (replier, rid, state, user_id): a retry of a grab still pending, or a
-                                   # grab that found every share taken while some were still pending
+    cdef public list followers     # (replier, rid, state, user_id): a retry of a grab still reserved, or a
+                                   # grab that found every share taken while some were still reserved
     cdef public list refunds       # packet ids to refund once this batch's grabs are settled
     cdef public int slot           # the committer's connection carrying it
     cdef public object before      # outcome of the batch built just before it

@@ -122,13 +122,13 @@ async def _echo_main(host: str, port: int, port_q) -> None:
 # ---------------------------------------------------------------- naive
 
 
-def draw_share(rng: random.Random, remaining_cents: int, left: int, min_cents: int) -> int:
+def draw_share(rng: random.Random, remaining_cents: int, left: int, min_share_cents: int) -> int:
     """WeChat's double-mean rule, as anbao uses it: [min, 2 x mean], the
     last share takes the rest, every later share keeps its minimum."""
     if left == 1:
         return remaining_cents
-    upper = min(2 * remaining_cents // left, remaining_cents - min_cents * (left - 1))
-    return rng.randint(min_cents, max(min_cents, upper))
+    upper = min(2 * remaining_cents // left, remaining_cents - min_share_cents * (left - 1))
+    return rng.randint(min_share_cents, max(min_share_cents, upper))
 
 
 class _Refuse(Exception):
@@ -197,14 +197,14 @@ class _NaiveProtocol(asyncio.Protocol):
                 )
                 if p is None:
                     raise _Refuse(Status.NOT_FOUND, "unknown packet")
-                share_count, claimed, remaining, min_cents = p
+                share_count, claimed, remaining, min_share_cents = p
                 if claimed >= share_count:
                     raise _Refuse(Status.SOLD_OUT, "sold out")
                 if await conn.fetchval(
                     "SELECT 1 FROM naive_claims WHERE packet_id = $1 AND user_id = $2", packet_id, user_id
                 ):
                     raise _Refuse(Status.ALREADY_CLAIMED, "already claimed")
-                amount = draw_share(self.rng, remaining, share_count - claimed, min_cents)
+                amount = draw_share(self.rng, remaining, share_count - claimed, min_share_cents)
                 seq = claimed + 1
                 credited = await conn.execute(
                     "UPDATE naive_wallets SET balance_cents = balance_cents + $2 WHERE user_id = $1", user_id, amount

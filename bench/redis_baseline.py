@@ -77,7 +77,7 @@ class GrabEncoder:
         return b"%s$%d\r\n%s\r\n" % (prefix, len(u), u)
 
 
-def split_shares(rng: random.Random, total_cents: int, count: int, min_cents: int = 1) -> list[int]:
+def split_shares(rng: random.Random, total_cents: int, count: int, min_share_cents: int = 1) -> list[int]:
     """Pre-split shares by the double-mean rule (as the naive baseline and
     anbao draw them)."""
     from .baselines import draw_share
@@ -85,7 +85,7 @@ def split_shares(rng: random.Random, total_cents: int, count: int, min_cents: in
     out = []
     remaining = total_cents
     for left in range(count, 0, -1):
-        a = draw_share(rng, remaining, left, min_cents)
+        a = draw_share(rng, remaining, left, min_share_cents)
         out.append(a)
         remaining -= a
     assert remaining == 0 and len(out) == count

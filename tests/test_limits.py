@@ -95,7 +95,7 @@ async def test_a_grab_after_a_restart_obeys_the_packets_own_cap(anbao):
     later = [await admin.grab(tight.packet_id, u) for u in users[1:4]]
     later_loose = [await admin.grab(loose.packet_id, u) for u in users[1:4]]
     state = anbao.worker.engine.states[loose.packet_id]
-    assert state.max_cents == 300, "the state rebuilt from the database carries the packet's cap"
+    assert state.max_share_cents == 300, "the state rebuilt from the database carries the packet's cap"
     assert first[0].amount_cents == 300 and [g.amount_cents for g in later] == [300, 300, 300]
     loose_amounts = [first[1].amount_cents] + [g.amount_cents for g in later_loose]
     assert sum(loose_amounts) == 1000 and max(loose_amounts) <= 300

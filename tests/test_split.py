@@ -13,24 +13,24 @@ counts = st.integers(min_value=1, max_value=500)
 @st.composite
 def packets(draw):
     count = draw(counts)
-    min_cents = draw(st.integers(min_value=1, max_value=50))
-    total = draw(st.integers(min_value=count * min_cents, max_value=count * min_cents + 10**9))
-    return total, count, min_cents, draw(st.integers(min_value=0, max_value=2**64 - 1))
+    min_share_cents = draw(st.integers(min_value=1, max_value=50))
+    total = draw(st.integers(min_value=count * min_share_cents, max_value=count * min_share_cents + 10**9))
+    return total, count, min_share_cents, draw(st.integers(min_value=0, max_value=2**64 - 1))
 
 
 @settings(max_examples=400, deadline=None)
 @given(packets())
 def test_random_mode_double_mean(p):
-    total, count, min_cents, seed = p
-    shares = _fastpath.split(Mode.RANDOM, total, count, min_cents, _fastpath.Rng(seed))
+    total, count, min_share_cents, seed = p
+    shares = _fastpath.split(Mode.RANDOM, total, count, min_share_cents, _fastpath.Rng(seed))
     assert len(shares) == count and sum(shares) == total
     remaining = total
     for i, s in enumerate(shares):
         left = count - i
-        assert s >= min_cents
+        assert s >= min_share_cents
         if left > 1:
             assert s <= 2 * remaining // left, "share above twice the remaining mean"
-            assert remaining - s >= min_cents * (left - 1), "a later share could not get the minimum"
+            assert remaining - s >= min_share_cents * (left - 1), "a later share could not get the minimum"
         else:
             assert s == remaining, "the last share takes the rest"
         remaining -= s
@@ -39,8 +39,8 @@ def test_random_mode_double_mean(p):
 @settings(max_examples=300, deadline=None)
 @given(packets())
 def test_fixed_mode_equal_shares_odd_cents_first(p):
-    total, count, min_cents, _ = p
-    shares = _fastpath.split(Mode.FIXED, total, count, min_cents)
+    total, count, min_share_cents, _ = p
+    shares = _fastpath.split(Mode.FIXED, total, count, min_share_cents)
     assert sum(shares) == total and len(shares) == count
     base, extra = divmod(total, count)
     assert shares == [base + 1] * extra + [base] * (count - extra)
@@ -51,8 +51,8 @@ def test_fixed_mode_equal_shares_odd_cents_first(p):
 def test_packet_state_takes_each_share_once(p, users):
     """Whatever the order and repeats of grabbers, no user gets two shares,
     no more than count shares go out, and a sold-out packet gave its total."""
-    total, count, min_cents, seed = p
-    state = _fastpath.PacketState(1, 999, total, count, Mode.RANDOM, min_cents, 2**62)
+    total, count, min_share_cents, seed = p
+    state = _fastpath.PacketState(1, 999, total, count, Mode.RANDOM, min_share_cents, 2**62)
     rng = _fastpath.Rng(seed)
     got = {}
     for u in users:

@@ -193,7 +193,7 @@ class GrabEngine:
         elif status == _ALREADY_CLAIMED:
             if self.cooldown is not None:
                 self.cooldown.refused(user_id, _fastpath.now_ms())
-            if state.is_pending(state.last_seq):
+            if state.is_reserved(state.last_seq):
                 # The first grab is not durable yet: this retry is answered
                 # with it, after the batch that carries it commits.
                 self._open.followers.append((replier, rid, state, user_id))

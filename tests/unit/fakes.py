@@ -149,7 +149,7 @@ class FakeLedger:
             state.total_cents,
             state.count,
             state.mode,
-            state.min_cents,
+            state.min_share_cents,
             state.expires_at_ms,
             spec.get("eligible"),
             self.committer.claims_of(packet_id),

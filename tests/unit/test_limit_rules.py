@@ -23,26 +23,28 @@ pytestmark = pytest.mark.fast
 @st.composite
 def capped_packets(draw):
     count = draw(st.integers(min_value=1, max_value=400))
-    min_cents = draw(st.integers(min_value=1, max_value=20))
-    max_cents = draw(st.integers(min_value=min_cents, max_value=min_cents + draw(st.sampled_from([0, 3, 100, 10**6]))))
+    min_share_cents = draw(st.integers(min_value=1, max_value=20))
+    max_share_cents = draw(
+        st.integers(min_value=min_share_cents, max_value=min_share_cents + draw(st.sampled_from([0, 3, 100, 10**6])))
+    )
     # From the least a packet may hold to the most the cap allows, the tight ends included.
     total = draw(
         st.one_of(
-            st.just(count * min_cents),
-            st.just(count * max_cents),
-            st.integers(min_value=count * min_cents, max_value=count * max_cents),
+            st.just(count * min_share_cents),
+            st.just(count * max_share_cents),
+            st.integers(min_value=count * min_share_cents, max_value=count * max_share_cents),
         )
     )
-    return total, count, min_cents, max_cents, draw(st.integers(min_value=0, max_value=2**64 - 1))
+    return total, count, min_share_cents, max_share_cents, draw(st.integers(min_value=0, max_value=2**64 - 1))
 
 
 @settings(max_examples=500, deadline=None)
 @given(capped_packets())
 def test_random_split_never_exceeds_the_cap_and_sums_to_the_total(p):
-    total, count, min_cents, max_cents, seed = p
-    shares = _fastpath.split(Mode.RANDOM, total, count, min_cents, _fastpath.Rng(seed), max_cents)
+    total, count, min_share_cents, max_share_cents, seed = p
+    shares = _fastpath.split(Mode.RANDOM, total, count, min_share_cents, _fastpath.Rng(seed), max_share_cents)
     assert len(shares) == count and sum(shares) == total
-    assert all(min_cents <= s <= max_cents for s in shares), "a share outside [min, max]"
+    assert all(min_share_cents <= s <= max_share_cents for s in shares), "a share outside [min, max]"
     remaining = total
     for i, s in enumerate(shares):
         left = count - i
@@ -54,22 +56,22 @@ def test_random_split_never_exceeds_the_cap_and_sums_to_the_total(p):
 @settings(max_examples=200, deadline=None)
 @given(capped_packets())
 def test_fixed_split_never_exceeds_the_cap(p):
-    total, count, min_cents, max_cents, _ = p
-    shares = _fastpath.split(Mode.FIXED, total, count, min_cents, None, max_cents)
-    assert sum(shares) == total and max(shares) == -(-total // count) <= max_cents
+    total, count, min_share_cents, max_share_cents, _ = p
+    shares = _fastpath.split(Mode.FIXED, total, count, min_share_cents, None, max_share_cents)
+    assert sum(shares) == total and max(shares) == -(-total // count) <= max_share_cents
 
 
 def test_a_total_the_cap_cannot_split_is_refused():
     with pytest.raises(ValueError, match="maximum share"):
         _fastpath.validate_split(Mode.RANDOM, 1001, 2, 1, 500)
     with pytest.raises(ValueError, match="maximum share"):
-        _fastpath.PacketState(1, 9, 1001, 2, Mode.FIXED, 1, 2**62, max_cents=500)
+        _fastpath.PacketState(1, 9, 1001, 2, Mode.FIXED, 1, 2**62, max_share_cents=500)
     _fastpath.validate_split(Mode.RANDOM, 1000, 2, 1, 500)  # exactly count x max: every share is the max
     assert _fastpath.split(Mode.RANDOM, 1000, 2, 1, None, 500) == [500, 500]
 
 
 def test_no_cap_draws_exactly_as_before():
-    """max_cents 0 (packets sent before the cap) takes the same draws from the same seed."""
+    """max_share_cents 0 (packets sent before the cap) takes the same draws from the same seed."""
     for seed in range(50):
         capped = _fastpath.split(Mode.RANDOM, 10_000, 37, 1, _fastpath.Rng(seed), 0)
         plain = _fastpath.split(Mode.RANDOM, 10_000, 37, 1, _fastpath.Rng(seed))
@@ -81,22 +83,24 @@ def test_no_cap_draws_exactly_as_before():
 def test_a_state_rebuilt_mid_way_draws_under_the_same_cap(p, cut):
     """As after a restart: the state is rebuilt from the claims so far (what
     load_packet reads) with the packet's own cap, and the rest obey it."""
-    total, count, min_cents, max_cents, seed = p
+    total, count, min_share_cents, max_share_cents, seed = p
     rng = _fastpath.Rng(seed)
-    state = _fastpath.PacketState(1, 999, total, count, Mode.RANDOM, min_cents, 2**62, max_cents=max_cents)
+    state = _fastpath.PacketState(
+        1, 999, total, count, Mode.RANDOM, min_share_cents, 2**62, max_share_cents=max_share_cents
+    )
     claims = []
     for user in range(1, min(cut, count) + 1):
         assert state.take(user, 0, rng) == Status.OK
         claims.append((user, state.last_seq, state.last_amount_cents))
     state = _fastpath.PacketState(
-        1, 999, total, count, Mode.RANDOM, min_cents, 2**62, claims=claims, max_cents=max_cents
+        1, 999, total, count, Mode.RANDOM, min_share_cents, 2**62, claims=claims, max_share_cents=max_share_cents
     )
-    assert state.max_cents == max_cents
+    assert state.max_share_cents == max_share_cents
     for user in range(len(claims) + 1, count + 1):
         assert state.take(user, 0, rng) == Status.OK
         claims.append((user, state.last_seq, state.last_amount_cents))
     amounts = [a for _, _, a in claims]
-    assert sum(amounts) == total and max(amounts) <= max_cents and state.remaining_cents == 0
+    assert sum(amounts) == total and max(amounts) <= max_share_cents and state.remaining_cents == 0
 
 
 # ---------------------------------------------------------------- cool-down
