@@ -172,25 +172,6 @@ def kill_recorded(entry: dict) -> None:
             pass
 
 
-def wait_until(predicate, timeout_s: float, what: str, poll_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(poll_s)
-
-
-async def eventually(probe, timeout_s: float, what: str, poll_s: float = 0.05):
-    """wait_until for a coroutine: awaits probe() until it returns something
-    true, and returns that; fails after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = await probe()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        await asyncio.sleep(poll_s)
-
-
 async def audit_clean(dsn: str):
     from anbao.storage.audit import audit
 

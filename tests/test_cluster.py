@@ -10,6 +10,7 @@ import time
 import asyncpg
 import pytest
 from helpers import APP_TOKEN
+from polling import eventually
 from served import (
     RETRYABLE,
     Grabber,
@@ -21,7 +22,6 @@ from served import (
     setup_packet,
     steered_client,
     storm,
-    wait_until,
 )
 
 from anbao.config import Limits
@@ -469,7 +469,7 @@ async def test_kill_9_supervisor_mid_relayed_storm_drains_at_once(serve, fresh_d
     killed_at = time.monotonic()
     os.kill(owner_pid, signal.SIGKILL)
     s.proc.wait(10)
-    wait_until(lambda: not any(is_recorded_alive(e) for e in workers), 30, "workers to exit")
+    await eventually(lambda: not any(is_recorded_alive(e) for e in workers), 30, "workers to exit")
     gone_s = time.monotonic() - killed_at
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
     for c in clients:

@@ -10,6 +10,7 @@ import time
 import asyncpg
 import pytest
 from helpers import Anbao, Collector, funded_users
+from polling import eventually
 
 from anbao.config import Limits
 from anbao.storage.audit import audit
@@ -28,13 +29,6 @@ async def audit_strict(dsn: str):
     report = await audit(dsn, refund_grace_ms=0)
     assert report.ok, report.text()
     return report
-
-
-async def wait_for(predicate, timeout_s: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def refund_rows(dsn: str, packet_id: int) -> list:
@@ -57,7 +51,7 @@ async def wait_refunded(anbao_or_dsn, packet_id: int, timeout_s: float = 10.0):
         finally:
             await conn.close()
 
-    await wait_for(done, timeout_s, f"the refund of packet {packet_id}")
+    await eventually(done, timeout_s, f"the refund of packet {packet_id}")
 
 
 async def sleep_until_ms(at_ms: int):
@@ -243,7 +237,7 @@ async def test_refund_not_committed_then_restart(fresh_dsn, tokens_file):
         async def tried_twice():
             return engine.refunds_failed >= 2
 
-        await wait_for(tried_twice, what="two failed refunds")
+        await eventually(tried_twice, what="two failed refunds")
         assert engine.states[sent.packet_id].closed
         with pytest.raises(Expired):
             await admin.grab(sent.packet_id, b)

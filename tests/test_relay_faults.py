@@ -14,6 +14,7 @@ import time
 
 import asyncpg
 from helpers import APP_TOKEN
+from polling import eventually
 from served import audit_clean, claims_of, restarted, setup_packet, steered_client
 
 from anbao_client import SoldOut, Unavailable, wire
@@ -39,26 +40,27 @@ async def lock_claims(dsn: str, packet_id: int, at_least: int):
 
 async def until_blocked(conn) -> None:
     """Until a grab batch's commit waits on the lock."""
-    for _ in range(1000):  # bounded: 5 s
-        waiting = await conn.fetchval(
+    await eventually(
+        lambda: conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
             " AND wait_event_type = 'Lock' AND query LIKE '%anbao_commit_grabs%'"
-        )
-        if waiting:
-            break
-        await asyncio.sleep(0.005)
-    assert waiting, "no batch blocked on the lock"
+        ),
+        5,
+        "a batch blocked on the lock",
+        0.005,
+    )
 
 
 async def until_backends_idle(conn, timeout_s: float = 5):
     """Until no backend of the database waits on a lock (the dead owner's
     batch has committed)."""
-    deadline = time.monotonic() + timeout_s
-    while await conn.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    ):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+
+    async def idle():
+        return not await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+
+    await eventually(idle, timeout_s, "no backend waiting on a lock")
 
 
 async def test_relayed_grabs_of_a_killed_owner_get_definite_answers(serve, fresh_dsn):

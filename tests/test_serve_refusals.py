@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from served import ANBAO, wait_until
+from polling import eventually
+from served import ANBAO
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,9 +70,7 @@ async def test_the_open_files_limit_is_raised_to_the_hard_limit(serve):
     s = serve(workers=1, preexec_fn=lower, extra=["--limit", f"max_connections={low}"])
     pids = [s.proc.pid, *s.run_info()["workers"].values()]
     for pid in pids:
-        await asyncio.to_thread(
-            wait_until, lambda pid=pid: soft_open_files(pid) == hard, 10, f"pid {pid} at {hard} open files"
-        )
+        await eventually(lambda pid=pid: soft_open_files(pid) == hard, 10, f"pid {pid} at {hard} open files")
 
 
 def soft_open_files(pid: int) -> int:

@@ -7,7 +7,8 @@ import os
 import signal
 import subprocess
 
-from served import ANBAO, Served, free_port, is_recorded_alive, wait_until
+from polling import eventually
+from served import ANBAO, Served, free_port, is_recorded_alive
 
 from anbao.storage import embedded
 from anbao_client import Client
@@ -57,12 +58,12 @@ async def test_kill_9_supervisor_leaves_nothing_and_serve_starts_again(tmp_path)
         assert p["postmaster"] is not None and all(is_recorded_alive(e) for e in p["workers"])
         s.proc.kill()
         s.proc.wait(10)
-        wait_until(lambda: not any(is_recorded_alive(e) for e in p["workers"]), GONE_TIMEOUT_S, "workers to die")
-        wait_until(lambda: not is_recorded_alive(p["memcached"]), GONE_TIMEOUT_S, "memcached to stop")
-        wait_until(
+        await eventually(lambda: not any(is_recorded_alive(e) for e in p["workers"]), GONE_TIMEOUT_S, "workers to die")
+        await eventually(lambda: not is_recorded_alive(p["memcached"]), GONE_TIMEOUT_S, "memcached to stop")
+        await eventually(
             lambda: embedded.postmaster((data / "pgdata").resolve()) is None, GONE_TIMEOUT_S, "PostgreSQL to stop"
         )
-        wait_until(lambda: not is_recorded_alive(p["reaper"]), GONE_TIMEOUT_S, "the reaper to finish")
+        await eventually(lambda: not is_recorded_alive(p["reaper"]), GONE_TIMEOUT_S, "the reaper to finish")
         assert "died without stopping" in s.log()
 
         # Round 2: the same data directory and port serve again, with the money.
@@ -82,7 +83,7 @@ async def test_kill_9_supervisor_leaves_nothing_and_serve_starts_again(tmp_path)
         s.proc.kill()
         os.kill(p["reaper"]["pid"], signal.SIGKILL)
         s.proc.wait(10)
-        wait_until(lambda: not any(is_recorded_alive(e) for e in p["workers"]), GONE_TIMEOUT_S, "workers to die")
+        await eventually(lambda: not any(is_recorded_alive(e) for e in p["workers"]), GONE_TIMEOUT_S, "workers to die")
         assert is_recorded_alive(p["memcached"]) and p["postmaster"].is_running()
 
         # Round 3: the next start stops the old memcached and reuses the

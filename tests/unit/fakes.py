@@ -183,14 +183,6 @@ class FakeEngine:
         self.grabs.append((replier, rid, packet_id, user_id))
 
 
-async def until(predicate, timeout_s: float = 1.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.001)
-
-
 async def ticks(n: int = 20) -> None:
     """Lets the loop run n turns: enough for every call_soon and task step
     already scheduled to run."""

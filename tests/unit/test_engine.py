@@ -5,7 +5,8 @@ the PacketState, the batches and the wire answers are the real ones."""
 import asyncio
 
 import pytest
-from fakes import Answers, FakeCommitter, FakeLedger, packet, ticks, until
+from fakes import Answers, FakeCommitter, FakeLedger, packet, ticks
+from polling import eventually
 
 from anbao.engine.grabs import GrabEngine
 from anbao_client.protocol import Status
@@ -55,7 +56,7 @@ async def test_a_grab_is_answered_only_after_its_batch_commits():
     out = Answers(probe=lambda: committer.returned)
     for rid, user in enumerate((11, 12, 13), 1):
         engine.on_grab(out, rid, PID, user)
-    await until(lambda: committer.started, what="the batch to reach the committer")
+    await eventually(lambda: committer.started, what="the batch to reach the committer")
     await ticks()
     assert out.by_rid == {}, "answered before the commit returned"
     committer.gate.set()
@@ -80,7 +81,7 @@ async def test_shares_never_exceed_count_and_each_user_gets_one():
             rid_of[rid] = u
             engine.on_grab(out, rid, PID, u)
     await engine.drain()
-    await until(lambda: len(out.by_rid) == len(rid_of), what="every grab answered")
+    await eventually(lambda: len(out.by_rid) == len(rid_of), what="every grab answered")
     ok = {rid: out.grabbed(rid) for rid in rid_of if out.status(rid) == Status.OK}
     winners = [rid_of[rid] for rid in ok]
     assert len(ok) == count and len(set(winners)) == count, "more shares than count, or a user twice"
@@ -105,7 +106,7 @@ async def test_sold_out_waits_until_the_last_shares_are_durable():
     out = Answers(probe=lambda: committer.returned)
     for rid, user in enumerate((21, 22, 23), 1):  # the third finds both shares taken, not yet durable
         engine.on_grab(out, rid, PID, user)
-    await until(lambda: committer.started, what="the commit to start")
+    await eventually(lambda: committer.started, what="the commit to start")
     await ticks()
     assert out.status(3) is None, "SOLD_OUT before the shares taken were durable"
     committer.gate.set()
@@ -127,7 +128,7 @@ async def test_a_failed_commit_fails_its_grabs_and_reloads_the_packet():
     assert PID not in engine.states, "memory ran ahead of the database and was kept"
     # The next grab reloads the packet from storage, where both shares are still free.
     engine.on_grab(out, 4, PID, 33)
-    await until(lambda: out.status(4) is not None, what="the grab after the failure")
+    await eventually(lambda: out.status(4) is not None, what="the grab after the failure")
     await engine.drain()
     assert ledger.loads == [PID]
     assert out.status(4) == Status.OK and out.grabbed(4).seq == 1 and out.grabbed(4).remaining_count == 1
@@ -144,13 +145,13 @@ async def test_a_failure_fails_the_batches_built_on_it_and_reloads_their_packets
     out = Answers()
     for rid, (pid, user) in enumerate(((PID, 41), (PID, 42), (other, 43), (other, 44)), 1):
         engine.on_grab(out, rid, pid, user)  # two full batches, one per packet
-    await until(lambda: out.status(1) is not None, what="the first batch to fail")
+    await eventually(lambda: out.status(1) is not None, what="the first batch to fail")
     assert [out.status(r) for r in (1, 2)] == [Status.UNAVAILABLE] * 2
     # The second batch will roll back with it: its packet ran ahead of the
     # database too, and is forgotten before that batch even returns.
     assert PID not in engine.states and other not in engine.states
     engine.on_grab(out, 5, other, 45)  # decided on the reloaded truth, not on top of batch 2
-    await until(lambda: out.status(5) is not None, what="a grab in the meantime")
+    await eventually(lambda: out.status(5) is not None, what="a grab in the meantime")
     assert ledger.loads == [other] and out.status(5) == Status.OK and out.grabbed(5).seq == 1
     committer.held[2].set()
     await engine.drain()
@@ -173,7 +174,7 @@ async def test_busy_past_max_queued_grabs_and_nothing_taken_for_it():
     await engine.drain()
     assert [out.status(r) for r in (1, 2, 3)] == [Status.OK] * 3 and engine.queued_grabs == 0
     engine.on_grab(out, 6, PID, 54)  # BUSY took nothing: a retry gets a share
-    await until(lambda: out.status(6) is not None)
+    await eventually(lambda: out.status(6) is not None)
     assert out.status(6) == Status.OK and out.grabbed(6).seq == 4
 
 
@@ -185,6 +186,6 @@ async def test_refusals_that_need_no_commit_are_answered_at_once():
     engine.on_grab(out, 1, PID, 63)  # not a member
     engine.on_grab(out, 2, PID, SENDER)  # the sender
     engine.on_grab(out, 3, 404, 61)  # no such packet
-    await until(lambda: len(out.by_rid) == 3)
+    await eventually(lambda: len(out.by_rid) == 3)
     assert [out.status(r) for r in (1, 2, 3)] == [Status.NOT_ELIGIBLE, Status.NOT_ELIGIBLE, Status.NOT_FOUND]
     assert committer.started == []

@@ -7,9 +7,10 @@ share is still committing)."""
 import asyncio
 
 import pytest
-from fakes import Answers, FakeCommitter, FakeLedger, ticks, until
+from fakes import Answers, FakeCommitter, FakeLedger, ticks
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polling import eventually
 
 from anbao import _fastpath
 from anbao.engine.cooldown import Cooldown
@@ -191,7 +192,7 @@ async def test_a_cooling_user_still_gets_a_share_that_is_still_committing():
     out = Answers()
     committer.gate.clear()  # the scripted user's winning grab stays pending
     engine.on_grab(out, 1, OPEN, 50)
-    await until(lambda: committer.started, what="the winning batch to start committing")
+    await eventually(lambda: committer.started, what="the winning batch to start committing")
     for rid in (2, 3, 4):  # three refusals: cool-down
         engine.on_grab(out, rid, MEMBERS_ONLY, 50)
     assert [out.status(r) for r in (2, 3, 4)] == [Status.NOT_ELIGIBLE] * 3
@@ -202,7 +203,7 @@ async def test_a_cooling_user_still_gets_a_share_that_is_still_committing():
     await ticks()
     assert out.status(5) is None, "answered before its share was durable"
     committer.gate.set()
-    await until(lambda: out.status(1) is not None and out.status(5) is not None and out.status(7) is not None)
+    await eventually(lambda: out.status(1) is not None and out.status(5) is not None and out.status(7) is not None)
     first = out.grabbed(1)
     assert out.status(5) == Status.ALREADY_CLAIMED and out.grabbed(5).amount_cents == first.amount_cents
     assert out.status(6) == Status.NOT_ELIGIBLE and out.status(7) == Status.OK, "the honest user is not cooled"
@@ -220,6 +221,6 @@ async def test_a_cooling_user_fresh_grab_is_answered_cooling_down_and_not_decide
     assert engine.states[OPEN].taken_count == 0, "nothing was taken for it"
     engine.cooldown.until[50] = _fastpath.now_ms() - 1  # the cool-down is over
     engine.on_grab(out, 5, OPEN, 50)
-    await until(lambda: out.status(5) is not None)
+    await eventually(lambda: out.status(5) is not None)
     assert out.status(5) == Status.OK
     await asyncio.wait_for(engine.drain(), 1.0)

@@ -5,7 +5,8 @@ permit counter, and FinalSets built in memory."""
 import asyncio
 
 import pytest
-from fakes import Answers, FakeEngine, FakePeer, until
+from fakes import Answers, FakeEngine, FakePeer
+from polling import eventually
 
 from anbao.admission import FinalSet, FinalStates, InProcessPermits, Permits
 from anbao.admission.cache import grab_body
@@ -125,11 +126,11 @@ async def test_a_spent_counter_alone_never_answers_sold_out():
     permits.seed(pid, 0)  # every share taken or held by a grab in flight
     out = Answers()
     r.on_grab(out, 1, pid, 10)  # the first one probes the owner
-    await until(lambda: len(peer.relayed) == 1, what="the probe")
+    await eventually(lambda: len(peer.relayed) == 1, what="the probe")
     r.on_grab(out, 2, pid, 11)  # the next waits for the final claim list...
-    await until(lambda: reads, what="the final claim list to be read")
+    await eventually(lambda: reads, what="the final claim list to be read")
     assert out.status(2) is None and len(peer.relayed) == 1 and r.parked == 1
-    await until(lambda: len(peer.relayed) == 2, what="the parked grab to go to the owner")
+    await eventually(lambda: len(peer.relayed) == 2, what="the parked grab to go to the owner")
     assert out.by_rid == {} and r.parked == 0  # ...and, with none, goes to the owner: no SOLD_OUT from here
     assert peer.relayed[1][1:] == (2, pid, 11)
 
@@ -147,12 +148,12 @@ async def test_a_parked_grab_gets_its_share_from_the_final_set():
     permits.seed(pid, 0)
     out = Answers()
     r.on_grab(out, 1, pid, 11)  # the probe
-    await until(lambda: len(peer.relayed) == 1)
+    await eventually(lambda: len(peer.relayed) == 1)
     r.on_grab(out, 2, pid, 10)  # holds a share whose first answer it lost
     r.on_grab(out, 3, pid, 13)  # holds none
-    await until(lambda: r.parked == 2, what="both parked")
+    await eventually(lambda: r.parked == 2, what="both parked")
     loaded.set()
-    await until(lambda: len(out.by_rid) == 2, what="the parked grabs answered")
+    await eventually(lambda: len(out.by_rid) == 2, what="the parked grabs answered")
     assert out.status(2) == Status.ALREADY_CLAIMED and out.grabbed(2).amount_cents == 700
     assert out.status(3) == Status.SOLD_OUT and len(peer.relayed) == 1
 
@@ -164,7 +165,7 @@ async def test_a_permit_is_given_back_when_the_owner_gives_no_share():
     permits.seed(pid, 1)
     out = Answers()
     r.on_grab(out, 1, pid, 10)
-    await until(lambda: len(peer.relayed) == 1)
+    await eventually(lambda: len(peer.relayed) == 1)
     assert not await permits.admit(pid), "the relayed grab holds the only permit"
     owner_answers(peer, 0, lambda rid: codec.encode_error(Op.GRAB, rid, Status.EXPIRED, OTHER, "expired"))
     assert out.status(1) == Status.EXPIRED
