@@ -145,7 +145,7 @@ class KeyedBatcher:
 
 
 class SendBatcher(KeyedBatcher):
-    """SENDs, into anbao_send_batch (migration 0012)."""
+    """SENDs, into anbao_send_batch (storage/functions)."""
 
     def __init__(self, ledger: Ledger, limits: Limits):
         super().__init__(limits)

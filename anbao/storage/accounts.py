@@ -85,7 +85,7 @@ class Accounts:
 
     async def move_batch(self, operation: Operation, moves: list[MoveRequest]) -> list[BatchResult]:
         """Runs a batch of DEPOSITs or of WITHDRAWs in one statement, one
-        transaction, one commit (anbao_move_batch, migration 0013): each
+        transaction, one commit (anbao_move_batch, storage/functions): each
         one transfer between the outside world and a wallet, or its
         refusal, decided in arrival order under the locks of the external
         account and the wallets, with its key's answer. One result per

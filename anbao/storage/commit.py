@@ -13,7 +13,7 @@ A COMMIT whose outcome is unknown (the connection broke under it) is
 resolved by reading back the batch's row (or, rolled up since, its first
 claim) after making sure the old backend is gone; it is never run again.
 
-The roll-up (anbao_rollup, migration 0003) is exactly once by construction:
+The roll-up (anbao_rollup, storage/functions) is exactly once by construction:
 it deletes the batch's grab_rollups row in the transaction that applies it.
 """
 

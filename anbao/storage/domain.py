@@ -161,8 +161,8 @@ class SendRequest:
 
 
 class BatchOutcome(enum.IntEnum):
-    """What a batch function (anbao_send_batch, migration 0012;
-    anbao_move_batch, 0013) did with one keyed request."""
+    """What a batch function (storage/functions: anbao_send_batch,
+    anbao_move_batch) did with one keyed request."""
 
     RAN = 0  # decided now; its answer or refusal is stored under its key
     REPLAYED = 1  # the key's first answer (or refusal), nothing moved

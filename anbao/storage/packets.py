@@ -1,7 +1,7 @@
 """Packets: SEND (the sender's money into a new escrow), the durable state
 an owner rebuilds a packet from, what PACKET shows, and which packets have
 expired. Claims are written by the grab commit and the roll-up
-(commit.py), refunds by anbao_refund_packets (migration 0003)."""
+(commit.py), refunds by anbao_refund_packets (storage/functions)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class Packets:
         patient: bool = False,
     ) -> list[BatchResult]:
         """Runs a batch of SENDs in one statement, one transaction, one
-        commit (anbao_send_batch, migration 0012): each SEND's money from
+        commit (anbao_send_batch, storage/functions): each SEND's money from
         the sender's wallet to its packet's new escrow, its packet row, its
         daily counts and its key's answer, or its refusal, decided in
         arrival order under the senders' wallet locks. One result per SEND,

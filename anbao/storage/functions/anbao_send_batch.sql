@@ -1,16 +1,40 @@
--- anbao_send_batch (0012) writes the SENDs it decided with one statement
--- per kind of row for the whole batch, after deciding them all, instead of
--- three single-row INSERTs per SEND inside its loop (issue 17).
+-- A batch of SENDs, decided and written in one statement. Element i of
+-- every array is one SEND, in arrival order. Per SEND it returns
+-- (i, outcome, refusal, message, answer, members):
+--   outcome 0: run now; its answer (or refusal and message) is stored under
+--              its key, exactly as Idempotency.idempotent stores one.
+--   outcome 1: the key was used before with these parameters: the stored
+--              answer (or refusal) is returned, nothing moved.
+--   outcome 2: the key was used before with other parameters
+--              (IDEMPOTENCY_CONFLICT); nothing stored.
+--   outcome 3: the sender's posted balance is short but their grabs still
+--              waiting for the roll-up would cover it: nothing stored, the
+--              key released; the caller settles the sender and sends it
+--              again with p_settled true (then a short balance is refused).
+--   outcome 4: the sender's wallet is locked by another transaction (a
+--              roll-up crediting it, most often): nothing stored, the key
+--              not claimed; the caller puts it in its next batch. Unless
+--              p_patient, a batch does not wait for a locked wallet (SKIP
+--              LOCKED): a roll-up holds its wallets for its whole
+--              transaction, and one of them would hold up every SEND of
+--              the batch. A patient batch (one carrying a SEND put back
+--              before) waits, so every SEND is decided in the end.
+-- members: a group packet's audience as of its version (the owner adopts
+-- the packet with it), else NULL. created_ms: the packets' created_at, in
+-- ms since the epoch, as PACKET shows it.
 --
--- pg_stat_statements over `python -m bench evening` (20 s) showed the SEND
--- batch the largest single cost in PostgreSQL: about 1 ms per SEND, of
--- which the escrow account, packet and transfer INSERTs in the loop took
--- ~43, ~157 and ~198 us each, mostly per-statement executor start-up and
--- the foreign-key checks' own statements. The decisions are unchanged: no
--- decision in the loop reads a row these statements write (balances are
--- kept in w_balance, the daily caps in daily_sends, written in the loop
--- as before). Transfer ids still follow arrival order.
-
+-- Why it cannot deadlock: every batch locks its senders' wallets first, in
+-- account-id order (as the roll-up and the other writers do), then claims
+-- its keys in key order, in one statement; nothing else it writes is
+-- visible to anyone before it commits. Every SEND is decided before it is
+-- written, so one refusal never aborts the batch: a batch fails only as a
+-- whole (the database's fault), and then nothing in it happened.
+--
+-- The loop only decides; the decided SENDs' rows (escrows, packets,
+-- transfers, direct audiences' members) are then written one statement per
+-- kind for the whole batch, in arrival order: per-statement start-up and
+-- the foreign-key checks cost less once per batch than once per SEND
+-- (pg_stat_statements, issue 17).
 CREATE OR REPLACE FUNCTION anbao_send_batch(
     p_operation SMALLINT, p_keys BYTEA[], p_hashes BYTEA[], p_packets BIGINT[], p_senders BIGINT[],
     p_totals BIGINT[], p_counts INTEGER[], p_modes SMALLINT[], p_expires_ms BIGINT[], p_audiences SMALLINT[],

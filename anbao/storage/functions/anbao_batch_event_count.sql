@@ -1,0 +1,16 @@
+-- How many events a batch row stands for, without expanding it: its grabs,
+-- plus one for each of its packets whose last share it carries. Pending, the
+-- arrays are scanned in C (`= ANY`) and only a packet whose share count
+-- appears among the seqs is checked pair by pair; rolled up, its claims.
+CREATE OR REPLACE FUNCTION anbao_batch_event_count(p_batch BIGINT) RETURNS BIGINT
+LANGUAGE sql STABLE AS $$
+    SELECT COALESCE(
+        (SELECT cardinality(r.packets) + (
+             SELECT count(*) FROM packets p
+             WHERE p.packet_id = ANY(r.packet_ids) AND p.share_count = ANY(r.seqs)
+               AND EXISTS (SELECT 1 FROM unnest(r.packets, r.seqs) AS g(packet_id, seq)
+                           WHERE g.packet_id = p.packet_id AND g.seq = p.share_count))
+         FROM grab_rollups r WHERE r.batch_id = p_batch),
+        (SELECT count(*) + count(*) FILTER (WHERE c.seq = p.share_count)
+         FROM claims c JOIN packets p ON p.packet_id = c.packet_id WHERE c.batch_id = p_batch))
+$$;

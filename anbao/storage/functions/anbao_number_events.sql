@@ -1,0 +1,48 @@
+-- ------------------------------------------------------------ the sequencer
+-- Numbers every committed unnumbered row; returns the head (the last
+-- number given, as of this run). Rows are numbered in write order (id),
+-- except that the batch rows of one worker process (one block of batch
+-- ids: batch_id >> 20) take the places of their ids in the order the
+-- batches were built: a batch built second may reach PostgreSQL first, but
+-- commits only after the first did, so a packet's shares come out in seq
+-- order. A packet's SENT is written before any grab of it, and its refund
+-- after every grab of it commits, so they come before and after them.
+CREATE OR REPLACE FUNCTION anbao_number_events() RETURNS BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    head BIGINT;
+    top BIGINT;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7020657039738307955);   -- 'anbaoevs': one sequencer at a time
+    SELECT f.numbered_through INTO head FROM event_feed f;
+    IF NOT EXISTS (SELECT 1 FROM event_log WHERE last_no IS NULL) THEN
+        RETURN head;
+    END IF;
+    WITH todo AS (
+        SELECT e.id, e.batch_id FROM event_log e WHERE e.last_no IS NULL
+    ), b AS (
+        SELECT t.id, t.batch_id >> 20 AS blk,
+               row_number() OVER (PARTITION BY t.batch_id >> 20 ORDER BY t.id) AS by_id,
+               row_number() OVER (PARTITION BY t.batch_id >> 20 ORDER BY t.batch_id) AS by_build
+        FROM todo t WHERE t.batch_id IS NOT NULL
+    ), placed AS (
+        SELECT t.id, t.id AS place, 1::bigint AS n FROM todo t WHERE t.batch_id IS NULL
+        UNION ALL
+        SELECT b1.id, b2.id, anbao_batch_event_count(e.batch_id)
+        FROM b b1 JOIN b b2 ON b2.blk = b1.blk AND b2.by_id = b1.by_build
+        JOIN event_log e ON e.id = b1.id
+    ), numbered AS (
+        SELECT p.id, p.n, head + sum(p.n) OVER (ORDER BY p.place) AS last FROM placed p
+    )
+    UPDATE event_log e SET first_no = x.last - x.n + 1, last_no = x.last
+        FROM numbered x WHERE e.id = x.id AND x.n > 0;
+    -- (A batch row whose batch holds no claim would stay unnumbered; it
+    -- cannot happen, and the audit names such a row.)
+    SELECT max(last_no) INTO top FROM event_log;
+    IF top > head THEN
+        UPDATE event_feed SET numbered_through = top;
+        PERFORM pg_notify('anbao_events', top::text);
+        head := top;
+    END IF;
+    RETURN head;
+END $$;
