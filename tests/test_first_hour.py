@@ -204,7 +204,7 @@ async def test_the_fatal_frame_is_protocol_md_s_example(anbao):
 
 
 def test_bench_writes_to_an_untracked_directory_by_default():
-    from bench.__main__ import RUNS_DIR, parse_args
+    from bench.args import RUNS_DIR, parse_args
 
     args = parse_args(["hot"])
     assert args.out == RUNS_DIR and RUNS_DIR.name == "runs"
