@@ -6,8 +6,17 @@ PostgreSQL design and a do-nothing echo server as baselines.
 Run it with `python -m bench --help`; BENCHMARKS.md says how and what it
 measured. Modules, one job each:
 
+- __main__.py   `python -m bench`: parses, runs, reports, writes the files
+- args.py       the command line: options, defaults, checks
+- orchestrate.py  one run: the server, every scenario on anbao, the audit, the baselines
 - loadgen.py    the load-generator process (uvloop, raw Protocol, HdrHistogram)
-- scenarios.py  setup through the SDK, and what each scenario grabs
+- setup.py      a scenario's set-up through the SDK (users, money, packets; sets)
+- scenarios.py  what each scenario grabs, and the same shapes for the baselines
+- verify.py     what the answers must add up to, against the database
+- evening*.py   the red-packet evening, on anbao and on Redis
+- follow_events.py, follower.py  --follow-events: the parent half, the consumer
+- credit_lag.py the cross-set credit lag after a run on several sets
+- apply.py, apply_stream.py, sendalone.py, outage.py  benches of their own
 - baselines.py  the echo server and the naive SELECT ... FOR UPDATE server
 - redis_baseline.py  redis-server of its own, the Lua grab script, its checks
 - resp.py       the minimal RESP2 codec the load generator speaks to Redis

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from . import evening_redis, scenarios
+from . import evening_redis, scenarios, verify
+from . import setup as bench_setup
 from .redis_baseline import RedisServer
 from .server import metrics_delta
 
@@ -94,11 +95,11 @@ def workloads(model: Model, steps: int, procs: int, workers: list) -> list[list[
     """Per load-generator process, one group of connections per worker (None:
     any), each with its share of the steps."""
     out = []
-    for lo, hi in scenarios.split_evenly(steps, procs):
+    for lo, hi in bench_setup.split_evenly(steps, procs):
         out.append(
             [
                 {"worker": w, "workload": {"kind": "evening", "n": b - a}}
-                for w, (a, b) in zip(workers, scenarios.split_evenly(hi - lo, len(workers)), strict=True)
+                for w, (a, b) in zip(workers, bench_setup.split_evenly(hi - lo, len(workers)), strict=True)
             ]
         )
     return out
@@ -133,7 +134,7 @@ def model_info(model: Model, steps: int) -> dict:
 # ---------------------------------------------------------------- anbao set-up
 
 
-async def fund(setup: scenarios.Setup, users: list[int], cents: int) -> None:
+async def fund(setup: bench_setup.Setup, users: list[int], cents: int) -> None:
     """One DEPOSIT per user (its own idempotency key), DEPOSIT_IN_FLIGHT in
     flight over every setup connection."""
     clients = [c for cl in setup.clusters for c in cl.clients if c is not None]
@@ -147,7 +148,7 @@ async def fund(setup: scenarios.Setup, users: list[int], cents: int) -> None:
     await asyncio.gather(*(worker(k) for k in range(min(DEPOSIT_IN_FLIGHT, len(users)))))
 
 
-async def create_groups(setup: scenarios.Setup, groups: dict[int, list[int]]) -> None:
+async def create_groups(setup: bench_setup.Setup, groups: dict[int, list[int]]) -> None:
     clients = [c for cl in setup.clusters for c in cl.clients if c is not None]
     todo = iter(sorted(groups.items()))
 
@@ -159,7 +160,7 @@ async def create_groups(setup: scenarios.Setup, groups: dict[int, list[int]]) ->
     await asyncio.gather(*(worker(k) for k in range(min(GROUPS_IN_FLIGHT, len(groups)))))
 
 
-async def setup_anbao(setup: scenarios.Setup, model: Model, console) -> dict:
+async def setup_anbao(setup: bench_setup.Setup, model: Model, console) -> dict:
     timings = {}
     t = time.monotonic()
     await setup.register_ids(model.users)
@@ -246,7 +247,7 @@ async def anbao_books(dsn: str, model: Model, result, before: dict, info: dict) 
     plan = scenarios.Plan("evening", [], 0)
     conn = await asyncpg.connect(dsn)
     try:
-        await scenarios._wait_for_rollup(plan, [conn])
+        await verify.wait_for_rollup(plan, [conn])
     finally:
         await conn.close()
     info.update(plan.info)
@@ -272,7 +273,7 @@ async def run_anbao(bench, server) -> Model:
     a, console = bench.args, bench.console
     model = make_model(a.users or DEFAULT_USERS, a.seed)
     steps = steps_of(a)
-    async with scenarios.Setup(console, server.host, server.port, server.tokens["admin"], routing=a.routing) as setup:
+    async with bench_setup.Setup(console, server.host, server.port, server.tokens["admin"], routing=a.routing) as setup:
         timings = await setup_anbao(setup, model, console)
         workers = list(range(setup.worker_count)) if setup.steer else [None]
         info = {**model_info(model, steps), **setup.routing_info(), "setup_timings_s": timings}

@@ -15,7 +15,8 @@ from pathlib import Path
 import asyncpg
 from rich.console import Console
 
-from . import baselines, evening, redis_baseline, report, scenarios
+from . import baselines, evening, redis_baseline, report, scenarios, verify
+from . import setup as bench_setup
 from .args import QUIET_BUSY
 from .credit_lag import credit_lag
 from .follow_events import EventFollower
@@ -85,13 +86,13 @@ class Bench:
         sets = isinstance(server, SetsServer)
         if sets:
             dsns = list(server.dsns.values())
-            setup_cm = scenarios.SetsSetup(
+            setup_cm = bench_setup.SetsSetup(
                 console, server.topology(), server.dsns, server.tokens["admin"], routing=a.routing
             )
             port = min(server.ports.values())  # every load group names its set's port
         else:
             dsns = [server.dsn()]
-            setup_cm = scenarios.Setup(console, server.host, server.port, server.tokens["admin"], routing=a.routing)
+            setup_cm = bench_setup.Setup(console, server.host, server.port, server.tokens["admin"], routing=a.routing)
             port = server.port
         async with setup_cm as setup:
             if not setup.setup_steering_ok:
@@ -101,12 +102,12 @@ class Bench:
                 )
             t = time.monotonic()
             users = self.users = scenarios.grabbers_needed(self.sizes, names)
-            await scenarios.register_grabbers(setup, users)
+            await bench_setup.register_grabbers(setup, users)
             console.print(f"registered {users:,} grabbers in {time.monotonic() - t:.1f} s")
             for name in names:
                 plan = await scenarios.prepare(name, setup, self.sizes, a.procs, a.seed)
                 console.print(f"[bold]{name}[/]: set up in {plan.setup_s:.1f} s; {plan.attempts:,} attempts")
-                await scenarios.snapshot(plan, dsns[0])
+                await verify.snapshot(plan, dsns[0])
                 before = server.metrics()
                 follower = await EventFollower.start(server, dsns[0]) if a.follow_events and not sets else None
                 cpu_before = server.cpu_s()
@@ -137,7 +138,7 @@ class Bench:
                 if follower is not None:
                     plan.info["event_follower"] = await follower.finish(dsns[0])
                     console.print(f"  event follower: {plan.info['event_follower']}")
-                problems = await scenarios.verify(plan, result, dsns)
+                problems = await verify.verify(plan, result, dsns)
                 if sets:
                     plan.info["credit_lag_ms"], why = await credit_lag(server.dsns, plan.packets)
                     problems += why
@@ -159,7 +160,7 @@ class Bench:
             srv = redis_baseline.RedisServer(a.redis_server)
             try:
                 totals = redis_baseline.prepare(
-                    srv, plan.packet_shares, scenarios.CENTS_PER_SHARE, a.seed, plan.presold
+                    srv, plan.packet_shares, bench_setup.CENTS_PER_SHARE, a.seed, plan.presold
                 )
                 setup_s = round(time.monotonic() - t, 2)
                 info = {
@@ -181,7 +182,7 @@ class Bench:
                     protocol="resp",
                     script_sha=redis_baseline.GRAB_SHA,
                 )
-                problems = await scenarios.verify(plan, result, None)
+                problems = await verify.verify(plan, result, None)
                 problems += redis_baseline.verify(
                     srv,
                     totals,
@@ -202,7 +203,7 @@ class Bench:
     async def naive(self, server: AnbaoServer) -> None:
         a = self.args
         n, shares = self.sizes.attempts_for("storm"), self.sizes.shares
-        total = shares * scenarios.CENTS_PER_SHARE
+        total = shares * bench_setup.CENTS_PER_SHARE
         dsn = server.dsn(baselines.NAIVE_DATABASE)
         t = time.monotonic()
         await baselines.naive_prepare(server.dsn("postgres"), dsn, n, shares, total)
@@ -221,7 +222,7 @@ class Bench:
                     },
                 }
             ]
-            for lo, hi in scenarios.split_evenly(n, a.procs)
+            for lo, hi in bench_setup.split_evenly(n, a.procs)
         ]
         srv = baselines.BaselineServer("naive", dsn=dsn, pool_size=a.naive_pool)
         try:
@@ -275,7 +276,7 @@ class Bench:
                     },
                 }
             ]
-            for lo, hi in scenarios.split_evenly(n, a.procs)
+            for lo, hi in bench_setup.split_evenly(n, a.procs)
         ]
         srv = baselines.BaselineServer("echo", processes=a.echo_procs)
         try:
