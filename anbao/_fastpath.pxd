@@ -21,7 +21,7 @@ cdef class PacketState:
     cdef readonly int64_t packet_id
     cdef readonly int64_t sender_id
     cdef readonly int64_t total_cents
-    cdef readonly int32_t count
+    cdef readonly int32_t share_count
     cdef readonly int mode
     cdef readonly int64_t min_share_cents
     cdef readonly int64_t max_share_cents         # no share above it; 0: no cap (packets sent before the cap)

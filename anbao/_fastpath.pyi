@@ -32,7 +32,7 @@ class PacketState:
     packet_id: int
     sender_id: int
     total_cents: int
-    count: int
+    share_count: int
     mode: int
     min_share_cents: int
     max_share_cents: int
@@ -49,7 +49,7 @@ class PacketState:
         packet_id: int,
         sender_id: int,
         total_cents: int,
-        count: int,
+        share_count: int,
         mode: int,
         min_share_cents: int,
         expires_at_ms: int,

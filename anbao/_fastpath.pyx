@@ -192,14 +192,14 @@ cdef class PacketState:
     """
     # The last take()'s share, read right after it without a tuple allocation.
 
-    def __cinit__(self, int64_t packet_id, int64_t sender_id, int64_t total_cents, int32_t count,
+    def __cinit__(self, int64_t packet_id, int64_t sender_id, int64_t total_cents, int32_t share_count,
                   int mode, int64_t min_share_cents, int64_t expires_at_ms, eligible=None,
                   claims=(), bint closed=False, int64_t max_share_cents=0):
-        validate_split(mode, total_cents, count, min_share_cents, max_share_cents)
+        validate_split(mode, total_cents, share_count, min_share_cents, max_share_cents)
         self.packet_id = packet_id
         self.sender_id = sender_id
         self.total_cents = total_cents
-        self.count = count
+        self.share_count = share_count
         self.mode = mode
         self.min_share_cents = min_share_cents
         self.max_share_cents = max_share_cents
@@ -220,9 +220,9 @@ cdef class PacketState:
             self._by_seq.append((user_id, amount))
             self.remaining_cents -= amount
             self.taken_count = seq
-        assert self.taken_count <= count and self.remaining_cents >= 0
-        assert self.remaining_cents >= min_share_cents * (count - self.taken_count)
-        assert max_share_cents == 0 or self.remaining_cents <= max_share_cents * (count - self.taken_count)
+        assert self.taken_count <= share_count and self.remaining_cents >= 0
+        assert self.remaining_cents >= min_share_cents * (share_count - self.taken_count)
+        assert max_share_cents == 0 or self.remaining_cents <= max_share_cents * (share_count - self.taken_count)
         self.committed_count = self.taken_count
         self.closed = closed
 
@@ -237,20 +237,20 @@ cdef class PacketState:
             return S_ALREADY_CLAIMED
         if user_id == self.sender_id or (self._eligible is not None and user_id not in self._eligible):
             return S_NOT_ELIGIBLE
-        if self.taken_count >= self.count:
+        if self.taken_count >= self.share_count:
             return S_SOLD_OUT
         if self.closed or now_ms >= self.expires_at_ms:
             return S_EXPIRED
-        cdef int64_t amount = draw_share(self.mode, self.total_cents, self.count, self.min_share_cents,
-                                         self.remaining_cents, self.count - self.taken_count, rng, self.max_share_cents)
+        cdef int64_t amount = draw_share(self.mode, self.total_cents, self.share_count, self.min_share_cents,
+                                         self.remaining_cents, self.share_count - self.taken_count, rng, self.max_share_cents)
         self.taken_count += 1
         self.remaining_cents -= amount
         self._claims[user_id] = (amount, self.taken_count)
         self._by_seq.append((user_id, amount))
         self.last_amount_cents = amount
         self.last_seq = self.taken_count
-        assert self.remaining_cents >= 0 and self.taken_count <= self.count
-        assert (self.taken_count < self.count) or self.remaining_cents == 0
+        assert self.remaining_cents >= 0 and self.taken_count <= self.share_count
+        assert (self.taken_count < self.share_count) or self.remaining_cents == 0
         return S_OK
 
     cpdef bint yields(self, int status, int64_t user_id):
@@ -260,7 +260,7 @@ cdef class PacketState:
         for first in _YIELDS_TO[status]:
             if first == S_ALREADY_CLAIMED and user_id in self._claims:
                 return True
-            if first == S_SOLD_OUT and self.taken_count >= self.count:
+            if first == S_SOLD_OUT and self.taken_count >= self.share_count:
                 return True
         return False
 
@@ -289,10 +289,10 @@ cdef class PacketState:
         for i in range(n, self.taken_count):
             reserved_cents += self._by_seq[i][1]
         claimed_cents = self.total_cents - self.remaining_cents - reserved_cents
-        if n == self.count and self._luckiest == 0:
+        if n == self.share_count and self._luckiest == 0:
             self._luckiest = 1 + max(range(n), key=lambda j: (self._by_seq[j][1], -j))
         page = [(j + 1, self._by_seq[j][0], self._by_seq[j][1]) for j in range(offset, min(n, offset + limit))]
-        return n, claimed_cents, (self._luckiest if n == self.count else 0), page
+        return n, claimed_cents, (self._luckiest if n == self.share_count else 0), page
 
     @property
     def open_audience(self):
@@ -300,11 +300,11 @@ cdef class PacketState:
 
     @property
     def remaining_count(self):
-        return self.count - self.taken_count
+        return self.share_count - self.taken_count
 
     @property
     def sold_out(self):
-        return self.taken_count >= self.count
+        return self.taken_count >= self.share_count
 
     def claim_of(self, int64_t user_id):
         return self._claims.get(user_id)
@@ -376,7 +376,7 @@ cdef class GrabBatch:
             state = <PacketState>self.states[i]
             seq = self.seqs[i]
             state.mark_committed(seq)
-            self.repliers[i].answer(encode_grab(self.rids[i], S_OK, worker, self.amounts[i], seq, state.count - seq))
+            self.repliers[i].answer(encode_grab(self.rids[i], S_OK, worker, self.amounts[i], seq, state.share_count - seq))
         for f in self.followers:
             state = <PacketState>f[2]
             claim = state.claim_of(f[3])
@@ -384,7 +384,7 @@ cdef class GrabBatch:
                 f[0].answer(encode_error(C_OP_GRAB, f[1], S_SOLD_OUT, worker, "every share has been taken"))
             else:
                 f[0].answer(encode_grab(f[1], S_ALREADY_CLAIMED, worker, claim[0], claim[1],
-                                        state.count - <int32_t>claim[1]))
+                                        state.share_count - <int32_t>claim[1]))
 
     def replies(self):
         """(replier, rid, state) of every grab and follower: whom a failure answers."""

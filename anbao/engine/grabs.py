@@ -62,7 +62,7 @@ def packet_state(record: PacketRecord) -> _fastpath.PacketState:
         record.packet_id,
         record.sender_id,
         record.total_cents,
-        record.count,
+        record.share_count,
         record.mode,
         record.min_share_cents,
         record.expires_at_ms,
@@ -207,7 +207,7 @@ class GrabEngine:
                         self.worker_id,
                         state.last_amount_cents,
                         state.last_seq,
-                        state.count - state.last_seq,
+                        state.share_count - state.last_seq,
                     )
                 )
         elif status == _SOLD_OUT and state.committed_count < state.taken_count:

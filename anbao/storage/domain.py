@@ -103,7 +103,7 @@ class PacketRecord:
     packet_id: int
     sender_id: int
     total_cents: int
-    count: int
+    share_count: int
     mode: int
     min_share_cents: int
     expires_at_ms: int

@@ -147,7 +147,7 @@ class FakeLedger:
             packet_id,
             state.sender_id,
             state.total_cents,
-            state.count,
+            state.share_count,
             state.mode,
             state.min_share_cents,
             state.expires_at_ms,

@@ -179,7 +179,7 @@ def _packet_from_memory(ctx: Context, rid: int, state, offset: int, limit: int) 
     for an open packet before its expiry (its refund is the database's)."""
     facts: PacketFacts = state.facts
     claimed_count, claimed_cents, luckiest, page = state.committed_claims(offset, limit)
-    status = PacketStatus.SOLD_OUT if claimed_count == state.count else PacketStatus.OPEN
+    status = PacketStatus.SOLD_OUT if claimed_count == state.share_count else PacketStatus.OPEN
     ctx.engine.packets_from_memory += 1
     return answers.ok(
         Op.PACKET,
@@ -187,7 +187,7 @@ def _packet_from_memory(ctx: Context, rid: int, state, offset: int, limit: int) 
         ctx.worker_id,
         state.sender_id,
         state.total_cents,
-        state.count,
+        state.share_count,
         state.mode,
         int(status),
         facts.audience,
