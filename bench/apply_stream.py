@@ -37,8 +37,9 @@ from anbao.storage.migrate import migrate, migrations
 from .apply import WARM_CREDITS, _apply, run_in_scratch, shape_arguments
 
 DB = "anbao_apply_stream"
-DRAIN_TIMEOUT_S = 600.0
+DRAIN_TIMEOUT_S = 120.0  # a round of 50,000 credits drains in seconds; past this it says what it saw
 POLL_S = 0.01
+COUNT_EVERY_S = 0.5  # the applied credits counted, besides the LSN
 
 
 def _cpu_s(pid: int) -> float:
@@ -119,12 +120,19 @@ async def _applied_to(dest):
     )
 
 
+async def _applied_credits(dest) -> int:
+    return await dest.fetchval("SELECT count(*) FROM credits_out WHERE src_set = 0 AND applied_transfer_id IS NOT NULL")
+
+
 async def _round(src, dest, shape: str, first: int, args) -> dict:
     """One backlog of `shape` written at set 0 while set 1's subscription is
     off, then drained; returns its figures."""
     name = storage_sets.subscription(0)
+    expected = first - 1 + args.credits  # credit ids run from 1, round after round
     await dest.execute(f"ALTER SUBSCRIPTION {name} DISABLE")
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while await _worker_pid(dest) is not None:
+        assert time.monotonic() < deadline, "the apply worker never stopped"
         await asyncio.sleep(POLL_S)
     await _apply(src, STREAM_SHAPES[shape], first, args.credits, args)
     end = await src.fetchval("SELECT pg_current_wal_lsn()")
@@ -136,11 +144,19 @@ async def _round(src, dest, shape: str, first: int, args) -> dict:
         await asyncio.sleep(POLL_S)
     t0 = time.perf_counter()
     cpu = 0.0
+    next_count = time.monotonic() + COUNT_EVERY_S
     while True:
         cpu = _cpu_s(pid)  # read while it lives; it is the worker's whole life
         got = await _applied_to(dest)
         if got is not None and got >= end:
             break
+        # The LSN alone may wait forever: WAL written at set 0 after the
+        # backlog's last commit (the other pair's, a checkpoint's) can put
+        # `end` past every commit this subscription will ever apply.
+        if time.monotonic() >= next_count:
+            if await _applied_credits(dest) >= expected:
+                break
+            next_count = time.monotonic() + COUNT_EVERY_S
         assert time.monotonic() < deadline, f"set 1 applied to {got}, not {end}, in {DRAIN_TIMEOUT_S:g} s"
         await asyncio.sleep(POLL_S)
     wall_s = time.perf_counter() - t0
