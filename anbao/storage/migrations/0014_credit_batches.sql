@@ -138,7 +138,8 @@ CREATE TRIGGER credits_out_describe BEFORE INSERT ON credits_out
     FOR EACH ROW WHEN (NOT NEW.in_batch) EXECUTE FUNCTION anbao_credit_describe();
 
 -- As in 0010, plus: the CROSS_SET_CREDIT event is written here (the transfers trigger no longer fires for kind 7:
--- the batch apply writes its events set-wise).
+-- the batch apply writes its events set-wise). Here, not only in storage/functions: the apply worker must never
+-- see the trigger change without this function's, or a credit would go without its event.
 CREATE OR REPLACE FUNCTION anbao_apply_credit() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, public AS $$
 DECLARE
@@ -183,117 +184,12 @@ CREATE TRIGGER transfers_event AFTER INSERT ON transfers
 ALTER TABLE transfers ENABLE ALWAYS TRIGGER transfers_event;
 
 -- ------------------------------------------------------------ roll-up
--- As in 0007, plus: a claim sent in a credit batch (by its grab commit)
--- goes to that batch's destination, and its credits_out row takes the
--- batch's credit id, sender and claim time, with in_batch = true.
-CREATE OR REPLACE FUNCTION anbao_rollup(p_limit INTEGER, p_user BIGINT, p_packets BIGINT[], p_worker SMALLINT,
-                                        p_worker_count SMALLINT)
-RETURNS INTEGER
-LANGUAGE plpgsql AS $$
-DECLARE
-    ids BIGINT[];
-    n INTEGER;
-    acc_ids BIGINT[];
-    acc_deltas BIGINT[];
-    pkt_ids BIGINT[];
-    pkt_counts INTEGER[];
-    pkt_cents BIGINT[];
-    me SMALLINT;
-BEGIN
-    PERFORM pg_advisory_xact_lock(7020657039738302316);   -- the bytes 'anbaorol': one key for every roll-up
-    SELECT array_agg(batch_id) INTO ids FROM (
-        SELECT r.batch_id FROM grab_rollups r
-        WHERE (p_user IS NULL OR p_user = ANY(r.users))
-          AND (p_packets IS NULL OR r.packet_ids && p_packets)
-          AND (p_worker IS NULL OR r.worker_id = p_worker OR (p_worker = 0 AND r.worker_id >= p_worker_count))
-        ORDER BY r.batch_id LIMIT p_limit) s;
-    IF ids IS NULL THEN
-        RETURN 0;
-    END IF;
-
-    IF to_regclass('pg_temp.g_rollup14') IS NULL THEN
-        CREATE TEMP TABLE g_rollup14 (
-            batch_id BIGINT, ord BIGINT, packet_id BIGINT, seq INTEGER, user_id BIGINT, amount_cents BIGINT,
-            escrow BIGINT, wallet BIGINT, committed_at TIMESTAMPTZ, dest_set SMALLINT, credit_id BIGINT,
-            sender_id BIGINT) ON COMMIT DELETE ROWS;
-    END IF;
-    INSERT INTO g_rollup14
-        SELECT r.batch_id, g.ord, g.packet_id, g.seq, g.user_id, g.amount_cents, p.escrow_account_id, a.account_id,
-               r.committed_at, NULL, NULL, NULL
-        FROM grab_rollups r
-        CROSS JOIN LATERAL unnest(r.packets, r.seqs, r.users, r.amounts)
-            WITH ORDINALITY AS g(packet_id, seq, user_id, amount_cents, ord)
-        LEFT JOIN packets p ON p.packet_id = g.packet_id
-        LEFT JOIN accounts a ON a.kind = 1 AND a.owner_id = g.user_id
-        WHERE r.batch_id = ANY(ids);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    me := (SELECT set_id FROM anbao_set_identity);
-    IF me IS NOT NULL THEN
-        -- Sent already, by the grab commit: the credit batch decides. Each
-        -- claim (packet, seq) is in at most one credit batch.
-        -- Materialized first: left in the join, the planner unnests every
-        -- credit batch once per claim (a pass of 100,000 claims took 20 s).
-        WITH k AS MATERIALIZED (
-            SELECT cb.batch_id, cb.dest_set, x.credit_id, x.packet_id, x.seq, x.sender_id, c.account_id AS clearing
-            FROM credit_batches cb
-            CROSS JOIN LATERAL unnest(cb.credit_ids, cb.packets, cb.seqs, cb.senders)
-                AS x(credit_id, packet_id, seq, sender_id)
-            JOIN accounts c ON c.kind = 3 AND c.owner_id = cb.dest_set
-            WHERE cb.src_set = me AND cb.batch_id = ANY(ids))
-        UPDATE g_rollup14 g SET dest_set = k.dest_set, credit_id = k.credit_id, sender_id = k.sender_id,
-                                wallet = k.clearing
-            FROM k
-            WHERE k.batch_id = g.batch_id AND k.packet_id = g.packet_id AND k.seq = g.seq;
-    END IF;
-    IF EXISTS (SELECT 1 FROM g_rollup14 WHERE wallet IS NULL) THEN
-        -- Grabbers homed in another set, committed without a credit batch
-        -- (by a worker older than v14): their share goes to that set.
-        UPDATE g_rollup14 g SET dest_set = d.home_set, wallet = c.account_id
-            FROM user_directory d, accounts c
-            WHERE g.wallet IS NULL AND d.user_id = g.user_id AND d.home_set <> me
-              AND c.kind = 3 AND c.owner_id = d.home_set;
-    END IF;
-    IF EXISTS (SELECT 1 FROM g_rollup14 WHERE escrow IS NULL OR wallet IS NULL) THEN
-        RAISE EXCEPTION 'anbao_rollup: a pending claim names an unknown packet or user (batches %)', ids;
-    END IF;
-
-    INSERT INTO claims (packet_id, seq, user_id, amount_cents, batch_id, created_at)
-        SELECT packet_id, seq, user_id, amount_cents, batch_id, committed_at FROM g_rollup14;
-
-    INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)
-        SELECT CASE WHEN dest_set IS NULL THEN 4 ELSE 6 END, escrow, wallet, amount_cents, packet_id
-        FROM g_rollup14 ORDER BY batch_id, ord;
-
-    IF me IS NOT NULL THEN
-        INSERT INTO credits_out (src_set, credit_id, dest_set, user_id, amount_cents, packet_id, seq, batch_id,
-                                 in_batch, sender_id, claimed_at)
-            SELECT me, COALESCE(credit_id, nextval('credit_seq')), dest_set, user_id, amount_cents, packet_id, seq,
-                   batch_id, credit_id IS NOT NULL, sender_id, CASE WHEN credit_id IS NOT NULL THEN committed_at END
-            FROM g_rollup14 WHERE dest_set IS NOT NULL ORDER BY batch_id, ord;
-    END IF;
-
-    SELECT array_agg(id), array_agg(delta) INTO acc_ids, acc_deltas FROM (
-        SELECT wallet AS id, sum(amount_cents) AS delta FROM g_rollup14 GROUP BY wallet
-        UNION ALL
-        SELECT escrow, -sum(amount_cents) FROM g_rollup14 GROUP BY escrow) s;
-    UPDATE accounts a SET balance_cents = a.balance_cents + d.delta
-        FROM unnest(acc_ids, acc_deltas) AS d(id, delta)
-        WHERE a.account_id = d.id;
-
-    SELECT array_agg(s.packet_id), array_agg(s.claims_n), array_agg(s.claims_cents)
-        INTO pkt_ids, pkt_counts, pkt_cents FROM (
-        SELECT g.packet_id, count(*)::int AS claims_n, sum(g.amount_cents)::bigint AS claims_cents
-        FROM g_rollup14 g GROUP BY g.packet_id) s;
-    UPDATE packets p SET claimed_count = p.claimed_count + d.claims_n,
-                         claimed_cents = p.claimed_cents + d.claims_cents,
-                         status = CASE WHEN p.claimed_count + d.claims_n = p.share_count AND p.status = 0
-                                       THEN 1 ELSE p.status END
-        FROM unnest(pkt_ids, pkt_counts, pkt_cents) AS d(packet_id, claims_n, claims_cents)
-        WHERE p.packet_id = d.packet_id;
-
-    DELETE FROM grab_rollups WHERE batch_id = ANY(ids);
-    RETURN n;
-END $$;
+-- A claim sent in a credit batch (by its grab commit) goes to that batch's
+-- destination, and its credits_out row takes the batch's credit id, sender
+-- and claim time, with in_batch = true: anbao_rollup's current text is
+-- storage/functions/anbao_rollup.sql, applied after the migrations. Only
+-- this version's workers write credit batches, and each serves only after
+-- migrate has applied it.
 
 -- ------------------------------------------------------------ publications
 -- Each publication for another set B (storage/sets.py publication_tables

@@ -28,38 +28,7 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT substring(p_key FROM length(p_key) - 15)
 $$;
 
--- As in 0012, and a key is not claimed when an unscoped key stored before
--- this migration holds it: that one is replayed or conflicts instead.
-CREATE OR REPLACE FUNCTION anbao_claim_keys(p_operation SMALLINT, p_keys BYTEA[], p_hashes BYTEA[],
-                                            p_claim BOOLEAN[])
-RETURNS BYTEA[] LANGUAGE sql AS $$
-    WITH ins AS (
-        INSERT INTO idempotency_keys (key, operation, request_hash)
-        SELECT t.k, p_operation, t.h FROM unnest(p_keys, p_hashes, p_claim) AS t(k, h, c)
-        WHERE t.c AND NOT EXISTS (SELECT 1 FROM idempotency_keys o
-                                  WHERE length(t.k) > 16 AND o.key = anbao_unscoped_key(t.k))
-        ORDER BY t.k
-        ON CONFLICT DO NOTHING RETURNING key)
-    SELECT COALESCE(array_agg(ins.key), '{}') FROM ins
-$$;
-
--- As in 0012, finding each key not claimed now under its scoped key, or
--- else under its unscoped key stored before this migration.
-CREATE OR REPLACE FUNCTION anbao_stored_answers(p_operation SMALLINT, p_keys BYTEA[], p_hashes BYTEA[],
-                                                p_claimed BYTEA[])
-RETURNS TABLE (i INTEGER, outcome SMALLINT, refusal TEXT, message TEXT, answer JSONB) LANGUAGE sql AS $$
-    SELECT k.i,
-           CASE WHEN k.same THEN 1 ELSE 2 END::smallint,
-           CASE WHEN k.same THEN k.refusal ELSE 'IDEMPOTENCY_CONFLICT' END,
-           CASE WHEN k.same THEN COALESCE(k.message, '')
-                ELSE 'idempotency key reused with different parameters' END,
-           CASE WHEN k.same THEN k.answer END
-    FROM (SELECT t.i, x.refusal, x.message, x.answer,
-                 x.operation = p_operation AND x.request_hash = p_hashes[t.i] AS same
-          FROM unnest(p_keys) WITH ORDINALITY AS t(k, i)
-          CROSS JOIN LATERAL (
-              SELECT y.* FROM idempotency_keys y
-              WHERE y.key = t.k OR (length(t.k) > 16 AND y.key = anbao_unscoped_key(t.k))
-              ORDER BY length(y.key) DESC LIMIT 1) x
-          WHERE NOT t.k = ANY(p_claimed)) k
-$$;
+-- anbao_claim_keys and anbao_stored_answers find a 16-byte key stored
+-- before this migration too: their current texts are
+-- storage/functions/anbao_claim_keys.sql and anbao_stored_answers.sql,
+-- applied after the migrations (storage/migrate.py).
