@@ -4,8 +4,9 @@ then the SQL functions' current texts.
 A migration changes tables and data, once. A function's current text has
 one home, `functions/<name>.sql` (CREATE OR REPLACE), applied after the
 migrations whenever it differs from what the database last applied (its
-SHA-256 in schema_functions): a migration adds a function or drops one, and
-a later change to it edits its file. The texts in older migrations are the
+SHA-256 in schema_functions): a migration adds a function or drops one (or
+changes one whose text must commit with the migration, a trigger function
+with its trigger), and a later change to it edits its file. The texts in older migrations are the
 functions as those migrations left them, for the migrations after them."""
 
 from __future__ import annotations
