@@ -21,6 +21,7 @@ import time
 import asyncpg
 import pytest
 from helpers import ADMIN_TOKEN, Raw
+from polling import eventually
 from served import ANBAO
 from sets_env import DRAIN_TIMEOUT_S, _cross_users, _directory_has, _drained_audit, _storm_across, _users, two_sets_env
 
@@ -227,7 +228,13 @@ async def test_stats_and_metrics_show_each_sets_replication_and_the_backlog_move
         while (_scrape_gauge(metrics_port, "anbao_set_slot_backlog_bytes", slot="anbao_0_to_1") or 0) <= 0:
             assert time.monotonic() < deadline, "the backlog gauge never rose"
             await asyncio.sleep(0.3)
-        assert _scrape_gauge(metrics_port, "anbao_set_credits_in_flight", dest_set="1") == -1
+        # Sampled on its own clock, as the backlog gauge is: -1 (unreachable) in its turn.
+        await eventually(
+            lambda: _scrape_gauge(metrics_port, "anbao_set_credits_in_flight", dest_set="1") == -1,
+            10,
+            "the in-flight gauge to say set 1 is unreachable",
+            0.3,
+        )
     finally:
         await asyncio.to_thread(embedded.start, pg1, True)
     sec = await _set_section(
