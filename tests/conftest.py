@@ -73,6 +73,17 @@ async def fresh_dsn(pg, template_db):
 
 
 @pytest.fixture
+def slow_link(fresh_dsn):
+    """A slow network between a server and this test's database: set its
+    delay_ms to make every commit a real round trip."""
+    from slow_link import SlowLink
+
+    link = SlowLink(fresh_dsn).start()
+    yield link
+    link.stop()
+
+
+@pytest.fixture
 def tokens_file(tmp_path) -> Path:
     path = tmp_path / "tokens.json"
     path.write_text(

@@ -123,15 +123,15 @@ async def test_admission_never_undersells(serve, fresh_dsn, admission):
     await audit_clean(fresh_dsn)
 
 
-async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
+async def test_kill_9_owner_mid_storm(serve, fresh_dsn, slow_link):
     """kill -9 the packet's owner during a storm: every grab any client saw
     acknowledged is in the database, the supervisor brings the worker back,
     the packet is finished, and the invariants hold."""
-    # Small batches, one at a time: the storm needs 100 commits in a row, so
-    # what has committed when this process reads its first answer is a part
-    # of the packet (with every batch at once, the packet sells out while
-    # the 1,500 requests are still being written).
-    s = serve(workers=2, extra=["--limit", "batch_max_grabs=10", "--limit", "commit_slots=1"])
+    # Small batches, one at a time, over a slow link: the storm needs 100
+    # commits in a row of a real round trip each, so it lasts seconds and
+    # the kill, timed by this loop's 300th answer, lands inside it (over
+    # loopback it sells out before this loop reads a single answer).
+    s = serve(workers=2, dsn=slow_link.dsn, extra=["--limit", "batch_max_grabs=10", "--limit", "commit_slots=1"])
     admin, users, sent = await setup_packet(s.port, 1500, 200_000, 1000)
     owner = owner_of(sent.packet_id, 2)
     victim = s.run_info()["workers"][str(owner)]
@@ -143,28 +143,21 @@ async def test_kill_9_owner_mid_storm(serve, fresh_dsn):
 
     async def killer():
         try:
-            for _ in range(60_000):  # bounded: until the first acknowledged grab
-                if "ok" in progress:
-                    # Timed by the storm's own answers, in this loop, not by
-                    # polling the database (a storm sold out between two
-                    # looks leaves nothing to kill). Frozen, then counted, then
-                    # killed: no batch is sent after the count, so the kill
-                    # lands mid-storm. Small batches keep what is in flight a
-                    # part of the packet.
-                    os.kill(victim, signal.SIGSTOP)
-                    await asyncio.sleep(0.05)
-                    n = await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id)
-                    claims_at_kill.append(n)
-                    os.kill(victim, signal.SIGKILL)
-                    return
-                await asyncio.sleep(0.001)
+            await answered(progress, 300, bound_s=60)
+            os.kill(victim, signal.SIGKILL)
+            slow_link.delay_ms = 0  # the replacement finishes the packet at full speed
+            claims_at_kill.append(
+                await conn.fetchval("SELECT count(*) FROM claims_all WHERE packet_id = $1", sent.packet_id)
+            )
         finally:
             await conn.close()
 
+    slow_link.delay_ms = 10
     (won, outcomes), _ = await asyncio.gather(
         storm(s.port, sent.packet_id, users, grabbers, timeout_s=120, outcomes=progress), killer()
     )
     assert "gave_up" not in outcomes
+    print(f"owner killed with {claims_at_kill[0]} of 1000 claims committed")
     assert claims_at_kill[0] < 1000, "the kill must land mid-storm"
     in_db = await claims_of(fresh_dsn, sent.packet_id)
     for u, g in won.items():

@@ -334,7 +334,7 @@ def assert_feed_matches(events: list[wire.Event], claims: dict, won: dict, packe
         assert mine.get(user) == (g.seq, g.amount_cents), f"acknowledged grab of {user} has no event"
 
 
-async def test_kill_9_worker_mid_storm_events_match_claims(serve, fresh_dsn):
+async def test_kill_9_worker_mid_storm_events_match_claims(serve, fresh_dsn, slow_link):
     """kill -9 of the packet's owner worker mid-storm, with a consumer
     following: every acknowledged grab has exactly one event, no event
     without its claim, and the consumer (whose connection may die with the
@@ -347,7 +347,10 @@ async def test_kill_9_worker_mid_storm_events_match_claims(serve, fresh_dsn):
 
     from anbao_client.routing import owner_of
 
-    s = serve(workers=2)
+    # Small batches one at a time over a slow link: the storm lasts seconds,
+    # so a kill timed by this loop's 150th answer lands inside it (over
+    # loopback the packet can sell out before this loop reads its answers).
+    s = serve(workers=2, dsn=slow_link.dsn, extra=["--limit", "batch_max_grabs=10", "--limit", "commit_slots=1"])
     follower = await Follower(s.port).start()
     admin, users, sent = await setup_packet(s.port, 1200, 200_000, 800)
     victim = s.run_info()["workers"][str(owner_of(sent.packet_id, 2))]
@@ -355,10 +358,12 @@ async def test_kill_9_worker_mid_storm_events_match_claims(serve, fresh_dsn):
     outcomes: list[str] = []
 
     async def killer():
-        at_kill.append(await answered(outcomes, 150))
+        at_kill.append(await answered(outcomes, 150, bound_s=60))
         os.kill(victim, signal.SIGKILL)
+        slow_link.delay_ms = 0
 
     at_kill: list[int] = []
+    slow_link.delay_ms = 10
     (won, _), _ = await asyncio.gather(storm(s.port, sent.packet_id, users, grabbers, outcomes=outcomes), killer())
     assert len(won) == 800, "the packet sells out"
     assert at_kill[0] < 800, f"the kill must land mid-storm ({at_kill[0]} answered)"
