@@ -167,6 +167,31 @@ async def test_long_polls_are_bounded_and_hold_no_connection(fresh_dsn, tokens_f
         await server.stop()
 
 
+async def test_retention_by_age_prunes_the_old_front_and_never_a_younger_event(fresh_dsn):
+    """Rows older than the cut go from the front; the walk stops at the
+    first row still young, so an old row behind it (commit-time skew)
+    waits for it, and no event younger than the cut is ever pruned."""
+    ages_min = [300, 200, 180, 30, 240, 1]  # the fifth is older than the fourth
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        await conn.execute(
+            "INSERT INTO event_log (kind, at, amount_cents)"
+            " SELECT 5, now() - make_interval(mins => a), a FROM unnest($1::int[]) WITH ORDINALITY AS t(a, o)"
+            " ORDER BY o",
+            ages_min,
+        )
+        await conn.execute("SELECT anbao_number_events()")
+        prune = "SELECT anbao_prune_events(now() - interval '1 hour', $1)"
+        assert await conn.fetchval(prune, 1_000) == 3
+        kept = await conn.fetch("SELECT last_no, amount_cents FROM event_log ORDER BY last_no")
+        assert [(r[0], r[1]) for r in kept] == [(4, 30), (5, 240), (6, 1)]
+        assert await conn.fetchval(prune, 1_000) == 3, "a young row holds back the old one behind it"
+        assert await conn.fetchval(prune, 1) == 5, "the count bound cuts past it"
+        assert await conn.fetchval("SELECT pruned_through FROM event_feed") == 5
+    finally:
+        await conn.close()
+
+
 async def test_cursor_expired_names_where_to_resume(fresh_dsn, tokens_file):
     limits = Limits(events_retention_max_events=3, events_prune_interval_ms=50)
     server = await Anbao(fresh_dsn, tokens_file, limits).start()
