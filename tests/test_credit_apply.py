@@ -10,6 +10,7 @@ another set's users likewise."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import asyncpg
@@ -181,5 +182,48 @@ async def test_a_credit_batch_with_a_null_or_empty_share_is_refused_at_the_sende
                 f"INSERT INTO credit_batches (src_set, batch_id, dest_set, claimed_at, {', '.join(values)})"
                 f" VALUES ({ME}, 1, {PEER}, now(), {', '.join(values.values())})"
             )
+    finally:
+        await conn.close()
+
+
+# The sender's own copy of a credit, as its roll-up writes it (0014: in a batch, never published).
+OUTBOUND = (
+    "INSERT INTO credits_out (src_set, credit_id, dest_set, user_id, amount_cents, packet_id, seq, batch_id,"
+    f" in_batch) VALUES ({ME}, $1::bigint, {PEER}, 5, 40, 9, $1::int, 3, true)"
+)
+
+
+async def _totals(conn) -> dict:
+    """credit_totals, checked against credits_out by the audit's own check."""
+    from anbao.storage.audit import CHECKS
+
+    [check] = [sql for name, sql in CHECKS if name.startswith("credit_totals match")]
+    assert [dict(r) for r in await conn.fetch(check)] == []
+    rows = await conn.fetch("SELECT src_set, dest_set, credits, cents FROM credit_totals")
+    return {(r[0], r[1]): (r[2], r[3]) for r in rows}
+
+
+async def test_credit_totals_follow_every_writer_through_the_upgrade(pg):
+    """What STATS reads (credit_totals, 0016) equals credits_out: counted
+    from the rows by the upgrade, then kept by each writer: the per-row
+    apply, the batch apply (in the apply worker's role), and the sender's
+    roll-up copies."""
+    from anbao.storage.migrate import migrate
+
+    dsn = await database_at_version(pg, f"totals_v15_{os.getpid()}", 15)
+    await _as_set(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(CREDIT)  # applied here, one row at a time
+        await conn.execute(OUTBOUND, 1)
+        await migrate(dsn)
+        assert await _totals(conn) == {(PEER, ME): (1, 250), (ME, PEER): (1, 40)}
+        await conn.execute(OUTBOUND, 2)
+        await conn.execute(CREDIT.replace(f"VALUES ({PEER}, 1,", f"VALUES ({PEER}, 2,"))
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute(BATCH)
+        assert await _totals(conn) == {(PEER, ME): (5, 635), (ME, PEER): (2, 80)}
+        lag = await conn.fetchval(f"SELECT max_apply_lag FROM credit_totals WHERE dest_set = {ME}")
+        assert lag is not None and lag.total_seconds() >= 0
     finally:
         await conn.close()

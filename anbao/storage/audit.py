@@ -162,6 +162,18 @@ CHECKS: list[tuple[str, str]] = [
         WHERE i.n <> c.n OR i.s <> c.s""",
     ),
     (
+        "credit_totals match credits_out, pair by pair",
+        """SELECT COALESCE(t.src_set, c.src_set) AS src_set, COALESCE(t.dest_set, c.dest_set) AS dest_set,
+               t.credits, c.n, t.cents, c.s, t.max_apply_lag, c.lag
+        FROM credit_totals t
+        FULL JOIN (SELECT src_set, dest_set, count(*) AS n, sum(amount_cents) AS s,
+                          max(applied_at - created_at) AS lag
+                   FROM credits_out GROUP BY src_set, dest_set) c
+               ON c.src_set = t.src_set AND c.dest_set = t.dest_set
+        WHERE t.credits IS DISTINCT FROM c.n OR t.cents IS DISTINCT FROM c.s
+           OR t.max_apply_lag IS DISTINCT FROM c.lag""",
+    ),
+    (
         "every idempotency key holds its answer",
         "SELECT encode(key, 'hex') AS key, operation FROM idempotency_keys WHERE answer IS NULL AND refusal IS NULL",
     ),

@@ -224,14 +224,16 @@ async def replication_on(conn, timeout: float | None = None) -> dict:
     ]
     credits = dict(
         await conn.fetchrow(
-            "SELECT c.sent + p.n AS sent, (c.sent_cents + p.cents)::bigint AS sent_cents, c.applied,"
-            " c.applied_cents, c.max_apply_lag_s FROM"
-            " (SELECT count(*) FILTER (WHERE src_set = $1) AS sent,"
-            "  COALESCE(sum(amount_cents) FILTER (WHERE src_set = $1), 0) AS sent_cents,"
-            "  count(*) FILTER (WHERE dest_set = $1) AS applied,"
-            "  COALESCE(sum(amount_cents) FILTER (WHERE dest_set = $1), 0)::bigint AS applied_cents,"
-            "  (extract(epoch FROM max(applied_at - created_at) FILTER (WHERE dest_set = $1)))::float8"
-            "    AS max_apply_lag_s FROM credits_out) c,"
+            # credit_totals, not credits_out: a count of every credit ever
+            # sent grew with the set's history, read once a second (0016).
+            "SELECT (c.sent + p.n)::bigint AS sent, (c.sent_cents + p.cents)::bigint AS sent_cents,"
+            " c.applied::bigint, c.applied_cents::bigint, c.max_apply_lag_s FROM"
+            " (SELECT COALESCE(sum(credits) FILTER (WHERE src_set = $1), 0) AS sent,"
+            "  COALESCE(sum(cents) FILTER (WHERE src_set = $1), 0) AS sent_cents,"
+            "  COALESCE(sum(credits) FILTER (WHERE dest_set = $1), 0) AS applied,"
+            "  COALESCE(sum(cents) FILTER (WHERE dest_set = $1), 0) AS applied_cents,"
+            "  (extract(epoch FROM max(max_apply_lag) FILTER (WHERE dest_set = $1)))::float8"
+            "    AS max_apply_lag_s FROM credit_totals) c,"
             f" ({_SENT_NOT_ROLLED_UP_TOTAL}) p",
             me,
             timeout=timeout,
@@ -248,7 +250,7 @@ async def credits_between(conn, src: int, dest: int, timeout: float | None = Non
     `src` those sent (rolled up, or in a credit batch not rolled up yet), at
     `dest` those applied (copies arrive applied)."""
     return await conn.fetchval(
-        "SELECT (SELECT count(*) FROM credits_out WHERE dest_set = $1 AND src_set = $2)"
+        "SELECT COALESCE((SELECT credits FROM credit_totals WHERE dest_set = $1 AND src_set = $2), 0)"
         " + (SELECT COALESCE(sum(cardinality(b.credit_ids)), 0) FROM credit_batches b"
         "    WHERE b.dest_set = $1 AND b.src_set = $2 AND b.src_set = (SELECT set_id FROM anbao_set_identity)"
         "    AND b.batch_id IN (SELECT r.batch_id FROM grab_rollups r))",

@@ -1,5 +1,5 @@
 -- As in 0010, plus: the CROSS_SET_CREDIT event is written here (the transfers trigger no longer fires for kind 7:
--- the batch apply writes its events set-wise).
+-- the batch apply writes its events set-wise); since 0016 it adds the credit to credit_totals.
 CREATE OR REPLACE FUNCTION anbao_apply_credit() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, public AS $$
 DECLARE
@@ -35,5 +35,10 @@ BEGIN
         SET balance_cents = balance_cents + CASE WHEN account_id = wallet THEN NEW.amount_cents ELSE -NEW.amount_cents END
         WHERE account_id IN (clearing, wallet);
     NEW.applied_at := now();
+    INSERT INTO public.credit_totals AS t (src_set, dest_set, credits, cents, max_apply_lag)
+        VALUES (NEW.src_set, NEW.dest_set, 1, NEW.amount_cents, NEW.applied_at - NEW.created_at)
+        ON CONFLICT (src_set, dest_set)
+        DO UPDATE SET credits = t.credits + 1, cents = t.cents + EXCLUDED.cents,
+                      max_apply_lag = GREATEST(t.max_apply_lag, EXCLUDED.max_apply_lag);
     RETURN NEW;
 END $$;
