@@ -18,22 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anbao_client.protocol import DEFAULT_MAX_FRAME_BYTES, MAX_EVENTS_PAGE, MAX_PAGE_ROWS
+
 
 @dataclass(frozen=True)
 class WireLimits:
     """What every client must agree with: the size of a frame and of the
-    lists and pages that travel in one (HELLO tells a client max_frame_bytes
-    and events_max_page; the SDK's own frame buffer holds at most
-    anbao_client.protocol.DEFAULT_MAX_FRAME_BYTES, and its EVENTS pages
-    MAX_EVENTS_PAGE rows, which tests/unit/test_limits_groups.py holds equal
-    to these defaults)."""
+    lists and pages that travel in one. HELLO tells a client max_frame_bytes
+    and events_max_page, but the SDK's frame buffer holds at most
+    DEFAULT_MAX_FRAME_BYTES, and its pages default to MAX_EVENTS_PAGE and
+    MAX_PAGE_ROWS rows: these defaults are the SDK's protocol constants,
+    their one owner."""
 
-    max_frame_bytes: int = 65536
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_members: int = 8000  # a member list must fit in one frame
-    max_page_rows: int = 1000  # statement, sent, received, group members per answer
+    max_page_rows: int = MAX_PAGE_ROWS  # statement, sent, received, group members per answer
     # EVENTS answers at most events_max_page rows (a page of 57-byte rows,
     # and an 8-byte transfer id each, must fit in a frame).
-    events_max_page: int = 1000
+    events_max_page: int = MAX_EVENTS_PAGE
 
 
 @dataclass(frozen=True)
