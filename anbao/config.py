@@ -201,7 +201,8 @@ class HandlerTuning:
 @dataclass(frozen=True)
 class AdmissionTuning:
     """The router's admission of grabs for packets other workers own
-    (server/router.py Router, admission/cache.py FinalStates)."""
+    (server/router.py Router, admission/cache.py FinalStates, the
+    memcached counters of admission/permits.py)."""
 
     admission_slack: int = 16  # permits beyond the unreserved shares
     # A relay skips the admission counter while the owner's last word on the
@@ -231,6 +232,10 @@ class AdmissionTuning:
     # Per-packet notes a router keeps about packets it does not own (last
     # remaining count, last probe, settle back-off), each map cleared past this.
     max_router_packets_tracked: int = 100_000
+    # The admission counters' memcached (admission/permits.py): connections
+    # per worker, and each command's bound (past it admission fails open).
+    memcached_pool_size: int = 8
+    memcached_timeout_ms: int = 200
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ def _worker_main(
         if admission == "memcached":
             assert memcached is not None  # the supervisor runs memcached admission only with an address
             host, port = memcached.rsplit(":", 1)
-            permits = MemcachedPermits(host, int(port), settings.set_id)
+            permits = MemcachedPermits(host, int(port), settings.set_id, settings.limits.admission)
         elif admission == "in-process":
             permits = InProcessPermits(settings.limits.commit.max_packets_in_memory)
         else:

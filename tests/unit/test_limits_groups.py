@@ -107,6 +107,7 @@ def test_no_component_repeats_a_default_or_renames_a_limit():
 
 
 def test_each_wired_component_takes_its_own_group():
+    from anbao.admission import MemcachedPermits
     from anbao.engine.cooldown import Cooldown
     from anbao.engine.expiry import ExpirySweeper
     from anbao.engine.feed import EventFeed
@@ -126,6 +127,7 @@ def test_each_wired_component_takes_its_own_group():
         EventFeed: "EventTuning",
         ExpirySweeper: "ExpiryTuning",
         Router: "AdmissionTuning",
+        MemcachedPermits: "AdmissionTuning",
         PeerLink: "RelayTuning",
         SetPeers: "PeerSetTuning",
         SetWatch: "PeerSetTuning",
