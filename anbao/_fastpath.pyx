@@ -73,7 +73,7 @@ cdef int64_t draw_share(int mode, int64_t total_cents, int32_t count, int64_t mi
     rule, a draw in [min, 2 x remaining mean] that leaves every later share at
     least min, the last share taking the rest.
 
-    max_share_cents > 0 caps every share (Limits.max_share_cents, remembered by the
+    max_share_cents > 0 caps every share (ProductRules.max_share_cents, remembered by the
     packet): the draw is then in [max(min, remaining - max x (left - 1)),
     min(2 x mean, remaining - min x (left - 1), max)], so what is left can
     always be split into shares of at most max, the last one included. The

@@ -41,9 +41,9 @@ from anbao_client.protocol import MAX_REGISTER_IDS
 from .cliutil import token_from_args, usage_error, yuan
 from .config import Limits
 
-MAX_DEMO_MEMBERS = Limits().max_group_members  # a default server's group bound
+MAX_DEMO_MEMBERS = Limits().rules.max_group_members  # a default server's group bound
 ID_BLOCK = 100_000  # a run's ids: base .. base + 99,999
-GROUP_CREATE_CHUNK = Limits().max_members  # one frame's worth of member ids
+GROUP_CREATE_CHUNK = Limits().wire.max_members  # one frame's worth of member ids
 
 
 def check_demo_args(args) -> None:

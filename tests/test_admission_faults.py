@@ -13,6 +13,7 @@ from helpers import APP_TOKEN
 from served import Grabber, audit_clean, claims_of, postgres_backends, setup_packet, steered_client, storm
 
 from anbao.admission import MemcachedPermits
+from anbao.config import AdmissionTuning
 from anbao_client import Client, SoldOut, Unavailable
 from anbao_client.errors import AlreadyClaimed, Busy, InDoubt, NotEligible, RequestTimeout
 from anbao_client.routing import local_port_for, owner_of
@@ -58,7 +59,9 @@ async def test_memcached_closing_mid_reply_fails_open_in_process():
     the event loop keeps turning meanwhile (before the fix, the first decr
     never returned and froze the loop)."""
     fake = await HalfReplyMemcached().start()
-    permits = MemcachedPermits("127.0.0.1", fake.port, set_id=0, pool_size=2, timeout_ms=200)
+    permits = MemcachedPermits(
+        "127.0.0.1", fake.port, 0, AdmissionTuning(memcached_pool_size=2, memcached_timeout_ms=200)
+    )
     ticks = 0
 
     async def ticker():

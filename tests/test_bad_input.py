@@ -98,7 +98,7 @@ async def test_pipelined_requests_beyond_the_inflight_limit_are_all_answered(anb
     """Past max_inflight the server stops reading (TCP pushes back); nothing
     is dropped and answers are matched by request id."""
     raw = await Raw.open(anbao.port)
-    n = anbao.limits.max_inflight_per_connection * 3
+    n = anbao.limits.connection.max_inflight_per_connection * 3
     raw.send(b"".join(wire.ping(rid) for rid in range(2, n + 2)))
     got = await raw.answers(n, timeout_s=10)
     assert sorted(r.request_id for r in got) == list(range(2, n + 2))
@@ -111,7 +111,7 @@ async def test_connection_limit(fresh_dsn, tokens_file):
 
     from anbao.config import Limits
 
-    server = await Anbao(fresh_dsn, tokens_file, Limits(max_connections=3)).start()
+    server = await Anbao(fresh_dsn, tokens_file, Limits.of(max_connections=3)).start()
     try:
         held = [await Raw.open(server.port) for _ in range(3)]
         extra = await Raw.open(server.port, hello=False)
@@ -132,7 +132,7 @@ async def test_silent_unauthenticated_connection_is_closed(fresh_dsn, tokens_fil
 
     from anbao.config import Limits
 
-    server = await Anbao(fresh_dsn, tokens_file, Limits(hello_timeout_ms=300)).start()
+    server = await Anbao(fresh_dsn, tokens_file, Limits.of(hello_timeout_ms=300)).start()
     try:
         raw = await Raw.open(server.port, hello=False)
         assert await raw.closed_by_server(timeout_s=5)

@@ -472,7 +472,7 @@ async def test_kill_9_supervisor_mid_relayed_storm_drains_at_once(serve, fresh_d
     assert sum(a[0] == "ok" for a in answers) < len(users), "the kill must land mid-storm"
     assert "unanswered past" not in log, log[-3000:]
     # Before, the relaying worker waited out the retry deadline for an owner no one would bring back.
-    deadline_s = Limits().relay_retry_deadline_ms / 1000
+    deadline_s = Limits().relay.relay_retry_deadline_ms / 1000
     assert gone_s < deadline_s, f"workers took {gone_s:.1f} s to exit after the supervisor's kill -9"
     in_db = await claims_of(fresh_dsn, sent.packet_id)
     for kind, u, g in answers:

@@ -109,7 +109,7 @@ async def test_a_client_that_never_reads_cannot_grow_a_worker(fresh_dsn, tokens_
     server = await Anbao(
         fresh_dsn,
         tokens_file,
-        Limits(
+        Limits.of(
             write_buffer_high_bytes=high,
             max_write_buffer_bytes=4 << 20,
             rate_limit_requests_per_s=no_ceiling,
@@ -164,7 +164,9 @@ async def test_a_client_owed_more_than_the_hard_limit_is_dropped(fresh_dsn, toke
     connection rather than hold it all."""
     # All 1,000 handled at once (not BUSY past 512): more than the kernel's
     # socket buffers take, so the worker itself must hold the rest.
-    limits = Limits(write_buffer_high_bytes=64 << 10, max_write_buffer_bytes=512 << 10, max_handlers_per_operation=1000)
+    limits = Limits.of(
+        write_buffer_high_bytes=64 << 10, max_write_buffer_bytes=512 << 10, max_handlers_per_operation=1000
+    )
     server = await Anbao(fresh_dsn, tokens_file, limits).start()
     try:
         admin = await server.client("admin")
@@ -193,7 +195,7 @@ async def test_hello_rules(anbao):
     got = await raw.answers(3)
     assert [(r.request_id, r.status) for r in got] == [(1, Status.OK), (2, Status.OK), (3, Status.OK)]
     hello = wire.decode_hello(got[0].body)
-    assert hello.max_queued_grabs == anbao.limits.max_queued_grabs
+    assert hello.max_queued_grabs == anbao.limits.commit.max_queued_grabs
     # A second HELLO is INVALID; the connection and its scope stay.
     raw.send(wire.hello(4, ADMIN_TOKEN.encode()) + wire.ping(5))
     got = await raw.answers(2)
@@ -288,7 +290,7 @@ async def test_requests_before_hello_are_few(anbao):
     raw = await Raw.open(anbao.port, hello=False)
     raw.send(b"".join(wire.ping(1 + i) for i in range(10_000)))
     got = frames_of(await read_to_close(raw))
-    most = anbao.limits.max_requests_before_hello
+    most = anbao.limits.connection.max_requests_before_hello
     assert [(r.request_id, r.status) for _, r in got[:-1]] == [(1 + i, Status.UNAUTHENTICATED) for i in range(most)]
     opcode_byte, last = got[-1]
     assert (opcode_byte, last.request_id, last.status) == (0x80, 0, Status.UNAUTHENTICATED)
@@ -305,7 +307,7 @@ async def test_malformed_requests_before_hello_are_few_too(anbao):
         b"".join(wire.frame(0x7E, 1 + i, b"") if i % 2 else wire.frame(Op.PING, 1 + i, b"x") for i in range(10_000))
     )
     got = frames_of(await read_to_close(raw))
-    most = anbao.limits.max_requests_before_hello
+    most = anbao.limits.connection.max_requests_before_hello
     assert [r.status for _, r in got[:-1]] == [
         Status.INVALID if i % 2 == 0 else Status.UNKNOWN_OPCODE for i in range(most)
     ]
@@ -316,7 +318,7 @@ async def test_a_connection_without_hello_is_aborted_at_the_limit(fresh_dsn, tok
     """Half a HELLO, then nothing: past hello_timeout_ms the connection is
     reset (RST) and leaves the worker's connections at once. Before, it was
     closed (FIN), which waits for the answers queued to drain."""
-    server = await Anbao(fresh_dsn, tokens_file, Limits(hello_timeout_ms=300)).start()
+    server = await Anbao(fresh_dsn, tokens_file, Limits.of(hello_timeout_ms=300)).start()
     try:
         raw = await Raw.open(server.port, hello=False)
         raw.send(wire.hello(1, APP_TOKEN.encode())[:7])
@@ -334,7 +336,7 @@ async def test_an_idle_client_that_reads_nothing_is_aborted(fresh_dsn, tokens_fi
     aborted and leaves the connection set, although megabytes of answers
     are still unsent. Before, close() waited for them to drain: the
     connection stayed, counted in STATS, for as long as the client liked."""
-    limits = Limits(idle_timeout_ms=1000, write_buffer_high_bytes=64 << 10, **NO_RATE_CEILING)
+    limits = Limits.of(idle_timeout_ms=1000, write_buffer_high_bytes=64 << 10, **NO_RATE_CEILING)
     server = await Anbao(fresh_dsn, tokens_file, limits).start()
     try:
         raw = await Raw.open(server.port)
@@ -361,7 +363,7 @@ async def test_in_flight_per_connection_holds_per_request(fresh_dsn, tokens_file
     16: at most 16 are in flight at once, and every one is answered in the
     end. Before, the limit was checked once per socket read, so all 100
     were taken (the issue saw 2,849 in flight against 1,024)."""
-    limits = Limits(max_inflight_per_connection=16, **NO_RATE_CEILING)
+    limits = Limits.of(max_inflight_per_connection=16, **NO_RATE_CEILING)
     server = await Anbao(fresh_dsn, tokens_file, limits).start()
     try:
         raw = await Raw.open(server.port)
@@ -391,7 +393,7 @@ async def test_answers_queued_for_a_client_that_does_not_read_hold_the_mark(fres
     plus max_inflight answers. Before, every request of a read was taken:
     the issue saw 9.1 MB queued against the documented 1 MiB."""
     high, inflight = 64 << 10, 32
-    limits = Limits(write_buffer_high_bytes=high, max_inflight_per_connection=inflight, **NO_RATE_CEILING)
+    limits = Limits.of(write_buffer_high_bytes=high, max_inflight_per_connection=inflight, **NO_RATE_CEILING)
     server = await Anbao(fresh_dsn, tokens_file, limits).start()
     try:
         raw = await Raw.open(server.port)
@@ -447,7 +449,7 @@ async def test_tls_connections_count_and_time_out_from_accept(fresh_dsn, tokens_
     held 3,000 files while STATS said 2, for about 59 s."""
     from anbao_client import Client
 
-    limits = Limits(hello_timeout_ms=500, max_connections=8)
+    limits = Limits.of(hello_timeout_ms=500, max_connections=8)
     server = await Anbao(fresh_dsn, tokens_file, limits, tls=certificate).start()
     try:
         silent = [await Raw.open(server.port, hello=False) for _ in range(8)]
@@ -498,7 +500,7 @@ async def test_silent_connections_cannot_lock_authenticated_clients_out(fresh_ds
     until the HELLO limit ended them (10.8-11.4 s in the issue), and again
     as soon as they came back. Connections that did say HELLO are never
     evicted: with those alone at the limit, a new one still gets BUSY."""
-    server = await Anbao(fresh_dsn, tokens_file, Limits(max_connections=6)).start()
+    server = await Anbao(fresh_dsn, tokens_file, Limits.of(max_connections=6)).start()
     try:
         silent = [await Raw.open(server.port, hello=False) for _ in range(6)]
         await wait_connections(server, 6, 2)
@@ -520,7 +522,7 @@ async def test_one_client_cannot_take_every_long_poll(fresh_dsn, tokens_file):
     worker's max_event_waiters: past either cap, BUSY at once, and another
     token's polls still wait. Before, 5 connections x 1,000 polls held all
     4,096 of a worker's slots and every other client's poll got BUSY."""
-    limits = Limits(max_event_polls_per_connection=4, max_event_polls_per_token=6, max_event_waiters=100)
+    limits = Limits.of(max_event_polls_per_connection=4, max_event_polls_per_token=6, max_event_waiters=100)
     server = await Anbao(fresh_dsn, tokens_file, limits).start()
     try:
         a = await Raw.open(server.port, hello=False)
@@ -556,7 +558,7 @@ async def test_a_closed_connections_long_polls_give_their_places_back_at_once(fr
     stop waiting and give their places back at once, so the token's next
     client is served at once. Before, they held their places until their
     wait ran out (issue 18 item 5: the victim waited 3-5.6 s)."""
-    limits = Limits(max_event_polls_per_connection=4, max_event_polls_per_token=4, max_event_waiters=100)
+    limits = Limits.of(max_event_polls_per_connection=4, max_event_polls_per_token=4, max_event_waiters=100)
     server = await Anbao(fresh_dsn, tokens_file, limits).start()
     try:
         feed = server.worker.feed

@@ -78,7 +78,7 @@ async def test_postgres_shutting_down_is_unavailable_never_internal(own_pg, toke
     INTERNAL on BALANCE and DEPOSIT. A worker whose connections are
     terminated and who must reconnect meets exactly that."""
     data, server, dsn = own_pg
-    limits = Limits(db_probe_interval_ms=100, db_down_log_interval_ms=60_000)
+    limits = Limits.of(db_probe_interval_ms=100, db_down_log_interval_ms=60_000)
     anbao = await Anbao(dsn, tokens_file, limits).start()
     caplog.set_level(logging.WARNING, logger="anbao.database")
     holder = await asyncpg.connect(dsn)  # keeps the smart shutdown from finishing

@@ -17,7 +17,7 @@ from anbao.config import Limits
 from anbao.storage.audit import audit
 from anbao_client import Client, CursorExpired, EventKind, Invalid, wire
 
-FAST = Limits(expiry_sweep_interval_ms=50)
+FAST = Limits.of(expiry_sweep_interval_ms=50)
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ async def test_long_poll_wakes_within_milliseconds(anbao):
 
 
 async def test_long_polls_are_bounded_and_hold_no_connection(fresh_dsn, tokens_file):
-    limits = Limits(max_event_waiters=3, db_pool_size=2)
+    limits = Limits.of(max_event_waiters=3, db_pool_size=2)
     server = await Anbao(fresh_dsn, tokens_file, limits).start()
     try:
         admin = await server.client("admin")
@@ -193,7 +193,7 @@ async def test_retention_by_age_prunes_the_old_front_and_never_a_younger_event(f
 
 
 async def test_cursor_expired_names_where_to_resume(fresh_dsn, tokens_file):
-    limits = Limits(events_retention_max_events=3, events_prune_interval_ms=50)
+    limits = Limits.of(events_retention_max_events=3, events_prune_interval_ms=50)
     server = await Anbao(fresh_dsn, tokens_file, limits).start()
     try:
         admin = await server.client("admin")
@@ -413,7 +413,7 @@ async def test_kill_9_postgres_mid_storm_events_match_claims(own_pg, tokens_file
     from anbao.storage import embedded
 
     data, _, dsn = own_pg
-    server = await Anbao(dsn, tokens_file, Limits(db_probe_interval_ms=100)).start()
+    server = await Anbao(dsn, tokens_file, Limits.of(db_probe_interval_ms=100)).start()
     try:
         admin = await server.client("admin")
         sender, *users = await funded_users(admin, 1, 1201)
@@ -529,7 +529,7 @@ async def test_events_carry_the_transfer_they_record(anbao):
 async def test_hello_announces_the_feeds_limits(fresh_dsn, tokens_file):
     """HELLO says how large a page, how long a wait and how much retention
     the feed has: the server's own settings, as EVENTS then holds them."""
-    lim = Limits(events_max_page=250, events_max_wait_ms=1_500, events_retention_ms=3_600_000,
+    lim = Limits.of(events_max_page=250, events_max_wait_ms=1_500, events_retention_ms=3_600_000,
                  events_retention_max_events=5_000)  # fmt: skip
     server = await Anbao(fresh_dsn, tokens_file, lim).start()
     try:
@@ -561,7 +561,7 @@ async def test_a_long_poll_while_the_database_is_down(own_pg, tokens_file):
     from anbao_client import Unavailable
 
     data, _, dsn = own_pg
-    server = await Anbao(dsn, tokens_file, Limits(db_probe_interval_ms=100)).start()
+    server = await Anbao(dsn, tokens_file, Limits.of(db_probe_interval_ms=100)).start()
     try:
         app = await server.client("app", timeout_ms=20_000)
         head = (await app.events_page(0, limit=1)).head

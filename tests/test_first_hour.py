@@ -16,6 +16,7 @@ from served import free_port
 
 from anbao.cli import EXIT_REFUSED, EXIT_UNREACHABLE
 from anbao.cliutil import yuan_in_text
+from anbao.config import AdmissionTuning
 from anbao_client import wire
 from anbao_client.protocol import Status
 
@@ -173,7 +174,9 @@ async def test_send_and_packet_say_what_happened(anbao):
 async def test_a_failing_memcached_is_logged_with_a_true_count(caplog):
     from anbao.admission.permits import MemcachedPermits
 
-    permits = MemcachedPermits("127.0.0.1", free_port(), set_id=0, timeout_ms=500)  # nobody listens there
+    permits = MemcachedPermits(
+        "127.0.0.1", free_port(), 0, AdmissionTuning(memcached_timeout_ms=500)
+    )  # nobody listens there
     with caplog.at_level(logging.WARNING, logger="anbao"):
         assert await permits.admit(1) and await permits.admit(2)  # fails open
     [first] = [r.getMessage() for r in caplog.records if "memcached at" in r.getMessage()]

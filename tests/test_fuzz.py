@@ -21,7 +21,7 @@ SEED = 20_261_125
 CONNECTIONS = 60
 FRAMES_PER_CONNECTION = 60  # 3,600 frames a run
 READ_TIMEOUT_S = 10
-MAX_REQUESTS_BEFORE_HELLO = Limits().max_requests_before_hello  # the anbao fixture's
+MAX_REQUESTS_BEFORE_HELLO = Limits().connection.max_requests_before_hello  # the anbao fixture's
 
 
 def templates(packet_id: int, users: list[int], group_id: int) -> list[bytes]:

@@ -68,7 +68,7 @@ async def test_group_size_limit(fresh_dsn, tokens_file):
 
     from anbao.config import Limits
 
-    server = await Anbao(fresh_dsn, tokens_file, Limits(max_members=4, max_group_members=6)).start()
+    server = await Anbao(fresh_dsn, tokens_file, Limits.of(max_members=4, max_group_members=6)).start()
     try:
         app = await server.client("app")
         users = await funded_users(app, 1, 10)

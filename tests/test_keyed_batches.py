@@ -218,7 +218,7 @@ async def test_kill_9_workers_mid_batches_of_sends_and_deposits(serve, fresh_dsn
 
 async def test_kill_9_postgres_mid_batches_of_sends_and_deposits(own_pg, tokens_file):
     data, _, dsn = own_pg
-    server = await Anbao(dsn, tokens_file, Limits(db_probe_interval_ms=100)).start()
+    server = await Anbao(dsn, tokens_file, Limits.of(db_probe_interval_ms=100)).start()
     try:
         admin = await server.client("admin")
         users = await funded_users(admin, 1, 24, 5_000)
@@ -237,7 +237,7 @@ async def test_kill_9_postgres_mid_batches_of_sends_and_deposits(own_pg, tokens_
     await _assert_books(dsn, users, 5_000, plan, first)
 
 
-@pytest.mark.parametrize("limits", [Limits(max_handlers_per_operation=8)])
+@pytest.mark.parametrize("limits", [Limits.of(max_handlers_per_operation=8)])
 async def test_overload_is_answered_busy_and_never_holds_up_another_operation(anbao, fresh_dsn):
     """SENDs stuck behind a held wallet: past 8 handled at once, a SEND is
     answered BUSY at once, and BALANCE is still answered meanwhile."""

@@ -16,8 +16,8 @@ from anbao.config import Limits
 from anbao.storage.audit import audit
 from anbao_client import AlreadyClaimed, Expired, Invalid, Mode, PacketStatus, TransferKind, wire
 
-FAST_SWEEP = Limits(expiry_sweep_interval_ms=50)
-NO_SWEEP = Limits(expiry_sweep_interval_ms=3_600_000, refund_grace_ms=7_200_000)  # only the sweep at start-up
+FAST_SWEEP = Limits.of(expiry_sweep_interval_ms=50)
+NO_SWEEP = Limits.of(expiry_sweep_interval_ms=3_600_000, refund_grace_ms=7_200_000)  # only the sweep at start-up
 
 
 @pytest.fixture
@@ -309,17 +309,17 @@ async def test_expiry_limits(anbao):
     lim = anbao.limits
     before = int(time.time() * 1000)
     default = await admin.send(sender, 100, 1, to_user=a)
-    assert abs(default.expires_at_ms - before - lim.default_expiry_s * 1000) < 5_000
-    longest = await admin.send(sender, 100, 1, to_user=a, expiry_seconds=lim.max_expiry_s)
-    assert abs(longest.expires_at_ms - before - lim.max_expiry_s * 1000) < 5_000
+    assert abs(default.expires_at_ms - before - lim.rules.default_expiry_s * 1000) < 5_000
+    longest = await admin.send(sender, 100, 1, to_user=a, expiry_seconds=lim.rules.max_expiry_s)
+    assert abs(longest.expires_at_ms - before - lim.rules.max_expiry_s * 1000) < 5_000
     with pytest.raises(Invalid):
-        await admin.send(sender, 100, 1, to_user=a, expiry_seconds=lim.max_expiry_s + 1)
+        await admin.send(sender, 100, 1, to_user=a, expiry_seconds=lim.rules.max_expiry_s + 1)
     assert await admin.balance(sender) == 9_800
     assert await anbao.fetchval("SELECT count(*) FROM packets") == 2
 
 
 async def test_expiry_below_the_minimum_is_refused(fresh_dsn, tokens_file):
-    server = await Anbao(fresh_dsn, tokens_file, Limits(min_expiry_s=60)).start()
+    server = await Anbao(fresh_dsn, tokens_file, Limits.of(min_expiry_s=60)).start()
     try:
         admin = await server.client("admin")
         sender, a = await funded_users(admin, 1, 2, 1_000)

@@ -60,7 +60,7 @@ async def test_lifecycle_refusals_are_typed_and_change_nothing(anbao):
         (UnknownUser, admin.send(999, 100, 1, group=10)),
         (NotEligible, admin.grab(group_packet.packet_id, outsider)),
         (NotEligible, admin.grab(group_packet.packet_id, sender)),
-        (Invalid, admin.send(sender, 100, 1, group=10, expiry_seconds=lim.max_expiry_s + 1)),
+        (Invalid, admin.send(sender, 100, 1, group=10, expiry_seconds=lim.rules.max_expiry_s + 1)),
         (Invalid, admin.send(sender, 100, 2, group=10)),  # more shares than members
         (Invalid, admin.group_add(10, [])),
         (Invalid, admin.statement(sender, limit=0)),

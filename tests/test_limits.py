@@ -52,7 +52,7 @@ def tokens_file(tmp_path):
 # ---------------------------------------------------------------- maximum per share
 
 
-@pytest.mark.parametrize("limits", [Limits(max_share_cents=500)])
+@pytest.mark.parametrize("limits", [Limits.of(max_share_cents=500)])
 async def test_share_above_max_is_refused_at_send(anbao):
     admin = await anbao.client("admin")
     (sender,) = await funded_users(admin, 1, 1, 100_000)
@@ -77,7 +77,7 @@ async def test_share_above_max_is_refused_at_send(anbao):
     assert len(report.violations["no share above its packet's maximum"]) == 2
 
 
-@pytest.mark.parametrize("limits", [Limits(max_share_cents=300)])
+@pytest.mark.parametrize("limits", [Limits.of(max_share_cents=300)])
 async def test_a_grab_after_a_restart_obeys_the_packets_own_cap(anbao):
     """The cap travels with the packet: after a restart under a higher
     maximum, the state rebuilt from the database (load_packet ->
@@ -117,7 +117,7 @@ async def _concurrent_sends(admin: Client, sender: int, amount: int, n: int):
     return keys, await asyncio.gather(*(one(k) for k in keys))
 
 
-@pytest.mark.parametrize("limits", [Limits(daily_send_max_packets=3)])
+@pytest.mark.parametrize("limits", [Limits.of(daily_send_max_packets=3)])
 async def test_concurrent_sends_cannot_both_pass_the_daily_count_cap(anbao):
     admin = await anbao.client("admin")
     (sender,) = await funded_users(admin, 1, 1, 100_000)
@@ -145,7 +145,7 @@ async def test_concurrent_sends_cannot_both_pass_the_daily_count_cap(anbao):
     await anbao.assert_audit_clean()
 
 
-@pytest.mark.parametrize("limits", [Limits(daily_send_max_cents=1_000)])
+@pytest.mark.parametrize("limits", [Limits.of(daily_send_max_cents=1_000)])
 async def test_concurrent_sends_cannot_both_pass_the_daily_amount_cap(anbao):
     admin = await anbao.client("admin")
     (sender, other) = await funded_users(admin, 1, 2, 100_000)
@@ -163,7 +163,7 @@ async def test_concurrent_sends_cannot_both_pass_the_daily_amount_cap(anbao):
 # ---------------------------------------------------------------- grab cool-down
 
 
-@pytest.mark.parametrize("limits", [Limits(cooldown_refusals=3, cooldown_window_ms=10_000, cooldown_ms=2_000)])
+@pytest.mark.parametrize("limits", [Limits.of(cooldown_refusals=3, cooldown_window_ms=10_000, cooldown_ms=2_000)])
 async def test_a_scripted_grabber_cools_down_an_honest_one_does_not(anbao):
     admin = await anbao.client("admin")
     (sender,) = await funded_users(admin, 1, 1, 100_000)
@@ -199,7 +199,7 @@ async def test_a_scripted_grabber_cools_down_an_honest_one_does_not(anbao):
     await anbao.assert_audit_clean()
 
 
-@pytest.mark.parametrize("limits", [Limits(cooldown_refusals=3, cooldown_window_ms=10_000, cooldown_ms=60_000)])
+@pytest.mark.parametrize("limits", [Limits.of(cooldown_refusals=3, cooldown_window_ms=10_000, cooldown_ms=60_000)])
 async def test_hammering_a_won_packet_cools_but_never_refuses_the_share(anbao):
     """ALREADY_CLAIMED counts as a refusal (a script hammering a packet it
     opened), but the share holder is answered with the share every time."""
@@ -220,7 +220,7 @@ async def test_hammering_a_won_packet_cools_but_never_refuses_the_share(anbao):
 # ---------------------------------------------------------------- request-rate ceiling
 
 
-@pytest.mark.parametrize("limits", [Limits(rate_limit_requests_per_s=2, rate_limit_burst_requests=20)])
+@pytest.mark.parametrize("limits", [Limits.of(rate_limit_requests_per_s=2, rate_limit_burst_requests=20)])
 async def test_one_token_is_rate_limited_while_another_is_served(anbao):
     admin = await anbao.client("admin")
     (sender,) = await funded_users(admin, 1, 1, 100_000)
@@ -250,7 +250,7 @@ async def test_one_token_is_rate_limited_while_another_is_served(anbao):
         await calm.close()
 
 
-@pytest.mark.parametrize("limits", [Limits(rate_limit_requests_per_s=2, rate_limit_burst_requests=20)])
+@pytest.mark.parametrize("limits", [Limits.of(rate_limit_requests_per_s=2, rate_limit_burst_requests=20)])
 async def test_requests_in_the_same_read_as_hello_count_against_the_token(anbao):
     """HELLO and 200 PINGs in one write, read at once: the PINGs after the
     HELLO are counted against the token like any others (a read takes its

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def test_failed_packet_loads_are_logged_once_per_interval(fresh_dsn, tokens_file, caplog):
-    server = await Anbao(fresh_dsn, tokens_file, Limits(db_down_log_interval_ms=60_000)).start()
+    server = await Anbao(fresh_dsn, tokens_file, Limits.of(db_down_log_interval_ms=60_000)).start()
     try:
         app = await server.client("app")
         # A real failure of every packet load: the table it reads is gone.

@@ -32,8 +32,8 @@ async def test_hello_announces_scope_and_limits(anbao):
     app = await anbao.client("app")
     admin = await anbao.client("admin")
     assert app.hello.scope == Scope.APP and admin.hello.scope == Scope.ADMIN
-    assert app.hello.version == 1 and app.hello.max_frame_bytes == anbao.limits.max_frame_bytes
-    assert app.hello.max_inflight == anbao.limits.max_inflight_per_connection
+    assert app.hello.version == 1 and app.hello.max_frame_bytes == anbao.limits.wire.max_frame_bytes
+    assert app.hello.max_inflight == anbao.limits.connection.max_inflight_per_connection
     assert await app.ping() == 0
 
 
@@ -108,7 +108,7 @@ async def test_deposit_limits(anbao):
     admin = await anbao.client("admin")
     await admin.register([1])
     with pytest.raises(Invalid):
-        await admin.deposit(1, anbao.limits.max_deposit_cents + 1)
+        await admin.deposit(1, anbao.limits.rules.max_deposit_cents + 1)
     for bad in (0, -5):
         with pytest.raises(Invalid):
             await admin.deposit(1, bad)
@@ -181,15 +181,15 @@ async def test_send_refusals_change_nothing(anbao):
         (UnknownUser, dict(sender_id=77, total_cents=10, count=1)),
         (UnknownUser, dict(sender_id=a, total_cents=10, count=1, members=[b, 78])),
         (Invalid, dict(sender_id=a, total_cents=10, count=0)),
-        (Invalid, dict(sender_id=a, total_cents=10, count=lim.max_share_count + 1)),
+        (Invalid, dict(sender_id=a, total_cents=10, count=lim.rules.max_share_count + 1)),
         (Invalid, dict(sender_id=a, total_cents=9, count=10)),
-        (Invalid, dict(sender_id=a, total_cents=lim.max_total_cents + 1, count=1)),
+        (Invalid, dict(sender_id=a, total_cents=lim.rules.max_total_cents + 1, count=1)),
         (Invalid, dict(sender_id=a, total_cents=10, count=1, mode=3)),
         (Invalid, dict(sender_id=a, total_cents=10, count=2, to_user=b)),
         (Invalid, dict(sender_id=a, total_cents=10, count=3, members=[b, c])),
         (Invalid, dict(sender_id=a, total_cents=10, count=1, members=[b, b])),
         (Invalid, dict(sender_id=a, total_cents=10, count=1, to_user=a)),
-        (Invalid, dict(sender_id=a, total_cents=10, count=1, expiry_seconds=lim.max_expiry_s + 1)),
+        (Invalid, dict(sender_id=a, total_cents=10, count=1, expiry_seconds=lim.rules.max_expiry_s + 1)),
         (Invalid, dict(sender_id=a, total_cents=-10, count=1)),
     ]
     for exc, kwargs in cases:

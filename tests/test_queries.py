@@ -132,7 +132,7 @@ async def test_query_refusals(anbao):
         with pytest.raises(Invalid):
             await q(a, limit=0)
         with pytest.raises(Invalid):
-            await q(a, limit=anbao.limits.max_page_rows + 1)
+            await q(a, limit=anbao.limits.wire.max_page_rows + 1)
     st = await admin.statement(a)
     assert (st.balance_cents, st.entries, st.next_cursor) == (0, [], 0)
 

@@ -46,7 +46,7 @@ class Asker:
 
 
 @pytest.mark.parametrize(
-    "limits", [Limits(max_share_cents=MAX_SHARE, daily_send_max_packets=1, daily_send_max_cents=250)]
+    "limits", [Limits.of(max_share_cents=MAX_SHARE, daily_send_max_packets=1, daily_send_max_cents=250)]
 )
 async def test_send_refusals_come_in_the_documented_order(server):
     admin = await server.client("admin")
@@ -70,9 +70,9 @@ async def test_send_refusals_come_in_the_documented_order(server):
     members = Audience.MEMBERS
     steps = [
         # (request, status, words of its message): each mends the rule the one before broke
-        ((used, s, lim.max_total_cents + 1, 0, 9, 10**7, members, []), Status.INVALID, "mode"),
-        ((used, s, lim.max_total_cents + 1, 0, 1, 10**7, members, []), Status.INVALID, "count must be"),
-        ((used, s, lim.max_total_cents + 1, 3, 1, 10**7, members, []), Status.INVALID, "above the limit"),
+        ((used, s, lim.rules.max_total_cents + 1, 0, 9, 10**7, members, []), Status.INVALID, "mode"),
+        ((used, s, lim.rules.max_total_cents + 1, 0, 1, 10**7, members, []), Status.INVALID, "count must be"),
+        ((used, s, lim.rules.max_total_cents + 1, 3, 1, 10**7, members, []), Status.INVALID, "above the limit"),
         ((used, s, 2, 3, 1, 10**7, members, []), Status.INVALID, "below 3 shares"),
         ((used, s, 3 * MAX_SHARE + 1, 3, 1, 10**7, members, []), Status.SHARE_ABOVE_MAX, "at most"),
         ((used, s, 300, 3, 1, 10**7, members, []), Status.INVALID, "expiry"),
@@ -111,7 +111,7 @@ async def test_send_refusals_come_in_the_documented_order(server):
     await server.assert_audit_clean()
 
 
-@pytest.mark.parametrize("limits", [Limits(cooldown_refusals=2, cooldown_window_ms=60_000, cooldown_ms=60_000)])
+@pytest.mark.parametrize("limits", [Limits.of(cooldown_refusals=2, cooldown_window_ms=60_000, cooldown_ms=60_000)])
 async def test_grab_refusals_come_in_the_documented_order(server):
     admin = await server.client("admin")
     sender, a, b, c, outsider = await funded_users(admin, 1, 5)

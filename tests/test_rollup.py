@@ -73,7 +73,7 @@ async def test_a_grab_is_read_back_at_once_before_its_rollup(anbao):
     await anbao.assert_audit_clean()
 
 
-@pytest.mark.parametrize("limits", [Limits(commit_slots=2, batch_max_grabs=8)])
+@pytest.mark.parametrize("limits", [Limits.of(commit_slots=2, batch_max_grabs=8)])
 async def test_a_failed_batch_fails_every_batch_built_on_it(anbao):
     """Batch N is refused at COMMIT while batch N+1, built on N's shares, is
     already in PostgreSQL on the other connection: N+1 must roll back too,
@@ -312,6 +312,6 @@ async def test_the_rollup_backend_runs_at_a_lower_priority(anbao):
         if roller._conn is not None:
             break
         await asyncio.sleep(0.05)
-    assert psutil.Process(roller._conn.get_server_pid()).nice() == anbao.limits.rollup_backend_nice
+    assert psutil.Process(roller._conn.get_server_pid()).nice() == anbao.limits.rollup.rollup_backend_nice
     assert on_this_machine(anbao.dsn) and on_this_machine("postgresql://u@127.0.0.1:5432/d")
     assert not on_this_machine("postgresql://u@db.example.com:5432/d")

@@ -20,14 +20,14 @@ def peers_of(dsn: str, limits: Limits) -> SetPeers:
     topology = SetTopology.from_dict(
         {"sets": [{"id": 0, "port": 1, "dsn": dsn}, {"id": 1, "port": 2, "dsn": dsn}]}  # set 1: a real database
     )
-    return SetPeers(topology, 0, limits)
+    return SetPeers(topology, 0, limits.sets)
 
 
 async def test_queued_reads_of_a_healthy_set_are_not_failures(fresh_dsn):
     """20 reads of 100 ms each at once over 2 connections: the last waits
     about 900 ms for a connection, far past the 500 ms read bound, and is
     answered all the same; the set is never marked down."""
-    peers = peers_of(fresh_dsn, Limits(peer_set_connections=2, peer_set_read_timeout_ms=500))
+    peers = peers_of(fresh_dsn, Limits.of(peer_set_connections=2, peer_set_read_timeout_ms=500))
 
     async def slow(conn):
         return await conn.fetchval("SELECT 1 FROM pg_sleep(0.1)")
@@ -43,7 +43,7 @@ async def test_queued_reads_of_a_healthy_set_are_not_failures(fresh_dsn):
 async def test_a_read_that_hangs_is_still_a_failure(fresh_dsn):
     """The peer's own time is still bounded: a read that outlasts it fails,
     and the set is left alone for peer_set_retry_ms."""
-    peers = peers_of(fresh_dsn, Limits(peer_set_connections=2, peer_set_read_timeout_ms=300))
+    peers = peers_of(fresh_dsn, Limits.of(peer_set_connections=2, peer_set_read_timeout_ms=300))
 
     async def hangs(conn):
         return await conn.fetchval("SELECT 1 FROM pg_sleep(5)")

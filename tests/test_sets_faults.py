@@ -166,7 +166,7 @@ async def test_sending_worker_killed_mid_rollup(two_sets):
         packet_id, won = await _storm_across(env, sender0, ones, len(ones), waves=40)
         assert len(won) == len(ones)
         batches = await holder.fetchval("SELECT count(*) FROM grab_rollups WHERE $1 = ANY(packet_ids)", packet_id)
-        assert batches > Limits().rollup_batches_per_pass, "the roll-up must take several passes"
+        assert batches > Limits().rollup.rollup_batches_per_pass, "the roll-up must take several passes"
 
         async def roller_waits() -> bool:
             return bool(

@@ -48,7 +48,7 @@ async def test_withdraw_refusals_change_nothing(anbao):
     with pytest.raises(Forbidden):
         await app.withdraw(a, 1)
     with pytest.raises(Invalid):
-        await admin.withdraw(a, anbao.limits.max_withdraw_cents + 1)
+        await admin.withdraw(a, anbao.limits.rules.max_withdraw_cents + 1)
     for bad in (0, -1):
         with pytest.raises(Invalid):
             await admin.withdraw(a, bad)

@@ -7,6 +7,8 @@ import asyncio
 import logging
 import time
 
+from ..config import AdmissionTuning
+
 log = logging.getLogger("anbao.admission")
 
 # decr stops at zero and cannot say whether it was already zero, so a
@@ -140,13 +142,13 @@ def _error_count(errors: int, since_s: float | None) -> str:
 class MemcachedPermits(Permits):
     mode = "memcached"
 
-    def __init__(self, host: str, port: int, set_id: int, pool_size: int = 8, timeout_ms: int = 200):
+    def __init__(self, host: str, port: int, set_id: int, tuning: AdmissionTuning):
         import aiomcache
 
-        self._mc = aiomcache.Client(host, port, pool_size=pool_size)
+        self._mc = aiomcache.Client(host, port, pool_size=tuning.memcached_pool_size)
         _Pool.install(self._mc)
         self._prefix = f"anbao:{set_id}:permits:".encode()
-        self._timeout_s = timeout_ms / 1000
+        self._timeout_s = tuning.memcached_timeout_ms / 1000
         self._background: set[asyncio.Task] = set()
         self.errors = 0
         self.last_error = ""

@@ -5,7 +5,6 @@ server needed)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import signal
@@ -147,7 +146,7 @@ def _one_off_database(args, work) -> int:
 
 def _limits(overrides: list[str]) -> Limits:
     """config.Limits with NAME=VALUE overrides; a bad one exits 2 with why."""
-    known = {f.name for f in dataclasses.fields(Limits)}
+    known = set(Limits.names())
     changes = {}
     for item in overrides:
         name, _, value = item.partition("=")
@@ -156,7 +155,7 @@ def _limits(overrides: list[str]) -> Limits:
             raise SystemExit(2)
         changes[name] = int(value)
     try:
-        return Limits(**changes)
+        return Limits.of(**changes)
     except AssertionError as exc:
         print(f"anbao serve: --limit: {exc or 'limits out of range'}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -200,21 +199,22 @@ def cmd_serve(args) -> int:
     workers = args.workers or os.cpu_count() or 1
     settings = replace(_settings(args), worker_count=workers)
     try:
-        raise_open_files_limit(settings.limits)
+        raise_open_files_limit(settings.limits.connection)
     except TooFewFiles as exc:
         print(f"anbao serve: {exc}", file=sys.stderr)
         return 2
     tokens_path = _tokens_path(args, settings.data_dir)
     # Whatever a supervisor killed on this data directory left running goes
     # first: its workers would hold the port, its PostgreSQL the data.
-    reap_stale(Path(settings.data_dir) / "run")
+    drain_ms = settings.limits.process.worker_drain_timeout_ms
+    reap_stale(Path(settings.data_dir) / "run", drain_ms)
     try:
         # After the reaping: a killed supervisor's own workers may have held the port until now.
         refuse_if_served(settings.host, settings.port)
     except PortTaken as exc:
         print(f"anbao serve: {exc}; stop it first, or choose another --port", file=sys.stderr)
         return 2
-    reaper = Reaper()
+    reaper = Reaper(drain_ms)
     dsn, embedded_server = _database(args)
     kept = _kept_db(args, embedded_server)
     if embedded_server is not None and not kept:

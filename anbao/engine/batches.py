@@ -14,7 +14,7 @@ committed.
 Two batches of one batcher in flight never share a wallet (a user's later
 request waits for the next batch, so one user's requests are decided in
 arrival order), and a batch never holds one key twice. How many requests
-may wait is bounded by the dispatcher (Limits.max_handlers_per_operation).
+may wait is bounded by the dispatcher (HandlerTuning.max_handlers_per_operation).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..clock import now_ms
-from ..config import Limits
+from ..config import HandlerTuning, ProductRules
 from ..storage.domain import BatchOutcome, BatchResult, MoveRequest, Operation, SendRequest
 from ..storage.ledger import Ledger
 
@@ -47,8 +47,8 @@ class _Waiting:
 class KeyedBatcher:
     """The queue and the batches in flight; `_commit` runs one batch."""
 
-    def __init__(self, limits: Limits):
-        self.limits = limits
+    def __init__(self, tuning: HandlerTuning):
+        self.tuning = tuning
         self._waiting: deque[_Waiting] = deque()
         self._wallets_in_flight: set[int] = set()
         self._batches_in_flight = 0
@@ -63,7 +63,7 @@ class KeyedBatcher:
         raise NotImplementedError
 
     def _submit(self, waiting: _Waiting) -> Awaitable[BatchResult]:
-        assert len(self._waiting) < self.limits.max_handlers_per_operation, "the dispatcher bounds the queue"
+        assert len(self._waiting) < self.tuning.max_handlers_per_operation, "the dispatcher bounds the queue"
         self._waiting.append(waiting)
         self._kick()
         return waiting.future
@@ -77,7 +77,7 @@ class KeyedBatcher:
 
     def _start_batches(self) -> None:
         self._kicked = False
-        while self._waiting and self._batches_in_flight < self.limits.send_batches_in_flight:
+        while self._waiting and self._batches_in_flight < self.tuning.send_batches_in_flight:
             # A request put back PATIENT_AFTER_PUT_BACKS times goes in a
             # batch of such requests only, which waits for the wallets:
             # every request is decided in the end, and no other waits
@@ -98,7 +98,7 @@ class KeyedBatcher:
         keys: set[bytes] = set()
         blocked: set[int] = set()  # a wallet skipped here: its later requests wait too
         kept: deque[_Waiting] = deque()
-        while self._waiting and len(batch) < self.limits.send_batch_max:
+        while self._waiting and len(batch) < self.tuning.send_batch_max:
             w = self._waiting.popleft()
             if w.future.done():  # its handler is gone (cancelled at stop)
                 continue
@@ -147,9 +147,10 @@ class KeyedBatcher:
 class SendBatcher(KeyedBatcher):
     """SENDs, into anbao_send_batch (storage/functions)."""
 
-    def __init__(self, ledger: Ledger, limits: Limits):
-        super().__init__(limits)
+    def __init__(self, ledger: Ledger, tuning: HandlerTuning, rules: ProductRules):
+        super().__init__(tuning)
         self.ledger = ledger
+        self.rules = rules
         self._seqs: range = range(0)
         self._seq_at = 0
 
@@ -169,17 +170,17 @@ class SendBatcher(KeyedBatcher):
         return seq
 
     async def _commit(self, batch: list[_Waiting], patient: bool) -> list[BatchResult]:
-        lim = self.limits
+        rules = self.rules
         requests = []
         for w in batch:
             assert w.packet_id_of is not None
             requests.append(replace(w.request, packet_id=w.packet_id_of(await self._next_seq())))
         return await self.ledger.send_batch(
             requests,
-            min_share_cents=lim.min_share_cents,
-            max_share_cents=lim.max_share_cents,
-            daily_max_cents=lim.daily_send_max_cents,
-            daily_max_packets=lim.daily_send_max_packets,
+            min_share_cents=rules.min_share_cents,
+            max_share_cents=rules.max_share_cents,
+            daily_max_cents=rules.daily_send_max_cents,
+            daily_max_packets=rules.daily_send_max_packets,
             at_ms=now_ms(),
             patient=patient,
         )
@@ -189,9 +190,9 @@ class MoveBatcher(KeyedBatcher):
     """DEPOSITs or WITHDRAWs (one batcher each), into anbao_move_batch
     (migration 0013)."""
 
-    def __init__(self, ledger: Ledger, limits: Limits, operation: Operation):
+    def __init__(self, ledger: Ledger, tuning: HandlerTuning, operation: Operation):
         assert operation in (Operation.DEPOSIT, Operation.WITHDRAW)
-        super().__init__(limits)
+        super().__init__(tuning)
         self.ledger = ledger
         self.operation = operation
 
@@ -214,11 +215,11 @@ class KeyedWrites:
     withdrawals: MoveBatcher
 
     @classmethod
-    def open(cls, ledger: Ledger, limits: Limits) -> KeyedWrites:
+    def open(cls, ledger: Ledger, tuning: HandlerTuning, rules: ProductRules) -> KeyedWrites:
         return cls(
-            SendBatcher(ledger, limits),
-            MoveBatcher(ledger, limits, Operation.DEPOSIT),
-            MoveBatcher(ledger, limits, Operation.WITHDRAW),
+            SendBatcher(ledger, tuning, rules),
+            MoveBatcher(ledger, tuning, Operation.DEPOSIT),
+            MoveBatcher(ledger, tuning, Operation.WITHDRAW),
         )
 
     def stats(self) -> dict[str, int]:

@@ -12,25 +12,29 @@ packet first), so an acknowledged grab is never refused.
 Counting is per owner worker: refusals decided by different workers (for
 packets of different owners) are counted apart, and refusals a non-owner
 answers from final knowledge (admission/cache.py) are not counted at all.
-A window starts at a user's first refusal and lasts `window_ms`; `refusals`
-of them within it start a cool-down of `cooldown_ms`. Memory is bounded:
-each map holds at most `max_users` users, and when one is full the entries
+A window starts at a user's first refusal and lasts `cooldown_window_ms`;
+`cooldown_refusals` of them within it start a cool-down of `cooldown_ms`
+(config.ProductRules). Memory is bounded: each map holds at most
+`cooldown_max_users_tracked` users, and when one is full the entries
 that ended are dropped, then, if needed, the oldest quarter (forgetting
 only lets someone off early).
 """
 
 from __future__ import annotations
 
+from ..config import ProductRules
+
 
 class Cooldown:
     __slots__ = ("refusals", "window_ms", "cooldown_ms", "max_users", "until", "_strikes", "cooled")
 
-    def __init__(self, refusals: int, window_ms: int, cooldown_ms: int, max_users: int):
-        assert refusals >= 1 and window_ms > 0 and cooldown_ms > 0 and max_users > 0
-        self.refusals = refusals
-        self.window_ms = window_ms
-        self.cooldown_ms = cooldown_ms
-        self.max_users = max_users
+    def __init__(self, rules: ProductRules):
+        # Read on every refused grab: plain slots, not rules.x.
+        self.refusals = rules.cooldown_refusals
+        self.window_ms = rules.cooldown_window_ms
+        self.cooldown_ms = rules.cooldown_ms
+        self.max_users = rules.cooldown_max_users_tracked
+        assert self.refusals >= 1 and self.window_ms > 0 and self.cooldown_ms > 0 and self.max_users > 0
         # user id -> the end of their cool-down (ms). The engine reads it
         # directly: an empty dict is the whole cost of a grab when nobody cools.
         self.until: dict[int, int] = {}

@@ -18,6 +18,7 @@ import logging
 from anbao_client.routing import SHARD_COUNT, owner_of, shards_of
 
 from ..clock import now_ms
+from ..config import ExpiryTuning
 from ..storage.ledger import Ledger
 from .grabs import GrabEngine
 
@@ -25,9 +26,8 @@ log = logging.getLogger("anbao.expiry")
 
 
 class ExpirySweeper:
-    def __init__(
-        self, ledger: Ledger, engine: GrabEngine, worker_id: int, worker_count: int, interval_ms: int, batch_limit: int
-    ):
+    def __init__(self, ledger: Ledger, engine: GrabEngine, worker_id: int, worker_count: int, tuning: ExpiryTuning):
+        interval_ms, batch_limit = tuning.expiry_sweep_interval_ms, tuning.expiry_sweep_batch
         assert interval_ms > 0 and batch_limit > 0 and 0 <= worker_id < worker_count
         self.ledger = ledger
         self.engine = engine

@@ -23,6 +23,7 @@ import time
 import asyncpg
 
 from ..clock import Wakeup
+from ..config import EventTuning
 from ..storage.events import EVENTS_CHANNEL, number_events, prune_events
 
 log = logging.getLogger("anbao.feed")
@@ -33,25 +34,18 @@ class TooManyWaiters(Exception):
 
 
 class EventFeed:
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        number_interval_ms: int,
-        poll_ms: int,
-        prune_interval_ms: int,
-        retention_ms: int,
-        retention_max_events: int,
-        max_waiters: int,
-    ):
-        assert number_interval_ms > 0 and poll_ms > 0 and max_waiters > 0
+    def __init__(self, dsn: str, tuning: EventTuning):
+        t = tuning
+        assert t.events_number_interval_ms > 0 and t.events_poll_ms > 0 and t.max_event_waiters > 0
         self.dsn = dsn
-        self.number_interval_s = number_interval_ms / 1000
-        self.poll_s = poll_ms / 1000
-        self.prune_interval_s = prune_interval_ms / 1000
-        self.retention_ms = retention_ms
-        self.retention_max_events = retention_max_events
-        self.max_waiters = max_waiters
+        self.tuning = tuning
+        self.number_interval_s = t.events_number_interval_ms / 1000
+        self.poll_s = t.events_poll_ms / 1000
+        self.prune_interval_s = t.events_prune_interval_ms / 1000
+        self.connect_timeout_s = t.events_connect_timeout_ms / 1000
+        self.retention_ms = t.events_retention_ms
+        self.retention_max_events = t.events_retention_max_events
+        self.max_waiters = t.max_event_waiters
         self.head = 0  # the last event number known to be given
         self.pruned_through = 0
         self.runs = 0
@@ -150,7 +144,7 @@ class EventFeed:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=5)
+            self._conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
         return self._conn
 
     async def number_once(self) -> int:
@@ -171,7 +165,7 @@ class EventFeed:
         while True:
             conn = None
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
+                conn = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
                 lost = asyncio.get_running_loop().create_future()
                 conn.add_termination_listener(lambda _c, f=lost: f.done() or f.set_result(None))
                 await conn.add_listener(EVENTS_CHANNEL, self._notified)
@@ -184,7 +178,7 @@ class EventFeed:
                     try:
                         await asyncio.wait_for(asyncio.shield(lost), self.poll_s * 10)
                     except TimeoutError:
-                        await conn.fetchval("SELECT 1", timeout=5)  # a dead server shows here
+                        await conn.fetchval("SELECT 1", timeout=self.connect_timeout_s)  # a dead server shows here
             except asyncio.CancelledError:
                 if conn is not None:
                     conn.terminate()

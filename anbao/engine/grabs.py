@@ -26,6 +26,7 @@ from collections.abc import Callable
 from anbao_client.protocol import Op, Status
 
 from .. import _fastpath
+from ..config import CommitTuning
 from ..core import codec
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.domain import PacketRecord
@@ -79,24 +80,20 @@ class GrabEngine:
         ledger: Ledger,
         committer: GrabCommitter,
         worker_id: int,
+        tuning: CommitTuning,
         *,
-        batch_max_grabs: int,
-        max_queued_grabs: int,
-        max_packets_in_memory: int,
-        max_known_users: int,
         roller: Roller | None = None,
-        max_rollup_backlog: int = 1 << 62,
-        overlap_min_grabs: int = 1,
         committing=None,
-        rollup_quiet_ms: int = 0,
         cooldown: Cooldown | None = None,
     ):
-        assert 0 < batch_max_grabs <= max_queued_grabs and max_rollup_backlog > 0
+        assert 0 < tuning.batch_max_grabs <= tuning.max_queued_grabs
         self.ledger = ledger
         self.committer = committer
+        self.tuning = tuning
         self.roller = roller
-        self.max_rollup_backlog = max_rollup_backlog
-        self.overlap_min_grabs = overlap_min_grabs
+        # The roll-up's backlog bound and quiet time are the roller's tuning:
+        # without a roller (unit tests) nothing is rolled up, nothing bounds.
+        self.max_rollup_backlog = roller.tuning.max_rollup_backlog_grabs if roller is not None else 1 << 62
         # committing[worker_id] is the monotonic time this engine last had
         # batches in flight (now, while it has); a roll-up waits while any
         # worker's is within rollup_quiet_ms (see Roller): a steady stream of
@@ -104,15 +101,17 @@ class GrabEngine:
         # takes the CPU the next commit needs.
         self._committing = committing if committing is not None else [0.0]
         self._slot_index = worker_id if committing is not None else 0
-        self._quiet_s = rollup_quiet_ms / 1000
+        self._quiet_s = roller.tuning.rollup_quiet_ms / 1000 if roller is not None else 0.0
         if roller is not None:
             roller.on_progress = self._kick_if_waiting
             roller.busy = self._grabs_active
         self.worker_id = worker_id
-        self.batch_max_grabs = batch_max_grabs
-        self.max_queued_grabs = max_queued_grabs
-        self.max_packets_in_memory = max_packets_in_memory
-        self.max_known_users = max_known_users
+        # Read on every grab or batch: plain attributes, not self.tuning.x.
+        self.overlap_min_grabs = tuning.batch_overlap_min_grabs
+        self.batch_max_grabs = tuning.batch_max_grabs
+        self.max_queued_grabs = tuning.max_queued_grabs
+        self.max_packets_in_memory = tuning.max_packets_in_memory
+        self.max_known_users = tuning.max_known_users_cached
         self.rng = _fastpath.Rng()
         # Refused grabs put a user in cool-down (cooldown.py); _cooling is
         # its map of users cooling down, empty (one falsy test a grab) when nobody is.

@@ -169,7 +169,7 @@ class Connection(asyncio.Protocol, Replier):
         self.host = host
         lim = host.limits
         self.transport: asyncio.Transport | None = None
-        self.decoder = codec.FrameDecoder(lim.max_frame_bytes)
+        self.decoder = codec.FrameDecoder(lim.wire.max_frame_bytes)
         self.scope: int | None = None
         self.caller = ""  # the token's name once HELLO succeeds: its idempotency keys' namespace
         # The token's request-rate bucket (ratelimit.py), shared by every
@@ -177,15 +177,15 @@ class Connection(asyncio.Protocol, Replier):
         self.bucket: TokenBucket | None = None
         self.inflight = 0
         self.paused_by = 0
-        self.max_inflight = lim.max_inflight_per_connection
-        self.max_write_buffer_bytes = lim.max_write_buffer_bytes
+        self.max_inflight = lim.connection.max_inflight_per_connection
+        self.max_write_buffer_bytes = lim.connection.max_write_buffer_bytes
         self.wid = host.worker_id
         self.last_seen = self.opened_at = 0.0
         self.peer = None
         self.answered = host.answered
         self._out: list[bytes] = []
         self._out_bytes = 0
-        self.write_high_bytes = lim.write_buffer_high_bytes
+        self.write_high_bytes = lim.connection.write_buffer_high_bytes
         self._flush_scheduled = False
         self._fatal: bytes | None = None  # the error frame that ends the connection, sent last
         self._broken: bytes | None = None  # the error frame of a framing error, sent once the frames before it are
@@ -211,7 +211,7 @@ class Connection(asyncio.Protocol, Replier):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         self.last_seen = self.opened_at = self.host.loop.time()
-        if len(self.host.connections) >= self.host.limits.max_connections and not self._evict_one():
+        if len(self.host.connections) >= self.host.limits.connection.max_connections and not self._evict_one():
             self.transport = None
             if self.host.tls is not None:
                 transport.abort()  # no handshake for a connection that cannot stay, and no plaintext
@@ -261,7 +261,12 @@ class Connection(asyncio.Protocol, Replier):
         done = loop.create_future()
         done.add_done_callback(self._handshake_done)
         layer = _ssl_protocol_class(loop)(
-            loop, self, tls, done, server_side=True, ssl_handshake_timeout=self.host.limits.hello_timeout_ms / 1000
+            loop,
+            self,
+            tls,
+            done,
+            server_side=True,
+            ssl_handshake_timeout=self.host.limits.connection.hello_timeout_ms / 1000,
         )
         self._handshaking = True
         raw.set_protocol(layer)
@@ -273,7 +278,7 @@ class Connection(asyncio.Protocol, Replier):
             self.abort()
 
     def _limit_writes(self, transport) -> None:
-        high = self.host.limits.write_buffer_high_bytes
+        high = self.host.limits.connection.write_buffer_high_bytes
         transport.set_write_buffer_limits(high=high, low=high // 4)
 
     def connection_lost(self, exc) -> None:
@@ -402,10 +407,10 @@ class Connection(asyncio.Protocol, Replier):
         max_event_waiters and leave the others BUSY."""
         lim = self.host.limits
         bucket = self.bucket
-        if self.polls >= lim.max_event_polls_per_connection:
-            why = f"{lim.max_event_polls_per_connection} EVENTS already wait on this connection"
-        elif bucket is not None and bucket.polls >= lim.max_event_polls_per_token:
-            why = f"{lim.max_event_polls_per_token} EVENTS of this token already wait on this worker"
+        if self.polls >= lim.events.max_event_polls_per_connection:
+            why = f"{lim.events.max_event_polls_per_connection} EVENTS already wait on this connection"
+        elif bucket is not None and bucket.polls >= lim.events.max_event_polls_per_token:
+            why = f"{lim.events.max_event_polls_per_token} EVENTS of this token already wait on this worker"
         else:
             self.polls += 1
             if bucket is not None:
@@ -424,7 +429,7 @@ class Connection(asyncio.Protocol, Replier):
         HELLO (INVALID, UNKNOWN_OPCODE); any other but HELLO is
         UNAUTHENTICATED."""
         self.requests_before_hello += 1
-        if self.requests_before_hello > self.host.limits.max_requests_before_hello:
+        if self.requests_before_hello > self.host.limits.connection.max_requests_before_hello:
             self.inflight -= 1  # not answered: the error frame that ends the connection stands for it
             self._broken = codec.encode_error(
                 NO_OPCODE, 0, Status.UNAUTHENTICATED, self.wid, "too many requests before HELLO"
@@ -446,7 +451,7 @@ class Connection(asyncio.Protocol, Replier):
                 _RATE_LIMITED,
                 self.wid,
                 # Short: a flood is answered once a request, so this is its amplification.
-                f"over {lim.rate_limit_requests_per_s}/s; retry later",
+                f"over {lim.rules.rate_limit_requests_per_s}/s; retry later",
             )
         )
 
@@ -517,7 +522,9 @@ class Connection(asyncio.Protocol, Replier):
         else:
             # Answers owed wait for commits; a database outage must not hold
             # the connection forever.
-            self._linger = self.host.loop.call_later(self.host.limits.framing_error_linger_ms / 1000, self._send_fatal)
+            self._linger = self.host.loop.call_later(
+                self.host.limits.connection.framing_error_linger_ms / 1000, self._send_fatal
+            )
 
     def _send_fatal(self) -> None:
         t = self.transport
@@ -535,7 +542,7 @@ class Connection(asyncio.Protocol, Replier):
         self._leave()
         if not t.can_write_eof():  # TLS: no half-close
             t.close()
-            self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
+            self.host.loop.call_later(self.host.limits.connection.close_linger_ms / 1000, _close_or_abort, t)
             return
         # A lingering close: FIN after the last answer, then read (and drop)
         # what the client still sends for a moment. Closing with its bytes
@@ -543,7 +550,7 @@ class Connection(asyncio.Protocol, Replier):
         # kernel drop answers it has received but not yet read.
         t.write_eof()
         t.resume_reading()
-        self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
+        self.host.loop.call_later(self.host.limits.connection.close_linger_ms / 1000, _close_or_abort, t)
 
     def eof_received(self):
         return False  # the client is done sending: close (after what we owe it is written)
@@ -584,7 +591,7 @@ class Connection(asyncio.Protocol, Replier):
                 self.transport = None
                 t.close()
                 if t.get_write_buffer_size():
-                    self.host.loop.call_later(self.host.limits.close_linger_ms / 1000, _close_or_abort, t)
+                    self.host.loop.call_later(self.host.limits.connection.close_linger_ms / 1000, _close_or_abort, t)
 
     # ------------------------------------------------------------ hello
 
@@ -621,12 +628,12 @@ class Connection(asyncio.Protocol, Replier):
                 protocol.PROTOCOL_VERSION,
                 scope,
                 self.host.worker_count,
-                lim.max_frame_bytes,
-                lim.max_inflight_per_connection,
-                lim.max_queued_grabs,
-                lim.events_max_page,
-                lim.events_max_wait_ms,
-                lim.events_retention_ms,
-                lim.events_retention_max_events,
+                lim.wire.max_frame_bytes,
+                lim.connection.max_inflight_per_connection,
+                lim.commit.max_queued_grabs,
+                lim.wire.events_max_page,
+                lim.events.events_max_wait_ms,
+                lim.events.events_retention_ms,
+                lim.events.events_retention_max_events,
             )
         )

@@ -41,7 +41,7 @@ class Dispatcher:
         self.db = db
         self.wid = ctx.worker_id
         self._tasks: set[asyncio.Task[None]] = set()
-        self.max_handlers = ctx.limits.max_handlers_per_operation
+        self.max_handlers = ctx.limits.handlers.max_handlers_per_operation
         self.handling: dict[int, int] = {}  # opcode -> requests being handled (STATS)
         self.busy_answers = 0  # STATS: requests refused BUSY by that bound
 

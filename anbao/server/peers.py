@@ -33,13 +33,13 @@ from pathlib import Path
 from anbao_client import wire
 from anbao_client.protocol import Op, Status
 
+from ..config import RelayTuning
 from ..core import codec
 from ..engine.grabs import Replier
 
 log = logging.getLogger("anbao.peers")
 
 HELLO_RID = 0
-RECONNECT_PAUSE_S = 0.05
 
 
 class _Relayed:
@@ -57,14 +57,15 @@ class _Relayed:
 
 
 class PeerLink(asyncio.Protocol):
-    def __init__(self, own_id: int, peer_id: int, path: Path, token: bytes, max_pending: int, retry_deadline_ms: int):
-        assert max_pending > 0 and retry_deadline_ms > 0
+    def __init__(self, own_id: int, peer_id: int, path: Path, token: bytes, tuning: RelayTuning):
+        assert tuning.max_relayed_per_peer > 0 and tuning.relay_retry_deadline_ms > 0
         self.own_id = own_id
         self.peer_id = peer_id
         self.path = path
         self.token = token
-        self.max_pending = max_pending
-        self.retry_deadline_s = retry_deadline_ms / 1000
+        self.max_pending = tuning.max_relayed_per_peer
+        self.retry_deadline_s = tuning.relay_retry_deadline_ms / 1000
+        self.reconnect_pause_s = tuning.peer_reconnect_pause_ms / 1000
         self._transport: asyncio.Transport | None = None
         self._ready = False
         self._connector: asyncio.Task | None = None
@@ -124,7 +125,7 @@ class PeerLink(asyncio.Protocol):
                         await loop.create_unix_connection(lambda: self, str(self.path))
                     except OSError as exc:
                         log.debug("worker %d -> %d: cannot connect (%r)", self.own_id, self.peer_id, exc)
-                await asyncio.sleep(RECONNECT_PAUSE_S)
+                await asyncio.sleep(self.reconnect_pause_s)
         finally:
             self._connector = None
 

@@ -3,7 +3,8 @@ process, in memory, taken from by the connection layer before a request is
 dispatched or routed (so a limited GRAB is never decided: RATE_LIMITED says
 nothing happened, retry after a pause).
 
-A bucket holds at most `burst` requests and refills at `rate_per_s`; every
+A bucket holds at most `rate_limit_burst_requests` requests and refills at
+`rate_limit_requests_per_s` (config.ProductRules); every
 connection authenticated with the same token shares it, so one caller
 cannot get past its ceiling by opening more connections on a worker. Peer
 links (Scope.PEER, relays between workers) take no bucket: the request was
@@ -11,6 +12,8 @@ counted on the worker the client reached.
 """
 
 from __future__ import annotations
+
+from ..config import ProductRules
 
 
 class TokenBucket:
@@ -48,9 +51,9 @@ class RateLimits:
     """The buckets of one worker process, one per token (tokens come from the
     token file, so their number is bounded by it)."""
 
-    def __init__(self, rate_per_s: int, burst: int):
-        self.rate_per_s = rate_per_s
-        self.burst = burst
+    def __init__(self, rules: ProductRules):
+        self.rate_per_s = rules.rate_limit_requests_per_s
+        self.burst = rules.rate_limit_burst_requests
         self._buckets: dict[bytes, TokenBucket] = {}
 
     def bucket_for(self, token: bytes, now_s: float) -> TokenBucket:

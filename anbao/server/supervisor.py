@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import Limits, Settings
+from ..config import ConnectionTuning, Settings
 from .listener import open_listeners
 from .reaper import Reaper, describe
 
@@ -56,7 +56,7 @@ class TooFewFiles(RuntimeError):
     """RLIMIT_NOFILE cannot hold max_connections per worker."""
 
 
-def raise_open_files_limit(limits: Limits) -> int:
+def raise_open_files_limit(tuning: ConnectionTuning) -> int:
     """Raises this process's RLIMIT_NOFILE soft limit to its hard limit (the
     workers inherit it) and returns it; raises TooFewFiles when a worker
     could not hold max_connections plus the files it needs for itself. A
@@ -67,11 +67,11 @@ def raise_open_files_limit(limits: Limits) -> int:
         hard = int(Path("/proc/sys/fs/nr_open").read_text())  # what "unlimited" may be raised to
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    needed = limits.max_connections + limits.open_files_reserved_per_worker
+    needed = tuning.max_connections + tuning.open_files_reserved_per_worker
     if needed > hard:
         raise TooFewFiles(
-            f"max_connections={limits.max_connections} needs {needed} open files per worker"
-            f" (with open_files_reserved_per_worker={limits.open_files_reserved_per_worker}), and RLIMIT_NOFILE"
+            f"max_connections={tuning.max_connections} needs {needed} open files per worker"
+            f" (with open_files_reserved_per_worker={tuning.open_files_reserved_per_worker}), and RLIMIT_NOFILE"
             f" allows {hard}: raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower"
             " --limit max_connections"
         )
@@ -83,13 +83,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("anbao.supervisor")
 
-READY_TIMEOUT_S = 60
-DRAIN_TIMEOUT_S = 30
-RESTART_WINDOW_S = 10
-MAX_RESTARTS_PER_WINDOW = 5
 POLL_S = 0.05
-MEMCACHED_START_TIMEOUT_S = 10
-MEMCACHED_RESTART_PAUSE_S = 1.0  # between restarts of a memcached that keeps dying
 PR_SET_PDEATHSIG = 1
 
 
@@ -99,8 +93,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_memcached(port: int = 0) -> tuple[subprocess.Popen, str] | None:
-    """A local memcached on port (0: a free one); None without the binary."""
+def start_memcached(port: int, timeout_ms: int) -> tuple[subprocess.Popen, str] | None:
+    """A local memcached on port (0: a free one), listening within
+    timeout_ms; None without the binary."""
     binary = shutil.which("memcached")
     if binary is None:
         return None
@@ -109,7 +104,7 @@ def start_memcached(port: int = 0) -> tuple[subprocess.Popen, str] | None:
     if os.geteuid() == 0:
         args += ["-u", "nobody"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + MEMCACHED_START_TIMEOUT_S
+    deadline = time.monotonic() + timeout_ms / 1000
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
@@ -174,9 +169,9 @@ def _worker_main(
         if admission == "memcached":
             assert memcached is not None  # the supervisor runs memcached admission only with an address
             host, port = memcached.rsplit(":", 1)
-            permits = MemcachedPermits(host, int(port), settings.set_id)
+            permits = MemcachedPermits(host, int(port), settings.set_id, settings.limits.admission)
         elif admission == "in-process":
-            permits = InProcessPermits(settings.limits.max_packets_in_memory)
+            permits = InProcessPermits(settings.limits.commit.max_packets_in_memory)
         else:
             permits = Permits()
         metrics = None
@@ -200,7 +195,7 @@ def _worker_main(
         await worker.start()
         ready.put((settings.worker_id, os.getpid()))
         await stop.wait()
-        await worker.stop(drain_timeout_s=DRAIN_TIMEOUT_S - 5)
+        await worker.stop(drain_timeout_s=settings.limits.process.worker_drain_timeout_ms / 1000 - 5)
 
     uvloop.run(main())
 
@@ -224,6 +219,7 @@ class Supervisor:
         self._memcached_restarted_at = -1e9
         self.memcached_restarts = 0
         self.settings = settings
+        self.tuning = settings.limits.process
         self.dsn = dsn
         self.tokens_path = tokens_path
         self.memcached = memcached if admission == "memcached" else None
@@ -254,7 +250,7 @@ class Supervisor:
             self._metrics_server = metrics.serve_endpoint(self.metrics_port, self.metrics_host)
             self._metrics = metrics.SupervisorMetrics()
         if self.admission == "memcached" and self.memcached is None:
-            started = start_memcached()
+            started = start_memcached(0, self.tuning.memcached_start_timeout_ms)
             if started is None:
                 log.warning(
                     "no memcached binary and no --memcached address: admission falls back to an "
@@ -314,7 +310,7 @@ class Supervisor:
             self.reaper.watch(f"worker-{i}", self.entries[i])
 
     def _await_ready(self, waiting: set[int]) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + self.tuning.worker_ready_timeout_ms / 1000
         while waiting:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -363,8 +359,9 @@ class Supervisor:
                 # Slot i is reaped before its replacement starts: one live owner per shard.
                 log.error("worker %d (pid %d) died with code %s; restarting", i, p.pid, p.exitcode)
                 now = time.monotonic()
-                recent = [t for t in self.restarts.get(i, []) if now - t < RESTART_WINDOW_S]
-                if len(recent) >= MAX_RESTARTS_PER_WINDOW:
+                window_s = self.tuning.worker_restart_window_ms / 1000
+                recent = [t for t in self.restarts.get(i, []) if now - t < window_s]
+                if len(recent) >= self.tuning.max_worker_restarts_per_window:
                     time.sleep(1.0)  # a crash loop: slow down rather than spin
                 self.restarts[i] = recent + [now]
                 self.total_restarts += 1
@@ -389,7 +386,8 @@ class Supervisor:
         same port, so every worker finds it where it was. Its counters are
         gone; admission fails open until the owners reseed them (each second)."""
         now = time.monotonic()
-        if now - self._memcached_restarted_at < MEMCACHED_RESTART_PAUSE_S:
+        pause_s = self.tuning.memcached_restart_pause_ms / 1000
+        if now - self._memcached_restarted_at < pause_s:
             return
         self._memcached_restarted_at = now
         dead = self._memcached_proc
@@ -397,9 +395,9 @@ class Supervisor:
         port = int(self.memcached.rsplit(":", 1)[1])
         log.error("memcached (pid %d) exited with code %s; restarting it on port %d", dead.pid, dead.returncode, port)
         try:
-            started = start_memcached(port)
+            started = start_memcached(port, self.tuning.memcached_start_timeout_ms)
         except RuntimeError as exc:
-            log.error("%s; admission fails open; trying again in %.0f s", exc, MEMCACHED_RESTART_PAUSE_S)
+            log.error("%s; admission fails open; trying again in %.0f s", exc, pause_s)
             return
         if started is None:
             log.error("the memcached binary is gone; admission fails open from now on")
@@ -414,7 +412,7 @@ class Supervisor:
         for p in self.procs.values():
             if p.is_alive():
                 p.terminate()  # SIGTERM: the worker stops accepting, commits and answers, then exits
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        deadline = time.monotonic() + self.tuning.worker_drain_timeout_ms / 1000
         for p in self.procs.values():
             p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():

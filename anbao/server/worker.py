@@ -44,9 +44,7 @@ from .sets import SetGate, SetPeers, SetWatch
 
 log = logging.getLogger("anbao.worker")
 
-BACKGROUND_STOP_TIMEOUT_S = 10.0  # how long stop() waits for each cancelled background task
 RATE_LIMITED_LOGGER = "anbao.grabs"  # the engine's: it warns per request on a database failure
-IDLE_SWEEP_S = 1.0  # how often idle and never-authenticated connections are looked for
 
 
 class Worker:
@@ -85,10 +83,10 @@ class Worker:
         self.permits = permits or Permits()
         self.metrics = metrics  # WorkerMetrics when a supervisor serves /metrics
         self.connections: set[Connection] = set()
-        self.db = DbHealth(self.limits.db_down_log_interval_ms)
+        self.db = DbHealth(self.limits.db.db_down_log_interval_ms)
         # The engine logs a failed packet load per grab; during an outage,
         # once per interval is all the log needs (DbHealth logs the outage).
-        self._log_rate = dbhealth.OncePerInterval(self.limits.db_down_log_interval_ms)
+        self._log_rate = dbhealth.OncePerInterval(self.limits.db.db_down_log_interval_ms)
         self.router: Router | None = None
         self.ledger: Ledger | None = None
         self.writes: KeyedWrites | None = None
@@ -97,7 +95,7 @@ class Worker:
         self.expiry: ExpirySweeper | None = None
         self.feed: EventFeed | None = None
         self.dispatcher: Dispatcher | None = None
-        self.rate_limits = RateLimits(self.limits.rate_limit_requests_per_s, self.limits.rate_limit_burst_requests)
+        self.rate_limits = RateLimits(self.limits.rules)
         self.port: int | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._background: dict[str, asyncio.Task[Any]] = {}
@@ -109,17 +107,26 @@ class Worker:
         lim = self.limits
         logging.getLogger(RATE_LIMITED_LOGGER).addFilter(self._log_rate)
         await migrate(self.dsn)
-        self.ledger = await Ledger.open(self.dsn, lim.db_pool_size)
-        committer = GrabCommitter(self.dsn, self.worker_id, lim.commit_slots, lim.commit_resolve_timeout_ms)
+        self.ledger = await Ledger.open(self.dsn, lim.db.db_pool_size)
+        committer = GrabCommitter(self.dsn, self.worker_id, lim.commit)
         if ended := await committer.fence():
             log.warning("ended %d commit backend(s) a predecessor of worker %d left", ended, self.worker_id)
-        self.roller = self._roller()
-        self.engine = self._engine(committer)
-        self.feed = self._feed()
+        self.roller = Roller(self.dsn, self.worker_id, self.worker_count, lim.rollup)
+        cooldown = Cooldown(lim.rules)
+        self.engine = GrabEngine(
+            self.ledger,
+            committer,
+            self.worker_id,
+            lim.commit,
+            roller=self.roller,
+            committing=self.committing,
+            cooldown=cooldown,
+        )
+        self.feed = EventFeed(self.dsn, lim.events)
         self.engine.on_facts = self.feed.poke
         self.router = self._router()
         self.router.start()
-        self.writes = KeyedWrites.open(self.ledger, lim)
+        self.writes = KeyedWrites.open(self.ledger, lim.handlers, lim.rules)
         ctx = Context(
             self.worker_id,
             self.worker_count,
@@ -155,74 +162,18 @@ class Worker:
         self._start_background(loop)
         log.info("worker %d serving on %s:%d", self.worker_id, self.settings.host, self.port)
 
-    def _roller(self) -> Roller:
-        lim = self.limits
-        return Roller(
-            self.dsn,
-            self.worker_id,
-            self.worker_count,
-            lim.rollup_batches_per_pass,
-            lim.rollup_idle_poll_ms,
-            lim.rollup_defer_below_grabs,
-            lim.rollup_defer_max_ms,
-            lim.rollup_small_pass_grabs,
-            lim.rollup_small_pass_pause_ms,
-            lim.rollup_backend_nice,
-        )
-
-    def _engine(self, committer: GrabCommitter) -> GrabEngine:
-        lim = self.limits
-        assert self.ledger is not None
-        return GrabEngine(
-            self.ledger,
-            committer,
-            self.worker_id,
-            batch_max_grabs=lim.batch_max_grabs,
-            max_queued_grabs=lim.max_queued_grabs,
-            max_packets_in_memory=lim.max_packets_in_memory,
-            max_known_users=lim.max_known_users_cached,
-            roller=self.roller,
-            max_rollup_backlog=lim.max_rollup_backlog_grabs,
-            overlap_min_grabs=lim.batch_overlap_min_grabs,
-            committing=self.committing,
-            rollup_quiet_ms=lim.rollup_quiet_ms,
-            cooldown=Cooldown(
-                lim.cooldown_refusals, lim.cooldown_window_ms, lim.cooldown_ms, lim.cooldown_max_users_tracked
-            ),
-        )
-
-    def _feed(self) -> EventFeed:
-        lim = self.limits
-        return EventFeed(
-            self.dsn,
-            number_interval_ms=lim.events_number_interval_ms,
-            poll_ms=lim.events_poll_ms,
-            prune_interval_ms=lim.events_prune_interval_ms,
-            retention_ms=lim.events_retention_ms,
-            retention_max_events=lim.events_retention_max_events,
-            max_waiters=lim.max_event_waiters,
-        )
-
     def _peers(self) -> dict[int, PeerLink]:
         if self.worker_count == 1:
             return {}
         assert self.peer_dir is not None and self.peer_token is not None
-        lim = self.limits
         return {
-            w: PeerLink(
-                self.worker_id,
-                w,
-                self.peer_dir / f"worker-{w}.sock",
-                self.peer_token,
-                lim.max_relayed_per_peer,
-                lim.relay_retry_deadline_ms,
-            )
+            w: PeerLink(self.worker_id, w, self.peer_dir / f"worker-{w}.sock", self.peer_token, self.limits.relay)
             for w in range(self.worker_count)
             if w != self.worker_id
         }
 
     def _router(self) -> Router:
-        lim = self.limits
+        adm = self.limits.admission
         assert self.ledger is not None and self.engine is not None
         pool = self.ledger.pool
         return Router(
@@ -230,18 +181,10 @@ class Worker:
             self.worker_count,
             self.engine,
             self.permits,
-            FinalStates(lim.max_final_set_entries, lim.max_final_claims_cached),
+            FinalStates(adm.max_final_set_entries, adm.max_final_claims_cached),
             self._peers(),
-            lim.admission_slack,
+            adm,
             load_final_set=lambda pid: load_final_set(pool, pid),
-            final_set_wait_ms=lim.final_set_wait_ms,
-            max_parked_grabs=lim.max_parked_grabs,
-            relay_unadmitted_above=lim.relay_unadmitted_above_shares,
-            max_packets_tracked=lim.max_router_packets_tracked,
-            final_set_first_poll_ms=lim.final_set_first_poll_ms,
-            final_set_max_poll_ms=lim.final_set_max_poll_ms,
-            probe_interval_ms=lim.admission_probe_interval_ms,
-            reseed_interval_ms=lim.admission_reseed_interval_ms,
         )
 
     def _set_parts(self, ctx: Context) -> SetGate | None:
@@ -250,23 +193,15 @@ class Worker:
         if self.settings.topology_file is None:
             return None
         topology = load_topology(self.settings.topology_file)  # each set's dsn, data_dir ones resolved
-        self.set_peers = SetPeers(topology, self.settings.set_id, self.limits)
-        self.set_watch = SetWatch(self.settings.set_id, self.dsn, self.set_peers)
+        self.set_peers = SetPeers(topology, self.settings.set_id, self.limits.sets)
+        self.set_watch = SetWatch(self.settings.set_id, self.dsn, self.set_peers, self.limits.sets)
         ctx.in_flight = self.set_peers.in_flight
         return SetGate(topology, self.settings.set_id, self.worker_id)
 
     def _start_background(self, loop: asyncio.AbstractEventLoop) -> None:
-        lim = self.limits
         assert self.ledger is not None and self.engine is not None and self.roller is not None
         assert self.feed is not None
-        self.expiry = ExpirySweeper(
-            self.ledger,
-            self.engine,
-            self.worker_id,
-            self.worker_count,
-            lim.expiry_sweep_interval_ms,
-            lim.expiry_sweep_batch,
-        )
+        self.expiry = ExpirySweeper(self.ledger, self.engine, self.worker_id, self.worker_count, self.limits.expiry)
         self._background = {
             "idle": loop.create_task(self._sweep_idle()),
             "db_watch": loop.create_task(self._watch_database()),
@@ -312,9 +247,10 @@ class Worker:
         task = self._background.pop(name, None)
         if task is not None:
             task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=BACKGROUND_STOP_TIMEOUT_S)
+            timeout_s = self.limits.process.background_stop_timeout_ms / 1000
+            done, _ = await asyncio.wait({task}, timeout=timeout_s)
             if not done:
-                log.error("background task %s did not stop within %.0f s; left behind", name, BACKGROUND_STOP_TIMEOUT_S)
+                log.error("background task %s did not stop within %.0f s; left behind", name, timeout_s)
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Stops accepting, commits and answers every accepted grab, then closes."""
@@ -371,15 +307,16 @@ class Worker:
 
     async def _sweep_idle(self) -> None:
         loop = asyncio.get_running_loop()
+        c = self.limits.connection
         while True:
-            await asyncio.sleep(IDLE_SWEEP_S)
-            close_idle(self.connections, loop.time(), self.limits.hello_timeout_ms, self.limits.idle_timeout_ms)
+            await asyncio.sleep(c.idle_sweep_interval_ms / 1000)
+            close_idle(self.connections, loop.time(), c.hello_timeout_ms, c.idle_timeout_ms)
 
     async def _watch_database(self) -> None:
         """Probes PostgreSQL on a connection of its own (a hung server must
         not hold one of the pool's), so STATS and the log say it is down
         even when no request is failing."""
-        interval_s = self.limits.db_probe_interval_ms / 1000
+        interval_s = self.limits.db.db_probe_interval_ms / 1000
         conn = None
         while True:
             await asyncio.sleep(interval_s)

@@ -278,11 +278,11 @@ class AuditReport:
 
 
 async def audit(dsn: str, refund_grace_ms: int | None = None) -> AuditReport:
-    """Runs every check; refund_grace_ms defaults to Limits().refund_grace_ms."""
+    """Runs every check; refund_grace_ms defaults to the server's (config.ExpiryTuning)."""
     if refund_grace_ms is None:
-        from ..config import Limits
+        from ..config import ExpiryTuning
 
-        refund_grace_ms = Limits().refund_grace_ms
+        refund_grace_ms = ExpiryTuning().refund_grace_ms
     assert refund_grace_ms >= 0
     conn = await asyncpg.connect(dsn)
     try:

@@ -28,12 +28,12 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from ..clock import Wakeup
+from ..config import CommitTuning, RollupTuning
 
 log = logging.getLogger("anbao.commit")
 
 BATCH_BLOCK_BITS = 20
 APPLICATION_NAME = "anbao-grab-commit"  # then "-<worker id>": a slot's backends, found by its replacement
-FENCE_WAIT_MS = 5_000  # the predecessor's backends gone, or the worker does not start
 
 # Server errors that mean the backend is going away, not that it refused
 # the statement: a COMMIT under them may or may not have happened.
@@ -97,11 +97,12 @@ _ROLLUP = "SELECT anbao_rollup($1, $2, $3::bigint[], $4::smallint, $5::smallint)
 class GrabCommitter:
     """Commits grab batches on `slots` dedicated connections."""
 
-    def __init__(self, dsn: str, worker_id: int, slots: int, resolve_timeout_ms: int):
-        assert 1 <= slots <= 16 and resolve_timeout_ms > 0
+    def __init__(self, dsn: str, worker_id: int, tuning: CommitTuning):
+        slots = tuning.commit_slots
+        assert 1 <= slots <= 16 and tuning.commit_resolve_timeout_ms > 0
         self.dsn = dsn
         self.worker_id = worker_id
-        self.resolve_timeout_ms = resolve_timeout_ms
+        self.tuning = tuning
         self._conns: list[asyncpg.Connection | None] = [None] * slots
         self._set_id: int | None = None  # this database's set, read on each new connection
         self._free = list(range(slots))
@@ -119,7 +120,8 @@ class GrabCommitter:
         whole batch (Bind, Execute, Sync) still commits it later, and if this
         worker had loaded the packet's claims before that, it would sell the
         same shares again. Called before the worker serves."""
-        conn = await asyncpg.connect(self.dsn, timeout=FENCE_WAIT_MS / 1000)
+        fence_s = self.tuning.commit_fence_timeout_ms / 1000
+        conn = await asyncpg.connect(self.dsn, timeout=fence_s)
         try:
             pids = await conn.fetchval(
                 "SELECT coalesce(array_agg(pid), '{}') FROM pg_stat_activity WHERE application_name = $1"
@@ -127,7 +129,7 @@ class GrabCommitter:
                 self.application_name,
             )
             left = len(pids)
-            deadline = time.monotonic() + FENCE_WAIT_MS / 1000
+            deadline = time.monotonic() + fence_s
             while pids:
                 await conn.execute("SELECT pg_terminate_backend(p) FROM unnest($1::int[]) AS p", pids)
                 if time.monotonic() > deadline:
@@ -286,11 +288,11 @@ class GrabCommitter:
         return {r[0]: (r[1], r[2]) for r in rows}
 
     async def _resolve(self, batch_id: int, packet_id: int, seq: int, backend_pid: int) -> bool:
-        deadline = time.monotonic() + self.resolve_timeout_ms / 1000
+        deadline = time.monotonic() + self.tuning.commit_resolve_timeout_ms / 1000
         delay_s = 0.05
         while True:
             try:
-                conn = await asyncpg.connect(self.dsn, timeout=5)
+                conn = await asyncpg.connect(self.dsn, timeout=self.tuning.commit_connect_timeout_ms / 1000)
                 try:
                     # The old backend may still be inside COMMIT: end it and
                     # wait until it is gone, so the read-back is final.
@@ -319,10 +321,10 @@ class GrabCommitter:
                     log.error(
                         "batch %d: still unresolved after %d ms (%r); still holding its answers",
                         batch_id,
-                        self.resolve_timeout_ms,
+                        self.tuning.commit_resolve_timeout_ms,
                         exc,
                     )
-                    deadline = time.monotonic() + self.resolve_timeout_ms / 1000
+                    deadline = time.monotonic() + self.tuning.commit_resolve_timeout_ms / 1000
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 2.0)
 
@@ -340,8 +342,8 @@ class Roller:
     counters, behind the grab path, on its own connection.
 
     It yields to the grab path: while this worker has batches committing,
-    it waits (up to defer_max_ms at a time) unless its backlog has passed
-    defer_below_claims. So a burst is acknowledged at the speed of the
+    it waits (up to rollup_defer_max_ms at a time) unless its backlog has passed
+    rollup_defer_below_grabs. So a burst is acknowledged at the speed of the
     append-only commit, and rolled up right after it. Readers that need a
     wallet's credits rolled up call settle_user, which does not wait.
     """
@@ -351,26 +353,15 @@ class Roller:
         dsn: str,
         worker_id: int,
         worker_count: int,
-        batches_per_pass: int,
-        idle_poll_ms: int,
-        defer_below_claims: int,
-        defer_max_ms: int,
-        small_pass_claims: int = 1000,
-        small_pass_pause_ms: int = 100,
-        backend_nice: int = 0,
+        tuning: RollupTuning,
     ):
-        assert batches_per_pass > 0 and idle_poll_ms > 0 and defer_max_ms > 0
+        t = tuning
+        assert t.rollup_batches_per_pass > 0 and t.rollup_idle_poll_ms > 0 and t.rollup_defer_max_ms > 0
         assert 0 <= worker_id < worker_count
         self.dsn = dsn
         self.worker_id = worker_id
         self.worker_count = worker_count
-        self.batches_per_pass = batches_per_pass
-        self.idle_poll_ms = idle_poll_ms
-        self.defer_below_claims = defer_below_claims
-        self.defer_max_ms = defer_max_ms
-        self.small_pass_claims = small_pass_claims
-        self.small_pass_pause_ms = small_pass_pause_ms
-        self.backend_nice = backend_nice
+        self.tuning = tuning
         self.rolled_claims = 0
         self.failures = 0
         # This worker's committed claims not yet rolled up: read from the
@@ -401,18 +392,19 @@ class Roller:
                     self._conn = None
                 log.warning("roll-up failed: %r", exc)
                 n = 0
-            if 0 < n < self.small_pass_claims and self.backlog_claims < self.small_pass_claims:
+            small = self.tuning.rollup_small_pass_grabs
+            if 0 < n < small and self.backlog_claims < small:
                 # A trickle: each pass has a fixed cost (the lock, the temp
                 # table, five statements), so let claims gather first.
-                await asyncio.sleep(self.small_pass_pause_ms / 1000)
+                await asyncio.sleep(self.tuning.rollup_small_pass_pause_ms / 1000)
             if n == 0:
                 self._catching_up = False
                 self._wake.clear()
-                await self._wake.wait(self.idle_poll_ms / 1000)
+                await self._wake.wait(self.tuning.rollup_idle_poll_ms / 1000)
 
     async def _yield_to_grabs(self) -> None:
-        # Only a burst is deferred: once it has waited defer_max_ms, or the
-        # backlog has reached defer_below_claims, the roller runs until it has
+        # Only a burst is deferred: once it has waited rollup_defer_max_ms, or the
+        # backlog has reached rollup_defer_below_grabs, the roller runs until it has
         # caught up (a pass that finds nothing), whatever the grabs do. Under
         # sustained load the backlog, and what readers scan, stays bounded.
         if self._catching_up:
@@ -421,8 +413,8 @@ class Roller:
         while (
             self.busy is not None
             and self.busy()
-            and self.backlog_claims < self.defer_below_claims
-            and waited_ms < self.defer_max_ms
+            and self.backlog_claims < self.tuning.rollup_defer_below_grabs
+            and waited_ms < self.tuning.rollup_defer_max_ms
         ):
             await asyncio.sleep(0.005)
             waited_ms += 5
@@ -431,8 +423,10 @@ class Roller:
     async def pass_once(self) -> int:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(self.dsn)
-            lower_priority(self._conn, self.dsn, self.backend_nice)
-        n = await self._conn.fetchval(_ROLLUP, self.batches_per_pass, None, None, self.worker_id, self.worker_count)
+            lower_priority(self._conn, self.dsn, self.tuning.rollup_backend_nice)
+        n = await self._conn.fetchval(
+            _ROLLUP, self.tuning.rollup_batches_per_pass, None, None, self.worker_id, self.worker_count
+        )
         self.rolled_claims += n
         self.backlog_claims = await self._conn.fetchval(
             "SELECT COALESCE(sum(cardinality(packets)), 0) FROM grab_rollups WHERE worker_id = $1", self.worker_id

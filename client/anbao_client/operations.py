@@ -22,7 +22,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from . import wire
 from .checks import check, check_int
 from .errors import AlreadyClaimed, OutcomeUnknown, RateLimited, RetryLater
-from .protocol import MESSAGES, Op, Route
+from .protocol import MAX_EVENTS_PAGE, MAX_PAGE_ROWS, MESSAGES, Op, Route
 from .wire import Status
 
 T = TypeVar("T")
@@ -71,7 +71,9 @@ class Request(Generic[T]):
 class Feed(Protocol):
     """A connection of its own that events() reads the feed on (a Client)."""
 
-    async def events_page(self, after: int = 0, *, limit: int = 1000, wait_ms: int = 0) -> wire.EventsPage: ...
+    async def events_page(
+        self, after: int = 0, *, limit: int = MAX_EVENTS_PAGE, wait_ms: int = 0
+    ) -> wire.EventsPage: ...
 
     async def close(self) -> None: ...
 
@@ -178,7 +180,7 @@ class Operations:
         values = (group_id, list(user_ids))
         return await self._submit(Request(Op.GROUP_REMOVE, values, _body(wire.decode_group_change)))
 
-    async def group_info(self, group_id: int, *, cursor: int = 0, limit: int = 1000) -> wire.GroupInfo:
+    async def group_info(self, group_id: int, *, cursor: int = 0, limit: int = MAX_PAGE_ROWS) -> wire.GroupInfo:
         check(Op.GROUP_INFO, group_id=group_id, cursor=cursor, limit=limit)
         return await self._submit(Request(Op.GROUP_INFO, (group_id, cursor, limit), _body(wire.decode_group_info)))
 
@@ -249,7 +251,7 @@ class Operations:
 
     # ------------------------------------------------------------ the event feed
 
-    async def events_page(self, after: int = 0, *, limit: int = 1000, wait_ms: int = 0) -> wire.EventsPage:
+    async def events_page(self, after: int = 0, *, limit: int = MAX_EVENTS_PAGE, wait_ms: int = 0) -> wire.EventsPage:
         """One EVENTS request: the events numbered after `after` (at most
         `limit`); with wait_ms, the server waits that long for one when there
         is none yet (a long poll; this request's timeout is extended by it).
@@ -260,7 +262,7 @@ class Operations:
         return await self._submit(Request(Op.EVENTS, values, _body(wire.decode_events), long_poll_ms=wait_ms))
 
     async def events(
-        self, after: int = 0, *, follow: bool = True, limit: int = 1000, wait_ms: int = EVENTS_WAIT_MS
+        self, after: int = 0, *, follow: bool = True, limit: int = MAX_EVENTS_PAGE, wait_ms: int = EVENTS_WAIT_MS
     ) -> AsyncGenerator[wire.Event, None]:
         """Every event numbered after `after`, in order, each once:
         `async for event in client.events(after=cursor)`. With follow (the

@@ -52,9 +52,13 @@ MAX_GREETING_BYTES = 256
 MAX_GROUP_NAME_BYTES = 128
 MAX_CLAIMS_PAGE = 1000
 MAX_ERROR_MESSAGE_BYTES = 1024
-MAX_EVENTS_PAGE = (
-    1000  # EVENTS rows per answer (57 bytes each, and an 8-byte transfer id: a page fits in the default frame)
-)
+# A default server's pages (the server's WireLimits take these defaults, so
+# the two agree unless an operator changes them, and HELLO says so):
+# EVENTS rows per answer (57 bytes each, and an 8-byte transfer id: a page
+# fits in the default frame), and rows per STATEMENT, SENT_LIST,
+# RECEIVED_LIST or GROUP_INFO answer.
+MAX_EVENTS_PAGE = 1000
+MAX_PAGE_ROWS = 1000
 
 # ---------------------------------------------------------------- enums
 

@@ -16,6 +16,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from . import wire
 from .client import DEFAULT_TIMEOUT_MS, MAX_INFLIGHT_DEFAULT, Client
 from .operations import EVENTS_WAIT_MS, Operations
+from .protocol import MAX_EVENTS_PAGE
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -112,7 +113,7 @@ class SyncClient:
     events_page = _blocking(Operations.events_page)
 
     def events(
-        self, after: int = 0, *, follow: bool = True, limit: int = 1000, wait_ms: int = EVENTS_WAIT_MS
+        self, after: int = 0, *, follow: bool = True, limit: int = MAX_EVENTS_PAGE, wait_ms: int = EVENTS_WAIT_MS
     ) -> Iterator[wire.Event]:
         """Operations.events, one event at a time: with follow (the default)
         it blocks for new events and never ends; without, it ends at the

@@ -8,6 +8,7 @@ import pytest
 from fakes import Answers, FakeCommitter, FakeLedger, packet, ticks
 from polling import eventually
 
+from anbao.config import CommitTuning
 from anbao.engine.grabs import GrabEngine
 from anbao_client.protocol import Status
 
@@ -21,9 +22,17 @@ _started: list[tuple[FakeCommitter, GrabEngine]] = []
 
 
 def engine_for(committer, ledger, **limits) -> GrabEngine:
-    kw = dict(batch_max_grabs=4, max_queued_grabs=1_000, max_packets_in_memory=100, max_known_users=10_000)
+    # A batch goes as soon as a slot is free (batch_overlap_min_grabs=1): the
+    # tests hold commits to see batches form.
+    kw = dict(
+        batch_max_grabs=4,
+        max_queued_grabs=1_000,
+        max_packets_in_memory=100,
+        max_known_users_cached=10_000,
+        batch_overlap_min_grabs=1,
+    )
     kw.update(limits)
-    engine = GrabEngine(ledger, committer, worker_id=3, **kw)
+    engine = GrabEngine(ledger, committer, 3, CommitTuning(**kw))
     _started.append((committer, engine))
     return engine
 

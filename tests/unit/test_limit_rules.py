@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from polling import eventually
 
 from anbao import _fastpath
+from anbao.config import CommitTuning, ProductRules
 from anbao.engine.cooldown import Cooldown
 from anbao.engine.grabs import GrabEngine
 from anbao.server.ratelimit import RateLimits, TokenBucket
@@ -107,8 +108,19 @@ def test_a_state_rebuilt_mid_way_draws_under_the_same_cap(p, cut):
 # ---------------------------------------------------------------- cool-down
 
 
+def cooldown_of(refusals: int, window_ms: int, cooldown_ms: int, max_users: int) -> Cooldown:
+    return Cooldown(
+        ProductRules(
+            cooldown_refusals=refusals,
+            cooldown_window_ms=window_ms,
+            cooldown_ms=cooldown_ms,
+            cooldown_max_users_tracked=max_users,
+        )
+    )
+
+
 def test_cooldown_starts_after_n_refusals_within_the_window_and_ends():
-    cd = Cooldown(refusals=3, window_ms=1_000, cooldown_ms=5_000, max_users=100)
+    cd = cooldown_of(3, 1_000, 5_000, 100)
     cd.refused(7, 0)
     cd.refused(7, 400)
     assert cd.cooling_for_ms(7, 500) == 0, "two refusals are not three"
@@ -119,14 +131,14 @@ def test_cooldown_starts_after_n_refusals_within_the_window_and_ends():
 
 
 def test_refusals_spread_past_the_window_do_not_cool():
-    cd = Cooldown(refusals=3, window_ms=1_000, cooldown_ms=5_000, max_users=100)
+    cd = cooldown_of(3, 1_000, 5_000, 100)
     for t in (0, 600, 1_200, 1_800, 2_400, 3_000):  # never three within one window from its first
         cd.refused(7, t)
     assert cd.cooling_for_ms(7, 3_000) == 0 and cd.cooled == 0
 
 
 def test_cooldown_memory_is_bounded():
-    cd = Cooldown(refusals=2, window_ms=60_000, cooldown_ms=60_000, max_users=1_000)
+    cd = cooldown_of(2, 60_000, 60_000, 1_000)
     for user in range(50_000):
         cd.refused(user, 10)
         cd.refused(user, 20)  # every user cools
@@ -146,7 +158,7 @@ def test_token_bucket_allows_the_burst_then_the_rate():
 
 
 def test_one_bucket_per_token():
-    limits = RateLimits(rate_per_s=10, burst=2)
+    limits = RateLimits(ProductRules(rate_limit_requests_per_s=10, rate_limit_burst_requests=2))
     a, b = limits.bucket_for(b"a", 0.0), limits.bucket_for(b"b", 0.0)
     assert limits.bucket_for(b"a", 1.0) is a and a is not b
     assert [a.take(0.0) for _ in range(3)] == [True, True, False]
@@ -172,12 +184,15 @@ def engine_with_cooldown(committer: FakeCommitter):
     engine = GrabEngine(
         ledger,
         committer,
-        worker_id=3,
-        batch_max_grabs=4,
-        max_queued_grabs=1_000,
-        max_packets_in_memory=100,
-        max_known_users=10_000,
-        cooldown=Cooldown(refusals=3, window_ms=60_000, cooldown_ms=60_000, max_users=100),
+        3,
+        CommitTuning(
+            batch_max_grabs=4,
+            max_queued_grabs=1_000,
+            max_packets_in_memory=100,
+            max_known_users_cached=10_000,
+            batch_overlap_min_grabs=1,
+        ),
+        cooldown=cooldown_of(3, 60_000, 60_000, 100),
     )
     engine.note_known_users(range(1, 100))
     now = _fastpath.now_ms()

@@ -9,6 +9,7 @@ from fakes import Answers
 
 from anbao.admission import FinalSet, FinalStates, InProcessPermits, MemcachedPermits, Permits
 from anbao.admission.cache import grab_body
+from anbao.config import AdmissionTuning
 from anbao.core import codec
 from anbao_client import protocol
 from anbao_client.protocol import Status
@@ -111,7 +112,7 @@ async def test_memcached_counter_fails_open_when_memcached_is_not_there():
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    p = MemcachedPermits("127.0.0.1", port, set_id=1, timeout_ms=200)
+    p = MemcachedPermits("127.0.0.1", port, 1, AdmissionTuning(memcached_timeout_ms=200))
     try:
         p.seed(1, 0)
         assert await admitted(p, 1, 3) == 3, "an unreachable counter must admit, never refuse"

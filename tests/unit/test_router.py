@@ -10,6 +10,7 @@ from polling import eventually
 
 from anbao.admission import FinalSet, FinalStates, InProcessPermits, Permits
 from anbao.admission.cache import grab_body
+from anbao.config import AdmissionTuning
 from anbao.core import codec
 from anbao.server.router import Router
 from anbao_client import routing
@@ -35,9 +36,8 @@ def router_for(permits=None, load_final_set=None, **kw):
         permits or Permits(),
         FinalStates(100_000, 100_000),
         {OTHER: peer},
-        slack=0,
+        AdmissionTuning(admission_slack=0, **kw),
         load_final_set=load_final_set,
-        **kw,
     )
     return r, engine, peer
 

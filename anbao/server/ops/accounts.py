@@ -62,13 +62,13 @@ async def _external_move(
 
 async def deposit(ctx: Context, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
     return await _external_move(
-        ctx, Op.DEPOSIT, ctx.writes.deposits, rid, key, user_id, amount_cents, ctx.limits.max_deposit_cents
+        ctx, Op.DEPOSIT, ctx.writes.deposits, rid, key, user_id, amount_cents, ctx.limits.rules.max_deposit_cents
     )
 
 
 async def withdraw(ctx: Context, rid: int, key: bytes, user_id: int, amount_cents: int) -> bytes:
     return await _external_move(
-        ctx, Op.WITHDRAW, ctx.writes.withdrawals, rid, key, user_id, amount_cents, ctx.limits.max_withdraw_cents
+        ctx, Op.WITHDRAW, ctx.writes.withdrawals, rid, key, user_id, amount_cents, ctx.limits.rules.max_withdraw_cents
     )
 
 

@@ -22,7 +22,7 @@ async def stats(ctx: Context, rid: int) -> bytes:
 
 
 async def audit(ctx: Context, rid: int) -> bytes:
-    report = await run_audit(ctx.dsn, refund_grace_ms=ctx.limits.refund_grace_ms)
+    report = await run_audit(ctx.dsn, refund_grace_ms=ctx.limits.expiry.refund_grace_ms)
     results = [(0, name, int(value)) for name, value in report.counts.items()]
     results += [(1, name, len(report.violations.get(name, ()))) for name in report.check_names]
     return answers.ok(Op.AUDIT, rid, ctx.worker_id, int(report.ok), results)

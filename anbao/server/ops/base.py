@@ -58,13 +58,13 @@ def facts_written(ctx: Context) -> None:
 
 
 def page_limit(ctx: Context, limit: int) -> int:
-    if not 0 < limit <= ctx.limits.max_page_rows:
-        raise Refused(Status.INVALID, f"limit must be 1..{ctx.limits.max_page_rows}")
+    if not 0 < limit <= ctx.limits.wire.max_page_rows:
+        raise Refused(Status.INVALID, f"limit must be 1..{ctx.limits.wire.max_page_rows}")
     return limit
 
 
 def member_list(ctx: Context, user_ids: list[int], least: int) -> list[int]:
-    most = ctx.limits.max_members
+    most = ctx.limits.wire.max_members
     if not least <= len(user_ids) <= most:
         raise Refused(Status.INVALID, f"a member list holds {least}..{most} users")
     if len(set(user_ids)) != len(user_ids):

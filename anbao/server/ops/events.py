@@ -34,8 +34,8 @@ async def _read(ctx: Context, rid: int, cursor: int, limit: int) -> EventPage | 
 
 async def events(ctx: Context, rid: int, cursor: int, limit: int, wait_ms: int) -> bytes:
     lim = ctx.limits
-    if not 0 < limit <= lim.events_max_page:
-        raise Refused(Status.INVALID, f"limit must be 1..{lim.events_max_page}")
+    if not 0 < limit <= lim.wire.events_max_page:
+        raise Refused(Status.INVALID, f"limit must be 1..{lim.wire.events_max_page}")
     if cursor > MAX_EVENT_NUMBER - limit:
         # The page's last number, cursor + limit, is a BIGINT in PostgreSQL:
         # refused here rather than overflowing there. No feed numbers that high.
@@ -45,7 +45,7 @@ async def events(ctx: Context, rid: int, cursor: int, limit: int, wait_ms: int) 
         return page
     if not page.events and wait_ms and ctx.feed is not None:
         try:
-            news = await ctx.feed.wait_beyond(cursor, min(wait_ms, lim.events_max_wait_ms) / 1000)
+            news = await ctx.feed.wait_beyond(cursor, min(wait_ms, lim.events.events_max_wait_ms) / 1000)
         except TooManyWaiters as exc:
             raise Refused(Status.BUSY, str(exc)) from None
         if news:

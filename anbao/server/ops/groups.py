@@ -10,13 +10,13 @@ from .base import Context, member_list, page_limit
 
 async def group_create(ctx: Context, rid: int, group_id: int, name: str, members: list[int]) -> bytes:
     member_list(ctx, members, 0)
-    created, n = await ctx.ledger.group_create(group_id, name, members, ctx.limits.max_group_members)
+    created, n = await ctx.ledger.group_create(group_id, name, members, ctx.limits.rules.max_group_members)
     return answers.ok(Op.GROUP_CREATE, rid, ctx.worker_id, int(created), n)
 
 
 async def group_add(ctx: Context, rid: int, group_id: int, user_ids: list[int]) -> bytes:
     member_list(ctx, user_ids, 1)
-    added, n = await ctx.ledger.group_add(group_id, user_ids, ctx.limits.max_group_members)
+    added, n = await ctx.ledger.group_add(group_id, user_ids, ctx.limits.rules.max_group_members)
     return answers.ok(Op.GROUP_ADD, rid, ctx.worker_id, added, n)
 
 

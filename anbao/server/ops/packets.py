@@ -22,33 +22,33 @@ def validate_send(
     ctx: Context, sender: int, total: int, count: int, mode: int, expiry_s: int, audience: int, members: list[int]
 ) -> int:
     """Refuses what SEND may never do; returns the expiry in seconds."""
-    lim = ctx.limits
+    rules, wire = ctx.limits.rules, ctx.limits.wire
     if mode not in (Mode.RANDOM, Mode.FIXED):
         raise Refused(Status.INVALID, "mode must be 1 (random) or 2 (fixed)")
-    if not 1 <= count <= lim.max_share_count:
-        raise Refused(Status.INVALID, f"count must be 1..{lim.max_share_count}")
-    if total > lim.max_total_cents:
-        raise Refused(Status.INVALID, f"total {total} cents above the limit of {lim.max_total_cents} cents")
-    if total < count * lim.min_share_cents:
+    if not 1 <= count <= rules.max_share_count:
+        raise Refused(Status.INVALID, f"count must be 1..{rules.max_share_count}")
+    if total > rules.max_total_cents:
+        raise Refused(Status.INVALID, f"total {total} cents above the limit of {rules.max_total_cents} cents")
+    if total < count * rules.min_share_cents:
         raise Refused(
-            Status.INVALID, f"total {total} cents below {count} shares of at least {lim.min_share_cents} cents"
+            Status.INVALID, f"total {total} cents below {count} shares of at least {rules.min_share_cents} cents"
         )
-    if total > count * lim.max_share_cents:
+    if total > count * rules.max_share_cents:
         # Fixed mode's largest share is ceil(total / count); random mode
         # could not split the total into shares of at most the maximum.
         # Either way the condition is total > count x max.
         if mode == Mode.FIXED:
             raise Refused(
                 Status.SHARE_ABOVE_MAX,
-                f"a share of {-(-total // count)} cents is above the maximum share of {lim.max_share_cents} cents",
+                f"a share of {-(-total // count)} cents is above the maximum share of {rules.max_share_cents} cents",
             )
         raise Refused(
             Status.SHARE_ABOVE_MAX,
-            f"{total} cents cannot be split into {count} shares of at most {lim.max_share_cents} cents",
+            f"{total} cents cannot be split into {count} shares of at most {rules.max_share_cents} cents",
         )
-    expiry_s = expiry_s or lim.default_expiry_s
-    if not lim.min_expiry_s <= expiry_s <= lim.max_expiry_s:
-        raise Refused(Status.INVALID, f"expiry must be {lim.min_expiry_s}..{lim.max_expiry_s} s")
+    expiry_s = expiry_s or rules.default_expiry_s
+    if not rules.min_expiry_s <= expiry_s <= rules.max_expiry_s:
+        raise Refused(Status.INVALID, f"expiry must be {rules.min_expiry_s}..{rules.max_expiry_s} s")
     if audience == Audience.OPEN:
         if members:
             raise Refused(Status.INVALID, "an open packet takes no member list")
@@ -56,8 +56,8 @@ def validate_send(
         if len(members) != 1 or count != 1:
             raise Refused(Status.INVALID, "a packet to one person names one user and has one share")
     elif audience == Audience.MEMBERS:
-        if not 1 <= len(members) <= lim.max_members:
-            raise Refused(Status.INVALID, f"member list must hold 1..{lim.max_members} users")
+        if not 1 <= len(members) <= wire.max_members:
+            raise Refused(Status.INVALID, f"member list must hold 1..{wire.max_members} users")
         if len(set(members)) != len(members):
             raise Refused(Status.INVALID, "member list repeats a user")
         if count > len(members):
@@ -135,12 +135,12 @@ def _adopt(ctx: Context, request: SendRequest, result: BatchResult) -> None:
         request.total_cents,
         request.count,
         request.mode,
-        ctx.limits.min_share_cents,
+        ctx.limits.rules.min_share_cents,
         request.expires_at_ms,
         eligible,
         [],
         False,
-        ctx.limits.max_share_cents,
+        ctx.limits.rules.max_share_cents,
     )
     assert owner_of(packet_id, ctx.worker_count) == ctx.worker_id
     # A grab that guessed the id may already have loaded it from the database.
