@@ -209,6 +209,7 @@ async def test_credit_totals_follow_every_writer_through_the_upgrade(pg):
     apply, the batch apply (in the apply worker's role), and the sender's
     roll-up copies."""
     from anbao.storage.migrate import migrate
+    from anbao.storage.sets import credits_between
 
     dsn = await database_at_version(pg, f"totals_v15_{os.getpid()}", 15)
     await _as_set(dsn)
@@ -216,8 +217,11 @@ async def test_credit_totals_follow_every_writer_through_the_upgrade(pg):
     try:
         await conn.execute(CREDIT)  # applied here, one row at a time
         await conn.execute(OUTBOUND, 1)
+        # A set upgraded first asks this one, still at 15, as before.
+        assert (await credits_between(conn, PEER, ME), await credits_between(conn, ME, PEER)) == (1, 1)
         await migrate(dsn)
         assert await _totals(conn) == {(PEER, ME): (1, 250), (ME, PEER): (1, 40)}
+        assert (await credits_between(conn, PEER, ME), await credits_between(conn, ME, PEER)) == (1, 1)
         await conn.execute(OUTBOUND, 2)
         await conn.execute(CREDIT.replace(f"VALUES ({PEER}, 1,", f"VALUES ({PEER}, 2,"))
         await conn.execute("SET session_replication_role = replica")

@@ -245,19 +245,34 @@ async def replication_on(conn, timeout: float | None = None) -> dict:
     return {"set_id": me, "slots": slots, "subscriptions": subs, "credits": credits, "suspense_cents": suspense}
 
 
+_NOT_ROLLED_UP_TO = (
+    " + (SELECT COALESCE(sum(cardinality(b.credit_ids)), 0) FROM credit_batches b"
+    "    WHERE b.dest_set = $1 AND b.src_set = $2 AND b.src_set = (SELECT set_id FROM anbao_set_identity)"
+    "    AND b.batch_id IN (SELECT r.batch_id FROM grab_rollups r))"
+)
+
+
 async def credits_between(conn, src: int, dest: int, timeout: float | None = None) -> int:
     """How many credits from set `src` to set `dest` this database holds: at
     `src` those sent (rolled up, or in a credit batch not rolled up yet), at
-    `dest` those applied (copies arrive applied)."""
-    return await conn.fetchval(
-        "SELECT COALESCE((SELECT credits FROM credit_totals WHERE dest_set = $1 AND src_set = $2), 0)"
-        " + (SELECT COALESCE(sum(cardinality(b.credit_ids)), 0) FROM credit_batches b"
-        "    WHERE b.dest_set = $1 AND b.src_set = $2 AND b.src_set = (SELECT set_id FROM anbao_set_identity)"
-        "    AND b.batch_id IN (SELECT r.batch_id FROM grab_rollups r))",
-        dest,
-        src,
-        timeout=timeout,
-    )
+    `dest` those applied (copies arrive applied). Read from credit_totals;
+    a peer not yet migrated to 0016 (sets are upgraded one at a time) is
+    counted from its rows, as before."""
+    try:
+        return await conn.fetchval(
+            "SELECT COALESCE((SELECT credits FROM credit_totals WHERE dest_set = $1 AND src_set = $2), 0)"
+            + _NOT_ROLLED_UP_TO,
+            dest,
+            src,
+            timeout=timeout,
+        )
+    except asyncpg.UndefinedTableError:
+        return await conn.fetchval(
+            "SELECT (SELECT count(*) FROM credits_out WHERE dest_set = $1 AND src_set = $2)" + _NOT_ROLLED_UP_TO,
+            dest,
+            src,
+            timeout=timeout,
+        )
 
 
 # ---------------------------------------------------------------- a wallet's credits on their way
