@@ -396,6 +396,11 @@ class Limits:
         for name, group in _GROUP_OF.items():
             yield name, getattr(getattr(self, group), name)
 
+    @classmethod
+    def group_of(cls, name: str) -> str:
+        """The Limits field of the group that owns the limit `name`."""
+        return _GROUP_OF[name]
+
     def __post_init__(self) -> None:
         # Every check is here, with every group in sight: a group alone (a
         # unit test's) is not checked, a server's Limits always is.

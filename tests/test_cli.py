@@ -87,3 +87,25 @@ def test_audit_exits_nonzero_on_a_broken_ledger(tmp_path):
         assert "balance equals the sum of its transfers" in report["violations"]
     finally:
         embedded.stop(server)
+
+
+def test_limits_lists_every_limit_with_its_group_and_checks_overrides():
+    """`anbao limits` lists what `serve --limit` takes, with the overrides
+    applied; a name it does not list, or a value out of range, is refused
+    as serve refuses it; a reader that stops early is no error."""
+    from anbao.config import Limits
+
+    run = subprocess.run([*ANBAO, "limits", "--json", "--limit", "commit_slots=1"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads(run.stdout)
+    assert list(doc) == Limits.names()
+    assert doc["commit_slots"] == {"group": "commit", "value": 1}
+    assert doc["max_frame_bytes"] == {"group": "wire", "value": Limits().wire.max_frame_bytes}
+    table = subprocess.run([*ANBAO, "limits"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(table) == len(doc) and table[0].split() == ["wire", "max_frame_bytes", "65,536"]
+    for bad, why in (["nope=1"], "NAME one `anbao limits` lists"), (["batch_max_grabs=0"], "must be positive"):
+        for command in ("limits", "serve"):
+            run = subprocess.run([*ANBAO, command, "--limit", *bad], capture_output=True, text=True, timeout=60)
+            assert run.returncode == 2 and why in run.stderr, (command, run.stderr)
+    head = subprocess.run(f"{sys.executable} -m anbao.cli limits | head -1", shell=True, capture_output=True, text=True)
+    assert head.stdout.startswith("wire ") and "Traceback" not in head.stderr, head.stderr

