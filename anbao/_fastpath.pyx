@@ -310,6 +310,23 @@ cdef class PacketState:
         return self._claims.get(user_id)
 
 
+def user_bits(users, int nbits):
+    """A batch's users as a bitmap of nbits bits (a power of two, a whole
+    number of bytes): bit (user_id & (nbits - 1)) set for each, bit k in
+    byte k >> 3 at 1 << (k & 7), as PostgreSQL's get_bit numbers them. Two's
+    complement, as `&` is on a bigint there: any user id has its bit."""
+    assert nbits >= 8 and nbits & (nbits - 1) == 0
+    cdef bytearray out = bytearray(nbits >> 3)
+    cdef unsigned char[:] view = out
+    cdef uint64_t mask = <uint64_t>(nbits - 1)
+    cdef uint64_t k
+    cdef int64_t u
+    for u in users:
+        k = (<uint64_t>u) & mask
+        view[k >> 3] |= <unsigned char>(1 << (k & 7))
+    return bytes(out)
+
+
 cpdef int64_t now_ms() noexcept:
     """Wall-clock milliseconds, the clock expiry is decided by."""
     cdef timespec ts

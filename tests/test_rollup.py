@@ -315,3 +315,40 @@ async def test_the_rollup_backend_runs_at_a_lower_priority(anbao):
     assert psutil.Process(roller._conn.get_server_pid()).nice() == anbao.limits.rollup.rollup_backend_nice
     assert on_this_machine(anbao.dsn) and on_this_machine("postgresql://u@127.0.0.1:5432/d")
     assert not on_this_machine("postgresql://u@db.example.com:5432/d")
+
+
+async def test_balance_reads_a_batch_of_pending_grabs_only_where_its_bit_may_hold_the_user(fresh_dsn):
+    """BALANCE adds a user's pending grabs, skipping a batch whose user_bits
+    (migration 0017) has the user's bit clear: a user sharing a bit with a
+    grabber (5 and 5 + USER_BITS) still gets only their own, a user with no
+    grab none, and a batch written without bits (an older worker's) is read
+    in full. The bits are those PostgreSQL's get_bit reads."""
+    from anbao.config import CommitTuning
+    from anbao.storage.accounts import BALANCE
+    from anbao.storage.commit import USER_BITS, GrabCommitter
+
+    users = [5, 5 + USER_BITS, 77, 2**40 + 3]
+    conn = await asyncpg.connect(fresh_dsn)
+    committer = GrabCommitter(fresh_dsn, 0, CommitTuning())
+    try:
+        await conn.execute("INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM unnest($1::bigint[]) u", [*users, 9])
+        assert await committer.commit(0, 1, [1] * 4, [1, 2, 3, 4], users, [100, 200, 300, 400], None)
+        await conn.execute(
+            "INSERT INTO grab_rollups (batch_id, worker_id, packet_ids, packets, seqs, users, amounts)"
+            " VALUES (2, 0, '{2}', '{2}', '{1}', '{9}', '{50}')"
+        )
+        assert [await conn.fetchval(BALANCE, u) for u in [*users, 9]] == [100, 200, 300, 400, 50]
+        assert await conn.execute("UPDATE grab_rollups SET users = '{10}' WHERE batch_id = 2") == "UPDATE 1"
+        assert await conn.fetchval(BALANCE, 9) == 0
+        held = await conn.fetchval(
+            f"SELECT bool_and(get_bit(r.user_bits, (u & {USER_BITS - 1})::int) = 1)"
+            " FROM grab_rollups r, unnest(r.users) u WHERE r.batch_id = 1"
+        )
+        set_bits = await conn.fetchval(
+            f"SELECT count(*) FROM grab_rollups r, generate_series(0, {USER_BITS - 1}) k"
+            " WHERE r.batch_id = 1 AND get_bit(r.user_bits, k) = 1"
+        )
+        assert held is True and set_bits == len({u & (USER_BITS - 1) for u in users}) == 3
+    finally:
+        await committer.close()
+        await conn.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from .commit import settle_user
+from .commit import MAY_HOLD_USER, settle_user
 from .domain import AccountKind, BatchResult, MoveRequest, Operation, Reason, Refused
 from .idempotency import batch_results
 
@@ -35,10 +35,13 @@ _KNOWN = (
 # a claim from here into a balance (or, for a user of another set, into a
 # credit to that set) in one transaction, so one snapshot never counts it
 # twice or not at all.
+# A row's users array is read only where the user's bit says it may hold
+# them (a CASE: the planner would test the array first).
 PENDING_GRABS_OF_USER = (
     "COALESCE((SELECT sum(g.amount_cents) FROM grab_rollups r"
     " CROSS JOIN LATERAL unnest(r.users, r.amounts) AS g(user_id, amount_cents)"
-    " WHERE r.users @> ARRAY[$1::bigint] AND g.user_id = $1), 0)::bigint"
+    f" WHERE CASE WHEN {MAY_HOLD_USER} THEN r.users @> ARRAY[$1::bigint] ELSE false END"
+    " AND g.user_id = $1), 0)::bigint"
 )
 # User $1's balance: posted plus pending grabs; NULL for no wallet.
 BALANCE = f"SELECT a.balance_cents + {PENDING_GRABS_OF_USER} FROM accounts a WHERE a.{_USER} AND a.owner_id = $1"

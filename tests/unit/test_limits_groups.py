@@ -62,7 +62,7 @@ def test_an_unknown_name_is_refused_by_of_and_by_the_cli(capsys):
     with pytest.raises(SystemExit) as exit_:
         _limits(["max_rollup_backlog=1"])
     assert exit_.value.code == 2
-    assert "NAME one of config.Limits, not 'max_rollup_backlog=1'" in capsys.readouterr().err
+    assert "NAME one `anbao limits` lists, not 'max_rollup_backlog=1'" in capsys.readouterr().err
     assert _limits(["batch_max_grabs=10", "db_probe_interval_ms=100"]) == Limits.of(
         batch_max_grabs=10, db_probe_interval_ms=100
     )

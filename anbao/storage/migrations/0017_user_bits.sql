@@ -1,0 +1,13 @@
+-- anbao schema v17: a grab batch's users as a bitmap, so that a reader
+-- looking for one user's pending grabs skips most batches unread (issue 17).
+--
+-- BALANCE adds a user's committed grabs still waiting for their roll-up,
+-- found by `users @> ARRAY[user]` over every row of grab_rollups: each row's
+-- users array read (most are out of line, a TOAST fetch each), about 2 µs a
+-- row, 187 µs a BALANCE of the evening (pg_stat_statements). Now the grab
+-- commit also writes user_bits: 2048 bits, bit (user_id & 2047) set for
+-- each of its users (storage/commit.py USER_BITS, _fastpath.user_bits), 256
+-- bytes inline. A reader reads the array only where the user's bit is set
+-- (accounts.PENDING_GRABS_OF_USER). A row without it (written by a worker
+-- started before this migration) is read as before.
+ALTER TABLE grab_rollups ADD COLUMN user_bits BYTEA;
