@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 
+from helpers import APP_TOKEN
 from polling import eventually
-from served import ANBAO, Served, free_port, is_recorded_alive
+from served import ANBAO, Served, free_port, is_recorded_alive, recorded_processes
 
 from anbao.storage import embedded
 from anbao_client import Client
@@ -167,3 +168,34 @@ def test_a_data_dir_too_deep_for_unix_sockets_still_serves(tmp_path):
     assert short == socket_dir(deep), "the same data dir, the same socket directory"
     assert socket_dir(Path("/tmp/x/run")) == Path("/tmp/x/run"), "a short path is kept"
     short.rmdir()
+
+
+async def test_a_run_directory_deleted_under_the_supervisor_neither_stops_nor_strands_it(serve):
+    """The run directory deleted under a serving supervisor, then a worker
+    killed: the supervisor records the restart in a run directory made
+    again and keeps serving, and stops cleanly. Before, recording the
+    restart raised: the supervisor left its loop without stopping the
+    other worker and then waited, forever, at exit for it."""
+    import shutil
+
+    s = serve(workers=2)
+    before = s.run_info()
+    shutil.rmtree(s.data_dir / "run")
+    os.kill(before["workers"]["0"], signal.SIGKILL)
+
+    def restarted() -> bool:
+        try:
+            info = s.run_info()
+        except (OSError, ValueError):
+            return False
+        return info["restarts"] >= 1 and info["workers"]["0"] != before["workers"]["0"]
+
+    await eventually(restarted, 30, "the restart recorded again")
+    client = await Client.connect("127.0.0.1", s.port, APP_TOKEN)
+    try:
+        assert await client.ping() in (0, 1)
+    finally:
+        await client.close()
+    after = s.run_info()
+    assert s.stop() == 0
+    assert not any(is_recorded_alive(e) for e in recorded_processes(after))

@@ -338,9 +338,23 @@ class Supervisor:
             "memcached_process": self._memcached_entry if self._memcached_proc is not None else None,
             "reaper_process": self.reaper.entry if self.reaper is not None else None,
         }
-        tmp = self.run_dir / "workers.json.tmp"
-        tmp.write_text(json.dumps(doc))
-        tmp.replace(self.run_dir / "workers.json")
+        # The record is for the next start and for operators: a write that
+        # fails is said, never a reason to stop supervising.
+        try:
+            self._ensure_run_dir()
+            tmp = self.run_dir / "workers.json.tmp"
+            tmp.write_text(json.dumps(doc))
+            tmp.replace(self.run_dir / "workers.json")
+        except OSError as exc:
+            log.error("could not record the run in %s: %r", self.run_dir, exc)
+
+    def _ensure_run_dir(self) -> None:
+        """The run directory, made again if an operator deleted it under us:
+        a replacement worker's socket and metrics files and the record of
+        the run live there."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._metrics is not None:
+            (self.run_dir / "metrics").mkdir(exist_ok=True)
 
     def request_stop(self, *_) -> None:
         self._stopping = True
@@ -348,6 +362,15 @@ class Supervisor:
     def run_forever(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
+        # Whatever ends the loop, the workers are stopped: a supervisor that
+        # raised and left them would wait at exit, forever, for children it
+        # no longer supervises (multiprocessing joins them).
+        try:
+            self._supervise()
+        finally:
+            self.stop()
+
+    def _supervise(self) -> None:
         while not self._stopping:
             time.sleep(POLL_S)
             if self._memcached_proc is not None and self._memcached_proc.poll() is not None:
@@ -356,6 +379,7 @@ class Supervisor:
                 if p.is_alive() or self._stopping:
                     continue
                 p.join()
+                self._ensure_run_dir()
                 # Slot i is reaped before its replacement starts: one live owner per shard.
                 log.error("worker %d (pid %d) died with code %s; restarting", i, p.pid, p.exitcode)
                 now = time.monotonic()
@@ -379,7 +403,6 @@ class Supervisor:
                     self._await_ready({i})
                 except RuntimeError as exc:
                     log.error("%s", exc)
-        self.stop()
 
     def _restart_memcached(self) -> None:
         """The memcached this supervisor started died: start it again on the
