@@ -24,6 +24,7 @@ from helpers import (
     grab_outcomes,
     refuse_batches_of,
 )
+from polling import eventually
 
 from anbao.config import Limits
 from anbao.storage import migrate as migrate_mod
@@ -352,3 +353,32 @@ async def test_balance_reads_a_batch_of_pending_grabs_only_where_its_bit_may_hol
     finally:
         await committer.close()
         await conn.close()
+
+
+@pytest.mark.parametrize("limits", [Limits.of(rollup_vacuum_interval_ms=200)])
+async def test_the_rollers_vacuum_the_queue_of_batches_they_empty(anbao):
+    """grab_rollups is a queue (a row per batch, deleted by its roll-up):
+    the rollers vacuum it themselves, since autovacuum comes by once a
+    minute at best and every scan of it reads the dead rows meanwhile."""
+    admin = await anbao.client("admin")
+    (sender,) = await funded_users(admin, 1, 1, 10_000)
+    users = await funded_users(admin, 10, 6)
+    for _ in range(3):
+        sent = await admin.send(sender, 600, 6)
+        for u in users:
+            await admin.grab(sent.packet_id, u)
+    conn = await asyncpg.connect(anbao.dsn)
+    try:
+
+        async def vacuumed() -> bool:
+            # The counters are flushed a moment after the vacuum ends.
+            return await conn.fetchval(
+                "SELECT vacuum_count > 0 FROM pg_stat_user_tables WHERE relname = 'grab_rollups'"
+            )
+
+        await eventually(vacuumed, 15, "a roller's vacuum of grab_rollups", 0.2)
+        assert anbao.worker.roller.vacuums >= 1
+        assert await pending_claims(anbao.dsn) == 0
+    finally:
+        await conn.close()
+    await anbao.assert_audit_clean()

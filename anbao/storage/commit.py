@@ -377,6 +377,9 @@ class Roller:
         self.tuning = tuning
         self.rolled_claims = 0
         self.failures = 0
+        self.vacuums = 0
+        self._vacuumed_at = 0.0
+        self._rolled_since_vacuum = False
         # This worker's committed claims not yet rolled up: read from the
         # database after each pass (readers roll some of them up too),
         # counted up as batches commit in between.
@@ -396,6 +399,8 @@ class Roller:
             try:
                 await self._yield_to_grabs()
                 n = await self.pass_once()
+                self._rolled_since_vacuum |= n > 0
+                await self._vacuum_if_due()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the database is away: try again later
@@ -414,6 +419,22 @@ class Roller:
                 self._catching_up = False
                 self._wake.clear()
                 await self._wake.wait(self.tuning.rollup_idle_poll_ms / 1000)
+
+    async def _vacuum_if_due(self) -> None:
+        """Vacuums grab_rollups (RollupTuning.rollup_vacuum_interval_ms): its
+        rows live from a commit to their roll-up. TRUNCATE false: giving the
+        file's empty tail back would take a lock the grab commits wait on;
+        vacuumed this often, the table reuses its pages instead."""
+        due_s = self._vacuumed_at + self.tuning.rollup_vacuum_interval_ms / 1000
+        if not self._rolled_since_vacuum or time.monotonic() < due_s or self._conn is None:
+            return
+        self._rolled_since_vacuum = False
+        self._vacuumed_at = time.monotonic()
+        try:
+            await self._conn.execute("VACUUM (TRUNCATE false) grab_rollups")
+            self.vacuums += 1
+        except asyncpg.PostgresError as exc:  # refused (a permission, say): the next interval tries again
+            log.debug("vacuum of grab_rollups: %r", exc)
 
     async def _yield_to_grabs(self) -> None:
         # Only a burst is deferred: once it has waited rollup_defer_max_ms, or the
