@@ -137,8 +137,17 @@ async def test_resync_while_credits_are_written_applies_each_once(two_sets):
             for u, g in got.items():
                 won[u] = won.get(u, 0) + g.amount_cents
 
-    newest = "SELECT COALESCE(max(credit_id), 0) FROM credits_out WHERE src_set = 0 AND dest_set = 1"
-    since = "SELECT count(*) FROM credits_out WHERE src_set = 0 AND dest_set = 1 AND credit_id > $1"
+    # Credits as the grab commits send them (credit_batches, migration 0014),
+    # not as the roll-up later copies them into credits_out: a credit rolled
+    # up after the slot may have streamed, and been applied, long before it.
+    newest = (
+        "SELECT COALESCE(max(c), 0) FROM credit_batches b, unnest(b.credit_ids) c"
+        " WHERE b.src_set = 0 AND b.dest_set = 1"
+    )
+    since = (
+        "SELECT count(*) FROM credit_batches b, unnest(b.credit_ids) c"
+        " WHERE b.src_set = 0 AND b.dest_set = 1 AND c > $1"
+    )
     marks: dict[str, int] = {}
 
     async def progress(stage: str, text: str) -> None:
