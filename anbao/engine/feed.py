@@ -38,7 +38,6 @@ class EventFeed:
         t = tuning
         assert t.events_number_interval_ms > 0 and t.events_poll_ms > 0 and t.max_event_waiters > 0
         self.dsn = dsn
-        self.tuning = tuning
         self.number_interval_s = t.events_number_interval_ms / 1000
         self.poll_s = t.events_poll_ms / 1000
         self.prune_interval_s = t.events_prune_interval_ms / 1000

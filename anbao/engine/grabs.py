@@ -89,7 +89,6 @@ class GrabEngine:
         assert 0 < tuning.batch_max_grabs <= tuning.max_queued_grabs
         self.ledger = ledger
         self.committer = committer
-        self.tuning = tuning
         self.roller = roller
         # The roll-up's backlog bound and quiet time are the roller's tuning:
         # without a roller (unit tests) nothing is rolled up, nothing bounds.
@@ -106,7 +105,7 @@ class GrabEngine:
             roller.on_progress = self._kick_if_waiting
             roller.busy = self._grabs_active
         self.worker_id = worker_id
-        # Read on every grab or batch: plain attributes, not self.tuning.x.
+        # Read on every grab or batch: plain attributes, not tuning.x.
         self.overlap_min_grabs = tuning.batch_overlap_min_grabs
         self.batch_max_grabs = tuning.batch_max_grabs
         self.max_queued_grabs = tuning.max_queued_grabs

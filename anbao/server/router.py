@@ -102,7 +102,6 @@ class Router:
         self.permits = permits
         self.final = final
         self.peers = peers
-        self.tuning = tuning
         # Read on every routed grab: plain attributes, in seconds where the
         # loop's clock wants them.
         self.slack = t.admission_slack

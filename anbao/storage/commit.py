@@ -424,14 +424,16 @@ class Roller:
         """Vacuums grab_rollups (RollupTuning.rollup_vacuum_interval_ms): its
         rows live from a commit to their roll-up. TRUNCATE false: giving the
         file's empty tail back would take a lock the grab commits wait on;
-        vacuumed this often, the table reuses its pages instead."""
+        vacuumed this often, the table reuses its pages instead. SKIP_LOCKED:
+        while the other workers' rollers (or autovacuum) vacuum it, this one
+        goes back to rolling up instead of waiting to do the same work."""
         due_s = self._vacuumed_at + self.tuning.rollup_vacuum_interval_ms / 1000
         if not self._rolled_since_vacuum or time.monotonic() < due_s or self._conn is None:
             return
         self._rolled_since_vacuum = False
         self._vacuumed_at = time.monotonic()
         try:
-            await self._conn.execute("VACUUM (TRUNCATE false) grab_rollups")
+            await self._conn.execute("VACUUM (SKIP_LOCKED, TRUNCATE false) grab_rollups")
             self.vacuums += 1
         except asyncpg.PostgresError as exc:  # refused (a permission, say): the next interval tries again
             log.debug("vacuum of grab_rollups: %r", exc)

@@ -429,8 +429,6 @@ STABLE_READ_PAUSE_S = 0.25
 async def _stable_flows(dsns: dict[int, str]) -> tuple[dict, bool]:
     """The sets' flows, read until two readings in a row agree on the
     credits sent and applied; (the last reading, whether two agreed)."""
-    import asyncio
-
     first = await _read_flows(dsns)
     for _ in range(STABLE_READ_ATTEMPTS):
         again = await _read_flows(dsns)
