@@ -2,6 +2,17 @@
 -- As in 0007, plus: a claim sent in a credit batch (by its grab commit)
 -- goes to that batch's destination, and its credits_out row takes the
 -- batch's credit id, sender and claim time, with in_batch = true.
+--
+-- Roll-ups run side by side (they used to run one at a time per
+-- database, each waiting for the whole pass of any other). What a roll-up
+-- takes, it locks, always in this order, so two never wait on each other
+-- in a cycle: its batch rows (batch id order, FOR UPDATE: a batch another
+-- roll-up holds is waited for, and then gone), the credit totals (by the
+-- credits_out trigger), the accounts (account id order), the packets
+-- (packet id order). Every other writer that waits on accounts locks them
+-- in id order, and the SEND batch does not wait (SKIP LOCKED). The advisory
+-- key is now taken shared: a credit apply (anbao_apply_credit_batch) takes
+-- it alone, so an apply and a roll-up still never run at once.
 CREATE OR REPLACE FUNCTION anbao_rollup(p_limit INTEGER, p_user BIGINT, p_packets BIGINT[], p_worker SMALLINT,
                                         p_worker_count SMALLINT)
 RETURNS INTEGER
@@ -16,13 +27,13 @@ DECLARE
     pkt_cents BIGINT[];
     me SMALLINT;
 BEGIN
-    PERFORM pg_advisory_xact_lock(7020657039738302316);   -- the bytes 'anbaorol': one key for every roll-up
-    SELECT array_agg(batch_id) INTO ids FROM (
+    PERFORM pg_advisory_xact_lock_shared(7020657039738302316);   -- the bytes 'anbaorol'
+    SELECT array_agg(batch_id ORDER BY batch_id) INTO ids FROM (
         SELECT r.batch_id FROM grab_rollups r
         WHERE (p_user IS NULL OR p_user = ANY(r.users))
           AND (p_packets IS NULL OR r.packet_ids && p_packets)
           AND (p_worker IS NULL OR r.worker_id = p_worker OR (p_worker = 0 AND r.worker_id >= p_worker_count))
-        ORDER BY r.batch_id LIMIT p_limit) s;
+        ORDER BY r.batch_id LIMIT p_limit FOR UPDATE) s;
     IF ids IS NULL THEN
         RETURN 0;
     END IF;
@@ -92,6 +103,7 @@ BEGIN
         SELECT wallet AS id, sum(amount_cents) AS delta FROM g_rollup14 GROUP BY wallet
         UNION ALL
         SELECT escrow, -sum(amount_cents) FROM g_rollup14 GROUP BY escrow) s;
+    PERFORM 1 FROM accounts a WHERE a.account_id = ANY(acc_ids) ORDER BY a.account_id FOR NO KEY UPDATE;
     UPDATE accounts a SET balance_cents = a.balance_cents + d.delta
         FROM unnest(acc_ids, acc_deltas) AS d(id, delta)
         WHERE a.account_id = d.id;
@@ -100,6 +112,7 @@ BEGIN
         INTO pkt_ids, pkt_counts, pkt_cents FROM (
         SELECT g.packet_id, count(*)::int AS claims_n, sum(g.amount_cents)::bigint AS claims_cents
         FROM g_rollup14 g GROUP BY g.packet_id) s;
+    PERFORM 1 FROM packets p WHERE p.packet_id = ANY(pkt_ids) ORDER BY p.packet_id FOR NO KEY UPDATE;
     UPDATE packets p SET claimed_count = p.claimed_count + d.claims_n,
                          claimed_cents = p.claimed_cents + d.claims_cents,
                          status = CASE WHEN p.claimed_count + d.claims_n = p.share_count AND p.status = 0
