@@ -62,6 +62,10 @@ async def test_steering_topology_and_stats(serve):
         # workers' relay connections to each other are counted apart.
         assert [st["connections"] for st in stats] == [1, 1]
         assert all(st["relay_connections"] >= 0 for st in stats)
+        # Each worker froze what its start-up made: a full collection (which
+        # stops the loop) no longer walks the modules and tables.
+        assert all(st["gc_frozen_objects"] > 10_000 for st in stats), [st["gc_frozen_objects"] for st in stats]
+        assert all(st["gc_full_collections"] >= 0 for st in stats)
     finally:
         await cluster.close()
     assert s.stop() == 0

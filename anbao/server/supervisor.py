@@ -155,6 +155,7 @@ def _worker_main(
         os.close(fd)
 
     import asyncio
+    import gc
 
     import uvloop
 
@@ -193,6 +194,11 @@ def _worker_main(
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await worker.start()
+        # What start-up made (modules, tables, pools) lives as long as the
+        # process. Frozen, a full collection no longer walks it: on an evening,
+        # 40-50k objects and a 30-80 ms stop of the loop (every request waits)
+        # became 11-12k objects and 10 ms (BENCHMARKS.md, issue 17).
+        gc.freeze()
         ready.put((settings.worker_id, os.getpid()))
         await stop.wait()
         await worker.stop(drain_timeout_s=settings.limits.process.worker_drain_timeout_ms / 1000 - 5)

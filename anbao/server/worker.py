@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import os
 import ssl
@@ -374,6 +375,9 @@ class Worker:
             "users_cooling": len(e.cooldown.until) if e.cooldown is not None else 0,
             "rate_limited": self.rate_limits.limited,
             "busy_answers": self.dispatcher.busy_answers if self.dispatcher is not None else 0,
+            # A full collection stops the loop: how many, and what it no longer walks.
+            "gc_full_collections": gc.get_stats()[2]["collections"],
+            "gc_frozen_objects": gc.get_freeze_count(),
             **(self.writes.stats() if self.writes is not None else {}),
             "rolled_up_claims": roller.rolled_claims,
             "rollup_backlog_claims": roller.backlog_claims,
