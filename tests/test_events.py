@@ -579,3 +579,58 @@ async def test_a_long_poll_while_the_database_is_down(own_pg, tokens_file):
         await asyncio.get_running_loop().run_in_executor(None, embedded.start, data)
     finally:
         await server.stop()
+
+
+_SENT_EVENTS = (
+    "SELECT e.kind, e.user_id, e.packet_id, e.seq, e.count, e.amount_cents, e.at = t.created_at AS at_transfer"
+    " FROM event_log e JOIN transfers t ON t.transfer_id = e.transfer_id WHERE e.transfer_id = $1"
+)
+
+
+async def test_a_send_batch_writes_its_sent_events_and_the_trigger_those_of_any_other_send(anbao):
+    """Migration 0018: a SEND batch writes its SENT events itself, one
+    statement for the batch, and tells the transfers' trigger to skip them.
+    A SEND transfer written without saying so (the batch function's text
+    before 0018, during an upgrade) still gets the trigger's event, the same
+    event."""
+    admin = await anbao.client("admin")
+    senders = await funded_users(admin, 1, 3, 100_000)
+    members = await funded_users(admin, 100, 5)
+    await admin.group_create(77, [senders[0], *members])
+    sent = await asyncio.gather(
+        admin.send(senders[0], 5_000, 4, group=77),
+        admin.send(senders[1], 777, 2),
+        admin.send(senders[2], 900, 3, members=members[:3]),
+    )
+    conn = await asyncpg.connect(anbao.dsn)
+    try:
+        for s, p in zip(senders, sent, strict=True):
+            t = await conn.fetchrow(
+                "SELECT transfer_id, debit_account, credit_account, amount_cents FROM transfers"
+                " WHERE kind = 3 AND packet_id = $1",
+                p.packet_id,
+            )
+            batch_event = await conn.fetch(_SENT_EVENTS, t["transfer_id"])
+            shares = await conn.fetchval("SELECT share_count FROM packets WHERE packet_id = $1", p.packet_id)
+            assert [tuple(r) for r in batch_event] == [(1, s, p.packet_id, 0, shares, t["amount_cents"], True)]
+            for said, events in ((False, 1), (True, 0)):
+                probe = conn.transaction()  # rolled back: the books stay as they were
+                await probe.start()
+                try:
+                    if said:
+                        await conn.execute("SELECT set_config('anbao.sent_events', 'batch', true)")
+                    again = await conn.fetchval(
+                        "INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)"
+                        " VALUES (3, $1, $2, $3, $4) RETURNING transfer_id",
+                        t["debit_account"],
+                        t["credit_account"],
+                        t["amount_cents"],
+                        p.packet_id,
+                    )
+                    by_trigger = [tuple(r) for r in await conn.fetch(_SENT_EVENTS, again)]
+                    assert by_trigger == [tuple(r) for r in batch_event][:events]
+                finally:
+                    await probe.rollback()
+    finally:
+        await conn.close()
+    await anbao.assert_audit_clean()

@@ -206,10 +206,12 @@ BEGIN
     -- The decided SENDs' rows, each kind in one statement for the batch,
     -- in arrival order: the escrows (created holding their totals), the
     -- packets, the transfers that are what the escrows hold (the audit
-    -- recomputes every balance from its transfers; the transfers' trigger
-    -- writes each SENT event, seeing the packets, as it fires at the end of
-    -- the statement), then direct audiences' member lists.
+    -- recomputes every balance from its transfers) and their SENT events,
+    -- then direct audiences' member lists. The events are written here, not
+    -- by the transfers' trigger, which this transaction tells to skip them
+    -- (migration 0018): one statement instead of a call per SEND.
     IF cardinality(d_idx) > 0 THEN
+        PERFORM set_config('anbao.sent_events', 'batch', true);
         WITH e AS (
             INSERT INTO accounts (kind, owner_id, balance_cents)
                 SELECT 2, p_packets[t.k], p_totals[t.k] FROM unnest(d_idx) WITH ORDINALITY AS t(k, o)
@@ -225,11 +227,20 @@ BEGIN
                        p_max_share_cents
                 FROM unnest(d_idx, d_versions) WITH ORDINALITY AS t(k, v, o)
                 JOIN e ON e.owner_id = p_packets[t.k]
-                ORDER BY t.o)
-        INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)
-            SELECT 3, t.a, e.account_id, p_totals[t.k], p_packets[t.k]
-            FROM unnest(d_idx, d_accounts) WITH ORDINALITY AS t(k, a, o)
-            JOIN e ON e.owner_id = p_packets[t.k]
+                ORDER BY t.o),
+        tr AS (
+            INSERT INTO transfers (kind, debit_account, credit_account, amount_cents, packet_id)
+                SELECT 3, t.a, e.account_id, p_totals[t.k], p_packets[t.k]
+                FROM unnest(d_idx, d_accounts) WITH ORDINALITY AS t(k, a, o)
+                JOIN e ON e.owner_id = p_packets[t.k]
+                ORDER BY t.o
+                RETURNING transfer_id, created_at, packet_id, amount_cents)
+        -- As anbao_transfer_event writes a SENT event: kind 1, the sender,
+        -- the share count; in arrival order, as the trigger fired.
+        INSERT INTO event_log (kind, transfer_id, at, packet_id, user_id, seq, count, amount_cents)
+            SELECT 1, tr.transfer_id, tr.created_at, tr.packet_id, p_senders[t.k], 0, p_counts[t.k], tr.amount_cents
+            FROM unnest(d_idx) WITH ORDINALITY AS t(k, o)
+            JOIN tr ON tr.packet_id = p_packets[t.k]
             ORDER BY t.o;
         INSERT INTO packet_members (packet_id, user_id)
             SELECT p_packets[t.k], m.u FROM unnest(d_idx) AS t(k)
