@@ -231,33 +231,3 @@ async def test_credit_totals_follow_every_writer_through_the_upgrade(pg):
         assert lag is not None and lag.total_seconds() >= 0
     finally:
         await conn.close()
-
-
-async def test_a_credit_batch_is_applied_beside_a_rollup_and_waits_only_for_its_wallets(fresh_dsn):
-    """A credit batch's apply no longer takes the roll-up's key alone: it
-    runs while a roll-up holds that key (shared, as every roll-up takes it),
-    and waits only for a roll-up holding one of its wallets (locked in id
-    order by both), then applies the batch once."""
-    from helpers import ROLLUP_LOCK_KEY
-
-    await _as_set(fresh_dsn)
-    rollup = await asyncpg.connect(fresh_dsn)
-    apply = await asyncpg.connect(fresh_dsn)
-    try:
-        await apply.execute("SET session_replication_role = replica")
-        tx = rollup.transaction()
-        await tx.start()
-        await rollup.execute("SELECT pg_advisory_xact_lock_shared($1)", ROLLUP_LOCK_KEY)
-        assert await asyncio.wait_for(apply.execute(BATCH), WAIT_S) == "INSERT 0 1"
-        # Now the roll-up holds USER's wallet, as its accounts UPDATE does.
-        await rollup.execute(f"SELECT 1 FROM accounts WHERE kind = 1 AND owner_id = {USER} FOR NO KEY UPDATE")
-        second = BATCH.replace(f"({PEER}, 77,", f"({PEER}, 78,").replace("{11,12,13}", "{21,22,23}")
-        applying = asyncio.create_task(apply.execute(second))
-        await asyncio.sleep(0.5)
-        assert not applying.done(), "the apply waits for the roll-up holding USER's wallet"
-        await tx.commit()
-        assert await asyncio.wait_for(applying, WAIT_S) == "INSERT 0 1"
-    finally:
-        await rollup.close()
-        await apply.close()
-    assert await _money(fresh_dsn) == (210, -270, 6, 6, 0)

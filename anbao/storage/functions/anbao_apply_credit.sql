@@ -1,6 +1,5 @@
 -- As in 0010, plus: the CROSS_SET_CREDIT event is written here (the transfers trigger no longer fires for kind 7:
--- the batch apply writes its events set-wise); since 0016 it adds the credit to credit_totals; it takes the
--- applies' key before the roll-up's.
+-- the batch apply writes its events set-wise); since 0016 it adds the credit to credit_totals.
 CREATE OR REPLACE FUNCTION anbao_apply_credit() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, public AS $$
 DECLARE
@@ -12,10 +11,6 @@ BEGIN
     IF me IS NULL OR NEW.dest_set <> me OR NEW.src_set = me OR NEW.applied_transfer_id IS NOT NULL THEN
         RETURN NEW;  -- an outbound credit written here by the roll-up
     END IF;
-    -- The applies' key first (anbao_apply_credit_batch), then the roll-up's
-    -- alone: this per-row path (credits from a set older than v14) still
-    -- excludes the roll-ups rather than lock its two accounts in id order.
-    PERFORM pg_advisory_xact_lock(7020657039737188460);
     PERFORM pg_advisory_xact_lock(7020657039738302316);   -- anbao_rollup's key
     IF EXISTS (SELECT 1 FROM public.credits_out c WHERE c.src_set = NEW.src_set AND c.credit_id = NEW.credit_id) THEN
         RETURN NULL;  -- applied already (by the backfill, or by the stream): never twice

@@ -1,14 +1,9 @@
 -- ------------------------------------------------------------ the apply
 -- Runs in the subscription's apply worker (search_path empty: every name
 -- qualified, nextval's too) and in a resync's backfill. It must never
--- fail: an unknown user is credited to suspense. It takes the applies' key
--- alone (the bytes 'anbaoapl': the stream's and a backfill's applies, and
--- the per-row apply), so "already present" cannot change under it. It
--- locks the accounts it writes in account id order before writing them, as
--- the roll-ups lock theirs, so it never deadlocks with a roll-up, and it
--- waits only for a roll-up holding one of its wallets. (It took the
--- roll-up's key alone before: each credit batch waited for every roll-up
--- pass under way, at nice 19, and held the next ones back: issue 20's lag.)
+-- fail: an unknown user is credited to suspense. It takes the roll-up's
+-- lock, as the per-row apply does, so it never deadlocks with a roll-up on
+-- the same wallets, and so "already present" cannot change under it.
 CREATE OR REPLACE FUNCTION anbao_apply_credit_batch() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, public AS $$
 DECLARE
@@ -19,7 +14,7 @@ BEGIN
     IF me IS NULL OR NEW.dest_set <> me OR NEW.src_set = me THEN
         RETURN NEW;  -- written here by a grab commit: an outbound batch
     END IF;
-    PERFORM pg_catalog.pg_advisory_xact_lock(7020657039737188460);   -- the applies' key
+    PERFORM pg_catalog.pg_advisory_xact_lock(7020657039738302316);   -- anbao_rollup's key
     IF EXISTS (SELECT 1 FROM public.credit_batches c
                WHERE c.src_set = NEW.src_set AND c.batch_id = NEW.batch_id AND c.dest_set = NEW.dest_set) THEN
         RETURN NULL;  -- applied already (by a backfill, or by the stream): never twice
@@ -34,11 +29,6 @@ BEGIN
         INSERT INTO public.accounts (kind, owner_id) VALUES (4, 0) ON CONFLICT DO NOTHING;
         SELECT a.account_id INTO suspense FROM public.accounts a WHERE a.kind = 4 AND a.owner_id = 0;
     END IF;
-    PERFORM 1 FROM public.accounts a
-        WHERE a.account_id IN (SELECT COALESCE(w.account_id, suspense) FROM pg_catalog.unnest(NEW.users) AS u(user_id)
-                               LEFT JOIN public.accounts w ON w.kind = 1 AND w.owner_id = u.user_id
-                               UNION ALL SELECT clearing)
-        ORDER BY a.account_id FOR NO KEY UPDATE;
     NEW.applied_at := pg_catalog.clock_timestamp();
     -- One statement: the transfers get ids in the batch's order, so the
     -- events and the copies name them.

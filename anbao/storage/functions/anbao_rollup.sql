@@ -10,9 +10,9 @@
 -- roll-up holds is waited for, and then gone), the credit totals (by the
 -- credits_out trigger), the accounts (account id order), the packets
 -- (packet id order). Every other writer that waits on accounts locks them
--- in id order (a credit batch's apply too), and the SEND batch does not
--- wait (SKIP LOCKED). The advisory key is taken shared: only the per-row
--- apply of a credit from a set older than v14 takes it alone.
+-- in id order, and the SEND batch does not wait (SKIP LOCKED). The advisory
+-- key is now taken shared: a credit apply (anbao_apply_credit_batch) takes
+-- it alone, so an apply and a roll-up still never run at once.
 CREATE OR REPLACE FUNCTION anbao_rollup(p_limit INTEGER, p_user BIGINT, p_packets BIGINT[], p_worker SMALLINT,
                                         p_worker_count SMALLINT)
 RETURNS INTEGER
