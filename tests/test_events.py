@@ -293,6 +293,39 @@ async def test_storm_events_match_claims(anbao):
     await anbao.assert_audit_clean()
 
 
+@pytest.mark.parametrize("limits", [Limits.of(batch_max_grabs=4, expiry_sweep_interval_ms=50)])
+async def test_a_backlog_of_rolled_up_batches_is_numbered_in_order(anbao):
+    """The sequencer held (as a stall would hold it) while a storm commits
+    batches of a few grabs and the roll-up posts them all: the catch-up run
+    then numbers hundreds of batch rows at once, each counted from its
+    claims, and places them by build order. The feed is what it would have
+    been: dense, a share per claim, each packet's shares in seq order."""
+    holder = await asyncpg.connect(anbao.dsn)
+    try:
+        admin = await anbao.client("admin")
+        sender, *users = await funded_users(admin, 1, 121)
+        await admin.deposit(sender, 1_000_000)
+        packets = [await admin.send(sender, 30_000, 40) for _ in range(3)]
+        await holder.execute("SELECT pg_advisory_lock(7020657039738307955)")  # anbao_number_events' key
+        clients = [await anbao.client() for _ in range(6)]
+        await asyncio.gather(*(grab_outcomes(clients, p.packet_id, users) for p in packets))
+        await holder.fetchval("SELECT anbao_rollup(1000000, NULL, NULL, NULL, NULL)")
+        backlog = await holder.fetchval("SELECT count(*) FROM event_log WHERE last_no IS NULL AND batch_id IS NOT NULL")
+        assert backlog >= 30, backlog
+        assert await holder.fetchval("SELECT count(*) FROM grab_rollups") == 0, "counted from the claims"
+    finally:
+        await holder.execute("SELECT pg_advisory_unlock_all()")
+        await holder.close()
+    events = await settle_feed(admin, anbao.dsn)
+    assert_dense(events)
+    assert shares(events) == await claims_of(anbao.dsn)
+    for p in packets:
+        mine = [e for e in events if e.packet_id == p.packet_id]
+        assert [e.kind for e in mine] == [EventKind.SENT] + [EventKind.SHARE_TAKEN] * 40 + [EventKind.SOLD_OUT]
+        assert [e.seq for e in mine[1:-1]] == list(range(1, 41))
+    await anbao.assert_audit_clean()
+
+
 async def test_audit_names_a_fact_without_its_event(anbao):
     admin = await anbao.client("admin")
     [user] = await funded_users(admin, 1, 1, 100)

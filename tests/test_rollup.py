@@ -382,3 +382,21 @@ async def test_the_rollers_vacuum_the_queue_of_batches_they_empty(anbao):
     finally:
         await conn.close()
     await anbao.assert_audit_clean()
+
+
+async def test_batch_ids_follow_the_order_the_batches_were_built(fresh_dsn):
+    """The sequencer places a worker's batches by id, so ids must follow the
+    calls even when the first calls all wait for a block: before, each of
+    them fetched a block of its own, and a batch built later could get the
+    smaller id (its shares then came first in the event feed)."""
+    from anbao.config import CommitTuning
+    from anbao.storage.commit import BATCH_BLOCK_BITS, GrabCommitter
+
+    committer = GrabCommitter(fresh_dsn, 0, CommitTuning())
+    try:
+        ids = await asyncio.gather(*(committer.next_batch_id(i % 2) for i in range(8)))
+        ids += [await committer.next_batch_id(0) for _ in range(3)]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids), ids
+        assert len({i >> BATCH_BLOCK_BITS for i in ids}) == 1, "one block for the first eleven"
+    finally:
+        await committer.close()

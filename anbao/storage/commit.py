@@ -34,6 +34,7 @@ from ..config import CommitTuning, RollupTuning
 log = logging.getLogger("anbao.commit")
 
 BATCH_BLOCK_BITS = 20
+IDS_PER_BLOCK = (1 << BATCH_BLOCK_BITS) - 1  # ids 1 .. 2^20 - 1 of each block
 APPLICATION_NAME = "anbao-grab-commit"  # then "-<worker id>": a slot's backends, found by its replacement
 
 # Server errors that mean the backend is going away, not that it refused
@@ -118,8 +119,13 @@ class GrabCommitter:
         self._conns: list[asyncpg.Connection | None] = [None] * slots
         self._set_id: int | None = None  # this database's set, read on each new connection
         self._free = list(range(slots))
-        self._block = 0
-        self._next_in_block = 1 << BATCH_BLOCK_BITS  # forces a block on first use
+        # Batch ids in build order (the sequencer places a worker's batches
+        # by id): each call takes the next ticket at once, and ticket t is
+        # id t % IDS_PER_BLOCK + 1 of the (t // IDS_PER_BLOCK)-th block this
+        # committer fetched. Blocks are fetched in order, one at a time.
+        self._tickets = 0
+        self._blocks: list[int] = []
+        self._block_fetch = asyncio.Lock()
 
     @property
     def application_name(self) -> str:
@@ -191,16 +197,24 @@ class GrabCommitter:
             conn.terminate()
 
     async def next_batch_id(self, slot: int) -> int:
-        if self._next_in_block >= (1 << BATCH_BLOCK_BITS):
-            conn = await self._connection(slot)
-            try:
-                self._block = await conn.fetchval("SELECT nextval('grab_batch_block_seq')")
-            except BaseException:
-                self._discard(slot)  # whatever broke it, the next batch gets a fresh connection
-                raise
-            self._next_in_block = 0
-        self._next_in_block += 1
-        return (self._block << BATCH_BLOCK_BITS) | self._next_in_block
+        """The next batch id, in call order. Two calls that both found the
+        block used up used to fetch a block each, and the one built second
+        could get the smaller id: its shares then came out of the event feed
+        before the first's (tests/test_events.py, the sequencer's backlog)."""
+        ticket = self._tickets
+        self._tickets += 1
+        index, offset = divmod(ticket, IDS_PER_BLOCK)
+        while len(self._blocks) <= index:
+            async with self._block_fetch:
+                if len(self._blocks) > index:
+                    break
+                conn = await self._connection(slot)
+                try:
+                    self._blocks.append(await conn.fetchval("SELECT nextval('grab_batch_block_seq')"))
+                except BaseException:
+                    self._discard(slot)  # whatever broke it, the next batch gets a fresh connection
+                    raise
+        return (self._blocks[index] << BATCH_BLOCK_BITS) | (offset + 1)
 
     async def commit(
         self,

@@ -20,17 +20,20 @@ BEGIN
     END IF;
     WITH todo AS (
         SELECT e.id, e.batch_id FROM event_log e WHERE e.last_no IS NULL
-    ), b AS (
-        SELECT t.id, t.batch_id >> 20 AS blk,
-               row_number() OVER (PARTITION BY t.batch_id >> 20 ORDER BY t.id) AS by_id,
-               row_number() OVER (PARTITION BY t.batch_id >> 20 ORDER BY t.batch_id) AS by_build
-        FROM todo t WHERE t.batch_id IS NOT NULL
+    ), blk AS (
+        -- Per block: its rows by id, and by build order. The k-th built
+        -- takes the place of the k-th id: the two lists zipped, in linear
+        -- time (a self-join on the ranks was planned as a merge join on the
+        -- block alone, quadratic: 18,000 rows for 190 batches after a
+        -- 0.3 s pause, 112 ms).
+        SELECT array_agg(t.id ORDER BY t.id) AS by_id, array_agg(t.id ORDER BY t.batch_id) AS by_build,
+               array_agg(t.batch_id ORDER BY t.batch_id) AS batches
+        FROM todo t WHERE t.batch_id IS NOT NULL GROUP BY t.batch_id >> 20
     ), placed AS (
         SELECT t.id, t.id AS place, 1::bigint AS n FROM todo t WHERE t.batch_id IS NULL
         UNION ALL
-        SELECT b1.id, b2.id, anbao_batch_event_count(e.batch_id)
-        FROM b b1 JOIN b b2 ON b2.blk = b1.blk AND b2.by_id = b1.by_build
-        JOIN event_log e ON e.id = b1.id
+        SELECT z.id, z.place, anbao_batch_event_count(z.batch_id)
+        FROM blk CROSS JOIN LATERAL unnest(blk.by_build, blk.by_id, blk.batches) AS z(id, place, batch_id)
     ), numbered AS (
         SELECT p.id, p.n, head + sum(p.n) OVER (ORDER BY p.place) AS last FROM placed p
     )
