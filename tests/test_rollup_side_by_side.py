@@ -143,7 +143,9 @@ async def test_rollups_side_by_side_on_shared_wallets_and_packets_never_deadlock
                 await conn.fetchval(_ROLLUP, 2, rng.choice(users), None, None, None)
 
         await asyncio.wait_for(
-            asyncio.gather(*(worker_passes(conns[w], w) for w in range(3)), user_passes(conns[3]), user_passes(conns[4])),
+            asyncio.gather(
+                *(worker_passes(conns[w], w) for w in range(3)), user_passes(conns[3]), user_passes(conns[4])
+            ),
             60,
         )
         await _books(anbao.dsn, claims)

@@ -128,6 +128,20 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)  # the parent died before prctl took effect
 
 
+def _permits(settings: Settings, admission: str, memcached: str | None):
+    """The worker's admission, as the supervisor chose it (imported here:
+    the worker's process, after the fork)."""
+    from ..admission import InProcessPermits, MemcachedPermits, Permits
+
+    if admission == "memcached":
+        assert memcached is not None  # the supervisor runs memcached admission only with an address
+        host, port = memcached.rsplit(":", 1)
+        return MemcachedPermits(host, int(port), settings.set_id, settings.limits.admission)
+    if admission == "in-process":
+        return InProcessPermits(settings.limits.commit.max_packets_in_memory)
+    return Permits()
+
+
 def _worker_main(
     settings: Settings,
     dsn: str,
@@ -159,22 +173,13 @@ def _worker_main(
 
     import uvloop
 
-    from ..admission import InProcessPermits, MemcachedPermits, Permits
     from ..auth import TokenBook
     from .worker import Worker
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the supervisor, which drains us in order
 
     async def main() -> None:
-        permits: Permits
-        if admission == "memcached":
-            assert memcached is not None  # the supervisor runs memcached admission only with an address
-            host, port = memcached.rsplit(":", 1)
-            permits = MemcachedPermits(host, int(port), settings.set_id, settings.limits.admission)
-        elif admission == "in-process":
-            permits = InProcessPermits(settings.limits.commit.max_packets_in_memory)
-        else:
-            permits = Permits()
+        permits = _permits(settings, admission, memcached)
         metrics = None
         if with_metrics:
             from ..metrics import WorkerMetrics
