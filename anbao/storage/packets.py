@@ -10,6 +10,7 @@ import asyncpg
 from ..clock import now_ms
 from .domain import (
     Audience,
+    BatchOutcome,
     BatchResult,
     Operation,
     PacketRecord,
@@ -95,30 +96,35 @@ class Packets:
             member_ids.extend(s.members)
             member_ends.append(len(member_ids))
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                _SEND_BATCH,
-                int(Operation.SEND),
-                [s.key for s in sends],
-                [s.request_hash for s in sends],
-                [s.packet_id for s in sends],
-                [s.sender_id for s in sends],
-                [s.total_cents for s in sends],
-                [s.count for s in sends],
-                [s.mode for s in sends],
-                [s.expires_at_ms for s in sends],
-                [s.audience for s in sends],
-                [s.group_id for s in sends],
-                member_ids,
-                member_ends,
-                [s.greeting for s in sends],
-                [s.settled for s in sends],
-                min_share_cents,
-                max_share_cents,
-                daily_max_cents,
-                daily_max_packets,
-                at_ms // MS_PER_DAY,
-                patient,
-            )
+            try:
+                rows = await conn.fetch(
+                    _SEND_BATCH,
+                    int(Operation.SEND),
+                    [s.key for s in sends],
+                    [s.request_hash for s in sends],
+                    [s.packet_id for s in sends],
+                    [s.sender_id for s in sends],
+                    [s.total_cents for s in sends],
+                    [s.count for s in sends],
+                    [s.mode for s in sends],
+                    [s.expires_at_ms for s in sends],
+                    [s.audience for s in sends],
+                    [s.group_id for s in sends],
+                    member_ids,
+                    member_ends,
+                    [s.greeting for s in sends],
+                    [s.settled for s in sends],
+                    min_share_cents,
+                    max_share_cents,
+                    daily_max_cents,
+                    daily_max_packets,
+                    at_ms // MS_PER_DAY,
+                    patient,
+                )
+            except asyncpg.exceptions.SerializationError:
+                # Another batch stored one of these keys meanwhile (40001):
+                # nothing here happened; the next batch replays that key.
+                return [BatchResult(BatchOutcome.WALLET_BUSY, None, None, "")] * len(sends)
         return batch_results(rows, len(sends))
 
     async def load_packet(self, packet_id: int) -> PacketRecord | None:
