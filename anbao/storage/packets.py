@@ -10,14 +10,13 @@ import asyncpg
 from ..clock import now_ms
 from .domain import (
     Audience,
-    BatchOutcome,
     BatchResult,
     Operation,
     PacketRecord,
     PacketStatus,
     SendRequest,
 )
-from .idempotency import batch_results
+from .idempotency import batch_results, put_back_all
 
 # What a reader is shown as the status: an open packet past its expiry is
 # "expired" until its refund commits; $1 is the server's clock in ms, the
@@ -122,9 +121,7 @@ class Packets:
                     patient,
                 )
             except asyncpg.exceptions.SerializationError:
-                # Another batch stored one of these keys meanwhile (40001):
-                # nothing here happened; the next batch replays that key.
-                return [BatchResult(BatchOutcome.WALLET_BUSY, None, None, "")] * len(sends)
+                return put_back_all(len(sends))  # anbao_store_keys: a key stored meanwhile
         return batch_results(rows, len(sends))
 
     async def load_packet(self, packet_id: int) -> PacketRecord | None:

@@ -30,9 +30,7 @@
 -- written, so one refusal never aborts the batch: a batch fails only as a
 -- whole (the database's fault, or 40001 when another batch stored one of
 -- its keys meanwhile: the caller runs it again, and that key replays), and
--- then nothing in it happened. Keys are stored with their answers in one
--- INSERT (they used to be claimed first, then updated with the answers:
--- a row written twice per SEND, and two more calls a batch).
+-- then nothing in it happened.
 --
 -- The loop only decides; the decided SENDs' rows (escrows, packets,
 -- transfers, direct audiences' members) are then written one statement per
@@ -55,7 +53,6 @@ DECLARE
     w_owner BIGINT[];
     w_account BIGINT[];
     w_balance BIGINT[];
-    stored_n INTEGER;
     stored RECORD;
     k INTEGER;
     s BIGINT;
@@ -96,10 +93,8 @@ BEGIN
         SELECT COALESCE(array_agg(x.owner_id), '{}') INTO w_busy FROM accounts x
             WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) AND NOT x.owner_id = ANY(COALESCE(w_owner, '{}'));
     END IF;
-    -- Keys stored before (committed) are replayed. The others are written
-    -- once, with their answers, at the end; a key that another batch
-    -- stores meanwhile makes that INSERT wait for it, then find it: this
-    -- batch then fails whole (40001) and runs again, replaying it.
+    -- Keys stored before (committed) are replayed; the others are stored
+    -- once, with their answers, at the end (anbao_store_keys).
     FOR stored IN SELECT * FROM anbao_stored_answers(p_operation, p_keys, p_hashes, '{}') LOOP
         i := stored.i; outcome := stored.outcome; refusal := stored.refusal; message := stored.message;
         answer := stored.answer; members := NULL;
@@ -258,14 +253,5 @@ BEGIN
     UPDATE accounts a SET balance_cents = t.b
         FROM unnest(w_account, w_balance) AS t(id, b)
         WHERE a.account_id = t.id AND a.balance_cents <> t.b;
-    INSERT INTO idempotency_keys (key, operation, request_hash, answer, refusal, message)
-        SELECT t.k, p_operation, t.h, t.a, t.r, t.m
-        FROM unnest(out_keys, out_hashes, out_answers, out_refusals, out_messages) AS t(k, h, a, r, m)
-        ORDER BY t.k
-        ON CONFLICT DO NOTHING;
-    GET DIAGNOSTICS stored_n = ROW_COUNT;
-    IF stored_n <> cardinality(out_keys) THEN
-        RAISE EXCEPTION 'anbao_send_batch: % of % keys were stored by another batch meanwhile',
-            cardinality(out_keys) - stored_n, cardinality(out_keys) USING ERRCODE = '40001';
-    END IF;
+    PERFORM anbao_store_keys(p_operation, out_keys, out_hashes, out_answers, out_refusals, out_messages);
 END $$;
