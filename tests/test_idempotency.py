@@ -219,3 +219,58 @@ async def test_a_key_stored_before_keys_were_scoped_still_replays(pg, tokens_fil
         await server.assert_audit_clean()
     finally:
         await server.stop()
+
+
+async def test_concurrent_duplicate_sends_move_money_once(anbao):
+    """The same SEND key from many connections at once: one packet, one
+    debit, and every answer the first one."""
+    admin = await anbao.client("admin")
+    (sender,) = await funded_users(admin, 1, 1, 10_000)
+    clients = [await anbao.client() for _ in range(8)]
+    key = os.urandom(16)
+    sent = await asyncio.gather(*(c.send(sender, 1_000, 4, key=key) for c in clients for _ in range(3)))
+    assert len({(s.packet_id, s.sender_balance_cents, s.expires_at_ms) for s in sent}) == 1
+    assert await admin.balance(sender) == 9_000
+    assert await anbao.fetchval("SELECT count(*) FROM packets WHERE sender_id = $1", sender) == 1
+    await anbao.assert_audit_clean()
+
+
+async def test_a_send_key_stored_by_another_batch_meanwhile_fails_that_batch_whole(anbao):
+    """A SEND batch stores its keys with their answers at its end. When
+    another batch, still open, holds one of them (the same key reused for
+    another sender's SEND: the same sender's would find its wallet held),
+    the INSERT waits for it and then finds it: this batch fails whole
+    (40001, nothing done), and run again it answers IDEMPOTENCY_CONFLICT."""
+    import asyncpg
+
+    from anbao.storage.domain import Audience
+    from anbao.storage.packets import _SEND_BATCH
+
+    admin = await anbao.client("admin")
+    senders = await funded_users(admin, 1, 2, 10_000)
+    key = os.urandom(16)
+
+    def args(sender: int, packet_id: int) -> tuple:
+        hash_ = request_hash(Operation.SEND, (sender, 700, 2))
+        return (int(Operation.SEND), [key], [hash_], [packet_id], [sender], [700], [2], [1], [2**50],
+                [int(Audience.OPEN)], [0], [], [0], [""], [False], 1, 0, None, None, 20_000, False)
+
+    first, second = await asyncpg.connect(anbao.dsn), await asyncpg.connect(anbao.dsn)
+    try:
+        tx = first.transaction()
+        await tx.start()
+        [ran] = await first.fetch(_SEND_BATCH, *args(senders[0], 10**12 + 1))
+        assert ran["outcome"] == BatchOutcome.RAN
+        racing = asyncio.ensure_future(second.fetch(_SEND_BATCH, *args(senders[1], 10**12 + 2)))
+        await asyncio.sleep(0.3)
+        assert not racing.done(), "the second batch's INSERT waits for the first's key"
+        await tx.commit()
+        with pytest.raises(asyncpg.SerializationError):
+            await asyncio.wait_for(racing, 10)
+        [again] = await second.fetch(_SEND_BATCH, *args(senders[1], 10**12 + 3))
+        assert (again["outcome"], again["refusal"]) == (BatchOutcome.CONFLICT, "IDEMPOTENCY_CONFLICT")
+    finally:
+        await first.close()
+        await second.close()
+    assert [await admin.balance(s) for s in senders] == [9_300, 10_000]
+    await anbao.assert_audit_clean()

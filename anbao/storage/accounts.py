@@ -9,7 +9,7 @@ import asyncpg
 
 from .commit import MAY_HOLD_USER, settle_user
 from .domain import AccountKind, BatchResult, MoveRequest, Operation, Reason, Refused
-from .idempotency import batch_results
+from .idempotency import batch_results, put_back_all
 
 _USER = f"kind = {AccountKind.USER:d}"
 _EXTERNAL = f"kind = {AccountKind.EXTERNAL:d}"
@@ -97,13 +97,16 @@ class Accounts:
         assert operation in (Operation.DEPOSIT, Operation.WITHDRAW)
         assert moves and len({m.key for m in moves}) == len(moves), "one request per key in a batch"
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT * FROM anbao_move_batch($1, $2, $3, $4, $5, $6)",
-                int(operation),
-                [m.key for m in moves],
-                [m.request_hash for m in moves],
-                [m.user_id for m in moves],
-                [m.amount_cents for m in moves],
-                [m.settled for m in moves],
-            )
+            try:
+                rows = await conn.fetch(
+                    "SELECT * FROM anbao_move_batch($1, $2, $3, $4, $5, $6)",
+                    int(operation),
+                    [m.key for m in moves],
+                    [m.request_hash for m in moves],
+                    [m.user_id for m in moves],
+                    [m.amount_cents for m in moves],
+                    [m.settled for m in moves],
+                )
+            except asyncpg.exceptions.SerializationError:
+                return put_back_all(len(moves))  # anbao_store_keys: a key stored meanwhile
         return batch_results(rows, len(moves))

@@ -1,8 +1,8 @@
 """Idempotency keys: a DEPOSIT, WITHDRAW or SEND runs at most once per key,
 and every retry of the key is answered what the first run answered. The
-keys are claimed, replayed and answered inside the batch functions
-(anbao_claim_keys, anbao_stored_answers, anbao_store_answers, migration
-0012); here: what a retry must repeat, and a batch's rows as results.
+keys are replayed and stored inside the batch functions
+(anbao_stored_answers first, anbao_store_keys once the batch is decided);
+here: what a retry must repeat, and a batch's rows as results.
 
 What is stored is storage's own answer (a dict of ints, or a refusal's
 Reason and message), never wire bytes: the server encodes it afresh on
@@ -38,6 +38,14 @@ def request_hash(operation: Operation, fields: tuple) -> bytes:
     operation enters as a plain int, as it did when it was the wire opcode,
     so the keys stored before stay valid; fields are plain values too."""
     return hashlib.sha256(repr((int(operation), fields)).encode()).digest()
+
+
+def put_back_all(n: int) -> list[BatchResult]:
+    """A batch that failed whole with 40001 (anbao_store_keys: another
+    transaction stored one of its keys meanwhile): nothing in it happened,
+    and each of its n requests goes in a next batch, where that key is
+    replayed or refused IDEMPOTENCY_CONFLICT."""
+    return [BatchResult(BatchOutcome.WALLET_BUSY, None, None, "")] * n
 
 
 def batch_results(rows: list, n: int) -> list[BatchResult]:

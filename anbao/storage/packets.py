@@ -16,7 +16,7 @@ from .domain import (
     PacketStatus,
     SendRequest,
 )
-from .idempotency import batch_results
+from .idempotency import batch_results, put_back_all
 
 # What a reader is shown as the status: an open packet past its expiry is
 # "expired" until its refund commits; $1 is the server's clock in ms, the
@@ -95,30 +95,33 @@ class Packets:
             member_ids.extend(s.members)
             member_ends.append(len(member_ids))
         async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                _SEND_BATCH,
-                int(Operation.SEND),
-                [s.key for s in sends],
-                [s.request_hash for s in sends],
-                [s.packet_id for s in sends],
-                [s.sender_id for s in sends],
-                [s.total_cents for s in sends],
-                [s.count for s in sends],
-                [s.mode for s in sends],
-                [s.expires_at_ms for s in sends],
-                [s.audience for s in sends],
-                [s.group_id for s in sends],
-                member_ids,
-                member_ends,
-                [s.greeting for s in sends],
-                [s.settled for s in sends],
-                min_share_cents,
-                max_share_cents,
-                daily_max_cents,
-                daily_max_packets,
-                at_ms // MS_PER_DAY,
-                patient,
-            )
+            try:
+                rows = await conn.fetch(
+                    _SEND_BATCH,
+                    int(Operation.SEND),
+                    [s.key for s in sends],
+                    [s.request_hash for s in sends],
+                    [s.packet_id for s in sends],
+                    [s.sender_id for s in sends],
+                    [s.total_cents for s in sends],
+                    [s.count for s in sends],
+                    [s.mode for s in sends],
+                    [s.expires_at_ms for s in sends],
+                    [s.audience for s in sends],
+                    [s.group_id for s in sends],
+                    member_ids,
+                    member_ends,
+                    [s.greeting for s in sends],
+                    [s.settled for s in sends],
+                    min_share_cents,
+                    max_share_cents,
+                    daily_max_cents,
+                    daily_max_packets,
+                    at_ms // MS_PER_DAY,
+                    patient,
+                )
+            except asyncpg.exceptions.SerializationError:
+                return put_back_all(len(sends))  # anbao_store_keys: a key stored meanwhile
         return batch_results(rows, len(sends))
 
     async def load_packet(self, packet_id: int) -> PacketRecord | None:

@@ -1,3 +1,6 @@
+-- Unused by this text's batch functions (they store each key once, with its
+-- answer: anbao_store_keys); kept for a server of the text before, during an
+-- upgrade. A later migration drops it.
 -- As in 0012, and a key is not claimed when an unscoped key stored before
 -- migration 0015 (keys scoped to the caller) holds it: that one is replayed or conflicts instead.
 CREATE OR REPLACE FUNCTION anbao_claim_keys(p_operation SMALLINT, p_keys BYTEA[], p_hashes BYTEA[],

@@ -15,9 +15,11 @@
 -- again with p_settled true). answer: {balance_cents, transfer_id}.
 --
 -- Locks: the external account (the lowest account id), then the wallets
--- in account-id order, then the keys in key order: the order of every
--- other writer, so no deadlock. Every request is decided before it is
--- written; a batch fails only as a whole.
+-- in account-id order, then, at the end, the keys in key order
+-- (anbao_store_keys): the order of every other writer, so no deadlock.
+-- Every request is decided before it is written; a batch fails only as a
+-- whole (40001 when another transaction stored one of its keys meanwhile:
+-- the caller runs it again).
 CREATE OR REPLACE FUNCTION anbao_move_batch(
     p_operation SMALLINT, p_keys BYTEA[], p_hashes BYTEA[], p_users BIGINT[], p_amounts BIGINT[],
     p_settled BOOLEAN[])
@@ -31,13 +33,15 @@ DECLARE
     w_owner BIGINT[];
     w_account BIGINT[];
     w_balance BIGINT[];
-    claimed BYTEA[];
+    replayed BYTEA[] := '{}';
+    stored RECORD;
     k INTEGER;
     w INTEGER;
     amount BIGINT;
     bal BIGINT;
     tid BIGINT;
     out_keys BYTEA[] := '{}';
+    out_hashes BYTEA[] := '{}';
     out_answers JSONB[] := '{}';
     out_refusals TEXT[] := '{}';
     out_messages TEXT[] := '{}';
@@ -49,11 +53,17 @@ BEGIN
         INTO w_owner, w_account, w_balance
         FROM (SELECT x.owner_id, x.account_id, x.balance_cents FROM accounts x
               WHERE x.kind = 1 AND x.owner_id = ANY(p_users) ORDER BY x.account_id FOR NO KEY UPDATE) a;
-    claimed := anbao_claim_keys(p_operation, p_keys, p_hashes, array_fill(true, ARRAY[n]));
-    RETURN QUERY SELECT * FROM anbao_stored_answers(p_operation, p_keys, p_hashes, claimed);
+    -- Keys stored before are replayed; the others are stored once, with
+    -- their answers, at the end (anbao_store_keys).
+    FOR stored IN SELECT * FROM anbao_stored_answers(p_operation, p_keys, p_hashes, '{}') LOOP
+        i := stored.i; outcome := stored.outcome; refusal := stored.refusal; message := stored.message;
+        answer := stored.answer;
+        replayed := replayed || p_keys[stored.i];
+        RETURN NEXT;
+    END LOOP;
     FOR k IN 1 .. n LOOP
         i := k; outcome := 0; refusal := NULL; message := ''; answer := NULL;
-        CONTINUE WHEN NOT p_keys[k] = ANY(claimed);
+        CONTINUE WHEN p_keys[k] = ANY(replayed);
         amount := p_amounts[k];
         w := array_position(w_owner, p_users[k]);
         IF w IS NULL THEN
@@ -71,7 +81,6 @@ BEGIN
                     CROSS JOIN LATERAL unnest(r.users, r.amounts) AS g(user_id, amount_cents)
                     WHERE p_users[k] = ANY(r.users) AND g.user_id = p_users[k]) >= amount THEN
                 outcome := 3;
-                DELETE FROM idempotency_keys x WHERE x.key = p_keys[k];
             ELSIF bal < amount THEN
                 refusal := 'INSUFFICIENT_FUNDS'; message := format('balance %s cents below %s cents', bal, amount);
             ELSE
@@ -84,6 +93,7 @@ BEGIN
         END IF;
         IF outcome = 0 THEN
             out_keys := out_keys || p_keys[k];
+            out_hashes := out_hashes || p_hashes[k];
             out_answers := out_answers || answer;
             out_refusals := out_refusals || refusal;
             out_messages := out_messages || CASE WHEN refusal IS NULL THEN NULL ELSE message END;
@@ -95,5 +105,5 @@ BEGIN
     UPDATE accounts a SET balance_cents = t.b
         FROM unnest(w_account, w_balance) AS t(id, b)
         WHERE a.account_id = t.id AND a.balance_cents <> t.b;
-    PERFORM anbao_store_answers(out_keys, out_answers, out_refusals, out_messages);
+    PERFORM anbao_store_keys(p_operation, out_keys, out_hashes, out_answers, out_refusals, out_messages);
 END $$;

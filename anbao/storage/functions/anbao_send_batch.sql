@@ -8,12 +8,12 @@
 --   outcome 2: the key was used before with other parameters
 --              (IDEMPOTENCY_CONFLICT); nothing stored.
 --   outcome 3: the sender's posted balance is short but their grabs still
---              waiting for the roll-up would cover it: nothing stored, the
---              key released; the caller settles the sender and sends it
+--              waiting for the roll-up would cover it: nothing stored; the
+--              caller settles the sender and sends it
 --              again with p_settled true (then a short balance is refused).
 --   outcome 4: the sender's wallet is locked by another transaction (a
---              roll-up crediting it, most often): nothing stored, the key
---              not claimed; the caller puts it in its next batch. Unless
+--              roll-up crediting it, most often): nothing stored; the
+--              caller puts it in its next batch. Unless
 --              p_patient, a batch does not wait for a locked wallet (SKIP
 --              LOCKED): a roll-up holds its wallets for its whole
 --              transaction, and one of them would hold up every SEND of
@@ -24,11 +24,13 @@
 -- ms since the epoch, as PACKET shows it.
 --
 -- Why it cannot deadlock: every batch locks its senders' wallets first, in
--- account-id order (as the roll-up and the other writers do), then claims
--- its keys in key order, in one statement; nothing else it writes is
+-- account-id order (as the roll-up and the other writers do), and stores
+-- its keys last, in key order, in one statement; nothing else it writes is
 -- visible to anyone before it commits. Every SEND is decided before it is
 -- written, so one refusal never aborts the batch: a batch fails only as a
--- whole (the database's fault), and then nothing in it happened.
+-- whole (the database's fault, or 40001 when another batch stored one of
+-- its keys meanwhile: the caller runs it again, and that key replays), and
+-- then nothing in it happened.
 --
 -- The loop only decides; the decided SENDs' rows (escrows, packets,
 -- transfers, direct audiences' members) are then written one statement per
@@ -51,7 +53,6 @@ DECLARE
     w_owner BIGINT[];
     w_account BIGINT[];
     w_balance BIGINT[];
-    claimed BYTEA[];
     stored RECORD;
     k INTEGER;
     s BIGINT;
@@ -66,6 +67,7 @@ DECLARE
     m_from INTEGER;
     list BIGINT[];
     out_keys BYTEA[] := '{}';
+    out_hashes BYTEA[] := '{}';
     out_answers JSONB[] := '{}';
     out_refusals TEXT[] := '{}';
     out_messages TEXT[] := '{}';
@@ -91,10 +93,9 @@ BEGIN
         SELECT COALESCE(array_agg(x.owner_id), '{}') INTO w_busy FROM accounts x
             WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) AND NOT x.owner_id = ANY(COALESCE(w_owner, '{}'));
     END IF;
-    claimed := anbao_claim_keys(p_operation, p_keys, p_hashes,
-                                ARRAY(SELECT NOT t.s = ANY(w_busy) FROM unnest(p_senders) WITH ORDINALITY AS t(s, o)
-                                      ORDER BY t.o));
-    FOR stored IN SELECT * FROM anbao_stored_answers(p_operation, p_keys, p_hashes, claimed) LOOP
+    -- Keys stored before (committed) are replayed; the others are stored
+    -- once, with their answers, at the end (anbao_store_keys).
+    FOR stored IN SELECT * FROM anbao_stored_answers(p_operation, p_keys, p_hashes, '{}') LOOP
         i := stored.i; outcome := stored.outcome; refusal := stored.refusal; message := stored.message;
         answer := stored.answer; members := NULL;
         replayed := replayed || p_keys[stored.i];
@@ -105,11 +106,12 @@ BEGIN
         i := k; outcome := 0; refusal := NULL; message := ''; answer := NULL; members := NULL;
         list := p_member_ids[m_from : p_member_ends[k]];
         m_from := p_member_ends[k] + 1;
-        IF NOT p_keys[k] = ANY(claimed) THEN
-            IF p_senders[k] = ANY(w_busy) AND NOT p_keys[k] = ANY(replayed) THEN
-                outcome := 4;
-                RETURN NEXT;
-            END IF;
+        IF p_keys[k] = ANY(replayed) THEN
+            CONTINUE;
+        END IF;
+        IF p_senders[k] = ANY(w_busy) THEN
+            outcome := 4;
+            RETURN NEXT;
             CONTINUE;
         END IF;
         s := p_senders[k];
@@ -128,7 +130,6 @@ BEGIN
                         CROSS JOIN LATERAL unnest(r.users, r.amounts) AS g(user_id, amount_cents)
                         WHERE s = ANY(r.users) AND g.user_id = s) >= total THEN
                     outcome := 3;
-                    DELETE FROM idempotency_keys x WHERE x.key = p_keys[k];
                     EXIT decide;
                 END IF;
                 refusal := 'INSUFFICIENT_FUNDS'; message := format('balance %s cents below %s cents', bal, total);
@@ -197,6 +198,7 @@ BEGIN
         END decide;
         IF outcome = 0 THEN
             out_keys := out_keys || p_keys[k];
+            out_hashes := out_hashes || p_hashes[k];
             out_answers := out_answers || answer;
             out_refusals := out_refusals || refusal;
             out_messages := out_messages || CASE WHEN refusal IS NULL THEN NULL ELSE message END;
@@ -251,5 +253,5 @@ BEGIN
     UPDATE accounts a SET balance_cents = t.b
         FROM unnest(w_account, w_balance) AS t(id, b)
         WHERE a.account_id = t.id AND a.balance_cents <> t.b;
-    PERFORM anbao_store_answers(out_keys, out_answers, out_refusals, out_messages);
+    PERFORM anbao_store_keys(p_operation, out_keys, out_hashes, out_answers, out_refusals, out_messages);
 END $$;
