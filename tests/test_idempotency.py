@@ -252,8 +252,29 @@ async def test_a_send_key_stored_by_another_batch_meanwhile_fails_that_batch_who
 
     def args(sender: int, packet_id: int) -> tuple:
         hash_ = request_hash(Operation.SEND, (sender, 700, 2))
-        return (int(Operation.SEND), [key], [hash_], [packet_id], [sender], [700], [2], [1], [2**50],
-                [int(Audience.OPEN)], [0], [], [0], [""], [False], 1, 0, None, None, 20_000, False)
+        return (
+            int(Operation.SEND),
+            [key],
+            [hash_],
+            [packet_id],
+            [sender],
+            [700],
+            [2],
+            [1],
+            [2**50],
+            [int(Audience.OPEN)],
+            [0],
+            [],
+            [0],
+            [""],
+            [False],
+            1,
+            0,
+            None,
+            None,
+            20_000,
+            False,
+        )
 
     first, second = await asyncpg.connect(anbao.dsn), await asyncpg.connect(anbao.dsn)
     try:
