@@ -30,8 +30,9 @@ from ..config import HandlerTuning, ProductRules
 from ..storage.domain import BatchOutcome, BatchResult, MoveRequest, Operation, SendRequest
 from ..storage.ledger import Ledger
 
-# Times a request is put back for a wallet locked elsewhere (a roll-up
-# holding it a few ms) before a batch waits for the wallet instead.
+# Times a request is put back (its wallet locked elsewhere, a roll-up
+# holding it a few ms, or its batch failed on a key stored meanwhile)
+# before a batch waits for the wallet instead.
 PATIENT_AFTER_PUT_BACKS = 3
 
 
@@ -41,7 +42,7 @@ class _Waiting:
     wallet: int  # the user whose wallet it locks
     future: asyncio.Future[BatchResult]
     packet_id_of: Callable[[int], int] | None = None  # SEND: a sequence number -> the packet's id
-    put_back: int = 0  # times its wallet was locked elsewhere and it waited for the next batch
+    put_back: int = 0  # times it came back PUT_BACK and waited for the next batch
 
 
 class KeyedBatcher:
@@ -55,11 +56,11 @@ class KeyedBatcher:
         self._kicked = False
         self.batches = 0  # STATS: batches committed
         self.requests = 0  # STATS: requests they carried
-        self.put_back = 0  # STATS: requests put back for a wallet locked elsewhere
+        self.put_back = 0  # STATS: requests put back (BatchOutcome.PUT_BACK)
 
     async def _commit(self, batch: list[_Waiting], patient: bool) -> list[BatchResult]:
         """Runs one batch; unless patient, a request whose wallet is locked
-        elsewhere may come back WALLET_BUSY instead of being waited for."""
+        elsewhere may come back PUT_BACK instead of being waited for."""
         raise NotImplementedError
 
     def _submit(self, waiting: _Waiting) -> Awaitable[BatchResult]:
@@ -129,7 +130,7 @@ class KeyedBatcher:
             self.requests += len(batch)
             busy = []
             for w, result in zip(batch, results, strict=True):
-                if result.outcome == BatchOutcome.WALLET_BUSY:
+                if result.outcome == BatchOutcome.PUT_BACK:
                     w.put_back += 1
                     busy.append(w)
                 elif not w.future.done():

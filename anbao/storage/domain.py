@@ -168,7 +168,10 @@ class BatchOutcome(enum.IntEnum):
     REPLAYED = 1  # the key's first answer (or refusal), nothing moved
     CONFLICT = 2  # the key was used with other parameters; nothing stored
     SETTLE_FIRST = 3  # short, but the user's pending grabs would cover it; nothing stored
-    WALLET_BUSY = 4  # the wallet is locked elsewhere (a roll-up): nothing stored, send it in the next batch
+    # Not decided in this batch, nothing stored: send it in the next. Its wallet was locked
+    # elsewhere (a roll-up), or the whole batch failed on a key another transaction stored
+    # meanwhile (anbao_store_keys, 40001; idempotency.put_back_all).
+    PUT_BACK = 4
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def put_back_all(n: int) -> list[BatchResult]:
     transaction stored one of its keys meanwhile): nothing in it happened,
     and each of its n requests goes in a next batch, where that key is
     replayed or refused IDEMPOTENCY_CONFLICT."""
-    return [BatchResult(BatchOutcome.WALLET_BUSY, None, None, "")] * n
+    return [BatchResult(BatchOutcome.PUT_BACK, None, None, "")] * n
 
 
 def batch_results(rows: list, n: int) -> list[BatchResult]:

@@ -86,7 +86,7 @@ class Packets:
         caps count the UTC day of at_ms. A group packet's audience is the
         group as of its version (nothing is copied). Unless patient, a SEND
         whose sender's wallet another transaction holds is not waited for
-        (BatchOutcome.WALLET_BUSY). Raises only for the database's faults,
+        (BatchOutcome.PUT_BACK). Raises only for the database's faults,
         and then nothing in the batch happened."""
         assert sends and len({s.key for s in sends}) == len(sends), "one SEND per key in a batch"
         member_ids: list[int] = []

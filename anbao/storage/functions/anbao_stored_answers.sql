@@ -1,5 +1,7 @@
 -- As in 0012, finding each key not claimed now under its scoped key, or
--- else under its unscoped key stored before migration 0015.
+-- else under its unscoped key stored before migration 0015. Today's batch
+-- functions claim no key first and pass p_claimed empty; it stays for a
+-- server of the text before, during an upgrade.
 CREATE OR REPLACE FUNCTION anbao_stored_answers(p_operation SMALLINT, p_keys BYTEA[], p_hashes BYTEA[],
                                                 p_claimed BYTEA[])
 RETURNS TABLE (i INTEGER, outcome SMALLINT, refusal TEXT, message TEXT, answer JSONB) LANGUAGE sql AS $$
