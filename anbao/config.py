@@ -200,9 +200,15 @@ class HandlerTuning:
     # SEND by group commit (engine/batches.py): the SENDs that gather while a
     # batch is out go in the next one, at most send_batch_max, in one
     # statement and one commit; at most send_batches_in_flight batches per
-    # worker at once (on two cores a third only adds lock waits).
+    # worker at once (on two cores a third only adds lock waits). While one
+    # is out, another goes only once send_batch_overlap_min_requests wait,
+    # or while the one out is patient (it may wait for a wallet's lock): a
+    # batch costs PostgreSQL about 1 ms of fixed work whatever it carries,
+    # so two small batches in flight cost more CPU than they save in
+    # waiting (BENCHMARKS.md, the evening: measure it there).
     send_batch_max: int = 256
     send_batches_in_flight: int = 2
+    send_batch_overlap_min_requests: int = 64
 
 
 @dataclass(frozen=True)

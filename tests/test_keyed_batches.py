@@ -286,3 +286,62 @@ async def test_a_send_never_waits_for_another_senders_locked_wallet(anbao, fresh
     finally:
         await holder.close()
     await anbao.assert_audit_clean()
+
+
+async def _hold_daily_row(conn: asyncpg.Connection, user_id: int) -> None:
+    """Holds the sender's daily_sends row: a batch carrying that sender's
+    SEND waits inside PostgreSQL (a non-patient batch skips only locked
+    wallets), so one batch stays in flight as long as the test wants."""
+    await conn.execute("BEGIN")
+    assert await conn.fetchval("SELECT 1 FROM daily_sends WHERE user_id = $1 FOR UPDATE", user_id) == 1
+
+
+@pytest.mark.parametrize("limits", [Limits.of(send_batch_overlap_min_requests=5)])
+async def test_a_second_batch_goes_only_once_enough_requests_wait(anbao, fresh_dsn):
+    """While one SEND batch is out, the SENDs that gather wait for it until
+    send_batch_overlap_min_requests of them do: then a second batch carries
+    them at once, the first still out."""
+    admin = await anbao.client("admin")
+    (a, *others) = await funded_users(admin, 1, 6, 10_000)
+    await admin.send(a, 100, 1)  # a's daily_sends row
+    holder = await asyncpg.connect(fresh_dsn)
+    try:
+        await _hold_daily_row(holder, a)
+        stuck = asyncio.ensure_future(admin.send(a, 100, 1))
+        await asyncio.sleep(0.3)
+        few = [asyncio.ensure_future(admin.send(u, 100, 1)) for u in others[:4]]
+        await asyncio.sleep(0.5)
+        assert not stuck.done() and not any(f.done() for f in few), "4 waiting: below the overlap bound"
+        enough = asyncio.ensure_future(admin.send(others[4], 100, 1))
+        answers = await asyncio.wait_for(asyncio.gather(*few, enough), 5)
+        assert [x.sender_balance_cents for x in answers] == [9_900] * 5
+        assert not stuck.done()
+        await holder.execute("ROLLBACK")
+        assert (await asyncio.wait_for(stuck, 5)).sender_balance_cents == 9_800
+    finally:
+        await holder.close()
+    await anbao.assert_audit_clean()
+
+
+@pytest.mark.parametrize("limits", [Limits()])
+async def test_a_patient_batch_never_holds_up_the_next(anbao, fresh_dsn):
+    """A batch waiting for a held wallet (patient: its SEND was put back
+    before) lets another batch go at once, however few SENDs wait."""
+    admin = await anbao.client("admin")
+    (a, b) = await funded_users(admin, 1, 2, 10_000)
+    holder = await asyncpg.connect(fresh_dsn)
+    try:
+        await _hold_wallets(holder, [a])
+        held = asyncio.ensure_future(admin.send(a, 100, 1))
+        await asyncio.sleep(0.5)  # put back until patient, then waiting for the wallet
+        assert not held.done()
+        waiting = await holder.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%_batch(%'"
+        )
+        assert waiting == 1, "the patient batch waits inside PostgreSQL"
+        assert (await asyncio.wait_for(admin.send(b, 100, 1), 5)).sender_balance_cents == 9_900
+        await holder.execute("ROLLBACK")
+        assert (await asyncio.wait_for(held, 5)).sender_balance_cents == 9_900
+    finally:
+        await holder.close()
+    await anbao.assert_audit_clean()

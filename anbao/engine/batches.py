@@ -53,6 +53,7 @@ class KeyedBatcher:
         self._waiting: deque[_Waiting] = deque()
         self._wallets_in_flight: set[int] = set()
         self._batches_in_flight = 0
+        self._patient_in_flight = 0
         self._kicked = False
         self.batches = 0  # STATS: batches committed
         self.requests = 0  # STATS: requests they carried
@@ -78,7 +79,7 @@ class KeyedBatcher:
 
     def _start_batches(self) -> None:
         self._kicked = False
-        while self._waiting and self._batches_in_flight < self.tuning.send_batches_in_flight:
+        while self._waiting and self._may_overlap():
             # A request put back PATIENT_AFTER_PUT_BACKS times goes in a
             # batch of such requests only, which waits for the wallets:
             # every request is decided in the end, and no other waits
@@ -88,8 +89,19 @@ class KeyedBatcher:
             if not batch:
                 return
             self._batches_in_flight += 1
+            self._patient_in_flight += patient
             self._wallets_in_flight.update(w.wallet for w in batch)
             asyncio.get_running_loop().create_task(self._run(batch, patient))
+
+    def _may_overlap(self) -> bool:
+        """Whether another batch may go now (HandlerTuning: a second batch
+        in flight waits for enough requests to be worth its fixed cost,
+        unless the one out may be held up by a lock)."""
+        if self._batches_in_flight == 0:
+            return True
+        if self._batches_in_flight >= self.tuning.send_batches_in_flight:
+            return False
+        return self._patient_in_flight > 0 or len(self._waiting) >= self.tuning.send_batch_overlap_min_requests
 
     def _take_batch(self, patient: bool) -> list[_Waiting]:
         """The oldest waiting requests of this patience whose wallets have
@@ -140,6 +152,7 @@ class KeyedBatcher:
             self._waiting.extendleft(reversed(busy))
         finally:
             self._batches_in_flight -= 1
+            self._patient_in_flight -= patient
             self._wallets_in_flight.difference_update(w.wallet for w in batch)
             if self._waiting:
                 self._kick()
