@@ -209,6 +209,9 @@ class HandlerTuning:
     send_batch_max: int = 256
     send_batches_in_flight: int = 2
     send_batch_overlap_min_requests: int = 64
+    # BALANCE by group read (engine/reads.py): the BALANCEs that gather
+    # while one read is out go in the next, at most this many users a read.
+    balance_read_max_users: int = 256
 
 
 @dataclass(frozen=True)

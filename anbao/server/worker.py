@@ -28,6 +28,7 @@ from ..engine.cooldown import Cooldown
 from ..engine.expiry import ExpirySweeper
 from ..engine.feed import EventFeed
 from ..engine.grabs import GrabEngine
+from ..engine.reads import BalanceReads
 from ..metrics import Sample
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.ledger import Ledger
@@ -91,6 +92,7 @@ class Worker:
         self.router: Router | None = None
         self.ledger: Ledger | None = None
         self.writes: KeyedWrites | None = None
+        self.reads: BalanceReads | None = None
         self.engine: GrabEngine | None = None
         self.roller: Roller | None = None
         self.expiry: ExpirySweeper | None = None
@@ -128,6 +130,7 @@ class Worker:
         self.router = self._router()
         self.router.start()
         self.writes = KeyedWrites.open(self.ledger, lim.handlers, lim.rules)
+        self.reads = BalanceReads(self.ledger, lim.handlers)
         ctx = Context(
             self.worker_id,
             self.worker_count,
@@ -137,6 +140,7 @@ class Worker:
             self.ledger,
             self.engine,
             self.writes,
+            self.reads,
             routing.shards_of(self.worker_id, self.worker_count),
             self.stats,
             self.feed,
@@ -379,6 +383,7 @@ class Worker:
             "gc_full_collections": gc.get_stats()[2]["collections"],
             "gc_frozen_objects": gc.get_freeze_count(),
             **(self.writes.stats() if self.writes is not None else {}),
+            **(self.reads.stats() if self.reads is not None else {}),
             "rolled_up_claims": roller.rolled_claims,
             "rollup_backlog_claims": roller.backlog_claims,
             "rollup_failures": roller.failures,

@@ -63,6 +63,11 @@ CONNECT_ERRORS = (
 # batch of 300 users sets about 14% of them.
 USER_BITS = 2048
 MAY_HOLD_USER = f"(r.user_bits IS NULL OR get_bit(r.user_bits, ($1::bigint & {USER_BITS - 1})::int) = 1)"
+# The same for any of the users in the array $1.
+MAY_HOLD_ANY_USER = (
+    "(r.user_bits IS NULL OR EXISTS (SELECT 1 FROM unnest($1::bigint[]) AS q(u)"
+    f" WHERE get_bit(r.user_bits, (q.u & {USER_BITS - 1})::int) = 1))"
+)
 
 # The batch in one row: the durable record of its grabs, and what the
 # roll-up will consume. One round trip, no row shared by two batches, and

@@ -78,7 +78,10 @@ async def balance(ctx: Context, rid: int, user_id: int) -> bytes:
     the cents other sets owe the user that have not reached it yet (not
     spendable until they do), read here first, then there."""
     if ctx.in_flight is None:
-        return answers.ok(Op.BALANCE, rid, ctx.worker_id, await ctx.ledger.balance(user_id), 0, 0)
+        balance_cents = await ctx.reads.balance(user_id)
+        if balance_cents is None:
+            raise Refused(Status.UNKNOWN_USER, f"unknown user {user_id}")
+        return answers.ok(Op.BALANCE, rid, ctx.worker_id, balance_cents, 0, 0)
     balance_cents, applied = await ctx.ledger.balance_at_home(ctx.set_id, user_id)
     in_flight_cents, sets_unreached = await ctx.in_flight(user_id, applied)
     return answers.ok(Op.BALANCE, rid, ctx.worker_id, balance_cents, in_flight_cents, sets_unreached)

@@ -13,6 +13,7 @@ from ...config import Limits
 from ...engine.batches import KeyedWrites
 from ...engine.feed import EventFeed
 from ...engine.grabs import GrabEngine
+from ...engine.reads import BalanceReads
 from ...storage.ledger import Ledger
 
 
@@ -36,6 +37,7 @@ class Context:
     ledger: Ledger
     engine: GrabEngine
     writes: KeyedWrites  # SEND, DEPOSIT, WITHDRAW by group commit
+    reads: BalanceReads  # BALANCE by group read
     own_shards: list[int]  # the shards this worker creates packets in (it owns them)
     stats: Callable[[], dict[str, Any]]  # the worker's STATS document
     feed: EventFeed | None = None  # the event feed (EVENTS); poked by every money write
