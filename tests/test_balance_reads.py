@@ -10,6 +10,7 @@ import asyncio
 import asyncpg
 import pytest
 from helpers import ROLLUP_LOCK_KEY, funded_users, grab_outcomes
+from polling import eventually
 
 from anbao.config import Limits
 from anbao_client import UnknownUser
@@ -62,14 +63,19 @@ async def test_a_read_that_fails_fails_each_of_its_balances(anbao, fresh_dsn):
         await holder.execute("BEGIN")
         await holder.execute("LOCK TABLE grab_rollups IN ACCESS EXCLUSIVE MODE")
         asked = [asyncio.ensure_future(app.balance(u)) for u in users]
-        await asyncio.sleep(0.3)
-        assert not any(a.done() for a in asked)
-        cancelled = await holder.fetchval(
-            "SELECT count(*) FROM (SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND query LIKE '%grab_rollups%' AND pid <> pg_backend_pid()) c"
-        )
-        assert cancelled == 1, "one statement for the 8 BALANCEs"
-        got = await asyncio.wait_for(asyncio.gather(*asked, return_exceptions=True), 10)
+
+        async def cancel_reads() -> bool:
+            # Reads wait on the lock: cancel each (a read that started
+            # later, with the BALANCEs that missed the first, waits too).
+            await holder.execute("SELECT pg_stat_clear_snapshot()")  # a fresh reading inside this transaction
+            await holder.execute(
+                "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND query LIKE '%grab_rollups%' AND pid <> pg_backend_pid()"
+            )
+            return all(a.done() for a in asked)
+
+        await eventually(cancel_reads, what="every BALANCE of the cancelled reads answered")
+        got = [a.exception() or a.result() for a in asked]
         assert all(isinstance(g, Unavailable) for g in got), got
         await holder.execute("ROLLBACK")
         assert await asyncio.wait_for(asyncio.gather(*(app.balance(u) for u in users)), 10) == [300] * 8

@@ -17,6 +17,7 @@ import time
 import asyncpg
 import pytest
 from helpers import ADMIN_TOKEN, ROLLUP_LOCK_KEY, Anbao, Raw, funded_users, kill_postgres
+from polling import eventually
 from served import RETRYABLE, audit_clean, restarted
 
 from anbao.config import Limits
@@ -288,6 +289,17 @@ async def test_a_send_never_waits_for_another_senders_locked_wallet(anbao, fresh
     await anbao.assert_audit_clean()
 
 
+async def _batches_waiting(conn: asyncpg.Connection) -> bool:
+    # Inside a transaction pg_stat_activity is read once and then cached:
+    # a poll from the holder's transaction must ask for a fresh reading.
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%_batch(%'"
+        )
+    )
+
+
 async def _hold_daily_row(conn: asyncpg.Connection, user_id: int) -> None:
     """Holds the sender's daily_sends row: a batch carrying that sender's
     SEND waits inside PostgreSQL (a non-patient batch skips only locked
@@ -308,7 +320,7 @@ async def test_a_second_batch_goes_only_once_enough_requests_wait(anbao, fresh_d
     try:
         await _hold_daily_row(holder, a)
         stuck = asyncio.ensure_future(admin.send(a, 100, 1))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: _batches_waiting(holder), what="the first batch waiting inside PostgreSQL")
         few = [asyncio.ensure_future(admin.send(u, 100, 1)) for u in others[:4]]
         await asyncio.sleep(0.5)
         assert not stuck.done() and not any(f.done() for f in few), "4 waiting: below the overlap bound"
@@ -333,12 +345,9 @@ async def test_a_patient_batch_never_holds_up_the_next(anbao, fresh_dsn):
     try:
         await _hold_wallets(holder, [a])
         held = asyncio.ensure_future(admin.send(a, 100, 1))
-        await asyncio.sleep(0.5)  # put back until patient, then waiting for the wallet
-        assert not held.done()
-        waiting = await holder.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%_batch(%'"
-        )
-        assert waiting == 1, "the patient batch waits inside PostgreSQL"
+        # Put back until patient, then waiting for the wallet.
+        await eventually(lambda: _batches_waiting(holder), what="the patient batch waiting inside PostgreSQL")
+        assert not held.done() and (await admin.stats())["send_put_back"] >= 1
         assert (await asyncio.wait_for(admin.send(b, 100, 1), 5)).sender_balance_cents == 9_900
         await holder.execute("ROLLBACK")
         assert (await asyncio.wait_for(held, 5)).sender_balance_cents == 9_900
