@@ -87,19 +87,12 @@ class Accounts:
         async with self.pool.acquire() as conn:
             await settle_user(conn, user_id)
 
-    async def balance(self, user_id: int) -> int:
-        """The posted balance plus the user's committed grabs still waiting
-        for their roll-up: one statement, one snapshot (a roll-up moves a
-        claim from one to the other in one transaction), no lock taken."""
-        async with self.pool.acquire() as conn:
-            bal = await conn.fetchval(BALANCE, user_id)
-        if bal is None:
-            raise Refused(Reason.UNKNOWN_USER, f"unknown user {user_id}")
-        return bal
-
     async def balances(self, user_ids: list[int]) -> dict[int, int]:
-        """BALANCE of each of the users, one statement for all of them (one
-        snapshot); a user without a wallet is missing from the answer."""
+        """BALANCE of each of the users: the posted balance plus the user's
+        committed grabs still waiting for their roll-up, one statement for
+        all of them, one snapshot (a roll-up moves a claim from one to the
+        other in one transaction), no lock taken. A user without a wallet
+        is missing from the answer."""
         assert user_ids and len(set(user_ids)) == len(user_ids)
         async with self.pool.acquire() as conn:
             rows = await conn.fetch(BALANCES, user_ids)
