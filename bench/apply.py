@@ -10,9 +10,11 @@ alternating rounds:
   anbao_apply_credit_batch, one row per transaction (a grab commit).
 The session runs with session_replication_role = replica, as the apply
 worker does (ordinary triggers do not fire; ENABLE ALWAYS ones do), and
-every credit writes what the stream's apply writes: the transfer, its
-event, the credit's copy and the balances. It prints credits/s and the
-backend's CPU per credit for each round, and the medians. One subscription
+every credit writes what the stream's apply writes: per row the transfer,
+its event, the credit's copy and the balances; in a batch (migration
+0019) the transfers, the balances, and one credits_in row and one event
+row for the batch. It prints credits/s and the backend's CPU per credit
+for each round, and the medians. One subscription
 is one apply worker: this is the ceiling of credits/s from one set to
 another on one core, before the apply worker's own decoding of the stream.
 
@@ -138,9 +140,11 @@ async def run(args: argparse.Namespace, root: Path) -> dict:
                 if args.profile and i == 0:
                     profiles[shape] = await _profile(conn, args.credits)
         total = next_credit - 1
+        # Each credit applied once, in its shape: a copy per row, a batch's in credits_in (0019).
         applied, in_batch, wallets = await conn.fetchrow(
-            "SELECT count(*), count(*) FILTER (WHERE in_batch),"
-            " (SELECT sum(balance_cents) FROM accounts WHERE kind = 1) FROM credits_out"
+            "SELECT count(*), count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM credits_out o"
+            "  WHERE o.src_set = h.src_set AND o.credit_id = h.credit_id)),"
+            " (SELECT sum(balance_cents) FROM accounts WHERE kind = 1) FROM credits_held h"
             " WHERE applied_transfer_id IS NOT NULL"
         )
         assert applied == total and wallets == 100 * total, (applied, total, wallets)

@@ -120,8 +120,16 @@ async def _applied_to(dest):
     )
 
 
-async def _applied_credits(dest) -> int:
-    return await dest.fetchval("SELECT count(*) FROM credits_out WHERE src_set = 0 AND applied_transfer_id IS NOT NULL")
+# The credits applied at set 1: schema 0013 kept a copy of each in
+# credits_out; since 0019 a batch keeps one credits_in row.
+_APPLIED = {
+    "row_main": "SELECT count(*) FROM credits_out WHERE src_set = 0 AND applied_transfer_id IS NOT NULL",
+    "batch": "SELECT COALESCE(sum(cardinality(transfer_ids)), 0) FROM credits_in WHERE src_set = 0",
+}
+
+
+async def _applied_credits(dest, shape: str) -> int:
+    return await dest.fetchval(_APPLIED[shape])
 
 
 async def _round(src, dest, shape: str, first: int, args) -> dict:
@@ -154,7 +162,7 @@ async def _round(src, dest, shape: str, first: int, args) -> dict:
         # backlog's last commit (the other pair's, a checkpoint's) can put
         # `end` past every commit this subscription will ever apply.
         if time.monotonic() >= next_count:
-            if await _applied_credits(dest) >= expected:
+            if await _applied_credits(dest, shape) >= expected:
                 break
             next_count = time.monotonic() + COUNT_EVERY_S
         assert time.monotonic() < deadline, f"set 1 applied to {got}, not {end}, in {DRAIN_TIMEOUT_S:g} s"
@@ -185,10 +193,8 @@ async def run(args: argparse.Namespace, root: Path) -> dict:
                 rounds.append({"round": i + 1, **await _round(*conns[shape], shape, first[shape], args)})
                 first[shape] += args.credits
         for shape, (_, dest) in conns.items():
-            applied, wallets = await dest.fetchrow(
-                "SELECT count(*), (SELECT sum(balance_cents) FROM accounts WHERE kind = 1) FROM credits_out"
-                " WHERE src_set = 0 AND applied_transfer_id IS NOT NULL"
-            )
+            applied = await _applied_credits(dest, shape)
+            wallets = await dest.fetchval("SELECT sum(balance_cents) FROM accounts WHERE kind = 1")
             assert applied == first[shape] - 1 and wallets == 100 * applied, (shape, applied, wallets)
     finally:
         for pair in conns.values():

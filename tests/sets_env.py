@@ -183,7 +183,7 @@ async def _cross_users(env, first: int, n: int, funds: int = 1_000_000) -> tuple
     return next(u for u in senders if home_set(u, topo) == 0), ones
 
 
-_CREDITS_SQL = "SELECT count(*) FROM credits_out WHERE src_set = 0 AND dest_set = 1 AND packet_id = ANY($1)"
+_CREDITS_SQL = "SELECT count(*) FROM credits_held WHERE src_set = 0 AND dest_set = 1 AND packet_id = ANY($1)"
 
 
 async def _written(dsns: dict[int, str], packets: list[int]) -> int:

@@ -17,6 +17,9 @@ import asyncpg
 import pytest
 from helpers import database_at_version
 
+from anbao.storage.audit import audit
+from anbao.storage.events import number_events, read_events
+
 pytestmark = pytest.mark.timeout(60)
 
 ME, PEER, USER = 1, 0, 42
@@ -139,24 +142,46 @@ async def test_a_credit_batch_is_applied_set_wise_and_once(fresh_dsn):
         await conn.execute("SET session_replication_role = replica")
         assert await conn.execute(BATCH) == "INSERT 0 0"
         rows = await conn.fetch(
-            "SELECT o.credit_id, o.user_id, o.amount_cents, o.sender_id, o.in_batch, t.kind, t.amount_cents,"
-            " a.kind AS wallet_kind, e.kind AS event_kind, e.user_id AS event_user FROM credits_out o"
+            "SELECT o.credit_id, o.user_id, o.amount_cents, o.sender_id, t.kind, t.amount_cents,"
+            " a.kind AS wallet_kind FROM credits_held o"
             " JOIN transfers t ON t.transfer_id = o.applied_transfer_id"
-            " JOIN accounts a ON a.account_id = t.credit_account"
-            " JOIN event_log e ON e.transfer_id = t.transfer_id ORDER BY o.credit_id"
+            " JOIN accounts a ON a.account_id = t.credit_account ORDER BY o.credit_id"
         )
         assert [tuple(r) for r in rows] == [
-            (11, USER, 100, 3, True, 7, 100, 1, 7, USER),
-            (12, STRANGER, 30, 3, True, 7, 30, 4, 7, 0),
-            (13, USER, 5, 4, True, 7, 5, 1, 7, USER),
+            (11, USER, 100, 3, 7, 100, 1),
+            (12, STRANGER, 30, 3, 7, 30, 4),
+            (13, USER, 5, 4, 7, 5, 1),
         ]
         suspense = await conn.fetchval("SELECT balance_cents FROM accounts WHERE kind = 4")
         assert suspense == 30
         assert await conn.fetchval("SELECT applied_at IS NOT NULL FROM credit_batches") is True
+        # One row for the batch, not one per credit (0019): its credits_in
+        # row and its event row, counted as three events.
+        transfers = [r[0] for r in await conn.fetch("SELECT transfer_id FROM transfers WHERE kind = 7 ORDER BY 1")]
+        assert tuple(await conn.fetchrow("SELECT first_transfer_id, transfer_ids, owners FROM credits_in")) == (
+            transfers[0],
+            transfers,
+            [USER, 0, USER],
+        )
+        assert [tuple(r) for r in await conn.fetch("SELECT kind, transfer_id, count FROM event_log")] == [
+            (8, transfers[0], 3)
+        ]
+        await conn.execute("RESET session_replication_role")
+        assert await number_events(conn) == 3
+        page = await read_events(conn, 0, 10)
+        # (no, kind, at_ms, packet, user, seq, count, amount, elapsed_ms, transfer)
+        assert [(e[0], e[1], e[3], e[4], e[7], e[9]) for e in page.events] == [
+            (1, 7, 7, USER, 100, transfers[0]),
+            (2, 7, 7, 0, 30, transfers[1]),
+            (3, 7, 8, USER, 5, transfers[2]),
+        ]
+        assert [e[0] for e in (await read_events(conn, 1, 1)).events] == [2]
     finally:
         await conn.close()
-    # wallet 105, clearing -135, three CROSS_IN transfers, three copies
-    assert await _money(fresh_dsn) == (105, -135, 3, 3, 0)
+    report = await audit(fresh_dsn)
+    assert report.ok, report.violations
+    # wallet 105, clearing -135, three CROSS_IN transfers, no copy
+    assert await _money(fresh_dsn) == (105, -135, 3, 0, 0)
 
 
 @pytest.mark.parametrize(

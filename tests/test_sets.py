@@ -61,14 +61,15 @@ async def test_grab_storm_by_members_of_both_sets_crosses_exactly_once(two_sets)
     assert result.totals["credits_sent"] > 0 and result.totals["credits_in_flight"] == 0
     assert result.totals["suspense_cents"] == 0
     # Each credit delivered is one CROSS_SET_CREDIT event in its home set's
-    # feed, written by the apply transaction that credited the wallet.
+    # feed, written by the apply transaction that credited the wallet: a
+    # credit batch's one row (kind 8, migration 0019) stands for its credits.
     credit_events = 0
     for dsn in dsns.values():
         conn = await asyncpg.connect(dsn)
         try:
             events, credits = await conn.fetchrow(
-                "SELECT (SELECT count(*) FROM event_log WHERE kind = 7),"
-                " (SELECT count(*) FROM transfers WHERE kind = 7)"
+                "SELECT (SELECT count(*) FILTER (WHERE kind = 7) + COALESCE(sum(count) FILTER (WHERE kind = 8), 0)"
+                " FROM event_log), (SELECT count(*) FROM transfers WHERE kind = 7)"
             )
         finally:
             await conn.close()
@@ -80,7 +81,8 @@ async def test_grab_storm_by_members_of_both_sets_crosses_exactly_once(two_sets)
         try:
             batched, alone, batches = await conn.fetchrow(
                 "SELECT count(*) FILTER (WHERE in_batch), count(*) FILTER (WHERE NOT in_batch),"
-                " (SELECT count(*) FROM credit_batches) FROM credits_out"
+                " (SELECT count(*) FROM credit_batches WHERE src_set = (SELECT set_id FROM anbao_set_identity))"
+                " FROM credits_out WHERE src_set = (SELECT set_id FROM anbao_set_identity)"
             )
         finally:
             await conn.close()

@@ -69,7 +69,7 @@ async def test_receiving_postmaster_killed_while_credit_batches_stream(two_sets)
             return n >= 3
 
         await eventually(some_applied, DRAIN_TIMEOUT_S, "set 1 to apply a few credit batches of the storm")
-        (killed_at,) = await _row(dsns[1], "SELECT count(*) FROM credits_out WHERE src_set = 0")
+        (killed_at,) = await _row(dsns[1], "SELECT count(*) FROM credits_held WHERE src_set = 0")
         killed.append(killed_at)
         _kill_postmaster(env["pg_dirs"][1])
 

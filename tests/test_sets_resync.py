@@ -92,7 +92,7 @@ async def test_a_lost_slot_is_resynchronised_and_every_credit_applied_once(two_s
     assert result.totals["credits_applied"] == result.totals["credits_sent"]
     await _directory_has(dsns[1], late)
     # Backfilled with every column the stream carries (RECEIVED_LIST's sender and claim time).
-    described = "SELECT count(*) FROM credits_out WHERE packet_id = $1 AND sender_id = $2 AND claimed_at IS NOT NULL"
+    described = "SELECT count(*) FROM credits_held WHERE packet_id = $1 AND sender_id = $2 AND claimed_at IS NOT NULL"
     assert await _value(dsns[1], described, packet_id, sender0) == 300
     await _balances_grew(topo, before, {u: g.amount_cents for u, g in won.items()})
 

@@ -150,25 +150,25 @@ CHECKS: list[tuple[str, str]] = [
                ON t.dest_set = o.dest_set
         WHERE o.n IS DISTINCT FROM t.n OR o.s IS DISTINCT FROM t.s
         UNION ALL
-        SELECT 'in', c.src_set, c.credit_id, c.amount_cents, t.transfer_id, t.amount_cents FROM credits_out c
+        SELECT 'in', c.src_set, c.credit_id, c.amount_cents, t.transfer_id, t.amount_cents FROM credits_held c
         LEFT JOIN transfers t ON t.transfer_id = c.applied_transfer_id AND t.kind = {T.CROSS_IN:d}
         WHERE c.dest_set = (SELECT set_id FROM anbao_set_identity)
           AND (t.transfer_id IS NULL OR t.amount_cents <> c.amount_cents)
         UNION ALL
         SELECT 'in-transfers', NULL, i.n, i.s, c.n, c.s FROM
           (SELECT count(*) AS n, COALESCE(sum(amount_cents), 0) AS s FROM transfers WHERE kind = {T.CROSS_IN:d}) i,
-          (SELECT count(*) AS n, COALESCE(sum(amount_cents), 0) AS s FROM credits_out
+          (SELECT count(*) AS n, COALESCE(sum(amount_cents), 0) AS s FROM credits_held
            WHERE dest_set = (SELECT set_id FROM anbao_set_identity)) c
         WHERE i.n <> c.n OR i.s <> c.s""",
     ),
     (
-        "credit_totals match credits_out, pair by pair",
+        "credit_totals match the credits held, pair by pair",
         """SELECT COALESCE(t.src_set, c.src_set) AS src_set, COALESCE(t.dest_set, c.dest_set) AS dest_set,
                t.credits, c.n, t.cents, c.s, t.max_apply_lag, c.lag
         FROM credit_totals t
         FULL JOIN (SELECT src_set, dest_set, count(*) AS n, sum(amount_cents) AS s,
                           max(applied_at - created_at) AS lag
-                   FROM credits_out GROUP BY src_set, dest_set) c
+                   FROM credits_held GROUP BY src_set, dest_set) c
                ON c.src_set = t.src_set AND c.dest_set = t.dest_set
         WHERE t.credits IS DISTINCT FROM c.n OR t.cents IS DISTINCT FROM c.s
            OR t.max_apply_lag IS DISTINCT FROM c.lag""",
@@ -202,7 +202,10 @@ CHECKS: list[tuple[str, str]] = [
         f"""SELECT t.transfer_id, t.kind FROM transfers t
         WHERE t.kind IN ({T.DEPOSIT:d}, {T.WITHDRAW:d}, {T.SEND:d}, {T.REFUND:d}, {T.CROSS_IN:d})
           AND t.created_at > (SELECT pruned_at FROM event_feed)
-          AND NOT EXISTS (SELECT 1 FROM event_log e WHERE e.transfer_id = t.transfer_id)""",
+          AND NOT EXISTS (SELECT 1 FROM event_log e WHERE e.transfer_id = t.transfer_id)
+          AND t.transfer_id NOT IN (SELECT x.transfer_id FROM credits_in i   -- a credit batch's (0019)
+                                    JOIN event_log e ON e.kind = 8 AND e.transfer_id = i.first_transfer_id
+                                    CROSS JOIN LATERAL unnest(i.transfer_ids) AS x(transfer_id))""",
     ),
     (
         "every grab batch has its event (so every claim its share-taken event)",
@@ -216,16 +219,20 @@ CHECKS: list[tuple[str, str]] = [
         WHERE (e.transfer_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM transfers t WHERE t.transfer_id = e.transfer_id))
            OR (e.batch_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM claims c WHERE c.batch_id = e.batch_id)
                                       AND NOT EXISTS (SELECT 1 FROM grab_rollups r WHERE r.batch_id = e.batch_id))
-           OR (e.batch_id IS NULL AND e.transfer_id IS NULL)""",
+           OR (e.batch_id IS NULL AND e.transfer_id IS NULL)
+           OR (e.kind = 8 AND NOT EXISTS (SELECT 1 FROM credits_in i WHERE i.first_transfer_id = e.transfer_id))""",
     ),
     (
         "events are numbered 1..n without gap or repeat, a batch as many as its events",
         """SELECT e.id, e.first_no, e.last_no, e.prev_last FROM (
-            SELECT id, first_no, last_no, batch_id,
+            SELECT id, first_no, last_no, batch_id, kind, transfer_id,
                    lag(last_no, 1, (SELECT pruned_through FROM event_feed)) OVER (ORDER BY last_no) AS prev_last
             FROM event_log WHERE last_no IS NOT NULL) e
         WHERE e.first_no <> e.prev_last + 1
-           OR e.last_no - e.first_no + 1 <> CASE WHEN e.batch_id IS NULL THEN 1
+           OR e.last_no - e.first_no + 1 <> CASE WHEN e.kind = 8 THEN (SELECT cardinality(i.transfer_ids)
+                                                                        FROM credits_in i
+                                                                        WHERE i.first_transfer_id = e.transfer_id)
+                                                 WHEN e.batch_id IS NULL THEN 1
                                                  ELSE (SELECT count(*) FROM anbao_batch_events(e.batch_id)) END
            OR e.last_no > (SELECT numbered_through FROM event_feed)
         UNION ALL

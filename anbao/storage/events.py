@@ -12,14 +12,13 @@ from .domain import EventPage
 
 EVENTS_CHANNEL = "anbao_events"  # NOTIFY payload: the new head (the last number given)
 
-# Each event with the transfer it records: a row of its own in event_log
-# (SENT, REFUNDED, DEPOSIT, WITHDRAWAL, CROSS_SET_CREDIT; numbered alone,
-# so by its last_no) holds it; a grab batch's events (SHARE_TAKEN, SOLD_OUT)
-# have none, 0 (a share's transfer is written later, by its roll-up).
+# Each event with the transfer it records (anbao_events_page): a SENT,
+# REFUNDED, DEPOSIT, WITHDRAWAL or CROSS_SET_CREDIT event names one; a
+# grab batch's events (SHARE_TAKEN, SOLD_OUT) have none, 0 (a share's
+# transfer is written later, by its roll-up).
 _READ = (
-    "SELECT f.numbered_through, f.pruned_through, e.*, COALESCE(l.transfer_id, 0) FROM event_feed f"
-    " LEFT JOIN LATERAL anbao_events_after($1, $2) e ON $1 >= f.pruned_through"
-    " LEFT JOIN event_log l ON l.last_no = e.no AND l.batch_id IS NULL ORDER BY e.no"
+    "SELECT f.numbered_through, f.pruned_through, e.* FROM event_feed f"
+    " LEFT JOIN LATERAL anbao_events_page($1, $2) e ON $1 >= f.pruned_through ORDER BY e.no"
 )
 
 

@@ -39,15 +39,27 @@ _SENT = (
 )
 # A share of this set's packet is a GRAB transfer with its claim; a share
 # won in another set's packet is the CROSS_IN transfer that credited it,
-# with the credit's copy (migrations 0007, 0011), found by user and transfer.
+# with the credit's copy (per row, and batches applied before migration
+# 0019), found by user and transfer, or its place in the credit batch
+# applied here (credits_in, 0019): the one whose first transfer is the
+# nearest at or below it (applies draw their transfer ids under the
+# roll-up's lock, so two batches' ranges never interleave).
 _GRAB, _CROSS_IN = TransferKind.GRAB, TransferKind.CROSS_IN
 _RECEIVED = (
-    "SELECT t.transfer_id, t.packet_id, COALESCE(p.sender_id, x.sender_id, 0), COALESCE(c.seq, x.seq),"
-    " t.amount_cents, COALESCE(c.created_at, x.claimed_at, x.created_at)"
+    "SELECT t.transfer_id, t.packet_id, COALESCE(p.sender_id, x.sender_id, y.sender_id, 0),"
+    " COALESCE(c.seq, x.seq, y.seq), t.amount_cents, COALESCE(c.created_at, x.claimed_at, x.created_at, y.claimed_at)"
     " FROM transfers t"
     f" LEFT JOIN claims c ON t.kind = {_GRAB:d} AND c.packet_id = t.packet_id AND c.user_id = $4"
     f" LEFT JOIN packets p ON t.kind = {_GRAB:d} AND p.packet_id = t.packet_id"
     f" LEFT JOIN credits_out x ON t.kind = {_CROSS_IN:d} AND x.user_id = $4 AND x.applied_transfer_id = t.transfer_id"
+    " LEFT JOIN LATERAL (SELECT b.senders[k.i] AS sender_id, b.seqs[k.i] AS seq, b.claimed_at"
+    "  FROM (SELECT i.* FROM credits_in i"
+    f"        WHERE t.kind = {_CROSS_IN:d} AND i.first_transfer_id <= t.transfer_id"
+    "        ORDER BY i.first_transfer_id DESC LIMIT 1) i"
+    "  CROSS JOIN LATERAL array_position(i.transfer_ids, t.transfer_id) AS k(i)"
+    "  JOIN credit_batches b ON b.src_set = i.src_set AND b.batch_id = i.batch_id"
+    "   AND b.dest_set = (SELECT s.set_id FROM anbao_set_identity s)"
+    "  WHERE k.i IS NOT NULL) y ON x.src_set IS NULL"
     f" WHERE t.credit_account = $1 AND t.kind IN ({_GRAB:d}, {_CROSS_IN:d}) AND t.transfer_id < $2"
     " ORDER BY t.transfer_id DESC LIMIT $3"
 )

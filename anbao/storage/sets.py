@@ -286,10 +286,18 @@ async def credits_between(conn, src: int, dest: int, timeout: float | None = Non
 # applied between the two reads is counted as on its way, never as both
 # posted and on its way.
 
+#
+# What a set has applied to the wallet is read from the wallet's CROSS_IN
+# transfers, each from the sending set's clearing account: every shape of
+# credit has one (per row, in a batch, before and since migration 0019,
+# which keeps no copy per credit). A credit applied to suspense (the user
+# had no wallet here then) is not in the wallet, and is said on its way.
 _BALANCE_AT_HOME = (
     f"SELECT ({BALANCE}), f.srcs, f.cents FROM (SELECT array_agg(src_set) AS srcs, array_agg(s) AS cents FROM"
-    " (SELECT src_set, sum(amount_cents)::bigint AS s FROM credits_out"
-    "  WHERE user_id = $1 AND dest_set = $2 AND src_set <> $2 GROUP BY src_set) x) f"
+    " (SELECT c.owner_id AS src_set, sum(t.amount_cents)::bigint AS s FROM accounts w"
+    f"  JOIN transfers t ON t.credit_account = w.account_id AND t.kind = {T.CROSS_IN:d}"
+    f"  JOIN accounts c ON c.account_id = t.debit_account AND c.kind = {A.CLEARING:d}"
+    f"  WHERE w.kind = {A.USER:d} AND w.owner_id = $1 AND c.owner_id <> $2 GROUP BY c.owner_id) x) f"
 )
 # At the sender $2, to set $3: the credits written (in flight or applied
 # there) plus the user's grabs here not yet rolled up (each becomes such a
@@ -393,7 +401,7 @@ async def _read_flows(dsns: dict[int, str]) -> dict:
                     pending[s] = pending.get(s, 0) + r[3]
                 for r in await conn.fetch(
                     "SELECT src_set, credit_id, amount_cents, count(*) OVER (PARTITION BY src_set, credit_id)"
-                    " FROM credits_out WHERE dest_set = $1 AND applied_transfer_id IS NOT NULL",
+                    " FROM credits_held WHERE dest_set = $1 AND applied_transfer_id IS NOT NULL",
                     s,
                 ):
                     applied[(r[0], r[1])] = (r[2], r[3])
@@ -610,7 +618,7 @@ async def credit_times(dsns: dict[int, str], packets: list[int] | None = None) -
                 )
             ]
             for r in await conn.fetch(
-                "SELECT src_set, credit_id, extract(epoch FROM applied_at)::float8 FROM credits_out"
+                "SELECT src_set, credit_id, extract(epoch FROM applied_at)::float8 FROM credits_held"
                 " WHERE dest_set = $1 AND applied_transfer_id IS NOT NULL"
                 " AND ($2::bigint[] IS NULL OR packet_id = ANY($2::bigint[]))",
                 s,

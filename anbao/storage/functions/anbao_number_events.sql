@@ -25,7 +25,7 @@ BEGIN
     -- probes by key; a join with the query below was taken for thousands
     -- and hashed the whole table, 18 ms at 35,000 rows and growing).
     WITH todo AS (
-        SELECT e.id, e.batch_id FROM event_log e WHERE e.last_no IS NULL
+        SELECT e.id, e.batch_id, e.kind, e.count FROM event_log e WHERE e.last_no IS NULL
     ), blk AS (
         -- Per block: its rows by id, and by build order. The k-th built
         -- takes the place of the k-th id: the two lists zipped, in linear
@@ -36,7 +36,9 @@ BEGIN
                array_agg(t.batch_id ORDER BY t.batch_id) AS batches
         FROM todo t WHERE t.batch_id IS NOT NULL GROUP BY t.batch_id >> 20
     ), placed AS MATERIALIZED (  -- inlined, each count would be computed twice (filter and list)
-        SELECT t.id, t.id AS place, 1::bigint AS n FROM todo t WHERE t.batch_id IS NULL
+        -- A credit batch's row (kind 8, migration 0019) holds its count.
+        SELECT t.id, t.id AS place, CASE WHEN t.kind = 8 THEN t.count ELSE 1 END::bigint AS n
+        FROM todo t WHERE t.batch_id IS NULL
         UNION ALL
         SELECT z.id, z.place, anbao_batch_event_count(z.batch_id)
         FROM blk CROSS JOIN LATERAL unnest(blk.by_build, blk.by_id, blk.batches) AS z(id, place, batch_id)
