@@ -256,3 +256,47 @@ async def test_credit_totals_follow_every_writer_through_the_upgrade(pg):
         assert lag is not None and lag.total_seconds() >= 0
     finally:
         await conn.close()
+
+
+async def test_credits_applied_before_and_after_0019_read_alike(pg):
+    """A batch applied at schema 18 (a copy and an event row per credit) and
+    one applied since 0019 (one credits_in row and one event row): the
+    readers of either shape (RECEIVED_LIST, BALANCE at home, the feed, the
+    audit) see the same credits."""
+    from anbao.storage.history import _RECEIVED, NEWEST
+    from anbao.storage.migrate import migrate
+    from anbao.storage.sets import balance_at_home
+
+    dsn = await database_at_version(pg, f"credits_in_v18_{os.getpid()}", 18)
+    await _as_set(dsn)
+    later = BATCH.replace(f"({PEER}, 77,", f"({PEER}, 78,").replace("'{11,12,13}'", "'{21,22,23}'")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SET session_replication_role = replica")
+        await conn.execute(BATCH)
+        assert await conn.fetchval("SELECT count(*) FROM credits_out") == 3
+        await migrate(dsn)
+        await conn.execute(later)
+        await conn.execute("RESET session_replication_role")
+        assert (
+            await conn.fetchval("SELECT count(*) FROM credits_out"),
+            await conn.fetchval("SELECT count(*) FROM credits_held"),
+        ) == (3, 6)
+        wallet = await conn.fetchval(f"SELECT account_id FROM accounts WHERE kind = 1 AND owner_id = {USER}")
+        received = await conn.fetch(_RECEIVED, wallet, NEWEST, 10, USER)
+        # (packet, sender, seq, amount), newest first: the later batch's, then the first's.
+        assert [(r[1], r[2], r[3], r[4]) for r in received] == [(8, 4, 1, 5), (7, 3, 1, 100)] * 2
+        assert all(r[5] is not None for r in received)
+        assert await balance_at_home(conn, ME, USER) == (210, {PEER: 210})
+        assert await number_events(conn) == 6
+        events = (await read_events(conn, 0, 10)).events
+        transfers = [r[0] for r in await conn.fetch("SELECT transfer_id FROM transfers WHERE kind = 7 ORDER BY 1")]
+        # (kind, packet, user, amount, transfer): the same for both shapes.
+        credits = [(7, USER, 100), (7, 0, 30), (8, USER, 5)] * 2
+        assert [(e[1], e[3], e[4], e[7], e[9]) for e in events] == [
+            (7, p, u, a, t) for (p, u, a), t in zip(credits, transfers, strict=True)
+        ]
+    finally:
+        await conn.close()
+    report = await audit(dsn)
+    assert report.ok, report.violations
