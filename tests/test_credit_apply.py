@@ -180,6 +180,13 @@ async def test_a_credit_batch_is_applied_set_wise_and_once(fresh_dsn):
         await conn.close()
     report = await audit(fresh_dsn)
     assert report.ok, report.violations
+    conn = await asyncpg.connect(fresh_dsn)
+    try:  # without the batch's event row, the audit names its three credits
+        await conn.execute("DELETE FROM event_log WHERE kind = 8")
+    finally:
+        await conn.close()
+    violations = (await audit(fresh_dsn)).violations
+    assert len(violations["every deposit, withdrawal, send, refund and cross-set credit has its event"]) == 3
     # wallet 105, clearing -135, three CROSS_IN transfers, no copy
     assert await _money(fresh_dsn) == (105, -135, 3, 0, 0)
 
