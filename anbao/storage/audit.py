@@ -203,9 +203,10 @@ CHECKS: list[tuple[str, str]] = [
         WHERE t.kind IN ({T.DEPOSIT:d}, {T.WITHDRAW:d}, {T.SEND:d}, {T.REFUND:d}, {T.CROSS_IN:d})
           AND t.created_at > (SELECT pruned_at FROM event_feed)
           AND NOT EXISTS (SELECT 1 FROM event_log e WHERE e.transfer_id = t.transfer_id)
-          AND t.transfer_id NOT IN (SELECT x.transfer_id FROM credits_in i   -- a credit batch's (0019)
-                                    JOIN event_log e ON e.kind = 8 AND e.transfer_id = i.first_transfer_id
-                                    CROSS JOIN LATERAL unnest(i.transfer_ids) AS x(transfer_id))""",
+          AND NOT EXISTS (SELECT 1 FROM credits_in i   -- a credit batch's one row (0019): an anti-join
+                          JOIN event_log e ON e.kind = 8 AND e.transfer_id = i.first_transfer_id
+                          CROSS JOIN LATERAL unnest(i.transfer_ids) AS x(transfer_id)
+                          WHERE x.transfer_id = t.transfer_id)""",
     ),
     (
         "every grab batch has its event (so every claim its share-taken event)",

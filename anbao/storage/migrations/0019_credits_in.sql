@@ -61,3 +61,9 @@ CREATE VIEW credits_held AS
 -- anbao_events_after gave no transfer id per event (events.py took it from
 -- the row of a single event); its successor anbao_events_page does.
 DROP FUNCTION IF EXISTS anbao_events_after(BIGINT, INTEGER);
+DO $$
+BEGIN
+    IF to_regclass('schema_functions') IS NOT NULL THEN  -- migrate's record of applied texts (storage/migrate.py)
+        DELETE FROM schema_functions WHERE name = 'anbao_events_after';
+    END IF;
+END $$;
