@@ -10,6 +10,7 @@ another set's users likewise."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -307,3 +308,67 @@ async def test_credits_applied_before_and_after_0019_read_alike(pg):
         await conn.close()
     report = await audit(dsn)
     assert report.ok, report.violations
+
+
+def _nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+async def test_a_credit_batch_locks_its_wallets_in_user_order(fresh_dsn):
+    """The apply locks each wallet by the UPDATE that credits it, and every
+    writer that waits on accounts locks them in (kind, owner) order, so
+    the UPDATE must take them by user: a nested loop driven by the batch's
+    users, sorted, never a hash of the accounts (whose order is the
+    table's). That is the planner's choice, not the SQL's promise, so it is
+    read here from the plan PostgreSQL runs (auto_explain), with enough
+    wallets that the plan is the one a set's database gets."""
+    await _as_set(fresh_dsn)
+    users = list(range(50_000, 50_200))
+    conn = await asyncpg.connect(fresh_dsn)
+    plans: list[dict] = []
+    try:
+        await conn.execute("INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM generate_series(1000, 30000) u")
+        await conn.execute(
+            f"INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM unnest('{{{str(users)[1:-1]}}}'::bigint[]) u"
+        )
+        await conn.execute("ANALYZE accounts")
+        conn.add_log_listener(lambda _c, msg: plans.append(msg.message))
+        for setting in (
+            "log_min_duration = 0",
+            "log_nested_statements = on",
+            "log_level = notice",
+            "log_format = json",
+        ):
+            await conn.execute(f"SET auto_explain.{setting}")
+        await conn.execute("LOAD 'auto_explain'")
+        await conn.execute("SET session_replication_role = replica")
+        n = len(users)
+        await conn.execute(
+            "INSERT INTO credit_batches (src_set, batch_id, dest_set, claimed_at, credit_ids, users, amounts, packets,"
+            f" seqs, senders) VALUES ({PEER}, 90, {ME}, now(), $1, $2, $3, $4, $5, $6)",
+            list(range(1, n + 1)),
+            users[::-1],
+            [10] * n,
+            [7] * n,
+            list(range(1, n + 1)),
+            [3] * n,
+        )
+        assert await conn.fetchval("SELECT count(*) FROM credits_in") == 1
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.1)  # notices are delivered as they arrive
+    [apply] = [json.loads(p[p.index("{") :]) for p in plans if "transfers_transfer_id_seq" in p and "{" in p]
+    [update] = [
+        x
+        for x in _nodes(apply["Plan"])
+        if x.get("Node Type") == "ModifyTable"
+        and x.get("Relation Name") == "accounts"
+        and x.get("Subplan Name") == "CTE w"
+    ]
+    [join] = update["Plans"]
+    assert join["Node Type"] == "Nested Loop", join["Node Type"]
+    outer, inner = join["Plans"]
+    assert any(x["Node Type"] == "Sort" and any("user_id" in k for k in x["Sort Key"]) for x in _nodes(outer)), outer
+    assert any(x.get("Relation Name") == "accounts" for x in _nodes(inner)), inner

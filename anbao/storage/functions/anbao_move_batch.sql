@@ -14,9 +14,9 @@
 -- roll-up would cover (nothing stored; the caller settles and sends it
 -- again with p_settled true). answer: {balance_cents, transfer_id}.
 --
--- Locks: the external account (the lowest account id), then the wallets
--- in account-id order, then, at the end, the keys in key order
--- (anbao_store_keys): the order of every other writer, so no deadlock.
+-- Locks: the external account (kind 0), then the wallets in user order,
+-- then, at the end, the keys in key order (anbao_store_keys): accounts in
+-- (kind, owner) order, the order of every other writer, so no deadlock.
 -- Every request is decided before it is written; a batch fails only as a
 -- whole (40001 when another transaction stored one of its keys meanwhile:
 -- the caller runs it again).
@@ -52,7 +52,7 @@ BEGIN
            array_agg(a.balance_cents ORDER BY a.account_id)
         INTO w_owner, w_account, w_balance
         FROM (SELECT x.owner_id, x.account_id, x.balance_cents FROM accounts x
-              WHERE x.kind = 1 AND x.owner_id = ANY(p_users) ORDER BY x.account_id FOR NO KEY UPDATE) a;
+              WHERE x.kind = 1 AND x.owner_id = ANY(p_users) ORDER BY x.owner_id FOR NO KEY UPDATE) a;
     -- Keys stored before are replayed; the others are stored once, with
     -- their answers, at the end (anbao_store_keys).
     FOR stored IN SELECT * FROM anbao_stored_answers(p_operation, p_keys, p_hashes, '{}') LOOP

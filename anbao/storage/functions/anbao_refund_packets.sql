@@ -18,7 +18,7 @@ BEGIN
                              SELECT a.account_id FROM packets pk
                              JOIN accounts a ON a.kind = 1 AND a.owner_id = pk.sender_id
                              WHERE pk.packet_id = ANY(p_packets))
-        ORDER BY account_id FOR UPDATE;
+        ORDER BY kind, owner_id FOR UPDATE;  -- the one order of accounts' locks: the sender's wallet, then escrows
 
     FOR pid IN SELECT DISTINCT u FROM unnest(p_packets) AS u ORDER BY u LOOP
         SELECT pk.* INTO p FROM packets pk WHERE pk.packet_id = pid FOR UPDATE;

@@ -8,9 +8,11 @@
 -- takes, it locks, always in this order, so two never wait on each other
 -- in a cycle: its batch rows (batch id order, FOR UPDATE: a batch another
 -- roll-up holds is waited for, and then gone), the credit totals (by the
--- credits_out trigger), the accounts (account id order), the packets
--- (packet id order). Every other writer that waits on accounts locks them
--- in id order, and the SEND batch does not wait (SKIP LOCKED). The advisory
+-- credits_out trigger), the accounts ((kind, owner) order: wallets by user,
+-- then escrows, then clearing), the packets (packet id order). Every other
+-- writer that waits on accounts locks them in that order too (a credit
+-- apply updates its wallets by user, then clearing and suspense), and the
+-- SEND batch does not wait (SKIP LOCKED). The advisory
 -- key is now taken shared: a credit apply (anbao_apply_credit_batch) takes
 -- it alone, so an apply and a roll-up still never run at once.
 CREATE OR REPLACE FUNCTION anbao_rollup(p_limit INTEGER, p_user BIGINT, p_packets BIGINT[], p_worker SMALLINT,
@@ -103,7 +105,7 @@ BEGIN
         SELECT wallet AS id, sum(amount_cents) AS delta FROM g_rollup14 GROUP BY wallet
         UNION ALL
         SELECT escrow, -sum(amount_cents) FROM g_rollup14 GROUP BY escrow) s;
-    PERFORM 1 FROM accounts a WHERE a.account_id = ANY(acc_ids) ORDER BY a.account_id FOR NO KEY UPDATE;
+    PERFORM 1 FROM accounts a WHERE a.account_id = ANY(acc_ids) ORDER BY a.kind, a.owner_id FOR NO KEY UPDATE;
     UPDATE accounts a SET balance_cents = a.balance_cents + d.delta
         FROM unnest(acc_ids, acc_deltas) AS d(id, delta)
         WHERE a.account_id = d.id;

@@ -24,7 +24,8 @@
 -- ms since the epoch, as PACKET shows it.
 --
 -- Why it cannot deadlock: every batch locks its senders' wallets first, in
--- account-id order (as the roll-up and the other writers do), and stores
+-- user order (accounts in (kind, owner) order, as the roll-up, the credit
+-- apply and the other writers lock them), and stores
 -- its keys last, in key order, in one statement; nothing else it writes is
 -- visible to anyone before it commits. Every SEND is decided before it is
 -- written, so one refusal never aborts the batch: a batch fails only as a
@@ -81,13 +82,13 @@ BEGIN
                array_agg(a.balance_cents ORDER BY a.account_id)
             INTO w_owner, w_account, w_balance
             FROM (SELECT x.owner_id, x.account_id, x.balance_cents FROM accounts x
-                  WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) ORDER BY x.account_id FOR NO KEY UPDATE) a;
+                  WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) ORDER BY x.owner_id FOR NO KEY UPDATE) a;
     ELSE
         SELECT array_agg(a.owner_id ORDER BY a.account_id), array_agg(a.account_id ORDER BY a.account_id),
                array_agg(a.balance_cents ORDER BY a.account_id)
             INTO w_owner, w_account, w_balance
             FROM (SELECT x.owner_id, x.account_id, x.balance_cents FROM accounts x
-                  WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) ORDER BY x.account_id
+                  WHERE x.kind = 1 AND x.owner_id = ANY(p_senders) ORDER BY x.owner_id
                   FOR NO KEY UPDATE SKIP LOCKED) a;
         -- A sender with a wallet that was not locked: someone else holds it.
         SELECT COALESCE(array_agg(x.owner_id), '{}') INTO w_busy FROM accounts x
