@@ -7,6 +7,7 @@ batches in the middle of a chain of batches in flight, and upgrade a
 database from the schema before it. Every one ends with the audit."""
 
 import asyncio
+import json
 import os
 import signal
 
@@ -400,3 +401,48 @@ async def test_batch_ids_follow_the_order_the_batches_were_built(fresh_dsn):
         assert len({i >> BATCH_BLOCK_BITS for i in ids}) == 1, "one block for the first eleven"
     finally:
         await committer.close()
+
+
+def _plan_nodes(plan: dict):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+async def test_the_rollup_updates_its_accounts_in_kind_and_owner_order(anbao):
+    """The roll-up locks its accounts by the UPDATE that moves their money,
+    so that UPDATE must reach them in (kind, owner) order, the order every
+    writer that waits on accounts locks them in: a nested loop driven by
+    the sorted list, never a hash or a merge join. Read from the plan
+    PostgreSQL runs (auto_explain), with enough accounts that the plan is
+    the one a busy database gets; then the books."""
+    await anbao.worker.stop_rollup()
+    admin = await anbao.client("admin")
+    (sender,) = await funded_users(admin, 1, 1, 100_000)
+    users = await funded_users(admin, 10, 30)
+    sent = [await admin.send(sender, 3_000, 10) for _ in range(3)]
+    for i, u in enumerate(users):
+        await admin.grab(sent[i % 3].packet_id, u)
+    assert await pending_claims(anbao.dsn) == 30
+    conn = await asyncpg.connect(anbao.dsn)
+    plans: list[str] = []
+    try:
+        await conn.execute("INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM generate_series(10000, 40000) u")
+        await conn.execute("ANALYZE accounts")
+        conn.add_log_listener(lambda _c, msg: plans.append(msg.message))
+        for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
+            await conn.execute(f"SET auto_explain.{setting}")
+        await conn.execute("SET auto_explain.log_format = json")
+        await conn.execute("LOAD 'auto_explain'")
+        assert await conn.fetchval("SELECT anbao_rollup(100, NULL, NULL, NULL, NULL)") == 30
+    finally:
+        await conn.close()
+    [update] = [json.loads(p[p.index("{") :]) for p in plans if "unnest(acc_ids, acc_deltas)" in p]
+    [modify] = [n for n in _plan_nodes(update["Plan"]) if n.get("Node Type") == "ModifyTable"]
+    [join] = modify["Plans"]
+    assert join["Node Type"] == "Nested Loop", join["Node Type"]
+    outer, inner = join["Plans"]
+    assert outer["Node Type"] == "Function Scan", outer
+    assert inner.get("Relation Name") == "accounts" and "Scan" in inner["Node Type"], inner
+    assert await pending_claims(anbao.dsn) == 0
+    await anbao.assert_audit_clean()
