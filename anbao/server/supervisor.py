@@ -24,6 +24,7 @@ import stat
 import subprocess
 import time
 from dataclasses import replace
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -204,7 +205,8 @@ def _worker_main(
         # 40-50k objects and a 30-80 ms stop of the loop (every request waits)
         # became 11-12k objects and 10 ms (BENCHMARKS.md, issue 17).
         gc.freeze()
-        ready.put((settings.worker_id, os.getpid()))
+        ready.send((settings.worker_id, os.getpid()))
+        ready.close()
         await stop.wait()
         await worker.stop(drain_timeout_s=settings.limits.process.worker_drain_timeout_ms / 1000 - 5)
 
@@ -241,7 +243,11 @@ class Supervisor:
         self.total_restarts = 0
         self._stopping = False
         self._ctx = mp.get_context("fork")
-        self._ready = self._ctx.Queue()
+        # Each worker says it is ready on a pipe of its own. A shared Queue
+        # has one write lock for every writer: a worker killed with it held
+        # (its feeder thread between sending and releasing) left every later
+        # worker's ready message waiting forever, and the supervisor with it.
+        self._ready: dict[int, Connection] = {}
         self._memcached_proc: subprocess.Popen | None = None
         self.port: int | None = None
         self.metrics_port = metrics_port
@@ -293,6 +299,7 @@ class Supervisor:
     def _spawn(self, i: int) -> None:
         assert self.port is not None  # start() bound the listeners first
         settings = replace(self.settings, worker_id=i, port=self.port)
+        ready, says_ready = self._ctx.Pipe(duplex=False)
         p = self._ctx.Process(
             target=_worker_main,
             name=f"anbao-worker-{i}",
@@ -306,7 +313,7 @@ class Supervisor:
                 self.admission,
                 self.memcached,
                 bool(self.metrics_port),
-                self._ready,
+                says_ready,
                 self._committing,
                 os.getpid(),
                 [s for j, s in enumerate(self.socks) if j != i],
@@ -314,7 +321,12 @@ class Supervisor:
             ),
         )
         p.start()
+        says_ready.close()  # the worker's end
         assert p.pid is not None  # started
+        old = self._ready.pop(i, None)
+        if old is not None:
+            old.close()
+        self._ready[i] = ready
         self.procs[i] = p
         self.entries[i] = describe(p.pid)
         if self.reaper is not None:
@@ -322,17 +334,20 @@ class Supervisor:
 
     def _await_ready(self, waiting: set[int]) -> None:
         deadline = time.monotonic() + self.tuning.worker_ready_timeout_ms / 1000
-        while waiting:
+        while waiting and not self._stopping:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RuntimeError(f"workers {sorted(waiting)} did not start")
-            try:
-                wid, _ = self._ready.get(timeout=min(left, 1))
+            for conn in wait([self._ready[i] for i in waiting], timeout=min(left, 1)):
+                assert isinstance(conn, Connection)  # wait() gives back what it was given
+                try:
+                    wid, _ = conn.recv()
+                except (EOFError, OSError):
+                    continue  # its worker exited without saying it: found below
                 waiting.discard(wid)
-            except Exception:
-                for i in waiting:
-                    if not self.procs[i].is_alive():
-                        raise RuntimeError(f"worker {i} exited during start (code {self.procs[i].exitcode})") from None
+            for i in waiting:
+                if not self.procs[i].is_alive():
+                    raise RuntimeError(f"worker {i} exited during start (code {self.procs[i].exitcode})")
 
     def _write_pids(self) -> None:
         doc = {
