@@ -285,7 +285,6 @@ async def credits_between(conn, src: int, dest: int, timeout: float | None = Non
 # its original committed, so owed - applied is never negative, and a credit
 # applied between the two reads is counted as on its way, never as both
 # posted and on its way.
-
 #
 # What a set has applied to the wallet is read from the wallet's CROSS_IN
 # transfers, each from the sending set's clearing account: every shape of
