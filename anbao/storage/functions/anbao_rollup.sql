@@ -30,6 +30,7 @@ DECLARE
     me SMALLINT;
     hash_join TEXT;
     merge_join TEXT;
+    seq_scan TEXT;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(7020657039738302316);   -- the bytes 'anbaorol'
     SELECT array_agg(batch_id ORDER BY batch_id) INTO ids FROM (
@@ -107,10 +108,11 @@ BEGIN
     -- grabber's wallet (1, user), an escrow (2, packet), a clearing
     -- account (3, set). The UPDATE locks each as it reaches it, so it is
     -- made to reach them in that order: a nested loop driven by the sorted
-    -- list (hash and merge joins off for it alone: either would take them
-    -- in another order; the plan is read in tests/test_rollup.py). A
-    -- lock of them all first, in that order, then the UPDATE, wrote each
-    -- row twice: 3.9 ms a pass of the evening (pg_stat_statements).
+    -- list (hash and merge joins off for it and the packets' UPDATE alone:
+    -- either would take them in another order; the plans are read in
+    -- tests/test_rollup.py). A lock of them all first, in that order, then
+    -- the UPDATE, wrote each row twice: 3.9 ms a pass of the evening
+    -- (pg_stat_statements).
     SELECT array_agg(s.id ORDER BY s.kind, s.owner), array_agg(s.delta ORDER BY s.kind, s.owner)
         INTO acc_ids, acc_deltas FROM (
         SELECT g.wallet AS id, CASE WHEN g.dest_set IS NULL THEN 1 ELSE 3 END AS kind,
@@ -119,25 +121,34 @@ BEGIN
         FROM g_rollup14 g GROUP BY 1, 2, 3
         UNION ALL
         SELECT g.escrow, 2, g.packet_id, -sum(g.amount_cents) FROM g_rollup14 g GROUP BY g.escrow, g.packet_id) s;
-    hash_join := current_setting('enable_hashjoin');
-    merge_join := current_setting('enable_mergejoin');
-    PERFORM set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true);
-    UPDATE accounts a SET balance_cents = a.balance_cents + d.delta
-        FROM unnest(acc_ids, acc_deltas) AS d(id, delta)
-        WHERE a.account_id = d.id;
-    PERFORM set_config('enable_hashjoin', hash_join, true), set_config('enable_mergejoin', merge_join, true);
-
-    SELECT array_agg(s.packet_id), array_agg(s.claims_n), array_agg(s.claims_cents)
+    -- The packets in packet id order, each with its claims of this pass.
+    SELECT array_agg(s.packet_id ORDER BY s.packet_id), array_agg(s.claims_n ORDER BY s.packet_id),
+           array_agg(s.claims_cents ORDER BY s.packet_id)
         INTO pkt_ids, pkt_counts, pkt_cents FROM (
         SELECT g.packet_id, count(*)::int AS claims_n, sum(g.amount_cents)::bigint AS claims_cents
         FROM g_rollup14 g GROUP BY g.packet_id) s;
-    PERFORM 1 FROM packets p WHERE p.packet_id = ANY(pkt_ids) ORDER BY p.packet_id FOR NO KEY UPDATE;
+    -- Seq scans off too: PL/pgSQL keeps the plan it made on its first
+    -- passes, and a plan made while a table was small (a new database's
+    -- first seconds) scanned all of it on every pass after. The packets'
+    -- UPDATE was a hash join over a seq scan of packets: 1 ms a pass at
+    -- 5,000 packets, 8-14 ms at 30,000, 20 s into an evening (auto_explain).
+    hash_join := current_setting('enable_hashjoin');
+    merge_join := current_setting('enable_mergejoin');
+    seq_scan := current_setting('enable_seqscan');
+    PERFORM set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
+            set_config('enable_seqscan', 'off', true);
+    UPDATE accounts a SET balance_cents = a.balance_cents + d.delta
+        FROM unnest(acc_ids, acc_deltas) AS d(id, delta)
+        WHERE a.account_id = d.id;
+    -- Locked by this UPDATE, in packet id order, as the accounts above.
     UPDATE packets p SET claimed_count = p.claimed_count + d.claims_n,
                          claimed_cents = p.claimed_cents + d.claims_cents,
                          status = CASE WHEN p.claimed_count + d.claims_n = p.share_count AND p.status = 0
                                        THEN 1 ELSE p.status END
         FROM unnest(pkt_ids, pkt_counts, pkt_cents) AS d(packet_id, claims_n, claims_cents)
         WHERE p.packet_id = d.packet_id;
+    PERFORM set_config('enable_hashjoin', hash_join, true), set_config('enable_mergejoin', merge_join, true),
+            set_config('enable_seqscan', seq_scan, true);
 
     DELETE FROM grab_rollups WHERE batch_id = ANY(ids);
     RETURN n;
