@@ -15,10 +15,21 @@
 -- SEND batch does not wait (SKIP LOCKED). The advisory
 -- key is now taken shared: a credit apply (anbao_apply_credit_batch) takes
 -- it alone, so an apply and a roll-up still never run at once.
+--
+-- Plans: no hash or merge join, no seq scan of a table that has an index to
+-- use (the function's SET clauses). PL/pgSQL keeps the plans it makes on a
+-- connection's first passes, and a plan made while a table was small (a new
+-- database's first seconds) scanned all of it on every pass after: the
+-- packets' UPDATE was a hash join over a seq scan of packets, 1 ms a pass at
+-- 5,000 packets and 8-14 ms at 30,000, 20 s into an evening (auto_explain);
+-- the lookup of the claims' packets, planned on a few packets, hashed all
+-- of them the same way. Every statement here reaches rows by key, so its
+-- cost follows the pass, not the tables (tests/test_rollup.py reads the
+-- plans made on a few packets).
 CREATE OR REPLACE FUNCTION anbao_rollup(p_limit INTEGER, p_user BIGINT, p_packets BIGINT[], p_worker SMALLINT,
                                         p_worker_count SMALLINT)
 RETURNS INTEGER
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off AS $$
 DECLARE
     ids BIGINT[];
     n INTEGER;
@@ -28,9 +39,6 @@ DECLARE
     pkt_counts INTEGER[];
     pkt_cents BIGINT[];
     me SMALLINT;
-    hash_join TEXT;
-    merge_join TEXT;
-    seq_scan TEXT;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(7020657039738302316);   -- the bytes 'anbaorol'
     SELECT array_agg(batch_id ORDER BY batch_id) INTO ids FROM (
@@ -108,11 +116,10 @@ BEGIN
     -- grabber's wallet (1, user), an escrow (2, packet), a clearing
     -- account (3, set). The UPDATE locks each as it reaches it, so it is
     -- made to reach them in that order: a nested loop driven by the sorted
-    -- list (hash and merge joins off for it and the packets' UPDATE alone:
-    -- either would take them in another order; the plans are read in
-    -- tests/test_rollup.py). A lock of them all first, in that order, then
-    -- the UPDATE, wrote each row twice: 3.9 ms a pass of the evening
-    -- (pg_stat_statements).
+    -- list (no hash or merge join, see the plans below: either would take
+    -- them in another order; the plans are read in tests/test_rollup.py).
+    -- A lock of them all first, in that order, then the UPDATE, wrote each
+    -- row twice: 3.9 ms a pass of the evening (pg_stat_statements).
     SELECT array_agg(s.id ORDER BY s.kind, s.owner), array_agg(s.delta ORDER BY s.kind, s.owner)
         INTO acc_ids, acc_deltas FROM (
         SELECT g.wallet AS id, CASE WHEN g.dest_set IS NULL THEN 1 ELSE 3 END AS kind,
@@ -127,16 +134,6 @@ BEGIN
         INTO pkt_ids, pkt_counts, pkt_cents FROM (
         SELECT g.packet_id, count(*)::int AS claims_n, sum(g.amount_cents)::bigint AS claims_cents
         FROM g_rollup14 g GROUP BY g.packet_id) s;
-    -- Seq scans off too: PL/pgSQL keeps the plan it made on its first
-    -- passes, and a plan made while a table was small (a new database's
-    -- first seconds) scanned all of it on every pass after. The packets'
-    -- UPDATE was a hash join over a seq scan of packets: 1 ms a pass at
-    -- 5,000 packets, 8-14 ms at 30,000, 20 s into an evening (auto_explain).
-    hash_join := current_setting('enable_hashjoin');
-    merge_join := current_setting('enable_mergejoin');
-    seq_scan := current_setting('enable_seqscan');
-    PERFORM set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
-            set_config('enable_seqscan', 'off', true);
     UPDATE accounts a SET balance_cents = a.balance_cents + d.delta
         FROM unnest(acc_ids, acc_deltas) AS d(id, delta)
         WHERE a.account_id = d.id;
@@ -147,8 +144,6 @@ BEGIN
                                        THEN 1 ELSE p.status END
         FROM unnest(pkt_ids, pkt_counts, pkt_cents) AS d(packet_id, claims_n, claims_cents)
         WHERE p.packet_id = d.packet_id;
-    PERFORM set_config('enable_hashjoin', hash_join, true), set_config('enable_mergejoin', merge_join, true),
-            set_config('enable_seqscan', seq_scan, true);
 
     DELETE FROM grab_rollups WHERE batch_id = ANY(ids);
     RETURN n;
