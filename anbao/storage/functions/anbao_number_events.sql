@@ -7,8 +7,14 @@
 -- commits only after the first did, so a packet's shares come out in seq
 -- order. A packet's SENT is written before any grab of it, and its refund
 -- after every grab of it commits, so they come before and after them.
+--
+-- Planned without hash joins or seq scans of event_log (the SET clauses):
+-- PL/pgSQL keeps the plans a connection makes first, and on a new
+-- database's few rows the UPDATE below was a hash join over a seq scan of
+-- event_log, which a week's retention makes millions of rows
+-- (tests/test_plans.py).
 CREATE OR REPLACE FUNCTION anbao_number_events() RETURNS BIGINT
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off AS $$
 DECLARE
     head BIGINT;
     top BIGINT;

@@ -48,6 +48,9 @@ RETURNS TABLE (i INTEGER, outcome SMALLINT, refusal TEXT, message TEXT, answer J
                created_ms BIGINT)
 LANGUAGE plpgsql AS $$
 DECLARE
+    hash_join TEXT;
+    merge_join TEXT;
+    seq_scan TEXT;
     n INTEGER := cardinality(p_keys);
     w_busy BIGINT[] := '{}';
     replayed BYTEA[] := '{}';
@@ -251,8 +254,19 @@ BEGIN
             WHERE p_audiences[t.k] IN (1, 2);
     END IF;
     -- Every sender's balance at once, in account-id order (the locks are held).
+    -- By key, whatever the table's size when this was first planned:
+    -- PL/pgSQL keeps the plan, and one made while accounts was small hashed
+    -- all of it (a seq scan) for every batch after (tests/test_plans.py). A
+    -- merge join would read all of it by its index.
+    hash_join := current_setting('enable_hashjoin');
+    merge_join := current_setting('enable_mergejoin');
+    seq_scan := current_setting('enable_seqscan');
+    PERFORM set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true),
+            set_config('enable_seqscan', 'off', true);
     UPDATE accounts a SET balance_cents = t.b
         FROM unnest(w_account, w_balance) AS t(id, b)
         WHERE a.account_id = t.id AND a.balance_cents <> t.b;
+    PERFORM set_config('enable_hashjoin', hash_join, true), set_config('enable_mergejoin', merge_join, true),
+            set_config('enable_seqscan', seq_scan, true);
     PERFORM anbao_store_keys(p_operation, out_keys, out_hashes, out_answers, out_refusals, out_messages);
 END $$;
