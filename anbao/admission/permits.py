@@ -27,7 +27,7 @@ class Permits:
         pass
 
     def seed(self, packet_id: int, permits: int) -> None:
-        """Creates the counter if absent (owner, on the first grab relayed to it)."""
+        """Creates the counter if absent (owner, on adopting a packet)."""
 
     def reseed(self, packet_id: int, permits: int) -> None:
         """Overwrites the counter (owner, repairing leaks)."""

@@ -144,7 +144,7 @@ class Router:
             "final_sets_loaded": 0,
             "settle_gave_up": 0,
         }
-        engine.on_adopt = self._seed_on_adopt
+        engine.on_adopt = self._seed
 
     def start(self) -> None:
         if self.permits.mode != "none":
@@ -249,11 +249,7 @@ class Router:
                 )
             )
             return
-        if packet_id not in self._active:
-            self._active.add(packet_id)
-            state = self.engine.states.get(packet_id)
-            if state is not None:
-                self._seed(state)
+        self._active.add(packet_id)
         self.engine.on_grab(conn, rid, packet_id, user_id)
 
     async def _admit(self, conn: Replier, rid: int, packet_id: int, user_id: int, owner: int) -> None:
@@ -370,15 +366,6 @@ class Router:
             self._relay(conn, rid, packet_id, user_id, owner, False)
 
     # ------------------------------------------------------------ counters
-
-    def _seed_on_adopt(self, state: _fastpath.PacketState) -> None:
-        # Only relayed grabs read a counter, so a packet gets one when the
-        # first is relayed to its owner, not at its SEND: with steered
-        # connections none ever is, and the evening spent 8% of a worker's
-        # samples (py-spy) on one memcached add per SEND. Here: adopted to
-        # answer a relayed grab (a restart's reload).
-        if state.packet_id in self._active:
-            self._seed(state)
 
     def _seed(self, state: _fastpath.PacketState) -> None:
         if not state.sold_out:
