@@ -7,6 +7,7 @@ check of its claims against the database."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import asyncpg
@@ -248,3 +249,28 @@ def kill_postgres(pgdata: Path) -> None:
             p.kill()
         except Exception:  # gone already
             pass
+
+
+async def explain_into(conn: asyncpg.Connection, plans: list[str], *, generic: bool = False) -> None:
+    """conn sends the plan of every statement it runs, nested ones
+    included, as a NOTICE appended to plans (auto_explain, JSON). generic:
+    each planned as a connection keeps it after its first five calls
+    (plan_cache_mode)."""
+    conn.add_log_listener(lambda _c, msg: plans.append(msg.message))
+    for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice", "log_format = json"):
+        await conn.execute(f"SET auto_explain.{setting}")
+    if generic:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+    await conn.execute("LOAD 'auto_explain'")
+
+
+def plans_of(plans: list[str], marker: str) -> list[dict]:
+    """The JSON plans (explain_into) of the statements whose text holds marker."""
+    return [json.loads(p[p.index("{") :]) for p in plans if marker in p and "{" in p]
+
+
+def plan_nodes(plan: dict):
+    """Every node of a JSON plan, depth first."""
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)

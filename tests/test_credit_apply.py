@@ -10,13 +10,12 @@ another set's users likewise."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 
 import asyncpg
 import pytest
-from helpers import database_at_version
+from helpers import database_at_version, explain_into, plan_nodes, plans_of
 
 from anbao.storage.audit import audit
 from anbao.storage.events import number_events, read_events
@@ -310,12 +309,6 @@ async def test_credits_applied_before_and_after_0019_read_alike(pg):
     assert report.ok, report.violations
 
 
-def _nodes(plan: dict):
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from _nodes(child)
-
-
 async def test_a_credit_batch_locks_its_wallets_in_user_order(fresh_dsn):
     """The apply locks each wallet by the UPDATE that credits it, and every
     writer that waits on accounts locks them in (kind, owner) order, so
@@ -327,22 +320,14 @@ async def test_a_credit_batch_locks_its_wallets_in_user_order(fresh_dsn):
     await _as_set(fresh_dsn)
     users = list(range(50_000, 50_200))
     conn = await asyncpg.connect(fresh_dsn)
-    plans: list[dict] = []
+    plans: list[str] = []
     try:
         await conn.execute("INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM generate_series(1000, 30000) u")
         await conn.execute(
             f"INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM unnest('{{{str(users)[1:-1]}}}'::bigint[]) u"
         )
         await conn.execute("ANALYZE accounts")
-        conn.add_log_listener(lambda _c, msg: plans.append(msg.message))
-        for setting in (
-            "log_min_duration = 0",
-            "log_nested_statements = on",
-            "log_level = notice",
-            "log_format = json",
-        ):
-            await conn.execute(f"SET auto_explain.{setting}")
-        await conn.execute("LOAD 'auto_explain'")
+        await explain_into(conn, plans)
         await conn.execute("SET session_replication_role = replica")
         n = len(users)
         await conn.execute(
@@ -359,10 +344,10 @@ async def test_a_credit_batch_locks_its_wallets_in_user_order(fresh_dsn):
     finally:
         await conn.close()
     await asyncio.sleep(0.1)  # notices are delivered as they arrive
-    [apply] = [json.loads(p[p.index("{") :]) for p in plans if "transfers_transfer_id_seq" in p and "{" in p]
+    [apply] = plans_of(plans, "transfers_transfer_id_seq")
     [update] = [
         x
-        for x in _nodes(apply["Plan"])
+        for x in plan_nodes(apply["Plan"])
         if x.get("Node Type") == "ModifyTable"
         and x.get("Relation Name") == "accounts"
         and x.get("Subplan Name") == "CTE w"
@@ -370,5 +355,6 @@ async def test_a_credit_batch_locks_its_wallets_in_user_order(fresh_dsn):
     [join] = update["Plans"]
     assert join["Node Type"] == "Nested Loop", join["Node Type"]
     outer, inner = join["Plans"]
-    assert any(x["Node Type"] == "Sort" and any("user_id" in k for k in x["Sort Key"]) for x in _nodes(outer)), outer
-    assert any(x.get("Relation Name") == "accounts" for x in _nodes(inner)), inner
+    sorts = [x for x in plan_nodes(outer) if x["Node Type"] == "Sort"]
+    assert any(any("user_id" in k for k in x["Sort Key"]) for x in sorts), outer
+    assert any(x.get("Relation Name") == "accounts" for x in plan_nodes(inner)), inner

@@ -11,12 +11,11 @@ before: a hash join over a seq scan of accounts or event_log."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 
 import asyncpg
 import pytest
-from helpers import funded_users
+from helpers import explain_into, funded_users, plan_nodes, plans_of
 
 from anbao.storage.accounts import Accounts
 from anbao.storage.domain import Audience, BatchOutcome, Mode, MoveRequest, Operation, SendRequest
@@ -26,29 +25,13 @@ from anbao.storage.packets import Packets
 pytestmark = pytest.mark.filterwarnings("ignore:.*active log listener:asyncpg.InterfaceWarning")
 
 
-async def _explain(conn: asyncpg.Connection, plans: list[str]) -> None:
-    conn.add_log_listener(lambda _c, msg: plans.append(msg.message))
-    for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
-        await conn.execute(f"SET auto_explain.{setting}")
-    await conn.execute("SET auto_explain.log_format = json")
-    # The plan a connection keeps after its first five calls, at once.
-    await conn.execute("SET plan_cache_mode = force_generic_plan")
-    await conn.execute("LOAD 'auto_explain'")
-
-
-def _nodes(plan: dict):
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from _nodes(child)
-
-
 def _assert_by_key(plans: list[str], marker: str, table: str) -> None:
     """The statement holding marker reached table by its index only: no
     hash or merge join, no seq scan of it."""
-    found = [json.loads(p[p.index("{") :]) for p in plans if marker in p]
+    found = plans_of(plans, marker)
     assert found, f"no plan for {marker!r}"
     for plan in found:
-        nodes = list(_nodes(plan["Plan"]))
+        nodes = list(plan_nodes(plan["Plan"]))
         assert not [n for n in nodes if n.get("Node Type") in ("Hash Join", "Merge Join")], plan
         scans = [n for n in nodes if n.get("Relation Name") == table and n.get("Node Type") != "ModifyTable"]
         assert scans and all(n["Node Type"] in ("Index Scan", "Index Only Scan") for n in scans), plan
@@ -62,7 +45,7 @@ async def _pool(dsn: str, plans: list[str]) -> asyncpg.Pool:
     """A pool whose connection explains every statement it runs. Set up on
     every acquire: a release resets the settings and drops the listener
     (asyncpg warns that it had one: expected here)."""
-    return await asyncpg.create_pool(dsn, min_size=1, max_size=1, setup=lambda c: _explain(c, plans))
+    return await asyncpg.create_pool(dsn, min_size=1, max_size=1, setup=lambda c: explain_into(c, plans, generic=True))
 
 
 async def test_a_deposit_batch_updates_its_wallets_by_key(anbao):
@@ -129,24 +112,18 @@ async def test_the_sequencer_numbers_its_rows_by_key(anbao):
             if await conn.fetchval("SELECT NOT EXISTS (SELECT 1 FROM event_log WHERE last_no IS NULL)"):
                 break
             await asyncio.sleep(0.05)
-        await _explain(conn, plans)
-        async with conn.transaction():
-            # The newest rows again unnumbered, numbered again in this
-            # transaction, and put back as they were.
-            await conn.execute(
-                "UPDATE event_log SET first_no = NULL, last_no = NULL"
-                " WHERE id IN (SELECT id FROM event_log ORDER BY id DESC LIMIT 2)"
-            )
-            await conn.execute("UPDATE event_feed SET numbered_through = (SELECT max(last_no) FROM event_log)")
-            before = await conn.fetchval("SELECT numbered_through FROM event_feed")
-            assert await conn.fetchval("SELECT anbao_number_events()") > before
-            raise _Rollback
-    except _Rollback:
-        pass
+        await explain_into(conn, plans, generic=True)
+        # The newest rows again unnumbered, numbered again in one
+        # transaction, and put back as they were by its rollback.
+        await conn.execute("BEGIN")
+        await conn.execute(
+            "UPDATE event_log SET first_no = NULL, last_no = NULL"
+            " WHERE id IN (SELECT id FROM event_log ORDER BY id DESC LIMIT 2)"
+        )
+        await conn.execute("UPDATE event_feed SET numbered_through = (SELECT max(last_no) FROM event_log)")
+        before = await conn.fetchval("SELECT numbered_through FROM event_feed")
+        assert await conn.fetchval("SELECT anbao_number_events()") > before
+        await conn.execute("ROLLBACK")
     finally:
         await conn.close()
     _assert_by_key(plans, "UPDATE event_log e SET first_no", "event_log")
-
-
-class _Rollback(Exception):
-    """Ends the transaction above by rolling it back."""

@@ -7,7 +7,6 @@ batches in the middle of a chain of batches in flight, and upgrade a
 database from the schema before it. Every one ends with the audit."""
 
 import asyncio
-import json
 import os
 import signal
 
@@ -21,8 +20,11 @@ from helpers import (
     Collector,
     assert_claims_match,
     database_at_version,
+    explain_into,
     funded_users,
     grab_outcomes,
+    plan_nodes,
+    plans_of,
     refuse_batches_of,
 )
 from polling import eventually
@@ -403,12 +405,6 @@ async def test_batch_ids_follow_the_order_the_batches_were_built(fresh_dsn):
         await committer.close()
 
 
-def _plan_nodes(plan: dict):
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from _plan_nodes(child)
-
-
 _TABLES = ("packets", "accounts", "claims", "transfers", "grab_rollups", "credit_batches")
 
 
@@ -434,23 +430,19 @@ async def test_the_rollup_updates_its_accounts_and_packets_in_lock_order(anbao):
     try:
         await conn.execute("INSERT INTO accounts (kind, owner_id) SELECT 1, u FROM generate_series(10000, 40000) u")
         await conn.execute("ANALYZE accounts")
-        conn.add_log_listener(lambda _c, msg: plans.append(msg.message))
-        for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
-            await conn.execute(f"SET auto_explain.{setting}")
-        await conn.execute("SET auto_explain.log_format = json")
-        await conn.execute("LOAD 'auto_explain'")
+        await explain_into(conn, plans)
         assert await conn.fetchval("SELECT anbao_rollup(100, NULL, NULL, NULL, NULL)") == 30
     finally:
         await conn.close()
     # No statement of the roll-up hashes, merges or scans a whole table: its
     # cost follows the pass, not the tables.
-    for plan in plans:
-        for node in _plan_nodes(json.loads(plan[plan.index("{") :])["Plan"]):
+    for plan in plans_of(plans, ""):
+        for node in plan_nodes(plan["Plan"]):
             assert node.get("Node Type") not in ("Hash Join", "Merge Join"), plan
             assert not (node.get("Node Type") == "Seq Scan" and node.get("Relation Name") in _TABLES), plan
     for marker, table in (("unnest(acc_ids, acc_deltas)", "accounts"), ("unnest(pkt_ids, pkt_counts", "packets")):
-        [update] = [json.loads(p[p.index("{") :]) for p in plans if marker in p]
-        [modify] = [n for n in _plan_nodes(update["Plan"]) if n.get("Node Type") == "ModifyTable"]
+        [update] = plans_of(plans, marker)
+        [modify] = [n for n in plan_nodes(update["Plan"]) if n.get("Node Type") == "ModifyTable"]
         [join] = modify["Plans"]
         assert join["Node Type"] == "Nested Loop", (table, join["Node Type"])
         outer, inner = join["Plans"]
