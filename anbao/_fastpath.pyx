@@ -356,6 +356,7 @@ cdef class GrabBatch:
     cdef public object before      # outcome of the batch built just before it
     cdef public object outcome     # True once durable, False once known not to be
     cdef public bint doomed        # built on a batch that failed: it rolls back too
+    cdef public int64_t opened_ns  # monotonic time its first grab joined (engine/waitbound.py)
 
     def __cinit__(self):
         self.packets, self.seqs, self.users, self.amounts = [], [], [], []
@@ -364,6 +365,7 @@ cdef class GrabBatch:
         self.slot = -1
         self.before = self.outcome = None
         self.doomed = False
+        self.opened_ns = 0
 
     def __len__(self):
         return len(self.packets)

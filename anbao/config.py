@@ -197,6 +197,15 @@ class HandlerTuning:
     # wait, and a backlog of one operation (SENDs) never holds up another
     # (BALANCE): each has its own bound.
     max_handlers_per_operation: int = 512
+    # The same in time (engine/waitbound.py): once at least
+    # wait_bound_min_backlog requests of one operation wait on a worker, the
+    # oldest has waited over max_wait_ms, and more wait than the worker
+    # finished in the last max_wait_ms, the next is answered BUSY at once.
+    # It bounds GRAB's uncommitted grabs the same way. 100 ms is five times
+    # the evening's closed-loop p99 target, so only a standing queue trips
+    # it, never a commit's hiccup; 64 is half the evening's whole pipeline.
+    max_wait_ms: int = 100
+    wait_bound_min_backlog: int = 64
     # SEND by group commit (engine/batches.py): the SENDs that gather while a
     # batch is out go in the next one, at most send_batch_max, in one
     # statement and one commit; at most send_batches_in_flight batches per

@@ -32,6 +32,7 @@ from ..storage.commit import GrabCommitter, Roller
 from ..storage.domain import PacketRecord
 from ..storage.ledger import Ledger
 from .cooldown import Cooldown
+from .waitbound import WaitBound
 
 log = logging.getLogger("anbao.grabs")
 
@@ -85,6 +86,7 @@ class GrabEngine:
         roller: Roller | None = None,
         committing=None,
         cooldown: Cooldown | None = None,
+        wait_bound: WaitBound | None = None,
     ):
         assert 0 < tuning.batch_max_grabs <= tuning.max_queued_grabs
         self.ledger = ledger
@@ -109,6 +111,10 @@ class GrabEngine:
         self.overlap_min_grabs = tuning.batch_overlap_min_grabs
         self.batch_max_grabs = tuning.batch_max_grabs
         self.max_queued_grabs = tuning.max_queued_grabs
+        # Uncommitted grabs past which a new one may be refused BUSY: the
+        # queue's length bound, or the wait bound's least backlog.
+        self.wait_bound = wait_bound
+        self._busy_from = min(self.max_queued_grabs, wait_bound.min_backlog if wait_bound else 1 << 62)
         self.max_packets_in_memory = tuning.max_packets_in_memory
         self.max_known_users = tuning.max_known_users_cached
         self.rng = _fastpath.Rng()
@@ -160,9 +166,13 @@ class GrabEngine:
         self._decide(state, replier, rid, user_id)
 
     def _decide(self, state: _fastpath.PacketState, replier: Replier, rid: int, user_id: int) -> None:
-        if self._queued_grabs >= self.max_queued_grabs:
-            replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, "grab queue full"))
-            return
+        if self._queued_grabs >= self._busy_from and state.taken_count < state.share_count:
+            # Only a grab that could take a share is refused: one that can
+            # only be SOLD_OUT or ALREADY_CLAIMED costs the queue nothing.
+            why = self._busy()
+            if why:
+                replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, why))
+                return
         cooling = self._cooling
         if cooling and user_id in cooling and not state.yields(_COOLING_DOWN, user_id):
             # A fresh decision waits out the cool-down; a share this user
@@ -184,7 +194,10 @@ class GrabEngine:
         status = b.take(state, replier, rid, user_id, self.rng)
         if status == _OK:
             self._queued_grabs += 1
-            if len(b) >= self.batch_max_grabs:
+            n = len(b)
+            if n == 1:
+                b.opened_ns = time.monotonic_ns()
+            if n >= self.batch_max_grabs:
                 self._queued.append(b)
                 self._open = Batch()
             self._kick()
@@ -219,6 +232,29 @@ class GrabEngine:
             if status == _NOT_ELIGIBLE and self.cooldown is not None:
                 self.cooldown.refused(user_id, _fastpath.now_ms())
             replier.answer(codec.encode_error(Op.GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
+
+    def _busy(self) -> str:
+        """Why a grab that could take a share is refused BUSY ("" if it is not)."""
+        queued = self._queued_grabs
+        if queued >= self.max_queued_grabs:
+            return "grab queue full"
+        bound = self.wait_bound
+        if bound is None or not bound.full(queued, time.monotonic_ns(), self._oldest_ns):
+            return ""
+        return f"{queued} grabs waiting for their commit here, past {bound.window_ns // 1_000_000} ms; retry later"
+
+    def _oldest_ns(self) -> int:
+        """When the oldest uncommitted grab joined its batch (batches commit in build order)."""
+        for b in (*self._in_flight, *self._queued, self._open):
+            if len(b):
+                return b.opened_ns
+        return time.monotonic_ns()
+
+    def _left_queue(self, count: int) -> None:
+        self._queued_grabs -= count
+        assert self._queued_grabs >= 0
+        if self.wait_bound is not None and count:
+            self.wait_bound.done(count, time.monotonic_ns())
 
     # ------------------------------------------------------------ loading
 
@@ -467,8 +503,7 @@ class GrabEngine:
         elif batch.before is not None:
             ok = await asyncio.shield(batch.before)  # followers only: answered in their turn
         batch.outcome.set_result(ok)
-        self._queued_grabs -= len(batch)
-        assert self._queued_grabs >= 0
+        self._left_queue(len(batch))
         wid = self.worker_id
         if ok:
             self.commits += len(batch) > 0
@@ -497,7 +532,7 @@ class GrabEngine:
             for later in [self._open, *self._queued]:
                 n_before = len(later)
                 failed += later.drop_packets(touched)
-                self._queued_grabs -= n_before - len(later)
+                self._left_queue(n_before - len(later))
             for pid in touched:
                 self.states.pop(pid, None)
             self._chain_tail = None

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from anbao_client.protocol import MESSAGES, Op, Scope, Status
 
 from ..core import codec
+from ..engine.waitbound import WaitBound
 from ..storage.domain import Refused as StorageRefused
 from ..storage.idempotency import scoped_key
 from . import dbhealth
 from .dbhealth import DbHealth
-from .ops import FROM_MEMORY, HANDLERS, Context, Refused
+from .ops import FROM_MEMORY, HANDLERS, LONG_POLLS, Context, Refused
 from .sets import SetGate
 
 log = logging.getLogger("anbao.dispatch")
@@ -34,6 +38,10 @@ class Requester(Protocol):
     def answer(self, frame: bytes) -> None: ...
 
 
+def _first_value(since: OrderedDict[int, int]) -> Callable[[], int]:
+    return lambda: next(iter(since.values()))
+
+
 class Dispatcher:
     def __init__(self, ctx: Context, db: DbHealth, gate: SetGate | None = None):
         self.ctx = ctx
@@ -41,9 +49,16 @@ class Dispatcher:
         self.db = db
         self.wid = ctx.worker_id
         self._tasks: set[asyncio.Task[None]] = set()
-        self.max_handlers = ctx.limits.handlers.max_handlers_per_operation
+        tuning = ctx.limits.handlers
+        self.max_handlers = tuning.max_handlers_per_operation
         self.handling: dict[int, int] = {}  # opcode -> requests being handled (STATS)
-        self.busy_answers = 0  # STATS: requests refused BUSY by that bound
+        self.busy_answers = 0  # STATS: requests refused BUSY by either bound
+        # Per operation (long polls apart): when each request being handled
+        # arrived, oldest first, and the bound on how long they may wait.
+        self._since: dict[int, OrderedDict[int, int]] = {op: OrderedDict() for op in HANDLERS if op not in LONG_POLLS}
+        self._oldest_ns = {op: _first_value(since) for op, since in self._since.items()}
+        self._wait_bounds = {op: WaitBound.of(tuning) for op in self._since}
+        self._ticket = 0
 
     def dispatch(self, conn: Requester, opcode: int, rid: int, args: tuple[Any, ...]) -> asyncio.Task[None] | None:
         """Runs the request's handler in a task of its own (returned), or
@@ -65,23 +80,48 @@ class Dispatcher:
                 conn.answer(redirect)
                 return None
         handling = self.handling.get(opcode, 0)
-        if handling >= self.max_handlers:
+        why = self._busy(opcode, handling)
+        if why:
             # Answered now, not queued: what is served keeps a bounded wait,
             # and this operation's backlog never delays another's.
             self.busy_answers += 1
-            conn.answer(
-                codec.encode_error(opcode, rid, Status.BUSY, wid, f"{handling} of these in progress here; retry later")
-            )
+            conn.answer(codec.encode_error(opcode, rid, Status.BUSY, wid, why))
             return None
         self.handling[opcode] = handling + 1
         if opcode in KEYED:
             args = (scoped_key(conn.caller, args[0]), *args[1:])
-        task = asyncio.get_running_loop().create_task(self._run(handler, conn, opcode, rid, args))
+        ticket = self._ticket = self._ticket + 1
+        since = self._since.get(opcode)
+        if since is not None:
+            since[ticket] = time.monotonic_ns()
+        task = asyncio.get_running_loop().create_task(self._run(handler, conn, opcode, rid, ticket, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _run(self, handler, conn: Requester, opcode: int, rid: int, args: tuple[Any, ...]) -> None:
+    def _busy(self, opcode: int, handling: int) -> str:
+        """Why a new request of this operation is refused BUSY ("" if it is not)."""
+        if handling >= self.max_handlers:
+            return f"{handling} of these in progress here; retry later"
+        bound = self._wait_bounds.get(opcode)
+        if bound is None or handling < bound.min_backlog or not self._since[opcode]:
+            return ""
+        if not bound.full(handling, time.monotonic_ns(), self._oldest_ns[opcode]):
+            return ""
+        return f"{handling} of these waiting here, past {bound.window_ns // 1_000_000} ms; retry later"
+
+    def _finished(self, opcode: int, ticket: int) -> None:
+        self.handling[opcode] -= 1
+        since = self._since.get(opcode)
+        if since is not None and since.pop(ticket, None) is not None:
+            self._wait_bounds[opcode].done(1, time.monotonic_ns())
+
+    @property
+    def busy_over_wait(self) -> int:
+        """STATS: requests refused BUSY by the wait bound (engine/waitbound.py)."""
+        return sum(b.refused for b in self._wait_bounds.values())
+
+    async def _run(self, handler, conn: Requester, opcode: int, rid: int, ticket: int, args: tuple[Any, ...]) -> None:
         try:
             frame = await handler(self.ctx, rid, *args)
             if opcode not in FROM_MEMORY:
@@ -93,7 +133,7 @@ class Dispatcher:
         except Exception as exc:
             frame = self._database_error(opcode, rid, exc)
         finally:
-            self.handling[opcode] -= 1
+            self._finished(opcode, ticket)
         conn.answer(frame)
 
     def _database_error(self, opcode: int, rid: int, exc: Exception) -> bytes:

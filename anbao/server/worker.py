@@ -29,6 +29,7 @@ from ..engine.expiry import ExpirySweeper
 from ..engine.feed import EventFeed
 from ..engine.grabs import GrabEngine
 from ..engine.reads import BalanceReads
+from ..engine.waitbound import WaitBound
 from ..metrics import Sample
 from ..storage.commit import GrabCommitter, Roller
 from ..storage.ledger import Ledger
@@ -124,6 +125,7 @@ class Worker:
             roller=self.roller,
             committing=self.committing,
             cooldown=cooldown,
+            wait_bound=WaitBound.of(lim.handlers),
         )
         self.feed = EventFeed(self.dsn, lim.events)
         self.engine.on_facts = self.feed.poke
@@ -379,6 +381,8 @@ class Worker:
             "users_cooling": len(e.cooldown.until) if e.cooldown is not None else 0,
             "rate_limited": self.rate_limits.limited,
             "busy_answers": self.dispatcher.busy_answers if self.dispatcher is not None else 0,
+            "busy_over_wait": (self.dispatcher.busy_over_wait if self.dispatcher is not None else 0)
+            + (e.wait_bound.refused if e.wait_bound is not None else 0),
             # A full collection stops the loop: how many, and what it no longer walks.
             "gc_full_collections": gc.get_stats()[2]["collections"],
             "gc_frozen_objects": gc.get_freeze_count(),

@@ -37,10 +37,14 @@ HANDLERS: dict[int, Handler] = {
 # Answered from memory: their success says nothing about the database.
 FROM_MEMORY = frozenset({Op.TOPOLOGY, Op.STATS})
 
+# Held open by design until something happens: their wait is no backlog
+# (the dispatcher's wait bound leaves them to their own limits).
+LONG_POLLS = frozenset({Op.EVENTS})
+
 # Answered by the connection itself, before any handler: HELLO (once), PING
 # and GRAB (the fast path).
 ON_CONNECTION = frozenset({Op.HELLO, Op.PING, Op.GRAB})
 
 assert set(HANDLERS) | ON_CONNECTION == set(Op), "every operation is handled somewhere"
 
-__all__ = ["FROM_MEMORY", "HANDLERS", "ON_CONNECTION", "Context", "Handler", "Refused"]
+__all__ = ["FROM_MEMORY", "HANDLERS", "LONG_POLLS", "ON_CONNECTION", "Context", "Handler", "Refused"]
