@@ -166,12 +166,16 @@ class GrabEngine:
         self._decide(state, replier, rid, user_id)
 
     def _decide(self, state: _fastpath.PacketState, replier: Replier, rid: int, user_id: int) -> None:
-        if self._queued_grabs >= self._busy_from and state.taken_count < state.share_count:
+        queued = self._queued_grabs
+        if queued >= self._busy_from and state.taken_count < state.share_count:
             # Only a grab that could take a share is refused: one that can
             # only be SOLD_OUT or ALREADY_CLAIMED costs the queue nothing.
-            why = self._busy()
-            if why:
-                replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, why))
+            # Asked on every grab under load: one call, the rest inline.
+            bound = self.wait_bound
+            if queued >= self.max_queued_grabs or (
+                bound is not None and bound.full(queued, time.monotonic_ns(), self._oldest_ns)
+            ):
+                replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, self._busy_text()))
                 return
         cooling = self._cooling
         if cooling and user_id in cooling and not state.yields(_COOLING_DOWN, user_id):
@@ -233,15 +237,14 @@ class GrabEngine:
                 self.cooldown.refused(user_id, _fastpath.now_ms())
             replier.answer(codec.encode_error(Op.GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
 
-    def _busy(self) -> str:
-        """Why a grab that could take a share is refused BUSY ("" if it is not)."""
+    def _busy_text(self) -> str:
+        """What a grab refused BUSY is told: which bound refused it."""
         queued = self._queued_grabs
         if queued >= self.max_queued_grabs:
             return "grab queue full"
-        bound = self.wait_bound
-        if bound is None or not bound.full(queued, time.monotonic_ns(), self._oldest_ns):
-            return ""
-        return f"{queued} grabs waiting for their commit here, past {bound.window_ns // 1_000_000} ms; retry later"
+        assert self.wait_bound is not None
+        ms = self.wait_bound.window_ns // 1_000_000
+        return f"{queued} grabs waiting for their commit here, past {ms} ms; retry later"
 
     def _oldest_ns(self) -> int:
         """When the oldest uncommitted grab joined its batch (batches commit in build order)."""
