@@ -168,9 +168,8 @@ class GrabEngine:
     def _decide(self, state: _fastpath.PacketState, replier: Replier, rid: int, user_id: int) -> None:
         queued = self._queued_grabs
         if queued >= self._busy_from and state.taken_count < state.share_count:
-            # Only a grab that could take a share is refused: one that can
-            # only be SOLD_OUT or ALREADY_CLAIMED costs the queue nothing.
-            # Asked on every grab under load: one call, the rest inline.
+            # Only a grab that could take a share is refused: one that can only be
+            # SOLD_OUT or ALREADY_CLAIMED costs the queue nothing. Inline: every grab.
             bound = self.wait_bound
             if queued >= self.max_queued_grabs or (
                 bound is not None and bound.full(queued, time.monotonic_ns(), self._oldest_ns)
