@@ -11,6 +11,7 @@ import os
 import signal
 import time
 
+import asyncpg
 import psutil
 import pytest
 from helpers import Raw, funded_users
@@ -102,3 +103,32 @@ async def test_a_burst_that_has_not_waited_is_served_whole(anbao):
     assert [r.status for r in got] == [Status.OK] * 400
     assert anbao.worker.stats()["busy_over_wait"] == 0
     await anbao.assert_audit_clean()
+
+
+@pytest.mark.parametrize("limits", [Limits.of(max_wait_ms=50, wait_bound_min_backlog=2)])
+async def test_long_polls_that_wait_by_design_are_no_backlog(anbao, fresh_dsn):
+    """Four EVENTS polls held open well past max_wait_ms, nothing happening:
+    a fifth poll and a BALANCE are still served (the polls have their own
+    bounds, max_event_waiters), and a DEPOSIT wakes every poll."""
+    admin = await anbao.client("admin")
+    [user] = await funded_users(admin, 1, 1, 100)
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        unnumbered = "SELECT count(*) = 0 FROM event_log WHERE last_no IS NULL"
+        await eventually(lambda: conn.fetchval(unnumbered), what="the set-up's events numbered")
+    finally:
+        await conn.close()
+    head = (await admin.events_page(0, limit=1)).head
+    polls = [asyncio.ensure_future(admin.events_page(head, wait_ms=10_000)) for _ in range(4)]
+    try:
+        await asyncio.sleep(4 * MAX_WAIT_MS / 1000)
+        assert not any(p.done() for p in polls)
+        fifth = asyncio.ensure_future(admin.events_page(head, wait_ms=10_000))
+        assert await asyncio.wait_for(admin.balance(user), 5) == 100
+        await admin.deposit(user, 1)
+        for p in [*polls, fifth]:
+            assert [e.user_id for e in (await asyncio.wait_for(p, 10)).events] == [user]
+    finally:
+        for p in polls:
+            p.cancel()
+    assert anbao.worker.stats()["busy_over_wait"] == 0
