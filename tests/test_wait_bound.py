@@ -1,8 +1,9 @@
 """The wait bound (engine/waitbound.py, HandlerTuning.max_wait_ms): with
-PostgreSQL's backends stopped, the requests already waiting stay and are
+PostgreSQL stopped (SIGSTOP), the requests already waiting stay and are
 served once it is back, and past max_wait_ms the next GRAB or BALANCE is
 answered BUSY at once instead of joining them, while the count bounds
-(max_queued_grabs, max_handlers_per_operation) are nowhere near."""
+(max_queued_grabs, max_handlers_per_operation) are nowhere near; a burst
+that has not waited is served whole; long polls are no backlog."""
 
 from __future__ import annotations
 
