@@ -167,12 +167,14 @@ class GrabEngine:
 
     def _decide(self, state: _fastpath.PacketState, replier: Replier, rid: int, user_id: int) -> None:
         queued = self._queued_grabs
-        if queued >= self._busy_from and state.taken_count < state.share_count:
-            # Only a grab that could take a share is refused: one that can only be
-            # SOLD_OUT or ALREADY_CLAIMED costs the queue nothing. Inline: every grab.
+        if queued >= self._busy_from:
+            # Past the wait bound only a grab that could take a share is refused: one that can
+            # only be SOLD_OUT or ALREADY_CLAIMED costs the queue nothing. Inline: every grab.
             bound = self.wait_bound
             if queued >= self.max_queued_grabs or (
-                bound is not None and bound.full(queued, time.monotonic_ns(), self._oldest_ns)
+                bound is not None
+                and state.taken_count < state.share_count
+                and bound.full(queued, time.monotonic_ns(), self._oldest_ns)
             ):
                 replier.answer(codec.encode_error(Op.GRAB, rid, Status.BUSY, self.worker_id, self._busy_text()))
                 return
@@ -180,18 +182,7 @@ class GrabEngine:
         if cooling and user_id in cooling and not state.yields(_COOLING_DOWN, user_id):
             # A fresh decision waits out the cool-down; a share this user
             # holds (even one still committing) is answered below, as ever.
-            assert self.cooldown is not None
-            left_ms = self.cooldown.cooling_for_ms(user_id, _fastpath.now_ms())
-            if left_ms:
-                replier.answer(
-                    codec.encode_error(
-                        Op.GRAB,
-                        rid,
-                        Status.COOLING_DOWN,
-                        self.worker_id,
-                        f"cooling down for {left_ms} ms after repeated refused grabs; nothing was decided",
-                    )
-                )
+            if self._answered_cooling(replier, rid, user_id):
                 return
         b = self._open
         status = b.take(state, replier, rid, user_id, self.rng)
@@ -235,6 +226,15 @@ class GrabEngine:
             if status == _NOT_ELIGIBLE and self.cooldown is not None:
                 self.cooldown.refused(user_id, _fastpath.now_ms())
             replier.answer(codec.encode_error(Op.GRAB, rid, status, self.worker_id, _ERROR_TEXT[status]))
+
+    def _answered_cooling(self, replier: Replier, rid: int, user_id: int) -> bool:
+        """Answers COOLING_DOWN if the user's cool-down still runs."""
+        assert self.cooldown is not None
+        left_ms = self.cooldown.cooling_for_ms(user_id, _fastpath.now_ms())
+        if left_ms:
+            why = f"cooling down for {left_ms} ms after repeated refused grabs; nothing was decided"
+            replier.answer(codec.encode_error(Op.GRAB, rid, Status.COOLING_DOWN, self.worker_id, why))
+        return bool(left_ms)
 
     def _busy_text(self) -> str:
         """What a grab refused BUSY is told: which bound refused it."""
