@@ -200,7 +200,8 @@ class HandlerTuning:
     # The same in time (engine/waitbound.py): once at least
     # wait_bound_min_backlog requests of one operation wait on a worker, the
     # oldest has waited over max_wait_ms, and more wait than the worker
-    # finished in the last max_wait_ms, the next is answered BUSY at once.
+    # finished in any of the last three spans of max_wait_ms, the next is
+    # answered BUSY at once.
     # It bounds GRAB's uncommitted grabs the same way. 100 ms is five times
     # the evening's closed-loop p99 target, so only a standing queue trips
     # it, never a commit's hiccup; 64 is half the evening's whole pipeline.

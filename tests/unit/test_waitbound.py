@@ -33,14 +33,31 @@ def test_a_queue_that_drains_within_the_bound_is_admitted():
     assert b.full(600, 1_060 * MS, since(800 * MS))
 
 
-def test_the_rate_is_the_last_full_window_or_the_current_one():
+def test_the_drain_is_the_most_of_the_current_window_and_the_two_before():
     b = WaitBound(100, 64)
     b.done(300, 1_000 * MS)  # opens the window at 1,000 ms
     b.done(50, 1_150 * MS)  # next window: 300 in the one before
     assert not b.full(250, 1_160 * MS, since(0))
     assert b.full(350, 1_170 * MS, since(0))
-    # Two windows later with nothing finished: nothing is known to drain.
-    assert b.full(65, 1_400 * MS, since(0))
+    b.done(10, 1_260 * MS)  # a third window: 300 is two windows back, still counted
+    assert not b.full(250, 1_270 * MS, since(0))
+    b.done(10, 1_370 * MS)  # a fourth: the 300 is gone, 50 and 10 remain
+    assert b.full(65, 1_380 * MS, since(0))
+    # Three windows later with nothing finished: nothing is known to drain.
+    assert b.full(65, 1_700 * MS, since(0))
+
+
+def test_lumps_of_a_batched_queue_do_not_look_like_a_stall():
+    """256 finish at once every 250 ms (one batch): a window of 100 ms that
+    caught no lump, after one that did, is no stall; the queue of 250
+    still drains within a window's wait. (One window only refused here.)"""
+    b = WaitBound(100, 64)
+    b.done(256, 1_000 * MS)
+    assert not b.full(250, 1_105 * MS, since(0))  # the lump is in the window before
+    assert not b.full(250, 1_245 * MS, since(0))  # an empty window since, the lump two back
+    b.done(256, 1_250 * MS)
+    assert not b.full(250, 1_360 * MS, since(0))
+    assert b.refused == 0
 
 
 def test_an_idle_gap_forgets_the_old_rate():
