@@ -315,6 +315,35 @@ def postgres_backends(dsn: str) -> list[int]:
     return q()
 
 
+class Hung:
+    """PostgreSQL stopped (SIGSTOP): the postmaster, so no new connection
+    gets through, and the backends serving the test's database, so every
+    commit and query in flight hangs, as in a database stall."""
+
+    def __init__(self, dsn):
+        self.dsn = dsn
+        self.pids: list[int] = []
+
+    async def __aenter__(self):
+        backends = await postgres_backends(self.dsn)
+        assert backends, "no backends to stop"
+        self.pids = [psutil.Process(backends[0]).ppid()] + backends
+        for pid in self.pids:
+            os.kill(pid, signal.SIGSTOP)
+        return self
+
+    async def resume(self):
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.pids = []
+
+    async def __aexit__(self, *exc):
+        await self.resume()
+
+
 async def answered(outcomes: list, n: int, bound_s: float = 6.0) -> int:
     """Waits (at most bound_s) until a storm has n answers; returns how many
     it has then, so a fault can be timed by the storm's progress."""

@@ -4,13 +4,10 @@ nothing but the filter, and no worker may ever tell a share holder
 SOLD_OUT, whichever worker a retry reaches."""
 
 import asyncio
-import os
-import signal
 import time
 
-import psutil
 from helpers import APP_TOKEN
-from served import Grabber, audit_clean, claims_of, postgres_backends, setup_packet, steered_client, storm
+from served import Grabber, Hung, audit_clean, claims_of, setup_packet, steered_client, storm
 
 from anbao.admission import MemcachedPermits
 from anbao.config import AdmissionTuning
@@ -153,35 +150,6 @@ class Answers:
     def final(self, user_id):
         got = [a for a in self.by_user.get(user_id, []) if a[0] != "no answer"]
         return got[-1] if got else None
-
-
-class Hung:
-    """PostgreSQL stopped (SIGSTOP): the postmaster, so no new connection
-    gets through, and the backends serving the test's database, so every
-    commit and query in flight hangs, as in a database stall."""
-
-    def __init__(self, dsn):
-        self.dsn = dsn
-        self.pids: list[int] = []
-
-    async def __aenter__(self):
-        backends = await postgres_backends(self.dsn)
-        assert backends, "no backends to stop"
-        self.pids = [psutil.Process(backends[0]).ppid()] + backends
-        for pid in self.pids:
-            os.kill(pid, signal.SIGSTOP)
-        return self
-
-    async def resume(self):
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        self.pids = []
-
-    async def __aexit__(self, *exc):
-        await self.resume()
 
 
 async def settle_holders(answers: Answers, client: Client, packet_id: int, holders: list[int], timeout_s: float):

@@ -8,16 +8,13 @@ that has not waited is served whole; long polls are no backlog."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 
 import asyncpg
-import psutil
 import pytest
 from helpers import Raw, funded_users
 from polling import eventually
-from served import postgres_backends
+from served import Hung
 
 from anbao.config import Limits
 from anbao_client import wire
@@ -30,14 +27,6 @@ LATE = 5  # of each operation, sent once those have waited past the bound
 BOUND = Limits.of(max_wait_ms=MAX_WAIT_MS, wait_bound_min_backlog=MIN_BACKLOG)
 
 
-def _stop(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.parametrize("limits", [BOUND])
 async def test_a_stalled_database_gets_the_next_requests_busy_past_the_wait_bound(anbao, fresh_dsn):
     admin = await anbao.client("admin")
@@ -45,38 +34,30 @@ async def test_a_stalled_database_gets_the_next_requests_busy_past_the_wait_boun
     grabbers, readers = users[1 : 1 + WAITING + LATE], users[1 + WAITING + LATE :]
     sent = await admin.send(users[0], 100 * len(grabbers), len(grabbers), members=grabbers)
     raw = await Raw.open(anbao.port)
-    backends = await postgres_backends(fresh_dsn)
-    assert backends, "no backends to stop"
-    # The postmaster too, so that no new connection gets through either.
-    stopped = [psutil.Process(backends[0]).ppid(), *backends]
-    _stop(stopped, signal.SIGSTOP)
     try:
-        raw.send(b"".join(wire.grab(100 + i, sent.packet_id, u) for i, u in enumerate(grabbers[:WAITING])))
-        raw.send(b"".join(wire.balance(200 + i, u) for i, u in enumerate(readers[:WAITING])))
+        async with Hung(fresh_dsn):
+            raw.send(b"".join(wire.grab(100 + i, sent.packet_id, u) for i, u in enumerate(grabbers[:WAITING])))
+            raw.send(b"".join(wire.balance(200 + i, u) for i, u in enumerate(readers[:WAITING])))
 
-        async def all_waiting() -> bool:
-            return (
-                anbao.worker.engine.queued_grabs == WAITING and anbao.worker.dispatcher.handling[Op.BALANCE] == WAITING
-            )
+            async def all_waiting() -> bool:
+                d = anbao.worker.dispatcher
+                return anbao.worker.engine.queued_grabs == WAITING and d.in_progress(Op.BALANCE) == WAITING
 
-        await eventually(all_waiting, what="the first requests waiting on the stopped database")
-        await asyncio.sleep(2 * MAX_WAIT_MS / 1000)
-        t0 = time.monotonic()
-        raw.send(b"".join(wire.grab(300 + i, sent.packet_id, u) for i, u in enumerate(grabbers[WAITING:])))
-        raw.send(b"".join(wire.balance(400 + i, u) for i, u in enumerate(readers[WAITING:])))
-        late = await raw.answers(2 * LATE, timeout_s=5)
-        answered_ms = (time.monotonic() - t0) * 1000
-        assert sorted(r.request_id for r in late) == [*range(300, 300 + LATE), *range(400, 400 + LATE)], [
-            (r.request_id, r.status, r.body) for r in late
-        ]
-        assert {r.status for r in late} == {Status.BUSY}, [(r.request_id, r.status) for r in late]
-        print(f"{2 * LATE} late requests answered BUSY in {answered_ms:.1f} ms with the database stopped")
-        stats = anbao.worker.stats()
-        assert stats["busy_over_wait"] == 2 * LATE
-        assert stats["queued_grabs"] == WAITING  # the waiting ones are kept, not refused
-    finally:
-        _stop(stopped, signal.SIGCONT)
-    try:
+            await eventually(all_waiting, what="the first requests waiting on the stopped database")
+            await asyncio.sleep(2 * MAX_WAIT_MS / 1000)
+            t0 = time.monotonic()
+            raw.send(b"".join(wire.grab(300 + i, sent.packet_id, u) for i, u in enumerate(grabbers[WAITING:])))
+            raw.send(b"".join(wire.balance(400 + i, u) for i, u in enumerate(readers[WAITING:])))
+            late = await raw.answers(2 * LATE, timeout_s=5)
+            answered_ms = (time.monotonic() - t0) * 1000
+            assert sorted(r.request_id for r in late) == [*range(300, 300 + LATE), *range(400, 400 + LATE)], [
+                (r.request_id, r.status, r.body) for r in late
+            ]
+            assert {r.status for r in late} == {Status.BUSY}, [(r.request_id, r.status) for r in late]
+            print(f"{2 * LATE} late requests answered BUSY in {answered_ms:.1f} ms with the database stopped")
+            stats = anbao.worker.stats()
+            assert stats["busy_over_wait"] == 2 * LATE
+            assert stats["queued_grabs"] == WAITING  # the waiting ones are kept, not refused
         served = await raw.answers(2 * WAITING, timeout_s=30)
     finally:
         raw.close()

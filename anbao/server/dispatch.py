@@ -51,13 +51,14 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         tuning = ctx.limits.handlers
         self.max_handlers = tuning.max_handlers_per_operation
-        self.handling: dict[int, int] = {}  # opcode -> requests being handled (STATS)
         self.busy_answers = 0  # STATS: requests refused BUSY by either bound
-        # Per operation (long polls apart): when each request being handled
-        # arrived, oldest first, and the bound on how long they may wait.
-        self._since: dict[int, OrderedDict[int, int]] = {op: OrderedDict() for op in HANDLERS if op not in LONG_POLLS}
-        self._oldest_ns = {op: _first_value(since) for op, since in self._since.items()}
-        self._wait_bounds = {op: WaitBound.of(tuning) for op in self._since}
+        # Per operation, the requests being handled (running, or waiting for
+        # a connection or a batch) and when each arrived, oldest first: their
+        # count is the one bound, the oldest's age the other's. Long polls
+        # wait by design and have their own bounds: no wait bound for them.
+        self._handling: dict[int, OrderedDict[int, int]] = {op: OrderedDict() for op in HANDLERS}
+        self._wait_bounds = {op: WaitBound.of(tuning) for op in HANDLERS if op not in LONG_POLLS}
+        self._oldest_ns = {op: _first_value(self._handling[op]) for op in self._wait_bounds}
         self._ticket = 0
 
     def dispatch(self, conn: Requester, opcode: int, rid: int, args: tuple[Any, ...]) -> asyncio.Task[None] | None:
@@ -79,21 +80,18 @@ class Dispatcher:
             if redirect is not None:
                 conn.answer(redirect)
                 return None
-        handling = self.handling.get(opcode, 0)
-        why = self._busy(opcode, handling)
+        handling = self._handling[opcode]
+        why = self._busy(opcode, len(handling))
         if why:
             # Answered now, not queued: what is served keeps a bounded wait,
             # and this operation's backlog never delays another's.
             self.busy_answers += 1
             conn.answer(codec.encode_error(opcode, rid, Status.BUSY, wid, why))
             return None
-        self.handling[opcode] = handling + 1
         if opcode in KEYED:
             args = (scoped_key(conn.caller, args[0]), *args[1:])
         ticket = self._ticket = self._ticket + 1
-        since = self._since.get(opcode)
-        if since is not None:
-            since[ticket] = time.monotonic_ns()
+        handling[ticket] = time.monotonic_ns()
         task = asyncio.get_running_loop().create_task(self._run(handler, conn, opcode, rid, ticket, args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -104,17 +102,21 @@ class Dispatcher:
         if handling >= self.max_handlers:
             return f"{handling} of these in progress here; retry later"
         bound = self._wait_bounds.get(opcode)
-        if bound is None or handling < bound.min_backlog or not self._since[opcode]:
+        if bound is None or handling < bound.min_backlog:
             return ""
         if not bound.full(handling, time.monotonic_ns(), self._oldest_ns[opcode]):
             return ""
         return f"{handling} of these waiting here, past {bound.window_ns // 1_000_000} ms; retry later"
 
     def _finished(self, opcode: int, ticket: int) -> None:
-        self.handling[opcode] -= 1
-        since = self._since.get(opcode)
-        if since is not None and since.pop(ticket, None) is not None:
-            self._wait_bounds[opcode].done(1, time.monotonic_ns())
+        del self._handling[opcode][ticket]
+        bound = self._wait_bounds.get(opcode)
+        if bound is not None:
+            bound.done(1, time.monotonic_ns())
+
+    def in_progress(self, opcode: int) -> int:
+        """Requests of this operation being handled here now."""
+        return len(self._handling[opcode])
 
     @property
     def busy_over_wait(self) -> int:
